@@ -1,0 +1,22 @@
+// genext._C: importing it registers the ops (static initialisers in this library); the Python
+// module itself only reports plain build facts to genext.build_info().
+#include <pybind11/pybind11.h>
+
+#ifndef GENEXT_CUDA_ARCHS
+#define GENEXT_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "genext compiled ops (registered as torch.ops.genext.*)";
+  m.attr("version") = GENEXT_VERSION;
+  m.attr("torch_version") = GENEXT_TORCH_VERSION;  // the torch genext was compiled against
+#ifdef GENEXT_WITH_CUDA
+  m.attr("cuda") = true;
+#else
+  m.attr("cuda") = false;
+#endif
+  m.attr("cuda_archs") = GENEXT_CUDA_ARCHS;
+#ifdef __VERSION__
+  m.attr("compiler") = __VERSION__;
+#endif
+}
