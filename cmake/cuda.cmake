@@ -71,8 +71,6 @@ if(GENEXT_WITH_CUDA)
     list(APPEND GENEXT_CUDA_ARCH_LIST "${_a}")
   endforeach()
   list(JOIN GENEXT_CUDA_ARCH_LIST " " GENEXT_CUDA_ARCH_LIST)
-  # torch's CMake config reads TORCH_CUDA_ARCH_LIST too; give it the same list so the two agree.
-  set(ENV{TORCH_CUDA_ARCH_LIST} "${GENEXT_CUDA_ARCH_LIST}")
   set(CMAKE_CUDA_ARCHITECTURES ${GENEXT_CMAKE_CUDA_ARCHS})
   enable_language(CUDA)
   find_package(CUDAToolkit REQUIRED)

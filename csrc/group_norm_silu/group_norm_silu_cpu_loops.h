@@ -1,0 +1,291 @@
+// Inner loops of the GroupNorm(+SiLU) CPU kernel, included by group_norm_silu_cpu.cpp only.
+// Plain C++ on raw pointers; the float32 entry points are compiled for SSE2, AVX2 and AVX-512 and
+// chosen when the library loads (GCC target_clones); exp is a polynomial the compiler vectorises.
+#pragma once
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+namespace genext::gn {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GN_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define GN_CLONES
+#endif
+#define GN_INLINE __attribute__((always_inline)) inline
+
+// ---- element math ---------------------------------------------------------------------------
+
+GN_INLINE float exp_approx(float x) {
+  // exp(x) = 2^k * e^r, k = round(x / ln2), |r| <= ln2/2; Cephes' degree-6 polynomial for e^r.
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;              // x - k*ln2, two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  return er * std::bit_cast<float>(bits);
+}
+GN_INLINE double exp_t(double x) { return std::exp(x); }
+GN_INLINE float exp_t(float x) { return exp_approx(x); }
+
+template <bool kSilu, class T>
+GN_INLINE T act(T z) {
+  if constexpr (kSilu) return z / (T(1) + exp_t(-z));
+  return z;
+}
+// d act / d z
+template <bool kSilu, class T>
+GN_INLINE T act_grad(T z) {
+  if constexpr (kSilu) {
+    const T s = T(1) / (T(1) + exp_t(-z));
+    return s * (T(1) + z * (T(1) - s));
+  }
+  return T(1);
+}
+
+// Per-channel parameters: one value for a whole NCS plane, or an array over C for an NSC row.
+template <class T>
+struct Bcast {
+  T v;
+  GN_INLINE T operator[](int64_t) const { return v; }
+};
+template <class T>
+struct Arr {
+  const T* p;
+  GN_INLINE T operator[](int64_t i) const { return p[i]; }
+};
+
+constexpr int kLanes = 16;        // independent float accumulators (vectorisable)
+constexpr int64_t kFlush = 1024;  // values summed in float before adding into double
+
+// ---- loops (templates; the float32 instances below are the cloned entry points) -----------------
+
+// s1 += sum(x - shift), s2 += sum((x - shift)^2) over a contiguous run.
+template <class T>
+GN_INLINE void sums_run(const T* x, int64_t n, T shift, double* s1, double* s2) {
+  for (int64_t i0 = 0; i0 < n; i0 += kFlush) {
+    const int64_t len = std::min(kFlush, n - i0);
+    const T* xp = x + i0;
+    T a1[kLanes] = {}, a2[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const T d = xp[i + j] - shift;
+        a1[j] += d;
+        a2[j] += d * d;
+      }
+    for (; i < len; ++i) {
+      const T d = xp[i] - shift;
+      a1[0] += d;
+      a2[0] += d * d;
+    }
+    double t1 = 0, t2 = 0;
+    for (int j = 0; j < kLanes; ++j) t1 += a1[j], t2 += a2[j];
+    *s1 += t1;
+    *s2 += t2;
+  }
+}
+
+// Column sums of (x - shift[c]) and its square over `rows` rows of C values; s1/s2 are (C,).
+template <class T>
+GN_INLINE void sums_cols(const T* x, int64_t rows, int64_t C, const T* shift, T* acc1, T* acc2,
+                         double* s1, double* s2) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 8) {
+    const int64_t r1 = std::min(rows, r0 + kFlush / 8);
+    std::fill(acc1, acc1 + C, T(0));
+    std::fill(acc2, acc2 + C, T(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const T d = xr[c] - shift[c];
+        acc1[c] += d;
+        acc2[c] += d * d;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) s1[c] += acc1[c], s2[c] += acc2[c];
+  }
+}
+
+// y = act((x - m) * a + b)
+template <bool kSilu, class T, class P>
+GN_INLINE void fwd_loop(const T* x, T* y, int64_t n, P m, P a, P b) {
+  for (int64_t i = 0; i < n; ++i) y[i] = act<kSilu>((x[i] - m[i]) * a[i] + b[i]);
+}
+
+// Backward sums over a contiguous run: A += sum(g), D += sum(g * xhat), with
+// xhat = (x - m) * rs, z = xhat * w + b, g = dy * act'(z).
+template <bool kSilu, class T>
+GN_INLINE void bwd_sums_run(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b, double* A,
+                            double* D) {
+  for (int64_t i0 = 0; i0 < n; i0 += kFlush) {
+    const int64_t len = std::min(kFlush, n - i0);
+    const T* xp = x + i0;
+    const T* gp = dy + i0;
+    T a1[kLanes] = {}, a2[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const T xh = (xp[i + j] - m) * rs;
+        const T g = gp[i + j] * act_grad<kSilu>(xh * w + b);
+        a1[j] += g;
+        a2[j] += g * xh;
+      }
+    for (; i < len; ++i) {
+      const T xh = (xp[i] - m) * rs;
+      const T g = gp[i] * act_grad<kSilu>(xh * w + b);
+      a1[0] += g;
+      a2[0] += g * xh;
+    }
+    double t1 = 0, t2 = 0;
+    for (int j = 0; j < kLanes; ++j) t1 += a1[j], t2 += a2[j];
+    *A += t1;
+    *D += t2;
+  }
+}
+
+// Column version of bwd_sums_run for NSC rows; parameters are (C,) arrays; A/D are (C,).
+template <bool kSilu, class T>
+GN_INLINE void bwd_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const T* m,
+                             const T* rs, const T* w, const T* b, T* acc1, T* acc2, double* A,
+                             double* D) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 8) {
+    const int64_t r1 = std::min(rows, r0 + kFlush / 8);
+    std::fill(acc1, acc1 + C, T(0));
+    std::fill(acc2, acc2 + C, T(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * C;
+      const T* gr = dy + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const T xh = (xr[c] - m[c]) * rs[c];
+        const T g = gr[c] * act_grad<kSilu>(xh * w[c] + b[c]);
+        acc1[c] += g;
+        acc2[c] += g * xh;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) A[c] += acc1[c], D[c] += acc2[c];
+  }
+}
+
+// dx = rs * (w * g - k1 - xhat * k2)
+template <bool kSilu, class T, class P>
+GN_INLINE void bwd_dx_loop(const T* x, const T* dy, T* dx, int64_t n, P m, P rs, P w, P b, P k1,
+                           P k2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T xh = (x[i] - m[i]) * rs[i];
+    const T g = dy[i] * act_grad<kSilu>(xh * w[i] + b[i]);
+    dx[i] = rs[i] * (w[i] * g - k1[i] - xh * k2[i]);
+  }
+}
+
+// ---- cloned entry points: one per loop and compute type ------------------------------------------
+// float: compiled three times (target_clones); double: the same templates, compiled once.
+
+#define GN_ENTRY_POINTS(T, ATTR, SUF)                                                              \
+  ATTR void sums_run_##SUF(const T* x, int64_t n, T shift, double* s1, double* s2) {              \
+    sums_run<T>(x, n, shift, s1, s2);                                                              \
+  }                                                                                                \
+  ATTR void sums_cols_##SUF(const T* x, int64_t rows, int64_t C, const T* shift, T* a1, T* a2,    \
+                            double* s1, double* s2) {                                              \
+    sums_cols<T>(x, rows, C, shift, a1, a2, s1, s2);                                               \
+  }                                                                                                \
+  ATTR void fwd_run_##SUF(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {                \
+    if (silu)                                                                                      \
+      fwd_loop<true>(x, y, n, Bcast<T>{m}, Bcast<T>{a}, Bcast<T>{b});                              \
+    else                                                                                           \
+      fwd_loop<false>(x, y, n, Bcast<T>{m}, Bcast<T>{a}, Bcast<T>{b});                             \
+  }                                                                                                \
+  ATTR void fwd_row_##SUF(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b,        \
+                          bool silu) {                                                             \
+    if (silu)                                                                                      \
+      fwd_loop<true>(x, y, C, Arr<T>{m}, Arr<T>{a}, Arr<T>{b});                                    \
+    else                                                                                           \
+      fwd_loop<false>(x, y, C, Arr<T>{m}, Arr<T>{a}, Arr<T>{b});                                   \
+  }                                                                                                \
+  ATTR void bwd_sums_run_##SUF(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b, bool silu, \
+                               double* A, double* D) {                                             \
+    if (silu)                                                                                      \
+      bwd_sums_run<true>(x, dy, n, m, rs, w, b, A, D);                                             \
+    else                                                                                           \
+      bwd_sums_run<false>(x, dy, n, m, rs, w, b, A, D);                                            \
+  }                                                                                                \
+  ATTR void bwd_sums_cols_##SUF(const T* x, const T* dy, int64_t rows, int64_t C, const T* m,     \
+                                const T* rs, const T* w, const T* b, bool silu, T* a1, T* a2,      \
+                                double* A, double* D) {                                            \
+    if (silu)                                                                                      \
+      bwd_sums_cols<true>(x, dy, rows, C, m, rs, w, b, a1, a2, A, D);                              \
+    else                                                                                           \
+      bwd_sums_cols<false>(x, dy, rows, C, m, rs, w, b, a1, a2, A, D);                             \
+  }                                                                                                \
+  ATTR void bwd_dx_run_##SUF(const T* x, const T* dy, T* dx, int64_t n, T m, T rs, T w, T b, T k1, \
+                             T k2, bool silu) {                                                    \
+    if (silu)                                                                                      \
+      bwd_dx_loop<true>(x, dy, dx, n, Bcast<T>{m}, Bcast<T>{rs}, Bcast<T>{w}, Bcast<T>{b},         \
+                        Bcast<T>{k1}, Bcast<T>{k2});                                               \
+    else                                                                                           \
+      bwd_dx_loop<false>(x, dy, dx, n, Bcast<T>{m}, Bcast<T>{rs}, Bcast<T>{w}, Bcast<T>{b},        \
+                         Bcast<T>{k1}, Bcast<T>{k2});                                              \
+  }                                                                                                \
+  ATTR void bwd_dx_row_##SUF(const T* x, const T* dy, T* dx, int64_t C, const T* m, const T* rs,  \
+                             const T* w, const T* b, const T* k1, const T* k2, bool silu) {        \
+    if (silu)                                                                                      \
+      bwd_dx_loop<true>(x, dy, dx, C, Arr<T>{m}, Arr<T>{rs}, Arr<T>{w}, Arr<T>{b}, Arr<T>{k1},     \
+                        Arr<T>{k2});                                                               \
+    else                                                                                           \
+      bwd_dx_loop<false>(x, dy, dx, C, Arr<T>{m}, Arr<T>{rs}, Arr<T>{w}, Arr<T>{b}, Arr<T>{k1},    \
+                         Arr<T>{k2});                                                              \
+  }
+
+GN_ENTRY_POINTS(float, GN_CLONES, f32)
+GN_ENTRY_POINTS(double, , f64)
+#undef GN_ENTRY_POINTS
+
+// Overloads so the drivers below can be written once for float and double.
+#define GN_OVERLOADS(T, SUF)                                                              \
+  inline void sums_run_k(const T* x, int64_t n, T s, double* s1, double* s2) {           \
+    sums_run_##SUF(x, n, s, s1, s2);                                                      \
+  }                                                                                       \
+  inline void sums_cols_k(const T* x, int64_t r, int64_t C, const T* s, T* a1, T* a2,    \
+                          double* s1, double* s2) {                                       \
+    sums_cols_##SUF(x, r, C, s, a1, a2, s1, s2);                                          \
+  }                                                                                       \
+  inline void fwd_run_k(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {         \
+    fwd_run_##SUF(x, y, n, m, a, b, silu);                                                \
+  }                                                                                       \
+  inline void fwd_row_k(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b, \
+                        bool silu) {                                                      \
+    fwd_row_##SUF(x, y, C, m, a, b, silu);                                                \
+  }                                                                                       \
+  inline void bwd_sums_run_k(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b,    \
+                             bool silu, double* A, double* D) {                           \
+    bwd_sums_run_##SUF(x, dy, n, m, rs, w, b, silu, A, D);                                \
+  }                                                                                       \
+  inline void bwd_sums_cols_k(const T* x, const T* dy, int64_t r, int64_t C, const T* m, \
+                              const T* rs, const T* w, const T* b, bool silu, T* a1,      \
+                              T* a2, double* A, double* D) {                              \
+    bwd_sums_cols_##SUF(x, dy, r, C, m, rs, w, b, silu, a1, a2, A, D);                    \
+  }                                                                                       \
+  inline void bwd_dx_run_k(const T* x, const T* dy, T* dx, int64_t n, T m, T rs, T w,    \
+                           T b, T k1, T k2, bool silu) {                                  \
+    bwd_dx_run_##SUF(x, dy, dx, n, m, rs, w, b, k1, k2, silu);                            \
+  }                                                                                       \
+  inline void bwd_dx_row_k(const T* x, const T* dy, T* dx, int64_t C, const T* m,        \
+                           const T* rs, const T* w, const T* b, const T* k1, const T* k2, \
+                           bool silu) {                                                   \
+    bwd_dx_row_##SUF(x, dy, dx, C, m, rs, w, b, k1, k2, silu);                            \
+  }
+GN_OVERLOADS(float, f32)
+GN_OVERLOADS(double, f64)
+#undef GN_OVERLOADS
+
+}  // namespace
+}  // namespace genext::gn

@@ -1,0 +1,33 @@
+"""Command line: `genext info` (or `python -m genext info`) and `genext bench`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="genext", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="print build facts (versions, CUDA architectures, op kernels) as JSON")
+    b = sub.add_parser("bench", help="time genext against eager PyTorch and torch.compile")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: per device)")
+    b.add_argument("--op", default=None, help="only this op (default: all)")
+    b.add_argument("--quick", action="store_true", help="fewer repeats and shapes (smoke run)")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    b.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    import genext
+
+    if args.cmd == "info":
+        print(json.dumps(genext.build_info(), indent=2))
+        return 0
+    from .bench import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

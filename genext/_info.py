@@ -1,0 +1,35 @@
+"""build_info(): what this genext build holds, for bug reports and `python -m genext info`."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _build_config, _C
+from .ops import KERNELS
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"genext::{op}", key)
+
+
+def build_info() -> dict[str, Any]:
+    """Version, the torch genext was built against, CUDA on/off with architectures, and for each
+    op the devices and dtypes that have kernels (checked against the dispatcher)."""
+    ops = {}
+    for op, devices in KERNELS.items():
+        ops[op] = {
+            dev: [str(dt).replace("torch.", "") for dt in dtypes]
+            for dev, dtypes in devices.items()
+            if _has_kernel(op, dev.upper())
+        }
+    return {
+        "version": _build_config.version,
+        "torch_built": _build_config.torch_version,
+        "torch_running": torch.__version__,
+        "cuda": bool(_C.cuda),
+        "cuda_archs": _C.cuda_archs.split() if _C.cuda else [],
+        "cuda_compiler": _build_config.cuda_compiler_version or None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "ops": ops,
+    }

@@ -1,0 +1,49 @@
+"""GroupNormSiLU: ``nn.GroupNorm`` followed by ``nn.SiLU``, fused into one genext op."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.group_norm_silu import group_norm_silu
+
+
+class GroupNormSiLU(nn.GroupNorm):
+    """A drop-in for ``nn.Sequential(nn.GroupNorm(...), nn.SiLU())`` in one kernel.
+
+    Same constructor arguments and ``state_dict`` keys (``weight``, ``bias``) as ``nn.GroupNorm``,
+    so a GroupNorm's state loads into it directly. ``activation=None`` gives plain GroupNorm.
+    Input ``(N, C, *)`` with 1 to 3 spatial dims, contiguous or channels-last.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        activation: Optional[str] = "silu",
+    ) -> None:
+        if activation not in ("silu", None):
+            raise ValueError(f"GroupNormSiLU: activation must be 'silu' or None, got {activation!r}")
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self.activation = activation
+
+    @classmethod
+    def from_group_norm(cls, gn: nn.GroupNorm, activation: Optional[str] = "silu") -> "GroupNormSiLU":
+        """A GroupNormSiLU with ``gn``'s configuration, device, dtype and parameters."""
+        p = gn.weight if gn.affine else None
+        out = cls(gn.num_groups, gn.num_channels, gn.eps, gn.affine,
+                  device=p.device if p is not None else None,
+                  dtype=p.dtype if p is not None else None, activation=activation)
+        out.load_state_dict(gn.state_dict())
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation!r}"

@@ -1,0 +1,18 @@
+"""genext ops: one module per op, each with its public function, fake (meta) kernel and autograd."""
+from __future__ import annotations
+
+import torch
+
+from .group_norm_silu import group_norm_silu
+
+# Which devices and dtypes have kernels, per op; build_info() confirms each against the dispatcher.
+_GN = {
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
+    "group_norm_silu": _GN,
+    "group_norm_silu_backward": _GN,
+}
+
+__all__ = ["group_norm_silu", "KERNELS"]
