@@ -90,3 +90,18 @@ def _backward(ctx, grad_y, grad_mean, grad_rstd):
 
 
 torch.library.register_autograd("genext::group_norm_silu", _backward, setup_context=_setup_context)
+
+
+def _double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "genext.ops.group_norm_silu: double backward (gradients of gradients) is not implemented"
+    )
+
+
+def _setup_backward_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "genext::group_norm_silu_backward", _double_backward, setup_context=_setup_backward_context
+)

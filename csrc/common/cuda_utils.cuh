@@ -1,0 +1,213 @@
+// Small device helpers shared by genext's CUDA kernels: a CUDA-check macro, warp/block sums,
+// fp32/fp16/bf16 conversions, 16-byte vector loads/stores (4 floats or 8 halfs) and a loop that
+// issues several independent loads before using them. No torch header.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+// Return the error of a CUDA runtime call (or of the last launch) from the enclosing function.
+#define GENEXT_CUDA_TRY(expr)                                  \
+  do {                                                         \
+    const cudaError_t genext_err_ = (expr);                    \
+    if (genext_err_ != cudaSuccess) return genext_err_;        \
+  } while (0)
+#define GENEXT_LAUNCH_CHECK() GENEXT_CUDA_TRY(cudaGetLastError())
+
+namespace genext::cuda {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__host__ __device__ __forceinline__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ constexpr int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// ---- reductions ---------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+// Sums a and b over the block (blockDim.x a multiple of 32, all threads must call it); every thread
+// gets the totals. Fixed order, so deterministic. scratch: 64 entries of shared memory. Safe to call
+// repeatedly with the same scratch (it synchronises before writing).
+template <typename T>
+__device__ __forceinline__ void block_sum2(T& a, T& b, T* scratch) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) {
+    scratch[warp] = a;
+    scratch[32 + warp] = b;
+  }
+  __syncthreads();
+  a = lane < nwarps ? scratch[lane] : T(0);
+  b = lane < nwarps ? scratch[32 + lane] : T(0);
+  a = warp_sum(a);
+  b = warp_sum(b);
+}
+
+// ---- conversions --------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// ---- 16-byte vectors ----------------------------------------------------------------------------
+
+template <typename T>
+inline constexpr int kVec = static_cast<int>(16 / sizeof(T));  // elements per 16 bytes
+
+__device__ __forceinline__ uint4 ld_vec(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
+// Last use of the data: streaming (evict-first) load.
+__device__ __forceinline__ uint4 ld_vec_cs(const void* p) { return __ldcs(static_cast<const uint4*>(p)); }
+__device__ __forceinline__ void st_vec(void* p, const uint4& v) { *static_cast<uint4*>(p) = v; }
+__device__ __forceinline__ void st_vec_cs(void* p, const uint4& v) { __stcs(static_cast<uint4*>(p), v); }
+
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& r, float (&f)[kVec<T>]) {
+  if constexpr (std::is_same_v<T, float>) {
+    f[0] = __uint_as_float(r.x);
+    f[1] = __uint_as_float(r.y);
+    f[2] = __uint_as_float(r.z);
+    f[3] = __uint_as_float(r.w);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 t = __half22float2(h[i]);
+      f[2 * i] = t.x;
+      f[2 * i + 1] = t.y;
+    }
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "unsupported element type");
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 t = __bfloat1622float2(h[i]);
+      f[2 * i] = t.x;
+      f[2 * i + 1] = t.y;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack16(const float (&f)[kVec<T>]) {
+  uint4 r;
+  if constexpr (std::is_same_v<T, float>) {
+    r.x = __float_as_uint(f[0]);
+    r.y = __float_as_uint(f[1]);
+    r.z = __float_as_uint(f[2]);
+    r.w = __float_as_uint(f[3]);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    __half2* h = reinterpret_cast<__half2*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+  } else {
+    static_assert(std::is_same_v<T, __nv_bfloat16>, "unsupported element type");
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  }
+  return r;
+}
+
+// V elements as one register item: V == kVec<T> is a 16-byte vector, V == 1 a scalar.
+template <typename T, int V>
+using RawT = std::conditional_t<V == 1, T, uint4>;
+
+template <typename T, int V, bool kStream>
+__device__ __forceinline__ RawT<T, V> ld_raw(const T* p) {
+  static_assert(V == 1 || V == kVec<T>, "V must be 1 or 16 bytes' worth");
+  if constexpr (V == 1) {
+    return *p;
+  } else if constexpr (kStream) {
+    return ld_vec_cs(p);
+  } else {
+    return ld_vec(p);
+  }
+}
+
+template <typename T, int V, bool kStream>
+__device__ __forceinline__ void st_raw(T* p, const RawT<T, V>& r) {
+  if constexpr (V == 1) {
+    *p = r;
+  } else if constexpr (kStream) {
+    st_vec_cs(p, r);
+  } else {
+    st_vec(p, r);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void unpack_raw(const RawT<T, V>& r, float (&f)[V]) {
+  if constexpr (V == 1) {
+    f[0] = to_float(r);
+  } else {
+    unpack16<T>(r, f);
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ RawT<T, V> pack_raw(const float (&f)[V]) {
+  if constexpr (V == 1) {
+    return from_float<T>(f[0]);
+  } else {
+    return pack16<T>(f);
+  }
+}
+
+// for (i = start; i < end; i += step) proc(i, load(i)), with the loads issued U at a time before
+// any of them is used (memory-level parallelism). proc sees the indices in increasing order.
+template <int U, typename LoadF, typename ProcF>
+__device__ __forceinline__ void batched_loop(int64_t i, int64_t end, int64_t step, LoadF&& load,
+                                             ProcF&& proc) {
+  using R = decltype(load(i));
+  for (; i + (U - 1) * step < end; i += U * step) {
+    R r[U];
+#pragma unroll
+    for (int k = 0; k < U; ++k) r[k] = load(i + k * step);
+#pragma unroll
+    for (int k = 0; k < U; ++k) proc(i + k * step, r[k]);
+  }
+  for (; i < end; i += step) {
+    const R r = load(i);
+    proc(i, r);
+  }
+}
+
+// ---- asynchronous global -> shared copies (sm_80+; plain copies before) -------------------------
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+}  // namespace genext::cuda
