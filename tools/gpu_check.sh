@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU check: on a machine with a CUDA GPU and no network, one command that
+#   1. builds genext for the visible GPU with all cores (pip, no build isolation, no downloads),
+#   2. runs the whole test suite (CUDA tests included),
+#   3. runs compute-sanitizer memcheck and racecheck over tools/cuda_smoke.py,
+#   4. runs `genext bench` (JSON) and the pytest-benchmark suite,
+# and prints a short summary table last. Logs and JSON go to $GENEXT_OUT (else $OUT, else
+# ./gpu-check-out). Exit status: non-zero if any step failed.
+#
+#   bash tools/gpu_check.sh            # everything
+#   GENEXT_SKIP_BUILD=1 bash tools/gpu_check.sh   # reuse an existing build
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${GENEXT_OUT:-${OUT:-$PWD/gpu-check-out}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}' + ('a' if c == (9, 0) else ''))")
+  export TORCH_CUDA_ARCH_LIST
+fi
+declare -a SUMMARY=()
+status=0
+step() {  # step NAME LOGFILE CMD...
+  local name=$1 log=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name: $*"
+  "$@" >"$OUT_DIR/$log" 2>&1
+  local rc=$?
+  tail -n 15 "$OUT_DIR/$log"
+  SUMMARY+=("$(printf '%-22s %-5s %4ss  %s' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" $((SECONDS - t0)) "$log")")
+  [ $rc = 0 ] || status=1
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT_DIR/gpu.txt" 2>&1 || true
+if [ -z "${GENEXT_SKIP_BUILD:-}" ]; then
+  step build build.log env GENEXT_CUDA=ON $PY -m pip install --no-build-isolation --no-deps --no-index -v -e . \
+    || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+fi
+step info info.json $PY -m genext info
+step tests tests.log $PY -m pytest tests -q -ra --junitxml="$OUT_DIR/tests.xml"
+step memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/cuda_smoke.py
+step racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 $PY tools/cuda_smoke.py
+step bench bench.txt $PY -m genext bench --json "$OUT_DIR/bench.json"
+if [ -z "${GENEXT_SKIP_PYTEST_BENCH:-}" ]; then
+  step pytest-benchmark pytest-bench.log $PY -m pytest benchmarks -q --benchmark-json="$OUT_DIR/pytest-bench.json" \
+    --benchmark-columns=median,ops
+fi
+
+echo
+echo "== genext GPU check: $(head -2 "$OUT_DIR/gpu.txt" | tail -1), arch $TORCH_CUDA_ARCH_LIST, logs in $OUT_DIR"
+grep -E "^(group_norm_silu|op |---)" "$OUT_DIR/bench.txt" 2>/dev/null || true
+printf '%s\n' "${SUMMARY[@]}"
+exit $status
