@@ -6,6 +6,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace genext::gn {
 namespace {
@@ -19,32 +20,76 @@ namespace {
 
 // ---- element math ---------------------------------------------------------------------------
 
+// Vectors of 16 floats (GCC vector extensions): the reductions over runs use them explicitly,
+// because the auto-vectoriser turned the 16-lane accumulator loops into in-order scalar adds.
+// Each target clone lowers them to its ISA (one zmm, two ymm or four xmm registers).
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+constexpr int kVec = 16;
+
+template <class V>
+struct Lanes {  // scalar float
+  using I = int32_t;
+  static GN_INLINE I to_int(V v) { return static_cast<int32_t>(v); }
+};
+template <>
+struct Lanes<f32x16> {
+  using I = i32x16;
+  static GN_INLINE I to_int(f32x16 v) { return __builtin_convertvector(v, i32x16); }
+};
+
+template <class V, class S>
+GN_INLINE V splat(S s) {
+  if constexpr (std::is_same_v<V, f32x16>) {
+    return f32x16{} + static_cast<float>(s);
+  } else if constexpr (std::is_same_v<V, i32x16>) {
+    return i32x16{} + static_cast<int32_t>(s);
+  } else {
+    return static_cast<V>(s);
+  }
+}
+
+GN_INLINE f32x16 load16(const float* p) {
+  f32x16 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+GN_INLINE double hsum(f32x16 v) {
+  double s = 0;
+  for (int j = 0; j < kVec; ++j) s += v[j];
+  return s;
+}
+
 // sigmoid(z) from t = exp(-|z|) in (0, 1]: 1/(1+t) for z >= 0, t/(1+t) below. Only a non-positive
 // exponent is needed, so the range is handled in integer arithmetic: x = -|z| by setting the sign
 // bit, x clamped at -100 by an integer min on its bits (for negative floats a larger bit pattern
 // is a larger magnitude), and 2^k flushed to 0 below 2^-126. (A float clamp written as ternaries
 // made GCC split the vector loop into masked branches that each ran the division: three vdivps
-// per vector instead of one, 5x slower.)
-GN_INLINE float sigmoid_t(float z) {
+// per vector instead of one, 5x slower.) V is float or f32x16.
+template <class V>
+GN_INLINE V sigmoid_v(V z) {
+  using I = typename Lanes<V>::I;
   constexpr int32_t kMinus100 = 0xC2C80000 - 0x100000000LL;  // bits of -100.0f as int32
-  int32_t xb = std::bit_cast<int32_t>(z) | INT32_MIN;       // -|z|
-  xb = xb < kMinus100 ? xb : kMinus100;                      // max(-|z|, -100)
-  const float x = std::bit_cast<float>(xb);
+  I xb = std::bit_cast<I>(z) | splat<I>(INT32_MIN);           // -|z|
+  xb = xb < splat<I>(kMinus100) ? xb : splat<I>(kMinus100);   // max(-|z|, -100)
+  const V x = std::bit_cast<V>(xb);
   // exp(x) = 2^k * e^r, k = round(x / ln2), |r| <= ln2/2; Cephes' degree-6 polynomial for e^r
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;              // x - k*ln2, two parts
-  float p = 1.9875691500e-4f;
+  const V k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const V r = (x - k * 0.693359375f) + k * 2.12194440e-4f;              // x - k*ln2, two parts
+  V p = splat<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float er = p * r * r + r + 1.0f;
-  int32_t e = static_cast<int32_t>(k) + 127;
-  e = e > 0 ? e : 0;  // 2^k below the normal range -> 0
-  const float t = er * std::bit_cast<float>(e << 23);
-  return (z >= 0.0f ? 1.0f : t) / (1.0f + t);
+  const V er = p * r * r + r + 1.0f;
+  I e = Lanes<V>::to_int(k) + 127;
+  e = e > splat<I>(0) ? e : splat<I>(0);  // 2^k below the normal range -> 0
+  const V t = er * std::bit_cast<V>(e << 23);
+  return (z >= splat<V>(0.0f) ? splat<V>(1.0f) : t) / (1.0f + t);
 }
+GN_INLINE float sigmoid_t(float z) { return sigmoid_v(z); }
+GN_INLINE f32x16 sigmoid_t(f32x16 z) { return sigmoid_v(z); }
 GN_INLINE double sigmoid_t(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
 template <bool kSilu, class T>
@@ -57,9 +102,9 @@ template <bool kSilu, class T>
 GN_INLINE T act_grad(T z) {
   if constexpr (kSilu) {
     const T s = sigmoid_t(z);
-    return s * (T(1) + z * (T(1) - s));
+    return s * (1.0f + z * (1.0f - s));
   }
-  return T(1);
+  return splat<T>(1.0f);
 }
 
 // Per-channel parameters: one value for a whole NCS plane, or an array over C for an NSC row.
@@ -74,7 +119,6 @@ struct Arr {
   GN_INLINE T operator[](int64_t i) const { return p[i]; }
 };
 
-constexpr int kLanes = 16;        // independent float accumulators (vectorisable)
 constexpr int64_t kFlush = 1024;  // values summed in float before adding into double
 
 // ---- loops (templates; the float32 instances below are the cloned entry points) -----------------
@@ -82,26 +126,25 @@ constexpr int64_t kFlush = 1024;  // values summed in float before adding into d
 // s1 += sum(x - shift), s2 += sum((x - shift)^2) over a contiguous run.
 template <class T>
 GN_INLINE void sums_run(const T* x, int64_t n, T shift, double* s1, double* s2) {
-  for (int64_t i0 = 0; i0 < n; i0 += kFlush) {
-    const int64_t len = std::min(kFlush, n - i0);
-    const T* xp = x + i0;
-    T a1[kLanes] = {}, a2[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const T d = xp[i + j] - shift;
-        a1[j] += d;
-        a2[j] += d * d;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {  // 16-wide vectors, added into double every kFlush
+    const f32x16 sh = splat<f32x16>(shift);
+    for (; i + kVec <= n;) {
+      const int64_t end = std::min(n, i + kFlush) - kVec;
+      f32x16 a1{}, a2{};
+      for (; i <= end; i += kVec) {
+        const f32x16 d = load16(x + i) - sh;
+        a1 += d;
+        a2 += d * d;
       }
-    for (; i < len; ++i) {
-      const T d = xp[i] - shift;
-      a1[0] += d;
-      a2[0] += d * d;
+      *s1 += hsum(a1);
+      *s2 += hsum(a2);
     }
-    double t1 = 0, t2 = 0;
-    for (int j = 0; j < kLanes; ++j) t1 += a1[j], t2 += a2[j];
-    *s1 += t1;
-    *s2 += t2;
+  }
+  for (; i < n; ++i) {  // the scalar tail; all of it for double
+    const double d = double(x[i]) - double(shift);
+    *s1 += d;
+    *s2 += d * d;
   }
 }
 
@@ -136,29 +179,28 @@ GN_INLINE void fwd_loop(const T* x, T* y, int64_t n, P m, P a, P b) {
 template <bool kSilu, class T>
 GN_INLINE void bwd_sums_run(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b, double* A,
                             double* D) {
-  for (int64_t i0 = 0; i0 < n; i0 += kFlush) {
-    const int64_t len = std::min(kFlush, n - i0);
-    const T* xp = x + i0;
-    const T* gp = dy + i0;
-    T a1[kLanes] = {}, a2[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const T xh = (xp[i + j] - m) * rs;
-        const T g = gp[i + j] * act_grad<kSilu>(xh * w + b);
-        a1[j] += g;
-        a2[j] += g * xh;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    const f32x16 vm = splat<f32x16>(m), vrs = splat<f32x16>(rs), vw = splat<f32x16>(w),
+                 vb = splat<f32x16>(b);
+    for (; i + kVec <= n;) {
+      const int64_t end = std::min(n, i + kFlush) - kVec;
+      f32x16 a1{}, a2{};
+      for (; i <= end; i += kVec) {
+        const f32x16 xh = (load16(x + i) - vm) * vrs;
+        const f32x16 g = load16(dy + i) * act_grad<kSilu>(xh * vw + vb);
+        a1 += g;
+        a2 += g * xh;
       }
-    for (; i < len; ++i) {
-      const T xh = (xp[i] - m) * rs;
-      const T g = gp[i] * act_grad<kSilu>(xh * w + b);
-      a1[0] += g;
-      a2[0] += g * xh;
+      *A += hsum(a1);
+      *D += hsum(a2);
     }
-    double t1 = 0, t2 = 0;
-    for (int j = 0; j < kLanes; ++j) t1 += a1[j], t2 += a2[j];
-    *A += t1;
-    *D += t2;
+  }
+  for (; i < n; ++i) {
+    const T xh = (x[i] - m) * rs;
+    const T g = dy[i] * act_grad<kSilu>(xh * w + b);
+    *A += double(g);
+    *D += double(g * xh);
   }
 }
 
