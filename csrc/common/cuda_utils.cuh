@@ -24,6 +24,32 @@ constexpr unsigned kFullMask = 0xffffffffu;
 __host__ __device__ __forceinline__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ constexpr int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// ---- division by a run-time invariant ------------------------------------------------------------
+
+// n / d for 64-bit unsigned n by a divisor fixed on the host, with a multiply-high instead of the
+// 64-bit division subroutine (Granlund & Montgomery 1994, "Division by invariant integers using
+// multiplication", figure 4.1): m = floor(2^64 (2^l - d) / d) + 1, l = ceil(log2 d),
+// q = (t + ((n - t) >> min(l, 1))) >> max(l - 1, 0), t = mulhi(m, n). Exact for all n < 2^64.
+struct FastDiv {
+  uint64_t d = 1, m = 1;
+  int s1 = 0, s2 = 0;
+  FastDiv() = default;
+  __host__ explicit FastDiv(uint64_t divisor) : d(divisor < 1 ? 1 : divisor) {
+    int l = 0;
+    while (l < 64 && (uint64_t{1} << l) < d) ++l;
+    const unsigned __int128 two_l = static_cast<unsigned __int128>(1) << l;
+    m = static_cast<uint64_t>(((two_l - d) << 64) / d + 1);
+    s1 = l < 1 ? l : 1;
+    s2 = l > 1 ? l - 1 : 0;
+  }
+  __device__ __forceinline__ int64_t div(int64_t n) const {
+    const uint64_t un = static_cast<uint64_t>(n);
+    const uint64_t t = __umul64hi(m, un);
+    return static_cast<int64_t>((t + ((un - t) >> s1)) >> s2);
+  }
+  __device__ __forceinline__ int64_t value() const { return static_cast<int64_t>(d); }
+};
+
 // ---- reductions ---------------------------------------------------------------------------------
 
 template <typename T>
@@ -187,6 +213,7 @@ __device__ __forceinline__ void batched_loop(int64_t i, int64_t end, int64_t ste
 #pragma unroll
     for (int k = 0; k < U; ++k) proc(i + k * step, r[k]);
   }
+#pragma unroll 1
   for (; i < end; i += step) {
     const R r = load(i);
     proc(i, r);

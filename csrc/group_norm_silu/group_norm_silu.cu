@@ -1,0 +1,1164 @@
+// GroupNorm (+ optional fused SiLU) forward and backward: CUDA kernels and their launchers.
+// No torch header: pointers, sizes and a stream in, a cudaError_t out (group_norm_silu.h).
+// All statistics and arithmetic in fp32 (partials combined in double); x/y fp32, fp16 or bf16.
+// Numerics: split partials are sums of (x - x0) and (x - x0)^2 with x0 the group's first element
+// (no E[x^2] - mean^2 cancellation for data with a large mean); the mean is carried as a hi + lo
+// float pair inside the forward so (x - hi) - lo loses nothing to the mean's fp32 rounding.
+//
+// Forward, contiguous (N, C, S) layout ("NCS"): a group is one contiguous run of M = (C/G)*S
+// elements starting at (n*C + g*C/G)*S.
+//   gn_fwd_fused      (M + 16 bytes' worth) * sizeof(T) <= 44 KB: one block per group copies the
+//                     group into shared memory (cp.async), computes the mean, then the centred
+//                     variance (exact two-pass), then writes y. Reads x once; one launch.
+//   gn_fwd_ncs_stats  split path, kernel 1: 1-D grid of N*G*splits blocks (256 threads), block =
+//                     one chunk of one group; writes shifted partial sums (sum(x-x0), sum((x-x0)^2)),
+//                     x0 = the group's first element (read by every block), to the workspace.
+//   gn_fwd_ncs_norm   split path, kernel 2: the same blocks walked in reverse order (the chunks
+//                     kernel 1 read last are the likeliest still in L2); each block reduces its
+//                     group's <= 512 partials in double in a fixed order (no atomics), then
+//                     normalises its chunk. The split-0 block writes mean/rstd.
+// Forward, channels-last (N, S, C) layout ("NSC"): a block covers a range of rows (positions) of
+// one sample and all C channels: TX threads along C (16-byte vectors of channels when C allows,
+// else scalars) times TY threads along rows; C wider than 256 vectors is walked in chunks.
+//   gn_fwd_nsc_stats  per-channel shifted sums over the block's rows, reduced over the TY threads in
+//                     shared memory, then summed per group in channel order -> partial (n, g, split).
+//   gn_fwd_finalize   one warp per (n, g) reduces the group's partials in double, writes mean/rstd
+//                     and the low-order part of the mean (workspace).
+//   gn_fwd_nsc_norm   normalises the block's rows (reverse block order).
+//   (Here every block needs all G groups' statistics, so a tiny finalize kernel replaces the
+//   per-block reduction of the NCS split path: that would cost G*splits^2 partial reads.)
+// Backward (z and the SiLU derivative are recomputed from x in both passes; nothing of x's size is
+// stored):
+//   B1 gn_bwd_ncs<DX=false>: partial A = sum g, D = sum g*xhat per (n, c, split). One block of 256
+//      per (row n*C+c, chunk of S); or, when S <= 1024, one warp per row (8 rows per block).
+//   B1 gn_bwd_nsc<DX=false>: per-channel column sums over the block's rows (NSC tiling above).
+//   B2 gn_bwd_reduce: one block per (n, g) -> k1, k2 (workspace); one warp per channel ->
+//      grad_weight, grad_bias. Double accumulation in a fixed order, no atomics.
+//   B3 gn_bwd_ncs<DX=true> / gn_bwd_nsc<DX=true>: grad_x elementwise on B1's grid, reverse order.
+// Split rule: aim at num_sms * 8 blocks of 256 threads (num_sms * 4 for the NSC backward, whose
+// per-(n, c, split) partials are workspace traffic and whose vector kernel holds ~128 registers),
+// with at least 2 vectors per thread per block (NCS) or 16K elements per block (NSC); NCS forward
+// splits <= 512.
+//
+// Byte floors: forward must read x and write y (2 * numel * sizeof(T)); the split paths read x a
+// second time, mostly from L2 when x fits (50 MB on H100, 60 MB on H200). Backward must read x and
+// grad_y and write grad_x (3 * numel * sizeof(T)); it reads x and grad_y twice (5 * numel * sizeof(T)).
+//
+// Versions: version 1 = this file (fused on-chip path for small groups, chunk-split NCS path,
+// row-tiled NSC path, three-kernel backward).
+#include "group_norm_silu/group_norm_silu.h"
+
+#include <climits>
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+
+namespace genext::gn {
+namespace {
+
+using genext::cuda::batched_loop;
+using genext::cuda::block_sum2;
+using genext::cuda::cp_async16;
+using genext::cuda::cp_async_wait_all;
+using genext::cuda::FastDiv;
+using genext::cuda::from_float;
+using genext::cuda::kVec;
+using genext::cuda::ld_raw;
+using genext::cuda::max64;
+using genext::cuda::min64;
+using genext::cuda::pack16;
+using genext::cuda::pack_raw;
+using genext::cuda::RawT;
+using genext::cuda::st_raw;
+using genext::cuda::st_vec_cs;
+using genext::cuda::to_float;
+using genext::cuda::unpack16;
+using genext::cuda::unpack_raw;
+using genext::cuda::warp_sum;
+
+constexpr int kThreads = 256;             // blocks of the split, NSC and backward kernels
+constexpr int kWarps = kThreads / 32;
+constexpr int kFusedMaxThreads = 512;
+constexpr int64_t kFusedMaxBytes = 44 * 1024;  // shared memory for one group (under the 48 KB default)
+constexpr int64_t kMaxSplitsNcs = 512;
+constexpr int64_t kWarpRowsMaxS = 1024;   // backward NCS: one warp per (n, c) row up to this S
+constexpr int64_t kBlocksPerSm = 8;
+constexpr int64_t kBlocksPerSmNscBwd = 4;  // gn_bwd_nsc with 16-byte vectors: ~128 registers, 2 resident
+constexpr int64_t kMinBlockElemsNsc = 16384;  // NSC: a block covers at least this many elements
+
+// ---- device helpers -----------------------------------------------------------------------------
+
+struct Affine {
+  const void* w;  // (C,) or null
+  const void* b;  // (C,) or null
+  bool f32;       // float32 parameters (else x's dtype)
+};
+
+template <typename T>
+__device__ __forceinline__ float ld_param(const void* p, bool f32, int64_t c) {
+  return f32 ? __ldg(static_cast<const float*>(p) + c) : to_float(static_cast<const T*>(p)[c]);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_affine(const Affine& a, int64_t c, float& w, float& b) {
+  w = a.w != nullptr ? ld_param<T>(a.w, a.f32, c) : 1.f;
+  b = a.b != nullptr ? ld_param<T>(a.b, a.f32, c) : 0.f;
+}
+
+// One element of any of the three dtypes (0 float32, 1 float16, 2 bfloat16; DType's values).
+__device__ __forceinline__ float load_any(const void* p, int dtype, int64_t i) {
+  if (dtype == 0) return static_cast<const float*>(p)[i];
+  if (dtype == 1) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__device__ __forceinline__ float sigmoid(float z) { return 1.f / (1.f + __expf(-z)); }
+__device__ __forceinline__ float act(float z, bool silu) { return silu ? z * sigmoid(z) : z; }
+// dL/dz from dL/dy.
+__device__ __forceinline__ float act_grad(float dy, float z, bool silu) {
+  if (!silu) return dy;
+  const float s = sigmoid(z);
+  return dy * (s * (1.f + z * (1.f - s)));
+}
+
+// 1/sqrt(v) for v = var + eps in double: the fp32 approximation refined by one Newton step in double
+// (no double division or sqrt subroutine). inf for v == 0, as 1/sqrt(0).
+__device__ __forceinline__ float rsqrt_refined(double v) {
+  const float r = rsqrtf(static_cast<float>(v));
+  if (!(r <= 3.0e38f)) return r;  // inf or NaN
+  const double rd = static_cast<double>(r);
+  return static_cast<float>(rd * (1.5 - 0.5 * v * rd * rd));
+}
+
+// mean/rstd of a group from sums of (x - shift) and (x - shift)^2 over its M elements (inv_m = 1/M).
+// The mean is returned as hi + lo floats so that (x - hi) - lo keeps the precision of a double mean.
+__device__ __forceinline__ void finalize_stats(double s1, double s2, double inv_m, float shift,
+                                               float eps, float& mhi, float& mlo, float& rstd) {
+  const double m = s1 * inv_m;
+  double var = s2 * inv_m - m * m;
+  if (var < 0.0) var = 0.0;
+  const double mean = static_cast<double>(shift) + m;
+  mhi = static_cast<float>(mean);
+  mlo = static_cast<float>(mean - static_cast<double>(mhi));
+  rstd = rsqrt_refined(var + static_cast<double>(eps));
+}
+
+// Tracks (q, r) = divmod(e, S) while e advances by a fixed step: the channel (q) and position (r) of
+// an element of a contiguous (channel, S) run, without a division per element.
+struct ChanIter {
+  int64_t q, r, dq, dr, S;
+  __device__ __forceinline__ ChanIter(int64_t e, int64_t step, const FastDiv& Sd) : S(Sd.value()) {
+    q = Sd.div(e);
+    r = e - q * S;
+    dq = Sd.div(step);
+    dr = step - dq * S;
+  }
+  __device__ __forceinline__ void advance() {
+    q += dq;
+    r += dr;
+    if (r >= S) {
+      r -= S;
+      ++q;
+    }
+  }
+};
+
+// Splits the element range [A0, A1) of p into a scalar head [A0, a0), nvec 16-byte-aligned vectors
+// from a0, and a scalar tail [a0 + nvec*V, A1). Without vec everything is head.
+template <typename T>
+__device__ __forceinline__ void vec_span(const T* p, int64_t A0, int64_t A1, bool vec, int64_t& a0,
+                                         int64_t& nvec) {
+  constexpr int V = kVec<T>;
+  if (!vec) {
+    a0 = A1;
+    nvec = 0;
+    return;
+  }
+  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) / sizeof(T)) % V);
+  const int64_t r = (mis + A0) % V;
+  a0 = min64(A0 + (r ? V - r : 0), A1);
+  nvec = (A1 - a0) / V;
+}
+
+// ---- forward, NCS, fused (group in shared memory) -----------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kFusedMaxThreads)
+    gn_fwd_fused(const T* __restrict__ x, T* __restrict__ y, float* __restrict__ mean_out,
+                 float* __restrict__ rstd_out, Affine aff, int S, int K, int G, int M,
+                 double inv_m, float eps, bool silu, bool vec) {
+  // Everything here is < 2^31 (M <= 22528, N*G <= INT_MAX), so 32-bit index arithmetic.
+  constexpr int V = kVec<T>;
+  extern __shared__ uint4 smem_raw[];
+  __shared__ double scratch[64];
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int64_t grp = blockIdx.x;
+  const T* xg = x + grp * M;
+  T* yg = y + grp * M;
+
+  // Element e of the group lives at buf[e]; buf is offset so that 16-byte-aligned global addresses
+  // map to 16-byte-aligned shared addresses. Vectors cover [h, t0), scalars [0, h) and [t0, M).
+  int mis = 0, h = M, nvec = 0;
+  if (vec) {
+    mis = static_cast<int>((reinterpret_cast<uintptr_t>(xg) / sizeof(T)) % V);
+    h = min((V - mis) % V, M);
+    nvec = (M - h) / V;
+  }
+  const int t0 = h + nvec * V;
+  T* buf = reinterpret_cast<T*>(smem_raw) + mis;
+  for (int i = tid; i < nvec; i += nt) cp_async16(buf + h + i * V, xg + h + i * V);
+  for (int e = tid; e < h; e += nt) buf[e] = xg[e];
+  for (int e = t0 + tid; e < M; e += nt) buf[e] = xg[e];
+  cp_async_wait_all();
+  __syncthreads();
+
+  // Pass 1: mean.
+  float acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = 0.f;
+  for (int i = tid; i < nvec; i += nt) {
+    float f[V];
+    unpack16<T>(*reinterpret_cast<const uint4*>(buf + h + i * V), f);
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] += f[j];
+  }
+  for (int e = tid; e < h; e += nt) acc[0] += to_float(buf[e]);
+  for (int e = t0 + tid; e < M; e += nt) acc[0] += to_float(buf[e]);
+  double s = 0.0, unused = 0.0;
+#pragma unroll
+  for (int j = 0; j < V; ++j) s += acc[j];
+  block_sum2(s, unused, scratch);
+  const double mean = s * inv_m;
+  const float mh = static_cast<float>(mean);
+  const float ml = static_cast<float>(mean - static_cast<double>(mh));
+
+  // Pass 2: centred variance.
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = 0.f;
+  for (int i = tid; i < nvec; i += nt) {
+    float f[V];
+    unpack16<T>(*reinterpret_cast<const uint4*>(buf + h + i * V), f);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float d = (f[j] - mh) - ml;
+      acc[j] = fmaf(d, d, acc[j]);
+    }
+  }
+  for (int e = tid; e < h; e += nt) {
+    const float d = (to_float(buf[e]) - mh) - ml;
+    acc[0] = fmaf(d, d, acc[0]);
+  }
+  for (int e = t0 + tid; e < M; e += nt) {
+    const float d = (to_float(buf[e]) - mh) - ml;
+    acc[0] = fmaf(d, d, acc[0]);
+  }
+  s = 0.0;
+  unused = 0.0;
+#pragma unroll
+  for (int j = 0; j < V; ++j) s += acc[j];
+  block_sum2(s, unused, scratch);
+  const float rs = rsqrt_refined(s * inv_m + static_cast<double>(eps));
+  if (tid == 0) {
+    mean_out[grp] = mh;
+    rstd_out[grp] = rs;
+  }
+
+  // Pass 3: y.
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x % static_cast<unsigned>(G)) * K;
+  for (int i = tid; i < nvec; i += nt) {
+    float f[V], o[V];
+    unpack16<T>(*reinterpret_cast<const uint4*>(buf + h + i * V), f);
+    const unsigned e = static_cast<unsigned>(h + i * V);
+    int q = static_cast<int>(e / static_cast<unsigned>(S));
+    int r = static_cast<int>(e) - q * S;
+    if (r + V <= S) {
+      float w, b;
+      load_affine<T>(aff, c0 + q, w, b);
+      const float sc = rs * w;
+#pragma unroll
+      for (int j = 0; j < V; ++j) o[j] = act(fmaf((f[j] - mh) - ml, sc, b), silu);
+    } else {  // the vector crosses a channel boundary
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (r == S) {
+          ++q;
+          r = 0;
+        }
+        float w, b;
+        load_affine<T>(aff, c0 + q, w, b);
+        o[j] = act(fmaf((f[j] - mh) - ml, rs * w, b), silu);
+        ++r;
+      }
+    }
+    st_vec_cs(yg + h + i * V, pack16<T>(o));
+  }
+  auto scalar = [&](int e0, int e1) {
+    for (int e = e0 + tid; e < e1; e += nt) {
+      float w, b;
+      load_affine<T>(aff, c0 + static_cast<int>(static_cast<unsigned>(e) / static_cast<unsigned>(S)), w, b);
+      yg[e] = from_float<T>(act(fmaf((to_float(buf[e]) - mh) - ml, rs * w, b), silu));
+    }
+  };
+  scalar(0, h);
+  scalar(t0, M);
+}
+
+// ---- forward, NCS, split path -------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    gn_fwd_ncs_stats(const T* __restrict__ x, float2* __restrict__ part, int64_t M, int64_t chunk,
+                     int splits, bool vec) {
+  constexpr int V = kVec<T>;
+  const int64_t bid = blockIdx.x;
+  const int64_t grp = blockIdx.x / static_cast<unsigned>(splits);
+  const int64_t split = bid - grp * splits;
+  const int64_t gbase = grp * M;
+  const int64_t A0 = gbase + split * chunk;
+  const int64_t A1 = gbase + min64(M, (split + 1) * chunk);
+  const float shift = to_float(x[gbase]);
+  int64_t a0, nvec;
+  vec_span(x, A0, A1, vec, a0, nvec);
+  const int64_t a1 = a0 + nvec * V;
+
+  float s1[V], s2[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) s1[j] = s2[j] = 0.f;
+  const T* xv = x + a0;
+  batched_loop<4>(
+      threadIdx.x, nvec, blockDim.x, [&](int64_t i) { return ld_raw<T, V, false>(xv + i * V); },
+      [&](int64_t, const uint4& r) {
+        float f[V];
+        unpack16<T>(r, f);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float d = f[j] - shift;
+          s1[j] += d;
+          s2[j] = fmaf(d, d, s2[j]);
+        }
+      });
+#pragma unroll 1
+  for (int64_t e = A0 + threadIdx.x; e < a0; e += blockDim.x) {
+    const float d = to_float(x[e]) - shift;
+    s1[0] += d;
+    s2[0] = fmaf(d, d, s2[0]);
+  }
+#pragma unroll 1
+  for (int64_t e = a1 + threadIdx.x; e < A1; e += blockDim.x) {
+    const float d = to_float(x[e]) - shift;
+    s1[0] += d;
+    s2[0] = fmaf(d, d, s2[0]);
+  }
+  float t1 = 0.f, t2 = 0.f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    t1 += s1[j];
+    t2 += s2[j];
+  }
+  __shared__ float scratch[64];
+  block_sum2(t1, t2, scratch);
+  if (threadIdx.x == 0) part[bid] = make_float2(t1, t2);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    gn_fwd_ncs_norm(const T* __restrict__ x, T* __restrict__ y, const float2* __restrict__ part,
+                    float* __restrict__ mean_out, float* __restrict__ rstd_out, Affine aff,
+                    FastDiv Sd, int64_t K, FastDiv Gd, int64_t M, int64_t chunk, int splits,
+                    double inv_m, float eps, bool silu, bool vec) {
+  constexpr int V = kVec<T>;
+  const int64_t S = Sd.value();
+  const unsigned ubid = gridDim.x - 1 - blockIdx.x;
+  const int64_t bid = ubid;
+  const int64_t grp = ubid / static_cast<unsigned>(splits);
+  const int64_t split = bid - grp * splits;
+  const int64_t gbase = grp * M;
+  const int64_t A0 = gbase + split * chunk;
+  const int64_t A1 = gbase + min64(M, (split + 1) * chunk);
+  const int tid = threadIdx.x, nt = blockDim.x;
+
+  __shared__ float st[3];
+  if (tid < 32) {
+    double s1 = 0.0, s2 = 0.0;
+    const float2* pg = part + grp * splits;
+    for (int i = tid; i < splits; i += 32) {
+      const float2 v = pg[i];
+      s1 += v.x;
+      s2 += v.y;
+    }
+    s1 = warp_sum(s1);
+    s2 = warp_sum(s2);
+    if (tid == 0) {
+      float mh, ml, rs;
+      finalize_stats(s1, s2, inv_m, to_float(x[gbase]), eps, mh, ml, rs);
+      st[0] = mh;
+      st[1] = ml;
+      st[2] = rs;
+      if (split == 0) {
+        mean_out[grp] = mh;
+        rstd_out[grp] = rs;
+      }
+    }
+  }
+  __syncthreads();
+  const float mh = st[0], ml = st[1], rs = st[2];
+  const int64_t c0 = (grp - Gd.div(grp) * Gd.value()) * K;
+
+  int64_t a0, nvec;
+  vec_span(x, A0, A1, vec, a0, nvec);
+  const int64_t a1 = a0 + nvec * V;
+  {
+    ChanIter it(a0 - gbase + static_cast<int64_t>(tid) * V, static_cast<int64_t>(nt) * V, Sd);
+    batched_loop<4>(
+        tid, nvec, nt, [&](int64_t i) { return ld_raw<T, V, true>(x + a0 + i * V); },
+        [&](int64_t i, const uint4& r) {
+          float f[V], o[V];
+          unpack16<T>(r, f);
+          if (it.r + V <= S) {
+            float w, b;
+            load_affine<T>(aff, c0 + it.q, w, b);
+            const float sc = rs * w;
+#pragma unroll
+            for (int j = 0; j < V; ++j) o[j] = act(fmaf((f[j] - mh) - ml, sc, b), silu);
+          } else {  // the vector crosses a channel boundary
+            int64_t q = it.q, rr = it.r;
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              if (rr == S) {
+                ++q;
+                rr = 0;
+              }
+              float w, b;
+              load_affine<T>(aff, c0 + q, w, b);
+              o[j] = act(fmaf((f[j] - mh) - ml, rs * w, b), silu);
+              ++rr;
+            }
+          }
+          st_raw<T, V, true>(y + a0 + i * V, pack16<T>(o));
+          it.advance();
+        });
+  }
+  auto scalar = [&](int64_t e0, int64_t e1) {
+    if (e0 + tid >= e1) return;
+    ChanIter it(e0 + tid - gbase, nt, Sd);
+#pragma unroll 1
+    for (int64_t e = e0 + tid; e < e1; e += nt) {
+      float w, b;
+      load_affine<T>(aff, c0 + it.q, w, b);
+      y[e] = from_float<T>(act(fmaf((to_float(x[e]) - mh) - ml, rs * w, b), silu));
+      it.advance();
+    }
+  };
+  scalar(A0, a0);
+  scalar(a1, A1);
+}
+
+// ---- forward, NSC -------------------------------------------------------------------------------
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    gn_fwd_nsc_stats(const T* __restrict__ x, float2* __restrict__ part, int64_t S, int64_t C,
+                     FastDiv Kd, int64_t G, int64_t rows, int splits, int TX, int TY) {
+  __shared__ float red_a[kThreads * V];
+  __shared__ float red_b[kThreads * V];
+  __shared__ float carry[2][2];
+  const int64_t K = Kd.value();
+  const int64_t bid = blockIdx.x;
+  const int64_t n = blockIdx.x / static_cast<unsigned>(splits);
+  const int64_t split = bid - n * splits;
+  const int64_t r0 = split * rows, r1 = min64(S, r0 + rows);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int tx = tid % TX, ty = tid / TX;
+  const bool active = ty < TY;
+  const int64_t CV = C / V;
+  const int TXV = TX * V;
+  const T* xn = x + n * S * C;
+
+  int parity = 0;
+  for (int64_t cv0 = 0; cv0 < CV; cv0 += TX, parity ^= 1) {
+    const int64_t cv = cv0 + tx;
+    if (active && cv < CV) {
+      float sh[V], s1[V], s2[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const int64_t c = cv * V + j;
+        sh[j] = to_float(xn[Kd.div(c) * K]);  // the group's first element (s = 0)
+        s1[j] = s2[j] = 0.f;
+      }
+      const T* col = xn + cv * V;
+      batched_loop<4>(
+          r0 + ty, r1, TY, [&](int64_t r) { return ld_raw<T, V, false>(col + r * C); },
+          [&](int64_t, const RawT<T, V>& raw) {
+            float f[V];
+            unpack_raw<T, V>(raw, f);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              const float d = f[j] - sh[j];
+              s1[j] += d;
+              s2[j] = fmaf(d, d, s2[j]);
+            }
+          });
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        red_a[ty * TXV + tx * V + j] = s1[j];
+        red_b[ty * TXV + tx * V + j] = s2[j];
+      }
+    }
+    __syncthreads();
+    // Per channel of this chunk: sum over the TY row-threads (in place into row 0).
+    const int width = static_cast<int>(min64(TX, CV - cv0)) * V;
+    for (int ch = tid; ch < width; ch += nt) {
+      float a = 0.f, b = 0.f;
+      for (int t = 0; t < TY; ++t) {
+        a += red_a[t * TXV + ch];
+        b += red_b[t * TXV + ch];
+      }
+      red_a[ch] = a;
+      red_b[ch] = b;
+    }
+    __syncthreads();
+    // Per group meeting channels [cb, ce): sum its channels in order. A group that continues into
+    // the next chunk hands its running sum over in carry[parity ^ 1].
+    const int64_t cb = cv0 * V, ce = cb + width;
+    const int64_t g_lo = Kd.div(cb), g_hi = Kd.div(ce - 1);
+    for (int64_t gi = g_lo + tid; gi <= g_hi; gi += nt) {
+      const int64_t gs = gi * K, ge = gs + K;
+      float a = 0.f, b = 0.f;
+      if (gs < cb) {
+        a = carry[parity][0];
+        b = carry[parity][1];
+      }
+      const int64_t c_end = min64(ge, ce);
+      for (int64_t c = max64(gs, cb); c < c_end; ++c) {
+        a += red_a[c - cb];
+        b += red_b[c - cb];
+      }
+      if (ge > ce) {
+        carry[parity ^ 1][0] = a;
+        carry[parity ^ 1][1] = b;
+      } else {
+        part[(n * G + gi) * splits + split] = make_float2(a, b);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// One warp per (n, g): mean, mean's low part and rstd from the partials.
+__global__ void __launch_bounds__(kThreads)
+    gn_fwd_finalize(const void* __restrict__ x, int dtype, const float2* __restrict__ part,
+                    float* __restrict__ mean, float* __restrict__ mlo, float* __restrict__ rstd,
+                    int64_t NG, FastDiv Gd, int64_t K, int64_t S, int64_t C, int splits,
+                    double inv_m, float eps) {
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (w >= NG) return;  // whole warps only
+  double s1 = 0.0, s2 = 0.0;
+  for (int i = lane; i < splits; i += 32) {
+    const float2 v = part[w * splits + i];
+    s1 += v.x;
+    s2 += v.y;
+  }
+  s1 = warp_sum(s1);
+  s2 = warp_sum(s2);
+  if (lane == 0) {
+    const int64_t n = Gd.div(w), g = w - n * Gd.value();
+    const float shift = load_any(x, dtype, n * S * C + g * K);
+    float mh, ml, rs;
+    finalize_stats(s1, s2, inv_m, shift, eps, mh, ml, rs);
+    mean[w] = mh;
+    mlo[w] = ml;
+    rstd[w] = rs;
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    gn_fwd_nsc_norm(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ mean,
+                    const float* __restrict__ mlo, const float* __restrict__ rstd, Affine aff,
+                    int64_t S, int64_t C, FastDiv Kd, int64_t G, int64_t rows, int splits, int TX,
+                    int TY, bool silu) {
+  const unsigned ubid = gridDim.x - 1 - blockIdx.x;
+  const int64_t bid = ubid;
+  const int64_t n = ubid / static_cast<unsigned>(splits);
+  const int64_t split = bid - n * splits;
+  const int64_t r0 = split * rows, r1 = min64(S, r0 + rows);
+  const int tid = threadIdx.x;
+  const int tx = tid % TX, ty = tid / TX;
+  if (ty >= TY) return;  // no block-level synchronisation below
+  const int64_t CV = C / V;
+  const int64_t base = n * S * C;
+  for (int64_t cv = tx; cv < CV; cv += TX) {
+    float mh[V], ml[V], sc[V], bb[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t c = cv * V + j;
+      const int64_t ng = n * G + Kd.div(c);
+      float w;
+      load_affine<T>(aff, c, w, bb[j]);
+      mh[j] = mean[ng];
+      ml[j] = mlo[ng];
+      sc[j] = rstd[ng] * w;
+    }
+    const T* xc = x + base + cv * V;
+    T* yc = y + base + cv * V;
+    batched_loop<4>(
+        r0 + ty, r1, TY, [&](int64_t r) { return ld_raw<T, V, true>(xc + r * C); },
+        [&](int64_t r, const RawT<T, V>& raw) {
+          float f[V];
+          unpack_raw<T, V>(raw, f);
+#pragma unroll
+          for (int j = 0; j < V; ++j) f[j] = act(fmaf((f[j] - mh[j]) - ml[j], sc[j], bb[j]), silu);
+          st_raw<T, V, true>(yc + r * C, pack_raw<T, V>(f));
+        });
+  }
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+template <typename T>
+struct Pair {
+  RawT<T, kVec<T>> x, dy;
+};
+
+// B1 (DX = false): partial (A, D) per (n, c, split) at part[(n*splits + split)*C + c].
+// B3 (DX = true): grad_x.
+template <typename T, bool DX>
+__global__ void __launch_bounds__(kThreads)
+    gn_bwd_ncs(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+               const float* __restrict__ mean, const float* __restrict__ rstd, Affine aff,
+               const float2* __restrict__ k12, float2* __restrict__ part, int64_t N, FastDiv Cd,
+               int64_t S, FastDiv Kd, int64_t G, int64_t chunk, int splits, bool warp_rows,
+               bool silu, bool vec) {
+  constexpr int V = kVec<T>;
+  const int64_t C = Cd.value();
+  const unsigned ubid = DX ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int64_t bid = ubid;
+  int64_t row, split, s0, s1;
+  int lt, tn;
+  if (warp_rows) {  // one warp per row, the whole row
+    row = bid * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    split = 0;
+    s0 = 0;
+    s1 = S;
+    lt = threadIdx.x & 31;
+    tn = 32;
+    if (row >= N * C) return;  // whole warps; no block-level synchronisation in this mode
+  } else {  // one block per (row, chunk)
+    row = ubid / static_cast<unsigned>(splits);
+    split = bid - row * splits;
+    s0 = split * chunk;
+    s1 = min64(S, s0 + chunk);
+    lt = threadIdx.x;
+    tn = blockDim.x;
+  }
+  const int64_t n = Cd.div(row), c = row - n * C;
+  const int64_t ng = n * G + Kd.div(c);
+  const float mu = mean[ng], rs = rstd[ng];
+  float w, b;
+  load_affine<T>(aff, c, w, b);
+  float k1 = 0.f, k2 = 0.f;
+  if constexpr (DX) {
+    const float2 k = k12[ng];
+    k1 = k.x;
+    k2 = k.y;
+  }
+  float A[V], D[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) A[j] = D[j] = 0.f;
+  // One element: returns grad_x (DX) or accumulates into (a, d).
+  auto elem = [&](float xv, float gy, float& a, float& d) -> float {
+    const float xh = (xv - mu) * rs;
+    const float g = act_grad(gy, fmaf(xh, w, b), silu);
+    if constexpr (DX) {
+      return rs * (w * g - k1 - xh * k2);
+    } else {
+      a += g;
+      d = fmaf(g, xh, d);
+      return 0.f;
+    }
+  };
+
+  const int64_t A0 = row * S + s0, A1 = row * S + s1;
+  int64_t a0, nvec;
+  vec_span(x, A0, A1, vec, a0, nvec);
+  const int64_t a1 = a0 + nvec * V;
+  batched_loop<4>(
+      lt, nvec, tn,
+      [&](int64_t i) {
+        Pair<T> p;
+        p.x = ld_raw<T, V, DX>(x + a0 + i * V);
+        p.dy = ld_raw<T, V, DX>(dy + a0 + i * V);
+        return p;
+      },
+      [&](int64_t i, const Pair<T>& p) {
+        float fx[V], fg[V];
+        unpack16<T>(p.x, fx);
+        unpack16<T>(p.dy, fg);
+#pragma unroll
+        for (int j = 0; j < V; ++j) fx[j] = elem(fx[j], fg[j], A[j], D[j]);
+        if constexpr (DX) st_raw<T, V, true>(dx + a0 + i * V, pack16<T>(fx));
+      });
+#pragma unroll 1
+  for (int64_t e = A0 + lt; e < a0; e += tn) {
+    const float r = elem(to_float(x[e]), to_float(dy[e]), A[0], D[0]);
+    if constexpr (DX) dx[e] = from_float<T>(r);
+  }
+#pragma unroll 1
+  for (int64_t e = a1 + lt; e < A1; e += tn) {
+    const float r = elem(to_float(x[e]), to_float(dy[e]), A[0], D[0]);
+    if constexpr (DX) dx[e] = from_float<T>(r);
+  }
+
+  if constexpr (!DX) {
+    float ta = 0.f, td = 0.f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      ta += A[j];
+      td += D[j];
+    }
+    if (warp_rows) {
+      ta = warp_sum(ta);
+      td = warp_sum(td);
+    } else {
+      __shared__ float scratch[64];
+      block_sum2(ta, td, scratch);
+    }
+    if (lt == 0) part[(n * splits + split) * C + c] = make_float2(ta, td);
+  }
+}
+
+template <typename T, int V, bool DX>
+__global__ void __launch_bounds__(kThreads)
+    gn_bwd_nsc(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+               const float* __restrict__ mean, const float* __restrict__ rstd, Affine aff,
+               const float2* __restrict__ k12, float2* __restrict__ part, int64_t S, int64_t C,
+               FastDiv Kd, int64_t G, int64_t rows, int splits, int TX, int TY, bool silu) {
+  constexpr int kRed = DX ? 1 : kThreads * V;
+  __shared__ float red_a[kRed];
+  __shared__ float red_b[kRed];
+  const unsigned ubid = DX ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int64_t bid = ubid;
+  const int64_t n = ubid / static_cast<unsigned>(splits);
+  const int64_t split = bid - n * splits;
+  const int64_t r0 = split * rows, r1 = min64(S, r0 + rows);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int tx = tid % TX, ty = tid / TX;
+  const bool active = ty < TY;
+  const int64_t CV = C / V;
+  const int TXV = TX * V;
+  const int64_t base = n * S * C;
+
+  for (int64_t cv0 = 0; cv0 < CV; cv0 += TX) {
+    const int64_t cv = cv0 + tx;
+    if (active && cv < CV) {
+      float mu[V], rs[V], w[V], b[V], k1[V], k2[V], A[V], D[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const int64_t c = cv * V + j;
+        const int64_t ng = n * G + Kd.div(c);
+        mu[j] = mean[ng];
+        rs[j] = rstd[ng];
+        load_affine<T>(aff, c, w[j], b[j]);
+        if constexpr (DX) {
+          const float2 k = k12[ng];
+          k1[j] = k.x;
+          k2[j] = k.y;
+        } else {
+          k1[j] = k2[j] = 0.f;
+        }
+        A[j] = D[j] = 0.f;
+      }
+      const int64_t off = base + cv * V;
+      batched_loop<2>(
+          r0 + ty, r1, TY,
+          [&](int64_t r) {
+            struct {
+              RawT<T, V> x, dy;
+            } p;
+            p.x = ld_raw<T, V, DX>(x + off + r * C);
+            p.dy = ld_raw<T, V, DX>(dy + off + r * C);
+            return p;
+          },
+          [&](int64_t r, const auto& p) {
+            float fx[V], fg[V];
+            unpack_raw<T, V>(p.x, fx);
+            unpack_raw<T, V>(p.dy, fg);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              const float xh = (fx[j] - mu[j]) * rs[j];
+              const float g = act_grad(fg[j], fmaf(xh, w[j], b[j]), silu);
+              if constexpr (DX) {
+                fx[j] = rs[j] * (w[j] * g - k1[j] - xh * k2[j]);
+              } else {
+                A[j] += g;
+                D[j] = fmaf(g, xh, D[j]);
+              }
+            }
+            if constexpr (DX) st_raw<T, V, true>(dx + off + r * C, pack_raw<T, V>(fx));
+          });
+      if constexpr (!DX) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          red_a[ty * TXV + tx * V + j] = A[j];
+          red_b[ty * TXV + tx * V + j] = D[j];
+        }
+      }
+    }
+    if constexpr (!DX) {
+      __syncthreads();
+      const int width = static_cast<int>(min64(TX, CV - cv0)) * V;
+      for (int ch = tid; ch < width; ch += nt) {
+        float a = 0.f, d = 0.f;
+        for (int t = 0; t < TY; ++t) {
+          a += red_a[t * TXV + ch];
+          d += red_b[t * TXV + ch];
+        }
+        part[(n * splits + split) * C + cv0 * V + ch] = make_float2(a, d);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// B2: blocks [0, N*G): one block per (n, g) -> k1, k2; then one warp per channel c -> grad_weight,
+// grad_bias (only when affine_grads).
+__global__ void __launch_bounds__(kThreads)
+    gn_bwd_reduce(const float2* __restrict__ part, const void* __restrict__ weight, int wdtype,
+                  float2* __restrict__ k12, float* __restrict__ grad_weight,
+                  float* __restrict__ grad_bias, int64_t N, int64_t C, FastDiv Gd, FastDiv Kd,
+                  int splits, double inv_m, bool affine_grads) {
+  __shared__ double scratch[64];
+  const int64_t G = Gd.value(), K = Kd.value();
+  const int64_t NG = N * G;
+  const int64_t bid = blockIdx.x;
+  if (bid < NG) {  // whole blocks: the block reduction below synchronises
+    const int64_t n = Gd.div(bid), g = bid - n * G;
+    const int64_t items = K * splits;  // (split, channel of the group), channel fastest
+    double a = 0.0, d = 0.0;
+    for (int64_t i = threadIdx.x; i < items; i += blockDim.x) {
+      const int64_t sp = Kd.div(i), c = g * K + (i - sp * K);
+      const float2 p = part[(n * splits + sp) * C + c];
+      const double wc = weight != nullptr ? static_cast<double>(load_any(weight, wdtype, c)) : 1.0;
+      a += wc * p.x;
+      d += wc * p.y;
+    }
+    block_sum2(a, d, scratch);
+    if (threadIdx.x == 0) {
+      k12[bid] = make_float2(static_cast<float>(a * inv_m), static_cast<float>(d * inv_m));
+    }
+    return;
+  }
+  if (!affine_grads) return;
+  const int64_t c = (bid - NG) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (c >= C) return;  // whole warps
+  const int64_t items = N * splits;  // part[i*C + c], i = n*splits + split
+  double a = 0.0, d = 0.0;
+  for (int64_t i = lane; i < items; i += 32) {
+    const float2 p = part[i * C + c];
+    a += p.x;
+    d += p.y;
+  }
+  a = warp_sum(a);
+  d = warp_sum(d);
+  if (lane == 0) {
+    grad_bias[c] = static_cast<float>(a);
+    grad_weight[c] = static_cast<float>(d);
+  }
+}
+
+// ---- host side ----------------------------------------------------------------------------------
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+constexpr int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+constexpr size_t align256(size_t b) { return (b + 255) & ~static_cast<size_t>(255); }
+
+int elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+int64_t target_blocks(int num_sms) {
+  return static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * kBlocksPerSm;
+}
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool same_misalignment(const void* a, const void* b) {
+  return reinterpret_cast<uintptr_t>(a) % 16 == reinterpret_cast<uintptr_t>(b) % 16;
+}
+
+bool valid_shape(const Shape& s) {
+  return s.N > 0 && s.C > 0 && s.S > 0 && s.G > 0 && s.C % s.G == 0;
+}
+
+// NSC tiling: TX threads along C (vectors of V channels), TY along rows, TX*TY <= kThreads.
+struct NscTile {
+  int TX = 1, TY = 1, threads = 32;
+};
+NscTile nsc_tile(int64_t C, int V) {
+  NscTile t;
+  const int64_t CV = C / V;
+  if (CV <= kThreads) {
+    t.TX = static_cast<int>(CV);
+    t.TY = static_cast<int>(kThreads / CV);
+  } else {
+    t.TX = static_cast<int>(ceil_div(CV, ceil_div(CV, kThreads)));
+    t.TY = 1;
+  }
+  t.threads = static_cast<int>(round_up(static_cast<int64_t>(t.TX) * t.TY, 32));
+  return t;
+}
+
+// NSC: split each sample's S rows into `splits` ranges of `rows` rows.
+struct RowSplit {
+  int64_t rows = 1, splits = 1;
+};
+RowSplit nsc_rows(const Shape& s, int64_t target) {
+  RowSplit r;
+  const int64_t min_rows = ceil_div(kMinBlockElemsNsc, s.C);
+  r.splits = clamp64(ceil_div(target, s.N), 1, max64(1, ceil_div(s.S, min_rows)));
+  r.rows = ceil_div(s.S, r.splits);
+  r.splits = ceil_div(s.S, r.rows);
+  return r;
+}
+
+struct FwdPlan {
+  enum Mode { kFused, kSplit, kNsc } mode = kFused;
+  int64_t M = 0, splits = 1, chunk = 0, rows = 0;
+  int threads = kThreads;
+  size_t smem = 0, lo_off = 0, bytes = 0;
+};
+
+FwdPlan plan_fwd(const FwdParams& p) {
+  const Shape& s = p.shape;
+  const int64_t es = elem_size(p.dtype), V = 16 / es, NG = s.N * s.G;
+  FwdPlan pl;
+  pl.M = (s.C / s.G) * s.S;
+  if (!s.channels_last) {
+    if ((pl.M + V) * es <= kFusedMaxBytes) {
+      pl.mode = FwdPlan::kFused;
+      pl.threads = static_cast<int>(clamp64(round_up(ceil_div(ceil_div(pl.M, V), 2), 32), 32, kFusedMaxThreads));
+      pl.smem = static_cast<size_t>(round_up((pl.M + V) * es, 16));
+    } else {
+      pl.mode = FwdPlan::kSplit;
+      const int64_t min_chunk = kThreads * V * 2;
+      pl.splits = clamp64(ceil_div(target_blocks(p.num_sms), NG), 1, kMaxSplitsNcs);
+      pl.splits = clamp64(pl.splits, 1, max64(1, ceil_div(pl.M, min_chunk)));
+      pl.chunk = round_up(ceil_div(pl.M, pl.splits), V);
+      pl.splits = ceil_div(pl.M, pl.chunk);
+      pl.bytes = static_cast<size_t>(NG * pl.splits) * sizeof(float2);
+    }
+  } else {
+    pl.mode = FwdPlan::kNsc;
+    const RowSplit r = nsc_rows(s, target_blocks(p.num_sms));
+    pl.rows = r.rows;
+    pl.splits = r.splits;
+    pl.lo_off = align256(static_cast<size_t>(NG * pl.splits) * sizeof(float2));
+    pl.bytes = pl.lo_off + static_cast<size_t>(NG) * sizeof(float);
+  }
+  return pl;
+}
+
+struct BwdPlan {
+  bool warp_rows = false;
+  int64_t splits = 1, chunk = 0, rows = 0, blocks = 0;
+  size_t k_off = 0, bytes = 0;
+};
+
+BwdPlan plan_bwd(const BwdParams& p) {
+  const Shape& s = p.shape;
+  const int64_t es = elem_size(p.dtype), V = 16 / es, NC = s.N * s.C;
+  BwdPlan pl;
+  if (!s.channels_last) {
+    if (s.S <= kWarpRowsMaxS) {
+      pl.warp_rows = true;
+      pl.blocks = ceil_div(NC, kWarps);
+    } else {
+      const int64_t min_chunk = kThreads * V * 2;
+      pl.splits = clamp64(ceil_div(target_blocks(p.num_sms), NC), 1, max64(1, ceil_div(s.S, min_chunk)));
+      pl.chunk = round_up(ceil_div(s.S, pl.splits), V);
+      pl.splits = ceil_div(s.S, pl.chunk);
+      pl.blocks = NC * pl.splits;
+    }
+  } else {
+    // Fewer, longer blocks than the forward: the per-channel partials (C per block) are workspace
+    // traffic, and the vector kernel holds ~128 registers (2 blocks per SM).
+    const RowSplit r = nsc_rows(s, static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 132) * kBlocksPerSmNscBwd);
+    pl.rows = r.rows;
+    pl.splits = r.splits;
+    pl.blocks = s.N * pl.splits;
+  }
+  pl.k_off = align256(static_cast<size_t>(NC * pl.splits) * sizeof(float2));
+  pl.bytes = pl.k_off + static_cast<size_t>(s.N * s.G) * sizeof(float2);
+  return pl;
+}
+
+template <typename T, int V>
+cudaError_t fwd_nsc(const FwdParams& p, const FwdPlan& pl, cudaStream_t stream) {
+  const Shape& s = p.shape;
+  const int64_t K = s.C / s.G, NG = s.N * s.G;
+  const NscTile t = nsc_tile(s.C, V);
+  const int64_t blocks = s.N * pl.splits;
+  const int64_t fin_blocks = ceil_div(NG, kWarps);
+  if (blocks > INT_MAX || fin_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  const T* x = static_cast<const T*>(p.x);
+  float2* part = static_cast<float2*>(p.workspace);
+  float* mlo = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + pl.lo_off);
+  const Affine aff{p.weight, p.bias, p.wdtype == DType::kFloat32};
+  gn_fwd_nsc_stats<T, V><<<static_cast<unsigned>(blocks), t.threads, 0, stream>>>(
+      x, part, s.S, s.C, FastDiv(K), s.G, pl.rows, static_cast<int>(pl.splits), t.TX, t.TY);
+  GENEXT_LAUNCH_CHECK();
+  gn_fwd_finalize<<<static_cast<unsigned>(fin_blocks), kThreads, 0, stream>>>(
+      p.x, static_cast<int>(p.dtype), part, p.mean, mlo, p.rstd, NG, FastDiv(s.G), K, s.S, s.C,
+      static_cast<int>(pl.splits), 1.0 / static_cast<double>(pl.M), p.eps);
+  GENEXT_LAUNCH_CHECK();
+  gn_fwd_nsc_norm<T, V><<<static_cast<unsigned>(blocks), t.threads, 0, stream>>>(
+      x, static_cast<T*>(p.y), p.mean, mlo, p.rstd, aff, s.S, s.C, FastDiv(K), s.G, pl.rows,
+      static_cast<int>(pl.splits), t.TX, t.TY, p.silu);
+  GENEXT_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t fwd_impl(const FwdParams& p, cudaStream_t stream) {
+  const Shape& s = p.shape;
+  const FwdPlan pl = plan_fwd(p);
+  if (pl.bytes > 0 && p.workspace == nullptr) return cudaErrorInvalidValue;
+  const int64_t K = s.C / s.G, NG = s.N * s.G;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const Affine aff{p.weight, p.bias, p.wdtype == DType::kFloat32};
+  switch (pl.mode) {
+    case FwdPlan::kFused: {
+      if (NG > INT_MAX) return cudaErrorInvalidConfiguration;
+      gn_fwd_fused<T><<<static_cast<unsigned>(NG), pl.threads, pl.smem, stream>>>(
+          x, y, p.mean, p.rstd, aff, static_cast<int>(s.S), static_cast<int>(K),
+          static_cast<int>(s.G), static_cast<int>(pl.M), 1.0 / static_cast<double>(pl.M), p.eps,
+          p.silu, same_misalignment(x, y));
+      GENEXT_LAUNCH_CHECK();
+      return cudaSuccess;
+    }
+    case FwdPlan::kSplit: {
+      const int64_t blocks = NG * pl.splits;
+      if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+      const bool vec = same_misalignment(x, y);
+      float2* part = static_cast<float2*>(p.workspace);
+      gn_fwd_ncs_stats<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          x, part, pl.M, pl.chunk, static_cast<int>(pl.splits), vec);
+      GENEXT_LAUNCH_CHECK();
+      gn_fwd_ncs_norm<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          x, y, part, p.mean, p.rstd, aff, FastDiv(s.S), K, FastDiv(s.G), pl.M, pl.chunk,
+          static_cast<int>(pl.splits), 1.0 / static_cast<double>(pl.M), p.eps, p.silu, vec);
+      GENEXT_LAUNCH_CHECK();
+      return cudaSuccess;
+    }
+    case FwdPlan::kNsc: {
+      const bool vec = s.C % kVec<T> == 0 && aligned16(x) && aligned16(y);
+      return vec ? fwd_nsc<T, kVec<T>>(p, pl, stream) : fwd_nsc<T, 1>(p, pl, stream);
+    }
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int V>
+cudaError_t bwd_nsc(const BwdParams& p, const BwdPlan& pl, float2* part, float2* k12,
+                    cudaStream_t stream) {
+  const Shape& s = p.shape;
+  const int64_t K = s.C / s.G;
+  const NscTile t = nsc_tile(s.C, V);
+  const Affine aff{p.weight, p.bias, p.wdtype == DType::kFloat32};
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.grad_y);
+  T* dx = static_cast<T*>(p.grad_x);
+  const bool affine_grads = p.weight != nullptr && p.grad_weight != nullptr && p.grad_bias != nullptr;
+  const int64_t red_blocks = s.N * s.G + (affine_grads ? ceil_div(s.C, kWarps) : 0);
+  if (pl.blocks > INT_MAX || red_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  const int splits = static_cast<int>(pl.splits);
+  gn_bwd_nsc<T, V, false><<<static_cast<unsigned>(pl.blocks), t.threads, 0, stream>>>(
+      dy, x, dx, p.mean, p.rstd, aff, k12, part, s.S, s.C, FastDiv(K), s.G, pl.rows, splits, t.TX,
+      t.TY, p.silu);
+  GENEXT_LAUNCH_CHECK();
+  gn_bwd_reduce<<<static_cast<unsigned>(red_blocks), kThreads, 0, stream>>>(
+      part, p.weight, static_cast<int>(p.wdtype), k12, p.grad_weight, p.grad_bias, s.N, s.C,
+      FastDiv(s.G), FastDiv(K), splits, 1.0 / static_cast<double>(K * s.S), affine_grads);
+  GENEXT_LAUNCH_CHECK();
+  gn_bwd_nsc<T, V, true><<<static_cast<unsigned>(pl.blocks), t.threads, 0, stream>>>(
+      dy, x, dx, p.mean, p.rstd, aff, k12, part, s.S, s.C, FastDiv(K), s.G, pl.rows, splits, t.TX,
+      t.TY, p.silu);
+  GENEXT_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t bwd_impl(const BwdParams& p, cudaStream_t stream) {
+  const Shape& s = p.shape;
+  const BwdPlan pl = plan_bwd(p);
+  if (p.workspace == nullptr) return cudaErrorInvalidValue;
+  float2* part = static_cast<float2*>(p.workspace);
+  float2* k12 = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) + pl.k_off);
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.grad_y);
+  T* dx = static_cast<T*>(p.grad_x);
+  if (s.channels_last) {
+    const bool vec = s.C % kVec<T> == 0 && aligned16(x) && aligned16(dy) && aligned16(dx);
+    return vec ? bwd_nsc<T, kVec<T>>(p, pl, part, k12, stream)
+               : bwd_nsc<T, 1>(p, pl, part, k12, stream);
+  }
+  const int64_t K = s.C / s.G;
+  const Affine aff{p.weight, p.bias, p.wdtype == DType::kFloat32};
+  const bool vec = same_misalignment(x, dy) && same_misalignment(x, dx);
+  const bool affine_grads = p.weight != nullptr && p.grad_weight != nullptr && p.grad_bias != nullptr;
+  const int64_t red_blocks = s.N * s.G + (affine_grads ? ceil_div(s.C, kWarps) : 0);
+  if (pl.blocks > INT_MAX || red_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  const int splits = static_cast<int>(pl.splits);
+  gn_bwd_ncs<T, false><<<static_cast<unsigned>(pl.blocks), kThreads, 0, stream>>>(
+      dy, x, dx, p.mean, p.rstd, aff, k12, part, s.N, FastDiv(s.C), s.S, FastDiv(K), s.G, pl.chunk,
+      splits, pl.warp_rows, p.silu, vec);
+  GENEXT_LAUNCH_CHECK();
+  gn_bwd_reduce<<<static_cast<unsigned>(red_blocks), kThreads, 0, stream>>>(
+      part, p.weight, static_cast<int>(p.wdtype), k12, p.grad_weight, p.grad_bias, s.N, s.C,
+      FastDiv(s.G), FastDiv(K), splits, 1.0 / static_cast<double>(K * s.S), affine_grads);
+  GENEXT_LAUNCH_CHECK();
+  gn_bwd_ncs<T, true><<<static_cast<unsigned>(pl.blocks), kThreads, 0, stream>>>(
+      dy, x, dx, p.mean, p.rstd, aff, k12, part, s.N, FastDiv(s.C), s.S, FastDiv(K), s.G, pl.chunk,
+      splits, pl.warp_rows, p.silu, vec);
+  GENEXT_LAUNCH_CHECK();
+  return cudaSuccess;
+}
+
+}  // namespace
+
+size_t fwd_workspace_bytes(const FwdParams& p) {
+  if (!valid_shape(p.shape)) return 0;
+  return plan_fwd(p).bytes;
+}
+
+size_t bwd_workspace_bytes(const BwdParams& p) {
+  if (!valid_shape(p.shape)) return 0;
+  return plan_bwd(p).bytes;
+}
+
+cudaError_t group_norm_silu_fwd(const FwdParams& p, cudaStream_t stream) {
+  if (!valid_shape(p.shape) || p.x == nullptr || p.y == nullptr || p.mean == nullptr ||
+      p.rstd == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  switch (p.dtype) {
+    case DType::kFloat32: return fwd_impl<float>(p, stream);
+    case DType::kFloat16: return fwd_impl<__half>(p, stream);
+    case DType::kBFloat16: return fwd_impl<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t group_norm_silu_bwd(const BwdParams& p, cudaStream_t stream) {
+  if (!valid_shape(p.shape) || p.x == nullptr || p.grad_y == nullptr || p.grad_x == nullptr ||
+      p.mean == nullptr || p.rstd == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  switch (p.dtype) {
+    case DType::kFloat32: return bwd_impl<float>(p, stream);
+    case DType::kFloat16: return bwd_impl<__half>(p, stream);
+    case DType::kBFloat16: return bwd_impl<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace genext::gn
