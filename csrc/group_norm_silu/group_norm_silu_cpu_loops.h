@@ -115,7 +115,7 @@ struct Bcast {
 };
 template <class T>
 struct Arr {
-  const T* p;
+  const T* __restrict__ p;
   GN_INLINE T operator[](int64_t i) const { return p[i]; }
 };
 
@@ -150,8 +150,8 @@ GN_INLINE void sums_run(const T* x, int64_t n, T shift, double* s1, double* s2) 
 
 // Column sums of (x - shift[c]) and its square over `rows` rows of C values; s1/s2 are (C,).
 template <class T>
-GN_INLINE void sums_cols(const T* x, int64_t rows, int64_t C, const T* shift, T* acc1, T* acc2,
-                         double* s1, double* s2) {
+GN_INLINE void sums_cols(const T* __restrict__ x, int64_t rows, int64_t C, const T* __restrict__ shift, T* __restrict__ acc1, T* __restrict__ acc2,
+                         double* __restrict__ s1, double* __restrict__ s2) {
   for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 8) {
     const int64_t r1 = std::min(rows, r0 + kFlush / 8);
     std::fill(acc1, acc1 + C, T(0));
@@ -170,15 +170,15 @@ GN_INLINE void sums_cols(const T* x, int64_t rows, int64_t C, const T* shift, T*
 
 // y = act((x - m) * a + b)
 template <bool kSilu, class T, class P>
-GN_INLINE void fwd_loop(const T* x, T* y, int64_t n, P m, P a, P b) {
+GN_INLINE void fwd_loop(const T* __restrict__ x, T* __restrict__ y, int64_t n, P m, P a, P b) {
   for (int64_t i = 0; i < n; ++i) y[i] = act<kSilu>((x[i] - m[i]) * a[i] + b[i]);
 }
 
 // Backward sums over a contiguous run: A += sum(g), D += sum(g * xhat), with
 // xhat = (x - m) * rs, z = xhat * w + b, g = dy * act'(z).
 template <bool kSilu, class T>
-GN_INLINE void bwd_sums_run(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b, double* A,
-                            double* D) {
+GN_INLINE void bwd_sums_run(const T* __restrict__ x, const T* __restrict__ dy, int64_t n, T m, T rs, T w, T b, double* __restrict__ A,
+                            double* __restrict__ D) {
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
     const f32x16 vm = splat<f32x16>(m), vrs = splat<f32x16>(rs), vw = splat<f32x16>(w),
@@ -206,9 +206,9 @@ GN_INLINE void bwd_sums_run(const T* x, const T* dy, int64_t n, T m, T rs, T w, 
 
 // Column version of bwd_sums_run for NSC rows; parameters are (C,) arrays; A/D are (C,).
 template <bool kSilu, class T>
-GN_INLINE void bwd_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, const T* m,
-                             const T* rs, const T* w, const T* b, T* acc1, T* acc2, double* A,
-                             double* D) {
+GN_INLINE void bwd_sums_cols(const T* __restrict__ x, const T* __restrict__ dy, int64_t rows, int64_t C, const T* __restrict__ m,
+                             const T* __restrict__ rs, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ acc1, T* __restrict__ acc2, double* __restrict__ A,
+                             double* __restrict__ D) {
   for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 8) {
     const int64_t r1 = std::min(rows, r0 + kFlush / 8);
     std::fill(acc1, acc1 + C, T(0));
@@ -229,7 +229,7 @@ GN_INLINE void bwd_sums_cols(const T* x, const T* dy, int64_t rows, int64_t C, c
 
 // dx = rs * (w * g - k1 - xhat * k2)
 template <bool kSilu, class T, class P>
-GN_INLINE void bwd_dx_loop(const T* x, const T* dy, T* dx, int64_t n, P m, P rs, P w, P b, P k1,
+GN_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, int64_t n, P m, P rs, P w, P b, P k1,
                            P k2) {
   for (int64_t i = 0; i < n; ++i) {
     const T xh = (x[i] - m[i]) * rs[i];
