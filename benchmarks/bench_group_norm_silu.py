@@ -3,7 +3,7 @@
     pytest benchmarks/bench_group_norm_silu.py --benchmark-columns=median,ops
 
 Cases come from genext.bench (the shapes the targets are set for); GB/s is stored in each
-result's extra_info (fwd: read x + write y; bwd: read x and grad_y, write grad_x).
+result's extra_info (fwd: read x + write y; bwd: read x and grad_y, write grad_x; fwd+bwd: both).
 """
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ def _sync():
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd", "fwd+bwd"])
 def test_group_norm_silu(benchmark, case, impl, direction):
     ok, note = gn_check(case, DTYPE, DEVICE)
     assert ok, note
     fn = IMPLS[impl]
     size = torch.Size(case.shape).numel() * torch.tensor([], dtype=DTYPE).element_size()
     n = copies_for_l2(size, DEVICE)
-    sets = gn_inputs(case, DTYPE, DEVICE, copies=n, grad=direction == "bwd")
+    sets = gn_inputs(case, DTYPE, DEVICE, copies=n, grad=direction != "fwd")
     counter = iter(range(1 << 62))
     if direction == "fwd":
         def call():
@@ -41,6 +41,12 @@ def test_group_norm_silu(benchmark, case, impl, direction):
             fn(x, case.groups, w, b)
             _sync()
         nbytes = 2 * size
+    elif direction == "fwd+bwd":
+        def call():
+            x, w, b, gy = sets[next(counter) % n]
+            torch.autograd.grad(fn(x, case.groups, w, b), (x, w, b), gy)
+            _sync()
+        nbytes = 5 * size
     else:
         outs = [fn(x, case.groups, w, b) for x, w, b, _ in sets]
 

@@ -148,7 +148,7 @@ class Row:
     op: str
     case: str
     dtype: str
-    direction: str  # fwd, bwd
+    direction: str  # fwd, bwd (alone, over a retained graph), f+b
     impl: str
     ms: float
     gbps: float
@@ -192,6 +192,16 @@ def bench_group_norm_silu(device: str, dtype: torch.dtype, quick: bool, compile_
             t = time_fn(bwd, device, warmup, reps)
             bps = 3 * size / t
             rows.append(Row("group_norm_silu", case.name, str(dtype)[6:], "bwd", name, t * 1e3,
+                            bps / 1e9, 100 * bps / copy_bps))
+
+            # forward + backward, as a training step runs them (5 tensor passes at the floor)
+            def fwd_bwd(i, gsets=gsets):
+                x, w, b, gy = gsets[i % n]
+                torch.autograd.grad(fn(x, case.groups, w, b), (x, w, b), gy)
+
+            t = time_fn(fwd_bwd, device, warmup, reps)
+            bps = 5 * size / t
+            rows.append(Row("group_norm_silu", case.name, str(dtype)[6:], "f+b", name, t * 1e3,
                             bps / 1e9, 100 * bps / copy_bps))
             del outs, gsets, sets
     return rows, all_ok
