@@ -195,9 +195,14 @@ def test_gradcheck_float64_cpu(channels_last, affine, activation):
 # ---- torch.library / torch.compile ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(device, channels_last):
-    x = make_input((2, 8, 5, 6), torch.float32, device, channels_last).requires_grad_()
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
+def test_opcheck(device, layout):
+    # "permuted": neither layout, so the kernels copy x and return contiguous outputs; the fake
+    # kernel must report the same strides
+    x = make_input((2, 8, 5, 6), torch.float32, device, layout == "channels_last")
+    if layout == "permuted":
+        x = x.permute(0, 1, 3, 2)
+    x.requires_grad_()
     w, b = make_affine(8, torch.float32, device)
     w.requires_grad_(), b.requires_grad_()
     torch.library.opcheck(torch.ops.genext.group_norm_silu.default, (x, 4, w, b, 1e-5, True))
@@ -209,6 +214,13 @@ def test_opcheck(device, channels_last):
                           (gy, x.detach(), mean, rstd, w.detach(), b.detach(), 4, True))
     torch.library.opcheck(torch.ops.genext.group_norm_silu_backward.default,
                           (gy, x.detach(), mean, rstd, None, None, 4, False))
+
+
+def test_torch_compile_strided_input(device):
+    # a permuted input goes through the copy path; compiled and eager strides must agree
+    x = make_input((2, 8, 6, 10), torch.float32, device).permute(0, 1, 3, 2)
+    f = torch.compile(lambda t: group_norm_silu(t, 4) * 2, fullgraph=True)
+    assert rel_err(f(x), reference.group_norm_silu(x.double(), 4) * 2) < FP32_TOL
 
 
 def test_torch_compile_fullgraph(device):

@@ -45,6 +45,20 @@ def group_norm_silu(
     return y
 
 
+def _kernel_layout_empty(x: Tensor) -> Tensor:
+    """An empty tensor laid out as the kernels write outputs: like x when x is contiguous or
+    channels-last (``(N, L, C)`` storage for rank 3), else contiguous (x is copied to that)."""
+    if x.is_contiguous():
+        return torch.empty_like(x)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(x)
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.empty_like(x)
+    if x.dim() == 3 and x.transpose(1, 2).is_contiguous():
+        return torch.empty_like(x)
+    return x.new_empty(x.shape)
+
+
 def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -55,14 +69,14 @@ def _fake(x, num_groups, weight, bias, eps, silu):
     torch._check(num_groups > 0 and x.shape[1] % num_groups == 0,
                  lambda: f"group_norm_silu: channels ({x.shape[1]}) must be divisible by num_groups ({num_groups})")
     n = x.shape[0]
-    y = torch.empty_like(x)
+    y = _kernel_layout_empty(x)
     stats = x.new_empty((n, num_groups), dtype=_stats_dtype(x))
     return y, stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("genext::group_norm_silu_backward")
 def _fake_backward(grad_y, x, mean, rstd, weight, bias, num_groups, silu):
-    dx = torch.empty_like(x)
+    dx = _kernel_layout_empty(x)
     if weight is None:
         none = x.new_empty((0,))
         return dx, none, none.clone()
