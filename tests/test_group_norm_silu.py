@@ -108,6 +108,22 @@ def test_large_mean_does_not_cancel(device):
     assert rel_err(mean, xg.mean(2)) < 1e-7
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,groups", [((1, 8, 30000), 1), ((2, 64, 40, 40), 32)])
+def test_outlier_first_element_does_not_cancel(device, shape, groups, channels_last):
+    # statistics shifted by a group's first value must survive that value being an outlier:
+    # data at 100 +- 1 with the first element of every group set to 0
+    x = make_input(shape, torch.float32, device, offset=100.0, scale=1.0)
+    x.view(shape[0], groups, -1)[:, :, 0] = 0.0
+    if channels_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2) if x.dim() == 3 else \
+            x.to(memory_format=torch.channels_last)
+    y, mean, rstd = torch.ops.genext.group_norm_silu(x, groups, None, None, 1e-5, True)
+    xg = x.double().reshape(shape[0], groups, -1)
+    assert rel_err(rstd, (xg.var(2, unbiased=False) + 1e-5).rsqrt()) < FP32_TOL
+    assert rel_err(y, reference.group_norm_silu(x.double(), groups)) < FP32_TOL
+
+
 def test_statistics_outputs(device):
     x = make_input((3, 12, 7, 5), torch.float32, device)
     y, mean, rstd = torch.ops.genext.group_norm_silu(x, 6, None, None, 1e-3, False)

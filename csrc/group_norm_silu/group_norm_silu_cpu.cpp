@@ -8,7 +8,8 @@
 //
 // Arithmetic: float32 for float32/float16/bfloat16 (16-bit data is widened chunk by chunk),
 // float64 for float64; sums are carried in float lanes over short runs and added into doubles.
-// Variance uses sums shifted by the group's first value, so a large mean does not cancel.
+// Variance uses sums shifted by the group's first value, so a large mean does not cancel; when that
+// value is far from the mean (an outlier), the sums are taken again around the estimated mean.
 // The inner loops live in group_norm_silu_cpu_loops.h; this file splits the work over threads,
 // widens 16-bit data, and registers the kernels.
 #include <ATen/Parallel.h>
@@ -101,6 +102,14 @@ inline void finish_stats(double s1, double s2, T shift, int64_t count, double ep
   *rstd = T(1.0 / std::sqrt(var + eps));
 }
 
+// Sums shifted by a value far from the mean (an outlier first element) lose the variance to
+// cancellation: var = s2/M - mu^2 with mu^2 >> var. Then the sums are taken again around the
+// estimated mean (one more pass over the group, only in that case).
+inline bool needs_recentring(double s1, double s2, int64_t count) {
+  const double mu = s1 / double(count), var = s2 / double(count) - mu * mu;
+  return mu * mu > 4.0 * var && mu != 0.0;
+}
+
 // ---- forward -----------------------------------------------------------------------------------
 
 template <class S, class T>
@@ -112,12 +121,20 @@ void forward_ncs(const Dims& d, const S* x, S* y, T* mean, T* rstd, const T* w, 
       const int64_t n = ng / d.G, g = ng % d.G;
       const S* xg = x + (n * d.C + g * d.Cg) * d.S;
       S* yg = y + (n * d.C + g * d.Cg) * d.S;
-      const T shift = T(xg[0]);
+      T shift = T(xg[0]);
       double s1 = 0, s2 = 0;
-      over_chunks<S, T>(xg, nullptr, nullptr, d.M, buf,
-                        [&](const T* xs, const T*, T*, int64_t, int64_t len) {
-                          sums_run_k(xs, len, shift, &s1, &s2);
-                        });
+      auto sums = [&] {
+        s1 = s2 = 0;
+        over_chunks<S, T>(xg, nullptr, nullptr, d.M, buf,
+                          [&](const T* xs, const T*, T*, int64_t, int64_t len) {
+                            sums_run_k(xs, len, shift, &s1, &s2);
+                          });
+      };
+      sums();
+      if (needs_recentring(s1, s2, d.M)) {
+        shift = T(double(shift) + s1 / double(d.M));
+        sums();
+      }
       finish_stats(s1, s2, shift, d.M, eps, &mean[ng], &rstd[ng]);
       const T m = mean[ng], rs = rstd[ng];
       for (int64_t ci = 0; ci < d.Cg; ++ci) {  // the group is still in cache
@@ -136,32 +153,56 @@ template <class S, class T>
 void forward_nsc(const Dims& d, const S* x, S* y, T* mean, T* rstd, const T* w, const T* b,
                  double eps, bool silu) {
   const int64_t rpt = rows_per_task(d), R = (d.S + rpt - 1) / rpt;
-  std::vector<T> shift(d.N * d.C);
+  std::vector<T> shift(d.N * d.C);  // per channel: its group's shift
   for (int64_t n = 0; n < d.N; ++n)
     for (int64_t c = 0; c < d.C; ++c) shift[n * d.C + c] = T(x[n * d.S * d.C + c / d.Cg * d.Cg]);
-  std::vector<double> part(d.N * R * 2 * d.C, 0.0);
-  at::parallel_for(0, d.N * R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(2 * d.C), buf;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / R, r0 = (t % R) * rpt, r1 = std::min(d.S, r0 + rpt);
-      double* s1 = &part[t * 2 * d.C];
-      over_rows<S, T>(x + (n * d.S + r0) * d.C, nullptr, r1 - r0, d.C, buf,
-                      [&](const T* xs, const T*, int64_t nr) {
-                        sums_cols_k(xs, nr, d.C, &shift[n * d.C], acc.data(), acc.data() + d.C, s1,
-                                    s1 + d.C);
-                      });
+  std::vector<double> part(d.N * R * 2 * d.C);
+  // Column sums per (sample, chunk of rows) task, for the samples marked in `todo`.
+  auto column_sums = [&](const std::vector<char>& todo) {
+    at::parallel_for(0, d.N * R, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> acc(2 * d.C), buf;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / R, r0 = (t % R) * rpt, r1 = std::min(d.S, r0 + rpt);
+        if (!todo[n]) continue;
+        double* s1 = &part[t * 2 * d.C];
+        std::fill(s1, s1 + 2 * d.C, 0.0);
+        over_rows<S, T>(x + (n * d.S + r0) * d.C, nullptr, r1 - r0, d.C, buf,
+                        [&](const T* xs, const T*, int64_t nr) {
+                          sums_cols_k(xs, nr, d.C, &shift[n * d.C], acc.data(), acc.data() + d.C,
+                                      s1, s1 + d.C);
+                        });
+      }
+    });
+  };
+  auto group_sums = [&](int64_t n, int64_t g, double* s1, double* s2) {
+    *s1 = *s2 = 0;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = g * d.Cg; c < (g + 1) * d.Cg; ++c) {
+        *s1 += part[(n * R + r) * 2 * d.C + c];
+        *s2 += part[(n * R + r) * 2 * d.C + d.C + c];
+      }
+  };
+  std::vector<char> todo(d.N, 1);
+  column_sums(todo);
+  bool again = false;  // re-centre the groups whose shift was far from their mean
+  for (int64_t n = 0; n < d.N; ++n) {
+    todo[n] = 0;
+    for (int64_t g = 0; g < d.G; ++g) {
+      double s1, s2;
+      group_sums(n, g, &s1, &s2);
+      if (!needs_recentring(s1, s2, d.M)) continue;
+      const T centre = T(double(shift[n * d.C + g * d.Cg]) + s1 / double(d.M));
+      std::fill(&shift[n * d.C + g * d.Cg], &shift[n * d.C + (g + 1) * d.Cg], centre);
+      todo[n] = 1, again = true;
     }
-  });
+  }
+  if (again) column_sums(todo);
   // per-(n, c) coefficients for the row loop: z = (x - m) * a + b
   std::vector<T> mc(d.N * d.C), ac(d.N * d.C), bc(d.N * d.C);
   for (int64_t n = 0; n < d.N; ++n)
     for (int64_t g = 0; g < d.G; ++g) {
-      double s1 = 0, s2 = 0;
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t c = g * d.Cg; c < (g + 1) * d.Cg; ++c) {
-          s1 += part[(n * R + r) * 2 * d.C + c];
-          s2 += part[(n * R + r) * 2 * d.C + d.C + c];
-        }
+      double s1, s2;
+      group_sums(n, g, &s1, &s2);
       const int64_t ng = n * d.G + g;
       finish_stats(s1, s2, shift[n * d.C + g * d.Cg], d.M, eps, &mean[ng], &rstd[ng]);
       for (int64_t c = g * d.Cg; c < (g + 1) * d.Cg; ++c) {
