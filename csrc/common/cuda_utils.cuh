@@ -1,6 +1,6 @@
-// Small device helpers shared by genext's CUDA kernels: a CUDA-check macro, warp/block sums,
-// fp32/fp16/bf16 conversions, 16-byte vector loads/stores (4 floats or 8 halfs) and a loop that
-// issues several independent loads before using them. No torch header.
+// Small device helpers shared by genext's CUDA kernels: a CUDA-check macro, warp/block sums, a
+// Welford step, fp32/fp16/bf16 conversions, 16-byte vector loads/stores (4 floats or 8 halfs) and a
+// loop that issues several independent loads before using them. No torch header.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -77,6 +77,30 @@ __device__ __forceinline__ void block_sum2(T& a, T& b, T* scratch) {
   b = lane < nwarps ? scratch[32 + lane] : T(0);
   a = warp_sum(a);
   b = warp_sum(b);
+}
+
+// ---- running statistics -------------------------------------------------------------------------
+
+// 1/x from one approximate-reciprocal instruction (rcp.approx, within 1 ulp; same bits every
+// run) on the GPU; the exact quotient elsewhere. For Welford weights 1/k, where 1 ulp does not
+// matter.
+__device__ __forceinline__ float rcp_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#else
+  return 1.f / x;
+#endif
+}
+
+// One Welford step (Welford 1962): d is the new element minus a fixed shift, w = 1/k with k the
+// count including it; m is the running mean of the shifted elements and q their sum of squared
+// deviations from it (M2). No cancellation: q only grows, by (d - m_old) * (d - m_new) >= 0.
+__device__ __forceinline__ void welford_step(float d, float w, float& m, float& q) {
+  const float e = d - m;
+  m = fmaf(e, w, m);
+  q = fmaf(e, d - m, q);
 }
 
 // ---- conversions --------------------------------------------------------------------------------

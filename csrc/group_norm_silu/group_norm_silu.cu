@@ -1,9 +1,12 @@
 // GroupNorm (+ optional fused SiLU) forward and backward: CUDA kernels and their launchers.
 // No torch header: pointers, sizes and a stream in, a cudaError_t out (group_norm_silu.h).
-// All statistics and arithmetic in fp32 (partials combined in double); x/y fp32, fp16 or bf16.
-// Numerics: split partials are sums of (x - x0) and (x - x0)^2 with x0 the group's first element
-// (no E[x^2] - mean^2 cancellation for data with a large mean); the mean is carried as a hi + lo
-// float pair inside the forward so (x - hi) - lo loses nothing to the mean's fp32 rounding.
+// All per-element arithmetic in fp32 (partials combined in double); x/y fp32, fp16 or bf16.
+// Numerics: the fused path is an exact two-pass (mean, then centred sum of squares) in shared
+// memory. The split and NSC statistics are Welford recurrences per thread (per vector slot or per
+// channel), each on x minus its own first element, merged into (mean, M2) "moments" in double and
+// combined with Chan et al.'s formula; no step subtracts two large sums, so the result does not
+// depend on where the data sits or on outliers (see "version 2" below). The mean is carried as a
+// hi + lo float pair inside the forward so (x - hi) - lo loses nothing to the mean's fp32 rounding.
 //
 // Forward, contiguous (N, C, S) layout ("NCS"): a group is one contiguous run of M = (C/G)*S
 // elements starting at (n*C + g*C/G)*S.
@@ -11,18 +14,18 @@
 //                     group into shared memory (cp.async), computes the mean, then the centred
 //                     variance (exact two-pass), then writes y. Reads x once; one launch.
 //   gn_fwd_ncs_stats  split path, kernel 1: 1-D grid of N*G*splits blocks (256 threads), block =
-//                     one chunk of one group; writes shifted partial sums (sum(x-x0), sum((x-x0)^2)),
-//                     x0 = the group's first element (read by every block), to the workspace.
+//                     one chunk of one group; writes the chunk's moments (mean, M2; two doubles) to
+//                     the workspace.
 //   gn_fwd_ncs_norm   split path, kernel 2: the same blocks walked in reverse order (the chunks
-//                     kernel 1 read last are the likeliest still in L2); each block reduces its
-//                     group's <= 512 partials in double in a fixed order (no atomics), then
-//                     normalises its chunk. The split-0 block writes mean/rstd.
+//                     kernel 1 read last are the likeliest still in L2); each block combines its
+//                     group's <= 512 moments in double in a fixed order, two passes (no atomics),
+//                     then normalises its chunk. The split-0 block writes mean/rstd.
 // Forward, channels-last (N, S, C) layout ("NSC"): a block covers a range of rows (positions) of
 // one sample and all C channels: TX threads along C (16-byte vectors of channels when C allows,
 // else scalars) times TY threads along rows; C wider than 256 vectors is walked in chunks.
-//   gn_fwd_nsc_stats  per-channel shifted sums over the block's rows, reduced over the TY threads in
-//                     shared memory, then summed per group in channel order -> partial (n, g, split).
-//   gn_fwd_finalize   one warp per (n, g) reduces the group's partials in double, writes mean/rstd
+//   gn_fwd_nsc_stats  per-channel Welford moments over the block's rows, merged over the TY threads
+//                     in shared memory, then per group in channel order -> moments (n, g, split).
+//   gn_fwd_finalize   one warp per (n, g) combines the group's moments in double, writes mean/rstd
 //                     and the low-order part of the mean (workspace).
 //   gn_fwd_nsc_norm   normalises the block's rows (reverse block order).
 //   (Here every block needs all G groups' statistics, so a tiny finalize kernel replaces the
@@ -44,8 +47,29 @@
 // second time, mostly from L2 when x fits (50 MB on H100, 60 MB on H200). Backward must read x and
 // grad_y and write grad_x (3 * numel * sizeof(T)); it reads x and grad_y twice (5 * numel * sizeof(T)).
 //
-// Versions: version 1 = this file (fused on-chip path for small groups, chunk-split NCS path,
-// row-tiled NSC path, three-kernel backward).
+// Versions:
+//   version 1: fused on-chip path for small groups, chunk-split NCS path, row-tiled NSC path,
+//     three-kernel backward. Split and NSC partials were fp32 sums of d = x - x0 and d^2 with x0
+//     the group's first element, var = s2/M - (s1/M)^2. That cancels by ((mean - x0)/sigma)^2: with
+//     x0 = 0 and the rest N(100, 1), rstd was off by 1.6e-5 (NCS split) and 1.4e-4 (NSC), 1e-4 and
+//     1.6e-3 at mean 1000 (fp32 tolerance 1e-5); an outlier x0 = 1e4 gave 1e-3.
+//   version 2 (this file): per-thread Welford from an in-set shift, moments merged in double. Each
+//     thread's shift is the first element of the very sequence its recurrence runs over, so it is
+//     at most sqrt(count) standard deviations (of that sequence) from its mean; Welford's error
+//     then stays at fp32 rounding of M2 (the shift only enters through rounding of the running
+//     mean, which an outlying shift's own contribution to M2 outweighs). Above the thread all is in
+//     double: sums about a reference that is itself an element or a sub-mean (so b - a^2/n loses
+//     at most log2(n) of 53 bits), and the group combination is a two-pass over (count, mean, M2).
+//     Worst case (a thread's first element at the sqrt(count) extreme) about eps * sqrt(count) on
+//     var, count = elements per thread slot; the version 1 test case is now at 2e-9 (NCS) and
+//     7e-8 (NSC) in the emulator. Same launches and the same single read of x for the statistics
+//     as version 1; per element 5 flops instead of 3 plus one rcp.approx per vector (per row in
+//     NSC), well under the memory time; partials are 16 bytes instead of 8;
+//     gn_fwd_ncs_stats<half/bf16> needs ~49 registers instead of 32-40 (4 resident blocks, still
+//     64 KB of loads in flight per SM). Chosen over a conditional re-centring pass (an
+//     always-launched "refine" kernel plus a second read of flagged groups): that costs a launch
+//     on every call (two on the NSC path) and a data-dependent second read. rsqrt_refined returns
+//     0 for an infinite variance (was NaN).
 #include "group_norm_silu/group_norm_silu.h"
 
 #include <climits>
@@ -69,12 +93,14 @@ using genext::cuda::min64;
 using genext::cuda::pack16;
 using genext::cuda::pack_raw;
 using genext::cuda::RawT;
+using genext::cuda::rcp_approx;
 using genext::cuda::st_raw;
 using genext::cuda::st_vec_cs;
 using genext::cuda::to_float;
 using genext::cuda::unpack16;
 using genext::cuda::unpack_raw;
 using genext::cuda::warp_sum;
+using genext::cuda::welford_step;
 
 constexpr int kThreads = 256;             // blocks of the split, NSC and backward kernels
 constexpr int kWarps = kThreads / 32;
@@ -122,25 +148,85 @@ __device__ __forceinline__ float act_grad(float dy, float z, bool silu) {
 }
 
 // 1/sqrt(v) for v = var + eps in double: the fp32 approximation refined by one Newton step in double
-// (no double division or sqrt subroutine). inf for v == 0, as 1/sqrt(0).
+// (no double division or sqrt subroutine). Special values without the Newton step (it would give
+// inf * 0 = NaN): inf for v == 0 (as 1/sqrt(0)), 0 for v = +inf or v > 1e300 (the result
+// underflows float anyway), NaN for NaN or negative v. v outside [1e-36, 1e36] is scaled by
+// 2^-+128 for the fp32 estimate, so a finite variance beyond the float range still gets its rstd.
 __device__ __forceinline__ float rsqrt_refined(double v) {
-  const float r = rsqrtf(static_cast<float>(v));
-  if (!(r <= 3.0e38f)) return r;  // inf or NaN
-  const double rd = static_cast<double>(r);
+  if (!(v > 0.0 && v <= 1.0e300)) {
+    if (v == 0.0) return __uint_as_float(0x7f800000u);  // +inf
+    return v > 0.0 ? 0.f : __uint_as_float(0x7fc00000u);  // +inf (or huge) -> 0; NaN, < 0 -> NaN
+  }
+  double vs = v;
+  float k = 1.f;
+  if (v > 1.0e36) {
+    vs = v * 0x1p-128;
+    k = 0x1p-64f;
+  } else if (v < 1.0e-36) {
+    vs = v * 0x1p128;
+    k = 0x1p64f;
+  }
+  const float r = rsqrtf(static_cast<float>(vs));
+  if (!(r <= 3.0e38f)) return r;  // inf: v below ~1e-77, 1/sqrt(v) overflows float
+  const double rd = static_cast<double>(r) * k;
   return static_cast<float>(rd * (1.5 - 0.5 * v * rd * rd));
 }
 
-// mean/rstd of a group from sums of (x - shift) and (x - shift)^2 over its M elements (inv_m = 1/M).
-// The mean is returned as hi + lo floats so that (x - hi) - lo keeps the precision of a double mean.
-__device__ __forceinline__ void finalize_stats(double s1, double s2, double inv_m, float shift,
-                                               float eps, float& mhi, float& mlo, float& rstd) {
-  const double m = s1 * inv_m;
-  double var = s2 * inv_m - m * m;
-  if (var < 0.0) var = 0.0;
-  const double mean = static_cast<double>(shift) + m;
+// A set's moments in double (its count is implied by the layout): mean and M2 = sum (x - mean)^2.
+// One per (group, chunk) in the split path, one per (n, group, row split) in the NSC path: the
+// forward workspace.
+struct alignas(16) Moments {
+  double mean, m2;
+};
+
+// The mean and variance of a group from its parts' moments (part i holds count(i) elements, M in
+// all, inv_m = 1/M): Chan et al.'s parallel combination done in two passes over the parts, so
+// nothing cancels: mean = sum count_i mean_i / M, M2 = sum (M2_i + count_i (mean_i - mean)^2).
+// Called by a whole warp (lane = its lane); fixed order, every lane gets the same bits.
+template <typename CountF>
+__device__ __forceinline__ void group_moments(const Moments* __restrict__ pg, int parts,
+                                              CountF count, double inv_m, int lane, double& mean,
+                                              double& var) {
+  double s = 0.0;
+  for (int i = lane; i < parts; i += 32) s += count(i) * pg[i].mean;
+  s = warp_sum(s);
+  mean = s * inv_m;
+  double q = 0.0;
+  for (int i = lane; i < parts; i += 32) {
+    const Moments p = pg[i];
+    const double d = p.mean - mean;
+    q += p.m2 + count(i) * d * d;
+  }
+  q = warp_sum(q);
+  var = q * inv_m;
+}
+
+// mean/rstd of a group from its mean and (biased) variance. The mean is returned as hi + lo floats
+// so that (x - hi) - lo keeps the precision of a double mean.
+__device__ __forceinline__ void finalize_stats(double mean, double var, float eps, float& mhi,
+                                               float& mlo, float& rstd) {
+  if (var < 0.0) var = 0.0;  // NaN stays NaN
   mhi = static_cast<float>(mean);
   mlo = static_cast<float>(mean - static_cast<double>(mhi));
   rstd = rsqrt_refined(var + static_cast<double>(eps));
+}
+
+// 1/n in double without the division subroutine (a call, which costs spills): the fp32 estimate
+// refined by two Newton steps (relative error 2^-23 -> 2^-46 -> double rounding).
+__device__ __forceinline__ double recip(double n) {
+  double r = rcp_approx(static_cast<float>(n));
+  r = fma(r, fma(-n, r, 1.0), r);
+  return fma(r, fma(-n, r, 1.0), r);
+}
+
+// Sums about ref (a = sum (x - ref), b = sum (x - ref)^2, n elements) -> moments. In double, with
+// ref one of the elements or a sub-mean: (mean - ref)^2 <= n * var, so b - a^2/n loses at most
+// log2(n) of double's 53 bits.
+__device__ __forceinline__ Moments moments_from_sums(double ref, double a, double b, double n) {
+  const double mu = a * recip(n);
+  double m2 = b - a * mu;
+  if (m2 < 0.0) m2 = 0.0;  // NaN stays NaN
+  return Moments{ref + mu, m2};
 }
 
 // Tracks (q, r) = divmod(e, S) while e advances by a fixed step: the channel (q) and position (r) of
@@ -305,9 +391,14 @@ __global__ void __launch_bounds__(kFusedMaxThreads)
 
 // ---- forward, NCS, split path -------------------------------------------------------------------
 
+// Moments of one chunk of one group -> part[bid]. Each thread runs a Welford recurrence per vector
+// slot j (elements a0 + (tid + k*nt)*V + j), on x minus the slot's own first element (so the shift
+// is never further than sqrt(count) standard deviations from what it is subtracted from); the
+// slots, the scalar head/tail elements and then the threads are merged as sums about ref = the
+// chunk's first element, in double.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    gn_fwd_ncs_stats(const T* __restrict__ x, float2* __restrict__ part, int64_t M, int64_t chunk,
+    gn_fwd_ncs_stats(const T* __restrict__ x, Moments* __restrict__ part, int64_t M, int64_t chunk,
                      int splits, bool vec) {
   constexpr int V = kVec<T>;
   const int64_t bid = blockIdx.x;
@@ -316,53 +407,62 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t gbase = grp * M;
   const int64_t A0 = gbase + split * chunk;
   const int64_t A1 = gbase + min64(M, (split + 1) * chunk);
-  const float shift = to_float(x[gbase]);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const float ref = to_float(x[A0]);
   int64_t a0, nvec;
   vec_span(x, A0, A1, vec, a0, nvec);
   const int64_t a1 = a0 + nvec * V;
-
-  float s1[V], s2[V];
-#pragma unroll
-  for (int j = 0; j < V; ++j) s1[j] = s2[j] = 0.f;
   const T* xv = x + a0;
+
+  // Welford state per slot; the thread's first vector only sets the shifts (count 1, m = q = 0).
+  float sh[V], m[V], q[V];
+  float kf = 0.f;  // vectors seen (exact up to 2^24)
+  if (tid < nvec) {
+    unpack16<T>(ld_raw<T, V, false>(xv + static_cast<int64_t>(tid) * V), sh);
+    kf = 1.f;
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) sh[j] = 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) m[j] = q[j] = 0.f;
   batched_loop<4>(
-      threadIdx.x, nvec, blockDim.x, [&](int64_t i) { return ld_raw<T, V, false>(xv + i * V); },
+      tid + nt, nvec, nt, [&](int64_t i) { return ld_raw<T, V, false>(xv + i * V); },
       [&](int64_t, const uint4& r) {
         float f[V];
         unpack16<T>(r, f);
+        kf += 1.f;
+        const float w = rcp_approx(kf);
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float d = f[j] - shift;
-          s1[j] += d;
-          s2[j] = fmaf(d, d, s2[j]);
-        }
+        for (int j = 0; j < V; ++j) welford_step(f[j] - sh[j], w, m[j], q[j]);
       });
-#pragma unroll 1
-  for (int64_t e = A0 + threadIdx.x; e < a0; e += blockDim.x) {
-    const float d = to_float(x[e]) - shift;
-    s1[0] += d;
-    s2[0] = fmaf(d, d, s2[0]);
-  }
-#pragma unroll 1
-  for (int64_t e = a1 + threadIdx.x; e < A1; e += blockDim.x) {
-    const float d = to_float(x[e]) - shift;
-    s1[0] += d;
-    s2[0] = fmaf(d, d, s2[0]);
-  }
-  float t1 = 0.f, t2 = 0.f;
+
+  double sa = 0.0, sb = 0.0;  // sum (x - ref), sum (x - ref)^2 over this thread's elements
+  const double kd = kf;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    t1 += s1[j];
-    t2 += s2[j];
+    const double u = (static_cast<double>(sh[j]) - ref) + m[j];  // slot mean - ref
+    sa += kd * u;
+    sb += q[j] + kd * u * u;
   }
-  __shared__ float scratch[64];
-  block_sum2(t1, t2, scratch);
-  if (threadIdx.x == 0) part[bid] = make_float2(t1, t2);
+  auto scalar = [&](int64_t e0, int64_t e1) {
+#pragma unroll 1
+    for (int64_t e = e0 + tid; e < e1; e += nt) {
+      const double u = static_cast<double>(to_float(x[e])) - ref;
+      sa += u;
+      sb += u * u;
+    }
+  };
+  scalar(A0, a0);
+  scalar(a1, A1);
+  __shared__ double scratch[64];
+  block_sum2(sa, sb, scratch);
+  if (tid == 0) part[bid] = moments_from_sums(ref, sa, sb, static_cast<double>(A1 - A0));
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    gn_fwd_ncs_norm(const T* __restrict__ x, T* __restrict__ y, const float2* __restrict__ part,
+    gn_fwd_ncs_norm(const T* __restrict__ x, T* __restrict__ y, const Moments* __restrict__ part,
                     float* __restrict__ mean_out, float* __restrict__ rstd_out, Affine aff,
                     FastDiv Sd, int64_t K, FastDiv Gd, int64_t M, int64_t chunk, int splits,
                     double inv_m, float eps, bool silu, bool vec) {
@@ -379,18 +479,16 @@ __global__ void __launch_bounds__(kThreads)
 
   __shared__ float st[3];
   if (tid < 32) {
-    double s1 = 0.0, s2 = 0.0;
-    const float2* pg = part + grp * splits;
-    for (int i = tid; i < splits; i += 32) {
-      const float2 v = pg[i];
-      s1 += v.x;
-      s2 += v.y;
-    }
-    s1 = warp_sum(s1);
-    s2 = warp_sum(s2);
+    double mean, var;
+    group_moments(
+        part + grp * splits, splits,
+        [&](int i) {
+          return static_cast<double>(min64(chunk, M - static_cast<int64_t>(i) * chunk));
+        },
+        inv_m, tid, mean, var);
     if (tid == 0) {
       float mh, ml, rs;
-      finalize_stats(s1, s2, inv_m, to_float(x[gbase]), eps, mh, ml, rs);
+      finalize_stats(mean, var, eps, mh, ml, rs);
       st[0] = mh;
       st[1] = ml;
       st[2] = rs;
@@ -455,18 +553,27 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- forward, NSC -------------------------------------------------------------------------------
 
+// Moments of each group over the block's rows -> part[(n*G + g)*splits + split]. Thread (tx, ty)
+// runs a Welford recurrence per channel over its rows (r0 + ty, r0 + ty + TY, ...) on x minus its
+// first row's value; the TY row-threads of a channel are merged in double about the channel's value
+// at row r0, and the channels of a group about the group's first channel mean, in channel order.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-    gn_fwd_nsc_stats(const T* __restrict__ x, float2* __restrict__ part, int64_t S, int64_t C,
+    gn_fwd_nsc_stats(const T* __restrict__ x, Moments* __restrict__ part, int64_t S, int64_t C,
                      FastDiv Kd, int64_t G, int64_t rows, int splits, int TX, int TY) {
-  __shared__ float red_a[kThreads * V];
-  __shared__ float red_b[kThreads * V];
-  __shared__ float carry[2][2];
+  // Per (row-thread, channel): shift, Welford mean of x - shift and its M2. After the row merge,
+  // entry ch of the three holds channel ch's mean as hi + lo and its M2.
+  __shared__ float red_s[kThreads * V];
+  __shared__ float red_m[kThreads * V];
+  __shared__ float red_q[kThreads * V];
+  __shared__ float red_n[kThreads];  // rows of row-thread ty
+  __shared__ double carry[2][3];  // a group continuing into the next chunk: its ref and sums
   const int64_t K = Kd.value();
   const int64_t bid = blockIdx.x;
   const int64_t n = blockIdx.x / static_cast<unsigned>(splits);
   const int64_t split = bid - n * splits;
   const int64_t r0 = split * rows, r1 = min64(S, r0 + rows);
+  const double nrows_d = static_cast<double>(r1 - r0);
   const int tid = threadIdx.x, nt = blockDim.x;
   const int tx = tid % TX, ty = tid / TX;
   const bool active = ty < TY;
@@ -478,94 +585,114 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t cv0 = 0; cv0 < CV; cv0 += TX, parity ^= 1) {
     const int64_t cv = cv0 + tx;
     if (active && cv < CV) {
-      float sh[V], s1[V], s2[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const int64_t c = cv * V + j;
-        sh[j] = to_float(xn[Kd.div(c) * K]);  // the group's first element (s = 0)
-        s1[j] = s2[j] = 0.f;
-      }
+      float sh[V], m[V], q[V];
+      float kf = 0.f;  // rows seen
       const T* col = xn + cv * V;
+      const int64_t rf = r0 + ty;
+      if (rf < r1) {
+        unpack_raw<T, V>(ld_raw<T, V, false>(col + rf * C), sh);
+        kf = 1.f;
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) sh[j] = 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) m[j] = q[j] = 0.f;
       batched_loop<4>(
-          r0 + ty, r1, TY, [&](int64_t r) { return ld_raw<T, V, false>(col + r * C); },
+          rf + TY, r1, TY, [&](int64_t r) { return ld_raw<T, V, false>(col + r * C); },
           [&](int64_t, const RawT<T, V>& raw) {
             float f[V];
             unpack_raw<T, V>(raw, f);
+            kf += 1.f;
+            const float w = rcp_approx(kf);
 #pragma unroll
-            for (int j = 0; j < V; ++j) {
-              const float d = f[j] - sh[j];
-              s1[j] += d;
-              s2[j] = fmaf(d, d, s2[j]);
-            }
+            for (int j = 0; j < V; ++j) welford_step(f[j] - sh[j], w, m[j], q[j]);
           });
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        red_a[ty * TXV + tx * V + j] = s1[j];
-        red_b[ty * TXV + tx * V + j] = s2[j];
+        const int k = ty * TXV + tx * V + j;
+        red_s[k] = sh[j];
+        red_m[k] = m[j];
+        red_q[k] = q[j];
       }
+      if (tx == 0) red_n[ty] = kf;
     }
     __syncthreads();
-    // Per channel of this chunk: sum over the TY row-threads (in place into row 0).
+    // Per channel of this chunk: merge the TY row-threads (in place into row 0). ref = row-thread
+    // 0's shift = the channel's value at row r0.
     const int width = static_cast<int>(min64(TX, CV - cv0)) * V;
     for (int ch = tid; ch < width; ch += nt) {
-      float a = 0.f, b = 0.f;
+      const double ref = red_s[ch];
+      double sa = 0.0, sb = 0.0;
       for (int t = 0; t < TY; ++t) {
-        a += red_a[t * TXV + ch];
-        b += red_b[t * TXV + ch];
+        const double cnt = red_n[t];
+        const int k = t * TXV + ch;
+        const double u = (static_cast<double>(red_s[k]) - ref) + red_m[k];
+        sa += cnt * u;
+        sb += red_q[k] + cnt * u * u;
       }
-      red_a[ch] = a;
-      red_b[ch] = b;
+      const Moments mo = moments_from_sums(ref, sa, sb, nrows_d);
+      const float hi = static_cast<float>(mo.mean);
+      red_s[ch] = hi;
+      red_m[ch] = static_cast<float>(mo.mean - hi);
+      red_q[ch] = static_cast<float>(mo.m2);
     }
     __syncthreads();
-    // Per group meeting channels [cb, ce): sum its channels in order. A group that continues into
-    // the next chunk hands its running sum over in carry[parity ^ 1].
+    // Per group meeting channels [cb, ce): merge its channels in order about the mean of its first
+    // channel. A group that continues into the next chunk hands ref and its sums over in
+    // carry[parity ^ 1].
     const int64_t cb = cv0 * V, ce = cb + width;
     const int64_t g_lo = Kd.div(cb), g_hi = Kd.div(ce - 1);
     for (int64_t gi = g_lo + tid; gi <= g_hi; gi += nt) {
       const int64_t gs = gi * K, ge = gs + K;
-      float a = 0.f, b = 0.f;
+      // sa = sum over channels of (mean_c - ref), sb = sum of M2_c + rows * (mean_c - ref)^2.
+      double ref, sa = 0.0, sb = 0.0;
       if (gs < cb) {
-        a = carry[parity][0];
-        b = carry[parity][1];
+        ref = carry[parity][0];
+        sa = carry[parity][1];
+        sb = carry[parity][2];
+      } else {
+        ref = static_cast<double>(red_s[gs - cb]) + red_m[gs - cb];
       }
       const int64_t c_end = min64(ge, ce);
       for (int64_t c = max64(gs, cb); c < c_end; ++c) {
-        a += red_a[c - cb];
-        b += red_b[c - cb];
+        const double u = (static_cast<double>(red_s[c - cb]) - ref) + red_m[c - cb];
+        sa += u;
+        sb += red_q[c - cb] + nrows_d * u * u;
       }
       if (ge > ce) {
-        carry[parity ^ 1][0] = a;
-        carry[parity ^ 1][1] = b;
+        carry[parity ^ 1][0] = ref;
+        carry[parity ^ 1][1] = sa;
+        carry[parity ^ 1][2] = sb;
       } else {
-        part[(n * G + gi) * splits + split] = make_float2(a, b);
+        part[(n * G + gi) * splits + split] =
+            moments_from_sums(ref, nrows_d * sa, sb, nrows_d * static_cast<double>(K));
       }
     }
     __syncthreads();
   }
 }
 
-// One warp per (n, g): mean, mean's low part and rstd from the partials.
+// One warp per (n, g): mean, mean's low part and rstd from the partial moments (split i has
+// K * (rows of split i) elements).
 __global__ void __launch_bounds__(kThreads)
-    gn_fwd_finalize(const void* __restrict__ x, int dtype, const float2* __restrict__ part,
-                    float* __restrict__ mean, float* __restrict__ mlo, float* __restrict__ rstd,
-                    int64_t NG, FastDiv Gd, int64_t K, int64_t S, int64_t C, int splits,
-                    double inv_m, float eps) {
+    gn_fwd_finalize(const Moments* __restrict__ part, float* __restrict__ mean,
+                    float* __restrict__ mlo, float* __restrict__ rstd, int64_t NG, int64_t K,
+                    int64_t S, int64_t rows, int splits, double inv_m, float eps) {
   const int64_t w = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (w >= NG) return;  // whole warps only
-  double s1 = 0.0, s2 = 0.0;
-  for (int i = lane; i < splits; i += 32) {
-    const float2 v = part[w * splits + i];
-    s1 += v.x;
-    s2 += v.y;
-  }
-  s1 = warp_sum(s1);
-  s2 = warp_sum(s2);
+  double mu, var;
+  group_moments(
+      part + w * splits, splits,
+      [&](int i) {
+        const int64_t r = static_cast<int64_t>(i) * rows;
+        return static_cast<double>(K * (min64(S, r + rows) - r));
+      },
+      inv_m, lane, mu, var);
   if (lane == 0) {
-    const int64_t n = Gd.div(w), g = w - n * Gd.value();
-    const float shift = load_any(x, dtype, n * S * C + g * K);
     float mh, ml, rs;
-    finalize_stats(s1, s2, inv_m, shift, eps, mh, ml, rs);
+    finalize_stats(mu, var, eps, mh, ml, rs);
     mean[w] = mh;
     mlo[w] = ml;
     rstd[w] = rs;
@@ -943,14 +1070,14 @@ FwdPlan plan_fwd(const FwdParams& p) {
       pl.splits = clamp64(pl.splits, 1, max64(1, ceil_div(pl.M, min_chunk)));
       pl.chunk = round_up(ceil_div(pl.M, pl.splits), V);
       pl.splits = ceil_div(pl.M, pl.chunk);
-      pl.bytes = static_cast<size_t>(NG * pl.splits) * sizeof(float2);
+      pl.bytes = static_cast<size_t>(NG * pl.splits) * sizeof(Moments);
     }
   } else {
     pl.mode = FwdPlan::kNsc;
     const RowSplit r = nsc_rows(s, target_blocks(p.num_sms));
     pl.rows = r.rows;
     pl.splits = r.splits;
-    pl.lo_off = align256(static_cast<size_t>(NG * pl.splits) * sizeof(float2));
+    pl.lo_off = align256(static_cast<size_t>(NG * pl.splits) * sizeof(Moments));
     pl.bytes = pl.lo_off + static_cast<size_t>(NG) * sizeof(float);
   }
   return pl;
@@ -999,15 +1126,15 @@ cudaError_t fwd_nsc(const FwdParams& p, const FwdPlan& pl, cudaStream_t stream) 
   const int64_t fin_blocks = ceil_div(NG, kWarps);
   if (blocks > INT_MAX || fin_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   const T* x = static_cast<const T*>(p.x);
-  float2* part = static_cast<float2*>(p.workspace);
+  Moments* part = static_cast<Moments*>(p.workspace);
   float* mlo = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + pl.lo_off);
   const Affine aff{p.weight, p.bias, p.wdtype == DType::kFloat32};
   gn_fwd_nsc_stats<T, V><<<static_cast<unsigned>(blocks), t.threads, 0, stream>>>(
       x, part, s.S, s.C, FastDiv(K), s.G, pl.rows, static_cast<int>(pl.splits), t.TX, t.TY);
   GENEXT_LAUNCH_CHECK();
   gn_fwd_finalize<<<static_cast<unsigned>(fin_blocks), kThreads, 0, stream>>>(
-      p.x, static_cast<int>(p.dtype), part, p.mean, mlo, p.rstd, NG, FastDiv(s.G), K, s.S, s.C,
-      static_cast<int>(pl.splits), 1.0 / static_cast<double>(pl.M), p.eps);
+      part, p.mean, mlo, p.rstd, NG, K, s.S, pl.rows, static_cast<int>(pl.splits),
+      1.0 / static_cast<double>(pl.M), p.eps);
   GENEXT_LAUNCH_CHECK();
   gn_fwd_nsc_norm<T, V><<<static_cast<unsigned>(blocks), t.threads, 0, stream>>>(
       x, static_cast<T*>(p.y), p.mean, mlo, p.rstd, aff, s.S, s.C, FastDiv(K), s.G, pl.rows,
@@ -1039,7 +1166,7 @@ cudaError_t fwd_impl(const FwdParams& p, cudaStream_t stream) {
       const int64_t blocks = NG * pl.splits;
       if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
       const bool vec = same_misalignment(x, y);
-      float2* part = static_cast<float2*>(p.workspace);
+      Moments* part = static_cast<Moments*>(p.workspace);
       gn_fwd_ncs_stats<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           x, part, pl.M, pl.chunk, static_cast<int>(pl.splits), vec);
       GENEXT_LAUNCH_CHECK();
