@@ -5,7 +5,9 @@
 #   3. runs compute-sanitizer memcheck and racecheck over tools/cuda_smoke.py,
 #   4. runs `genext bench` (JSON) and the pytest-benchmark suite,
 # and prints a short summary table last. Logs and JSON go to $GENEXT_OUT (else $OUT, else
-# ./gpu-check-out). Exit status: non-zero if any step failed.
+# ./gpu-check-out): at most 8 files (the device tool brings back 8), build.log (nvidia-smi first),
+# info.txt, tests.log, sanitizer.log, bench.txt, bench.json, pytest-bench.log, pytest-bench.json.
+# Exit status: non-zero if any step failed.
 #
 #   bash tools/gpu_check.sh            # everything
 #   GENEXT_SKIP_BUILD=1 bash tools/gpu_check.sh   # reuse an existing build
@@ -13,6 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${GENEXT_OUT:-${OUT:-$PWD/gpu-check-out}}
 mkdir -p "$OUT_DIR"
+rm -f "$OUT_DIR"/{build.log,info.txt,tests.log,sanitizer.log,bench.txt,bench.json,pytest-bench.log,pytest-bench.json}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
@@ -26,7 +29,8 @@ step() {  # step NAME LOGFILE CMD...
   local name=$1 log=$2; shift 2
   local t0=$SECONDS
   echo "== $name: $*"
-  "$@" >"$OUT_DIR/$log" 2>&1
+  echo "== $name: $*" >>"$OUT_DIR/$log"
+  "$@" >>"$OUT_DIR/$log" 2>&1
   local rc=$?
   tail -n 15 "$OUT_DIR/$log"
   SUMMARY+=("$(printf '%-22s %-5s %4ss  %s' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" $((SECONDS - t0)) "$log")")
@@ -34,15 +38,16 @@ step() {  # step NAME LOGFILE CMD...
   return $rc
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT_DIR/gpu.txt" 2>&1 || true
+GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
+echo "gpu: $GPU" >"$OUT_DIR/build.log"
 if [ -z "${GENEXT_SKIP_BUILD:-}" ]; then
   step build build.log env GENEXT_CUDA=ON $PY -m pip install --no-build-isolation --no-deps --no-index -v -e . \
     || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
 fi
-step info info.json $PY -m genext info
-step tests tests.log $PY -m pytest tests -q -ra --junitxml="$OUT_DIR/tests.xml"
-step memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/cuda_smoke.py
-step racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 $PY tools/cuda_smoke.py
+step info info.txt $PY -m genext info
+step tests tests.log $PY -m pytest tests -q -ra
+step memcheck sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/cuda_smoke.py
+step racecheck sanitizer.log compute-sanitizer --tool racecheck --error-exitcode 1 $PY tools/cuda_smoke.py
 step bench bench.txt $PY -m genext bench --json "$OUT_DIR/bench.json"
 if [ -z "${GENEXT_SKIP_PYTEST_BENCH:-}" ]; then
   step pytest-benchmark pytest-bench.log $PY -m pytest benchmarks -q --benchmark-json="$OUT_DIR/pytest-bench.json" \
@@ -50,7 +55,7 @@ if [ -z "${GENEXT_SKIP_PYTEST_BENCH:-}" ]; then
 fi
 
 echo
-echo "== genext GPU check: $(head -2 "$OUT_DIR/gpu.txt" | tail -1), arch $TORCH_CUDA_ARCH_LIST, logs in $OUT_DIR"
+echo "== genext GPU check: $GPU, arch $TORCH_CUDA_ARCH_LIST, $(date -u '+%Y-%m-%d %H:%M UTC'), logs in $OUT_DIR"
 grep -E "^(group_norm_silu|op |---)" "$OUT_DIR/bench.txt" 2>/dev/null || true
 printf '%s\n' "${SUMMARY[@]}"
 exit $status
