@@ -3,7 +3,8 @@
 #   1. builds genext for the visible GPU with all cores (pip, no build isolation, no downloads),
 #   2. runs the whole test suite (CUDA tests included),
 #   3. runs compute-sanitizer memcheck and racecheck over tools/cuda_smoke.py,
-#   4. runs `genext bench` (JSON) and the pytest-benchmark suite,
+#   4. runs `genext bench` (JSON) and, with GENEXT_PYTEST_BENCH=1, the pytest-benchmark suite (off by
+#      default: it repeats genext bench's cases and its torch.compile warm-ups, minutes on a lease),
 # and prints a short summary table last. Logs and JSON go to $GENEXT_OUT (else $OUT, else
 # ./gpu-check-out): at most 8 files (the device tool brings back 8), build.log (nvidia-smi first),
 # info.txt, tests.log, sanitizer.log, bench.txt, bench.json, pytest-bench.log, pytest-bench.json.
@@ -49,7 +50,7 @@ step tests tests.log $PY -m pytest tests -q -ra
 step memcheck sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/cuda_smoke.py
 step racecheck sanitizer.log compute-sanitizer --tool racecheck --error-exitcode 1 $PY tools/cuda_smoke.py
 step bench bench.txt $PY -m genext bench --json "$OUT_DIR/bench.json"
-if [ -z "${GENEXT_SKIP_PYTEST_BENCH:-}" ]; then
+if [ -n "${GENEXT_PYTEST_BENCH:-}" ]; then
   step pytest-benchmark pytest-bench.log $PY -m pytest benchmarks -q --benchmark-json="$OUT_DIR/pytest-bench.json" \
     --benchmark-columns=median,ops
 fi
