@@ -97,6 +97,10 @@ __device__ __forceinline__ float rcp_approx(float x) {
 // One Welford step (Welford 1962): d is the new element minus a fixed shift, w = 1/k with k the
 // count including it; m is the running mean of the shifted elements and q their sum of squared
 // deviations from it (M2). No cancellation: q only grows, by (d - m_old) * (d - m_new) >= 0.
+// Keep runs short (GroupNorm folds every 128 steps) and fold them into wider accumulators: with a
+// shift D away from the data (D >> sigma), m sits near -D and its updates, ~sigma / k, fall below
+// half an ulp of D once k exceeds ~2 sigma / (2^-24 D) and are rounded away; and the fp32 M2's
+// error grows with k.
 __device__ __forceinline__ void welford_step(float d, float w, float& m, float& q) {
   const float e = d - m;
   m = fmaf(e, w, m);

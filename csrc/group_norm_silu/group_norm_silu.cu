@@ -2,11 +2,12 @@
 // No torch header: pointers, sizes and a stream in, a cudaError_t out (group_norm_silu.h).
 // All per-element arithmetic in fp32 (partials combined in double); x/y fp32, fp16 or bf16.
 // Numerics: the fused path is an exact two-pass (mean, then centred sum of squares) in shared
-// memory. The split and NSC statistics are Welford recurrences per thread (per vector slot or per
-// channel), each on x minus its own first element, merged into (mean, M2) "moments" in double and
-// combined with Chan et al.'s formula; no step subtracts two large sums, so the result does not
-// depend on where the data sits or on outliers (see "version 2" below). The mean is carried as a
-// hi + lo float pair inside the forward so (x - hi) - lo loses nothing to the mean's fp32 rounding.
+// memory. The split and NSC statistics are fp32 Welford recurrences per thread (per vector slot or
+// per channel) in runs of at most kWelfordRun = 128 elements, each run on x minus its own first
+// element; runs are folded into double (mean, M2) "moments" and combined with Chan et al.'s
+// formula; no step subtracts two large sums, so the result does not depend on where the data sits
+// or on outliers (see "version 2" and "version 3" below). The mean is carried as a hi + lo float
+// pair inside the forward so (x - hi) - lo loses nothing to the mean's fp32 rounding.
 //
 // Forward, contiguous (N, C, S) layout ("NCS"): a group is one contiguous run of M = (C/G)*S
 // elements starting at (n*C + g*C/G)*S.
@@ -23,8 +24,9 @@
 // Forward, channels-last (N, S, C) layout ("NSC"): a block covers a range of rows (positions) of
 // one sample and all C channels: TX threads along C (16-byte vectors of channels when C allows,
 // else scalars) times TY threads along rows; C wider than 256 vectors is walked in chunks.
-//   gn_fwd_nsc_stats  per-channel Welford moments over the block's rows, merged over the TY threads
-//                     in shared memory, then per group in channel order -> moments (n, g, split).
+//   gn_fwd_nsc_stats  per-channel Welford runs over the block's rows, merged per thread and then
+//                     over the TY threads in shared memory (M2 in double), then per group in
+//                     channel order -> moments (n, g, split).
 //   gn_fwd_finalize   one warp per (n, g) combines the group's moments in double, writes mean/rstd
 //                     and the low-order part of the mean (workspace).
 //   gn_fwd_nsc_norm   normalises the block's rows (reverse block order).
@@ -53,23 +55,44 @@
 //     the group's first element, var = s2/M - (s1/M)^2. That cancels by ((mean - x0)/sigma)^2: with
 //     x0 = 0 and the rest N(100, 1), rstd was off by 1.6e-5 (NCS split) and 1.4e-4 (NSC), 1e-4 and
 //     1.6e-3 at mean 1000 (fp32 tolerance 1e-5); an outlier x0 = 1e4 gave 1e-3.
-//   version 2 (this file): per-thread Welford from an in-set shift, moments merged in double. Each
-//     thread's shift is the first element of the very sequence its recurrence runs over, so it is
-//     at most sqrt(count) standard deviations (of that sequence) from its mean; Welford's error
-//     then stays at fp32 rounding of M2 (the shift only enters through rounding of the running
-//     mean, which an outlying shift's own contribution to M2 outweighs). Above the thread all is in
-//     double: sums about a reference that is itself an element or a sub-mean (so b - a^2/n loses
-//     at most log2(n) of 53 bits), and the group combination is a two-pass over (count, mean, M2).
-//     Worst case (a thread's first element at the sqrt(count) extreme) about eps * sqrt(count) on
-//     var, count = elements per thread slot; the version 1 test case is now at 2e-9 (NCS) and
-//     7e-8 (NSC) in the emulator. Same launches and the same single read of x for the statistics
-//     as version 1; per element 5 flops instead of 3 plus one rcp.approx per vector (per row in
-//     NSC), well under the memory time; partials are 16 bytes instead of 8;
+//   version 2: per-thread Welford from an in-set shift (the first element of the thread's slot or
+//     channel), moments merged in double. Above the thread all is in double: sums about a reference
+//     that is itself an element or a sub-mean (so b - a^2/n loses at most log2(n) of 53 bits), and
+//     the group combination is a two-pass over (count, mean, M2). The version 1 test case went to
+//     2e-9 (NCS) and 7e-8 (NSC) in the emulator. Same launches and the same single read of x for
+//     the statistics as version 1; per element 5 flops instead of 3 plus one rcp.approx per vector
+//     (per row in NSC), well under the memory time; partials are 16 bytes instead of 8;
 //     gn_fwd_ncs_stats<half/bf16> needs ~49 registers instead of 32-40 (4 resident blocks, still
 //     64 KB of loads in flight per SM). Chosen over a conditional re-centring pass (an
 //     always-launched "refine" kernel plus a second read of flagged groups): that costs a launch
 //     on every call (two on the NSC path) and a data-dependent second read. rsqrt_refined returns
-//     0 for an infinite variance (was NaN).
+//     0 for an infinite variance (was NaN). Its stated bound (eps * sqrt(count) on var) was wrong
+//     for long runs: when a thread's shift is an outlier D >> sigma, the fp32 running mean sits
+//     near -D, and once the step count k passes ~2 sigma / (2^-24 D) its updates (~sigma / k) are
+//     below half an ulp and round away; found in review. In the emulator, fp32: NCS (8, 1, 2^24, 1)
+//     with x0 = 1e4, the rest N(0, 1), 16384 elements per thread: rstd off by 2.4e-4 (x0 = 0, the
+//     rest N(1e4, 1): 2.3e-4); NCS (8, 1, 2^22, 1), x0 = 1e5: 1.3e-5; NSC (8, 1, 2^22, 1),
+//     TY = 256, x0 = 1e4: 2.6e-4 (tolerance 1e-5).
+//   version 3 (this file): fp32 Welford runs capped at kWelfordRun = R = 128 vectors (NCS slot)
+//     or rows (NSC channel); each run's first element is its shift, and a finished run is folded
+//     in double: NCS into the thread's sums about the chunk's first element (as version 2 did once
+//     at the end; kept in shared memory, 4 KB, not in registers through the loop), NSC into the
+//     thread's shared-memory entries by Chan's formula (mean as a hi + lo float pair, M2 now in
+//     double: static shared memory 33 KB instead of 25 KB at V = 8). An outlier shift so spoils at
+//     most one run of R steps, whose mean updates stay above half an ulp up to D ~ 2^25 sigma / R
+//     = 2.6e5 sigma, and fp32 never sums more than R terms. Rough worst case (every rounding the
+//     same way): inside a run the mean's rounding (<= 2^-25 D per step) costs M2 about
+//     R * 2^-24 D^2, against a group M2 >= D^2 (the outlier's own share), and the fp32 M2 of a run
+//     is good to about R * 2^-24 relative: together ~2 R * 2^-24 = 1.5e-5 on var, 7.6e-6 on rstd;
+//     typically sqrt(R) * 2^-24. Emulator, the cases above: 6.6e-7, 3.4e-7, 5.4e-7 (NCS), 5.9e-7
+//     (NSC); single outliers D = 1e3 ... 1e6 sigma, NCS (8, 1, 2^24, 1) and NSC (8, 1, 2^22, 1):
+//     <= 6.6e-7 (R = 64: 4.7e-7, 256: 1.1e-6, 512: 1.3e-6); N(0, 1) at 2^24 per group went from
+//     5.3e-7 to 5e-8. R = 128 (a multiple of the batch of 4, so runs start at batch starts and
+//     lose no loads in flight) keeps the rough worst case under the 1e-5 tolerance at a fold per
+//     128 vectors or rows (NCS ~7 double ops per slot; NSC ~15 double ops and 3 shared loads and
+//     stores per channel). Registers (sm_80 / sm_90a): gn_fwd_ncs_stats float 40 / 42 (was
+//     40 / 32), half/bf16 56 / 55-57 (49 / 48-50); gn_fwd_nsc_stats V = 1 48 / 53 (44 / 48),
+//     float V = 4 51 / 52 (42 / 52), half/bf16 V = 8 64 / 64 (58-59 / 60); no spills.
 #include "group_norm_silu/group_norm_silu.h"
 
 #include <climits>
@@ -111,6 +134,10 @@ constexpr int64_t kWarpRowsMaxS = 1024;   // backward NCS: one warp per (n, c) r
 constexpr int64_t kBlocksPerSm = 8;
 constexpr int64_t kBlocksPerSmNscBwd = 4;  // gn_bwd_nsc with 16-byte vectors: ~128 registers, 2 resident
 constexpr int64_t kMinBlockElemsNsc = 16384;  // NSC: a block covers at least this many elements
+// Longest fp32 Welford run (vectors per NCS slot, rows per NSC channel) before it is folded into
+// the thread's double sums (NCS) or double-merged partial (NSC) and restarted from a new shift.
+constexpr int kWelfordRun = 128;
+static_assert(kWelfordRun % 4 == 0, "runs start at a batch of batched_loop<4>");
 
 // ---- device helpers -----------------------------------------------------------------------------
 
@@ -151,7 +178,12 @@ __device__ __forceinline__ float act_grad(float dy, float z, bool silu) {
 // (no double division or sqrt subroutine). Special values without the Newton step (it would give
 // inf * 0 = NaN): inf for v == 0 (as 1/sqrt(0)), 0 for v = +inf or v > 1e300 (the result
 // underflows float anyway), NaN for NaN or negative v. v outside [1e-36, 1e36] is scaled by
-// 2^-+128 for the fp32 estimate, so a finite variance beyond the float range still gets its rstd.
+// 2^-+128 for the fp32 estimate, so variances up to float's limit (~3.4e38) get their rstd. Larger
+// ones do not reach here finite: the statistics square deviations and sum partial M2s in fp32 (a
+// fused thread's sum; a Welford run of at most kWelfordRun elements on the split and NSC paths), so
+// a deviation |x - shift| over ~1.8e19, or sigma over ~1.8e19 / sqrt(count) for a partial of count
+// elements (~1.6e18 for a full run), makes M2 inf and rstd 0 (y = bias), not the rstd of the true
+// variance.
 __device__ __forceinline__ float rsqrt_refined(double v) {
   if (!(v > 0.0 && v <= 1.0e300)) {
     if (v == 0.0) return __uint_as_float(0x7f800000u);  // +inf
@@ -392,10 +424,11 @@ __global__ void __launch_bounds__(kFusedMaxThreads)
 // ---- forward, NCS, split path -------------------------------------------------------------------
 
 // Moments of one chunk of one group -> part[bid]. Each thread runs a Welford recurrence per vector
-// slot j (elements a0 + (tid + k*nt)*V + j), on x minus the slot's own first element (so the shift
-// is never further than sqrt(count) standard deviations from what it is subtracted from); the
-// slots, the scalar head/tail elements and then the threads are merged as sums about ref = the
-// chunk's first element, in double.
+// slot j (elements a0 + (tid + k*nt)*V + j) in runs of kWelfordRun vectors, each run on x minus its
+// own first element (so the shift is never further than sqrt(128) standard deviations of the run
+// from its mean, and an outlier shift spoils at most one short run); the runs, the scalar head/tail
+// elements and then the threads are merged as sums about ref = the chunk's first element, in
+// double.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     gn_fwd_ncs_stats(const T* __restrict__ x, Moments* __restrict__ part, int64_t M, int64_t chunk,
@@ -414,37 +447,48 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t a1 = a0 + nvec * V;
   const T* xv = x + a0;
 
-  // Welford state per slot; the thread's first vector only sets the shifts (count 1, m = q = 0).
-  float sh[V], m[V], q[V];
-  float kf = 0.f;  // vectors seen (exact up to 2^24)
-  if (tid < nvec) {
-    unpack16<T>(ld_raw<T, V, false>(xv + static_cast<int64_t>(tid) * V), sh);
-    kf = 1.f;
-  } else {
+  // Runs of kWelfordRun vectors (a multiple of the batch of 4, so runs start at batch starts and
+  // cost no memory parallelism); per run and slot a Welford state; the run's first vector sets the
+  // shifts (its step is then d = 0: count 1, m = q = 0). Each run ends folded into the thread's
+  // sums about ref, kept in shared memory (not in registers through the loop).
+  __shared__ double run_sums[2][kThreads];  // sum (x - ref), sum (x - ref)^2 of the folded runs
+  run_sums[0][tid] = run_sums[1][tid] = 0.0;
+  const int64_t run_stride = static_cast<int64_t>(kWelfordRun) * nt;
+#pragma unroll 1
+  for (int64_t i0 = tid, i1; i0 < nvec; i0 = i1) {
+    i1 = min64(nvec, i0 + run_stride);
+    float sh[V], m[V], q[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) sh[j] = 0.f;
+    for (int j = 0; j < V; ++j) sh[j] = m[j] = q[j] = 0.f;
+    float kf = 0.f;  // vectors of this run so far
+    batched_loop<4>(
+        i0, i1, nt,
+        [&](int64_t i) { return ld_raw<T, V, false>(xv + i * V); },
+        [&](int64_t, const uint4& r) {
+          float f[V];
+          unpack16<T>(r, f);
+          if (kf == 0.f) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) sh[j] = f[j];
+          }
+          kf += 1.f;
+          const float w = rcp_approx(kf);
+#pragma unroll
+          for (int j = 0; j < V; ++j) welford_step(f[j] - sh[j], w, m[j], q[j]);
+        });
+    const double kd = kf;
+    double ra = 0.0, rb = 0.0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const double u = (static_cast<double>(sh[j]) - ref) + m[j];  // slot mean - ref
+      ra += kd * u;
+      rb += q[j] + kd * u * u;
+    }
+    run_sums[0][tid] += ra;
+    run_sums[1][tid] += rb;
   }
-#pragma unroll
-  for (int j = 0; j < V; ++j) m[j] = q[j] = 0.f;
-  batched_loop<4>(
-      tid + nt, nvec, nt, [&](int64_t i) { return ld_raw<T, V, false>(xv + i * V); },
-      [&](int64_t, const uint4& r) {
-        float f[V];
-        unpack16<T>(r, f);
-        kf += 1.f;
-        const float w = rcp_approx(kf);
-#pragma unroll
-        for (int j = 0; j < V; ++j) welford_step(f[j] - sh[j], w, m[j], q[j]);
-      });
+  double sa = run_sums[0][tid], sb = run_sums[1][tid];  // now over all of the thread's elements
 
-  double sa = 0.0, sb = 0.0;  // sum (x - ref), sum (x - ref)^2 over this thread's elements
-  const double kd = kf;
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const double u = (static_cast<double>(sh[j]) - ref) + m[j];  // slot mean - ref
-    sa += kd * u;
-    sb += q[j] + kd * u * u;
-  }
   auto scalar = [&](int64_t e0, int64_t e1) {
 #pragma unroll 1
     for (int64_t e = e0 + tid; e < e1; e += nt) {
@@ -554,18 +598,21 @@ __global__ void __launch_bounds__(kThreads)
 // ---- forward, NSC -------------------------------------------------------------------------------
 
 // Moments of each group over the block's rows -> part[(n*G + g)*splits + split]. Thread (tx, ty)
-// runs a Welford recurrence per channel over its rows (r0 + ty, r0 + ty + TY, ...) on x minus its
-// first row's value; the TY row-threads of a channel are merged in double about the channel's value
-// at row r0, and the channels of a group about the group's first channel mean, in channel order.
+// runs a Welford recurrence per channel over its rows (r0 + ty, r0 + ty + TY, ...) in runs of
+// kWelfordRun rows, each on x minus its first row's value, and merges each run into its own
+// shared-memory entries (Chan's formula in double); the TY row-threads of a channel are merged in
+// double about row-thread 0's mean (high part), and the channels of a group about the group's first
+// channel mean, in channel order.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     gn_fwd_nsc_stats(const T* __restrict__ x, Moments* __restrict__ part, int64_t S, int64_t C,
                      FastDiv Kd, int64_t G, int64_t rows, int splits, int TX, int TY) {
-  // Per (row-thread, channel): shift, Welford mean of x - shift and its M2. After the row merge,
-  // entry ch of the three holds channel ch's mean as hi + lo and its M2.
+  // Per (row-thread, channel): the moments of the thread's rows merged so far, mean as the hi + lo
+  // pair red_s + red_m and M2 in red_q (zero before the first run). After the row merge, entry ch
+  // of the three holds channel ch's mean as hi + lo and its M2.
   __shared__ float red_s[kThreads * V];
   __shared__ float red_m[kThreads * V];
-  __shared__ float red_q[kThreads * V];
+  __shared__ double red_q[kThreads * V];
   __shared__ float red_n[kThreads];  // rows of row-thread ty
   __shared__ double carry[2][3];  // a group continuing into the next chunk: its ref and sums
   const int64_t K = Kd.value();
@@ -585,41 +632,62 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t cv0 = 0; cv0 < CV; cv0 += TX, parity ^= 1) {
     const int64_t cv = cv0 + tx;
     if (active && cv < CV) {
-      float sh[V], m[V], q[V];
-      float kf = 0.f;  // rows seen
       const T* col = xn + cv * V;
-      const int64_t rf = r0 + ty;
-      if (rf < r1) {
-        unpack_raw<T, V>(ld_raw<T, V, false>(col + rf * C), sh);
-        kf = 1.f;
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) sh[j] = 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < V; ++j) m[j] = q[j] = 0.f;
-      batched_loop<4>(
-          rf + TY, r1, TY, [&](int64_t r) { return ld_raw<T, V, false>(col + r * C); },
-          [&](int64_t, const RawT<T, V>& raw) {
-            float f[V];
-            unpack_raw<T, V>(raw, f);
-            kf += 1.f;
-            const float w = rcp_approx(kf);
-#pragma unroll
-            for (int j = 0; j < V; ++j) welford_step(f[j] - sh[j], w, m[j], q[j]);
-          });
+      // This thread's entries, accessed through volatile in the run merge below so that the
+      // compiler merges the V channels one after another instead of loading all 3V entries first
+      // (that raised the register count and spilled; the merge runs once per kWelfordRun rows).
+      volatile float* const es = red_s + ty * TXV + tx * V;
+      volatile float* const em = red_m + ty * TXV + tx * V;
+      volatile double* const eq = red_q + ty * TXV + tx * V;
+      float na = 0.f;  // rows merged into the entries, which start as zero moments
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const int k = ty * TXV + tx * V + j;
-        red_s[k] = sh[j];
-        red_m[k] = m[j];
-        red_q[k] = q[j];
+        es[j] = 0.f;
+        em[j] = 0.f;
+        eq[j] = 0.0;
       }
-      if (tx == 0) red_n[ty] = kf;
+      // Runs of kWelfordRun rows, as in gn_fwd_ncs_stats; each run is then merged into the
+      // entries (mean as a hi + lo pair, M2 in double) by Chan's formula in double.
+#pragma unroll 1
+      for (int64_t rs = r0 + ty, re; rs < r1; rs = re) {
+        re = min64(r1, rs + static_cast<int64_t>(kWelfordRun) * TY);
+        float sh[V], m[V], q[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) sh[j] = m[j] = q[j] = 0.f;
+        float kf = 0.f;  // rows of this run so far
+        batched_loop<4>(
+            rs, re, TY,
+            [&](int64_t r) { return ld_raw<T, V, false>(col + r * C); },
+            [&](int64_t, const RawT<T, V>& raw) {
+              float f[V];
+              unpack_raw<T, V>(raw, f);
+              if (kf == 0.f) {
+#pragma unroll
+                for (int j = 0; j < V; ++j) sh[j] = f[j];
+              }
+              kf += 1.f;
+              const float w = rcp_approx(kf);
+#pragma unroll
+              for (int j = 0; j < V; ++j) welford_step(f[j] - sh[j], w, m[j], q[j]);
+            });
+        const double nb = kf, wb = nb * recip(static_cast<double>(na) + nb), wa = na * wb;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const double ma = static_cast<double>(es[j]) + em[j];
+          const double d = (static_cast<double>(sh[j]) + m[j]) - ma;
+          const double mean = fma(d, wb, ma);
+          const float hi = static_cast<float>(mean);
+          es[j] = hi;
+          em[j] = static_cast<float>(mean - hi);
+          eq[j] = eq[j] + (q[j] + d * d * wa);
+        }
+        na += kf;
+      }
+      if (tx == 0) red_n[ty] = na;
     }
     __syncthreads();
     // Per channel of this chunk: merge the TY row-threads (in place into row 0). ref = row-thread
-    // 0's shift = the channel's value at row r0.
+    // 0's red_s, the high part of its mean (row-thread 0 always has rows).
     const int width = static_cast<int>(min64(TX, CV - cv0)) * V;
     for (int ch = tid; ch < width; ch += nt) {
       const double ref = red_s[ch];
@@ -635,7 +703,7 @@ __global__ void __launch_bounds__(kThreads)
       const float hi = static_cast<float>(mo.mean);
       red_s[ch] = hi;
       red_m[ch] = static_cast<float>(mo.mean - hi);
-      red_q[ch] = static_cast<float>(mo.m2);
+      red_q[ch] = mo.m2;
     }
     __syncthreads();
     // Per group meeting channels [cb, ce): merge its channels in order about the mean of its first
