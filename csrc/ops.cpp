@@ -11,4 +11,24 @@ TORCH_LIBRARY(genext, m) {
   // tensors when weight is None.
   m.def("group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight,"
         " Tensor? bias, int num_groups, bool silu) -> (Tensor, Tensor, Tensor)");
+
+  // Flash attention on (B, L, H, D) views (last dim contiguous; other strides free): q (B, Lq, Hq, D),
+  // k and v (B, Lk, Hk, D) with Hk dividing Hq (GQA/MQA: query head h reads K/V head h / (Hq/Hk)).
+  // Variable length when cu_seqlens_q/cu_seqlens_k (int32, (nseq+1,), starting at 0) are given:
+  // then B == 1 and sequence s owns rows [cu[s], cu[s+1]) of dim 1; max_seqlen_q/k bound the
+  // lengths (ignored otherwise). seqused_k (int32, (nseq,)): only the first seqused_k[s] keys of
+  // sequence s are attended (key padding). Query i of sequence s sees key j iff j < len_k(s) and,
+  // when causal, j <= i + offset(s), offset(s) = len_k(s) - len_q(s) if causal_bottom_right else 0.
+  // A query that sees no key gets out = 0 and lse = -inf. Returns out (B, Lq, Hq, D) contiguous in
+  // q's dtype and lse (B, Hq, Lq), the natural-log sum of exp(scale * q.k) over the visible keys,
+  // float32 (float64 for float64 inputs). deterministic only matters to the backward.
+  m.def("flash_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
+        " Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal,"
+        " bool causal_bottom_right, bool deterministic) -> (Tensor, Tensor)");
+  // Backward of flash_attention_forward from its out and lse: (dq, dk, dv), contiguous, shaped and
+  // typed like q, k, v. deterministic: bit-identical results run to run.
+  m.def("flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q,"
+        " int max_seqlen_k, float scale, bool causal, bool causal_bottom_right, bool deterministic)"
+        " -> (Tensor, Tensor, Tensor)");
 }

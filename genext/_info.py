@@ -31,5 +31,9 @@ def build_info() -> dict[str, Any]:
         "cuda_archs": _C.cuda_archs.split() if _C.cuda else [],
         "cuda_compiler": _build_config.cuda_compiler_version or None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # fp16/bf16 flash-attention kernels compiled in (head dims up to the largest are served)
+        "flash_attention_head_dim_tiles": [
+            int(d) for d in getattr(_build_config, "flash_attention_head_dim_tiles", "").split()
+        ],
         "ops": ops,
     }

@@ -1,0 +1,231 @@
+// Flash-attention forward for fp16/bf16 on tensor cores (mma.sync m16n8k16, sm_80+).
+//
+// One block per (query tile of kBlockM rows, query head, sequence); each warp owns 16 query rows
+// and runs the whole online softmax for them, so warps never exchange data. Per key tile of
+// kBlockN keys: S = Q K^T (fp32), masking, running max / sum in base 2, P (rounded to T) times V
+// accumulated in fp32 registers. K and V have one shared-memory buffer each, loaded with cp.async
+// so that V_n arrives while S is computed and K_{n+1} while P V_n is (FlashAttention-2's order).
+// Head dims below the tile kD run only the 16-wide k-steps and 8-wide output columns they need;
+// smem columns at or past D are zero-filled.
+#pragma once
+#include "flash_attention/flash_common.cuh"
+
+namespace genext::fa {
+
+template <int kD>
+struct FwdConfig {
+  static constexpr int kWarps = kD <= 128 ? 8 : 4;
+  static constexpr int kBlockM = 16 * kWarps;
+  static constexpr int kBlockN = kD <= 128 ? 64 : 32;
+  static constexpr int kPitch = kD + 8;
+  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kPitch * 2;
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
+    flash_fwd_kernel(const FwdParams p) {
+  using Cfg = FwdConfig<kD>;
+  constexpr int kWarps = Cfg::kWarps, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
+  constexpr int kPitch = Cfg::kPitch, kThreads = kWarps * 32;
+  constexpr int kNT = kBlockN / 8;  // 8-key n-tiles of S
+  constexpr int kDT = kD / 8;       // 8-wide d-tiles of O
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBlockM * kPitch;
+  T* sV = sK + kBlockN * kPitch;
+
+  const int m_block = blockIdx.x, h = blockIdx.y, s_idx = blockIdx.z;
+  const Seq seq = seq_info(p, s_idx);
+  const int m0 = m_block * kBlockM;
+  if (m0 >= seq.len_q) return;
+  const int hk = h / (p.Hq / p.Hk);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int D = p.D;
+
+  const T* qg = row_ptr<T>(p.q, p.sq, seq, seq.q_row0 + m0, h);
+  const T* kg = row_ptr<T>(p.k, p.sk, seq, seq.k_row0, hk);
+  const T* vg = row_ptr<T>(p.v, p.sv, seq, seq.k_row0, hk);
+  T* og = const_cast<T*>(row_ptr<T>(p.out, p.so, seq, seq.q_row0 + m0, h));
+  float* lse = p.lse + seq.b * p.lse_batch + static_cast<int64_t>(h) * p.lse_head + seq.q_row0 + m0;
+
+  const int offset = p.causal ? (p.bottom_right ? seq.len_k - seq.len_q : 0) : 0;
+  int n_end = seq.len_k;
+  if (p.causal) n_end = min(n_end, max(0, m0 + kBlockM + offset));
+  const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
+  const int rows_q = min(kBlockM, seq.len_q - m0);
+
+  // Rows of this warp, in the block and in the sequence.
+  const int wrow = warp * 16;
+  const int row_a = m0 + wrow + g, row_b = row_a + 8;
+
+  if (n_blocks == 0) {  // no key visible to any row of the tile: zeros and lse = -inf
+    for (int i = threadIdx.x; i < rows_q * (D / 8); i += kThreads) {
+      const int r = i / (D / 8), c = i % (D / 8);
+      *reinterpret_cast<uint4*>(og + r * p.so.row + c * 8) = make_uint4(0, 0, 0, 0);
+    }
+    for (int r = threadIdx.x; r < rows_q; r += kThreads) lse[r] = -INFINITY;
+    return;
+  }
+
+  load_tile<T, kBlockM, kD, kThreads>(sQ, qg, p.sq.row, rows_q, D);
+  load_tile<T, kBlockN, kD, kThreads>(sK, kg, p.sk.row, seq.len_k, D);
+  cp_async_commit();
+
+  const int k_steps = (D + 15) / 16;  // 16-wide k-steps of Q K^T that touch real columns
+  const int d_tiles = D / 8;          // 8-wide output columns
+  const float scale_log2 = p.scale * kLog2e;
+
+  float acc_o[kDT][4];
+#pragma unroll
+  for (int i = 0; i < kDT; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};  // running max of the scaled (base-2) scores
+  float l_run[2] = {0.f, 0.f};              // this thread's part of the running sum
+
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int n0 = nb * kBlockN;
+    cp_async_wait<0>();
+    __syncthreads();  // K_nb is in smem; every warp is done with V_{nb-1}
+    load_tile<T, kBlockN, kD, kThreads>(sV, vg + static_cast<int64_t>(n0) * p.sv.row, p.sv.row,
+                                        seq.len_k - n0, D);
+    cp_async_commit();
+
+    float s[kNT][4];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      if (kk < k_steps) {
+        uint32_t a[4];
+        load_a(sQ, kPitch, wrow, kk * 16, lane, a);
+#pragma unroll
+        for (int nn = 0; nn < kNT / 2; ++nn) {
+          uint32_t b[4];
+          load_b_nk(sK, kPitch, nn * 16, kk * 16, lane, b);
+          mma16816<T>(s[2 * nn], a, b[0], b[1]);
+          mma16816<T>(s[2 * nn + 1], a, b[2], b[3]);
+        }
+      }
+    }
+
+    // Scale to base 2 and mask: keys past the sequence, and above the causal diagonal.
+    const bool need_mask =
+        n0 + kBlockN > seq.len_k || (p.causal && n0 + kBlockN - 1 > m0 + wrow + offset);
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[i][e] * scale_log2;
+        if (need_mask) {
+          const int col = n0 + i * 8 + 2 * t + (e & 1);
+          const int row = e < 2 ? row_a : row_b;
+          if (col >= seq.len_k || (p.causal && col > row + offset)) x = -INFINITY;
+        }
+        s[i][e] = x;
+      }
+    }
+
+    // Online softmax, rows g (e = 0, 1) and g + 8 (e = 2, 3).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m_run[r];
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(m_run[r] - m_use);  // m_run = -inf -> 0
+      m_run[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) {
+        s[i][2 * r] = exp2f(s[i][2 * r] - m_use);
+        s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - m_use);
+        sum += s[i][2 * r] + s[i][2 * r + 1];
+      }
+      l_run[r] = l_run[r] * alpha + sum;
+#pragma unroll
+      for (int i = 0; i < kDT; ++i) {
+        acc_o[i][2 * r] *= alpha;
+        acc_o[i][2 * r + 1] *= alpha;
+      }
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V_nb is in smem; every warp is done with K_nb
+    if (nb + 1 < n_blocks) {
+      load_tile<T, kBlockN, kD, kThreads>(sK, kg + static_cast<int64_t>(n0 + kBlockN) * p.sk.row,
+                                          p.sk.row, seq.len_k - n0 - kBlockN, D);
+      cp_async_commit();
+    }
+
+    // O += P V: P's accumulator layout is the A-fragment layout of the next mma.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dn = 0; dn < kD / 16; ++dn) {
+        if (dn * 2 < d_tiles) {
+          uint32_t b[4];
+          load_b_kn(sV, kPitch, kk * 16, dn * 16, lane, b);
+          mma16816<T>(acc_o[2 * dn], a, b[0], b[1]);
+          mma16816<T>(acc_o[2 * dn + 1], a, b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  // Finish: full row sums over the quad, normalise, write O through this warp's rows of sQ.
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    const int row = r == 0 ? row_a : row_b;
+    if (t == 0 && row < seq.len_q) {
+      lse[row - m0] = l > 0.f ? (m_run[r] + __log2f(l)) * kLn2 : -INFINITY;
+    }
+  }
+  T* sO = sQ + wrow * kPitch;  // only this warp ever read these rows
+#pragma unroll
+  for (int i = 0; i < kDT; ++i) {
+    if (i < d_tiles) {
+      *reinterpret_cast<uint32_t*>(sO + g * kPitch + i * 8 + 2 * t) =
+          pack2<T>(acc_o[i][0] * inv[0], acc_o[i][1] * inv[0]);
+      *reinterpret_cast<uint32_t*>(sO + (g + 8) * kPitch + i * 8 + 2 * t) =
+          pack2<T>(acc_o[i][2] * inv[1], acc_o[i][3] * inv[1]);
+    }
+  }
+  __syncwarp();
+  for (int i = lane; i < 16 * d_tiles; i += 32) {
+    const int r = i / d_tiles, c = i % d_tiles;
+    if (m0 + wrow + r < seq.len_q) {
+      *reinterpret_cast<uint4*>(og + (wrow + r) * p.so.row + c * 8) =
+          *reinterpret_cast<const uint4*>(sO + r * kPitch + c * 8);
+    }
+  }
+}
+
+template <typename T, int kD>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Cfg = FwdConfig<kD>;
+  const dim3 grid((p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM, p.Hq, p.batch);
+  if (grid.x == 0 || p.batch == 0) return cudaSuccess;
+  auto* kernel = &flash_fwd_kernel<T, kD>;
+  if (Cfg::kSmemBytes > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace genext::fa
