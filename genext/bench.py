@@ -207,7 +207,10 @@ def bench_group_norm_silu(device: str, dtype: torch.dtype, quick: bool, compile_
     return rows, all_ok
 
 
-BENCHES = {"group_norm_silu": bench_group_norm_silu}
+def _benches() -> dict[str, Callable]:
+    from .bench_attention import bench_attention  # imports this module: register lazily
+
+    return {"group_norm_silu": bench_group_norm_silu, "attention": bench_attention}
 
 
 def print_table(rows: list[Row]) -> None:
@@ -215,6 +218,8 @@ def print_table(rows: list[Row]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
+        if r.op == "attention":
+            continue
         print(f"{r.op:<16} {r.case:<20} {r.dtype:<9} {r.direction:<4} {r.impl:<8} {r.ms:>9.3f} "
               f"{r.gbps:>8.1f} {r.pct_copy:>6.1f}  {r.check}")
 
@@ -236,13 +241,17 @@ def run(args) -> int:
     print(f"genext bench on {env['device']} ({device}, {env['threads']} threads), torch {env['torch']}, "
           f"copy bandwidth {copy_bps / 1e9:.0f} GB/s (read + write)")
     rows, ok = [], True
-    for op, bench in BENCHES.items():
+    for op, bench in _benches().items():
         if args.op and args.op != op:
             continue
         r, good = bench(device, dtype, args.quick, not args.no_compile, copy_bps)
         rows += r
         ok &= good
-    print_table(rows)
+    if any(r.op != "attention" for r in rows):
+        print_table(rows)
+    from .bench_attention import print_attention_table
+
+    print_attention_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)

@@ -22,7 +22,7 @@ CASES = [  # (shape, groups, channels_last, dtype): one per kernel path
 ]
 
 
-def main() -> int:
+def gn_cases() -> int:
     bad = 0
     for shape, g, cl, dtype in CASES:
         x = (torch.randn(shape, device="cuda", dtype=torch.float64) * 2 + 1).to(dtype)
@@ -46,8 +46,62 @@ def main() -> int:
             print(f"{'ok  ' if ok else 'FAIL'} {str(shape):<20} g={g:<3} cl={cl!s:<5} {str(dtype):<15} "
                   f"{name:<3} rel err {err:.2e}")
     torch.cuda.synchronize()
+    return bad
+
+
+FA_CASES = [  # (B, Hq, Hk, Lq, Lk, D, causal, dtype): tile edges, GQA, both causal alignments
+    (2, 4, 2, 97, 77, 64, False, torch.float16),
+    (1, 2, 2, 130, 130, 40, True, torch.bfloat16),
+    (1, 2, 1, 33, 65, 256, True, torch.bfloat16),
+    (1, 2, 2, 70, 20, 128, True, torch.float16),   # Lq > Lk: the first rows see no key
+    (1, 2, 2, 17, 17, 72, False, torch.float32),
+]
+
+
+def _attention_ref(q, k, v, causal, scale):
+    """float64 attention on (B, H, L, D); bottom-right causal; rows with no key give 0."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        lq, lk = q.shape[2], k.shape[2]
+        i = torch.arange(lq, device=q.device)[:, None]
+        j = torch.arange(lk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (lk - lq), float("-inf"))
+    return torch.nan_to_num(torch.softmax(s, -1), nan=0.0) @ v
+
+
+def fa_cases() -> int:
+    bad = 0
+    for b, hq, hk, lq, lk, d, causal, dtype in FA_CASES:
+        q = torch.randn(b, hq, lq, d, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(b, hk, lk, d, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(b, hk, lk, d, device="cuda", dtype=dtype, requires_grad=True)
+        go = torch.randn(b, hq, lq, d, device="cuda", dtype=dtype)
+        out = genext.ops.flash_attention(q, k, v, causal=causal)
+        grads = torch.autograd.grad(out, (q, k, v), go)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = _attention_ref(qd, kd, vd, causal, d ** -0.5)
+        rgrads = torch.autograd.grad(ref, (qd, kd, vd), go.double())
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for name, o, r in [("out", out, ref)] + list(zip(("dq", "dk", "dv"), grads, rgrads)):
+            den = r.norm().item()
+            err = (o.double() - r).norm().item() / (den if den > 0 else 1.0)
+            ok = bool(torch.isfinite(o).all()) and err < tol
+            bad += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} attention B{b} H{hq}/{hk} L{lq}/{lk} D{d} "
+                  f"causal={causal!s:<5} {str(dtype):<15} {name:<3} rel err {err:.2e}")
+    torch.cuda.synchronize()
+    return bad
+
+
+def main(argv: list[str]) -> int:
+    """Runs every op's cases, or those of the ops named: group_norm_silu, attention."""
+    ops = {"group_norm_silu": gn_cases, "attention": fa_cases}
+    wanted = argv or list(ops)
+    bad = sum(ops[name]() for name in wanted)
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

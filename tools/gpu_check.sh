@@ -12,6 +12,8 @@
 #
 #   bash tools/gpu_check.sh            # everything
 #   GENEXT_SKIP_BUILD=1 bash tools/gpu_check.sh   # reuse an existing build
+#   GENEXT_CHECK_TESTS="tests/test_flash_attention.py -m cuda" GENEXT_CHECK_OPS=attention \
+#     bash tools/gpu_check.sh                      # one op: its tests, smoke cases and bench
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${GENEXT_OUT:-${OUT:-$PWD/gpu-check-out}}
@@ -46,10 +48,12 @@ if [ -z "${GENEXT_SKIP_BUILD:-}" ]; then
     || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
 fi
 step info info.txt $PY -m genext info
-step tests tests.log $PY -m pytest tests -q -ra
-step memcheck sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/cuda_smoke.py
-step racecheck sanitizer.log compute-sanitizer --tool racecheck --error-exitcode 1 $PY tools/cuda_smoke.py
-step bench bench.txt $PY -m genext bench --json "$OUT_DIR/bench.json"
+OPS=${GENEXT_CHECK_OPS:-}
+# shellcheck disable=SC2086
+step tests tests.log $PY -m pytest ${GENEXT_CHECK_TESTS:-tests} -q -ra
+step memcheck sanitizer.log compute-sanitizer --tool memcheck --error-exitcode 1 $PY tools/cuda_smoke.py $OPS
+step racecheck sanitizer.log compute-sanitizer --tool racecheck --error-exitcode 1 $PY tools/cuda_smoke.py $OPS
+step bench bench.txt $PY -m genext bench ${OPS:+--op $OPS} --json "$OUT_DIR/bench.json"
 if [ -n "${GENEXT_PYTEST_BENCH:-}" ]; then
   step pytest-benchmark pytest-bench.log $PY -m pytest benchmarks -q --benchmark-json="$OUT_DIR/pytest-bench.json" \
     --benchmark-columns=median,ops
@@ -57,6 +61,6 @@ fi
 
 echo
 echo "== genext GPU check: $GPU, arch $TORCH_CUDA_ARCH_LIST, $(date -u '+%Y-%m-%d %H:%M UTC'), logs in $OUT_DIR"
-grep -E "^(group_norm_silu|op |---)" "$OUT_DIR/bench.txt" 2>/dev/null || true
+grep -E "^(group_norm_silu|op |attention case|B[0-9]|---)" "$OUT_DIR/bench.txt" 2>/dev/null || true
 printf '%s\n' "${SUMMARY[@]}"
 exit $status

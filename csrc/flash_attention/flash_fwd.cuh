@@ -14,9 +14,12 @@ namespace genext::fa {
 
 template <int kD>
 struct FwdConfig {
-  static constexpr int kWarps = kD <= 128 ? 8 : 4;
-  static constexpr int kBlockM = 16 * kWarps;
-  static constexpr int kBlockN = kD <= 128 ? 64 : 32;
+  // kMT 16-row m-tiles per warp: each K/V fragment read from smem feeds kMT mmas (smem bandwidth,
+  // not the tensor cores, bounds a one-tile warp), at the price of kMT x the accumulators.
+  static constexpr int kWarps = 4;
+  static constexpr int kMT = kD <= 128 ? 2 : 1;
+  static constexpr int kBlockM = 16 * kMT * kWarps;
+  static constexpr int kBlockN = kD <= 64 ? 64 : 32;
   static constexpr int kPitch = kD + 8;
   static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kPitch * 2;
 };
@@ -26,6 +29,7 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
     flash_fwd_kernel(const FwdParams p) {
   using Cfg = FwdConfig<kD>;
   constexpr int kWarps = Cfg::kWarps, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
+  constexpr int kMT = Cfg::kMT;
   constexpr int kPitch = Cfg::kPitch, kThreads = kWarps * 32;
   constexpr int kNT = kBlockN / 8;  // 8-key n-tiles of S
   constexpr int kDT = kD / 8;       // 8-wide d-tiles of O
@@ -56,9 +60,8 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
   const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
   const int rows_q = min(kBlockM, seq.len_q - m0);
 
-  // Rows of this warp, in the block and in the sequence.
-  const int wrow = warp * 16;
-  const int row_a = m0 + wrow + g, row_b = row_a + 8;
+  // This warp's rows: kMT m-tiles of 16 from wrow; thread rows wrow + 16 * mt + g (+ 8).
+  const int wrow = warp * 16 * kMT;
 
   if (n_blocks == 0) {  // no key visible to any row of the tile: zeros and lse = -inf
     for (int i = threadIdx.x; i < rows_q * (D / 8); i += kThreads) {
@@ -77,11 +80,15 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
   const int d_tiles = D / 8;          // 8-wide output columns
   const float scale_log2 = p.scale * kLog2e;
 
-  float acc_o[kDT][4];
+  float acc_o[kMT][kDT][4];
+  float m_run[kMT][2], l_run[kMT][2];  // running max (scaled, base 2) and this thread's sum part
 #pragma unroll
-  for (int i = 0; i < kDT; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};  // running max of the scaled (base-2) scores
-  float l_run[2] = {0.f, 0.f};              // this thread's part of the running sum
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < kDT; ++i) acc_o[mt][i][0] = acc_o[mt][i][1] = acc_o[mt][i][2] = acc_o[mt][i][3] = 0.f;
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int n0 = nb * kBlockN;
@@ -91,64 +98,71 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
                                         seq.len_k - n0, D);
     cp_async_commit();
 
-    float s[kNT][4];
+    float s[kMT][kNT][4];
 #pragma unroll
-    for (int i = 0; i < kNT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       if (kk < k_steps) {
-        uint32_t a[4];
-        load_a(sQ, kPitch, wrow, kk * 16, lane, a);
+        uint32_t a[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) load_a(sQ, kPitch, wrow + 16 * mt, kk * 16, lane, a[mt]);
 #pragma unroll
         for (int nn = 0; nn < kNT / 2; ++nn) {
           uint32_t b[4];
           load_b_nk(sK, kPitch, nn * 16, kk * 16, lane, b);
-          mma16816<T>(s[2 * nn], a, b[0], b[1]);
-          mma16816<T>(s[2 * nn + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            mma16816<T>(s[mt][2 * nn], a[mt], b[0], b[1]);
+            mma16816<T>(s[mt][2 * nn + 1], a[mt], b[2], b[3]);
+          }
         }
       }
     }
 
-    // Scale to base 2 and mask: keys past the sequence, and above the causal diagonal.
+    // Scale to base 2, mask (keys past the sequence, above the causal diagonal), online softmax.
     const bool need_mask =
         n0 + kBlockN > seq.len_k || (p.causal && n0 + kBlockN - 1 > m0 + wrow + offset);
 #pragma unroll
-    for (int i = 0; i < kNT; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[i][e] * scale_log2;
-        if (need_mask) {
-          const int col = n0 + i * 8 + 2 * t + (e & 1);
-          const int row = e < 2 ? row_a : row_b;
-          if (col >= seq.len_k || (p.causal && col > row + offset)) x = -INFINITY;
-        }
-        s[i][e] = x;
-      }
-    }
-
-    // Online softmax, rows g (e = 0, 1) and g + 8 (e = 2, 3).
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m_run[r];
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m_run[r] - m_use);  // m_run = -inf -> 0
-      m_run[r] = mx;
-      float sum = 0.f;
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
       for (int i = 0; i < kNT; ++i) {
-        s[i][2 * r] = exp2f(s[i][2 * r] - m_use);
-        s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - m_use);
-        sum += s[i][2 * r] + s[i][2 * r + 1];
-      }
-      l_run[r] = l_run[r] * alpha + sum;
 #pragma unroll
-      for (int i = 0; i < kDT; ++i) {
-        acc_o[i][2 * r] *= alpha;
-        acc_o[i][2 * r + 1] *= alpha;
+        for (int e = 0; e < 4; ++e) {
+          float x = s[mt][i][e] * scale_log2;
+          if (need_mask) {
+            const int col = n0 + i * 8 + 2 * t + (e & 1);
+            const int row = m0 + wrow + 16 * mt + g + (e >= 2 ? 8 : 0);
+            if (col >= seq.len_k || (p.causal && col > row + offset)) x = -INFINITY;
+          }
+          s[mt][i][e] = x;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {  // rows g (e = 0, 1) and g + 8 (e = 2, 3)
+        float mx = m_run[mt][r];
+#pragma unroll
+        for (int i = 0; i < kNT; ++i) mx = fmaxf(mx, fmaxf(s[mt][i][2 * r], s[mt][i][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2f(m_run[mt][r] - m_use);  // m_run = -inf -> 0
+        m_run[mt][r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < kNT; ++i) {
+          s[mt][i][2 * r] = exp2f(s[mt][i][2 * r] - m_use);
+          s[mt][i][2 * r + 1] = exp2f(s[mt][i][2 * r + 1] - m_use);
+          sum += s[mt][i][2 * r] + s[mt][i][2 * r + 1];
+        }
+        l_run[mt][r] = l_run[mt][r] * alpha + sum;
+#pragma unroll
+        for (int i = 0; i < kDT; ++i) {
+          acc_o[mt][i][2 * r] *= alpha;
+          acc_o[mt][i][2 * r + 1] *= alpha;
+        }
       }
     }
 
@@ -163,52 +177,62 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
     // O += P V: P's accumulator layout is the A-fragment layout of the next mma.
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dn = 0; dn < kD / 16; ++dn) {
         if (dn * 2 < d_tiles) {
           uint32_t b[4];
           load_b_kn(sV, kPitch, kk * 16, dn * 16, lane, b);
-          mma16816<T>(acc_o[2 * dn], a, b[0], b[1]);
-          mma16816<T>(acc_o[2 * dn + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            mma16816<T>(acc_o[mt][2 * dn], a[mt], b[0], b[1]);
+            mma16816<T>(acc_o[mt][2 * dn + 1], a[mt], b[2], b[3]);
+          }
         }
       }
     }
   }
 
-  // Finish: full row sums over the quad, normalise, write O through this warp's rows of sQ.
-  float inv[2];
+  // Finish: full row sums over the quad, normalise, write O through this warp's rows of sQ
+  // (only this warp ever read them).
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    const int row = r == 0 ? row_a : row_b;
-    if (t == 0 && row < seq.len_q) {
-      lse[row - m0] = l > 0.f ? (m_run[r] + __log2f(l)) * kLn2 : -INFINITY;
+  for (int mt = 0; mt < kMT; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = l_run[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      inv[r] = l > 0.f ? 1.f / l : 0.f;
+      const int lrow = wrow + 16 * mt + g + 8 * r;  // row within the tile
+      if (t == 0 && m0 + lrow < seq.len_q) {
+        lse[lrow] = l > 0.f ? (m_run[mt][r] + __log2f(l)) * kLn2 : -INFINITY;
+      }
     }
-  }
-  T* sO = sQ + wrow * kPitch;  // only this warp ever read these rows
+    T* sO = sQ + (wrow + 16 * mt) * kPitch;
 #pragma unroll
-  for (int i = 0; i < kDT; ++i) {
-    if (i < d_tiles) {
-      *reinterpret_cast<uint32_t*>(sO + g * kPitch + i * 8 + 2 * t) =
-          pack2<T>(acc_o[i][0] * inv[0], acc_o[i][1] * inv[0]);
-      *reinterpret_cast<uint32_t*>(sO + (g + 8) * kPitch + i * 8 + 2 * t) =
-          pack2<T>(acc_o[i][2] * inv[1], acc_o[i][3] * inv[1]);
+    for (int i = 0; i < kDT; ++i) {
+      if (i < d_tiles) {
+        *reinterpret_cast<uint32_t*>(sO + g * kPitch + i * 8 + 2 * t) =
+            pack2<T>(acc_o[mt][i][0] * inv[0], acc_o[mt][i][1] * inv[0]);
+        *reinterpret_cast<uint32_t*>(sO + (g + 8) * kPitch + i * 8 + 2 * t) =
+            pack2<T>(acc_o[mt][i][2] * inv[1], acc_o[mt][i][3] * inv[1]);
+      }
     }
   }
   __syncwarp();
-  for (int i = lane; i < 16 * d_tiles; i += 32) {
+  for (int i = lane; i < 16 * kMT * d_tiles; i += 32) {
     const int r = i / d_tiles, c = i % d_tiles;
     if (m0 + wrow + r < seq.len_q) {
       *reinterpret_cast<uint4*>(og + (wrow + r) * p.so.row + c * 8) =
-          *reinterpret_cast<const uint4*>(sO + r * kPitch + c * 8);
+          *reinterpret_cast<const uint4*>(sQ + (wrow + r) * kPitch + c * 8);
     }
   }
 }
