@@ -1,4 +1,122 @@
 """Functional forms of genext's modules (the ops with PyTorch-style names)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import KERNELS
+from ..ops.flash_attention import _default_scale
 from ..ops.group_norm_silu import group_norm_silu
 
-__all__ = ["group_norm_silu"]
+__all__ = ["group_norm_silu", "scaled_dot_product_attention"]
+
+
+def _served_dtypes(op: str) -> dict[str, tuple[torch.dtype, ...]]:
+    """Device type -> dtypes with a kernel in this build (looked up once, at import, so that the
+    per-call decision is plain Python that torch.compile can trace)."""
+    return {
+        dev: dtypes
+        for dev, dtypes in KERNELS[op].items()
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"genext::{op}", dev.upper())
+    }
+
+
+_FA_SERVED = _served_dtypes("flash_attention_forward")
+_CUDA_MAX_HEAD_DIM = 256
+
+
+def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mask) -> bool:
+    """Whether the genext kernel computes exactly what PyTorch's SDPA would, from shapes, dtypes
+    and flags only (no data)."""
+    if not all(isinstance(t, Tensor) for t in (query, key, value)):
+        return False
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or dropout_p != 0.0:
+        return False
+    if has_mask and is_causal:
+        return False  # PyTorch raises for this; let it
+    dev, dt = query.device, query.dtype
+    if key.device != dev or value.device != dev or key.dtype != dt or value.dtype != dt:
+        return False
+    if dt not in _FA_SERVED.get(dev.type, ()):
+        return False
+    b, hq, lq, d = query.shape
+    if key.shape != value.shape or key.shape[0] != b or key.shape[3] != d:
+        return False  # batch broadcasting or a value head dim that differs: PyTorch's
+    hk, lk = key.shape[1], key.shape[2]
+    if hk == 0 or (hq != hk and not (enable_gqa and hq % hk == 0)):
+        return False
+    if query.numel() == 0 or key.numel() == 0:
+        return False
+    if dev.type == "cuda" and (d % 8 != 0 or d > _CUDA_MAX_HEAD_DIM):
+        return False
+    return True
+
+
+def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Optional[Tensor]:
+    """Keys used per batch entry (int32, (B,)) when mask is a boolean key-padding mask that keeps
+    a prefix of the keys in every batch entry; None otherwise (then PyTorch runs)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.device != query.device:
+        return None
+    if not 1 <= mask.dim() <= 4:
+        return None
+    b = query.shape[0]
+    # PyTorch broadcasts the mask against (B, H, Lq, Lk) from the right: a key-padding mask has
+    # size 1 in the head and query dims (so a 2-D mask is (Lq, Lk), as in PyTorch)
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if shape[1] != 1 or shape[2] != 1 or shape[3] != lk or shape[0] not in (1, b):
+        return None
+    if torch.compiler.is_compiling():
+        return None  # the prefix test needs the mask's values
+    m = mask.reshape(shape[0], lk)
+    n = m.sum(dim=-1)
+    prefix = torch.arange(lk, device=m.device).unsqueeze(0) < n.unsqueeze(1)
+    if not bool(torch.equal(m, prefix)):
+        return None
+    return n.to(torch.int32).expand(b).contiguous()
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for :func:`torch.nn.functional.scaled_dot_product_attention` (same signature and
+    results) that runs genext's flash-attention kernel when it can, and PyTorch's otherwise.
+
+    genext runs for 4-D ``(B, H, L, D)`` query/key/value of one dtype and device that genext
+    serves (CUDA: float16/bfloat16 on tensor cores, float32 on a slow exact kernel, D a multiple
+    of 8 up to 256; CPU: float32, float64, float16, bfloat16), ``dropout_p == 0``, equal head
+    counts or ``enable_gqa`` with Hk dividing Hq, and either no ``attn_mask`` or a boolean
+    key-padding mask (True = attend) broadcastable as ``(B, 1, 1, Lk)`` that keeps a prefix of the
+    keys in each batch entry (checked on the mask's values, one device sync; under torch.compile
+    masks always go to PyTorch). ``is_causal`` is PyTorch's top-left aligned mask.
+    Everything else (float or arbitrary boolean masks, dropout, other ranks, broadcast batch
+    dims) goes to PyTorch with no error; the choice is made from shapes, dtypes and flags before
+    autograd records anything.
+
+    One difference: a batch entry whose mask hides every key gets a zero output (and zero
+    gradients) from genext, where PyTorch returns NaN.
+    """
+    if _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, attn_mask is not None):
+        lengths = None
+        if attn_mask is not None:
+            lengths = _key_lengths(attn_mask, query, key.shape[2])
+        if attn_mask is None or lengths is not None:
+            sc = _default_scale(query, scale)
+            out, _ = torch.ops.genext.flash_attention_forward(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None,
+                lengths, 0, 0, sc, bool(is_causal), False, False,
+            )
+            return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+        scale=scale, enable_gqa=enable_gqa,
+    )

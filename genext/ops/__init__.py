@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .flash_attention import flash_attention, flash_attention_varlen
 from .group_norm_silu import group_norm_silu
 
 # Which devices and dtypes have kernels, per op; build_info() confirms each against the dispatcher.
@@ -10,9 +11,15 @@ _GN = {
     "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
+_FA = {
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),  # fp16/bf16 fast, fp32 a plain kernel
+}
 KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
     "group_norm_silu": _GN,
     "group_norm_silu_backward": _GN,
+    "flash_attention_forward": _FA,
+    "flash_attention_backward": _FA,
 }
 
-__all__ = ["group_norm_silu", "KERNELS"]
+__all__ = ["flash_attention", "flash_attention_varlen", "group_norm_silu", "KERNELS"]

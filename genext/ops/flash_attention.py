@@ -1,0 +1,263 @@
+"""Flash attention: ``softmax(scale * q @ k^T + mask) @ v`` without an ``(Lq, Lk)`` tensor.
+
+Fast paths: CUDA float16/bfloat16 (tensor-core kernels, compute capability 8.0 or newer, head dim
+a multiple of 8 up to 256). CUDA float32 is served by a plain fp32 kernel: exact fp32 arithmetic,
+correct but far slower than the 16-bit kernels. The CPU kernel (tiled online softmax, parallel over
+batch x heads x query tiles) serves float32, float16/bfloat16 (computed in float32) and float64,
+the last so that ``torch.autograd.gradcheck`` can run.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["flash_attention", "flash_attention_varlen"]
+
+_LAYOUTS = ("bhld", "blhd")
+
+
+def _default_scale(q: Tensor, scale: Optional[float]) -> float:
+    return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    layout: str = "bhld",
+    deterministic: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Exact attention with a fused, tiled kernel (no ``(Lq, Lk)`` tensor is stored).
+
+    Args:
+        q: ``(B, Hq, Lq, D)`` (``layout="bhld"``, SDPA's layout) or ``(B, Lq, Hq, D)``
+            (``layout="blhd"``).
+        k, v: ``(B, Hk, Lk, D)`` or ``(B, Lk, Hk, D)``. Hk must divide Hq (grouped-query and
+            multi-query attention: query head h uses K/V head ``h // (Hq // Hk)``, without K/V
+            being repeated in memory).
+        causal: query i sees key j iff ``j <= i + Lk - Lq`` (aligned to the bottom-right corner, as
+            flash-attn >= 2.1 and generation with a KV cache do; for ``Lq == Lk`` this is the usual
+            lower triangle). A query that sees no key (``Lq > Lk``, first rows) gets a zero output.
+            ``genext.nn.functional.scaled_dot_product_attention`` gives PyTorch's top-left
+            ``is_causal`` instead.
+        scale: softmax scale, ``1 / sqrt(D)`` by default.
+        return_lse: also return the log-sum-exp of the scaled scores per query, ``(B, Hq, Lq)``
+            float32 (float64 for float64 inputs); ``-inf`` for a query that sees no key.
+        layout: ``"bhld"`` or ``"blhd"``, for inputs and output alike. Inputs whose last dim is
+            contiguous are read in place (any other strides, e.g. q, k, v sliced from one packed
+            qkv tensor), so both layouts cost no copy.
+        deterministic: bit-identical gradients run to run (CUDA backward; the CPU kernels always
+            are).
+
+    Returns:
+        out in q's dtype and layout (for ``"bhld"`` a transposed view of a contiguous
+        ``(B, Lq, Hq, D)`` tensor, as PyTorch's flash backend returns), and lse when
+        ``return_lse``. Differentiable in q, k and v (and through lse); no double backward.
+
+    Devices and dtypes: CUDA float16/bfloat16 are fast (tensor cores; compute capability 8.0+,
+    D a multiple of 8 and at most 256); CUDA float32 runs a plain fp32 kernel, exact but slow; the
+    CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32).
+    """
+    if layout not in _LAYOUTS:
+        raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"flash_attention: {name} must be 4-D ({'B, H, L, D' if layout == 'bhld' else 'B, L, H, D'}), "
+                f"got shape {tuple(t.shape)}"
+            )
+    if layout == "bhld":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out, lse = torch.ops.genext.flash_attention_forward(
+        q, k, v, None, None, None, 0, 0, _default_scale(q, scale), bool(causal), True,
+        bool(deterministic),
+    )
+    if layout == "bhld":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def _check_cu_format(name: str, cu: Tensor, q: Tensor) -> None:
+    if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        got = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+        raise ValueError(
+            f"flash_attention_varlen: {name} must be a 1-D int32 tensor (num_sequences + 1,), got {got}"
+        )
+    if cu.device != q.device:
+        raise ValueError(f"flash_attention_varlen: {name} is on {cu.device} but q is on {q.device}")
+
+
+def _check_cu_values(name: str, cu: Tensor, rows: int, max_seqlen: int, max_name: str) -> None:
+    c = cu.tolist()
+    if c[0] != 0:
+        raise ValueError(f"flash_attention_varlen: {name} must start at 0, got {c[0]}")
+    for s in range(len(c) - 1):
+        if c[s + 1] < c[s]:
+            raise ValueError(
+                f"flash_attention_varlen: {name} must be non-decreasing, got {name}[{s + 1}] = "
+                f"{c[s + 1]} < {name}[{s}] = {c[s]}"
+            )
+        if c[s + 1] - c[s] > max_seqlen:
+            raise ValueError(
+                f"flash_attention_varlen: sequence {s} has {c[s + 1] - c[s]} rows in {name}, more "
+                f"than {max_name} = {max_seqlen}"
+            )
+    if c[-1] > rows:
+        raise ValueError(
+            f"flash_attention_varlen: the last entry of {name} ({c[-1]}) exceeds the number of "
+            f"packed rows ({rows})"
+        )
+
+
+def flash_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Attention over a batch of sequences of different lengths, packed without padding.
+
+    Args:
+        q: ``(total_q, Hq, D)``; sequence s owns rows ``cu_seqlens_q[s]:cu_seqlens_q[s + 1]``.
+        k, v: ``(total_k, Hk, D)``, Hk dividing Hq; sequence s owns rows
+            ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(num_sequences + 1,)`` on q's device, starting at 0,
+            non-decreasing, ending at most at the number of rows (rows past the end get a zero
+            output and gradient). Empty sequences are allowed.
+        max_seqlen_q, max_seqlen_k: bounds on the sequence lengths (the CUDA launch grid is sized
+            by them, so they must hold).
+        causal, scale, deterministic: as in :func:`flash_attention`; causal aligns bottom-right
+            within each sequence.
+        return_lse: also return the log-sum-exp, ``(Hq, total_q)``.
+
+    Returns:
+        out ``(total_q, Hq, D)`` in q's dtype, and lse when ``return_lse``. Differentiable in q,
+        k, v. Devices and dtypes as :func:`flash_attention`.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(
+                f"flash_attention_varlen: {name} must be 3-D (total, H, D), got shape {tuple(t.shape)}"
+            )
+    _check_cu_format("cu_seqlens_q", cu_seqlens_q, q)
+    _check_cu_format("cu_seqlens_k", cu_seqlens_k, q)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"flash_attention_varlen: cu_seqlens_q and cu_seqlens_k must have the same length "
+            f"(num_sequences + 1), got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
+        )
+    if not torch.compiler.is_compiling():  # data-dependent; the kernels check again
+        _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+        _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    out, lse = torch.ops.genext.flash_attention_forward(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cu_seqlens_q, cu_seqlens_k, None,
+        int(max_seqlen_q), int(max_seqlen_k), _default_scale(q, scale), bool(causal), True,
+        bool(deterministic),
+    )
+    out = out.squeeze(0)
+    return (out, lse.squeeze(0)) if return_lse else out
+
+
+# ---- torch.library registrations ------------------------------------------------------------------
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("genext::flash_attention_forward")
+def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale,
+          causal, causal_bottom_right, deterministic):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                 lambda: "flash_attention_forward: q, k, v must be (B, L, H, D) views")
+    torch._check(k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0,
+                 lambda: "flash_attention_forward: the number of query heads must be a multiple of "
+                         "the number of key/value heads")
+    torch._check(q.dtype == k.dtype and q.dtype == v.dtype,
+                 lambda: "flash_attention_forward: q, k and v must share a dtype")
+    b, lq, hq, _ = q.shape
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((b, hq, lq), dtype=_lse_dtype(q))
+    return out, lse
+
+
+@torch.library.register_fake("genext::flash_attention_backward")
+def _fake_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                   max_seqlen_q, max_seqlen_k, scale, causal, causal_bottom_right, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right,
+     deterministic) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k)
+    ctx.args = (max_q, max_k, scale, causal, bottom_right, deterministic)
+    # an unused output (usually lse) then gets None instead of a tensor of zeros
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, seqused_k = ctx.saved_tensors
+    max_q, max_k, scale, causal, bottom_right, deterministic = ctx.args
+    nones = (None,) * 9
+    if grad_out is None and grad_lse is None:
+        return (None, None, None) + nones
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.genext.flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal,
+        bottom_right, deterministic,
+    )
+    if grad_lse is not None:
+        # lse_i = log sum_j exp(scale q_i.k_j): d lse_i / d q_i = scale sum_j P_ij k_j, the output
+        # of attention with v := k, and d lse_i / d k_j = scale P_ij q_i, which is the dv of the
+        # backward op for grad_out_i = grad_lse_i q_i. Both reuse the kernels (no (L, L) tensor).
+        g = grad_lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        g = g.transpose(1, 2).unsqueeze(-1)  # (B, Lq, Hq, 1)
+        g = torch.where(torch.isinf(lse).transpose(1, 2).unsqueeze(-1), torch.zeros_like(g), g)
+        pk, _ = torch.ops.genext.flash_attention_forward(
+            q, k, k, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right,
+            deterministic,
+        )
+        gq = (g * q).to(q.dtype)
+        _, _, pq = torch.ops.genext.flash_attention_backward(
+            gq, q, k, k, pk, lse, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal,
+            bottom_right, deterministic,
+        )
+        dq = (dq + scale * g * pk).to(q.dtype)
+        dk = (dk + scale * pq).to(k.dtype)
+    return (dq, dk, dv) + nones
+
+
+torch.library.register_autograd(
+    "genext::flash_attention_forward", _backward, setup_context=_setup_context
+)
+
+
+def _double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "genext.ops.flash_attention: double backward (gradients of gradients) is not implemented"
+    )
+
+
+def _setup_backward_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "genext::flash_attention_backward", _double_backward, setup_context=_setup_backward_context
+)
