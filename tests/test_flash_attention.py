@@ -1,0 +1,506 @@
+"""genext.ops.flash_attention(_varlen) and the SDPA drop-in against the float64 reference, on the CPU
+and (marked) on CUDA."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genext.nn.functional as gF
+from genext import reference
+from genext.ops import flash_attention, flash_attention_varlen
+
+from conftest import max_err, poison_allocator
+
+FWD = torch.ops.genext.flash_attention_forward
+BWD = torch.ops.genext.flash_attention_backward
+
+# float32 and float64: absolute error bounds against float64 (values and gradients are O(1) here)
+ATOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+ATOL_GRAD = {torch.float32: 1e-4, torch.float64: 1e-11}
+
+
+def dtypes_for(device):
+    base = [torch.float32, torch.float16, torch.bfloat16]
+    return base + [torch.float64] if device == "cpu" else base
+
+
+def make_qkv(b, hq, hk, lq, lk, d, dtype, device, requires_grad=False):
+    """Random (B, H, L, D) q, k, v (never zeros), drawn in float64 then rounded to dtype."""
+    def rand(h, l):
+        t = torch.randn(b, h, l, d, dtype=torch.float64).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+    return rand(hq, lq), rand(hk, lk), rand(hk, lk)
+
+
+def grads(fn, q, k, v, go, lse_weight=None):
+    """Output, lse (if fn returns it) and gradients of fn(q, k, v) for upstream gradient go."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    res = fn(q, k, v)
+    out, lse = res if isinstance(res, tuple) else (res, None)
+    gq, gk, gv = torch.autograd.grad(out, (q, k, v), go)
+    return out.detach(), None if lse is None else lse.detach(), gq, gk, gv
+
+
+def check_against_reference(ours, pt, ref, dtype, what):
+    """ours and pt (PyTorch in the same dtype, None for fp32/fp64) against the float64 ref."""
+    if ref.numel() == 0:
+        return
+    err = max_err(ours, ref)
+    if dtype in ATOL:
+        tol = (ATOL_GRAD if what.startswith("d") else ATOL)[dtype]
+        assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
+    else:
+        pt_err = max_err(pt, ref)
+        assert err <= 2 * pt_err + 1e-6, f"{what}: max error {err:.3g} > 2 x PyTorch's {pt_err:.3g}"
+
+
+def lse_error(ours, ref):
+    """lse errors over the rows that see a key; rows that see none must be -inf in both."""
+    seen = torch.isfinite(ref)
+    assert torch.equal(torch.isinf(ours) & (ours < 0), ~seen), "rows without keys must have lse = -inf"
+    return ours[seen], ref[seen]
+
+
+# (B, Hq, Hk, Lq, Lk, D, causal, scale): each case says why it is there. causal is bottom-right.
+CASES = [
+    (2, 4, 4, 17, 17, 40, False, None),    # L = 17, not a tile multiple; D = 40 (SD 1.5)
+    (1, 2, 2, 1, 1, 72, False, None),      # L = 1; D = 72 (not a multiple of 16)
+    (1, 3, 3, 1, 97, 64, True, None),      # one query (decoding) against 97 keys: sees them all
+    (2, 8, 2, 97, 97, 128, True, None),    # GQA (Hq = 8, Hk = 2), causal, L = 97 prime
+    (2, 4, 1, 97, 77, 72, False, 0.3),     # MQA cross-attention, Lk = 77 (text tokens), custom scale
+    (1, 2, 2, 97, 33, 40, True, None),     # causal, Lq > Lk: the first 64 queries see no key (zeros)
+    (1, 2, 1, 17, 97, 256, True, None),    # causal, Lq < Lk; D = 256, the largest CUDA head dim
+    (1, 1, 1, 1025, 1025, 128, True, None),  # L = 1025: one past a power of two, tile tails
+    (1, 2, 2, 1025, 77, 40, False, None),  # long queries against 77 keys
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[
+    f"B{c[0]}-H{c[1]}x{c[2]}-L{c[3]}x{c[4]}-D{c[5]}{'-causal' if c[6] else ''}" for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_matches_reference(device, case, dtype):
+    b, hq, hk, lq, lk, d, causal, scale = case
+    if dtype not in dtypes_for(device):
+        pytest.skip("float64 kernels are CPU-only")
+    q, k, v = make_qkv(b, hq, hk, lq, lk, d, dtype, device)
+    go = torch.randn(b, hq, lq, d, dtype=torch.float64).to(device=device, dtype=dtype)
+    poison_allocator(q.new_empty(b, lq, hq, d))
+    out, lse, *g = grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, scale=scale,
+                                                          return_lse=True), q, k, v, go)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (b, hq, lq)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert all(x.shape == t.shape and x.dtype == dtype for x, t in zip(g, (q, k, v)))
+    assert torch.isfinite(out).all() and all(torch.isfinite(x).all() for x in g), \
+        "an element was not written (NaN poison) or overflowed"
+
+    ref_fn = lambda q, k, v: reference.attention_reference(  # noqa: E731
+        q, k, v, causal, scale, bottom_right=True, return_lse=True)
+    r_out, r_lse, *rg = grads(ref_fn, q.double(), k.double(), v.double(), go.double())
+    pt = [None] * 5
+    if dtype not in ATOL:  # PyTorch's math in this dtype: softmax(q k^T) v step by step
+        pt = grads(ref_fn, q, k, v, go)
+    check_against_reference(out, pt[0], r_out, dtype, "out")
+    ours_lse, ref_lse = lse_error(lse, r_lse)
+    pt_lse = None if pt[1] is None else pt[1][torch.isfinite(r_lse)]
+    check_against_reference(ours_lse, pt_lse, ref_lse, dtype, "lse")
+    for name, o, p, r in zip(("dq", "dk", "dv"), g, pt[2:], rg):
+        check_against_reference(o, p, r, dtype, name)
+    if causal and lq > lk:  # queries i < Lq - Lk see no key: zero output and zero dq
+        assert torch.equal(out[:, :, : lq - lk], torch.zeros_like(out[:, :, : lq - lk]))
+        assert torch.equal(g[0][:, :, : lq - lk], torch.zeros_like(g[0][:, :, : lq - lk]))
+
+
+def test_gradient_through_lse(device):
+    # a loss on lse (e.g. a z-loss) must flow back into q and k
+    q, k, v = make_qkv(1, 4, 2, 33, 45, 64, torch.float32, device)
+    w = torch.randn(1, 4, 33, device=device)
+    go = torch.randn(1, 4, 33, 64, device=device)
+
+    def loss(fn, q, k, v):
+        q, k, v = (t.detach().double().requires_grad_() if fn is reference.attention_reference
+                   else t.detach().clone().requires_grad_() for t in (q, k, v))
+        out, lse = fn(q, k, v, causal=True, return_lse=True)
+        total = (out * go.to(out.dtype)).sum() + (lse * w.to(lse.dtype)).sum()
+        return torch.autograd.grad(total, (q, k, v))
+
+    for o, r in zip(loss(flash_attention, q, k, v), loss(reference.attention_reference, q, k, v)):
+        assert max_err(o, r) <= ATOL_GRAD[torch.float32]
+
+
+# ---- layouts and strides ---------------------------------------------------------------------
+
+
+def test_layouts_give_the_same_result(device):
+    q, k, v = make_qkv(2, 4, 2, 37, 50, 40, torch.float16, device)
+    out = flash_attention(q, k, v, causal=True)
+    # bhld output: a transposed view of a contiguous (B, L, H, D) tensor, like PyTorch's flash path
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    q2, k2, v2 = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, L, H, D) storage
+    out2, lse2 = flash_attention(q2, k2, v2, causal=True, layout="blhd", return_lse=True)
+    assert out2.shape == q2.shape and out2.is_contiguous()
+    assert torch.equal(out2.transpose(1, 2), out)
+    _, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(lse, lse2)
+
+
+@pytest.mark.parametrize("make_views", [
+    # q, k, v sliced from one packed (B, L, 3, H, D) qkv projection, in the blhd layout
+    lambda qkv: (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], "blhd"),
+    # the same, permuted to bhld: strides (L*3*H*D, D, 3*H*D, 1)
+    lambda qkv: (*qkv.permute(2, 0, 3, 1, 4).unbind(0), "bhld"),
+    # last dim not contiguous: the op copies
+    lambda qkv: (*(t.transpose(-1, -2).contiguous().transpose(-1, -2)
+                   for t in qkv.permute(2, 0, 3, 1, 4).unbind(0)), "bhld"),
+], ids=["packed-blhd", "packed-bhld", "strided-last-dim"])
+def test_non_contiguous_inputs(device, make_views):
+    qkv = torch.randn(2, 41, 3, 4, 72, device=device, requires_grad=True)
+    q, k, v, layout = make_views(qkv)
+    out = flash_attention(q, k, v, causal=True, layout=layout)
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    want = flash_attention(qc, kc, vc, causal=True, layout=layout)
+    assert torch.equal(out, want)
+    go = torch.randn_like(out)
+    g_packed, = torch.autograd.grad(out, qkv, go)
+    g_plain = torch.autograd.grad(want, (qc, kc, vc), go)
+    for i, gp in enumerate(g_plain):  # the packed gradient holds the three plain ones
+        view = make_views(g_packed)[i]
+        assert torch.equal(view, gp)
+
+
+# ---- key padding (seqused_k) and varlen -------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_with_a_fully_padded_sequence(device, causal):
+    # per-batch key lengths, one of them 0: that entry's rows see nothing -> zeros, lse -inf
+    b, h, lq, lk, d = 3, 2, 19, 40, 64
+    q, k, v = make_qkv(b, h, h, lq, lk, d, torch.float32, device)
+    used = torch.tensor([40, 0, 23], dtype=torch.int32, device=device)
+    go = torch.randn(b, h, lq, d, device=device)
+
+    def ours(q, k, v):
+        out, lse = FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, used,
+                       0, 0, d ** -0.5, causal, True, False)
+        return out.transpose(1, 2), lse
+
+    out, lse, *g = grads(ours, q, k, v, go)
+    r_out, r_lse, *rg = grads(lambda q, k, v: reference.attention_reference(
+        q, k, v, causal, None, True, seqused_k=used, return_lse=True),
+        q.double(), k.double(), v.double(), go.double())
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isinf(lse[1]).all() and (lse[1] < 0).all()
+    assert max_err(out, r_out) <= ATOL[torch.float32]
+    ol, rl = lse_error(lse, r_lse)
+    assert max_err(ol, rl) <= ATOL[torch.float32]
+    for o, r in zip(g, rg):
+        assert torch.isfinite(o).all()
+        assert max_err(o, r) <= ATOL_GRAD[torch.float32]
+    assert torch.equal(g[1][2, :, 23:], torch.zeros_like(g[1][2, :, 23:])), "padded keys get dk = 0"
+
+
+def test_varlen_matches_per_sequence_op(device):
+    # packed sequences, including an empty query sequence (s=1), a sequence without keys (s=2,
+    # zeros) and rows past the last sequence (zeros); GQA and causal
+    lq, lk = [5, 0, 17, 1, 70], [7, 3, 0, 20, 66]
+    hq, hk, d = 4, 2, 40
+    cq, ck = [0, *itertools.accumulate(lq)], [0, *itertools.accumulate(lk)]
+    cu_q = torch.tensor(cq, dtype=torch.int32, device=device)
+    cu_k = torch.tensor(ck, dtype=torch.int32, device=device)
+    tq, tk = sum(lq) + 3, sum(lk) + 2  # extra rows belong to no sequence
+    q = torch.randn(tq, hq, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(tk, hk, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(tk, hk, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    go = torch.randn(tq, hq, d, device=device, dtype=torch.bfloat16)
+    poison_allocator(go)
+    out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True,
+                                      return_lse=True)
+    assert out.shape == (tq, hq, d) and lse.shape == (hq, tq)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), go)
+    assert torch.equal(out[sum(lq):], torch.zeros_like(out[sum(lq):]))
+    assert torch.equal(dk[sum(lk):], torch.zeros_like(dk[sum(lk):]))
+    for s in range(len(lq)):
+        rq, rk = slice(cq[s], cq[s + 1]), slice(ck[s], ck[s + 1])
+        qs, ks, vs = (t.detach()[r].unsqueeze(0).requires_grad_()
+                      for t, r in ((q, rq), (k, rk), (v, rk)))
+        o, l = flash_attention(qs, ks, vs, causal=True, layout="blhd", return_lse=True)
+        assert torch.allclose(out[rq], o[0], atol=1e-2, rtol=0)
+        assert torch.equal(torch.isinf(lse[:, rq]), torch.isinf(l[0]))
+        assert torch.allclose(lse[:, rq], l[0], atol=1e-5, rtol=0)
+        if lq[s] == 0:  # keys nobody queries: zero gradients
+            assert torch.equal(dk[rk], torch.zeros_like(dk[rk]))
+            continue
+        gs = torch.autograd.grad(o, (qs, ks, vs), go[rq].unsqueeze(0))
+        for full, part, r in ((dq, gs[0], rq), (dk, gs[1], rk), (dv, gs[2], rk)):
+            assert torch.allclose(full[r], part[0], atol=2e-2, rtol=0)
+    # sequence 2 has no keys: zero output
+    assert torch.equal(out[cq[2]:cq[3]], torch.zeros_like(out[cq[2]:cq[3]]))
+
+
+# ---- float64 gradcheck, opcheck, torch.compile ------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2), (3, 1)], ids=["MHA", "GQA", "MQA"])
+def test_gradcheck_float64_cpu(causal, heads):
+    hq, hk = heads
+    q, k, v = make_qkv(1, hq, hk, 5, 7, 4, torch.float64, "cpu", requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, return_lse=True), (q, k, v))
+
+
+def test_gradcheck_float64_cpu_varlen_and_padding():
+    cu_q = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 9], dtype=torch.int32)
+    q = torch.randn(7, 2, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(9, 1, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(9, 1, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 4, causal=True), (q, k, v))
+    used = torch.tensor([2, 5], dtype=torch.int32)
+    qb, kb, vb = make_qkv(2, 2, 2, 4, 6, 4, torch.float64, "cpu", requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None,
+                            used, 0, 0, 0.4, True, False, False)[0],
+        (qb, kb, vb))
+
+
+def test_opcheck(device):
+    q, k, v = make_qkv(2, 4, 2, 19, 23, 40, torch.float32, device)
+    qt, kt, vt = (t.transpose(1, 2).requires_grad_() for t in (q, k, v))  # strided (B, L, H, D)
+    used = torch.tensor([23, 9], dtype=torch.int32, device=device)
+    cases = [(qt, kt, vt, None, None, None, 0, 0, 0.2, True, True, False),
+             (qt, kt, vt, None, None, used, 0, 0, 0.2, True, False, True)]
+    cu_q = torch.tensor([0, 7, 7, 19], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 10, 12, 23], dtype=torch.int32, device=device)
+    cases.append((qt[:1], kt[:1], vt[:1], cu_q, cu_k, None, 12, 11, 0.2, True, True, False))
+    for args in cases:
+        torch.library.opcheck(FWD.default, args)
+        with torch.no_grad():
+            out, lse = FWD(*args)
+        go = torch.randn_like(out)
+        torch.library.opcheck(BWD.default, (go, *(t.detach() for t in args[:3]), out, lse,
+                                            *args[3:]))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = make_qkv(2, 4, 2, 33, 20, 40, torch.float32, "cpu", requires_grad=True)
+
+    def block(q, k, v):
+        out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+        return out * 2 + lse.unsqueeze(-1).sigmoid()
+
+    compiled = torch.compile(block, fullgraph=True)
+    y, y_eager = compiled(q, k, v), block(q, k, v)
+    assert torch.allclose(y, y_eager, atol=1e-6, rtol=0)
+    go = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), go), torch.autograd.grad(y_eager, (q, k, v), go)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    sdpa = torch.compile(lambda q, k, v: gF.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                         enable_gqa=True),
+                         fullgraph=True)
+    assert torch.allclose(sdpa(q, k, v), F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True), atol=1e-5, rtol=0)
+
+
+def test_double_backward_is_a_clear_error():
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 8, torch.float64, "cpu", requires_grad=True)
+    g, = torch.autograd.grad(flash_attention(q, k, v).sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        g.sum().backward()
+
+
+# ---- the SDPA drop-in -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_sdpa_calls(monkeypatch):
+    """Counts the drop-in's fallbacks to torch.nn.functional.scaled_dot_product_attention."""
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("lq,lk", [(33, 33), (50, 20), (20, 50)], ids=["square", "Lq>Lk", "Lq<Lk"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_drop_in_matches_torch(device, lq, lk, is_causal, torch_sdpa_calls):
+    # is_causal is PyTorch's top-left mask, also when Lq != Lk
+    q, k, v = make_qkv(2, 4, 4, lq, lk, 64, torch.float32, device, requires_grad=True)
+    out = gF.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    assert not torch_sdpa_calls, "the genext kernel should have run"
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    assert max_err(out, want) <= ATOL[torch.float32]
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(want, (q, k, v), go)):
+        assert max_err(a, b) <= ATOL_GRAD[torch.float32]
+
+
+def test_sdpa_drop_in_gqa(device, torch_sdpa_calls):
+    q, k, v = make_qkv(2, 8, 2, 30, 30, 64, torch.float16, device)
+    out = gF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.2)
+    assert not torch_sdpa_calls
+    ref = reference.attention_reference(q.double(), k.double(), v.double(), True, 0.2, False)
+    pt = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.2)
+    assert max_err(out, ref) <= 2 * max_err(pt, ref) + 1e-6
+    # without enable_gqa PyTorch raises for Hq != Hk; the drop-in defers to it
+    with pytest.raises(RuntimeError):
+        gF.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("mask_shape", ["B11L", "11L"])
+def test_sdpa_drop_in_key_padding_mask(device, mask_shape, torch_sdpa_calls):
+    b, h, lq, lk, d = 3, 2, 21, 37, 40
+    q, k, v = make_qkv(b, h, h, lq, lk, d, torch.float32, device, requires_grad=True)
+    lens = torch.tensor([37, 0, 12]) if mask_shape == "B11L" else torch.tensor([30])
+    mask = (torch.arange(lk) < lens[:, None]).to(device)  # True = attend, a prefix per batch
+    mask = mask[:, None, None, :] if mask_shape == "B11L" else mask[:, None, :]
+    out = gF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert not torch_sdpa_calls, "a prefix key-padding mask runs on the genext kernel"
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    live = [i for i in range(b) if mask_shape != "B11L" or lens[i] > 0]
+    assert max_err(out[live], want[live]) <= ATOL[torch.float32]
+    if mask_shape == "B11L":  # fully padded entry: zeros (PyTorch: NaN), finite gradients
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+    grads_ = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(torch.isfinite(g).all() for g in grads_)
+
+
+@pytest.mark.parametrize("kind", ["float-mask", "bool-arbitrary", "bool-not-prefix", "bool-2d-LqLk",
+                                  "dropout", "3d-inputs", "value-dim"])
+def test_sdpa_drop_in_falls_back(device, kind, torch_sdpa_calls):
+    b, h, lq, lk, d = 2, 2, 9, 13, 32
+    q, k, v = make_qkv(b, h, h, lq, lk, d, torch.float32, device)
+    kwargs = {}
+    if kind == "float-mask":
+        kwargs["attn_mask"] = torch.randn(b, 1, lq, lk, device=device)
+    elif kind == "bool-arbitrary":
+        kwargs["attn_mask"] = torch.rand(b, h, lq, lk, device=device) > 0.3
+    elif kind == "bool-not-prefix":
+        m = torch.ones(b, 1, 1, lk, dtype=torch.bool, device=device)
+        m[:, :, :, 3] = False  # a hole: not a key-padding prefix
+        kwargs["attn_mask"] = m
+    elif kind == "bool-2d-LqLk":  # PyTorch reads a 2-D mask as (Lq, Lk)
+        kwargs["attn_mask"] = torch.rand(lq, lk, device=device) > 0.3
+    elif kind == "dropout":
+        kwargs["dropout_p"] = 0.5
+    elif kind == "3d-inputs":
+        q, k, v = q[0], k[0], v[0]
+    elif kind == "value-dim":
+        v = torch.randn(b, h, lk, 24, device=device)
+    out = gF.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch_sdpa_calls, "expected the PyTorch fallback"
+    if kind == "dropout":
+        assert out.shape == q.shape
+        return
+    want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.allclose(out, want, atol=1e-6, rtol=0, equal_nan=True)
+
+
+# ---- bad inputs -------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(device):
+    q, k, v = make_qkv(2, 4, 2, 8, 8, 16, torch.float32, device)
+    with pytest.raises(TypeError, match="q, k and v must share a dtype"):
+        flash_attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="must be float16, bfloat16, float32"):
+        flash_attention(q.long(), k.long(), v.long())
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of the number of "
+                                         r"key/value heads \(3\)"):
+        k3 = torch.randn(2, 3, 8, 16, device=device)
+        flash_attention(q, k3, k3)
+    with pytest.raises(ValueError, match="share the head dim"):
+        flash_attention(q, k[..., :8], v[..., :8])
+    with pytest.raises(ValueError, match="must be 4-D"):
+        flash_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="layout must be"):
+        flash_attention(q, k, v, layout="bld")
+
+
+def test_bad_cu_seqlens_raise_clear_errors(device):
+    q = torch.randn(10, 2, 16, device=device)
+    k = torch.randn(12, 2, 16, device=device)
+    good = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
+    good_k = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+    run = lambda cq, ck, mq=6, mk=7: flash_attention_varlen(q, k, k, cq, ck, mq, mk)  # noqa: E731
+    run(good, good_k)
+    with pytest.raises(ValueError, match="int32"):
+        run(good.long(), good_k)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        run(torch.tensor([0, 6, 4], dtype=torch.int32, device=device), good_k)
+    with pytest.raises(ValueError, match="same length"):
+        run(good, torch.tensor([0, 12], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="start at 0"):
+        run(torch.tensor([1, 4, 10], dtype=torch.int32, device=device), good_k)
+    with pytest.raises(ValueError, match=r"last entry of cu_seqlens_q \(11\) exceeds"):
+        run(torch.tensor([0, 5, 11], dtype=torch.int32, device=device), good_k, 6)
+    with pytest.raises(ValueError, match="more than max_seqlen_k = 6"):
+        run(good, good_k, 6, 6)
+    # the op checks the same on its own (for callers that bypass the Python wrapper)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        FWD(q[None], k[None], k[None], torch.tensor([0, 6, 4], dtype=torch.int32, device=device),
+            good_k, None, 6, 7, 0.25, False, True, False)
+    with pytest.raises(ValueError, match="seqused_k"):
+        FWD(q[None], k[None], k[None], good, good_k, torch.tensor([5, 9], dtype=torch.int32,
+                                                                   device=device),
+            6, 7, 0.25, False, True, False)
+
+
+def test_device_mismatch_raises():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU to put the tensors on two devices")
+    q = torch.randn(1, 2, 8, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="one device"):
+        flash_attention(q, q.cpu(), q.cpu())
+
+
+# ---- CUDA-specific ----------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [260, 36])
+def test_cuda_head_dim_limit(d):
+    q, k, v = make_qkv(1, 2, 2, 16, 16, d, torch.float16, "cuda")
+    with pytest.raises(ValueError, match="multiple of 8 and at most 256"):
+        flash_attention(q, k, v)
+    # the drop-in falls back to PyTorch instead
+    want = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(gF.scaled_dot_product_attention(q, k, v), want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_deterministic_backward_is_bit_identical(dtype):
+    q, k, v = make_qkv(2, 8, 2, 1000, 1000, 128, dtype, "cuda")
+    go = torch.randn_like(q)
+
+    def run():
+        *_, gq, gk, gv = grads(lambda q, k, v: flash_attention(q, k, v, causal=True,
+                                                               deterministic=True), q, k, v, go)
+        return gq, gk, gv
+
+    first = run()
+    for _ in range(2):
+        for a, b in zip(first, run()):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_memory_is_linear_in_length():
+    # no (L, L) tensor: forward + backward at L = 16384 must stay far below L^2 * 2 bytes (512 MiB)
+    q, k, v = make_qkv(1, 1, 1, 16384, 16384, 64, torch.float16, "cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = flash_attention(q, k, v, causal=True)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 64 * 2**20
