@@ -35,7 +35,7 @@ def make_qkv(b, hq, hk, lq, lk, d, dtype, device, requires_grad=False):
     return rand(hq, lq), rand(hk, lk), rand(hk, lk)
 
 
-def grads(fn, q, k, v, go, lse_weight=None):
+def grads(fn, q, k, v, go):
     """Output, lse (if fn returns it) and gradients of fn(q, k, v) for upstream gradient go."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     res = fn(q, k, v)
