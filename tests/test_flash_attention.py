@@ -444,7 +444,10 @@ def test_bad_cu_seqlens_raise_clear_errors(device):
         run(torch.tensor([0, 5, 11], dtype=torch.int32, device=device), good_k, 6)
     with pytest.raises(ValueError, match="more than max_seqlen_k = 6"):
         run(good, good_k, 6, 6)
-    # the op checks the same on its own (for callers that bypass the Python wrapper)
+    # The CPU op checks the same on its own (for callers that bypass the Python wrapper); the CUDA
+    # op trusts cu_seqlens as flash-attn does, since reading them would cost a device sync.
+    if device != "cpu":
+        return
     with pytest.raises(ValueError, match="non-decreasing"):
         FWD(q[None], k[None], k[None], torch.tensor([0, 6, 4], dtype=torch.int32, device=device),
             good_k, None, 6, 7, 0.25, False, True, False)

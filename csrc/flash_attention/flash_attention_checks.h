@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include "common/device_name.h"
+
 namespace genext::fa {
 
 // The problem as the kernels see it. Tensors are (B, L, H, D) views whose last dim is contiguous.
@@ -27,8 +29,8 @@ inline void check_index_tensor(const char* op, const char* name, const at::Tenso
                                const at::Tensor& q, int64_t numel) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
                    t.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ",
-              q.device());
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", genext::device_name(t), " but q is on ",
+              genext::device_name(q));
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == numel, op, ": ", name, " must have shape (",
                     numel, ",), got ", t.sizes());
 }
@@ -44,13 +46,13 @@ inline Problem check_problem(const char* op, const at::Tensor& q, const at::Tens
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||
                        (allow_double && dt == at::kDouble),
                    op, ": q must be float16, bfloat16, float32",
-                   allow_double ? " or float64" : "", " on ", q.device().type(), ", got ", dt);
+                   allow_double ? " or float64" : "", " on ", genext::device_type_name(q), ", got ", dt);
   TORCH_CHECK_TYPE(k.scalar_type() == dt && v.scalar_type() == dt, op,
                    ": q, k and v must share a dtype, got ", dt, ", ", k.scalar_type(), ", ",
                    v.scalar_type());
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op,
-              ": q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ",
-              v.device());
+              ": q, k and v must be on one device, got ", genext::device_name(q), ", ", genext::device_name(k), ", ",
+              genext::device_name(v));
   TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
                     ": q, k, v must be (B, L, H, D) views, got ranks ", q.dim(), ", ", k.dim(),
                     ", ", v.dim());
@@ -69,7 +71,7 @@ inline Problem check_problem(const char* op, const at::Tensor& q, const at::Tens
                     ") must be a multiple of the number of key/value heads (", p.Hk, ")");
   TORCH_CHECK_VALUE(p.D > 0, op, ": head dim must be positive");
   if (max_head_dim > 0) {
-    TORCH_CHECK_VALUE(p.D % 8 == 0 && p.D <= max_head_dim, op, ": on ", q.device().type(),
+    TORCH_CHECK_VALUE(p.D % 8 == 0 && p.D <= max_head_dim, op, ": on ", genext::device_type_name(q),
                       " the head dim must be a multiple of 8 and at most ", max_head_dim, ", got ",
                       p.D);
   }

@@ -43,6 +43,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/device_name.h"
 #include "flash_attention/flash_attention_checks.h"
 
 namespace genext::fa {
@@ -659,8 +660,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
                       q.sizes(), ", got ", t->sizes());
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kBwd, ": ", name,
                      " must have q's dtype ", q.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->device() == q.device(), kBwd, ": ", name, " is on ", t->device(),
-                " but q is on ", q.device());
+    TORCH_CHECK(t->device() == q.device(), kBwd, ": ", name, " is on ", genext::device_name(*t),
+                " but q is on ", genext::device_name(q));
   }
   TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == p.Hq &&
                         lse.size(2) == rows_q,
@@ -668,8 +669,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
                     "), got ", lse.sizes());
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble, kBwd,
                    ": lse must be float32 or float64, got ", lse.scalar_type());
-  TORCH_CHECK(lse.device() == q.device(), kBwd, ": lse is on ", lse.device(), " but q is on ",
-              q.device());
+  TORCH_CHECK(lse.device() == q.device(), kBwd, ": lse is on ", genext::device_name(lse), " but q is on ",
+              genext::device_name(q));
   const auto seqs = make_seqs(kBwd, p, max_seqlen_q, max_seqlen_k, causal, causal_bottom_right);
   const auto acc = acc_type(q.scalar_type());
   // varlen: rows outside every sequence get zero gradients from no task

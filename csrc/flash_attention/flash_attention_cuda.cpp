@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/device_name.h"
 #include "flash_attention/flash_attention.h"
 #include "flash_attention/flash_attention_checks.h"
 
@@ -60,7 +61,7 @@ Problem check_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, con
                    const std::optional<at::Tensor>& seqused_k, int64_t max_q, int64_t max_k) {
   Problem pr = check_problem(op, q, k, v, cu_q, cu_k, seqused_k, max_q, max_k,
                              /*allow_double=*/false, kMaxHeadDim);
-  TORCH_CHECK(pr.q.is_cuda(), op, ": q must be a CUDA tensor, got ", pr.q.device());
+  TORCH_CHECK(pr.q.is_cuda(), op, ": q must be a CUDA tensor, got ", genext::device_name(pr.q));
   if (pr.q.scalar_type() != at::kFloat) {
     TORCH_CHECK(compiled_head_dim_tile(static_cast<int>(pr.D)) > 0, op, ": head dim ", pr.D,
                 " is above the largest flash-attention tile compiled into this build (",

@@ -3,8 +3,8 @@
 // One block per (query tile of kBlockM rows, query head, sequence); each warp owns 16 query rows
 // and runs the whole online softmax for them, so warps never exchange data. Per key tile of
 // kBlockN keys: S = Q K^T (fp32), masking, running max / sum in base 2, P (rounded to T) times V
-// accumulated in fp32 registers. K and V have one shared-memory buffer each, loaded with cp.async
-// so that V_n arrives while S is computed and K_{n+1} while P V_n is (FlashAttention-2's order).
+// accumulated in fp32 registers. K and V tiles stream through a kStages-deep cp.async ring with
+// one barrier per tile.
 // Head dims below the tile kD run only the 16-wide k-steps and 8-wide output columns they need;
 // smem columns at or past D are zero-filled.
 #pragma once
@@ -20,8 +20,11 @@ struct FwdConfig {
   static constexpr int kMT = kD <= 128 ? 2 : 1;
   static constexpr int kBlockM = 16 * kMT * kWarps;
   static constexpr int kBlockN = kD <= 64 ? 64 : 32;
+  // K/V pipeline depth: tile n + kStages - 1 is requested while tile n is computed, so a load has
+  // (kStages - 1) iterations to arrive (one iteration is shorter than a DRAM round trip).
+  static constexpr int kStages = kD <= 128 ? 3 : 2;
   static constexpr int kPitch = kD + 8;
-  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kPitch * 2;
+  static constexpr int kSmemBytes = (kBlockM + 2 * kStages * kBlockN) * kPitch * 2;
 };
 
 template <typename T, int kD>
@@ -29,15 +32,15 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
     flash_fwd_kernel(const FwdParams p) {
   using Cfg = FwdConfig<kD>;
   constexpr int kWarps = Cfg::kWarps, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
-  constexpr int kMT = Cfg::kMT;
+  constexpr int kMT = Cfg::kMT, kStages = Cfg::kStages;
   constexpr int kPitch = Cfg::kPitch, kThreads = kWarps * 32;
   constexpr int kNT = kBlockN / 8;  // 8-key n-tiles of S
   constexpr int kDT = kD / 8;       // 8-wide d-tiles of O
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + kBlockM * kPitch;
-  T* sV = sK + kBlockN * kPitch;
+  T* sKs = sQ + kBlockM * kPitch;               // [kStages][kBlockN][kPitch]
+  T* sVs = sKs + kStages * kBlockN * kPitch;     // [kStages][kBlockN][kPitch]
 
   const int m_block = blockIdx.x, h = blockIdx.y, s_idx = blockIdx.z;
   const Seq seq = seq_info(p, s_idx);
@@ -72,9 +75,22 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
     return;
   }
 
+  // Loads K and V tile nb into stage nb % kStages.
+  auto issue = [&](int nb) {
+    const int st = nb % kStages, n0 = nb * kBlockN;
+    load_tile<T, kBlockN, kD, kThreads>(sKs + st * kBlockN * kPitch,
+                                        kg + static_cast<int64_t>(n0) * p.sk.row, p.sk.row,
+                                        seq.len_k - n0, D);
+    load_tile<T, kBlockN, kD, kThreads>(sVs + st * kBlockN * kPitch,
+                                        vg + static_cast<int64_t>(n0) * p.sv.row, p.sv.row,
+                                        seq.len_k - n0, D);
+  };
   load_tile<T, kBlockM, kD, kThreads>(sQ, qg, p.sq.row, rows_q, D);
-  load_tile<T, kBlockN, kD, kThreads>(sK, kg, p.sk.row, seq.len_k, D);
-  cp_async_commit();
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < n_blocks) issue(st);
+    cp_async_commit();  // always, so that group i holds tile i
+  }
 
   const int k_steps = (D + 15) / 16;  // 16-wide k-steps of Q K^T that touch real columns
   const int d_tiles = D / 8;          // 8-wide output columns
@@ -92,11 +108,12 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int n0 = nb * kBlockN;
-    cp_async_wait<0>();
-    __syncthreads();  // K_nb is in smem; every warp is done with V_{nb-1}
-    load_tile<T, kBlockN, kD, kThreads>(sV, vg + static_cast<int64_t>(n0) * p.sv.row, p.sv.row,
-                                        seq.len_k - n0, D);
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile nb has landed; every warp is done with tile nb - 1
+    if (nb + kStages - 1 < n_blocks) issue(nb + kStages - 1);  // into tile nb - 1's stage
     cp_async_commit();
+    const T* sK = sKs + (nb % kStages) * kBlockN * kPitch;
+    const T* sV = sVs + (nb % kStages) * kBlockN * kPitch;
 
     float s[kMT][kNT][4];
 #pragma unroll
@@ -164,14 +181,6 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
           acc_o[mt][i][2 * r + 1] *= alpha;
         }
       }
-    }
-
-    cp_async_wait<0>();
-    __syncthreads();  // V_nb is in smem; every warp is done with K_nb
-    if (nb + 1 < n_blocks) {
-      load_tile<T, kBlockN, kD, kThreads>(sK, kg + static_cast<int64_t>(n0 + kBlockN) * p.sk.row,
-                                          p.sk.row, seq.len_k - n0 - kBlockN, D);
-      cp_async_commit();
     }
 
     // O += P V: P's accumulator layout is the A-fragment layout of the next mma.

@@ -17,6 +17,7 @@
 
 #include "group_norm_silu/group_norm_silu.h"
 #include "group_norm_silu/group_norm_silu_checks.h"
+#include "common/device_name.h"
 
 namespace genext::gn {
 namespace {
@@ -96,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, int64_t 
                                                    const std::optional<at::Tensor>& bias, double eps,
                                                    bool silu) {
   const Problem pr = check_input(kFwdOp, x, num_groups, weight, bias, /*allow_double=*/false);
-  TORCH_CHECK(pr.x.is_cuda(), kFwdOp, ": x must be a CUDA tensor, got ", pr.x.device());
+  TORCH_CHECK(pr.x.is_cuda(), kFwdOp, ": x must be a CUDA tensor, got ", genext::device_name(pr.x));
   const c10::cuda::CUDAGuard guard(pr.x.device());
 
   at::Tensor y = at::empty_like(pr.x);  // keeps the channels-last strides
@@ -139,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, con
                                                    const std::optional<at::Tensor>& bias,
                                                    int64_t num_groups, bool silu) {
   const Problem pr = check_input(kBwdOp, x, num_groups, weight, bias, /*allow_double=*/false);
-  TORCH_CHECK(pr.x.is_cuda(), kBwdOp, ": x must be a CUDA tensor, got ", pr.x.device());
+  TORCH_CHECK(pr.x.is_cuda(), kBwdOp, ": x must be a CUDA tensor, got ", genext::device_name(pr.x));
   const at::Tensor dy = check_like_x(kBwdOp, "grad_y", grad_y, x, pr.channels_last);
   check_stats(kBwdOp, mean, rstd, pr);
   TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat, kBwdOp,
