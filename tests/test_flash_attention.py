@@ -457,6 +457,7 @@ def test_bad_cu_seqlens_raise_clear_errors(device):
             6, 7, 0.25, False, True, False)
 
 
+@pytest.mark.cuda
 def test_device_mismatch_raises():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU to put the tensors on two devices")
