@@ -210,7 +210,9 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
   }
 
   // Finish: full row sums over the quad, normalise, write O through this warp's rows of sQ
-  // (only this warp ever read them).
+  // (only this warp ever read them; the warp barrier orders its lanes' last ldmatrix reads of
+  // those rows before the writes).
+  __syncwarp();
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
     float inv[2];
