@@ -16,11 +16,14 @@
 
 namespace genext::fa {
 
+// Step sizes measured on an H200 at D128 (benchmarks/RESULTS.md): 64 queries per dK/dV step and
+// 64 keys per dQ step took the backward from 11.8 to 10.5 ms against 32 / 32 (12 bytes of spills
+// in the dK/dV kernel at D128 included).
 template <int kD>
 struct BwdKVConfig {
   static constexpr int kWarps = kD <= 128 ? 8 : 4;
   static constexpr int kBlockN = 16 * kWarps;        // keys per block
-  static constexpr int kBlockM = kD <= 64 ? 64 : 32;  // queries per step
+  static constexpr int kBlockM = kD <= 128 ? 64 : 32;  // queries per step
   static constexpr int kPitch = kD + 8;
   static constexpr bool kSplit = kD > 128;
   static constexpr int kSmemBytes =
@@ -31,7 +34,7 @@ template <int kD>
 struct BwdQConfig {
   static constexpr int kWarps = kD <= 128 ? 8 : 4;
   static constexpr int kBlockM = 16 * kWarps;        // queries per block
-  static constexpr int kBlockN = kD <= 64 ? 64 : 32;  // keys per step
+  static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keys per step
   static constexpr int kPitch = kD + 8;
   static constexpr int kSmemBytes = (2 * kBlockM + 4 * kBlockN) * kPitch * 2;
 };
@@ -275,7 +278,8 @@ __global__ void __launch_bounds__(BwdKVConfig<kD>::kWarps * 32)
 }
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(BwdQConfig<kD>::kWarps * 32) flash_bwd_dq_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(BwdQConfig<kD>::kWarps * 32)
+    flash_bwd_dq_kernel(const BwdParams p) {
   using Cfg = BwdQConfig<kD>;
   constexpr int kWarps = Cfg::kWarps, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
   constexpr int kPitch = Cfg::kPitch, kThreads = kWarps * 32;

@@ -16,6 +16,8 @@ template <int kD>
 struct FwdConfig {
   // kMT 16-row m-tiles per warp: each K/V fragment read from smem feeds kMT mmas (smem bandwidth,
   // not the tensor cores, bounds a one-tile warp), at the price of kMT x the accumulators.
+  // Measured on an H200 (benchmarks/RESULTS.md): 64-key tiles at D 96/128 spill and ran at 120
+  // TFLOP/s against 184; 8 warps (256 rows per block) gained nothing at D128 and lost at D40.
   static constexpr int kWarps = 4;
   static constexpr int kMT = kD <= 128 ? 2 : 1;
   static constexpr int kBlockM = 16 * kMT * kWarps;
