@@ -52,16 +52,20 @@ def flash_attention(
         layout: ``"bhld"`` or ``"blhd"``, for inputs and output alike. Inputs whose last dim is
             contiguous are read in place (any other strides, e.g. q, k, v sliced from one packed
             qkv tensor), so both layouts cost no copy.
-        deterministic: bit-identical gradients run to run (CUDA backward; the CPU kernels always
-            are).
+        deterministic: ask for bit-identical gradients run to run. Today every genext backward
+            is (no atomics: the CUDA backward recomputes the scores for dQ in its own kernel), so
+            the flag changes nothing; it is kept for a faster atomic dQ path that would be taken
+            only when it is False.
 
     Returns:
         out in q's dtype and layout (for ``"bhld"`` a transposed view of a contiguous
         ``(B, Lq, Hq, D)`` tensor, as PyTorch's flash backend returns), and lse when
         ``return_lse``. Differentiable in q, k and v (and through lse); no double backward.
 
-    Devices and dtypes: CUDA float16/bfloat16 are fast (tensor cores; compute capability 8.0+,
-    D a multiple of 8 and at most 256); CUDA float32 runs a plain fp32 kernel, exact but slow; the
+    Devices and dtypes: CUDA float16/bfloat16 run on tensor cores (compute capability 8.0+, D a
+    multiple of 8 and at most 256; on an H200 about half the speed of PyTorch's flash backend at
+    D128, on par at D40, see benchmarks/RESULTS.md); CUDA float32 runs a plain fp32 kernel, exact
+    but slow; the
     CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32).
     """
     if layout not in _LAYOUTS:
