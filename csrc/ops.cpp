@@ -31,4 +31,19 @@ TORCH_LIBRARY(genext, m) {
         " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q,"
         " int max_seqlen_k, float scale, bool causal, bool causal_bottom_right, bool deterministic)"
         " -> (Tensor, Tensor, Tensor)");
+
+  // Attention of a few new queries over a KV cache (generation). q (B, Lq, Hq, D); the caches are
+  // contiguous (B, Lmax, Hk, D) or, with block_table (B, max_blocks) int32, paged (num_blocks,
+  // block_size, Hk, D) with key j of sequence b in block block_table[b][j / block_size], slot
+  // j % block_size. Last dims contiguous; Hk divides Hq. cache_seqlens (B,) int32 on q's device:
+  // the tokens already cached per sequence. With k_new/v_new (B, Lq, Hk, D) the op first writes them
+  // at positions [cache_seqlens[b], cache_seqlens[b] + Lq) (k_cache, v_cache are mutated; the op
+  // does not change cache_seqlens), then attends over len_k(b) = cache_seqlens[b] + Lq keys;
+  // otherwise over cache_seqlens[b] keys. Query i sees key j iff j < len_k(b) and, when causal,
+  // j <= len_k(b) - Lq + i (bottom-right). Positions past the capacity are never written or read.
+  // Returns out (B, Lq, Hq, D) contiguous in q's dtype and lse (B, Hq, Lq) float32 (float64 for
+  // float64 on the CPU); a query that sees no key gets out = 0, lse = -inf.
+  m.def("attention_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens,"
+        " Tensor? k_new, Tensor? v_new, Tensor? block_table, float scale, bool causal)"
+        " -> (Tensor, Tensor)");
 }
