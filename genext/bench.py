@@ -208,9 +208,11 @@ def bench_group_norm_silu(device: str, dtype: torch.dtype, quick: bool, compile_
 
 
 def _benches() -> dict[str, Callable]:
-    from .bench_attention import bench_attention  # imports this module: register lazily
+    from .bench_attention import bench_attention  # these import this module: register lazily
+    from .bench_kvcache import bench_kvcache
 
-    return {"group_norm_silu": bench_group_norm_silu, "attention": bench_attention}
+    return {"group_norm_silu": bench_group_norm_silu, "attention": bench_attention,
+            "kvcache": bench_kvcache}
 
 
 def print_table(rows: list[Row]) -> None:
@@ -218,7 +220,7 @@ def print_table(rows: list[Row]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        if r.op == "attention":
+        if r.op in ("attention", "kvcache"):
             continue
         print(f"{r.op:<16} {r.case:<20} {r.dtype:<9} {r.direction:<4} {r.impl:<8} {r.ms:>9.3f} "
               f"{r.gbps:>8.1f} {r.pct_copy:>6.1f}  {r.check}")
@@ -247,11 +249,13 @@ def run(args) -> int:
         r, good = bench(device, dtype, args.quick, not args.no_compile, copy_bps)
         rows += r
         ok &= good
-    if any(r.op != "attention" for r in rows):
+    if any(r.op not in ("attention", "kvcache") for r in rows):
         print_table(rows)
     from .bench_attention import print_attention_table
+    from .bench_kvcache import print_kvcache_table
 
     print_attention_table(rows)
+    print_kvcache_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)

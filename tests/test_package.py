@@ -44,9 +44,10 @@ def test_cli_bench_quick_runs_and_checks(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(path.read_text())["rows"]
     impls = {op: {r["impl"] for r in rows if r["op"] == op} for op in {r["op"] for r in rows}}
-    assert impls == {"group_norm_silu": {"genext", "eager"}, "attention": {"genext", "sdpa"}}
+    assert impls == {"group_norm_silu": {"genext", "eager"}, "attention": {"genext", "sdpa"},
+                     "kvcache": {"genext", "sdpa"}}
     assert all(r["ms"] > 0 for r in rows)
     checked = [r for r in rows if r["direction"] == "fwd" and r["impl"] == "genext"]
-    assert {r["op"] for r in checked} == {"group_norm_silu", "attention"}
+    assert {r["op"] for r in checked} == {"group_norm_silu", "attention", "kvcache"}
     assert all(r["check"].startswith("ok") for r in checked)
     assert all(r["extra"]["tflops"] > 0 for r in rows if r["op"] == "attention")

@@ -95,9 +95,69 @@ def fa_cases() -> int:
     return bad
 
 
+KV_CASES = [  # (B, Hq, Hk, Lq, D, capacity, block_size or None, dtype)
+    (3, 8, 2, 1, 128, 300, None, torch.bfloat16),
+    (3, 8, 2, 4, 64, 320, 16, torch.float16),
+    (2, 4, 4, 16, 80, 200, None, torch.float32),
+]
+
+
+def kv_cases() -> int:
+    """attention_with_kvcache with append: lengths 0, 1 and near capacity; paged and contiguous."""
+    bad = 0
+    for b, hq, hk, lq, d, cap, bs, dtype in KV_CASES:
+        lens = torch.tensor([0, 1, cap - lq][:b], dtype=torch.int32, device="cuda")
+        q = torch.randn(b, lq, hq, d, device="cuda", dtype=dtype)
+        kn = torch.randn(b, lq, hk, d, device="cuda", dtype=dtype)
+        vn = torch.randn(b, lq, hk, d, device="cuda", dtype=dtype)
+        if bs is None:
+            kc = torch.randn(b, cap, hk, d, device="cuda", dtype=dtype)
+            vc = torch.randn(b, cap, hk, d, device="cuda", dtype=dtype)
+            table = None
+        else:
+            per = cap // bs
+            kc = torch.randn(b * per, bs, hk, d, device="cuda", dtype=dtype)
+            vc = torch.randn(b * per, bs, hk, d, device="cuda", dtype=dtype)
+            table = torch.randperm(b * per, device="cuda").view(b, per).int()
+        k0, v0 = kc.clone(), vc.clone()
+        out = genext.ops.attention_with_kvcache(q, kc, vc, lens, kn, vn, causal=True, block_table=table)
+        worst = 0.0
+        for s in range(b):
+            n = int(lens[s]) + lq
+            pos = torch.arange(n, device="cuda")
+            if table is None:
+                ks, vs = kc[s, :n], vc[s, :n]
+            else:
+                blk = table[s, pos // bs].long()
+                ks, vs = kc[blk, pos % bs], vc[blk, pos % bs]
+            # the appended rows hold k_new / v_new exactly
+            ok_app = torch.equal(ks[n - lq:], kn[s]) and torch.equal(vs[n - lq:], vn[s])
+            bad += not ok_app
+            rep = hq // hk
+            kd = ks.double().repeat_interleave(rep, 1).transpose(0, 1)  # (Hq, n, D)
+            vd = vs.double().repeat_interleave(rep, 1).transpose(0, 1)
+            qd = q[s].double().transpose(0, 1)  # (Hq, Lq, D)
+            sc = qd @ kd.transpose(1, 2) * d ** -0.5
+            i = torch.arange(lq, device="cuda")[:, None]
+            j = torch.arange(n, device="cuda")[None, :]
+            sc = sc.masked_fill(j > n - lq + i, float("-inf"))
+            ref = (torch.softmax(sc, -1) @ vd).transpose(0, 1)
+            err = ((out[s].double() - ref).norm() / ref.norm()).item()
+            worst = max(worst, err)
+        # nothing outside the appended rows changed
+        changed = (kc != k0).any(dim=(-1, -2)).sum().item()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        ok = bool(torch.isfinite(out).all()) and worst < tol and changed <= b * lq
+        bad += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} kvcache B{b} H{hq}/{hk} Lq{lq} D{d} cap{cap} "
+              f"paged={bs} {str(dtype):<15} rel err {worst:.2e} rows changed {changed}")
+    torch.cuda.synchronize()
+    return bad
+
+
 def main(argv: list[str]) -> int:
-    """Runs every op's cases, or those of the ops named: group_norm_silu, attention."""
-    ops = {"group_norm_silu": gn_cases, "attention": fa_cases}
+    """Runs every op's cases, or those of the ops named: group_norm_silu, attention, kvcache."""
+    ops = {"group_norm_silu": gn_cases, "attention": fa_cases, "kvcache": kv_cases}
     wanted = argv or list(ops)
     bad = sum(ops[name]() for name in wanted)
     return 1 if bad else 0
