@@ -72,7 +72,10 @@ template <typename T, int kD>
 struct SplitSmem {
   static constexpr int kPitch = kD + kVec<T>;  // row pitch = 16 mod 128 bytes: conflict-free rows
   static constexpr int kTileElems = kKeysPerTile * kPitch;
-  static constexpr int kBytes = 4 * kTileElems * static_cast<int>(sizeof(T))  // K, V x 2 stages
+  // Two stages (the next tile loads while this one is used), one for fp32 at D > 128 so that
+  // the block fits in shared memory.
+  static constexpr int kStages = (sizeof(T) == 4 && kD > 128) ? 1 : 2;
+  static constexpr int kBytes = 2 * kStages * kTileElems * static_cast<int>(sizeof(T))  // K, V
                                 + kMaxRows * kD * 4                            // q, scaled
                                 + 2 * kMaxRows * kKeysPerTile * 4              // scores, P
                                 + 4 * kMaxRows * 4                             // m, l, alpha, pad
@@ -85,9 +88,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
   constexpr int kPitch = Sm::kPitch, kV = kVec<T>;
   constexpr int kN = kKeysPerTile;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);          // [2][kN][kPitch]
-  T* sV = sK + 2 * Sm::kTileElems;                 // [2][kN][kPitch]
-  float* sQ = reinterpret_cast<float*>(sV + 2 * Sm::kTileElems);  // [kMaxRows][kD]
+  constexpr int kStages = Sm::kStages;
+  T* sK = reinterpret_cast<T*>(smem_raw);          // [kStages][kN][kPitch]
+  T* sV = sK + kStages * Sm::kTileElems;           // [kStages][kN][kPitch]
+  float* sQ = reinterpret_cast<float*>(sV + kStages * Sm::kTileElems);  // [kMaxRows][kD]
   float* sS = sQ + kMaxRows * kD;                  // [kMaxRows][kN] scores, then P
   float* sM = sS + kMaxRows * kN;                  // running max per row (base 2)
   float* sL = sM + kMaxRows;                       // running sum per row
@@ -119,10 +123,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
     return;
   }
 
-  // Issues the cp.async copies of key tile t (keys k_begin + 64 t ...) into stage t & 1.
+  // Issues the cp.async copies of key tile t (keys k_begin + 64 t ...) into stage t % kStages.
   const int n_tiles = (k_end - k_begin + kN - 1) / kN;
   auto issue = [&](int t) {
-    const int st = t & 1;
+    const int st = t % kStages;
     constexpr int kChunks = kD / kV;
     for (int c = tid; c < kN * kChunks; c += kThreads) {
       const int jj = c / kChunks, ch = c % kChunks;
@@ -172,10 +176,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
   constexpr int kRowsPerThread = kMaxRows * kN / kThreads;  // 8
 
   for (int t = 0; t < n_tiles; ++t) {
-    const int st = t & 1;
+    const int st = t % kStages;
     cp_async_wait<0>();
     __syncthreads();  // tile t visible; every thread is done with tile t - 1 (its stage and P)
-    if (t + 1 < n_tiles) {
+    if (kStages == 2 && t + 1 < n_tiles) {
       issue(t + 1);  // into tile t - 1's stage, overlapping tile t's work
       cp_async_commit();
     }
@@ -264,6 +268,11 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
           }
         }
       }
+    }
+    if (kStages == 1 && t + 1 < n_tiles) {
+      __syncthreads();  // the only stage is free once every thread is done with it
+      issue(t + 1);
+      cp_async_commit();
     }
   }
   __syncthreads();
