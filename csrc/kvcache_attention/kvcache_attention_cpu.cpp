@@ -1,0 +1,547 @@
+// attention_with_kvcache on the CPU: float32/float64/float16/bfloat16 (16-bit computed in float32).
+//
+// The op has two phases.
+//   1. Append (when k_new/v_new are given): row (b, i, hk) of k_new/v_new is copied into the cache
+//      at position cache_seqlens[b] + i of sequence b (contiguous: row L of batch b; paged: block
+//      block_table[b][L / block_size], slot L % block_size). One parallel pass, finished before
+//      any attention task reads the caches.
+//   2. Attention, one task per (sequence b, kv head hk, key split s). The task owns the whole group
+//      of query heads that share hk and all Lq queries: rows r = g * Lq + i (query head
+//      hk * group + g, query i), so each key and value row is read and widened once per task.
+//      Keys go by in tiles of kTile rows. Scores S[r][j] = q_r . k_j take each key row once for
+//      four query rows, in 16-lane vector accumulators summed across lanes at the end; the output
+//      update O[r] = alpha[r] O[r] + sum_j P[r][j] v_j keeps up to 64 elements of O[r] in vector
+//      registers over the tile's keys. float32/float64 rows are read in place in the cache;
+//      float16/bfloat16 rows are first widened into a [kTile][D] float tile. Online softmax: a
+//      running maximum m and sum l per row, O rescaled by alpha = exp(m_old - m_new) when m grows.
+//      The next tile's rows are prefetched into L2 while a tile is computed (rows of one head are
+//      far apart in memory, a stride the hardware prefetchers do not follow).
+//
+// Splits ("flash-decoding" on the CPU): when batch x kv heads gives fewer tasks than threads (one
+// long sequence, MQA), the keys are cut into ranges of at least kMinSplit keys; each task leaves its
+// unnormalised O, m and l in a scratch buffer and a merge pass combines the splits of each row with
+// the usual rescaling. With one split the task normalises and writes the output itself.
+//
+// Masking: query i of sequence b sees key j iff j < len_k(b) and, when causal,
+// j <= len_k(b) - Lq + i; a row that sees no key gets out = 0, lse = -inf.
+//
+// The values of cache_seqlens and block_table are checked here (the kernel reads them anyway) before
+// anything is written: every length within the capacity, every block a sequence uses in the pool.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "kvcache_attention/kvcache_checks.h"
+
+namespace genext::kv {
+namespace {
+
+constexpr const char* kOp = "attention_with_kvcache";
+constexpr int64_t kTile = 64;        // keys per tile (a multiple of 16)
+constexpr int64_t kMinSplit = 256;   // fewest keys worth a split of their own
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KV_CLONES __attribute__((target_clones("default", "fma", "avx512f")))
+#else
+#define KV_CLONES
+#endif
+#define KV_INLINE __attribute__((always_inline)) inline
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// 64-byte aligned scratch of n elements, zero-initialised.
+template <class T>
+struct Buffer {
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<T[], Free> mem;
+  explicit Buffer(int64_t n) {
+    const size_t count = size_t(std::max<int64_t>(n, 1));
+    mem.reset(static_cast<T*>(::operator new[](count * sizeof(T), std::align_val_t(64))));
+    std::memset(mem.get(), 0, count * sizeof(T));
+  }
+  T* get() const { return mem.get(); }
+};
+
+// ---- tile routines ------------------------------------------------------------------------------
+
+// exp of kTile floats in place. e^x = 2^n * 2^f with n = round(x * log2 e), |f| <= 1/2, and 2^f
+// from its Taylor series in f ln2 to degree 7 (relative truncation error about 6e-9). x is clamped
+// to [-126, 0] * ln2 first: the arguments are scores minus a running maximum (<= 0), and results
+// below 2^-126 are negligible next to the row's largest term, 1. Masked lanes are zeroed by the
+// caller. Written as a plain loop without branches so that it vectorises.
+KV_INLINE void exp_tile_impl(float* __restrict__ x) {
+  for (int64_t j = 0; j < kTile; ++j) {
+    float t = x[j] * 1.4426950408889634f;
+    t = t < -126.0f ? -126.0f : (t > 0.0f ? 0.0f : t);
+    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+    const float y = (t - n) * 0.6931471805599453f;    // f ln2, |y| <= 0.347
+    float p = 1.0f / 5040.0f;
+    p = p * y + 1.0f / 720.0f;
+    p = p * y + 1.0f / 120.0f;
+    p = p * y + 1.0f / 24.0f;
+    p = p * y + 1.0f / 6.0f;
+    p = p * y + 0.5f;
+    p = p * y + 1.0f;
+    p = p * y + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    x[j] = p * scale;
+  }
+}
+KV_INLINE void exp_tile_impl(double* x) {
+  for (int64_t j = 0; j < kTile; ++j) x[j] = std::exp(x[j]);
+}
+
+// ---- vectors: 16 lanes (GCC vector extensions; the compiler splits them to the ISA's width) ----
+
+constexpr int kLanes = 16;
+typedef float f32x16 __attribute__((vector_size(kLanes * sizeof(float))));
+typedef double f64x16 __attribute__((vector_size(kLanes * sizeof(double))));
+template <class T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  using V = f32x16;
+};
+template <>
+struct VecOf<double> {
+  using V = f64x16;
+};
+
+template <class V, class T>
+KV_INLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class V, class T>
+KV_INLINE void vstore(T* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+// Sum of the 16 lanes by halving: 8 + 8, 4 + 4, 2 + 2, 1 + 1.
+#define KV_HSUM(T, V16)                                                                            \
+  KV_INLINE T hsum(V16 v) {                                                                        \
+    typedef T V8 __attribute__((vector_size(8 * sizeof(T))));                                      \
+    typedef T V4 __attribute__((vector_size(4 * sizeof(T))));                                      \
+    typedef T V2 __attribute__((vector_size(2 * sizeof(T))));                                      \
+    const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +                           \
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);                      \
+    const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7); \
+    const V2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);        \
+    return c[0] + c[1];                                                                            \
+  }
+KV_HSUM(float, f32x16)
+KV_HSUM(double, f64x16)
+
+// S[r][j] = Q[r] . K[j] for R rows of Q (stride ldq) and the nc key rows krows[j] (D elements
+// each). Each key row is loaded once for the R rows; the products go into one 16-lane accumulator
+// per row, summed across lanes at the end.
+template <class T, int R>
+KV_INLINE void dots_block(const T* __restrict__ Q, int64_t ldq, const T* const* __restrict__ krows,
+                          int64_t nc, int64_t D, T* __restrict__ S) {
+  using V = typename VecOf<T>::V;
+  const int64_t Dv = D / kLanes * kLanes;
+  for (int64_t j = 0; j < nc; ++j) {
+    const T* __restrict__ k = krows[j];
+    V acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = V{};
+    for (int64_t d = 0; d < Dv; d += kLanes) {
+      const V kv = vload<V>(k + d);
+      for (int r = 0; r < R; ++r) acc[r] += vload<V>(Q + r * ldq + d) * kv;
+    }
+    for (int r = 0; r < R; ++r) {
+      T sum = hsum(acc[r]);
+      for (int64_t d = Dv; d < D; ++d) sum += Q[r * ldq + d] * k[d];
+      S[r * kTile + j] = sum;
+    }
+  }
+}
+
+template <class T>
+KV_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* const* krows, int64_t nc,
+                           int64_t D, T* S) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) dots_block<T, 4>(Q + r * ldq, ldq, krows, nc, D, S + r * kTile);
+  for (; r < nr; ++r) dots_block<T, 1>(Q + r * ldq, ldq, krows, nc, D, S + r * kTile);
+}
+
+// Online-softmax step for rows r < nr of S, row r seeing its first nvis[r] columns: S becomes
+// P = exp(S - m_new) (0 where masked), m and l are updated and alpha[r] = exp(m_old - m_new).
+template <class T>
+KV_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __restrict__ nvis,
+                            T* __restrict__ m, T* __restrict__ l, T* __restrict__ alpha) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < nr; ++r) {
+    T* s = S + r * kTile;
+    const int32_t nv = nvis[r];
+    if (nv <= 0) {
+      std::fill(s, s + kTile, T(0));
+      alpha[r] = T(1);
+      continue;
+    }
+    T mx = m[r];
+    for (int32_t j = 0; j < nv; ++j) mx = s[j] > mx ? s[j] : mx;
+    alpha[r] = m[r] == kNegInf ? T(0) : std::exp(m[r] - mx);
+    for (int64_t j = 0; j < kTile; ++j) s[j] -= mx;
+    exp_tile_impl(s);
+    T sum = 0;
+    for (int64_t j = 0; j < kTile; ++j) {
+      s[j] = j < nv ? s[j] : T(0);
+      sum += s[j];
+    }
+    l[r] = l[r] * alpha[r] + sum;
+    m[r] = mx;
+  }
+}
+
+// o[d0 : d0 + W * 16] = alpha * o[...] + sum_{j < nc} p[j] * vrows[j][d0 : ...], accumulated in
+// W vectors that stay in registers over the keys.
+template <class T, int W>
+KV_INLINE void accum_chunk(T* __restrict__ o, const T* __restrict__ p,
+                           const T* const* __restrict__ vrows, int64_t nc, int64_t d0, T alpha) {
+  using V = typename VecOf<T>::V;
+  V acc[W];
+  for (int w = 0; w < W; ++w) acc[w] = vload<V>(o + d0 + w * kLanes) * alpha;
+  for (int64_t j = 0; j < nc; ++j) {
+    const V pj = V{} + p[j];
+    const T* __restrict__ v = vrows[j] + d0;
+    for (int w = 0; w < W; ++w) acc[w] += pj * vload<V>(v + w * kLanes);
+  }
+  for (int w = 0; w < W; ++w) vstore(o + d0 + w * kLanes, acc[w]);
+}
+
+// O[r][0:D] = alpha[r] * O[r][0:D] + sum_{j < nc} P[r][j] * V[j][0:D] for r < nr (O rows of
+// stride ldo, the value rows vrows[j] of D elements).
+template <class T>
+KV_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T* const* vrows,
+                          int64_t nc, int64_t D, const T* alpha) {
+  const int64_t Dv = D / kLanes * kLanes;
+  for (int64_t r = 0; r < nr; ++r) {
+    T* o = O + r * ldo;
+    const T* p = P + r * kTile;
+    int64_t d0 = 0;
+    for (; d0 + 4 * kLanes <= Dv; d0 += 4 * kLanes) accum_chunk<T, 4>(o, p, vrows, nc, d0, alpha[r]);
+    switch ((Dv - d0) / kLanes) {
+      case 3: accum_chunk<T, 3>(o, p, vrows, nc, d0, alpha[r]); break;
+      case 2: accum_chunk<T, 2>(o, p, vrows, nc, d0, alpha[r]); break;
+      case 1: accum_chunk<T, 1>(o, p, vrows, nc, d0, alpha[r]); break;
+      default: break;
+    }
+    if (Dv == D) continue;
+    for (int64_t d = Dv; d < D; ++d) o[d] *= alpha[r];
+    for (int64_t j = 0; j < nc; ++j)
+      for (int64_t d = Dv; d < D; ++d) o[d] += p[j] * vrows[j][d];
+  }
+}
+
+// Entry points: the float ones compiled per ISA (target_clones), double once.
+#define KV_ENTRY_POINTS(T, ATTR)                                                                   \
+  ATTR void scores(const T* Q, int64_t ldq, int64_t nr, const T* const* krows, int64_t nc,         \
+                   int64_t D, T* S) {                                                              \
+    scores_impl<T>(Q, ldq, nr, krows, nc, D, S);                                                   \
+  }                                                                                                \
+  ATTR void softmax_step(T* S, int64_t nr, const int32_t* nvis, T* m, T* l, T* alpha) {            \
+    softmax_impl<T>(S, nr, nvis, m, l, alpha);                                                     \
+  }                                                                                                \
+  ATTR void accum(T* O, int64_t ldo, int64_t nr, const T* P, const T* const* vrows, int64_t nc,    \
+                  int64_t D, const T* alpha) {                                                     \
+    accum_impl<T>(O, ldo, nr, P, vrows, nc, D, alpha);                                             \
+  }
+
+KV_ENTRY_POINTS(float, KV_CLONES)
+KV_ENTRY_POINTS(double, )
+
+// ---- problem layout -----------------------------------------------------------------------------
+
+// Where the rows of a (B, L, H, D) tensor or a cache live. For a paged cache `table` is the block
+// table: row j of sequence b is slot j % block_size of block table[b * max_blocks + j / block_size].
+template <class S>
+struct Rows {
+  S* p = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0;
+  const int32_t* table = nullptr;
+  int64_t block_size = 0, max_blocks = 0;
+
+  Rows(const at::Tensor& t, const int32_t* tab, int64_t bs, int64_t mb)
+      : p(static_cast<S*>(t.data_ptr())), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)),
+        table(tab), block_size(bs), max_blocks(mb) {}
+
+  S* row(int64_t b, int64_t j, int64_t h) const {
+    if (table) {
+      const int64_t blk = table[b * max_blocks + j / block_size];
+      return p + blk * s0 + (j % block_size) * s1 + h * s2;
+    }
+    return p + b * s0 + j * s1 + h * s2;
+  }
+};
+
+// Lengths and block indices are read on the CPU before anything is written; an error names the
+// sequence and the offending value.
+void check_values(const Problem& p, const int32_t* lens, const int32_t* table) {
+  const int64_t added = p.append ? p.Lq : 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t L = lens[b];
+    TORCH_CHECK_VALUE(L >= 0, kOp, ": cache_seqlens[", b, "] = ", L, " is negative");
+    TORCH_CHECK_VALUE(L + added <= p.capacity, kOp, ": sequence ", b, " would hold ", L + added,
+                      " tokens (cache_seqlens[", b, "] = ", L,
+                      added ? " plus Lq = " : "", added ? std::to_string(added) : std::string(),
+                      added ? " new" : "", "), past the cache capacity of ", p.capacity,
+                      p.paged ? " (max_blocks * block_size)" : " (k_cache.size(1))");
+    if (!p.paged) continue;
+    const int64_t used = ceil_div(L + added, p.block_size);
+    for (int64_t c = 0; c < used; ++c) {
+      const int64_t blk = table[b * p.max_blocks + c];
+      TORCH_CHECK_VALUE(blk >= 0 && blk < p.num_blocks, kOp, ": block_table[", b, ", ", c, "] = ",
+                        blk, " is outside the pool of ", p.num_blocks,
+                        " blocks; sequence ", b, " uses its first ", used, " entries");
+    }
+  }
+}
+
+// Asks for rows [j0, j0 + n) of head h of sequence b to be brought into L2. Consecutive rows of a
+// head are Hk * D elements apart (or in different blocks), often a page or more, which the
+// hardware prefetchers do not follow: without this every row starts with a full memory latency
+// (measured: 2.4x slower on a 67 MB fp32 cache with Hk = 8, D = 128). The prefetch is an asm
+// statement because GCC treats __builtin_prefetch as free of side effects and deleted whole
+// prefetch loops here.
+KV_INLINE void prefetch_l2(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
+template <class S>
+inline void prefetch_rows(const Rows<S>& c, int64_t b, int64_t j0, int64_t n, int64_t h,
+                          int64_t bytes) {
+  for (int64_t j = j0; j < j0 + n; ++j) {
+    const char* p = reinterpret_cast<const char*>(c.row(b, j, h));
+    for (int64_t off = 0; off < bytes; off += 64) prefetch_l2(p + off);
+  }
+}
+
+template <class S>
+void append(const Problem& p, const int32_t* lens, const at::Tensor& k_new, const at::Tensor& v_new,
+            const Rows<S>& kc, const Rows<S>& vc) {
+  const Rows<const S> kn(k_new, nullptr, 0, 0), vn(v_new, nullptr, 0, 0);
+  const int64_t D = p.D, Lq = p.Lq, Hk = p.Hk;
+  at::parallel_for(0, p.B * Lq * Hk, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t % Hk, i = (t / Hk) % Lq, b = t / (Hk * Lq);
+      const int64_t j = int64_t(lens[b]) + i;
+      std::memcpy(kc.row(b, j, h), kn.row(b, i, h), D * sizeof(S));
+      std::memcpy(vc.row(b, j, h), vn.row(b, i, h), D * sizeof(S));
+    }
+  });
+}
+
+template <class S, class T>
+void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const at::Tensor& q_t,
+            const Rows<S>& kc, const Rows<S>& vc, S* out, T* lse) {
+  const int64_t B = p.B, Lq = p.Lq, Hq = p.Hq, Hk = p.Hk, D = p.D, Dp = round_up(D, 16);
+  const int64_t group = Hq / Hk, nrows = group * Lq, added = p.append ? Lq : 0;
+  const Rows<const S> q(q_t, nullptr, 0, 0);
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+  // Splits of the key range when batch x kv heads leaves threads idle.
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, lens[b] + added);
+  const int64_t units = B * Hk, threads = at::get_num_threads();
+  int64_t nsplit = 1;
+  if (units < threads) nsplit = std::clamp<int64_t>(ceil_div(threads, units), 1, max_len / kMinSplit);
+  nsplit = std::max<int64_t>(nsplit, 1);
+  const int64_t split_len = nsplit > 1 ? round_up(ceil_div(max_len, nsplit), kTile) : max_len;
+  nsplit = nsplit > 1 ? ceil_div(max_len, split_len) : 1;
+  // Partial results of the splits: O (unnormalised) [task][nrows][Dp], m and l [task][nrows].
+  std::unique_ptr<Buffer<T>> part_o, part_ml;
+  if (nsplit > 1) {
+    part_o = std::make_unique<Buffer<T>>(units * nsplit * nrows * Dp);
+    part_ml = std::make_unique<Buffer<T>>(units * nsplit * nrows * 2);
+  }
+
+  auto visible_end = [&](int64_t len_k, int64_t i) -> int64_t {
+    return causal ? std::clamp<int64_t>(len_k - Lq + i + 1, 0, len_k) : len_k;
+  };
+
+  at::parallel_for(0, units * nsplit, 1, [&](int64_t begin, int64_t end) {
+    const bool widen = !std::is_same_v<S, T>;
+    Buffer<T> Q(nrows * Dp), O(nrows * Dp), P(nrows * kTile);
+    Buffer<T> Kbuf(widen ? kTile * Dp : 0), Vbuf(widen ? kTile * Dp : 0);
+    Buffer<T> m(nrows), l(nrows), alpha(nrows);
+    std::vector<int32_t> nvis(nrows);
+    std::vector<const T*> krows(kTile), vrows(kTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t split = task % nsplit, hk = (task / nsplit) % Hk, b = task / (nsplit * Hk);
+      const int64_t len_k = int64_t(lens[b]) + added;
+      const int64_t k_begin = split * split_len, k_end = std::min(len_k, k_begin + split_len);
+      for (int64_t r = 0; r < nrows; ++r) {
+        const S* src = q.row(b, r % Lq, hk * group + r / Lq);
+        T* dst = Q.get() + r * Dp;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]) * scale;
+      }
+      std::fill(O.get(), O.get() + nrows * Dp, T(0));
+      std::fill(m.get(), m.get() + nrows, kNegInf);
+      std::fill(l.get(), l.get() + nrows, T(0));
+      const int64_t row_bytes = D * int64_t(sizeof(S));
+      if (k_begin < k_end) {
+        prefetch_rows(kc, b, k_begin, std::min(kTile, k_end - k_begin), hk, row_bytes);
+        prefetch_rows(vc, b, k_begin, std::min(kTile, k_end - k_begin), hk, row_bytes);
+      }
+      for (int64_t j0 = k_begin; j0 < k_end; j0 += kTile) {
+        const int64_t nc = std::min(kTile, k_end - j0);
+        if (j0 + kTile < k_end) {  // the next tile, while this one is loaded and computed
+          const int64_t nn = std::min(kTile, k_end - j0 - kTile);
+          prefetch_rows(kc, b, j0 + kTile, nn, hk, row_bytes);
+          prefetch_rows(vc, b, j0 + kTile, nn, hk, row_bytes);
+        }
+        // Row pointers of the tile: into the cache itself when it holds T, else into the tile
+        // buffers after widening.
+        for (int64_t j = 0; j < nc; ++j) {
+          const S* ks = kc.row(b, j0 + j, hk);
+          const S* vs = vc.row(b, j0 + j, hk);
+          if constexpr (std::is_same_v<S, T>) {
+            krows[j] = ks;
+            vrows[j] = vs;
+          } else {
+            T* kd = Kbuf.get() + j * Dp;
+            T* vd = Vbuf.get() + j * Dp;
+            for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<T>(ks[d]);
+            for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<T>(vs[d]);
+            krows[j] = kd;
+            vrows[j] = vd;
+          }
+        }
+        scores(Q.get(), Dp, nrows, krows.data(), nc, D, P.get());
+        for (int64_t r = 0; r < nrows; ++r)
+          nvis[r] = int32_t(std::clamp<int64_t>(visible_end(len_k, r % Lq) - j0, 0, nc));
+        softmax_step(P.get(), nrows, nvis.data(), m.get(), l.get(), alpha.get());
+        accum(O.get(), Dp, nrows, P.get(), vrows.data(), nc, D, alpha.get());
+      }
+      if (nsplit > 1) {
+        std::memcpy(part_o->get() + task * nrows * Dp, O.get(), nrows * Dp * sizeof(T));
+        T* ml = part_ml->get() + task * nrows * 2;
+        std::memcpy(ml, m.get(), nrows * sizeof(T));
+        std::memcpy(ml + nrows, l.get(), nrows * sizeof(T));
+        continue;
+      }
+      for (int64_t r = 0; r < nrows; ++r) {
+        const int64_t i = r % Lq, h = hk * group + r / Lq;
+        S* o = out + ((b * Lq + i) * Hq + h) * D;
+        T* ls = lse + (b * Hq + h) * Lq + i;
+        if (l.get()[r] > T(0)) {
+          const T inv = T(1) / l.get()[r];
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(O.get()[r * Dp + d] * inv);
+          *ls = m.get()[r] + std::log(l.get()[r]);
+        } else {  // no visible key
+          std::fill(o, o + D, static_cast<S>(0));
+          *ls = kNegInf;
+        }
+      }
+    }
+  });
+  if (nsplit == 1) return;
+
+  // Merge the splits of every (sequence, kv head, row).
+  at::parallel_for(0, units * nrows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(Dp);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t % nrows, unit = t / nrows, hk = unit % Hk, b = unit / Hk;
+      const int64_t i = r % Lq, h = hk * group + r / Lq;
+      T mx = kNegInf;
+      for (int64_t s = 0; s < nsplit; ++s) {
+        const T* ml = part_ml->get() + (unit * nsplit + s) * nrows * 2;
+        if (ml[nrows + r] > T(0)) mx = std::max(mx, ml[r]);
+      }
+      S* o = out + ((b * Lq + i) * Hq + h) * D;
+      T* ls = lse + (b * Hq + h) * Lq + i;
+      if (mx == kNegInf) {  // no split saw a key
+        std::fill(o, o + D, static_cast<S>(0));
+        *ls = kNegInf;
+        continue;
+      }
+      std::fill(acc.begin(), acc.end(), T(0));
+      T sum = 0;
+      for (int64_t s = 0; s < nsplit; ++s) {
+        const int64_t task = unit * nsplit + s;
+        const T* ml = part_ml->get() + task * nrows * 2;
+        if (!(ml[nrows + r] > T(0))) continue;
+        const T w = std::exp(ml[r] - mx);
+        sum += w * ml[nrows + r];
+        const T* po = part_o->get() + (task * nrows + r) * Dp;
+        for (int64_t d = 0; d < Dp; ++d) acc[d] += w * po[d];
+      }
+      const T inv = T(1) / sum;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(acc[d] * inv);
+      *ls = mx + std::log(sum);
+    }
+  });
+}
+
+// ---- binding ------------------------------------------------------------------------------------
+
+template <class F>
+inline void dispatch_types(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float(), float()); break;
+    case at::kDouble: f(double(), double()); break;
+    case at::kHalf: f(c10::Half(), float()); break;
+    case at::kBFloat16: f(c10::BFloat16(), float()); break;
+    default: TORCH_CHECK(false, kOp, ": unsupported dtype ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_with_kvcache_cpu(
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+    const std::optional<at::Tensor>& block_table, double scale, bool causal) {
+  const Problem p = check_problem(kOp, q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                  block_table, /*allow_double=*/true, /*max_head_dim=*/0);
+  const at::Tensor lens_t = cache_seqlens.contiguous();
+  const at::Tensor table_t = p.paged ? block_table->contiguous() : at::Tensor();
+  const int32_t* lens = lens_t.const_data_ptr<int32_t>();
+  const int32_t* table = p.paged ? table_t.const_data_ptr<int32_t>() : nullptr;
+  check_values(p, lens, table);
+
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({p.B, p.Lq, p.Hq, p.D}, q.options());
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(acc));
+  dispatch_types(q.scalar_type(), [&](auto s, auto t) {
+    using S = decltype(s);
+    using T = decltype(t);
+    const Rows<S> kc(k_cache, table, p.block_size, p.max_blocks);
+    const Rows<S> vc(v_cache, table, p.block_size, p.max_blocks);
+    if (p.append && p.B * p.Lq * p.Hk * p.D > 0) append<S>(p, lens, *k_new, *v_new, kc, vc);
+    if (p.B * p.Lq * p.Hq == 0) return;
+    attend<S, T>(p, lens, causal, T(scale), q, kc, vc, out.mutable_data_ptr<S>(),
+                 lse.mutable_data_ptr<T>());
+  });
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(genext, CPU, m) {
+  m.impl("attention_with_kvcache", &attention_with_kvcache_cpu);
+}
+
+}  // namespace genext::kv
