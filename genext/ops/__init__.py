@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention_with_kvcache import attention_with_kvcache
 from .flash_attention import flash_attention, flash_attention_varlen
 from .group_norm_silu import group_norm_silu
 
@@ -20,6 +21,11 @@ KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
     "group_norm_silu_backward": _GN,
     "flash_attention_forward": _FA,
     "flash_attention_backward": _FA,
+    "attention_with_kvcache": {
+        "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+        "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    },
 }
 
-__all__ = ["flash_attention", "flash_attention_varlen", "group_norm_silu", "KERNELS"]
+__all__ = ["attention_with_kvcache", "flash_attention", "flash_attention_varlen", "group_norm_silu",
+           "KERNELS"]

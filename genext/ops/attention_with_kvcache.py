@@ -1,0 +1,188 @@
+"""Attention of a few new queries over a KV cache, with the new keys/values appended in the same op.
+
+The decode step of generation (Lq = 1) and its small multi-token variants (speculative decoding,
+chunked prefill, Lq up to 16 or so). The CUDA kernels split the cache length over thread blocks
+("flash-decoding") so that one sequence still reads its cache with the whole GPU; the CPU kernel is
+parallel over batch x KV heads (and over key ranges when that leaves cores idle). Both read each
+K/V head once for its whole group of query heads (GQA/MQA).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention_with_kvcache"]
+
+_OP = "attention_with_kvcache"
+
+
+def _must_not_sync(t: Tensor) -> bool:
+    """True where reading device values on the host is not allowed: while tracing for
+    torch.compile, or while a CUDA graph is being captured on the current stream."""
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _validate_values(
+    cache_seqlens: Tensor, block_table: Optional[Tensor], added: int, capacity: int,
+    num_blocks: int, block_size: int,
+) -> None:
+    """Lengths within the capacity and the blocks each sequence uses inside the pool, with one
+    device-to-host copy of B rows (sequence length, first bad block column or -1, its value)."""
+    lens = cache_seqlens.to(torch.int64)
+    if block_table is not None and block_table.numel() > 0:
+        bt = block_table.to(device=lens.device, dtype=torch.int64)
+        n_used = ((lens + added).clamp(0, capacity) + block_size - 1) // block_size
+        used = torch.arange(bt.shape[1], device=bt.device)[None] < n_used[:, None]
+        bad = used & ((bt < 0) | (bt >= num_blocks))
+        col = torch.where(bad.any(1), bad.to(torch.int64).argmax(1), torch.full_like(lens, -1))
+        val = bt.gather(1, col.clamp(min=0)[:, None])[:, 0]
+        rows = torch.stack([lens, col, val], 1).tolist()
+    else:
+        rows = [[n, -1, 0] for n in lens.tolist()]
+    for b, (n, col, val) in enumerate(rows):
+        if n < 0:
+            raise ValueError(f"{_OP}: cache_seqlens[{b}] = {n} is negative")
+        if n + added > capacity:
+            new = f" plus Lq = {added} new" if added else ""
+            where = "max_blocks * block_size" if block_table is not None else "k_cache.shape[1]"
+            raise ValueError(
+                f"{_OP}: sequence {b} would hold {n + added} tokens (cache_seqlens[{b}] = {n}{new}), "
+                f"past the cache capacity of {capacity} ({where})"
+            )
+        if col >= 0:
+            raise ValueError(
+                f"{_OP}: block_table[{b}, {col}] = {val} is outside the pool of {num_blocks} blocks "
+                f"(sequence {b} uses its first {-(-(n + added) // block_size)} entries)"
+            )
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Union[Tensor, int],
+    k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    block_table: Optional[Tensor] = None,
+    return_lse: bool = False,
+    *,
+    check_values: bool = True,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Attention of q over a KV cache, appending k_new/v_new to the cache first.
+
+    Args:
+        q: ``(B, Lq, Hq, D)``, the new queries of each sequence (Lq = 1 for a decode step).
+        k_cache, v_cache: ``(B, Lmax, Hk, D)`` (contiguous cache), or with ``block_table`` a
+            paged pool ``(num_blocks, block_size, Hk, D)``. Last dim contiguous, other strides
+            free. Hk must divide Hq: query head h uses K/V head ``h // (Hq // Hk)``.
+        cache_seqlens: int32 ``(B,)`` on q's device, the tokens already cached per sequence (an
+            int means the same length for every sequence). The op never changes it: advance it
+            yourself (``genext.KVCache`` does) after a step that appended.
+        k_new, v_new: ``(B, Lq, Hk, D)`` or None. When given they are written into the caches at
+            positions ``[cache_seqlens[b], cache_seqlens[b] + Lq)`` (k_cache and v_cache are
+            modified in place), and the queries attend over those ``cache_seqlens[b] + Lq`` keys.
+            Without them the queries attend over the first ``cache_seqlens[b]`` keys.
+        causal: query i sees key j iff ``j <= len_k - Lq + i`` (bottom-right aligned: the new
+            queries are the last Lq positions of the sequence), as flash-attn's
+            ``flash_attn_with_kvcache``. A query that sees no key gets a zero output.
+        scale: softmax scale, ``1 / sqrt(D)`` by default.
+        block_table: int32 ``(B, max_blocks)`` for a paged cache: key j of sequence b is slot
+            ``j % block_size`` of block ``block_table[b, j // block_size]``. Only the first
+            ``ceil(len_k / block_size)`` entries of a row are read.
+        return_lse: also return the log-sum-exp of the scaled scores, ``(B, Hq, Lq)`` float32
+            (float64 for float64 inputs), ``-inf`` for a query that sees no key.
+
+    Returns:
+        out ``(B, Lq, Hq, D)`` contiguous in q's dtype, and lse when ``return_lse``.
+
+        check_values: read cache_seqlens and block_table on the host and check them (below).
+            False skips that, and its device sync on CUDA (benchmarks, decode loops whose lengths
+            are known to be valid, e.g. :class:`genext.KVCache`).
+
+    Checks: every length must fit (``cache_seqlens[b] (+ Lq) <= capacity``, with capacity
+    ``Lmax`` or ``max_blocks * block_size``) and every block a sequence uses must be in the pool;
+    otherwise a ValueError names the sequence and the value. These checks read the lengths and
+    the block table on the host (a few small reductions and one copy of B rows, so a device sync
+    on CUDA); they are skipped while torch.compile traces and while a CUDA graph is captured,
+    where a sync is not allowed, and with ``check_values=False``. The CPU kernel checks again on
+    its own. The CUDA kernels never touch memory past the capacity or outside the pool, but their
+    results for invalid lengths or block indices are undefined.
+
+    Inference only: no gradient flows through this op (as with flash-attn's
+    ``flash_attn_with_kvcache``). It runs under ``torch.no_grad()``, so it may be called on
+    tensors that require grad, and its outputs never do. Use :func:`genext.ops.flash_attention`
+    for training.
+
+    Devices and dtypes: CUDA float16/bfloat16 (split-KV kernels), CUDA float32; CPU float32,
+    float64, float16 and bfloat16 (the 16-bit types computed in float32).
+    """
+    for name, t, shape in (("q", q, "B, Lq, Hq, D"), ("k_cache", k_cache, None),
+                           ("v_cache", v_cache, None)):
+        if t.dim() != 4:
+            want = shape or ("num_blocks, block_size, Hk, D" if block_table is not None
+                             else "B, Lmax, Hk, D")
+            raise ValueError(f"{_OP}: {name} must be 4-D ({want}), got shape {tuple(t.shape)}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{_OP}: k_new and v_new come together (got only one of them)")
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32:
+        got = cache_seqlens.dtype if isinstance(cache_seqlens, Tensor) else type(cache_seqlens).__name__
+        raise TypeError(f"{_OP}: cache_seqlens must be an int32 tensor (B,), got {got}")
+    if cache_seqlens.shape != (q.shape[0],):
+        raise ValueError(f"{_OP}: cache_seqlens must have shape (B,) = ({q.shape[0]},), "
+                         f"got {tuple(cache_seqlens.shape)}")
+    if block_table is not None:
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"{_OP}: block_table must be int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+            raise ValueError(f"{_OP}: block_table must have shape (B, max_blocks) with B = "
+                             f"{q.shape[0]}, got {tuple(block_table.shape)}")
+    added = q.shape[1] if k_new is not None else 0
+    if check_values and not _must_not_sync(q) and cache_seqlens.device == q.device:
+        if block_table is not None:
+            capacity = block_table.shape[1] * k_cache.shape[1]
+            num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+        else:
+            capacity, num_blocks, block_size = k_cache.shape[1], 0, 1
+        _validate_values(cache_seqlens, block_table, added, capacity, num_blocks, max(block_size, 1))
+    return _call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table,
+                 return_lse)
+
+
+def _call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table,
+          return_lse):
+    """The op itself, without the host-side value checks (genext.KVCache knows its lengths)."""
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    with torch.no_grad():
+        out, lse = torch.ops.genext.attention_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, bool(causal))
+    return (out, lse) if return_lse else out
+
+
+# ---- torch.library registrations ------------------------------------------------------------------
+
+
+@torch.library.register_fake("genext::attention_with_kvcache")
+def _fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, causal):
+    torch._check(q.dim() == 4, lambda: f"{_OP}: q must be (B, Lq, Hq, D)")
+    torch._check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
+                 lambda: f"{_OP}: k_cache and v_cache must have one 4-D shape")
+    torch._check(q.dtype == k_cache.dtype and q.dtype == v_cache.dtype,
+                 lambda: f"{_OP}: q, k_cache and v_cache must share a dtype")
+    torch._check(k_cache.shape[2] > 0 and q.shape[2] % k_cache.shape[2] == 0,
+                 lambda: f"{_OP}: the number of query heads must be a multiple of the number of "
+                         "key/value heads")
+    torch._check(k_cache.shape[3] == q.shape[3],
+                 lambda: f"{_OP}: q and the caches must share the head dim")
+    b, lq, hq, d = q.shape
+    out = q.new_empty((b, lq, hq, d))
+    lse = q.new_empty((b, hq, lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
