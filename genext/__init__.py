@@ -35,7 +35,8 @@ from . import _C  # noqa: E402  (registers torch.ops.genext.*)
 from . import ops  # noqa: E402
 from . import nn  # noqa: E402
 from . import reference  # noqa: E402
+from .kvcache import KVCache  # noqa: E402
 from ._info import build_info  # noqa: E402
 
 __version__ = _build_config.version
-__all__ = ["ops", "nn", "reference", "build_info", "__version__"]
+__all__ = ["ops", "nn", "reference", "KVCache", "build_info", "__version__"]
