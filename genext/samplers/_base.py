@@ -1,0 +1,99 @@
+"""What genext's schedulers share: diffusers-style config handling, the step output, and the
+step-index bookkeeping (`set_begin_index`, `index_for_timestep`)."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+class SchedulerConfig(dict):
+    """The scheduler's configuration: a dict whose keys also read as attributes, like diffusers'
+    FrozenDict (so `scheduler.config.num_train_timesteps` and `dict(scheduler.config)` both work).
+    Not meant to be changed after construction: build a new scheduler with `from_config`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no field {name!r}") from None
+
+
+@dataclass
+class SchedulerOutput:
+    """What `step` returns with return_dict=True (diffusers' field names)."""
+
+    prev_sample: Tensor
+    pred_original_sample: Optional[Tensor] = None
+
+    def __getitem__(self, i: int) -> Any:  # output[0] as in diffusers' BaseOutput
+        return self.to_tuple()[i]
+
+    def to_tuple(self) -> tuple:
+        return (self.prev_sample,) if self.pred_original_sample is None else (
+            self.prev_sample, self.pred_original_sample)
+
+
+class SchedulerBase:
+    """Config plumbing for subclasses whose __init__ takes the config fields as keyword
+    arguments (with diffusers' names and defaults) and calls `self._register_config(locals())`."""
+
+    order = 1
+
+    def _register_config(self, values: dict) -> None:
+        params = inspect.signature(type(self).__init__).parameters
+        self.config = SchedulerConfig({k: values[k] for k in params if k != "self"})
+
+    @classmethod
+    def from_config(cls, config: Any = None, **kwargs: Any):
+        """A scheduler from a config: a dict, a genext or diffusers config, or a scheduler of either
+        library (its `.config`); keyword arguments override fields. Fields this class does not know
+        (diffusers' `_class_name`, other schedulers' options) are ignored, as diffusers does."""
+        if config is not None and not isinstance(config, dict) and hasattr(config, "config"):
+            config = config.config
+        merged = dict(config or {})
+        merged.update(kwargs)
+        params = inspect.signature(cls.__init__).parameters
+        known = {k: v for k, v in merged.items() if k in params and k != "self"}
+        return cls(**known)
+
+    # ---- step index (diffusers' semantics) ------------------------------------------------------
+
+    _step_index: Optional[int] = None
+    _begin_index: Optional[int] = None
+
+    @property
+    def step_index(self) -> Optional[int]:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Where in `timesteps` the sampling starts (pipelines call this for img2img)."""
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep: Any, schedule_timesteps: Optional[Tensor] = None) -> int:
+        """Position of `timestep` in the schedule; when it occurs twice, the second (so that a
+        step never starts by skipping a sigma in the middle of the schedule), as diffusers does."""
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        if isinstance(timestep, Tensor):
+            timestep = timestep.to(schedule_timesteps.device)
+        indices = (schedule_timesteps == timestep).nonzero()
+        pos = 1 if len(indices) > 1 else 0
+        return int(indices[pos].item())
+
+    def _init_step_index(self, timestep: Any) -> None:
+        if self._begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+
+def as_float_tensor(values: Any) -> Tensor:
+    return torch.as_tensor(values, dtype=torch.float32)
