@@ -1,0 +1,95 @@
+// Argument checks and input preparation shared by the CPU and CUDA bindings of sampler_step.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <vector>
+
+#include "common/device_name.h"
+#include "sampler_step/sampler_step_math.h"
+
+namespace genext::sampler {
+
+constexpr const char* kOp = "sampler_step";
+
+// The op's inputs as the kernels read them: contiguous; history and noise in the sample's dtype.
+struct Inputs {
+  at::Tensor x, m, h1, h2, noise, s;
+  Coef coef{};
+  Flags flags{};
+  int64_t n = 0;        // samples (batch)
+  int64_t per = 0;      // elements per sample
+  bool guidance = false;
+  float w = 1.f;
+};
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline Inputs prepare(int64_t mode, const at::Tensor& sample, const at::Tensor& model_output,
+                      at::TensorList history, const std::optional<at::Tensor>& noise,
+                      const std::optional<at::Tensor>& threshold_scale, c10::ArrayRef<double> coef,
+                      int64_t prediction_type, bool clip, bool guidance, double guidance_scale) {
+  TORCH_CHECK_VALUE(mode >= kDDIM && mode <= kFlow, kOp,
+                    ": mode must be 0 (DDIM), 1 (DDPM), 2 (DPM-Solver++) or 3 (flow Euler), got ",
+                    mode);
+  TORCH_CHECK_VALUE(prediction_type >= kEpsilon && prediction_type <= kVPred, kOp,
+                    ": prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction), got ",
+                    prediction_type);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(coef.size()) == kNumCoef, kOp, ": coef must hold ",
+                    kNumCoef, " values, got ", coef.size());
+  TORCH_CHECK_TYPE(is_float_type(sample.scalar_type()) && is_float_type(model_output.scalar_type()),
+                   kOp, ": sample and model_output must be float32, float16 or bfloat16, got ",
+                   sample.scalar_type(), " and ", model_output.scalar_type());
+  TORCH_CHECK_VALUE(sample.dim() >= 1, kOp, ": sample must have a batch dim");
+  TORCH_CHECK(model_output.device() == sample.device(), kOp, ": model_output is on ",
+              genext::device_name(model_output), " but sample is on ", genext::device_name(sample));
+  Inputs in;
+  in.n = sample.size(0);
+  in.per = in.n > 0 ? sample.numel() / in.n : 0;
+  in.guidance = guidance;
+  in.w = static_cast<float>(guidance_scale);
+  // model_output: sample's shape, or [uncond; cond] along dim 0 with guidance
+  std::vector<int64_t> want(sample.sizes().begin(), sample.sizes().end());
+  if (guidance) want[0] *= 2;
+  TORCH_CHECK_VALUE(model_output.sizes() == c10::IntArrayRef(want), kOp, ": model_output must have shape ",
+                    c10::IntArrayRef(want), guidance ? " ([uncond; cond] along dim 0)" : "",
+                    ", got ", model_output.sizes());
+  TORCH_CHECK_VALUE(history.size() <= 2, kOp, ": at most 2 history tensors, got ", history.size());
+  TORCH_CHECK_VALUE(history.empty() || mode == kDPM, kOp, ": history is used by mode 2 only");
+  const auto like = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.sizes() == sample.sizes(), kOp, ": ", name, " must have the sample's shape ",
+                      sample.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.device() == sample.device(), kOp, ": ", name, " is on ", genext::device_name(t),
+                " but sample is on ", genext::device_name(sample));
+    TORCH_CHECK_TYPE(is_float_type(t.scalar_type()), kOp, ": ", name,
+                     " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    return t.to(sample.scalar_type()).contiguous();
+  };
+  in.x = sample.contiguous();
+  in.m = model_output.contiguous();
+  if (history.size() >= 1) in.h1 = like(history[0], "history[0]");
+  if (history.size() >= 2) in.h2 = like(history[1], "history[1]");
+  if (noise.has_value()) in.noise = like(*noise, "noise");
+  if (threshold_scale.has_value()) {
+    const at::Tensor& s = *threshold_scale;
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == in.n, kOp, ": threshold_scale must have shape (",
+                      in.n, ",), got ", s.sizes());
+    TORCH_CHECK(s.device() == sample.device(), kOp, ": threshold_scale is on ",
+                genext::device_name(s), " but sample is on ", genext::device_name(sample));
+    in.s = s.to(at::kFloat).contiguous();
+  }
+  for (int i = 0; i < kNumCoef; ++i) in.coef.c[i] = static_cast<float>(coef[i]);
+  in.flags.mode = static_cast<int>(mode);
+  in.flags.pred = static_cast<int>(prediction_type);
+  in.flags.n_hist = static_cast<int>(history.size());
+  in.flags.clip = clip;
+  in.flags.has_noise = noise.has_value();
+  in.flags.has_threshold = threshold_scale.has_value();
+  return in;
+}
+
+}  // namespace genext::sampler

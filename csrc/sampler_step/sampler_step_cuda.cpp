@@ -1,0 +1,72 @@
+// CUDA binding of sampler_step: shared checks, output allocation, launch on the current stream.
+// No host synchronisation: a sampling loop of these calls can be captured in a CUDA graph.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "sampler_step/sampler_step.h"
+#include "sampler_step/sampler_step_checks.h"
+
+namespace genext::sampler {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: return DType::kFloat32;
+  }
+}
+
+bool aligned(const at::Tensor& t, int64_t bytes) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
+}
+
+std::tuple<at::Tensor, at::Tensor> sampler_step_cuda_op(
+    int64_t mode, const at::Tensor& sample, const at::Tensor& model_output, at::TensorList history,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& threshold_scale,
+    c10::ArrayRef<double> coef, int64_t prediction_type, bool clip, bool guidance,
+    double guidance_scale) {
+  TORCH_CHECK(sample.is_cuda(), kOp, ": sample must be a CUDA tensor, got ",
+              genext::device_name(sample));
+  const c10::cuda::CUDAGuard guard(sample.device());
+  const Inputs in = prepare(mode, sample, model_output, history, noise, threshold_scale, coef,
+                            prediction_type, clip, guidance, guidance_scale);
+  at::Tensor prev = at::empty(sample.sizes(), in.x.options());
+  at::Tensor x0 = at::empty(sample.sizes(), in.x.options());
+  LaunchParams p;
+  p.sample_dtype = to_dtype(in.x.scalar_type());
+  p.model_dtype = to_dtype(in.m.scalar_type());
+  p.x = in.x.data_ptr();
+  p.m = in.m.data_ptr();
+  p.h1 = in.h1.defined() ? in.h1.data_ptr() : nullptr;
+  p.h2 = in.h2.defined() ? in.h2.data_ptr() : nullptr;
+  p.noise = in.noise.defined() ? in.noise.data_ptr() : nullptr;
+  p.s = in.s.defined() ? in.s.data_ptr<float>() : nullptr;
+  p.prev = prev.data_ptr();
+  p.x0 = x0.data_ptr();
+  p.total = in.x.numel();
+  p.per = in.per > 0 ? in.per : 1;
+  p.guidance = in.guidance;
+  p.w = in.w;
+  p.coef = in.coef;
+  p.flags = in.flags;
+  const int64_t xb = 4 * in.x.element_size(), mb = 4 * in.m.element_size();
+  p.vec4 = p.total % 4 == 0 && aligned(in.x, xb) && aligned(in.m, mb) && aligned(in.h1, xb) &&
+           aligned(in.h2, xb) && aligned(in.noise, xb) && aligned(prev, xb) && aligned(x0, xb);
+  const cudaError_t err = sampler_step_cuda(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA error ", cudaGetErrorString(err));
+  return {prev, x0};
+}
+
+}  // namespace
+}  // namespace genext::sampler
+
+TORCH_LIBRARY_IMPL(genext, CUDA, m) { m.impl("sampler_step", &genext::sampler::sampler_step_cuda_op); }
