@@ -6,6 +6,7 @@ import torch
 from .attention_with_kvcache import attention_with_kvcache
 from .flash_attention import flash_attention, flash_attention_varlen
 from .group_norm_silu import group_norm_silu
+from .sampler_step import sampler_step
 
 # Which devices and dtypes have kernels, per op; build_info() confirms each against the dispatcher.
 _GN = {
@@ -25,7 +26,12 @@ KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
         "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
         "cuda": (torch.float16, torch.bfloat16, torch.float32),
     },
+    # sample dtypes; arithmetic is fp32 for all of them
+    "sampler_step": {
+        "cpu": (torch.float32, torch.float16, torch.bfloat16),
+        "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    },
 }
 
 __all__ = ["attention_with_kvcache", "flash_attention", "flash_attention_varlen", "group_norm_silu",
-           "KERNELS"]
+           "sampler_step", "KERNELS"]

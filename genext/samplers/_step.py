@@ -42,23 +42,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..ops.sampler_step import NUM_COEF, sampler_step
+
 MODE_DDIM, MODE_DDPM, MODE_DPM, MODE_FLOW = 0, 1, 2, 3
 PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
-NUM_COEF = 12
 
-
-def sampler_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence[float], *,
-                 prediction_type: int = 0, history: Sequence[Tensor] = (),
-                 noise: Optional[Tensor] = None, threshold_scale: Optional[Tensor] = None,
-                 clip: bool = False, guidance_scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    """One fused step (see the module docstring); guidance_scale given = model_output holds
-    [uncond, cond] along dim 0."""
-    c = [float(v) for v in coef] + [0.0] * (NUM_COEF - len(coef))
-    return torch.ops.genext.sampler_step(
-        int(mode), sample, model_output, list(history), noise, threshold_scale, c,
-        int(prediction_type), bool(clip), guidance_scale is not None,
-        float(guidance_scale) if guidance_scale is not None else 1.0,
-    )
+__all__ = ["MODE_DDIM", "MODE_DDPM", "MODE_DPM", "MODE_FLOW", "NUM_COEF", "PREDICTION_TYPES",
+           "eager_step", "sampler_step"]
 
 
 def eager_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence[float], *,
