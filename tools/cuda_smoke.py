@@ -155,9 +155,39 @@ def kv_cases() -> int:
     return bad
 
 
+def sampler_cases() -> int:
+    """sampler_step on CUDA against its eager specification: bit-identical in fp32."""
+    from genext.samplers._step import eager_step, sampler_step
+
+    bad = 0
+    g = torch.Generator().manual_seed(0)
+    for mode, shape, guided, n_hist, noisy, dtype in [
+        (0, (2, 4, 64, 64), True, 0, True, torch.float32),
+        (2, (2, 4, 33, 17), False, 2, True, torch.float32),   # not a multiple of 4: scalar path
+        (1, (3, 4, 16, 16), False, 0, True, torch.bfloat16),
+        (3, (2, 16, 32, 32), True, 0, False, torch.float16),
+    ]:
+        r = lambda *s: torch.randn(*s, generator=g).to("cuda", dtype)  # noqa: E731
+        x = r(*shape)
+        m = r(2 * shape[0], *shape[1:]) if guided else r(*shape)
+        hist = [r(*shape) for _ in range(n_hist)]
+        nz = r(*shape) if noisy else None
+        coef = [0.9, 0.4, 1.0, 0.95, 0.3, 0.2, 0.0, 0.1, 1.7, 0.8, 0.4, 0.6]
+        kw = dict(history=hist, noise=nz, guidance_scale=7.5 if guided else None)
+        got = sampler_step(mode, x, m, coef, **kw)
+        want = eager_step(mode, x, m, coef, **kw)
+        ok = all(torch.equal(a, b) for a, b in zip(got, want))
+        bad += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} sampler mode {mode} {shape} guided={guided} hist={n_hist} "
+              f"{str(dtype):<15} bit-identical to eager: {ok}")
+    torch.cuda.synchronize()
+    return bad
+
+
 def main(argv: list[str]) -> int:
-    """Runs every op's cases, or those of the ops named: group_norm_silu, attention, kvcache."""
-    ops = {"group_norm_silu": gn_cases, "attention": fa_cases, "kvcache": kv_cases}
+    """Runs every op's cases, or those named: group_norm_silu, attention, kvcache, sampler."""
+    ops = {"group_norm_silu": gn_cases, "attention": fa_cases, "kvcache": kv_cases,
+           "sampler": sampler_cases}
     wanted = argv or list(ops)
     bad = sum(ops[name]() for name in wanted)
     return 1 if bad else 0
