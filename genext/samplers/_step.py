@@ -58,6 +58,12 @@ def eager_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence[f
     """The kernel's expression in plain PyTorch, fp32 arithmetic (the specification)."""
     c = [float(v) for v in coef] + [0.0] * (NUM_COEF - len(coef))
     f32 = torch.float32
+
+    def div(a: Tensor, b: float) -> Tensor:
+        # a divisor on a's device: PyTorch's CUDA division by a host scalar multiplies by its
+        # reciprocal (a different rounding); the kernels divide exactly
+        return a / torch.tensor(b, dtype=f32, device=a.device)
+
     x = sample.to(f32)
     m = model_output.to(f32)
     if guidance_scale is not None:
@@ -72,7 +78,7 @@ def eager_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence[f
             prev = c[5] * x0 + c[6] * noise.to(f32)
         return prev.to(sample.dtype), x0.to(sample.dtype)
     if prediction_type == 0:
-        x0 = (x - c[1] * m) / c[0]
+        x0 = div(x - c[1] * m, c[0])
     elif prediction_type == 1:
         x0 = m
     else:
@@ -86,11 +92,11 @@ def eager_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence[f
         if prediction_type == 0:
             eps = m
         elif prediction_type == 1:
-            eps = (x - c[0] * x0) / c[1]
+            eps = div(x - c[0] * x0, c[1])
         else:
             eps = c[0] * m + c[1] * x
         if c[6] != 0.0:
-            eps = (x - c[0] * x0) / c[1]
+            eps = div(x - c[0] * x0, c[1])
         prev = c[3] * x0 + c[4] * eps
         if noise is not None:
             prev = prev + c[5] * noise.to(f32)
