@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "sampler_step/sampler_step_checks.h"
 #include "sampler_step/sampler_step_math.h"
@@ -21,10 +22,127 @@ namespace {
 constexpr int64_t kGrain = 16384;
 constexpr int64_t kBlock = 512;  // elements per pass; the passes' buffers stay in L1
 
-// The expression of sampler_step_math.h evaluated pass by pass over blocks of kBlock elements:
-// each pass is one operation of the expression over the block, a loop the compiler vectorises,
-// with the flags tested once per block. The operations and their order are those of
-// step_element, so the results are identical to it.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+// Compiled for SSE2, AVX2 and AVX-512 and chosen when the library loads. FMA stays unused: the
+// file is built with -ffp-contract=off, so no multiply-add is ever fused.
+#define SAMPLER_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define SAMPLER_CLONES
+#endif
+
+// One block's inputs and outputs as float buffers (h1, h2, noise may be null when unused).
+struct Block {
+  const float* x;
+  const float* m;
+  const float* h1;
+  const float* h2;
+  const float* noise;
+  float* x0;
+  float* prev;
+  float* tmp;
+  int64_t n;
+};
+
+// The expression of sampler_step_math.h over one block, pass by pass: each pass is one operation
+// of the expression, a loop the compiler vectorises, with the flags tested once per block. The
+// operations and their order are those of step_element, so the results are identical to it.
+// `s` is the block's per-element threshold run: (value, count) pairs cover the block in order.
+SAMPLER_CLONES
+void compute_block(const Block& b, const float* c, const Flags f, const float* s_val,
+                   const int64_t* s_len, int s_runs) {
+  const int64_t n = b.n;
+  const float* xb = b.x;
+  const float* mb = b.m;
+  float* ob = b.x0;
+  float* pb = b.prev;
+  float* tb = b.tmp;
+  if (f.mode == kFlow) {
+    if (b.noise == nullptr) {
+      for (int64_t k = 0; k < n; ++k) ob[k] = mb[k];
+      for (int64_t k = 0; k < n; ++k) pb[k] = add(xb[k], mul(c[3], mb[k]));
+    } else {
+      for (int64_t k = 0; k < n; ++k) ob[k] = sub(xb[k], mul(c[4], mb[k]));
+      for (int64_t k = 0; k < n; ++k) pb[k] = add(mul(c[5], ob[k]), mul(c[6], b.noise[k]));
+    }
+    return;
+  }
+  if (f.pred == kEpsilon) {
+    for (int64_t k = 0; k < n; ++k) ob[k] = divide(sub(xb[k], mul(c[1], mb[k])), c[0]);
+  } else if (f.pred == kSample) {
+    for (int64_t k = 0; k < n; ++k) ob[k] = mb[k];
+  } else {
+    for (int64_t k = 0; k < n; ++k) ob[k] = sub(mul(c[0], xb[k]), mul(c[1], mb[k]));
+  }
+  if (s_runs > 0) {
+    int64_t k = 0;
+    for (int r = 0; r < s_runs; ++r) {
+      const float sv = s_val[r];
+      const int64_t stop = k + s_len[r];
+      for (; k < stop; ++k) ob[k] = divide(clampf(ob[k], -sv, sv), sv);
+    }
+  } else if (f.clip) {
+    const float r = c[2];
+    for (int64_t k = 0; k < n; ++k) ob[k] = clampf(ob[k], -r, r);
+  }
+  if (f.mode == kDDIM) {
+    if (f.pred == kEpsilon) {
+      for (int64_t k = 0; k < n; ++k) tb[k] = mb[k];
+    } else if (f.pred == kSample) {
+      for (int64_t k = 0; k < n; ++k) tb[k] = divide(sub(xb[k], mul(c[0], ob[k])), c[1]);
+    } else {
+      for (int64_t k = 0; k < n; ++k) tb[k] = add(mul(c[0], mb[k]), mul(c[1], xb[k]));
+    }
+    if (c[6] != 0.f) {
+      for (int64_t k = 0; k < n; ++k) tb[k] = divide(sub(xb[k], mul(c[0], ob[k])), c[1]);
+    }
+    for (int64_t k = 0; k < n; ++k) pb[k] = add(mul(c[3], ob[k]), mul(c[4], tb[k]));
+    if (b.noise != nullptr) {
+      for (int64_t k = 0; k < n; ++k) pb[k] = add(pb[k], mul(c[5], b.noise[k]));
+    }
+  } else if (f.mode == kDDPM) {
+    for (int64_t k = 0; k < n; ++k) pb[k] = add(mul(c[3], ob[k]), mul(c[4], xb[k]));
+    if (b.noise != nullptr) {
+      for (int64_t k = 0; k < n; ++k) pb[k] = add(pb[k], mul(c[5], b.noise[k]));
+    }
+  } else {  // kDPM
+    for (int64_t k = 0; k < n; ++k) pb[k] = add(mul(c[3], xb[k]), mul(c[4], ob[k]));
+    if (f.n_hist == 1) {
+      for (int64_t k = 0; k < n; ++k) {
+        const float d1 = mul(c[8], sub(ob[k], b.h1[k]));
+        pb[k] = add(pb[k], mul(c[5], d1));
+      }
+    } else if (f.n_hist == 2) {
+      for (int64_t k = 0; k < n; ++k) {
+        const float d1_0 = mul(c[8], sub(ob[k], b.h1[k]));
+        const float d1_1 = mul(c[9], sub(b.h1[k], b.h2[k]));
+        const float d1 = add(d1_0, mul(c[10], sub(d1_0, d1_1)));
+        const float d2 = mul(c[11], sub(d1_0, d1_1));
+        pb[k] = add(add(pb[k], mul(c[5], d1)), mul(c[6], d2));
+      }
+    }
+    if (b.noise != nullptr) {
+      for (int64_t k = 0; k < n; ++k) pb[k] = add(pb[k], mul(c[7], b.noise[k]));
+    }
+  }
+}
+
+// Guidance pass, cloned like compute_block: m = u + w * (c - u).
+SAMPLER_CLONES
+void guide_block(float* mb, const float* cb, int64_t n, float w) {
+  for (int64_t k = 0; k < n; ++k) mb[k] = guide(mb[k], cb[k], w);
+}
+
+// Loads n values of type X as floats (a plain copy for float, no conversion pass).
+template <class X>
+inline const float* as_float(const X* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<X, float>) {
+    return src;
+  } else {
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(src[k]);
+    return buf;
+  }
+}
+
 template <class T, class M>
 void run(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   const T* x = in.x.data_ptr<T>();
@@ -37,95 +155,62 @@ void run(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   T* xo = x0.data_ptr<T>();
   const int64_t total = in.x.numel();
   const int64_t cond_off = in.guidance ? total : 0;  // [uncond; cond] along dim 0
-  const float* c = in.coef.c;
+  const Coef coef = in.coef;
   const Flags f = in.flags;
   const bool guidance = in.guidance;
   const float w = in.w;
   const int64_t per = in.per > 0 ? in.per : 1;
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-    alignas(64) float xb[kBlock], mb[kBlock], ob[kBlock], pb[kBlock], tb[kBlock], ub[kBlock];
+    alignas(64) float xb[kBlock], mb[kBlock], cb[kBlock], h1b[kBlock], h2b[kBlock], nb[kBlock],
+        ob[kBlock], pb[kBlock], tb[kBlock];
+    float s_val[kBlock];
+    int64_t s_len[kBlock];
     for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
       const int64_t n = std::min(kBlock, end - i0);
-      for (int64_t k = 0; k < n; ++k) xb[k] = static_cast<float>(x[i0 + k]);
-      for (int64_t k = 0; k < n; ++k) mb[k] = static_cast<float>(m[i0 + k]);
-      if (guidance) {
-        for (int64_t k = 0; k < n; ++k) ub[k] = static_cast<float>(m[i0 + k + cond_off]);
-        for (int64_t k = 0; k < n; ++k) mb[k] = guide(mb[k], ub[k], w);
-      }
-      if (nz != nullptr) {
-        for (int64_t k = 0; k < n; ++k) ub[k] = static_cast<float>(nz[i0 + k]);
-      }
-      if (f.mode == kFlow) {
-        if (nz == nullptr) {
-          for (int64_t k = 0; k < n; ++k) ob[k] = mb[k];
-          for (int64_t k = 0; k < n; ++k) pb[k] = add(xb[k], mul(c[3], mb[k]));
+      Block b;
+      b.n = n;
+      b.x = as_float(x + i0, xb, n);
+      // the model output is modified in place by guidance: always its own buffer then
+      float* mbuf = mb;
+      if constexpr (std::is_same_v<M, float>) {
+        if (!guidance) {
+          b.m = m + i0;
         } else {
-          for (int64_t k = 0; k < n; ++k) ob[k] = sub(xb[k], mul(c[4], mb[k]));
-          for (int64_t k = 0; k < n; ++k) pb[k] = add(mul(c[5], ob[k]), mul(c[6], ub[k]));
+          std::copy(m + i0, m + i0 + n, mbuf);
+          b.m = mbuf;
         }
       } else {
-        if (f.pred == kEpsilon) {
-          for (int64_t k = 0; k < n; ++k) ob[k] = divide(sub(xb[k], mul(c[1], mb[k])), c[0]);
-        } else if (f.pred == kSample) {
-          for (int64_t k = 0; k < n; ++k) ob[k] = mb[k];
-        } else {
-          for (int64_t k = 0; k < n; ++k) ob[k] = sub(mul(c[0], xb[k]), mul(c[1], mb[k]));
-        }
-        if (s != nullptr) {
-          for (int64_t k = 0; k < n;) {  // segments of one sample each
-            const int64_t sample_idx = (i0 + k) / per;
-            const int64_t stop = std::min(n, (sample_idx + 1) * per - i0);
-            const float sv = s[sample_idx];
-            for (; k < stop; ++k) ob[k] = divide(clampf(ob[k], -sv, sv), sv);
-          }
-        } else if (f.clip) {
-          const float r = c[2];
-          for (int64_t k = 0; k < n; ++k) ob[k] = clampf(ob[k], -r, r);
-        }
-        if (f.mode == kDDIM) {
-          if (f.pred == kEpsilon) {
-            for (int64_t k = 0; k < n; ++k) tb[k] = mb[k];
-          } else if (f.pred == kSample) {
-            for (int64_t k = 0; k < n; ++k) tb[k] = divide(sub(xb[k], mul(c[0], ob[k])), c[1]);
-          } else {
-            for (int64_t k = 0; k < n; ++k) tb[k] = add(mul(c[0], mb[k]), mul(c[1], xb[k]));
-          }
-          if (c[6] != 0.f) {
-            for (int64_t k = 0; k < n; ++k) tb[k] = divide(sub(xb[k], mul(c[0], ob[k])), c[1]);
-          }
-          for (int64_t k = 0; k < n; ++k) pb[k] = add(mul(c[3], ob[k]), mul(c[4], tb[k]));
-          if (nz != nullptr) {
-            for (int64_t k = 0; k < n; ++k) pb[k] = add(pb[k], mul(c[5], ub[k]));
-          }
-        } else if (f.mode == kDDPM) {
-          for (int64_t k = 0; k < n; ++k) pb[k] = add(mul(c[3], ob[k]), mul(c[4], xb[k]));
-          if (nz != nullptr) {
-            for (int64_t k = 0; k < n; ++k) pb[k] = add(pb[k], mul(c[5], ub[k]));
-          }
-        } else {  // kDPM
-          for (int64_t k = 0; k < n; ++k) pb[k] = add(mul(c[3], xb[k]), mul(c[4], ob[k]));
-          if (f.n_hist == 1) {
-            for (int64_t k = 0; k < n; ++k) {
-              const float d1 = mul(c[8], sub(ob[k], static_cast<float>(h1[i0 + k])));
-              pb[k] = add(pb[k], mul(c[5], d1));
-            }
-          } else if (f.n_hist == 2) {
-            for (int64_t k = 0; k < n; ++k) {
-              const float a = static_cast<float>(h1[i0 + k]), b = static_cast<float>(h2[i0 + k]);
-              const float d1_0 = mul(c[8], sub(ob[k], a));
-              const float d1_1 = mul(c[9], sub(a, b));
-              const float d1 = add(d1_0, mul(c[10], sub(d1_0, d1_1)));
-              const float d2 = mul(c[11], sub(d1_0, d1_1));
-              pb[k] = add(add(pb[k], mul(c[5], d1)), mul(c[6], d2));
-            }
-          }
-          if (nz != nullptr) {
-            for (int64_t k = 0; k < n; ++k) pb[k] = add(pb[k], mul(c[7], ub[k]));
-          }
+        for (int64_t k = 0; k < n; ++k) mbuf[k] = static_cast<float>(m[i0 + k]);
+        b.m = mbuf;
+      }
+      if (guidance) guide_block(mbuf, as_float(m + i0 + cond_off, cb, n), n, w);
+      b.h1 = h1 != nullptr ? as_float(h1 + i0, h1b, n) : nullptr;
+      b.h2 = h2 != nullptr ? as_float(h2 + i0, h2b, n) : nullptr;
+      b.noise = nz != nullptr ? as_float(nz + i0, nb, n) : nullptr;
+      float* out0 = ob;
+      float* outp = pb;
+      if constexpr (std::is_same_v<T, float>) {  // write straight into the outputs
+        out0 = xo + i0;
+        outp = po + i0;
+      }
+      b.x0 = out0;
+      b.prev = outp;
+      b.tmp = tb;
+      int runs = 0;
+      if (s != nullptr) {
+        for (int64_t k = 0; k < n; ++runs) {  // runs of one sample each
+          const int64_t idx = (i0 + k) / per;
+          const int64_t stop = std::min(n, (idx + 1) * per - i0);
+          s_val[runs] = s[idx];
+          s_len[runs] = stop - k;
+          k = stop;
         }
       }
-      for (int64_t k = 0; k < n; ++k) po[i0 + k] = static_cast<T>(pb[k]);
-      for (int64_t k = 0; k < n; ++k) xo[i0 + k] = static_cast<T>(ob[k]);
+      compute_block(b, coef.c, f, s_val, s_len, runs);
+      if constexpr (!std::is_same_v<T, float>) {
+        for (int64_t k = 0; k < n; ++k) po[i0 + k] = static_cast<T>(pb[k]);
+        for (int64_t k = 0; k < n; ++k) xo[i0 + k] = static_cast<T>(ob[k]);
+      }
     }
   });
 }
