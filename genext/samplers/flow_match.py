@@ -155,7 +155,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         if given_timesteps:
             timesteps = np.array(timesteps).astype(np.float32)
         # Without custom sigmas the work is in float64 numpy (linspace of the training range);
-        # custom sigmas are cast to float32 first, so their shifting runs in float32, as in diffusers.
+        # custom sigmas are cast to float32 first, so their shifting runs in float32 (diffusers).
         if sigmas is None:
             if timesteps is None:
                 timesteps = np.linspace(self._sigma_to_t(self.sigma_max),
