@@ -37,15 +37,6 @@ X0_MODES = {"none": dict(clip_sample=False),
                               sample_max_value=2.0)}
 FIXED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
-# The op contract computes DDIM's epsilon for prediction_type "sample" from the clipped or
-# thresholded x0 (genext/samplers/_step.py, "eps = ... (x - c0 * x0) / c1 (sample)"), while
-# diffusers derives it from the raw model output before clipping. Until the contract and kernels
-# change, those configurations differ from diffusers; strict, so the fix shows up here.
-DDIM_SAMPLE_CLIP_GAP = pytest.mark.xfail(
-    strict=True, reason="op contract: DDIM 'sample' epsilon from the clipped x0, diffusers uses "
-                        "the unclipped model output")
-
-
 def _inputs(device="cpu", channels=SHAPE[1]):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(SHAPE, generator=g)
@@ -137,8 +128,7 @@ def test_ddim_schedules(beta_schedule, prediction_type, spacing):
 def _ddim_option_params():
     for pred, x0_mode, zsnr, one, eta in itertools.product(
             PREDICTIONS, X0_MODES, (False, True), (True, False), (0.0, 1.0)):
-        marks = [DDIM_SAMPLE_CLIP_GAP] if pred == "sample" and x0_mode != "none" else []
-        yield pytest.param(pred, x0_mode, zsnr, one, eta, marks=marks,
+        yield pytest.param(pred, x0_mode, zsnr, one, eta,
                            id=f"{pred}-{x0_mode}-zsnr{int(zsnr)}-one{int(one)}-eta{eta:g}")
 
 

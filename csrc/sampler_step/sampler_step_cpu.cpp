@@ -87,8 +87,8 @@ void compute_block(const Block& b, const float* c, const Flags f, const float* s
   if (f.mode == kDDIM) {
     if (f.pred == kEpsilon) {
       for (int64_t k = 0; k < n; ++k) tb[k] = mb[k];
-    } else if (f.pred == kSample) {
-      for (int64_t k = 0; k < n; ++k) tb[k] = divide(sub(xb[k], mul(c[0], ob[k])), c[1]);
+    } else if (f.pred == kSample) {  // the unclipped x0 (= m), as diffusers does
+      for (int64_t k = 0; k < n; ++k) tb[k] = divide(sub(xb[k], mul(c[0], mb[k])), c[1]);
     } else {
       for (int64_t k = 0; k < n; ++k) tb[k] = add(mul(c[0], mb[k]), mul(c[1], xb[k]));
     }

@@ -76,7 +76,7 @@ GENEXT_HD void step_element(const Coef& k, const Flags& f, float x, float m, flo
     if (f.pred == kEpsilon) {
       eps = m;
     } else if (f.pred == kSample) {
-      eps = divide(sub(x, mul(c[0], x0)), c[1]);
+      eps = divide(sub(x, mul(c[0], m)), c[1]);  // the unclipped x0 (= m), as diffusers does
     } else {
       eps = add(mul(c[0], m), mul(c[1], x));
     }

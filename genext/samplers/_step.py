@@ -16,7 +16,8 @@ Per mode, with x = sample, m = model output (after guidance: u + w * (c - u)), a
   mode 0, DDIM:  c0 = alpha_prod_t ** 0.5, c1 = beta_prod_t ** 0.5, c3 = alpha_prod_t_prev ** 0.5,
                  c4 = (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5, c5 = std_dev_t,
                  c6 = 1 to re-derive eps from the clipped x0 (use_clipped_model_output).
-                 eps = m (epsilon) | (x - c0 * x0) / c1 (sample) | c0 * m + c1 * x (v);
+                 eps = m (epsilon) | (x - c0 * m) / c1 (sample: from the unclipped x0 = m,
+                 as diffusers computes it) | c0 * m + c1 * x (v);
                  if c6: eps = (x - c0 * x0) / c1
                  prev = c3 * x0 + c4 * eps;  with noise: prev = prev + c5 * noise
   mode 1, DDPM:  c0, c1 as DDIM; c3 = pred_original_sample_coeff, c4 = current_sample_coeff,
@@ -92,7 +93,7 @@ def eager_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence[f
         if prediction_type == 0:
             eps = m
         elif prediction_type == 1:
-            eps = div(x - c[0] * x0, c[1])
+            eps = div(x - c[0] * m, c[1])  # from the raw prediction, before clipping (diffusers)
         else:
             eps = c[0] * m + c[1] * x
         if c[6] != 0.0:
