@@ -624,3 +624,30 @@ def test_cuda_trajectories_match_diffusers(gen_device):
                          stochastic_sampling=True)
         compare_trajectories(ours, ref, n, kind="v", device="cuda", tol=TOL_CUDA, guidance=4.5,
                              gen_device=gen_device)
+
+
+@pytest.mark.cuda
+def test_cuda_steps_after_the_first_do_not_sync():
+    """No host-device synchronisation in a step once the step index is known (what CUDA-graph
+    capture of the loop needs): the coefficients come from host copies of the schedule."""
+    for make, kind in [
+            (lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
+                                                 solver_order=3), "epsilon"),
+            (lambda: FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True), "v")]:
+        s = make()
+        s.set_timesteps(10, device="cuda")
+        host_t = s.timesteps.cpu()
+        g = torch.Generator("cuda").manual_seed(0)
+        x = initial_noise("cuda")
+        x = s.step(guided_pair(x, host_t[0], kind), s.timesteps[0], x, generator=g,
+                   guidance_scale=5.0).prev_sample
+        torch.cuda.synchronize()
+        outputs = [guided_pair(x, t, kind) for t in host_t]  # model stand-ins, made beforehand
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for k in range(1, len(host_t)):
+                x = s.step(outputs[k], s.timesteps[k], x, generator=g,
+                           guidance_scale=5.0).prev_sample
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(x).all()
