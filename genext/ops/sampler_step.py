@@ -20,14 +20,20 @@ def sampler_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence
     """One fused sampler step: returns (prev_sample, x0) like sample. `guidance_scale` given means
     model_output holds [uncond, cond] along dim 0, combined as u + w * (c - u) in the kernel.
     Modes and coefficients: see genext/samplers/_step.py. Not differentiable (sampling only)."""
-    c = [float(v) for v in coef] + [0.0] * (NUM_COEF - len(coef))
-    if len(c) != NUM_COEF:
-        raise ValueError(f"sampler_step: at most {NUM_COEF} coefficients, got {len(coef)}")
-    return torch.ops.genext.sampler_step(
+    if type(coef) is list and len(coef) == NUM_COEF:
+        c = coef  # schedulers pass full lists of floats: no copy on this per-step path
+    else:
+        c = [float(v) for v in coef] + [0.0] * (NUM_COEF - len(coef))
+        if len(c) != NUM_COEF:
+            raise ValueError(f"sampler_step: at most {NUM_COEF} coefficients, got {len(coef)}")
+    return _OP(
         int(mode), sample, model_output, list(history), noise, threshold_scale, c,
         int(prediction_type), bool(clip), guidance_scale is not None,
         float(guidance_scale) if guidance_scale is not None else 1.0,
     )
+
+
+_OP = torch.ops.genext.sampler_step.default
 
 
 @torch.library.register_fake("genext::sampler_step")

@@ -1,5 +1,20 @@
-"""Diffusion schedulers with diffusers' API whose step is one fused genext kernel."""
+"""Diffusion schedulers with diffusers' API and config whose `step` is one fused genext kernel
+(`genext.ops.sampler_step`), matching diffusers' trajectories in fp32; `step(...,
+guidance_scale=w)` also fuses classifier-free guidance on a [uncond; cond] model output."""
 from ._base import SchedulerConfig, SchedulerOutput
 from ._step import eager_step, sampler_step
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .dpm_solver import DPMSolverMultistepScheduler
+from .flow_match import FlowMatchEulerDiscreteScheduler
 
-__all__ = ["SchedulerConfig", "SchedulerOutput", "eager_step", "sampler_step"]
+__all__ = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "eager_step",
+    "sampler_step",
+]

@@ -207,7 +207,19 @@ class DDIMScheduler(_DiscreteScheduler):
 
     def _coefficients(self, t: int, eta: float,
                       use_clipped_model_output: bool) -> tuple[list, Tensor]:
-        """[c0 .. c6] of the DDIM mode and std_dev_t, in diffusers' 0-dim float32 arithmetic."""
+        """[c0 .. c6] of the DDIM mode and std_dev_t, in diffusers' 0-dim float32 arithmetic,
+        memoised per (t, steps, eta, flag): a step then costs a dict lookup on the host, not a
+        dozen tiny tensor ops (the values are the same either way)."""
+        key = (t, self.num_inference_steps, float(eta), bool(use_clipped_model_output))
+        cache = self.__dict__.setdefault("_coef_cache", {})
+        if key in cache:
+            return cache[key]
+        coef, std = self._compute_coefficients(t, eta, use_clipped_model_output)
+        cache[key] = (coef + [0.0] * (_step.NUM_COEF - len(coef)), std)  # the op's full length
+        return cache[key]
+
+    def _compute_coefficients(self, t: int, eta: float,
+                              use_clipped_model_output: bool) -> tuple[list, Tensor]:
         # diffusers' quirk: the previous timestep is t - T // N, whatever the spacing (with
         # trailing/linspace spacing it need not be the next entry of `timesteps`)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps

@@ -90,6 +90,15 @@ class DDPMScheduler(_DiscreteScheduler):
         return self._prev_at(t, self._position.get(t))
 
     def _coefficients(self, t: int, prev_t: int) -> tuple[list, Tensor, Tensor]:
+        """Memoised per (t, prev_t): see _compute_coefficients (same values, no per-step tensor
+        ops on the host)."""
+        cache = self.__dict__.setdefault("_coef_cache", {})
+        if (t, prev_t) not in cache:
+            coef, posterior, cur_beta = self._compute_coefficients(t, prev_t)
+            cache[(t, prev_t)] = (coef + [0.0] * (_step.NUM_COEF - len(coef)), posterior, cur_beta)
+        return cache[(t, prev_t)]
+
+    def _compute_coefficients(self, t: int, prev_t: int) -> tuple[list, Tensor, Tensor]:
         """[c0 .. c5] of the DDPM mode (c5 = the fixed noise scale, 0 when learned or t == 0),
         plus the clamped posterior variance and beta_t for the learned types; diffusers' 0-dim
         float32 arithmetic."""

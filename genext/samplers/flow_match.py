@@ -269,9 +269,10 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
             else:
                 noise = randn_like_diffusers(sample.shape, generator, sample.device, torch.float32)
             sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
-            coef = [0.0, 0.0, 0.0, 0.0, sigma, self._one_minus_list[i + 1], sigma_next]
+            coef = [0.0, 0.0, 0.0, 0.0, sigma, self._one_minus_list[i + 1], sigma_next,
+                    0.0, 0.0, 0.0, 0.0, 0.0]
         else:
-            coef = [0.0, 0.0, 0.0, self._dt_list[i]]
+            coef = [0.0, 0.0, 0.0, self._dt_list[i], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
         prev, _ = sampler_step(MODE_FLOW, sample, model_output, coef, noise=noise,
                                guidance_scale=guidance_scale)
         self._step_index += 1
