@@ -48,16 +48,23 @@ TORCH_LIBRARY(genext, m) {
         " -> (Tensor, Tensor)");
 
   // One diffusion sampler step, elementwise over the sample, in fp32 arithmetic, reproducing the
-  // operation order of the diffusers scheduler named by `mode` (0 DDIM, 1 DDPM, 2 DPM-Solver++ /
+  // operation order of the diffusers scheduler named by `kind` (0 DDIM, 1 DDPM, 2 DPM-Solver++ /
   // SDE-DPM-Solver++, 3 flow-matching Euler). sample (N, *); model_output (N, *), or (2N, *) when
   // guidance: rows [0, N) unconditional, [N, 2N) conditional, combined as u + guidance_scale *
   // (c - u) first. history: DPM-Solver's previous data predictions (newest first, 0 to 2 tensors
   // like sample). noise: like sample, or None. threshold_scale: (N,) float32 per-sample dynamic
   // thresholds s (x0 -> clamp(x0, -s, s) / s), or None. prediction_type: 0 epsilon, 1 sample,
   // 2 v_prediction. clip: clamp x0 to [-coef[2], coef[2]]. coef: the step's scalars, laid out per
-  // mode (see genext/samplers/_step.py). Returns (prev_sample, x0), both like sample; x0 is the
+  // kind (see genext/samplers/_step.py; "mode" there). The argument is not called "mode": torch's
+  // functionalization wrappers take a keyword of that name. Returns (prev_sample, x0), both like sample; x0 is the
   // predicted original sample (for flow matching, the model output).
-  m.def("sampler_step(int mode, Tensor sample, Tensor model_output, Tensor[] history, Tensor? noise,"
+  m.def("sampler_step(int kind, Tensor sample, Tensor model_output, Tensor[] history, Tensor? noise,"
         " Tensor? threshold_scale, float[] coef, int prediction_type, bool clip, bool guidance,"
         " float guidance_scale) -> (Tensor, Tensor)");
+  // sampler_step writing into given outputs (contiguous, the sample's shape and dtype; prev may be
+  // the sample itself, for an in-place step; x0 must not alias any input), for loops that keep
+  // static buffers (CUDA graphs).
+  m.def("sampler_step_out(int kind, Tensor sample, Tensor model_output, Tensor[] history, Tensor? noise,"
+        " Tensor? threshold_scale, float[] coef, int prediction_type, bool clip, bool guidance,"
+        " float guidance_scale, Tensor(a!) prev, Tensor(b!) x0) -> ()");
 }

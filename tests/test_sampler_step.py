@@ -145,3 +145,51 @@ def test_cuda_graph_loop_replays():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_out_and_in_place(mode, device):
+    x, m, hist, nz, _ = _inputs((2, 4, 8, 8), torch.float32, device, True, 2 if mode == MODE_DPM else 0,
+                                True, False)
+    coef = _coef(mode, random.Random(4))
+    kw = dict(history=hist, noise=nz, guidance_scale=3.0)
+    want_prev, want_x0 = sampler_step(mode, x, m, coef, **kw)
+    out, x0 = torch.empty_like(x), torch.empty_like(x)
+    got = sampler_step(mode, x, m, coef, out=out, x0_out=x0, **kw)
+    assert got[0] is out and got[1] is x0
+    assert torch.equal(out, want_prev) and torch.equal(x0, want_x0)
+    y = x.clone()  # in place: the sample is overwritten by the new sample
+    sampler_step(mode, y, m, coef, out=y, **kw)
+    assert torch.equal(y, want_prev)
+
+
+def test_out_bad_and_opcheck(device):
+    x = torch.randn(2, 4, 8, 8, device=device)
+    c = [0.5] * 12
+    with pytest.raises(ValueError, match="prev must have the sample's shape"):
+        torch.ops.genext.sampler_step_out(0, x, x, [], None, None, c, 0, False, False, 1.0,
+                                          torch.empty(3, device=device), torch.empty_like(x))
+    with pytest.raises(TypeError, match="x0 must have the sample's dtype"):
+        torch.ops.genext.sampler_step_out(0, x, x, [], None, None, c, 0, False, False, 1.0,
+                                          torch.empty_like(x), torch.empty_like(x).half())
+    if device == "cpu":
+        torch.library.opcheck(torch.ops.genext.sampler_step_out,
+                              (2, x, x, [x.clone()], None, None, c, 0, False, False, 1.0,
+                               torch.empty_like(x), torch.empty_like(x)))
+
+
+def test_scheduler_step_in_place_matches():
+    from genext.samplers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    m = torch.randn(2, 4, 16, 16, generator=g)
+    for cls in (DDIMScheduler, DPMSolverMultistepScheduler):
+        a, b = cls(), cls()
+        a.set_timesteps(10)
+        b.set_timesteps(10)
+        ya, yb = x.clone(), x.clone()
+        for t in a.timesteps:
+            ya = a.step(m * ya.tanh(), t, ya).prev_sample
+            b.step(m * yb.tanh(), t, yb, out=yb)  # in place
+        assert torch.equal(ya, yb)

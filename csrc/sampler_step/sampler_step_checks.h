@@ -92,4 +92,16 @@ inline Inputs prepare(int64_t mode, const at::Tensor& sample, const at::Tensor& 
   return in;
 }
 
+// Checks an output given to sampler_step_out: contiguous, the sample's shape, dtype and device.
+inline void check_out(const char* name, const at::Tensor& out, const at::Tensor& sample) {
+  TORCH_CHECK_VALUE(out.sizes() == sample.sizes(), kOp, "_out: ", name,
+                    " must have the sample's shape ", sample.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == sample.scalar_type(), kOp, "_out: ", name,
+                   " must have the sample's dtype ", sample.scalar_type(), ", got ",
+                   out.scalar_type());
+  TORCH_CHECK(out.device() == sample.device(), kOp, "_out: ", name, " is on ",
+              genext::device_name(out), " but sample is on ", genext::device_name(sample));
+  TORCH_CHECK_VALUE(out.is_contiguous(), kOp, "_out: ", name, " must be contiguous");
+}
+
 }  // namespace genext::sampler

@@ -225,6 +225,16 @@ void run_model_dtype(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   }
 }
 
+void compute(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
+  if (in.x.numel() == 0) return;
+  switch (in.x.scalar_type()) {
+    case at::kFloat: run_model_dtype<float>(in, prev, x0); break;
+    case at::kHalf: run_model_dtype<c10::Half>(in, prev, x0); break;
+    case at::kBFloat16: run_model_dtype<c10::BFloat16>(in, prev, x0); break;
+    default: TORCH_CHECK(false, kOp, ": unsupported sample dtype");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(
     int64_t mode, const at::Tensor& sample, const at::Tensor& model_output, at::TensorList history,
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& threshold_scale,
@@ -234,17 +244,27 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(
                             prediction_type, clip, guidance, guidance_scale);
   at::Tensor prev = at::empty(sample.sizes(), in.x.options());
   at::Tensor x0 = at::empty(sample.sizes(), in.x.options());
-  if (in.x.numel() == 0) return {prev, x0};
-  switch (in.x.scalar_type()) {
-    case at::kFloat: run_model_dtype<float>(in, prev, x0); break;
-    case at::kHalf: run_model_dtype<c10::Half>(in, prev, x0); break;
-    case at::kBFloat16: run_model_dtype<c10::BFloat16>(in, prev, x0); break;
-    default: TORCH_CHECK(false, kOp, ": unsupported sample dtype");
-  }
+  compute(in, prev, x0);
   return {prev, x0};
+}
+
+// Elementwise with each element read before it is written, so prev may be the sample itself.
+void sampler_step_out_cpu(int64_t mode, const at::Tensor& sample, const at::Tensor& model_output,
+                          at::TensorList history, const std::optional<at::Tensor>& noise,
+                          const std::optional<at::Tensor>& threshold_scale,
+                          c10::ArrayRef<double> coef, int64_t prediction_type, bool clip,
+                          bool guidance, double guidance_scale, at::Tensor& prev, at::Tensor& x0) {
+  const Inputs in = prepare(mode, sample, model_output, history, noise, threshold_scale, coef,
+                            prediction_type, clip, guidance, guidance_scale);
+  check_out("prev", prev, sample);
+  check_out("x0", x0, sample);
+  compute(in, prev, x0);
 }
 
 }  // namespace
 }  // namespace genext::sampler
 
-TORCH_LIBRARY_IMPL(genext, CPU, m) { m.impl("sampler_step", &genext::sampler::sampler_step_cpu); }
+TORCH_LIBRARY_IMPL(genext, CPU, m) {
+  m.impl("sampler_step", &genext::sampler::sampler_step_cpu);
+  m.impl("sampler_step_out", &genext::sampler::sampler_step_out_cpu);
+}

@@ -29,18 +29,7 @@ bool aligned(const at::Tensor& t, int64_t bytes) {
   return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
 }
 
-std::tuple<at::Tensor, at::Tensor> sampler_step_cuda_op(
-    int64_t mode, const at::Tensor& sample, const at::Tensor& model_output, at::TensorList history,
-    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& threshold_scale,
-    c10::ArrayRef<double> coef, int64_t prediction_type, bool clip, bool guidance,
-    double guidance_scale) {
-  TORCH_CHECK(sample.is_cuda(), kOp, ": sample must be a CUDA tensor, got ",
-              genext::device_name(sample));
-  const c10::cuda::CUDAGuard guard(sample.device());
-  const Inputs in = prepare(mode, sample, model_output, history, noise, threshold_scale, coef,
-                            prediction_type, clip, guidance, guidance_scale);
-  at::Tensor prev = at::empty(sample.sizes(), in.x.options());
-  at::Tensor x0 = at::empty(sample.sizes(), in.x.options());
+void launch(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   LaunchParams p;
   p.sample_dtype = to_dtype(in.x.scalar_type());
   p.model_dtype = to_dtype(in.m.scalar_type());
@@ -63,10 +52,45 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda_op(
            aligned(in.h2, xb) && aligned(in.noise, xb) && aligned(prev, xb) && aligned(x0, xb);
   const cudaError_t err = sampler_step_cuda(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA error ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor> sampler_step_cuda_op(
+    int64_t mode, const at::Tensor& sample, const at::Tensor& model_output, at::TensorList history,
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& threshold_scale,
+    c10::ArrayRef<double> coef, int64_t prediction_type, bool clip, bool guidance,
+    double guidance_scale) {
+  TORCH_CHECK(sample.is_cuda(), kOp, ": sample must be a CUDA tensor, got ",
+              genext::device_name(sample));
+  const c10::cuda::CUDAGuard guard(sample.device());
+  const Inputs in = prepare(mode, sample, model_output, history, noise, threshold_scale, coef,
+                            prediction_type, clip, guidance, guidance_scale);
+  at::Tensor prev = at::empty(sample.sizes(), in.x.options());
+  at::Tensor x0 = at::empty(sample.sizes(), in.x.options());
+  launch(in, prev, x0);
   return {prev, x0};
+}
+
+// Each thread reads its elements before writing them, so prev may be the sample itself.
+void sampler_step_out_cuda_op(int64_t mode, const at::Tensor& sample, const at::Tensor& model_output,
+                              at::TensorList history, const std::optional<at::Tensor>& noise,
+                              const std::optional<at::Tensor>& threshold_scale,
+                              c10::ArrayRef<double> coef, int64_t prediction_type, bool clip,
+                              bool guidance, double guidance_scale, at::Tensor& prev,
+                              at::Tensor& x0) {
+  TORCH_CHECK(sample.is_cuda(), kOp, ": sample must be a CUDA tensor, got ",
+              genext::device_name(sample));
+  const c10::cuda::CUDAGuard guard(sample.device());
+  const Inputs in = prepare(mode, sample, model_output, history, noise, threshold_scale, coef,
+                            prediction_type, clip, guidance, guidance_scale);
+  check_out("prev", prev, sample);
+  check_out("x0", x0, sample);
+  launch(in, prev, x0);
 }
 
 }  // namespace
 }  // namespace genext::sampler
 
-TORCH_LIBRARY_IMPL(genext, CUDA, m) { m.impl("sampler_step", &genext::sampler::sampler_step_cuda_op); }
+TORCH_LIBRARY_IMPL(genext, CUDA, m) {
+  m.impl("sampler_step", &genext::sampler::sampler_step_cuda_op);
+  m.impl("sampler_step_out", &genext::sampler::sampler_step_out_cuda_op);
+}

@@ -17,6 +17,10 @@ _FA = {
     "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),  # fp16/bf16 fast, fp32 a plain kernel
 }
+_SAMPLER = {
+    "cpu": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
 KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
     "group_norm_silu": _GN,
     "group_norm_silu_backward": _GN,
@@ -27,10 +31,8 @@ KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
         "cuda": (torch.float16, torch.bfloat16, torch.float32),
     },
     # sample dtypes; arithmetic is fp32 for all of them
-    "sampler_step": {
-        "cpu": (torch.float32, torch.float16, torch.bfloat16),
-        "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    },
+    "sampler_step": _SAMPLER,
+    "sampler_step_out": _SAMPLER,
 }
 
 __all__ = ["attention_with_kvcache", "flash_attention", "flash_attention_varlen", "group_norm_silu",

@@ -96,7 +96,7 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     """Algorithm 1 of "Common Diffusion Noise Schedules and Sample Steps are Flawed"
     (arXiv 2305.08891): shift and scale sqrt(alphas_cumprod) so that its last value is 0 and its
-    first is unchanged, then recover the betas. Float32 throughout, in diffusers' operation order."""
+    first is unchanged, then recover the betas. Float32, in diffusers' operation order."""
     root = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first = root[0].clone()
     last = root[-1].clone()

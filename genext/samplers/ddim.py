@@ -243,8 +243,8 @@ class DDIMScheduler(_DiscreteScheduler):
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: Generator = None,
              variance_noise: Optional[Tensor] = None, return_dict: bool = True,
-             guidance_scale: Optional[float] = None):
-        """x_t -> x_{t-1} (diffusers' DDIM step). model_output: like sample (B, ...), or (2B, ...)
+             guidance_scale: Optional[float] = None, out: Optional[Tensor] = None):
+        """x_t -> x_{t-1} (diffusers' DDIM step); `out`: write prev_sample there (may be `sample`). model_output: like sample (B, ...), or (2B, ...)
         as [uncond, cond] with guidance_scale. eta > 0 adds eta-scaled DDPM noise, drawn from
         `generator` exactly as diffusers draws it, or `variance_noise` when given.
         Returns SchedulerOutput(prev_sample, pred_original_sample) or that tuple."""
@@ -264,6 +264,6 @@ class DDIMScheduler(_DiscreteScheduler):
         prev, x0 = _step.sampler_step(
             _step.MODE_DDIM, sample, model_output, coef,
             prediction_type=_step.PREDICTION_TYPES[self.config.prediction_type], noise=noise,
-            threshold_scale=scale, clip=self._clip(), guidance_scale=guidance_scale)
+            threshold_scale=scale, clip=self._clip(), guidance_scale=guidance_scale, out=out)
         self._advance()
         return self._output(prev, x0, return_dict)

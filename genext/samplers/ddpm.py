@@ -132,8 +132,9 @@ class DDPMScheduler(_DiscreteScheduler):
         return coef, posterior, cur_beta
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, generator: Generator = None,
-             return_dict: bool = True, guidance_scale: Optional[float] = None):
-        """x_t -> x_{t-1} (diffusers' DDPM step); noise drawn from `generator` exactly as diffusers
+             return_dict: bool = True, guidance_scale: Optional[float] = None,
+             out: Optional[Tensor] = None):
+        """x_t -> x_{t-1} (diffusers' DDPM step; `out`: write prev_sample there, may be `sample`); noise drawn from `generator` exactly as diffusers
         draws it when t > 0. model_output: like sample (B, C, ...), (B, 2C, ...) with a learned
         variance, or the two stacked as [uncond, cond] along dim 0 with guidance_scale (the
         guidance combines the C prediction channels; a learned variance is the cond half's).
@@ -165,6 +166,6 @@ class DDPMScheduler(_DiscreteScheduler):
         prev, x0 = _step.sampler_step(
             _step.MODE_DDPM, sample, model_output, coef,
             prediction_type=_step.PREDICTION_TYPES[self.config.prediction_type], noise=noise,
-            threshold_scale=thr, clip=self._clip(), guidance_scale=guidance_scale)
+            threshold_scale=thr, clip=self._clip(), guidance_scale=guidance_scale, out=out)
         self._advance()
         return self._output(prev, x0, return_dict)

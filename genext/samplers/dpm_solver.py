@@ -400,8 +400,10 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         variance_noise: Optional[Tensor] = None,
         return_dict: bool = True,
         guidance_scale: Optional[float] = None,
+        out: Optional[Tensor] = None,
     ) -> Union[SchedulerOutput, tuple]:
-        """One multistep DPM-Solver step from `timestep` to the next sigma.
+        """One multistep DPM-Solver step from `timestep` to the next sigma (`out`: write the new
+        sample there; it may be `sample`).
 
         model_output: the model's prediction (config.prediction_type), shaped like `sample`; with
         `guidance_scale=w`, unconditional and conditional predictions stacked along dim 0 (twice
@@ -450,7 +452,8 @@ class DPMSolverMultistepScheduler(SchedulerBase):
 
         hist = [self.model_outputs[-1 - k] for k in range(order - 1)]
         prev, x0 = sampler_step(MODE_DPM, sample, m, coef, prediction_type=ptype, history=hist,
-                                noise=noise, threshold_scale=scale, guidance_scale=guidance_scale)
+                                noise=noise, threshold_scale=scale, guidance_scale=guidance_scale,
+                                out=out)
         self.model_outputs = self.model_outputs[1:] + [x0]
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1

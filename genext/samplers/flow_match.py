@@ -241,8 +241,10 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         *,
         variance_noise: Optional[Tensor] = None,
         guidance_scale: Optional[float] = None,
+        out: Optional[Tensor] = None,
     ) -> Union[SchedulerOutput, tuple]:
-        """One Euler step from `timestep` (a value of `timesteps`) to the next sigma.
+        """One Euler step from `timestep` (a value of `timesteps`) to the next sigma (`out`: write
+        the new sample there; it may be `sample`).
 
         model_output: the predicted velocity, shaped like `sample`; with `guidance_scale=w`, the
         unconditional and conditional predictions stacked along dim 0 (twice the batch), combined
@@ -274,7 +276,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         else:
             coef = [0.0, 0.0, 0.0, self._dt_list[i], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
         prev, _ = sampler_step(MODE_FLOW, sample, model_output, coef, noise=noise,
-                               guidance_scale=guidance_scale)
+                               guidance_scale=guidance_scale, out=out)
         self._step_index += 1
         # diffusers computes in float32 and returns the model output's dtype
         prev = prev.to(model_output.dtype)
