@@ -67,4 +67,16 @@ TORCH_LIBRARY(genext, m) {
   m.def("sampler_step_out(int kind, Tensor sample, Tensor model_output, Tensor[] history, Tensor? noise,"
         " Tensor? threshold_scale, float[] coef, int prediction_type, bool clip, bool guidance,"
         " float guidance_scale, Tensor(a!) prev, Tensor(b!) x0) -> ()");
+
+  // Nearest codebook entry of each row of z (N, D) among codebook (K, D), without an N x K matrix.
+  // cosine = false: the smallest Euclidean distance, computed from the squared differences in fp32
+  // (fp64 for fp64); cosine = true: the largest cosine similarity (rows normalised first, zero rows
+  // count as zero vectors), distance 1 - similarity. Ties go to the smallest index. Returns
+  // (indices int64 (N,), distances (N,) float32, float64 for fp64).
+  m.def("vq_nearest(Tensor z, Tensor codebook, bool cosine) -> (Tensor, Tensor)");
+  // Per-code sums for EMA codebook updates: counts[k] = #{i : indices[i] == k}, sums[k] = the sum
+  // of z[i] over those rows; float32 (float64 for fp64 z). deterministic: the same bits every run
+  // (on CUDA a sort-based reduction instead of atomics). Indices outside [0, K) are an error on
+  // the CPU and skipped on CUDA.
+  m.def("vq_ema_update(Tensor indices, Tensor z, int num_codes, bool deterministic) -> (Tensor, Tensor)");
 }
