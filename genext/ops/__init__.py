@@ -7,6 +7,7 @@ from .attention_with_kvcache import attention_with_kvcache
 from .flash_attention import flash_attention, flash_attention_varlen
 from .group_norm_silu import group_norm_silu
 from .sampler_step import sampler_step
+from .vq import vq_ema_update, vq_nearest
 
 # Which devices and dtypes have kernels, per op; build_info() confirms each against the dispatcher.
 _GN = {
@@ -21,6 +22,10 @@ _SAMPLER = {
     "cpu": (torch.float32, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
+_VQ = {
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
 KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
     "group_norm_silu": _GN,
     "group_norm_silu_backward": _GN,
@@ -33,7 +38,9 @@ KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
     # sample dtypes; arithmetic is fp32 for all of them
     "sampler_step": _SAMPLER,
     "sampler_step_out": _SAMPLER,
+    "vq_nearest": _VQ,
+    "vq_ema_update": _VQ,
 }
 
 __all__ = ["attention_with_kvcache", "flash_attention", "flash_attention_varlen", "group_norm_silu",
-           "sampler_step", "KERNELS"]
+           "sampler_step", "vq_ema_update", "vq_nearest", "KERNELS"]

@@ -1,0 +1,235 @@
+// VQ on the CPU. vq_nearest: blocks of 8 rows of z against tiles of 32 codes of a transposed copy
+// of the codebook (register accumulators, the code loop vectorised), a running minimum per row:
+// no N x K buffer; parallel over row blocks. Distances
+// are sums of squared differences (no |z|^2 - 2 z.e + |e|^2 cancellation), in fp32 (fp64 for
+// fp64); 16-bit inputs are widened once (the codebook) or per block (z). vq_ema_update: counts
+// and sums per code, parallel over columns, rows in order: deterministic.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "vq/vq_checks.h"
+
+namespace genext::vq {
+namespace {
+
+constexpr int64_t kRows = 8;    // z rows per register block
+constexpr int64_t kCodes = 32;  // codes per register block (the codebook is stored transposed)
+constexpr int64_t kRowsPerTask = 64;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define VQ_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define VQ_CLONES
+#endif
+
+// acc[r][c] over d of (z[r][d] - et[d][c])^2 (or z[r][d] * et[d][c] when dot), for kRows rows of
+// z (row stride D) against one transposed codebook tile et (D x kCodes): the code loop is the
+// vector loop, the accumulators stay in registers.
+template <class A>
+__attribute__((always_inline)) inline void block_body(const A* z, const A* et, int64_t D, bool dot,
+                                                      A* out) {
+  A acc[kRows][kCodes];
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t c = 0; c < kCodes; ++c) acc[r][c] = 0;
+  if (dot) {
+    for (int64_t d = 0; d < D; ++d) {
+      const A* ev = et + d * kCodes;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const A zr = z[r * D + d];
+#pragma omp simd
+        for (int64_t c = 0; c < kCodes; ++c) acc[r][c] += zr * ev[c];
+      }
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) {
+      const A* ev = et + d * kCodes;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const A zr = z[r * D + d];
+#pragma omp simd
+        for (int64_t c = 0; c < kCodes; ++c) {
+          const A t = zr - ev[c];
+          acc[r][c] += t * t;
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t c = 0; c < kCodes; ++c) out[r * kCodes + c] = acc[r][c];
+}
+
+// The block loop compiled per ISA (target_clones needs plain functions, not templates).
+VQ_CLONES void block_f32(const float* z, const float* et, int64_t D, bool dot, float* out) {
+  block_body<float>(z, et, D, dot, out);
+}
+VQ_CLONES void block_f64(const double* z, const double* et, int64_t D, bool dot, double* out) {
+  block_body<double>(z, et, D, dot, out);
+}
+inline void block(const float* z, const float* et, int64_t D, bool dot, float* out) {
+  block_f32(z, et, D, dot, out);
+}
+inline void block(const double* z, const double* et, int64_t D, bool dot, double* out) {
+  block_f64(z, et, D, dot, out);
+}
+
+template <class A>
+void normalise_rows(A* x, int64_t rows, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r) {
+    A* xr = x + r * D;
+    A s = 0;
+    for (int64_t d = 0; d < D; ++d) s += xr[d] * xr[d];
+    const A n = std::sqrt(s);
+    const A inv = n > 0 ? A(1) / n : A(0);
+    for (int64_t d = 0; d < D; ++d) xr[d] *= inv;
+  }
+}
+
+template <class T, class A>
+void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor& idx,
+             at::Tensor& dist) {
+  const int64_t N = z.size(0), D = z.size(1), K = cb.size(0);
+  const int64_t tiles = (K + kCodes - 1) / kCodes;
+  // The codebook in A, normalised for cosine, then transposed per tile of kCodes codes
+  // (padding codes are never chosen: they are skipped when scanning).
+  std::vector<A> cbf(static_cast<size_t>(K * D));
+  const T* cp = cb.data_ptr<T>();
+  for (int64_t i = 0; i < K * D; ++i) cbf[i] = static_cast<A>(cp[i]);
+  if (cosine) normalise_rows(cbf.data(), K, D);
+  std::vector<A> et(static_cast<size_t>(tiles * D * kCodes), A(0));
+  for (int64_t k = 0; k < K; ++k) {
+    A* tile = et.data() + (k / kCodes) * D * kCodes;
+    for (int64_t d = 0; d < D; ++d) tile[d * kCodes + k % kCodes] = cbf[k * D + d];
+  }
+  const T* zp = z.data_ptr<T>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+  A* dp = dist.data_ptr<A>();
+  const A worst = cosine ? -std::numeric_limits<A>::infinity() : std::numeric_limits<A>::infinity();
+  at::parallel_for(0, (N + kRowsPerTask - 1) / kRowsPerTask, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<A> zb(static_cast<size_t>(kRows * D));
+    A scores[kRows * kCodes];
+    for (int64_t task = b0; task < b1; ++task) {
+      const int64_t t_end = std::min(N, (task + 1) * kRowsPerTask);
+      for (int64_t r0 = task * kRowsPerTask; r0 < t_end; r0 += kRows) {
+        const int64_t rows = std::min(kRows, t_end - r0);
+        for (int64_t r = 0; r < kRows; ++r) {  // rows past the end repeat the last one
+          const T* src = zp + std::min(r0 + r, N - 1) * D;
+          for (int64_t d = 0; d < D; ++d) zb[r * D + d] = static_cast<A>(src[d]);
+        }
+        if (cosine) normalise_rows(zb.data(), kRows, D);
+        A best[kRows];
+        int64_t arg[kRows];
+        for (int64_t r = 0; r < kRows; ++r) {
+          best[r] = worst;
+          arg[r] = 0;
+        }
+        for (int64_t t = 0; t < tiles; ++t) {
+          block(zb.data(), et.data() + t * D * kCodes, D, cosine, scores);
+          const int64_t codes = std::min(kCodes, K - t * kCodes);
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t c = 0; c < codes; ++c) {  // strict: ties keep the smallest index
+              const A v = scores[r * kCodes + c];
+              if (cosine ? v > best[r] : v < best[r]) {
+                best[r] = v;
+                arg[r] = t * kCodes + c;
+              }
+            }
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          ip[r0 + r] = arg[r];
+          dp[r0 + r] = cosine ? A(1) - best[r] : std::sqrt(best[r]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z_in, const at::Tensor& cb_in,
+                                                  bool cosine) {
+  check_nearest("vq_nearest", z_in, cb_in, /*allow_double=*/true);
+  const at::Tensor z = z_in.contiguous(), cb = cb_in.contiguous();
+  const bool dbl = z.scalar_type() == at::kDouble;
+  at::Tensor idx = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+  at::Tensor dist = at::empty({z.size(0)}, z.options().dtype(dbl ? at::kDouble : at::kFloat));
+  if (z.size(0) == 0) return {idx, dist};
+  switch (z.scalar_type()) {
+    case at::kFloat: nearest<float, float>(z, cb, cosine, idx, dist); break;
+    case at::kDouble: nearest<double, double>(z, cb, cosine, idx, dist); break;
+    case at::kHalf: nearest<c10::Half, float>(z, cb, cosine, idx, dist); break;
+    case at::kBFloat16: nearest<c10::BFloat16, float>(z, cb, cosine, idx, dist); break;
+    default: TORCH_CHECK(false, "vq_nearest: unsupported dtype");
+  }
+  return {idx, dist};
+}
+
+template <class T, class A, class I>
+void ema(const at::Tensor& ind, const at::Tensor& z, int64_t K, at::Tensor& counts,
+         at::Tensor& sums) {
+  const int64_t N = z.size(0), D = z.size(1);
+  const I* ip = ind.data_ptr<I>();
+  const T* zp = z.data_ptr<T>();
+  A* cp = counts.data_ptr<A>();
+  A* sp = sums.data_ptr<A>();
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t k = static_cast<int64_t>(ip[i]);
+    TORCH_CHECK_VALUE(k >= 0 && k < K, "vq_ema_update: indices[", i, "] = ", k,
+                      " is outside [0, num_codes = ", K, ")");
+    cp[k] += 1;
+  }
+  // columns in parallel, rows in order within each: the same sums every run
+  at::parallel_for(0, D, 16, [&](int64_t d0, int64_t d1) {
+    for (int64_t i = 0; i < N; ++i) {
+      A* dst = sp + static_cast<int64_t>(ip[i]) * D;
+      const T* src = zp + i * D;
+      for (int64_t d = d0; d < d1; ++d) dst[d] += static_cast<A>(src[d]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> vq_ema_update_cpu(const at::Tensor& indices_in,
+                                                     const at::Tensor& z_in, int64_t num_codes,
+                                                     bool deterministic) {
+  check_ema("vq_ema_update", indices_in, z_in, num_codes, /*allow_double=*/true);
+  const at::Tensor ind = indices_in.contiguous(), z = z_in.contiguous();
+  const bool dbl = z.scalar_type() == at::kDouble;
+  const auto opts = z.options().dtype(dbl ? at::kDouble : at::kFloat);
+  at::Tensor counts = at::zeros({num_codes}, opts);
+  at::Tensor sums = at::zeros({num_codes, z.size(1)}, opts);
+  const bool i64 = ind.scalar_type() == at::kLong;
+  auto go = [&](auto t_tag, auto a_tag) {
+    using T = decltype(t_tag);
+    using A = decltype(a_tag);
+    if (i64) {
+      ema<T, A, int64_t>(ind, z, num_codes, counts, sums);
+    } else {
+      ema<T, A, int32_t>(ind, z, num_codes, counts, sums);
+    }
+  };
+  switch (z.scalar_type()) {
+    case at::kFloat: go(float(), float()); break;
+    case at::kDouble: go(double(), double()); break;
+    case at::kHalf: go(c10::Half(), float()); break;
+    case at::kBFloat16: go(c10::BFloat16(), float()); break;
+    default: TORCH_CHECK(false, "vq_ema_update: unsupported dtype");
+  }
+  return {counts, sums};
+}
+
+}  // namespace
+}  // namespace genext::vq
+
+TORCH_LIBRARY_IMPL(genext, CPU, m) {
+  m.impl("vq_nearest", &genext::vq::vq_nearest_cpu);
+  m.impl("vq_ema_update", &genext::vq::vq_ema_update_cpu);
+}
