@@ -211,9 +211,10 @@ def _benches() -> dict[str, Callable]:
     from .bench_attention import bench_attention  # these import this module: register lazily
     from .bench_kvcache import bench_kvcache
     from .bench_samplers import bench_samplers
+    from .bench_vq import bench_vq
 
     return {"group_norm_silu": bench_group_norm_silu, "attention": bench_attention,
-            "kvcache": bench_kvcache, "sampler": bench_samplers}
+            "kvcache": bench_kvcache, "sampler": bench_samplers, "vq": bench_vq}
 
 
 def print_table(rows: list[Row]) -> None:
@@ -221,7 +222,7 @@ def print_table(rows: list[Row]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        if r.op in ("attention", "kvcache", "sampler"):
+        if r.op in ("attention", "kvcache", "sampler", "vq"):
             continue
         print(f"{r.op:<16} {r.case:<20} {r.dtype:<9} {r.direction:<4} {r.impl:<8} {r.ms:>9.3f} "
               f"{r.gbps:>8.1f} {r.pct_copy:>6.1f}  {r.check}")
@@ -250,15 +251,17 @@ def run(args) -> int:
         r, good = bench(device, dtype, args.quick, not args.no_compile, copy_bps)
         rows += r
         ok &= good
-    if any(r.op not in ("attention", "kvcache", "sampler") for r in rows):
+    if any(r.op not in ("attention", "kvcache", "sampler", "vq") for r in rows):
         print_table(rows)
     from .bench_attention import print_attention_table
     from .bench_kvcache import print_kvcache_table
     from .bench_samplers import print_sampler_table
+    from .bench_vq import print_vq_table
 
     print_attention_table(rows)
     print_kvcache_table(rows)
     print_sampler_table(rows)
+    print_vq_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)

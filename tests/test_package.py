@@ -45,9 +45,10 @@ def test_cli_bench_quick_runs_and_checks(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     impls = {op: {r["impl"] for r in rows if r["op"] == op} for op in {r["op"] for r in rows}}
     assert impls == {"group_norm_silu": {"genext", "eager"}, "attention": {"genext", "sdpa"},
-                     "kvcache": {"genext", "sdpa"}, "sampler": {"genext", "diffusers", "kernel", "eager"}}
+                     "kvcache": {"genext", "sdpa"}, "sampler": {"genext", "diffusers", "kernel", "eager"},
+                     "vq": {"genext", "cdist"}}
     assert all(r["ms"] > 0 for r in rows)
     checked = [r for r in rows if r["direction"] in ("fwd", "step") and r["impl"] == "genext"]
-    assert {r["op"] for r in checked} == {"group_norm_silu", "attention", "kvcache", "sampler"}
+    assert {r["op"] for r in checked} == {"group_norm_silu", "attention", "kvcache", "sampler", "vq"}
     assert all(r["check"].startswith("ok") for r in checked)
     assert all(r["extra"]["tflops"] > 0 for r in rows if r["op"] == "attention")

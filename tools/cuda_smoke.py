@@ -184,10 +184,35 @@ def sampler_cases() -> int:
     return bad
 
 
+def vq_cases() -> int:
+    """vq_nearest against the float64 argmin (near ties excepted) and vq_ema_update's sums."""
+    bad = 0
+    for n, k, d, dtype, cosine in [(300, 70, 40, torch.float32, False), (129, 33, 13, torch.bfloat16, False),
+                                   (200, 64, 64, torch.float16, True)]:
+        z = torch.randn(n, d, device="cuda").to(dtype)
+        cb = torch.randn(k, d, device="cuda").to(dtype)
+        idx, dist = genext.ops.vq_nearest(z, cb, "cosine" if cosine else "l2")
+        zd, cd = z.double(), cb.double()
+        if cosine:
+            score = -(torch.nn.functional.normalize(zd, dim=1) @ torch.nn.functional.normalize(cd, dim=1).T)
+        else:
+            score = ((zd[:, None] - cd[None]) ** 2).sum(-1)
+        chosen = score.gather(1, idx.view(-1, 1)).squeeze(1)
+        ok = bool((chosen <= score.min(1).values + 1e-4).all())
+        counts, sums = genext.ops.vq_ema_update(idx, z, k, deterministic=not cosine)
+        ref = torch.zeros(k, d, dtype=torch.float64, device="cuda").index_add_(0, idx, zd)
+        ok &= torch.allclose(sums.double(), ref, atol=1e-3)
+        ok &= torch.equal(counts.double(), torch.bincount(idx, minlength=k).double())
+        bad += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} vq N{n} K{k} D{d} {str(dtype):<15} cosine={cosine}")
+    torch.cuda.synchronize()
+    return bad
+
+
 def main(argv: list[str]) -> int:
-    """Runs every op's cases, or those named: group_norm_silu, attention, kvcache, sampler."""
+    """Runs every op's cases, or those named: group_norm_silu, attention, kvcache, sampler, vq."""
     ops = {"group_norm_silu": gn_cases, "attention": fa_cases, "kvcache": kv_cases,
-           "sampler": sampler_cases}
+           "sampler": sampler_cases, "vq": vq_cases}
     wanted = argv or list(ops)
     bad = sum(ops[name]() for name in wanted)
     return 1 if bad else 0
