@@ -79,4 +79,17 @@ TORCH_LIBRARY(genext, m) {
   // (on CUDA a sort-based reduction instead of atomics). Indices outside [0, K) are an error on
   // the CPU and skipped on CUDA.
   m.def("vq_ema_update(Tensor indices, Tensor z, int num_codes, bool deterministic) -> (Tensor, Tensor)");
+
+  // Tiled primitives of the contrastive losses over L = scale * A B^T (+ bias), A (Na, D),
+  // B (Nb, D), scale and bias one-element tensors; no Na x Nb matrix is stored. tiled_lse returns
+  // (row_lse (Na,), col_lse (Nb,) when cols else (0,)), float32 (float64 for fp64).
+  m.def("tiled_lse(Tensor a, Tensor b, Tensor scale, Tensor? bias, bool cols) -> (Tensor, Tensor)");
+  // Gradients of sum_i grad_row[i] * row_lse[i] (+ sum_j grad_col[j] * col_lse[j]):
+  // (da, db, dscale, dbias); dbias is (0,) when bias is None.
+  m.def("tiled_lse_backward(Tensor grad_row, Tensor? grad_col, Tensor a, Tensor b, Tensor scale,"
+        " Tensor? bias, Tensor row_lse, Tensor? col_lse) -> (Tensor, Tensor, Tensor, Tensor)");
+  // sum_ij softplus(L_ij) (a 0-dim tensor) and its gradients.
+  m.def("tiled_softplus_sum(Tensor a, Tensor b, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("tiled_softplus_sum_backward(Tensor grad, Tensor a, Tensor b, Tensor scale, Tensor? bias)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
 }

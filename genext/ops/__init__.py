@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .attention_with_kvcache import attention_with_kvcache
+from .contrastive import clip_loss, siglip_loss
 from .flash_attention import flash_attention, flash_attention_varlen
 from .group_norm_silu import group_norm_silu
 from .sampler_step import sampler_step
@@ -40,7 +41,11 @@ KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
     "sampler_step_out": _SAMPLER,
     "vq_nearest": _VQ,
     "vq_ema_update": _VQ,
+    "tiled_lse": _VQ,
+    "tiled_lse_backward": _VQ,
+    "tiled_softplus_sum": _VQ,
+    "tiled_softplus_sum_backward": _VQ,
 }
 
-__all__ = ["attention_with_kvcache", "flash_attention", "flash_attention_varlen", "group_norm_silu",
+__all__ = ["attention_with_kvcache", "clip_loss", "siglip_loss", "flash_attention", "flash_attention_varlen", "group_norm_silu",
            "sampler_step", "vq_ema_update", "vq_nearest", "KERNELS"]
