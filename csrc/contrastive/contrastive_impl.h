@@ -1,7 +1,7 @@
 // Tiled contrastive-loss primitives over the score matrix L = scale * A B^T (+ bias), written
 // with ATen tensor ops so that one source serves the CPU and CUDA keys: matrix products go to the
-// device's BLAS (cuBLAS tensor cores on CUDA), and at most one tile of L (kRowTile x kColTile
-// floats) exists at a time, never the Na x Nb matrix.
+// device's BLAS (cuBLAS tensor cores on CUDA), and at most one tile of L (one row_tile x col_tile
+// floats, see row_tile/col_tile) exists at a time, never the Na x Nb matrix.
 //   tiled_lse:            row_lse[i] = log sum_j exp(L_ij), and col_lse[j] (optional)
 //   tiled_lse_backward:   gradients of sum_i g_r[i] row_lse[i] + sum_j g_c[j] col_lse[j]
 //   tiled_softplus_sum:   sum_ij softplus(L_ij)
@@ -18,8 +18,10 @@
 
 namespace genext::contrastive {
 
-constexpr int64_t kRowTile = 1024;
-constexpr int64_t kColTile = 4096;
+// Tile sizes: on the CPU a tile of scores (256 x 1024 floats, 1 MiB) stays in cache across the
+// elementwise passes over it; on CUDA larger tiles mean fewer launches.
+inline int64_t row_tile(const at::Tensor& t) { return t.is_cuda() ? 1024 : 256; }
+inline int64_t col_tile(const at::Tensor& t) { return t.is_cuda() ? 4096 : 1024; }
 
 struct Args {
   at::Tensor a, b;      // widened features, contiguous
@@ -71,13 +73,14 @@ inline at::Tensor scores(const Args& g, const at::Tensor& ai, const at::Tensor& 
 
 // Online log-sum-exp over the rows of L = scale * X Y^T (+ bias), X in row tiles, Y in column tiles.
 inline at::Tensor lse_rows(const Args& g, const at::Tensor& x, const at::Tensor& y) {
+  const int64_t row_step = row_tile(x), col_step = col_tile(x);
   const int64_t n = x.size(0), m = y.size(0);
   at::Tensor out = at::empty({n}, x.options());
-  for (int64_t i0 = 0; i0 < n; i0 += kRowTile) {
-    const at::Tensor xi = x.narrow(0, i0, std::min(kRowTile, n - i0));
+  for (int64_t i0 = 0; i0 < n; i0 += row_step) {
+    const at::Tensor xi = x.narrow(0, i0, std::min(row_step, n - i0));
     at::Tensor mx, s;
-    for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
-      const at::Tensor yj = y.narrow(0, j0, std::min(kColTile, m - j0));
+    for (int64_t j0 = 0; j0 < m; j0 += col_step) {
+      const at::Tensor yj = y.narrow(0, j0, std::min(col_step, m - j0));
       const at::Tensor l = scores(g, xi, yj, nullptr);
       const at::Tensor tmax = std::get<0>(l.max(1));
       if (!mx.defined()) {
@@ -94,14 +97,44 @@ inline at::Tensor lse_rows(const Args& g, const at::Tensor& x, const at::Tensor&
   return out;
 }
 
+// Row and (optionally) column log-sum-exps in one pass over the tiles: each score tile feeds the
+// running row statistics of its row tile and the running column statistics (vectors of length
+// Nb, O(N) memory), so the products are computed once.
 inline std::tuple<at::Tensor, at::Tensor> tiled_lse(const at::Tensor& a, const at::Tensor& b,
                                                     const at::Tensor& scale,
                                                     const std::optional<at::Tensor>& bias, bool cols) {
   const Args g = prepare("tiled_lse", a, b, scale, bias);
-  at::Tensor rows = lse_rows(g, g.a, g.b);
-  if (!cols) return {rows, at::empty({0}, rows.options())};
-  TORCH_CHECK_VALUE(a.size(0) > 0, "tiled_lse: column log-sum-exp needs rows");
-  return {rows, lse_rows(g, g.b, g.a)};  // L^T = scale * B A^T + bias
+  const int64_t row_step = row_tile(a), col_step = col_tile(a);
+  if (!cols) return {lse_rows(g, g.a, g.b), at::empty({0}, g.a.options())};
+  const int64_t n = g.a.size(0), m = g.b.size(0);
+  TORCH_CHECK_VALUE(n > 0, "tiled_lse: column log-sum-exp needs rows");
+  at::Tensor rows = at::empty({n}, g.a.options());
+  at::Tensor cmax = at::full({m}, -INFINITY, g.a.options());
+  at::Tensor csum = at::zeros({m}, g.a.options());
+  for (int64_t i0 = 0; i0 < n; i0 += row_step) {
+    const int64_t ni = std::min(row_step, n - i0);
+    const at::Tensor ai = g.a.narrow(0, i0, ni);
+    at::Tensor mx, s;
+    for (int64_t j0 = 0; j0 < m; j0 += col_step) {
+      const int64_t nj = std::min(col_step, m - j0);
+      const at::Tensor l = scores(g, ai, g.b.narrow(0, j0, nj), nullptr);
+      const at::Tensor tmax = std::get<0>(l.max(1));
+      if (!mx.defined()) {
+        mx = tmax;
+        s = (l - mx.unsqueeze(1)).exp().sum(1);
+      } else {
+        const at::Tensor nm = at::maximum(mx, tmax);
+        s = s * (mx - nm).exp() + (l - nm.unsqueeze(1)).exp().sum(1);
+        mx = nm;
+      }
+      at::Tensor cm = cmax.narrow(0, j0, nj), cs = csum.narrow(0, j0, nj);
+      const at::Tensor nc = at::maximum(cm, std::get<0>(l.max(0)));
+      cs.copy_(cs * (cm - nc).exp() + (l - nc.unsqueeze(0)).exp().sum(0));
+      cm.copy_(nc);
+    }
+    rows.narrow(0, i0, ni).copy_(mx + s.log());
+  }
+  return {rows, cmax + csum.log()};
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_grads(
@@ -119,6 +152,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_lse_back
     const at::Tensor& b, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
     const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse) {
   const Args g = prepare("tiled_lse_backward", a, b, scale, bias);
+  const int64_t row_step = row_tile(a), col_step = col_tile(a);
   const int64_t n = g.a.size(0), m = g.b.size(0);
   const at::Tensor gr = grad_row.to(g.acc), rl = row_lse.to(g.acc);
   const bool use_cols = grad_col.has_value() && col_lse.has_value() && col_lse->numel() == m;
@@ -126,11 +160,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_lse_back
   const at::Tensor cl = use_cols ? col_lse->to(g.acc) : at::Tensor();
   at::Tensor da = at::zeros_like(g.a), db = at::zeros_like(g.b);
   at::Tensor dscale = at::zeros({}, g.a.options()), dbias = at::zeros({}, g.a.options());
-  for (int64_t i0 = 0; i0 < n; i0 += kRowTile) {
-    const int64_t ni = std::min(kRowTile, n - i0);
+  for (int64_t i0 = 0; i0 < n; i0 += row_step) {
+    const int64_t ni = std::min(row_step, n - i0);
     const at::Tensor ai = g.a.narrow(0, i0, ni);
-    for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
-      const int64_t nj = std::min(kColTile, m - j0);
+    for (int64_t j0 = 0; j0 < m; j0 += col_step) {
+      const int64_t nj = std::min(col_step, m - j0);
       const at::Tensor bj = g.b.narrow(0, j0, nj);
       at::Tensor raw;
       const at::Tensor l = scores(g, ai, bj, &raw);
@@ -153,12 +187,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_lse_back
 inline at::Tensor tiled_softplus_sum(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                                      const std::optional<at::Tensor>& bias) {
   const Args g = prepare("tiled_softplus_sum", a, b, scale, bias);
+  const int64_t row_step = row_tile(a), col_step = col_tile(a);
   const int64_t n = g.a.size(0), m = g.b.size(0);
   at::Tensor total = at::zeros({}, g.a.options().dtype(at::kDouble));
-  for (int64_t i0 = 0; i0 < n; i0 += kRowTile) {
-    const at::Tensor ai = g.a.narrow(0, i0, std::min(kRowTile, n - i0));
-    for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
-      const at::Tensor bj = g.b.narrow(0, j0, std::min(kColTile, m - j0));
+  for (int64_t i0 = 0; i0 < n; i0 += row_step) {
+    const at::Tensor ai = g.a.narrow(0, i0, std::min(row_step, n - i0));
+    for (int64_t j0 = 0; j0 < m; j0 += col_step) {
+      const at::Tensor bj = g.b.narrow(0, j0, std::min(col_step, m - j0));
       total = total + at::softplus(scores(g, ai, bj, nullptr)).sum().to(at::kDouble);
     }
   }
@@ -169,15 +204,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_softplus
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
     const std::optional<at::Tensor>& bias) {
   const Args g = prepare("tiled_softplus_sum_backward", a, b, scale, bias);
+  const int64_t row_step = row_tile(a), col_step = col_tile(a);
   const int64_t n = g.a.size(0), m = g.b.size(0);
   const at::Tensor gs = grad.to(g.acc).reshape({});
   at::Tensor da = at::zeros_like(g.a), db = at::zeros_like(g.b);
   at::Tensor dscale = at::zeros({}, g.a.options()), dbias = at::zeros({}, g.a.options());
-  for (int64_t i0 = 0; i0 < n; i0 += kRowTile) {
-    const int64_t ni = std::min(kRowTile, n - i0);
+  for (int64_t i0 = 0; i0 < n; i0 += row_step) {
+    const int64_t ni = std::min(row_step, n - i0);
     const at::Tensor ai = g.a.narrow(0, i0, ni);
-    for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
-      const int64_t nj = std::min(kColTile, m - j0);
+    for (int64_t j0 = 0; j0 < m; j0 += col_step) {
+      const int64_t nj = std::min(col_step, m - j0);
       const at::Tensor bj = g.b.narrow(0, j0, nj);
       at::Tensor raw;
       const at::Tensor w = at::sigmoid(scores(g, ai, bj, &raw)) * gs;  // d softplus(L) / dL
