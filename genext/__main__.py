@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="time genext against eager PyTorch and torch.compile")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: per device)")
-    b.add_argument("--op", default=None, help="only this op: group_norm_silu, attention, kvcache, sampler or vq (default: all)")
+    b.add_argument("--op", default=None, help="only this op: group_norm_silu, attention, kvcache, sampler, vq or contrastive (default: all)")
     b.add_argument("--quick", action="store_true", help="fewer repeats and shapes (smoke run)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     b.add_argument("--json", default=None, help="write the results to this JSON file")

@@ -211,10 +211,12 @@ def _benches() -> dict[str, Callable]:
     from .bench_attention import bench_attention  # these import this module: register lazily
     from .bench_kvcache import bench_kvcache
     from .bench_samplers import bench_samplers
+    from .bench_contrastive import bench_contrastive
     from .bench_vq import bench_vq
 
     return {"group_norm_silu": bench_group_norm_silu, "attention": bench_attention,
-            "kvcache": bench_kvcache, "sampler": bench_samplers, "vq": bench_vq}
+            "kvcache": bench_kvcache, "sampler": bench_samplers, "vq": bench_vq,
+            "contrastive": bench_contrastive}
 
 
 def print_table(rows: list[Row]) -> None:
@@ -222,7 +224,7 @@ def print_table(rows: list[Row]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        if r.op in ("attention", "kvcache", "sampler", "vq"):
+        if r.op in ("attention", "kvcache", "sampler", "vq", "contrastive"):
             continue
         print(f"{r.op:<16} {r.case:<20} {r.dtype:<9} {r.direction:<4} {r.impl:<8} {r.ms:>9.3f} "
               f"{r.gbps:>8.1f} {r.pct_copy:>6.1f}  {r.check}")
@@ -251,17 +253,19 @@ def run(args) -> int:
         r, good = bench(device, dtype, args.quick, not args.no_compile, copy_bps)
         rows += r
         ok &= good
-    if any(r.op not in ("attention", "kvcache", "sampler", "vq") for r in rows):
+    if any(r.op not in ("attention", "kvcache", "sampler", "vq", "contrastive") for r in rows):
         print_table(rows)
     from .bench_attention import print_attention_table
     from .bench_kvcache import print_kvcache_table
     from .bench_samplers import print_sampler_table
+    from .bench_contrastive import print_contrastive_table
     from .bench_vq import print_vq_table
 
     print_attention_table(rows)
     print_kvcache_table(rows)
     print_sampler_table(rows)
     print_vq_table(rows)
+    print_contrastive_table(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)

@@ -46,9 +46,11 @@ def test_cli_bench_quick_runs_and_checks(tmp_path):
     impls = {op: {r["impl"] for r in rows if r["op"] == op} for op in {r["op"] for r in rows}}
     assert impls == {"group_norm_silu": {"genext", "eager"}, "attention": {"genext", "sdpa"},
                      "kvcache": {"genext", "sdpa"}, "sampler": {"genext", "diffusers", "kernel", "eager"},
-                     "vq": {"genext", "cdist"}}
+                     "vq": {"genext", "cdist"}, "contrastive": {"genext", "eager"}}
     assert all(r["ms"] > 0 for r in rows)
-    checked = [r for r in rows if r["direction"] in ("fwd", "step") and r["impl"] == "genext"]
-    assert {r["op"] for r in checked} == {"group_norm_silu", "attention", "kvcache", "sampler", "vq"}
+    checked = [r for r in rows if r["direction"] in ("fwd", "step", "f+b") and r["impl"] == "genext"
+               and r["check"]]
+    assert {r["op"] for r in checked} == {"group_norm_silu", "attention", "kvcache", "sampler", "vq",
+                                          "contrastive"}
     assert all(r["check"].startswith("ok") for r in checked)
     assert all(r["extra"]["tflops"] > 0 for r in rows if r["op"] == "attention")

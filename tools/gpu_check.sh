@@ -61,6 +61,6 @@ fi
 
 echo
 echo "== genext GPU check: $GPU, arch $TORCH_CUDA_ARCH_LIST, $(date -u '+%Y-%m-%d %H:%M UTC'), logs in $OUT_DIR"
-grep -E "^(group_norm_silu|op |attention case|decode case|sampler case|vq case|N[0-9]|B[0-9]|ddim|dpm2m|---)" "$OUT_DIR/bench.txt" 2>/dev/null || true
+grep -E "^(group_norm_silu|op |attention case|decode case|sampler case|vq case|clip loss case|N[0-9]|B[0-9]|ddim|dpm2m|---)" "$OUT_DIR/bench.txt" 2>/dev/null || true
 printf '%s\n' "${SUMMARY[@]}"
 exit $status
