@@ -34,6 +34,7 @@ _check_torch()
 from . import _C  # noqa: E402  (registers torch.ops.genext.*)
 from . import ops  # noqa: E402
 from . import nn  # noqa: E402
+from . import losses  # noqa: E402
 from . import reference  # noqa: E402
 from .kvcache import KVCache  # noqa: E402
 from ._info import build_info  # noqa: E402
