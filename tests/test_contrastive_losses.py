@@ -143,10 +143,8 @@ def test_local_cuda(loss_cls):
 @needs_open_clip
 @pytest.mark.parametrize("scale", [
     15.0,
-    # at::softplus, which the tiled sum calls, returns x itself above x = 20, dropping
-    # exp(-x) <= 2e-9 per pair: the positives' -log sigmoid(L_ii) at L_ii > 20 is lost
-    # (5e-12 relative in float64 here; below fp32 rounding)
-    pytest.param(50.0, marks=pytest.mark.xfail(strict=True, reason="softplus threshold 20")),
+    # logits above 20, where a thresholded softplus would drop the exp(-x) term
+    50.0,
 ])
 def test_local_open_clip_exact_in_float64(scale):
     """float64 inputs: genext and open_clip agree to rounding (1e-12), so any difference in the

@@ -194,7 +194,10 @@ inline at::Tensor tiled_softplus_sum(const at::Tensor& a, const at::Tensor& b, c
     const at::Tensor ai = g.a.narrow(0, i0, std::min(row_step, n - i0));
     for (int64_t j0 = 0; j0 < m; j0 += col_step) {
       const at::Tensor bj = g.b.narrow(0, j0, std::min(col_step, m - j0));
-      total = total + at::softplus(scores(g, ai, bj, nullptr)).sum().to(at::kDouble);
+      // softplus(x) = max(x, 0) + log1p(exp(-|x|)), exact for large x (at::softplus returns x
+      // itself above 20 and drops the exp(-x) term)
+      const at::Tensor l = scores(g, ai, bj, nullptr);
+      total = total + (at::clamp_min(l, 0) + at::log1p(at::exp(-at::abs(l)))).sum().to(at::kDouble);
     }
   }
   return total.to(g.acc);
