@@ -17,6 +17,7 @@
 
 #include "group_norm_silu/group_norm_silu.h"
 #include "group_norm_silu/group_norm_silu_checks.h"
+#include "common/cuda_device.h"
 #include "common/device_name.h"
 
 namespace genext::gn {
@@ -25,21 +26,7 @@ namespace {
 constexpr const char* kFwdOp = "group_norm_silu";
 constexpr const char* kBwdOp = "group_norm_silu_backward";
 
-// Multiprocessor count of a device, looked up once per device.
-int num_sms(c10::DeviceIndex dev) {
-  static std::array<std::atomic<int>, 64> cache{};
-  const bool cached = dev >= 0 && dev < static_cast<c10::DeviceIndex>(cache.size());
-  if (cached) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-  TORCH_CHECK(err == cudaSuccess, "group_norm_silu: cudaDeviceGetAttribute(MultiProcessorCount) failed: ",
-              cudaGetErrorString(err));
-  if (cached) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
+int num_sms(c10::DeviceIndex dev) { return genext::num_sms(dev, "group_norm_silu"); }
 
 DType to_dtype(at::ScalarType t) {
   switch (t) {

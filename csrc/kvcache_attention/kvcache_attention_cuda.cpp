@@ -13,6 +13,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/cuda_device.h"
 #include "common/device_name.h"
 #include "kvcache_attention/kvcache_attention.h"
 #include "kvcache_attention/kvcache_checks.h"
@@ -23,19 +24,7 @@ namespace {
 constexpr const char* kOp = "attention_with_kvcache";
 constexpr int64_t kMaxHeadDim = 256;
 
-int num_sms(c10::DeviceIndex dev) {
-  static std::array<std::atomic<int>, 64> cache{};
-  const bool cached = dev >= 0 && dev < static_cast<c10::DeviceIndex>(cache.size());
-  if (cached) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-  TORCH_CHECK(err == cudaSuccess, kOp, ": cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
-  if (cached) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
+int num_sms(c10::DeviceIndex dev) { return genext::num_sms(dev, kOp); }
 
 DType to_dtype(at::ScalarType t) {
   switch (t) {
