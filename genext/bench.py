@@ -59,6 +59,18 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / t
 
 
+def peak_extra_mib(fn: Callable[[], object], device: str) -> float:
+    """Peak memory fn allocates beyond what was live before it, in MiB (CUDA; NaN elsewhere)."""
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def copies_for_l2(tensor_bytes: int, device: str) -> int:
     """How many input copies to rotate so that consecutive calls do not hit in L2."""
     if device != "cuda":

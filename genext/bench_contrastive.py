@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .bench import Row, time_fn
+from .bench import Row, peak_extra_mib, time_fn
 from .ops import clip_loss
 
 
@@ -31,17 +31,6 @@ def eager_clip_loss(i, t, s):
     logits = s * i @ t.T
     labels = torch.arange(i.shape[0], device=i.device)
     return 0.5 * (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.T.float(), labels))
-
-
-def _peak_extra(fn, device: str) -> float:
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def bench_contrastive(device: str, dtype: torch.dtype, quick: bool, compile_too: bool,
@@ -71,7 +60,7 @@ def bench_contrastive(device: str, dtype: torch.dtype, quick: bool, compile_too:
                 fn().backward()
             try:
                 ms = time_fn(step, device, warmup, reps) * 1e3
-                mib = _peak_extra(lambda: step(0), device)
+                mib = peak_extra_mib(lambda: step(0), device)
             except RuntimeError as e:  # e.g. out of memory
                 rows.append(Row("contrastive", case.name, str(dt)[6:], "f+b", name, float("nan"), 0.0,
                                 0.0, f"failed: {str(e).splitlines()[0][:50]}"))

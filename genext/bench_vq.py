@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench import Row, time_fn
+from .bench import Row, peak_extra_mib, time_fn
 from .ops import vq_nearest
 
 
@@ -24,18 +24,6 @@ class VQCase:
 
 VQ_CUDA_CASES = [VQCase(65536, 256, 8192), VQCase(262144, 64, 16384)]
 VQ_CPU_CASES = [VQCase(16384, 64, 1024)]
-
-
-def _peak_extra(fn, device: str) -> float:
-    """Peak memory allocated by fn beyond what was live before, in MiB (CUDA only)."""
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def bench_vq(device: str, dtype: torch.dtype, quick: bool, compile_too: bool,
@@ -68,7 +56,7 @@ def bench_vq(device: str, dtype: torch.dtype, quick: bool, compile_too: bool,
                 if fn is None:
                     continue
                 t = time_fn(lambda i, fn=fn: fn(), device, warmup, reps)
-                mib = _peak_extra(fn, device)
+                mib = peak_extra_mib(fn, device)
                 rows.append(Row("vq", case.name, str(dt)[6:], "fwd", name, t * 1e3, 0.0, 0.0,
                                 note if name == "genext" else "", extra={"peak_extra_MiB": mib}))
             del z, cb
