@@ -1,8 +1,17 @@
 """genext: hand-written C++/CUDA kernels for generative models, as PyTorch ops.
 
-Importing genext registers its ops under ``torch.ops.genext``; the typed public functions live in
-:mod:`genext.ops`, drop-in modules in :mod:`genext.nn`. Ops without a kernel for a device raise a
-clear error per call; importing never fails because a GPU is missing.
+Importing genext registers its ops under ``torch.ops.genext`` and makes every public subpackage
+reachable as an attribute. The layers, imports pointing down only:
+
+- :mod:`genext.ops`: one module per op (typed function, devices and dtypes, fake kernel, autograd);
+- :mod:`genext.nn` (drop-in modules, ``KVCache``, functional forms), :mod:`genext.losses`
+  (contrastive losses) and :mod:`genext.samplers` (diffusion schedulers) on top of the ops;
+- :mod:`genext.models`: whole models on top of those;
+- :mod:`genext.reference` (plain-PyTorch references) and :mod:`genext.bench` (the benchmarks of
+  ``genext bench``): leaves that library code never imports, loaded on first access.
+
+Ops without a kernel for a device raise a clear error per call; importing never fails because a
+GPU is missing.
 """
 from __future__ import annotations
 
@@ -31,13 +40,24 @@ def _check_torch() -> None:
 
 _check_torch()
 
-from . import _C  # noqa: E402  (registers torch.ops.genext.*)
-from . import ops  # noqa: E402
-from . import nn  # noqa: E402
-from . import losses  # noqa: E402
-from . import reference  # noqa: E402
-from .kvcache import KVCache  # noqa: E402
+from . import _C  # noqa: E402, F401  (registers torch.ops.genext.*)
+from . import losses, models, nn, ops, samplers  # noqa: E402
 from ._info import build_info  # noqa: E402
+from .nn import KVCache  # noqa: E402
 
 __version__ = _build_config.version
-__all__ = ["ops", "nn", "reference", "KVCache", "build_info", "__version__"]
+_LAZY = ("bench", "reference")  # leaves: imported on first access, never by library code
+__all__ = ["KVCache", "__version__", "bench", "build_info", "losses", "models", "nn", "ops",
+           "reference", "samplers"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -6,23 +6,17 @@ from typing import Any
 import torch
 
 from . import _build_config, _C
-from .ops import KERNELS
-
-
-def _has_kernel(op: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"genext::{op}", key)
+from .ops import KERNELS, served_dtypes
 
 
 def build_info() -> dict[str, Any]:
     """Version, the torch genext was built against, CUDA on/off with architectures, and for each
     op the devices and dtypes that have kernels (checked against the dispatcher)."""
-    ops = {}
-    for op, devices in KERNELS.items():
-        ops[op] = {
-            dev: [str(dt).replace("torch.", "") for dt in dtypes]
-            for dev, dtypes in devices.items()
-            if _has_kernel(op, dev.upper())
-        }
+    ops = {
+        op: {dev: [str(dt).replace("torch.", "") for dt in dtypes]
+             for dev, dtypes in served_dtypes(op).items()}
+        for op in KERNELS
+    }
     return {
         "version": _build_config.version,
         "torch_built": _build_config.torch_version,

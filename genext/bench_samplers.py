@@ -15,7 +15,8 @@ from typing import Callable, Optional
 import torch
 
 from .bench import Row, time_fn
-from .samplers._step import MODE_DDIM, MODE_DPM, eager_step, sampler_step
+from .ops._sampler_step import StepKind, sampler_step
+from .reference import sampler_step as eager_step
 
 STEPS = 50
 
@@ -149,8 +150,8 @@ def bench_samplers(device: str, dtype: torch.dtype, quick: bool, compile_too: bo
                 rows.append(Row("sampler", case.name, "float32", "step", "genext-graph", t * 1e3,
                                 nbytes / t / 1e9, 100 * nbytes / t / copy_bps))
         # the step's expression alone: the kernel vs eager PyTorch vs torch.compile
-        mode = MODE_DDIM if case.scheduler == "ddim" else MODE_DPM
-        hist = [torch.randn_like(sample)] if mode == MODE_DPM else []
+        mode = StepKind.DDIM if case.scheduler == "ddim" else StepKind.DPM
+        hist = [torch.randn_like(sample)] if mode == StepKind.DPM else []
         coef = [0.9, 0.4, 1.0, 0.95, 0.3, 0.0, 0.0, 0.0, 1.7, 0.0, 0.0, 0.0]
         kw = dict(history=hist, guidance_scale=7.5 if case.guidance else None)
         exprs = {"kernel": lambda: sampler_step(mode, sample, model_out, coef, **kw),

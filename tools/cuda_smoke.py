@@ -157,7 +157,8 @@ def kv_cases() -> int:
 
 def sampler_cases() -> int:
     """sampler_step on CUDA against its eager specification: bit-identical in fp32."""
-    from genext.samplers._step import eager_step, sampler_step
+    from genext.ops._sampler_step import sampler_step
+    from genext.reference import sampler_step as eager_step
 
     bad = 0
     g = torch.Generator().manual_seed(0)

@@ -7,24 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops import KERNELS
-from ..ops.flash_attention import _default_scale
+from ..ops import served_dtypes
+from ..ops._common import softmax_scale
 from ..ops.group_norm_silu import group_norm_silu
 
 __all__ = ["group_norm_silu", "scaled_dot_product_attention"]
 
 
-def _served_dtypes(op: str) -> dict[str, tuple[torch.dtype, ...]]:
-    """Device type -> dtypes with a kernel in this build (looked up once, at import, so that the
-    per-call decision is plain Python that torch.compile can trace)."""
-    return {
-        dev: dtypes
-        for dev, dtypes in KERNELS[op].items()
-        if torch._C._dispatch_has_kernel_for_dispatch_key(f"genext::{op}", dev.upper())
-    }
-
-
-_FA_SERVED = _served_dtypes("flash_attention_forward")
+# looked up once, at import, so that the per-call decision is plain Python torch.compile can trace
+_FA_SERVED = served_dtypes("flash_attention_forward")
 _CUDA_MAX_HEAD_DIM = 256
 
 
@@ -110,7 +101,7 @@ def scaled_dot_product_attention(
         if attn_mask is not None:
             lengths = _key_lengths(attn_mask, query, key.shape[2])
         if attn_mask is None or lengths is not None:
-            sc = _default_scale(query, scale)
+            sc = softmax_scale(query, scale)
             out, _ = torch.ops.genext.flash_attention_forward(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None,
                 lengths, 0, 0, sc, bool(is_causal), False, False,

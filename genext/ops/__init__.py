@@ -1,51 +1,28 @@
-"""genext ops: one module per op, each with its public function, fake (meta) kernel and autograd."""
+"""genext ops: one module per op, each with its public function, the devices and dtypes its kernels
+serve, its fake (meta) kernel and its autograd.
+
+The diffusion sampler step (genext/ops/_sampler_step.py) is a kernel contract, not an API: use a
+scheduler of :mod:`genext.samplers`.
+"""
 from __future__ import annotations
 
-import torch
-
+from . import _sampler_step  # noqa: F401  (registers the sampler step's fake kernels)
+from ._common import KERNELS, served_dtypes
 from .attention_with_kvcache import attention_with_kvcache
 from .contrastive import clip_loss, siglip_loss
 from .flash_attention import flash_attention, flash_attention_varlen
 from .group_norm_silu import group_norm_silu
-from .sampler_step import sampler_step
 from .vq import vq_ema_update, vq_nearest
 
-# Which devices and dtypes have kernels, per op; build_info() confirms each against the dispatcher.
-_GN = {
-    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-}
-_FA = {
-    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),  # fp16/bf16 fast, fp32 a plain kernel
-}
-_SAMPLER = {
-    "cpu": (torch.float32, torch.float16, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-}
-_VQ = {
-    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-}
-KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {
-    "group_norm_silu": _GN,
-    "group_norm_silu_backward": _GN,
-    "flash_attention_forward": _FA,
-    "flash_attention_backward": _FA,
-    "attention_with_kvcache": {
-        "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-        "cuda": (torch.float16, torch.bfloat16, torch.float32),
-    },
-    # sample dtypes; arithmetic is fp32 for all of them
-    "sampler_step": _SAMPLER,
-    "sampler_step_out": _SAMPLER,
-    "vq_nearest": _VQ,
-    "vq_ema_update": _VQ,
-    "tiled_lse": _VQ,
-    "tiled_lse_backward": _VQ,
-    "tiled_softplus_sum": _VQ,
-    "tiled_softplus_sum_backward": _VQ,
-}
-
-__all__ = ["attention_with_kvcache", "clip_loss", "siglip_loss", "flash_attention", "flash_attention_varlen", "group_norm_silu",
-           "sampler_step", "vq_ema_update", "vq_nearest", "KERNELS"]
+__all__ = [
+    "KERNELS",
+    "attention_with_kvcache",
+    "clip_loss",
+    "flash_attention",
+    "flash_attention_varlen",
+    "group_norm_silu",
+    "served_dtypes",
+    "siglip_loss",
+    "vq_ema_update",
+    "vq_nearest",
+]

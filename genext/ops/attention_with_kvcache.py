@@ -8,13 +8,18 @@ K/V head once for its whole group of query heads (GQA/MQA).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from ._common import acc_dtype, declare_kernels, softmax_scale
+
 __all__ = ["attention_with_kvcache"]
+
+declare_kernels(["attention_with_kvcache"],
+                cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                cuda=(torch.float32, torch.float16, torch.bfloat16))
 
 _OP = "attention_with_kvcache"
 
@@ -153,14 +158,15 @@ def attention_with_kvcache(
         else:
             capacity, num_blocks, block_size = k_cache.shape[1], 0, 1
         _validate_values(cache_seqlens, block_table, added, capacity, num_blocks, max(block_size, 1))
-    return _call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table,
-                 return_lse)
+    return attention_with_kvcache_unchecked(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                            causal, scale, block_table, return_lse)
 
 
-def _call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table,
-          return_lse):
-    """The op itself, without the host-side value checks (genext.KVCache knows its lengths)."""
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+def attention_with_kvcache_unchecked(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
+                                     scale, block_table, return_lse):
+    """The op alone, without the Python-side argument and value checks above, for callers that own
+    their tensors and lengths (:class:`genext.nn.KVCache`); the C++ checks still run."""
+    scale = softmax_scale(q, scale)
     with torch.no_grad():
         out, lse = torch.ops.genext.attention_with_kvcache(
             q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, bool(causal))
@@ -184,5 +190,5 @@ def _fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, 
                  lambda: f"{_OP}: q and the caches must share the head dim")
     b, lq, hq, d = q.shape
     out = q.new_empty((b, lq, hq, d))
-    lse = q.new_empty((b, hq, lq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = q.new_empty((b, hq, lq), dtype=acc_dtype(q))
     return out, lse

@@ -9,7 +9,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._common import acc_dtype, declare_kernels
+
 __all__ = ["clip_loss", "siglip_loss"]
+
+# the products run on the device's BLAS; everything after them is float32 (float64 for float64)
+declare_kernels(["tiled_lse", "tiled_lse_backward", "tiled_softplus_sum",
+                 "tiled_softplus_sum_backward"],
+                cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                cuda=(torch.float32, torch.float16, torch.bfloat16))
 
 
 def _scalar(t, like: Tensor) -> Tensor:
@@ -84,16 +92,12 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
 # ---- fake kernels and autograd ------------------------------------------------------------------
 
 
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("genext::tiled_lse")
 def _fake_lse(a, b, scale, bias, cols):
     torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1],
                  lambda: "tiled_lse: features must be (Na, D) and (Nb, D)")
-    return (a.new_empty((a.shape[0],), dtype=_acc(a)),
-            a.new_empty((b.shape[0] if cols else 0,), dtype=_acc(a)))
+    return (a.new_empty((a.shape[0],), dtype=acc_dtype(a)),
+            a.new_empty((b.shape[0] if cols else 0,), dtype=acc_dtype(a)))
 
 
 @torch.library.register_fake("genext::tiled_lse_backward")
@@ -104,7 +108,7 @@ def _fake_lse_bwd(grad_row, grad_col, a, b, scale, bias, row_lse, col_lse):
 
 @torch.library.register_fake("genext::tiled_softplus_sum")
 def _fake_sp(a, b, scale, bias):
-    return a.new_empty((), dtype=_acc(a))
+    return a.new_empty((), dtype=acc_dtype(a))
 
 
 @torch.library.register_fake("genext::tiled_softplus_sum_backward")

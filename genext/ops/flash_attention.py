@@ -8,19 +8,21 @@ the last so that ``torch.autograd.gradcheck`` can run.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from ._common import acc_dtype, declare_kernels, softmax_scale
+
 __all__ = ["flash_attention", "flash_attention_varlen"]
 
+# CUDA float16/bfloat16 run on tensor cores; CUDA float32 is a plain exact kernel (slow)
+declare_kernels(["flash_attention_forward", "flash_attention_backward"],
+                cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                cuda=(torch.float32, torch.float16, torch.bfloat16))
+
 _LAYOUTS = ("bhld", "blhd")
-
-
-def _default_scale(q: Tensor, scale: Optional[float]) -> float:
-    return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
 def flash_attention(
@@ -79,7 +81,7 @@ def flash_attention(
     if layout == "bhld":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out, lse = torch.ops.genext.flash_attention_forward(
-        q, k, v, None, None, None, 0, 0, _default_scale(q, scale), bool(causal), True,
+        q, k, v, None, None, None, 0, 0, softmax_scale(q, scale), bool(causal), True,
         bool(deterministic),
     )
     if layout == "bhld":
@@ -168,7 +170,7 @@ def flash_attention_varlen(
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     out, lse = torch.ops.genext.flash_attention_forward(
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cu_seqlens_q, cu_seqlens_k, None,
-        int(max_seqlen_q), int(max_seqlen_k), _default_scale(q, scale), bool(causal), True,
+        int(max_seqlen_q), int(max_seqlen_k), softmax_scale(q, scale), bool(causal), True,
         bool(deterministic),
     )
     out = out.squeeze(0)
@@ -176,10 +178,6 @@ def flash_attention_varlen(
 
 
 # ---- torch.library registrations ------------------------------------------------------------------
-
-
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("genext::flash_attention_forward")
@@ -194,7 +192,7 @@ def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seql
                  lambda: "flash_attention_forward: q, k and v must share a dtype")
     b, lq, hq, _ = q.shape
     out = q.new_empty(q.shape)
-    lse = q.new_empty((b, hq, lq), dtype=_lse_dtype(q))
+    lse = q.new_empty((b, hq, lq), dtype=acc_dtype(q))
     return out, lse
 
 

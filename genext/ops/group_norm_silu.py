@@ -6,7 +6,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._common import acc_dtype, declare_kernels
+
 __all__ = ["group_norm_silu"]
+
+declare_kernels(["group_norm_silu", "group_norm_silu_backward"],
+                cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                cuda=(torch.float32, torch.float16, torch.bfloat16))
 
 _ACTIVATIONS = {"silu": True, None: False}
 
@@ -59,10 +65,6 @@ def _kernel_layout_empty(x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("genext::group_norm_silu")
 def _fake(x, num_groups, weight, bias, eps, silu):
     torch._check(x.dim() in (3, 4, 5), lambda: f"group_norm_silu: x must have rank 3 to 5, got {x.dim()}")
@@ -70,7 +72,7 @@ def _fake(x, num_groups, weight, bias, eps, silu):
                  lambda: f"group_norm_silu: channels ({x.shape[1]}) must be divisible by num_groups ({num_groups})")
     n = x.shape[0]
     y = _kernel_layout_empty(x)
-    stats = x.new_empty((n, num_groups), dtype=_stats_dtype(x))
+    stats = x.new_empty((n, num_groups), dtype=acc_dtype(x))
     return y, stats, torch.empty_like(stats)
 
 

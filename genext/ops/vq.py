@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._common import acc_dtype, declare_kernels
+
 __all__ = ["vq_nearest", "vq_ema_update"]
+
+declare_kernels(["vq_nearest", "vq_ema_update"],
+                cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                cuda=(torch.float32, torch.float16, torch.bfloat16))
 
 _METRICS = ("l2", "cosine")
 
@@ -39,19 +45,15 @@ def vq_ema_update(indices: Tensor, z: Tensor, num_codes: int,
     return torch.ops.genext.vq_ema_update(indices.reshape(-1), zf, int(num_codes), bool(deterministic))
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("genext::vq_nearest")
 def _fake_nearest(z, codebook, cosine):
     torch._check(z.dim() == 2 and codebook.dim() == 2 and z.shape[1] == codebook.shape[1],
                  lambda: "vq_nearest: z must be (N, D) and codebook (K, D)")
     n = z.shape[0]
-    return z.new_empty((n,), dtype=torch.int64), z.new_empty((n,), dtype=_acc_dtype(z))
+    return z.new_empty((n,), dtype=torch.int64), z.new_empty((n,), dtype=acc_dtype(z))
 
 
 @torch.library.register_fake("genext::vq_ema_update")
 def _fake_ema(indices, z, num_codes, deterministic):
-    return (z.new_empty((num_codes,), dtype=_acc_dtype(z)),
-            z.new_empty((num_codes, z.shape[1]), dtype=_acc_dtype(z)))
+    return (z.new_empty((num_codes,), dtype=acc_dtype(z)),
+            z.new_empty((num_codes, z.shape[1]), dtype=acc_dtype(z)))

@@ -1,8 +1,7 @@
 """Diffusion schedulers with diffusers' API and config whose `step` is one fused genext kernel
-(`genext.ops.sampler_step`), matching diffusers' trajectories in fp32; `step(...,
+(the kernel contract in genext/ops/_sampler_step.py), matching diffusers' trajectories in fp32; `step(...,
 guidance_scale=w)` also fuses classifier-free guidance on a [uncond; cond] model output."""
 from ._base import SchedulerConfig, SchedulerOutput
-from ._step import eager_step, sampler_step
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
@@ -15,6 +14,4 @@ __all__ = [
     "FlowMatchEulerDiscreteScheduler",
     "SchedulerConfig",
     "SchedulerOutput",
-    "eager_step",
-    "sampler_step",
 ]

@@ -5,175 +5,20 @@ the host with the same 0-dim float32 torch arithmetic diffusers uses, from a CPU
 `alphas_cumprod`, so the trajectory matches diffusers to float32 rounding and nothing is read back
 from the device. Dynamic thresholding adds one per-sample quantile before the fused call.
 
-`_DiscreteScheduler` below is also the base of `DDPMScheduler` (ddpm.py): the alphas_cumprod
-schedule, host-side timestep resolution, noise drawing, thresholding scale, `add_noise`,
-`get_velocity`.
+The discrete-time machinery it shares with `DDPMScheduler` is `DiscreteScheduler` (_discrete.py).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from . import _step
-from ._base import SchedulerBase, SchedulerOutput
-from ._schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, check_choice, make_alphas_cumprod,
-                        make_betas, randn_like_diffusers, rescale_zero_terminal_snr,
-                        spaced_timesteps, threshold_scale)
+from ..ops._sampler_step import NUM_COEF, PredictionType, StepKind, sampler_step
+from ._discrete import DiscreteScheduler, Generator
+from ._schedule import (spaced_timesteps)
 
-Generator = Union[None, torch.Generator, Sequence[torch.Generator]]
-
-
-class _DiscreteScheduler(SchedulerBase):
-    """Shared machinery of the discrete-time (alphas_cumprod) schedulers. Subclasses call
-    `_build_schedule()` after `_register_config`."""
-
-    _name = "scheduler"
-    _beta_schedules: Sequence[str] = ("linear", "scaled_linear", "squaredcos_cap_v2")
-
-    def _build_schedule(self) -> None:
-        cfg = self.config
-        check_choice("prediction_type", cfg.prediction_type, PREDICTION_TYPES, self._name)
-        check_choice("timestep_spacing", cfg.timestep_spacing, TIMESTEP_SPACINGS, self._name)
-        betas = make_betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
-                           cfg.trained_betas, owner=self._name, allowed=self._beta_schedules)
-        if cfg.rescale_betas_zero_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        self.betas = betas
-        self.alphas = 1.0 - betas
-        # float32 on the CPU, never moved: the host derives every step coefficient from it
-        self.alphas_cumprod = make_alphas_cumprod(betas)
-        self._acp_on: dict = {}  # (device, dtype) -> alphas_cumprod there, for add_noise
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: Optional[int] = None
-        self._set_schedule(np.arange(cfg.num_train_timesteps)[::-1].astype(np.int64), None)
-
-    def _set_schedule(self, timesteps: np.ndarray, device: Any) -> None:
-        cpu = torch.from_numpy(np.ascontiguousarray(timesteps, dtype=np.int64))
-        self._timesteps_cpu = cpu
-        self._timestep_list = [int(t) for t in timesteps]
-        # position of each timestep value (DDIM/DDPM schedules never repeat a value)
-        self._position = {}
-        for i, t in enumerate(self._timestep_list):
-            self._position.setdefault(t, i)
-        self.timesteps = cpu.to(device) if device is not None else cpu
-        self._step_index = None
-        self._begin_index = None
-
-    # ---- timesteps on the host -------------------------------------------------------------------
-
-    def _host_timestep(self, timestep: Any) -> int:
-        """The step's timestep as a Python int, without a device sync after the first step.
-
-        A Python number or CPU tensor is read directly (diffusers' semantics: any timestep may be
-        passed). A timestep on another device is not read back: it is taken to be the schedule's
-        entry at the current step index, which the first such step locates (one sync, or none
-        after `set_begin_index`), so later steps can run under CUDA-graph capture."""
-        if isinstance(timestep, Tensor) and timestep.device.type != "cpu":
-            if self._step_index is None or self._step_index >= len(self._timestep_list):
-                self._step_index = None
-                if self._begin_index is not None:
-                    self._step_index = self._begin_index
-                else:
-                    found = (self._timesteps_cpu == timestep.to("cpu")).nonzero()
-                    if len(found) == 0:
-                        raise ValueError(f"{self._name}.step: timestep {int(timestep)} is not in "
-                                         "the schedule set by set_timesteps")
-                    self._step_index = int(found[0])
-            return self._timestep_list[self._step_index]
-        t = int(timestep)
-        self._step_index = self._position.get(t)
-        return t
-
-    def _advance(self) -> None:
-        if self._step_index is not None:
-            self._step_index += 1
-
-    # ---- pieces of a step ------------------------------------------------------------------------
-
-    def _check_guidance(self, model_output: Tensor, sample: Tensor,
-                        guidance_scale: Optional[float]) -> None:
-        if guidance_scale is not None and model_output.shape[0] != 2 * sample.shape[0]:
-            raise ValueError(f"{self._name}.step: with guidance_scale, model_output must stack "
-                             f"[uncond, cond] along dim 0 (batch {2 * sample.shape[0]}), got shape "
-                             f"{tuple(model_output.shape)} for a sample of shape "
-                             f"{tuple(sample.shape)}")
-
-    def _threshold_scale(self, sample: Tensor, model_output: Tensor, c0: float, c1: float,
-                         guidance_scale: Optional[float]) -> Optional[Tensor]:
-        """Dynamic thresholding's per-sample scale, from x0 computed with the fused op's own
-        expression (guidance included); None when thresholding is off."""
-        if not self.config.thresholding:
-            return None
-        f32 = torch.float32
-        x = sample.to(f32)
-        m = model_output.to(f32)
-        if guidance_scale is not None:
-            u, cond = m.chunk(2)
-            m = u + guidance_scale * (cond - u)
-        ptype = self.config.prediction_type
-        if ptype == "epsilon":
-            # divide by a tensor on x's device, as the kernel divides (a host scalar divisor
-            # becomes a reciprocal multiply on CUDA); torch.full is a fill, so no sync
-            x0 = (x - c1 * m) / torch.full((), c0, dtype=f32, device=x.device)
-        elif ptype == "sample":
-            x0 = m
-        else:
-            x0 = c0 * x - c1 * m
-        return threshold_scale(x0, self.config.dynamic_thresholding_ratio,
-                               self.config.sample_max_value)
-
-    def _clip(self) -> bool:
-        return bool(self.config.clip_sample) and not self.config.thresholding
-
-    @staticmethod
-    def _draw_noise(sample: Tensor, model_output: Tensor, generator: Generator) -> Tensor:
-        # diffusers draws with the (guided) model output's shape, device and dtype
-        return randn_like_diffusers(sample.shape, generator, model_output.device,
-                                    model_output.dtype)
-
-    @staticmethod
-    def _output(prev: Tensor, x0: Tensor, return_dict: bool):
-        if not return_dict:
-            return prev, x0
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    # ---- training-side helpers -------------------------------------------------------------------
-
-    def _acp(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        key = (device, dtype)
-        if key not in self._acp_on:
-            self._acp_on[key] = self.alphas_cumprod.to(device=device).to(dtype=dtype)
-        return self._acp_on[key]
-
-    def _sqrt_alphas(self, like: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
-        acp = self._acp(like.device, like.dtype)
-        a = acp[torch.as_tensor(timesteps).to(like.device)]
-        shape = (-1,) + (1,) * max(like.dim() - 1, 0)
-        return (a ** 0.5).flatten().view(shape), ((1 - a) ** 0.5).flatten().view(shape)
-
-    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """Forward diffusion q(x_t | x_0): sqrt(acp[t]) * x0 + sqrt(1 - acp[t]) * noise, with acp in
-        the samples' dtype and one timestep per batch row (or one for all), as diffusers."""
-        sa, sb = self._sqrt_alphas(original_samples, timesteps)
-        return sa * original_samples + sb * noise
-
-    def get_velocity(self, sample: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """The v-prediction target sqrt(acp[t]) * noise - sqrt(1 - acp[t]) * sample."""
-        sa, sb = self._sqrt_alphas(sample, timesteps)
-        return sa * noise - sb * sample
-
-    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
-        """Identity (these schedulers need no input scaling)."""
-        return sample
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
-
-
-class DDIMScheduler(_DiscreteScheduler):
+class DDIMScheduler(DiscreteScheduler):
     """diffusers' `DDIMScheduler` (same constructor fields and defaults), one fused kernel per step.
 
     `step(..., guidance_scale=w)` takes a model output of batch 2B holding [uncond, cond] and
@@ -215,7 +60,7 @@ class DDIMScheduler(_DiscreteScheduler):
         if key in cache:
             return cache[key]
         coef, std = self._compute_coefficients(t, eta, use_clipped_model_output)
-        cache[key] = (coef + [0.0] * (_step.NUM_COEF - len(coef)), std)  # the op's full length
+        cache[key] = (coef + [0.0] * (NUM_COEF - len(coef)), std)  # the op's full length
         return cache[key]
 
     def _compute_coefficients(self, t: int, eta: float,
@@ -261,9 +106,9 @@ class DDIMScheduler(_DiscreteScheduler):
             noise = variance_noise if variance_noise is not None else \
                 self._draw_noise(sample, model_output, generator)
         scale = self._threshold_scale(sample, model_output, coef[0], coef[1], guidance_scale)
-        prev, x0 = _step.sampler_step(
-            _step.MODE_DDIM, sample, model_output, coef,
-            prediction_type=_step.PREDICTION_TYPES[self.config.prediction_type], noise=noise,
+        prev, x0 = sampler_step(
+            StepKind.DDIM, sample, model_output, coef,
+            prediction_type=PredictionType[self.config.prediction_type.upper()], noise=noise,
             threshold_scale=scale, clip=self._clip(), guidance_scale=guidance_scale, out=out)
         self._advance()
         return self._output(prev, x0, return_dict)

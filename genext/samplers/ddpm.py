@@ -13,15 +13,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _step
+from ..ops._sampler_step import NUM_COEF, PredictionType, StepKind, sampler_step
+from ._discrete import DiscreteScheduler, Generator
 from ._schedule import check_choice, spaced_timesteps
-from .ddim import Generator, _DiscreteScheduler
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
                   "learned_range")
 
 
-class DDPMScheduler(_DiscreteScheduler):
+class DDPMScheduler(DiscreteScheduler):
     """diffusers' `DDPMScheduler` (same constructor fields and defaults), one fused kernel per step.
 
     Variance types: fixed_small (posterior variance), fixed_small_log, fixed_large (beta_t),
@@ -95,7 +95,7 @@ class DDPMScheduler(_DiscreteScheduler):
         cache = self.__dict__.setdefault("_coef_cache", {})
         if (t, prev_t) not in cache:
             coef, posterior, cur_beta = self._compute_coefficients(t, prev_t)
-            cache[(t, prev_t)] = (coef + [0.0] * (_step.NUM_COEF - len(coef)), posterior, cur_beta)
+            cache[(t, prev_t)] = (coef + [0.0] * (NUM_COEF - len(coef)), posterior, cur_beta)
         return cache[(t, prev_t)]
 
     def _compute_coefficients(self, t: int, prev_t: int) -> tuple[list, Tensor, Tensor]:
@@ -163,9 +163,9 @@ class DDPMScheduler(_DiscreteScheduler):
                 log_var = frac * torch.log(cur_beta) + (1 - frac) * torch.log(posterior)
                 noise = torch.exp(0.5 * log_var) * noise
         thr = self._threshold_scale(sample, model_output, coef[0], coef[1], guidance_scale)
-        prev, x0 = _step.sampler_step(
-            _step.MODE_DDPM, sample, model_output, coef,
-            prediction_type=_step.PREDICTION_TYPES[self.config.prediction_type], noise=noise,
+        prev, x0 = sampler_step(
+            StepKind.DDPM, sample, model_output, coef,
+            prediction_type=PredictionType[self.config.prediction_type.upper()], noise=noise,
             threshold_scale=thr, clip=self._clip(), guidance_scale=guidance_scale, out=out)
         self._advance()
         return self._output(prev, x0, return_dict)

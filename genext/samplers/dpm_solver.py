@@ -27,12 +27,11 @@ from torch import Tensor
 from ._base import SchedulerBase, SchedulerOutput
 from ._schedule import (check_choice, make_alphas_cumprod, make_betas, randn_like_diffusers,
                         rescale_zero_terminal_snr, threshold_scale)
-from ._step import MODE_DPM, sampler_step
+from ..ops._sampler_step import PredictionType, StepKind, sampler_step
 
 _OWNER = "DPMSolverMultistepScheduler"
 _ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 _PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
-_PRED_EPS, _PRED_SAMPLE, _PRED_V = 0, 1, 2  # the op's prediction_type codes
 
 
 class DPMSolverMultistepScheduler(SchedulerBase):
@@ -311,20 +310,20 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         # prediction for the original solver
         if plus:
             if pt == "epsilon":
-                ptype, c[0], c[1] = _PRED_EPS, a_0, s_0
+                ptype, c[0], c[1] = PredictionType.EPSILON, a_0, s_0
             elif pt == "v_prediction":
-                ptype, c[0], c[1] = _PRED_V, a_0, s_0
+                ptype, c[0], c[1] = PredictionType.V_PREDICTION, a_0, s_0
             elif pt == "flow_prediction":  # x - sigma * m; dividing by 1 is exact
-                ptype, c[0], c[1] = _PRED_EPS, 1.0, S[i]
+                ptype, c[0], c[1] = PredictionType.EPSILON, 1.0, S[i]
             else:
-                ptype = _PRED_SAMPLE
+                ptype = PredictionType.SAMPLE
         else:
             if pt == "epsilon":
-                ptype = _PRED_SAMPLE  # the noise prediction passes through unchanged
+                ptype = PredictionType.SAMPLE  # the noise prediction passes through unchanged
             elif pt == "sample":  # eps = (x - alpha * m) / sigma
-                ptype, c[0], c[1] = _PRED_EPS, s_0, a_0
+                ptype, c[0], c[1] = PredictionType.EPSILON, s_0, a_0
             elif pt == "v_prediction":  # eps = alpha * m + sigma * x = sigma * x - (-alpha) * m
-                ptype, c[0], c[1] = _PRED_V, s_0, -a_0
+                ptype, c[0], c[1] = PredictionType.V_PREDICTION, s_0, -a_0
             else:
                 raise ValueError(f"{_OWNER}: prediction_type {pt!r} is not supported by "
                                  f"algorithm_type {cfg.algorithm_type!r}")
@@ -445,13 +444,13 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         scale = None
         if cfg.thresholding and not plus:
             m = self._dpmsolver_thresholded_eps(m, sample, guidance_scale)
-            ptype, guidance_scale = _PRED_SAMPLE, None
+            ptype, guidance_scale = PredictionType.SAMPLE, None
         elif cfg.thresholding:
             x0 = self._eager_x0(m, sample, coef, ptype, guidance_scale)
             scale = threshold_scale(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
 
         hist = [self.model_outputs[-1 - k] for k in range(order - 1)]
-        prev, x0 = sampler_step(MODE_DPM, sample, m, coef, prediction_type=ptype, history=hist,
+        prev, x0 = sampler_step(StepKind.DPM, sample, m, coef, prediction_type=ptype, history=hist,
                                 noise=noise, threshold_scale=scale, guidance_scale=guidance_scale,
                                 out=out)
         self.model_outputs = self.model_outputs[1:] + [x0]
@@ -459,7 +458,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
             self.lower_order_nums += 1
         self._step_index += 1
         # diffusers returns the dtype of the converted model output
-        passthrough = (ptype == _PRED_SAMPLE)
+        passthrough = (ptype == PredictionType.SAMPLE)
         out_dtype = m.dtype if passthrough else torch.promote_types(sample.dtype, m.dtype)
         prev = prev.to(out_dtype)
         if not return_dict:
@@ -479,9 +478,9 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         """x0 before thresholding, by the op's own expression (eager_step's), for the quantile."""
         x = sample.to(torch.float32)
         m = self._guided(m, guidance_scale)
-        if ptype == _PRED_SAMPLE:
+        if ptype == PredictionType.SAMPLE:
             return m
-        if ptype == _PRED_V:
+        if ptype == PredictionType.V_PREDICTION:
             return coef[0] * x - coef[1] * m
         # divide by a tensor on the sample's device: the kernels divide exactly (on CUDA a host
         # scalar divisor would turn into a multiplication by its reciprocal)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._base import SchedulerBase, SchedulerOutput
 from ._schedule import randn_like_diffusers
-from ._step import MODE_FLOW, sampler_step
+from ..ops._sampler_step import StepKind, sampler_step
 
 _OWNER = "FlowMatchEulerDiscreteScheduler"
 
@@ -275,7 +275,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
                     0.0, 0.0, 0.0, 0.0, 0.0]
         else:
             coef = [0.0, 0.0, 0.0, self._dt_list[i], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-        prev, _ = sampler_step(MODE_FLOW, sample, model_output, coef, noise=noise,
+        prev, _ = sampler_step(StepKind.FLOW, sample, model_output, coef, noise=noise,
                                guidance_scale=guidance_scale, out=out)
         self._step_index += 1
         # diffusers computes in float32 and returns the model output's dtype

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .ops.attention_with_kvcache import _call as _attention_with_kvcache
+from ..ops.attention_with_kvcache import attention_with_kvcache_unchecked
 
 __all__ = ["KVCache"]
 
@@ -242,8 +242,8 @@ class KVCache:
         self._check_kv("k_new", k_new, lq)
         self._check_kv("v_new", v_new, lq)
         self._ensure([n + lq for n in self._lengths])
-        res = _attention_with_kvcache(q, self.k, self.v, self.seqlens, k_new, v_new, causal, scale,
-                                      self.block_table, return_lse)
+        res = attention_with_kvcache_unchecked(q, self.k, self.v, self.seqlens, k_new, v_new, causal,
+                                               scale, self.block_table, return_lse)
         self.seqlens.add_(lq)
         self._lengths = [n + lq for n in self._lengths]
         return res

@@ -20,7 +20,10 @@ from conftest import rel_err
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is the reference these schedulers must match (test extra)")
 
-from genext.samplers import _step  # noqa: E402
+import genext  # noqa: E402
+from genext.ops._sampler_step import StepKind  # noqa: E402
+from genext.samplers import ddim as ddim_mod  # noqa: E402
+from genext.samplers import ddpm as ddpm_mod  # noqa: E402
 from genext.samplers._base import SchedulerOutput  # noqa: E402
 from genext.samplers.ddim import DDIMScheduler  # noqa: E402
 from genext.samplers.ddpm import DDPMScheduler  # noqa: E402
@@ -331,17 +334,22 @@ def test_from_config_round_trip(ours_cls, ref_name):
 
 def test_step_is_one_fused_call(monkeypatch):
     calls = []
-    real = _step.sampler_step
 
-    def counting(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
+    def counting_in(module):
+        real = module.sampler_step
 
-    monkeypatch.setattr(_step, "sampler_step", counting)
-    monkeypatch.setattr(_step, "eager_step", None)  # the schedulers must not need it
+        def counting(*args, **kwargs):
+            calls.append(args[0])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "sampler_step", counting)
+
+    counting_in(ddim_mod)
+    counting_in(ddpm_mod)
+    monkeypatch.setattr(genext.reference, "sampler_step", None)  # the schedulers must not need it
     x, base, _ = _inputs()
-    for sched, mode in ((DDIMScheduler(thresholding=True), _step.MODE_DDIM),
-                        (DDPMScheduler(thresholding=True), _step.MODE_DDPM)):
+    for sched, mode in ((DDIMScheduler(thresholding=True), StepKind.DDIM),
+                        (DDPMScheduler(thresholding=True), StepKind.DDPM)):
         sched.set_timesteps(10)
         calls.clear()
         for t in sched.timesteps:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from genext import reference
 from genext.nn import VectorQuantizer
 
 # ---- float64 helpers ---------------------------------------------------------------------------
@@ -23,10 +24,8 @@ from genext.nn import VectorQuantizer
 def brute_force(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2"):
     """float64 distances (N, K) and argmin (ties to the smallest index, as torch.argmin)."""
     z, e = z.reshape(-1, codebook.shape[-1]).double(), codebook.double()
-    if metric == "cosine":
-        d = 1 - F.normalize(z, dim=-1) @ F.normalize(e, dim=-1).T
-    else:
-        d = ((z[:, None, :] - e[None, :, :]) ** 2).sum(-1).sqrt()
+    scores = reference.vq_scores(z, e, metric)  # squared distances, or negated similarities
+    d = 1 + scores if metric == "cosine" else scores.sqrt()
     return d, d.argmin(1)
 
 

@@ -1,5 +1,5 @@
 """genext::sampler_step, the fused scheduler step, against its plain-PyTorch specification
-(genext.samplers._step.eager_step): bit-identical in fp32 on every mode and option, 16-bit samples
+(genext.reference.sampler_step): bit-identical in fp32 on every mode and option, 16-bit samples
 within rounding, bad inputs, opcheck, torch.compile, and CUDA graph capture of a step loop."""
 from __future__ import annotations
 
@@ -9,23 +9,24 @@ import random
 import pytest
 import torch
 
-from genext.samplers._step import MODE_DDIM, MODE_DPM, MODE_FLOW, eager_step, sampler_step
+from genext.ops._sampler_step import StepKind, sampler_step
+from genext.reference import sampler_step as eager_step
 
 FWD = torch.ops.genext.sampler_step
 
 
 def _coef(mode: int, rng: random.Random) -> list[float]:
     c = [rng.uniform(0.3, 1.2) for _ in range(12)]
-    c[6] = rng.choice([0.0, 1.0]) if mode == MODE_DDIM else c[6]
+    c[6] = rng.choice([0.0, 1.0]) if mode == StepKind.DDIM else c[6]
     return c
 
 
 def _cases():
     for mode, pt, guided, n_hist, noise, thr, clip in itertools.product(
             range(4), range(3), (False, True), (0, 1, 2), (False, True), (False, True), (False, True)):
-        if n_hist and mode != MODE_DPM:
+        if n_hist and mode != StepKind.DPM:
             continue
-        if mode == MODE_FLOW and (pt or thr or clip):
+        if mode == StepKind.FLOW and (pt or thr or clip):
             continue  # flow matching ignores these
         yield mode, pt, guided, n_hist, noise, thr, clip
 
@@ -60,10 +61,10 @@ def test_16bit_samples(dtype, model_dtype, device):
     x, m, hist, nz, _ = _inputs((3, 4, 8, 8), dtype, device, True, 2, True, False)
     if model_dtype != "same":
         m = m.to(model_dtype)
-    coef = _coef(MODE_DPM, random.Random(1))
+    coef = _coef(StepKind.DPM, random.Random(1))
     kw = dict(history=hist, noise=nz, guidance_scale=5.0)
-    prev, x0 = sampler_step(MODE_DPM, x, m, coef, **kw)
-    want_prev, want_x0 = eager_step(MODE_DPM, x, m, coef, **kw)
+    prev, x0 = sampler_step(StepKind.DPM, x, m, coef, **kw)
+    want_prev, want_x0 = eager_step(StepKind.DPM, x, m, coef, **kw)
     assert prev.dtype == dtype and x0.dtype == dtype
     # same fp32 arithmetic, one rounding to the sample dtype at the end
     assert torch.equal(prev, want_prev)
@@ -74,9 +75,9 @@ def test_odd_sizes_and_views(device):
     # 5 * 3 * 7 elements (not a multiple of 4), and a non-contiguous sample
     x, m, hist, nz, s = _inputs((5, 3, 7), torch.float32, device, False, 0, True, True)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)
-    coef = _coef(MODE_DDIM, random.Random(2))
-    a = sampler_step(MODE_DDIM, xt, m, coef, noise=nz, threshold_scale=s)
-    b = eager_step(MODE_DDIM, x, m, coef, noise=nz, threshold_scale=s)
+    coef = _coef(StepKind.DDIM, random.Random(2))
+    a = sampler_step(StepKind.DDIM, xt, m, coef, noise=nz, threshold_scale=s)
+    b = eager_step(StepKind.DDIM, x, m, coef, noise=nz, threshold_scale=s)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -103,16 +104,16 @@ def test_bad_inputs(device):
 
 def test_opcheck():
     x, m, hist, nz, s = _inputs((2, 4, 6, 6), torch.float32, "cpu", True, 2, True, True)
-    torch.library.opcheck(FWD, (MODE_DPM, x, m, hist, nz, s, [0.5] * 12, 2, False, True, 3.0))
-    torch.library.opcheck(FWD, (MODE_DDIM, x, m[:2], [], None, None, [0.9] * 12, 0, True, False, 1.0))
+    torch.library.opcheck(FWD, (StepKind.DPM, x, m, hist, nz, s, [0.5] * 12, 2, False, True, 3.0))
+    torch.library.opcheck(FWD, (StepKind.DDIM, x, m[:2], [], None, None, [0.9] * 12, 0, True, False, 1.0))
 
 
 def test_compile_fullgraph():
     x, m, hist, _, _ = _inputs((2, 4, 8, 8), torch.float32, "cpu", False, 1, False, False)
-    coef = _coef(MODE_DPM, random.Random(3))
+    coef = _coef(StepKind.DPM, random.Random(3))
 
     def step(x, m, h):
-        return sampler_step(MODE_DPM, x, m, coef, history=[h])
+        return sampler_step(StepKind.DPM, x, m, coef, history=[h])
 
     got = torch.compile(step, fullgraph=True)(x, m, hist[0])
     want = step(x, m, hist[0])
@@ -123,12 +124,12 @@ def test_compile_fullgraph():
 def test_cuda_graph_loop_replays():
     # a 10-step DPM-style loop captured once; replay equals the eager loop
     x0_init, m_fixed, _, _, _ = _inputs((2, 4, 16, 16), torch.float32, "cuda", False, 0, False, False)
-    coefs = [_coef(MODE_DPM, random.Random(10 + i)) for i in range(10)]
+    coefs = [_coef(StepKind.DPM, random.Random(10 + i)) for i in range(10)]
 
     def loop(x):
         hist: list[torch.Tensor] = []
         for c in coefs:
-            x, d = sampler_step(MODE_DPM, x, m_fixed * x.tanh(), c, history=hist[:1])
+            x, d = sampler_step(StepKind.DPM, x, m_fixed * x.tanh(), c, history=hist[:1])
             hist = [d] + hist
         return x
 
@@ -149,7 +150,7 @@ def test_cuda_graph_loop_replays():
 
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
 def test_out_and_in_place(mode, device):
-    x, m, hist, nz, _ = _inputs((2, 4, 8, 8), torch.float32, device, True, 2 if mode == MODE_DPM else 0,
+    x, m, hist, nz, _ = _inputs((2, 4, 8, 8), torch.float32, device, True, 2 if mode == StepKind.DPM else 0,
                                 True, False)
     coef = _coef(mode, random.Random(4))
     kw = dict(history=hist, noise=nz, guidance_scale=3.0)

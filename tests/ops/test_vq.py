@@ -7,18 +7,16 @@ import pytest
 import torch
 
 import genext
+from genext import reference
 from genext.ops import vq_ema_update, vq_nearest
 
 
 def _ref(z: torch.Tensor, cb: torch.Tensor, metric: str):
+    """float64 (indices, distances, scores): scores are squared distances (l2) or negated cosine
+    similarities, smaller is nearer."""
     zd, cd = z.double(), cb.double()
-    if metric == "cosine":
-        zn = torch.nn.functional.normalize(zd, dim=-1)
-        cn = torch.nn.functional.normalize(cd, dim=-1)
-        sim = zn @ cn.T
-        return sim.argmax(-1), 1 - sim.max(-1).values, -sim
-    d2 = ((zd[:, None, :] - cd[None, :, :]) ** 2).sum(-1)
-    return d2.argmin(-1), d2.min(-1).values.sqrt(), d2
+    idx, dist = reference.vq_nearest(zd, cd, metric)
+    return idx, dist, reference.vq_scores(zd, cd, metric)
 
 
 def _check(idx, dist, z, cb, metric, tol):
@@ -87,8 +85,7 @@ def test_ema_update(deterministic, device):
     z = torch.randn(1000, 33, device=device)
     idx = torch.randint(0, 50, (1000,), device=device)
     counts, sums = vq_ema_update(idx, z, 50, deterministic=deterministic)
-    rc = torch.bincount(idx.cpu(), minlength=50).double()
-    rs = torch.zeros(50, 33, dtype=torch.float64).index_add_(0, idx.cpu(), z.double().cpu())
+    rc, rs = reference.vq_ema_update(idx.cpu(), z.double().cpu(), 50)
     assert torch.equal(counts.double().cpu(), rc)
     assert torch.allclose(sums.double().cpu(), rs, atol=1e-4)
     if deterministic:

@@ -7,25 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from genext import reference
 from genext.ops import clip_loss, siglip_loss
 
 
 def _ref_clip(i, t, s, b, offset=0):
-    i, t = i.double(), t.double()
-    logits = s.double() * i @ t.T + (b.double() if b is not None else 0.0)
-    labels = torch.arange(i.shape[0], device=i.device) + offset
-    if i.shape[0] == t.shape[0] and offset == 0:
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-    return F.cross_entropy(logits, labels)
+    return reference.clip_loss(i.double(), t.double(), s.double(),
+                               b.double() if b is not None else None, offset)
 
 
 def _ref_siglip(i, t, s, b, negative_only=False):
-    i, t = i.double(), t.double()
-    logits = s.double() * i @ t.T + b.double()
-    z = -torch.ones_like(logits)
-    if not negative_only:
-        z += 2 * torch.eye(i.shape[0], t.shape[0], dtype=logits.dtype, device=logits.device)
-    return -F.logsigmoid(z * logits).sum() / i.shape[0]
+    return reference.siglip_loss(i.double(), t.double(), s.double(), b.double(), negative_only)
 
 
 def _leaves(n, m, d, device, dtype=torch.float32, scale=10.0, bias=-2.0):

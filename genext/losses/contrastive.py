@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import ops
+from .. import ops
 
 __all__ = ["ClipLoss", "SigLipLoss"]
 

@@ -1,4 +1,4 @@
-"""genext's DPMSolverMultistepScheduler and FlowMatchEulerDiscreteScheduler against diffusers.
+"""genext's DPMSolverMultistepScheduler against diffusers'.
 
 Whole trajectories (10, 25 and 50 steps) start from the same noise; the "model" is a fixed
 deterministic function of the sample and the timestep, evaluated on each library's own trajectory,
@@ -9,7 +9,6 @@ Stochastic variants draw their noise from identically seeded generators. Schedul
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
@@ -20,108 +19,18 @@ diffusers = pytest.importorskip(
 
 import genext  # noqa: E402,F401
 from genext.samplers import dpm_solver as dpm_mod  # noqa: E402
-from genext.samplers import flow_match as flow_mod  # noqa: E402
 from genext.samplers.dpm_solver import DPMSolverMultistepScheduler  # noqa: E402
-from genext.samplers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: E402
-
-from conftest import rel_err  # noqa: E402
 
 RefDPM = diffusers.DPMSolverMultistepScheduler
-RefFlow = diffusers.FlowMatchEulerDiscreteScheduler
 
-STEPS = (10, 25, 50)
-# an odd spatial shape on purpose: 9 x 13 = 117 elements per channel, not a multiple of any
-# vector width, so the kernels' scalar tails are part of every trajectory
-SHAPE = (2, 4, 9, 13)
-TOL_CPU = 1e-6
-TOL_CUDA = 1e-5
+from trajectories import (SHAPE, STEPS, TOL_CPU, both, compare_trajectories,  # noqa: E402
+                          count_op_calls, fake_model, guided_pair, initial_noise, same)
+from conftest import rel_err  # noqa: E402
 
 # diffusers warns that the original "dpmsolver" algorithms are deprecated; that is its business
 # and numpy 2 warns about how diffusers converts a tensor (np.array(tensor)); not ours either
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
-
-
-def fake_model(x: torch.Tensor, t, kind: str = "epsilon", channels_out: int | None = None):
-    """A deterministic stand-in for a denoiser: a smooth function of the sample and the timestep.
-    For "sample" prediction it looks like data (bounded, a little over 1 so that thresholding
-    clamps); otherwise like noise or velocity. channels_out > C appends extra channels (a learned
-    variance), as models with variance_type "learned_range" output."""
-    tt = float(t) / 1000.0
-    if kind == "sample":
-        out = torch.tanh(1.5 * x) * (1.25 - 0.5 * tt)
-    else:
-        out = 0.8 * torch.sin(1.3 * x + 3.0 * tt) + 0.1 * x
-    if channels_out is not None and channels_out > x.shape[1]:
-        out = torch.cat([out, torch.cos(out[:, : channels_out - x.shape[1]])], dim=1)
-    return out
-
-
-def guided_pair(x: torch.Tensor, t, kind: str):
-    """[uncond, cond] model outputs, stacked along dim 0."""
-    u = fake_model(x, t, kind)
-    c = 0.7 * u + 0.2 * torch.cos(x)
-    return torch.cat([u, c])
-
-
-def initial_noise(device="cpu", shape=SHAPE) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(1234)).to(device)
-
-
-def compare_trajectories(ours, ref, n, *, kind="epsilon", guidance=None, device="cpu", tol=TOL_CPU,
-                         set_kwargs=None, begin_index=None, channels_out=None, shape=SHAPE,
-                         gen_device="cpu") -> float:
-    """Runs both schedulers for n steps and returns the largest relative error of any
-    intermediate sample (asserting each is within tol)."""
-    set_kwargs = set_kwargs or {}
-    ours.set_timesteps(n, device=device, **set_kwargs)
-    ref.set_timesteps(n, device=device, **set_kwargs)
-    if begin_index is not None:
-        ours.set_begin_index(begin_index)
-        ref.set_begin_index(begin_index)
-    assert torch.equal(ours.timesteps.cpu(), ref.timesteps.cpu())
-    x_ours = initial_noise(device, shape) * ours.init_noise_sigma
-    x_ref = x_ours.clone()
-    g_ours = torch.Generator(gen_device).manual_seed(77)
-    g_ref = torch.Generator(gen_device).manual_seed(77)
-    worst = 0.0
-    for k, t in enumerate(ref.timesteps):
-        if guidance is None:
-            m_ours = fake_model(x_ours, t, kind, channels_out)
-            m_ref = fake_model(x_ref, t, kind, channels_out)
-            x_ours = ours.step(m_ours, t, x_ours, generator=g_ours).prev_sample
-        else:
-            m_ours = guided_pair(x_ours, t, kind)
-            u, c = guided_pair(x_ref, t, kind).chunk(2)
-            m_ref = u + guidance * (c - u)  # diffusers users combine outside the scheduler
-            x_ours = ours.step(m_ours, t, x_ours, generator=g_ours,
-                               guidance_scale=guidance).prev_sample
-        x_ref = ref.step(m_ref, t, x_ref, generator=g_ref).prev_sample
-        broken = ~torch.isfinite(x_ref)
-        if broken.any():
-            # diffusers quirk: Karras sigmas end at the training sigma_min, so with
-            # final_sigmas_type "sigma_min" the last step has h = 0, and a third-order update
-            # (lower_order_final off or >= 15 steps) divides by it: NaN. Match it per element.
-            assert torch.equal(broken, ~torch.isfinite(x_ours)), f"step {k}: NaN/inf differ"
-            x_ours_f, x_ref_f = x_ours[~broken], x_ref[~broken]
-        else:
-            x_ours_f, x_ref_f = x_ours, x_ref
-        err = rel_err(x_ours_f, x_ref_f) if x_ref_f.numel() else 0.0
-        assert err <= tol, f"step {k} of {n} (t={t.item()}): relative error {err:.3g} > {tol}"
-        worst = max(worst, err)
-    assert x_ours.dtype == x_ref.dtype and x_ours.shape == x_ref.shape
-    return worst
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical values and dtype, NaN equal to NaN (diffusers makes NaN schedules for some
-    degenerate inputs, e.g. one step with shift_terminal; they must match too)."""
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and bool(((a == b) | (a.isnan() & b.isnan())).all()))
-
-
-def both(ours_cls, ref_cls, **config):
-    return ours_cls(**config), ref_cls(**config)
 
 
 # ---- DPM-Solver++: the solver grid ---------------------------------------------------------------
@@ -409,24 +318,10 @@ def test_dpm_solver_rejects_what_it_cannot_do():
         DPMSolverMultistepScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[500, 10])
 
 
-# ---- one fused call per step ---------------------------------------------------------------------
-
-def _count_op_calls(monkeypatch, module):
-    calls = []
-    real = module.sampler_step
-
-    def counting(*args, **kwargs):
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, "sampler_step", counting)
-    return calls
-
-
 @pytest.mark.parametrize("config", [dict(solver_order=3, thresholding=True),
                                     dict(algorithm_type="sde-dpmsolver++")])
 def test_dpm_solver_one_fused_call_per_step(monkeypatch, config):
-    calls = _count_op_calls(monkeypatch, dpm_mod)
+    calls = count_op_calls(monkeypatch, dpm_mod)
     s = DPMSolverMultistepScheduler(**config)
     s.set_timesteps(10)
     x = initial_noise()
@@ -434,220 +329,3 @@ def test_dpm_solver_one_fused_call_per_step(monkeypatch, config):
         x = s.step(guided_pair(x, t, "epsilon"), t, x, guidance_scale=3.0).prev_sample
         assert len(calls) == k + 1
     assert set(calls) == {2}
-
-
-def test_flow_one_fused_call_per_step(monkeypatch):
-    calls = _count_op_calls(monkeypatch, flow_mod)
-    s = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
-    s.set_timesteps(10)
-    x = initial_noise()
-    for k, t in enumerate(s.timesteps):
-        x = s.step(fake_model(x, t, "v"), t, x).prev_sample
-        assert len(calls) == k + 1
-    assert set(calls) == {3}
-
-
-# ---- flow matching -------------------------------------------------------------------------------
-
-FLOW_CONFIGS = [
-    pytest.param(dict(shift=1.0), id="shift1"),
-    pytest.param(dict(shift=3.0), id="shift3"),
-    pytest.param(dict(shift=7.5), id="shift7.5"),
-    pytest.param(dict(shift=1.0, stochastic_sampling=True), id="shift1-stochastic"),
-    pytest.param(dict(shift=3.0, stochastic_sampling=True), id="shift3-stochastic"),
-    pytest.param(dict(shift=3.0, use_karras_sigmas=True), id="karras"),
-    pytest.param(dict(shift=2.0, use_exponential_sigmas=True), id="exponential"),
-    pytest.param(dict(shift=3.0, shift_terminal=0.05), id="shift-terminal"),
-    pytest.param(dict(invert_sigmas=True), id="inverted"),
-    pytest.param(dict(num_train_timesteps=500, shift=2.0, stochastic_sampling=True), id="T500"),
-]
-
-
-@pytest.mark.parametrize("config", FLOW_CONFIGS)
-def test_flow_matches_diffusers(config):
-    for n in STEPS:
-        ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, **config)
-        compare_trajectories(ours, ref, n, kind="v")
-
-
-@pytest.mark.parametrize("time_shift_type", ["exponential", "linear"])
-def test_flow_dynamic_shift_matches_diffusers(time_shift_type):
-    for n in STEPS:
-        ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, use_dynamic_shifting=True,
-                         time_shift_type=time_shift_type, base_shift=0.5, max_shift=1.15)
-        compare_trajectories(ours, ref, n, kind="v", set_kwargs=dict(mu=0.8))
-
-
-@pytest.mark.parametrize("stochastic", [False, True])
-def test_flow_fused_guidance_matches_diffusers(stochastic):
-    for n in STEPS:
-        ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, shift=3.0,
-                         stochastic_sampling=stochastic)
-        compare_trajectories(ours, ref, n, kind="v", guidance=4.5)
-
-
-FLOW_TIMESTEP_CONFIGS = [dict(c.values[0]) for c in FLOW_CONFIGS] + [
-    dict(use_dynamic_shifting=True), dict(use_dynamic_shifting=True, time_shift_type="linear"),
-    dict(use_dynamic_shifting=True, shift_terminal=0.1)]
-
-
-@pytest.mark.parametrize("config", FLOW_TIMESTEP_CONFIGS)
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN case
-def test_flow_set_timesteps_identical(config):
-    ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, **config)
-    assert same(ours.timesteps, ref.timesteps) and same(ours.sigmas, ref.sigmas)
-    assert ours.sigma_min == ref.sigma_min and ours.sigma_max == ref.sigma_max
-    mu = 0.6 if config.get("use_dynamic_shifting") else None
-    for n in (1, 4, 10, 25, 50, 1000):
-        ours.set_timesteps(n, mu=mu)
-        ref.set_timesteps(n, mu=mu)
-        assert ours.timesteps.dtype == ref.timesteps.dtype == torch.float32
-        assert same(ours.timesteps, ref.timesteps), (n, config)
-        assert same(ours.sigmas, ref.sigmas), (n, config)
-    custom = [0.95, 0.8, 0.55, 0.3, 0.1]
-    ours.set_timesteps(sigmas=custom, mu=mu)
-    ref.set_timesteps(sigmas=custom, mu=mu)
-    assert same(ours.timesteps, ref.timesteps) and same(ours.sigmas, ref.sigmas)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        custom_t = [990.0, 700.0, 420.0, 150.0]
-        ours.set_timesteps(timesteps=custom_t, mu=mu)
-        ref.set_timesteps(timesteps=custom_t, mu=mu)
-    assert same(ours.timesteps, ref.timesteps) and same(ours.sigmas, ref.sigmas)
-    ours.set_timesteps(sigmas=custom, timesteps=[900.0, 700.0, 500.0, 300.0, 100.0], mu=mu)
-    ref.set_timesteps(sigmas=custom, timesteps=[900.0, 700.0, 500.0, 300.0, 100.0], mu=mu)
-    assert same(ours.timesteps, ref.timesteps) and same(ours.sigmas, ref.sigmas)
-
-
-def test_flow_config_round_trip_and_api():
-    ref = RefFlow(shift=3.0, use_dynamic_shifting=True, base_shift=0.4, max_shift=1.2,
-                  shift_terminal=0.02, stochastic_sampling=True)
-    ours = FlowMatchEulerDiscreteScheduler.from_config(ref.config)
-    public = {k: v for k, v in ref.config.items() if not k.startswith("_")}
-    assert dict(ours.config) == public
-    assert {k: v for k, v in RefFlow.from_config(ours.config).config.items()
-            if not k.startswith("_")} == public
-    assert dict(FlowMatchEulerDiscreteScheduler().config) == {
-        k: v for k, v in RefFlow().config.items() if not k.startswith("_")}
-
-    s, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, shift=3.0)
-    assert s.shift == ref.shift == 3.0 and s.order == ref.order and len(s) == len(ref)
-    s.set_shift(2.0)
-    ref.set_shift(2.0)
-    s.set_timesteps(10)
-    ref.set_timesteps(10)
-    assert torch.equal(s.sigmas, ref.sigmas)
-    x = initial_noise()
-    assert s.scale_model_input(x, 3) is x and s.init_noise_sigma == 1.0
-    with pytest.raises(ValueError, match="integer index"):
-        s.step(x, 0, x)
-    with pytest.raises(ValueError, match="integer index"):
-        s.step(x, torch.tensor(3), x)
-    # scale_noise: by value, by begin index, by step index (diffusers' three cases)
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    ts = ref.timesteps[[1, 6]]
-    assert torch.equal(s.scale_noise(x, ts, noise), ref.scale_noise(x, ts, noise))
-    s.set_begin_index(3)
-    ref.set_begin_index(3)
-    assert torch.equal(s.scale_noise(x, ts, noise), ref.scale_noise(x, ts, noise))
-    x_o = x_r = ref.scale_noise(x, ref.timesteps[3:4], noise)
-    for t in ref.timesteps[3:]:
-        x_o = s.step(fake_model(x_o, t, "v"), t, x_o).prev_sample
-        x_r = ref.step(fake_model(x_r, t, "v"), t, x_r).prev_sample
-        assert rel_err(x_o, x_r) <= TOL_CPU
-        assert torch.equal(s.scale_noise(x, ts, noise), ref.scale_noise(x, ts, noise))
-    with pytest.raises(NotImplementedError, match="use_beta_sigmas"):
-        FlowMatchEulerDiscreteScheduler(use_beta_sigmas=True)
-    with pytest.raises(ValueError, match="mu"):
-        FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).set_timesteps(10)
-
-
-def test_flow_variance_noise_and_seed_matters():
-    ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, stochastic_sampling=True)
-    ours.set_timesteps(10)
-    ref.set_timesteps(10)
-    x_o = x_r = initial_noise()
-    for k, t in enumerate(ref.timesteps):
-        noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(k))
-        x_o = ours.step(fake_model(x_o, t, "v"), t, x_o, variance_noise=noise).prev_sample
-        # diffusers' flow step has no variance_noise: the same noise through a generator
-        x_r = ref.step(fake_model(x_r, t, "v"), t, x_r,
-                       generator=torch.Generator().manual_seed(k)).prev_sample
-        assert rel_err(x_o, x_r) <= TOL_CPU
-    finals = []
-    for seed in (1, 2):
-        s = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
-        s.set_timesteps(10)
-        g = torch.Generator().manual_seed(seed)
-        x = initial_noise()
-        for t in s.timesteps:
-            x = s.step(fake_model(x, t, "v"), t, x, generator=g).prev_sample
-        finals.append(x)
-    assert rel_err(finals[0], finals[1]) > 1e-3
-
-
-@pytest.mark.parametrize("stochastic", [False, True])
-def test_flow_per_token_timesteps_fallback_matches_diffusers(stochastic):
-    """Per-token timesteps (a sigma per token) run as a plain-PyTorch fallback; still diffusers'."""
-    ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, shift=3.0,
-                     stochastic_sampling=stochastic)
-    ours.set_timesteps(10)
-    ref.set_timesteps(10)
-    x_o = x_r = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
-    g_o, g_r = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-    for k, t in enumerate(ref.timesteps):
-        per_token = (t - 60.0 * torch.linspace(0, 1, 16)).clamp(min=1.0).expand(2, 16)
-        x_o = ours.step(fake_model(x_o, t, "v"), t, x_o, per_token_timesteps=per_token,
-                        generator=g_o).prev_sample
-        x_r = ref.step(fake_model(x_r, t, "v"), t, x_r, per_token_timesteps=per_token,
-                       generator=g_r).prev_sample
-        assert rel_err(x_o, x_r) <= TOL_CPU, k
-
-
-# ---- CUDA ----------------------------------------------------------------------------------------
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("gen_device", ["cpu", "cuda"])
-def test_cuda_trajectories_match_diffusers(gen_device):
-    """The same comparisons on the GPU, both libraries on CUDA, at 1e-5 (diffusers' CUDA division
-    by a host scalar multiplies by the reciprocal; the kernels divide exactly)."""
-    for n in (10, 25):
-        ours, ref = both(DPMSolverMultistepScheduler, RefDPM, algorithm_type="sde-dpmsolver++",
-                         solver_order=3, thresholding=True, sample_max_value=1.5)
-        compare_trajectories(ours, ref, n, device="cuda", tol=TOL_CUDA, guidance=7.5,
-                             gen_device=gen_device)
-        ours, ref = both(DPMSolverMultistepScheduler, RefDPM, use_karras_sigmas=True,
-                         prediction_type="v_prediction")
-        compare_trajectories(ours, ref, n, kind="v_prediction", device="cuda", tol=TOL_CUDA,
-                             gen_device=gen_device)
-        ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, shift=3.0,
-                         stochastic_sampling=True)
-        compare_trajectories(ours, ref, n, kind="v", device="cuda", tol=TOL_CUDA, guidance=4.5,
-                             gen_device=gen_device)
-
-
-@pytest.mark.cuda
-def test_cuda_steps_after_the_first_do_not_sync():
-    """No host-device synchronisation in a step once the step index is known (what CUDA-graph
-    capture of the loop needs): the coefficients come from host copies of the schedule."""
-    for make, kind in [
-            (lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++",
-                                                 solver_order=3), "epsilon"),
-            (lambda: FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True), "v")]:
-        s = make()
-        s.set_timesteps(10, device="cuda")
-        host_t = s.timesteps.cpu()
-        g = torch.Generator("cuda").manual_seed(0)
-        x = initial_noise("cuda")
-        x = s.step(guided_pair(x, host_t[0], kind), s.timesteps[0], x, generator=g,
-                   guidance_scale=5.0).prev_sample
-        torch.cuda.synchronize()
-        outputs = [guided_pair(x, t, kind) for t in host_t]  # model stand-ins, made beforehand
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for k in range(1, len(host_t)):
-                x = s.step(outputs[k], s.timesteps[k], x, generator=g,
-                           guidance_scale=5.0).prev_sample
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        assert torch.isfinite(x).all()

@@ -1,0 +1,16 @@
+"""Whole generative models assembled from genext's layers: one file per family.
+
+What goes where: a model file holds a family's config handling, blocks and model classes
+(``vae.py``, ``vqvae.py``, ``gan.py``, ``unet.py``, ``dit.py``, ``clip.py``, ``llama.py``,
+``gpt2.py``); blocks that several families share (ResNet block on ``GroupNormSiLU``, down/upsample,
+attention and transformer blocks, timestep embedding) live in ``_blocks.py``; composites (latent
+diffusion: VAE + U-Net + text encoder + scheduler; a LLaVA-style VLM) import the components, never
+the reverse. Models take their peer's config (diffusers, transformers, open_clip) and load the
+peer's ``state_dict`` without renaming.
+
+Imports point down only: a model may use :mod:`genext.nn`, :mod:`genext.losses`,
+:mod:`genext.samplers` and :mod:`genext.ops`, none of which may import a model;
+:mod:`genext.reference` and :mod:`genext.bench` are never imported by library code.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,45 @@
+"""What the op modules share: the table of devices and dtypes each op serves (declared by each op's
+module, next to the op), the lookup of what this build really serves, and small helpers of the
+fake kernels and wrappers."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["KERNELS", "acc_dtype", "declare_kernels", "has_kernel", "served_dtypes",
+           "softmax_scale"]
+
+# op name -> device type ("cpu", "cuda") -> dtypes with a kernel; filled by declare_kernels.
+KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {}
+
+
+def declare_kernels(ops: Iterable[str], **devices: Iterable[torch.dtype]) -> None:
+    """Record that each op in ``ops`` has kernels for these devices and dtypes, e.g.
+    ``declare_kernels(["vq_nearest"], cpu=(torch.float32,), cuda=(torch.float32,))``."""
+    for op in ops:
+        KERNELS[op] = {dev: tuple(dtypes) for dev, dtypes in devices.items()}
+
+
+def has_kernel(op: str, device: str) -> bool:
+    """Whether this build registered a kernel of ``genext::op`` for the device type ``device``."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"genext::{op}", device.upper())
+
+
+def served_dtypes(op: str) -> dict[str, tuple[torch.dtype, ...]]:
+    """Device type -> dtypes of ``op`` with a kernel in this build (the declaration, restricted to
+    the devices the dispatcher has a kernel for)."""
+    return {dev: dtypes for dev, dtypes in KERNELS[op].items() if has_kernel(op, dev)}
+
+
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the kernels accumulate and return statistics in: float64 for float64 inputs,
+    float32 for everything else."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def softmax_scale(q: Tensor, scale: Optional[float]) -> float:
+    """The attention softmax scale: ``scale``, or ``1 / sqrt(D)`` for q's head dim D."""
+    return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])

@@ -1,0 +1,56 @@
+"""Attention step by step in plain PyTorch: the reference of ``genext.ops.flash_attention``."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention_reference"]
+
+
+def attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    bottom_right: bool = True,
+    seqused_k: Optional[Tensor] = None,
+    return_lse: bool = False,
+):
+    """Attention step by step in q's dtype (use float64 for a reference), on ``(B, H, L, D)``.
+
+    k and v are ``(B, Hk, Lk, D)`` with Hk dividing Hq (query head h uses K/V head
+    ``h // (Hq // Hk)``). Query i of batch b sees key j iff ``j < seqused_k[b]`` (all keys when
+    seqused_k is None) and, when causal, ``j <= i + off`` with ``off = len_k - Lq`` for
+    ``bottom_right`` (flash-attn's convention) or 0 (PyTorch's ``is_causal``). A query that sees
+    no key gets out = 0 and lse = -inf (PyTorch's SDPA would give NaN there). The (Lq, Lk) score
+    matrix is materialised: this is for tests and small benchmarks.
+    """
+    b, hq, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k = k.repeat_interleave(hq // hk, dim=1)
+    v = v.repeat_interleave(hq // hk, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    lens = (torch.full((b,), lk, device=q.device) if seqused_k is None
+            else seqused_k.to(device=q.device, dtype=torch.long))
+    j = torch.arange(lk, device=q.device)
+    i = torch.arange(lq, device=q.device)
+    visible = j.view(1, 1, lk) < lens.view(b, 1, 1)                       # (B, 1, Lk)
+    if causal:
+        off = lens - lq if bottom_right else torch.zeros_like(lens)
+        visible = visible & (j.view(1, 1, lk) <= i.view(1, lq, 1) + off.view(b, 1, 1))
+    visible = visible.unsqueeze(1)                                        # (B, 1, Lq, Lk)
+    s = s.masked_fill(~visible, float("-inf"))
+    # shift by the row maximum (detached: the result does not depend on it), 0 for empty rows
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)                                                  # 0 where masked
+    l = e.sum(dim=-1, keepdim=True)
+    out = (e @ v) / torch.where(l > 0, l, torch.ones_like(l))
+    if not return_lse:
+        return out
+    return out, (torch.log(l) + m).squeeze(-1)
