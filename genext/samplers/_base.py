@@ -88,6 +88,25 @@ class SchedulerBase:
         pos = 1 if len(indices) > 1 else 0
         return int(indices[pos].item())
 
+    def _row_sigmas(self, timesteps: Any, like: Tensor) -> Tensor:
+        """The sigma of each batch row's timestep, shaped to broadcast against `like` and in its
+        dtype and device, looked up as diffusers does: by timestep value in the host copy of the
+        schedule, or at the step/begin index once a pipeline set one. For subclasses with
+        `sigmas` and `_timesteps_host` (the sigma-based schedulers)."""
+        sigmas = self.sigmas.to(device=like.device, dtype=like.dtype)
+        t = torch.as_tensor(timesteps).reshape(-1)
+        if self._begin_index is None:
+            host = t.to("cpu")
+            indices = [self.index_for_timestep(v, self._timesteps_host) for v in host]
+        elif self._step_index is not None:
+            indices = [self._step_index] * t.shape[0]
+        else:
+            indices = [self._begin_index] * t.shape[0]
+        sigma = sigmas[indices].flatten()
+        while sigma.dim() < like.dim():
+            sigma = sigma.unsqueeze(-1)
+        return sigma
+
     def _init_step_index(self, timestep: Any) -> None:
         if self._begin_index is None:
             self._step_index = self.index_for_timestep(timestep)

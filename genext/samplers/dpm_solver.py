@@ -517,18 +517,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """alpha_t * x + sigma_t * noise at each row's timestep (looked up like diffusers: by
         value, or the step/begin index once a pipeline set one)."""
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        t = torch.as_tensor(timesteps).reshape(-1)
-        if self._begin_index is None:
-            host = t.to("cpu")
-            indices = [self.index_for_timestep(v, self._timesteps_host) for v in host]
-        elif self._step_index is not None:
-            indices = [self._step_index] * t.shape[0]
-        else:
-            indices = [self._begin_index] * t.shape[0]
-        sigma = sigmas[indices].flatten()
-        while sigma.dim() < original_samples.dim():
-            sigma = sigma.unsqueeze(-1)
+        sigma = self._row_sigmas(timesteps, original_samples)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * original_samples + sigma_t * noise
 

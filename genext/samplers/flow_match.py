@@ -322,18 +322,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         """The forward process at `timestep` (one per batch row): sigma * noise + (1 - sigma) *
         sample, with sigma looked up like diffusers (by timestep value, or the begin/step index
         once a pipeline set one)."""
-        sigmas = self.sigmas.to(device=sample.device, dtype=sample.dtype)
-        t = torch.as_tensor(timestep).reshape(-1)
-        if self._begin_index is None:
-            host_t = t.to("cpu")
-            indices = [self.index_for_timestep(v, self._timesteps_host) for v in host_t]
-        elif self._step_index is not None:
-            indices = [self._step_index] * t.shape[0]
-        else:
-            indices = [self._begin_index] * t.shape[0]
-        sigma = sigmas[indices].flatten()
-        while sigma.dim() < sample.dim():
-            sigma = sigma.unsqueeze(-1)
+        sigma = self._row_sigmas(timestep, sample)
         return sigma * noise + (1.0 - sigma) * sample
 
     def __len__(self) -> int:
