@@ -9,8 +9,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["KERNELS", "acc_dtype", "declare_kernels", "has_kernel", "served_dtypes",
-           "softmax_scale"]
+__all__ = ["KERNELS", "acc_dtype", "declare_kernels", "forbid_double_backward", "has_kernel",
+           "served_dtypes", "softmax_scale"]
 
 # op name -> device type ("cpu", "cuda") -> dtypes with a kernel; filled by declare_kernels.
 KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {}
@@ -43,3 +43,18 @@ def acc_dtype(t: Tensor) -> torch.dtype:
 def softmax_scale(q: Tensor, scale: Optional[float]) -> float:
     """The attention softmax scale: ``scale``, or ``1 / sqrt(D)`` for q's head dim D."""
     return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def forbid_double_backward(backward_op: str, public_name: str) -> None:
+    """Make differentiating through ``genext::<backward_op>`` (a gradient of a gradient) a clear
+    NotImplementedError naming ``public_name``, instead of a silent zero or an opaque error."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{public_name}: double backward (gradients of gradients) is not implemented"
+        )
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd(f"genext::{backward_op}", backward, setup_context=setup_context)

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, declare_kernels, softmax_scale
+from ._common import acc_dtype, declare_kernels, forbid_double_backward, softmax_scale
 
 __all__ = ["flash_attention", "flash_attention_varlen"]
 
@@ -250,16 +250,4 @@ torch.library.register_autograd(
 )
 
 
-def _double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "genext.ops.flash_attention: double backward (gradients of gradients) is not implemented"
-    )
-
-
-def _setup_backward_context(ctx, inputs, output):
-    pass
-
-
-torch.library.register_autograd(
-    "genext::flash_attention_backward", _double_backward, setup_context=_setup_backward_context
-)
+forbid_double_backward("flash_attention_backward", "genext.ops.flash_attention")

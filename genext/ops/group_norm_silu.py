@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, declare_kernels
+from ._common import acc_dtype, declare_kernels, forbid_double_backward
 
 __all__ = ["group_norm_silu"]
 
@@ -108,16 +108,4 @@ def _backward(ctx, grad_y, grad_mean, grad_rstd):
 torch.library.register_autograd("genext::group_norm_silu", _backward, setup_context=_setup_context)
 
 
-def _double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "genext.ops.group_norm_silu: double backward (gradients of gradients) is not implemented"
-    )
-
-
-def _setup_backward_context(ctx, inputs, output):
-    pass
-
-
-torch.library.register_autograd(
-    "genext::group_norm_silu_backward", _double_backward, setup_context=_setup_backward_context
-)
+forbid_double_backward("group_norm_silu_backward", "genext.ops.group_norm_silu")
