@@ -1,11 +1,6 @@
-"""genext's FlowMatchEulerDiscreteScheduler against diffusers'.
-
-Whole trajectories (10, 25 and 50 steps) start from the same noise; the "model" is a fixed
-deterministic function of the sample and the timestep, evaluated on each library's own trajectory,
-and every intermediate sample must stay within 1e-6 relative error (fp32, CPU) of diffusers'.
-Stochastic variants draw their noise from identically seeded generators. Schedules
-(`timesteps`, `sigmas`) must be identical, and configs must round-trip between the libraries.
-"""
+"""genext's FlowMatchEulerDiscreteScheduler against diffusers' (method:
+tests/samplers/trajectories.py): configs, dynamic shifting, fused guidance, schedules, config
+round trips, API, noise, per-token timesteps, one fused op call per step."""
 from __future__ import annotations
 
 import warnings
@@ -13,11 +8,7 @@ import warnings
 import pytest
 import torch
 
-diffusers = pytest.importorskip(
-    "diffusers",
-    reason="diffusers is the reference these schedulers must match (pip install diffusers)")
-
-import genext  # noqa: E402,F401
+diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference (pip install diffusers)")
 from genext.samplers import flow_match as flow_mod  # noqa: E402
 from genext.samplers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
