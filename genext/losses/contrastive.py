@@ -53,11 +53,21 @@ def _as_tensor(x: Scalar, like: Tensor) -> Tensor:
     return torch.tensor(float(x), dtype=like.dtype, device=like.device)
 
 
-def _check_features(name: str, image_features: Tensor, text_features: Tensor) -> None:
+def _check_and_scalars(name: str, image_features: Tensor, text_features: Tensor,
+                       logit_scale: Scalar, logit_bias: Optional[Scalar]):
+    """Checks the features (matching pairs, (N, D) each) and returns logit_scale and logit_bias
+    as tensors (bias None stays None)."""
     if image_features.dim() != 2 or text_features.dim() != 2:
         raise ValueError(
             f"{name}: image_features and text_features must be (N, D), got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"{name}: image_features and text_features must have the same number of rows "
+            f"(the matching pairs), got {image_features.shape[0]} and {text_features.shape[0]}")
+    scale = _as_tensor(logit_scale, image_features)
+    bias = _as_tensor(logit_bias, image_features) if logit_bias is not None else None
+    return scale, bias
 
 
 # ---- collectives -------------------------------------------------------------------------------
@@ -158,14 +168,8 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
                 logit_bias: Optional[Scalar] = None, output_dict: bool = False):
-        _check_features("ClipLoss", image_features, text_features)
-        if image_features.shape[0] != text_features.shape[0]:
-            raise ValueError(
-                "ClipLoss: image_features and text_features must have the same number of rows "
-                f"(the matching pairs), got {image_features.shape[0]} and {text_features.shape[0]}")
-        logit_scale = _as_tensor(logit_scale, image_features)
-        if logit_bias is not None:
-            logit_bias = _as_tensor(logit_bias, image_features)
+        logit_scale, logit_bias = _check_and_scalars("ClipLoss", image_features, text_features,
+                                                     logit_scale, logit_bias)
 
         if self.world_size == 1:
             loss = ops.clip_loss(image_features, text_features, logit_scale, logit_bias)
@@ -217,14 +221,8 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
                 logit_bias: Optional[Scalar] = None, output_dict: bool = False):
-        _check_features("SigLipLoss", image_features, text_features)
-        if image_features.shape[0] != text_features.shape[0]:
-            raise ValueError(
-                "SigLipLoss: image_features and text_features must have the same number of rows "
-                f"(the matching pairs), got {image_features.shape[0]} and {text_features.shape[0]}")
-        logit_scale = _as_tensor(logit_scale, image_features)
-        if logit_bias is not None:
-            logit_bias = _as_tensor(logit_bias, image_features)
+        logit_scale, logit_bias = _check_and_scalars("SigLipLoss", image_features, text_features,
+                                                     logit_scale, logit_bias)
 
         def negatives(texts: Tensor) -> Tensor:
             return ops.siglip_loss(image_features, texts, logit_scale, logit_bias,
