@@ -157,16 +157,16 @@ def kv_cases() -> int:
 
 def sampler_cases() -> int:
     """sampler_step on CUDA against its eager specification: bit-identical in fp32."""
-    from genext.ops._sampler_step import sampler_step
+    from genext.ops._sampler_step import StepKind, sampler_step
     from genext.reference import sampler_step as eager_step
 
     bad = 0
     g = torch.Generator().manual_seed(0)
     for mode, shape, guided, n_hist, noisy, dtype in [
-        (0, (2, 4, 64, 64), True, 0, True, torch.float32),
-        (2, (2, 4, 33, 17), False, 2, True, torch.float32),   # not a multiple of 4: scalar path
-        (1, (3, 4, 16, 16), False, 0, True, torch.bfloat16),
-        (3, (2, 16, 32, 32), True, 0, False, torch.float16),
+        (StepKind.DDIM, (2, 4, 64, 64), True, 0, True, torch.float32),
+        (StepKind.DPM, (2, 4, 33, 17), False, 2, True, torch.float32),   # not a multiple of 4: scalar path
+        (StepKind.DDPM, (3, 4, 16, 16), False, 0, True, torch.bfloat16),
+        (StepKind.FLOW, (2, 16, 32, 32), True, 0, False, torch.float16),
     ]:
         r = lambda *s: torch.randn(*s, generator=g).to("cuda", dtype)  # noqa: E731
         x = r(*shape)
@@ -179,7 +179,7 @@ def sampler_cases() -> int:
         want = eager_step(mode, x, m, coef, **kw)
         ok = all(torch.equal(a, b) for a, b in zip(got, want))
         bad += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} sampler mode {mode} {shape} guided={guided} hist={n_hist} "
+        print(f"{'ok  ' if ok else 'FAIL'} sampler {mode.name} {shape} guided={guided} hist={n_hist} "
               f"{str(dtype):<15} bit-identical to eager: {ok}")
     torch.cuda.synchronize()
     return bad
