@@ -1,4 +1,5 @@
-"""Attention cases of `genext bench`: genext.ops.flash_attention against PyTorch's SDPA backends.
+"""Attention: genext.ops.flash_attention against PyTorch's SDPA backends (flash, cuDNN,
+memory-efficient on CUDA; PyTorch's default on the CPU), forward and forward + backward.
 
 TFLOP/s count 4*B*H*Lq*Lk*D for the forward (halved when causal) and 3.5 times that for
 forward + backward (the backward counted as 2.5 forwards), as ../shared/ANCHORS.md and FlashAttention
@@ -11,9 +12,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .bench import Row, copies_for_l2, time_fn
-from .ops import flash_attention
+from ..ops import flash_attention
+from .harness import copies_for_l2
+from .registry import (DIRECTION, DTYPE, IMPL, MS, TFLOPS, Bench, Case, Column, Config, Timing,
+                       device_cases)
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class AttnCase:
 
 
 # The shapes issue 3 sets targets for (bf16, H100/H200), and small CPU shapes.
-ATTN_CUDA_CASES = [
+CUDA_CASES = [
     AttnCase(4, 16, 4096, 4096, 128),
     AttnCase(4, 16, 4096, 4096, 128, causal=True),
     AttnCase(8, 16, 4096, 4096, 64),
@@ -44,16 +48,15 @@ ATTN_CUDA_CASES = [
     AttnCase(2, 8, 4096, 4096, 40),
     AttnCase(2, 8, 4096, 77, 64),
 ]
-ATTN_CPU_CASES = [
+CPU_CASES = [
     AttnCase(1, 4, 512, 512, 64),
     AttnCase(1, 4, 512, 512, 64, causal=True),
     AttnCase(1, 8, 1024, 77, 40),
 ]
+DIRECTIONS = ("fwd", "f+b")
 
 
 def _sdpa(backend) -> Callable:
-    from torch.nn.attention import sdpa_kernel
-
     def fn(q, k, v, causal):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -62,8 +65,7 @@ def _sdpa(backend) -> Callable:
 
 
 def attn_impls(device: str) -> dict[str, Callable]:
-    from torch.nn.attention import SDPBackend
-
+    """fn(q, k, v, causal) of genext and of each SDPA backend that runs on the device."""
     impls = {"genext": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal)}
     if device == "cuda":
         impls["flash"] = _sdpa(SDPBackend.FLASH_ATTENTION)
@@ -75,6 +77,7 @@ def attn_impls(device: str) -> dict[str, Callable]:
 
 
 def attn_inputs(case: AttnCase, dtype, device, copies=1, grad=False):
+    """`copies` independent (q, k, v, grad_out) sets, (B, H, L, D)."""
     sets = []
     for _ in range(copies):
         q = torch.randn(case.B, case.H, case.Lq, case.D, device=device, dtype=dtype)
@@ -84,6 +87,21 @@ def attn_inputs(case: AttnCase, dtype, device, copies=1, grad=False):
             q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
         sets.append((q, k, v, torch.randn_like(q) if grad else None))
     return sets
+
+
+def attn_call(case: AttnCase, fn: Callable, sets: list, direction: str) -> Callable[[int], None]:
+    """The call to time: forward without autograd, or forward + backward, rotating over sets."""
+    n = len(sets)
+    if direction == "fwd":
+        def call(i):
+            q, k, v, _ = sets[i % n]
+            with torch.no_grad():
+                fn(q, k, v, case.causal)
+    else:
+        def call(i):
+            q, k, v, g = sets[i % n]
+            torch.autograd.grad(fn(q, k, v, case.causal), (q, k, v), g)
+    return call
 
 
 def attn_check(case: AttnCase, dtype, device) -> tuple[bool, str]:
@@ -96,8 +114,6 @@ def attn_check(case: AttnCase, dtype, device) -> tuple[bool, str]:
     ours = flash_attention(q, k, v, causal=case.causal)
     if not torch.isfinite(ours).all():
         return False, "non-finite output"
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel(SDPBackend.MATH):
         pt = F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
     e_ours = (ours.double() - ref).abs().max().item()
@@ -106,53 +122,32 @@ def attn_check(case: AttnCase, dtype, device) -> tuple[bool, str]:
     return e_ours <= tol, f"max {e_ours:.1e} (math {e_pt:.1e})"
 
 
-def bench_attention(device: str, dtype: torch.dtype, quick: bool, compile_too: bool,
-                    copy_bps: float) -> tuple[list[Row], bool]:
-    if dtype == torch.float16 and device == "cuda":
-        dtype = torch.bfloat16  # the targets are set in bf16; --dtype float16 is not overridden
-    cases = ATTN_CUDA_CASES if device == "cuda" else ATTN_CPU_CASES
-    if quick:
-        cases = cases[:1] + cases[-1:]
-    warmup, reps = (3, 10) if device == "cuda" else (1, 3)
-    rows, all_ok = [], True
-    for case in cases:
-        ok, note = attn_check(case, dtype, device)
-        all_ok &= ok
-        size = 3 * case.B * case.H * case.Lq * case.D * torch.tensor([], dtype=dtype).element_size()
-        n = copies_for_l2(size, device)
-        for name, fn in attn_impls(device).items():
-            for direction in ("fwd", "f+b"):
-                sets = attn_inputs(case, dtype, device, copies=n, grad=direction == "f+b")
-                if direction == "fwd":
-                    def call(i, sets=sets, fn=fn):
-                        q, k, v, _ = sets[i % n]
-                        with torch.no_grad():
-                            fn(q, k, v, case.causal)
-                else:
-                    def call(i, sets=sets, fn=fn):
-                        q, k, v, g = sets[i % n]
-                        torch.autograd.grad(fn(q, k, v, case.causal), (q, k, v), g)
-                try:
-                    t = time_fn(call, device, warmup, reps)
-                except RuntimeError as e:  # a backend that does not take this case
-                    rows.append(Row("attention", case.name, str(dtype)[6:], direction, name,
-                                    float("nan"), 0.0, 0.0, f"n/a: {str(e).splitlines()[0][:60]}"))
-                    continue
-                tflops = case.flops(direction) / t / 1e12
-                check = (("ok " if ok else "FAIL ") + note) if name == "genext" and direction == "fwd" else ""
-                rows.append(Row("attention", case.name, str(dtype)[6:], direction, name, t * 1e3,
-                                0.0, 0.0, check, extra={"tflops": tflops}))
-                del sets
-    return rows, all_ok
+def _setup(case: AttnCase, fn: Callable, dtype, device: str, direction: str):
+    size = 3 * case.B * case.H * case.Lq * case.D * dtype.itemsize
+    sets = attn_inputs(case, dtype, device, copies=copies_for_l2(size, device),
+                       grad=direction == "f+b")
+    return attn_call(case, fn, sets, direction)
 
 
-def print_attention_table(rows: list[Row]) -> None:
-    rows = [r for r in rows if r.op == "attention"]
-    if not rows:
-        return
-    head = f"{'attention case':<24} {'dtype':<9} {'dir':<4} {'impl':<10} {'ms':>9} {'TFLOP/s':>8}  check"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        tf = r.extra.get("tflops", float("nan"))
-        print(f"{r.case:<24} {r.dtype:<9} {r.direction:<4} {r.impl:<10} {r.ms:>9.3f} {tf:>8.1f}  {r.check}")
+def make_case(case: AttnCase, config: Config) -> Case:
+    # the targets are set in bf16
+    dtype = config.dtype_or(torch.bfloat16 if config.device == "cuda" else torch.float32)
+    warmup, reps = (3, 10) if config.device == "cuda" else (1, 3)
+    timings = tuple(
+        Timing(impl, d, lambda _, fn=fn, d=d: _setup(case, fn, dtype, config.device, d),
+               warmup, reps, flops=case.flops(d), on_error="n/a",  # a backend may not take a case
+               shows_check=impl == "genext" and d == "fwd")
+        for impl, fn in attn_impls(config.device).items() for d in DIRECTIONS)
+    return Case(case.name, dtype, timings, lambda _: attn_check(case, dtype, config.device))
+
+
+def cases(config: Config) -> list[Case]:
+    return [make_case(c, config) for c in device_cases(config, CUDA_CASES, CPU_CASES)]
+
+
+BENCH = Bench(
+    "attention",
+    "flash attention: genext vs PyTorch's SDPA backends, fwd and f+b (TFLOP/s)",
+    cases,
+    (Column("attention case", "case"), DTYPE, DIRECTION, IMPL, MS, TFLOPS),
+)
