@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import reference
 from ..ops import flash_attention
 from .harness import copies_for_l2
 from .registry import (DIRECTION, DTYPE, IMPL, MS, TFLOPS, Bench, Case, Column, Config, Timing,
@@ -105,12 +106,12 @@ def attn_call(case: AttnCase, fn: Callable, sets: list, direction: str) -> Calla
 
 
 def attn_check(case: AttnCase, dtype, device) -> tuple[bool, str]:
-    """genext's output on one sequence and two heads against float64: no worse than twice the
-    error of PyTorch's math path in the same dtype (Lq == Lk here or not causal, so PyTorch's
-    top-left causal mask equals genext's bottom-right one)."""
+    """genext's output on one sequence and two heads against the float64 reference: no worse than
+    twice the error of PyTorch's math path in the same dtype (Lq == Lk here or not causal, so the
+    math path's top-left causal mask equals the bottom-right one of genext and the reference)."""
     sub = AttnCase(1, min(case.H, 2), case.Lq, case.Lk, case.D, case.causal)
     q, k, v, _ = attn_inputs(sub, dtype, device)[0]
-    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=case.causal)
+    ref = reference.attention_reference(q.double(), k.double(), v.double(), causal=case.causal)
     ours = flash_attention(q, k, v, causal=case.causal)
     if not torch.isfinite(ours).all():
         return False, "non-finite output"
