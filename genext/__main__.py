@@ -11,11 +11,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="print build facts (versions, CUDA architectures, op kernels) as JSON")
     b = sub.add_parser("bench", help="time genext against eager PyTorch and torch.compile")
+    b.add_argument("--list", action="store_true", help="list the registered benches and exit")
+    b.add_argument("--op", nargs="+", default=None, metavar="NAME",
+                   help="only these benches (names as --list shows them; default: all)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    b.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: per device)")
-    b.add_argument("--op", default=None, help="only this op: group_norm_silu, attention, kvcache, sampler, vq or contrastive (default: all)")
+    b.add_argument("--dtype", default=None,
+                   help="float32, float16 or bfloat16 (default: each bench's own for the device)")
     b.add_argument("--quick", action="store_true", help="fewer repeats and shapes (smoke run)")
-    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     b.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -24,9 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "info":
         print(json.dumps(genext.build_info(), indent=2))
         return 0
-    from .bench import run
+    from . import bench
 
-    return run(args)
+    if args.list:
+        bench.list_benches()
+        return 0
+    try:
+        bench.select(args.op)
+    except ValueError as e:
+        b.error(str(e))  # exits with status 2, as argparse does for a bad argument
+    return bench.run(args.op, args.device, args.dtype, args.quick, not args.no_compile, args.json)
 
 
 if __name__ == "__main__":

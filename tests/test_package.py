@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import genext
-from genext import _build_config
+from genext import _build_config, bench
 
 
 def test_build_info_reports_kernels():
@@ -37,20 +37,20 @@ def test_cli_info_prints_json():
 
 
 def test_cli_bench_quick_runs_and_checks(tmp_path):
-    # the smallest run of the main job: one op, CPU, no torch.compile baseline
+    # the smallest run of the main job: every registered bench, CPU, no torch.compile baseline
     path = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "genext", "bench", "--device", "cpu", "--quick",
                            "--no-compile", "--json", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(path.read_text())["rows"]
-    impls = {op: {r["impl"] for r in rows if r["op"] == op} for op in {r["op"] for r in rows}}
-    assert impls == {"group_norm_silu": {"genext", "eager"}, "attention": {"genext", "sdpa"},
-                     "kvcache": {"genext", "sdpa"}, "sampler": {"genext", "diffusers", "kernel", "eager"},
-                     "vq": {"genext", "cdist"}, "contrastive": {"genext", "eager"}}
+    config = bench.Config("cpu", quick=True, compile=False)
+    timings = {(b.name, c.name, t.impl, t.direction): t
+               for b in bench.benches().values() for c in b.cases(config) for t in c.timings}
+    assert {(r["op"], r["case"], r["impl"], r["direction"]) for r in rows} == set(timings)
     assert all(r["ms"] > 0 for r in rows)
-    checked = [r for r in rows if r["direction"] in ("fwd", "step", "f+b") and r["impl"] == "genext"
-               and r["check"]]
-    assert {r["op"] for r in checked} == {"group_norm_silu", "attention", "kvcache", "sampler", "vq",
-                                          "contrastive"}
-    assert all(r["check"].startswith("ok") for r in checked)
-    assert all(r["extra"]["tflops"] > 0 for r in rows if r["op"] == "attention")
+    for name in bench.benches():
+        checks = [r["check"] for r in rows if r["op"] == name and r["check"]]
+        assert checks and all(c.startswith("ok") for c in checks), (name, checks)
+    for r in rows:
+        if timings[r["op"], r["case"], r["impl"], r["direction"]].flops:
+            assert r["extra"]["tflops"] > 0, r

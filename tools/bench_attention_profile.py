@@ -14,36 +14,26 @@ import sys
 import torch
 
 from genext.bench import copies_for_l2, time_fn
-from genext.bench_attention import ATTN_CUDA_CASES, attn_impls, attn_inputs
+from genext.bench.attention import CUDA_CASES, attn_call, attn_impls, attn_inputs
 
 
 def main(argv: list[str]) -> int:
     impls = attn_impls("cuda")
     names = ["genext"] + (["flash"] if "--flash" in argv else [])
     dtype = torch.bfloat16
-    for case in ATTN_CUDA_CASES:
+    for case in CUDA_CASES:
         size = 3 * case.B * case.H * case.Lq * case.D * 2
         n = copies_for_l2(size, "cuda")
         for name in names:
-            fn = impls[name]
             for direction in ("fwd", "f+b"):
                 sets = attn_inputs(case, dtype, "cuda", copies=n, grad=direction == "f+b")
-
-                def call(i, sets=sets, fn=fn, direction=direction):
-                    q, k, v, g = sets[i % n]
-                    if direction == "fwd":
-                        with torch.no_grad():
-                            fn(q, k, v, case.causal)
-                    else:
-                        torch.autograd.grad(fn(q, k, v, case.causal), (q, k, v), g)
-
-                t = time_fn(call, "cuda", 3, 10)
+                t = time_fn(attn_call(case, impls[name], sets, direction), "cuda", 3, 10)
                 print(json.dumps({"impl": name, "case": case.name, "dir": direction,
                                   "ms": round(t * 1e3, 4),
                                   "tflops": round(case.flops(direction) / t / 1e12, 1)}), flush=True)
                 del sets
     if "--profile" in argv:
-        case = ATTN_CUDA_CASES[0]
+        case = CUDA_CASES[0]
         q, k, v, g = attn_inputs(case, dtype, "cuda", grad=True)[0]
         fn = impls["genext"]
         for _ in range(2):

@@ -12,7 +12,7 @@
 #
 #   bash tools/gpu_check.sh            # everything
 #   GENEXT_SKIP_BUILD=1 bash tools/gpu_check.sh   # reuse an existing build
-#   GENEXT_CHECK_TESTS="tests/test_flash_attention.py -m cuda" GENEXT_CHECK_OPS=attention \
+#   GENEXT_CHECK_TESTS="tests/ops/test_flash_attention.py -m cuda" GENEXT_CHECK_OPS=attention \
 #     bash tools/gpu_check.sh                      # one op: its tests, smoke cases and bench
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +61,8 @@ fi
 
 echo
 echo "== genext GPU check: $GPU, arch $TORCH_CUDA_ARCH_LIST, $(date -u '+%Y-%m-%d %H:%M UTC'), logs in $OUT_DIR"
-grep -E "^(group_norm_silu|op |attention case|decode case|sampler case|vq case|clip loss case|N[0-9]|B[0-9]|ddim|dpm2m|---)" "$OUT_DIR/bench.txt" 2>/dev/null || true
+# the bench's tables, printed again from its JSON by each bench's own table layout
+[ -f "$OUT_DIR/bench.json" ] && $PY -c "import sys; from genext.bench import print_saved; print_saved(sys.argv[1])" \
+  "$OUT_DIR/bench.json" 2>/dev/null || true
 printf '%s\n' "${SUMMARY[@]}"
 exit $status

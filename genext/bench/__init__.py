@@ -1,0 +1,23 @@
+"""`genext bench` and the cases the pytest-benchmark wrappers (benchmarks/) time: genext against
+eager PyTorch, torch.compile and peer libraries, with a correctness check per case.
+
+- :mod:`.harness`: timing (CUDA events or the host clock, warm-ups, medians), copy bandwidth,
+  peak memory, input rotation against L2;
+- :mod:`.registry`: what a bench module declares (Bench, Case, Timing, Column) and the registry
+  that finds every module's ``BENCH``;
+- :mod:`.table`: the tables, laid out by each bench's columns;
+- :mod:`.runner`: the run of `genext bench`;
+- one module per op (or model) with its cases: adding one is adding its file.
+
+Library code never imports this package.
+"""
+from .harness import copies_for_l2, copy_bandwidth, host_time_fn, peak_extra_mib, sync, time_fn
+from .registry import Bench, Case, Column, Config, Row, Timing, benches, select
+from .runner import check_text, figures, list_benches, measure, run, run_bench
+from .table import format_table, print_saved, print_table
+
+__all__ = [
+    "Bench", "Case", "Column", "Config", "Row", "Timing", "benches", "check_text", "copies_for_l2",
+    "copy_bandwidth", "figures", "format_table", "host_time_fn", "list_benches", "measure",
+    "peak_extra_mib", "print_saved", "print_table", "run", "run_bench", "select", "sync", "time_fn",
+]

@@ -1,0 +1,89 @@
+"""The timing harness every bench shares: medians of timed calls after warm-ups (CUDA events, or the
+host clock around a device sync), the device's copy bandwidth (the floor that GB/s is compared
+with), peak extra memory, and how many input copies to rotate so that repeats do not run from L2.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[int], object], device: str, warmup: int, reps: int) -> float:
+    """Median seconds of fn(i) over `reps` calls after `warmup` calls; i counts the calls, so fn
+    can rotate over its input copies. CUDA events around each call on CUDA (the device time, not
+    the host's launch time), the host clock on the CPU."""
+    for i in range(warmup):
+        fn(i)
+    sync(device)
+    times = []
+    if device == "cuda":
+        for i in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for i in range(reps):
+            t0 = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def host_time_fn(fn: Callable[[int], object], device: str, warmup: int, reps: int) -> float:
+    """Seconds of fn(i) on the host clock, each call followed by a device sync: for loops whose
+    host side (a scheduler's Python, launches) is part of what is measured. The upper median of
+    `reps` calls after `warmup` calls."""
+    for i in range(warmup):
+        fn(i)
+    sync(device)
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn(i)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Device copy rate in bytes/s, counting bytes read plus bytes written."""
+    if device == "cpu":
+        nbytes = 1 << 27
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda i: dst.copy_(src), device, warmup=3, reps=10)
+    return 2 * nbytes / t
+
+
+def peak_extra_mib(fn: Callable[[], object], device: str) -> float:
+    """Peak memory fn allocates beyond what was live before it, in MiB (CUDA; NaN elsewhere)."""
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copies_for_l2(tensor_bytes: int, device: str) -> int:
+    """How many input copies to rotate so that consecutive calls do not hit in L2 (at least three
+    L2s' worth of inputs, at most 8 copies; 1 on the CPU)."""
+    if device != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(1, min(8, -(-3 * l2 // max(tensor_bytes, 1))))

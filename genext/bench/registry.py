@@ -1,0 +1,170 @@
+"""What a bench module declares, and the registry that finds it.
+
+A bench module is one file in genext/bench/ with a module-level ``BENCH = Bench(...)``: its name
+(for ``genext bench --op``), a one-line summary, a function from a :class:`Config` to its cases,
+and the columns of its table. The registry imports every module of the package and collects their
+``BENCH``, so adding a bench is adding its file.
+
+A :class:`Case` is one shape (or configuration) in one dtype: a correctness check, the inputs its
+timings share, and its timings. A :class:`Timing` is one row of results: one implementation in
+one direction, timed by the harness. Building cases allocates nothing: inputs are built when a
+case runs, so both ``genext bench`` and the pytest-benchmark wrappers can list every (case,
+implementation, direction) first and time any one of them alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Optional, Union
+
+import torch
+
+# check(inputs) -> (ok, note): ok None when nothing was compared (the note says why)
+Check = Callable[[Any], "tuple[Optional[bool], str]"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a run asks for: the device, a dtype (None: each bench's own default), the short case
+    lists and repeats of a smoke run, and whether to add torch.compile baselines."""
+
+    device: str
+    dtype: Optional[torch.dtype] = None
+    quick: bool = False
+    compile: bool = True
+
+    def dtype_or(self, default: torch.dtype) -> torch.dtype:
+        return self.dtype if self.dtype is not None else default
+
+
+def device_cases(config: Config, cuda: list, cpu: list,
+                 quick: Callable[[list], list] = lambda cases: cases[:1] + cases[-1:]) -> list:
+    """The device's list of cases; on a quick run a short part of it (its first and last unless
+    `quick` picks otherwise)."""
+    cases = cuda if config.device == "cuda" else cpu
+    return quick(cases) if config.quick else cases
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One implementation in one direction of a case.
+
+    ``setup(inputs)`` gets the case's shared inputs, builds whatever else the call needs (input
+    copies to rotate, graphs to run backward over) and returns ``fn(i)``, the call to time (i
+    counts the calls), or None when this implementation is not available here (the row is left
+    out). ``nbytes`` and ``flops`` are what one unit must move and compute: the figures of merit
+    (GB/s and %copy, TFLOP/s) come from them; ``units`` is how many units one call runs (a 50-step
+    sampling loop), so times and figures are per unit.
+    """
+
+    impl: str
+    direction: str
+    setup: Callable[[Any], Optional[Callable[[int], object]]]
+    warmup: int
+    reps: int
+    nbytes: float = 0.0
+    flops: float = 0.0
+    units: int = 1
+    clock: str = "device"  # "device": harness.time_fn; "host": harness.host_time_fn
+    peak_memory: bool = False  # also report the call's peak extra memory (CUDA)
+    shows_check: bool = False  # this row carries the case's check note
+    on_error: Optional[str] = None  # a RuntimeError becomes a row "<on_error>: <message>"
+    # entered around the setup and the timed calls: configuration an implementation needs,
+    # held for this timing only and restored after it
+    context: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case of a bench: its name and dtype (two columns of every row), its timings, a check
+    of genext's result on it, and the inputs shared by the check and the timings (built once per
+    case, when it runs)."""
+
+    name: str
+    dtype: torch.dtype
+    timings: tuple[Timing, ...]
+    check: Check
+    inputs: Callable[[], Any] = lambda: None
+
+
+@dataclass
+class Row:
+    """One result of `genext bench` (a JSON row)."""
+
+    op: str
+    case: str
+    dtype: str
+    direction: str  # e.g. fwd, bwd (alone, over a retained graph), f+b, step
+    impl: str
+    ms: float
+    gbps: float
+    pct_copy: float
+    check: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a bench's table: a header and the value of a row (a Row attribute's name or a
+    function of the row). Numbers are right-aligned with the format spec ``fmt``, text left."""
+
+    header: str
+    value: Union[str, Callable[[Row], object]]
+    fmt: str = ""
+
+    def get(self, row: Row) -> object:
+        return getattr(row, self.value) if isinstance(self.value, str) else self.value(row)
+
+
+def extra(key: str) -> Callable[[Row], float]:
+    """A column value read from a row's extra figures (NaN where the row has none)."""
+    return lambda row: row.extra.get(key, float("nan"))
+
+
+# columns most tables share
+DTYPE = Column("dtype", "dtype")
+DIRECTION = Column("dir", "direction")
+IMPL = Column("impl", "impl")
+MS = Column("ms", "ms", ".3f")
+GBPS = Column("GB/s", "gbps", ".1f")
+PCT_COPY = Column("%copy", "pct_copy", ".1f")
+TFLOPS = Column("TFLOP/s", extra("tflops"), ".1f")
+PEAK_MIB = Column("peak MiB", extra("peak_extra_MiB"), ".1f")
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A registered bench: ``cases(config)`` lists its cases for a run; ``columns`` lay out its
+    table (the check column comes last in every table)."""
+
+    name: str
+    summary: str
+    cases: Callable[[Config], list[Case]]
+    columns: tuple[Column, ...]
+
+
+def benches() -> dict[str, Bench]:
+    """Every bench of the package by name: the ``BENCH`` of each module of genext.bench."""
+    package = importlib.import_module(__package__)
+    found: dict[str, Bench] = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        bench = getattr(importlib.import_module(f"{__package__}.{info.name}"), "BENCH", None)
+        if bench is None:
+            continue
+        if bench.name in found:
+            raise ValueError(f"genext bench: two modules register the bench {bench.name!r}")
+        found[bench.name] = bench
+    return dict(sorted(found.items()))
+
+
+def select(names: Optional[list[str]]) -> list[Bench]:
+    """The benches named (all when names is empty or None); an unknown name is a ValueError that
+    lists the registered ones."""
+    registered = benches()
+    unknown = [n for n in names or [] if n not in registered]
+    if unknown:
+        raise ValueError(f"unknown bench {', '.join(map(repr, unknown))}; registered: "
+                         f"{', '.join(registered)}")
+    return [registered[n] for n in dict.fromkeys(names)] if names else list(registered.values())
