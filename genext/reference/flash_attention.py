@@ -49,8 +49,8 @@ def attention_reference(
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)                                                  # 0 where masked
-    l = e.sum(dim=-1, keepdim=True)
-    out = (e @ v) / torch.where(l > 0, l, torch.ones_like(l))
+    denom = e.sum(dim=-1, keepdim=True)
+    out = (e @ v) / torch.where(denom > 0, denom, torch.ones_like(denom))
     if not return_lse:
         return out
-    return out, (torch.log(l) + m).squeeze(-1)
+    return out, (torch.log(denom) + m).squeeze(-1)

@@ -187,11 +187,18 @@ def test_modules_call_the_genext_ops(monkeypatch):
     """Every local computation is one call of the genext op, and the module itself runs no
     matrix product: no N x N logits anywhere in forward or backward."""
     calls = []
-    for name in ("clip_loss", "siglip_loss"):
-        def spy(*args, _real=getattr(genext.ops, name), _name=name, **kwargs):
-            calls.append(_name)
-            return _real(*args, **kwargs)
+
+    def spy_on(name):
+        real = getattr(genext.ops, name)
+
+        def spy(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
         monkeypatch.setattr(genext.ops, name, spy)
+
+    spy_on("clip_loss")
+    spy_on("siglip_loss")
 
     class NoMatmul(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

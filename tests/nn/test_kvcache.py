@@ -71,7 +71,7 @@ def test_kvcache_paged_growth_per_sequence():
     assert cache.k.shape[:2] == (3, 4) and cache.block_table.shape == (3, 1)
     cache.set_seqlens([4, 0, 2])
     written = {s: [] for s in range(3)}
-    for step in range(6):
+    for _ in range(6):
         kn = rand(3, 2, 2, 8)
         cache.attend(rand(3, 2, 2, 8), kn, -kn)
         for s in range(3):
