@@ -8,9 +8,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace genext::fa {
+#include "common/dtype.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace genext::fa {
 
 struct Strides {
   int64_t batch = 0, row = 0, head = 0;

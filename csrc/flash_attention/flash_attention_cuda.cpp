@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "common/device_name.h"
+#include "common/torch_dtype.h"
 #include "flash_attention/flash_attention.h"
 #include "flash_attention/flash_attention_checks.h"
 
@@ -22,17 +23,6 @@ namespace {
 constexpr const char* kFwdOp = "flash_attention_forward";
 constexpr const char* kBwdOp = "flash_attention_backward";
 constexpr int64_t kMaxHeadDim = 256;
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, "flash_attention: unsupported dtype ", t);
-  return DType::kFloat32;
-}
 
 // The 16-bit kernels copy rows with 16-byte cp.async: base and strides must keep rows aligned.
 at::Tensor aligned_view(const at::Tensor& t, bool need16) {
@@ -77,8 +67,9 @@ Problem check_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, con
   return pr;
 }
 
-void fill_common(FwdParams& p, const Problem& pr, double scale, bool causal, bool bottom_right) {
-  p.dtype = to_dtype(pr.q.scalar_type());
+void fill_common(const char* op, FwdParams& p, const Problem& pr, double scale, bool causal,
+                 bool bottom_right) {
+  p.dtype = to_dtype(op, pr.q.scalar_type());
   p.q = pr.q.data_ptr();
   p.k = pr.k.data_ptr();
   p.v = pr.v.data_ptr();
@@ -118,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
     return {out, lse};
   }
   FwdParams p;
-  fill_common(p, pr, scale, causal, causal_bottom_right);
+  fill_common(kFwdOp, p, pr, scale, causal, causal_bottom_right);
   p.out = out.data_ptr();
   p.so = strides_of(out);
   p.lse = lse.data_ptr<float>();
@@ -172,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   at::Tensor delta = at::empty(lse_c.sizes(), lse_c.options());
 
   BwdParams p;
-  fill_common(p, pr, scale, causal, causal_bottom_right);
+  fill_common(kBwdOp, p, pr, scale, causal, causal_bottom_right);
   p.out = o.data_ptr();
   p.so = strides_of(o);
   p.lse = lse_c.data_ptr<float>();

@@ -6,9 +6,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace genext::gn {
+#include "common/dtype.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace genext::gn {
 
 // x is (N, C, S) with S the product of the spatial sizes, stored either contiguous ("NCS") or
 // channels-last ("NSC", channel fastest). y, grad_y and grad_x share x's layout.

@@ -19,6 +19,7 @@
 #include "group_norm_silu/group_norm_silu_checks.h"
 #include "common/cuda_device.h"
 #include "common/device_name.h"
+#include "common/torch_dtype.h"
 
 namespace genext::gn {
 namespace {
@@ -27,17 +28,6 @@ constexpr const char* kFwdOp = "group_norm_silu";
 constexpr const char* kBwdOp = "group_norm_silu_backward";
 
 int num_sms(c10::DeviceIndex dev) { return genext::num_sms(dev, "group_norm_silu"); }
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, "group_norm_silu: unsupported dtype ", t);
-  return DType::kFloat32;
-}
 
 void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA error ", cudaGetErrorString(err), " (", __FILE__, ")");
@@ -59,8 +49,8 @@ struct AffineArgs {
   at::Tensor w, b;
   DType wdtype = DType::kFloat32;
 };
-AffineArgs affine_args(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                       DType xdtype) {
+AffineArgs affine_args(const char* op, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, DType xdtype) {
   AffineArgs a;
   a.wdtype = xdtype;
   if (!weight.has_value()) return a;  // check_input: weight and bias come together
@@ -70,7 +60,7 @@ AffineArgs affine_args(const std::optional<at::Tensor>& weight, const std::optio
     a.w = a.w.to(at::kFloat);
     a.b = a.b.to(at::kFloat);
   }
-  a.wdtype = to_dtype(a.w.scalar_type());
+  a.wdtype = to_dtype(op, a.w.scalar_type());
   return a;
 }
 
@@ -100,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, int64_t 
     return {y, mean, rstd};
   }
 
-  const DType dt = to_dtype(pr.x.scalar_type());
-  const AffineArgs aff = affine_args(weight, bias, dt);
+  const DType dt = to_dtype(kFwdOp, pr.x.scalar_type());
+  const AffineArgs aff = affine_args(kFwdOp, weight, bias, dt);
   FwdParams p;
   p.shape = shape_of(pr);
   p.dtype = dt;
@@ -149,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, con
   } else {
     const at::Tensor mean_c = mean.contiguous();
     const at::Tensor rstd_c = rstd.contiguous();
-    const DType dt = to_dtype(pr.x.scalar_type());
-    const AffineArgs aff = affine_args(weight, bias, dt);
+    const DType dt = to_dtype(kBwdOp, pr.x.scalar_type());
+    const AffineArgs aff = affine_args(kBwdOp, weight, bias, dt);
     BwdParams p;
     p.shape = shape_of(pr);
     p.dtype = dt;

@@ -13,9 +13,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace genext::kv {
+#include "common/dtype.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace genext::kv {
 
 constexpr int kMaxRows = 16;       // query rows (group heads x Lq) per block
 constexpr int kKeysPerTile = 64;   // keys per shared-memory tile

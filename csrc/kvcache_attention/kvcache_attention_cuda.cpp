@@ -15,6 +15,7 @@
 
 #include "common/cuda_device.h"
 #include "common/device_name.h"
+#include "common/torch_dtype.h"
 #include "kvcache_attention/kvcache_attention.h"
 #include "kvcache_attention/kvcache_checks.h"
 
@@ -25,17 +26,6 @@ constexpr const char* kOp = "attention_with_kvcache";
 constexpr int64_t kMaxHeadDim = 256;
 
 int num_sms(c10::DeviceIndex dev) { return genext::num_sms(dev, kOp); }
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, kOp, ": unsupported dtype ", t);
-  return DType::kFloat32;
-}
 
 Strides strides_of(const at::Tensor& t) {
   Strides s;
@@ -68,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache,
   const at::Tensor bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
 
   Params p;
-  p.dtype = to_dtype(q.scalar_type());
+  p.dtype = to_dtype(kOp, q.scalar_type());
   p.q = q.data_ptr();
   p.sq = strides_of(q);
   p.k_cache = k_cache.data_ptr();

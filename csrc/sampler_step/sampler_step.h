@@ -5,11 +5,10 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/dtype.h"
 #include "sampler_step/sampler_step_math.h"
 
 namespace genext::sampler {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 struct LaunchParams {
   DType sample_dtype = DType::kFloat32;  // also history, noise, prev and x0

@@ -11,19 +11,13 @@
 #include <optional>
 #include <tuple>
 
+#include "common/device_name.h"
+#include "common/torch_dtype.h"
 #include "sampler_step/sampler_step.h"
 #include "sampler_step/sampler_step_checks.h"
 
 namespace genext::sampler {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: return DType::kFloat32;
-  }
-}
 
 bool aligned(const at::Tensor& t, int64_t bytes) {
   return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
@@ -31,8 +25,8 @@ bool aligned(const at::Tensor& t, int64_t bytes) {
 
 void launch(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   LaunchParams p;
-  p.sample_dtype = to_dtype(in.x.scalar_type());
-  p.model_dtype = to_dtype(in.m.scalar_type());
+  p.sample_dtype = to_dtype(kOp, in.x.scalar_type());
+  p.model_dtype = to_dtype(kOp, in.m.scalar_type());
   p.x = in.x.data_ptr();
   p.m = in.m.data_ptr();
   p.h1 = in.h1.defined() ? in.h1.data_ptr() : nullptr;

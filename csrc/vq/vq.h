@@ -5,9 +5,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace genext::vq {
+#include "common/dtype.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace genext::vq {
 
 struct NearestParams {
   DType dtype = DType::kFloat32;

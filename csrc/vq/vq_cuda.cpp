@@ -16,19 +16,13 @@
 
 #include <tuple>
 
+#include "common/device_name.h"
+#include "common/torch_dtype.h"
 #include "vq/vq.h"
 #include "vq/vq_checks.h"
 
 namespace genext::vq {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: return DType::kFloat32;
-  }
-}
 
 // 1 / ||row|| in fp32 with torch ops; a zero row gets a huge factor times a zero dot product,
 // i.e. similarity 0, as the CPU's normalised zero vector.
@@ -47,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda_op(const at::Tensor& z_in, co
   if (z.size(0) == 0) return {idx, dist};
   at::Tensor zn, cn;
   NearestParams p;
-  p.dtype = to_dtype(z.scalar_type());
+  p.dtype = to_dtype("vq_nearest", z.scalar_type());
   p.z = z.data_ptr();
   p.codebook = cb.data_ptr();
   if (cosine) {
@@ -79,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> vq_ema_update_cuda_op(const at::Tensor& indic
   at::Tensor counts = at::zeros({num_codes}, z.options().dtype(at::kFloat));
   at::Tensor sums = at::zeros({num_codes, z.size(1)}, z.options().dtype(at::kFloat));
   EmaParams p;
-  p.dtype = to_dtype(z.scalar_type());
+  p.dtype = to_dtype("vq_ema_update", z.scalar_type());
   p.z = z.data_ptr();
   p.indices = ind.data_ptr<int64_t>();
   p.counts = counts.data_ptr<float>();
