@@ -17,7 +17,7 @@ TEMPLATE = """\
 #include "flash_attention/{header}"
 
 namespace genext::fa {{
-template cudaError_t launch_{direction}<{ctype}, {hdim}>(const {params}&, cudaStream_t);
+template CudaStatus launch_{direction}<{ctype}, {hdim}>(const {params}&, cudaStream_t);
 }}  // namespace genext::fa
 """
 

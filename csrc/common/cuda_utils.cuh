@@ -1,6 +1,7 @@
-// Small device helpers shared by genext's CUDA kernels: a CUDA-check macro, warp/block sums, a
-// Welford step, fp32/fp16/bf16 conversions, 16-byte vector loads/stores (4 floats or 8 halfs) and a
-// loop that issues several independent loads before using them. No torch header.
+// Small device helpers shared by genext's CUDA kernels: the launch checks (common/cuda_status.h),
+// warp/block sums, a Welford step, fp32/fp16/bf16 conversions, 16-byte vector loads/stores
+// (4 floats or 8 halfs) and a loop that issues several independent loads before using them. No
+// torch header.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -9,13 +10,7 @@
 #include <cstdint>
 #include <type_traits>
 
-// Return the error of a CUDA runtime call (or of the last launch) from the enclosing function.
-#define GENEXT_CUDA_TRY(expr)                                  \
-  do {                                                         \
-    const cudaError_t genext_err_ = (expr);                    \
-    if (genext_err_ != cudaSuccess) return genext_err_;        \
-  } while (0)
-#define GENEXT_LAUNCH_CHECK() GENEXT_CUDA_TRY(cudaGetLastError())
+#include "common/cuda_status.h"
 
 namespace genext::cuda {
 

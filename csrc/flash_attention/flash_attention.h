@@ -8,6 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/cuda_status.h"
 #include "common/dtype.h"
 
 namespace genext::fa {
@@ -52,7 +53,7 @@ int compiled_head_dim_tile(int D);
 // The compiled head-dim tiles, e.g. "32 64 96 128 160 192 224 256".
 const char* compiled_head_dim_tiles();
 
-cudaError_t flash_fwd(const FwdParams& p, cudaStream_t stream);
-cudaError_t flash_bwd(const BwdParams& p, cudaStream_t stream);
+CudaStatus flash_fwd(const FwdParams& p, cudaStream_t stream);
+CudaStatus flash_bwd(const BwdParams& p, cudaStream_t stream);
 
 }  // namespace genext::fa

@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/cuda_check.h"
 #include "common/device_name.h"
 #include "common/torch_dtype.h"
 #include "flash_attention/flash_attention.h"
@@ -40,10 +41,6 @@ Strides strides_of(const at::Tensor& t) {
   s.row = t.stride(1);
   s.head = t.stride(2);
   return s;
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error ", cudaGetErrorString(err));
 }
 
 Problem check_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -115,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   p.lse = lse.data_ptr<float>();
   p.lse_batch = lse.stride(0);
   p.lse_head = lse.stride(1);
-  check_launch(kFwdOp, flash_fwd(p, c10::cuda::getCurrentCUDAStream()));
+  check_cuda(kFwdOp, flash_fwd(p, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
 
@@ -179,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   p.sdv = strides_of(dv);
   p.delta = delta.data_ptr<float>();
   p.deterministic = deterministic;
-  check_launch(kBwdOp, flash_bwd(p, c10::cuda::getCurrentCUDAStream()));
+  check_cuda(kBwdOp, flash_bwd(p, c10::cuda::getCurrentCUDAStream()));
   return {dq, dk, dv};
 }
 

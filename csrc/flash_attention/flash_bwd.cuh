@@ -437,12 +437,12 @@ inline cudaError_t set_smem(K* kernel, int bytes) {
 }
 
 template <typename T, int kD>
-cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.Lq == 0) return cudaSuccess;
+CudaStatus launch_bwd(const BwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.Lq == 0) return {};
   {
     const dim3 grid((p.Lq + 127) / 128, p.Hq, p.batch);
     flash_bwd_delta_kernel<T><<<grid, 128, 0, stream>>>(p);
-    GENEXT_CUDA_TRY(cudaGetLastError());
+    GENEXT_LAUNCH_CHECK();
   }
   if (p.Lk > 0) {
     using Cfg = BwdKVConfig<kD>;
@@ -453,14 +453,14 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
       GENEXT_CUDA_TRY(set_smem(kv, Cfg::kSmemBytes));
       GENEXT_CUDA_TRY(set_smem(kk, Cfg::kSmemBytes));
       kv<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-      GENEXT_CUDA_TRY(cudaGetLastError());
+      GENEXT_LAUNCH_CHECK();
       kk<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-      GENEXT_CUDA_TRY(cudaGetLastError());
+      GENEXT_LAUNCH_CHECK();
     } else {
       auto* kern = &flash_bwd_dkdv_kernel<T, kD, true, true>;
       GENEXT_CUDA_TRY(set_smem(kern, Cfg::kSmemBytes));
       kern<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-      GENEXT_CUDA_TRY(cudaGetLastError());
+      GENEXT_LAUNCH_CHECK();
     }
   }
   {
@@ -469,9 +469,9 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
     auto* kern = &flash_bwd_dq_kernel<T, kD>;
     GENEXT_CUDA_TRY(set_smem(kern, Cfg::kSmemBytes));
     kern<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-    GENEXT_CUDA_TRY(cudaGetLastError());
+    GENEXT_LAUNCH_CHECK();
   }
-  return cudaSuccess;
+  return {};
 }
 
 }  // namespace genext::fa

@@ -10,11 +10,11 @@
 namespace genext::fa {
 
 template <typename T, int kD>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream);
+CudaStatus launch_fwd(const FwdParams& p, cudaStream_t stream);
 template <typename T, int kD>
-cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream);
-cudaError_t flash_fwd_fp32(const FwdParams& p, cudaStream_t stream);
-cudaError_t flash_bwd_fp32(const BwdParams& p, cudaStream_t stream);
+CudaStatus launch_bwd(const BwdParams& p, cudaStream_t stream);
+CudaStatus flash_fwd_fp32(const FwdParams& p, cudaStream_t stream);
+CudaStatus flash_bwd_fp32(const BwdParams& p, cudaStream_t stream);
 
 // X(n) for every head-dim tile compiled into this build, smallest first.
 #define GENEXT_FA_TILE(n) X(n)
@@ -79,7 +79,7 @@ const char* compiled_head_dim_tiles() {
   return names[0] == ' ' ? names + 1 : names;
 }
 
-cudaError_t flash_fwd(const FwdParams& p, cudaStream_t stream) {
+CudaStatus flash_fwd(const FwdParams& p, cudaStream_t stream) {
   if (p.dtype == DType::kFloat32) return flash_fwd_fp32(p, stream);
   const bool half = p.dtype == DType::kFloat16;
   switch (compiled_head_dim_tile(p.D)) {
@@ -87,11 +87,11 @@ cudaError_t flash_fwd(const FwdParams& p, cudaStream_t stream) {
   case n: return half ? launch_fwd<__half, n>(p, stream) : launch_fwd<__nv_bfloat16, n>(p, stream);
     GENEXT_FA_FOR_EACH_TILE
 #undef X
-    default: return cudaErrorInvalidValue;
+    default: return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   }
 }
 
-cudaError_t flash_bwd(const BwdParams& p, cudaStream_t stream) {
+CudaStatus flash_bwd(const BwdParams& p, cudaStream_t stream) {
   if (p.dtype == DType::kFloat32) return flash_bwd_fp32(p, stream);
   const bool half = p.dtype == DType::kFloat16;
   switch (compiled_head_dim_tile(p.D)) {
@@ -99,7 +99,7 @@ cudaError_t flash_bwd(const BwdParams& p, cudaStream_t stream) {
   case n: return half ? launch_bwd<__half, n>(p, stream) : launch_bwd<__nv_bfloat16, n>(p, stream);
     GENEXT_FA_FOR_EACH_TILE
 #undef X
-    default: return cudaErrorInvalidValue;
+    default: return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   }
 }
 

@@ -171,27 +171,29 @@ __global__ void fp32_bwd_dkdv_kernel(const BwdParams p) {
 }
 
 template <int kC>
-cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
+CudaStatus run_fwd(const FwdParams& p, cudaStream_t stream) {
   const dim3 grid((p.Lq + kRowsPerBlock - 1) / kRowsPerBlock, p.Hq, p.batch);
   fp32_fwd_kernel<kC><<<grid, 32 * kRowsPerBlock, 0, stream>>>(p);
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 template <int kC>
-cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
+CudaStatus run_bwd(const BwdParams& p, cudaStream_t stream) {
   const dim3 gq((p.Lq + kRowsPerBlock - 1) / kRowsPerBlock, p.Hq, p.batch);
   fp32_bwd_dq_kernel<kC><<<gq, 32 * kRowsPerBlock, 0, stream>>>(p);
-  GENEXT_CUDA_TRY(cudaGetLastError());
-  if (p.Lk == 0) return cudaSuccess;
+  GENEXT_LAUNCH_CHECK();
+  if (p.Lk == 0) return {};
   const dim3 gk((p.Lk + kRowsPerBlock - 1) / kRowsPerBlock, p.Hk, p.batch);
   fp32_bwd_dkdv_kernel<kC><<<gk, 32 * kRowsPerBlock, 0, stream>>>(p);
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 }  // namespace
 
-cudaError_t flash_fwd_fp32(const FwdParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.Lq == 0) return cudaSuccess;
+CudaStatus flash_fwd_fp32(const FwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.Lq == 0) return {};
   switch ((p.D + 31) / 32) {
     case 1: return run_fwd<1>(p, stream);
     case 2: return run_fwd<2>(p, stream);
@@ -201,12 +203,12 @@ cudaError_t flash_fwd_fp32(const FwdParams& p, cudaStream_t stream) {
     case 6: return run_fwd<6>(p, stream);
     case 7: return run_fwd<7>(p, stream);
     case 8: return run_fwd<8>(p, stream);
-    default: return cudaErrorInvalidValue;
+    default: return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   }
 }
 
-cudaError_t flash_bwd_fp32(const BwdParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.Lq == 0) return cudaSuccess;
+CudaStatus flash_bwd_fp32(const BwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.Lq == 0) return {};
   switch ((p.D + 31) / 32) {
     case 1: return run_bwd<1>(p, stream);
     case 2: return run_bwd<2>(p, stream);
@@ -216,7 +218,7 @@ cudaError_t flash_bwd_fp32(const BwdParams& p, cudaStream_t stream) {
     case 6: return run_bwd<6>(p, stream);
     case 7: return run_bwd<7>(p, stream);
     case 8: return run_bwd<8>(p, stream);
-    default: return cudaErrorInvalidValue;
+    default: return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   }
 }
 

@@ -251,18 +251,18 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
 }
 
 template <typename T, int kD>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+CudaStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Cfg = FwdConfig<kD>;
   const dim3 grid((p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM, p.Hq, p.batch);
-  if (grid.x == 0 || p.batch == 0) return cudaSuccess;
+  if (grid.x == 0 || p.batch == 0) return {};
   auto* kernel = &flash_fwd_kernel<T, kD>;
   if (Cfg::kSmemBytes > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-    if (e != cudaSuccess) return e;
+    GENEXT_CUDA_TRY(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   }
   kernel<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 }  // namespace genext::fa

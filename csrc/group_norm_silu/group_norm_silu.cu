@@ -1,5 +1,5 @@
 // GroupNorm (+ optional fused SiLU) forward and backward: CUDA kernels and their launchers.
-// No torch header: pointers, sizes and a stream in, a cudaError_t out (group_norm_silu.h).
+// No torch header: pointers, sizes and a stream in, a CudaStatus out (group_norm_silu.h).
 // All per-element arithmetic in fp32 (partials combined in double); x/y fp32, fp16 or bf16.
 // Numerics: the fused path is an exact two-pass (mean, then centred sum of squares) in shared
 // memory. The split and NSC statistics are fp32 Welford recurrences per thread (per vector slot or
@@ -1186,13 +1186,13 @@ BwdPlan plan_bwd(const BwdParams& p) {
 }
 
 template <typename T, int V>
-cudaError_t fwd_nsc(const FwdParams& p, const FwdPlan& pl, cudaStream_t stream) {
+CudaStatus fwd_nsc(const FwdParams& p, const FwdPlan& pl, cudaStream_t stream) {
   const Shape& s = p.shape;
   const int64_t K = s.C / s.G, NG = s.N * s.G;
   const NscTile t = nsc_tile(s.C, V);
   const int64_t blocks = s.N * pl.splits;
   const int64_t fin_blocks = ceil_div(NG, kWarps);
-  if (blocks > INT_MAX || fin_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  if (blocks > INT_MAX || fin_blocks > INT_MAX) return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
   const T* x = static_cast<const T*>(p.x);
   Moments* part = static_cast<Moments*>(p.workspace);
   float* mlo = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + pl.lo_off);
@@ -1208,31 +1208,31 @@ cudaError_t fwd_nsc(const FwdParams& p, const FwdPlan& pl, cudaStream_t stream) 
       x, static_cast<T*>(p.y), p.mean, mlo, p.rstd, aff, s.S, s.C, FastDiv(K), s.G, pl.rows,
       static_cast<int>(pl.splits), t.TX, t.TY, p.silu);
   GENEXT_LAUNCH_CHECK();
-  return cudaSuccess;
+  return {};
 }
 
 template <typename T>
-cudaError_t fwd_impl(const FwdParams& p, cudaStream_t stream) {
+CudaStatus fwd_impl(const FwdParams& p, cudaStream_t stream) {
   const Shape& s = p.shape;
   const FwdPlan pl = plan_fwd(p);
-  if (pl.bytes > 0 && p.workspace == nullptr) return cudaErrorInvalidValue;
+  if (pl.bytes > 0 && p.workspace == nullptr) return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   const int64_t K = s.C / s.G, NG = s.N * s.G;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const Affine aff{p.weight, p.bias, p.wdtype == DType::kFloat32};
   switch (pl.mode) {
     case FwdPlan::kFused: {
-      if (NG > INT_MAX) return cudaErrorInvalidConfiguration;
+      if (NG > INT_MAX) return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
       gn_fwd_fused<T><<<static_cast<unsigned>(NG), pl.threads, pl.smem, stream>>>(
           x, y, p.mean, p.rstd, aff, static_cast<int>(s.S), static_cast<int>(K),
           static_cast<int>(s.G), static_cast<int>(pl.M), 1.0 / static_cast<double>(pl.M), p.eps,
           p.silu, same_misalignment(x, y));
       GENEXT_LAUNCH_CHECK();
-      return cudaSuccess;
+      return {};
     }
     case FwdPlan::kSplit: {
       const int64_t blocks = NG * pl.splits;
-      if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+      if (blocks > INT_MAX) return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
       const bool vec = same_misalignment(x, y);
       Moments* part = static_cast<Moments*>(p.workspace);
       gn_fwd_ncs_stats<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
@@ -1242,18 +1242,18 @@ cudaError_t fwd_impl(const FwdParams& p, cudaStream_t stream) {
           x, y, part, p.mean, p.rstd, aff, FastDiv(s.S), K, FastDiv(s.G), pl.M, pl.chunk,
           static_cast<int>(pl.splits), 1.0 / static_cast<double>(pl.M), p.eps, p.silu, vec);
       GENEXT_LAUNCH_CHECK();
-      return cudaSuccess;
+      return {};
     }
     case FwdPlan::kNsc: {
       const bool vec = s.C % kVec<T> == 0 && aligned16(x) && aligned16(y);
       return vec ? fwd_nsc<T, kVec<T>>(p, pl, stream) : fwd_nsc<T, 1>(p, pl, stream);
     }
   }
-  return cudaErrorInvalidValue;
+  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 
 template <typename T, int V>
-cudaError_t bwd_nsc(const BwdParams& p, const BwdPlan& pl, float2* part, float2* k12,
+CudaStatus bwd_nsc(const BwdParams& p, const BwdPlan& pl, float2* part, float2* k12,
                     cudaStream_t stream) {
   const Shape& s = p.shape;
   const int64_t K = s.C / s.G;
@@ -1264,7 +1264,7 @@ cudaError_t bwd_nsc(const BwdParams& p, const BwdPlan& pl, float2* part, float2*
   T* dx = static_cast<T*>(p.grad_x);
   const bool affine_grads = p.weight != nullptr && p.grad_weight != nullptr && p.grad_bias != nullptr;
   const int64_t red_blocks = s.N * s.G + (affine_grads ? ceil_div(s.C, kWarps) : 0);
-  if (pl.blocks > INT_MAX || red_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  if (pl.blocks > INT_MAX || red_blocks > INT_MAX) return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
   const int splits = static_cast<int>(pl.splits);
   gn_bwd_nsc<T, V, false><<<static_cast<unsigned>(pl.blocks), t.threads, 0, stream>>>(
       dy, x, dx, p.mean, p.rstd, aff, k12, part, s.S, s.C, FastDiv(K), s.G, pl.rows, splits, t.TX,
@@ -1278,14 +1278,14 @@ cudaError_t bwd_nsc(const BwdParams& p, const BwdPlan& pl, float2* part, float2*
       dy, x, dx, p.mean, p.rstd, aff, k12, part, s.S, s.C, FastDiv(K), s.G, pl.rows, splits, t.TX,
       t.TY, p.silu);
   GENEXT_LAUNCH_CHECK();
-  return cudaSuccess;
+  return {};
 }
 
 template <typename T>
-cudaError_t bwd_impl(const BwdParams& p, cudaStream_t stream) {
+CudaStatus bwd_impl(const BwdParams& p, cudaStream_t stream) {
   const Shape& s = p.shape;
   const BwdPlan pl = plan_bwd(p);
-  if (p.workspace == nullptr) return cudaErrorInvalidValue;
+  if (p.workspace == nullptr) return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   float2* part = static_cast<float2*>(p.workspace);
   float2* k12 = reinterpret_cast<float2*>(static_cast<char*>(p.workspace) + pl.k_off);
   const T* x = static_cast<const T*>(p.x);
@@ -1301,7 +1301,7 @@ cudaError_t bwd_impl(const BwdParams& p, cudaStream_t stream) {
   const bool vec = same_misalignment(x, dy) && same_misalignment(x, dx);
   const bool affine_grads = p.weight != nullptr && p.grad_weight != nullptr && p.grad_bias != nullptr;
   const int64_t red_blocks = s.N * s.G + (affine_grads ? ceil_div(s.C, kWarps) : 0);
-  if (pl.blocks > INT_MAX || red_blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  if (pl.blocks > INT_MAX || red_blocks > INT_MAX) return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
   const int splits = static_cast<int>(pl.splits);
   gn_bwd_ncs<T, false><<<static_cast<unsigned>(pl.blocks), kThreads, 0, stream>>>(
       dy, x, dx, p.mean, p.rstd, aff, k12, part, s.N, FastDiv(s.C), s.S, FastDiv(K), s.G, pl.chunk,
@@ -1315,7 +1315,7 @@ cudaError_t bwd_impl(const BwdParams& p, cudaStream_t stream) {
       dy, x, dx, p.mean, p.rstd, aff, k12, part, s.N, FastDiv(s.C), s.S, FastDiv(K), s.G, pl.chunk,
       splits, pl.warp_rows, p.silu, vec);
   GENEXT_LAUNCH_CHECK();
-  return cudaSuccess;
+  return {};
 }
 
 }  // namespace
@@ -1330,30 +1330,30 @@ size_t bwd_workspace_bytes(const BwdParams& p) {
   return plan_bwd(p).bytes;
 }
 
-cudaError_t group_norm_silu_fwd(const FwdParams& p, cudaStream_t stream) {
+CudaStatus group_norm_silu_fwd(const FwdParams& p, cudaStream_t stream) {
   if (!valid_shape(p.shape) || p.x == nullptr || p.y == nullptr || p.mean == nullptr ||
       p.rstd == nullptr) {
-    return cudaErrorInvalidValue;
+    return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   }
   switch (p.dtype) {
     case DType::kFloat32: return fwd_impl<float>(p, stream);
     case DType::kFloat16: return fwd_impl<__half>(p, stream);
     case DType::kBFloat16: return fwd_impl<__nv_bfloat16>(p, stream);
   }
-  return cudaErrorInvalidValue;
+  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 
-cudaError_t group_norm_silu_bwd(const BwdParams& p, cudaStream_t stream) {
+CudaStatus group_norm_silu_bwd(const BwdParams& p, cudaStream_t stream) {
   if (!valid_shape(p.shape) || p.x == nullptr || p.grad_y == nullptr || p.grad_x == nullptr ||
       p.mean == nullptr || p.rstd == nullptr) {
-    return cudaErrorInvalidValue;
+    return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   }
   switch (p.dtype) {
     case DType::kFloat32: return bwd_impl<float>(p, stream);
     case DType::kFloat16: return bwd_impl<__half>(p, stream);
     case DType::kBFloat16: return bwd_impl<__nv_bfloat16>(p, stream);
   }
-  return cudaErrorInvalidValue;
+  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 
 }  // namespace genext::gn

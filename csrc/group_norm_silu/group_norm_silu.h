@@ -6,6 +6,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/cuda_status.h"
 #include "common/dtype.h"
 
 namespace genext::gn {
@@ -55,9 +56,10 @@ struct BwdParams {
 size_t fwd_workspace_bytes(const FwdParams& p);
 size_t bwd_workspace_bytes(const BwdParams& p);
 
-// Enqueue the kernels on `stream`. Returns the first CUDA error (launch or configuration).
+// Enqueue the kernels on `stream`. Returns the first CUDA error (launch or configuration) and
+// where it was met.
 // Shapes with N*C*S == 0 are the caller's business (nothing is launched for them).
-cudaError_t group_norm_silu_fwd(const FwdParams& p, cudaStream_t stream);
-cudaError_t group_norm_silu_bwd(const BwdParams& p, cudaStream_t stream);
+CudaStatus group_norm_silu_fwd(const FwdParams& p, cudaStream_t stream);
+CudaStatus group_norm_silu_bwd(const BwdParams& p, cudaStream_t stream);
 
 }  // namespace genext::gn

@@ -17,6 +17,7 @@
 
 #include "group_norm_silu/group_norm_silu.h"
 #include "group_norm_silu/group_norm_silu_checks.h"
+#include "common/cuda_check.h"
 #include "common/cuda_device.h"
 #include "common/device_name.h"
 #include "common/torch_dtype.h"
@@ -28,10 +29,6 @@ constexpr const char* kFwdOp = "group_norm_silu";
 constexpr const char* kBwdOp = "group_norm_silu_backward";
 
 int num_sms(c10::DeviceIndex dev) { return genext::num_sms(dev, "group_norm_silu"); }
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error ", cudaGetErrorString(err), " (", __FILE__, ")");
-}
 
 Shape shape_of(const Problem& pr) {
   Shape s;
@@ -107,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, int64_t 
   p.num_sms = num_sms(pr.x.device().index());
   const at::Tensor ws = workspace(fwd_workspace_bytes(p), pr.x);
   p.workspace = ws.defined() ? ws.data_ptr() : nullptr;
-  check_launch(kFwdOp, group_norm_silu_fwd(p, c10::cuda::getCurrentCUDAStream()));
+  check_cuda(kFwdOp, group_norm_silu_fwd(p, c10::cuda::getCurrentCUDAStream()));
   return {y, mean, rstd};
 }
 
@@ -158,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, con
     p.num_sms = num_sms(pr.x.device().index());
     const at::Tensor ws = workspace(bwd_workspace_bytes(p), pr.x);
     p.workspace = ws.defined() ? ws.data_ptr() : nullptr;
-    check_launch(kBwdOp, group_norm_silu_bwd(p, c10::cuda::getCurrentCUDAStream()));
+    check_cuda(kBwdOp, group_norm_silu_bwd(p, c10::cuda::getCurrentCUDAStream()));
   }
 
   if (!affine) {

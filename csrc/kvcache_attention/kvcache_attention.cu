@@ -353,10 +353,10 @@ __global__ void merge_kernel(const Params p) {
 }
 
 template <typename T, int kD>
-cudaError_t run(const Params& p, cudaStream_t stream) {
+CudaStatus run(const Params& p, cudaStream_t stream) {
   if (p.k_new != nullptr && p.Lq > 0) {
     append_kernel<T><<<dim3(p.Lq, p.Hk, p.B), 64, 0, stream>>>(p);
-    GENEXT_CUDA_TRY(cudaGetLastError());
+    GENEXT_LAUNCH_CHECK();
   }
   using Sm = SplitSmem<T, kD>;
   auto* kern = &split_kernel<T, kD>;
@@ -365,18 +365,19 @@ cudaError_t run(const Params& p, cudaStream_t stream) {
   }
   const dim3 grid(p.num_splits, p.Hk * p.row_chunks, p.B);
   kern<<<grid, kThreads, Sm::kBytes, stream>>>(p);
-  GENEXT_CUDA_TRY(cudaGetLastError());
+  GENEXT_LAUNCH_CHECK();
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
   merge_kernel<T><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(p);
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 template <typename T>
-cudaError_t run_dtype(const Params& p, cudaStream_t stream) {
+CudaStatus run_dtype(const Params& p, cudaStream_t stream) {
   if (p.D <= 64) return run<T, 64>(p, stream);
   if (p.D <= 128) return run<T, 128>(p, stream);
   if (p.D <= 256) return run<T, 256>(p, stream);
-  return cudaErrorInvalidValue;
+  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 
 }  // namespace
@@ -395,14 +396,14 @@ void plan_splits(Params& p, int num_sms) {
   p.num_splits = std::max(1, static_cast<int>((p.capacity + p.keys_per_split - 1) / p.keys_per_split));
 }
 
-cudaError_t kvcache_attention(const Params& p, cudaStream_t stream) {
-  if (p.B == 0 || p.Lq == 0 || p.Hq == 0) return cudaSuccess;
+CudaStatus kvcache_attention(const Params& p, cudaStream_t stream) {
+  if (p.B == 0 || p.Lq == 0 || p.Hq == 0) return {};
   switch (p.dtype) {
     case DType::kFloat16: return run_dtype<__half>(p, stream);
     case DType::kBFloat16: return run_dtype<__nv_bfloat16>(p, stream);
     case DType::kFloat32: return run_dtype<float>(p, stream);
   }
-  return cudaErrorInvalidValue;
+  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 
 }  // namespace genext::kv

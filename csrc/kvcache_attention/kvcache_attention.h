@@ -13,6 +13,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/cuda_status.h"
 #include "common/dtype.h"
 
 namespace genext::kv {
@@ -50,6 +51,6 @@ struct Params {
 // Fills num_splits, keys_per_split and row_chunks from the shape, the capacity and the SM count.
 void plan_splits(Params& p, int num_sms);
 
-cudaError_t kvcache_attention(const Params& p, cudaStream_t stream);
+CudaStatus kvcache_attention(const Params& p, cudaStream_t stream);
 
 }  // namespace genext::kv

@@ -13,6 +13,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/cuda_check.h"
 #include "common/cuda_device.h"
 #include "common/device_name.h"
 #include "common/torch_dtype.h"
@@ -93,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache,
   at::Tensor ws_lse = at::empty({p.num_splits, pr.B, pr.Hq, pr.Lq}, opts.dtype(at::kFloat));
   p.part_o = ws_o.data_ptr<float>();
   p.part_lse = ws_lse.data_ptr<float>();
-  const cudaError_t err = kvcache_attention(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA error ", cudaGetErrorString(err));
+  check_cuda(kOp, kvcache_attention(p, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
 

@@ -93,7 +93,7 @@ __global__ void step_kernel(const LaunchParams p) {
 }
 
 template <class T, class M>
-cudaError_t launch(const LaunchParams& p, cudaStream_t stream) {
+CudaStatus launch(const LaunchParams& p, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int v = p.vec4 ? 4 : 1;
   const int64_t work = (p.total + v - 1) / v;
@@ -103,29 +103,30 @@ cudaError_t launch(const LaunchParams& p, cudaStream_t stream) {
   } else {
     step_kernel<T, M, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
   }
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 template <class T>
-cudaError_t by_model(const LaunchParams& p, cudaStream_t stream) {
+CudaStatus by_model(const LaunchParams& p, cudaStream_t stream) {
   switch (p.model_dtype) {
     case DType::kFloat32: return launch<T, float>(p, stream);
     case DType::kFloat16: return launch<T, __half>(p, stream);
     case DType::kBFloat16: return launch<T, __nv_bfloat16>(p, stream);
   }
-  return cudaErrorInvalidValue;
+  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 
 }  // namespace
 
-cudaError_t sampler_step_cuda(const LaunchParams& p, cudaStream_t stream) {
-  if (p.total == 0) return cudaSuccess;
+CudaStatus sampler_step_cuda(const LaunchParams& p, cudaStream_t stream) {
+  if (p.total == 0) return {};
   switch (p.sample_dtype) {
     case DType::kFloat32: return by_model<float>(p, stream);
     case DType::kFloat16: return by_model<__half>(p, stream);
     case DType::kBFloat16: return by_model<__nv_bfloat16>(p, stream);
   }
-  return cudaErrorInvalidValue;
+  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 
 }  // namespace genext::sampler

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/cuda_status.h"
 #include "common/dtype.h"
 #include "sampler_step/sampler_step_math.h"
 
@@ -29,6 +30,6 @@ struct LaunchParams {
   bool vec4 = false;            // total % 4 == 0 and every pointer aligned for 4-element accesses
 };
 
-cudaError_t sampler_step_cuda(const LaunchParams& p, cudaStream_t stream);
+CudaStatus sampler_step_cuda(const LaunchParams& p, cudaStream_t stream);
 
 }  // namespace genext::sampler

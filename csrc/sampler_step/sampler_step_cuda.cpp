@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/cuda_check.h"
 #include "common/device_name.h"
 #include "common/torch_dtype.h"
 #include "sampler_step/sampler_step.h"
@@ -44,8 +45,7 @@ void launch(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   const int64_t xb = 4 * in.x.element_size(), mb = 4 * in.m.element_size();
   p.vec4 = p.total % 4 == 0 && aligned(in.x, xb) && aligned(in.m, mb) && aligned(in.h1, xb) &&
            aligned(in.h2, xb) && aligned(in.noise, xb) && aligned(prev, xb) && aligned(x0, xb);
-  const cudaError_t err = sampler_step_cuda(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA error ", cudaGetErrorString(err));
+  check_cuda(kOp, sampler_step_cuda(p, c10::cuda::getCurrentCUDAStream()));
 }
 
 std::tuple<at::Tensor, at::Tensor> sampler_step_cuda_op(

@@ -123,14 +123,15 @@ __global__ void ema_sorted_kernel(const EmaParams p) {
 }
 
 template <class T>
-cudaError_t nearest_run(const NearestParams& p, cudaStream_t stream) {
+CudaStatus nearest_run(const NearestParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.N + kRowsPerBlock - 1) / kRowsPerBlock;
   nearest_kernel<T><<<static_cast<unsigned>(blocks), kRowsPerBlock, 0, stream>>>(p);
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 template <class T>
-cudaError_t ema_run(const EmaParams& p, cudaStream_t stream) {
+CudaStatus ema_run(const EmaParams& p, cudaStream_t stream) {
   if (p.deterministic) {
     ema_sorted_kernel<T><<<static_cast<unsigned>(p.K), 128, 0, stream>>>(p);
   } else {
@@ -138,28 +139,29 @@ cudaError_t ema_run(const EmaParams& p, cudaStream_t stream) {
     const int64_t blocks = total > 0 ? std::min<int64_t>((total + 255) / 256, 65535) : 0;
     if (blocks > 0) ema_atomic_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
   }
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 }  // namespace
 
-cudaError_t vq_nearest_cuda(const NearestParams& p, cudaStream_t stream) {
-  if (p.N == 0) return cudaSuccess;
+CudaStatus vq_nearest_cuda(const NearestParams& p, cudaStream_t stream) {
+  if (p.N == 0) return {};
   switch (p.dtype) {
     case DType::kFloat32: return nearest_run<float>(p, stream);
     case DType::kFloat16: return nearest_run<__half>(p, stream);
     case DType::kBFloat16: return nearest_run<__nv_bfloat16>(p, stream);
   }
-  return cudaErrorInvalidValue;
+  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 
-cudaError_t vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream) {
+CudaStatus vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream) {
   switch (p.dtype) {
     case DType::kFloat32: return ema_run<float>(p, stream);
     case DType::kFloat16: return ema_run<__half>(p, stream);
     case DType::kBFloat16: return ema_run<__nv_bfloat16>(p, stream);
   }
-  return cudaErrorInvalidValue;
+  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 
 }  // namespace genext::vq

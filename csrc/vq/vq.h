@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/cuda_status.h"
 #include "common/dtype.h"
 
 namespace genext::vq {
@@ -33,7 +34,7 @@ struct EmaParams {
   bool deterministic = false;
 };
 
-cudaError_t vq_nearest_cuda(const NearestParams& p, cudaStream_t stream);
-cudaError_t vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream);
+CudaStatus vq_nearest_cuda(const NearestParams& p, cudaStream_t stream);
+CudaStatus vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream);
 
 }  // namespace genext::vq

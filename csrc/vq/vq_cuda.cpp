@@ -16,6 +16,7 @@
 
 #include <tuple>
 
+#include "common/cuda_check.h"
 #include "common/device_name.h"
 #include "common/torch_dtype.h"
 #include "vq/vq.h"
@@ -56,8 +57,7 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda_op(const at::Tensor& z_in, co
   p.K = cb.size(0);
   p.D = z.size(1);
   p.cosine = cosine;
-  const cudaError_t err = vq_nearest_cuda(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "vq_nearest: CUDA error ", cudaGetErrorString(err));
+  check_cuda("vq_nearest", vq_nearest_cuda(p, c10::cuda::getCurrentCUDAStream()));
   return {idx, dist};
 }
 
@@ -93,8 +93,7 @@ std::tuple<at::Tensor, at::Tensor> vq_ema_update_cuda_op(const at::Tensor& indic
     p.perm = perm.data_ptr<int64_t>();
     p.offsets = offsets.data_ptr<int64_t>();
   }
-  const cudaError_t err = vq_ema_update_cuda(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "vq_ema_update: CUDA error ", cudaGetErrorString(err));
+  check_cuda("vq_ema_update", vq_ema_update_cuda(p, c10::cuda::getCurrentCUDAStream()));
   return {counts, sums};
 }
 
