@@ -5,6 +5,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
+#include "common/cuda_dispatch.cuh"
 #include "flash_attention/flash_attention.h"
 
 namespace genext::fa {
@@ -80,27 +83,35 @@ const char* compiled_head_dim_tiles() {
 }
 
 CudaStatus flash_fwd(const FwdParams& p, cudaStream_t stream) {
-  if (p.dtype == DType::kFloat32) return flash_fwd_fp32(p, stream);
-  const bool half = p.dtype == DType::kFloat16;
-  switch (compiled_head_dim_tile(p.D)) {
+  return dispatch_dtype(p.dtype, [&]<typename T>() -> CudaStatus {
+    if constexpr (std::is_same_v<T, float>) {
+      return flash_fwd_fp32(p, stream);
+    } else {
+      switch (compiled_head_dim_tile(p.D)) {
 #define X(n) \
-  case n: return half ? launch_fwd<__half, n>(p, stream) : launch_fwd<__nv_bfloat16, n>(p, stream);
-    GENEXT_FA_FOR_EACH_TILE
+  case n: return launch_fwd<T, n>(p, stream);
+        GENEXT_FA_FOR_EACH_TILE
 #undef X
-    default: return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
-  }
+        default: return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
+      }
+    }
+  });
 }
 
 CudaStatus flash_bwd(const BwdParams& p, cudaStream_t stream) {
-  if (p.dtype == DType::kFloat32) return flash_bwd_fp32(p, stream);
-  const bool half = p.dtype == DType::kFloat16;
-  switch (compiled_head_dim_tile(p.D)) {
+  return dispatch_dtype(p.dtype, [&]<typename T>() -> CudaStatus {
+    if constexpr (std::is_same_v<T, float>) {
+      return flash_bwd_fp32(p, stream);
+    } else {
+      switch (compiled_head_dim_tile(p.D)) {
 #define X(n) \
-  case n: return half ? launch_bwd<__half, n>(p, stream) : launch_bwd<__nv_bfloat16, n>(p, stream);
-    GENEXT_FA_FOR_EACH_TILE
+  case n: return launch_bwd<T, n>(p, stream);
+        GENEXT_FA_FOR_EACH_TILE
 #undef X
-    default: return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
-  }
+        default: return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
+      }
+    }
+  });
 }
 
 }  // namespace genext::fa

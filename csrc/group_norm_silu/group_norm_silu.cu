@@ -98,6 +98,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "common/cuda_dispatch.cuh"
 #include "common/cuda_utils.cuh"
 
 namespace genext::gn {
@@ -1335,12 +1336,7 @@ CudaStatus group_norm_silu_fwd(const FwdParams& p, cudaStream_t stream) {
       p.rstd == nullptr) {
     return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   }
-  switch (p.dtype) {
-    case DType::kFloat32: return fwd_impl<float>(p, stream);
-    case DType::kFloat16: return fwd_impl<__half>(p, stream);
-    case DType::kBFloat16: return fwd_impl<__nv_bfloat16>(p, stream);
-  }
-  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
+  return dispatch_dtype(p.dtype, [&]<typename T>() { return fwd_impl<T>(p, stream); });
 }
 
 CudaStatus group_norm_silu_bwd(const BwdParams& p, cudaStream_t stream) {
@@ -1348,12 +1344,7 @@ CudaStatus group_norm_silu_bwd(const BwdParams& p, cudaStream_t stream) {
       p.mean == nullptr || p.rstd == nullptr) {
     return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   }
-  switch (p.dtype) {
-    case DType::kFloat32: return bwd_impl<float>(p, stream);
-    case DType::kFloat16: return bwd_impl<__half>(p, stream);
-    case DType::kBFloat16: return bwd_impl<__nv_bfloat16>(p, stream);
-  }
-  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
+  return dispatch_dtype(p.dtype, [&]<typename T>() { return bwd_impl<T>(p, stream); });
 }
 
 }  // namespace genext::gn

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/cuda_dispatch.cuh"
 #include "common/cuda_utils.cuh"
 #include "kvcache_attention/kvcache_attention.h"
 
@@ -398,12 +399,7 @@ void plan_splits(Params& p, int num_sms) {
 
 CudaStatus kvcache_attention(const Params& p, cudaStream_t stream) {
   if (p.B == 0 || p.Lq == 0 || p.Hq == 0) return {};
-  switch (p.dtype) {
-    case DType::kFloat16: return run_dtype<__half>(p, stream);
-    case DType::kBFloat16: return run_dtype<__nv_bfloat16>(p, stream);
-    case DType::kFloat32: return run_dtype<float>(p, stream);
-  }
-  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
+  return dispatch_dtype(p.dtype, [&]<typename T>() { return run_dtype<T>(p, stream); });
 }
 
 }  // namespace genext::kv

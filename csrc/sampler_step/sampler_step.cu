@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/cuda_dispatch.cuh"
 #include "common/cuda_utils.cuh"
 #include "sampler_step/sampler_step.h"
 
@@ -107,26 +108,13 @@ CudaStatus launch(const LaunchParams& p, cudaStream_t stream) {
   return {};
 }
 
-template <class T>
-CudaStatus by_model(const LaunchParams& p, cudaStream_t stream) {
-  switch (p.model_dtype) {
-    case DType::kFloat32: return launch<T, float>(p, stream);
-    case DType::kFloat16: return launch<T, __half>(p, stream);
-    case DType::kBFloat16: return launch<T, __nv_bfloat16>(p, stream);
-  }
-  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
-}
-
 }  // namespace
 
 CudaStatus sampler_step_cuda(const LaunchParams& p, cudaStream_t stream) {
   if (p.total == 0) return {};
-  switch (p.sample_dtype) {
-    case DType::kFloat32: return by_model<float>(p, stream);
-    case DType::kFloat16: return by_model<__half>(p, stream);
-    case DType::kBFloat16: return by_model<__nv_bfloat16>(p, stream);
-  }
-  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
+  return dispatch_dtype(p.sample_dtype, [&]<typename T>() {
+    return dispatch_dtype(p.model_dtype, [&]<typename M>() { return launch<T, M>(p, stream); });
+  });
 }
 
 }  // namespace genext::sampler

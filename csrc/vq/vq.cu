@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_dispatch.cuh"
 #include "common/cuda_utils.cuh"
 #include "vq/vq.h"
 
@@ -147,21 +148,11 @@ CudaStatus ema_run(const EmaParams& p, cudaStream_t stream) {
 
 CudaStatus vq_nearest_cuda(const NearestParams& p, cudaStream_t stream) {
   if (p.N == 0) return {};
-  switch (p.dtype) {
-    case DType::kFloat32: return nearest_run<float>(p, stream);
-    case DType::kFloat16: return nearest_run<__half>(p, stream);
-    case DType::kBFloat16: return nearest_run<__nv_bfloat16>(p, stream);
-  }
-  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
+  return dispatch_dtype(p.dtype, [&]<typename T>() { return nearest_run<T>(p, stream); });
 }
 
 CudaStatus vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat32: return ema_run<float>(p, stream);
-    case DType::kFloat16: return ema_run<__half>(p, stream);
-    case DType::kBFloat16: return ema_run<__nv_bfloat16>(p, stream);
-  }
-  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
+  return dispatch_dtype(p.dtype, [&]<typename T>() { return ema_run<T>(p, stream); });
 }
 
 }  // namespace genext::vq
