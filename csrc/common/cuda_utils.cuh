@@ -47,10 +47,17 @@ struct FastDiv {
 
 // ---- reductions ---------------------------------------------------------------------------------
 
+// Sum (max) of v over the 32 lanes of a full warp, by butterfly shuffles: every lane gets the
+// result, the same bits on every lane.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
 

@@ -11,12 +11,6 @@ namespace {
 
 constexpr int kRowsPerBlock = 4;  // warps per block, one row each
 
-__device__ __forceinline__ float warp_sum32(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 template <int kC>
 __device__ __forceinline__ void load_row(const float* src, int D, int lane, float (&r)[kC]) {
 #pragma unroll
@@ -34,7 +28,7 @@ __device__ __forceinline__ float dot(const float (&a)[kC], const float* b, int D
     const int d = lane + 32 * c;
     if (d < D) s = fmaf(a[c], b[d], s);
   }
-  return warp_sum32(s);
+  return genext::cuda::warp_sum(s);
 }
 
 template <int kC>

@@ -22,6 +22,8 @@ namespace {
 
 using genext::cuda::kVec;
 using genext::cuda::unpack16;
+using genext::cuda::warp_max;
+using genext::cuda::warp_sum;
 
 constexpr int kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -223,16 +225,12 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
       const int r = warp * (kMaxRows / 4) + k;
       float* srow = sS + r * kN;
       const float a = srow[lane], c = srow[lane + 32];
-      float mx = fmaxf(a, c);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float mx = warp_max(fmaxf(a, c));
       const float m_old = sM[r];
       const float m_new = fmaxf(m_old, mx);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
       const float pa = exp2f(a - m_use), pc = exp2f(c - m_use);
-      float sum = pa + pc;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      const float sum = warp_sum(pa + pc);
       srow[lane] = pa;
       srow[lane + 32] = pc;
       __syncwarp();
