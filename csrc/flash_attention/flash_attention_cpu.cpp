@@ -28,8 +28,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -43,6 +41,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/cpu_dispatch.h"
 #include "common/device_name.h"
 #include "flash_attention/flash_attention_checks.h"
 
@@ -607,17 +606,6 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-template <class F>
-inline void dispatch_types(const char* op, at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float(), float()); break;
-    case at::kDouble: f(double(), double()); break;
-    case at::kHalf: f(c10::Half(), float()); break;
-    case at::kBFloat16: f(c10::BFloat16(), float()); break;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", t);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
@@ -636,9 +624,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
                                        q.options().dtype(acc))
                             : at::empty({B, p.Hq, rows_q}, q.options().dtype(acc));
   if (out.numel() == 0) return {out, lse};
-  dispatch_types(kFwd, q.scalar_type(), [&](auto s, auto t) {
-    using S = decltype(s);
-    using T = decltype(t);
+  dispatch_cpu_dtype(kFwd, q.scalar_type(), [&]<class S, class T>() {
     forward<S, T>(p, seqs, T(scale), out.mutable_data_ptr<S>(), lse.mutable_data_ptr<T>());
   });
   return {out, lse};
@@ -682,9 +668,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   const at::Tensor go = last_dim_contiguous(grad_out), o = last_dim_contiguous(out);
   const at::Tensor lse_c = lse.to(acc).contiguous();
   at::Tensor delta = at::empty({B, p.Hq, rows_q}, q.options().dtype(acc));
-  dispatch_types(kBwd, q.scalar_type(), [&](auto s, auto t) {
-    using S = decltype(s);
-    using T = decltype(t);
+  dispatch_cpu_dtype(kBwd, q.scalar_type(), [&]<class S, class T>() {
     T* dl = delta.mutable_data_ptr<T>();
     const T* ls = lse_c.const_data_ptr<T>();
     if (q.numel() > 0) compute_delta<S, T>(p, go, o, dl);

@@ -17,8 +17,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_dispatch.h"
 #include "group_norm_silu/group_norm_silu_checks.h"
 #include "group_norm_silu/group_norm_silu_cpu_loops.h"
 
@@ -326,17 +325,6 @@ inline at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc)
   return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
 }
 
-template <class F>
-inline void dispatch_types(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float(), float()); break;
-    case at::kDouble: f(double(), double()); break;
-    case at::kHalf: f(c10::Half(), float()); break;
-    case at::kBFloat16: f(c10::BFloat16(), float()); break;
-    default: TORCH_CHECK(false, "group_norm_silu: unsupported dtype ", t);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool silu) {
@@ -353,9 +341,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
   }
   const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
   const Dims d(p);
-  dispatch_types(x_in.scalar_type(), [&](auto s, auto t) {
-    using S = decltype(s);
-    using T = decltype(t);
+  dispatch_cpu_dtype(kFwd, x_in.scalar_type(), [&]<class S, class T>() {
     const S* xp = p.x.const_data_ptr<S>();
     S* yp = y.mutable_data_ptr<S>();
     const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
@@ -385,9 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
   if (p.N * p.C * p.S > 0) {
     const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
     const Dims d(p);
-    dispatch_types(x_in.scalar_type(), [&](auto s, auto t) {
-      using S = decltype(s);
-      using T = decltype(t);
+    dispatch_cpu_dtype(kBwd, x_in.scalar_type(), [&]<class S, class T>() {
       const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
       const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
       auto* run = p.channels_last ? &backward_nsc<S, T> : &backward_ncs<S, T>;

@@ -30,8 +30,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,6 +44,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_dispatch.h"
 #include "kvcache_attention/kvcache_checks.h"
 
 namespace genext::kv {
@@ -499,17 +498,6 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
 
 // ---- binding ------------------------------------------------------------------------------------
 
-template <class F>
-inline void dispatch_types(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float(), float()); break;
-    case at::kDouble: f(double(), double()); break;
-    case at::kHalf: f(c10::Half(), float()); break;
-    case at::kBFloat16: f(c10::BFloat16(), float()); break;
-    default: TORCH_CHECK(false, kOp, ": unsupported dtype ", t);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_with_kvcache_cpu(
     const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
@@ -525,9 +513,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kvcache_cpu(
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({p.B, p.Lq, p.Hq, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(acc));
-  dispatch_types(q.scalar_type(), [&](auto s, auto t) {
-    using S = decltype(s);
-    using T = decltype(t);
+  dispatch_cpu_dtype(kOp, q.scalar_type(), [&]<class S, class T>() {
     const Rows<S> kc(k_cache, table, p.block_size, p.max_blocks);
     const Rows<S> vc(v_cache, table, p.block_size, p.max_blocks);
     if (p.append && p.B * p.Lq * p.Hk * p.D > 0) append<S>(p, lens, *k_new, *v_new, kc, vc);

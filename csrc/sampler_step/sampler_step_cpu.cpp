@@ -4,8 +4,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -13,6 +11,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/cpu_dispatch.h"
 #include "sampler_step/sampler_step_checks.h"
 #include "sampler_step/sampler_step_math.h"
 
@@ -215,24 +214,13 @@ void run(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   });
 }
 
-template <class T>
-void run_model_dtype(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
-  switch (in.m.scalar_type()) {
-    case at::kFloat: return run<T, float>(in, prev, x0);
-    case at::kHalf: return run<T, c10::Half>(in, prev, x0);
-    case at::kBFloat16: return run<T, c10::BFloat16>(in, prev, x0);
-    default: TORCH_CHECK(false, kOp, ": unsupported model_output dtype");
-  }
-}
-
+// The sample's and the model output's dtypes (no float64 kernel; the arithmetic is float).
 void compute(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   if (in.x.numel() == 0) return;
-  switch (in.x.scalar_type()) {
-    case at::kFloat: run_model_dtype<float>(in, prev, x0); break;
-    case at::kHalf: run_model_dtype<c10::Half>(in, prev, x0); break;
-    case at::kBFloat16: run_model_dtype<c10::BFloat16>(in, prev, x0); break;
-    default: TORCH_CHECK(false, kOp, ": unsupported sample dtype");
-  }
+  dispatch_cpu_dtype</*kDouble=*/false>(kOp, in.x.scalar_type(), [&]<class T, class>() {
+    dispatch_cpu_dtype</*kDouble=*/false>(kOp, in.m.scalar_type(),
+                                          [&]<class M, class>() { run<T, M>(in, prev, x0); });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(

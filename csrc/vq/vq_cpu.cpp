@@ -8,8 +8,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_dispatch.h"
 #include "vq/vq_checks.h"
 
 namespace genext::vq {
@@ -163,13 +162,8 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z_in, const 
   at::Tensor idx = at::empty({z.size(0)}, z.options().dtype(at::kLong));
   at::Tensor dist = at::empty({z.size(0)}, z.options().dtype(dbl ? at::kDouble : at::kFloat));
   if (z.size(0) == 0) return {idx, dist};
-  switch (z.scalar_type()) {
-    case at::kFloat: nearest<float, float>(z, cb, cosine, idx, dist); break;
-    case at::kDouble: nearest<double, double>(z, cb, cosine, idx, dist); break;
-    case at::kHalf: nearest<c10::Half, float>(z, cb, cosine, idx, dist); break;
-    case at::kBFloat16: nearest<c10::BFloat16, float>(z, cb, cosine, idx, dist); break;
-    default: TORCH_CHECK(false, "vq_nearest: unsupported dtype");
-  }
+  dispatch_cpu_dtype("vq_nearest", z.scalar_type(),
+                     [&]<class T, class A>() { nearest<T, A>(z, cb, cosine, idx, dist); });
   return {idx, dist};
 }
 
@@ -207,22 +201,13 @@ std::tuple<at::Tensor, at::Tensor> vq_ema_update_cpu(const at::Tensor& indices_i
   at::Tensor counts = at::zeros({num_codes}, opts);
   at::Tensor sums = at::zeros({num_codes, z.size(1)}, opts);
   const bool i64 = ind.scalar_type() == at::kLong;
-  auto go = [&](auto t_tag, auto a_tag) {
-    using T = decltype(t_tag);
-    using A = decltype(a_tag);
+  dispatch_cpu_dtype("vq_ema_update", z.scalar_type(), [&]<class T, class A>() {
     if (i64) {
       ema<T, A, int64_t>(ind, z, num_codes, counts, sums);
     } else {
       ema<T, A, int32_t>(ind, z, num_codes, counts, sums);
     }
-  };
-  switch (z.scalar_type()) {
-    case at::kFloat: go(float(), float()); break;
-    case at::kDouble: go(double(), double()); break;
-    case at::kHalf: go(c10::Half(), float()); break;
-    case at::kBFloat16: go(c10::BFloat16(), float()); break;
-    default: TORCH_CHECK(false, "vq_ema_update: unsupported dtype");
-  }
+  });
   return {counts, sums};
 }
 
