@@ -21,8 +21,8 @@
 // and transposed [D][kBc] (zero padded beyond the valid keys) for the right-hand side of S = Q K^T
 // and dP = dO V^T. Both products are then sums of scaled contiguous rows: S_i += q_id * Kt_d and
 // O_i += p_ij * V_j, written with 16-lane vectors (GCC vector extensions) over 4 rows at a time.
-// The float versions of these tile routines are compiled for SSE2, AVX+FMA and AVX-512 and chosen
-// when the library loads (target_clones); exp is a polynomial in those vectors.
+// The float versions of these tile routines are compiled per ISA level and chosen when the library
+// loads (GENEXT_CPU_CLONES); exp is a polynomial in those vectors.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_simd.h"
 #include "common/device_name.h"
 #include "flash_attention/flash_attention_checks.h"
 
@@ -50,69 +51,27 @@ namespace {
 
 constexpr int64_t kBr = 64;  // query rows per tile
 constexpr int64_t kBc = 64;  // keys per tile
-constexpr int kLanes = 16;   // lanes of the tile vectors; kBc is a multiple of it
+constexpr int kLanes = simd::kLanes;  // lanes of the tile vectors; kBc is a multiple of it
 constexpr int kRows = 4;     // rows per register block in the tile products
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FA_CLONES __attribute__((target_clones("default", "fma", "avx512f")))
-#else
-#define FA_CLONES
-#endif
-#define FA_INLINE __attribute__((always_inline)) inline
+// ---- vectors (common/cpu_simd.h) ----------------------------------------------------------------
 
-// ---- vectors ------------------------------------------------------------------------------------
-
-typedef float f32x16 __attribute__((vector_size(16 * sizeof(float))));
-typedef int32_t i32x16 __attribute__((vector_size(16 * sizeof(int32_t))));
-typedef double f64x16 __attribute__((vector_size(16 * sizeof(double))));
-typedef int64_t i64x16 __attribute__((vector_size(16 * sizeof(int64_t))));
-
-template <class T>
-struct Vec;
-template <>
-struct Vec<float> {
-  using V = f32x16;
-  using I = i32x16;
-};
-template <>
-struct Vec<double> {
-  using V = f64x16;
-  using I = i64x16;
-};
-
-template <class V, class S>
-FA_INLINE V splat(S s) {
-  return V{} + s;
-}
-template <class V, class T>
-FA_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <class V, class T>
-FA_INLINE void store(T* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-}
-template <class I>
-FA_INLINE I lane_index() {
-  I v{};
-  for (int t = 0; t < kLanes; ++t) v[t] = t;
-  return v;
-}
-template <class T, class V>
-FA_INLINE T hsum(V v) {
-  T s = 0;
-  for (int t = 0; t < kLanes; ++t) s += v[t];
-  return s;
-}
+using simd::f32x16;
+using simd::f64x16;
+using simd::hsum;
+using simd::i32x16;
+using simd::lane_index;
+using simd::load;
+using simd::splat;
+using simd::store;
+using simd::Vec;
 
 // exp(x) for float lanes, x <= ~0 in use (scores minus their maximum or their lse). Written as
 // 2^k * e^r with k = round(x / ln2) and |r| <= ln2 / 2; e^r by its Taylor series to degree 7
 // (truncation error below 1e-8 relative). x is clamped to [-87, 88] so that 2^k stays a normal
 // float; results that should be below e^-87 come out as e^-87 ~ 1.6e-38, which is harmless next
 // to the row's largest term, 1. Callers zero the masked lanes themselves.
-FA_INLINE f32x16 exp_v(f32x16 x) {
+GENEXT_INLINE f32x16 exp_v(f32x16 x) {
   x = x < splat<f32x16>(-87.0f) ? splat<f32x16>(-87.0f) : x;
   x = x > splat<f32x16>(88.0f) ? splat<f32x16>(88.0f) : x;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to integer
@@ -133,7 +92,7 @@ FA_INLINE f32x16 exp_v(f32x16 x) {
   return p * scale;
 }
 // float64 (the gradcheck path): libm, lane by lane
-FA_INLINE f64x16 exp_v(f64x16 x) {
+GENEXT_INLINE f64x16 exp_v(f64x16 x) {
   for (int t = 0; t < kLanes; ++t) x[t] = std::exp(x[t]);
   return x;
 }
@@ -142,7 +101,7 @@ FA_INLINE f64x16 exp_v(f64x16 x) {
 
 // S[i][0:kBc] = sum_{d < D} A[i][d] * Bt[d][0:kBc] for i < nr. A: rows of stride lda; Bt: [D][kBc].
 template <class T, int R>
-FA_INLINE void qk_block(const T* __restrict__ A, int64_t lda, const T* __restrict__ Bt, int64_t D,
+GENEXT_INLINE void qk_block(const T* __restrict__ A, int64_t lda, const T* __restrict__ Bt, int64_t D,
                         T* __restrict__ S) {
   using V = typename Vec<T>::V;
   constexpr int W = kBc / kLanes;
@@ -162,7 +121,7 @@ FA_INLINE void qk_block(const T* __restrict__ A, int64_t lda, const T* __restric
 }
 
 template <class T>
-FA_INLINE void qk_tile_impl(const T* A, int64_t lda, const T* Bt, int64_t D, T* S, int64_t nr) {
+GENEXT_INLINE void qk_tile_impl(const T* A, int64_t lda, const T* Bt, int64_t D, T* S, int64_t nr) {
   int64_t i = 0;
   for (; i + kRows <= nr; i += kRows) qk_block<T, kRows>(A + i * lda, lda, Bt, D, S + i * kBc);
   for (; i < nr; ++i) qk_block<T, 1>(A + i * lda, lda, Bt, D, S + i * kBc);
@@ -171,7 +130,7 @@ FA_INLINE void qk_tile_impl(const T* A, int64_t lda, const T* Bt, int64_t D, T* 
 // Out[i][d0 : d0 + W*16] = Out[i][...] * row_scale[i] + sum_{j < nc} C(i, j) * In[j][...], with
 // C(i, j) = C[i * cr + j * cc] (so a transposed coefficient matrix costs nothing).
 template <class T, int R, int W>
-FA_INLINE void accum_block(T* __restrict__ Out, int64_t ldo, const T* __restrict__ C, int64_t cr,
+GENEXT_INLINE void accum_block(T* __restrict__ Out, int64_t ldo, const T* __restrict__ C, int64_t cr,
                            int64_t cc, const T* __restrict__ In, int64_t ldi, int64_t nc,
                            const T* __restrict__ row_scale) {
   using V = typename Vec<T>::V;
@@ -193,7 +152,7 @@ FA_INLINE void accum_block(T* __restrict__ Out, int64_t ldo, const T* __restrict
 }
 
 template <class T, int R>
-FA_INLINE void accum_rows(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc, const T* In,
+GENEXT_INLINE void accum_rows(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc, const T* In,
                           int64_t ldi, int64_t nc, int64_t Dp, const T* row_scale) {
   int64_t d0 = 0;
   for (; d0 + 4 * kLanes <= Dp; d0 += 4 * kLanes)
@@ -207,7 +166,7 @@ FA_INLINE void accum_rows(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t c
 }
 
 template <class T>
-FA_INLINE void accum_tile_impl(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc,
+GENEXT_INLINE void accum_tile_impl(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc,
                                const T* In, int64_t ldi, int64_t nr, int64_t nc, int64_t Dp,
                                const T* row_scale) {
   int64_t i = 0;
@@ -223,7 +182,7 @@ FA_INLINE void accum_tile_impl(T* Out, int64_t ldo, const T* C, int64_t cr, int6
 // S becomes P = exp(S - m_new) (0 where masked); m, l are updated and alpha[r] = exp(m_old - m_new)
 // is the factor the row's output accumulator must be rescaled by.
 template <class T>
-FA_INLINE void softmax_fwd_impl(T* S, int64_t nr, const int32_t* nvis, T* m, T* l, T* alpha) {
+GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, const int32_t* nvis, T* m, T* l, T* alpha) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -255,7 +214,7 @@ FA_INLINE void softmax_fwd_impl(T* S, int64_t nr, const int32_t* nvis, T* m, T* 
 // Backward step on S [nr][kBc] (scores) and dP [nr][kBc] (dO . V): S becomes P = exp(S - lse)
 // and dP becomes dS = P * (dP - delta), both 0 where masked (columns >= nvis[r]).
 template <class T>
-FA_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, const int32_t* nvis, const T* lse,
+GENEXT_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, const int32_t* nvis, const T* lse,
                                 const T* delta) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
@@ -278,7 +237,7 @@ FA_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, const int32_t* nvis, co
   }
 }
 
-// Entry points: float compiled per ISA (target_clones), double once.
+// Entry points: float compiled per ISA level (GENEXT_CPU_CLONES), double once.
 #define FA_ENTRY_POINTS(T, ATTR)                                                                   \
   ATTR void qk_tile(const T* A, int64_t lda, const T* Bt, int64_t D, T* S, int64_t nr) {           \
     qk_tile_impl<T>(A, lda, Bt, D, S, nr);                                                         \
@@ -295,7 +254,7 @@ FA_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, const int32_t* nvis, co
     softmax_bwd_impl<T>(S, dP, nr, nvis, lse, delta);                                              \
   }
 
-FA_ENTRY_POINTS(float, FA_CLONES)
+FA_ENTRY_POINTS(float, GENEXT_CPU_CLONES)
 FA_ENTRY_POINTS(double, )
 
 // ---- problem layout -----------------------------------------------------------------------------

@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_simd.h"
 #include "kvcache_attention/kvcache_checks.h"
 
 namespace genext::kv {
@@ -53,13 +54,6 @@ namespace {
 constexpr const char* kOp = "attention_with_kvcache";
 constexpr int64_t kTile = 64;        // keys per tile (a multiple of 16)
 constexpr int64_t kMinSplit = 256;   // fewest keys worth a split of their own
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KV_CLONES __attribute__((target_clones("default", "fma", "avx512f")))
-#else
-#define KV_CLONES
-#endif
-#define KV_INLINE __attribute__((always_inline)) inline
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
@@ -86,7 +80,7 @@ struct Buffer {
 // to [-126, 0] * ln2 first: the arguments are scores minus a running maximum (<= 0), and results
 // below 2^-126 are negligible next to the row's largest term, 1. Masked lanes are zeroed by the
 // caller. Written as a plain loop without branches so that it vectorises.
-KV_INLINE void exp_tile_impl(float* __restrict__ x) {
+GENEXT_INLINE void exp_tile_impl(float* __restrict__ x) {
   for (int64_t j = 0; j < kTile; ++j) {
     float t = x[j] * 1.4426950408889634f;
     t = t < -126.0f ? -126.0f : (t > 0.0f ? 0.0f : t);
@@ -106,69 +100,34 @@ KV_INLINE void exp_tile_impl(float* __restrict__ x) {
     x[j] = p * scale;
   }
 }
-KV_INLINE void exp_tile_impl(double* x) {
+GENEXT_INLINE void exp_tile_impl(double* x) {
   for (int64_t j = 0; j < kTile; ++j) x[j] = std::exp(x[j]);
 }
 
-// ---- vectors: 16 lanes (GCC vector extensions; the compiler splits them to the ISA's width) ----
+// ---- vectors: 16 lanes (common/cpu_simd.h; the compiler splits them to the ISA's width) ---------
 
-constexpr int kLanes = 16;
-typedef float f32x16 __attribute__((vector_size(kLanes * sizeof(float))));
-typedef double f64x16 __attribute__((vector_size(kLanes * sizeof(double))));
-template <class T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  using V = f32x16;
-};
-template <>
-struct VecOf<double> {
-  using V = f64x16;
-};
-
-template <class V, class T>
-KV_INLINE V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <class V, class T>
-KV_INLINE void vstore(T* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-}
-// Sum of the 16 lanes by halving: 8 + 8, 4 + 4, 2 + 2, 1 + 1.
-#define KV_HSUM(T, V16)                                                                            \
-  KV_INLINE T hsum(V16 v) {                                                                        \
-    typedef T V8 __attribute__((vector_size(8 * sizeof(T))));                                      \
-    typedef T V4 __attribute__((vector_size(4 * sizeof(T))));                                      \
-    typedef T V2 __attribute__((vector_size(2 * sizeof(T))));                                      \
-    const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +                           \
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);                      \
-    const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7); \
-    const V2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);        \
-    return c[0] + c[1];                                                                            \
-  }
-KV_HSUM(float, f32x16)
-KV_HSUM(double, f64x16)
+constexpr int kLanes = simd::kLanes;
+using simd::load;
+using simd::store;
 
 // S[r][j] = Q[r] . K[j] for R rows of Q (stride ldq) and the nc key rows krows[j] (D elements
 // each). Each key row is loaded once for the R rows; the products go into one 16-lane accumulator
 // per row, summed across lanes at the end.
 template <class T, int R>
-KV_INLINE void dots_block(const T* __restrict__ Q, int64_t ldq, const T* const* __restrict__ krows,
+GENEXT_INLINE void dots_block(const T* __restrict__ Q, int64_t ldq, const T* const* __restrict__ krows,
                           int64_t nc, int64_t D, T* __restrict__ S) {
-  using V = typename VecOf<T>::V;
+  using V = typename simd::Vec<T>::V;
   const int64_t Dv = D / kLanes * kLanes;
   for (int64_t j = 0; j < nc; ++j) {
     const T* __restrict__ k = krows[j];
     V acc[R];
     for (int r = 0; r < R; ++r) acc[r] = V{};
     for (int64_t d = 0; d < Dv; d += kLanes) {
-      const V kv = vload<V>(k + d);
-      for (int r = 0; r < R; ++r) acc[r] += vload<V>(Q + r * ldq + d) * kv;
+      const V kv = load<V>(k + d);
+      for (int r = 0; r < R; ++r) acc[r] += load<V>(Q + r * ldq + d) * kv;
     }
     for (int r = 0; r < R; ++r) {
-      T sum = hsum(acc[r]);
+      T sum = simd::hsum_tree(acc[r]);
       for (int64_t d = Dv; d < D; ++d) sum += Q[r * ldq + d] * k[d];
       S[r * kTile + j] = sum;
     }
@@ -176,7 +135,7 @@ KV_INLINE void dots_block(const T* __restrict__ Q, int64_t ldq, const T* const* 
 }
 
 template <class T>
-KV_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* const* krows, int64_t nc,
+GENEXT_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* const* krows, int64_t nc,
                            int64_t D, T* S) {
   int64_t r = 0;
   for (; r + 4 <= nr; r += 4) dots_block<T, 4>(Q + r * ldq, ldq, krows, nc, D, S + r * kTile);
@@ -186,7 +145,7 @@ KV_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* const* 
 // Online-softmax step for rows r < nr of S, row r seeing its first nvis[r] columns: S becomes
 // P = exp(S - m_new) (0 where masked), m and l are updated and alpha[r] = exp(m_old - m_new).
 template <class T>
-KV_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __restrict__ nvis,
+GENEXT_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __restrict__ nvis,
                             T* __restrict__ m, T* __restrict__ l, T* __restrict__ alpha) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < nr; ++r) {
@@ -215,23 +174,23 @@ KV_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __rest
 // o[d0 : d0 + W * 16] = alpha * o[...] + sum_{j < nc} p[j] * vrows[j][d0 : ...], accumulated in
 // W vectors that stay in registers over the keys.
 template <class T, int W>
-KV_INLINE void accum_chunk(T* __restrict__ o, const T* __restrict__ p,
+GENEXT_INLINE void accum_chunk(T* __restrict__ o, const T* __restrict__ p,
                            const T* const* __restrict__ vrows, int64_t nc, int64_t d0, T alpha) {
-  using V = typename VecOf<T>::V;
+  using V = typename simd::Vec<T>::V;
   V acc[W];
-  for (int w = 0; w < W; ++w) acc[w] = vload<V>(o + d0 + w * kLanes) * alpha;
+  for (int w = 0; w < W; ++w) acc[w] = load<V>(o + d0 + w * kLanes) * alpha;
   for (int64_t j = 0; j < nc; ++j) {
     const V pj = V{} + p[j];
     const T* __restrict__ v = vrows[j] + d0;
-    for (int w = 0; w < W; ++w) acc[w] += pj * vload<V>(v + w * kLanes);
+    for (int w = 0; w < W; ++w) acc[w] += pj * load<V>(v + w * kLanes);
   }
-  for (int w = 0; w < W; ++w) vstore(o + d0 + w * kLanes, acc[w]);
+  for (int w = 0; w < W; ++w) store(o + d0 + w * kLanes, acc[w]);
 }
 
 // O[r][0:D] = alpha[r] * O[r][0:D] + sum_{j < nc} P[r][j] * V[j][0:D] for r < nr (O rows of
 // stride ldo, the value rows vrows[j] of D elements).
 template <class T>
-KV_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T* const* vrows,
+GENEXT_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T* const* vrows,
                           int64_t nc, int64_t D, const T* alpha) {
   const int64_t Dv = D / kLanes * kLanes;
   for (int64_t r = 0; r < nr; ++r) {
@@ -252,7 +211,7 @@ KV_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T* co
   }
 }
 
-// Entry points: the float ones compiled per ISA (target_clones), double once.
+// Entry points: the float ones compiled per ISA level (GENEXT_CPU_CLONES), double once.
 #define KV_ENTRY_POINTS(T, ATTR)                                                                   \
   ATTR void scores(const T* Q, int64_t ldq, int64_t nr, const T* const* krows, int64_t nc,         \
                    int64_t D, T* S) {                                                              \
@@ -266,7 +225,7 @@ KV_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T* co
     accum_impl<T>(O, ldo, nr, P, vrows, nc, D, alpha);                                             \
   }
 
-KV_ENTRY_POINTS(float, KV_CLONES)
+KV_ENTRY_POINTS(float, GENEXT_CPU_CLONES)
 KV_ENTRY_POINTS(double, )
 
 // ---- problem layout -----------------------------------------------------------------------------
@@ -322,7 +281,7 @@ void check_values(const Problem& p, const int32_t* lens, const int32_t* table) {
 // (measured: 2.4x slower on a 67 MB fp32 cache with Hk = 8, D = 128). The prefetch is an asm
 // statement because GCC treats __builtin_prefetch as free of side effects and deleted whole
 // prefetch loops here.
-KV_INLINE void prefetch_l2(const void* p) {
+GENEXT_INLINE void prefetch_l2(const void* p) {
 #if defined(__x86_64__) || defined(__i386__)
   asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
 #else

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_simd.h"
 #include "sampler_step/sampler_step_checks.h"
 #include "sampler_step/sampler_step_math.h"
 
@@ -21,13 +22,9 @@ namespace {
 constexpr int64_t kGrain = 16384;
 constexpr int64_t kBlock = 512;  // elements per pass; the passes' buffers stay in L1
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-// Compiled for SSE2, AVX2 and AVX-512 and chosen when the library loads. FMA stays unused: the
-// file is built with -ffp-contract=off, so no multiply-add is ever fused.
-#define SAMPLER_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define SAMPLER_CLONES
-#endif
+// The block loops are compiled per ISA level (GENEXT_CPU_CLONES). The x86-64-v3/v4 levels have
+// FMA, but it stays unused: this file is built with -ffp-contract=off, so no multiply-add is ever
+// fused and every level gives PyTorch's bits.
 
 // One block's inputs and outputs as float buffers (h1, h2, noise may be null when unused).
 struct Block {
@@ -46,7 +43,7 @@ struct Block {
 // of the expression, a loop the compiler vectorises, with the flags tested once per block. The
 // operations and their order are those of step_element, so the results are identical to it.
 // `s` is the block's per-element threshold run: (value, count) pairs cover the block in order.
-SAMPLER_CLONES
+GENEXT_CPU_CLONES
 void compute_block(const Block& b, const float* c, const Flags f, const float* s_val,
                    const int64_t* s_len, int s_runs) {
   const int64_t n = b.n;
@@ -126,7 +123,7 @@ void compute_block(const Block& b, const float* c, const Flags f, const float* s
 }
 
 // Guidance pass, cloned like compute_block: m = u + w * (c - u).
-SAMPLER_CLONES
+GENEXT_CPU_CLONES
 void guide_block(float* mb, const float* cb, int64_t n, float w) {
   for (int64_t k = 0; k < n; ++k) mb[k] = guide(mb[k], cb[k], w);
 }

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_simd.h"
 #include "vq/vq_checks.h"
 
 namespace genext::vq {
@@ -27,17 +28,11 @@ constexpr int64_t kRows = 8;    // z rows per register block
 constexpr int64_t kCodes = 32;  // codes per register block (the codebook is stored transposed)
 constexpr int64_t kRowsPerTask = 64;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define VQ_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define VQ_CLONES
-#endif
-
 // acc[r][c] over d of (z[r][d] - et[d][c])^2 (or z[r][d] * et[d][c] when dot), for kRows rows of
 // z (row stride D) against one transposed codebook tile et (D x kCodes): the code loop is the
 // vector loop, the accumulators stay in registers.
 template <class A>
-__attribute__((always_inline)) inline void block_body(const A* z, const A* et, int64_t D, bool dot,
+GENEXT_INLINE void block_body(const A* z, const A* et, int64_t D, bool dot,
                                                       A* out) {
   A acc[kRows][kCodes];
   for (int64_t r = 0; r < kRows; ++r)
@@ -68,11 +63,11 @@ __attribute__((always_inline)) inline void block_body(const A* z, const A* et, i
     for (int64_t c = 0; c < kCodes; ++c) out[r * kCodes + c] = acc[r][c];
 }
 
-// The block loop compiled per ISA (target_clones needs plain functions, not templates).
-VQ_CLONES void block_f32(const float* z, const float* et, int64_t D, bool dot, float* out) {
+// The block loop compiled per ISA level (target_clones needs plain functions, not templates).
+GENEXT_CPU_CLONES void block_f32(const float* z, const float* et, int64_t D, bool dot, float* out) {
   block_body<float>(z, et, D, dot, out);
 }
-VQ_CLONES void block_f64(const double* z, const double* et, int64_t D, bool dot, double* out) {
+GENEXT_CPU_CLONES void block_f64(const double* z, const double* et, int64_t D, bool dot, double* out) {
   block_body<double>(z, et, D, dot, out);
 }
 inline void block(const float* z, const float* et, int64_t D, bool dot, float* out) {
