@@ -1,8 +1,7 @@
-// CPU SIMD helpers shared by the CPU kernels: the function-multiversioning macro and 16-lane
-// vectors (GCC vector extensions) with loads, stores, broadcasts and lane sums. Plain C++, no
-// torch header.
+// CPU SIMD helpers shared by the CPU kernels: the function-multiversioning macro, 16-lane vectors
+// (GCC vector extensions) with loads, stores, broadcasts and lane sums, and the vectorised exp.
+// Plain C++, no torch header.
 #pragma once
-#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -114,6 +113,43 @@ GENEXT_INLINE auto hsum_tree(V v) {
   const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   const V2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
   return c[0] + c[1];
+}
+
+// ---- exp ----------------------------------------------------------------------------------------
+
+// e^x on float lanes (V = float, so that a plain loop vectorises, or f32x16), for x in [-100, 88]
+// (exp_v clamps into that range). e^x = 2^k e^r with k = round(x / ln2) (by the 1.5 * 2^23
+// rounding trick) and r = x - k ln2, ln2 in two parts so that k * ln2_hi is exact and
+// |r| <= ln2 / 2; e^r = 1 + r + r^2 P(r) with Cephes' degree-5 minimax P (expf). 2^k is built in
+// the exponent bits; below the normal range (k < -126) it is 0, so results under ~1e-38 flush to
+// zero. Max relative error over every float in [-87, 0] on an x86-64-v3 machine: 8.3e-8 compiled
+// without FMA and 8.5e-8 with FMA contraction (about 1 ulp).
+template <class V>
+GENEXT_INLINE V exp_core(V x) {
+  using I = typename IntLanes<V>::I;
+  const V k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const V r = (x - k * 0.693359375f) + k * 2.12194440e-4f;              // x - k*ln2, two parts
+  V p = splat<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V er = p * r * r + r + 1.0f;
+  I e = IntLanes<V>::convert(k) + 127;
+  e = e > splat<I>(0) ? e : splat<I>(0);  // 2^k below the normal range -> 0
+  // __builtin_bit_cast, not std::bit_cast: a function returning a vector by value, which GCC warns
+  // about (-Wpsabi) when LTO compiles it outside a clone
+  return er * __builtin_bit_cast(V, e << 23);
+}
+
+// e^x for any float x (NaN stays NaN): x clamped to [-100, 88] (e^88 ~ 1.7e38 is finite), then
+// exp_core.
+template <class V>
+GENEXT_INLINE V exp_v(V x) {
+  x = x < splat<V>(-100.0f) ? splat<V>(-100.0f) : x;
+  x = x > splat<V>(88.0f) ? splat<V>(88.0f) : x;
+  return exp_core(x);
 }
 
 }  // namespace genext::simd

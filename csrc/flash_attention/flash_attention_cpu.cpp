@@ -66,31 +66,9 @@ using simd::splat;
 using simd::store;
 using simd::Vec;
 
-// exp(x) for float lanes, x <= ~0 in use (scores minus their maximum or their lse). Written as
-// 2^k * e^r with k = round(x / ln2) and |r| <= ln2 / 2; e^r by its Taylor series to degree 7
-// (truncation error below 1e-8 relative). x is clamped to [-87, 88] so that 2^k stays a normal
-// float; results that should be below e^-87 come out as e^-87 ~ 1.6e-38, which is harmless next
-// to the row's largest term, 1. Callers zero the masked lanes themselves.
-GENEXT_INLINE f32x16 exp_v(f32x16 x) {
-  x = x < splat<f32x16>(-87.0f) ? splat<f32x16>(-87.0f) : x;
-  x = x > splat<f32x16>(88.0f) ? splat<f32x16>(88.0f) : x;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to integer
-  const f32x16 k = (x * 1.44269504088896341f + kRound) - kRound;
-  // ln2 in two parts: the high part has few enough bits that k * hi is exact for |k| < 256
-  const f32x16 r = (x - k * 0.693145751953125f) - k * 1.42860682030941723e-6f;
-  f32x16 p = splat<f32x16>(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const i32x16 bits = (__builtin_convertvector(k, i32x16) + 127) << 23;
-  f32x16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+// exp(x) for float lanes (common/cpu_simd.h), x <= 0 in use (scores minus their maximum or their
+// lse); callers zero the masked lanes themselves.
+GENEXT_INLINE f32x16 exp_v(f32x16 x) { return simd::exp_v(x); }
 // float64 (the gradcheck path): libm, lane by lane
 GENEXT_INLINE f64x16 exp_v(f64x16 x) {
   for (int t = 0; t < kLanes; ++t) x[t] = std::exp(x[t]);

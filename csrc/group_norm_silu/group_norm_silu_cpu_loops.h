@@ -21,38 +21,23 @@ using simd::f32x16;
 using simd::i32x16;
 using simd::splat;
 constexpr int kVec = simd::kLanes;
-template <class V>
-using Lanes = simd::IntLanes<V>;
 
 GENEXT_INLINE f32x16 load16(const float* p) { return simd::load<f32x16>(p); }
 GENEXT_INLINE double hsum(f32x16 v) { return simd::hsum<double>(v); }
 
 // sigmoid(z) from t = exp(-|z|) in (0, 1]: 1/(1+t) for z >= 0, t/(1+t) below. Only a non-positive
-// exponent is needed, so the range is handled in integer arithmetic: x = -|z| by setting the sign
-// bit, x clamped at -100 by an integer min on its bits (for negative floats a larger bit pattern
-// is a larger magnitude), and 2^k flushed to 0 below 2^-126. (A float clamp written as ternaries
-// made GCC split the vector loop into masked branches that each ran the division: three vdivps
-// per vector instead of one, 5x slower.) V is float or f32x16.
+// exponent is needed, so the range is handled in integer arithmetic before simd::exp_core (which
+// takes [-100, 88]): x = -|z| by setting the sign bit, x clamped at -100 by an integer min on its
+// bits (for negative floats a larger bit pattern is a larger magnitude). (A float clamp written as
+// ternaries made GCC split the vector loop into masked branches that each ran the division: three
+// vdivps per vector instead of one, 5x slower.) V is float or f32x16.
 template <class V>
 GENEXT_INLINE V sigmoid_v(V z) {
-  using I = typename Lanes<V>::I;
+  using I = typename simd::IntLanes<V>::I;
   constexpr int32_t kMinus100 = 0xC2C80000 - 0x100000000LL;  // bits of -100.0f as int32
   I xb = std::bit_cast<I>(z) | splat<I>(INT32_MIN);           // -|z|
   xb = xb < splat<I>(kMinus100) ? xb : splat<I>(kMinus100);   // max(-|z|, -100)
-  const V x = std::bit_cast<V>(xb);
-  // exp(x) = 2^k * e^r, k = round(x / ln2), |r| <= ln2/2; Cephes' degree-6 polynomial for e^r
-  const V k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const V r = (x - k * 0.693359375f) + k * 2.12194440e-4f;              // x - k*ln2, two parts
-  V p = splat<V>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const V er = p * r * r + r + 1.0f;
-  I e = Lanes<V>::convert(k) + 127;
-  e = e > splat<I>(0) ? e : splat<I>(0);  // 2^k below the normal range -> 0
-  const V t = er * std::bit_cast<V>(e << 23);
+  const V t = simd::exp_core(std::bit_cast<V>(xb));
   return (z >= splat<V>(0.0f) ? splat<V>(1.0f) : t) / (1.0f + t);
 }
 GENEXT_INLINE float sigmoid_t(float z) { return sigmoid_v(z); }

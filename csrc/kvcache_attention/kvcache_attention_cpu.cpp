@@ -75,30 +75,10 @@ struct Buffer {
 
 // ---- tile routines ------------------------------------------------------------------------------
 
-// exp of kTile floats in place. e^x = 2^n * 2^f with n = round(x * log2 e), |f| <= 1/2, and 2^f
-// from its Taylor series in f ln2 to degree 7 (relative truncation error about 6e-9). x is clamped
-// to [-126, 0] * ln2 first: the arguments are scores minus a running maximum (<= 0), and results
-// below 2^-126 are negligible next to the row's largest term, 1. Masked lanes are zeroed by the
-// caller. Written as a plain loop without branches so that it vectorises.
+// exp of kTile floats in place (common/cpu_simd.h), a plain loop that vectorises. The arguments
+// are scores minus a running maximum (<= 0); masked lanes are zeroed by the caller.
 GENEXT_INLINE void exp_tile_impl(float* __restrict__ x) {
-  for (int64_t j = 0; j < kTile; ++j) {
-    float t = x[j] * 1.4426950408889634f;
-    t = t < -126.0f ? -126.0f : (t > 0.0f ? 0.0f : t);
-    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-    const float y = (t - n) * 0.6931471805599453f;    // f ln2, |y| <= 0.347
-    float p = 1.0f / 5040.0f;
-    p = p * y + 1.0f / 720.0f;
-    p = p * y + 1.0f / 120.0f;
-    p = p * y + 1.0f / 24.0f;
-    p = p * y + 1.0f / 6.0f;
-    p = p * y + 0.5f;
-    p = p * y + 1.0f;
-    p = p * y + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    x[j] = p * scale;
-  }
+  for (int64_t j = 0; j < kTile; ++j) x[j] = simd::exp_v(x[j]);
 }
 GENEXT_INLINE void exp_tile_impl(double* x) {
   for (int64_t j = 0; j < kTile; ++j) x[j] = std::exp(x[j]);
