@@ -10,7 +10,11 @@ from .ops import KERNELS
 
 
 def _has_kernel(op: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"genext::{op}", key)
+    # "computed": also sees a kernel registered once for all devices (CompositeExplicitAutograd, the
+    # contrastive ops); those serve CUDA tensors only in a CUDA build, so CUDA needs _C.cuda too.
+    if key == "CUDA" and not _C.cuda:
+        return False
+    return torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"genext::{op}", key)
 
 
 def build_info() -> dict[str, Any]:
