@@ -21,15 +21,16 @@ TORCH_LIBRARY(genext, m) {
   // when causal, j <= i + offset(s), offset(s) = len_k(s) - len_q(s) if causal_bottom_right else 0.
   // A query that sees no key gets out = 0 and lse = -inf. Returns out (B, Lq, Hq, D) contiguous in
   // q's dtype and lse (B, Hq, Lq), the natural-log sum of exp(scale * q.k) over the visible keys,
-  // float32 (float64 for float64 inputs). deterministic only matters to the backward.
+  // float32 (float64 for float64 inputs).
   m.def("flash_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
         " Tensor? seqused_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal,"
-        " bool causal_bottom_right, bool deterministic) -> (Tensor, Tensor)");
+        " bool causal_bottom_right) -> (Tensor, Tensor)");
   // Backward of flash_attention_forward from its out and lse: (dq, dk, dv), contiguous, shaped and
-  // typed like q, k, v. deterministic: bit-identical results run to run.
+  // typed like q, k, v. Deterministic on both devices: bit-identical results run to run (every
+  // output element has one writer, no atomics).
   m.def("flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, int max_seqlen_q,"
-        " int max_seqlen_k, float scale, bool causal, bool causal_bottom_right, bool deterministic)"
+        " int max_seqlen_k, float scale, bool causal, bool causal_bottom_right)"
         " -> (Tensor, Tensor, Tensor)");
 
   // Attention of a few new queries over a KV cache (generation). q (B, Lq, Hq, D); the caches are

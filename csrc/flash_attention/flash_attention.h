@@ -45,7 +45,6 @@ struct BwdParams : FwdParams {
   void* dv = nullptr;
   Strides sdq, sdk, sdv;
   float* delta = nullptr;       // workspace laid out like lse: rowsum(dout * out)
-  bool deterministic = false;   // the kernels are atomic-free, so always deterministic
 };
 
 // Smallest compiled head-dim tile >= D for the 16-bit kernels, or 0 when none is compiled.

@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     const std::optional<at::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double scale, bool causal, bool causal_bottom_right, bool deterministic) {
+    double scale, bool causal, bool causal_bottom_right) {
   const Problem p = check_problem(kFwd, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                   max_seqlen_q, max_seqlen_k, /*allow_double=*/true,
                                   /*max_head_dim=*/0);
@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
-    bool causal_bottom_right, bool deterministic) {
+    bool causal_bottom_right) {
   const Problem p = check_problem(kBwd, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                   max_seqlen_q, max_seqlen_k, /*allow_double=*/true,
                                   /*max_head_dim=*/0);

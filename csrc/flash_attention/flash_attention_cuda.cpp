@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        const std::optional<at::Tensor>& cu_seqlens_k,
                                        const std::optional<at::Tensor>& seqused_k,
                                        int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-                                       bool causal, bool causal_bottom_right, bool deterministic) {
+                                       bool causal, bool causal_bottom_right) {
   const Problem pr = check_cuda(kFwdOp, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                 max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard guard(pr.q.device());
@@ -120,8 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal, bool causal_bottom_right,
-    bool deterministic) {
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
+    bool causal_bottom_right) {
   const Problem pr = check_cuda(kBwdOp, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                 max_seqlen_q, max_seqlen_k);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), kBwdOp,
@@ -175,7 +175,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   p.sdk = strides_of(dk);
   p.sdv = strides_of(dv);
   p.delta = delta.data_ptr<float>();
-  p.deterministic = deterministic;
   check_cuda(kBwdOp, flash_bwd(p, c10::cuda::getCurrentCUDAStream()));
   return {dq, dk, dv};
 }

@@ -113,7 +113,7 @@ def scaled_dot_product_attention(
             sc = _default_scale(query, scale)
             out, _ = torch.ops.genext.flash_attention_forward(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None,
-                lengths, 0, 0, sc, bool(is_causal), False, False,
+                lengths, 0, 0, sc, bool(is_causal), False,
             )
             return out.transpose(1, 2)
     return F.scaled_dot_product_attention(
