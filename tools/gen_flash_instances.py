@@ -1,6 +1,9 @@
 """Writes csrc/flash_attention/instances/*.cu: one translation unit per (direction, head-dim tile,
 dtype), so the flash-attention kernels compile in parallel and a build can leave tiles out
-(CMake option GENEXT_FA_HEAD_DIMS). Run it after changing HEAD_DIMS; the files are committed.
+(CMake option GENEXT_FA_HEAD_DIMS). HEAD_DIMS is the one list of tiles: CMakeLists.txt reads the
+tiles off the generated file names and passes the compiled ones to the dispatcher. Run it after
+changing HEAD_DIMS (each at most genext::kCudaMaxHeadDim, csrc/common/head_dim.h); the files are
+committed.
 
     python tools/gen_flash_instances.py
 """

@@ -14,6 +14,7 @@
 
 #include "common/cuda_check.h"
 #include "common/device_name.h"
+#include "common/head_dim.h"
 #include "common/torch_dtype.h"
 #include "flash_attention/flash_attention.h"
 #include "flash_attention/flash_attention_checks.h"
@@ -23,7 +24,6 @@ namespace {
 
 constexpr const char* kFwdOp = "flash_attention_forward";
 constexpr const char* kBwdOp = "flash_attention_backward";
-constexpr int64_t kMaxHeadDim = 256;
 
 // The 16-bit kernels copy rows with 16-byte cp.async: base and strides must keep rows aligned.
 at::Tensor aligned_view(const at::Tensor& t, bool need16) {
@@ -47,7 +47,7 @@ Problem check_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, con
                    const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
                    const std::optional<at::Tensor>& seqused_k, int64_t max_q, int64_t max_k) {
   Problem pr = check_problem(op, q, k, v, cu_q, cu_k, seqused_k, max_q, max_k,
-                             /*allow_double=*/false, kMaxHeadDim);
+                             /*allow_double=*/false, kCudaMaxHeadDim);
   TORCH_CHECK(pr.q.is_cuda(), op, ": q must be a CUDA tensor, got ", genext::device_name(pr.q));
   if (pr.q.scalar_type() != at::kFloat) {
     TORCH_CHECK(compiled_head_dim_tile(static_cast<int>(pr.D)) > 0, op, ": head dim ", pr.D,

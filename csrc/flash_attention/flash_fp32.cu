@@ -4,12 +4,14 @@
 // the online softmax run one key at a time. No atomics; the same bits every run.
 #include <cmath>
 
+#include "common/head_dim.h"
 #include "flash_attention/flash_common.cuh"
 
 namespace genext::fa {
 namespace {
 
 constexpr int kRowsPerBlock = 4;  // warps per block, one row each
+static_assert(kCudaMaxHeadDim <= 8 * 32, "the fp32 kernels hold up to 8 values per lane");
 
 template <int kC>
 __device__ __forceinline__ void load_row(const float* src, int D, int lane, float (&r)[kC]) {

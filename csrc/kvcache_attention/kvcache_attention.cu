@@ -15,6 +15,7 @@
 
 #include "common/cuda_dispatch.cuh"
 #include "common/cuda_utils.cuh"
+#include "common/head_dim.h"
 #include "kvcache_attention/kvcache_attention.h"
 
 namespace genext::kv {
@@ -375,7 +376,7 @@ template <typename T>
 CudaStatus run_dtype(const Params& p, cudaStream_t stream) {
   if (p.D <= 64) return run<T, 64>(p, stream);
   if (p.D <= 128) return run<T, 128>(p, stream);
-  if (p.D <= 256) return run<T, 256>(p, stream);
+  if (p.D <= kCudaMaxHeadDim) return run<T, kCudaMaxHeadDim>(p, stream);
   return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 

@@ -16,6 +16,7 @@
 #include "common/cuda_check.h"
 #include "common/cuda_device.h"
 #include "common/device_name.h"
+#include "common/head_dim.h"
 #include "common/torch_dtype.h"
 #include "kvcache_attention/kvcache_attention.h"
 #include "kvcache_attention/kvcache_checks.h"
@@ -24,7 +25,6 @@ namespace genext::kv {
 namespace {
 
 constexpr const char* kOp = "attention_with_kvcache";
-constexpr int64_t kMaxHeadDim = 256;
 
 int num_sms(c10::DeviceIndex dev) { return genext::num_sms(dev, kOp); }
 
@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache,
                                        const std::optional<at::Tensor>& block_table, double scale,
                                        bool causal) {
   const Problem pr = check_problem(kOp, q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                   block_table, /*allow_double=*/false, kMaxHeadDim);
+                                   block_table, /*allow_double=*/false, kCudaMaxHeadDim);
   TORCH_CHECK(q.is_cuda(), kOp, ": q must be a CUDA tensor, got ", genext::device_name(q));
   TORCH_CHECK_VALUE(pr.capacity < (int64_t{1} << 31) && pr.B < 65536, kOp,
                     ": cache capacity must be below 2^31 keys and the batch below 65536");

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _C
 from ..ops import KERNELS
 from ..ops.flash_attention import _default_scale
 from ..ops.group_norm_silu import group_norm_silu
@@ -25,7 +26,7 @@ def _served_dtypes(op: str) -> dict[str, tuple[torch.dtype, ...]]:
 
 
 _FA_SERVED = _served_dtypes("flash_attention_forward")
-_CUDA_MAX_HEAD_DIM = 256
+_CUDA_MAX_HEAD_DIM = _C.cuda_max_head_dim
 
 
 def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mask) -> bool:
