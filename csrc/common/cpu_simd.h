@@ -14,7 +14,7 @@
 // "fma" target does not enable AVX2. Inline helpers called from such a function are compiled into
 // each version. Other compilers and architectures build the baseline only.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define GENEXT_CPU_CLONES \
+#define GENEXT_CPU_CLONES                                                                          \
   __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
 #define GENEXT_CPU_CLONES
@@ -110,7 +110,8 @@ GENEXT_INLINE auto hsum_tree(V v) {
   typedef E V2 __attribute__((vector_size(2 * sizeof(E))));
   const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const V4 b =
+      __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   const V2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
   return c[0] + c[1];
 }
@@ -128,7 +129,7 @@ template <class V>
 GENEXT_INLINE V exp_core(V x) {
   using I = typename IntLanes<V>::I;
   const V k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const V r = (x - k * 0.693359375f) + k * 2.12194440e-4f;              // x - k*ln2, two parts
+  const V r = (x - k * 0.693359375f) + k * 2.12194440e-4f;             // x - k*ln2, two parts
   V p = splat<V>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;

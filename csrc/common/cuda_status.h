@@ -20,10 +20,10 @@ struct [[nodiscard]] CudaStatus {
 #define GENEXT_CUDA_STATUS(expr) (::genext::CudaStatus{(expr), __FILE__, __LINE__})
 
 // Returns from the enclosing launcher, with its location, when a CUDA runtime call fails.
-#define GENEXT_CUDA_TRY(expr)                                          \
-  do {                                                                 \
-    const ::genext::CudaStatus genext_status_ = GENEXT_CUDA_STATUS(expr); \
-    if (!genext_status_.ok()) return genext_status_;                   \
+#define GENEXT_CUDA_TRY(expr)                                                                      \
+  do {                                                                                             \
+    const ::genext::CudaStatus genext_status_ = GENEXT_CUDA_STATUS(expr);                          \
+    if (!genext_status_.ok()) return genext_status_;                                               \
   } while (0)
 
 // Follows every kernel launch: returns the launch's error, if any, with this line.

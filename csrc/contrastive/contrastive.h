@@ -29,7 +29,8 @@ inline int64_t row_tile(const at::Tensor& t) { return t.is_cuda() ? 1024 : 256; 
 inline int64_t col_tile(const at::Tensor& t) { return t.is_cuda() ? 4096 : 1024; }
 
 // raw = A_i B_j^T; returns L = scale * raw (+ bias)
-inline at::Tensor scores(const Args& g, const at::Tensor& ai, const at::Tensor& bj, at::Tensor* raw) {
+inline at::Tensor scores(const Args& g, const at::Tensor& ai, const at::Tensor& bj,
+                         at::Tensor* raw) {
   at::Tensor r = at::mm(ai, bj.t());
   if (raw != nullptr) *raw = r;
   at::Tensor l = r * g.scale;

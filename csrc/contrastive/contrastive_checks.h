@@ -19,22 +19,22 @@ inline constexpr bool kWithCuda = false;
 #endif
 
 struct Args {
-  at::Tensor a, b;      // widened features, contiguous
-  at::Tensor scale;     // 0-dim, widened
-  at::Tensor bias;      // 0-dim or undefined
-  at::ScalarType acc;   // float or double
+  at::Tensor a, b;     // widened features, contiguous
+  at::Tensor scale;    // 0-dim, widened
+  at::Tensor bias;     // 0-dim or undefined
+  at::ScalarType acc;  // float or double
 };
 
-inline Args prepare(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-                    const std::optional<at::Tensor>& bias) {
+inline Args prepare(const char* op, const at::Tensor& a, const at::Tensor& b,
+                    const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
   const auto dt = a.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
                    op, ": features must be float16, bfloat16, float32 or float64, got ", dt);
   TORCH_CHECK_TYPE(b.scalar_type() == dt, op, ": the two feature tensors must share a dtype, got ",
                    dt, " and ", b.scalar_type());
   TORCH_CHECK(b.device() == a.device() && scale.device() == a.device(), op,
-              ": features and logit_scale must be on one device, got ", genext::device_name(a), ", ",
-              genext::device_name(b), ", ", genext::device_name(scale));
+              ": features and logit_scale must be on one device, got ", genext::device_name(a),
+              ", ", genext::device_name(b), ", ", genext::device_name(scale));
   // The ops are ATen code that would run on any device, but genext serves the CPU and, when built
   // with them, CUDA: elsewhere (a CUDA tensor in a CPU-only build) the same NotImplementedError as
   // an op without a kernel for that device, in words.
@@ -45,17 +45,18 @@ inline Args prepare(const char* op, const at::Tensor& a, const at::Tensor& b, co
                     ": features must be (Na, D) and (Nb, D) with one D, got ", a.sizes(), " and ",
                     b.sizes());
   TORCH_CHECK_VALUE(b.size(0) > 0, op, ": the second feature set is empty");
-  TORCH_CHECK_VALUE(scale.numel() == 1, op, ": logit_scale must be a scalar (one element), got shape ",
-                    scale.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), op, ": logit_scale must be a float tensor");
+  TORCH_CHECK_VALUE(scale.numel() == 1, op,
+                    ": logit_scale must be a scalar (one element), got shape ", scale.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), op,
+                   ": logit_scale must be a float tensor");
   Args r;
   r.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   r.a = a.to(r.acc).contiguous();
   r.b = b.to(r.acc).contiguous();
   r.scale = scale.to(r.acc).reshape({});
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->numel() == 1, op, ": logit_bias must be a scalar (one element), got shape ",
-                      bias->sizes());
+    TORCH_CHECK_VALUE(bias->numel() == 1, op,
+                      ": logit_bias must be a scalar (one element), got shape ", bias->sizes());
     TORCH_CHECK(bias->device() == a.device(), op, ": logit_bias is on ", genext::device_name(*bias),
                 " but the features are on ", genext::device_name(a));
     r.bias = bias->to(r.acc).reshape({});

@@ -21,7 +21,8 @@
 namespace genext::contrastive {
 namespace {
 
-// Online log-sum-exp over the rows of L = scale * X Y^T (+ bias), X in row tiles, Y in column tiles.
+// Online log-sum-exp over the rows of L = scale * X Y^T (+ bias), X in row tiles, Y in column
+// tiles.
 at::Tensor lse_rows(const Args& g, const at::Tensor& x, const at::Tensor& y) {
   const int64_t row_step = row_tile(x), col_step = col_tile(x);
   const int64_t n = x.size(0), m = y.size(0);
@@ -51,8 +52,8 @@ at::Tensor lse_rows(const Args& g, const at::Tensor& x, const at::Tensor& y) {
 // running row statistics of its row tile and the running column statistics (vectors of length
 // Nb, O(N) memory), so the products are computed once.
 std::tuple<at::Tensor, at::Tensor> tiled_lse(const at::Tensor& a, const at::Tensor& b,
-                                                    const at::Tensor& scale,
-                                                    const std::optional<at::Tensor>& bias, bool cols) {
+                                             const at::Tensor& scale,
+                                             const std::optional<at::Tensor>& bias, bool cols) {
   const Args g = prepare("tiled_lse", a, b, scale, bias);
   const int64_t row_step = row_tile(a), col_step = col_tile(a);
   if (!cols) return {lse_rows(g, g.a, g.b), at::empty({0}, g.a.options())};
@@ -109,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_lse_backward(
       at::Tensor raw;
       const at::Tensor l = scores(g, ai, bj, &raw);
       // w_ij = g_r[i] softmax_row(L)_ij + g_c[j] softmax_col(L)_ij = d(objective)/dL_ij
-      at::Tensor w = (l - rl.narrow(0, i0, ni).unsqueeze(1)).exp() * gr.narrow(0, i0, ni).unsqueeze(1);
+      at::Tensor w =
+          (l - rl.narrow(0, i0, ni).unsqueeze(1)).exp() * gr.narrow(0, i0, ni).unsqueeze(1);
       if (use_cols) {
         w = w + (l - cl.narrow(0, j0, nj).unsqueeze(0)).exp() * gc.narrow(0, j0, nj).unsqueeze(0);
       }

@@ -23,7 +23,7 @@ namespace genext::contrastive {
 namespace {
 
 at::Tensor tiled_softplus_sum(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-                                     const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias) {
   const Args g = prepare("tiled_softplus_sum", a, b, scale, bias);
   const int64_t row_step = row_tile(a), col_step = col_tile(a);
   const int64_t n = g.a.size(0), m = g.b.size(0);

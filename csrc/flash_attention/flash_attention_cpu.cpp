@@ -1,6 +1,8 @@
 // CPU binding of flash_attention_forward/_backward: argument checks, the sequences (validating
 // cu_seqlens and seqused_k), output allocation, and the passes of flash_fwd_cpu.cpp and
 // flash_bwd_cpu.cpp. The algorithm is described in flash_attention_cpu.h.
+#include "flash_attention/flash_attention_cpu.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -15,7 +17,6 @@
 
 #include "common/device_name.h"
 #include "flash_attention/flash_attention_checks.h"
-#include "flash_attention/flash_attention_cpu.h"
 
 namespace genext::fa {
 namespace {
@@ -32,16 +33,15 @@ void check_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, in
   for (int64_t s = 0; s + 1 < n; ++s) {
     TORCH_CHECK_VALUE(c[s + 1] >= c[s], op, ": ", name, " must be non-decreasing, got ", name, "[",
                       s + 1, "] = ", c[s + 1], " < ", name, "[", s, "] = ", c[s]);
-    TORCH_CHECK_VALUE(c[s + 1] - c[s] <= max_seqlen, op, ": sequence ", s, " has ",
-                      c[s + 1] - c[s], " rows in ", name, ", more than ", max_name, " = ",
-                      max_seqlen);
+    TORCH_CHECK_VALUE(c[s + 1] - c[s] <= max_seqlen, op, ": sequence ", s, " has ", c[s + 1] - c[s],
+                      " rows in ", name, ", more than ", max_name, " = ", max_seqlen);
   }
   TORCH_CHECK_VALUE(c[n - 1] <= rows, op, ": the last entry of ", name, " (", c[n - 1],
                     ") exceeds the number of rows of ", rows_of, " (", rows, ")");
 }
 
 std::vector<cpu::Seq> make_seqs(const char* op, const Problem& p, int64_t max_seqlen_q,
-                           int64_t max_seqlen_k, bool causal, bool bottom_right) {
+                                int64_t max_seqlen_k, bool causal, bool bottom_right) {
   std::vector<cpu::Seq> seqs(p.batch);
   const int64_t rows_q = p.q.size(1), rows_k = p.k.size(1);
   if (p.varlen) {
@@ -62,8 +62,9 @@ std::vector<cpu::Seq> make_seqs(const char* op, const Problem& p, int64_t max_se
     }
     q.lk = q.lk_rows;
     if (used) {
-      TORCH_CHECK_VALUE(used[s] >= 0 && used[s] <= q.lk_rows, op, ": seqused_k[", s, "] = ",
-                        used[s], " is outside [0, ", q.lk_rows, "], the key rows of sequence ", s);
+      TORCH_CHECK_VALUE(used[s] >= 0 && used[s] <= q.lk_rows, op, ": seqused_k[", s,
+                        "] = ", used[s], " is outside [0, ", q.lk_rows,
+                        "], the key rows of sequence ", s);
       q.lk = used[s];
     }
     q.off = bottom_right ? q.lk - q.lq : 0;
@@ -114,21 +115,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   const int64_t B = q.size(0), rows_q = q.size(1);
   for (const auto* t : {&grad_out, &out}) {
     const char* name = (t == &grad_out) ? "grad_out" : "out";
-    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), kBwd, ": ", name, " must have q's shape ",
-                      q.sizes(), ", got ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kBwd, ": ", name,
-                     " must have q's dtype ", q.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), kBwd, ": ", name, " must have q's shape ", q.sizes(),
+                      ", got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kBwd, ": ", name, " must have q's dtype ",
+                     q.scalar_type(), ", got ", t->scalar_type());
     TORCH_CHECK(t->device() == q.device(), kBwd, ": ", name, " is on ", genext::device_name(*t),
                 " but q is on ", genext::device_name(q));
   }
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == p.Hq &&
-                        lse.size(2) == rows_q,
-                    kBwd, ": lse must have shape (B, Hq, Lq) = (", B, ", ", p.Hq, ", ", rows_q,
-                    "), got ", lse.sizes());
+  TORCH_CHECK_VALUE(
+      lse.dim() == 3 && lse.size(0) == B && lse.size(1) == p.Hq && lse.size(2) == rows_q, kBwd,
+      ": lse must have shape (B, Hq, Lq) = (", B, ", ", p.Hq, ", ", rows_q, "), got ", lse.sizes());
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble, kBwd,
                    ": lse must be float32 or float64, got ", lse.scalar_type());
-  TORCH_CHECK(lse.device() == q.device(), kBwd, ": lse is on ", genext::device_name(lse), " but q is on ",
-              genext::device_name(q));
+  TORCH_CHECK(lse.device() == q.device(), kBwd, ": lse is on ", genext::device_name(lse),
+              " but q is on ", genext::device_name(q));
   const auto seqs = make_seqs(kBwd, p, max_seqlen_q, max_seqlen_k, causal, causal_bottom_right);
   const auto acc = acc_type(q.scalar_type());
   // varlen: rows outside every sequence get zero gradients from no task

@@ -71,8 +71,8 @@ struct Seq {
 // (sequence, tile) pairs; within a sequence the tiles alternate from both ends (0, n-1, 1, n-2,
 // ...), so the contiguous ranges at::parallel_for hands each thread mix cheap and dear causal
 // tiles.
-inline std::vector<std::pair<int32_t, int32_t>> make_tiles(const std::vector<Seq>& seqs,
-                                                           bool keys, int64_t tile) {
+inline std::vector<std::pair<int32_t, int32_t>> make_tiles(const std::vector<Seq>& seqs, bool keys,
+                                                           int64_t tile) {
   std::vector<std::pair<int32_t, int32_t>> out;
   for (size_t s = 0; s < seqs.size(); ++s) {
     const int64_t len = keys ? seqs[s].lk_rows : seqs[s].lq;

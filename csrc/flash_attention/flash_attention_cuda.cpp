@@ -54,9 +54,9 @@ Problem check_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, con
                 " is above the largest flash-attention tile compiled into this build (",
                 compiled_head_dim_tiles(), "); rebuild with GENEXT_FA_HEAD_DIMS including it");
   }
-  TORCH_CHECK_VALUE(pr.Lq < (int64_t{1} << 31) && pr.Lk < (int64_t{1} << 31) &&
-                        pr.batch < 65536 && pr.Hq < 65536,
-                    op, ": sizes out of range (lengths < 2^31, batch and heads < 65536)");
+  TORCH_CHECK_VALUE(
+      pr.Lq < (int64_t{1} << 31) && pr.Lk < (int64_t{1} << 31) && pr.batch < 65536 && pr.Hq < 65536,
+      op, ": sizes out of range (lengths < 2^31, batch and heads < 65536)");
   const bool need16 = pr.q.scalar_type() != at::kFloat;
   pr.q = aligned_view(pr.q, need16);
   pr.k = aligned_view(pr.k, need16);
@@ -87,7 +87,8 @@ void fill_common(const char* op, FwdParams& p, const Problem& pr, double scale, 
   p.bottom_right = bottom_right;
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v,
                                        const std::optional<at::Tensor>& cu_seqlens_q,
                                        const std::optional<at::Tensor>& cu_seqlens_k,
                                        const std::optional<at::Tensor>& seqused_k,
@@ -127,11 +128,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), kBwdOp,
                     ": grad_out and out must have q's shape ", q.sizes(), ", got ",
                     grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-                   kBwdOp, ": grad_out and out must have q's dtype");
-  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() &&
-                  lse.device() == q.device(),
-              kBwdOp, ": grad_out, out and lse must be on q's device");
+  TORCH_CHECK_TYPE(
+      grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), kBwdOp,
+      ": grad_out and out must have q's dtype");
+  TORCH_CHECK(
+      grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
+      kBwdOp, ": grad_out, out and lse must be on q's device");
   TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == pr.Hq &&
                         lse.size(2) == q.size(1) && lse.scalar_type() == at::kFloat,
                     kBwdOp, ": lse must be float32 (B, Hq, Lq) as the forward returns it, got ",
@@ -145,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   // Rows no kernel visits (past seqused_k, outside every varlen sequence) must read as zero.
   const bool partial = pr.varlen || pr.seqused_k.has_value();
   const auto make = [&](const at::Tensor& like) {
-    return partial ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
+    return partial ? at::zeros(like.sizes(), like.options())
+                   : at::empty(like.sizes(), like.options());
   };
   at::Tensor dq = make(q), dk = make(k), dv = make(v);
   if (q.numel() == 0 || pr.batch == 0) {

@@ -70,8 +70,9 @@ void backward_dkdv(const Problem& p, const std::vector<Seq>& seqs, T scale,
             const T* delta_h = delta + (sq.b * Hq + h) * rows_q + row0;
             for (int64_t r = 0; r < nr; ++r) {
               L.p[r] = lse_h[r], Dl.p[r] = delta_h[r];
-              nvis[r] = std::isinf(L.p[r]) ? 0
-                        : int32_t(std::clamp<int64_t>(sq.visible_end(i0 + r) - j0, 0, nc_vis));
+              nvis[r] = std::isinf(L.p[r])
+                            ? 0
+                            : int32_t(std::clamp<int64_t>(sq.visible_end(i0 + r) - j0, 0, nc_vis));
             }
             qk_tile(Q.p, Dp, Kt.p, D, P.p, nr);   // scaled scores
             qk_tile(G.p, Dp, Vt.p, D, dS.p, nr);  // dP = dO V^T
@@ -123,8 +124,9 @@ void backward_dq(const Problem& p, const std::vector<Seq>& seqs, T scale,
         load_cols(v, sq.b, sq.k0 + j0, nc, hk, D, Vt.p);
         load_rows(k, sq.b, sq.k0 + j0, nc, hk, D, Dp, T(1), K.p);
         for (int64_t r = 0; r < nr; ++r)
-          nvis[r] = std::isinf(L.p[r]) ? 0
-                    : int32_t(std::clamp<int64_t>(sq.visible_end(i0 + r) - j0, 0, nc));
+          nvis[r] = std::isinf(L.p[r])
+                        ? 0
+                        : int32_t(std::clamp<int64_t>(sq.visible_end(i0 + r) - j0, 0, nc));
         qk_tile(Q.p, Dp, Kt.p, D, P.p, nr);
         qk_tile(G.p, Dp, Vt.p, D, dS.p, nr);
         softmax_bwd(P.p, dS.p, nr, nvis.data(), L.p, Dl.p);

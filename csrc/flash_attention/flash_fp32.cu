@@ -34,7 +34,8 @@ __device__ __forceinline__ float dot(const float (&a)[kC], const float* b, int D
 }
 
 template <int kC>
-__device__ __forceinline__ void store_row(float* dst, int D, int lane, const float (&r)[kC], float mul) {
+__device__ __forceinline__ void store_row(float* dst, int D, int lane, const float (&r)[kC],
+                                          float mul) {
 #pragma unroll
   for (int c = 0; c < kC; ++c) {
     const int d = lane + 32 * c;

@@ -44,8 +44,8 @@ GENEXT_INLINE f64x16 exp_v(f64x16 x) {
 
 // S[i][0:kBc] = sum_{d < D} A[i][d] * Bt[d][0:kBc] for i < nr. A: rows of stride lda; Bt: [D][kBc].
 template <class T, int R>
-GENEXT_INLINE void qk_block(const T* __restrict__ A, int64_t lda, const T* __restrict__ Bt, int64_t D,
-                        T* __restrict__ S) {
+GENEXT_INLINE void qk_block(const T* __restrict__ A, int64_t lda, const T* __restrict__ Bt,
+                            int64_t D, T* __restrict__ S) {
   using V = typename Vec<T>::V;
   constexpr int W = kBc / kLanes;
   V acc[R][W];
@@ -73,9 +73,9 @@ GENEXT_INLINE void qk_tile_impl(const T* A, int64_t lda, const T* Bt, int64_t D,
 // Out[i][d0 : d0 + W*16] = Out[i][...] * row_scale[i] + sum_{j < nc} C(i, j) * In[j][...], with
 // C(i, j) = C[i * cr + j * cc] (so a transposed coefficient matrix costs nothing).
 template <class T, int R, int W>
-GENEXT_INLINE void accum_block(T* __restrict__ Out, int64_t ldo, const T* __restrict__ C, int64_t cr,
-                           int64_t cc, const T* __restrict__ In, int64_t ldi, int64_t nc,
-                           const T* __restrict__ row_scale) {
+GENEXT_INLINE void accum_block(T* __restrict__ Out, int64_t ldo, const T* __restrict__ C,
+                               int64_t cr, int64_t cc, const T* __restrict__ In, int64_t ldi,
+                               int64_t nc, const T* __restrict__ row_scale) {
   using V = typename Vec<T>::V;
   V acc[R][W];
   for (int r = 0; r < R; ++r) {
@@ -96,7 +96,7 @@ GENEXT_INLINE void accum_block(T* __restrict__ Out, int64_t ldo, const T* __rest
 
 template <class T, int R>
 GENEXT_INLINE void accum_rows(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc, const T* In,
-                          int64_t ldi, int64_t nc, int64_t Dp, const T* row_scale) {
+                              int64_t ldi, int64_t nc, int64_t Dp, const T* row_scale) {
   int64_t d0 = 0;
   for (; d0 + 4 * kLanes <= Dp; d0 += 4 * kLanes)
     accum_block<T, R, 4>(Out + d0, ldo, C, cr, cc, In + d0, ldi, nc, row_scale);
@@ -110,8 +110,8 @@ GENEXT_INLINE void accum_rows(T* Out, int64_t ldo, const T* C, int64_t cr, int64
 
 template <class T>
 GENEXT_INLINE void accum_tile_impl(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc,
-                               const T* In, int64_t ldi, int64_t nr, int64_t nc, int64_t Dp,
-                               const T* row_scale) {
+                                   const T* In, int64_t ldi, int64_t nr, int64_t nc, int64_t Dp,
+                                   const T* row_scale) {
   int64_t i = 0;
   for (; i + kRows <= nr; i += kRows)
     accum_rows<T, kRows>(Out + i * ldo, ldo, C + i * cr, cr, cc, In, ldi, nc, Dp,
@@ -158,7 +158,7 @@ GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, const int32_t* nvis, T* m,
 // and dP becomes dS = P * (dP - delta), both 0 where masked (columns >= nvis[r]).
 template <class T>
 GENEXT_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, const int32_t* nvis, const T* lse,
-                                const T* delta) {
+                                    const T* delta) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
   const I lanes = lane_index<I>();
@@ -183,18 +183,21 @@ GENEXT_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, const int32_t* nvis
 // Entry points: float compiled per ISA level (GENEXT_CPU_CLONES), double once. The two passes use
 // three of the four each.
 #define FA_ENTRY_POINTS(T, ATTR)                                                                   \
-  [[maybe_unused]] ATTR void qk_tile(const T* A, int64_t lda, const T* Bt, int64_t D, T* S, int64_t nr) {           \
+  [[maybe_unused]] ATTR void qk_tile(const T* A, int64_t lda, const T* Bt, int64_t D, T* S,        \
+                                     int64_t nr) {                                                 \
     qk_tile_impl<T>(A, lda, Bt, D, S, nr);                                                         \
   }                                                                                                \
-  [[maybe_unused]] ATTR void accum_tile(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc, const T* In,      \
-                       int64_t ldi, int64_t nr, int64_t nc, int64_t Dp, const T* row_scale) {      \
+  [[maybe_unused]] ATTR void accum_tile(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc,   \
+                                        const T* In, int64_t ldi, int64_t nr, int64_t nc,          \
+                                        int64_t Dp, const T* row_scale) {                          \
     accum_tile_impl<T>(Out, ldo, C, cr, cc, In, ldi, nr, nc, Dp, row_scale);                       \
   }                                                                                                \
-  [[maybe_unused]] ATTR void softmax_fwd(T* S, int64_t nr, const int32_t* nvis, T* m, T* l, T* alpha) {             \
+  [[maybe_unused]] ATTR void softmax_fwd(T* S, int64_t nr, const int32_t* nvis, T* m, T* l,        \
+                                         T* alpha) {                                               \
     softmax_fwd_impl<T>(S, nr, nvis, m, l, alpha);                                                 \
   }                                                                                                \
-  [[maybe_unused]] ATTR void softmax_bwd(T* S, T* dP, int64_t nr, const int32_t* nvis, const T* lse,               \
-                        const T* delta) {                                                          \
+  [[maybe_unused]] ATTR void softmax_bwd(T* S, T* dP, int64_t nr, const int32_t* nvis,             \
+                                         const T* lse, const T* delta) {                           \
     softmax_bwd_impl<T>(S, dP, nr, nvis, lse, delta);                                              \
   }
 

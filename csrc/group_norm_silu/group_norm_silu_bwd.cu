@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads)
     lt = threadIdx.x & 31;
     tn = 32;
     if (row >= N * C) return;  // whole warps; no block-level synchronisation in this mode
-  } else {  // one block per (row, chunk)
+  } else {                     // one block per (row, chunk)
     row = ubid / static_cast<unsigned>(splits);
     split = bid - row * splits;
     s0 = split * chunk;
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kThreads)
   if (!affine_grads) return;
   const int64_t c = (bid - NG) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (c >= C) return;  // whole warps
+  if (c >= C) return;                // whole warps
   const int64_t items = N * splits;  // part[i*C + c], i = n*splits + split
   double a = 0.0, d = 0.0;
   for (int64_t i = lane; i < items; i += 32) {
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int V>
 CudaStatus bwd_nsc(const BwdParams& p, const BwdPlan& pl, float2* part, float2* k12,
-                    cudaStream_t stream) {
+                   cudaStream_t stream) {
   const Shape& s = p.shape;
   const int64_t K = s.C / s.G;
   const NscTile t = nsc_tile(s.C, V);
@@ -288,9 +288,11 @@ CudaStatus bwd_nsc(const BwdParams& p, const BwdPlan& pl, float2* part, float2* 
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.grad_y);
   T* dx = static_cast<T*>(p.grad_x);
-  const bool affine_grads = p.weight != nullptr && p.grad_weight != nullptr && p.grad_bias != nullptr;
+  const bool affine_grads =
+      p.weight != nullptr && p.grad_weight != nullptr && p.grad_bias != nullptr;
   const int64_t red_blocks = s.N * s.G + (affine_grads ? ceil_div(s.C, kWarps) : 0);
-  if (pl.blocks > INT_MAX || red_blocks > INT_MAX) return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
+  if (pl.blocks > INT_MAX || red_blocks > INT_MAX)
+    return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
   const int splits = static_cast<int>(pl.splits);
   gn_bwd_nsc<T, V, false><<<static_cast<unsigned>(pl.blocks), t.threads, 0, stream>>>(
       dy, x, dx, p.mean, p.rstd, aff, k12, part, s.S, s.C, FastDiv(K), s.G, pl.rows, splits, t.TX,
@@ -325,9 +327,11 @@ CudaStatus bwd_impl(const BwdParams& p, cudaStream_t stream) {
   const int64_t K = s.C / s.G;
   const Affine aff{p.weight, p.bias, p.wdtype == DType::kFloat32};
   const bool vec = same_misalignment(x, dy) && same_misalignment(x, dx);
-  const bool affine_grads = p.weight != nullptr && p.grad_weight != nullptr && p.grad_bias != nullptr;
+  const bool affine_grads =
+      p.weight != nullptr && p.grad_weight != nullptr && p.grad_bias != nullptr;
   const int64_t red_blocks = s.N * s.G + (affine_grads ? ceil_div(s.C, kWarps) : 0);
-  if (pl.blocks > INT_MAX || red_blocks > INT_MAX) return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
+  if (pl.blocks > INT_MAX || red_blocks > INT_MAX)
+    return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
   const int splits = static_cast<int>(pl.splits);
   gn_bwd_ncs<T, false><<<static_cast<unsigned>(pl.blocks), kThreads, 0, stream>>>(
       dy, x, dx, p.mean, p.rstd, aff, k12, part, s.N, FastDiv(s.C), s.S, FastDiv(K), s.G, pl.chunk,

@@ -76,9 +76,9 @@ __device__ __forceinline__ float act_grad(float dy, float z, bool silu) {
   return dy * (s * (1.f + z * (1.f - s)));
 }
 
-// 1/sqrt(v) for v = var + eps in double: the fp32 approximation refined by one Newton step in double
-// (no double division or sqrt subroutine). Special values without the Newton step (it would give
-// inf * 0 = NaN): inf for v == 0 (as 1/sqrt(0)), 0 for v = +inf or v > 1e300 (the result
+// 1/sqrt(v) for v = var + eps in double: the fp32 approximation refined by one Newton step in
+// double (no double division or sqrt subroutine). Special values without the Newton step (it would
+// give inf * 0 = NaN): inf for v == 0 (as 1/sqrt(0)), 0 for v = +inf or v > 1e300 (the result
 // underflows float anyway), NaN for NaN or negative v. v outside [1e-36, 1e36] is scaled by
 // 2^-+128 for the fp32 estimate, so variances up to float's limit (~3.4e38) get their rstd. Larger
 // ones do not reach here finite: the statistics square deviations and sum partial M2s in fp32 (a
@@ -88,7 +88,7 @@ __device__ __forceinline__ float act_grad(float dy, float z, bool silu) {
 // variance.
 __device__ __forceinline__ float rsqrt_refined(double v) {
   if (!(v > 0.0 && v <= 1.0e300)) {
-    if (v == 0.0) return __uint_as_float(0x7f800000u);  // +inf
+    if (v == 0.0) return __uint_as_float(0x7f800000u);    // +inf
     return v > 0.0 ? 0.f : __uint_as_float(0x7fc00000u);  // +inf (or huge) -> 0; NaN, < 0 -> NaN
   }
   double vs = v;
@@ -156,8 +156,8 @@ __device__ __forceinline__ Moments moments_from_sums(double ref, double a, doubl
   return Moments{ref + mu, m2};
 }
 
-// Tracks (q, r) = divmod(e, S) while e advances by a fixed step: the channel (q) and position (r) of
-// an element of a contiguous (channel, S) run, without a division per element.
+// Tracks (q, r) = divmod(e, S) while e advances by a fixed step: the channel (q) and position (r)
+// of an element of a contiguous (channel, S) run, without a division per element.
 struct ChanIter {
   int64_t q, r, dq, dr, S;
   __device__ __forceinline__ ChanIter(int64_t e, int64_t step, const FastDiv& Sd) : S(Sd.value()) {

@@ -210,24 +210,26 @@ void forward_nsc(const Dims& d, const S* x, S* y, T* mean, T* rstd, const T* w, 
         bc[n * d.C + c] = b ? b[c] : T(0);
       }
     }
-  at::parallel_for(0, d.N * d.S, std::max<int64_t>(1, 16384 / d.C), [&](int64_t begin, int64_t end) {
-    std::vector<T> buf;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t o = (row / d.S) * d.C;
-      over_chunks<S, T>(x + row * d.C, nullptr, y + row * d.C, d.C, buf,
-                        [&](const T* xs, const T*, T* out, int64_t off, int64_t len) {
-                          fwd_row_k(xs, out, len, &mc[o + off], &ac[o + off], &bc[o + off], silu);
-                        });
-    }
-  });
+  at::parallel_for(
+      0, d.N * d.S, std::max<int64_t>(1, 16384 / d.C), [&](int64_t begin, int64_t end) {
+        std::vector<T> buf;
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t o = (row / d.S) * d.C;
+          over_chunks<S, T>(x + row * d.C, nullptr, y + row * d.C, d.C, buf,
+                            [&](const T* xs, const T*, T* out, int64_t off, int64_t len) {
+                              fwd_row_k(xs, out, len, &mc[o + off], &ac[o + off], &bc[o + off],
+                                        silu);
+                            });
+        }
+      });
 }
 
 // ---- backward ----------------------------------------------------------------------------------
 // A[n,c] = sum g, D[n,c] = sum g*xhat (doubles, N*C); dx from the per-group k1, k2.
 
 template <class S, class T>
-void backward_ncs(const Dims& d, const S* dy, const S* x, const T* mean, const T* rstd,
-                  const T* w, const T* b, bool silu, S* dx, double* A, double* D) {
+void backward_ncs(const Dims& d, const S* dy, const S* x, const T* mean, const T* rstd, const T* w,
+                  const T* b, bool silu, S* dx, double* A, double* D) {
   at::parallel_for(0, d.N * d.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf;
     for (int64_t ng = begin; ng < end; ++ng) {
@@ -259,8 +261,8 @@ void backward_ncs(const Dims& d, const S* dy, const S* x, const T* mean, const T
 }
 
 template <class S, class T>
-void backward_nsc(const Dims& d, const S* dy, const S* x, const T* mean, const T* rstd,
-                  const T* w, const T* b, bool silu, S* dx, double* A, double* D) {
+void backward_nsc(const Dims& d, const S* dy, const S* x, const T* mean, const T* rstd, const T* w,
+                  const T* b, bool silu, S* dx, double* A, double* D) {
   const int64_t rpt = rows_per_task(d), R = (d.S + rpt - 1) / rpt, NC = d.N * d.C;
   std::vector<T> mc(NC), rc(NC), wc(d.C), bc(d.C), k1c(NC), k2c(NC);
   for (int64_t c = 0; c < d.C; ++c) wc[c] = w ? w[c] : T(1), bc[c] = b ? b[c] : T(0);
@@ -299,17 +301,18 @@ void backward_nsc(const Dims& d, const S* dy, const S* x, const T* mean, const T
         k1c[n * d.C + c] = T(k1 / double(d.M)), k2c[n * d.C + c] = T(k2 / double(d.M));
     }
   }
-  at::parallel_for(0, d.N * d.S, std::max<int64_t>(1, 16384 / d.C), [&](int64_t begin, int64_t end) {
-    std::vector<T> buf;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t o = (row / d.S) * d.C;
-      over_chunks<S, T>(x + row * d.C, dy + row * d.C, dx + row * d.C, d.C, buf,
-                        [&](const T* xs, const T* gs, T* out, int64_t off, int64_t len) {
-                          bwd_dx_row_k(xs, gs, out, len, &mc[o + off], &rc[o + off], &wc[off],
-                                       &bc[off], &k1c[o + off], &k2c[o + off], silu);
-                        });
-    }
-  });
+  at::parallel_for(
+      0, d.N * d.S, std::max<int64_t>(1, 16384 / d.C), [&](int64_t begin, int64_t end) {
+        std::vector<T> buf;
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t o = (row / d.S) * d.C;
+          over_chunks<S, T>(x + row * d.C, dy + row * d.C, dx + row * d.C, d.C, buf,
+                            [&](const T* xs, const T* gs, T* out, int64_t off, int64_t len) {
+                              bwd_dx_row_k(xs, gs, out, len, &mc[o + off], &rc[o + off], &wc[off],
+                                           &bc[off], &k1c[o + off], &k2c[o + off], silu);
+                            });
+        }
+      });
 }
 
 // ---- bindings ----------------------------------------------------------------------------------

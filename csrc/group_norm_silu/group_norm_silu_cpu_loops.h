@@ -35,8 +35,8 @@ template <class V>
 GENEXT_INLINE V sigmoid_v(V z) {
   using I = typename simd::IntLanes<V>::I;
   constexpr int32_t kMinus100 = 0xC2C80000 - 0x100000000LL;  // bits of -100.0f as int32
-  I xb = std::bit_cast<I>(z) | splat<I>(INT32_MIN);           // -|z|
-  xb = xb < splat<I>(kMinus100) ? xb : splat<I>(kMinus100);   // max(-|z|, -100)
+  I xb = std::bit_cast<I>(z) | splat<I>(INT32_MIN);          // -|z|
+  xb = xb < splat<I>(kMinus100) ? xb : splat<I>(kMinus100);  // max(-|z|, -100)
   const V t = simd::exp_core(std::bit_cast<V>(xb));
   return (z >= splat<V>(0.0f) ? splat<V>(1.0f) : t) / (1.0f + t);
 }
@@ -102,8 +102,10 @@ GENEXT_INLINE void sums_run(const T* x, int64_t n, T shift, double* s1, double* 
 
 // Column sums of (x - shift[c]) and its square over `rows` rows of C values; s1/s2 are (C,).
 template <class T>
-GENEXT_INLINE void sums_cols(const T* __restrict__ x, int64_t rows, int64_t C, const T* __restrict__ shift, T* __restrict__ acc1, T* __restrict__ acc2,
-                         double* __restrict__ s1, double* __restrict__ s2) {
+GENEXT_INLINE void sums_cols(const T* __restrict__ x, int64_t rows, int64_t C,
+                             const T* __restrict__ shift, T* __restrict__ acc1,
+                             T* __restrict__ acc2, double* __restrict__ s1,
+                             double* __restrict__ s2) {
   for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 8) {
     const int64_t r1 = std::min(rows, r0 + kFlush / 8);
     std::fill(acc1, acc1 + C, T(0));
@@ -129,8 +131,8 @@ GENEXT_INLINE void fwd_loop(const T* __restrict__ x, T* __restrict__ y, int64_t 
 // Backward sums over a contiguous run: A += sum(g), D += sum(g * xhat), with
 // xhat = (x - m) * rs, z = xhat * w + b, g = dy * act'(z).
 template <bool kSilu, class T>
-GENEXT_INLINE void bwd_sums_run(const T* __restrict__ x, const T* __restrict__ dy, int64_t n, T m, T rs, T w, T b, double* __restrict__ A,
-                            double* __restrict__ D) {
+GENEXT_INLINE void bwd_sums_run(const T* __restrict__ x, const T* __restrict__ dy, int64_t n, T m,
+                                T rs, T w, T b, double* __restrict__ A, double* __restrict__ D) {
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
     const f32x16 vm = splat<f32x16>(m), vrs = splat<f32x16>(rs), vw = splat<f32x16>(w),
@@ -158,9 +160,11 @@ GENEXT_INLINE void bwd_sums_run(const T* __restrict__ x, const T* __restrict__ d
 
 // Column version of bwd_sums_run for NSC rows; parameters are (C,) arrays; A/D are (C,).
 template <bool kSilu, class T>
-GENEXT_INLINE void bwd_sums_cols(const T* __restrict__ x, const T* __restrict__ dy, int64_t rows, int64_t C, const T* __restrict__ m,
-                             const T* __restrict__ rs, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ acc1, T* __restrict__ acc2, double* __restrict__ A,
-                             double* __restrict__ D) {
+GENEXT_INLINE void bwd_sums_cols(const T* __restrict__ x, const T* __restrict__ dy, int64_t rows,
+                                 int64_t C, const T* __restrict__ m, const T* __restrict__ rs,
+                                 const T* __restrict__ w, const T* __restrict__ b,
+                                 T* __restrict__ acc1, T* __restrict__ acc2, double* __restrict__ A,
+                                 double* __restrict__ D) {
   for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 8) {
     const int64_t r1 = std::min(rows, r0 + kFlush / 8);
     std::fill(acc1, acc1 + C, T(0));
@@ -181,8 +185,8 @@ GENEXT_INLINE void bwd_sums_cols(const T* __restrict__ x, const T* __restrict__ 
 
 // dx = rs * (w * g - k1 - xhat * k2)
 template <bool kSilu, class T, class P>
-GENEXT_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, int64_t n, P m, P rs, P w, P b, P k1,
-                           P k2) {
+GENEXT_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy,
+                               T* __restrict__ dx, int64_t n, P m, P rs, P w, P b, P k1, P k2) {
   for (int64_t i = 0; i < n; ++i) {
     const T xh = (x[i] - m[i]) * rs[i];
     const T g = dy[i] * act_grad<kSilu>(xh * w[i] + b[i]);
@@ -190,24 +194,25 @@ GENEXT_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy
   }
 }
 
-// ---- cloned entry points: one per loop and compute type ------------------------------------------
-// float: compiled once per ISA level (GENEXT_CPU_CLONES); double: the same templates, compiled once.
+// ---- cloned entry points: one per loop and compute type -----------------------------------------
+// float: compiled once per ISA level (GENEXT_CPU_CLONES); double: the same templates, compiled
+// once.
 
 #define GN_ENTRY_POINTS(T, ATTR, SUF)                                                              \
-  ATTR void sums_run_##SUF(const T* x, int64_t n, T shift, double* s1, double* s2) {              \
+  ATTR void sums_run_##SUF(const T* x, int64_t n, T shift, double* s1, double* s2) {               \
     sums_run<T>(x, n, shift, s1, s2);                                                              \
   }                                                                                                \
-  ATTR void sums_cols_##SUF(const T* x, int64_t rows, int64_t C, const T* shift, T* a1, T* a2,    \
+  ATTR void sums_cols_##SUF(const T* x, int64_t rows, int64_t C, const T* shift, T* a1, T* a2,     \
                             double* s1, double* s2) {                                              \
     sums_cols<T>(x, rows, C, shift, a1, a2, s1, s2);                                               \
   }                                                                                                \
-  ATTR void fwd_run_##SUF(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {                \
+  ATTR void fwd_run_##SUF(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {                 \
     if (silu)                                                                                      \
       fwd_loop<true>(x, y, n, Bcast<T>{m}, Bcast<T>{a}, Bcast<T>{b});                              \
     else                                                                                           \
       fwd_loop<false>(x, y, n, Bcast<T>{m}, Bcast<T>{a}, Bcast<T>{b});                             \
   }                                                                                                \
-  ATTR void fwd_row_##SUF(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b,        \
+  ATTR void fwd_row_##SUF(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b,         \
                           bool silu) {                                                             \
     if (silu)                                                                                      \
       fwd_loop<true>(x, y, C, Arr<T>{m}, Arr<T>{a}, Arr<T>{b});                                    \
@@ -221,7 +226,7 @@ GENEXT_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy
     else                                                                                           \
       bwd_sums_run<false>(x, dy, n, m, rs, w, b, A, D);                                            \
   }                                                                                                \
-  ATTR void bwd_sums_cols_##SUF(const T* x, const T* dy, int64_t rows, int64_t C, const T* m,     \
+  ATTR void bwd_sums_cols_##SUF(const T* x, const T* dy, int64_t rows, int64_t C, const T* m,      \
                                 const T* rs, const T* w, const T* b, bool silu, T* a1, T* a2,      \
                                 double* A, double* D) {                                            \
     if (silu)                                                                                      \
@@ -238,7 +243,7 @@ GENEXT_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy
       bwd_dx_loop<false>(x, dy, dx, n, Bcast<T>{m}, Bcast<T>{rs}, Bcast<T>{w}, Bcast<T>{b},        \
                          Bcast<T>{k1}, Bcast<T>{k2});                                              \
   }                                                                                                \
-  ATTR void bwd_dx_row_##SUF(const T* x, const T* dy, T* dx, int64_t C, const T* m, const T* rs,  \
+  ATTR void bwd_dx_row_##SUF(const T* x, const T* dy, T* dx, int64_t C, const T* m, const T* rs,   \
                              const T* w, const T* b, const T* k1, const T* k2, bool silu) {        \
     if (silu)                                                                                      \
       bwd_dx_loop<true>(x, dy, dx, C, Arr<T>{m}, Arr<T>{rs}, Arr<T>{w}, Arr<T>{b}, Arr<T>{k1},     \
@@ -253,38 +258,37 @@ GN_ENTRY_POINTS(double, , f64)
 #undef GN_ENTRY_POINTS
 
 // Overloads so the drivers below can be written once for float and double.
-#define GN_OVERLOADS(T, SUF)                                                              \
-  inline void sums_run_k(const T* x, int64_t n, T s, double* s1, double* s2) {           \
-    sums_run_##SUF(x, n, s, s1, s2);                                                      \
-  }                                                                                       \
-  inline void sums_cols_k(const T* x, int64_t r, int64_t C, const T* s, T* a1, T* a2,    \
-                          double* s1, double* s2) {                                       \
-    sums_cols_##SUF(x, r, C, s, a1, a2, s1, s2);                                          \
-  }                                                                                       \
-  inline void fwd_run_k(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {         \
-    fwd_run_##SUF(x, y, n, m, a, b, silu);                                                \
-  }                                                                                       \
-  inline void fwd_row_k(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b, \
-                        bool silu) {                                                      \
-    fwd_row_##SUF(x, y, C, m, a, b, silu);                                                \
-  }                                                                                       \
-  inline void bwd_sums_run_k(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b,    \
-                             bool silu, double* A, double* D) {                           \
-    bwd_sums_run_##SUF(x, dy, n, m, rs, w, b, silu, A, D);                                \
-  }                                                                                       \
-  inline void bwd_sums_cols_k(const T* x, const T* dy, int64_t r, int64_t C, const T* m, \
-                              const T* rs, const T* w, const T* b, bool silu, T* a1,      \
-                              T* a2, double* A, double* D) {                              \
-    bwd_sums_cols_##SUF(x, dy, r, C, m, rs, w, b, silu, a1, a2, A, D);                    \
-  }                                                                                       \
-  inline void bwd_dx_run_k(const T* x, const T* dy, T* dx, int64_t n, T m, T rs, T w,    \
-                           T b, T k1, T k2, bool silu) {                                  \
-    bwd_dx_run_##SUF(x, dy, dx, n, m, rs, w, b, k1, k2, silu);                            \
-  }                                                                                       \
-  inline void bwd_dx_row_k(const T* x, const T* dy, T* dx, int64_t C, const T* m,        \
-                           const T* rs, const T* w, const T* b, const T* k1, const T* k2, \
-                           bool silu) {                                                   \
-    bwd_dx_row_##SUF(x, dy, dx, C, m, rs, w, b, k1, k2, silu);                            \
+#define GN_OVERLOADS(T, SUF)                                                                       \
+  inline void sums_run_k(const T* x, int64_t n, T s, double* s1, double* s2) {                     \
+    sums_run_##SUF(x, n, s, s1, s2);                                                               \
+  }                                                                                                \
+  inline void sums_cols_k(const T* x, int64_t r, int64_t C, const T* s, T* a1, T* a2, double* s1,  \
+                          double* s2) {                                                            \
+    sums_cols_##SUF(x, r, C, s, a1, a2, s1, s2);                                                   \
+  }                                                                                                \
+  inline void fwd_run_k(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {                   \
+    fwd_run_##SUF(x, y, n, m, a, b, silu);                                                         \
+  }                                                                                                \
+  inline void fwd_row_k(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b,           \
+                        bool silu) {                                                               \
+    fwd_row_##SUF(x, y, C, m, a, b, silu);                                                         \
+  }                                                                                                \
+  inline void bwd_sums_run_k(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b, bool silu,   \
+                             double* A, double* D) {                                               \
+    bwd_sums_run_##SUF(x, dy, n, m, rs, w, b, silu, A, D);                                         \
+  }                                                                                                \
+  inline void bwd_sums_cols_k(const T* x, const T* dy, int64_t r, int64_t C, const T* m,           \
+                              const T* rs, const T* w, const T* b, bool silu, T* a1, T* a2,        \
+                              double* A, double* D) {                                              \
+    bwd_sums_cols_##SUF(x, dy, r, C, m, rs, w, b, silu, a1, a2, A, D);                             \
+  }                                                                                                \
+  inline void bwd_dx_run_k(const T* x, const T* dy, T* dx, int64_t n, T m, T rs, T w, T b, T k1,   \
+                           T k2, bool silu) {                                                      \
+    bwd_dx_run_##SUF(x, dy, dx, n, m, rs, w, b, k1, k2, silu);                                     \
+  }                                                                                                \
+  inline void bwd_dx_row_k(const T* x, const T* dy, T* dx, int64_t C, const T* m, const T* rs,     \
+                           const T* w, const T* b, const T* k1, const T* k2, bool silu) {          \
+    bwd_dx_row_##SUF(x, dy, dx, C, m, rs, w, b, k1, k2, silu);                                     \
   }
 GN_OVERLOADS(float, f32)
 GN_OVERLOADS(double, f64)

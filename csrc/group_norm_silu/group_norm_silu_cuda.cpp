@@ -15,12 +15,12 @@
 #include <optional>
 #include <tuple>
 
-#include "group_norm_silu/group_norm_silu.h"
-#include "group_norm_silu/group_norm_silu_checks.h"
 #include "common/cuda_check.h"
 #include "common/cuda_device.h"
 #include "common/device_name.h"
 #include "common/torch_dtype.h"
+#include "group_norm_silu/group_norm_silu.h"
+#include "group_norm_silu/group_norm_silu_checks.h"
 
 namespace genext::gn {
 namespace {
@@ -68,8 +68,8 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, int64_t num_groups,
                                                    const std::optional<at::Tensor>& weight,
-                                                   const std::optional<at::Tensor>& bias, double eps,
-                                                   bool silu) {
+                                                   const std::optional<at::Tensor>& bias,
+                                                   double eps, bool silu) {
   const Problem pr = check_input(kFwdOp, x, num_groups, weight, bias, /*allow_double=*/false);
   TORCH_CHECK(pr.x.is_cuda(), kFwdOp, ": x must be a CUDA tensor, got ", genext::device_name(pr.x));
   const c10::cuda::CUDAGuard guard(pr.x.device());
@@ -117,9 +117,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, con
   TORCH_CHECK(pr.x.is_cuda(), kBwdOp, ": x must be a CUDA tensor, got ", genext::device_name(pr.x));
   const at::Tensor dy = check_like_x(kBwdOp, "grad_y", grad_y, x, pr.channels_last);
   check_stats(kBwdOp, mean, rstd, pr);
-  TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat, kBwdOp,
-                   ": mean and rstd must be float32 (as group_norm_silu returns them for this x), got ",
-                   mean.scalar_type(), " and ", rstd.scalar_type());
+  TORCH_CHECK_TYPE(
+      mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat, kBwdOp,
+      ": mean and rstd must be float32 (as group_norm_silu returns them for this x), got ",
+      mean.scalar_type(), " and ", rstd.scalar_type());
   const c10::cuda::CUDAGuard guard(pr.x.device());
 
   at::Tensor grad_x = at::empty_like(pr.x);

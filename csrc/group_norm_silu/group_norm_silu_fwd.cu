@@ -25,8 +25,8 @@
 //   (Here every block needs all G groups' statistics, so a tiny finalize kernel replaces the
 //   per-block reduction of the NCS split path: that would cost G*splits^2 partial reads.)
 //
-// Byte floors: the forward must read x and write y (2 * numel * sizeof(T)); the split paths read x a
-// second time, mostly from L2 when x fits (50 MB on H100, 60 MB on H200).
+// Byte floors: the forward must read x and write y (2 * numel * sizeof(T)); the split paths read x
+// a second time, mostly from L2 when x fits (50 MB on H100, 60 MB on H200).
 #include <climits>
 #include <cstdint>
 
@@ -41,8 +41,8 @@ namespace {
 template <typename T>
 __global__ void __launch_bounds__(kFusedMaxThreads)
     gn_fwd_fused(const T* __restrict__ x, T* __restrict__ y, float* __restrict__ mean_out,
-                 float* __restrict__ rstd_out, Affine aff, int S, int K, int G, int M,
-                 double inv_m, float eps, bool silu, bool vec) {
+                 float* __restrict__ rstd_out, Affine aff, int S, int K, int G, int M, double inv_m,
+                 float eps, bool silu, bool vec) {
   // Everything here is < 2^31 (M <= 22528, N*G <= INT_MAX), so 32-bit index arithmetic.
   constexpr int V = kVec<T>;
   extern __shared__ uint4 smem_raw[];
@@ -151,7 +151,8 @@ __global__ void __launch_bounds__(kFusedMaxThreads)
   auto scalar = [&](int e0, int e1) {
     for (int e = e0 + tid; e < e1; e += nt) {
       float w, b;
-      load_affine<T>(aff, c0 + static_cast<int>(static_cast<unsigned>(e) / static_cast<unsigned>(S)), w, b);
+      load_affine<T>(
+          aff, c0 + static_cast<int>(static_cast<unsigned>(e) / static_cast<unsigned>(S)), w, b);
       yg[e] = from_float<T>(act(fmaf((to_float(buf[e]) - mh) - ml, rs * w, b), silu));
     }
   };
@@ -200,8 +201,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < V; ++j) sh[j] = m[j] = q[j] = 0.f;
     float kf = 0.f;  // vectors of this run so far
     batched_loop<4>(
-        i0, i1, nt,
-        [&](int64_t i) { return ld_raw<T, V, false>(xv + i * V); },
+        i0, i1, nt, [&](int64_t i) { return ld_raw<T, V, false>(xv + i * V); },
         [&](int64_t, const uint4& r) {
           float f[V];
           unpack16<T>(r, f);
@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float red_m[kThreads * V];
   __shared__ double red_q[kThreads * V];
   __shared__ float red_n[kThreads];  // rows of row-thread ty
-  __shared__ double carry[2][3];  // a group continuing into the next chunk: its ref and sums
+  __shared__ double carry[2][3];     // a group continuing into the next chunk: its ref and sums
   const int64_t K = Kd.value();
   const int64_t bid = blockIdx.x;
   const int64_t n = blockIdx.x / static_cast<unsigned>(splits);
@@ -394,8 +394,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < V; ++j) sh[j] = m[j] = q[j] = 0.f;
         float kf = 0.f;  // rows of this run so far
         batched_loop<4>(
-            rs, re, TY,
-            [&](int64_t r) { return ld_raw<T, V, false>(col + r * C); },
+            rs, re, TY, [&](int64_t r) { return ld_raw<T, V, false>(col + r * C); },
             [&](int64_t, const RawT<T, V>& raw) {
               float f[V];
               unpack_raw<T, V>(raw, f);
@@ -556,7 +555,8 @@ CudaStatus fwd_nsc(const FwdParams& p, const FwdPlan& pl, cudaStream_t stream) {
   const NscTile t = nsc_tile(s.C, V);
   const int64_t blocks = s.N * pl.splits;
   const int64_t fin_blocks = ceil_div(NG, kWarps);
-  if (blocks > INT_MAX || fin_blocks > INT_MAX) return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
+  if (blocks > INT_MAX || fin_blocks > INT_MAX)
+    return GENEXT_CUDA_STATUS(cudaErrorInvalidConfiguration);
   const T* x = static_cast<const T*>(p.x);
   Moments* part = static_cast<Moments*>(p.workspace);
   float* mlo = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + pl.lo_off);

@@ -1,8 +1,7 @@
 // GroupNorm(+SiLU) CUDA launch planning (group_norm_silu_plan.h): block counts, splits, tiles and
 // workspace sizes, from the shape, the dtype and the SM count.
-#include "group_norm_silu/group_norm_silu_plan.h"
-
 #include "common/cuda_utils.cuh"
+#include "group_norm_silu/group_norm_silu_plan.h"
 
 namespace genext::gn {
 namespace {
@@ -55,7 +54,8 @@ FwdPlan plan_fwd(const FwdParams& p) {
   if (!s.channels_last) {
     if ((pl.M + V) * es <= kFusedMaxBytes) {
       pl.mode = FwdPlan::kFused;
-      pl.threads = static_cast<int>(clamp64(round_up(ceil_div(ceil_div(pl.M, V), 2), 32), 32, kFusedMaxThreads));
+      pl.threads = static_cast<int>(
+          clamp64(round_up(ceil_div(ceil_div(pl.M, V), 2), 32), 32, kFusedMaxThreads));
       pl.smem = static_cast<size_t>(round_up((pl.M + V) * es, 16));
     } else {
       pl.mode = FwdPlan::kSplit;
@@ -87,7 +87,8 @@ BwdPlan plan_bwd(const BwdParams& p) {
       pl.blocks = ceil_div(NC, kWarps);
     } else {
       const int64_t min_chunk = kThreads * V * 2;
-      pl.splits = clamp64(ceil_div(target_blocks(p.num_sms), NC), 1, max64(1, ceil_div(s.S, min_chunk)));
+      pl.splits =
+          clamp64(ceil_div(target_blocks(p.num_sms), NC), 1, max64(1, ceil_div(s.S, min_chunk)));
       pl.chunk = round_up(ceil_div(s.S, pl.splits), V);
       pl.splits = ceil_div(s.S, pl.chunk);
       pl.blocks = NC * pl.splits;
@@ -95,7 +96,8 @@ BwdPlan plan_bwd(const BwdParams& p) {
   } else {
     // Fewer, longer blocks than the forward: the per-channel partials (C per block) are workspace
     // traffic, and the vector kernel holds ~128 registers (2 blocks per SM).
-    const RowSplit r = nsc_rows(s, static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 132) * kBlocksPerSmNscBwd);
+    const RowSplit r =
+        nsc_rows(s, static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 132) * kBlocksPerSmNscBwd);
     pl.rows = r.rows;
     pl.splits = r.splits;
     pl.blocks = s.N * pl.splits;

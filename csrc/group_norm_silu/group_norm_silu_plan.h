@@ -14,14 +14,16 @@
 
 namespace genext::gn {
 
-constexpr int kThreads = 256;             // blocks of the split, NSC and backward kernels
+constexpr int kThreads = 256;  // blocks of the split, NSC and backward kernels
 constexpr int kWarps = kThreads / 32;
 constexpr int kFusedMaxThreads = 512;
-constexpr int64_t kFusedMaxBytes = 44 * 1024;  // shared memory for one group (under the 48 KB default)
+constexpr int64_t kFusedMaxBytes =
+    44 * 1024;  // shared memory for one group (under the 48 KB default)
 constexpr int64_t kMaxSplitsNcs = 512;
-constexpr int64_t kWarpRowsMaxS = 1024;   // backward NCS: one warp per (n, c) row up to this S
+constexpr int64_t kWarpRowsMaxS = 1024;  // backward NCS: one warp per (n, c) row up to this S
 constexpr int64_t kBlocksPerSm = 8;
-constexpr int64_t kBlocksPerSmNscBwd = 4;  // gn_bwd_nsc with 16-byte vectors: ~128 registers, 2 resident
+constexpr int64_t kBlocksPerSmNscBwd =
+    4;  // gn_bwd_nsc with 16-byte vectors: ~128 registers, 2 resident
 constexpr int64_t kMinBlockElemsNsc = 16384;  // NSC: a block covers at least this many elements
 // Longest fp32 Welford run (vectors per NCS slot, rows per NSC channel) before it is folded into
 // the thread's double sums (NCS) or double-merged partial (NSC) and restarted from a new shift.
@@ -37,7 +39,9 @@ struct alignas(16) Moments {
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-constexpr int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+constexpr int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
 constexpr size_t align256(size_t b) { return (b + 255) & ~static_cast<size_t>(255); }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

@@ -38,7 +38,9 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                "r"(valid ? 16 : 0)
                : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -80,9 +82,9 @@ struct SplitSmem {
   // the block fits in shared memory.
   static constexpr int kStages = (sizeof(T) == 4 && kD > 128) ? 1 : 2;
   static constexpr int kBytes = 2 * kStages * kTileElems * static_cast<int>(sizeof(T))  // K, V
-                                + kMaxRows * kD * 4                            // q, scaled
-                                + 2 * kMaxRows * kKeysPerTile * 4              // scores, P
-                                + 4 * kMaxRows * 4                             // m, l, alpha, pad
+                                + kMaxRows * kD * 4                                     // q, scaled
+                                + 2 * kMaxRows * kKeysPerTile * 4                       // scores, P
+                                + 4 * kMaxRows * 4  // m, l, alpha, pad
                                 + (kThreads / (kD / 2) > 1 ? kMaxRows * kD * 4 : 0);  // PV groups
 };
 
@@ -93,14 +95,14 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
   constexpr int kN = kKeysPerTile;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int kStages = Sm::kStages;
-  T* sK = reinterpret_cast<T*>(smem_raw);          // [kStages][kN][kPitch]
-  T* sV = sK + kStages * Sm::kTileElems;           // [kStages][kN][kPitch]
+  T* sK = reinterpret_cast<T*>(smem_raw);                               // [kStages][kN][kPitch]
+  T* sV = sK + kStages * Sm::kTileElems;                                // [kStages][kN][kPitch]
   float* sQ = reinterpret_cast<float*>(sV + kStages * Sm::kTileElems);  // [kMaxRows][kD]
-  float* sS = sQ + kMaxRows * kD;                  // [kMaxRows][kN] scores, then P
-  float* sM = sS + kMaxRows * kN;                  // running max per row (base 2)
-  float* sL = sM + kMaxRows;                       // running sum per row
-  float* sA = sL + kMaxRows;                       // this tile's rescale per row
-  float* sRed = sA + 2 * kMaxRows;                 // PV partials of key groups
+  float* sS = sQ + kMaxRows * kD;   // [kMaxRows][kN] scores, then P
+  float* sM = sS + kMaxRows * kN;   // running max per row (base 2)
+  float* sL = sM + kMaxRows;        // running sum per row
+  float* sA = sL + kMaxRows;        // this tile's rescale per row
+  float* sRed = sA + 2 * kMaxRows;  // PV partials of key groups
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int hk = blockIdx.y / p.row_chunks, rc = blockIdx.y % p.row_chunks;
@@ -361,7 +363,8 @@ CudaStatus run(const Params& p, cudaStream_t stream) {
   using Sm = SplitSmem<T, kD>;
   auto* kern = &split_kernel<T, kD>;
   if (Sm::kBytes > 48 * 1024) {
-    GENEXT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Sm::kBytes));
+    GENEXT_CUDA_TRY(
+        cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Sm::kBytes));
   }
   const dim3 grid(p.num_splits, p.Hk * p.row_chunks, p.B);
   kern<<<grid, kThreads, Sm::kBytes, stream>>>(p);
@@ -387,13 +390,15 @@ void plan_splits(Params& p, int num_sms) {
   p.row_chunks = std::max(1, (group * p.Lq + kMaxRows - 1) / kMaxRows);
   const int64_t base_blocks = static_cast<int64_t>(p.B) * p.Hk * p.row_chunks;
   // Enough blocks for about four per SM, each split at least four tiles of keys.
-  const int64_t want = std::max<int64_t>(1, (4LL * std::max(num_sms, 1) + base_blocks - 1) / base_blocks);
+  const int64_t want =
+      std::max<int64_t>(1, (4LL * std::max(num_sms, 1) + base_blocks - 1) / base_blocks);
   const int64_t max_by_len = std::max<int64_t>(1, p.capacity / (4 * kKeysPerTile));
   const int splits = static_cast<int>(std::min<int64_t>({want, max_by_len, 128}));
   const int64_t per = (static_cast<int64_t>(p.capacity) + splits - 1) / splits;
-  p.keys_per_split = static_cast<int>(std::max<int64_t>(
-      kKeysPerTile, (per + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile));
-  p.num_splits = std::max(1, static_cast<int>((p.capacity + p.keys_per_split - 1) / p.keys_per_split));
+  p.keys_per_split = static_cast<int>(
+      std::max<int64_t>(kKeysPerTile, (per + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile));
+  p.num_splits =
+      std::max(1, static_cast<int>((p.capacity + p.keys_per_split - 1) / p.keys_per_split));
 }
 
 CudaStatus kvcache_attention(const Params& p, cudaStream_t stream) {

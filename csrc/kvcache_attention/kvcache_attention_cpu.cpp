@@ -18,15 +18,16 @@
 //      far apart in memory, a stride the hardware prefetchers do not follow).
 //
 // Splits ("flash-decoding" on the CPU): when batch x kv heads gives fewer tasks than threads (one
-// long sequence, MQA), the keys are cut into ranges of at least kMinSplit keys; each task leaves its
-// unnormalised O, m and l in a scratch buffer and a merge pass combines the splits of each row with
-// the usual rescaling. With one split the task normalises and writes the output itself.
+// long sequence, MQA), the keys are cut into ranges of at least kMinSplit keys; each task leaves
+// its unnormalised O, m and l in a scratch buffer and a merge pass combines the splits of each row
+// with the usual rescaling. With one split the task normalises and writes the output itself.
 //
 // Masking: query i of sequence b sees key j iff j < len_k(b) and, when causal,
 // j <= len_k(b) - Lq + i; a row that sees no key gets out = 0, lse = -inf.
 //
-// The values of cache_seqlens and block_table are checked here (the kernel reads them anyway) before
-// anything is written: every length within the capacity, every block a sequence uses in the pool.
+// The values of cache_seqlens and block_table are checked here (the kernel reads them anyway)
+// before anything is written: every length within the capacity, every block a sequence uses in the
+// pool.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -52,8 +53,8 @@ namespace genext::kv {
 namespace {
 
 constexpr const char* kOp = "attention_with_kvcache";
-constexpr int64_t kTile = 64;        // keys per tile (a multiple of 16)
-constexpr int64_t kMinSplit = 256;   // fewest keys worth a split of their own
+constexpr int64_t kTile = 64;       // keys per tile (a multiple of 16)
+constexpr int64_t kMinSplit = 256;  // fewest keys worth a split of their own
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
@@ -94,8 +95,9 @@ using simd::store;
 // each). Each key row is loaded once for the R rows; the products go into one 16-lane accumulator
 // per row, summed across lanes at the end.
 template <class T, int R>
-GENEXT_INLINE void dots_block(const T* __restrict__ Q, int64_t ldq, const T* const* __restrict__ krows,
-                          int64_t nc, int64_t D, T* __restrict__ S) {
+GENEXT_INLINE void dots_block(const T* __restrict__ Q, int64_t ldq,
+                              const T* const* __restrict__ krows, int64_t nc, int64_t D,
+                              T* __restrict__ S) {
   using V = typename simd::Vec<T>::V;
   const int64_t Dv = D / kLanes * kLanes;
   for (int64_t j = 0; j < nc; ++j) {
@@ -115,8 +117,8 @@ GENEXT_INLINE void dots_block(const T* __restrict__ Q, int64_t ldq, const T* con
 }
 
 template <class T>
-GENEXT_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* const* krows, int64_t nc,
-                           int64_t D, T* S) {
+GENEXT_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* const* krows,
+                               int64_t nc, int64_t D, T* S) {
   int64_t r = 0;
   for (; r + 4 <= nr; r += 4) dots_block<T, 4>(Q + r * ldq, ldq, krows, nc, D, S + r * kTile);
   for (; r < nr; ++r) dots_block<T, 1>(Q + r * ldq, ldq, krows, nc, D, S + r * kTile);
@@ -126,7 +128,7 @@ GENEXT_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* con
 // P = exp(S - m_new) (0 where masked), m and l are updated and alpha[r] = exp(m_old - m_new).
 template <class T>
 GENEXT_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __restrict__ nvis,
-                            T* __restrict__ m, T* __restrict__ l, T* __restrict__ alpha) {
+                                T* __restrict__ m, T* __restrict__ l, T* __restrict__ alpha) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < nr; ++r) {
     T* s = S + r * kTile;
@@ -155,7 +157,8 @@ GENEXT_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __
 // W vectors that stay in registers over the keys.
 template <class T, int W>
 GENEXT_INLINE void accum_chunk(T* __restrict__ o, const T* __restrict__ p,
-                           const T* const* __restrict__ vrows, int64_t nc, int64_t d0, T alpha) {
+                               const T* const* __restrict__ vrows, int64_t nc, int64_t d0,
+                               T alpha) {
   using V = typename simd::Vec<T>::V;
   V acc[W];
   for (int w = 0; w < W; ++w) acc[w] = load<V>(o + d0 + w * kLanes) * alpha;
@@ -171,13 +174,14 @@ GENEXT_INLINE void accum_chunk(T* __restrict__ o, const T* __restrict__ p,
 // stride ldo, the value rows vrows[j] of D elements).
 template <class T>
 GENEXT_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T* const* vrows,
-                          int64_t nc, int64_t D, const T* alpha) {
+                              int64_t nc, int64_t D, const T* alpha) {
   const int64_t Dv = D / kLanes * kLanes;
   for (int64_t r = 0; r < nr; ++r) {
     T* o = O + r * ldo;
     const T* p = P + r * kTile;
     int64_t d0 = 0;
-    for (; d0 + 4 * kLanes <= Dv; d0 += 4 * kLanes) accum_chunk<T, 4>(o, p, vrows, nc, d0, alpha[r]);
+    for (; d0 + 4 * kLanes <= Dv; d0 += 4 * kLanes)
+      accum_chunk<T, 4>(o, p, vrows, nc, d0, alpha[r]);
     switch ((Dv - d0) / kLanes) {
       case 3: accum_chunk<T, 3>(o, p, vrows, nc, d0, alpha[r]); break;
       case 2: accum_chunk<T, 2>(o, p, vrows, nc, d0, alpha[r]); break;
@@ -211,7 +215,8 @@ KV_ENTRY_POINTS(double, )
 // ---- problem layout -----------------------------------------------------------------------------
 
 // Where the rows of a (B, L, H, D) tensor or a cache live. For a paged cache `table` is the block
-// table: row j of sequence b is slot j % block_size of block table[b * max_blocks + j / block_size].
+// table: row j of sequence b is slot j % block_size of block table[b * max_blocks + j /
+// block_size].
 template <class S>
 struct Rows {
   S* p = nullptr;
@@ -220,8 +225,13 @@ struct Rows {
   int64_t block_size = 0, max_blocks = 0;
 
   Rows(const at::Tensor& t, const int32_t* tab, int64_t bs, int64_t mb)
-      : p(static_cast<S*>(t.data_ptr())), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)),
-        table(tab), block_size(bs), max_blocks(mb) {}
+      : p(static_cast<S*>(t.data_ptr())),
+        s0(t.stride(0)),
+        s1(t.stride(1)),
+        s2(t.stride(2)),
+        table(tab),
+        block_size(bs),
+        max_blocks(mb) {}
 
   S* row(int64_t b, int64_t j, int64_t h) const {
     if (table) {
@@ -240,17 +250,17 @@ void check_values(const Problem& p, const int32_t* lens, const int32_t* table) {
     const int64_t L = lens[b];
     TORCH_CHECK_VALUE(L >= 0, kOp, ": cache_seqlens[", b, "] = ", L, " is negative");
     TORCH_CHECK_VALUE(L + added <= p.capacity, kOp, ": sequence ", b, " would hold ", L + added,
-                      " tokens (cache_seqlens[", b, "] = ", L,
-                      added ? " plus Lq = " : "", added ? std::to_string(added) : std::string(),
-                      added ? " new" : "", "), past the cache capacity of ", p.capacity,
+                      " tokens (cache_seqlens[", b, "] = ", L, added ? " plus Lq = " : "",
+                      added ? std::to_string(added) : std::string(), added ? " new" : "",
+                      "), past the cache capacity of ", p.capacity,
                       p.paged ? " (max_blocks * block_size)" : " (k_cache.size(1))");
     if (!p.paged) continue;
     const int64_t used = ceil_div(L + added, p.block_size);
     for (int64_t c = 0; c < used; ++c) {
       const int64_t blk = table[b * p.max_blocks + c];
-      TORCH_CHECK_VALUE(blk >= 0 && blk < p.num_blocks, kOp, ": block_table[", b, ", ", c, "] = ",
-                        blk, " is outside the pool of ", p.num_blocks,
-                        " blocks; sequence ", b, " uses its first ", used, " entries");
+      TORCH_CHECK_VALUE(blk >= 0 && blk < p.num_blocks, kOp, ": block_table[", b, ", ", c,
+                        "] = ", blk, " is outside the pool of ", p.num_blocks, " blocks; sequence ",
+                        b, " uses its first ", used, " entries");
     }
   }
 }
@@ -306,7 +316,8 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, lens[b] + added);
   const int64_t units = B * Hk, threads = at::get_num_threads();
   int64_t nsplit = 1;
-  if (units < threads) nsplit = std::clamp<int64_t>(ceil_div(threads, units), 1, max_len / kMinSplit);
+  if (units < threads)
+    nsplit = std::clamp<int64_t>(ceil_div(threads, units), 1, max_len / kMinSplit);
   nsplit = std::max<int64_t>(nsplit, 1);
   const int64_t split_len = nsplit > 1 ? round_up(ceil_div(max_len, nsplit), kTile) : max_len;
   nsplit = nsplit > 1 ? ceil_div(max_len, split_len) : 1;

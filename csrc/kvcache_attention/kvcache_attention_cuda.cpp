@@ -36,8 +36,8 @@ Strides strides_of(const at::Tensor& t) {
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
-                                       const at::Tensor& cache_seqlens,
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache,
+                                       at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                        const std::optional<at::Tensor>& k_new,
                                        const std::optional<at::Tensor>& v_new,
                                        const std::optional<at::Tensor>& block_table, double scale,

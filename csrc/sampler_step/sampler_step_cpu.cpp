@@ -1,6 +1,7 @@
 // sampler_step on the CPU: one pass over the sample (in blocks that stay in L1), in parallel over
 // chunks of elements, with the expression of sampler_step_math.h (compiled with -ffp-contract=off,
-// see CMakeLists.txt, so that every fp32 operation rounds as PyTorch's separate elementwise ops do).
+// see CMakeLists.txt, so that every fp32 operation rounds as PyTorch's separate elementwise ops
+// do).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -65,8 +65,9 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda_op(
 }
 
 // Each thread reads its elements before writing them, so prev may be the sample itself.
-void sampler_step_out_cuda_op(int64_t mode, const at::Tensor& sample, const at::Tensor& model_output,
-                              at::TensorList history, const std::optional<at::Tensor>& noise,
+void sampler_step_out_cuda_op(int64_t mode, const at::Tensor& sample,
+                              const at::Tensor& model_output, at::TensorList history,
+                              const std::optional<at::Tensor>& noise,
                               const std::optional<at::Tensor>& threshold_scale,
                               c10::ArrayRef<double> coef, int64_t prediction_type, bool clip,
                               bool guidance, double guidance_scale, at::Tensor& prev,

@@ -25,8 +25,8 @@ constexpr int kTileDims = 32;
 
 template <class T>
 __global__ void __launch_bounds__(kRowsPerBlock) nearest_kernel(const NearestParams p) {
-  __shared__ float sZ[kTileDims][kRowsPerBlock];       // [d][row]: row-consecutive, no conflicts
-  __shared__ float sE[kTileCodes][kTileDims + 1];      // broadcast reads
+  __shared__ float sZ[kTileDims][kRowsPerBlock];   // [d][row]: row-consecutive, no conflicts
+  __shared__ float sE[kTileCodes][kTileDims + 1];  // broadcast reads
   const T* z = static_cast<const T*>(p.z);
   const T* cb = static_cast<const T*>(p.codebook);
   const int tid = threadIdx.x;

@@ -32,8 +32,7 @@ constexpr int64_t kRowsPerTask = 64;
 // z (row stride D) against one transposed codebook tile et (D x kCodes): the code loop is the
 // vector loop, the accumulators stay in registers.
 template <class A>
-GENEXT_INLINE void block_body(const A* z, const A* et, int64_t D, bool dot,
-                                                      A* out) {
+GENEXT_INLINE void block_body(const A* z, const A* et, int64_t D, bool dot, A* out) {
   A acc[kRows][kCodes];
   for (int64_t r = 0; r < kRows; ++r)
     for (int64_t c = 0; c < kCodes; ++c) acc[r][c] = 0;
@@ -67,7 +66,8 @@ GENEXT_INLINE void block_body(const A* z, const A* et, int64_t D, bool dot,
 GENEXT_CPU_CLONES void block_f32(const float* z, const float* et, int64_t D, bool dot, float* out) {
   block_body<float>(z, et, D, dot, out);
 }
-GENEXT_CPU_CLONES void block_f64(const double* z, const double* et, int64_t D, bool dot, double* out) {
+GENEXT_CPU_CLONES void block_f64(const double* z, const double* et, int64_t D, bool dot,
+                                 double* out) {
   block_body<double>(z, et, D, dot, out);
 }
 inline void block(const float* z, const float* et, int64_t D, bool dot, float* out) {

@@ -2,12 +2,12 @@
 // No host synchronisation (the deterministic EMA path sorts and segments with device ops).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/searchsorted.h>
-#include <ATen/ops/sort.h>
 #include <ATen/ops/clamp_min.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/norm.h>
 #include <ATen/ops/reciprocal.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -31,10 +31,11 @@ at::Tensor inv_norms(const at::Tensor& x) {
   return at::reciprocal(at::clamp_min(at::norm(x.to(at::kFloat), 2, {1}), 1e-30));
 }
 
-std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda_op(const at::Tensor& z_in, const at::Tensor& cb_in,
-                                                      bool cosine) {
+std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda_op(const at::Tensor& z_in,
+                                                      const at::Tensor& cb_in, bool cosine) {
   check_nearest("vq_nearest", z_in, cb_in, /*allow_double=*/false);
-  TORCH_CHECK(z_in.is_cuda(), "vq_nearest: z must be a CUDA tensor, got ", genext::device_name(z_in));
+  TORCH_CHECK(z_in.is_cuda(), "vq_nearest: z must be a CUDA tensor, got ",
+              genext::device_name(z_in));
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.contiguous(), cb = cb_in.contiguous();
   at::Tensor idx = at::empty({z.size(0)}, z.options().dtype(at::kLong));
