@@ -2,6 +2,8 @@
 // module itself only reports plain build facts to genext.build_info().
 #include <pybind11/pybind11.h>
 
+#include "common/head_dim.h"
+
 #ifndef GENEXT_CUDA_ARCHS
 #define GENEXT_CUDA_ARCHS ""
 #endif
@@ -16,6 +18,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda") = false;
 #endif
   m.attr("cuda_archs") = GENEXT_CUDA_ARCHS;
+  // the largest head dim of the CUDA attention kernels, for Python's choice of kernel
+  m.attr("cuda_max_head_dim") = genext::kCudaMaxHeadDim;
 #ifdef __VERSION__
   m.attr("compiler") = __VERSION__;
 #endif

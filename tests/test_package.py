@@ -24,6 +24,27 @@ def test_build_info_reports_kernels():
         assert info["cuda_archs"], "a CUDA build must name its architectures"
 
 
+def test_build_info_reports_device_generic_ops_truthfully():
+    # the contrastive ops are registered once for every device (CompositeExplicitAutograd), which the
+    # per-key dispatcher query does not see; they serve CUDA tensors only in a CUDA build
+    info = genext.build_info()
+    for op in ("tiled_lse", "tiled_lse_backward", "tiled_softplus_sum", "tiled_softplus_sum_backward"):
+        assert "float32" in info["ops"][op]["cpu"]
+        assert ("cuda" in info["ops"][op]) == info["cuda"]
+
+
+@pytest.mark.skipif(genext._C.cuda or not torch.cuda.is_available(),
+                    reason="needs a GPU and a genext build without CUDA kernels")
+def test_cpu_only_build_rejects_cuda_tensors_clearly():
+    a = torch.randn(4, 8, device="cuda")
+    s = torch.tensor(1.0, device="cuda")
+    with pytest.raises(NotImplementedError, match="tiled_lse: no kernel for cuda tensors in this genext "
+                                                  r"build \(CPU only: built without CUDA\)"):
+        torch.ops.genext.tiled_lse(a, a, s, None, True)
+    with pytest.raises(NotImplementedError, match="group_norm_silu"):  # the dispatcher's own error
+        torch.ops.genext.group_norm_silu(a.view(1, 4, 8), 2, None, None, 1e-5, True)
+
+
 def test_torch_version_mismatch_is_a_clear_import_error(monkeypatch):
     monkeypatch.setattr(_build_config, "torch_version", "1.0.0")
     with pytest.raises(ImportError, match=r"built against torch 1\.0\.0.*Rebuild genext"):

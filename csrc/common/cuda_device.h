@@ -1,11 +1,12 @@
 // Host-side CUDA device facts shared by the bindings (host C++, light headers only).
 #pragma once
 #include <c10/core/Device.h>
-#include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
 #include <array>
 #include <atomic>
+
+#include "common/cuda_check.h"
 
 namespace genext {
 
@@ -18,9 +19,7 @@ inline int num_sms(c10::DeviceIndex dev, const char* op) {
     if (v > 0) return v;
   }
   int v = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
-  TORCH_CHECK(err == cudaSuccess, op, ": cudaDeviceGetAttribute(MultiProcessorCount) failed: ",
-              cudaGetErrorString(err));
+  GENEXT_CHECK_CUDA(op, cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
   if (cached) cache[dev].store(v, std::memory_order_relaxed);
   return v;
 }

@@ -1,6 +1,7 @@
-// Small device helpers shared by genext's CUDA kernels: a CUDA-check macro, warp/block sums, a
-// Welford step, fp32/fp16/bf16 conversions, 16-byte vector loads/stores (4 floats or 8 halfs) and a
-// loop that issues several independent loads before using them. No torch header.
+// Small device helpers shared by genext's CUDA kernels: the launch checks (common/cuda_status.h),
+// warp/block sums, a Welford step, fp32/fp16/bf16 conversions, 16-byte vector loads/stores
+// (4 floats or 8 halfs) and a loop that issues several independent loads before using them. No
+// torch header.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -9,22 +10,20 @@
 #include <cstdint>
 #include <type_traits>
 
-// Return the error of a CUDA runtime call (or of the last launch) from the enclosing function.
-#define GENEXT_CUDA_TRY(expr)                                  \
-  do {                                                         \
-    const cudaError_t genext_err_ = (expr);                    \
-    if (genext_err_ != cudaSuccess) return genext_err_;        \
-  } while (0)
-#define GENEXT_LAUNCH_CHECK() GENEXT_CUDA_TRY(cudaGetLastError())
+#include "common/cuda_status.h"
 
 namespace genext::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-__host__ __device__ __forceinline__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ constexpr int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+__host__ __device__ __forceinline__ constexpr int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+__host__ __device__ __forceinline__ constexpr int64_t max64(int64_t a, int64_t b) {
+  return a > b ? a : b;
+}
 
-// ---- division by a run-time invariant ------------------------------------------------------------
+// ---- division by a run-time invariant -----------------------------------------------------------
 
 // n / d for 64-bit unsigned n by a divisor fixed on the host, with a multiply-high instead of the
 // 64-bit division subroutine (Granlund & Montgomery 1994, "Division by invariant integers using
@@ -52,16 +51,23 @@ struct FastDiv {
 
 // ---- reductions ---------------------------------------------------------------------------------
 
+// Sum (max) of v over the 32 lanes of a full warp, by butterfly shuffles: every lane gets the
+// result, the same bits on every lane.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
   return v;
 }
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
 
 // Sums a and b over the block (blockDim.x a multiple of 32, all threads must call it); every thread
-// gets the totals. Fixed order, so deterministic. scratch: 64 entries of shared memory. Safe to call
-// repeatedly with the same scratch (it synchronises before writing).
+// gets the totals. Fixed order, so deterministic. scratch: 64 entries of shared memory. Safe to
+// call repeatedly with the same scratch (it synchronises before writing).
 template <typename T>
 __device__ __forceinline__ void block_sum2(T& a, T& b, T* scratch) {
   a = warp_sum(a);
@@ -116,9 +122,13 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
 template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
@@ -129,11 +139,17 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 template <typename T>
 inline constexpr int kVec = static_cast<int>(16 / sizeof(T));  // elements per 16 bytes
 
-__device__ __forceinline__ uint4 ld_vec(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
+__device__ __forceinline__ uint4 ld_vec(const void* p) {
+  return __ldg(static_cast<const uint4*>(p));
+}
 // Last use of the data: streaming (evict-first) load.
-__device__ __forceinline__ uint4 ld_vec_cs(const void* p) { return __ldcs(static_cast<const uint4*>(p)); }
+__device__ __forceinline__ uint4 ld_vec_cs(const void* p) {
+  return __ldcs(static_cast<const uint4*>(p));
+}
 __device__ __forceinline__ void st_vec(void* p, const uint4& v) { *static_cast<uint4*>(p) = v; }
-__device__ __forceinline__ void st_vec_cs(void* p, const uint4& v) { __stcs(static_cast<uint4*>(p), v); }
+__device__ __forceinline__ void st_vec_cs(void* p, const uint4& v) {
+  __stcs(static_cast<uint4*>(p), v);
+}
 
 template <typename T>
 __device__ __forceinline__ void unpack16(const uint4& r, float (&f)[kVec<T>]) {

@@ -12,9 +12,9 @@ namespace genext::fa {
 
 // The problem as the kernels see it. Tensors are (B, L, H, D) views whose last dim is contiguous.
 struct Problem {
-  at::Tensor q, k, v;             // possibly copied so that stride(-1) == 1
-  int64_t batch = 0;              // number of sequences (cu_seqlens.numel() - 1 when varlen)
-  int64_t Lq = 0, Lk = 0;         // per-sequence maxima (tensor dims, or max_seqlen_* when varlen)
+  at::Tensor q, k, v;      // possibly copied so that stride(-1) == 1
+  int64_t batch = 0;       // number of sequences (cu_seqlens.numel() - 1 when varlen)
+  int64_t Lq = 0, Lk = 0;  // per-sequence maxima (tensor dims, or max_seqlen_* when varlen)
   int64_t Hq = 0, Hk = 0, D = 0;
   bool varlen = false;
   std::optional<at::Tensor> cu_q, cu_k, seqused_k;  // contiguous int32 when present
@@ -29,10 +29,10 @@ inline void check_index_tensor(const char* op, const char* name, const at::Tenso
                                const at::Tensor& q, int64_t numel) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
                    t.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", genext::device_name(t), " but q is on ",
-              genext::device_name(q));
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == numel, op, ": ", name, " must have shape (",
-                    numel, ",), got ", t.sizes());
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", genext::device_name(t),
+              " but q is on ", genext::device_name(q));
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == numel, op, ": ", name, " must have shape (", numel,
+                    ",), got ", t.sizes());
 }
 
 // Checks q, k, v and the length tensors. allow_double: float64 is served (CPU only).
@@ -45,14 +45,14 @@ inline Problem check_problem(const char* op, const at::Tensor& q, const at::Tens
   const auto dt = q.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||
                        (allow_double && dt == at::kDouble),
-                   op, ": q must be float16, bfloat16, float32",
-                   allow_double ? " or float64" : "", " on ", genext::device_type_name(q), ", got ", dt);
+                   op, ": q must be float16, bfloat16, float32", allow_double ? " or float64" : "",
+                   " on ", genext::device_type_name(q), ", got ", dt);
   TORCH_CHECK_TYPE(k.scalar_type() == dt && v.scalar_type() == dt, op,
                    ": q, k and v must share a dtype, got ", dt, ", ", k.scalar_type(), ", ",
                    v.scalar_type());
   TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op,
-              ": q, k and v must be on one device, got ", genext::device_name(q), ", ", genext::device_name(k), ", ",
-              genext::device_name(v));
+              ": q, k and v must be on one device, got ", genext::device_name(q), ", ",
+              genext::device_name(k), ", ", genext::device_name(v));
   TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
                     ": q, k, v must be (B, L, H, D) views, got ranks ", q.dim(), ", ", k.dim(),
                     ", ", v.dim());

@@ -12,7 +12,10 @@
 #include <optional>
 #include <tuple>
 
+#include "common/cuda_check.h"
 #include "common/device_name.h"
+#include "common/head_dim.h"
+#include "common/torch_dtype.h"
 #include "flash_attention/flash_attention.h"
 #include "flash_attention/flash_attention_checks.h"
 
@@ -21,18 +24,6 @@ namespace {
 
 constexpr const char* kFwdOp = "flash_attention_forward";
 constexpr const char* kBwdOp = "flash_attention_backward";
-constexpr int64_t kMaxHeadDim = 256;
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, "flash_attention: unsupported dtype ", t);
-  return DType::kFloat32;
-}
 
 // The 16-bit kernels copy rows with 16-byte cp.async: base and strides must keep rows aligned.
 at::Tensor aligned_view(const at::Tensor& t, bool need16) {
@@ -52,24 +43,20 @@ Strides strides_of(const at::Tensor& t) {
   return s;
 }
 
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error ", cudaGetErrorString(err));
-}
-
 Problem check_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k,
                    const std::optional<at::Tensor>& seqused_k, int64_t max_q, int64_t max_k) {
   Problem pr = check_problem(op, q, k, v, cu_q, cu_k, seqused_k, max_q, max_k,
-                             /*allow_double=*/false, kMaxHeadDim);
+                             /*allow_double=*/false, kCudaMaxHeadDim);
   TORCH_CHECK(pr.q.is_cuda(), op, ": q must be a CUDA tensor, got ", genext::device_name(pr.q));
   if (pr.q.scalar_type() != at::kFloat) {
     TORCH_CHECK(compiled_head_dim_tile(static_cast<int>(pr.D)) > 0, op, ": head dim ", pr.D,
                 " is above the largest flash-attention tile compiled into this build (",
                 compiled_head_dim_tiles(), "); rebuild with GENEXT_FA_HEAD_DIMS including it");
   }
-  TORCH_CHECK_VALUE(pr.Lq < (int64_t{1} << 31) && pr.Lk < (int64_t{1} << 31) &&
-                        pr.batch < 65536 && pr.Hq < 65536,
-                    op, ": sizes out of range (lengths < 2^31, batch and heads < 65536)");
+  TORCH_CHECK_VALUE(
+      pr.Lq < (int64_t{1} << 31) && pr.Lk < (int64_t{1} << 31) && pr.batch < 65536 && pr.Hq < 65536,
+      op, ": sizes out of range (lengths < 2^31, batch and heads < 65536)");
   const bool need16 = pr.q.scalar_type() != at::kFloat;
   pr.q = aligned_view(pr.q, need16);
   pr.k = aligned_view(pr.k, need16);
@@ -77,8 +64,9 @@ Problem check_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, con
   return pr;
 }
 
-void fill_common(FwdParams& p, const Problem& pr, double scale, bool causal, bool bottom_right) {
-  p.dtype = to_dtype(pr.q.scalar_type());
+void fill_common(const char* op, FwdParams& p, const Problem& pr, double scale, bool causal,
+                 bool bottom_right) {
+  p.dtype = to_dtype(op, pr.q.scalar_type());
   p.q = pr.q.data_ptr();
   p.k = pr.k.data_ptr();
   p.v = pr.v.data_ptr();
@@ -99,12 +87,13 @@ void fill_common(FwdParams& p, const Problem& pr, double scale, bool causal, boo
   p.bottom_right = bottom_right;
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v,
                                        const std::optional<at::Tensor>& cu_seqlens_q,
                                        const std::optional<at::Tensor>& cu_seqlens_k,
                                        const std::optional<at::Tensor>& seqused_k,
                                        int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-                                       bool causal, bool causal_bottom_right, bool deterministic) {
+                                       bool causal, bool causal_bottom_right) {
   const Problem pr = check_cuda(kFwdOp, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                 max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard guard(pr.q.device());
@@ -118,13 +107,13 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
     return {out, lse};
   }
   FwdParams p;
-  fill_common(p, pr, scale, causal, causal_bottom_right);
+  fill_common(kFwdOp, p, pr, scale, causal, causal_bottom_right);
   p.out = out.data_ptr();
   p.so = strides_of(out);
   p.lse = lse.data_ptr<float>();
   p.lse_batch = lse.stride(0);
   p.lse_head = lse.stride(1);
-  check_launch(kFwdOp, flash_fwd(p, c10::cuda::getCurrentCUDAStream()));
+  check_cuda(kFwdOp, flash_fwd(p, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
 
@@ -132,18 +121,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal, bool causal_bottom_right,
-    bool deterministic) {
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
+    bool causal_bottom_right) {
   const Problem pr = check_cuda(kBwdOp, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                 max_seqlen_q, max_seqlen_k);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), kBwdOp,
                     ": grad_out and out must have q's shape ", q.sizes(), ", got ",
                     grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-                   kBwdOp, ": grad_out and out must have q's dtype");
-  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() &&
-                  lse.device() == q.device(),
-              kBwdOp, ": grad_out, out and lse must be on q's device");
+  TORCH_CHECK_TYPE(
+      grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), kBwdOp,
+      ": grad_out and out must have q's dtype");
+  TORCH_CHECK(
+      grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
+      kBwdOp, ": grad_out, out and lse must be on q's device");
   TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == pr.Hq &&
                         lse.size(2) == q.size(1) && lse.scalar_type() == at::kFloat,
                     kBwdOp, ": lse must be float32 (B, Hq, Lq) as the forward returns it, got ",
@@ -157,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   // Rows no kernel visits (past seqused_k, outside every varlen sequence) must read as zero.
   const bool partial = pr.varlen || pr.seqused_k.has_value();
   const auto make = [&](const at::Tensor& like) {
-    return partial ? at::zeros(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
+    return partial ? at::zeros(like.sizes(), like.options())
+                   : at::empty(like.sizes(), like.options());
   };
   at::Tensor dq = make(q), dk = make(k), dv = make(v);
   if (q.numel() == 0 || pr.batch == 0) {
@@ -172,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   at::Tensor delta = at::empty(lse_c.sizes(), lse_c.options());
 
   BwdParams p;
-  fill_common(p, pr, scale, causal, causal_bottom_right);
+  fill_common(kBwdOp, p, pr, scale, causal, causal_bottom_right);
   p.out = o.data_ptr();
   p.so = strides_of(o);
   p.lse = lse_c.data_ptr<float>();
@@ -187,8 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   p.sdk = strides_of(dk);
   p.sdv = strides_of(dv);
   p.delta = delta.data_ptr<float>();
-  p.deterministic = deterministic;
-  check_launch(kBwdOp, flash_bwd(p, c10::cuda::getCurrentCUDAStream()));
+  check_cuda(kBwdOp, flash_bwd(p, c10::cuda::getCurrentCUDAStream()));
   return {dq, dk, dv};
 }
 

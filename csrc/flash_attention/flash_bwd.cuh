@@ -22,7 +22,7 @@ namespace genext::fa {
 template <int kD>
 struct BwdKVConfig {
   static constexpr int kWarps = kD <= 128 ? 8 : 4;
-  static constexpr int kBlockN = 16 * kWarps;        // keys per block
+  static constexpr int kBlockN = 16 * kWarps;          // keys per block
   static constexpr int kBlockM = kD <= 128 ? 64 : 32;  // queries per step
   static constexpr int kPitch = kD + 8;
   static constexpr bool kSplit = kD > 128;
@@ -33,7 +33,7 @@ struct BwdKVConfig {
 template <int kD>
 struct BwdQConfig {
   static constexpr int kWarps = kD <= 128 ? 8 : 4;
-  static constexpr int kBlockM = 16 * kWarps;        // queries per block
+  static constexpr int kBlockM = 16 * kWarps;          // queries per block
   static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keys per step
   static constexpr int kPitch = kD + 8;
   static constexpr int kSmemBytes = (2 * kBlockM + 4 * kBlockN) * kPitch * 2;
@@ -63,9 +63,9 @@ __global__ void flash_bwd_delta_kernel(const BwdParams p) {
 // Writes a warp's 16 x D fp32 accumulator (C-fragment layout), times `mul`, as T through the
 // warp's own 16 smem rows, then to global rows [row0, row0 + 16) that are < valid_rows.
 template <typename T, int kDT, int kPitch>
-__device__ __forceinline__ void store_rows(const float (&acc)[kDT][4], float mul, T* srows, T* gbase,
-                                           int64_t grow_stride, int valid_rows, int d_tiles,
-                                           int lane) {
+__device__ __forceinline__ void store_rows(const float (&acc)[kDT][4], float mul, T* srows,
+                                           T* gbase, int64_t grow_stride, int valid_rows,
+                                           int d_tiles, int lane) {
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int i = 0; i < kDT; ++i) {
@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(BwdKVConfig<kD>::kWarps * 32)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBlockN * kPitch;
-  T* sQ = sV + kBlockN * kPitch;           // [2][kBlockM][kPitch]
-  T* sdO = sQ + 2 * kBlockM * kPitch;      // [2][kBlockM][kPitch]
+  T* sQ = sV + kBlockN * kPitch;                                       // [2][kBlockM][kPitch]
+  T* sdO = sQ + 2 * kBlockM * kPitch;                                  // [2][kBlockM][kPitch]
   float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * kPitch);  // [2][kBlockM], base-2
   float* sDelta = sLse + 2 * kBlockM;                                  // [2][kBlockM]
 
@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(BwdKVConfig<kD>::kWarps * 32)
     load_tile<T, kBlockM, kD, kThreads>(sdO + st * kBlockM * kPitch,
                                         row_ptr<T>(p.dout, p.sdo, seq, seq.q_row0 + m0, h),
                                         p.sdo.row, rows, D);
-    const int64_t lrow = seq.b * p.lse_batch + static_cast<int64_t>(h) * p.lse_head + seq.q_row0 + m0;
+    const int64_t lrow =
+        seq.b * p.lse_batch + static_cast<int64_t>(h) * p.lse_head + seq.q_row0 + m0;
     for (int r = threadIdx.x; r < kBlockM; r += kThreads) {
       float l = INFINITY, dl = 0.f;
       if (r < rows) {
@@ -273,7 +274,8 @@ __global__ void __launch_bounds__(BwdKVConfig<kD>::kWarps * 32)
   }
   if constexpr (kDoDV) {
     T* gv = const_cast<T*>(row_ptr<T>(p.dv, p.sdv, seq, seq.k_row0 + n0 + wrow, hk));
-    store_rows<T, kDT, kPitch>(acc_dv, 1.f, sV + wrow * kPitch, gv, p.sdv.row, valid, d_tiles, lane);
+    store_rows<T, kDT, kPitch>(acc_dv, 1.f, sV + wrow * kPitch, gv, p.sdv.row, valid, d_tiles,
+                               lane);
   }
 }
 
@@ -437,12 +439,12 @@ inline cudaError_t set_smem(K* kernel, int bytes) {
 }
 
 template <typename T, int kD>
-cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.Lq == 0) return cudaSuccess;
+CudaStatus launch_bwd(const BwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.Lq == 0) return {};
   {
     const dim3 grid((p.Lq + 127) / 128, p.Hq, p.batch);
     flash_bwd_delta_kernel<T><<<grid, 128, 0, stream>>>(p);
-    GENEXT_CUDA_TRY(cudaGetLastError());
+    GENEXT_LAUNCH_CHECK();
   }
   if (p.Lk > 0) {
     using Cfg = BwdKVConfig<kD>;
@@ -453,14 +455,14 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
       GENEXT_CUDA_TRY(set_smem(kv, Cfg::kSmemBytes));
       GENEXT_CUDA_TRY(set_smem(kk, Cfg::kSmemBytes));
       kv<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-      GENEXT_CUDA_TRY(cudaGetLastError());
+      GENEXT_LAUNCH_CHECK();
       kk<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-      GENEXT_CUDA_TRY(cudaGetLastError());
+      GENEXT_LAUNCH_CHECK();
     } else {
       auto* kern = &flash_bwd_dkdv_kernel<T, kD, true, true>;
       GENEXT_CUDA_TRY(set_smem(kern, Cfg::kSmemBytes));
       kern<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-      GENEXT_CUDA_TRY(cudaGetLastError());
+      GENEXT_LAUNCH_CHECK();
     }
   }
   {
@@ -469,9 +471,9 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
     auto* kern = &flash_bwd_dq_kernel<T, kD>;
     GENEXT_CUDA_TRY(set_smem(kern, Cfg::kSmemBytes));
     kern<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-    GENEXT_CUDA_TRY(cudaGetLastError());
+    GENEXT_LAUNCH_CHECK();
   }
-  return cudaSuccess;
+  return {};
 }
 
 }  // namespace genext::fa

@@ -3,9 +3,9 @@
 // lengths. No torch header.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
-//   A (16x16, row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
-//   B (16x8, "col"):      b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g)
-//   C (16x8, fp32):       c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+//   A (16x16, row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8,
+//   2t+8..) B (16x8, "col"):      b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g) C (16x8, fp32):
+//   c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
 // Shared-memory tiles are row-major with a row pitch of kD + 8 elements, so the eight 16-byte rows
 // one ldmatrix phase reads fall in distinct bank groups (pitch = 16 mod 128 bytes, or 80 for
 // odd multiples of 32 elements: both conflict-free).
@@ -108,7 +108,9 @@ __device__ __forceinline__ void cp_async_zfill(void* smem, const void* gmem, boo
                "r"(n)
                : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -117,8 +119,8 @@ __device__ __forceinline__ void cp_async_wait() {
 // Copies rows [0, rows) of a (rows x kD) tile into smem (pitch kD + 8), zero-filling rows at or
 // past `valid_rows` and columns at or past D. gmem row r is at base + r * row_stride.
 template <typename T, int kRows, int kD, int kThreads>
-__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_stride, int valid_rows,
-                                          int D) {
+__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_stride,
+                                          int valid_rows, int D) {
   constexpr int kChunks = kD / 8;  // 16-byte chunks per row
   constexpr int kPitch = kD + 8;
   constexpr int kIters = (kRows * kChunks + kThreads - 1) / kThreads;

@@ -4,18 +4,14 @@
 // the online softmax run one key at a time. No atomics; the same bits every run.
 #include <cmath>
 
+#include "common/head_dim.h"
 #include "flash_attention/flash_common.cuh"
 
 namespace genext::fa {
 namespace {
 
 constexpr int kRowsPerBlock = 4;  // warps per block, one row each
-
-__device__ __forceinline__ float warp_sum32(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+static_assert(kCudaMaxHeadDim <= 8 * 32, "the fp32 kernels hold up to 8 values per lane");
 
 template <int kC>
 __device__ __forceinline__ void load_row(const float* src, int D, int lane, float (&r)[kC]) {
@@ -34,11 +30,12 @@ __device__ __forceinline__ float dot(const float (&a)[kC], const float* b, int D
     const int d = lane + 32 * c;
     if (d < D) s = fmaf(a[c], b[d], s);
   }
-  return warp_sum32(s);
+  return genext::cuda::warp_sum(s);
 }
 
 template <int kC>
-__device__ __forceinline__ void store_row(float* dst, int D, int lane, const float (&r)[kC], float mul) {
+__device__ __forceinline__ void store_row(float* dst, int D, int lane, const float (&r)[kC],
+                                          float mul) {
 #pragma unroll
   for (int c = 0; c < kC; ++c) {
     const int d = lane + 32 * c;
@@ -171,27 +168,29 @@ __global__ void fp32_bwd_dkdv_kernel(const BwdParams p) {
 }
 
 template <int kC>
-cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
+CudaStatus run_fwd(const FwdParams& p, cudaStream_t stream) {
   const dim3 grid((p.Lq + kRowsPerBlock - 1) / kRowsPerBlock, p.Hq, p.batch);
   fp32_fwd_kernel<kC><<<grid, 32 * kRowsPerBlock, 0, stream>>>(p);
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 template <int kC>
-cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
+CudaStatus run_bwd(const BwdParams& p, cudaStream_t stream) {
   const dim3 gq((p.Lq + kRowsPerBlock - 1) / kRowsPerBlock, p.Hq, p.batch);
   fp32_bwd_dq_kernel<kC><<<gq, 32 * kRowsPerBlock, 0, stream>>>(p);
-  GENEXT_CUDA_TRY(cudaGetLastError());
-  if (p.Lk == 0) return cudaSuccess;
+  GENEXT_LAUNCH_CHECK();
+  if (p.Lk == 0) return {};
   const dim3 gk((p.Lk + kRowsPerBlock - 1) / kRowsPerBlock, p.Hk, p.batch);
   fp32_bwd_dkdv_kernel<kC><<<gk, 32 * kRowsPerBlock, 0, stream>>>(p);
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 }  // namespace
 
-cudaError_t flash_fwd_fp32(const FwdParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.Lq == 0) return cudaSuccess;
+CudaStatus flash_fwd_fp32(const FwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.Lq == 0) return {};
   switch ((p.D + 31) / 32) {
     case 1: return run_fwd<1>(p, stream);
     case 2: return run_fwd<2>(p, stream);
@@ -201,12 +200,12 @@ cudaError_t flash_fwd_fp32(const FwdParams& p, cudaStream_t stream) {
     case 6: return run_fwd<6>(p, stream);
     case 7: return run_fwd<7>(p, stream);
     case 8: return run_fwd<8>(p, stream);
-    default: return cudaErrorInvalidValue;
+    default: return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   }
 }
 
-cudaError_t flash_bwd_fp32(const BwdParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.Lq == 0) return cudaSuccess;
+CudaStatus flash_bwd_fp32(const BwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.Lq == 0) return {};
   switch ((p.D + 31) / 32) {
     case 1: return run_bwd<1>(p, stream);
     case 2: return run_bwd<2>(p, stream);
@@ -216,7 +215,7 @@ cudaError_t flash_bwd_fp32(const BwdParams& p, cudaStream_t stream) {
     case 6: return run_bwd<6>(p, stream);
     case 7: return run_bwd<7>(p, stream);
     case 8: return run_bwd<8>(p, stream);
-    default: return cudaErrorInvalidValue;
+    default: return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
   }
 }
 

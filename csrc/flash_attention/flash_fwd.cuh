@@ -30,8 +30,7 @@ struct FwdConfig {
 };
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
-    flash_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32) flash_fwd_kernel(const FwdParams p) {
   using Cfg = FwdConfig<kD>;
   constexpr int kWarps = Cfg::kWarps, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
   constexpr int kMT = Cfg::kMT, kStages = Cfg::kStages;
@@ -41,8 +40,8 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sKs = sQ + kBlockM * kPitch;               // [kStages][kBlockN][kPitch]
-  T* sVs = sKs + kStages * kBlockN * kPitch;     // [kStages][kBlockN][kPitch]
+  T* sKs = sQ + kBlockM * kPitch;             // [kStages][kBlockN][kPitch]
+  T* sVs = sKs + kStages * kBlockN * kPitch;  // [kStages][kBlockN][kPitch]
 
   const int m_block = blockIdx.x, h = blockIdx.y, s_idx = blockIdx.z;
   const Seq seq = seq_info(p, s_idx);
@@ -103,7 +102,8 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int i = 0; i < kDT; ++i) acc_o[mt][i][0] = acc_o[mt][i][1] = acc_o[mt][i][2] = acc_o[mt][i][3] = 0.f;
+    for (int i = 0; i < kDT; ++i)
+      acc_o[mt][i][0] = acc_o[mt][i][1] = acc_o[mt][i][2] = acc_o[mt][i][3] = 0.f;
     m_run[mt][0] = m_run[mt][1] = -INFINITY;
     l_run[mt][0] = l_run[mt][1] = 0.f;
   }
@@ -251,18 +251,18 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32)
 }
 
 template <typename T, int kD>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+CudaStatus launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using Cfg = FwdConfig<kD>;
   const dim3 grid((p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM, p.Hq, p.batch);
-  if (grid.x == 0 || p.batch == 0) return cudaSuccess;
+  if (grid.x == 0 || p.batch == 0) return {};
   auto* kernel = &flash_fwd_kernel<T, kD>;
   if (Cfg::kSmemBytes > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-    if (e != cudaSuccess) return e;
+    GENEXT_CUDA_TRY(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   }
   kernel<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 }  // namespace genext::fa

@@ -6,12 +6,13 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+
 #include "common/device_name.h"
 
 namespace genext::gn {
 
 struct Problem {
-  at::Tensor x;             // x in the layout the kernel reads: contiguous or channels-last
+  at::Tensor x;  // x in the layout the kernel reads: contiguous or channels-last
   int64_t N = 0, C = 0, S = 1, G = 1;
   bool channels_last = false;
 };
@@ -34,11 +35,12 @@ inline Problem check_input(const char* op, const at::Tensor& x, int64_t num_grou
   const auto dt = x.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||
                        (allow_double && dt == at::kDouble),
-                   op, ": x must be ", dtype_list(allow_double), " on ", genext::device_type_name(x),
-                   ", got ", dt);
-  TORCH_CHECK_VALUE(x.dim() >= 3 && x.dim() <= 5, op,
-                    ": x must have shape (N, C, *) with 1 to 3 spatial dims (rank 3 to 5), got rank ",
-                    x.dim(), " ", x.sizes());
+                   op, ": x must be ", dtype_list(allow_double), " on ",
+                   genext::device_type_name(x), ", got ", dt);
+  TORCH_CHECK_VALUE(
+      x.dim() >= 3 && x.dim() <= 5, op,
+      ": x must have shape (N, C, *) with 1 to 3 spatial dims (rank 3 to 5), got rank ", x.dim(),
+      " ", x.sizes());
   Problem p;
   p.N = x.size(0);
   p.C = x.size(1);
@@ -53,8 +55,8 @@ inline Problem check_input(const char* op, const at::Tensor& x, int64_t num_grou
     const char* name = (t == &weight) ? "weight" : "bias";
     TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == p.C, op, ": ", name, " must have shape (C,) = (",
                       p.C, ",), got ", w.sizes());
-    TORCH_CHECK(w.device() == x.device(), op, ": ", name, " is on ", genext::device_name(w), " but x is on ",
-                genext::device_name(x));
+    TORCH_CHECK(w.device() == x.device(), op, ": ", name, " is on ", genext::device_name(w),
+                " but x is on ", genext::device_name(x));
     TORCH_CHECK_TYPE(w.scalar_type() == dt || w.scalar_type() == at::kFloat, op, ": ", name,
                      " must be float32 or x's dtype (", dt, "), got ", w.scalar_type());
   }
@@ -87,8 +89,8 @@ inline at::Tensor check_like_x(const char* op, const char* name, const at::Tenso
                     ", got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
                    x.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", genext::device_name(t), " but x is on ",
-              genext::device_name(x));
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", genext::device_name(t),
+              " but x is on ", genext::device_name(x));
   return to_layout(t, channels_last);
 }
 
@@ -96,8 +98,8 @@ inline void check_stats(const char* op, const at::Tensor& mean, const at::Tensor
                         const Problem& p) {
   for (const auto* t : {&mean, &rstd}) {
     const char* name = (t == &mean) ? "mean" : "rstd";
-    TORCH_CHECK_VALUE(t->numel() == p.N * p.G, op, ": ", name, " must hold N*num_groups = ",
-                      p.N * p.G, " values, got shape ", t->sizes());
+    TORCH_CHECK_VALUE(t->numel() == p.N * p.G, op, ": ", name,
+                      " must hold N*num_groups = ", p.N * p.G, " values, got shape ", t->sizes());
     TORCH_CHECK(t->device() == p.x.device(), op, ": ", name, " is on ", genext::device_name(*t),
                 " but x is on ", genext::device_name(p.x));
   }

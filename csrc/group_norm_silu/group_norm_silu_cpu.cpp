@@ -17,8 +17,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_dispatch.h"
 #include "group_norm_silu/group_norm_silu_checks.h"
 #include "group_norm_silu/group_norm_silu_cpu_loops.h"
 
@@ -211,24 +210,26 @@ void forward_nsc(const Dims& d, const S* x, S* y, T* mean, T* rstd, const T* w, 
         bc[n * d.C + c] = b ? b[c] : T(0);
       }
     }
-  at::parallel_for(0, d.N * d.S, std::max<int64_t>(1, 16384 / d.C), [&](int64_t begin, int64_t end) {
-    std::vector<T> buf;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t o = (row / d.S) * d.C;
-      over_chunks<S, T>(x + row * d.C, nullptr, y + row * d.C, d.C, buf,
-                        [&](const T* xs, const T*, T* out, int64_t off, int64_t len) {
-                          fwd_row_k(xs, out, len, &mc[o + off], &ac[o + off], &bc[o + off], silu);
-                        });
-    }
-  });
+  at::parallel_for(
+      0, d.N * d.S, std::max<int64_t>(1, 16384 / d.C), [&](int64_t begin, int64_t end) {
+        std::vector<T> buf;
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t o = (row / d.S) * d.C;
+          over_chunks<S, T>(x + row * d.C, nullptr, y + row * d.C, d.C, buf,
+                            [&](const T* xs, const T*, T* out, int64_t off, int64_t len) {
+                              fwd_row_k(xs, out, len, &mc[o + off], &ac[o + off], &bc[o + off],
+                                        silu);
+                            });
+        }
+      });
 }
 
 // ---- backward ----------------------------------------------------------------------------------
 // A[n,c] = sum g, D[n,c] = sum g*xhat (doubles, N*C); dx from the per-group k1, k2.
 
 template <class S, class T>
-void backward_ncs(const Dims& d, const S* dy, const S* x, const T* mean, const T* rstd,
-                  const T* w, const T* b, bool silu, S* dx, double* A, double* D) {
+void backward_ncs(const Dims& d, const S* dy, const S* x, const T* mean, const T* rstd, const T* w,
+                  const T* b, bool silu, S* dx, double* A, double* D) {
   at::parallel_for(0, d.N * d.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf;
     for (int64_t ng = begin; ng < end; ++ng) {
@@ -260,8 +261,8 @@ void backward_ncs(const Dims& d, const S* dy, const S* x, const T* mean, const T
 }
 
 template <class S, class T>
-void backward_nsc(const Dims& d, const S* dy, const S* x, const T* mean, const T* rstd,
-                  const T* w, const T* b, bool silu, S* dx, double* A, double* D) {
+void backward_nsc(const Dims& d, const S* dy, const S* x, const T* mean, const T* rstd, const T* w,
+                  const T* b, bool silu, S* dx, double* A, double* D) {
   const int64_t rpt = rows_per_task(d), R = (d.S + rpt - 1) / rpt, NC = d.N * d.C;
   std::vector<T> mc(NC), rc(NC), wc(d.C), bc(d.C), k1c(NC), k2c(NC);
   for (int64_t c = 0; c < d.C; ++c) wc[c] = w ? w[c] : T(1), bc[c] = b ? b[c] : T(0);
@@ -300,17 +301,18 @@ void backward_nsc(const Dims& d, const S* dy, const S* x, const T* mean, const T
         k1c[n * d.C + c] = T(k1 / double(d.M)), k2c[n * d.C + c] = T(k2 / double(d.M));
     }
   }
-  at::parallel_for(0, d.N * d.S, std::max<int64_t>(1, 16384 / d.C), [&](int64_t begin, int64_t end) {
-    std::vector<T> buf;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t o = (row / d.S) * d.C;
-      over_chunks<S, T>(x + row * d.C, dy + row * d.C, dx + row * d.C, d.C, buf,
-                        [&](const T* xs, const T* gs, T* out, int64_t off, int64_t len) {
-                          bwd_dx_row_k(xs, gs, out, len, &mc[o + off], &rc[o + off], &wc[off],
-                                       &bc[off], &k1c[o + off], &k2c[o + off], silu);
-                        });
-    }
-  });
+  at::parallel_for(
+      0, d.N * d.S, std::max<int64_t>(1, 16384 / d.C), [&](int64_t begin, int64_t end) {
+        std::vector<T> buf;
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t o = (row / d.S) * d.C;
+          over_chunks<S, T>(x + row * d.C, dy + row * d.C, dx + row * d.C, d.C, buf,
+                            [&](const T* xs, const T* gs, T* out, int64_t off, int64_t len) {
+                              bwd_dx_row_k(xs, gs, out, len, &mc[o + off], &rc[o + off], &wc[off],
+                                           &bc[off], &k1c[o + off], &k2c[o + off], silu);
+                            });
+        }
+      });
 }
 
 // ---- bindings ----------------------------------------------------------------------------------
@@ -324,17 +326,6 @@ inline at::ScalarType acc_type(at::ScalarType t) {
 
 inline at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
   return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
-}
-
-template <class F>
-inline void dispatch_types(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float(), float()); break;
-    case at::kDouble: f(double(), double()); break;
-    case at::kHalf: f(c10::Half(), float()); break;
-    case at::kBFloat16: f(c10::BFloat16(), float()); break;
-    default: TORCH_CHECK(false, "group_norm_silu: unsupported dtype ", t);
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
@@ -353,9 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
   }
   const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
   const Dims d(p);
-  dispatch_types(x_in.scalar_type(), [&](auto s, auto t) {
-    using S = decltype(s);
-    using T = decltype(t);
+  dispatch_cpu_dtype(kFwd, x_in.scalar_type(), [&]<class S, class T>() {
     const S* xp = p.x.const_data_ptr<S>();
     S* yp = y.mutable_data_ptr<S>();
     const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
@@ -385,9 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
   if (p.N * p.C * p.S > 0) {
     const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
     const Dims d(p);
-    dispatch_types(x_in.scalar_type(), [&](auto s, auto t) {
-      using S = decltype(s);
-      using T = decltype(t);
+    dispatch_cpu_dtype(kBwd, x_in.scalar_type(), [&]<class S, class T>() {
       const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
       const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
       auto* run = p.channels_last ? &backward_nsc<S, T> : &backward_ncs<S, T>;

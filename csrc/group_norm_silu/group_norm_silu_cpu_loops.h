@@ -1,6 +1,6 @@
 // Inner loops of the GroupNorm(+SiLU) CPU kernel, included by group_norm_silu_cpu.cpp only.
-// Plain C++ on raw pointers; the float32 entry points are compiled for SSE2, AVX2 and AVX-512 and
-// chosen when the library loads (GCC target_clones); exp is a polynomial the compiler vectorises.
+// Plain C++ on raw pointers; the float32 entry points are compiled per ISA level and chosen when
+// the library loads (GENEXT_CPU_CLONES); exp is a polynomial the compiler vectorises.
 #pragma once
 #include <algorithm>
 #include <bit>
@@ -8,98 +8,50 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cpu_simd.h"
+
 namespace genext::gn {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define GN_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define GN_CLONES
-#endif
-#define GN_INLINE __attribute__((always_inline)) inline
-
 // ---- element math ---------------------------------------------------------------------------
 
-// Vectors of 16 floats (GCC vector extensions): the reductions over runs use them explicitly,
-// because the auto-vectoriser turned the 16-lane accumulator loops into in-order scalar adds.
-// Each target clone lowers them to its ISA (one zmm, two ymm or four xmm registers).
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-constexpr int kVec = 16;
+// The reductions over runs use 16-float vectors (common/cpu_simd.h) explicitly, because the
+// auto-vectoriser turned the 16-lane accumulator loops into in-order scalar adds.
+using simd::f32x16;
+using simd::i32x16;
+using simd::splat;
+constexpr int kVec = simd::kLanes;
 
-template <class V>
-struct Lanes {  // scalar float
-  using I = int32_t;
-  static GN_INLINE I to_int(V v) { return static_cast<int32_t>(v); }
-};
-template <>
-struct Lanes<f32x16> {
-  using I = i32x16;
-  static GN_INLINE I to_int(f32x16 v) { return __builtin_convertvector(v, i32x16); }
-};
-
-template <class V, class S>
-GN_INLINE V splat(S s) {
-  if constexpr (std::is_same_v<V, f32x16>) {
-    return f32x16{} + static_cast<float>(s);
-  } else if constexpr (std::is_same_v<V, i32x16>) {
-    return i32x16{} + static_cast<int32_t>(s);
-  } else {
-    return static_cast<V>(s);
-  }
-}
-
-GN_INLINE f32x16 load16(const float* p) {
-  f32x16 v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-GN_INLINE double hsum(f32x16 v) {
-  double s = 0;
-  for (int j = 0; j < kVec; ++j) s += v[j];
-  return s;
-}
+GENEXT_INLINE f32x16 load16(const float* p) { return simd::load<f32x16>(p); }
+GENEXT_INLINE double hsum(f32x16 v) { return simd::hsum<double>(v); }
 
 // sigmoid(z) from t = exp(-|z|) in (0, 1]: 1/(1+t) for z >= 0, t/(1+t) below. Only a non-positive
-// exponent is needed, so the range is handled in integer arithmetic: x = -|z| by setting the sign
-// bit, x clamped at -100 by an integer min on its bits (for negative floats a larger bit pattern
-// is a larger magnitude), and 2^k flushed to 0 below 2^-126. (A float clamp written as ternaries
-// made GCC split the vector loop into masked branches that each ran the division: three vdivps
-// per vector instead of one, 5x slower.) V is float or f32x16.
+// exponent is needed, so the range is handled in integer arithmetic before simd::exp_core (which
+// takes [-100, 88]): x = -|z| by setting the sign bit, x clamped at -100 by an integer min on its
+// bits (for negative floats a larger bit pattern is a larger magnitude). (A float clamp written as
+// ternaries made GCC split the vector loop into masked branches that each ran the division: three
+// vdivps per vector instead of one, 5x slower.) V is float or f32x16.
 template <class V>
-GN_INLINE V sigmoid_v(V z) {
-  using I = typename Lanes<V>::I;
+GENEXT_INLINE V sigmoid_v(V z) {
+  using I = typename simd::IntLanes<V>::I;
   constexpr int32_t kMinus100 = 0xC2C80000 - 0x100000000LL;  // bits of -100.0f as int32
-  I xb = std::bit_cast<I>(z) | splat<I>(INT32_MIN);           // -|z|
-  xb = xb < splat<I>(kMinus100) ? xb : splat<I>(kMinus100);   // max(-|z|, -100)
-  const V x = std::bit_cast<V>(xb);
-  // exp(x) = 2^k * e^r, k = round(x / ln2), |r| <= ln2/2; Cephes' degree-6 polynomial for e^r
-  const V k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const V r = (x - k * 0.693359375f) + k * 2.12194440e-4f;              // x - k*ln2, two parts
-  V p = splat<V>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const V er = p * r * r + r + 1.0f;
-  I e = Lanes<V>::to_int(k) + 127;
-  e = e > splat<I>(0) ? e : splat<I>(0);  // 2^k below the normal range -> 0
-  const V t = er * std::bit_cast<V>(e << 23);
+  I xb = std::bit_cast<I>(z) | splat<I>(INT32_MIN);          // -|z|
+  xb = xb < splat<I>(kMinus100) ? xb : splat<I>(kMinus100);  // max(-|z|, -100)
+  const V t = simd::exp_core(std::bit_cast<V>(xb));
   return (z >= splat<V>(0.0f) ? splat<V>(1.0f) : t) / (1.0f + t);
 }
-GN_INLINE float sigmoid_t(float z) { return sigmoid_v(z); }
-GN_INLINE f32x16 sigmoid_t(f32x16 z) { return sigmoid_v(z); }
-GN_INLINE double sigmoid_t(double z) { return 1.0 / (1.0 + std::exp(-z)); }
+GENEXT_INLINE float sigmoid_t(float z) { return sigmoid_v(z); }
+GENEXT_INLINE f32x16 sigmoid_t(f32x16 z) { return sigmoid_v(z); }
+GENEXT_INLINE double sigmoid_t(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
 template <bool kSilu, class T>
-GN_INLINE T act(T z) {
+GENEXT_INLINE T act(T z) {
   if constexpr (kSilu) return z * sigmoid_t(z);
   return z;
 }
 // d act / d z
 template <bool kSilu, class T>
-GN_INLINE T act_grad(T z) {
+GENEXT_INLINE T act_grad(T z) {
   if constexpr (kSilu) {
     const T s = sigmoid_t(z);
     return s * (1.0f + z * (1.0f - s));
@@ -111,12 +63,12 @@ GN_INLINE T act_grad(T z) {
 template <class T>
 struct Bcast {
   T v;
-  GN_INLINE T operator[](int64_t) const { return v; }
+  GENEXT_INLINE T operator[](int64_t) const { return v; }
 };
 template <class T>
 struct Arr {
   const T* __restrict__ p;
-  GN_INLINE T operator[](int64_t i) const { return p[i]; }
+  GENEXT_INLINE T operator[](int64_t i) const { return p[i]; }
 };
 
 constexpr int64_t kFlush = 1024;  // values summed in float before adding into double
@@ -125,7 +77,7 @@ constexpr int64_t kFlush = 1024;  // values summed in float before adding into d
 
 // s1 += sum(x - shift), s2 += sum((x - shift)^2) over a contiguous run.
 template <class T>
-GN_INLINE void sums_run(const T* x, int64_t n, T shift, double* s1, double* s2) {
+GENEXT_INLINE void sums_run(const T* x, int64_t n, T shift, double* s1, double* s2) {
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {  // 16-wide vectors, added into double every kFlush
     const f32x16 sh = splat<f32x16>(shift);
@@ -150,8 +102,10 @@ GN_INLINE void sums_run(const T* x, int64_t n, T shift, double* s1, double* s2) 
 
 // Column sums of (x - shift[c]) and its square over `rows` rows of C values; s1/s2 are (C,).
 template <class T>
-GN_INLINE void sums_cols(const T* __restrict__ x, int64_t rows, int64_t C, const T* __restrict__ shift, T* __restrict__ acc1, T* __restrict__ acc2,
-                         double* __restrict__ s1, double* __restrict__ s2) {
+GENEXT_INLINE void sums_cols(const T* __restrict__ x, int64_t rows, int64_t C,
+                             const T* __restrict__ shift, T* __restrict__ acc1,
+                             T* __restrict__ acc2, double* __restrict__ s1,
+                             double* __restrict__ s2) {
   for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 8) {
     const int64_t r1 = std::min(rows, r0 + kFlush / 8);
     std::fill(acc1, acc1 + C, T(0));
@@ -170,15 +124,15 @@ GN_INLINE void sums_cols(const T* __restrict__ x, int64_t rows, int64_t C, const
 
 // y = act((x - m) * a + b)
 template <bool kSilu, class T, class P>
-GN_INLINE void fwd_loop(const T* __restrict__ x, T* __restrict__ y, int64_t n, P m, P a, P b) {
+GENEXT_INLINE void fwd_loop(const T* __restrict__ x, T* __restrict__ y, int64_t n, P m, P a, P b) {
   for (int64_t i = 0; i < n; ++i) y[i] = act<kSilu>((x[i] - m[i]) * a[i] + b[i]);
 }
 
 // Backward sums over a contiguous run: A += sum(g), D += sum(g * xhat), with
 // xhat = (x - m) * rs, z = xhat * w + b, g = dy * act'(z).
 template <bool kSilu, class T>
-GN_INLINE void bwd_sums_run(const T* __restrict__ x, const T* __restrict__ dy, int64_t n, T m, T rs, T w, T b, double* __restrict__ A,
-                            double* __restrict__ D) {
+GENEXT_INLINE void bwd_sums_run(const T* __restrict__ x, const T* __restrict__ dy, int64_t n, T m,
+                                T rs, T w, T b, double* __restrict__ A, double* __restrict__ D) {
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
     const f32x16 vm = splat<f32x16>(m), vrs = splat<f32x16>(rs), vw = splat<f32x16>(w),
@@ -206,9 +160,11 @@ GN_INLINE void bwd_sums_run(const T* __restrict__ x, const T* __restrict__ dy, i
 
 // Column version of bwd_sums_run for NSC rows; parameters are (C,) arrays; A/D are (C,).
 template <bool kSilu, class T>
-GN_INLINE void bwd_sums_cols(const T* __restrict__ x, const T* __restrict__ dy, int64_t rows, int64_t C, const T* __restrict__ m,
-                             const T* __restrict__ rs, const T* __restrict__ w, const T* __restrict__ b, T* __restrict__ acc1, T* __restrict__ acc2, double* __restrict__ A,
-                             double* __restrict__ D) {
+GENEXT_INLINE void bwd_sums_cols(const T* __restrict__ x, const T* __restrict__ dy, int64_t rows,
+                                 int64_t C, const T* __restrict__ m, const T* __restrict__ rs,
+                                 const T* __restrict__ w, const T* __restrict__ b,
+                                 T* __restrict__ acc1, T* __restrict__ acc2, double* __restrict__ A,
+                                 double* __restrict__ D) {
   for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 8) {
     const int64_t r1 = std::min(rows, r0 + kFlush / 8);
     std::fill(acc1, acc1 + C, T(0));
@@ -229,8 +185,8 @@ GN_INLINE void bwd_sums_cols(const T* __restrict__ x, const T* __restrict__ dy, 
 
 // dx = rs * (w * g - k1 - xhat * k2)
 template <bool kSilu, class T, class P>
-GN_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, int64_t n, P m, P rs, P w, P b, P k1,
-                           P k2) {
+GENEXT_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy,
+                               T* __restrict__ dx, int64_t n, P m, P rs, P w, P b, P k1, P k2) {
   for (int64_t i = 0; i < n; ++i) {
     const T xh = (x[i] - m[i]) * rs[i];
     const T g = dy[i] * act_grad<kSilu>(xh * w[i] + b[i]);
@@ -238,24 +194,25 @@ GN_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy, T*
   }
 }
 
-// ---- cloned entry points: one per loop and compute type ------------------------------------------
-// float: compiled three times (target_clones); double: the same templates, compiled once.
+// ---- cloned entry points: one per loop and compute type -----------------------------------------
+// float: compiled once per ISA level (GENEXT_CPU_CLONES); double: the same templates, compiled
+// once.
 
 #define GN_ENTRY_POINTS(T, ATTR, SUF)                                                              \
-  ATTR void sums_run_##SUF(const T* x, int64_t n, T shift, double* s1, double* s2) {              \
+  ATTR void sums_run_##SUF(const T* x, int64_t n, T shift, double* s1, double* s2) {               \
     sums_run<T>(x, n, shift, s1, s2);                                                              \
   }                                                                                                \
-  ATTR void sums_cols_##SUF(const T* x, int64_t rows, int64_t C, const T* shift, T* a1, T* a2,    \
+  ATTR void sums_cols_##SUF(const T* x, int64_t rows, int64_t C, const T* shift, T* a1, T* a2,     \
                             double* s1, double* s2) {                                              \
     sums_cols<T>(x, rows, C, shift, a1, a2, s1, s2);                                               \
   }                                                                                                \
-  ATTR void fwd_run_##SUF(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {                \
+  ATTR void fwd_run_##SUF(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {                 \
     if (silu)                                                                                      \
       fwd_loop<true>(x, y, n, Bcast<T>{m}, Bcast<T>{a}, Bcast<T>{b});                              \
     else                                                                                           \
       fwd_loop<false>(x, y, n, Bcast<T>{m}, Bcast<T>{a}, Bcast<T>{b});                             \
   }                                                                                                \
-  ATTR void fwd_row_##SUF(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b,        \
+  ATTR void fwd_row_##SUF(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b,         \
                           bool silu) {                                                             \
     if (silu)                                                                                      \
       fwd_loop<true>(x, y, C, Arr<T>{m}, Arr<T>{a}, Arr<T>{b});                                    \
@@ -269,7 +226,7 @@ GN_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy, T*
     else                                                                                           \
       bwd_sums_run<false>(x, dy, n, m, rs, w, b, A, D);                                            \
   }                                                                                                \
-  ATTR void bwd_sums_cols_##SUF(const T* x, const T* dy, int64_t rows, int64_t C, const T* m,     \
+  ATTR void bwd_sums_cols_##SUF(const T* x, const T* dy, int64_t rows, int64_t C, const T* m,      \
                                 const T* rs, const T* w, const T* b, bool silu, T* a1, T* a2,      \
                                 double* A, double* D) {                                            \
     if (silu)                                                                                      \
@@ -286,7 +243,7 @@ GN_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy, T*
       bwd_dx_loop<false>(x, dy, dx, n, Bcast<T>{m}, Bcast<T>{rs}, Bcast<T>{w}, Bcast<T>{b},        \
                          Bcast<T>{k1}, Bcast<T>{k2});                                              \
   }                                                                                                \
-  ATTR void bwd_dx_row_##SUF(const T* x, const T* dy, T* dx, int64_t C, const T* m, const T* rs,  \
+  ATTR void bwd_dx_row_##SUF(const T* x, const T* dy, T* dx, int64_t C, const T* m, const T* rs,   \
                              const T* w, const T* b, const T* k1, const T* k2, bool silu) {        \
     if (silu)                                                                                      \
       bwd_dx_loop<true>(x, dy, dx, C, Arr<T>{m}, Arr<T>{rs}, Arr<T>{w}, Arr<T>{b}, Arr<T>{k1},     \
@@ -296,43 +253,42 @@ GN_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy, T*
                          Arr<T>{k2});                                                              \
   }
 
-GN_ENTRY_POINTS(float, GN_CLONES, f32)
+GN_ENTRY_POINTS(float, GENEXT_CPU_CLONES, f32)
 GN_ENTRY_POINTS(double, , f64)
 #undef GN_ENTRY_POINTS
 
 // Overloads so the drivers below can be written once for float and double.
-#define GN_OVERLOADS(T, SUF)                                                              \
-  inline void sums_run_k(const T* x, int64_t n, T s, double* s1, double* s2) {           \
-    sums_run_##SUF(x, n, s, s1, s2);                                                      \
-  }                                                                                       \
-  inline void sums_cols_k(const T* x, int64_t r, int64_t C, const T* s, T* a1, T* a2,    \
-                          double* s1, double* s2) {                                       \
-    sums_cols_##SUF(x, r, C, s, a1, a2, s1, s2);                                          \
-  }                                                                                       \
-  inline void fwd_run_k(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {         \
-    fwd_run_##SUF(x, y, n, m, a, b, silu);                                                \
-  }                                                                                       \
-  inline void fwd_row_k(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b, \
-                        bool silu) {                                                      \
-    fwd_row_##SUF(x, y, C, m, a, b, silu);                                                \
-  }                                                                                       \
-  inline void bwd_sums_run_k(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b,    \
-                             bool silu, double* A, double* D) {                           \
-    bwd_sums_run_##SUF(x, dy, n, m, rs, w, b, silu, A, D);                                \
-  }                                                                                       \
-  inline void bwd_sums_cols_k(const T* x, const T* dy, int64_t r, int64_t C, const T* m, \
-                              const T* rs, const T* w, const T* b, bool silu, T* a1,      \
-                              T* a2, double* A, double* D) {                              \
-    bwd_sums_cols_##SUF(x, dy, r, C, m, rs, w, b, silu, a1, a2, A, D);                    \
-  }                                                                                       \
-  inline void bwd_dx_run_k(const T* x, const T* dy, T* dx, int64_t n, T m, T rs, T w,    \
-                           T b, T k1, T k2, bool silu) {                                  \
-    bwd_dx_run_##SUF(x, dy, dx, n, m, rs, w, b, k1, k2, silu);                            \
-  }                                                                                       \
-  inline void bwd_dx_row_k(const T* x, const T* dy, T* dx, int64_t C, const T* m,        \
-                           const T* rs, const T* w, const T* b, const T* k1, const T* k2, \
-                           bool silu) {                                                   \
-    bwd_dx_row_##SUF(x, dy, dx, C, m, rs, w, b, k1, k2, silu);                            \
+#define GN_OVERLOADS(T, SUF)                                                                       \
+  inline void sums_run_k(const T* x, int64_t n, T s, double* s1, double* s2) {                     \
+    sums_run_##SUF(x, n, s, s1, s2);                                                               \
+  }                                                                                                \
+  inline void sums_cols_k(const T* x, int64_t r, int64_t C, const T* s, T* a1, T* a2, double* s1,  \
+                          double* s2) {                                                            \
+    sums_cols_##SUF(x, r, C, s, a1, a2, s1, s2);                                                   \
+  }                                                                                                \
+  inline void fwd_run_k(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {                   \
+    fwd_run_##SUF(x, y, n, m, a, b, silu);                                                         \
+  }                                                                                                \
+  inline void fwd_row_k(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b,           \
+                        bool silu) {                                                               \
+    fwd_row_##SUF(x, y, C, m, a, b, silu);                                                         \
+  }                                                                                                \
+  inline void bwd_sums_run_k(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b, bool silu,   \
+                             double* A, double* D) {                                               \
+    bwd_sums_run_##SUF(x, dy, n, m, rs, w, b, silu, A, D);                                         \
+  }                                                                                                \
+  inline void bwd_sums_cols_k(const T* x, const T* dy, int64_t r, int64_t C, const T* m,           \
+                              const T* rs, const T* w, const T* b, bool silu, T* a1, T* a2,        \
+                              double* A, double* D) {                                              \
+    bwd_sums_cols_##SUF(x, dy, r, C, m, rs, w, b, silu, a1, a2, A, D);                             \
+  }                                                                                                \
+  inline void bwd_dx_run_k(const T* x, const T* dy, T* dx, int64_t n, T m, T rs, T w, T b, T k1,   \
+                           T k2, bool silu) {                                                      \
+    bwd_dx_run_##SUF(x, dy, dx, n, m, rs, w, b, k1, k2, silu);                                     \
+  }                                                                                                \
+  inline void bwd_dx_row_k(const T* x, const T* dy, T* dx, int64_t C, const T* m, const T* rs,     \
+                           const T* w, const T* b, const T* k1, const T* k2, bool silu) {          \
+    bwd_dx_row_##SUF(x, dy, dx, C, m, rs, w, b, k1, k2, silu);                                     \
   }
 GN_OVERLOADS(float, f32)
 GN_OVERLOADS(double, f64)

@@ -15,10 +15,12 @@
 #include <optional>
 #include <tuple>
 
-#include "group_norm_silu/group_norm_silu.h"
-#include "group_norm_silu/group_norm_silu_checks.h"
+#include "common/cuda_check.h"
 #include "common/cuda_device.h"
 #include "common/device_name.h"
+#include "common/torch_dtype.h"
+#include "group_norm_silu/group_norm_silu.h"
+#include "group_norm_silu/group_norm_silu_checks.h"
 
 namespace genext::gn {
 namespace {
@@ -27,21 +29,6 @@ constexpr const char* kFwdOp = "group_norm_silu";
 constexpr const char* kBwdOp = "group_norm_silu_backward";
 
 int num_sms(c10::DeviceIndex dev) { return genext::num_sms(dev, "group_norm_silu"); }
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, "group_norm_silu: unsupported dtype ", t);
-  return DType::kFloat32;
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA error ", cudaGetErrorString(err), " (", __FILE__, ")");
-}
 
 Shape shape_of(const Problem& pr) {
   Shape s;
@@ -59,8 +46,8 @@ struct AffineArgs {
   at::Tensor w, b;
   DType wdtype = DType::kFloat32;
 };
-AffineArgs affine_args(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                       DType xdtype) {
+AffineArgs affine_args(const char* op, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, DType xdtype) {
   AffineArgs a;
   a.wdtype = xdtype;
   if (!weight.has_value()) return a;  // check_input: weight and bias come together
@@ -70,7 +57,7 @@ AffineArgs affine_args(const std::optional<at::Tensor>& weight, const std::optio
     a.w = a.w.to(at::kFloat);
     a.b = a.b.to(at::kFloat);
   }
-  a.wdtype = to_dtype(a.w.scalar_type());
+  a.wdtype = to_dtype(op, a.w.scalar_type());
   return a;
 }
 
@@ -81,8 +68,8 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, int64_t num_groups,
                                                    const std::optional<at::Tensor>& weight,
-                                                   const std::optional<at::Tensor>& bias, double eps,
-                                                   bool silu) {
+                                                   const std::optional<at::Tensor>& bias,
+                                                   double eps, bool silu) {
   const Problem pr = check_input(kFwdOp, x, num_groups, weight, bias, /*allow_double=*/false);
   TORCH_CHECK(pr.x.is_cuda(), kFwdOp, ": x must be a CUDA tensor, got ", genext::device_name(pr.x));
   const c10::cuda::CUDAGuard guard(pr.x.device());
@@ -100,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, int64_t 
     return {y, mean, rstd};
   }
 
-  const DType dt = to_dtype(pr.x.scalar_type());
-  const AffineArgs aff = affine_args(weight, bias, dt);
+  const DType dt = to_dtype(kFwdOp, pr.x.scalar_type());
+  const AffineArgs aff = affine_args(kFwdOp, weight, bias, dt);
   FwdParams p;
   p.shape = shape_of(pr);
   p.dtype = dt;
@@ -117,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, int64_t 
   p.num_sms = num_sms(pr.x.device().index());
   const at::Tensor ws = workspace(fwd_workspace_bytes(p), pr.x);
   p.workspace = ws.defined() ? ws.data_ptr() : nullptr;
-  check_launch(kFwdOp, group_norm_silu_fwd(p, c10::cuda::getCurrentCUDAStream()));
+  check_cuda(kFwdOp, group_norm_silu_fwd(p, c10::cuda::getCurrentCUDAStream()));
   return {y, mean, rstd};
 }
 
@@ -130,9 +117,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, con
   TORCH_CHECK(pr.x.is_cuda(), kBwdOp, ": x must be a CUDA tensor, got ", genext::device_name(pr.x));
   const at::Tensor dy = check_like_x(kBwdOp, "grad_y", grad_y, x, pr.channels_last);
   check_stats(kBwdOp, mean, rstd, pr);
-  TORCH_CHECK_TYPE(mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat, kBwdOp,
-                   ": mean and rstd must be float32 (as group_norm_silu returns them for this x), got ",
-                   mean.scalar_type(), " and ", rstd.scalar_type());
+  TORCH_CHECK_TYPE(
+      mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat, kBwdOp,
+      ": mean and rstd must be float32 (as group_norm_silu returns them for this x), got ",
+      mean.scalar_type(), " and ", rstd.scalar_type());
   const c10::cuda::CUDAGuard guard(pr.x.device());
 
   at::Tensor grad_x = at::empty_like(pr.x);
@@ -149,8 +137,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, con
   } else {
     const at::Tensor mean_c = mean.contiguous();
     const at::Tensor rstd_c = rstd.contiguous();
-    const DType dt = to_dtype(pr.x.scalar_type());
-    const AffineArgs aff = affine_args(weight, bias, dt);
+    const DType dt = to_dtype(kBwdOp, pr.x.scalar_type());
+    const AffineArgs aff = affine_args(kBwdOp, weight, bias, dt);
     BwdParams p;
     p.shape = shape_of(pr);
     p.dtype = dt;
@@ -168,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, con
     p.num_sms = num_sms(pr.x.device().index());
     const at::Tensor ws = workspace(bwd_workspace_bytes(p), pr.x);
     p.workspace = ws.defined() ? ws.data_ptr() : nullptr;
-    check_launch(kBwdOp, group_norm_silu_bwd(p, c10::cuda::getCurrentCUDAStream()));
+    check_cuda(kBwdOp, group_norm_silu_bwd(p, c10::cuda::getCurrentCUDAStream()));
   }
 
   if (!affine) {

@@ -13,7 +13,9 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/cuda_dispatch.cuh"
 #include "common/cuda_utils.cuh"
+#include "common/head_dim.h"
 #include "kvcache_attention/kvcache_attention.h"
 
 namespace genext::kv {
@@ -21,6 +23,8 @@ namespace {
 
 using genext::cuda::kVec;
 using genext::cuda::unpack16;
+using genext::cuda::warp_max;
+using genext::cuda::warp_sum;
 
 constexpr int kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -34,7 +38,9 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
                "r"(valid ? 16 : 0)
                : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -76,9 +82,9 @@ struct SplitSmem {
   // the block fits in shared memory.
   static constexpr int kStages = (sizeof(T) == 4 && kD > 128) ? 1 : 2;
   static constexpr int kBytes = 2 * kStages * kTileElems * static_cast<int>(sizeof(T))  // K, V
-                                + kMaxRows * kD * 4                            // q, scaled
-                                + 2 * kMaxRows * kKeysPerTile * 4              // scores, P
-                                + 4 * kMaxRows * 4                             // m, l, alpha, pad
+                                + kMaxRows * kD * 4                                     // q, scaled
+                                + 2 * kMaxRows * kKeysPerTile * 4                       // scores, P
+                                + 4 * kMaxRows * 4  // m, l, alpha, pad
                                 + (kThreads / (kD / 2) > 1 ? kMaxRows * kD * 4 : 0);  // PV groups
 };
 
@@ -89,14 +95,14 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
   constexpr int kN = kKeysPerTile;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   constexpr int kStages = Sm::kStages;
-  T* sK = reinterpret_cast<T*>(smem_raw);          // [kStages][kN][kPitch]
-  T* sV = sK + kStages * Sm::kTileElems;           // [kStages][kN][kPitch]
+  T* sK = reinterpret_cast<T*>(smem_raw);                               // [kStages][kN][kPitch]
+  T* sV = sK + kStages * Sm::kTileElems;                                // [kStages][kN][kPitch]
   float* sQ = reinterpret_cast<float*>(sV + kStages * Sm::kTileElems);  // [kMaxRows][kD]
-  float* sS = sQ + kMaxRows * kD;                  // [kMaxRows][kN] scores, then P
-  float* sM = sS + kMaxRows * kN;                  // running max per row (base 2)
-  float* sL = sM + kMaxRows;                       // running sum per row
-  float* sA = sL + kMaxRows;                       // this tile's rescale per row
-  float* sRed = sA + 2 * kMaxRows;                 // PV partials of key groups
+  float* sS = sQ + kMaxRows * kD;   // [kMaxRows][kN] scores, then P
+  float* sM = sS + kMaxRows * kN;   // running max per row (base 2)
+  float* sL = sM + kMaxRows;        // running sum per row
+  float* sA = sL + kMaxRows;        // this tile's rescale per row
+  float* sRed = sA + 2 * kMaxRows;  // PV partials of key groups
 
   const int split = blockIdx.x, b = blockIdx.z;
   const int hk = blockIdx.y / p.row_chunks, rc = blockIdx.y % p.row_chunks;
@@ -222,16 +228,12 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
       const int r = warp * (kMaxRows / 4) + k;
       float* srow = sS + r * kN;
       const float a = srow[lane], c = srow[lane + 32];
-      float mx = fmaxf(a, c);
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float mx = warp_max(fmaxf(a, c));
       const float m_old = sM[r];
       const float m_new = fmaxf(m_old, mx);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
       const float pa = exp2f(a - m_use), pc = exp2f(c - m_use);
-      float sum = pa + pc;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      const float sum = warp_sum(pa + pc);
       srow[lane] = pa;
       srow[lane + 32] = pc;
       __syncwarp();
@@ -353,30 +355,32 @@ __global__ void merge_kernel(const Params p) {
 }
 
 template <typename T, int kD>
-cudaError_t run(const Params& p, cudaStream_t stream) {
+CudaStatus run(const Params& p, cudaStream_t stream) {
   if (p.k_new != nullptr && p.Lq > 0) {
     append_kernel<T><<<dim3(p.Lq, p.Hk, p.B), 64, 0, stream>>>(p);
-    GENEXT_CUDA_TRY(cudaGetLastError());
+    GENEXT_LAUNCH_CHECK();
   }
   using Sm = SplitSmem<T, kD>;
   auto* kern = &split_kernel<T, kD>;
   if (Sm::kBytes > 48 * 1024) {
-    GENEXT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Sm::kBytes));
+    GENEXT_CUDA_TRY(
+        cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, Sm::kBytes));
   }
   const dim3 grid(p.num_splits, p.Hk * p.row_chunks, p.B);
   kern<<<grid, kThreads, Sm::kBytes, stream>>>(p);
-  GENEXT_CUDA_TRY(cudaGetLastError());
+  GENEXT_LAUNCH_CHECK();
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
   merge_kernel<T><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(p);
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 template <typename T>
-cudaError_t run_dtype(const Params& p, cudaStream_t stream) {
+CudaStatus run_dtype(const Params& p, cudaStream_t stream) {
   if (p.D <= 64) return run<T, 64>(p, stream);
   if (p.D <= 128) return run<T, 128>(p, stream);
-  if (p.D <= 256) return run<T, 256>(p, stream);
-  return cudaErrorInvalidValue;
+  if (p.D <= kCudaMaxHeadDim) return run<T, kCudaMaxHeadDim>(p, stream);
+  return GENEXT_CUDA_STATUS(cudaErrorInvalidValue);
 }
 
 }  // namespace
@@ -386,23 +390,20 @@ void plan_splits(Params& p, int num_sms) {
   p.row_chunks = std::max(1, (group * p.Lq + kMaxRows - 1) / kMaxRows);
   const int64_t base_blocks = static_cast<int64_t>(p.B) * p.Hk * p.row_chunks;
   // Enough blocks for about four per SM, each split at least four tiles of keys.
-  const int64_t want = std::max<int64_t>(1, (4LL * std::max(num_sms, 1) + base_blocks - 1) / base_blocks);
+  const int64_t want =
+      std::max<int64_t>(1, (4LL * std::max(num_sms, 1) + base_blocks - 1) / base_blocks);
   const int64_t max_by_len = std::max<int64_t>(1, p.capacity / (4 * kKeysPerTile));
   const int splits = static_cast<int>(std::min<int64_t>({want, max_by_len, 128}));
   const int64_t per = (static_cast<int64_t>(p.capacity) + splits - 1) / splits;
-  p.keys_per_split = static_cast<int>(std::max<int64_t>(
-      kKeysPerTile, (per + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile));
-  p.num_splits = std::max(1, static_cast<int>((p.capacity + p.keys_per_split - 1) / p.keys_per_split));
+  p.keys_per_split = static_cast<int>(
+      std::max<int64_t>(kKeysPerTile, (per + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile));
+  p.num_splits =
+      std::max(1, static_cast<int>((p.capacity + p.keys_per_split - 1) / p.keys_per_split));
 }
 
-cudaError_t kvcache_attention(const Params& p, cudaStream_t stream) {
-  if (p.B == 0 || p.Lq == 0 || p.Hq == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kFloat16: return run_dtype<__half>(p, stream);
-    case DType::kBFloat16: return run_dtype<__nv_bfloat16>(p, stream);
-    case DType::kFloat32: return run_dtype<float>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+CudaStatus kvcache_attention(const Params& p, cudaStream_t stream) {
+  if (p.B == 0 || p.Lq == 0 || p.Hq == 0) return {};
+  return dispatch_dtype(p.dtype, [&]<typename T>() { return run_dtype<T>(p, stream); });
 }
 
 }  // namespace genext::kv

@@ -9,16 +9,17 @@
 // cache capacity and the GPU, never on cache_seqlens, so a launch can be captured in a CUDA graph
 // and replayed with other lengths.
 #pragma once
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 
-#include <cuda_runtime_api.h>
+#include "common/cuda_status.h"
+#include "common/dtype.h"
 
 namespace genext::kv {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-constexpr int kMaxRows = 16;       // query rows (group heads x Lq) per block
-constexpr int kKeysPerTile = 64;   // keys per shared-memory tile
+constexpr int kMaxRows = 16;      // query rows (group heads x Lq) per block
+constexpr int kKeysPerTile = 64;  // keys per shared-memory tile
 
 struct Strides {
   int64_t batch = 0, row = 0, head = 0;  // in elements; for a paged cache batch = block, row = slot
@@ -26,22 +27,22 @@ struct Strides {
 
 struct Params {
   DType dtype = DType::kFloat16;
-  const void* q = nullptr;       // (B, Lq, Hq, D)
-  void* k_cache = nullptr;       // (B, Lmax, Hk, D) or paged (num_blocks, block_size, Hk, D)
+  const void* q = nullptr;  // (B, Lq, Hq, D)
+  void* k_cache = nullptr;  // (B, Lmax, Hk, D) or paged (num_blocks, block_size, Hk, D)
   void* v_cache = nullptr;
-  const void* k_new = nullptr;   // (B, Lq, Hk, D) or null
+  const void* k_new = nullptr;  // (B, Lq, Hk, D) or null
   const void* v_new = nullptr;
   Strides sq, skc, svc, skn, svn;
   const int* seqlens = nullptr;      // (B,) tokens cached before this call
   const int* block_table = nullptr;  // (B, max_blocks) or null
   int64_t bt_stride = 0;             // elements between block_table rows
   int block_size = 0, num_blocks = 0;
-  void* out = nullptr;           // (B, Lq, Hq, D) contiguous
-  float* lse = nullptr;          // (B, Hq, Lq) contiguous, natural log
-  float* part_o = nullptr;       // workspace: (num_splits, B, Hq, Lq, D) float
-  float* part_lse = nullptr;     // workspace: (num_splits, B, Hq, Lq) float, base 2
+  void* out = nullptr;        // (B, Lq, Hq, D) contiguous
+  float* lse = nullptr;       // (B, Hq, Lq) contiguous, natural log
+  float* part_o = nullptr;    // workspace: (num_splits, B, Hq, Lq, D) float
+  float* part_lse = nullptr;  // workspace: (num_splits, B, Hq, Lq) float, base 2
   int B = 0, Lq = 0, Hq = 0, Hk = 0, D = 0;
-  int capacity = 0;              // keys a sequence can hold
+  int capacity = 0;  // keys a sequence can hold
   int num_splits = 1, keys_per_split = 0, row_chunks = 1;
   float scale = 1.f;
   bool causal = true;
@@ -50,6 +51,6 @@ struct Params {
 // Fills num_splits, keys_per_split and row_chunks from the shape, the capacity and the SM count.
 void plan_splits(Params& p, int num_sms);
 
-cudaError_t kvcache_attention(const Params& p, cudaStream_t stream);
+CudaStatus kvcache_attention(const Params& p, cudaStream_t stream);
 
 }  // namespace genext::kv

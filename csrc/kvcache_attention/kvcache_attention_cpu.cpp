@@ -18,20 +18,19 @@
 //      far apart in memory, a stride the hardware prefetchers do not follow).
 //
 // Splits ("flash-decoding" on the CPU): when batch x kv heads gives fewer tasks than threads (one
-// long sequence, MQA), the keys are cut into ranges of at least kMinSplit keys; each task leaves its
-// unnormalised O, m and l in a scratch buffer and a merge pass combines the splits of each row with
-// the usual rescaling. With one split the task normalises and writes the output itself.
+// long sequence, MQA), the keys are cut into ranges of at least kMinSplit keys; each task leaves
+// its unnormalised O, m and l in a scratch buffer and a merge pass combines the splits of each row
+// with the usual rescaling. With one split the task normalises and writes the output itself.
 //
 // Masking: query i of sequence b sees key j iff j < len_k(b) and, when causal,
 // j <= len_k(b) - Lq + i; a row that sees no key gets out = 0, lse = -inf.
 //
-// The values of cache_seqlens and block_table are checked here (the kernel reads them anyway) before
-// anything is written: every length within the capacity, every block a sequence uses in the pool.
+// The values of cache_seqlens and block_table are checked here (the kernel reads them anyway)
+// before anything is written: every length within the capacity, every block a sequence uses in the
+// pool.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,21 +45,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_dispatch.h"
+#include "common/cpu_simd.h"
 #include "kvcache_attention/kvcache_checks.h"
 
 namespace genext::kv {
 namespace {
 
 constexpr const char* kOp = "attention_with_kvcache";
-constexpr int64_t kTile = 64;        // keys per tile (a multiple of 16)
-constexpr int64_t kMinSplit = 256;   // fewest keys worth a split of their own
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KV_CLONES __attribute__((target_clones("default", "fma", "avx512f")))
-#else
-#define KV_CLONES
-#endif
-#define KV_INLINE __attribute__((always_inline)) inline
+constexpr int64_t kTile = 64;       // keys per tile (a multiple of 16)
+constexpr int64_t kMinSplit = 256;  // fewest keys worth a split of their own
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
@@ -82,94 +76,40 @@ struct Buffer {
 
 // ---- tile routines ------------------------------------------------------------------------------
 
-// exp of kTile floats in place. e^x = 2^n * 2^f with n = round(x * log2 e), |f| <= 1/2, and 2^f
-// from its Taylor series in f ln2 to degree 7 (relative truncation error about 6e-9). x is clamped
-// to [-126, 0] * ln2 first: the arguments are scores minus a running maximum (<= 0), and results
-// below 2^-126 are negligible next to the row's largest term, 1. Masked lanes are zeroed by the
-// caller. Written as a plain loop without branches so that it vectorises.
-KV_INLINE void exp_tile_impl(float* __restrict__ x) {
-  for (int64_t j = 0; j < kTile; ++j) {
-    float t = x[j] * 1.4426950408889634f;
-    t = t < -126.0f ? -126.0f : (t > 0.0f ? 0.0f : t);
-    const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-    const float y = (t - n) * 0.6931471805599453f;    // f ln2, |y| <= 0.347
-    float p = 1.0f / 5040.0f;
-    p = p * y + 1.0f / 720.0f;
-    p = p * y + 1.0f / 120.0f;
-    p = p * y + 1.0f / 24.0f;
-    p = p * y + 1.0f / 6.0f;
-    p = p * y + 0.5f;
-    p = p * y + 1.0f;
-    p = p * y + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    x[j] = p * scale;
-  }
+// exp of kTile floats in place (common/cpu_simd.h), a plain loop that vectorises. The arguments
+// are scores minus a running maximum (<= 0); masked lanes are zeroed by the caller.
+GENEXT_INLINE void exp_tile_impl(float* __restrict__ x) {
+  for (int64_t j = 0; j < kTile; ++j) x[j] = simd::exp_v(x[j]);
 }
-KV_INLINE void exp_tile_impl(double* x) {
+GENEXT_INLINE void exp_tile_impl(double* x) {
   for (int64_t j = 0; j < kTile; ++j) x[j] = std::exp(x[j]);
 }
 
-// ---- vectors: 16 lanes (GCC vector extensions; the compiler splits them to the ISA's width) ----
+// ---- vectors: 16 lanes (common/cpu_simd.h; the compiler splits them to the ISA's width) ---------
 
-constexpr int kLanes = 16;
-typedef float f32x16 __attribute__((vector_size(kLanes * sizeof(float))));
-typedef double f64x16 __attribute__((vector_size(kLanes * sizeof(double))));
-template <class T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  using V = f32x16;
-};
-template <>
-struct VecOf<double> {
-  using V = f64x16;
-};
-
-template <class V, class T>
-KV_INLINE V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <class V, class T>
-KV_INLINE void vstore(T* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-}
-// Sum of the 16 lanes by halving: 8 + 8, 4 + 4, 2 + 2, 1 + 1.
-#define KV_HSUM(T, V16)                                                                            \
-  KV_INLINE T hsum(V16 v) {                                                                        \
-    typedef T V8 __attribute__((vector_size(8 * sizeof(T))));                                      \
-    typedef T V4 __attribute__((vector_size(4 * sizeof(T))));                                      \
-    typedef T V2 __attribute__((vector_size(2 * sizeof(T))));                                      \
-    const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +                           \
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);                      \
-    const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7); \
-    const V2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);        \
-    return c[0] + c[1];                                                                            \
-  }
-KV_HSUM(float, f32x16)
-KV_HSUM(double, f64x16)
+constexpr int kLanes = simd::kLanes;
+using simd::load;
+using simd::store;
 
 // S[r][j] = Q[r] . K[j] for R rows of Q (stride ldq) and the nc key rows krows[j] (D elements
 // each). Each key row is loaded once for the R rows; the products go into one 16-lane accumulator
 // per row, summed across lanes at the end.
 template <class T, int R>
-KV_INLINE void dots_block(const T* __restrict__ Q, int64_t ldq, const T* const* __restrict__ krows,
-                          int64_t nc, int64_t D, T* __restrict__ S) {
-  using V = typename VecOf<T>::V;
+GENEXT_INLINE void dots_block(const T* __restrict__ Q, int64_t ldq,
+                              const T* const* __restrict__ krows, int64_t nc, int64_t D,
+                              T* __restrict__ S) {
+  using V = typename simd::Vec<T>::V;
   const int64_t Dv = D / kLanes * kLanes;
   for (int64_t j = 0; j < nc; ++j) {
     const T* __restrict__ k = krows[j];
     V acc[R];
     for (int r = 0; r < R; ++r) acc[r] = V{};
     for (int64_t d = 0; d < Dv; d += kLanes) {
-      const V kv = vload<V>(k + d);
-      for (int r = 0; r < R; ++r) acc[r] += vload<V>(Q + r * ldq + d) * kv;
+      const V kv = load<V>(k + d);
+      for (int r = 0; r < R; ++r) acc[r] += load<V>(Q + r * ldq + d) * kv;
     }
     for (int r = 0; r < R; ++r) {
-      T sum = hsum(acc[r]);
+      T sum = simd::hsum_tree(acc[r]);
       for (int64_t d = Dv; d < D; ++d) sum += Q[r * ldq + d] * k[d];
       S[r * kTile + j] = sum;
     }
@@ -177,8 +117,8 @@ KV_INLINE void dots_block(const T* __restrict__ Q, int64_t ldq, const T* const* 
 }
 
 template <class T>
-KV_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* const* krows, int64_t nc,
-                           int64_t D, T* S) {
+GENEXT_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* const* krows,
+                               int64_t nc, int64_t D, T* S) {
   int64_t r = 0;
   for (; r + 4 <= nr; r += 4) dots_block<T, 4>(Q + r * ldq, ldq, krows, nc, D, S + r * kTile);
   for (; r < nr; ++r) dots_block<T, 1>(Q + r * ldq, ldq, krows, nc, D, S + r * kTile);
@@ -187,8 +127,8 @@ KV_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* const* 
 // Online-softmax step for rows r < nr of S, row r seeing its first nvis[r] columns: S becomes
 // P = exp(S - m_new) (0 where masked), m and l are updated and alpha[r] = exp(m_old - m_new).
 template <class T>
-KV_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __restrict__ nvis,
-                            T* __restrict__ m, T* __restrict__ l, T* __restrict__ alpha) {
+GENEXT_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __restrict__ nvis,
+                                T* __restrict__ m, T* __restrict__ l, T* __restrict__ alpha) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < nr; ++r) {
     T* s = S + r * kTile;
@@ -216,30 +156,32 @@ KV_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __rest
 // o[d0 : d0 + W * 16] = alpha * o[...] + sum_{j < nc} p[j] * vrows[j][d0 : ...], accumulated in
 // W vectors that stay in registers over the keys.
 template <class T, int W>
-KV_INLINE void accum_chunk(T* __restrict__ o, const T* __restrict__ p,
-                           const T* const* __restrict__ vrows, int64_t nc, int64_t d0, T alpha) {
-  using V = typename VecOf<T>::V;
+GENEXT_INLINE void accum_chunk(T* __restrict__ o, const T* __restrict__ p,
+                               const T* const* __restrict__ vrows, int64_t nc, int64_t d0,
+                               T alpha) {
+  using V = typename simd::Vec<T>::V;
   V acc[W];
-  for (int w = 0; w < W; ++w) acc[w] = vload<V>(o + d0 + w * kLanes) * alpha;
+  for (int w = 0; w < W; ++w) acc[w] = load<V>(o + d0 + w * kLanes) * alpha;
   for (int64_t j = 0; j < nc; ++j) {
     const V pj = V{} + p[j];
     const T* __restrict__ v = vrows[j] + d0;
-    for (int w = 0; w < W; ++w) acc[w] += pj * vload<V>(v + w * kLanes);
+    for (int w = 0; w < W; ++w) acc[w] += pj * load<V>(v + w * kLanes);
   }
-  for (int w = 0; w < W; ++w) vstore(o + d0 + w * kLanes, acc[w]);
+  for (int w = 0; w < W; ++w) store(o + d0 + w * kLanes, acc[w]);
 }
 
 // O[r][0:D] = alpha[r] * O[r][0:D] + sum_{j < nc} P[r][j] * V[j][0:D] for r < nr (O rows of
 // stride ldo, the value rows vrows[j] of D elements).
 template <class T>
-KV_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T* const* vrows,
-                          int64_t nc, int64_t D, const T* alpha) {
+GENEXT_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T* const* vrows,
+                              int64_t nc, int64_t D, const T* alpha) {
   const int64_t Dv = D / kLanes * kLanes;
   for (int64_t r = 0; r < nr; ++r) {
     T* o = O + r * ldo;
     const T* p = P + r * kTile;
     int64_t d0 = 0;
-    for (; d0 + 4 * kLanes <= Dv; d0 += 4 * kLanes) accum_chunk<T, 4>(o, p, vrows, nc, d0, alpha[r]);
+    for (; d0 + 4 * kLanes <= Dv; d0 += 4 * kLanes)
+      accum_chunk<T, 4>(o, p, vrows, nc, d0, alpha[r]);
     switch ((Dv - d0) / kLanes) {
       case 3: accum_chunk<T, 3>(o, p, vrows, nc, d0, alpha[r]); break;
       case 2: accum_chunk<T, 2>(o, p, vrows, nc, d0, alpha[r]); break;
@@ -253,7 +195,7 @@ KV_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T* co
   }
 }
 
-// Entry points: the float ones compiled per ISA (target_clones), double once.
+// Entry points: the float ones compiled per ISA level (GENEXT_CPU_CLONES), double once.
 #define KV_ENTRY_POINTS(T, ATTR)                                                                   \
   ATTR void scores(const T* Q, int64_t ldq, int64_t nr, const T* const* krows, int64_t nc,         \
                    int64_t D, T* S) {                                                              \
@@ -267,13 +209,14 @@ KV_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T* co
     accum_impl<T>(O, ldo, nr, P, vrows, nc, D, alpha);                                             \
   }
 
-KV_ENTRY_POINTS(float, KV_CLONES)
+KV_ENTRY_POINTS(float, GENEXT_CPU_CLONES)
 KV_ENTRY_POINTS(double, )
 
 // ---- problem layout -----------------------------------------------------------------------------
 
 // Where the rows of a (B, L, H, D) tensor or a cache live. For a paged cache `table` is the block
-// table: row j of sequence b is slot j % block_size of block table[b * max_blocks + j / block_size].
+// table: row j of sequence b is slot j % block_size of block table[b * max_blocks + j /
+// block_size].
 template <class S>
 struct Rows {
   S* p = nullptr;
@@ -282,8 +225,13 @@ struct Rows {
   int64_t block_size = 0, max_blocks = 0;
 
   Rows(const at::Tensor& t, const int32_t* tab, int64_t bs, int64_t mb)
-      : p(static_cast<S*>(t.data_ptr())), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)),
-        table(tab), block_size(bs), max_blocks(mb) {}
+      : p(static_cast<S*>(t.data_ptr())),
+        s0(t.stride(0)),
+        s1(t.stride(1)),
+        s2(t.stride(2)),
+        table(tab),
+        block_size(bs),
+        max_blocks(mb) {}
 
   S* row(int64_t b, int64_t j, int64_t h) const {
     if (table) {
@@ -302,17 +250,17 @@ void check_values(const Problem& p, const int32_t* lens, const int32_t* table) {
     const int64_t L = lens[b];
     TORCH_CHECK_VALUE(L >= 0, kOp, ": cache_seqlens[", b, "] = ", L, " is negative");
     TORCH_CHECK_VALUE(L + added <= p.capacity, kOp, ": sequence ", b, " would hold ", L + added,
-                      " tokens (cache_seqlens[", b, "] = ", L,
-                      added ? " plus Lq = " : "", added ? std::to_string(added) : std::string(),
-                      added ? " new" : "", "), past the cache capacity of ", p.capacity,
+                      " tokens (cache_seqlens[", b, "] = ", L, added ? " plus Lq = " : "",
+                      added ? std::to_string(added) : std::string(), added ? " new" : "",
+                      "), past the cache capacity of ", p.capacity,
                       p.paged ? " (max_blocks * block_size)" : " (k_cache.size(1))");
     if (!p.paged) continue;
     const int64_t used = ceil_div(L + added, p.block_size);
     for (int64_t c = 0; c < used; ++c) {
       const int64_t blk = table[b * p.max_blocks + c];
-      TORCH_CHECK_VALUE(blk >= 0 && blk < p.num_blocks, kOp, ": block_table[", b, ", ", c, "] = ",
-                        blk, " is outside the pool of ", p.num_blocks,
-                        " blocks; sequence ", b, " uses its first ", used, " entries");
+      TORCH_CHECK_VALUE(blk >= 0 && blk < p.num_blocks, kOp, ": block_table[", b, ", ", c,
+                        "] = ", blk, " is outside the pool of ", p.num_blocks, " blocks; sequence ",
+                        b, " uses its first ", used, " entries");
     }
   }
 }
@@ -323,7 +271,7 @@ void check_values(const Problem& p, const int32_t* lens, const int32_t* table) {
 // (measured: 2.4x slower on a 67 MB fp32 cache with Hk = 8, D = 128). The prefetch is an asm
 // statement because GCC treats __builtin_prefetch as free of side effects and deleted whole
 // prefetch loops here.
-KV_INLINE void prefetch_l2(const void* p) {
+GENEXT_INLINE void prefetch_l2(const void* p) {
 #if defined(__x86_64__) || defined(__i386__)
   asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
 #else
@@ -368,7 +316,8 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, lens[b] + added);
   const int64_t units = B * Hk, threads = at::get_num_threads();
   int64_t nsplit = 1;
-  if (units < threads) nsplit = std::clamp<int64_t>(ceil_div(threads, units), 1, max_len / kMinSplit);
+  if (units < threads)
+    nsplit = std::clamp<int64_t>(ceil_div(threads, units), 1, max_len / kMinSplit);
   nsplit = std::max<int64_t>(nsplit, 1);
   const int64_t split_len = nsplit > 1 ? round_up(ceil_div(max_len, nsplit), kTile) : max_len;
   nsplit = nsplit > 1 ? ceil_div(max_len, split_len) : 1;
@@ -499,17 +448,6 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
 
 // ---- binding ------------------------------------------------------------------------------------
 
-template <class F>
-inline void dispatch_types(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float(), float()); break;
-    case at::kDouble: f(double(), double()); break;
-    case at::kHalf: f(c10::Half(), float()); break;
-    case at::kBFloat16: f(c10::BFloat16(), float()); break;
-    default: TORCH_CHECK(false, kOp, ": unsupported dtype ", t);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_with_kvcache_cpu(
     const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
@@ -525,9 +463,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_kvcache_cpu(
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({p.B, p.Lq, p.Hq, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(acc));
-  dispatch_types(q.scalar_type(), [&](auto s, auto t) {
-    using S = decltype(s);
-    using T = decltype(t);
+  dispatch_cpu_dtype(kOp, q.scalar_type(), [&]<class S, class T>() {
     const Rows<S> kc(k_cache, table, p.block_size, p.max_blocks);
     const Rows<S> vc(v_cache, table, p.block_size, p.max_blocks);
     if (p.append && p.B * p.Lq * p.Hk * p.D > 0) append<S>(p, lens, *k_new, *v_new, kc, vc);

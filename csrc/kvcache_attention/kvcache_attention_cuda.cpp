@@ -13,8 +13,11 @@
 #include <optional>
 #include <tuple>
 
+#include "common/cuda_check.h"
 #include "common/cuda_device.h"
 #include "common/device_name.h"
+#include "common/head_dim.h"
+#include "common/torch_dtype.h"
 #include "kvcache_attention/kvcache_attention.h"
 #include "kvcache_attention/kvcache_checks.h"
 
@@ -22,20 +25,8 @@ namespace genext::kv {
 namespace {
 
 constexpr const char* kOp = "attention_with_kvcache";
-constexpr int64_t kMaxHeadDim = 256;
 
 int num_sms(c10::DeviceIndex dev) { return genext::num_sms(dev, kOp); }
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, kOp, ": unsupported dtype ", t);
-  return DType::kFloat32;
-}
 
 Strides strides_of(const at::Tensor& t) {
   Strides s;
@@ -45,14 +36,14 @@ Strides strides_of(const at::Tensor& t) {
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
-                                       const at::Tensor& cache_seqlens,
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache,
+                                       at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                        const std::optional<at::Tensor>& k_new,
                                        const std::optional<at::Tensor>& v_new,
                                        const std::optional<at::Tensor>& block_table, double scale,
                                        bool causal) {
   const Problem pr = check_problem(kOp, q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                   block_table, /*allow_double=*/false, kMaxHeadDim);
+                                   block_table, /*allow_double=*/false, kCudaMaxHeadDim);
   TORCH_CHECK(q.is_cuda(), kOp, ": q must be a CUDA tensor, got ", genext::device_name(q));
   TORCH_CHECK_VALUE(pr.capacity < (int64_t{1} << 31) && pr.B < 65536, kOp,
                     ": cache capacity must be below 2^31 keys and the batch below 65536");
@@ -68,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache,
   const at::Tensor bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
 
   Params p;
-  p.dtype = to_dtype(q.scalar_type());
+  p.dtype = to_dtype(kOp, q.scalar_type());
   p.q = q.data_ptr();
   p.sq = strides_of(q);
   p.k_cache = k_cache.data_ptr();
@@ -103,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache,
   at::Tensor ws_lse = at::empty({p.num_splits, pr.B, pr.Hq, pr.Lq}, opts.dtype(at::kFloat));
   p.part_o = ws_o.data_ptr<float>();
   p.part_lse = ws_lse.data_ptr<float>();
-  const cudaError_t err = kvcache_attention(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA error ", cudaGetErrorString(err));
+  check_cuda(kOp, kvcache_attention(p, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
 

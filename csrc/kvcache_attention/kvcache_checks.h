@@ -14,11 +14,11 @@ namespace genext::kv {
 struct Problem {
   int64_t B = 0, Lq = 0, Hq = 0, Hk = 0, D = 0;
   bool paged = false;
-  int64_t capacity = 0;      // keys a sequence can hold: Lmax, or max_blocks * block_size
-  int64_t block_size = 0;    // paged only
-  int64_t num_blocks = 0;    // paged only
-  int64_t max_blocks = 0;    // paged only
-  bool append = false;       // k_new / v_new given
+  int64_t capacity = 0;    // keys a sequence can hold: Lmax, or max_blocks * block_size
+  int64_t block_size = 0;  // paged only
+  int64_t num_blocks = 0;  // paged only
+  int64_t max_blocks = 0;  // paged only
+  bool append = false;     // k_new / v_new given
 };
 
 inline void check_last_dim(const char* op, const char* name, const at::Tensor& t) {
@@ -72,7 +72,8 @@ inline Problem check_problem(const char* op, const at::Tensor& q, const at::Tens
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, op,
                    ": cache_seqlens must be int32, got ", cache_seqlens.scalar_type());
   TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == p.B, op,
-                    ": cache_seqlens must have shape (B,) = (", p.B, ",), got ", cache_seqlens.sizes());
+                    ": cache_seqlens must have shape (B,) = (", p.B, ",), got ",
+                    cache_seqlens.sizes());
   p.paged = block_table.has_value();
   if (p.paged) {
     const at::Tensor& bt = *block_table;
@@ -98,14 +99,14 @@ inline Problem check_problem(const char* op, const at::Tensor& q, const at::Tens
   if (p.append) {
     for (const auto* t : {&*k_new, &*v_new}) {
       const char* name = t == &*k_new ? "k_new" : "v_new";
-      TORCH_CHECK_TYPE(t->scalar_type() == dt, op, ": ", name, " must have q's dtype ", dt, ", got ",
-                       t->scalar_type());
+      TORCH_CHECK_TYPE(t->scalar_type() == dt, op, ": ", name, " must have q's dtype ", dt,
+                       ", got ", t->scalar_type());
       TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", genext::device_name(*t),
                   " but q is on ", genext::device_name(q));
       TORCH_CHECK_VALUE(t->dim() == 4 && t->size(0) == p.B && t->size(1) == p.Lq &&
                             t->size(2) == p.Hk && t->size(3) == p.D,
-                        op, ": ", name, " must have shape (B, Lq, Hk, D) = (", p.B, ", ", p.Lq, ", ",
-                        p.Hk, ", ", p.D, "), got ", t->sizes());
+                        op, ": ", name, " must have shape (B, Lq, Hk, D) = (", p.B, ", ", p.Lq,
+                        ", ", p.Hk, ", ", p.D, "), got ", t->sizes());
       check_last_dim(op, name, *t);
     }
   }

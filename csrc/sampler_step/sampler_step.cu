@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/cuda_dispatch.cuh"
 #include "common/cuda_utils.cuh"
 #include "sampler_step/sampler_step.h"
 
@@ -93,7 +94,7 @@ __global__ void step_kernel(const LaunchParams p) {
 }
 
 template <class T, class M>
-cudaError_t launch(const LaunchParams& p, cudaStream_t stream) {
+CudaStatus launch(const LaunchParams& p, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int v = p.vec4 ? 4 : 1;
   const int64_t work = (p.total + v - 1) / v;
@@ -103,29 +104,17 @@ cudaError_t launch(const LaunchParams& p, cudaStream_t stream) {
   } else {
     step_kernel<T, M, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
   }
-  return cudaGetLastError();
-}
-
-template <class T>
-cudaError_t by_model(const LaunchParams& p, cudaStream_t stream) {
-  switch (p.model_dtype) {
-    case DType::kFloat32: return launch<T, float>(p, stream);
-    case DType::kFloat16: return launch<T, __half>(p, stream);
-    case DType::kBFloat16: return launch<T, __nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 }  // namespace
 
-cudaError_t sampler_step_cuda(const LaunchParams& p, cudaStream_t stream) {
-  if (p.total == 0) return cudaSuccess;
-  switch (p.sample_dtype) {
-    case DType::kFloat32: return by_model<float>(p, stream);
-    case DType::kFloat16: return by_model<__half>(p, stream);
-    case DType::kBFloat16: return by_model<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+CudaStatus sampler_step_cuda(const LaunchParams& p, cudaStream_t stream) {
+  if (p.total == 0) return {};
+  return dispatch_dtype(p.sample_dtype, [&]<typename T>() {
+    return dispatch_dtype(p.model_dtype, [&]<typename M>() { return launch<T, M>(p, stream); });
+  });
 }
 
 }  // namespace genext::sampler

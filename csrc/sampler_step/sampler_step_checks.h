@@ -19,8 +19,8 @@ struct Inputs {
   at::Tensor x, m, h1, h2, noise, s;
   Coef coef{};
   Flags flags{};
-  int64_t n = 0;        // samples (batch)
-  int64_t per = 0;      // elements per sample
+  int64_t n = 0;    // samples (batch)
+  int64_t per = 0;  // elements per sample
   bool guidance = false;
   float w = 1.f;
 };
@@ -55,14 +55,15 @@ inline Inputs prepare(int64_t mode, const at::Tensor& sample, const at::Tensor& 
   // model_output: sample's shape, or [uncond; cond] along dim 0 with guidance
   std::vector<int64_t> want(sample.sizes().begin(), sample.sizes().end());
   if (guidance) want[0] *= 2;
-  TORCH_CHECK_VALUE(model_output.sizes() == c10::IntArrayRef(want), kOp, ": model_output must have shape ",
-                    c10::IntArrayRef(want), guidance ? " ([uncond; cond] along dim 0)" : "",
-                    ", got ", model_output.sizes());
+  TORCH_CHECK_VALUE(model_output.sizes() == c10::IntArrayRef(want), kOp,
+                    ": model_output must have shape ", c10::IntArrayRef(want),
+                    guidance ? " ([uncond; cond] along dim 0)" : "", ", got ",
+                    model_output.sizes());
   TORCH_CHECK_VALUE(history.size() <= 2, kOp, ": at most 2 history tensors, got ", history.size());
   TORCH_CHECK_VALUE(history.empty() || mode == kDPM, kOp, ": history is used by mode 2 only");
   const auto like = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_VALUE(t.sizes() == sample.sizes(), kOp, ": ", name, " must have the sample's shape ",
-                      sample.sizes(), ", got ", t.sizes());
+    TORCH_CHECK_VALUE(t.sizes() == sample.sizes(), kOp, ": ", name,
+                      " must have the sample's shape ", sample.sizes(), ", got ", t.sizes());
     TORCH_CHECK(t.device() == sample.device(), kOp, ": ", name, " is on ", genext::device_name(t),
                 " but sample is on ", genext::device_name(sample));
     TORCH_CHECK_TYPE(is_float_type(t.scalar_type()), kOp, ": ", name,

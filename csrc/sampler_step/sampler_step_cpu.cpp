@@ -1,11 +1,10 @@
 // sampler_step on the CPU: one pass over the sample (in blocks that stay in L1), in parallel over
 // chunks of elements, with the expression of sampler_step_math.h (compiled with -ffp-contract=off,
-// see CMakeLists.txt, so that every fp32 operation rounds as PyTorch's separate elementwise ops do).
+// see CMakeLists.txt, so that every fp32 operation rounds as PyTorch's separate elementwise ops
+// do).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -13,6 +12,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/cpu_dispatch.h"
+#include "common/cpu_simd.h"
 #include "sampler_step/sampler_step_checks.h"
 #include "sampler_step/sampler_step_math.h"
 
@@ -22,13 +23,9 @@ namespace {
 constexpr int64_t kGrain = 16384;
 constexpr int64_t kBlock = 512;  // elements per pass; the passes' buffers stay in L1
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-// Compiled for SSE2, AVX2 and AVX-512 and chosen when the library loads. FMA stays unused: the
-// file is built with -ffp-contract=off, so no multiply-add is ever fused.
-#define SAMPLER_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define SAMPLER_CLONES
-#endif
+// The block loops are compiled per ISA level (GENEXT_CPU_CLONES). The x86-64-v3/v4 levels have
+// FMA, but it stays unused: this file is built with -ffp-contract=off, so no multiply-add is ever
+// fused and every level gives PyTorch's bits.
 
 // One block's inputs and outputs as float buffers (h1, h2, noise may be null when unused).
 struct Block {
@@ -47,7 +44,7 @@ struct Block {
 // of the expression, a loop the compiler vectorises, with the flags tested once per block. The
 // operations and their order are those of step_element, so the results are identical to it.
 // `s` is the block's per-element threshold run: (value, count) pairs cover the block in order.
-SAMPLER_CLONES
+GENEXT_CPU_CLONES
 void compute_block(const Block& b, const float* c, const Flags f, const float* s_val,
                    const int64_t* s_len, int s_runs) {
   const int64_t n = b.n;
@@ -127,7 +124,7 @@ void compute_block(const Block& b, const float* c, const Flags f, const float* s
 }
 
 // Guidance pass, cloned like compute_block: m = u + w * (c - u).
-SAMPLER_CLONES
+GENEXT_CPU_CLONES
 void guide_block(float* mb, const float* cb, int64_t n, float w) {
   for (int64_t k = 0; k < n; ++k) mb[k] = guide(mb[k], cb[k], w);
 }
@@ -215,24 +212,13 @@ void run(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   });
 }
 
-template <class T>
-void run_model_dtype(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
-  switch (in.m.scalar_type()) {
-    case at::kFloat: return run<T, float>(in, prev, x0);
-    case at::kHalf: return run<T, c10::Half>(in, prev, x0);
-    case at::kBFloat16: return run<T, c10::BFloat16>(in, prev, x0);
-    default: TORCH_CHECK(false, kOp, ": unsupported model_output dtype");
-  }
-}
-
+// The sample's and the model output's dtypes (no float64 kernel; the arithmetic is float).
 void compute(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   if (in.x.numel() == 0) return;
-  switch (in.x.scalar_type()) {
-    case at::kFloat: run_model_dtype<float>(in, prev, x0); break;
-    case at::kHalf: run_model_dtype<c10::Half>(in, prev, x0); break;
-    case at::kBFloat16: run_model_dtype<c10::BFloat16>(in, prev, x0); break;
-    default: TORCH_CHECK(false, kOp, ": unsupported sample dtype");
-  }
+  dispatch_cpu_dtype</*kDouble=*/false>(kOp, in.x.scalar_type(), [&]<class T, class>() {
+    dispatch_cpu_dtype</*kDouble=*/false>(kOp, in.m.scalar_type(),
+                                          [&]<class M, class>() { run<T, M>(in, prev, x0); });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(

@@ -11,19 +11,14 @@
 #include <optional>
 #include <tuple>
 
+#include "common/cuda_check.h"
+#include "common/device_name.h"
+#include "common/torch_dtype.h"
 #include "sampler_step/sampler_step.h"
 #include "sampler_step/sampler_step_checks.h"
 
 namespace genext::sampler {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: return DType::kFloat32;
-  }
-}
 
 bool aligned(const at::Tensor& t, int64_t bytes) {
   return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
@@ -31,8 +26,8 @@ bool aligned(const at::Tensor& t, int64_t bytes) {
 
 void launch(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   LaunchParams p;
-  p.sample_dtype = to_dtype(in.x.scalar_type());
-  p.model_dtype = to_dtype(in.m.scalar_type());
+  p.sample_dtype = to_dtype(kOp, in.x.scalar_type());
+  p.model_dtype = to_dtype(kOp, in.m.scalar_type());
   p.x = in.x.data_ptr();
   p.m = in.m.data_ptr();
   p.h1 = in.h1.defined() ? in.h1.data_ptr() : nullptr;
@@ -50,8 +45,7 @@ void launch(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   const int64_t xb = 4 * in.x.element_size(), mb = 4 * in.m.element_size();
   p.vec4 = p.total % 4 == 0 && aligned(in.x, xb) && aligned(in.m, mb) && aligned(in.h1, xb) &&
            aligned(in.h2, xb) && aligned(in.noise, xb) && aligned(prev, xb) && aligned(x0, xb);
-  const cudaError_t err = sampler_step_cuda(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA error ", cudaGetErrorString(err));
+  check_cuda(kOp, sampler_step_cuda(p, c10::cuda::getCurrentCUDAStream()));
 }
 
 std::tuple<at::Tensor, at::Tensor> sampler_step_cuda_op(
@@ -71,8 +65,9 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda_op(
 }
 
 // Each thread reads its elements before writing them, so prev may be the sample itself.
-void sampler_step_out_cuda_op(int64_t mode, const at::Tensor& sample, const at::Tensor& model_output,
-                              at::TensorList history, const std::optional<at::Tensor>& noise,
+void sampler_step_out_cuda_op(int64_t mode, const at::Tensor& sample,
+                              const at::Tensor& model_output, at::TensorList history,
+                              const std::optional<at::Tensor>& noise,
                               const std::optional<at::Tensor>& threshold_scale,
                               c10::ArrayRef<double> coef, int64_t prediction_type, bool clip,
                               bool guidance, double guidance_scale, at::Tensor& prev,

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_dispatch.cuh"
 #include "common/cuda_utils.cuh"
 #include "vq/vq.h"
 
@@ -24,8 +25,8 @@ constexpr int kTileDims = 32;
 
 template <class T>
 __global__ void __launch_bounds__(kRowsPerBlock) nearest_kernel(const NearestParams p) {
-  __shared__ float sZ[kTileDims][kRowsPerBlock];       // [d][row]: row-consecutive, no conflicts
-  __shared__ float sE[kTileCodes][kTileDims + 1];      // broadcast reads
+  __shared__ float sZ[kTileDims][kRowsPerBlock];   // [d][row]: row-consecutive, no conflicts
+  __shared__ float sE[kTileCodes][kTileDims + 1];  // broadcast reads
   const T* z = static_cast<const T*>(p.z);
   const T* cb = static_cast<const T*>(p.codebook);
   const int tid = threadIdx.x;
@@ -123,14 +124,15 @@ __global__ void ema_sorted_kernel(const EmaParams p) {
 }
 
 template <class T>
-cudaError_t nearest_run(const NearestParams& p, cudaStream_t stream) {
+CudaStatus nearest_run(const NearestParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.N + kRowsPerBlock - 1) / kRowsPerBlock;
   nearest_kernel<T><<<static_cast<unsigned>(blocks), kRowsPerBlock, 0, stream>>>(p);
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 template <class T>
-cudaError_t ema_run(const EmaParams& p, cudaStream_t stream) {
+CudaStatus ema_run(const EmaParams& p, cudaStream_t stream) {
   if (p.deterministic) {
     ema_sorted_kernel<T><<<static_cast<unsigned>(p.K), 128, 0, stream>>>(p);
   } else {
@@ -138,28 +140,19 @@ cudaError_t ema_run(const EmaParams& p, cudaStream_t stream) {
     const int64_t blocks = total > 0 ? std::min<int64_t>((total + 255) / 256, 65535) : 0;
     if (blocks > 0) ema_atomic_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
   }
-  return cudaGetLastError();
+  GENEXT_LAUNCH_CHECK();
+  return {};
 }
 
 }  // namespace
 
-cudaError_t vq_nearest_cuda(const NearestParams& p, cudaStream_t stream) {
-  if (p.N == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case DType::kFloat32: return nearest_run<float>(p, stream);
-    case DType::kFloat16: return nearest_run<__half>(p, stream);
-    case DType::kBFloat16: return nearest_run<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+CudaStatus vq_nearest_cuda(const NearestParams& p, cudaStream_t stream) {
+  if (p.N == 0) return {};
+  return dispatch_dtype(p.dtype, [&]<typename T>() { return nearest_run<T>(p, stream); });
 }
 
-cudaError_t vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat32: return ema_run<float>(p, stream);
-    case DType::kFloat16: return ema_run<__half>(p, stream);
-    case DType::kBFloat16: return ema_run<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+CudaStatus vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&]<typename T>() { return ema_run<T>(p, stream); });
 }
 
 }  // namespace genext::vq

@@ -1,39 +1,40 @@
 // VQ CUDA launchers: plain C++, no torch. The binding (vq_cuda.cpp) checks tensors, allocates
 // outputs, and calls these on the current stream.
 #pragma once
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 
-#include <cuda_runtime_api.h>
+#include "common/cuda_status.h"
+#include "common/dtype.h"
 
 namespace genext::vq {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
 struct NearestParams {
   DType dtype = DType::kFloat32;
-  const void* z = nullptr;          // (N, D) contiguous
-  const void* codebook = nullptr;   // (K, D) contiguous
+  const void* z = nullptr;             // (N, D) contiguous
+  const void* codebook = nullptr;      // (K, D) contiguous
   const float* z_inv_norm = nullptr;   // (N,) for cosine, else null
   const float* cb_inv_norm = nullptr;  // (K,) for cosine, else null
-  int64_t* indices = nullptr;       // (N,)
-  float* distances = nullptr;       // (N,)
+  int64_t* indices = nullptr;          // (N,)
+  float* distances = nullptr;          // (N,)
   int64_t N = 0, K = 0, D = 0;
   bool cosine = false;
 };
 
 struct EmaParams {
   DType dtype = DType::kFloat32;
-  const void* z = nullptr;          // (N, D) contiguous
-  const int64_t* indices = nullptr; // (N,) int64
-  const int64_t* perm = nullptr;    // deterministic: rows sorted by index (stable)
-  const int64_t* offsets = nullptr; // deterministic: (K + 1,) segment starts in perm
-  float* counts = nullptr;          // (K,) zeroed
-  float* sums = nullptr;            // (K, D) zeroed
+  const void* z = nullptr;           // (N, D) contiguous
+  const int64_t* indices = nullptr;  // (N,) int64
+  const int64_t* perm = nullptr;     // deterministic: rows sorted by index (stable)
+  const int64_t* offsets = nullptr;  // deterministic: (K + 1,) segment starts in perm
+  float* counts = nullptr;           // (K,) zeroed
+  float* sums = nullptr;             // (K, D) zeroed
   int64_t N = 0, K = 0, D = 0;
   bool deterministic = false;
 };
 
-cudaError_t vq_nearest_cuda(const NearestParams& p, cudaStream_t stream);
-cudaError_t vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream);
+CudaStatus vq_nearest_cuda(const NearestParams& p, cudaStream_t stream);
+CudaStatus vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream);
 
 }  // namespace genext::vq

@@ -34,8 +34,8 @@ inline void check_ema(const char* op, const at::Tensor& indices, const at::Tenso
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||
                        (allow_double && dt == at::kDouble),
                    op, ": z must be a float tensor, got ", dt);
-  TORCH_CHECK(indices.device() == z.device(), op, ": indices are on ",
-              genext::device_name(indices), " but z is on ", genext::device_name(z));
+  TORCH_CHECK(indices.device() == z.device(), op, ": indices are on ", genext::device_name(indices),
+              " but z is on ", genext::device_name(z));
   TORCH_CHECK_VALUE(z.dim() == 2 && indices.dim() == 1 && indices.size(0) == z.size(0), op,
                     ": indices must be (N,) and z (N, D), got ", indices.sizes(), " and ",
                     z.sizes());

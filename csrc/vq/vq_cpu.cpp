@@ -8,8 +8,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,6 +17,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_dispatch.h"
+#include "common/cpu_simd.h"
 #include "vq/vq_checks.h"
 
 namespace genext::vq {
@@ -28,18 +28,11 @@ constexpr int64_t kRows = 8;    // z rows per register block
 constexpr int64_t kCodes = 32;  // codes per register block (the codebook is stored transposed)
 constexpr int64_t kRowsPerTask = 64;
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define VQ_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define VQ_CLONES
-#endif
-
 // acc[r][c] over d of (z[r][d] - et[d][c])^2 (or z[r][d] * et[d][c] when dot), for kRows rows of
 // z (row stride D) against one transposed codebook tile et (D x kCodes): the code loop is the
 // vector loop, the accumulators stay in registers.
 template <class A>
-__attribute__((always_inline)) inline void block_body(const A* z, const A* et, int64_t D, bool dot,
-                                                      A* out) {
+GENEXT_INLINE void block_body(const A* z, const A* et, int64_t D, bool dot, A* out) {
   A acc[kRows][kCodes];
   for (int64_t r = 0; r < kRows; ++r)
     for (int64_t c = 0; c < kCodes; ++c) acc[r][c] = 0;
@@ -69,11 +62,12 @@ __attribute__((always_inline)) inline void block_body(const A* z, const A* et, i
     for (int64_t c = 0; c < kCodes; ++c) out[r * kCodes + c] = acc[r][c];
 }
 
-// The block loop compiled per ISA (target_clones needs plain functions, not templates).
-VQ_CLONES void block_f32(const float* z, const float* et, int64_t D, bool dot, float* out) {
+// The block loop compiled per ISA level (target_clones needs plain functions, not templates).
+GENEXT_CPU_CLONES void block_f32(const float* z, const float* et, int64_t D, bool dot, float* out) {
   block_body<float>(z, et, D, dot, out);
 }
-VQ_CLONES void block_f64(const double* z, const double* et, int64_t D, bool dot, double* out) {
+GENEXT_CPU_CLONES void block_f64(const double* z, const double* et, int64_t D, bool dot,
+                                 double* out) {
   block_body<double>(z, et, D, dot, out);
 }
 inline void block(const float* z, const float* et, int64_t D, bool dot, float* out) {
@@ -163,13 +157,8 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z_in, const 
   at::Tensor idx = at::empty({z.size(0)}, z.options().dtype(at::kLong));
   at::Tensor dist = at::empty({z.size(0)}, z.options().dtype(dbl ? at::kDouble : at::kFloat));
   if (z.size(0) == 0) return {idx, dist};
-  switch (z.scalar_type()) {
-    case at::kFloat: nearest<float, float>(z, cb, cosine, idx, dist); break;
-    case at::kDouble: nearest<double, double>(z, cb, cosine, idx, dist); break;
-    case at::kHalf: nearest<c10::Half, float>(z, cb, cosine, idx, dist); break;
-    case at::kBFloat16: nearest<c10::BFloat16, float>(z, cb, cosine, idx, dist); break;
-    default: TORCH_CHECK(false, "vq_nearest: unsupported dtype");
-  }
+  dispatch_cpu_dtype("vq_nearest", z.scalar_type(),
+                     [&]<class T, class A>() { nearest<T, A>(z, cb, cosine, idx, dist); });
   return {idx, dist};
 }
 
@@ -207,22 +196,13 @@ std::tuple<at::Tensor, at::Tensor> vq_ema_update_cpu(const at::Tensor& indices_i
   at::Tensor counts = at::zeros({num_codes}, opts);
   at::Tensor sums = at::zeros({num_codes, z.size(1)}, opts);
   const bool i64 = ind.scalar_type() == at::kLong;
-  auto go = [&](auto t_tag, auto a_tag) {
-    using T = decltype(t_tag);
-    using A = decltype(a_tag);
+  dispatch_cpu_dtype("vq_ema_update", z.scalar_type(), [&]<class T, class A>() {
     if (i64) {
       ema<T, A, int64_t>(ind, z, num_codes, counts, sums);
     } else {
       ema<T, A, int32_t>(ind, z, num_codes, counts, sums);
     }
-  };
-  switch (z.scalar_type()) {
-    case at::kFloat: go(float(), float()); break;
-    case at::kDouble: go(double(), double()); break;
-    case at::kHalf: go(c10::Half(), float()); break;
-    case at::kBFloat16: go(c10::BFloat16(), float()); break;
-    default: TORCH_CHECK(false, "vq_ema_update: unsupported dtype");
-  }
+  });
   return {counts, sums};
 }
 

@@ -2,12 +2,12 @@
 // No host synchronisation (the deterministic EMA path sorts and segments with device ops).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/searchsorted.h>
-#include <ATen/ops/sort.h>
 #include <ATen/ops/clamp_min.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/norm.h>
 #include <ATen/ops/reciprocal.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,19 +16,14 @@
 
 #include <tuple>
 
+#include "common/cuda_check.h"
+#include "common/device_name.h"
+#include "common/torch_dtype.h"
 #include "vq/vq.h"
 #include "vq/vq_checks.h"
 
 namespace genext::vq {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: return DType::kFloat32;
-  }
-}
 
 // 1 / ||row|| in fp32 with torch ops; a zero row gets a huge factor times a zero dot product,
 // i.e. similarity 0, as the CPU's normalised zero vector.
@@ -36,10 +31,11 @@ at::Tensor inv_norms(const at::Tensor& x) {
   return at::reciprocal(at::clamp_min(at::norm(x.to(at::kFloat), 2, {1}), 1e-30));
 }
 
-std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda_op(const at::Tensor& z_in, const at::Tensor& cb_in,
-                                                      bool cosine) {
+std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda_op(const at::Tensor& z_in,
+                                                      const at::Tensor& cb_in, bool cosine) {
   check_nearest("vq_nearest", z_in, cb_in, /*allow_double=*/false);
-  TORCH_CHECK(z_in.is_cuda(), "vq_nearest: z must be a CUDA tensor, got ", genext::device_name(z_in));
+  TORCH_CHECK(z_in.is_cuda(), "vq_nearest: z must be a CUDA tensor, got ",
+              genext::device_name(z_in));
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.contiguous(), cb = cb_in.contiguous();
   at::Tensor idx = at::empty({z.size(0)}, z.options().dtype(at::kLong));
@@ -47,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda_op(const at::Tensor& z_in, co
   if (z.size(0) == 0) return {idx, dist};
   at::Tensor zn, cn;
   NearestParams p;
-  p.dtype = to_dtype(z.scalar_type());
+  p.dtype = to_dtype("vq_nearest", z.scalar_type());
   p.z = z.data_ptr();
   p.codebook = cb.data_ptr();
   if (cosine) {
@@ -62,8 +58,7 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda_op(const at::Tensor& z_in, co
   p.K = cb.size(0);
   p.D = z.size(1);
   p.cosine = cosine;
-  const cudaError_t err = vq_nearest_cuda(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "vq_nearest: CUDA error ", cudaGetErrorString(err));
+  check_cuda("vq_nearest", vq_nearest_cuda(p, c10::cuda::getCurrentCUDAStream()));
   return {idx, dist};
 }
 
@@ -79,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> vq_ema_update_cuda_op(const at::Tensor& indic
   at::Tensor counts = at::zeros({num_codes}, z.options().dtype(at::kFloat));
   at::Tensor sums = at::zeros({num_codes, z.size(1)}, z.options().dtype(at::kFloat));
   EmaParams p;
-  p.dtype = to_dtype(z.scalar_type());
+  p.dtype = to_dtype("vq_ema_update", z.scalar_type());
   p.z = z.data_ptr();
   p.indices = ind.data_ptr<int64_t>();
   p.counts = counts.data_ptr<float>();
@@ -99,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor> vq_ema_update_cuda_op(const at::Tensor& indic
     p.perm = perm.data_ptr<int64_t>();
     p.offsets = offsets.data_ptr<int64_t>();
   }
-  const cudaError_t err = vq_ema_update_cuda(p, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "vq_ema_update: CUDA error ", cudaGetErrorString(err));
+  check_cuda("vq_ema_update", vq_ema_update_cuda(p, c10::cuda::getCurrentCUDAStream()));
   return {counts, sums};
 }
 

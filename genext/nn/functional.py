@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _C
 from ..ops import served_dtypes
 from ..ops._common import softmax_scale
 from ..ops.group_norm_silu import group_norm_silu
@@ -16,7 +17,7 @@ __all__ = ["group_norm_silu", "scaled_dot_product_attention"]
 
 # looked up once, at import, so that the per-call decision is plain Python torch.compile can trace
 _FA_SERVED = served_dtypes("flash_attention_forward")
-_CUDA_MAX_HEAD_DIM = 256
+_CUDA_MAX_HEAD_DIM = _C.cuda_max_head_dim
 
 
 def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mask) -> bool:
@@ -104,7 +105,7 @@ def scaled_dot_product_attention(
             sc = softmax_scale(query, scale)
             out, _ = torch.ops.genext.flash_attention_forward(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None,
-                lengths, 0, 0, sc, bool(is_causal), False, False,
+                lengths, 0, 0, sc, bool(is_causal), False,
             )
             return out.transpose(1, 2)
     return F.scaled_dot_product_attention(

@@ -9,6 +9,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
+from .. import _C
+
 __all__ = ["KERNELS", "acc_dtype", "declare_kernels", "forbid_double_backward", "has_kernel",
            "served_dtypes", "softmax_scale"]
 
@@ -24,8 +26,12 @@ def declare_kernels(ops: Iterable[str], **devices: Iterable[torch.dtype]) -> Non
 
 
 def has_kernel(op: str, device: str) -> bool:
-    """Whether this build registered a kernel of ``genext::op`` for the device type ``device``."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"genext::{op}", device.upper())
+    """Whether this build serves ``genext::op`` on the device type ``device``. "Computed": a kernel
+    registered once for every device (CompositeExplicitAutograd, the contrastive ops) counts too;
+    those serve CUDA tensors only in a build with CUDA kernels, hence the check of ``_C.cuda``."""
+    if device == "cuda" and not _C.cuda:
+        return False
+    return torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"genext::{op}", device.upper())
 
 
 def served_dtypes(op: str) -> dict[str, tuple[torch.dtype, ...]]:

@@ -54,10 +54,9 @@ def flash_attention(
         layout: ``"bhld"`` or ``"blhd"``, for inputs and output alike. Inputs whose last dim is
             contiguous are read in place (any other strides, e.g. q, k, v sliced from one packed
             qkv tensor), so both layouts cost no copy.
-        deterministic: ask for bit-identical gradients run to run. Today every genext backward
-            is (no atomics: the CUDA backward recomputes the scores for dQ in its own kernel), so
-            the flag changes nothing; it is kept for a faster atomic dQ path that would be taken
-            only when it is False.
+        deterministic: accepted for compatibility with flash-attn's signature and ignored: the
+            backward is always deterministic, bit-identical gradients run to run (no atomics: the
+            CUDA backward recomputes the scores for dQ in its own kernel).
 
     Returns:
         out in q's dtype and layout (for ``"bhld"`` a transposed view of a contiguous
@@ -82,7 +81,6 @@ def flash_attention(
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out, lse = torch.ops.genext.flash_attention_forward(
         q, k, v, None, None, None, 0, 0, softmax_scale(q, scale), bool(causal), True,
-        bool(deterministic),
     )
     if layout == "bhld":
         out = out.transpose(1, 2)
@@ -171,7 +169,6 @@ def flash_attention_varlen(
     out, lse = torch.ops.genext.flash_attention_forward(
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cu_seqlens_q, cu_seqlens_k, None,
         int(max_seqlen_q), int(max_seqlen_k), softmax_scale(q, scale), bool(causal), True,
-        bool(deterministic),
     )
     out = out.squeeze(0)
     return (out, lse.squeeze(0)) if return_lse else out
@@ -182,7 +179,7 @@ def flash_attention_varlen(
 
 @torch.library.register_fake("genext::flash_attention_forward")
 def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale,
-          causal, causal_bottom_right, deterministic):
+          causal, causal_bottom_right):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
                  lambda: "flash_attention_forward: q, k, v must be (B, L, H, D) views")
     torch._check(k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0,
@@ -198,31 +195,30 @@ def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seql
 
 @torch.library.register_fake("genext::flash_attention_backward")
 def _fake_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                   max_seqlen_q, max_seqlen_k, scale, causal, causal_bottom_right, deterministic):
+                   max_seqlen_q, max_seqlen_k, scale, causal, causal_bottom_right):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right,
-     deterministic) = inputs
+    (q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k)
-    ctx.args = (max_q, max_k, scale, causal, bottom_right, deterministic)
+    ctx.args = (max_q, max_k, scale, causal, bottom_right)
     # an unused output (usually lse) then gets None instead of a tensor of zeros
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_q, cu_k, seqused_k = ctx.saved_tensors
-    max_q, max_k, scale, causal, bottom_right, deterministic = ctx.args
-    nones = (None,) * 9
+    max_q, max_k, scale, causal, bottom_right = ctx.args
+    nones = (None,) * 8
     if grad_out is None and grad_lse is None:
         return (None, None, None) + nones
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.genext.flash_attention_backward(
         grad_out, q, k, v, out, lse, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal,
-        bottom_right, deterministic,
+        bottom_right,
     )
     if grad_lse is not None:
         # lse_i = log sum_j exp(scale q_i.k_j): d lse_i / d q_i = scale sum_j P_ij k_j, the output
@@ -233,12 +229,11 @@ def _backward(ctx, grad_out, grad_lse):
         g = torch.where(torch.isinf(lse).transpose(1, 2).unsqueeze(-1), torch.zeros_like(g), g)
         pk, _ = torch.ops.genext.flash_attention_forward(
             q, k, k, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right,
-            deterministic,
         )
         gq = (g * q).to(q.dtype)
         _, _, pq = torch.ops.genext.flash_attention_backward(
             gq, q, k, k, pk, lse, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal,
-            bottom_right, deterministic,
+            bottom_right,
         )
         dq = (dq + scale * g * pk).to(q.dtype)
         dk = (dk + scale * pq).to(k.dtype)

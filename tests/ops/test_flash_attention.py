@@ -183,7 +183,7 @@ def test_key_padding_with_a_fully_padded_sequence(device, causal):
 
     def ours(q, k, v):
         out, lse = FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, used,
-                       0, 0, d ** -0.5, causal, True, False)
+                       0, 0, d ** -0.5, causal, True)
         return out.transpose(1, 2), lse
 
     out, lse, *g = grads(ours, q, k, v, go)
@@ -263,7 +263,7 @@ def test_gradcheck_float64_cpu_varlen_and_padding():
     qb, kb, vb = make_qkv(2, 2, 2, 4, 6, 4, torch.float64, "cpu", requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda q, k, v: FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None,
-                            used, 0, 0, 0.4, True, False, False)[0],
+                            used, 0, 0, 0.4, True, False)[0],
         (qb, kb, vb))
 
 
@@ -271,11 +271,11 @@ def test_opcheck(device):
     q, k, v = make_qkv(2, 4, 2, 19, 23, 40, torch.float32, device)
     qt, kt, vt = (t.transpose(1, 2).requires_grad_() for t in (q, k, v))  # strided (B, L, H, D)
     used = torch.tensor([23, 9], dtype=torch.int32, device=device)
-    cases = [(qt, kt, vt, None, None, None, 0, 0, 0.2, True, True, False),
-             (qt, kt, vt, None, None, used, 0, 0, 0.2, True, False, True)]
+    cases = [(qt, kt, vt, None, None, None, 0, 0, 0.2, True, True),
+             (qt, kt, vt, None, None, used, 0, 0, 0.2, True, False)]
     cu_q = torch.tensor([0, 7, 7, 19], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 10, 12, 23], dtype=torch.int32, device=device)
-    cases.append((qt[:1], kt[:1], vt[:1], cu_q, cu_k, None, 12, 11, 0.2, True, True, False))
+    cases.append((qt[:1], kt[:1], vt[:1], cu_q, cu_k, None, 12, 11, 0.2, True, True))
     for args in cases:
         torch.library.opcheck(FWD.default, args)
         with torch.no_grad():
@@ -450,11 +450,11 @@ def test_bad_cu_seqlens_raise_clear_errors(device):
         return
     with pytest.raises(ValueError, match="non-decreasing"):
         FWD(q[None], k[None], k[None], torch.tensor([0, 6, 4], dtype=torch.int32, device=device),
-            good_k, None, 6, 7, 0.25, False, True, False)
+            good_k, None, 6, 7, 0.25, False, True)
     with pytest.raises(ValueError, match="seqused_k"):
         FWD(q[None], k[None], k[None], good, good_k, torch.tensor([5, 9], dtype=torch.int32,
                                                                    device=device),
-            6, 7, 0.25, False, True, False)
+            6, 7, 0.25, False, True)
 
 
 @pytest.mark.cuda

@@ -2,5 +2,5 @@
 #include "flash_attention/flash_bwd.cuh"
 
 namespace genext::fa {
-template cudaError_t launch_bwd<__half, 160>(const BwdParams&, cudaStream_t);
+template CudaStatus launch_bwd<__half, 160>(const BwdParams&, cudaStream_t);
 }  // namespace genext::fa

@@ -2,5 +2,5 @@
 #include "flash_attention/flash_fwd.cuh"
 
 namespace genext::fa {
-template cudaError_t launch_fwd<__nv_bfloat16, 160>(const FwdParams&, cudaStream_t);
+template CudaStatus launch_fwd<__nv_bfloat16, 160>(const FwdParams&, cudaStream_t);
 }  // namespace genext::fa

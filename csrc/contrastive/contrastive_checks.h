@@ -1,0 +1,67 @@
+// Argument checks of the contrastive primitives (tiled_lse, tiled_softplus_sum and their
+// backwards), and the widened copies of the inputs they compute on. Messages name the op.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "common/device_name.h"
+
+namespace genext::contrastive {
+
+// Whether this build has the CUDA kernels (the contrastive ops serve CUDA tensors only then).
+#ifdef GENEXT_WITH_CUDA
+inline constexpr bool kWithCuda = true;
+#else
+inline constexpr bool kWithCuda = false;
+#endif
+
+struct Args {
+  at::Tensor a, b;     // widened features, contiguous
+  at::Tensor scale;    // 0-dim, widened
+  at::Tensor bias;     // 0-dim or undefined
+  at::ScalarType acc;  // float or double
+};
+
+inline Args prepare(const char* op, const at::Tensor& a, const at::Tensor& b,
+                    const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
+  const auto dt = a.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+                   op, ": features must be float16, bfloat16, float32 or float64, got ", dt);
+  TORCH_CHECK_TYPE(b.scalar_type() == dt, op, ": the two feature tensors must share a dtype, got ",
+                   dt, " and ", b.scalar_type());
+  TORCH_CHECK(b.device() == a.device() && scale.device() == a.device(), op,
+              ": features and logit_scale must be on one device, got ", genext::device_name(a),
+              ", ", genext::device_name(b), ", ", genext::device_name(scale));
+  // The ops are ATen code that would run on any device, but genext serves the CPU and, when built
+  // with them, CUDA: elsewhere (a CUDA tensor in a CPU-only build) the same NotImplementedError as
+  // an op without a kernel for that device, in words.
+  TORCH_CHECK_NOT_IMPLEMENTED(a.is_cpu() || (kWithCuda && a.is_cuda()), op, ": no kernel for ",
+                              genext::device_type_name(a), " tensors in this genext build (",
+                              kWithCuda ? "CPU and CUDA" : "CPU only: built without CUDA", ")");
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), op,
+                    ": features must be (Na, D) and (Nb, D) with one D, got ", a.sizes(), " and ",
+                    b.sizes());
+  TORCH_CHECK_VALUE(b.size(0) > 0, op, ": the second feature set is empty");
+  TORCH_CHECK_VALUE(scale.numel() == 1, op,
+                    ": logit_scale must be a scalar (one element), got shape ", scale.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), op,
+                   ": logit_scale must be a float tensor");
+  Args r;
+  r.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
+  r.a = a.to(r.acc).contiguous();
+  r.b = b.to(r.acc).contiguous();
+  r.scale = scale.to(r.acc).reshape({});
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->numel() == 1, op,
+                      ": logit_bias must be a scalar (one element), got shape ", bias->sizes());
+    TORCH_CHECK(bias->device() == a.device(), op, ": logit_bias is on ", genext::device_name(*bias),
+                " but the features are on ", genext::device_name(a));
+    r.bias = bias->to(r.acc).reshape({});
+  }
+  return r;
+}
+
+}  // namespace genext::contrastive

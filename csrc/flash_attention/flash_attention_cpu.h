@@ -1,0 +1,137 @@
+// Flash attention on the CPU: forward and backward, float32/float64/float16/bfloat16. This header
+// holds what the files of the CPU kernel share: flash_attention_cpu.cpp (the op bindings: checks,
+// outputs, sequences), flash_fwd_cpu.cpp and flash_bwd_cpu.cpp (the passes over the tiles), and
+// flash_tiles_cpu.h (the vectorised tile routines the passes call).
+//
+// Work is cut into tiles of kBr query rows and kBc keys; no Lq x Lk tensor exists anywhere. Each
+// thread holds a few tiles in float scratch (double for float64 input): O(kBr * D) memory.
+//
+// Forward, one task per (sequence, query head, query tile): the tile's queries (pre-multiplied by
+// the softmax scale) meet the key tiles one after another; a running row maximum m and row sum l
+// rescale the output accumulator whenever m grows (online softmax), and the row ends as O / l with
+// lse = m + log(l). Causal tiles stop at the last key their last row can see.
+//
+// Backward, from the saved lse (so P = exp(S - lse) is recomputed exactly, tile by tile):
+//   delta_i = sum_d dO_id * O_id
+//   dV_j = sum_i P_ij dO_i,  dS_ij = P_ij (dO_i . V_j - delta_i),  dK_j = scale sum_i dS_ij Q_i,
+//   dQ_i = scale sum_j dS_ij K_j.
+// dK/dV: one task per (sequence, KV head, key tile), looping over the group's query heads and the
+// query tiles that can see the keys; dQ: one task per (sequence, query head, query tile). S and dP
+// are computed twice (once per pass) in exchange for no atomics and no shared accumulators: every
+// output element has one writer and a fixed summation order, so results are deterministic.
+//
+// Tiles in scratch: row-major [rows][Dp] (Dp = D rounded up to 16, zero padded) for Q, dO, V, K,
+// and transposed [D][kBc] (zero padded beyond the valid keys) for the right-hand side of S = Q K^T
+// and dP = dO V^T. Both products are then sums of scaled contiguous rows: S_i += q_id * Kt_d and
+// O_i += p_ij * V_j, written with 16-lane vectors (GCC vector extensions) over 4 rows at a time.
+// The float versions of these tile routines are compiled per ISA level and chosen when the library
+// loads (GENEXT_CPU_CLONES); exp is a polynomial in those vectors.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "flash_attention/flash_attention_checks.h"
+
+namespace genext::fa::cpu {
+
+constexpr int64_t kBr = 64;  // query rows per tile
+constexpr int64_t kBc = 64;  // keys per tile
+constexpr int kLanes = 16;   // lanes of the tile vectors (simd::kLanes); kBc is a multiple of it
+constexpr int kRows = 4;     // rows per register block in the tile products
+
+// ---- problem layout -----------------------------------------------------------------------------
+
+// A (B, L, H, D) tensor with unit stride in D, read as storage type S.
+template <class S>
+struct View {
+  const S* p;
+  int64_t sb, sl, sh;
+  explicit View(const at::Tensor& t)
+      : p(t.const_data_ptr<S>()), sb(t.stride(0)), sl(t.stride(1)), sh(t.stride(2)) {}
+  const S* row(int64_t b, int64_t l, int64_t h) const { return p + b * sb + l * sl + h * sh; }
+};
+
+// One sequence as the kernels see it: its batch index, first query/key row, lengths, and the
+// causal diagonal offset. Query row i (local) sees keys [0, visible_end(i)).
+struct Seq {
+  int64_t b = 0, q0 = 0, k0 = 0;
+  int64_t lq = 0, lk_rows = 0, lk = 0;  // lk_rows: key rows it owns; lk: keys used (<= lk_rows)
+  int64_t off = 0;
+  bool causal = false;
+  int64_t visible_end(int64_t i) const { return causal ? std::min(lk, i + off + 1) : lk; }
+};
+
+// (sequence, tile) pairs; within a sequence the tiles alternate from both ends (0, n-1, 1, n-2,
+// ...), so the contiguous ranges at::parallel_for hands each thread mix cheap and dear causal
+// tiles.
+inline std::vector<std::pair<int32_t, int32_t>> make_tiles(const std::vector<Seq>& seqs, bool keys,
+                                                           int64_t tile) {
+  std::vector<std::pair<int32_t, int32_t>> out;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const int64_t len = keys ? seqs[s].lk_rows : seqs[s].lq;
+    const int64_t n = (len + tile - 1) / tile;
+    for (int64_t t = 0; t < n; ++t)
+      out.emplace_back(int32_t(s), int32_t(t % 2 == 0 ? t / 2 : n - 1 - t / 2));
+  }
+  return out;
+}
+
+// Float (or double) scratch, 64-byte aligned.
+template <class T>
+struct Scratch {
+  T* p = nullptr;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = ((std::max<int64_t>(n, 1) * sizeof(T) + 63) / 64) * 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(p, "flash_attention (CPU): out of memory for ", bytes, " bytes of scratch");
+    std::memset(p, 0, bytes);
+  }
+  ~Scratch() { std::free(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// Rows [r0, r0 + nr) of one head into a [nr][Dp] tile, times `mul`; the padding stays zero.
+template <class S, class T>
+inline void load_rows(const View<S>& v, int64_t b, int64_t r0, int64_t nr, int64_t h, int64_t D,
+                      int64_t Dp, T mul, T* dst) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const S* src = v.row(b, r0 + r, h);
+    T* d = dst + r * Dp;
+    for (int64_t c = 0; c < D; ++c) d[c] = static_cast<T>(src[c]) * mul;
+  }
+}
+
+// Rows [r0, r0 + n) of one head into a transposed [D][kBc] tile; columns n..kBc-1 are zeroed.
+template <class S, class T>
+inline void load_cols(const View<S>& v, int64_t b, int64_t r0, int64_t n, int64_t h, int64_t D,
+                      T* dst) {
+  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kBc + n, dst + (d + 1) * kBc, T(0));
+  for (int64_t j = 0; j < n; ++j) {
+    const S* src = v.row(b, r0 + j, h);
+    for (int64_t d = 0; d < D; ++d) dst[d * kBc + j] = static_cast<T>(src[d]);
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---- the passes (flash_fwd_cpu.cpp, flash_bwd_cpu.cpp) ------------------------------------------
+
+// out (B, Lq, Hq, D) in q's dtype and lse (B, Hq, Lq) in float (double for float64) from p's q, k,
+// v; rows outside every sequence are left as they are.
+void forward(const char* op, const Problem& p, const std::vector<Seq>& seqs, double scale,
+             at::Tensor& out, at::Tensor& lse);
+// dq, dk, dv (shaped and typed like q, k, v) from grad_out, out and lse (float, or double for
+// float64; contiguous); delta is (B, Hq, Lq) scratch of lse's dtype.
+void backward(const char* op, const Problem& p, const std::vector<Seq>& seqs, double scale,
+              const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+              at::Tensor& delta, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+
+}  // namespace genext::fa::cpu
