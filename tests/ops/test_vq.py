@@ -27,7 +27,7 @@ def _check(idx, dist, z, cb, metric, tol):
     chosen = score.gather(-1, idx.cpu().view(-1, 1).to(score.device)).squeeze(-1)
     best = score.min(-1).values
     assert (chosen <= best + tol).all(), "picked a code that is not (near-)nearest"
-    ok = (idx.cpu() == ri.cpu()) | ((chosen - best) <= tol)
+    ok = (idx.cpu() == ri.cpu()) | ((chosen - best).cpu() <= tol)
     assert ok.all()
     assert torch.allclose(dist.double().cpu(), rd.cpu(), atol=10 * tol, rtol=1e-5)
 
