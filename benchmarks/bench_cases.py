@@ -11,7 +11,7 @@ result's extra_info.
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("item", params)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _copy_bps() -> float:
     return copy_bandwidth(DEVICE)
 

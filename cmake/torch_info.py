@@ -11,7 +11,7 @@ if not os.path.isdir(nv):  # cu12 wheels keep the libraries one folder per packa
 cap = ""
 try:
     if torch.cuda.is_available():
-        cap = "%d.%d" % torch.cuda.get_device_capability()
+        cap = "{}.{}".format(*torch.cuda.get_device_capability())
 except Exception:  # a broken driver must not break a CPU build
     cap = ""
 facts = {
@@ -22,4 +22,4 @@ facts = {
     "GENEXT_VISIBLE_GPU_CAP": cap,
 }
 for key, value in facts.items():
-    sys.stdout.write('set(%s "%s")\n' % (key, value.replace("\\", "/")))
+    sys.stdout.write('set({} "{}")\n'.format(key, value.replace("\\", "/")))

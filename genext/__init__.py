@@ -40,8 +40,14 @@ def _check_torch() -> None:
 
 _check_torch()
 
-from . import _C  # noqa: E402, F401  (registers torch.ops.genext.*)
-from . import losses, models, nn, ops, samplers  # noqa: E402
+from . import (  # noqa: E402
+    _C,  # noqa: E402, F401  (registers torch.ops.genext.*)
+    losses,
+    models,
+    nn,
+    ops,
+    samplers,
+)
 from ._info import build_info  # noqa: E402
 from .nn import KVCache  # noqa: E402
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from . import _build_config, _C
+from . import _C, _build_config
 from .ops import KERNELS, served_dtypes
 
 

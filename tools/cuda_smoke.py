@@ -119,7 +119,7 @@ def kv_cases() -> int:
             kc = torch.randn(b * per, bs, hk, d, device="cuda", dtype=dtype)
             vc = torch.randn(b * per, bs, hk, d, device="cuda", dtype=dtype)
             table = torch.randperm(b * per, device="cuda").view(b, per).int()
-        k0, v0 = kc.clone(), vc.clone()
+        k0 = kc.clone()
         out = genext.ops.attention_with_kvcache(q, kc, vc, lens, kn, vn, causal=True, block_table=table)
         worst = 0.0
         for s in range(b):
@@ -168,7 +168,9 @@ def sampler_cases() -> int:
         (StepKind.DDPM, (3, 4, 16, 16), False, 0, True, torch.bfloat16),
         (StepKind.FLOW, (2, 16, 32, 32), True, 0, False, torch.float16),
     ]:
-        r = lambda *s: torch.randn(*s, generator=g).to("cuda", dtype)  # noqa: E731
+        def r(*s, dtype=dtype):
+            return torch.randn(*s, generator=g).to("cuda", dtype)
+
         x = r(*shape)
         m = r(2 * shape[0], *shape[1:]) if guided else r(*shape)
         hist = [r(*shape) for _ in range(n_hist)]

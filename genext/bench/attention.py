@@ -7,8 +7,8 @@ report them; the count is the same for every implementation, so the ratios are t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import reference
 from ..ops import flash_attention
 from .harness import copies_for_l2
-from .registry import (DIRECTION, DTYPE, IMPL, MS, TFLOPS, Bench, Case, Column, Config, Timing,
-                       device_cases)
+from .registry import (
+    DIRECTION,
+    DTYPE,
+    IMPL,
+    MS,
+    TFLOPS,
+    Bench,
+    Case,
+    Column,
+    Config,
+    Timing,
+    device_cases,
+)
 
 
 @dataclass(frozen=True)

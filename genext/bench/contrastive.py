@@ -4,7 +4,7 @@ losses checked against float64 and, on CUDA, each one's peak memory beyond its i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ def clip_inputs(case: ClipCase, dtype, device) -> ClipInputs:
     return ClipInputs(i, t, torch.tensor(14.3, device=device, requires_grad=True))
 
 
-def clip_check(case: ClipCase, inputs: ClipInputs) -> tuple[Optional[bool], str]:
+def clip_check(case: ClipCase, inputs: ClipInputs) -> tuple[bool | None, str]:
     """genext's loss against the float64 loss on the same features: within 1e-5 relative in
     float32; in 16 bits no worse than twice the eager loss's error (its logits and cross-entropy
     in the features' dtype) plus one rounding of the loss in that dtype."""

@@ -8,16 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .. import reference
 from ..ops import group_norm_silu
 from .harness import copies_for_l2
-from .registry import (DIRECTION, DTYPE, GBPS, IMPL, MS, PCT_COPY, Bench, Case, Column, Config,
-                       Timing, device_cases)
+from .registry import (
+    DIRECTION,
+    DTYPE,
+    GBPS,
+    IMPL,
+    MS,
+    PCT_COPY,
+    Bench,
+    Case,
+    Column,
+    Config,
+    Timing,
+    device_cases,
+)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ as ../shared/ANCHORS.md reports it. Lq = 1 and no append, so both sides do the s
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ class DecodeCase:
     Hk: int
     Lk: int
     D: int
-    block_size: Optional[int] = None  # paged when set
+    block_size: int | None = None  # paged when set
 
     @property
     def name(self) -> str:
@@ -56,7 +57,7 @@ class DecodeInputs(NamedTuple):
     k: torch.Tensor  # the cache: (B, Lk, Hk, D), or a paged pool (blocks, block_size, Hk, D)
     v: torch.Tensor
     seqlens: torch.Tensor
-    table: Optional[torch.Tensor]  # (B, blocks per sequence) when paged
+    table: torch.Tensor | None  # (B, blocks per sequence) when paged
 
 
 def decode_inputs(case: DecodeCase, dtype, device) -> DecodeInputs:
@@ -77,7 +78,7 @@ def decode_inputs(case: DecodeCase, dtype, device) -> DecodeInputs:
     return DecodeInputs(q, k, v, seqlens, table)
 
 
-def gather_cache(k: torch.Tensor, table: Optional[torch.Tensor], lk: int) -> torch.Tensor:
+def gather_cache(k: torch.Tensor, table: torch.Tensor | None, lk: int) -> torch.Tensor:
     """The cache as (B, Hk, Lk, D) for SDPA (a view when contiguous, a gather when paged)."""
     if table is None:
         return k[:, :lk].transpose(1, 2)

@@ -16,13 +16,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pkgutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Optional, Union
+from typing import Any
 
 import torch
 
 # check(inputs) -> (ok, note): ok None when nothing was compared (the note says why)
-Check = Callable[[Any], "tuple[Optional[bool], str]"]
+Check = Callable[[Any], "tuple[bool | None, str]"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Config:
     lists and repeats of a smoke run, and whether to add torch.compile baselines."""
 
     device: str
-    dtype: Optional[torch.dtype] = None
+    dtype: torch.dtype | None = None
     quick: bool = False
     compile: bool = True
 
@@ -61,7 +63,7 @@ class Timing:
 
     impl: str
     direction: str
-    setup: Callable[[Any], Optional[Callable[[int], object]]]
+    setup: Callable[[Any], Callable[[int], object] | None]
     warmup: int
     reps: int
     nbytes: float = 0.0
@@ -70,10 +72,10 @@ class Timing:
     clock: str = "device"  # "device": harness.time_fn; "host": harness.host_time_fn
     peak_memory: bool = False  # also report the call's peak extra memory (CUDA)
     shows_check: bool = False  # this row carries the case's check note
-    on_error: Optional[str] = None  # a RuntimeError becomes a row "<on_error>: <message>"
+    on_error: str | None = None  # a RuntimeError becomes a row "<on_error>: <message>"
     # entered around the setup and the timed calls: configuration an implementation needs,
     # held for this timing only and restored after it
-    context: Callable[[], ContextManager] = contextlib.nullcontext
+    context: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class Column:
     function of the row). Numbers are right-aligned with the format spec ``fmt``, text left."""
 
     header: str
-    value: Union[str, Callable[[Row], object]]
+    value: str | Callable[[Row], object]
     fmt: str = ""
 
     def get(self, row: Row) -> object:
@@ -159,7 +161,7 @@ def benches() -> dict[str, Bench]:
     return dict(sorted(found.items()))
 
 
-def select(names: Optional[list[str]]) -> list[Bench]:
+def select(names: list[str] | None) -> list[Bench]:
     """The benches named (all when names is empty or None); an unknown name is a ValueError that
     lists the registered ones."""
     registered = benches()

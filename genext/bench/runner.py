@@ -10,7 +10,7 @@ import math
 import platform
 import time
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -19,7 +19,7 @@ from .registry import Bench, Case, Config, Row, Timing, benches, select
 from .table import print_table
 
 
-def check_text(ok: Optional[bool], note: str) -> str:
+def check_text(ok: bool | None, note: str) -> str:
     """A check's note as a row shows it: "ok ..." or "FAIL ...", the bare note when nothing was
     compared."""
     return note if ok is None else f"{'ok' if ok else 'FAIL'} {note}"
@@ -33,7 +33,7 @@ def figures(timing: Timing, seconds: float, copy_bps: float) -> tuple[float, flo
 
 
 def measure(bench: Bench, case: Case, timing: Timing, inputs: Any, device: str, copy_bps: float,
-            check: str = "") -> Optional[Row]:
+            check: str = "") -> Row | None:
     """Time one implementation of a case: a Row, or None when it is not available here."""
     clock = host_time_fn if timing.clock == "host" else time_fn
     try:
@@ -79,8 +79,8 @@ def list_benches() -> None:
         print(f"{name:<{width}}  {bench.summary}")
 
 
-def run(ops: Optional[list[str]] = None, device: Optional[str] = None, dtype: Optional[str] = None,
-        quick: bool = False, compile_baselines: bool = True, json_path: Optional[str] = None) -> int:
+def run(ops: list[str] | None = None, device: str | None = None, dtype: str | None = None,
+        quick: bool = False, compile_baselines: bool = True, json_path: str | None = None) -> int:
     """`genext bench`: the benches named in `ops` (all by default) on `device` (CUDA when there is
     a GPU), in `dtype` (each bench's default when None). Returns the exit status."""
     selected = select(ops)  # an unknown name fails here, before any timing

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 
@@ -88,7 +89,7 @@ def sampling_loop(sched, sample: torch.Tensor, model_out: torch.Tensor, guidance
     return x
 
 
-def sampler_check(case: SamplerCase, inputs: SamplerInputs, device: str) -> tuple[Optional[bool], str]:
+def sampler_check(case: SamplerCase, inputs: SamplerInputs, device: str) -> tuple[bool | None, str]:
     """genext's 50-step trajectory against diffusers' on the same inputs (relative norm)."""
     if inputs.theirs is None:
         return None, "no diffusers"
@@ -106,7 +107,7 @@ def _loop_setup(guidance: bool, fused: bool, scheduler: str):
 
 
 def _graph_setup(guidance: bool):
-    def setup(inputs: SamplerInputs) -> Optional[Callable[[int], object]]:
+    def setup(inputs: SamplerInputs) -> Callable[[int], object] | None:
         """A 50-step genext loop captured in a CUDA graph, replayed; None when capture fails."""
         sched, model_out = inputs.ours, inputs.model_out
         try:

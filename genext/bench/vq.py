@@ -4,7 +4,6 @@ CUDA, the peak extra memory of each."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -39,7 +38,7 @@ def vq_inputs(case: VQCase, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
 CHECK_ROWS = 512  # rows compared with the float64 brute force (its N x K x D work is large)
 
 
-def vq_check(inputs) -> tuple[Optional[bool], str]:
+def vq_check(inputs) -> tuple[bool | None, str]:
     """genext's indices on the first rows against the float64 brute force over the same (rounded)
     inputs: each pick's squared distance within 1e-5 relative of the best (fp32 accumulation of
     D terms), and at least 99.9% of the picks equal to the float64 argmin (near ties aside). The

@@ -34,8 +34,6 @@ SigLipLoss
 """
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -44,7 +42,7 @@ from .. import ops
 
 __all__ = ["ClipLoss", "SigLipLoss"]
 
-Scalar = Union[Tensor, float]
+Scalar = Tensor | float
 
 
 def _as_tensor(x: Scalar, like: Tensor) -> Tensor:
@@ -54,7 +52,7 @@ def _as_tensor(x: Scalar, like: Tensor) -> Tensor:
 
 
 def _check_and_scalars(name: str, image_features: Tensor, text_features: Tensor,
-                       logit_scale: Scalar, logit_bias: Optional[Scalar]):
+                       logit_scale: Scalar, logit_bias: Scalar | None):
     """Checks the features (matching pairs, (N, D) each) and returns logit_scale and logit_bias
     as tensors (bias None stays None)."""
     if image_features.dim() != 2 or text_features.dim() != 2:
@@ -167,7 +165,7 @@ class ClipLoss(nn.Module):
         return torch.cat(parts, dim=0)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
-                logit_bias: Optional[Scalar] = None, output_dict: bool = False):
+                logit_bias: Scalar | None = None, output_dict: bool = False):
         logit_scale, logit_bias = _check_and_scalars("ClipLoss", image_features, text_features,
                                                      logit_scale, logit_bias)
 
@@ -205,7 +203,7 @@ class SigLipLoss(nn.Module):
     DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: Optional[str] = None) -> None:
+                 dist_impl: str | None = None) -> None:
         super().__init__()
         dist_impl = dist_impl or "bidir"
         if dist_impl not in self.DIST_IMPLS:
@@ -220,7 +218,7 @@ class SigLipLoss(nn.Module):
         self.dist_impl = dist_impl
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
-                logit_bias: Optional[Scalar] = None, output_dict: bool = False):
+                logit_bias: Scalar | None = None, output_dict: bool = False):
         logit_scale, logit_bias = _check_and_scalars("SigLipLoss", image_features, text_features,
                                                      logit_scale, logit_bias)
 

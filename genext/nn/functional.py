@@ -1,8 +1,6 @@
 """Functional forms of genext's modules (the ops with PyTorch-style names)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,7 +35,7 @@ def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mas
     b, hq, lq, d = query.shape
     if key.shape != value.shape or key.shape[0] != b or key.shape[3] != d:
         return False  # batch broadcasting or a value head dim that differs: PyTorch's
-    hk, lk = key.shape[1], key.shape[2]
+    hk = key.shape[1]
     if hk == 0 or (hq != hk and not (enable_gqa and hq % hk == 0)):
         return False
     if query.numel() == 0 or key.numel() == 0:
@@ -47,7 +45,7 @@ def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mas
     return True
 
 
-def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Optional[Tensor]:
+def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Tensor | None:
     """Keys used per batch entry (int32, (B,)) when mask is a boolean key-padding mask that keeps
     a prefix of the keys in every batch entry; None otherwise (then PyTorch runs)."""
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.device != query.device:
@@ -74,10 +72,10 @@ def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Optional[Tensor] = None,
+    attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     enable_gqa: bool = False,
 ) -> Tensor:
     """Drop-in for :func:`torch.nn.functional.scaled_dot_product_attention` (same signature and

@@ -1,8 +1,6 @@
 """GroupNormSiLU: ``nn.GroupNorm`` followed by ``nn.SiLU``, fused into one genext op."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -23,9 +21,9 @@ class GroupNormSiLU(nn.GroupNorm):
         num_channels: int,
         eps: float = 1e-5,
         affine: bool = True,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
-        activation: Optional[str] = "silu",
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        activation: str | None = "silu",
     ) -> None:
         if activation not in ("silu", None):
             raise ValueError(f"GroupNormSiLU: activation must be 'silu' or None, got {activation!r}")
@@ -33,7 +31,7 @@ class GroupNormSiLU(nn.GroupNorm):
         self.activation = activation
 
     @classmethod
-    def from_group_norm(cls, gn: nn.GroupNorm, activation: Optional[str] = "silu") -> "GroupNormSiLU":
+    def from_group_norm(cls, gn: nn.GroupNorm, activation: str | None = "silu") -> GroupNormSiLU:
         """A GroupNormSiLU with ``gn``'s configuration, device, dtype and parameters."""
         p = gn.weight if gn.affine else None
         out = cls(gn.num_groups, gn.num_channels, gn.eps, gn.affine,

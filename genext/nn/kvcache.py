@@ -6,7 +6,7 @@ the end of each sequence and the queries attend over everything cached, in one
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -72,11 +72,11 @@ class KVCache:
         head_dim: int,
         capacity: int,
         dtype: torch.dtype = torch.float16,
-        device: Union[str, torch.device, None] = None,
-        block_size: Optional[int] = None,
-        max_capacity: Optional[int] = None,
-        num_blocks: Optional[int] = None,
-        seqlens: Union[int, Sequence[int], Tensor, None] = None,
+        device: str | torch.device | None = None,
+        block_size: int | None = None,
+        max_capacity: int | None = None,
+        num_blocks: int | None = None,
+        seqlens: int | Sequence[int] | Tensor | None = None,
     ) -> None:
         for name, val in (("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
                           ("head_dim", head_dim)):
@@ -161,7 +161,7 @@ class KVCache:
         self.seqlens.zero_()
         self._lengths = [0] * self.batch_size
 
-    def set_seqlens(self, seqlens: Union[int, Sequence[int], Tensor]) -> None:
+    def set_seqlens(self, seqlens: int | Sequence[int] | Tensor) -> None:
         """Set the cached length of every sequence (e.g. to drop rejected speculative tokens, or
         after writing ``k``/``v`` directly), growing the cache if a length needs more room."""
         if isinstance(seqlens, Tensor):
@@ -197,7 +197,7 @@ class KVCache:
 
     # ---- the step ---------------------------------------------------------------------------
 
-    def prefill(self, k: Tensor, v: Tensor, lengths: Union[Sequence[int], Tensor, None] = None) -> None:
+    def prefill(self, k: Tensor, v: Tensor, lengths: Sequence[int] | Tensor | None = None) -> None:
         """Replace the cache's content: sequence b gets the first ``lengths[b]`` rows of
         ``k[b]``/``v[b]`` (``(B, L, Hk, D)``; all L rows when lengths is None)."""
         self._check_kv("k", k, None)
@@ -228,9 +228,9 @@ class KVCache:
         k_new: Tensor,
         v_new: Tensor,
         causal: bool = True,
-        scale: Optional[float] = None,
+        scale: float | None = None,
         return_lse: bool = False,
-    ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """One step: append ``k_new``/``v_new`` ``(B, Lq, Hk, D)`` to every sequence, attend with
         ``q`` ``(B, Lq, Hq, D)`` over everything cached (causal: bottom-right aligned), advance
         the lengths by Lq. Returns out ``(B, Lq, Hq, D)`` (and lse ``(B, Hq, Lq)``), as
@@ -254,7 +254,7 @@ class KVCache:
         return torch.zeros(*lead, self.num_kv_heads, self.head_dim, dtype=self.dtype,
                            device=self.device)
 
-    def _check_kv(self, name: str, t: Tensor, length: Optional[int]) -> None:
+    def _check_kv(self, name: str, t: Tensor, length: int | None) -> None:
         want = (self.batch_size, length if length is not None else t.shape[1] if t.dim() == 4 else -1,
                 self.num_kv_heads, self.head_dim)
         if t.dim() != 4 or tuple(t.shape) != want:

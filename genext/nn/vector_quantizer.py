@@ -5,7 +5,7 @@ the EMA codebook update are ``genext.ops.vq_ema_update``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -83,12 +83,12 @@ class VectorQuantizer(nn.Module):
         metric: str = "l2",
         dead_code_threshold: float = 0.0,
         epsilon: float = 1e-5,
-        reset_cluster_size: Optional[float] = None,
+        reset_cluster_size: float | None = None,
         accept_image_fmap: bool = False,
-        sync_ema: Optional[bool] = None,
+        sync_ema: bool | None = None,
         deterministic: bool = False,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if dim < 1:
@@ -197,13 +197,13 @@ class VectorQuantizer(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     # usage statistics
-    def _counts(self, indices: Optional[Tensor]) -> Tensor:
+    def _counts(self, indices: Tensor | None) -> Tensor:
         if indices is None:
             return self.last_counts
         return torch.bincount(indices.reshape(-1), minlength=self.codebook_size).to(
             self.cluster_size.dtype)
 
-    def perplexity(self, indices: Optional[Tensor] = None) -> Tensor:
+    def perplexity(self, indices: Tensor | None = None) -> Tensor:
         """``exp(entropy)`` of the code distribution of ``indices`` (default: the last training
         batch, all ranks together): K when all codes are used equally, 1 when one code takes
         everything (and 1 for no vectors at all)."""
@@ -211,7 +211,7 @@ class VectorQuantizer(nn.Module):
         p = counts / counts.sum().clamp(min=1)
         return torch.exp(-torch.special.xlogy(p, p).sum())
 
-    def usage(self, indices: Optional[Tensor] = None) -> Tensor:
+    def usage(self, indices: Tensor | None = None) -> Tensor:
         """Fraction of the K codes chosen at least once in ``indices`` (default: the last
         training batch). The running (EMA) usage per code is the ``cluster_size`` buffer."""
         counts = self._counts(indices)
@@ -294,7 +294,7 @@ class VectorQuantizer(nn.Module):
     # ------------------------------------------------------------------------------------------
     # vector-quantize-pytorch interop
     @classmethod
-    def from_vector_quantize_pytorch(cls, module: nn.Module) -> "VectorQuantizer":
+    def from_vector_quantize_pytorch(cls, module: nn.Module) -> VectorQuantizer:
         """A VectorQuantizer with the configuration and state of vector-quantize-pytorch's
         ``VectorQuantize`` ``module``, on its device.
 

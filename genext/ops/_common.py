@@ -4,7 +4,7 @@ fake kernels and wrappers."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ def acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def softmax_scale(q: Tensor, scale: Optional[float]) -> float:
+def softmax_scale(q: Tensor, scale: float | None) -> float:
     """The attention softmax scale: ``scale``, or ``1 / sqrt(D)`` for q's head dim D."""
     return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
 

@@ -43,7 +43,7 @@ Returns (prev_sample, x0) in the sample's dtype.
 from __future__ import annotations
 
 import enum
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -83,9 +83,9 @@ declare_kernels(["sampler_step", "sampler_step_out"],
 
 def sampler_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence[float], *,
                  prediction_type: int = PredictionType.EPSILON, history: Sequence[Tensor] = (),
-                 noise: Optional[Tensor] = None, threshold_scale: Optional[Tensor] = None,
-                 clip: bool = False, guidance_scale: Optional[float] = None,
-                 out: Optional[Tensor] = None, x0_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                 noise: Tensor | None = None, threshold_scale: Tensor | None = None,
+                 clip: bool = False, guidance_scale: float | None = None,
+                 out: Tensor | None = None, x0_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One fused sampler step: returns (prev_sample, x0) like sample. `guidance_scale` given means
     model_output holds [uncond, cond] along dim 0, combined as u + w * (c - u) in the kernel.
     `out` / `x0_out`: contiguous tensors shaped and typed like sample to write into (out may be

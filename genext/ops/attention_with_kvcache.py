@@ -8,8 +8,6 @@ K/V head once for its whole group of query heads (GQA/MQA).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from torch import Tensor
 
@@ -33,7 +31,7 @@ def _must_not_sync(t: Tensor) -> bool:
 
 
 def _validate_values(
-    cache_seqlens: Tensor, block_table: Optional[Tensor], added: int, capacity: int,
+    cache_seqlens: Tensor, block_table: Tensor | None, added: int, capacity: int,
     num_blocks: int, block_size: int,
 ) -> None:
     """Lengths within the capacity and the blocks each sequence uses inside the pool, with one
@@ -70,16 +68,16 @@ def attention_with_kvcache(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    cache_seqlens: Union[Tensor, int],
-    k_new: Optional[Tensor] = None,
-    v_new: Optional[Tensor] = None,
+    cache_seqlens: Tensor | int,
+    k_new: Tensor | None = None,
+    v_new: Tensor | None = None,
     causal: bool = True,
-    scale: Optional[float] = None,
-    block_table: Optional[Tensor] = None,
+    scale: float | None = None,
+    block_table: Tensor | None = None,
     return_lse: bool = False,
     *,
     check_values: bool = True,
-) -> Union[Tensor, tuple[Tensor, Tensor]]:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of q over a KV cache, appending k_new/v_new to the cache first.
 
     Args:

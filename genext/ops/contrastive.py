@@ -4,8 +4,6 @@ tile of scores exists at a time; memory is linear in N). Differentiable in the f
 logit_scale and logit_bias."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -24,7 +22,7 @@ def _scalar(t, like: Tensor) -> Tensor:
     return t if isinstance(t, Tensor) else torch.tensor(float(t), device=like.device)
 
 
-def _positives(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], offset: int) -> Tensor:
+def _positives(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor | None, offset: int) -> Tensor:
     """scale * <a_i, b_{i + offset}> (+ bias) for every row i of a, in fp32 (fp64 for fp64)."""
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     n = a.shape[0]

@@ -8,8 +8,6 @@ the last so that ``torch.autograd.gradcheck`` can run.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from torch import Tensor
 
@@ -30,11 +28,11 @@ def flash_attention(
     k: Tensor,
     v: Tensor,
     causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     return_lse: bool = False,
     layout: str = "bhld",
     deterministic: bool = False,
-) -> Union[Tensor, tuple[Tensor, Tensor]]:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention with a fused, tiled kernel (no ``(Lq, Lk)`` tensor is stored).
 
     Args:
@@ -128,10 +126,10 @@ def flash_attention_varlen(
     max_seqlen_q: int,
     max_seqlen_k: int,
     causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
-) -> Union[Tensor, tuple[Tensor, Tensor]]:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a batch of sequences of different lengths, packed without padding.
 
     Args:

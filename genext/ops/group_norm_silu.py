@@ -1,8 +1,6 @@
 """Fused GroupNorm + SiLU: ``silu(group_norm(x, num_groups, weight, bias, eps))`` in one pass."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -20,10 +18,10 @@ _ACTIVATIONS = {"silu": True, None: False}
 def group_norm_silu(
     x: Tensor,
     num_groups: int,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     eps: float = 1e-5,
-    activation: Optional[str] = "silu",
+    activation: str | None = "silu",
 ) -> Tensor:
     """GroupNorm over ``(N, C, *)`` followed by SiLU (or nothing), fused.
 

@@ -2,8 +2,6 @@
 ``genext.ops.attention_with_kvcache``."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -13,7 +11,7 @@ __all__ = ["attention_with_kvcache", "kvcache_keys"]
 
 
 def kvcache_keys(
-    cache: Tensor, b: int, length: int, block_table: Optional[Tensor] = None
+    cache: Tensor, b: int, length: int, block_table: Tensor | None = None
 ) -> Tensor:
     """The first ``length`` rows ``(length, Hk, D)`` of sequence b of a KV cache, gathered.
 
@@ -34,11 +32,11 @@ def attention_with_kvcache(
     k_cache: Tensor,
     v_cache: Tensor,
     cache_seqlens: Tensor,
-    k_new: Optional[Tensor] = None,
-    v_new: Optional[Tensor] = None,
+    k_new: Tensor | None = None,
+    v_new: Tensor | None = None,
     causal: bool = True,
-    scale: Optional[float] = None,
-    block_table: Optional[Tensor] = None,
+    scale: float | None = None,
+    block_table: Tensor | None = None,
     return_lse: bool = False,
 ):
     """What ``genext.ops.attention_with_kvcache`` returns, one sequence at a time, in q's dtype.

@@ -3,8 +3,6 @@
 baseline of the benchmarks. Same formulas as open_clip's ``ClipLoss`` and ``SigLipLoss``."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -13,13 +11,13 @@ __all__ = ["clip_loss", "siglip_loss"]
 
 
 def _logits(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-            logit_bias: Optional[Tensor]) -> Tensor:
+            logit_bias: Tensor | None) -> Tensor:
     logits = logit_scale * image_features @ text_features.T
     return logits + logit_bias if logit_bias is not None else logits
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-              logit_bias: Optional[Tensor] = None, labels_offset: int = 0) -> Tensor:
+              logit_bias: Tensor | None = None, labels_offset: int = 0) -> Tensor:
     """CLIP's InfoNCE on logits = logit_scale * I T^T (+ logit_bias), in the features' dtype.
     Square with labels_offset 0: the mean of both directions; otherwise image -> text only, with
     row i's label i + offset."""
@@ -31,7 +29,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                logit_bias: Optional[Tensor], negative_only: bool = False) -> Tensor:
+                logit_bias: Tensor | None, negative_only: bool = False) -> Tensor:
     """SigLIP's loss: -sum_ij log sigmoid(z_ij * L_ij) / Ni with L = logit_scale * I T^T +
     logit_bias, z = +1 where i == j and -1 elsewhere (all -1 when ``negative_only``)."""
     logits = _logits(image_features, text_features, logit_scale, logit_bias)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -15,9 +14,9 @@ def attention_reference(
     k: Tensor,
     v: Tensor,
     causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     bottom_right: bool = True,
-    seqused_k: Optional[Tensor] = None,
+    seqused_k: Tensor | None = None,
     return_lse: bool = False,
 ):
     """Attention step by step in q's dtype (use float64 for a reference), on ``(B, H, L, D)``.

@@ -2,8 +2,6 @@
 users write today (the eager and torch.compile baseline of the benchmarks)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -14,10 +12,10 @@ __all__ = ["group_norm_silu", "group_norm_silu_eager"]
 def group_norm_silu(
     x: Tensor,
     num_groups: int,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     eps: float = 1e-5,
-    activation: Optional[str] = "silu",
+    activation: str | None = "silu",
 ) -> Tensor:
     """silu(group_norm(x)) computed step by step in x's dtype (use float64 for a reference)."""
     n, c = x.shape[:2]
@@ -34,10 +32,10 @@ def group_norm_silu(
 def group_norm_silu_eager(
     x: Tensor,
     num_groups: int,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     eps: float = 1e-5,
-    activation: Optional[str] = "silu",
+    activation: str | None = "silu",
 ) -> Tensor:
     """What users write today: ``F.silu(F.group_norm(...))`` (the eager and torch.compile baseline)."""
     y = F.group_norm(x, num_groups, weight, bias, eps)

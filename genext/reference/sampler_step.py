@@ -2,7 +2,7 @@
 coefficients: genext/ops/_sampler_step.py), bit-identical to the kernels in fp32."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -14,8 +14,8 @@ __all__ = ["sampler_step"]
 
 def sampler_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence[float], *,
                prediction_type: int = 0, history: Sequence[Tensor] = (),
-               noise: Optional[Tensor] = None, threshold_scale: Optional[Tensor] = None,
-               clip: bool = False, guidance_scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+               noise: Tensor | None = None, threshold_scale: Tensor | None = None,
+               clip: bool = False, guidance_scale: float | None = None) -> tuple[Tensor, Tensor]:
     """The kernel's expression in plain PyTorch, fp32 arithmetic (the specification)."""
     c = [float(v) for v in coef] + [0.0] * (NUM_COEF - len(coef))
     f32 = torch.float32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ class SchedulerOutput:
     """What `step` returns with return_dict=True (diffusers' field names)."""
 
     prev_sample: Tensor
-    pred_original_sample: Optional[Tensor] = None
+    pred_original_sample: Tensor | None = None
 
     def __getitem__(self, i: int) -> Any:  # output[0] as in diffusers' BaseOutput
         return self.to_tuple()[i]
@@ -62,22 +62,22 @@ class SchedulerBase:
 
     # ---- step index (diffusers' semantics) ------------------------------------------------------
 
-    _step_index: Optional[int] = None
-    _begin_index: Optional[int] = None
+    _step_index: int | None = None
+    _begin_index: int | None = None
 
     @property
-    def step_index(self) -> Optional[int]:
+    def step_index(self) -> int | None:
         return self._step_index
 
     @property
-    def begin_index(self) -> Optional[int]:
+    def begin_index(self) -> int | None:
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Where in `timesteps` the sampling starts (pipelines call this for img2img)."""
         self._begin_index = begin_index
 
-    def index_for_timestep(self, timestep: Any, schedule_timesteps: Optional[Tensor] = None) -> int:
+    def index_for_timestep(self, timestep: Any, schedule_timesteps: Tensor | None = None) -> int:
         """Position of `timestep` in the schedule; when it occurs twice, the second (so that a
         step never starts by skipping a sigma in the middle of the schedule), as diffusers does."""
         if schedule_timesteps is None:

@@ -3,20 +3,28 @@ the schedule, host-side timestep resolution, noise drawing, thresholding scale, 
 `get_velocity`."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ._base import SchedulerBase, SchedulerOutput
-from ._schedule import (PREDICTION_TYPES, TIMESTEP_SPACINGS, check_choice, make_alphas_cumprod,
-                        make_betas, randn_like_diffusers, rescale_zero_terminal_snr,
-                        threshold_scale)
+from ._schedule import (
+    PREDICTION_TYPES,
+    TIMESTEP_SPACINGS,
+    check_choice,
+    make_alphas_cumprod,
+    make_betas,
+    randn_like_diffusers,
+    rescale_zero_terminal_snr,
+    threshold_scale,
+)
 
 __all__ = ["DiscreteScheduler", "Generator"]
 
-Generator = Union[None, torch.Generator, Sequence[torch.Generator]]
+Generator = None | torch.Generator | Sequence[torch.Generator]
 
 
 class DiscreteScheduler(SchedulerBase):
@@ -40,7 +48,7 @@ class DiscreteScheduler(SchedulerBase):
         self.alphas_cumprod = make_alphas_cumprod(betas)
         self._acp_on: dict = {}  # (device, dtype) -> alphas_cumprod there, for add_noise
         self.init_noise_sigma = 1.0
-        self.num_inference_steps: Optional[int] = None
+        self.num_inference_steps: int | None = None
         self._set_schedule(np.arange(cfg.num_train_timesteps)[::-1].astype(np.int64), None)
 
     def _set_schedule(self, timesteps: np.ndarray, device: Any) -> None:
@@ -87,7 +95,7 @@ class DiscreteScheduler(SchedulerBase):
     # ---- pieces of a step ------------------------------------------------------------------------
 
     def _check_guidance(self, model_output: Tensor, sample: Tensor,
-                        guidance_scale: Optional[float]) -> None:
+                        guidance_scale: float | None) -> None:
         if guidance_scale is not None and model_output.shape[0] != 2 * sample.shape[0]:
             raise ValueError(f"{self._name}.step: with guidance_scale, model_output must stack "
                              f"[uncond, cond] along dim 0 (batch {2 * sample.shape[0]}), got shape "
@@ -95,7 +103,7 @@ class DiscreteScheduler(SchedulerBase):
                              f"{tuple(sample.shape)}")
 
     def _threshold_scale(self, sample: Tensor, model_output: Tensor, c0: float, c1: float,
-                         guidance_scale: Optional[float]) -> Optional[Tensor]:
+                         guidance_scale: float | None) -> Tensor | None:
         """Dynamic thresholding's per-sample scale, from x0 computed with the fused op's own
         expression (guidance included); None when thresholding is off."""
         if not self.config.thresholding:

@@ -21,7 +21,8 @@ Stable names (other scheduler modules import them):
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,9 +140,9 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, timeste
 
 
 def randn_like_diffusers(shape: Sequence[int],
-                         generator: Union[None, torch.Generator, Sequence[torch.Generator]],
-                         device: Union[None, str, torch.device],
-                         dtype: Optional[torch.dtype]) -> Tensor:
+                         generator: None | torch.Generator | Sequence[torch.Generator],
+                         device: None | str | torch.device,
+                         dtype: torch.dtype | None) -> Tensor:
     """Standard normal noise drawn exactly as diffusers' `randn_tensor`: with a CPU generator and a
     non-CPU target device, drawn on the CPU and moved; a list of generators draws one batch row
     per generator (a list of one is a single generator); a CUDA generator for a CPU tensor is an

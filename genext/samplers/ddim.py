@@ -9,14 +9,15 @@ The discrete-time machinery it shares with `DDPMScheduler` is `DiscreteScheduler
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..ops._sampler_step import NUM_COEF, PredictionType, StepKind, sampler_step
 from ._discrete import DiscreteScheduler, Generator
-from ._schedule import (spaced_timesteps)
+from ._schedule import spaced_timesteps
+
 
 class DDIMScheduler(DiscreteScheduler):
     """diffusers' `DDIMScheduler` (same constructor fields and defaults), one fused kernel per step.
@@ -41,7 +42,7 @@ class DDIMScheduler(DiscreteScheduler):
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
     def set_timesteps(self, num_inference_steps: int,
-                      device: Union[str, torch.device, None] = None) -> None:
+                      device: str | torch.device | None = None) -> None:
         """The inference timesteps (diffusers' leading / trailing / linspace spacing) on `device`;
         a CPU copy is kept for the host-side coefficients."""
         cfg = self.config
@@ -87,8 +88,8 @@ class DDIMScheduler(DiscreteScheduler):
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: Generator = None,
-             variance_noise: Optional[Tensor] = None, return_dict: bool = True,
-             guidance_scale: Optional[float] = None, out: Optional[Tensor] = None):
+             variance_noise: Tensor | None = None, return_dict: bool = True,
+             guidance_scale: float | None = None, out: Tensor | None = None):
         """x_t -> x_{t-1} (diffusers' DDIM step); `out`: write prev_sample there (may be `sample`). model_output: like sample (B, ...), or (2B, ...)
         as [uncond, cond] with guidance_scale. eta > 0 adds eta-scaled DDPM noise, drawn from
         `generator` exactly as diffusers draws it, or `variance_noise` when given.

@@ -7,7 +7,8 @@ host in diffusers' 0-dim float32 arithmetic from a CPU copy of `alphas_cumprod`.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,9 +51,9 @@ class DDPMScheduler(DiscreteScheduler):
         self.custom_timesteps = False
         self.variance_type = variance_type
 
-    def set_timesteps(self, num_inference_steps: Optional[int] = None,
-                      device: Union[str, torch.device, None] = None,
-                      timesteps: Optional[Sequence[int]] = None) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None,
+                      device: str | torch.device | None = None,
+                      timesteps: Sequence[int] | None = None) -> None:
         """The inference timesteps: num_inference_steps spaced by `timestep_spacing`, or a custom
         strictly descending list `timesteps` (below num_train_timesteps), on `device`."""
         if (num_inference_steps is None) == (timesteps is None):
@@ -75,7 +76,7 @@ class DDPMScheduler(DiscreteScheduler):
             self.custom_timesteps = False
         self._set_schedule(ts, device)
 
-    def _prev_at(self, t: int, index: Optional[int]) -> int:
+    def _prev_at(self, t: int, index: int | None) -> int:
         if not (self.custom_timesteps or self.num_inference_steps):
             return t - 1  # no schedule set: the full training chain
         if index is None:
@@ -132,8 +133,8 @@ class DDPMScheduler(DiscreteScheduler):
         return coef, posterior, cur_beta
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, generator: Generator = None,
-             return_dict: bool = True, guidance_scale: Optional[float] = None,
-             out: Optional[Tensor] = None):
+             return_dict: bool = True, guidance_scale: float | None = None,
+             out: Tensor | None = None):
         """x_t -> x_{t-1} (diffusers' DDPM step; `out`: write prev_sample there, may be `sample`); noise drawn from `generator` exactly as diffusers
         draws it when t > 0. model_output: like sample (B, C, ...), (B, 2C, ...) with a learned
         variance, or the two stacked as [uncond, cond] along dim 0 with guidance_scale (the

@@ -18,16 +18,23 @@ conversion); with thresholding it takes a marked fallback (see `_dpmsolver_thres
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._base import SchedulerBase, SchedulerOutput
-from ._schedule import (check_choice, make_alphas_cumprod, make_betas, randn_like_diffusers,
-                        rescale_zero_terminal_snr, threshold_scale)
 from ..ops._sampler_step import PredictionType, StepKind, sampler_step
+from ._base import SchedulerBase, SchedulerOutput
+from ._schedule import (
+    check_choice,
+    make_alphas_cumprod,
+    make_betas,
+    randn_like_diffusers,
+    rescale_zero_terminal_snr,
+    threshold_scale,
+)
 
 _OWNER = "DPMSolverMultistepScheduler"
 _ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -53,7 +60,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
-        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        trained_betas: np.ndarray | list[float] | None = None,
         solver_order: int = 2,
         prediction_type: str = "epsilon",
         thresholding: bool = False,
@@ -71,7 +78,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         flow_shift: float = 1.0,
         final_sigmas_type: str = "zero",
         lambda_min_clipped: float = -float("inf"),
-        variance_type: Optional[str] = None,
+        variance_type: str | None = None,
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
@@ -123,15 +130,15 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
         self.sigmas = ((1 - ac) / ac) ** 0.5
 
-        self.num_inference_steps: Optional[int] = None
+        self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(
             np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
                         dtype=np.float32)[::-1].copy())
-        self.model_outputs: List[Optional[Tensor]] = [None] * solver_order
+        self.model_outputs: list[Tensor | None] = [None] * solver_order
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
-        self._coef_cache: Dict[Tuple[int, int], Tuple[List[float], int]] = {}
+        self._coef_cache: dict[tuple[int, int], tuple[list[float], int]] = {}
         self._set_host_schedule(self.timesteps, self.sigmas)
 
     # ---- schedule --------------------------------------------------------------------------------
@@ -147,7 +154,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         w = np.clip((lo_v - log_sigma) / (lo_v - hi_v), 0, 1)
         return ((1 - w) * lo + w * hi).reshape(np.shape(sigma))
 
-    def _sigma_to_alpha_sigma_t(self, sigma: Tensor) -> Tuple[Tensor, Tensor]:
+    def _sigma_to_alpha_sigma_t(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(alpha_t, sigma_t) of the VP process with noise-to-signal ratio `sigma`; with flow
         sigmas (1 - sigma, sigma)."""
         if self.config.use_flow_sigmas:
@@ -162,9 +169,9 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         lo_r, hi_r = lo ** (1 / rho), hi ** (1 / rho)
         return (hi_r + ramp * (lo_r - hi_r)) ** rho
 
-    def set_timesteps(self, num_inference_steps: Optional[int] = None,
-                      device: Union[str, torch.device, None] = None, mu: Optional[float] = None,
-                      timesteps: Optional[Sequence[int]] = None) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None,
+                      device: str | torch.device | None = None, mu: float | None = None,
+                      timesteps: Sequence[int] | None = None) -> None:
         """The inference schedule: `timesteps` (int64, on `device`) and `sigmas` (float32, CPU,
         one more than the timesteps: the final sigma, 0 or the training minimum). Spacing follows
         config.timestep_spacing unless a sigma respacing (Karras, exponential, Lu lambdas, flow)
@@ -263,7 +270,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
 
     # ---- step index ------------------------------------------------------------------------------
 
-    def index_for_timestep(self, timestep: Any, schedule_timesteps: Optional[Tensor] = None) -> int:
+    def index_for_timestep(self, timestep: Any, schedule_timesteps: Tensor | None = None) -> int:
         """Position of `timestep` in the schedule: the second match when it occurs twice, and,
         unlike the other schedulers, the last position when it does not occur (diffusers)."""
         if schedule_timesteps is None:
@@ -283,7 +290,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
 
     # ---- coefficients ----------------------------------------------------------------------------
 
-    def _coefficients(self, i: int, order: int) -> Tuple[List[float], int]:
+    def _coefficients(self, i: int, order: int) -> tuple[list[float], int]:
         """(coef, prediction_type) of the op for step i at `order`, from 0-dim float32 tensors of
         the host sigmas, each value computed by the same expression (order and association) as in
         diffusers' update; a minus sign in front of a term is folded into its coefficient
@@ -393,14 +400,14 @@ class DPMSolverMultistepScheduler(SchedulerBase):
     def step(
         self,
         model_output: Tensor,
-        timestep: Union[int, Tensor],
+        timestep: int | Tensor,
         sample: Tensor,
-        generator: Optional[torch.Generator] = None,
-        variance_noise: Optional[Tensor] = None,
+        generator: torch.Generator | None = None,
+        variance_noise: Tensor | None = None,
         return_dict: bool = True,
-        guidance_scale: Optional[float] = None,
-        out: Optional[Tensor] = None,
-    ) -> Union[SchedulerOutput, tuple]:
+        guidance_scale: float | None = None,
+        out: Tensor | None = None,
+    ) -> SchedulerOutput | tuple:
         """One multistep DPM-Solver step from `timestep` to the next sigma (`out`: write the new
         sample there; it may be `sample`).
 
@@ -466,15 +473,15 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         return SchedulerOutput(prev_sample=prev)
 
     @staticmethod
-    def _guided(m: Tensor, guidance_scale: Optional[float]) -> Tensor:
+    def _guided(m: Tensor, guidance_scale: float | None) -> Tensor:
         m = m.to(torch.float32)
         if guidance_scale is None:
             return m
         u, c = m.chunk(2)
         return u + guidance_scale * (c - u)
 
-    def _eager_x0(self, m: Tensor, sample: Tensor, coef: List[float], ptype: int,
-                  guidance_scale: Optional[float]) -> Tensor:
+    def _eager_x0(self, m: Tensor, sample: Tensor, coef: list[float], ptype: int,
+                  guidance_scale: float | None) -> Tensor:
         """x0 before thresholding, by the op's own expression (eager_step's), for the quantile."""
         x = sample.to(torch.float32)
         m = self._guided(m, guidance_scale)
@@ -487,7 +494,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         return (x - coef[1] * m) / torch.tensor(coef[0], dtype=torch.float32, device=x.device)
 
     def _dpmsolver_thresholded_eps(self, m: Tensor, sample: Tensor,
-                                   guidance_scale: Optional[float]) -> Tensor:
+                                   guidance_scale: float | None) -> Tensor:
         """FALLBACK (plain PyTorch before the op) for algorithm_type dpmsolver / sde-dpmsolver
         with thresholding: diffusers converts the output to a noise prediction eps, derives x0,
         thresholds it and converts back, eps = (x - alpha * x0) / sigma. The op thresholds only

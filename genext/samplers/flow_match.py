@@ -15,15 +15,16 @@ from the host (the first one looks the timestep up, as diffusers does).
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..ops._sampler_step import StepKind, sampler_step
 from ._base import SchedulerBase, SchedulerOutput
 from ._schedule import randn_like_diffusers
-from ..ops._sampler_step import StepKind, sampler_step
 
 _OWNER = "FlowMatchEulerDiscreteScheduler"
 
@@ -45,12 +46,12 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         num_train_timesteps: int = 1000,
         shift: float = 1.0,
         use_dynamic_shifting: bool = False,
-        base_shift: Optional[float] = 0.5,
-        max_shift: Optional[float] = 1.15,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
         invert_sigmas: bool = False,
-        shift_terminal: Optional[float] = None,
+        shift_terminal: float | None = None,
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
@@ -80,7 +81,7 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         self.sigma_min = sigmas[-1].item()
         self.sigma_max = sigmas[0].item()
         self._shift = shift
-        self.num_inference_steps: Optional[int] = None
+        self.num_inference_steps: int | None = None
         self._step_index = None
         self._begin_index = None
         self._set_host_schedule(self.timesteps, self.sigmas)
@@ -124,11 +125,11 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
 
     def set_timesteps(
         self,
-        num_inference_steps: Optional[int] = None,
-        device: Union[str, torch.device, None] = None,
-        sigmas: Optional[Sequence[float]] = None,
-        mu: Optional[float] = None,
-        timesteps: Optional[Sequence[float]] = None,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: Sequence[float] | None = None,
+        mu: float | None = None,
+        timesteps: Sequence[float] | None = None,
     ) -> None:
         """The inference schedule: `num_inference_steps` evenly spaced training sigmas (or the given
         `sigmas`/`timesteps`), shifted (statically, or with `mu` under use_dynamic_shifting),
@@ -203,13 +204,13 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         self._timesteps_host = timesteps.detach().to("cpu")
         sig = sigmas.detach().to("cpu", torch.float32)
         self._sigmas_host = sig
-        self._sigma_list: List[float] = sig.tolist()
-        self._dt_list: List[float] = (sig[1:] - sig[:-1]).tolist()
-        self._one_minus_list: List[float] = (1.0 - sig).tolist()
+        self._sigma_list: list[float] = sig.tolist()
+        self._dt_list: list[float] = (sig[1:] - sig[:-1]).tolist()
+        self._one_minus_list: list[float] = (1.0 - sig).tolist()
 
     # ---- step ------------------------------------------------------------------------------------
 
-    def index_for_timestep(self, timestep: Any, schedule_timesteps: Optional[Tensor] = None) -> int:
+    def index_for_timestep(self, timestep: Any, schedule_timesteps: Tensor | None = None) -> int:
         if schedule_timesteps is None:
             schedule_timesteps = self._timesteps_host
         return super().index_for_timestep(timestep, schedule_timesteps)
@@ -229,20 +230,20 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
     def step(
         self,
         model_output: Tensor,
-        timestep: Union[float, Tensor],
+        timestep: float | Tensor,
         sample: Tensor,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
         s_tmax: float = float("inf"),
         s_noise: float = 1.0,
-        generator: Optional[torch.Generator] = None,
-        per_token_timesteps: Optional[Tensor] = None,
+        generator: torch.Generator | None = None,
+        per_token_timesteps: Tensor | None = None,
         return_dict: bool = True,
         *,
-        variance_noise: Optional[Tensor] = None,
-        guidance_scale: Optional[float] = None,
-        out: Optional[Tensor] = None,
-    ) -> Union[SchedulerOutput, tuple]:
+        variance_noise: Tensor | None = None,
+        guidance_scale: float | None = None,
+        out: Tensor | None = None,
+    ) -> SchedulerOutput | tuple:
         """One Euler step from `timestep` (a value of `timesteps`) to the next sigma (`out`: write
         the new sample there; it may be `sample`).
 
@@ -285,8 +286,8 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         return SchedulerOutput(prev_sample=prev)
 
     def _step_per_token(self, model_output: Tensor, sample: Tensor, per_token_timesteps: Tensor,
-                        generator: Any, variance_noise: Optional[Tensor],
-                        guidance_scale: Optional[float], return_dict: bool):
+                        generator: Any, variance_noise: Tensor | None,
+                        guidance_scale: float | None, return_dict: bool):
         """FALLBACK (plain PyTorch, not the fused op): per-token timesteps make sigma a tensor,
         which the op's scalar coefficients cannot carry. Each token steps from its own sigma to the
         largest schedule sigma below it (1e-6 margin), as diffusers does."""
@@ -317,8 +318,8 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
 
     # ---- forward process -------------------------------------------------------------------------
 
-    def scale_noise(self, sample: Tensor, timestep: Union[float, Tensor],
-                    noise: Optional[Tensor] = None) -> Tensor:
+    def scale_noise(self, sample: Tensor, timestep: float | Tensor,
+                    noise: Tensor | None = None) -> Tensor:
         """The forward process at `timestep` (one per batch row): sigma * noise + (1 - sigma) *
         sample, with sigma looked up like diffusers (by timestep value, or the begin/step index
         once a pipeline set one)."""

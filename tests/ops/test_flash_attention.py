@@ -29,8 +29,8 @@ def dtypes_for(device):
 
 def make_qkv(b, hq, hk, lq, lk, d, dtype, device, requires_grad=False):
     """Random (B, H, L, D) q, k, v (never zeros), drawn in float64 then rounded to dtype."""
-    def rand(h, l):
-        t = torch.randn(b, h, l, d, dtype=torch.float64).to(device=device, dtype=dtype)
+    def rand(h, length):
+        t = torch.randn(b, h, length, d, dtype=torch.float64).to(device=device, dtype=dtype)
         return t.requires_grad_(requires_grad)
     return rand(hq, lq), rand(hk, lk), rand(hk, lk)
 
@@ -225,10 +225,10 @@ def test_varlen_matches_per_sequence_op(device):
         rq, rk = slice(cq[s], cq[s + 1]), slice(ck[s], ck[s + 1])
         qs, ks, vs = (t.detach()[r].unsqueeze(0).requires_grad_()
                       for t, r in ((q, rq), (k, rk), (v, rk)))
-        o, l = flash_attention(qs, ks, vs, causal=True, layout="blhd", return_lse=True)
+        o, lse_s = flash_attention(qs, ks, vs, causal=True, layout="blhd", return_lse=True)
         assert torch.allclose(out[rq], o[0], atol=1e-2, rtol=0)
-        assert torch.equal(torch.isinf(lse[:, rq]), torch.isinf(l[0]))
-        assert torch.allclose(lse[:, rq], l[0], atol=1e-5, rtol=0)
+        assert torch.equal(torch.isinf(lse[:, rq]), torch.isinf(lse_s[0]))
+        assert torch.allclose(lse[:, rq], lse_s[0], atol=1e-5, rtol=0)
         if lq[s] == 0:  # keys nobody queries: zero gradients
             assert torch.equal(dk[rk], torch.zeros_like(dk[rk]))
             continue

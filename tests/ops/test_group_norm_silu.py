@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import genext
 from genext import reference
 from genext.nn import GroupNormSiLU
 from genext.ops import group_norm_silu

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import genext
 from genext import reference
 from genext.ops import vq_ema_update, vq_nearest
 

@@ -2,7 +2,6 @@
 after a scheduler's first step (what CUDA-graph capture of the loop needs)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -13,8 +12,7 @@ from genext.samplers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: 
 RefDPM = diffusers.DPMSolverMultistepScheduler
 RefFlow = diffusers.FlowMatchEulerDiscreteScheduler
 
-from trajectories import (TOL_CUDA, both, compare_trajectories,  # noqa: E402
-                          guided_pair, initial_noise)
+from trajectories import TOL_CUDA, both, compare_trajectories, guided_pair, initial_noise  # noqa: E402
 
 # diffusers warns that the original "dpmsolver" algorithms are deprecated; that is its business
 # and numpy 2 warns about how diffusers converts a tensor (np.array(tensor)); not ours either

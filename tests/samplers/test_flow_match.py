@@ -14,9 +14,18 @@ from genext.samplers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: 
 
 RefFlow = diffusers.FlowMatchEulerDiscreteScheduler
 
-from trajectories import (SHAPE, STEPS, TOL_CPU, both, compare_trajectories,  # noqa: E402
-                          count_op_calls, fake_model, initial_noise, same)
 from conftest import rel_err  # noqa: E402
+from trajectories import (  # noqa: E402
+    SHAPE,
+    STEPS,
+    TOL_CPU,
+    both,
+    compare_trajectories,
+    count_op_calls,
+    fake_model,
+    initial_noise,
+    same,
+)
 
 # diffusers warns that the original "dpmsolver" algorithms are deprecated; that is its business
 # and numpy 2 warns about how diffusers converts a tensor (np.array(tensor)); not ours either
