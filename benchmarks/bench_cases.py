@@ -8,6 +8,7 @@ pytest-benchmark times each call on the host clock with a device sync after it; 
 merit per unit (ms, GB/s and % of the copy bandwidth, TFLOP/s, peak extra MiB on CUDA) go to each
 result's extra_info.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -27,9 +28,15 @@ def pytest_generate_tests(metafunc):
         return
     opt = metafunc.config.getoption
     config = Config(DEVICE, quick=opt("quick"), compile=not opt("no_compile"))
-    params = [pytest.param((bench, case, t), id="/".join(
-                  (bench.name, case.name, str(case.dtype)[6:], t.impl, t.direction)))
-              for bench in benches().values() for case in bench.cases(config) for t in case.timings]
+    params = [
+        pytest.param(
+            (bench, case, t),
+            id="/".join((bench.name, case.name, str(case.dtype)[6:], t.impl, t.direction)),
+        )
+        for bench in benches().values()
+        for case in bench.cases(config)
+        for t in case.timings
+    ]
     metafunc.parametrize("item", params)
 
 
@@ -46,9 +53,16 @@ def test_bench(benchmark, item):
         _checks[key] = case.check(inputs)
     ok, note = _checks[key]
     assert ok is not False, f"{bench.name} {case.name}: {note}"
-    benchmark.extra_info.update(op=bench.name, case=case.name, dtype=str(case.dtype)[6:], impl=timing.impl,
-                                direction=timing.direction, device=DEVICE, units=timing.units,
-                                case_check=check_text(ok, note))
+    benchmark.extra_info.update(
+        op=bench.name,
+        case=case.name,
+        dtype=str(case.dtype)[6:],
+        impl=timing.impl,
+        direction=timing.direction,
+        device=DEVICE,
+        units=timing.units,
+        case_check=check_text(ok, note),
+    )
     with timing.context():
         fn = timing.setup(inputs)
         if fn is None:

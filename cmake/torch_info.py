@@ -1,4 +1,5 @@
 """Print facts about the installed torch as CMake `set()` lines (read by CMakeLists.txt)."""
+
 import os
 import sys
 

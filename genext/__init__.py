@@ -13,6 +13,7 @@ reachable as an attribute. The layers, imports pointing down only:
 Ops without a kernel for a device raise a clear error per call; importing never fails because a
 GPU is missing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,7 @@ try:
     from . import _build_config
 except ImportError as e:  # a source checkout that was never built
     raise ImportError(
-        "genext is not built: install it with `pip install --no-build-isolation .` "
-        "(see README.md)"
+        "genext is not built: install it with `pip install --no-build-isolation .` (see README.md)"
     ) from e
 
 
@@ -53,8 +53,18 @@ from .nn import KVCache  # noqa: E402
 
 __version__ = _build_config.version
 _LAZY = ("bench", "reference")  # leaves: imported on first access, never by library code
-__all__ = ["KVCache", "__version__", "bench", "build_info", "losses", "models", "nn", "ops",
-           "reference", "samplers"]
+__all__ = [
+    "KVCache",
+    "__version__",
+    "bench",
+    "build_info",
+    "losses",
+    "models",
+    "nn",
+    "ops",
+    "reference",
+    "samplers",
+]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
 """Command line: `genext info` (or `python -m genext info`) and `genext bench`."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,14 +10,24 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genext", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="print build facts (versions, CUDA architectures, op kernels) as JSON")
+    sub.add_parser(
+        "info", help="print build facts (versions, CUDA architectures, op kernels) as JSON"
+    )
     b = sub.add_parser("bench", help="time genext against eager PyTorch and torch.compile")
     b.add_argument("--list", action="store_true", help="list the registered benches and exit")
-    b.add_argument("--op", nargs="+", default=None, metavar="NAME",
-                   help="only these benches (names as --list shows them; default: all)")
+    b.add_argument(
+        "--op",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="only these benches (names as --list shows them; default: all)",
+    )
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    b.add_argument("--dtype", default=None,
-                   help="float32, float16 or bfloat16 (default: each bench's own for the device)")
+    b.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, float16 or bfloat16 (default: each bench's own for the device)",
+    )
     b.add_argument("--quick", action="store_true", help="fewer repeats and shapes (smoke run)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     b.add_argument("--json", default=None, help="write the results to this JSON file")

@@ -1,4 +1,5 @@
 """build_info(): what this genext build holds, for bug reports and `python -m genext info`."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,8 +14,10 @@ def build_info() -> dict[str, Any]:
     """Version, the torch genext was built against, CUDA on/off with architectures, and for each
     op the devices and dtypes that have kernels (checked against the dispatcher)."""
     ops = {
-        op: {dev: [str(dt).replace("torch.", "") for dt in dtypes]
-             for dev, dtypes in served_dtypes(op).items()}
+        op: {
+            dev: [str(dt).replace("torch.", "") for dt in dtypes]
+            for dev, dtypes in served_dtypes(op).items()
+        }
         for op in KERNELS
     }
     return {

@@ -1,4 +1,5 @@
 """Shared test set-up: seeds, the device fixture, the cuda marker, and helpers."""
+
 from __future__ import annotations
 
 import pytest

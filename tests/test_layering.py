@@ -7,6 +7,7 @@ layer above or a sibling of its own layer); genext.reference and genext.bench ar
 library module imports; no module imports another module's private (underscored) names. Also:
 every public subpackage is reachable as an attribute after a bare `import genext`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,8 +23,16 @@ ROOT = Path(genext.__file__).resolve().parent
 
 # rank of each top-level part of the package; a module may import ranks below its own
 BASE = {"_C", "_build_config"}  # the compiled extension and build facts: anyone may import them
-RANKS = {"ops": 0, "nn": 1, "losses": 1, "samplers": 1, "models": 2, "integrations": 3,
-         "": 4, "_info": 4}
+RANKS = {
+    "ops": 0,
+    "nn": 1,
+    "losses": 1,
+    "samplers": 1,
+    "models": 2,
+    "integrations": 3,
+    "": 4,
+    "_info": 4,
+}
 LEAVES = {"reference": 5, "bench": 6, "__main__": 7}  # never imported by library code
 TOP = {"", "_info"}  # genext/__init__.py and its build report: one layer, above all subpackages
 
@@ -57,7 +66,9 @@ def imports_of(source: str, module: str, is_package: bool) -> list[tuple[str, st
     out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            out += [(a.name, "", node.lineno) for a in node.names if a.name.split(".")[0] == "genext"]
+            out += [
+                (a.name, "", node.lineno) for a in node.names if a.name.split(".")[0] == "genext"
+            ]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = pkg.split(".")
@@ -90,8 +101,11 @@ def violations(source: str, module: str, is_package: bool, root: Path = ROOT) ->
             found.append(f"{where}: {kind} import of genext.{them} from genext.{me or '(top)'}")
         elif me in LEAVES and them in LEAVES and _rank(them) >= _rank(me):
             found.append(f"{where}: the leaf genext.{me} imports genext.{them}")
-        if name.startswith("_") and not name.startswith("__") and \
-                not _is_module(f"{target}.{name}", root):
+        if (
+            name.startswith("_")
+            and not name.startswith("__")
+            and not _is_module(f"{target}.{name}", root)
+        ):
             found.append(f"{where}: imports the private name {name} from {target}")
     return found
 
@@ -104,51 +118,69 @@ def _sources():
 def test_imports_point_down_and_leaves_stay_leaves():
     problems = []
     for path, module, is_pkg in _sources():
-        assert _part(module) in RANKS or _part(module) in LEAVES or _part(module) in BASE, \
+        assert _part(module) in RANKS or _part(module) in LEAVES or _part(module) in BASE, (
             f"{path}: a new top-level part of genext; give it a rank in tests/test_layering.py"
+        )
         problems += violations(path.read_text(), module, is_pkg)
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("module,source,expected", [
-    ("genext.ops.vq", "from ..nn import VectorQuantizer", "upward import of genext.nn"),
-    ("genext.nn.kvcache", "from ..losses import ClipLoss", "sideways import of genext.losses"),
-    ("genext.samplers.ddim", "import genext.models.vae", "upward import of genext.models"),
-    ("genext.models.vae", "from .. import reference", "imports the leaf genext.reference"),
-    ("genext.nn.functional", "from genext.bench import run", "imports the leaf genext.bench"),
-    ("genext.reference.vq", "from ..bench import time_fn", "the leaf genext.reference imports"),
-    ("genext.samplers.ddpm", "from .ddim import _DiscreteScheduler", "private name _DiscreteScheduler"),
-    ("genext.nn.kvcache", "from ..ops.attention_with_kvcache import _call", "private name _call"),
-])
+@pytest.mark.parametrize(
+    "module,source,expected",
+    [
+        ("genext.ops.vq", "from ..nn import VectorQuantizer", "upward import of genext.nn"),
+        ("genext.nn.kvcache", "from ..losses import ClipLoss", "sideways import of genext.losses"),
+        ("genext.samplers.ddim", "import genext.models.vae", "upward import of genext.models"),
+        ("genext.models.vae", "from .. import reference", "imports the leaf genext.reference"),
+        ("genext.nn.functional", "from genext.bench import run", "imports the leaf genext.bench"),
+        ("genext.reference.vq", "from ..bench import time_fn", "the leaf genext.reference imports"),
+        (
+            "genext.samplers.ddpm",
+            "from .ddim import _DiscreteScheduler",
+            "private name _DiscreteScheduler",
+        ),
+        (
+            "genext.nn.kvcache",
+            "from ..ops.attention_with_kvcache import _call",
+            "private name _call",
+        ),
+    ],
+)
 def test_the_checker_catches_each_kind_of_violation(module, source, expected):
     found = violations(source, module, False)
     assert any(expected in v for v in found), found
 
 
-@pytest.mark.parametrize("module,source", [
-    ("genext.models.vae", "from ..nn import GroupNormSiLU\nfrom ..ops import group_norm_silu"),
-    ("genext.nn.kvcache", "from ..ops.attention_with_kvcache import attention_with_kvcache"),
-    ("genext.samplers.ddim", "from . import _base\nfrom ..ops._sampler_step import StepKind"),
-    ("genext.bench.vq", "from .. import reference\nfrom ..ops import vq_nearest"),
-    ("genext", "from . import _C, ops"),
-])
+@pytest.mark.parametrize(
+    "module,source",
+    [
+        ("genext.models.vae", "from ..nn import GroupNormSiLU\nfrom ..ops import group_norm_silu"),
+        ("genext.nn.kvcache", "from ..ops.attention_with_kvcache import attention_with_kvcache"),
+        ("genext.samplers.ddim", "from . import _base\nfrom ..ops._sampler_step import StepKind"),
+        ("genext.bench.vq", "from .. import reference\nfrom ..ops import vq_nearest"),
+        ("genext", "from . import _C, ops"),
+    ],
+)
 def test_the_checker_accepts_downward_imports(module, source):
     assert violations(source, module, module == "genext") == []
 
 
 def test_every_subpackage_is_an_attribute_after_import_genext():
-    subpackages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py")
-                         if not p.parent.name.startswith("_"))
+    subpackages = sorted(
+        p.parent.name for p in ROOT.glob("*/__init__.py") if not p.parent.name.startswith("_")
+    )
     assert {"ops", "nn", "losses", "samplers", "models", "reference"} <= set(subpackages)
     # a fresh interpreter: nothing imported beforehand by other tests
-    code = ("import genext, types\n"
-            f"for name in {subpackages!r}:\n"
-            "    assert isinstance(getattr(genext, name), types.ModuleType), name\n"
-            "for name in genext.__all__:\n"
-            "    getattr(genext, name)\n"
-            "import genext.samplers\n"
-            "genext.samplers.DDIMScheduler, genext.losses.ClipLoss, genext.nn.KVCache\n"
-            "assert genext.KVCache is genext.nn.KVCache\n")
+    code = (
+        "import genext, types\n"
+        f"for name in {subpackages!r}:\n"
+        "    assert isinstance(getattr(genext, name), types.ModuleType), name\n"
+        "for name in genext.__all__:\n"
+        "    getattr(genext, name)\n"
+        "import genext.samplers\n"
+        "genext.samplers.DDIMScheduler, genext.losses.ClipLoss, genext.nn.KVCache\n"
+        "assert genext.KVCache is genext.nn.KVCache\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

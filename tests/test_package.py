@@ -1,4 +1,5 @@
 """Package-level behaviour: build facts, the torch version check, the command line."""
+
 from __future__ import annotations
 
 import json
@@ -28,18 +29,28 @@ def test_build_info_reports_device_generic_ops_truthfully():
     # the contrastive ops are registered once for every device (CompositeExplicitAutograd), which the
     # per-key dispatcher query does not see; they serve CUDA tensors only in a CUDA build
     info = genext.build_info()
-    for op in ("tiled_lse", "tiled_lse_backward", "tiled_softplus_sum", "tiled_softplus_sum_backward"):
+    for op in (
+        "tiled_lse",
+        "tiled_lse_backward",
+        "tiled_softplus_sum",
+        "tiled_softplus_sum_backward",
+    ):
         assert "float32" in info["ops"][op]["cpu"]
         assert ("cuda" in info["ops"][op]) == info["cuda"]
 
 
-@pytest.mark.skipif(genext._C.cuda or not torch.cuda.is_available(),
-                    reason="needs a GPU and a genext build without CUDA kernels")
+@pytest.mark.skipif(
+    genext._C.cuda or not torch.cuda.is_available(),
+    reason="needs a GPU and a genext build without CUDA kernels",
+)
 def test_cpu_only_build_rejects_cuda_tensors_clearly():
     a = torch.randn(4, 8, device="cuda")
     s = torch.tensor(1.0, device="cuda")
-    with pytest.raises(NotImplementedError, match="tiled_lse: no kernel for cuda tensors in this genext "
-                                                  r"build \(CPU only: built without CUDA\)"):
+    with pytest.raises(
+        NotImplementedError,
+        match="tiled_lse: no kernel for cuda tensors in this genext "
+        r"build \(CPU only: built without CUDA\)",
+    ):
         torch.ops.genext.tiled_lse(a, a, s, None, True)
     with pytest.raises(NotImplementedError, match="group_norm_silu"):  # the dispatcher's own error
         torch.ops.genext.group_norm_silu(a.view(1, 4, 8), 2, None, None, 1e-5, True)
@@ -52,21 +63,40 @@ def test_torch_version_mismatch_is_a_clear_import_error(monkeypatch):
 
 
 def test_cli_info_prints_json():
-    out = subprocess.run([sys.executable, "-m", "genext", "info"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "genext", "info"], check=True, capture_output=True, text=True
+    ).stdout
     assert json.loads(out)["version"] == genext.__version__
 
 
 def test_cli_bench_quick_runs_and_checks(tmp_path):
     # the smallest run of the main job: every registered bench, CPU, no torch.compile baseline
     path = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "genext", "bench", "--device", "cpu", "--quick",
-                           "--no-compile", "--json", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "genext",
+            "bench",
+            "--device",
+            "cpu",
+            "--quick",
+            "--no-compile",
+            "--json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(path.read_text())["rows"]
     config = bench.Config("cpu", quick=True, compile=False)
-    timings = {(b.name, c.name, t.impl, t.direction): t
-               for b in bench.benches().values() for c in b.cases(config) for t in c.timings}
+    timings = {
+        (b.name, c.name, t.impl, t.direction): t
+        for b in bench.benches().values()
+        for c in b.cases(config)
+        for t in c.timings
+    }
     assert {(r["op"], r["case"], r["impl"], r["direction"]) for r in rows} == set(timings)
     assert all(r["ms"] > 0 for r in rows)
     for name in bench.benches():

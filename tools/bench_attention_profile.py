@@ -6,6 +6,7 @@ trying kernel changes on a short device lease.
 
     python tools/bench_attention_profile.py [--flash] [--profile]
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,18 @@ def main(argv: list[str]) -> int:
             for direction in ("fwd", "f+b"):
                 sets = attn_inputs(case, dtype, "cuda", copies=n, grad=direction == "f+b")
                 t = time_fn(attn_call(case, impls[name], sets, direction), "cuda", 3, 10)
-                print(json.dumps({"impl": name, "case": case.name, "dir": direction,
-                                  "ms": round(t * 1e3, 4),
-                                  "tflops": round(case.flops(direction) / t / 1e12, 1)}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "impl": name,
+                            "case": case.name,
+                            "dir": direction,
+                            "ms": round(t * 1e3, 4),
+                            "tflops": round(case.flops(direction) / t / 1e12, 1),
+                        }
+                    ),
+                    flush=True,
+                )
                 del sets
     if "--profile" in argv:
         case = CUDA_CASES[0]

@@ -3,6 +3,7 @@
 Small on purpose: tools/gpu_check.sh runs it under compute-sanitizer (memcheck, racecheck), where
 every kernel is many times slower. Exits non-zero on a wrong result.
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,12 +14,12 @@ import genext
 from genext import reference
 
 CASES = [  # (shape, groups, channels_last, dtype): one per kernel path
-    ((1, 64, 96, 96), 32, False, torch.float16),   # few groups: split-group path
-    ((1, 64, 96, 96), 32, True, torch.bfloat16),   # split path, channels-last
-    ((4, 64, 9, 7), 8, False, torch.float32),      # small odd groups
-    ((16, 96, 8, 8), 32, False, torch.float16),    # many small groups: one block per group
-    ((2, 40, 33), 5, True, torch.float32),         # rank 3, channels-last, C/G = 8
-    ((1, 6, 5, 7, 3), 2, False, torch.float16),    # rank 5, odd sizes
+    ((1, 64, 96, 96), 32, False, torch.float16),  # few groups: split-group path
+    ((1, 64, 96, 96), 32, True, torch.bfloat16),  # split path, channels-last
+    ((4, 64, 9, 7), 8, False, torch.float32),  # small odd groups
+    ((16, 96, 8, 8), 32, False, torch.float16),  # many small groups: one block per group
+    ((2, 40, 33), 5, True, torch.float32),  # rank 3, channels-last, C/G = 8
+    ((1, 6, 5, 7, 3), 2, False, torch.float16),  # rank 5, odd sizes
 ]
 
 
@@ -27,8 +28,11 @@ def gn_cases() -> int:
     for shape, g, cl, dtype in CASES:
         x = (torch.randn(shape, device="cuda", dtype=torch.float64) * 2 + 1).to(dtype)
         if cl:
-            x = (x.to(memory_format=torch.channels_last) if x.dim() == 4
-                 else x.transpose(1, 2).contiguous().transpose(1, 2))
+            x = (
+                x.to(memory_format=torch.channels_last)
+                if x.dim() == 4
+                else x.transpose(1, 2).contiguous().transpose(1, 2)
+            )
         x.requires_grad_()
         w = (torch.rand(shape[1], device="cuda") + 0.5).to(dtype).requires_grad_()
         b = (torch.rand(shape[1], device="cuda") - 0.5).to(dtype).requires_grad_()
@@ -43,8 +47,10 @@ def gn_cases() -> int:
             err = ((o.double() - r).norm() / r.norm()).item()
             ok = bool(torch.isfinite(o).all()) and err < tol
             bad += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {str(shape):<20} g={g:<3} cl={cl!s:<5} {str(dtype):<15} "
-                  f"{name:<3} rel err {err:.2e}")
+            print(
+                f"{'ok  ' if ok else 'FAIL'} {str(shape):<20} g={g:<3} cl={cl!s:<5} {str(dtype):<15} "
+                f"{name:<3} rel err {err:.2e}"
+            )
     torch.cuda.synchronize()
     return bad
 
@@ -53,7 +59,7 @@ FA_CASES = [  # (B, Hq, Hk, Lq, Lk, D, causal, dtype): tile edges, GQA, both cau
     (2, 4, 2, 97, 77, 64, False, torch.float16),
     (1, 2, 2, 130, 130, 40, True, torch.bfloat16),
     (1, 2, 1, 33, 65, 256, True, torch.bfloat16),
-    (1, 2, 2, 70, 20, 128, True, torch.float16),   # Lq > Lk: the first rows see no key
+    (1, 2, 2, 70, 20, 128, True, torch.float16),  # Lq > Lk: the first rows see no key
     (1, 2, 2, 17, 17, 72, False, torch.float32),
 ]
 
@@ -81,7 +87,7 @@ def fa_cases() -> int:
         out = genext.ops.flash_attention(q, k, v, causal=causal)
         grads = torch.autograd.grad(out, (q, k, v), go)
         qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-        ref = _attention_ref(qd, kd, vd, causal, d ** -0.5)
+        ref = _attention_ref(qd, kd, vd, causal, d**-0.5)
         rgrads = torch.autograd.grad(ref, (qd, kd, vd), go.double())
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         for name, o, r in [("out", out, ref)] + list(zip(("dq", "dk", "dv"), grads, rgrads)):
@@ -89,8 +95,10 @@ def fa_cases() -> int:
             err = (o.double() - r).norm().item() / (den if den > 0 else 1.0)
             ok = bool(torch.isfinite(o).all()) and err < tol
             bad += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} attention B{b} H{hq}/{hk} L{lq}/{lk} D{d} "
-                  f"causal={causal!s:<5} {str(dtype):<15} {name:<3} rel err {err:.2e}")
+            print(
+                f"{'ok  ' if ok else 'FAIL'} attention B{b} H{hq}/{hk} L{lq}/{lk} D{d} "
+                f"causal={causal!s:<5} {str(dtype):<15} {name:<3} rel err {err:.2e}"
+            )
     torch.cuda.synchronize()
     return bad
 
@@ -120,7 +128,9 @@ def kv_cases() -> int:
             vc = torch.randn(b * per, bs, hk, d, device="cuda", dtype=dtype)
             table = torch.randperm(b * per, device="cuda").view(b, per).int()
         k0 = kc.clone()
-        out = genext.ops.attention_with_kvcache(q, kc, vc, lens, kn, vn, causal=True, block_table=table)
+        out = genext.ops.attention_with_kvcache(
+            q, kc, vc, lens, kn, vn, causal=True, block_table=table
+        )
         worst = 0.0
         for s in range(b):
             n = int(lens[s]) + lq
@@ -131,13 +141,13 @@ def kv_cases() -> int:
                 blk = table[s, pos // bs].long()
                 ks, vs = kc[blk, pos % bs], vc[blk, pos % bs]
             # the appended rows hold k_new / v_new exactly
-            ok_app = torch.equal(ks[n - lq:], kn[s]) and torch.equal(vs[n - lq:], vn[s])
+            ok_app = torch.equal(ks[n - lq :], kn[s]) and torch.equal(vs[n - lq :], vn[s])
             bad += not ok_app
             rep = hq // hk
             kd = ks.double().repeat_interleave(rep, 1).transpose(0, 1)  # (Hq, n, D)
             vd = vs.double().repeat_interleave(rep, 1).transpose(0, 1)
             qd = q[s].double().transpose(0, 1)  # (Hq, Lq, D)
-            sc = qd @ kd.transpose(1, 2) * d ** -0.5
+            sc = qd @ kd.transpose(1, 2) * d**-0.5
             i = torch.arange(lq, device="cuda")[:, None]
             j = torch.arange(n, device="cuda")[None, :]
             sc = sc.masked_fill(j > n - lq + i, float("-inf"))
@@ -149,8 +159,10 @@ def kv_cases() -> int:
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         ok = bool(torch.isfinite(out).all()) and worst < tol and changed <= b * lq
         bad += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} kvcache B{b} H{hq}/{hk} Lq{lq} D{d} cap{cap} "
-              f"paged={bs} {str(dtype):<15} rel err {worst:.2e} rows changed {changed}")
+        print(
+            f"{'ok  ' if ok else 'FAIL'} kvcache B{b} H{hq}/{hk} Lq{lq} D{d} cap{cap} "
+            f"paged={bs} {str(dtype):<15} rel err {worst:.2e} rows changed {changed}"
+        )
     torch.cuda.synchronize()
     return bad
 
@@ -164,10 +176,18 @@ def sampler_cases() -> int:
     g = torch.Generator().manual_seed(0)
     for mode, shape, guided, n_hist, noisy, dtype in [
         (StepKind.DDIM, (2, 4, 64, 64), True, 0, True, torch.float32),
-        (StepKind.DPM, (2, 4, 33, 17), False, 2, True, torch.float32),   # not a multiple of 4: scalar path
+        (
+            StepKind.DPM,
+            (2, 4, 33, 17),
+            False,
+            2,
+            True,
+            torch.float32,
+        ),  # not a multiple of 4: scalar path
         (StepKind.DDPM, (3, 4, 16, 16), False, 0, True, torch.bfloat16),
         (StepKind.FLOW, (2, 16, 32, 32), True, 0, False, torch.float16),
     ]:
+
         def r(*s, dtype=dtype):
             return torch.randn(*s, generator=g).to("cuda", dtype)
 
@@ -181,8 +201,10 @@ def sampler_cases() -> int:
         want = eager_step(mode, x, m, coef, **kw)
         ok = all(torch.equal(a, b) for a, b in zip(got, want))
         bad += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} sampler {mode.name} {shape} guided={guided} hist={n_hist} "
-              f"{str(dtype):<15} bit-identical to eager: {ok}")
+        print(
+            f"{'ok  ' if ok else 'FAIL'} sampler {mode.name} {shape} guided={guided} hist={n_hist} "
+            f"{str(dtype):<15} bit-identical to eager: {ok}"
+        )
     torch.cuda.synchronize()
     return bad
 
@@ -190,14 +212,20 @@ def sampler_cases() -> int:
 def vq_cases() -> int:
     """vq_nearest against the float64 argmin (near ties excepted) and vq_ema_update's sums."""
     bad = 0
-    for n, k, d, dtype, cosine in [(300, 70, 40, torch.float32, False), (129, 33, 13, torch.bfloat16, False),
-                                   (200, 64, 64, torch.float16, True)]:
+    for n, k, d, dtype, cosine in [
+        (300, 70, 40, torch.float32, False),
+        (129, 33, 13, torch.bfloat16, False),
+        (200, 64, 64, torch.float16, True),
+    ]:
         z = torch.randn(n, d, device="cuda").to(dtype)
         cb = torch.randn(k, d, device="cuda").to(dtype)
         idx, dist = genext.ops.vq_nearest(z, cb, "cosine" if cosine else "l2")
         zd, cd = z.double(), cb.double()
         if cosine:
-            score = -(torch.nn.functional.normalize(zd, dim=1) @ torch.nn.functional.normalize(cd, dim=1).T)
+            score = -(
+                torch.nn.functional.normalize(zd, dim=1)
+                @ torch.nn.functional.normalize(cd, dim=1).T
+            )
         else:
             score = ((zd[:, None] - cd[None]) ** 2).sum(-1)
         chosen = score.gather(1, idx.view(-1, 1)).squeeze(1)
@@ -214,8 +242,13 @@ def vq_cases() -> int:
 
 def main(argv: list[str]) -> int:
     """Runs every op's cases, or those named: group_norm_silu, attention, kvcache, sampler, vq."""
-    ops = {"group_norm_silu": gn_cases, "attention": fa_cases, "kvcache": kv_cases,
-           "sampler": sampler_cases, "vq": vq_cases}
+    ops = {
+        "group_norm_silu": gn_cases,
+        "attention": fa_cases,
+        "kvcache": kv_cases,
+        "sampler": sampler_cases,
+        "vq": vq_cases,
+    }
     wanted = argv or list(ops)
     bad = sum(ops[name]() for name in wanted)
     return 1 if bad else 0

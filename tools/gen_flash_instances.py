@@ -7,6 +7,7 @@ committed.
 
     python tools/gen_flash_instances.py
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -36,8 +37,11 @@ def main() -> None:
             for name, ctype in DTYPES.items():
                 path = out / f"{direction}_hdim{hdim}_{name}.cu"
                 wanted.add(path.name)
-                path.write_text(TEMPLATE.format(header=header, direction=direction, ctype=ctype,
-                                                hdim=hdim, params=params))
+                path.write_text(
+                    TEMPLATE.format(
+                        header=header, direction=direction, ctype=ctype, hdim=hdim, params=params
+                    )
+                )
     for stale in out.glob("*.cu"):
         if stale.name not in wanted:
             stale.unlink()

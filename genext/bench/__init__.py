@@ -11,13 +11,34 @@ eager PyTorch, torch.compile and peer libraries, with a correctness check per ca
 
 Library code never imports this package.
 """
+
 from .harness import copies_for_l2, copy_bandwidth, host_time_fn, peak_extra_mib, sync, time_fn
 from .registry import Bench, Case, Column, Config, Row, Timing, benches, select
 from .runner import check_text, figures, list_benches, measure, run, run_bench
 from .table import format_table, print_saved, print_table
 
 __all__ = [
-    "Bench", "Case", "Column", "Config", "Row", "Timing", "benches", "check_text", "copies_for_l2",
-    "copy_bandwidth", "figures", "format_table", "host_time_fn", "list_benches", "measure",
-    "peak_extra_mib", "print_saved", "print_table", "run", "run_bench", "select", "sync", "time_fn",
+    "Bench",
+    "Case",
+    "Column",
+    "Config",
+    "Row",
+    "Timing",
+    "benches",
+    "check_text",
+    "copies_for_l2",
+    "copy_bandwidth",
+    "figures",
+    "format_table",
+    "host_time_fn",
+    "list_benches",
+    "measure",
+    "peak_extra_mib",
+    "print_saved",
+    "print_table",
+    "run",
+    "run_bench",
+    "select",
+    "sync",
+    "time_fn",
 ]

@@ -5,6 +5,7 @@ TFLOP/s count 4*B*H*Lq*Lk*D for the forward (halved when causal) and 3.5 times t
 forward + backward (the backward counted as 2.5 forwards), as ../shared/ANCHORS.md and FlashAttention
 report them; the count is the same for every implementation, so the ratios are the time ratios.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -84,7 +85,9 @@ def attn_impls(device: str) -> dict[str, Callable]:
         impls["cudnn"] = _sdpa(SDPBackend.CUDNN_ATTENTION)
         impls["efficient"] = _sdpa(SDPBackend.EFFICIENT_ATTENTION)
     else:
-        impls["sdpa"] = lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        impls["sdpa"] = lambda q, k, v, causal: F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal
+        )
     return impls
 
 
@@ -105,14 +108,17 @@ def attn_call(case: AttnCase, fn: Callable, sets: list, direction: str) -> Calla
     """The call to time: forward without autograd, or forward + backward, rotating over sets."""
     n = len(sets)
     if direction == "fwd":
+
         def call(i):
             q, k, v, _ = sets[i % n]
             with torch.no_grad():
                 fn(q, k, v, case.causal)
     else:
+
         def call(i):
             q, k, v, g = sets[i % n]
             torch.autograd.grad(fn(q, k, v, case.causal), (q, k, v), g)
+
     return call
 
 
@@ -136,8 +142,9 @@ def attn_check(case: AttnCase, dtype, device) -> tuple[bool, str]:
 
 def _setup(case: AttnCase, fn: Callable, dtype, device: str, direction: str):
     size = 3 * case.B * case.H * case.Lq * case.D * dtype.itemsize
-    sets = attn_inputs(case, dtype, device, copies=copies_for_l2(size, device),
-                       grad=direction == "f+b")
+    sets = attn_inputs(
+        case, dtype, device, copies=copies_for_l2(size, device), grad=direction == "f+b"
+    )
     return attn_call(case, fn, sets, direction)
 
 
@@ -146,10 +153,19 @@ def make_case(case: AttnCase, config: Config) -> Case:
     dtype = config.dtype_or(torch.bfloat16 if config.device == "cuda" else torch.float32)
     warmup, reps = (3, 10) if config.device == "cuda" else (1, 3)
     timings = tuple(
-        Timing(impl, d, lambda _, fn=fn, d=d: _setup(case, fn, dtype, config.device, d),
-               warmup, reps, flops=case.flops(d), on_error="n/a",  # a backend may not take a case
-               shows_check=impl == "genext" and d == "fwd")
-        for impl, fn in attn_impls(config.device).items() for d in DIRECTIONS)
+        Timing(
+            impl,
+            d,
+            lambda _, fn=fn, d=d: _setup(case, fn, dtype, config.device, d),
+            warmup,
+            reps,
+            flops=case.flops(d),
+            on_error="n/a",  # a backend may not take a case
+            shows_check=impl == "genext" and d == "fwd",
+        )
+        for impl, fn in attn_impls(config.device).items()
+        for d in DIRECTIONS
+    )
     return Case(case.name, dtype, timings, lambda _: attn_check(case, dtype, config.device))
 
 

@@ -1,6 +1,7 @@
 """CLIP contrastive loss: genext.ops.clip_loss forward + backward against the eager loss that builds
 the N x N logits (genext.reference.clip_loss, open_clip's formula in the features' dtype), with the
 losses checked against float64 and, on CUDA, each one's peak memory beyond its inputs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,16 @@ class ClipInputs(NamedTuple):
 
 def clip_inputs(case: ClipCase, dtype, device) -> ClipInputs:
     g = torch.Generator(device="cpu").manual_seed(0)
-    i = F.normalize(torch.randn(case.N, case.D, generator=g), dim=-1).to(device, dtype).requires_grad_()
-    t = F.normalize(torch.randn(case.N, case.D, generator=g), dim=-1).to(device, dtype).requires_grad_()
+    i = (
+        F.normalize(torch.randn(case.N, case.D, generator=g), dim=-1)
+        .to(device, dtype)
+        .requires_grad_()
+    )
+    t = (
+        F.normalize(torch.randn(case.N, case.D, generator=g), dim=-1)
+        .to(device, dtype)
+        .requires_grad_()
+    )
     return ClipInputs(i, t, torch.tensor(14.3, device=device, requires_grad=True))
 
 
@@ -67,7 +76,9 @@ def _setup(loss):
     def setup(inputs: ClipInputs):
         def step(_i):
             loss(*inputs).backward()
+
         return step
+
     return setup
 
 
@@ -76,16 +87,34 @@ def make_case(case: ClipCase, config: Config) -> Case:
     warmup, reps = (2, 5) if config.device == "cuda" else (1, 3)
     impls = ["genext"] + (["eager"] if case.eager else [])
     timings = tuple(
-        Timing(impl, "f+b", _setup(LOSSES[impl]), warmup, reps, peak_memory=True,
-               shows_check=impl == "genext", on_error="failed")  # e.g. out of memory
-        for impl in impls)
-    return Case(case.name, dtype, timings, lambda inputs: clip_check(case, inputs),
-                inputs=lambda: clip_inputs(case, dtype, config.device))
+        Timing(
+            impl,
+            "f+b",
+            _setup(LOSSES[impl]),
+            warmup,
+            reps,
+            peak_memory=True,
+            shows_check=impl == "genext",
+            on_error="failed",
+        )  # e.g. out of memory
+        for impl in impls
+    )
+    return Case(
+        case.name,
+        dtype,
+        timings,
+        lambda inputs: clip_check(case, inputs),
+        inputs=lambda: clip_inputs(case, dtype, config.device),
+    )
 
 
 def cases(config: Config) -> list[Case]:
-    shapes = device_cases(config, CUDA_CASES, CPU_CASES,
-                          quick=lambda s: s[1:2] if config.device == "cuda" else [CPU_QUICK_CASE])
+    shapes = device_cases(
+        config,
+        CUDA_CASES,
+        CPU_CASES,
+        quick=lambda s: s[1:2] if config.device == "cuda" else [CPU_QUICK_CASE],
+    )
     return [make_case(c, config) for c in shapes]
 
 

@@ -4,6 +4,7 @@ and torch.compile of it, forward, backward alone (over a retained graph) and for
 GB/s count the tensor passes at the floor: forward reads x and writes y; backward reads x and
 grad_y and writes grad_x; forward + backward is both (5 passes).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -110,6 +111,7 @@ def _setup(case: GNCase, fn: Callable, dtype: torch.dtype, device: str, directio
     n = copies_for_l2(size, device)
     sets = gn_inputs(case, dtype, device, copies=n, grad=direction != "fwd")
     if direction == "fwd":
+
         def call(i):
             x, w, b, _ = sets[i % n]
             fn(x, case.groups, w, b)
@@ -120,15 +122,20 @@ def _setup(case: GNCase, fn: Callable, dtype: torch.dtype, device: str, directio
             x, w, b, gy = sets[i % n]
             torch.autograd.grad(outs[i % n], (x, w, b), gy, retain_graph=True)
     else:
+
         def call(i):  # as a training step runs them
             x, w, b, gy = sets[i % n]
             torch.autograd.grad(fn(x, case.groups, w, b), (x, w, b), gy)
+
     return call
 
 
 def make_case(case: GNCase, config: Config) -> Case:
     dtype = config.dtype_or(torch.float16 if config.device == "cuda" else torch.float32)
-    impls: dict[str, Callable] = {"genext": group_norm_silu, "eager": reference.group_norm_silu_eager}
+    impls: dict[str, Callable] = {
+        "genext": group_norm_silu,
+        "eager": reference.group_norm_silu_eager,
+    }
     if config.compile:
         impls["compile"] = torch.compile(reference.group_norm_silu_eager)
     warmup, reps = (5, 20) if config.device == "cuda" else (2, 7)
@@ -136,10 +143,19 @@ def make_case(case: GNCase, config: Config) -> Case:
         warmup, reps = 1, 3
     size = math.prod(case.shape) * dtype.itemsize
     timings = tuple(
-        Timing(impl, direction, lambda _, fn=fn, d=direction: _setup(case, fn, dtype, config.device, d),
-               warmup, reps, nbytes=PASSES[direction] * size, shows_check=direction == "fwd",
-               context=retained_graph_compile if impl == "compile" else contextlib.nullcontext)
-        for impl, fn in impls.items() for direction in PASSES)
+        Timing(
+            impl,
+            direction,
+            lambda _, fn=fn, d=direction: _setup(case, fn, dtype, config.device, d),
+            warmup,
+            reps,
+            nbytes=PASSES[direction] * size,
+            shows_check=direction == "fwd",
+            context=retained_graph_compile if impl == "compile" else contextlib.nullcontext,
+        )
+        for impl, fn in impls.items()
+        for direction in PASSES
+    )
     return Case(case.name, dtype, timings, lambda _: gn_check(case, dtype, config.device))
 
 

@@ -2,6 +2,7 @@
 host clock around a device sync), the device's copy bandwidth (the floor that GB/s is compared
 with), peak extra memory, and how many input copies to rotate so that repeats do not run from L2.
 """
+
 from __future__ import annotations
 
 import statistics

@@ -5,6 +5,7 @@ The figure of merit is the rate at which K and V are read: 2 * B * Hk * Lk * D *
 per call over the time, and that rate as a share of the device's copy bandwidth (read + write),
 as ../shared/ANCHORS.md reports it. Lq = 1 and no append, so both sides do the same work.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -93,6 +94,7 @@ def _sdpa(backend=None) -> Callable:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
     return fn
 
 
@@ -100,20 +102,27 @@ def sdpa_impls(device: str) -> dict[str, Callable]:
     """fn(q, k, v) on (B, H, L, D) of each SDPA backend that runs on the device."""
     if device != "cuda":
         return {"sdpa": _sdpa()}
-    return {"sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
-            "sdpa-efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION), "sdpa-math": _sdpa(SDPBackend.MATH)}
+    return {
+        "sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa-efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        "sdpa-math": _sdpa(SDPBackend.MATH),
+    }
 
 
 def decode_check(case: DecodeCase, dtype, device) -> tuple[bool, str]:
     """genext on two sequences against the float64 reference on the same cache: no worse than twice
     the error of PyTorch's math path in the same dtype."""
-    small = DecodeCase(min(case.B, 2), case.Hq, case.Hk, min(case.Lk, 4096), case.D, case.block_size)
+    small = DecodeCase(
+        min(case.B, 2), case.Hq, case.Hk, min(case.Lk, 4096), case.D, case.block_size
+    )
     q, k, v, lens, table = decode_inputs(small, dtype, device)
     ours = attention_with_kvcache(q, k, v, lens, causal=True, block_table=table, check_values=False)
     if not torch.isfinite(ours).all():
         return False, "non-finite output"
-    ref = reference.attention_with_kvcache(q.double(), k.double(), v.double(), lens, causal=True,
-                                           block_table=table)
+    ref = reference.attention_with_kvcache(
+        q.double(), k.double(), v.double(), lens, causal=True, block_table=table
+    )
     kk, vv = gather_cache(k, table, small.Lk), gather_cache(v, table, small.Lk)
     pt = _sdpa(SDPBackend.MATH)(q.transpose(1, 2), kk, vv).transpose(1, 2)
     e_ours = (ours.double() - ref).abs().max().item()
@@ -125,8 +134,9 @@ def decode_check(case: DecodeCase, dtype, device) -> tuple[bool, str]:
 def _genext(inputs: DecodeInputs) -> Callable[[int], object]:
     q, k, v, lens, table = inputs
     # no host-side value checks: they would add a device sync to every timed call
-    return lambda i: attention_with_kvcache(q, k, v, lens, causal=True, block_table=table,
-                                            check_values=False)
+    return lambda i: attention_with_kvcache(
+        q, k, v, lens, causal=True, block_table=table, check_values=False
+    )
 
 
 def _sdpa_setup(fn: Callable, lk: int) -> Callable:
@@ -134,6 +144,7 @@ def _sdpa_setup(fn: Callable, lk: int) -> Callable:
         qq = inputs.q.transpose(1, 2)
         kk, vv = gather_cache(inputs.k, inputs.table, lk), gather_cache(inputs.v, inputs.table, lk)
         return lambda i: fn(qq, kk, vv)
+
     return setup
 
 
@@ -141,14 +152,30 @@ def make_case(case: DecodeCase, config: Config) -> Case:
     dtype = config.dtype_or(torch.bfloat16 if config.device == "cuda" else torch.float32)
     warmup, reps = (5, 30) if config.device == "cuda" else (1, 3)
     setups = {"genext": _genext}
-    setups.update({name: _sdpa_setup(fn, case.Lk) for name, fn in sdpa_impls(config.device).items()})
+    setups.update(
+        {name: _sdpa_setup(fn, case.Lk) for name, fn in sdpa_impls(config.device).items()}
+    )
     timings = tuple(
-        Timing(impl, "fwd", setup, warmup, reps, nbytes=case.kv_bytes(dtype.itemsize),
-               shows_check=impl == "genext", on_error="n/a",  # a backend may not take a case
-               context=torch.no_grad)
-        for impl, setup in setups.items())
-    return Case(case.name, dtype, timings, lambda _: decode_check(case, dtype, config.device),
-                inputs=lambda: decode_inputs(case, dtype, config.device))
+        Timing(
+            impl,
+            "fwd",
+            setup,
+            warmup,
+            reps,
+            nbytes=case.kv_bytes(dtype.itemsize),
+            shows_check=impl == "genext",
+            on_error="n/a",  # a backend may not take a case
+            context=torch.no_grad,
+        )
+        for impl, setup in setups.items()
+    )
+    return Case(
+        case.name,
+        dtype,
+        timings,
+        lambda _: decode_check(case, dtype, config.device),
+        inputs=lambda: decode_inputs(case, dtype, config.device),
+    )
 
 
 def cases(config: Config) -> list[Case]:

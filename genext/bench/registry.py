@@ -11,6 +11,7 @@ one direction, timed by the harness. Building cases allocates nothing: inputs ar
 case runs, so both ``genext bench`` and the pytest-benchmark wrappers can list every (case,
 implementation, direction) first and time any one of them alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,8 +42,12 @@ class Config:
         return self.dtype if self.dtype is not None else default
 
 
-def device_cases(config: Config, cuda: list, cpu: list,
-                 quick: Callable[[list], list] = lambda cases: cases[:1] + cases[-1:]) -> list:
+def device_cases(
+    config: Config,
+    cuda: list,
+    cpu: list,
+    quick: Callable[[list], list] = lambda cases: cases[:1] + cases[-1:],
+) -> list:
     """The device's list of cases; on a quick run a short part of it (its first and last unless
     `quick` picks otherwise)."""
     cases = cuda if config.device == "cuda" else cpu
@@ -167,6 +172,7 @@ def select(names: list[str] | None) -> list[Bench]:
     registered = benches()
     unknown = [n for n in names or [] if n not in registered]
     if unknown:
-        raise ValueError(f"unknown bench {', '.join(map(repr, unknown))}; registered: "
-                         f"{', '.join(registered)}")
+        raise ValueError(
+            f"unknown bench {', '.join(map(repr, unknown))}; registered: {', '.join(registered)}"
+        )
     return [registered[n] for n in dict.fromkeys(names)] if names else list(registered.values())

@@ -3,6 +3,7 @@ implementation, printed as one table per bench and optionally written as JSON.
 
 Exit status 0 when every check passed, 1 when one failed, 2 when the run could not start.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,15 @@ def figures(timing: Timing, seconds: float, copy_bps: float) -> tuple[float, flo
     return gbps, pct, ({"tflops": timing.flops / seconds / 1e12} if timing.flops else {})
 
 
-def measure(bench: Bench, case: Case, timing: Timing, inputs: Any, device: str, copy_bps: float,
-            check: str = "") -> Row | None:
+def measure(
+    bench: Bench,
+    case: Case,
+    timing: Timing,
+    inputs: Any,
+    device: str,
+    copy_bps: float,
+    check: str = "",
+) -> Row | None:
     """Time one implementation of a case: a Row, or None when it is not available here."""
     clock = host_time_fn if timing.clock == "host" else time_fn
     try:
@@ -47,13 +55,32 @@ def measure(bench: Bench, case: Case, timing: Timing, inputs: Any, device: str, 
         if timing.on_error is None:
             raise
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        return Row(bench.name, case.name, str(case.dtype)[6:], timing.direction, timing.impl,
-                   math.nan, 0.0, 0.0, f"{timing.on_error}: {first[:60]}")
+        return Row(
+            bench.name,
+            case.name,
+            str(case.dtype)[6:],
+            timing.direction,
+            timing.impl,
+            math.nan,
+            0.0,
+            0.0,
+            f"{timing.on_error}: {first[:60]}",
+        )
     gbps, pct, extra = figures(timing, seconds, copy_bps)
     if mib is not None:
         extra["peak_extra_MiB"] = mib
-    return Row(bench.name, case.name, str(case.dtype)[6:], timing.direction, timing.impl,
-               seconds * 1e3, gbps, pct, check if timing.shows_check else "", extra)
+    return Row(
+        bench.name,
+        case.name,
+        str(case.dtype)[6:],
+        timing.direction,
+        timing.impl,
+        seconds * 1e3,
+        gbps,
+        pct,
+        check if timing.shows_check else "",
+        extra,
+    )
 
 
 def run_bench(bench: Bench, config: Config, copy_bps: float) -> tuple[list[Row], bool]:
@@ -64,7 +91,9 @@ def run_bench(bench: Bench, config: Config, copy_bps: float) -> tuple[list[Row],
         ok, note = case.check(inputs)
         all_ok &= ok is not False
         for timing in case.timings:
-            row = measure(bench, case, timing, inputs, config.device, copy_bps, check_text(ok, note))
+            row = measure(
+                bench, case, timing, inputs, config.device, copy_bps, check_text(ok, note)
+            )
             if row is not None:
                 rows.append(row)
         del inputs
@@ -79,8 +108,14 @@ def list_benches() -> None:
         print(f"{name:<{width}}  {bench.summary}")
 
 
-def run(ops: list[str] | None = None, device: str | None = None, dtype: str | None = None,
-        quick: bool = False, compile_baselines: bool = True, json_path: str | None = None) -> int:
+def run(
+    ops: list[str] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    quick: bool = False,
+    compile_baselines: bool = True,
+    json_path: str | None = None,
+) -> int:
     """`genext bench`: the benches named in `ops` (all by default) on `device` (CUDA when there is
     a GPU), in `dtype` (each bench's default when None). Returns the exit status."""
     selected = select(ops)  # an unknown name fails here, before any timing
@@ -91,19 +126,27 @@ def run(ops: list[str] | None = None, device: str | None = None, dtype: str | No
     config = Config(device, getattr(torch, dtype) if dtype else None, quick, compile_baselines)
     copy_bps = copy_bandwidth(device)
     env = {
-        "device": (torch.cuda.get_device_name() if device == "cuda"
-                   else platform.processor() or platform.machine()),
+        "device": (
+            torch.cuda.get_device_name()
+            if device == "cuda"
+            else platform.processor() or platform.machine()
+        ),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "copy_GBps": copy_bps / 1e9,
     }
-    print(f"genext bench on {env['device']} ({device}, {env['threads']} threads), torch {env['torch']}, "
-          f"copy bandwidth {copy_bps / 1e9:.0f} GB/s (read + write)", flush=True)
+    print(
+        f"genext bench on {env['device']} ({device}, {env['threads']} threads), torch {env['torch']}, "
+        f"copy bandwidth {copy_bps / 1e9:.0f} GB/s (read + write)",
+        flush=True,
+    )
     rows, ok = [], True
     for bench in selected:
         bench_rows, good = run_bench(bench, config, copy_bps)
-        print_table(bench, bench_rows)  # as each bench ends: a later failure keeps the tables so far
+        print_table(
+            bench, bench_rows
+        )  # as each bench ends: a later failure keeps the tables so far
         rows += bench_rows
         ok &= good
     if json_path:

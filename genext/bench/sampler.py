@@ -6,6 +6,7 @@ clock (the model output is a fixed tensor, so the loop is all scheduler, Python 
 per step: the sample, the model output (twice with guidance), the DPM history read, the new
 sample and x0 written. On CUDA the genext loop is also timed captured in a CUDA graph and replayed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,7 +33,9 @@ class SamplerCase:
 
     @property
     def name(self) -> str:
-        return f"{self.scheduler}-{'x'.join(map(str, self.shape))}" + ("-cfg" if self.guidance else "")
+        return f"{self.scheduler}-{'x'.join(map(str, self.shape))}" + (
+            "-cfg" if self.guidance else ""
+        )
 
     def step_bytes(self, itemsize: int) -> int:
         reads = 1 + (2 if self.guidance else 1) + (1 if self.scheduler == "dpm2m" else 0)
@@ -41,13 +44,17 @@ class SamplerCase:
 
 SD_LATENT = (2, 4, 64, 64)
 CASES = [SamplerCase(s, SD_LATENT, g) for s in ("ddim", "dpm2m") for g in (False, True)]
-CUDA_BANDWIDTH_CASES = [SamplerCase("ddim", (8, 16, 256, 256)), SamplerCase("dpm2m", (8, 16, 256, 256))]
+CUDA_BANDWIDTH_CASES = [
+    SamplerCase("ddim", (8, 16, 256, 256)),
+    SamplerCase("dpm2m", (8, 16, 256, 256)),
+]
 
 
 def schedulers(kind: str):
     """(genext scheduler, diffusers scheduler or None) with the same config."""
-    cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-               beta_schedule="scaled_linear")
+    cfg = dict(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
     ours_cls = samplers.DDIMScheduler if kind == "ddim" else samplers.DPMSolverMultistepScheduler
     extra = {} if kind == "ddim" else dict(solver_order=2, algorithm_type="dpmsolver++")
     ours = ours_cls(**cfg, **extra)
@@ -55,7 +62,9 @@ def schedulers(kind: str):
         import diffusers
     except ImportError:
         return ours, None
-    theirs_cls = diffusers.DDIMScheduler if kind == "ddim" else diffusers.DPMSolverMultistepScheduler
+    theirs_cls = (
+        diffusers.DDIMScheduler if kind == "ddim" else diffusers.DPMSolverMultistepScheduler
+    )
     return ours, theirs_cls(**cfg, **extra)
 
 
@@ -74,7 +83,9 @@ def sampler_inputs(case: SamplerCase, device: str) -> SamplerInputs:
     return SamplerInputs(sample, model_out, *schedulers(case.scheduler))
 
 
-def sampling_loop(sched, sample: torch.Tensor, model_out: torch.Tensor, guidance: bool, fused: bool):
+def sampling_loop(
+    sched, sample: torch.Tensor, model_out: torch.Tensor, guidance: bool, fused: bool
+):
     """One 50-step loop; guidance fused into genext's step, done outside for diffusers."""
     sched.set_timesteps(STEPS, device=sample.device)
     x = sample
@@ -103,6 +114,7 @@ def _loop_setup(guidance: bool, fused: bool, scheduler: str):
     def setup(inputs: SamplerInputs):
         sched = getattr(inputs, scheduler)
         return lambda i: sampling_loop(sched, inputs.sample, inputs.model_out, guidance, fused)
+
     return setup
 
 
@@ -122,11 +134,15 @@ def _graph_setup(guidance: bool):
             with torch.cuda.graph(graph):
                 y = x
                 for t in list(sched.timesteps):
-                    y = (sched.step(model_out, t, y, guidance_scale=7.5) if guidance
-                         else sched.step(model_out, t, y)).prev_sample
+                    y = (
+                        sched.step(model_out, t, y, guidance_scale=7.5)
+                        if guidance
+                        else sched.step(model_out, t, y)
+                    ).prev_sample
         except Exception:  # noqa: BLE001  (the row is left out)
             return None
         return lambda i: graph.replay()
+
     return setup
 
 
@@ -139,13 +155,20 @@ def _expr_setup(case: SamplerCase, impl: str):
         sample, model_out = inputs.sample, inputs.model_out
         hist = [torch.randn_like(sample)] if mode == StepKind.DPM else []
         if impl == "kernel":
-            return lambda i: sampler_step(mode, sample, model_out, COEF, history=hist, guidance_scale=scale)
+            return lambda i: sampler_step(
+                mode, sample, model_out, COEF, history=hist, guidance_scale=scale
+            )
         if impl == "eager":
-            return lambda i: reference.sampler_step(mode, sample, model_out, COEF, history=hist,
-                                                    guidance_scale=scale)
-        compiled = torch.compile(lambda s, m, h: reference.sampler_step(mode, s, m, COEF, history=h,
-                                                                        guidance_scale=scale))
+            return lambda i: reference.sampler_step(
+                mode, sample, model_out, COEF, history=hist, guidance_scale=scale
+            )
+        compiled = torch.compile(
+            lambda s, m, h: reference.sampler_step(
+                mode, s, m, COEF, history=h, guidance_scale=scale
+            )
+        )
         return lambda i: compiled(sample, model_out, hist)
+
     return setup
 
 
@@ -154,18 +177,30 @@ def make_case(case: SamplerCase, config: Config) -> Case:
     reps = 3 if config.quick else (10 if device == "cuda" else 5)
     nbytes = case.step_bytes(4)
     loop = dict(warmup=1, reps=reps, nbytes=nbytes, units=STEPS, clock="host")
-    timings = [Timing("genext", "step", _loop_setup(case.guidance, True, "ours"), shows_check=True, **loop)]
+    timings = [
+        Timing("genext", "step", _loop_setup(case.guidance, True, "ours"), shows_check=True, **loop)
+    ]
     if importlib.util.find_spec("diffusers") is not None:
-        timings.append(Timing("diffusers", "step", _loop_setup(case.guidance, False, "theirs"), **loop))
+        timings.append(
+            Timing("diffusers", "step", _loop_setup(case.guidance, False, "theirs"), **loop)
+        )
     if device == "cuda":
         timings.append(Timing("genext-graph", "step", _graph_setup(case.guidance), **loop))
     exprs = ["kernel", "eager"] + (["compile"] if config.compile else [])
-    timings += [Timing(impl, "expr", _expr_setup(case, impl), 3, 20 if device == "cuda" else 10,
-                       nbytes=nbytes) for impl in exprs]
+    timings += [
+        Timing(
+            impl, "expr", _expr_setup(case, impl), 3, 20 if device == "cuda" else 10, nbytes=nbytes
+        )
+        for impl in exprs
+    ]
     # the targets are set for fp32 samples
-    return Case(case.name, torch.float32, tuple(timings),
-                lambda inputs: sampler_check(case, inputs, device),
-                inputs=lambda: sampler_inputs(case, device))
+    return Case(
+        case.name,
+        torch.float32,
+        tuple(timings),
+        lambda inputs: sampler_check(case, inputs, device),
+        inputs=lambda: sampler_inputs(case, device),
+    )
 
 
 def cases(config: Config) -> list[Case]:
@@ -178,6 +213,12 @@ BENCH = Bench(
     "diffusion sampler step: genext vs diffusers (50-step loop), and the step expression "
     "kernel vs eager vs torch.compile (GB/s, % of copy)",
     cases,
-    (Column("sampler case", "case"), Column("what", "direction"), IMPL,
-     Column("us/step", lambda r: r.ms * 1e3, ".1f"), GBPS, PCT_COPY),
+    (
+        Column("sampler case", "case"),
+        Column("what", "direction"),
+        IMPL,
+        Column("us/step", lambda r: r.ms * 1e3, ".1f"),
+        GBPS,
+        PCT_COPY,
+    ),
 )

@@ -1,5 +1,6 @@
 """The table of a bench's rows, laid out by the columns the bench declares: each column as wide as
 its widest cell, numbers right-aligned, the check note last."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,14 @@ def format_table(bench: Bench, rows: list[Row]) -> list[str]:
     if not rows:
         return []
     cells = [[_cell(c, r) for c in bench.columns] for r in rows]
-    widths = [max([len(c.header)] + [len(line[k]) for line in cells])
-              for k, c in enumerate(bench.columns)]
+    widths = [
+        max([len(c.header)] + [len(line[k]) for line in cells]) for k, c in enumerate(bench.columns)
+    ]
 
     def line(texts: list[str], checks: str) -> str:
-        parts = [t.rjust(w) if c.fmt else t.ljust(w) for t, w, c in zip(texts, widths, bench.columns)]
+        parts = [
+            t.rjust(w) if c.fmt else t.ljust(w) for t, w, c in zip(texts, widths, bench.columns)
+        ]
         return (" ".join(parts) + "  " + checks).rstrip()
 
     head = line([c.header for c in bench.columns], "check")

@@ -1,6 +1,7 @@
 """VQ nearest codebook: genext.ops.vq_nearest against ``torch.cdist(z, E).argmin(1)`` (the N x K
 matrix PyTorch materialises), genext's indices checked against a float64 brute force and, on
 CUDA, the peak extra memory of each."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ def vq_check(inputs) -> tuple[bool | None, str]:
     idx = vq_nearest(rows, cb)[0]
     zd, cd = rows.double(), cb.double()
     chunk = max(1, (1 << 28) // (cd.numel() * 8))  # about 256 MiB of differences at a time
-    scores = torch.cat([reference.vq_scores(zd[i:i + chunk], cd) for i in range(0, len(zd), chunk)])
+    scores = torch.cat(
+        [reference.vq_scores(zd[i : i + chunk], cd) for i in range(0, len(zd), chunk)]
+    )
     best = scores.min(-1).values
     chosen = scores.gather(1, idx.view(-1, 1)).squeeze(1)
     near = bool((chosen <= best * (1 + 1e-5) + 1e-12).all())
@@ -65,19 +68,38 @@ def vq_check(inputs) -> tuple[bool | None, str]:
 
 def make_case(case: VQCase, dtype: torch.dtype, config: Config) -> Case:
     warmup, reps = (2, 10) if config.device == "cuda" else (1, 3)
-    calls = {"genext": lambda z, cb: vq_nearest(z, cb)[0],
-             "cdist": lambda z, cb: torch.cdist(z, cb).argmin(1)}
+    calls = {
+        "genext": lambda z, cb: vq_nearest(z, cb)[0],
+        "cdist": lambda z, cb: torch.cdist(z, cb).argmin(1),
+    }
     timings = tuple(
-        Timing(impl, "fwd", lambda inputs, fn=fn: lambda i: fn(*inputs), warmup, reps, peak_memory=True,
-               shows_check=impl == "genext", on_error="n/a" if impl == "cdist" else None)
-        for impl, fn in calls.items())
-    return Case(case.name, dtype, timings, vq_check, inputs=lambda: vq_inputs(case, dtype, config.device))
+        Timing(
+            impl,
+            "fwd",
+            lambda inputs, fn=fn: lambda i: fn(*inputs),
+            warmup,
+            reps,
+            peak_memory=True,
+            shows_check=impl == "genext",
+            on_error="n/a" if impl == "cdist" else None,
+        )
+        for impl, fn in calls.items()
+    )
+    return Case(
+        case.name, dtype, timings, vq_check, inputs=lambda: vq_inputs(case, dtype, config.device)
+    )
 
 
 def cases(config: Config) -> list[Case]:
-    shapes = device_cases(config, CUDA_CASES, CPU_CASES,
-                          quick=lambda s: s[:1] if config.device == "cuda" else [CPU_QUICK_CASE])
-    dtypes = [torch.float32] + ([torch.bfloat16] if config.device == "cuda" and not config.quick else [])
+    shapes = device_cases(
+        config,
+        CUDA_CASES,
+        CPU_CASES,
+        quick=lambda s: s[:1] if config.device == "cuda" else [CPU_QUICK_CASE],
+    )
+    dtypes = [torch.float32] + (
+        [torch.bfloat16] if config.device == "cuda" and not config.quick else []
+    )
     return [make_case(c, dt, config) for c in shapes for dt in dtypes]
 
 

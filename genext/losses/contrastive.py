@@ -32,6 +32,7 @@ SigLipLoss
     rounds), ``"reduce"`` sums one rank's texts at a time with all_reduce, ``"gather"`` all-gathers
     them at once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,18 +52,25 @@ def _as_tensor(x: Scalar, like: Tensor) -> Tensor:
     return torch.tensor(float(x), dtype=like.dtype, device=like.device)
 
 
-def _check_and_scalars(name: str, image_features: Tensor, text_features: Tensor,
-                       logit_scale: Scalar, logit_bias: Scalar | None):
+def _check_and_scalars(
+    name: str,
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Scalar,
+    logit_bias: Scalar | None,
+):
     """Checks the features (matching pairs, (N, D) each) and returns logit_scale and logit_bias
     as tensors (bias None stays None)."""
     if image_features.dim() != 2 or text_features.dim() != 2:
         raise ValueError(
             f"{name}: image_features and text_features must be (N, D), got "
-            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(
             f"{name}: image_features and text_features must have the same number of rows "
-            f"(the matching pairs), got {image_features.shape[0]} and {text_features.shape[0]}")
+            f"(the matching pairs), got {image_features.shape[0]} and {text_features.shape[0]}"
+        )
     scale = _as_tensor(logit_scale, image_features)
     bias = _as_tensor(logit_bias, image_features) if logit_bias is not None else None
     return scale, bias
@@ -119,8 +127,10 @@ class _BidirShift(torch.autograd.Function):
         # each received tensor's gradient goes back to its sender; the neighbours do the same, so
         # `left` returns the gradient of to_left and `right` that of to_right
         grad_to_left, grad_to_right = _p2p(
-            [(grad_from_right, ctx.right), (grad_from_left, ctx.left)], [ctx.left, ctx.right],
-            grad_from_right)
+            [(grad_from_right, ctx.right), (grad_from_left, ctx.left)],
+            [ctx.left, ctx.right],
+            grad_from_right,
+        )
         return grad_to_left, grad_to_right, None, None
 
 
@@ -139,16 +149,24 @@ class ClipLoss(nn.Module):
     takes the label offset, no label tensor is built); horovod is not supported.
     """
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
-                 cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 use_horovod: bool = False) -> None:
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+    ) -> None:
         super().__init__()
         if use_horovod:
             raise NotImplementedError(
-                "ClipLoss: use_horovod is not supported; use torch.distributed")
+                "ClipLoss: use_horovod is not supported; use torch.distributed"
+            )
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"ClipLoss: need 0 <= rank < world_size, got rank={rank}, "
-                             f"world_size={world_size}")
+            raise ValueError(
+                f"ClipLoss: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -164,10 +182,17 @@ class ClipLoss(nn.Module):
             parts[self.rank] = x  # the live features in this rank's slot carry its gradient
         return torch.cat(parts, dim=0)
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
-                logit_bias: Scalar | None = None, output_dict: bool = False):
-        logit_scale, logit_bias = _check_and_scalars("ClipLoss", image_features, text_features,
-                                                     logit_scale, logit_bias)
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Scalar,
+        logit_bias: Scalar | None = None,
+        output_dict: bool = False,
+    ):
+        logit_scale, logit_bias = _check_and_scalars(
+            "ClipLoss", image_features, text_features, logit_scale, logit_bias
+        )
 
         if self.world_size == 1:
             loss = ops.clip_loss(image_features, text_features, logit_scale, logit_bias)
@@ -177,10 +202,13 @@ class ClipLoss(nn.Module):
             if self.local_loss:
                 offset = image_features.shape[0] * self.rank
                 loss = 0.5 * (
-                    ops.clip_loss(image_features, all_texts, logit_scale, logit_bias,
-                                  labels_offset=offset)
-                    + ops.clip_loss(text_features, all_images, logit_scale, logit_bias,
-                                    labels_offset=offset))
+                    ops.clip_loss(
+                        image_features, all_texts, logit_scale, logit_bias, labels_offset=offset
+                    )
+                    + ops.clip_loss(
+                        text_features, all_images, logit_scale, logit_bias, labels_offset=offset
+                    )
+                )
             else:
                 loss = ops.clip_loss(all_images, all_texts, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
@@ -202,29 +230,44 @@ class SigLipLoss(nn.Module):
 
     DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
-    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: str | None = None) -> None:
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: str | None = None,
+    ) -> None:
         super().__init__()
         dist_impl = dist_impl or "bidir"
         if dist_impl not in self.DIST_IMPLS:
-            raise ValueError(f"SigLipLoss: dist_impl must be one of {self.DIST_IMPLS}, "
-                             f"got {dist_impl!r}")
+            raise ValueError(
+                f"SigLipLoss: dist_impl must be one of {self.DIST_IMPLS}, got {dist_impl!r}"
+            )
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"SigLipLoss: need 0 <= rank < world_size, got rank={rank}, "
-                             f"world_size={world_size}")
+            raise ValueError(
+                f"SigLipLoss: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scalar,
-                logit_bias: Scalar | None = None, output_dict: bool = False):
-        logit_scale, logit_bias = _check_and_scalars("SigLipLoss", image_features, text_features,
-                                                     logit_scale, logit_bias)
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Scalar,
+        logit_bias: Scalar | None = None,
+        output_dict: bool = False,
+    ):
+        logit_scale, logit_bias = _check_and_scalars(
+            "SigLipLoss", image_features, text_features, logit_scale, logit_bias
+        )
 
         def negatives(texts: Tensor) -> Tensor:
-            return ops.siglip_loss(image_features, texts, logit_scale, logit_bias,
-                                   negative_only=True)
+            return ops.siglip_loss(
+                image_features, texts, logit_scale, logit_bias, negative_only=True
+            )
 
         if self.world_size == 1 or self.dist_impl != "reduce":
             loss = ops.siglip_loss(image_features, text_features, logit_scale, logit_bias)
@@ -254,8 +297,11 @@ class SigLipLoss(nn.Module):
             loss = None
             for owner in range(world):
                 texts = torch.distributed.nn.all_reduce(text_features * float(owner == rank))
-                block = (ops.siglip_loss(image_features, texts, logit_scale, logit_bias)
-                         if owner == rank else negatives(texts))
+                block = (
+                    ops.siglip_loss(image_features, texts, logit_scale, logit_bias)
+                    if owner == rank
+                    else negatives(texts)
+                )
                 loss = block if loss is None else loss + block
         else:  # gather
             all_texts = torch.distributed.nn.all_gather(text_features)

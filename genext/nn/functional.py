@@ -1,4 +1,5 @@
 """Functional forms of genext's modules (the ops with PyTorch-style names)."""
+
 from __future__ import annotations
 
 import torch
@@ -102,11 +103,26 @@ def scaled_dot_product_attention(
         if attn_mask is None or lengths is not None:
             sc = softmax_scale(query, scale)
             out, _ = torch.ops.genext.flash_attention_forward(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), None, None,
-                lengths, 0, 0, sc, bool(is_causal), False,
+                query.transpose(1, 2),
+                key.transpose(1, 2),
+                value.transpose(1, 2),
+                None,
+                None,
+                lengths,
+                0,
+                0,
+                sc,
+                bool(is_causal),
+                False,
             )
             return out.transpose(1, 2)
     return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-        scale=scale, enable_gqa=enable_gqa,
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
     )

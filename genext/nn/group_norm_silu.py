@@ -1,4 +1,5 @@
 """GroupNormSiLU: ``nn.GroupNorm`` followed by ``nn.SiLU``, fused into one genext op."""
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,9 @@ class GroupNormSiLU(nn.GroupNorm):
         activation: str | None = "silu",
     ) -> None:
         if activation not in ("silu", None):
-            raise ValueError(f"GroupNormSiLU: activation must be 'silu' or None, got {activation!r}")
+            raise ValueError(
+                f"GroupNormSiLU: activation must be 'silu' or None, got {activation!r}"
+            )
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         self.activation = activation
 
@@ -34,14 +37,22 @@ class GroupNormSiLU(nn.GroupNorm):
     def from_group_norm(cls, gn: nn.GroupNorm, activation: str | None = "silu") -> GroupNormSiLU:
         """A GroupNormSiLU with ``gn``'s configuration, device, dtype and parameters."""
         p = gn.weight if gn.affine else None
-        out = cls(gn.num_groups, gn.num_channels, gn.eps, gn.affine,
-                  device=p.device if p is not None else None,
-                  dtype=p.dtype if p is not None else None, activation=activation)
+        out = cls(
+            gn.num_groups,
+            gn.num_channels,
+            gn.eps,
+            gn.affine,
+            device=p.device if p is not None else None,
+            dtype=p.dtype if p is not None else None,
+            activation=activation,
+        )
         out.load_state_dict(gn.state_dict())
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        return group_norm_silu(
+            x, self.num_groups, self.weight, self.bias, self.eps, self.activation
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation!r}"

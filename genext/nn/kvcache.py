@@ -4,6 +4,7 @@ One decode step is ``out = cache.attend(q, k_new, v_new)``: the new keys/values 
 the end of each sequence and the queries attend over everything cached, in one
 :func:`genext.ops.attention_with_kvcache` call, after which the lengths advance by Lq.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -78,18 +79,27 @@ class KVCache:
         num_blocks: int | None = None,
         seqlens: int | Sequence[int] | Tensor | None = None,
     ) -> None:
-        for name, val in (("batch_size", batch_size), ("num_kv_heads", num_kv_heads),
-                          ("head_dim", head_dim)):
+        for name, val in (
+            ("batch_size", batch_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"KVCache: {name} must be a positive int, got {val!r}")
         if not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"KVCache: capacity must be a non-negative int, got {capacity!r}")
         if dtype not in _DTYPES:
-            raise TypeError(f"KVCache: dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+            raise TypeError(
+                f"KVCache: dtype must be float16, bfloat16, float32 or float64, got {dtype}"
+            )
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-            raise ValueError(f"KVCache: block_size must be a positive int or None, got {block_size!r}")
+            raise ValueError(
+                f"KVCache: block_size must be a positive int or None, got {block_size!r}"
+            )
         if max_capacity is not None and max_capacity < capacity:
-            raise ValueError(f"KVCache: capacity ({capacity}) is past max_capacity ({max_capacity})")
+            raise ValueError(
+                f"KVCache: capacity ({capacity}) is past max_capacity ({max_capacity})"
+            )
         if num_blocks is not None and block_size is None:
             raise ValueError("KVCache: num_blocks is for a paged cache (give block_size too)")
         self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
@@ -109,7 +119,8 @@ class KVCache:
             self.k = self._new_buffer((pool, block_size))
             self.v = self._new_buffer((pool, block_size))
             self._owned: list[list[int]] = [
-                list(range(b * per_seq, (b + 1) * per_seq)) for b in range(batch_size)]
+                list(range(b * per_seq, (b + 1) * per_seq)) for b in range(batch_size)
+            ]
             self._free = list(range(batch_size * per_seq, pool))
             self._table_host = torch.zeros(batch_size, max(per_seq, 1), dtype=torch.int32)
             for b, blocks in enumerate(self._owned):
@@ -140,11 +151,16 @@ class KVCache:
         return len(self._owned[b]) * self.block_size if self.is_paged else self.k.shape[1]
 
     def __repr__(self) -> str:
-        kind = f"paged, block_size={self.block_size}, blocks={self.k.shape[0]}" if self.is_paged \
+        kind = (
+            f"paged, block_size={self.block_size}, blocks={self.k.shape[0]}"
+            if self.is_paged
             else "contiguous"
-        return (f"KVCache(B={self.batch_size}, Hk={self.num_kv_heads}, D={self.head_dim}, "
-                f"capacity={self.capacity}, {kind}, {self.dtype}, {self.device}, "
-                f"lengths={list(self._lengths)})")
+        )
+        return (
+            f"KVCache(B={self.batch_size}, Hk={self.num_kv_heads}, D={self.head_dim}, "
+            f"capacity={self.capacity}, {kind}, {self.dtype}, {self.device}, "
+            f"lengths={list(self._lengths)})"
+        )
 
     def keys(self, b: int) -> Tensor:
         """The cached keys of sequence b, ``(lengths[b], Hk, D)`` (a copy for a paged cache)."""
@@ -170,14 +186,18 @@ class KVCache:
             seqlens = [seqlens] * self.batch_size
         lengths = [int(n) for n in seqlens]
         if len(lengths) != self.batch_size:
-            raise ValueError(f"KVCache: {len(lengths)} lengths given for {self.batch_size} sequences")
+            raise ValueError(
+                f"KVCache: {len(lengths)} lengths given for {self.batch_size} sequences"
+            )
         for b, n in enumerate(lengths):
             if n < 0:
                 raise ValueError(f"KVCache: the length of sequence {b} must be >= 0, got {n}")
         if _capturing(self.device):
-            raise RuntimeError("KVCache.set_seqlens copies host values to the device, which a CUDA "
-                               "graph capture cannot replay with new values; call it outside the "
-                               "capture (or copy_ into cache.seqlens there)")
+            raise RuntimeError(
+                "KVCache.set_seqlens copies host values to the device, which a CUDA "
+                "graph capture cannot replay with new values; call it outside the "
+                "capture (or copy_ into cache.seqlens there)"
+            )
         self._ensure(lengths)
         self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         self._lengths = lengths
@@ -187,8 +207,10 @@ class KVCache:
         lengths = self.seqlens.tolist()
         for b, n in enumerate(lengths):
             if not 0 <= n <= self.room(b):
-                raise RuntimeError(f"KVCache: the device length of sequence {b} ({n}) is outside "
-                                   f"[0, {self.room(b)}], the room it owns")
+                raise RuntimeError(
+                    f"KVCache: the device length of sequence {b} ({n}) is outside "
+                    f"[0, {self.room(b)}], the room it owns"
+                )
         self._lengths = lengths
 
     def reserve(self, n: int) -> None:
@@ -208,8 +230,10 @@ class KVCache:
             lengths = lengths.tolist()
         lengths = [int(n) for n in lengths]
         if len(lengths) != self.batch_size or any(not 0 <= n <= k.shape[1] for n in lengths):
-            raise ValueError(f"KVCache.prefill: lengths must be B = {self.batch_size} values in "
-                             f"[0, {k.shape[1]}], got {lengths}")
+            raise ValueError(
+                f"KVCache.prefill: lengths must be B = {self.batch_size} values in "
+                f"[0, {k.shape[1]}], got {lengths}"
+            )
         self._ensure(lengths)
         for b, n in enumerate(lengths):
             rows = self._rows(b, 0, n)
@@ -236,14 +260,26 @@ class KVCache:
         the lengths by Lq. Returns out ``(B, Lq, Hq, D)`` (and lse ``(B, Hq, Lq)``), as
         :func:`genext.ops.attention_with_kvcache`; grows the cache first when needed."""
         if q.dim() != 4 or q.shape[0] != self.batch_size or q.shape[3] != self.head_dim:
-            raise ValueError(f"KVCache.attend: q must be (B, Lq, Hq, D) with B = {self.batch_size}, "
-                             f"D = {self.head_dim}, got shape {tuple(q.shape)}")
+            raise ValueError(
+                f"KVCache.attend: q must be (B, Lq, Hq, D) with B = {self.batch_size}, "
+                f"D = {self.head_dim}, got shape {tuple(q.shape)}"
+            )
         lq = q.shape[1]
         self._check_kv("k_new", k_new, lq)
         self._check_kv("v_new", v_new, lq)
         self._ensure([n + lq for n in self._lengths])
-        res = attention_with_kvcache_unchecked(q, self.k, self.v, self.seqlens, k_new, v_new, causal,
-                                               scale, self.block_table, return_lse)
+        res = attention_with_kvcache_unchecked(
+            q,
+            self.k,
+            self.v,
+            self.seqlens,
+            k_new,
+            v_new,
+            causal,
+            scale,
+            self.block_table,
+            return_lse,
+        )
         self.seqlens.add_(lq)
         self._lengths = [n + lq for n in self._lengths]
         return res
@@ -251,15 +287,21 @@ class KVCache:
     # ---- internals --------------------------------------------------------------------------
 
     def _new_buffer(self, lead: tuple[int, int]) -> Tensor:
-        return torch.zeros(*lead, self.num_kv_heads, self.head_dim, dtype=self.dtype,
-                           device=self.device)
+        return torch.zeros(
+            *lead, self.num_kv_heads, self.head_dim, dtype=self.dtype, device=self.device
+        )
 
     def _check_kv(self, name: str, t: Tensor, length: int | None) -> None:
-        want = (self.batch_size, length if length is not None else t.shape[1] if t.dim() == 4 else -1,
-                self.num_kv_heads, self.head_dim)
+        want = (
+            self.batch_size,
+            length if length is not None else t.shape[1] if t.dim() == 4 else -1,
+            self.num_kv_heads,
+            self.head_dim,
+        )
         if t.dim() != 4 or tuple(t.shape) != want:
-            raise ValueError(f"KVCache: {name} must have shape (B, L, Hk, D) = {want}, "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"KVCache: {name} must have shape (B, L, Hk, D) = {want}, got {tuple(t.shape)}"
+            )
 
     def _rows(self, b: int, start: int, stop: int):
         """Index of rows [start, stop) of sequence b: a slice (contiguous) or (block, slot)
@@ -281,8 +323,10 @@ class KVCache:
         worst = max(needs, default=0)
         if self.max_capacity is not None and worst > self.max_capacity:
             b = needs.index(worst)
-            raise RuntimeError(f"KVCache: sequence {b} would hold {worst} tokens, past max_capacity = "
-                               f"{self.max_capacity}")
+            raise RuntimeError(
+                f"KVCache: sequence {b} would hold {worst} tokens, past max_capacity = "
+                f"{self.max_capacity}"
+            )
         short = [b for b, n in enumerate(needs) if n > self.room(b)]
         if not short:
             return
@@ -290,7 +334,8 @@ class KVCache:
             raise RuntimeError(
                 f"KVCache: sequence {short[0]} needs room for {needs[short[0]]} tokens but owns "
                 f"{self.room(short[0])}; growing allocates new memory, which cannot happen while a "
-                "CUDA graph is being captured. Call reserve(n) before the capture.")
+                "CUDA graph is being captured. Call reserve(n) before the capture."
+            )
         if self.is_paged:
             self._grow_paged(needs, short)
         else:
@@ -316,7 +361,9 @@ class KVCache:
             old_n = self.k.shape[0]
             new_n = max(old_n + missing, 2 * old_n)
             if self.max_capacity is not None:
-                new_n = min(new_n, max(old_n + missing, self.batch_size * -(-self.max_capacity // bs)))
+                new_n = min(
+                    new_n, max(old_n + missing, self.batch_size * -(-self.max_capacity // bs))
+                )
             for name in ("k", "v"):
                 old = getattr(self, name)
                 new = self._new_buffer((new_n, bs))
@@ -335,7 +382,9 @@ class KVCache:
             table[:, : self._table_host.shape[1]] = self._table_host
             self._table_host = table
         for b in short:
-            self._table_host[b, : len(self._owned[b])] = torch.tensor(self._owned[b], dtype=torch.int32)
+            self._table_host[b, : len(self._owned[b])] = torch.tensor(
+                self._owned[b], dtype=torch.int32
+            )
         if self.block_table.shape == self._table_host.shape:
             self.block_table.copy_(self._table_host)
         else:

@@ -3,6 +3,7 @@
 The lookup is ``genext.ops.vq_nearest`` (no N x K distance matrix); the per-code counts and sums of
 the EMA codebook update are ``genext.ops.vq_ema_update``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -95,14 +96,16 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"VectorQuantizer: dim must be positive, got {dim}")
         if codebook_size < 1:
             raise ValueError(
-                f"VectorQuantizer: codebook_size must be positive, got {codebook_size}")
+                f"VectorQuantizer: codebook_size must be positive, got {codebook_size}"
+            )
         if metric not in _METRICS:
             raise ValueError(f"VectorQuantizer: metric must be 'l2' or 'cosine', got {metric!r}")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"VectorQuantizer: decay must be in [0, 1], got {decay}")
         if dead_code_threshold < 0:
             raise ValueError(
-                f"VectorQuantizer: dead_code_threshold must be >= 0, got {dead_code_threshold}")
+                f"VectorQuantizer: dead_code_threshold must be >= 0, got {dead_code_threshold}"
+            )
         self.dim = dim
         self.codebook_size = codebook_size
         self.decay = float(decay)
@@ -112,7 +115,8 @@ class VectorQuantizer(nn.Module):
         self.dead_code_threshold = float(dead_code_threshold)
         self.epsilon = float(epsilon)
         self.reset_cluster_size = float(
-            dead_code_threshold if reset_cluster_size is None else reset_cluster_size)
+            dead_code_threshold if reset_cluster_size is None else reset_cluster_size
+        )
         self.accept_image_fmap = accept_image_fmap
         self.sync_ema = sync_ema
         self.deterministic = deterministic
@@ -127,8 +131,7 @@ class VectorQuantizer(nn.Module):
         else:
             self.embed = nn.Parameter(embed)
         self.register_buffer("cluster_size", torch.ones(codebook_size, **factory))
-        self.register_buffer("last_counts", torch.zeros(codebook_size, **factory),
-                             persistent=False)
+        self.register_buffer("last_counts", torch.zeros(codebook_size, **factory), persistent=False)
         self.register_load_state_dict_pre_hook(_translate_peer_state)
 
     # ------------------------------------------------------------------------------------------
@@ -148,11 +151,11 @@ class VectorQuantizer(nn.Module):
             if z.dim() != 4 or z.shape[1] != self.dim:
                 raise ValueError(
                     f"VectorQuantizer: with accept_image_fmap z must be (B, {self.dim}, H, W), "
-                    f"got {tuple(z.shape)}")
+                    f"got {tuple(z.shape)}"
+                )
             z = z.permute(0, 2, 3, 1)
         elif z.dim() < 1 or z.shape[-1] != self.dim:
-            raise ValueError(
-                f"VectorQuantizer: z must be (..., {self.dim}), got {tuple(z.shape)}")
+            raise ValueError(f"VectorQuantizer: z must be (..., {self.dim}), got {tuple(z.shape)}")
         if not z.is_floating_point():
             raise TypeError(f"VectorQuantizer: z must be a floating-point tensor, got {z.dtype}")
         lead = z.shape[:-1]
@@ -191,7 +194,8 @@ class VectorQuantizer(nn.Module):
             if indices.dim() != 3:
                 raise ValueError(
                     "VectorQuantizer.indices_to_codes: with accept_image_fmap indices must be "
-                    f"(B, H, W), got {tuple(indices.shape)}")
+                    f"(B, H, W), got {tuple(indices.shape)}"
+                )
             codes = codes.permute(0, 3, 1, 2)
         return codes
 
@@ -201,7 +205,8 @@ class VectorQuantizer(nn.Module):
         if indices is None:
             return self.last_counts
         return torch.bincount(indices.reshape(-1), minlength=self.codebook_size).to(
-            self.cluster_size.dtype)
+            self.cluster_size.dtype
+        )
 
     def perplexity(self, indices: Tensor | None = None) -> Tensor:
         """``exp(entropy)`` of the code distribution of ``indices`` (default: the last training
@@ -227,8 +232,9 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update(self, indices: Tensor, flat: Tensor) -> None:
         sync = self._sync()
-        counts, sums = vq_ema_update(indices, flat, self.codebook_size,
-                                     deterministic=self.deterministic)
+        counts, sums = vq_ema_update(
+            indices, flat, self.codebook_size, deterministic=self.deterministic
+        )
         counts = counts.to(self.cluster_size.dtype)
         if sync:
             if self.use_ema:
@@ -314,7 +320,8 @@ class VectorQuantizer(nn.Module):
         if unsupported:
             raise ValueError(
                 "VectorQuantizer.from_vector_quantize_pytorch: unsupported VectorQuantize "
-                "configuration: " + ", ".join(unsupported))
+                "configuration: " + ", ".join(unsupported)
+            )
         cb = module._codebook
         embed = cb.embed
         out = cls(
@@ -351,34 +358,48 @@ def _peer_unsupported(module: nn.Module) -> list[str]:
     check(not getattr(module, "has_projections", False), "codebook_dim != dim (projections)")
     check(getattr(cb, "num_codebooks", 1) == 1, "separate codebooks per head")
     check(not getattr(module, "accept_3d_fmap", False), "accept_3d_fmap")
-    check(getattr(module, "channel_last", True) or getattr(module, "accept_image_fmap", False),
-          "channel_last=False")
+    check(
+        getattr(module, "channel_last", True) or getattr(module, "accept_image_fmap", False),
+        "channel_last=False",
+    )
     check(not getattr(cb, "affine_param", False), "affine_param")
     check(bool(getattr(cb, "initted", True)), "k-means initialisation not yet run")
     check(not getattr(module, "directional_reparam", False), "directional_reparam")
     check(getattr(cb, "vq_bridge", None) is None, "vq_bridge")
     check(not getattr(cb, "manual_ema_update", False), "manual_ema_update")
-    check(getattr(module, "in_place_codebook_optimizer", None) is None,
-          "in_place_codebook_optimizer")
+    check(
+        getattr(module, "in_place_codebook_optimizer", None) is None, "in_place_codebook_optimizer"
+    )
     check(getattr(module, "sync_update_v", 0.0) == 0.0, "sync_update_v")
-    check(not getattr(module, "commitment_use_cross_entropy_loss", False),
-          "commitment_use_cross_entropy_loss")
+    check(
+        not getattr(module, "commitment_use_cross_entropy_loss", False),
+        "commitment_use_cross_entropy_loss",
+    )
     check(not getattr(module, "has_codebook_orthogonal_loss", False), "orthogonal_reg_weight")
-    check(not getattr(module, "has_codebook_diversity_loss", False),
-          "codebook_diversity_loss_weight")
+    check(
+        not getattr(module, "has_codebook_diversity_loss", False), "codebook_diversity_loss_weight"
+    )
     sample = getattr(cb, "gumbel_sample", None)
     keywords = getattr(sample, "keywords", {}) or {}
     check(not keywords.get("stochastic", False), "stochastic_sample_codes")
     check(not keywords.get("straight_through", False), "straight_through (Gumbel)")
     learnable = isinstance(cb.embed, nn.Parameter)
-    check(learnable != bool(getattr(cb, "ema_update", True)),
-          "EMA and a learnable codebook together")
+    check(
+        learnable != bool(getattr(cb, "ema_update", True)), "EMA and a learnable codebook together"
+    )
     return bad
 
 
-def _translate_peer_state(module: VectorQuantizer, state_dict: dict[str, Any], prefix: str,
-                          local_metadata: Any, strict: bool, missing_keys: list[str],
-                          unexpected_keys: list[str], error_msgs: list[str]) -> None:
+def _translate_peer_state(
+    module: VectorQuantizer,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
     """Load-state pre-hook: rewrites vector-quantize-pytorch's ``_codebook.{embed, cluster_size,
     embed_avg}`` (with a leading codebook dimension of 1) to this module's keys and drops its
     ``_codebook.initted`` flag (an uninitialised peer codebook is an error)."""
@@ -389,7 +410,8 @@ def _translate_peer_state(module: VectorQuantizer, state_dict: dict[str, Any], p
     if initted is not None and not bool(initted):
         error_msgs.append(
             "vector-quantize-pytorch state with an uninitialised (k-means) codebook: run one "
-            "forward in training mode first")
+            "forward in training mode first"
+        )
     for name in ("embed", "cluster_size", "embed_avg"):
         value = state_dict.pop(peer + name, None)
         if value is None:
@@ -397,7 +419,8 @@ def _translate_peer_state(module: VectorQuantizer, state_dict: dict[str, Any], p
         if value.shape[0] != 1:
             error_msgs.append(
                 f"vector-quantize-pytorch state {peer + name} has {value.shape[0]} codebooks; "
-                "only one is supported")
+                "only one is supported"
+            )
             continue
         if name == "embed_avg" and not module.use_ema:
             continue  # the peer keeps it even without EMA

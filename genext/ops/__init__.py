@@ -4,6 +4,7 @@ serve, its fake (meta) kernel and its autograd.
 The diffusion sampler step (genext/ops/_sampler_step.py) is a kernel contract, not an API: use a
 scheduler of :mod:`genext.samplers`.
 """
+
 from __future__ import annotations
 
 from . import _sampler_step  # noqa: F401  (registers the sampler step's fake kernels)

@@ -1,6 +1,7 @@
 """What the op modules share: the table of devices and dtypes each op serves (declared by each op's
 module, next to the op), the lookup of what this build really serves, and small helpers of the
 fake kernels and wrappers."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,15 @@ from torch import Tensor
 
 from .. import _C
 
-__all__ = ["KERNELS", "acc_dtype", "declare_kernels", "forbid_double_backward", "has_kernel",
-           "served_dtypes", "softmax_scale"]
+__all__ = [
+    "KERNELS",
+    "acc_dtype",
+    "declare_kernels",
+    "forbid_double_backward",
+    "has_kernel",
+    "served_dtypes",
+    "softmax_scale",
+]
 
 # op name -> device type ("cpu", "cuda") -> dtypes with a kernel; filled by declare_kernels.
 KERNELS: dict[str, dict[str, tuple[torch.dtype, ...]]] = {}

@@ -40,6 +40,7 @@ Per kind, with x = sample, m = model output (after guidance: u + w * (c - u)), a
 
 Returns (prev_sample, x0) in the sample's dtype.
 """
+
 from __future__ import annotations
 
 import enum
@@ -76,16 +77,28 @@ class PredictionType(enum.IntEnum):
 NUM_COEF = 12  # scalars per step (the op's coef list)
 
 # sample dtypes; the arithmetic is float32 for all of them
-declare_kernels(["sampler_step", "sampler_step_out"],
-                cpu=(torch.float32, torch.float16, torch.bfloat16),
-                cuda=(torch.float32, torch.float16, torch.bfloat16))
+declare_kernels(
+    ["sampler_step", "sampler_step_out"],
+    cpu=(torch.float32, torch.float16, torch.bfloat16),
+    cuda=(torch.float32, torch.float16, torch.bfloat16),
+)
 
 
-def sampler_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence[float], *,
-                 prediction_type: int = PredictionType.EPSILON, history: Sequence[Tensor] = (),
-                 noise: Tensor | None = None, threshold_scale: Tensor | None = None,
-                 clip: bool = False, guidance_scale: float | None = None,
-                 out: Tensor | None = None, x0_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def sampler_step(
+    mode: int,
+    sample: Tensor,
+    model_output: Tensor,
+    coef: Sequence[float],
+    *,
+    prediction_type: int = PredictionType.EPSILON,
+    history: Sequence[Tensor] = (),
+    noise: Tensor | None = None,
+    threshold_scale: Tensor | None = None,
+    clip: bool = False,
+    guidance_scale: float | None = None,
+    out: Tensor | None = None,
+    x0_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """One fused sampler step: returns (prev_sample, x0) like sample. `guidance_scale` given means
     model_output holds [uncond, cond] along dim 0, combined as u + w * (c - u) in the kernel.
     `out` / `x0_out`: contiguous tensors shaped and typed like sample to write into (out may be
@@ -98,9 +111,19 @@ def sampler_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence
         c = [float(v) for v in coef] + [0.0] * (NUM_COEF - len(coef))
         if len(c) != NUM_COEF:
             raise ValueError(f"sampler_step: at most {NUM_COEF} coefficients, got {len(coef)}")
-    args = (int(mode), sample, model_output, list(history), noise, threshold_scale, c,
-            int(prediction_type), bool(clip), guidance_scale is not None,
-            float(guidance_scale) if guidance_scale is not None else 1.0)
+    args = (
+        int(mode),
+        sample,
+        model_output,
+        list(history),
+        noise,
+        threshold_scale,
+        c,
+        int(prediction_type),
+        bool(clip),
+        guidance_scale is not None,
+        float(guidance_scale) if guidance_scale is not None else 1.0,
+    )
     if out is None and x0_out is None:
         return _OP(*args)
     if out is None:
@@ -116,14 +139,38 @@ _OP_OUT = torch.ops.genext.sampler_step_out.default
 
 
 @torch.library.register_fake("genext::sampler_step")
-def _fake(kind, sample, model_output, history, noise, threshold_scale, coef, prediction_type, clip,
-          guidance, guidance_scale):
+def _fake(
+    kind,
+    sample,
+    model_output,
+    history,
+    noise,
+    threshold_scale,
+    coef,
+    prediction_type,
+    clip,
+    guidance,
+    guidance_scale,
+):
     torch._check(len(coef) == NUM_COEF, lambda: f"sampler_step: coef must hold {NUM_COEF} values")
     return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
 
 
 @torch.library.register_fake("genext::sampler_step_out")
-def _fake_out(kind, sample, model_output, history, noise, threshold_scale, coef, prediction_type,
-              clip, guidance, guidance_scale, prev, x0):
+def _fake_out(
+    kind,
+    sample,
+    model_output,
+    history,
+    noise,
+    threshold_scale,
+    coef,
+    prediction_type,
+    clip,
+    guidance,
+    guidance_scale,
+    prev,
+    x0,
+):
     torch._check(len(coef) == NUM_COEF, lambda: f"sampler_step: coef must hold {NUM_COEF} values")
     return None

@@ -6,6 +6,7 @@ chunked prefill, Lq up to 16 or so). The CUDA kernels split the cache length ove
 parallel over batch x KV heads (and over key ranges when that leaves cores idle). Both read each
 K/V head once for its whole group of query heads (GQA/MQA).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,9 +16,11 @@ from ._common import acc_dtype, declare_kernels, softmax_scale
 
 __all__ = ["attention_with_kvcache"]
 
-declare_kernels(["attention_with_kvcache"],
-                cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
-                cuda=(torch.float32, torch.float16, torch.bfloat16))
+declare_kernels(
+    ["attention_with_kvcache"],
+    cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    cuda=(torch.float32, torch.float16, torch.bfloat16),
+)
 
 _OP = "attention_with_kvcache"
 
@@ -31,8 +34,12 @@ def _must_not_sync(t: Tensor) -> bool:
 
 
 def _validate_values(
-    cache_seqlens: Tensor, block_table: Tensor | None, added: int, capacity: int,
-    num_blocks: int, block_size: int,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    added: int,
+    capacity: int,
+    num_blocks: int,
+    block_size: int,
 ) -> None:
     """Lengths within the capacity and the blocks each sequence uses inside the pool, with one
     device-to-host copy of B rows (sequence length, first bad block column or -1, its value)."""
@@ -126,28 +133,40 @@ def attention_with_kvcache(
     Devices and dtypes: CUDA float16/bfloat16 (split-KV kernels), CUDA float32; CPU float32,
     float64, float16 and bfloat16 (the 16-bit types computed in float32).
     """
-    for name, t, shape in (("q", q, "B, Lq, Hq, D"), ("k_cache", k_cache, None),
-                           ("v_cache", v_cache, None)):
+    for name, t, shape in (
+        ("q", q, "B, Lq, Hq, D"),
+        ("k_cache", k_cache, None),
+        ("v_cache", v_cache, None),
+    ):
         if t.dim() != 4:
-            want = shape or ("num_blocks, block_size, Hk, D" if block_table is not None
-                             else "B, Lmax, Hk, D")
+            want = shape or (
+                "num_blocks, block_size, Hk, D" if block_table is not None else "B, Lmax, Hk, D"
+            )
             raise ValueError(f"{_OP}: {name} must be 4-D ({want}), got shape {tuple(t.shape)}")
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{_OP}: k_new and v_new come together (got only one of them)")
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32:
-        got = cache_seqlens.dtype if isinstance(cache_seqlens, Tensor) else type(cache_seqlens).__name__
+        got = (
+            cache_seqlens.dtype
+            if isinstance(cache_seqlens, Tensor)
+            else type(cache_seqlens).__name__
+        )
         raise TypeError(f"{_OP}: cache_seqlens must be an int32 tensor (B,), got {got}")
     if cache_seqlens.shape != (q.shape[0],):
-        raise ValueError(f"{_OP}: cache_seqlens must have shape (B,) = ({q.shape[0]},), "
-                         f"got {tuple(cache_seqlens.shape)}")
+        raise ValueError(
+            f"{_OP}: cache_seqlens must have shape (B,) = ({q.shape[0]},), "
+            f"got {tuple(cache_seqlens.shape)}"
+        )
     if block_table is not None:
         if block_table.dtype != torch.int32:
             raise TypeError(f"{_OP}: block_table must be int32, got {block_table.dtype}")
         if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
-            raise ValueError(f"{_OP}: block_table must have shape (B, max_blocks) with B = "
-                             f"{q.shape[0]}, got {tuple(block_table.shape)}")
+            raise ValueError(
+                f"{_OP}: block_table must have shape (B, max_blocks) with B = "
+                f"{q.shape[0]}, got {tuple(block_table.shape)}"
+            )
     added = q.shape[1] if k_new is not None else 0
     if check_values and not _must_not_sync(q) and cache_seqlens.device == q.device:
         if block_table is not None:
@@ -155,19 +174,24 @@ def attention_with_kvcache(
             num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
         else:
             capacity, num_blocks, block_size = k_cache.shape[1], 0, 1
-        _validate_values(cache_seqlens, block_table, added, capacity, num_blocks, max(block_size, 1))
-    return attention_with_kvcache_unchecked(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                            causal, scale, block_table, return_lse)
+        _validate_values(
+            cache_seqlens, block_table, added, capacity, num_blocks, max(block_size, 1)
+        )
+    return attention_with_kvcache_unchecked(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table, return_lse
+    )
 
 
-def attention_with_kvcache_unchecked(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
-                                     scale, block_table, return_lse):
+def attention_with_kvcache_unchecked(
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table, return_lse
+):
     """The op alone, without the Python-side argument and value checks above, for callers that own
     their tensors and lengths (:class:`genext.nn.KVCache`); the C++ checks still run."""
     scale = softmax_scale(q, scale)
     with torch.no_grad():
         out, lse = torch.ops.genext.attention_with_kvcache(
-            q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, bool(causal))
+            q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, bool(causal)
+        )
     return (out, lse) if return_lse else out
 
 
@@ -177,15 +201,23 @@ def attention_with_kvcache_unchecked(q, k_cache, v_cache, cache_seqlens, k_new, 
 @torch.library.register_fake("genext::attention_with_kvcache")
 def _fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, causal):
     torch._check(q.dim() == 4, lambda: f"{_OP}: q must be (B, Lq, Hq, D)")
-    torch._check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
-                 lambda: f"{_OP}: k_cache and v_cache must have one 4-D shape")
-    torch._check(q.dtype == k_cache.dtype and q.dtype == v_cache.dtype,
-                 lambda: f"{_OP}: q, k_cache and v_cache must share a dtype")
-    torch._check(k_cache.shape[2] > 0 and q.shape[2] % k_cache.shape[2] == 0,
-                 lambda: f"{_OP}: the number of query heads must be a multiple of the number of "
-                         "key/value heads")
-    torch._check(k_cache.shape[3] == q.shape[3],
-                 lambda: f"{_OP}: q and the caches must share the head dim")
+    torch._check(
+        k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
+        lambda: f"{_OP}: k_cache and v_cache must have one 4-D shape",
+    )
+    torch._check(
+        q.dtype == k_cache.dtype and q.dtype == v_cache.dtype,
+        lambda: f"{_OP}: q, k_cache and v_cache must share a dtype",
+    )
+    torch._check(
+        k_cache.shape[2] > 0 and q.shape[2] % k_cache.shape[2] == 0,
+        lambda: (
+            f"{_OP}: the number of query heads must be a multiple of the number of key/value heads"
+        ),
+    )
+    torch._check(
+        k_cache.shape[3] == q.shape[3], lambda: f"{_OP}: q and the caches must share the head dim"
+    )
     b, lq, hq, d = q.shape
     out = q.new_empty((b, lq, hq, d))
     lse = q.new_empty((b, hq, lq), dtype=acc_dtype(q))

@@ -2,6 +2,7 @@
 loss, from the tiled primitives `genext::tiled_lse` and `genext::tiled_softplus_sum` (only one
 tile of scores exists at a time; memory is linear in N). Differentiable in the features,
 logit_scale and logit_bias."""
+
 from __future__ import annotations
 
 import torch
@@ -12,10 +13,11 @@ from ._common import acc_dtype, declare_kernels
 __all__ = ["clip_loss", "siglip_loss"]
 
 # the products run on the device's BLAS; everything after them is float32 (float64 for float64)
-declare_kernels(["tiled_lse", "tiled_lse_backward", "tiled_softplus_sum",
-                 "tiled_softplus_sum_backward"],
-                cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
-                cuda=(torch.float32, torch.float16, torch.bfloat16))
+declare_kernels(
+    ["tiled_lse", "tiled_lse_backward", "tiled_softplus_sum", "tiled_softplus_sum_backward"],
+    cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    cuda=(torch.float32, torch.float16, torch.bfloat16),
+)
 
 
 def _scalar(t, like: Tensor) -> Tensor:
@@ -26,13 +28,18 @@ def _positives(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor | None, offset:
     """scale * <a_i, b_{i + offset}> (+ bias) for every row i of a, in fp32 (fp64 for fp64)."""
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     n = a.shape[0]
-    dot = (a.to(acc) * b[offset:offset + n].to(acc)).sum(-1)
+    dot = (a.to(acc) * b[offset : offset + n].to(acc)).sum(-1)
     out = scale.to(acc).reshape(()) * dot
     return out + bias.to(acc).reshape(()) if bias is not None else out
 
 
-def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None,
-              labels_offset: int = 0) -> Tensor:
+def clip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale,
+    logit_bias=None,
+    labels_offset: int = 0,
+) -> Tensor:
     """open_clip's ClipLoss on given features, with logits = logit_scale * I T^T (+ logit_bias):
 
     - Ni == Nt and labels_offset == 0: 0.5 * (CE(logits, arange) + CE(logits^T, arange)), both
@@ -47,7 +54,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     """
     i, t = image_features, text_features
     if i.dim() != 2 or t.dim() != 2:
-        raise ValueError(f"clip_loss: features must be (N, D), got {tuple(i.shape)} and {tuple(t.shape)}")
+        raise ValueError(
+            f"clip_loss: features must be (N, D), got {tuple(i.shape)} and {tuple(t.shape)}"
+        )
     scale = _scalar(logit_scale, i)
     bias = _scalar(logit_bias, i) if logit_bias is not None else None
     n = i.shape[0]
@@ -55,8 +64,10 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
         raise ValueError("clip_loss: no image features")
     square = i.shape[0] == t.shape[0] and labels_offset == 0
     if not square and not (0 <= labels_offset and labels_offset + n <= t.shape[0]):
-        raise ValueError(f"clip_loss: labels_offset {labels_offset} + {n} rows exceed the "
-                         f"{t.shape[0]} text features")
+        raise ValueError(
+            f"clip_loss: labels_offset {labels_offset} + {n} rows exceed the "
+            f"{t.shape[0]} text features"
+        )
     row_lse, col_lse = torch.ops.genext.tiled_lse(i, t, scale, bias, square)
     pos = _positives(i, t, scale, bias, labels_offset)
     if square:
@@ -64,15 +75,22 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     return (row_lse - pos).mean()
 
 
-def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
-                negative_only: bool = False) -> Tensor:
+def siglip_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale,
+    logit_bias,
+    negative_only: bool = False,
+) -> Tensor:
     """open_clip's SigLipLoss for one block of features: -sum_ij log sigmoid(z_ij * L_ij) / Ni with
     L = logit_scale * I T^T + logit_bias, z = +1 on the positives (i == j) and -1 elsewhere, or
     all -1 when negative_only (the blocks of other ranks). Computed as
     (sum_ij softplus(L_ij) - sum_i L_ii) / Ni without the Ni x Nt matrix."""
     i, t = image_features, text_features
     if i.dim() != 2 or t.dim() != 2:
-        raise ValueError(f"siglip_loss: features must be (N, D), got {tuple(i.shape)} and {tuple(t.shape)}")
+        raise ValueError(
+            f"siglip_loss: features must be (N, D), got {tuple(i.shape)} and {tuple(t.shape)}"
+        )
     scale = _scalar(logit_scale, i)
     bias = _scalar(logit_bias, i) if logit_bias is not None else None
     n = i.shape[0]
@@ -81,8 +99,10 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     total = torch.ops.genext.tiled_softplus_sum(i, t, scale, bias)
     if not negative_only:
         if t.shape[0] != n:
-            raise ValueError("siglip_loss: positives need as many text as image features "
-                             f"({n} vs {t.shape[0]}); pass negative_only=True for other ranks' blocks")
+            raise ValueError(
+                "siglip_loss: positives need as many text as image features "
+                f"({n} vs {t.shape[0]}); pass negative_only=True for other ranks' blocks"
+            )
         total = total - _positives(i, t, scale, bias, 0).sum()
     return total / n
 
@@ -92,16 +112,24 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
 
 @torch.library.register_fake("genext::tiled_lse")
 def _fake_lse(a, b, scale, bias, cols):
-    torch._check(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1],
-                 lambda: "tiled_lse: features must be (Na, D) and (Nb, D)")
-    return (a.new_empty((a.shape[0],), dtype=acc_dtype(a)),
-            a.new_empty((b.shape[0] if cols else 0,), dtype=acc_dtype(a)))
+    torch._check(
+        a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1],
+        lambda: "tiled_lse: features must be (Na, D) and (Nb, D)",
+    )
+    return (
+        a.new_empty((a.shape[0],), dtype=acc_dtype(a)),
+        a.new_empty((b.shape[0] if cols else 0,), dtype=acc_dtype(a)),
+    )
 
 
 @torch.library.register_fake("genext::tiled_lse_backward")
 def _fake_lse_bwd(grad_row, grad_col, a, b, scale, bias, row_lse, col_lse):
-    return (torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale),
-            torch.empty_like(bias) if bias is not None else scale.new_empty((0,)))
+    return (
+        torch.empty_like(a),
+        torch.empty_like(b),
+        torch.empty_like(scale),
+        torch.empty_like(bias) if bias is not None else scale.new_empty((0,)),
+    )
 
 
 @torch.library.register_fake("genext::tiled_softplus_sum")
@@ -111,8 +139,12 @@ def _fake_sp(a, b, scale, bias):
 
 @torch.library.register_fake("genext::tiled_softplus_sum_backward")
 def _fake_sp_bwd(grad, a, b, scale, bias):
-    return (torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale),
-            torch.empty_like(bias) if bias is not None else scale.new_empty((0,)))
+    return (
+        torch.empty_like(a),
+        torch.empty_like(b),
+        torch.empty_like(scale),
+        torch.empty_like(bias) if bias is not None else scale.new_empty((0,)),
+    )
 
 
 def _lse_setup(ctx, inputs, output):
@@ -129,8 +161,15 @@ def _lse_backward(ctx, g_row, g_col):
         g_row = torch.zeros_like(row_lse)
     use_cols = ctx.cols and g_col is not None
     da, db, ds, dbias = torch.ops.genext.tiled_lse_backward(
-        g_row, g_col if use_cols else None, a, b, scale, bias if ctx.has_bias else None, row_lse,
-        col_lse if use_cols else None)
+        g_row,
+        g_col if use_cols else None,
+        a,
+        b,
+        scale,
+        bias if ctx.has_bias else None,
+        row_lse,
+        col_lse if use_cols else None,
+    )
     return da, db, ds, (dbias if ctx.has_bias else None), None
 
 
@@ -146,7 +185,8 @@ def _sp_setup(ctx, inputs, output):
 def _sp_backward(ctx, grad):
     a, b, scale, bias = ctx.saved_tensors
     da, db, ds, dbias = torch.ops.genext.tiled_softplus_sum_backward(
-        grad, a, b, scale, bias if ctx.has_bias else None)
+        grad, a, b, scale, bias if ctx.has_bias else None
+    )
     return da, db, ds, (dbias if ctx.has_bias else None)
 
 

@@ -6,6 +6,7 @@ correct but far slower than the 16-bit kernels. The CPU kernel (tiled online sof
 batch x heads x query tiles) serves float32, float16/bfloat16 (computed in float32) and float64,
 the last so that ``torch.autograd.gradcheck`` can run.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,9 +17,11 @@ from ._common import acc_dtype, declare_kernels, forbid_double_backward, softmax
 __all__ = ["flash_attention", "flash_attention_varlen"]
 
 # CUDA float16/bfloat16 run on tensor cores; CUDA float32 is a plain exact kernel (slow)
-declare_kernels(["flash_attention_forward", "flash_attention_backward"],
-                cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
-                cuda=(torch.float32, torch.float16, torch.bfloat16))
+declare_kernels(
+    ["flash_attention_forward", "flash_attention_backward"],
+    cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    cuda=(torch.float32, torch.float16, torch.bfloat16),
+)
 
 _LAYOUTS = ("bhld", "blhd")
 
@@ -78,7 +81,17 @@ def flash_attention(
     if layout == "bhld":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out, lse = torch.ops.genext.flash_attention_forward(
-        q, k, v, None, None, None, 0, 0, softmax_scale(q, scale), bool(causal), True,
+        q,
+        k,
+        v,
+        None,
+        None,
+        None,
+        0,
+        0,
+        softmax_scale(q, scale),
+        bool(causal),
+        True,
     )
     if layout == "bhld":
         out = out.transpose(1, 2)
@@ -87,7 +100,11 @@ def flash_attention(
 
 def _check_cu_format(name: str, cu: Tensor, q: Tensor) -> None:
     if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-        got = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+        got = (
+            f"{cu.dtype} tensor of shape {tuple(cu.shape)}"
+            if isinstance(cu, Tensor)
+            else type(cu).__name__
+        )
         raise ValueError(
             f"flash_attention_varlen: {name} must be a 1-D int32 tensor (num_sequences + 1,), got {got}"
         )
@@ -165,8 +182,17 @@ def flash_attention_varlen(
         _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     out, lse = torch.ops.genext.flash_attention_forward(
-        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cu_seqlens_q, cu_seqlens_k, None,
-        int(max_seqlen_q), int(max_seqlen_k), softmax_scale(q, scale), bool(causal), True,
+        q.unsqueeze(0),
+        k.unsqueeze(0),
+        v.unsqueeze(0),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        None,
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+        softmax_scale(q, scale),
+        bool(causal),
+        True,
     )
     out = out.squeeze(0)
     return (out, lse.squeeze(0)) if return_lse else out
@@ -176,15 +202,34 @@ def flash_attention_varlen(
 
 
 @torch.library.register_fake("genext::flash_attention_forward")
-def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, scale,
-          causal, causal_bottom_right):
-    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
-                 lambda: "flash_attention_forward: q, k, v must be (B, L, H, D) views")
-    torch._check(k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0,
-                 lambda: "flash_attention_forward: the number of query heads must be a multiple of "
-                         "the number of key/value heads")
-    torch._check(q.dtype == k.dtype and q.dtype == v.dtype,
-                 lambda: "flash_attention_forward: q, k and v must share a dtype")
+def _fake(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    causal,
+    causal_bottom_right,
+):
+    torch._check(
+        q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+        lambda: "flash_attention_forward: q, k, v must be (B, L, H, D) views",
+    )
+    torch._check(
+        k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0,
+        lambda: (
+            "flash_attention_forward: the number of query heads must be a multiple of "
+            "the number of key/value heads"
+        ),
+    )
+    torch._check(
+        q.dtype == k.dtype and q.dtype == v.dtype,
+        lambda: "flash_attention_forward: q, k and v must share a dtype",
+    )
     b, lq, hq, _ = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((b, hq, lq), dtype=acc_dtype(q))
@@ -192,8 +237,22 @@ def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seql
 
 
 @torch.library.register_fake("genext::flash_attention_backward")
-def _fake_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                   max_seqlen_q, max_seqlen_k, scale, causal, causal_bottom_right):
+def _fake_backward(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    causal,
+    causal_bottom_right,
+):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -215,7 +274,19 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = torch.ops.genext.flash_attention_backward(
-        grad_out, q, k, v, out, lse, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal,
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        seqused_k,
+        max_q,
+        max_k,
+        scale,
+        causal,
         bottom_right,
     )
     if grad_lse is not None:
@@ -226,11 +297,33 @@ def _backward(ctx, grad_out, grad_lse):
         g = g.transpose(1, 2).unsqueeze(-1)  # (B, Lq, Hq, 1)
         g = torch.where(torch.isinf(lse).transpose(1, 2).unsqueeze(-1), torch.zeros_like(g), g)
         pk, _ = torch.ops.genext.flash_attention_forward(
-            q, k, k, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right,
+            q,
+            k,
+            k,
+            cu_q,
+            cu_k,
+            seqused_k,
+            max_q,
+            max_k,
+            scale,
+            causal,
+            bottom_right,
         )
         gq = (g * q).to(q.dtype)
         _, _, pq = torch.ops.genext.flash_attention_backward(
-            gq, q, k, k, pk, lse, cu_q, cu_k, seqused_k, max_q, max_k, scale, causal,
+            gq,
+            q,
+            k,
+            k,
+            pk,
+            lse,
+            cu_q,
+            cu_k,
+            seqused_k,
+            max_q,
+            max_k,
+            scale,
+            causal,
             bottom_right,
         )
         dq = (dq + scale * g * pk).to(q.dtype)

@@ -1,4 +1,5 @@
 """Fused GroupNorm + SiLU: ``silu(group_norm(x, num_groups, weight, bias, eps))`` in one pass."""
+
 from __future__ import annotations
 
 import torch
@@ -8,9 +9,11 @@ from ._common import acc_dtype, declare_kernels, forbid_double_backward
 
 __all__ = ["group_norm_silu"]
 
-declare_kernels(["group_norm_silu", "group_norm_silu_backward"],
-                cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
-                cuda=(torch.float32, torch.float16, torch.bfloat16))
+declare_kernels(
+    ["group_norm_silu", "group_norm_silu_backward"],
+    cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    cuda=(torch.float32, torch.float16, torch.bfloat16),
+)
 
 _ACTIVATIONS = {"silu": True, None: False}
 
@@ -65,9 +68,15 @@ def _kernel_layout_empty(x: Tensor) -> Tensor:
 
 @torch.library.register_fake("genext::group_norm_silu")
 def _fake(x, num_groups, weight, bias, eps, silu):
-    torch._check(x.dim() in (3, 4, 5), lambda: f"group_norm_silu: x must have rank 3 to 5, got {x.dim()}")
-    torch._check(num_groups > 0 and x.shape[1] % num_groups == 0,
-                 lambda: f"group_norm_silu: channels ({x.shape[1]}) must be divisible by num_groups ({num_groups})")
+    torch._check(
+        x.dim() in (3, 4, 5), lambda: f"group_norm_silu: x must have rank 3 to 5, got {x.dim()}"
+    )
+    torch._check(
+        num_groups > 0 and x.shape[1] % num_groups == 0,
+        lambda: (
+            f"group_norm_silu: channels ({x.shape[1]}) must be divisible by num_groups ({num_groups})"
+        ),
+    )
     n = x.shape[0]
     y = _kernel_layout_empty(x)
     stats = x.new_empty((n, num_groups), dtype=acc_dtype(x))

@@ -4,6 +4,7 @@ run in float64.
 Tests compare the kernels against these (usually on float64 copies of the inputs); benchmarks use
 them, or the eager forms here, as the baseline. Library code never imports this package.
 """
+
 from .attention_with_kvcache import attention_with_kvcache, kvcache_keys
 from .contrastive import clip_loss, siglip_loss
 from .flash_attention import attention_reference

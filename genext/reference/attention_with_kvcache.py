@@ -1,5 +1,6 @@
 """Attention over a KV cache, one sequence at a time, in plain PyTorch: the reference of
 ``genext.ops.attention_with_kvcache``."""
+
 from __future__ import annotations
 
 import torch
@@ -10,9 +11,7 @@ from .flash_attention import attention_reference
 __all__ = ["attention_with_kvcache", "kvcache_keys"]
 
 
-def kvcache_keys(
-    cache: Tensor, b: int, length: int, block_table: Tensor | None = None
-) -> Tensor:
+def kvcache_keys(cache: Tensor, b: int, length: int, block_table: Tensor | None = None) -> Tensor:
     """The first ``length`` rows ``(length, Hk, D)`` of sequence b of a KV cache, gathered.
 
     ``cache`` is contiguous ``(B, Lmax, Hk, D)``, or with ``block_table`` a paged pool
@@ -61,8 +60,13 @@ def attention_with_kvcache(
             lses.append(torch.full_like(q[b : b + 1, :, :, 0].transpose(1, 2), float("-inf")))
             continue
         out, lse = attention_reference(
-            q[b : b + 1].transpose(1, 2), k[None].transpose(1, 2), v[None].transpose(1, 2),
-            causal=causal, scale=scale, bottom_right=True, return_lse=True,
+            q[b : b + 1].transpose(1, 2),
+            k[None].transpose(1, 2),
+            v[None].transpose(1, 2),
+            causal=causal,
+            scale=scale,
+            bottom_right=True,
+            return_lse=True,
         )
         outs.append(out.transpose(1, 2))
         lses.append(lse)

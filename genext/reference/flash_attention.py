@@ -1,4 +1,5 @@
 """Attention step by step in plain PyTorch: the reference of ``genext.ops.flash_attention``."""
+
 from __future__ import annotations
 
 import math
@@ -34,20 +35,23 @@ def attention_reference(
     k = k.repeat_interleave(hq // hk, dim=1)
     v = v.repeat_interleave(hq // hk, dim=1)
     s = (q @ k.transpose(-1, -2)) * scale
-    lens = (torch.full((b,), lk, device=q.device) if seqused_k is None
-            else seqused_k.to(device=q.device, dtype=torch.long))
+    lens = (
+        torch.full((b,), lk, device=q.device)
+        if seqused_k is None
+        else seqused_k.to(device=q.device, dtype=torch.long)
+    )
     j = torch.arange(lk, device=q.device)
     i = torch.arange(lq, device=q.device)
-    visible = j.view(1, 1, lk) < lens.view(b, 1, 1)                       # (B, 1, Lk)
+    visible = j.view(1, 1, lk) < lens.view(b, 1, 1)  # (B, 1, Lk)
     if causal:
         off = lens - lq if bottom_right else torch.zeros_like(lens)
         visible = visible & (j.view(1, 1, lk) <= i.view(1, lq, 1) + off.view(b, 1, 1))
-    visible = visible.unsqueeze(1)                                        # (B, 1, Lq, Lk)
+    visible = visible.unsqueeze(1)  # (B, 1, Lq, Lk)
     s = s.masked_fill(~visible, float("-inf"))
     # shift by the row maximum (detached: the result does not depend on it), 0 for empty rows
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(s - m)                                                  # 0 where masked
+    e = torch.exp(s - m)  # 0 where masked
     denom = e.sum(dim=-1, keepdim=True)
     out = (e @ v) / torch.where(denom > 0, denom, torch.ones_like(denom))
     if not return_lse:

@@ -1,5 +1,6 @@
 """GroupNorm + SiLU in plain PyTorch: the reference of ``genext.ops.group_norm_silu`` and what
 users write today (the eager and torch.compile baseline of the benchmarks)."""
+
 from __future__ import annotations
 
 import torch

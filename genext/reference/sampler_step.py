@@ -1,5 +1,6 @@
 """The sampler step in plain PyTorch: the specification of ``genext::sampler_step`` (modes and
 coefficients: genext/ops/_sampler_step.py), bit-identical to the kernels in fp32."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -12,10 +13,19 @@ from ..ops._sampler_step import NUM_COEF, StepKind
 __all__ = ["sampler_step"]
 
 
-def sampler_step(mode: int, sample: Tensor, model_output: Tensor, coef: Sequence[float], *,
-               prediction_type: int = 0, history: Sequence[Tensor] = (),
-               noise: Tensor | None = None, threshold_scale: Tensor | None = None,
-               clip: bool = False, guidance_scale: float | None = None) -> tuple[Tensor, Tensor]:
+def sampler_step(
+    mode: int,
+    sample: Tensor,
+    model_output: Tensor,
+    coef: Sequence[float],
+    *,
+    prediction_type: int = 0,
+    history: Sequence[Tensor] = (),
+    noise: Tensor | None = None,
+    threshold_scale: Tensor | None = None,
+    clip: bool = False,
+    guidance_scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """The kernel's expression in plain PyTorch, fp32 arithmetic (the specification)."""
     c = [float(v) for v in coef] + [0.0] * (NUM_COEF - len(coef))
     f32 = torch.float32

@@ -1,6 +1,7 @@
 """Vector quantisation by brute force in plain PyTorch: the reference of ``genext.ops.vq_nearest``
 and ``genext.ops.vq_ema_update``. The (N, K) score matrix is materialised: for tests and small
 benchmarks (``torch.cdist(z, codebook).argmin(1)`` is the eager baseline users write)."""
+
 from __future__ import annotations
 
 import torch
@@ -35,5 +36,7 @@ def vq_ema_update(indices: Tensor, z: Tensor, num_codes: int) -> tuple[Tensor, T
     idx = indices.reshape(-1).long()
     zf = z.reshape(-1, z.shape[-1])
     counts = torch.bincount(idx, minlength=num_codes).to(z.dtype)
-    sums = torch.zeros(num_codes, zf.shape[1], dtype=z.dtype, device=z.device).index_add_(0, idx, zf)
+    sums = torch.zeros(num_codes, zf.shape[1], dtype=z.dtype, device=z.device).index_add_(
+        0, idx, zf
+    )
     return counts, sums

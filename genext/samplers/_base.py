@@ -1,5 +1,6 @@
 """What genext's schedulers share: diffusers-style config handling, the step output, and the
 step-index bookkeeping (`set_begin_index`, `index_for_timestep`)."""
+
 from __future__ import annotations
 
 import inspect
@@ -33,8 +34,11 @@ class SchedulerOutput:
         return self.to_tuple()[i]
 
     def to_tuple(self) -> tuple:
-        return (self.prev_sample,) if self.pred_original_sample is None else (
-            self.prev_sample, self.pred_original_sample)
+        return (
+            (self.prev_sample,)
+            if self.pred_original_sample is None
+            else (self.prev_sample, self.pred_original_sample)
+        )
 
 
 class SchedulerBase:

@@ -1,6 +1,7 @@
 """The discrete-time (alphas_cumprod) machinery shared by `DDIMScheduler` and `DDPMScheduler`:
 the schedule, host-side timestep resolution, noise drawing, thresholding scale, `add_noise`,
 `get_velocity`."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,8 +39,15 @@ class DiscreteScheduler(SchedulerBase):
         cfg = self.config
         check_choice("prediction_type", cfg.prediction_type, PREDICTION_TYPES, self._name)
         check_choice("timestep_spacing", cfg.timestep_spacing, TIMESTEP_SPACINGS, self._name)
-        betas = make_betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
-                           cfg.trained_betas, owner=self._name, allowed=self._beta_schedules)
+        betas = make_betas(
+            cfg.num_train_timesteps,
+            cfg.beta_start,
+            cfg.beta_end,
+            cfg.beta_schedule,
+            cfg.trained_betas,
+            owner=self._name,
+            allowed=self._beta_schedules,
+        )
         if cfg.rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.betas = betas
@@ -80,8 +88,10 @@ class DiscreteScheduler(SchedulerBase):
                 else:
                     found = (self._timesteps_cpu == timestep.to("cpu")).nonzero()
                     if len(found) == 0:
-                        raise ValueError(f"{self._name}.step: timestep {int(timestep)} is not in "
-                                         "the schedule set by set_timesteps")
+                        raise ValueError(
+                            f"{self._name}.step: timestep {int(timestep)} is not in "
+                            "the schedule set by set_timesteps"
+                        )
                     self._step_index = int(found[0])
             return self._timestep_list[self._step_index]
         t = int(timestep)
@@ -94,16 +104,25 @@ class DiscreteScheduler(SchedulerBase):
 
     # ---- pieces of a step ------------------------------------------------------------------------
 
-    def _check_guidance(self, model_output: Tensor, sample: Tensor,
-                        guidance_scale: float | None) -> None:
+    def _check_guidance(
+        self, model_output: Tensor, sample: Tensor, guidance_scale: float | None
+    ) -> None:
         if guidance_scale is not None and model_output.shape[0] != 2 * sample.shape[0]:
-            raise ValueError(f"{self._name}.step: with guidance_scale, model_output must stack "
-                             f"[uncond, cond] along dim 0 (batch {2 * sample.shape[0]}), got shape "
-                             f"{tuple(model_output.shape)} for a sample of shape "
-                             f"{tuple(sample.shape)}")
+            raise ValueError(
+                f"{self._name}.step: with guidance_scale, model_output must stack "
+                f"[uncond, cond] along dim 0 (batch {2 * sample.shape[0]}), got shape "
+                f"{tuple(model_output.shape)} for a sample of shape "
+                f"{tuple(sample.shape)}"
+            )
 
-    def _threshold_scale(self, sample: Tensor, model_output: Tensor, c0: float, c1: float,
-                         guidance_scale: float | None) -> Tensor | None:
+    def _threshold_scale(
+        self,
+        sample: Tensor,
+        model_output: Tensor,
+        c0: float,
+        c1: float,
+        guidance_scale: float | None,
+    ) -> Tensor | None:
         """Dynamic thresholding's per-sample scale, from x0 computed with the fused op's own
         expression (guidance included); None when thresholding is off."""
         if not self.config.thresholding:
@@ -123,8 +142,9 @@ class DiscreteScheduler(SchedulerBase):
             x0 = m
         else:
             x0 = c0 * x - c1 * m
-        return threshold_scale(x0, self.config.dynamic_thresholding_ratio,
-                               self.config.sample_max_value)
+        return threshold_scale(
+            x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
+        )
 
     def _clip(self) -> bool:
         return bool(self.config.clip_sample) and not self.config.thresholding
@@ -132,8 +152,9 @@ class DiscreteScheduler(SchedulerBase):
     @staticmethod
     def _draw_noise(sample: Tensor, model_output: Tensor, generator: Generator) -> Tensor:
         # diffusers draws with the (guided) model output's shape, device and dtype
-        return randn_like_diffusers(sample.shape, generator, model_output.device,
-                                    model_output.dtype)
+        return randn_like_diffusers(
+            sample.shape, generator, model_output.device, model_output.dtype
+        )
 
     @staticmethod
     def _output(prev: Tensor, x0: Tensor, return_dict: bool):
@@ -153,7 +174,7 @@ class DiscreteScheduler(SchedulerBase):
         acp = self._acp(like.device, like.dtype)
         a = acp[torch.as_tensor(timesteps).to(like.device)]
         shape = (-1,) + (1,) * max(like.dim() - 1, 0)
-        return (a ** 0.5).flatten().view(shape), ((1 - a) ** 0.5).flatten().view(shape)
+        return (a**0.5).flatten().view(shape), ((1 - a) ** 0.5).flatten().view(shape)
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """Forward diffusion q(x_t | x_0): sqrt(acp[t]) * x0 + sqrt(1 - acp[t]) * noise, with acp in
@@ -172,5 +193,3 @@ class DiscreteScheduler(SchedulerBase):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
-
-

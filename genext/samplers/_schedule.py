@@ -18,6 +18,7 @@ Stable names (other scheduler modules import them):
   threshold_scale(x0, ratio, max_value) -> (B,) per-sample dynamic-thresholding scale s
   PREDICTION_TYPES, TIMESTEP_SPACINGS, check_choice(name, value, choices, owner)
 """
+
 from __future__ import annotations
 
 import math
@@ -39,36 +40,49 @@ def check_choice(name: str, value: Any, choices: Sequence[Any], owner: str) -> N
         raise ValueError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}")
 
 
-def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999,
-                        alpha_transform_type: str = "cosine") -> Tensor:
+def betas_for_alpha_bar(
+    num_diffusion_timesteps: int, max_beta: float = 0.999, alpha_transform_type: str = "cosine"
+) -> Tensor:
     """Betas that discretise a continuous alpha_bar(t), t in [0, 1]:
     beta_i = min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta), evaluated in Python
     doubles and stored as float32 (as diffusers does). "cosine" is the squaredcos_cap_v2 schedule
     (Nichol & Dhariwal); "exp" and "laplace" are the other transforms diffusers knows."""
     if alpha_transform_type == "cosine":
+
         def alpha_bar(t: float) -> float:
             # keep this evaluation order: it decides the last bit of the double before rounding
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
     elif alpha_transform_type == "exp":
+
         def alpha_bar(t: float) -> float:
             return math.exp(t * -12.0)
     elif alpha_transform_type == "laplace":
+
         def alpha_bar(t: float) -> float:
             half_dist = math.fabs(0.5 - t)
             lam = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * half_dist + 1e-6)
             snr = math.exp(lam)
             return math.sqrt(snr / (1 + snr))
     else:
-        raise ValueError(f"betas_for_alpha_bar: alpha_transform_type must be one of "
-                         f"['cosine', 'exp', 'laplace'], got {alpha_transform_type!r}")
+        raise ValueError(
+            f"betas_for_alpha_bar: alpha_transform_type must be one of "
+            f"['cosine', 'exp', 'laplace'], got {alpha_transform_type!r}"
+        )
     n = num_diffusion_timesteps
     values = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
     return torch.tensor(values, dtype=torch.float32)
 
 
-def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-               trained_betas: Any = None, *, owner: str = "scheduler",
-               allowed: Sequence[str] = BETA_SCHEDULES) -> Tensor:
+def make_betas(
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    trained_betas: Any = None,
+    *,
+    owner: str = "scheduler",
+    allowed: Sequence[str] = BETA_SCHEDULES,
+) -> Tensor:
     """The float32 beta schedule from a diffusers config. `trained_betas` (any array-like) wins
     over the named schedule, as in diffusers. Schedules: linear (torch.linspace in float32),
     scaled_linear (linspace of the square roots, squared), squaredcos_cap_v2, and where `allowed`
@@ -78,13 +92,15 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
             return trained_betas.detach().to("cpu", torch.float32).clone()
         return torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
     if beta_schedule not in allowed:
-        raise NotImplementedError(f"{owner}: beta_schedule {beta_schedule!r} is not implemented "
-                                  f"(choose one of {list(allowed)} or pass trained_betas)")
+        raise NotImplementedError(
+            f"{owner}: beta_schedule {beta_schedule!r} is not implemented "
+            f"(choose one of {list(allowed)} or pass trained_betas)"
+        )
     n = num_train_timesteps
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
     if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float32) ** 2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
     if beta_schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(n)
     if beta_schedule == "laplace":
@@ -103,7 +119,7 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     last = root[-1].clone()
     root = root - last
     root = root * (first / (first - last))
-    cumprod = root ** 2
+    cumprod = root**2
     alphas = torch.cat([cumprod[0:1], cumprod[1:] / cumprod[:-1]])
     return 1 - alphas
 
@@ -113,8 +129,13 @@ def make_alphas_cumprod(betas: Tensor) -> Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, timestep_spacing: str,
-                     steps_offset: int = 0, owner: str = "scheduler") -> np.ndarray:
+def spaced_timesteps(
+    num_train_timesteps: int,
+    num_inference_steps: int,
+    timestep_spacing: str,
+    steps_offset: int = 0,
+    owner: str = "scheduler",
+) -> np.ndarray:
     """The descending int64 inference timesteps of diffusers' DDIM and DDPM schedulers
     (DPM-Solver's rules differ: it spaces num_inference_steps + 1 points and drops one).
 
@@ -123,8 +144,9 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, timeste
     linspace: round(linspace(0, T - 1, N)) reversed (steps_offset ignored, as in diffusers)."""
     T, N = num_train_timesteps, num_inference_steps
     if N > T:
-        raise ValueError(f"{owner}: num_inference_steps ({N}) cannot be larger than "
-                         f"num_train_timesteps ({T})")
+        raise ValueError(
+            f"{owner}: num_inference_steps ({N}) cannot be larger than num_train_timesteps ({T})"
+        )
     if N < 1:
         raise ValueError(f"{owner}: num_inference_steps must be at least 1, got {N}")
     if timestep_spacing == "linspace":
@@ -134,15 +156,19 @@ def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, timeste
     elif timestep_spacing == "trailing":
         ts = np.round(np.arange(T, 0, -(T / N))).astype(np.int64) - 1
     else:
-        raise ValueError(f"{owner}: timestep_spacing must be one of {list(TIMESTEP_SPACINGS)}, "
-                         f"got {timestep_spacing!r}")
+        raise ValueError(
+            f"{owner}: timestep_spacing must be one of {list(TIMESTEP_SPACINGS)}, "
+            f"got {timestep_spacing!r}"
+        )
     return np.ascontiguousarray(ts)
 
 
-def randn_like_diffusers(shape: Sequence[int],
-                         generator: None | torch.Generator | Sequence[torch.Generator],
-                         device: None | str | torch.device,
-                         dtype: torch.dtype | None) -> Tensor:
+def randn_like_diffusers(
+    shape: Sequence[int],
+    generator: None | torch.Generator | Sequence[torch.Generator],
+    device: None | str | torch.device,
+    dtype: torch.dtype | None,
+) -> Tensor:
     """Standard normal noise drawn exactly as diffusers' `randn_tensor`: with a CPU generator and a
     non-CPU target device, drawn on the CPU and moved; a list of generators draws one batch row
     per generator (a list of one is a single generator); a CUDA generator for a CPU tensor is an
@@ -160,8 +186,10 @@ def randn_like_diffusers(shape: Sequence[int],
         generator = generator[0]
     shape = tuple(shape)
     if isinstance(generator, (list, tuple)):
-        rows = [torch.randn((1,) + shape[1:], generator=g, device=draw_on, dtype=dtype)
-                for g in generator[:shape[0]]]
+        rows = [
+            torch.randn((1,) + shape[1:], generator=g, device=draw_on, dtype=dtype)
+            for g in generator[: shape[0]]
+        ]
         return torch.cat(rows, dim=0).to(device)
     return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
 

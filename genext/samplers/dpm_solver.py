@@ -15,6 +15,7 @@ The original (noise-prediction) DPM-Solver, `algorithm_type` "dpmsolver" / "sde-
 through the same mode with the noise prediction in place of x0 (the op's prediction_type picks the
 conversion); with thresholding it takes a marked fallback (see `_dpmsolver_thresholded_eps`).
 """
+
 from __future__ import annotations
 
 import math
@@ -87,16 +88,22 @@ class DPMSolverMultistepScheduler(SchedulerBase):
     ):
         self._register_config(locals())
         if int(use_karras_sigmas) + int(use_exponential_sigmas) + int(use_beta_sigmas) > 1:
-            raise ValueError(f"{_OWNER}: use at most one of use_karras_sigmas, "
-                             "use_exponential_sigmas and use_beta_sigmas")
+            raise ValueError(
+                f"{_OWNER}: use at most one of use_karras_sigmas, "
+                "use_exponential_sigmas and use_beta_sigmas"
+            )
         if use_beta_sigmas:
-            raise NotImplementedError(f"{_OWNER}: use_beta_sigmas is not supported (it needs "
-                                      "scipy's beta quantiles); use karras or exponential sigmas")
+            raise NotImplementedError(
+                f"{_OWNER}: use_beta_sigmas is not supported (it needs "
+                "scipy's beta quantiles); use karras or exponential sigmas"
+            )
         # diffusers quirk kept: the final-sigma check looks at the algorithm name as given, so
         # "deis" (mapped to dpmsolver++ below) still needs final_sigmas_type "sigma_min"
         if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
-            raise ValueError(f"{_OWNER}: final_sigmas_type 'zero' is not supported with "
-                             f"algorithm_type {algorithm_type!r}; choose 'sigma_min'")
+            raise ValueError(
+                f"{_OWNER}: final_sigmas_type 'zero' is not supported with "
+                f"algorithm_type {algorithm_type!r}; choose 'sigma_min'"
+            )
         # diffusers maps the names of its sibling solvers onto these (and records it in the config)
         if algorithm_type == "deis":
             algorithm_type = self.config["algorithm_type"] = "dpmsolver++"
@@ -106,16 +113,20 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         check_choice("solver_type", solver_type, ("midpoint", "heun"), _OWNER)
         check_choice("prediction_type", prediction_type, _PREDICTIONS, _OWNER)
         check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"), _OWNER)
-        check_choice("timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"),
-                     _OWNER)
+        check_choice(
+            "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"), _OWNER
+        )
         if solver_order not in (1, 2, 3):
             raise ValueError(f"{_OWNER}: solver_order must be 1, 2 or 3, got {solver_order!r}")
         if algorithm_type == "sde-dpmsolver" and solver_order == 3:
-            raise NotImplementedError(f"{_OWNER}: solver_order 3 is not available with "
-                                      "'sde-dpmsolver' (diffusers has no such update)")
+            raise NotImplementedError(
+                f"{_OWNER}: solver_order 3 is not available with "
+                "'sde-dpmsolver' (diffusers has no such update)"
+            )
 
-        betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule,
-                           trained_betas, owner=_OWNER)
+        betas = make_betas(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, owner=_OWNER
+        )
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
         self.betas = betas
@@ -123,7 +134,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         self.alphas_cumprod = make_alphas_cumprod(betas)
         if rescale_betas_zero_snr:
             # as diffusers: not exactly 0, so the first sigma stays finite
-            self.alphas_cumprod[-1] = 2 ** -24
+            self.alphas_cumprod[-1] = 2**-24
         ac = self.alphas_cumprod
         self.alpha_t = torch.sqrt(ac)
         self.sigma_t = torch.sqrt(1 - ac)
@@ -132,8 +143,10 @@ class DPMSolverMultistepScheduler(SchedulerBase):
 
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(
-            np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
-                        dtype=np.float32)[::-1].copy())
+            np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[
+                ::-1
+            ].copy()
+        )
         self.model_outputs: list[Tensor | None] = [None] * solver_order
         self.lower_order_nums = 0
         self._step_index = None
@@ -159,7 +172,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         sigmas (1 - sigma, sigma)."""
         if self.config.use_flow_sigmas:
             return 1 - sigma, sigma
-        alpha = 1 / ((sigma ** 2 + 1) ** 0.5)
+        alpha = 1 / ((sigma**2 + 1) ** 0.5)
         return alpha, sigma * alpha
 
     @staticmethod
@@ -169,9 +182,13 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         lo_r, hi_r = lo ** (1 / rho), hi ** (1 / rho)
         return (hi_r + ramp * (lo_r - hi_r)) ** rho
 
-    def set_timesteps(self, num_inference_steps: int | None = None,
-                      device: str | torch.device | None = None, mu: float | None = None,
-                      timesteps: Sequence[int] | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        mu: float | None = None,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
         """The inference schedule: `timesteps` (int64, on `device`) and `sigmas` (float32, CPU,
         one more than the timesteps: the final sigma, 0 or the training minimum). Spacing follows
         config.timestep_spacing unless a sigma respacing (Karras, exponential, Lu lambdas, flow)
@@ -180,8 +197,9 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         cfg = self.config
         if mu is not None:
             if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
-                raise ValueError(f"{_OWNER}: mu needs use_dynamic_shifting and an exponential "
-                                 "time_shift_type")
+                raise ValueError(
+                    f"{_OWNER}: mu needs use_dynamic_shifting and an exponential time_shift_type"
+                )
             self.config["flow_shift"] = np.exp(mu)
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError(f"{_OWNER}: pass exactly one of num_inference_steps and timesteps")
@@ -232,8 +250,11 @@ class DPMSolverMultistepScheduler(SchedulerBase):
                 ts = ts.round()
         elif cfg.use_exponential_sigmas:
             desc = np.flip(train_sigmas).copy()
-            sig = np.exp(np.linspace(math.log(desc[0].item()), math.log(desc[-1].item()),
-                                     num_inference_steps))
+            sig = np.exp(
+                np.linspace(
+                    math.log(desc[0].item()), math.log(desc[-1].item()), num_inference_steps
+                )
+            )
             ts = to_t(sig)
         elif cfg.use_flow_sigmas:
             shift = cfg.flow_shift
@@ -332,8 +353,10 @@ class DPMSolverMultistepScheduler(SchedulerBase):
             elif pt == "v_prediction":  # eps = alpha * m + sigma * x = sigma * x - (-alpha) * m
                 ptype, c[0], c[1] = PredictionType.V_PREDICTION, s_0, -a_0
             else:
-                raise ValueError(f"{_OWNER}: prediction_type {pt!r} is not supported by "
-                                 f"algorithm_type {cfg.algorithm_type!r}")
+                raise ValueError(
+                    f"{_OWNER}: prediction_type {pt!r} is not supported by "
+                    f"algorithm_type {cfg.algorithm_type!r}"
+                )
 
         if order >= 2:
             a_1, s_1 = alpha_sigma(S[i - 1])
@@ -358,14 +381,13 @@ class DPMSolverMultistepScheduler(SchedulerBase):
                 c[5] = a_t * ((torch.exp(-h) - 1.0) / h + 1.0) if heun else -(0.5 * b0)
             elif order == 3:
                 c[5] = a_t * ((torch.exp(-h) - 1.0) / h + 1.0)
-                c[6] = -(a_t * ((torch.exp(-h) - 1.0 + h) / h ** 2 - 0.5))
+                c[6] = -(a_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5))
         elif algo == "sde-dpmsolver++":
             c[3] = s_t / s_0 * torch.exp(-h)
             b0 = a_t * (1 - torch.exp(-2.0 * h))
             c[4] = b0
             if order == 2:
-                c[5] = (a_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) if heun
-                        else 0.5 * b0)
+                c[5] = a_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0) if heun else 0.5 * b0
             elif order == 3:
                 c[5] = a_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
                 c[6] = a_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
@@ -378,7 +400,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
                 c[5] = -(s_t * ((torch.exp(h) - 1.0) / h - 1.0)) if heun else -(0.5 * b0)
             elif order == 3:
                 c[5] = -(s_t * ((torch.exp(h) - 1.0) / h - 1.0))
-                c[6] = -(s_t * ((torch.exp(h) - 1.0 - h) / h ** 2 - 0.5))
+                c[6] = -(s_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5))
         else:  # sde-dpmsolver (orders 1 and 2)
             c[3] = a_t / a_0
             b0 = s_t * (torch.exp(h) - 1.0)
@@ -425,8 +447,11 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         i = self._step_index
         n = len(self._timesteps_host)
         # the warm-up (lower_order_nums) and final lower-order rules, as diffusers decides them
-        final_first = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
-                                      or cfg.final_sigmas_type == "zero")
+        final_first = i == n - 1 and (
+            cfg.euler_at_final
+            or (cfg.lower_order_final and n < 15)
+            or cfg.final_sigmas_type == "zero"
+        )
         final_second = i == n - 2 and cfg.lower_order_final and n < 15
         if cfg.solver_order == 1 or self.lower_order_nums < 1 or final_first:
             order = 1
@@ -457,15 +482,24 @@ class DPMSolverMultistepScheduler(SchedulerBase):
             scale = threshold_scale(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
 
         hist = [self.model_outputs[-1 - k] for k in range(order - 1)]
-        prev, x0 = sampler_step(StepKind.DPM, sample, m, coef, prediction_type=ptype, history=hist,
-                                noise=noise, threshold_scale=scale, guidance_scale=guidance_scale,
-                                out=out)
+        prev, x0 = sampler_step(
+            StepKind.DPM,
+            sample,
+            m,
+            coef,
+            prediction_type=ptype,
+            history=hist,
+            noise=noise,
+            threshold_scale=scale,
+            guidance_scale=guidance_scale,
+            out=out,
+        )
         self.model_outputs = self.model_outputs[1:] + [x0]
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
         # diffusers returns the dtype of the converted model output
-        passthrough = (ptype == PredictionType.SAMPLE)
+        passthrough = ptype == PredictionType.SAMPLE
         out_dtype = m.dtype if passthrough else torch.promote_types(sample.dtype, m.dtype)
         prev = prev.to(out_dtype)
         if not return_dict:
@@ -480,8 +514,9 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         u, c = m.chunk(2)
         return u + guidance_scale * (c - u)
 
-    def _eager_x0(self, m: Tensor, sample: Tensor, coef: list[float], ptype: int,
-                  guidance_scale: float | None) -> Tensor:
+    def _eager_x0(
+        self, m: Tensor, sample: Tensor, coef: list[float], ptype: int, guidance_scale: float | None
+    ) -> Tensor:
         """x0 before thresholding, by the op's own expression (eager_step's), for the quantile."""
         x = sample.to(torch.float32)
         m = self._guided(m, guidance_scale)
@@ -493,8 +528,9 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         # scalar divisor would turn into a multiplication by its reciprocal)
         return (x - coef[1] * m) / torch.tensor(coef[0], dtype=torch.float32, device=x.device)
 
-    def _dpmsolver_thresholded_eps(self, m: Tensor, sample: Tensor,
-                                   guidance_scale: float | None) -> Tensor:
+    def _dpmsolver_thresholded_eps(
+        self, m: Tensor, sample: Tensor, guidance_scale: float | None
+    ) -> Tensor:
         """FALLBACK (plain PyTorch before the op) for algorithm_type dpmsolver / sde-dpmsolver
         with thresholding: diffusers converts the output to a noise prediction eps, derives x0,
         thresholds it and converts back, eps = (x - alpha * x0) / sigma. The op thresholds only
@@ -513,8 +549,9 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         else:
             eps = alpha * m + sigma * x
         x0 = (x - sigma * eps) / alpha
-        s = threshold_scale(x0, self.config.dynamic_thresholding_ratio,
-                            self.config.sample_max_value)
+        s = threshold_scale(
+            x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
+        )
         s = s.view(-1, *([1] * (x0.dim() - 1)))
         x0 = torch.clamp(x0, -s, s) / s
         return (x - alpha * x0) / sigma

@@ -12,6 +12,7 @@ The scalar coefficients are the float32 values diffusers computes from its float
 they are read from host copies of the schedule, so no step after the first touches the device
 from the host (the first one looks the timestep up, as diffusers does).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,19 +61,26 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
     ):
         self._register_config(locals())
         if int(use_karras_sigmas) + int(use_exponential_sigmas) + int(use_beta_sigmas) > 1:
-            raise ValueError(f"{_OWNER}: use at most one of use_karras_sigmas, "
-                             "use_exponential_sigmas and use_beta_sigmas")
+            raise ValueError(
+                f"{_OWNER}: use at most one of use_karras_sigmas, "
+                "use_exponential_sigmas and use_beta_sigmas"
+            )
         if use_beta_sigmas:
-            raise NotImplementedError(f"{_OWNER}: use_beta_sigmas is not supported (it needs "
-                                      "scipy's beta quantiles); use karras or exponential sigmas")
+            raise NotImplementedError(
+                f"{_OWNER}: use_beta_sigmas is not supported (it needs "
+                "scipy's beta quantiles); use karras or exponential sigmas"
+            )
         if time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"{_OWNER}: time_shift_type must be 'exponential' or 'linear', "
-                             f"got {time_shift_type!r}")
+            raise ValueError(
+                f"{_OWNER}: time_shift_type must be 'exponential' or 'linear', "
+                f"got {time_shift_type!r}"
+            )
 
         # The training schedule: timesteps N, N-1, ..., 1 (float32, built by numpy as diffusers
         # does), sigmas t / N, shifted unless the shift is applied per resolution later.
-        train_t = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps,
-                                               dtype=np.float32)[::-1].copy())
+        train_t = torch.from_numpy(
+            np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy()
+        )
         sigmas = train_t / num_train_timesteps
         if not use_dynamic_shifting:
             sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
@@ -142,10 +150,13 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
             raise ValueError(f"{_OWNER}: sigmas and timesteps must have the same length")
         if num_inference_steps is not None:
-            if ((sigmas is not None and len(sigmas) != num_inference_steps)
-                    or (timesteps is not None and len(timesteps) != num_inference_steps)):
-                raise ValueError(f"{_OWNER}: sigmas and timesteps must have num_inference_steps "
-                                 "entries when num_inference_steps is given")
+            if (sigmas is not None and len(sigmas) != num_inference_steps) or (
+                timesteps is not None and len(timesteps) != num_inference_steps
+            ):
+                raise ValueError(
+                    f"{_OWNER}: sigmas and timesteps must have num_inference_steps "
+                    "entries when num_inference_steps is given"
+                )
         elif sigmas is None and timesteps is None:
             raise ValueError(f"{_OWNER}: pass num_inference_steps, sigmas or timesteps")
         else:
@@ -159,8 +170,11 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         # custom sigmas are cast to float32 first, so their shifting runs in float32 (diffusers).
         if sigmas is None:
             if timesteps is None:
-                timesteps = np.linspace(self._sigma_to_t(self.sigma_max),
-                                        self._sigma_to_t(self.sigma_min), num_inference_steps)
+                timesteps = np.linspace(
+                    self._sigma_to_t(self.sigma_max),
+                    self._sigma_to_t(self.sigma_min),
+                    num_inference_steps,
+                )
             sigma_arr = timesteps / cfg.num_train_timesteps
         else:
             sigma_arr = np.array(sigmas).astype(np.float32)
@@ -175,8 +189,9 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         if cfg.use_karras_sigmas:
             sigma_arr = self._karras(sigma_arr[-1].item(), sigma_arr[0].item(), num_inference_steps)
         elif cfg.use_exponential_sigmas:
-            sigma_arr = self._exponential(sigma_arr[-1].item(), sigma_arr[0].item(),
-                                          num_inference_steps)
+            sigma_arr = self._exponential(
+                sigma_arr[-1].item(), sigma_arr[0].item(), num_inference_steps
+            )
 
         sig = torch.from_numpy(np.asarray(sigma_arr)).to(dtype=torch.float32, device=device)
         if given_timesteps:
@@ -254,15 +269,25 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         is `variance_noise` if given, else drawn like diffusers (sample's shape, float32, from
         `generator`). Returns `SchedulerOutput(prev_sample)` (diffusers' flow output has no
         pred_original_sample), or `(prev_sample,)` with return_dict=False."""
-        if isinstance(timestep, int) or (isinstance(timestep, Tensor)
-                                         and not timestep.is_floating_point()):
-            raise ValueError(f"{_OWNER}.step: pass a value of scheduler.timesteps as timestep, "
-                             "not an integer index (e.g. from enumerate(timesteps))")
+        if isinstance(timestep, int) or (
+            isinstance(timestep, Tensor) and not timestep.is_floating_point()
+        ):
+            raise ValueError(
+                f"{_OWNER}.step: pass a value of scheduler.timesteps as timestep, "
+                "not an integer index (e.g. from enumerate(timesteps))"
+            )
         if self._step_index is None:
             self._init_step_index(timestep)
         if per_token_timesteps is not None:
-            return self._step_per_token(model_output, sample, per_token_timesteps, generator,
-                                        variance_noise, guidance_scale, return_dict)
+            return self._step_per_token(
+                model_output,
+                sample,
+                per_token_timesteps,
+                generator,
+                variance_noise,
+                guidance_scale,
+                return_dict,
+            )
 
         i = self._step_index
         noise = None
@@ -272,12 +297,31 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
             else:
                 noise = randn_like_diffusers(sample.shape, generator, sample.device, torch.float32)
             sigma, sigma_next = self._sigma_list[i], self._sigma_list[i + 1]
-            coef = [0.0, 0.0, 0.0, 0.0, sigma, self._one_minus_list[i + 1], sigma_next,
-                    0.0, 0.0, 0.0, 0.0, 0.0]
+            coef = [
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                sigma,
+                self._one_minus_list[i + 1],
+                sigma_next,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+            ]
         else:
             coef = [0.0, 0.0, 0.0, self._dt_list[i], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-        prev, _ = sampler_step(StepKind.FLOW, sample, model_output, coef, noise=noise,
-                               guidance_scale=guidance_scale, out=out)
+        prev, _ = sampler_step(
+            StepKind.FLOW,
+            sample,
+            model_output,
+            coef,
+            noise=noise,
+            guidance_scale=guidance_scale,
+            out=out,
+        )
         self._step_index += 1
         # diffusers computes in float32 and returns the model output's dtype
         prev = prev.to(model_output.dtype)
@@ -285,9 +329,16 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
 
-    def _step_per_token(self, model_output: Tensor, sample: Tensor, per_token_timesteps: Tensor,
-                        generator: Any, variance_noise: Tensor | None,
-                        guidance_scale: float | None, return_dict: bool):
+    def _step_per_token(
+        self,
+        model_output: Tensor,
+        sample: Tensor,
+        per_token_timesteps: Tensor,
+        generator: Any,
+        variance_noise: Tensor | None,
+        guidance_scale: float | None,
+        return_dict: bool,
+    ):
         """FALLBACK (plain PyTorch, not the fused op): per-token timesteps make sigma a tensor,
         which the op's scalar coefficients cannot carry. Each token steps from its own sigma to the
         largest schedule sigma below it (1e-6 margin), as diffusers does."""
@@ -303,8 +354,11 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         cur_sigma = tok_sigma[..., None]
         if self.config.stochastic_sampling:
             x0 = x - cur_sigma * v
-            noise = (variance_noise.to(device=x.device, dtype=x.dtype) if variance_noise is not None
-                     else randn_like_diffusers(x.shape, generator, x.device, x.dtype))
+            noise = (
+                variance_noise.to(device=x.device, dtype=x.dtype)
+                if variance_noise is not None
+                else randn_like_diffusers(x.shape, generator, x.device, x.dtype)
+            )
             prev = (1.0 - next_sigma) * x0 + next_sigma * noise
         else:
             # diffusers quirk: here the step is current - next (the opposite sign of the
@@ -318,8 +372,9 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
 
     # ---- forward process -------------------------------------------------------------------------
 
-    def scale_noise(self, sample: Tensor, timestep: float | Tensor,
-                    noise: Tensor | None = None) -> Tensor:
+    def scale_noise(
+        self, sample: Tensor, timestep: float | Tensor, noise: Tensor | None = None
+    ) -> Tensor:
         """The forward process at `timestep` (one per batch row): sigma * noise + (1 - sigma) *
         sample, with sigma looked up like diffusers (by timestep value, or the begin/step index
         once a pipeline set one)."""

@@ -1,5 +1,6 @@
 """GroupNorm's bench: its torch.compile baseline runs backward over a retained graph, which
 AOTAutograd's donated buffers forbid; the bench turns them off for those timings only."""
+
 from __future__ import annotations
 
 import torch._functorch.config as functorch_config
@@ -15,7 +16,9 @@ def test_compiled_backward_over_a_retained_graph_leaves_donated_buffers_alone():
     case = make_case(GNCase((1, 24, 5, 7), groups=6), Config("cpu", quick=True, compile=True))
     timings = {(t.impl, t.direction): t for t in case.timings}
     assert timings["compile", "bwd"].context is retained_graph_compile
-    rows = [measure(BENCH, case, timings["compile", d], None, "cpu", 1e9) for d in ("f+b", "bwd", "fwd")]
+    rows = [
+        measure(BENCH, case, timings["compile", d], None, "cpu", 1e9) for d in ("f+b", "bwd", "fwd")
+    ]
     assert all(r is not None and r.ms > 0 for r in rows)
     assert functorch_config.donated_buffer == before
     with retained_graph_compile():

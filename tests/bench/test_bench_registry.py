@@ -1,5 +1,6 @@
 """The bench registry: discovery of bench modules, `genext bench --list` and `--op`, the runner's
 rows, checks and exit status, with small benches written into the package's search path."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from genext.bench import Bench, Case, Config, Timing, benches, run_bench
 NAMES = {"group_norm_silu", "attention", "kvcache", "sampler", "vq", "contrastive"}
 
 # a bench module as a new op would add it; {name} and {ok} filled in per test
-DUMMY = '''
+DUMMY = """
 import torch
 from genext.bench.registry import IMPL, MS, GBPS, Bench, Case, Column, Timing
 
@@ -30,7 +31,7 @@ def cases(config):
                  check=lambda x: ({ok}, "dummy check"), inputs=lambda: torch.ones(1024))]
 
 BENCH = Bench("{name}", "a bench written by a test", cases, (Column("dummy case", "case"), IMPL, MS, GBPS))
-'''
+"""
 
 
 @pytest.fixture
@@ -85,7 +86,9 @@ def test_op_runs_the_named_benches_only(extra_modules, tmp_path, capsys):
     assert {(r["op"], r["impl"]) for r in rows} == {("dummy", "genext"), ("dummy", "eager")}
     assert [r["check"] for r in rows] == ["ok dummy check", ""]
     assert "dummy case" in capsys.readouterr().out  # its table
-    assert main(["bench", "--device", "cpu", "--op", "dummy", "dummy_two", "--json", str(path)]) == 0
+    assert (
+        main(["bench", "--device", "cpu", "--op", "dummy", "dummy_two", "--json", str(path)]) == 0
+    )
     assert {r["op"] for r in json.loads(path.read_text())["rows"]} == {"dummy", "dummy_two"}
 
 
@@ -119,6 +122,7 @@ def _bench(*timings: Timing) -> Bench:
 def _raise(_inputs):
     def fn(i):
         raise RuntimeError("backend does not take this case\nmore")
+
     return fn
 
 

@@ -1,4 +1,5 @@
 """The tables of `genext bench`: laid out by the columns each bench declares."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,41 @@ from dataclasses import asdict
 from genext.bench import Bench, Column, Row, format_table, print_saved
 from genext.bench.registry import IMPL, MS, TFLOPS
 
-BENCH = Bench("attention", "", lambda config: [],
-              (Column("attention case", "case"), IMPL, MS, TFLOPS, Column("us", lambda r: r.ms * 1e3, ".0f")))
+BENCH = Bench(
+    "attention",
+    "",
+    lambda config: [],
+    (Column("attention case", "case"), IMPL, MS, TFLOPS, Column("us", lambda r: r.ms * 1e3, ".0f")),
+)
 
 
 def _rows() -> list[Row]:
-    return [Row("attention", "B1H4L512D64", "float32", "fwd", "genext", 1.5, 0.0, 0.0, "ok max 1e-7",
-                {"tflops": 12.25}),
-            Row("vq", "N16", "float32", "fwd", "genext", 2.0, 0.0, 0.0),
-            Row("attention", "B1", "float32", "fwd", "flash-attention", float("nan"), 0.0, 0.0, "n/a: no")]
+    return [
+        Row(
+            "attention",
+            "B1H4L512D64",
+            "float32",
+            "fwd",
+            "genext",
+            1.5,
+            0.0,
+            0.0,
+            "ok max 1e-7",
+            {"tflops": 12.25},
+        ),
+        Row("vq", "N16", "float32", "fwd", "genext", 2.0, 0.0, 0.0),
+        Row(
+            "attention",
+            "B1",
+            "float32",
+            "fwd",
+            "flash-attention",
+            float("nan"),
+            0.0,
+            0.0,
+            "n/a: no",
+        ),
+    ]
 
 
 def test_columns_fit_their_widest_cell_numbers_right_text_left():

@@ -3,6 +3,7 @@ from the formulas: values and gradients (features, logit_scale, logit_bias) in l
 genext ops doing all the work (no matrix product in the module), bad inputs, torch.compile, and
 torch.distributed runs (2 and 3 gloo processes) for every mode: each rank's loss and gradients
 against a single process on the concatenated batch and against open_clip on the same ranks."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,7 +44,8 @@ def _load_open_clip_loss():
 
 _OC = _load_open_clip_loss()
 needs_open_clip = pytest.mark.skipif(
-    _OC is None, reason="open_clip_torch not installed (pip install open_clip_torch)")
+    _OC is None, reason="open_clip_torch not installed (pip install open_clip_torch)"
+)
 
 
 def _logits(i, t, s, b):
@@ -55,8 +57,10 @@ def _ref_clip_terms(i, t, s, b):
     """Per-row cross-entropies (image->text, text->image) of the full square problem."""
     logits = _logits(i, t, s, b)
     labels = torch.arange(i.shape[0])
-    return (F.cross_entropy(logits, labels, reduction="none"),
-            F.cross_entropy(logits.T, labels, reduction="none"))
+    return (
+        F.cross_entropy(logits, labels, reduction="none"),
+        F.cross_entropy(logits.T, labels, reduction="none"),
+    )
 
 
 # the float64 references: the losses with the whole N x N logits (open_clip's formulas)
@@ -137,11 +141,14 @@ def test_local_cuda(loss_cls):
 
 
 @needs_open_clip
-@pytest.mark.parametrize("scale", [
-    15.0,
-    # logits above 20, where a thresholded softplus would drop the exp(-x) term
-    50.0,
-])
+@pytest.mark.parametrize(
+    "scale",
+    [
+        15.0,
+        # logits above 20, where a thresholded softplus would drop the exp(-x) term
+        50.0,
+    ],
+)
 def test_local_open_clip_exact_in_float64(scale):
     """float64 inputs: genext and open_clip agree to rounding (1e-12), so any difference in the
     fp32 tests is precision, not semantics."""
@@ -160,14 +167,15 @@ def test_bf16_features_no_worse_than_open_clip(loss_cls, device):
     or the reference) against float64, and finite."""
     ref = _ref_clip if loss_cls is ClipLoss else _ref_siglip
     eager = ref if _OC is None else getattr(_OC, loss_cls.__name__)()
-    xb = [v.to(device) for v in _inputs(64, 32, dtype=torch.bfloat16, scale=100.0, bias=-10.0,
-                                        seed=3)]
+    xb = [
+        v.to(device) for v in _inputs(64, 32, dtype=torch.bfloat16, scale=100.0, bias=-10.0, seed=3)
+    ]
     x64 = [x.double() for x in xb]  # the same (bf16-rounded) inputs, exactly
     loss, grads = _value_and_grads(loss_cls(), xb, True)
     e_loss, e_grads = _value_and_grads(eager, xb, True)
     r_loss, r_grads = _value_and_grads(ref, x64, True)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
-    floor = 2.0 ** -7  # one bf16 ulp, relative: where the eager result happens to round well
+    floor = 2.0**-7  # one bf16 ulp, relative: where the eager result happens to round well
     assert rel_err(loss, r_loss) <= 2 * rel_err(e_loss, r_loss) + floor
     for g, e, r in zip(grads, e_grads, r_grads):
         assert rel_err(g, r) <= 2 * rel_err(e, r) + floor
@@ -202,8 +210,12 @@ def test_modules_call_the_genext_ops(monkeypatch):
 
     class NoMatmul(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            assert func.overloadpacket not in (torch.ops.aten.mm, torch.ops.aten.addmm,
-                                               torch.ops.aten.bmm, torch.ops.aten.matmul), func
+            assert func.overloadpacket not in (
+                torch.ops.aten.mm,
+                torch.ops.aten.addmm,
+                torch.ops.aten.bmm,
+                torch.ops.aten.matmul,
+            ), func
             return func(*args, **(kwargs or {}))
 
     i, t, s, b = (x.requires_grad_() for x in _inputs(300, 16))
@@ -257,17 +269,21 @@ def _free_port() -> int:
 def _run_rank(loss_fn, x, rank, n):
     """Rank `rank`'s share of the concatenated batch x as fresh leaves; loss and gradients."""
     i, t, s, b = x
-    leaves = [i[rank * n:(rank + 1) * n].clone().requires_grad_(),
-              t[rank * n:(rank + 1) * n].clone().requires_grad_(),
-              s.clone().requires_grad_(), b.clone().requires_grad_()]
+    leaves = [
+        i[rank * n : (rank + 1) * n].clone().requires_grad_(),
+        t[rank * n : (rank + 1) * n].clone().requires_grad_(),
+        s.clone().requires_grad_(),
+        b.clone().requires_grad_(),
+    ]
     loss = loss_fn(*leaves)
     loss.backward()
     return {"loss": loss.detach(), "grads": [v.grad for v in leaves]}
 
 
 def _dist_worker(rank, world, port, x, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     oc = _load_open_clip_loss()
     n = x[0].shape[0] // world
     out = {}
@@ -340,11 +356,13 @@ def test_distributed_clip(dist_run, local_loss, gather_with_grad):
     key = ("clip", local_loss, gather_with_grad)
     ref_loss, ref_grads = _single(_ref_clip, x)
     if local_loss and not gather_with_grad:
+
         def split(i, t, s, b):
             logits_it = _logits(i, t.detach(), s, b)
             logits_ti = _logits(t, i.detach(), s, b)
             labels = torch.arange(i.shape[0])
             return 0.5 * (F.cross_entropy(logits_it, labels) + F.cross_entropy(logits_ti, labels))
+
         _, feature_grads = _single(split, x)
     else:
         feature_grads = ref_grads

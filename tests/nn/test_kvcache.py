@@ -1,6 +1,7 @@
 """genext.nn.KVCache against the float64 reference and flash attention over the whole sequence,
 on the CPU and (marked) on CUDA: decode loops over contiguous and paged caches, growth, lengths,
 bad arguments, and CUDA-graph capture of decode steps."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,9 @@ def test_kvcache_decode_loop_matches_full_attention(device, block_size):
     # step must equal flash attention of the step's queries over the whole sequence so far
     b, hq, hk, d = 3, 8, 2, 64
     prompt = [5, 0, 11]
-    cache = genext.KVCache(b, hk, d, capacity=8, dtype=torch.float32, device=device,
-                           block_size=block_size)
+    cache = genext.KVCache(
+        b, hk, d, capacity=8, dtype=torch.float32, device=device, block_size=block_size
+    )
     k_all = rand(b, max(prompt), hk, d, device=device)
     v_all = rand(b, max(prompt), hk, d, device=device)
     cache.prefill(k_all, v_all, prompt)
@@ -39,9 +41,10 @@ def test_kvcache_decode_loop_matches_full_attention(device, block_size):
         for s in range(b):
             seqs_k[s] = torch.cat([seqs_k[s], kn[s]])
             seqs_v[s] = torch.cat([seqs_v[s], vn[s]])
-            want = flash_attention(q[s: s + 1], seqs_k[s][None], seqs_v[s][None], causal=True,
-                                   layout="blhd")
-            assert max_err(out[s: s + 1], want) < 1e-5
+            want = flash_attention(
+                q[s : s + 1], seqs_k[s][None], seqs_v[s][None], causal=True, layout="blhd"
+            )
+            assert max_err(out[s : s + 1], want) < 1e-5
             assert torch.equal(cache.keys(s), seqs_k[s]) and torch.equal(cache.values(s), seqs_v[s])
             assert cache.lengths[s] <= cache.room(s)
         assert cache.seqlens.tolist() == list(cache.lengths) == [len(k) for k in seqs_k]
@@ -93,14 +96,17 @@ def test_kvcache_paged_growth_per_sequence():
 
 @pytest.mark.parametrize("block_size", [None, 8])
 def test_kvcache_max_capacity_is_a_clear_error(block_size):
-    cache = genext.KVCache(2, 1, 8, capacity=4, max_capacity=10, block_size=block_size,
-                           dtype=torch.float32)
+    cache = genext.KVCache(
+        2, 1, 8, capacity=4, max_capacity=10, block_size=block_size, dtype=torch.float32
+    )
     q, kn = rand(2, 2, 1, 8), rand(2, 2, 1, 8)
     for _ in range(5):
         cache.attend(q, kn, kn)
     assert cache.lengths == (10, 10)
     k_before = cache.k.clone()
-    with pytest.raises(RuntimeError, match="sequence 0 would hold 12 tokens, past max_capacity = 10"):
+    with pytest.raises(
+        RuntimeError, match="sequence 0 would hold 12 tokens, past max_capacity = 10"
+    ):
         cache.attend(q, kn, kn)
     assert cache.lengths == (10, 10) and cache.seqlens.tolist() == [10, 10]
     assert torch.equal(cache.k, k_before)
@@ -142,8 +148,11 @@ def test_kvcache_refuses_to_grow_during_graph_capture(monkeypatch, block_size):
     cache.attend(q, kn, kn)
     monkeypatch.setattr(kvmod, "_capturing", lambda device: True)
     k_before = cache.k
-    with pytest.raises(RuntimeError, match="sequence 0 needs room for 6 tokens but owns 4.*"
-                                           "CUDA graph is being captured.*reserve"):
+    with pytest.raises(
+        RuntimeError,
+        match="sequence 0 needs room for 6 tokens but owns 4.*"
+        "CUDA graph is being captured.*reserve",
+    ):
         cache.attend(q, kn, kn)
     assert cache.k is k_before and cache.lengths == (3,)
     monkeypatch.undo()
@@ -173,8 +182,9 @@ def test_cuda_graph_kvcache_steps():
     # KVCache.attend captured after reserve(): every replay appends and advances seqlens on the
     # device; sync_lengths() brings the host mirror up to date. Growth inside a capture is refused.
     b, hq, hk, d = 2, 8, 2, 64
-    cache = genext.KVCache(b, hk, d, capacity=16, dtype=torch.float16, device="cuda",
-                           block_size=16, seqlens=[2, 9])
+    cache = genext.KVCache(
+        b, hk, d, capacity=16, dtype=torch.float16, device="cuda", block_size=16, seqlens=[2, 9]
+    )
     cache.reserve(64)
     q = rand(b, 1, hq, d, dtype=torch.float16, device="cuda")
     kn = rand(b, 1, hk, d, dtype=torch.float16, device="cuda")
@@ -193,9 +203,17 @@ def test_cuda_graph_kvcache_steps():
         k0, v0, lens = cache.k.clone(), cache.v.clone(), cache.seqlens.clone()
         graph.replay()
         torch.cuda.synchronize()
-        want = reference.attention_with_kvcache(q.double(), k0.double(), v0.double(), lens,
-                                                kn.double(), vn.double(), True, None,
-                                                cache.block_table)
+        want = reference.attention_with_kvcache(
+            q.double(),
+            k0.double(),
+            v0.double(),
+            lens,
+            kn.double(),
+            vn.double(),
+            True,
+            None,
+            cache.block_table,
+        )
         assert max_err(out, want) < 1e-2
         assert cache.seqlens.tolist() == [3 + step, 10 + step]
     cache.sync_lengths()

@@ -2,6 +2,7 @@
 gradients, the EMA update against a float64 computation, Laplace smoothing, dead-code restart,
 usage statistics, torch.distributed (2 gloo processes), vector-quantize-pytorch interop,
 state_dict and torch.compile."""
+
 from __future__ import annotations
 
 import copy
@@ -65,11 +66,11 @@ def make_vq(dim=12, k=37, **kw) -> VectorQuantizer:
 
 # (leading shape, D, K): each case says why it is there.
 LOOKUP_CASES = [
-    ((64,), 16, 32),         # plain (N, D)
-    ((3, 17), 13, 97),       # leading shape flattened; D = 13 not a multiple of 8, K = 97 prime
-    ((2, 5, 7), 8, 1),       # K = 1: every index 0
-    ((1025,), 3, 7),         # N one past a power of two
-    ((0,), 8, 5),            # empty input
+    ((64,), 16, 32),  # plain (N, D)
+    ((3, 17), 13, 97),  # leading shape flattened; D = 13 not a multiple of 8, K = 97 prime
+    ((2, 5, 7), 8, 1),  # K = 1: every index 0
+    ((1025,), 3, 7),  # N one past a power of two
+    ((0,), 8, 5),  # empty input
 ]
 
 
@@ -314,7 +315,7 @@ def test_dead_code_restart_replaces_exactly_the_dead_codes():
 def test_dead_code_restart_more_dead_than_rows_and_cosine():
     vq, dead, z = _dead_setup(N=2)
     vq(z)
-    restarted = (vq.cluster_size[dead] == 1.0)
+    restarted = vq.cluster_size[dead] == 1.0
     assert restarted.sum() == 2  # two rows: two of the three dead codes now, one later
     assert ((vq.embed[dead][restarted][:, None] == z[None]).all(-1).any(1)).all()
     # cosine: a restarted code is the normalised batch row
@@ -359,8 +360,9 @@ def _free_port() -> int:
 
 
 def _dist_worker(rank, world, port, state, parts, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         vq = VectorQuantizer(8, 16, decay=0.8)
         vq.load_state_dict(state)
@@ -370,8 +372,10 @@ def _dist_worker(rank, world, port, state, parts, out_dir):
         torch.manual_seed(1000 + rank)
         vq.dead_code_threshold = vq.reset_cluster_size = 3.0
         vq(parts[rank] * 0.5)
-        torch.save({"first": first, "second": vq.state_dict(), "perplexity": vq.perplexity()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"first": first, "second": vq.state_dict(), "perplexity": vq.perplexity()},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -405,7 +409,8 @@ def test_distributed_ema_equals_concatenated_batch():
 def _peer(**kw):
     vqp = pytest.importorskip(
         "vector_quantize_pytorch",
-        reason="vector-quantize-pytorch not installed (interop tests; pip install it)")
+        reason="vector-quantize-pytorch not installed (interop tests; pip install it)",
+    )
     torch.manual_seed(0)
     peer = vqp.VectorQuantize(**kw)
     with torch.no_grad():  # its default init is tiny kaiming-uniform codes: use data-like ones
@@ -421,8 +426,9 @@ def _peer(**kw):
 
 @pytest.mark.parametrize("cosine", [False, True])
 def test_interop_eval_same_indices_and_output(cosine):
-    peer = _peer(dim=16, codebook_size=64, decay=0.9, commitment_weight=0.3,
-                 use_cosine_sim=cosine).eval()
+    peer = _peer(
+        dim=16, codebook_size=64, decay=0.9, commitment_weight=0.3, use_cosine_sim=cosine
+    ).eval()
     ours = VectorQuantizer.from_vector_quantize_pytorch(peer)
     assert ours.metric == ("cosine" if cosine else "l2") and not ours.training
     assert ours.decay == 0.9 and ours.commitment_weight == 0.3
@@ -435,8 +441,9 @@ def test_interop_eval_same_indices_and_output(cosine):
     assert torch.equal(i[clear], i_p[clear])
     assert torch.equal(q[clear], q_p[clear])
     # load_state_dict of the peer's state into a module built by hand
-    by_hand = VectorQuantizer(16, 64, decay=0.9, commitment_weight=0.3,
-                              metric="cosine" if cosine else "l2").eval()
+    by_hand = VectorQuantizer(
+        16, 64, decay=0.9, commitment_weight=0.3, metric="cosine" if cosine else "l2"
+    ).eval()
     by_hand.load_state_dict(peer.state_dict())
     assert torch.equal(by_hand(x)[1], i)
     assert torch.equal(by_hand.indices_to_codes(i), peer.get_codes_from_indices(i))
@@ -453,8 +460,9 @@ def test_interop_image_fmap():
 
 @pytest.mark.parametrize("dead", [0.0, 0.8])
 def test_interop_train_step_same_ema_update(dead):
-    peer = _peer(dim=16, codebook_size=64, decay=0.9, commitment_weight=0.3,
-                 threshold_ema_dead_code=dead).train()
+    peer = _peer(
+        dim=16, codebook_size=64, decay=0.9, commitment_weight=0.3, threshold_ema_dead_code=dead
+    ).train()
     ours = VectorQuantizer.from_vector_quantize_pytorch(peer)
     assert ours.training and ours.dead_code_threshold == dead
     for step in range(3):
@@ -471,10 +479,12 @@ def test_interop_train_step_same_ema_update(dead):
         same = (ours.cluster_size != ours.reset_cluster_size) | (dead == 0)
         same &= cb.cluster_size[0] != cb.reset_cluster_size
         assert same.float().mean() > 0.5
-        torch.testing.assert_close(ours.cluster_size[same], cb.cluster_size[0][same],
-                                   rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(ours.embed_avg[same], cb.embed_avg[0][same],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            ours.cluster_size[same], cb.cluster_size[0][same], rtol=1e-6, atol=1e-6
+        )
+        torch.testing.assert_close(
+            ours.embed_avg[same], cb.embed_avg[0][same], rtol=1e-5, atol=1e-6
+        )
         torch.testing.assert_close(ours.embed[same], cb.embed[0][same], rtol=1e-5, atol=1e-6)
         if dead:
             with torch.no_grad():  # resynchronise the restarted codes for the next step

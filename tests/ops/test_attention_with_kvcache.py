@@ -1,6 +1,7 @@
 """genext.ops.attention_with_kvcache against the float64 reference, on the CPU and
 (marked) on CUDA: per-sequence lengths (0, 1, full), append, GQA/MQA, contiguous and paged caches,
 the cache contents after an append, bad inputs, opcheck, torch.compile, CUDA graphs."""
+
 from __future__ import annotations
 
 import itertools
@@ -28,13 +29,19 @@ def make_cache(b, cap, hk, d, dtype, device, block_size=None, spare_blocks=3):
     """Random k/v caches holding `cap` tokens per sequence: contiguous (B, cap, Hk, D), or a pool
     with `spare_blocks` blocks nobody uses and a shuffled block table (B, ceil(cap / bs))."""
     if block_size is None:
-        return rand(b, cap, hk, d, dtype=dtype, device=device), \
-            rand(b, cap, hk, d, dtype=dtype, device=device), None
+        return (
+            rand(b, cap, hk, d, dtype=dtype, device=device),
+            rand(b, cap, hk, d, dtype=dtype, device=device),
+            None,
+        )
     per_seq = -(-cap // block_size)
     n = b * per_seq + spare_blocks
     table = torch.randperm(n)[: b * per_seq].view(b, per_seq).to(device=device, dtype=torch.int32)
-    return rand(n, block_size, hk, d, dtype=dtype, device=device), \
-        rand(n, block_size, hk, d, dtype=dtype, device=device), table
+    return (
+        rand(n, block_size, hk, d, dtype=dtype, device=device),
+        rand(n, block_size, hk, d, dtype=dtype, device=device),
+        table,
+    )
 
 
 def to_paged(cache, block_size, table=None, spare_blocks=2):
@@ -57,7 +64,9 @@ def pick_lengths(b, cap, added):
     """Cached lengths before the op: 0, the full capacity, 1, then random values."""
     top = cap - added
     fixed = [0, top, min(1, top)]
-    lens = [fixed[s] if s < len(fixed) else int(torch.randint(0, top + 1, ()).item()) for s in range(b)]
+    lens = [
+        fixed[s] if s < len(fixed) else int(torch.randint(0, top + 1, ()).item()) for s in range(b)
+    ]
     return torch.tensor(lens, dtype=torch.int32)
 
 
@@ -109,8 +118,9 @@ def run_and_check(device, dtype, b, lq, hq, hk, d, cap, causal, append, block_si
     vn = rand(b, lq, hk, d, dtype=dtype, device=device) if append else None
     k0, v0 = kc.clone(), vc.clone()
     poison_allocator(q.new_empty(b, lq, hq, d))
-    out, lse = attention_with_kvcache(q, kc, vc, lens, kn, vn, causal=causal, block_table=table,
-                                      return_lse=True)
+    out, lse = attention_with_kvcache(
+        q, kc, vc, lens, kn, vn, causal=causal, block_table=table, return_lse=True
+    )
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == (b, hq, lq)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -125,17 +135,21 @@ def run_and_check(device, dtype, b, lq, hq, hk, d, cap, causal, append, block_si
 
     dbl = lambda t: None if t is None else t.double()  # noqa: E731
     r_out, r_lse = reference.attention_with_kvcache(
-        q.double(), k0.double(), v0.double(), lens, dbl(kn), dbl(vn), causal, None, table, True)
+        q.double(), k0.double(), v0.double(), lens, dbl(kn), dbl(vn), causal, None, table, True
+    )
     pt_out = pt_lse = None
     if dtype not in ATOL:  # PyTorch's math in this dtype
-        pt_out, pt_lse = reference.attention_with_kvcache(q, k0, v0, lens, kn, vn, causal, None,
-                                                          table, True)
+        pt_out, pt_lse = reference.attention_with_kvcache(
+            q, k0, v0, lens, kn, vn, causal, None, table, True
+        )
     check_error(out, pt_out, r_out, dtype, "out")
     seen = torch.isfinite(r_lse)
     assert torch.equal(torch.isinf(lse) & (lse < 0), ~seen), "queries without keys need lse = -inf"
     check_error(lse[seen], None if pt_lse is None else pt_lse[seen], r_lse[seen], dtype, "lse")
     blind = (~seen).transpose(1, 2).unsqueeze(-1).expand_as(out)  # (B, Lq, Hq, D)
-    assert torch.equal(out[blind], torch.zeros_like(out[blind])), "queries without keys need out = 0"
+    assert torch.equal(out[blind], torch.zeros_like(out[blind])), (
+        "queries without keys need out = 0"
+    )
     return out, lse
 
 
@@ -144,19 +158,25 @@ def run_and_check(device, dtype, b, lq, hq, hk, d, cap, causal, append, block_si
 # (B, Lq, Hq, Hk, D, capacity, causal, append, block_size): each says why it is there. Lengths
 # per sequence: 0, the full capacity (minus Lq when appending), 1, then random.
 CASES = [
-    (4, 1, 8, 2, 64, 97, True, True, None),       # GQA decode step, capacity 97 (prime)
-    (4, 4, 8, 2, 128, 64, True, True, 16),        # speculative step of 4, paged (16), full cache
-    (3, 16, 8, 1, 80, 300, True, True, 256),      # MQA chunk of 16, D 80, one 256 block + a tail
-    (3, 16, 8, 2, 64, 50, False, True, None),     # not causal: the new queries see each other
-    (3, 4, 8, 2, 128, 40, True, False, None),     # no append; lengths 0 and 1 < Lq: queries blind
-    (2, 1, 8, 1, 128, 1100, True, False, 16),     # MQA, long: the CPU splits the keys over threads
-    (3, 4, 4, 4, 64, 33, False, False, 256),      # MHA, paged with one block larger than needed
+    (4, 1, 8, 2, 64, 97, True, True, None),  # GQA decode step, capacity 97 (prime)
+    (4, 4, 8, 2, 128, 64, True, True, 16),  # speculative step of 4, paged (16), full cache
+    (3, 16, 8, 1, 80, 300, True, True, 256),  # MQA chunk of 16, D 80, one 256 block + a tail
+    (3, 16, 8, 2, 64, 50, False, True, None),  # not causal: the new queries see each other
+    (3, 4, 8, 2, 128, 40, True, False, None),  # no append; lengths 0 and 1 < Lq: queries blind
+    (2, 1, 8, 1, 128, 1100, True, False, 16),  # MQA, long: the CPU splits the keys over threads
+    (3, 4, 4, 4, 64, 33, False, False, 256),  # MHA, paged with one block larger than needed
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[
-    f"B{c[0]}-Lq{c[1]}-H{c[2]}x{c[3]}-D{c[4]}-cap{c[5]}{'-causal' if c[6] else ''}"
-    f"{'-append' if c[7] else ''}{f'-paged{c[8]}' if c[8] else ''}" for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=[
+        f"B{c[0]}-Lq{c[1]}-H{c[2]}x{c[3]}-D{c[4]}-cap{c[5]}{'-causal' if c[6] else ''}"
+        f"{'-append' if c[7] else ''}{f'-paged{c[8]}' if c[8] else ''}"
+        for c in CASES
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_matches_reference(device, case, dtype):
     if dtype == torch.float64 and device != "cpu":
@@ -193,8 +213,17 @@ def test_cpu_key_splits_match_one_thread(block_size):
     (one, lse_one), (many, lse_many) = results
     assert max_err(many, one) < 1e-5 and max_err(lse_many, lse_one) < 1e-5
     want, want_lse = reference.attention_with_kvcache(
-        q.double(), kc.double(), vc.double(), lens, kn.double(), vn.double(), True, 0.125, table,
-        True)
+        q.double(),
+        kc.double(),
+        vc.double(),
+        lens,
+        kn.double(),
+        vn.double(),
+        True,
+        0.125,
+        table,
+        True,
+    )
     assert max_err(many, want) < ATOL[torch.float32] and max_err(lse_many, want_lse) < 1e-4
 
 
@@ -210,9 +239,16 @@ def test_paged_equals_contiguous(device, block_size, dtype):
     vp, _ = to_paged(vc, block_size, table)
     lens = pick_lengths(b, cap, lq).to(device)
     q = rand(b, lq, hq, d, dtype=dtype, device=device)
-    kn, vn = rand(b, lq, hk, d, dtype=dtype, device=device), rand(b, lq, hk, d, dtype=dtype, device=device)
-    out_c, lse_c = attention_with_kvcache(q, kc, vc, lens, kn, vn, block_table=None, return_lse=True)
-    out_p, lse_p = attention_with_kvcache(q, kp, vp, lens, kn, vn, block_table=table, return_lse=True)
+    kn, vn = (
+        rand(b, lq, hk, d, dtype=dtype, device=device),
+        rand(b, lq, hk, d, dtype=dtype, device=device),
+    )
+    out_c, lse_c = attention_with_kvcache(
+        q, kc, vc, lens, kn, vn, block_table=None, return_lse=True
+    )
+    out_p, lse_p = attention_with_kvcache(
+        q, kp, vp, lens, kn, vn, block_table=table, return_lse=True
+    )
     if device == "cpu":  # same arithmetic in the same order: bit-identical
         assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
     else:
@@ -239,12 +275,13 @@ def test_non_contiguous_views(device):
     q = qkv[:, :, :hq]
     big_k, big_v = rand(b, cap, 2 * hk, d, device=device), rand(b, cap, 2 * hk, d, device=device)
     kc, vc = big_k[:, :, ::2], big_v[:, :, 1::2]
-    kn, vn = qkv[:, :, hq: hq + hk], qkv[:, :, hq + hk:]
+    kn, vn = qkv[:, :, hq : hq + hk], qkv[:, :, hq + hk :]
     lens = torch.tensor([3, 16], dtype=torch.int32, device=device)
     k0, v0, others = kc.clone(), vc.clone(), big_k[:, :, 1::2].clone()
     out = attention_with_kvcache(q, kc, vc, lens, kn, vn)
-    want = reference.attention_with_kvcache(q.double(), k0.double(), v0.double(), lens, kn.double(),
-                                            vn.double())
+    want = reference.attention_with_kvcache(
+        q.double(), k0.double(), v0.double(), lens, kn.double(), vn.double()
+    )
     assert max_err(out, want) < ATOL[torch.float32]
     assert torch.equal(kc, expected_cache(k0, None, lens, kn))
     assert torch.equal(big_k[:, :, 1::2], others)  # the interleaved heads are untouched
@@ -281,8 +318,11 @@ def test_bad_lengths_and_block_tables_raise_clear_errors(device):
     kn, vn = rand(b, lq, hk, d, device=device), rand(b, lq, hk, d, device=device)
     lens = lambda *v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
     k0 = kc.clone()
-    with pytest.raises(ValueError, match=r"sequence 1 would hold 33 tokens .*cache_seqlens\[1\] = 29"
-                                         r".*past the cache capacity of 32"):
+    with pytest.raises(
+        ValueError,
+        match=r"sequence 1 would hold 33 tokens .*cache_seqlens\[1\] = 29"
+        r".*past the cache capacity of 32",
+    ):
         attention_with_kvcache(q, kc, vc, lens(0, 29), kn, vn)
     with pytest.raises(ValueError, match=r"sequence 0 would hold 33 tokens.*capacity of 32"):
         attention_with_kvcache(q, kc, vc, lens(33, 0))
@@ -295,11 +335,15 @@ def test_bad_lengths_and_block_tables_raise_clear_errors(device):
     pool_k, pool_v = rand(6, 8, hk, d, device=device), rand(6, 8, hk, d, device=device)
     table = torch.tensor([[0, 1, -1], [2, 3, 6]], dtype=torch.int32, device=device)
     attention_with_kvcache(q, pool_k, pool_v, lens(12, 12), kn, vn, block_table=table)  # 2 blocks
-    with pytest.raises(ValueError, match=r"block_table\[1, 2\] = 6 is outside the pool of 6 blocks"):
+    with pytest.raises(
+        ValueError, match=r"block_table\[1, 2\] = 6 is outside the pool of 6 blocks"
+    ):
         attention_with_kvcache(q, pool_k, pool_v, lens(12, 13), kn, vn, block_table=table)
     with pytest.raises(ValueError, match=r"block_table\[0, 2\] = -1 is outside the pool"):
         attention_with_kvcache(q, pool_k, pool_v, lens(17, 0), block_table=table)
-    with pytest.raises(ValueError, match=r"past the cache capacity of 24 \(max_blocks \* block_size\)"):
+    with pytest.raises(
+        ValueError, match=r"past the cache capacity of 24 \(max_blocks \* block_size\)"
+    ):
         attention_with_kvcache(q, pool_k, pool_v, lens(21, 0), kn, vn, block_table=table)
     if device != "cpu":
         return
@@ -308,7 +352,9 @@ def test_bad_lengths_and_block_tables_raise_clear_errors(device):
         OP(q, kc, vc, lens(0, 29), kn, vn, None, 0.25, True)
     with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = -2 is negative"):
         OP(q, kc, vc, lens(-2, 0), None, None, None, 0.25, True)
-    with pytest.raises(ValueError, match=r"block_table\[1, 2\] = 6 is outside the pool of 6 blocks"):
+    with pytest.raises(
+        ValueError, match=r"block_table\[1, 2\] = 6 is outside the pool of 6 blocks"
+    ):
         OP(q, pool_k, pool_v, lens(12, 13), kn, vn, table, 0.25, True)
     k0 = pool_k.clone()
     with pytest.raises(ValueError, match="outside the pool"):  # sequence 0 valid, 1 not: no write
@@ -332,8 +378,11 @@ def test_bad_arguments_raise_clear_errors(device):
         attention_with_kvcache(q, kc, vc, lens.long())
     with pytest.raises(TypeError, match="block_table must be int32"):
         attention_with_kvcache(q, kc, vc, lens, block_table=torch.zeros(2, 1, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of the number of "
-                                         r"key/value heads \(3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"query heads \(4\) must be a multiple of the number of "
+        r"key/value heads \(3\)",
+    ):
         k3 = rand(b, cap, 3, d, device=device)
         attention_with_kvcache(q, k3, k3, lens)
     with pytest.raises(ValueError, match="must be 4-D"):
@@ -347,8 +396,9 @@ def test_bad_arguments_raise_clear_errors(device):
     with pytest.raises(ValueError, match=r"cache_seqlens must have shape \(B,\)"):
         attention_with_kvcache(q, kc, vc, lens[:1])
     with pytest.raises(ValueError, match=r"block_table must have shape \(B, max_blocks\)"):
-        attention_with_kvcache(q, kc, vc, lens, block_table=torch.zeros(3, 1, dtype=torch.int32,
-                                                                        device=device))
+        attention_with_kvcache(
+            q, kc, vc, lens, block_table=torch.zeros(3, 1, dtype=torch.int32, device=device)
+        )
     with pytest.raises(ValueError, match="a contiguous cache must have shape"):
         attention_with_kvcache(q, kc[:1], vc[:1], lens)
     with pytest.raises(ValueError, match="k_cache and v_cache must have one 4-D shape"):
@@ -376,11 +426,22 @@ def test_opcheck():
     lens = torch.tensor([5, 16], dtype=torch.int32)
     pool_k, pool_v = rand(7, 8, 2, 32), rand(7, 8, 2, 32)
     table = torch.tensor([[6, 0, 2], [1, 5, 3]], dtype=torch.int32)
-    for args in [(q, kc, vc, lens, kn, vn, None, 0.2, True),
-                 (q, kc, vc, lens, None, None, None, 0.2, False),
-                 (q, pool_k, pool_v, lens, kn, vn, table, 0.2, True),
-                 (q.transpose(1, 2).contiguous().transpose(1, 2), kc[:, ::2], vc[:, 1::2],
-                  torch.tensor([3, 6], dtype=torch.int32), kn, vn, None, 0.2, True)]:
+    for args in [
+        (q, kc, vc, lens, kn, vn, None, 0.2, True),
+        (q, kc, vc, lens, None, None, None, 0.2, False),
+        (q, pool_k, pool_v, lens, kn, vn, table, 0.2, True),
+        (
+            q.transpose(1, 2).contiguous().transpose(1, 2),
+            kc[:, ::2],
+            vc[:, 1::2],
+            torch.tensor([3, 6], dtype=torch.int32),
+            kn,
+            vn,
+            None,
+            0.2,
+            True,
+        ),
+    ]:
         torch.library.opcheck(OP.default, args)
 
 
@@ -416,7 +477,10 @@ def test_cuda_graph_replays_with_new_lengths(block_size):
     b, lq, hq, hk, d, cap, dtype = 4, 1, 8, 2, 128, 256, torch.bfloat16
     kc, vc, table = make_cache(b, cap, hk, d, dtype, "cuda", block_size)
     q = rand(b, lq, hq, d, dtype=dtype, device="cuda")
-    kn, vn = rand(b, lq, hk, d, dtype=dtype, device="cuda"), rand(b, lq, hk, d, dtype=dtype, device="cuda")
+    kn, vn = (
+        rand(b, lq, hk, d, dtype=dtype, device="cuda"),
+        rand(b, lq, hk, d, dtype=dtype, device="cuda"),
+    )
     lens = torch.tensor([3, 0, 100, 17], dtype=torch.int32, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -426,8 +490,9 @@ def test_cuda_graph_replays_with_new_lengths(block_size):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, lse = attention_with_kvcache(q, kc, vc, lens, kn, vn, block_table=table,
-                                          return_lse=True)
+        out, lse = attention_with_kvcache(
+            q, kc, vc, lens, kn, vn, block_table=table, return_lse=True
+        )
     for new_lens in ([0, 1, cap - 1, 200], [cap - 1, 64, 0, 5], [31, 32, 33, 255]):
         lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
         for t in (q, kn, vn):
@@ -438,9 +503,20 @@ def test_cuda_graph_replays_with_new_lengths(block_size):
         assert torch.equal(kc, expected_cache(k0, table, lens, kn))
         assert torch.equal(vc, expected_cache(v0, table, lens, vn))
         r_out, r_lse = reference.attention_with_kvcache(
-            q.double(), k0.double(), v0.double(), lens, kn.double(), vn.double(), True, None, table,
-            True)
-        pt_out, _ = reference.attention_with_kvcache(q, k0, v0, lens, kn, vn, True, None, table, True)
+            q.double(),
+            k0.double(),
+            v0.double(),
+            lens,
+            kn.double(),
+            vn.double(),
+            True,
+            None,
+            table,
+            True,
+        )
+        pt_out, _ = reference.attention_with_kvcache(
+            q, k0, v0, lens, kn, vn, True, None, table, True
+        )
         check_error(out, pt_out, r_out, dtype, f"out, lengths {new_lens}")
         assert max_err(lse, r_lse) < 1e-3, f"lse, lengths {new_lens}"
 
@@ -461,13 +537,18 @@ def test_cuda_matches_cpu(dtype, block_size):
     b, lq, hq, hk, d, cap = 5, 4, 8, 2, 128, 600
     kc, vc, table = make_cache(b, cap, hk, d, dtype, "cuda", block_size)
     q = rand(b, lq, hq, d, dtype=dtype, device="cuda")
-    kn, vn = rand(b, lq, hk, d, dtype=dtype, device="cuda"), rand(b, lq, hk, d, dtype=dtype, device="cuda")
+    kn, vn = (
+        rand(b, lq, hk, d, dtype=dtype, device="cuda"),
+        rand(b, lq, hk, d, dtype=dtype, device="cuda"),
+    )
     lens = pick_lengths(b, cap, lq)
     cpu = [t.cpu() if t is not None else None for t in (q, kc, vc, kn, vn, table)]
-    out, lse = attention_with_kvcache(q, kc, vc, lens.cuda(), kn, vn, block_table=table,
-                                      return_lse=True)
-    c_out, c_lse = attention_with_kvcache(cpu[0], cpu[1], cpu[2], lens, cpu[3], cpu[4],
-                                          block_table=cpu[5], return_lse=True)
+    out, lse = attention_with_kvcache(
+        q, kc, vc, lens.cuda(), kn, vn, block_table=table, return_lse=True
+    )
+    c_out, c_lse = attention_with_kvcache(
+        cpu[0], cpu[1], cpu[2], lens, cpu[3], cpu[4], block_table=cpu[5], return_lse=True
+    )
     assert torch.equal(kc.cpu(), cpu[1]) and torch.equal(vc.cpu(), cpu[2])
     assert torch.allclose(lse.cpu(), c_lse, rtol=0, atol=1e-4)
     if dtype == torch.float32:
@@ -478,8 +559,9 @@ def test_cuda_matches_cpu(dtype, block_size):
     # they differ by at most four times that error. The caches now hold the new rows: attend over
     # lens + Lq cached keys without appending.
     full = lens + lq
-    ref = reference.attention_with_kvcache(cpu[0].double(), cpu[1].double(), cpu[2].double(), full,
-                                           block_table=cpu[5])
+    ref = reference.attention_with_kvcache(
+        cpu[0].double(), cpu[1].double(), cpu[2].double(), full, block_table=cpu[5]
+    )
     pt = reference.attention_with_kvcache(cpu[0], cpu[1], cpu[2], full, block_table=cpu[5])
     assert max_err(out.cpu(), c_out) <= 4 * max_err(pt, ref) + 1e-6
 
@@ -505,5 +587,17 @@ def test_reference_gathers_paged_caches_like_contiguous_ones():
 def test_all_lengths_combinations_quick():
     # every sequence state at once in one batch (CPU, small): empty/1/full, with and without append
     for append, causal in itertools.product((True, False), (True, False)):
-        run_and_check("cpu", torch.float32, 5, 2, 4, 2, 16, 9, causal, append, None,
-                      lens=torch.tensor([0, 1, 9 - (2 if append else 0), 4, 2], dtype=torch.int32))
+        run_and_check(
+            "cpu",
+            torch.float32,
+            5,
+            2,
+            4,
+            2,
+            16,
+            9,
+            causal,
+            append,
+            None,
+            lens=torch.tensor([0, 1, 9 - (2 if append else 0), 4, 2], dtype=torch.int32),
+        )

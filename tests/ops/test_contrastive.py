@@ -1,6 +1,7 @@
 """genext.ops.clip_loss / siglip_loss and their tiled primitives against float64 eager losses:
 values and gradients, N across tile edges, N = 1, odd D, rectangular blocks, extreme logit
 scales in 16-bit, gradcheck, opcheck, compile, bad inputs."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,9 @@ from genext.ops import clip_loss, siglip_loss
 
 
 def _ref_clip(i, t, s, b, offset=0):
-    return reference.clip_loss(i.double(), t.double(), s.double(),
-                               b.double() if b is not None else None, offset)
+    return reference.clip_loss(
+        i.double(), t.double(), s.double(), b.double() if b is not None else None, offset
+    )
 
 
 def _ref_siglip(i, t, s, b, negative_only=False):
@@ -52,7 +54,9 @@ def test_clip_matches_reference(n, d, with_bias, device):
 @pytest.mark.parametrize("n,m,offset", [(4, 12, 0), (4, 12, 8), (3, 5, 2)])
 def test_clip_rectangular(n, m, offset, device):
     i, t, s, _ = _leaves(n, m, 16, device)
-    _compare(clip_loss(i, t, s, labels_offset=offset), _ref_clip(i, t, s, None, offset), (i, t, s), 1e-5)
+    _compare(
+        clip_loss(i, t, s, labels_offset=offset), _ref_clip(i, t, s, None, offset), (i, t, s), 1e-5
+    )
 
 
 @pytest.mark.parametrize("n,d", [(1, 5), (9, 13), (1100, 8)])
@@ -60,15 +64,21 @@ def test_clip_rectangular(n, m, offset, device):
 def test_siglip_matches_reference(n, d, negative_only, device):
     m = n if not negative_only else n + 3
     i, t, s, b = _leaves(n, m, d, device)
-    _compare(siglip_loss(i, t, s, b, negative_only=negative_only),
-             _ref_siglip(i, t, s, b, negative_only), (i, t, s, b), 1e-5)
+    _compare(
+        siglip_loss(i, t, s, b, negative_only=negative_only),
+        _ref_siglip(i, t, s, b, negative_only),
+        (i, t, s, b),
+        1e-5,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_extreme_scale_16bit(dtype, device):
     i, t, s, b = _leaves(33, 33, 24, device, dtype=dtype, scale=150.0, bias=-10.0)
-    for ours, ref in ((clip_loss(i, t, s, b), _ref_clip(i, t, s, b)),
-                      (siglip_loss(i, t, s, b), _ref_siglip(i, t, s, b))):
+    for ours, ref in (
+        (clip_loss(i, t, s, b), _ref_clip(i, t, s, b)),
+        (siglip_loss(i, t, s, b), _ref_siglip(i, t, s, b)),
+    ):
         assert torch.isfinite(ours)
         grads = torch.autograd.grad(ours, (i, t, s, b))
         assert all(torch.isfinite(g).all() for g in grads)
@@ -85,8 +95,9 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *x: clip_loss(*x), (i, t, s, b))
     assert torch.autograd.gradcheck(lambda i, t, s: clip_loss(i, t, s, labels_offset=4), (i, t2, s))
     assert torch.autograd.gradcheck(lambda *x: siglip_loss(*x), (i, t, s, b))
-    assert torch.autograd.gradcheck(lambda i, t, s, b: siglip_loss(i, t, s, b, negative_only=True),
-                                    (i, t2, s, b))
+    assert torch.autograd.gradcheck(
+        lambda i, t, s, b: siglip_loss(i, t, s, b, negative_only=True), (i, t2, s, b)
+    )
 
 
 def test_opcheck_and_compile():
@@ -95,7 +106,9 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.genext.tiled_lse, (i, t, s, b, True))
     torch.library.opcheck(torch.ops.genext.tiled_lse, (i, t, s, None, False))
     torch.library.opcheck(torch.ops.genext.tiled_softplus_sum, (i, t, s, b))
-    f = torch.compile(lambda i, t, s, b: clip_loss(i, t, s, b) + siglip_loss(i, t, s, b), fullgraph=True)
+    f = torch.compile(
+        lambda i, t, s, b: clip_loss(i, t, s, b) + siglip_loss(i, t, s, b), fullgraph=True
+    )
     want = clip_loss(i, t, s, b) + siglip_loss(i, t, s, b)
     assert torch.allclose(f(i, t, s, b), want, atol=1e-6)
 

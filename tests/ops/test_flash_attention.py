@@ -1,5 +1,6 @@
 """genext.ops.flash_attention(_varlen) and the SDPA drop-in against the float64 reference, on the CPU
 and (marked) on CUDA."""
+
 from __future__ import annotations
 
 import itertools
@@ -29,9 +30,11 @@ def dtypes_for(device):
 
 def make_qkv(b, hq, hk, lq, lk, d, dtype, device, requires_grad=False):
     """Random (B, H, L, D) q, k, v (never zeros), drawn in float64 then rounded to dtype."""
+
     def rand(h, length):
         t = torch.randn(b, h, length, d, dtype=torch.float64).to(device=device, dtype=dtype)
         return t.requires_grad_(requires_grad)
+
     return rand(hq, lq), rand(hk, lk), rand(hk, lk)
 
 
@@ -60,26 +63,33 @@ def check_against_reference(ours, pt, ref, dtype, what):
 def lse_error(ours, ref):
     """lse errors over the rows that see a key; rows that see none must be -inf in both."""
     seen = torch.isfinite(ref)
-    assert torch.equal(torch.isinf(ours) & (ours < 0), ~seen), "rows without keys must have lse = -inf"
+    assert torch.equal(torch.isinf(ours) & (ours < 0), ~seen), (
+        "rows without keys must have lse = -inf"
+    )
     return ours[seen], ref[seen]
 
 
 # (B, Hq, Hk, Lq, Lk, D, causal, scale): each case says why it is there. causal is bottom-right.
 CASES = [
-    (2, 4, 4, 17, 17, 40, False, None),    # L = 17, not a tile multiple; D = 40 (SD 1.5)
-    (1, 2, 2, 1, 1, 72, False, None),      # L = 1; D = 72 (not a multiple of 16)
-    (1, 3, 3, 1, 97, 64, True, None),      # one query (decoding) against 97 keys: sees them all
-    (2, 8, 2, 97, 97, 128, True, None),    # GQA (Hq = 8, Hk = 2), causal, L = 97 prime
-    (2, 4, 1, 97, 77, 72, False, 0.3),     # MQA cross-attention, Lk = 77 (text tokens), custom scale
-    (1, 2, 2, 97, 33, 40, True, None),     # causal, Lq > Lk: the first 64 queries see no key (zeros)
-    (1, 2, 1, 17, 97, 256, True, None),    # causal, Lq < Lk; D = 256, the largest CUDA head dim
+    (2, 4, 4, 17, 17, 40, False, None),  # L = 17, not a tile multiple; D = 40 (SD 1.5)
+    (1, 2, 2, 1, 1, 72, False, None),  # L = 1; D = 72 (not a multiple of 16)
+    (1, 3, 3, 1, 97, 64, True, None),  # one query (decoding) against 97 keys: sees them all
+    (2, 8, 2, 97, 97, 128, True, None),  # GQA (Hq = 8, Hk = 2), causal, L = 97 prime
+    (2, 4, 1, 97, 77, 72, False, 0.3),  # MQA cross-attention, Lk = 77 (text tokens), custom scale
+    (1, 2, 2, 97, 33, 40, True, None),  # causal, Lq > Lk: the first 64 queries see no key (zeros)
+    (1, 2, 1, 17, 97, 256, True, None),  # causal, Lq < Lk; D = 256, the largest CUDA head dim
     (1, 1, 1, 1025, 1025, 128, True, None),  # L = 1025: one past a power of two, tile tails
     (1, 2, 2, 1025, 77, 40, False, None),  # long queries against 77 keys
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[
-    f"B{c[0]}-H{c[1]}x{c[2]}-L{c[3]}x{c[4]}-D{c[5]}{'-causal' if c[6] else ''}" for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=[
+        f"B{c[0]}-H{c[1]}x{c[2]}-L{c[3]}x{c[4]}-D{c[5]}{'-causal' if c[6] else ''}" for c in CASES
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_matches_reference(device, case, dtype):
     b, hq, hk, lq, lk, d, causal, scale = case
@@ -88,16 +98,23 @@ def test_matches_reference(device, case, dtype):
     q, k, v = make_qkv(b, hq, hk, lq, lk, d, dtype, device)
     go = torch.randn(b, hq, lq, d, dtype=torch.float64).to(device=device, dtype=dtype)
     poison_allocator(q.new_empty(b, lq, hq, d))
-    out, lse, *g = grads(lambda q, k, v: flash_attention(q, k, v, causal=causal, scale=scale,
-                                                          return_lse=True), q, k, v, go)
+    out, lse, *g = grads(
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True),
+        q,
+        k,
+        v,
+        go,
+    )
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (b, hq, lq)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert all(x.shape == t.shape and x.dtype == dtype for x, t in zip(g, (q, k, v)))
-    assert torch.isfinite(out).all() and all(torch.isfinite(x).all() for x in g), \
+    assert torch.isfinite(out).all() and all(torch.isfinite(x).all() for x in g), (
         "an element was not written (NaN poison) or overflowed"
+    )
 
     ref_fn = lambda q, k, v: reference.attention_reference(  # noqa: E731
-        q, k, v, causal, scale, bottom_right=True, return_lse=True)
+        q, k, v, causal, scale, bottom_right=True, return_lse=True
+    )
     r_out, r_lse, *rg = grads(ref_fn, q.double(), k.double(), v.double(), go.double())
     pt = [None] * 5
     if dtype not in ATOL:  # PyTorch's math in this dtype: softmax(q k^T) v step by step
@@ -120,8 +137,12 @@ def test_gradient_through_lse(device):
     go = torch.randn(1, 4, 33, 64, device=device)
 
     def loss(fn, q, k, v):
-        q, k, v = (t.detach().double().requires_grad_() if fn is reference.attention_reference
-                   else t.detach().clone().requires_grad_() for t in (q, k, v))
+        q, k, v = (
+            t.detach().double().requires_grad_()
+            if fn is reference.attention_reference
+            else t.detach().clone().requires_grad_()
+            for t in (q, k, v)
+        )
         out, lse = fn(q, k, v, causal=True, return_lse=True)
         total = (out * go.to(out.dtype)).sum() + (lse * w.to(lse.dtype)).sum()
         return torch.autograd.grad(total, (q, k, v))
@@ -146,15 +167,24 @@ def test_layouts_give_the_same_result(device):
     assert torch.equal(lse, lse2)
 
 
-@pytest.mark.parametrize("make_views", [
-    # q, k, v sliced from one packed (B, L, 3, H, D) qkv projection, in the blhd layout
-    lambda qkv: (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], "blhd"),
-    # the same, permuted to bhld: strides (L*3*H*D, D, 3*H*D, 1)
-    lambda qkv: (*qkv.permute(2, 0, 3, 1, 4).unbind(0), "bhld"),
-    # last dim not contiguous: the op copies
-    lambda qkv: (*(t.transpose(-1, -2).contiguous().transpose(-1, -2)
-                   for t in qkv.permute(2, 0, 3, 1, 4).unbind(0)), "bhld"),
-], ids=["packed-blhd", "packed-bhld", "strided-last-dim"])
+@pytest.mark.parametrize(
+    "make_views",
+    [
+        # q, k, v sliced from one packed (B, L, 3, H, D) qkv projection, in the blhd layout
+        lambda qkv: (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], "blhd"),
+        # the same, permuted to bhld: strides (L*3*H*D, D, 3*H*D, 1)
+        lambda qkv: (*qkv.permute(2, 0, 3, 1, 4).unbind(0), "bhld"),
+        # last dim not contiguous: the op copies
+        lambda qkv: (
+            *(
+                t.transpose(-1, -2).contiguous().transpose(-1, -2)
+                for t in qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            ),
+            "bhld",
+        ),
+    ],
+    ids=["packed-blhd", "packed-bhld", "strided-last-dim"],
+)
 def test_non_contiguous_inputs(device, make_views):
     qkv = torch.randn(2, 41, 3, 4, 72, device=device, requires_grad=True)
     q, k, v, layout = make_views(qkv)
@@ -163,7 +193,7 @@ def test_non_contiguous_inputs(device, make_views):
     want = flash_attention(qc, kc, vc, causal=True, layout=layout)
     assert torch.equal(out, want)
     go = torch.randn_like(out)
-    g_packed, = torch.autograd.grad(out, qkv, go)
+    (g_packed,) = torch.autograd.grad(out, qkv, go)
     g_plain = torch.autograd.grad(want, (qc, kc, vc), go)
     for i, gp in enumerate(g_plain):  # the packed gradient holds the three plain ones
         view = make_views(g_packed)[i]
@@ -182,14 +212,31 @@ def test_key_padding_with_a_fully_padded_sequence(device, causal):
     go = torch.randn(b, h, lq, d, device=device)
 
     def ours(q, k, v):
-        out, lse = FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, used,
-                       0, 0, d ** -0.5, causal, True)
+        out, lse = FWD(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            None,
+            None,
+            used,
+            0,
+            0,
+            d**-0.5,
+            causal,
+            True,
+        )
         return out.transpose(1, 2), lse
 
     out, lse, *g = grads(ours, q, k, v, go)
-    r_out, r_lse, *rg = grads(lambda q, k, v: reference.attention_reference(
-        q, k, v, causal, None, True, seqused_k=used, return_lse=True),
-        q.double(), k.double(), v.double(), go.double())
+    r_out, r_lse, *rg = grads(
+        lambda q, k, v: reference.attention_reference(
+            q, k, v, causal, None, True, seqused_k=used, return_lse=True
+        ),
+        q.double(),
+        k.double(),
+        v.double(),
+        go.double(),
+    )
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert torch.isinf(lse[1]).all() and (lse[1] < 0).all()
     assert max_err(out, r_out) <= ATOL[torch.float32]
@@ -215,16 +262,18 @@ def test_varlen_matches_per_sequence_op(device):
     v = torch.randn(tk, hk, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     go = torch.randn(tq, hq, d, device=device, dtype=torch.bfloat16)
     poison_allocator(go)
-    out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True,
-                                      return_lse=True)
+    out, lse = flash_attention_varlen(
+        q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True, return_lse=True
+    )
     assert out.shape == (tq, hq, d) and lse.shape == (hq, tq)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), go)
-    assert torch.equal(out[sum(lq):], torch.zeros_like(out[sum(lq):]))
-    assert torch.equal(dk[sum(lk):], torch.zeros_like(dk[sum(lk):]))
+    assert torch.equal(out[sum(lq) :], torch.zeros_like(out[sum(lq) :]))
+    assert torch.equal(dk[sum(lk) :], torch.zeros_like(dk[sum(lk) :]))
     for s in range(len(lq)):
         rq, rk = slice(cq[s], cq[s + 1]), slice(ck[s], ck[s + 1])
-        qs, ks, vs = (t.detach()[r].unsqueeze(0).requires_grad_()
-                      for t, r in ((q, rq), (k, rk), (v, rk)))
+        qs, ks, vs = (
+            t.detach()[r].unsqueeze(0).requires_grad_() for t, r in ((q, rq), (k, rk), (v, rk))
+        )
         o, lse_s = flash_attention(qs, ks, vs, causal=True, layout="blhd", return_lse=True)
         assert torch.allclose(out[rq], o[0], atol=1e-2, rtol=0)
         assert torch.equal(torch.isinf(lse[:, rq]), torch.isinf(lse_s[0]))
@@ -236,7 +285,7 @@ def test_varlen_matches_per_sequence_op(device):
         for full, part, r in ((dq, gs[0], rq), (dk, gs[1], rk), (dv, gs[2], rk)):
             assert torch.allclose(full[r], part[0], atol=2e-2, rtol=0)
     # sequence 2 has no keys: zero output
-    assert torch.equal(out[cq[2]:cq[3]], torch.zeros_like(out[cq[2]:cq[3]]))
+    assert torch.equal(out[cq[2] : cq[3]], torch.zeros_like(out[cq[2] : cq[3]]))
 
 
 # ---- float64 gradcheck, opcheck, torch.compile ------------------------------------------------
@@ -248,7 +297,8 @@ def test_gradcheck_float64_cpu(causal, heads):
     hq, hk = heads
     q, k, v = make_qkv(1, hq, hk, 5, 7, 4, torch.float64, "cpu", requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: flash_attention(q, k, v, causal=causal, return_lse=True), (q, k, v))
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, return_lse=True), (q, k, v)
+    )
 
 
 def test_gradcheck_float64_cpu_varlen_and_padding():
@@ -258,21 +308,36 @@ def test_gradcheck_float64_cpu_varlen_and_padding():
     k = torch.randn(9, 1, 4, dtype=torch.float64, requires_grad=True)
     v = torch.randn(9, 1, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 4, causal=True), (q, k, v))
+        lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 4, causal=True), (q, k, v)
+    )
     used = torch.tensor([2, 5], dtype=torch.int32)
     qb, kb, vb = make_qkv(2, 2, 2, 4, 6, 4, torch.float64, "cpu", requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None,
-                            used, 0, 0, 0.4, True, False)[0],
-        (qb, kb, vb))
+        lambda q, k, v: FWD(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            None,
+            None,
+            used,
+            0,
+            0,
+            0.4,
+            True,
+            False,
+        )[0],
+        (qb, kb, vb),
+    )
 
 
 def test_opcheck(device):
     q, k, v = make_qkv(2, 4, 2, 19, 23, 40, torch.float32, device)
     qt, kt, vt = (t.transpose(1, 2).requires_grad_() for t in (q, k, v))  # strided (B, L, H, D)
     used = torch.tensor([23, 9], dtype=torch.int32, device=device)
-    cases = [(qt, kt, vt, None, None, None, 0, 0, 0.2, True, True),
-             (qt, kt, vt, None, None, used, 0, 0, 0.2, True, False)]
+    cases = [
+        (qt, kt, vt, None, None, None, 0, 0, 0.2, True, True),
+        (qt, kt, vt, None, None, used, 0, 0, 0.2, True, False),
+    ]
     cu_q = torch.tensor([0, 7, 7, 19], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 10, 12, 23], dtype=torch.int32, device=device)
     cases.append((qt[:1], kt[:1], vt[:1], cu_q, cu_k, None, 12, 11, 0.2, True, True))
@@ -281,8 +346,9 @@ def test_opcheck(device):
         with torch.no_grad():
             out, lse = FWD(*args)
         go = torch.randn_like(out)
-        torch.library.opcheck(BWD.default, (go, *(t.detach() for t in args[:3]), out, lse,
-                                            *args[3:]))
+        torch.library.opcheck(
+            BWD.default, (go, *(t.detach() for t in args[:3]), out, lse, *args[3:])
+        )
 
 
 def test_torch_compile_fullgraph():
@@ -296,18 +362,25 @@ def test_torch_compile_fullgraph():
     y, y_eager = compiled(q, k, v), block(q, k, v)
     assert torch.allclose(y, y_eager, atol=1e-6, rtol=0)
     go = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, (q, k, v), go), torch.autograd.grad(y_eager, (q, k, v), go)):
+    for a, b in zip(
+        torch.autograd.grad(y, (q, k, v), go), torch.autograd.grad(y_eager, (q, k, v), go)
+    ):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
-    sdpa = torch.compile(lambda q, k, v: gF.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                         enable_gqa=True),
-                         fullgraph=True)
-    assert torch.allclose(sdpa(q, k, v), F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=True), atol=1e-5, rtol=0)
+    sdpa = torch.compile(
+        lambda q, k, v: gF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        fullgraph=True,
+    )
+    assert torch.allclose(
+        sdpa(q, k, v),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_double_backward_is_a_clear_error():
     q, k, v = make_qkv(1, 2, 2, 5, 5, 8, torch.float64, "cpu", requires_grad=True)
-    g, = torch.autograd.grad(flash_attention(q, k, v).sum(), q, create_graph=True)
+    (g,) = torch.autograd.grad(flash_attention(q, k, v).sum(), q, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         g.sum().backward()
 
@@ -339,7 +412,9 @@ def test_sdpa_drop_in_matches_torch(device, lq, lk, is_causal, torch_sdpa_calls)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
     assert max_err(out, want) <= ATOL[torch.float32]
     go = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(want, (q, k, v), go)):
+    for a, b in zip(
+        torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(want, (q, k, v), go)
+    ):
         assert max_err(a, b) <= ATOL_GRAD[torch.float32]
 
 
@@ -373,8 +448,18 @@ def test_sdpa_drop_in_key_padding_mask(device, mask_shape, torch_sdpa_calls):
     assert all(torch.isfinite(g).all() for g in grads_)
 
 
-@pytest.mark.parametrize("kind", ["float-mask", "bool-arbitrary", "bool-not-prefix", "bool-2d-LqLk",
-                                  "dropout", "3d-inputs", "value-dim"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "float-mask",
+        "bool-arbitrary",
+        "bool-not-prefix",
+        "bool-2d-LqLk",
+        "dropout",
+        "3d-inputs",
+        "value-dim",
+    ],
+)
 def test_sdpa_drop_in_falls_back(device, kind, torch_sdpa_calls):
     b, h, lq, lk, d = 2, 2, 9, 13, 32
     q, k, v = make_qkv(b, h, h, lq, lk, d, torch.float32, device)
@@ -413,8 +498,11 @@ def test_bad_inputs_raise_clear_errors(device):
         flash_attention(q, k.half(), v)
     with pytest.raises(TypeError, match="must be float16, bfloat16, float32"):
         flash_attention(q.long(), k.long(), v.long())
-    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of the number of "
-                                         r"key/value heads \(3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"query heads \(4\) must be a multiple of the number of "
+        r"key/value heads \(3\)",
+    ):
         k3 = torch.randn(2, 3, 8, 16, device=device)
         flash_attention(q, k3, k3)
     with pytest.raises(ValueError, match="share the head dim"):
@@ -449,12 +537,33 @@ def test_bad_cu_seqlens_raise_clear_errors(device):
     if device != "cpu":
         return
     with pytest.raises(ValueError, match="non-decreasing"):
-        FWD(q[None], k[None], k[None], torch.tensor([0, 6, 4], dtype=torch.int32, device=device),
-            good_k, None, 6, 7, 0.25, False, True)
+        FWD(
+            q[None],
+            k[None],
+            k[None],
+            torch.tensor([0, 6, 4], dtype=torch.int32, device=device),
+            good_k,
+            None,
+            6,
+            7,
+            0.25,
+            False,
+            True,
+        )
     with pytest.raises(ValueError, match="seqused_k"):
-        FWD(q[None], k[None], k[None], good, good_k, torch.tensor([5, 9], dtype=torch.int32,
-                                                                   device=device),
-            6, 7, 0.25, False, True)
+        FWD(
+            q[None],
+            k[None],
+            k[None],
+            good,
+            good_k,
+            torch.tensor([5, 9], dtype=torch.int32, device=device),
+            6,
+            7,
+            0.25,
+            False,
+            True,
+        )
 
 
 @pytest.mark.cuda
@@ -487,8 +596,9 @@ def test_cuda_deterministic_backward_is_bit_identical(dtype):
     go = torch.randn_like(q)
 
     def run():
-        *_, gq, gk, gv = grads(lambda q, k, v: flash_attention(q, k, v, causal=True,
-                                                               deterministic=True), q, k, v, go)
+        *_, gq, gk, gv = grads(
+            lambda q, k, v: flash_attention(q, k, v, causal=True, deterministic=True), q, k, v, go
+        )
         return gq, gk, gv
 
     first = run()

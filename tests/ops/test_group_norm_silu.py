@@ -1,4 +1,5 @@
 """genext.ops.group_norm_silu against the float64 reference, on the CPU and (marked) on CUDA."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,14 +16,14 @@ FP32_TOL = 1e-5  # relative (norm) error against float64 for float32 inputs
 
 # (shape, groups): each case says why it is there.
 SHAPES = [
-    ((2, 8, 16, 16), 4),      # plain 4-D, small
-    ((2, 12, 17), 3),         # rank 3, odd length 17, C/G = 4
-    ((1, 6, 5, 7, 3), 2),     # rank 5 (video), odd sizes everywhere
-    ((3, 10, 1, 1), 5),       # S = 1: each group holds C/G = 2 values
-    ((2, 36, 9, 11), 36),     # G = C (InstanceNorm-like), 36 not a multiple of 8
-    ((1, 7, 97), 1),          # G = 1 (LayerNorm over C and S), C = 7, L = 97 prime
-    ((2, 64, 33, 31), 32),    # SD-like 32 groups, rows not a multiple of vector width
-    ((1, 16, 1025), 4),       # L = 1025: one past a power of two, exercises loop tails
+    ((2, 8, 16, 16), 4),  # plain 4-D, small
+    ((2, 12, 17), 3),  # rank 3, odd length 17, C/G = 4
+    ((1, 6, 5, 7, 3), 2),  # rank 5 (video), odd sizes everywhere
+    ((3, 10, 1, 1), 5),  # S = 1: each group holds C/G = 2 values
+    ((2, 36, 9, 11), 36),  # G = C (InstanceNorm-like), 36 not a multiple of 8
+    ((1, 7, 97), 1),  # G = 1 (LayerNorm over C and S), C = 7, L = 97 prime
+    ((2, 64, 33, 31), 32),  # SD-like 32 groups, rows not a multiple of vector width
+    ((1, 16, 1025), 4),  # L = 1025: one past a power of two, exercises loop tails
 ]
 
 
@@ -71,8 +72,13 @@ def test_forward_matches_reference(device, shape, groups, dtype, channels_last, 
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         assert y.is_contiguous(memory_format=fmt), "output must keep the input's memory format"
     ref = reference.group_norm_silu(
-        x.double(), groups, None if w is None else w.double(), None if b is None else b.double(),
-        1e-5, activation)
+        x.double(),
+        groups,
+        None if w is None else w.double(),
+        None if b is None else b.double(),
+        1e-5,
+        activation,
+    )
     assert torch.isfinite(y).all(), "an element was not written (NaN poison) or overflowed"
     if dtype in (torch.float32, torch.float64):
         assert rel_err(y, ref) < (FP32_TOL if dtype == torch.float32 else 1e-12)
@@ -115,8 +121,11 @@ def test_outlier_first_element_does_not_cancel(device, shape, groups, channels_l
     x = make_input(shape, torch.float32, device, offset=100.0, scale=1.0)
     x.view(shape[0], groups, -1)[:, :, 0] = 0.0
     if channels_last:
-        x = x.transpose(1, 2).contiguous().transpose(1, 2) if x.dim() == 3 else \
-            x.to(memory_format=torch.channels_last)
+        x = (
+            x.transpose(1, 2).contiguous().transpose(1, 2)
+            if x.dim() == 3
+            else x.to(memory_format=torch.channels_last)
+        )
     y, mean, rstd = torch.ops.genext.group_norm_silu(x, groups, None, None, 1e-5, True)
     xg = x.double().reshape(shape[0], groups, -1)
     assert rel_err(rstd, (xg.var(2, unbiased=False) + 1e-5).rsqrt()) < FP32_TOL
@@ -132,11 +141,15 @@ def test_statistics_outputs(device):
     assert rel_err(rstd, (xg.var(2, unbiased=False) + 1e-3).rsqrt()) < 1e-6
 
 
-@pytest.mark.parametrize("make_view", [
-    lambda x: x[:, :, ::2],                       # strided spatial dim
-    lambda x: x.permute(0, 1, 3, 2),              # transposed H/W: neither layout
-    lambda x: x[:, 2:10],                         # channel slice of a bigger tensor
-], ids=["stride2", "permuted", "channel-slice"])
+@pytest.mark.parametrize(
+    "make_view",
+    [
+        lambda x: x[:, :, ::2],  # strided spatial dim
+        lambda x: x.permute(0, 1, 3, 2),  # transposed H/W: neither layout
+        lambda x: x[:, 2:10],  # channel slice of a bigger tensor
+    ],
+    ids=["stride2", "permuted", "channel-slice"],
+)
 def test_non_contiguous_inputs(device, make_view):
     base = make_input((2, 12, 10, 6), torch.float32, device)
     x = make_view(base)
@@ -163,7 +176,11 @@ def test_empty_inputs(device, shape):
 
 def _grads(fn, x, w, b, gy):
     x = x.detach().clone().requires_grad_()
-    params = [] if w is None else [w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()]
+    params = (
+        []
+        if w is None
+        else [w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()]
+    )
     y = fn(x, *params) if params else fn(x)
     gx, *gp = torch.autograd.grad(y, [x] + params, gy)
     return [gx] + gp
@@ -174,22 +191,33 @@ def _grads(fn, x, w, b, gy):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("activation", ["silu", None])
-def test_backward_matches_reference(device, shape, groups, dtype, channels_last, affine, activation):
+def test_backward_matches_reference(
+    device, shape, groups, dtype, channels_last, affine, activation
+):
     x = make_input(shape, dtype, device, channels_last)
     w, b = make_affine(shape[1], dtype, device) if affine else (None, None)
     gy = make_input(shape, dtype, device, channels_last, offset=0.5, scale=1.0)
     poison_allocator(x)
     ours = _grads(lambda x, *p: group_norm_silu(x, groups, *p, activation=activation), x, w, b, gy)
-    ref = _grads(lambda x, *p: reference.group_norm_silu(x, groups, *p, activation=activation),
-                 x.double(), None if w is None else w.double(), None if b is None else b.double(),
-                 gy.double())
+    ref = _grads(
+        lambda x, *p: reference.group_norm_silu(x, groups, *p, activation=activation),
+        x.double(),
+        None if w is None else w.double(),
+        None if b is None else b.double(),
+        gy.double(),
+    )
     assert ours[0].shape == x.shape and all(g.dtype == dtype for g in ours)
     if dtype == torch.float32:
         for o, r in zip(ours, ref):
             assert rel_err(o, r) < FP32_TOL
     else:
-        pt = _grads(lambda x, *p: reference.group_norm_silu_eager(x, groups, *p, activation=activation),
-                    x, w, b, gy)
+        pt = _grads(
+            lambda x, *p: reference.group_norm_silu_eager(x, groups, *p, activation=activation),
+            x,
+            w,
+            b,
+            gy,
+        )
         for o, p, r in zip(ours, pt, ref):
             assert max_err(o, r) <= 2 * max_err(p, r) + 1e-6
 
@@ -225,10 +253,14 @@ def test_opcheck(device, layout):
     with torch.no_grad():
         _, mean, rstd = torch.ops.genext.group_norm_silu(x, 4, w, b, 1e-5, True)
     gy = torch.randn_like(x).detach()
-    torch.library.opcheck(torch.ops.genext.group_norm_silu_backward.default,
-                          (gy, x.detach(), mean, rstd, w.detach(), b.detach(), 4, True))
-    torch.library.opcheck(torch.ops.genext.group_norm_silu_backward.default,
-                          (gy, x.detach(), mean, rstd, None, None, 4, False))
+    torch.library.opcheck(
+        torch.ops.genext.group_norm_silu_backward.default,
+        (gy, x.detach(), mean, rstd, w.detach(), b.detach(), 4, True),
+    )
+    torch.library.opcheck(
+        torch.ops.genext.group_norm_silu_backward.default,
+        (gy, x.detach(), mean, rstd, None, None, 4, False),
+    )
 
 
 def test_torch_compile_strided_input(device):
@@ -252,8 +284,8 @@ def test_torch_compile_fullgraph(device):
     y_eager = block(x)
     y_comp = compiled(x)
     assert rel_err(y_comp, y_eager) < FP32_TOL
-    g_eager, = torch.autograd.grad(y_eager.sum(), x)
-    g_comp, = torch.autograd.grad(y_comp.sum(), x)
+    (g_eager,) = torch.autograd.grad(y_eager.sum(), x)
+    (g_comp,) = torch.autograd.grad(y_comp.sum(), x)
     assert rel_err(g_comp, g_eager) < FP32_TOL
 
 
@@ -330,12 +362,20 @@ def test_float64_on_cuda_is_a_clear_error():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape", [
-    (1, 128, 128, 128),   # 32 groups of 64k values: the split-group path (too few groups for the GPU)
-    (1, 32, 333, 77),     # split path with a group length that no vector width divides
-    (8, 320, 32, 32),     # 256 groups of 10k values: many groups, each small enough for one block
-    (2, 1280, 8, 8),      # 64 groups of 2560 values
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (
+            1,
+            128,
+            128,
+            128,
+        ),  # 32 groups of 64k values: the split-group path (too few groups for the GPU)
+        (1, 32, 333, 77),  # split path with a group length that no vector width divides
+        (8, 320, 32, 32),  # 256 groups of 10k values: many groups, each small enough for one block
+        (2, 1280, 8, 8),  # 64 groups of 2560 values
+    ],
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_cuda_paths_forward_backward(shape, channels_last, dtype):
@@ -346,8 +386,13 @@ def test_cuda_paths_forward_backward(shape, channels_last, dtype):
     ours = _grads(lambda x, *p: group_norm_silu(x, 32, *p), x, w, b, gy)
     y = group_norm_silu(x, 32, w, b)
     ref_y = reference.group_norm_silu(x.double(), 32, w.double(), b.double())
-    ref = _grads(lambda x, *p: reference.group_norm_silu(x, 32, *p), x.double(), w.double(),
-                 b.double(), gy.double())
+    ref = _grads(
+        lambda x, *p: reference.group_norm_silu(x, 32, *p),
+        x.double(),
+        w.double(),
+        b.double(),
+        gy.double(),
+    )
     if dtype == torch.float32:
         assert rel_err(y, ref_y) < FP32_TOL
         for o, r in zip(ours, ref):
@@ -381,13 +426,13 @@ def test_cuda_more_than_2_31_elements():
     assert x.numel() > 2**31
     y = group_norm_silu(x, 32)
     for g in (0, 31):
-        ref = reference.group_norm_silu(x[:, g:g + 1].double(), 1)
-        pt = reference.group_norm_silu_eager(x[:, g:g + 1].float(), 1).half()
-        assert max_err(y[:, g:g + 1], ref) <= 2 * max_err(pt, ref) + 1e-6
+        ref = reference.group_norm_silu(x[:, g : g + 1].double(), 1)
+        pt = reference.group_norm_silu_eager(x[:, g : g + 1].float(), 1).half()
+        assert max_err(y[:, g : g + 1], ref) <= 2 * max_err(pt, ref) + 1e-6
 
 
 def test_double_backward_is_a_clear_error():
     x = make_input((2, 8, 4, 4), torch.float64, "cpu").requires_grad_()
-    g, = torch.autograd.grad(group_norm_silu(x, 4).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(group_norm_silu(x, 4).sum(), x, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         g.sum().backward()

@@ -1,6 +1,7 @@
 """genext::sampler_step, the fused scheduler step, against its plain-PyTorch specification
 (genext.reference.sampler_step): bit-identical in fp32 on every mode and option, 16-bit samples
 within rounding, bad inputs, opcheck, torch.compile, and CUDA graph capture of a step loop."""
+
 from __future__ import annotations
 
 import itertools
@@ -23,7 +24,8 @@ def _coef(mode: int, rng: random.Random) -> list[float]:
 
 def _cases():
     for mode, pt, guided, n_hist, noise, thr, clip in itertools.product(
-            range(4), range(3), (False, True), (0, 1, 2), (False, True), (False, True), (False, True)):
+        range(4), range(3), (False, True), (0, 1, 2), (False, True), (False, True), (False, True)
+    ):
         if n_hist and mode != StepKind.DPM:
             continue
         if mode == StepKind.FLOW and (pt or thr or clip):
@@ -47,8 +49,14 @@ def test_matches_eager_bit_for_bit(case, device):
     mode, pt, guided, n_hist, noise, thr, clip = case
     x, m, hist, nz, s = _inputs((2, 4, 9, 7), torch.float32, device, guided, n_hist, noise, thr)
     coef = _coef(mode, random.Random(hash(case) & 0xFFFF))
-    kw = dict(prediction_type=pt, history=hist, noise=nz, threshold_scale=s, clip=clip,
-              guidance_scale=7.5 if guided else None)
+    kw = dict(
+        prediction_type=pt,
+        history=hist,
+        noise=nz,
+        threshold_scale=s,
+        clip=clip,
+        guidance_scale=7.5 if guided else None,
+    )
     prev, x0 = sampler_step(mode, x, m, coef, **kw)
     want_prev, want_x0 = eager_step(mode, x, m, coef, **kw)
     assert torch.equal(prev, want_prev)
@@ -105,7 +113,9 @@ def test_bad_inputs(device):
 def test_opcheck():
     x, m, hist, nz, s = _inputs((2, 4, 6, 6), torch.float32, "cpu", True, 2, True, True)
     torch.library.opcheck(FWD, (StepKind.DPM, x, m, hist, nz, s, [0.5] * 12, 2, False, True, 3.0))
-    torch.library.opcheck(FWD, (StepKind.DDIM, x, m[:2], [], None, None, [0.9] * 12, 0, True, False, 1.0))
+    torch.library.opcheck(
+        FWD, (StepKind.DDIM, x, m[:2], [], None, None, [0.9] * 12, 0, True, False, 1.0)
+    )
 
 
 def test_compile_fullgraph():
@@ -123,7 +133,9 @@ def test_compile_fullgraph():
 @pytest.mark.cuda
 def test_cuda_graph_loop_replays():
     # a 10-step DPM-style loop captured once; replay equals the eager loop
-    x0_init, m_fixed, _, _, _ = _inputs((2, 4, 16, 16), torch.float32, "cuda", False, 0, False, False)
+    x0_init, m_fixed, _, _, _ = _inputs(
+        (2, 4, 16, 16), torch.float32, "cuda", False, 0, False, False
+    )
     coefs = [_coef(StepKind.DPM, random.Random(10 + i)) for i in range(10)]
 
     def loop(x):
@@ -150,8 +162,9 @@ def test_cuda_graph_loop_replays():
 
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
 def test_out_and_in_place(mode, device):
-    x, m, hist, nz, _ = _inputs((2, 4, 8, 8), torch.float32, device, True, 2 if mode == StepKind.DPM else 0,
-                                True, False)
+    x, m, hist, nz, _ = _inputs(
+        (2, 4, 8, 8), torch.float32, device, True, 2 if mode == StepKind.DPM else 0, True, False
+    )
     coef = _coef(mode, random.Random(4))
     kw = dict(history=hist, noise=nz, guidance_scale=3.0)
     want_prev, want_x0 = sampler_step(mode, x, m, coef, **kw)
@@ -168,15 +181,56 @@ def test_out_bad_and_opcheck(device):
     x = torch.randn(2, 4, 8, 8, device=device)
     c = [0.5] * 12
     with pytest.raises(ValueError, match="prev must have the sample's shape"):
-        torch.ops.genext.sampler_step_out(0, x, x, [], None, None, c, 0, False, False, 1.0,
-                                          torch.empty(3, device=device), torch.empty_like(x))
+        torch.ops.genext.sampler_step_out(
+            0,
+            x,
+            x,
+            [],
+            None,
+            None,
+            c,
+            0,
+            False,
+            False,
+            1.0,
+            torch.empty(3, device=device),
+            torch.empty_like(x),
+        )
     with pytest.raises(TypeError, match="x0 must have the sample's dtype"):
-        torch.ops.genext.sampler_step_out(0, x, x, [], None, None, c, 0, False, False, 1.0,
-                                          torch.empty_like(x), torch.empty_like(x).half())
+        torch.ops.genext.sampler_step_out(
+            0,
+            x,
+            x,
+            [],
+            None,
+            None,
+            c,
+            0,
+            False,
+            False,
+            1.0,
+            torch.empty_like(x),
+            torch.empty_like(x).half(),
+        )
     if device == "cpu":
-        torch.library.opcheck(torch.ops.genext.sampler_step_out,
-                              (2, x, x, [x.clone()], None, None, c, 0, False, False, 1.0,
-                               torch.empty_like(x), torch.empty_like(x)))
+        torch.library.opcheck(
+            torch.ops.genext.sampler_step_out,
+            (
+                2,
+                x,
+                x,
+                [x.clone()],
+                None,
+                None,
+                c,
+                0,
+                False,
+                False,
+                1.0,
+                torch.empty_like(x),
+                torch.empty_like(x),
+            ),
+        )
 
 
 def test_scheduler_step_in_place_matches():

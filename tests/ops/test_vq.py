@@ -1,6 +1,7 @@
 """genext.ops.vq_nearest and vq_ema_update against float64 references: random data, near ties
 (duplicated codebook rows: the smallest index wins), odd sizes, K = 1, empty N, cosine, 16-bit
 inputs, bad inputs, opcheck, compile; CUDA runs the same through the device fixture."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,8 +33,9 @@ def _check(idx, dist, z, cb, metric, tol):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("n,k,d", [(1000, 300, 72), (33, 65, 13), (7, 1, 5), (257, 129, 64),
-                                   (64, 1024, 256)])
+@pytest.mark.parametrize(
+    "n,k,d", [(1000, 300, 72), (33, 65, 13), (7, 1, 5), (257, 129, 64), (64, 1024, 256)]
+)
 def test_matches_float64(metric, n, k, d, device):
     z = torch.randn(n, d, device=device)
     cb = torch.randn(k, d, device=device)

@@ -6,6 +6,7 @@ and compares every intermediate sample and pred_original_sample: relative error 
 fp32 on the CPU, 1e-5 on CUDA. Each scheduler follows its own trajectory, so errors would
 accumulate rather than reset. Stochastic variants use identically seeded generators.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -18,7 +19,8 @@ import torch
 from conftest import rel_err
 
 diffusers = pytest.importorskip(
-    "diffusers", reason="diffusers is the reference these schedulers must match (test extra)")
+    "diffusers", reason="diffusers is the reference these schedulers must match (test extra)"
+)
 
 import genext  # noqa: E402
 from genext.ops._sampler_step import StepKind  # noqa: E402
@@ -34,11 +36,13 @@ CPU_TOL, CUDA_TOL = 1e-6, 1e-5
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
 BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2")
-X0_MODES = {"none": dict(clip_sample=False),
-            "clip": dict(clip_sample=True, clip_sample_range=1.5),
-            "threshold": dict(thresholding=True, dynamic_thresholding_ratio=0.9,
-                              sample_max_value=2.0)}
+X0_MODES = {
+    "none": dict(clip_sample=False),
+    "clip": dict(clip_sample=True, clip_sample_range=1.5),
+    "threshold": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0),
+}
 FIXED_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+
 
 def _inputs(device="cpu", channels=SHAPE[1]):
     g = torch.Generator().manual_seed(0)
@@ -60,14 +64,28 @@ def _generators(kind, device, batch):
     if kind is None:
         return None, None
     if kind == "list":
-        return ([torch.Generator(device).manual_seed(10 + i) for i in range(batch)],
-                [torch.Generator(device).manual_seed(10 + i) for i in range(batch)])
+        return (
+            [torch.Generator(device).manual_seed(10 + i) for i in range(batch)],
+            [torch.Generator(device).manual_seed(10 + i) for i in range(batch)],
+        )
     return torch.Generator(device).manual_seed(1234), torch.Generator(device).manual_seed(1234)
 
 
-def run_pair(ours, ref, steps, *, step_kw=None, guidance=None, generator=None, device="cpu",
-             learned=False, variance_noise=False, tol=CPU_TOL, ours_timesteps_on_device=False,
-             model=fake_model):
+def run_pair(
+    ours,
+    ref,
+    steps,
+    *,
+    step_kw=None,
+    guidance=None,
+    generator=None,
+    device="cpu",
+    learned=False,
+    variance_noise=False,
+    tol=CPU_TOL,
+    ours_timesteps_on_device=False,
+    model=fake_model,
+):
     """Sample `steps` steps with both schedulers; assert each prev_sample and pred_original_sample
     is within `tol`; returns the largest relative error seen."""
     step_kw = dict(step_kw or {})
@@ -102,9 +120,10 @@ def run_pair(ours, ref, steps, *, step_kw=None, guidance=None, generator=None, d
                 m = u + guidance * (c - u)
             exp = ref.step(m, int(t), x_ref, **kw_ref)
         assert isinstance(out, SchedulerOutput)
-        for name, a, b in (("prev_sample", out.prev_sample, exp.prev_sample),
-                           ("pred_original_sample", out.pred_original_sample,
-                            exp.pred_original_sample)):
+        for name, a, b in (
+            ("prev_sample", out.prev_sample, exp.prev_sample),
+            ("pred_original_sample", out.pred_original_sample, exp.pred_original_sample),
+        ):
             assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
             err = rel_err(a, b)
             assert err <= tol, f"{name} at step {i} (t={int(t)}, {steps} steps): rel err {err:.3g}"
@@ -119,55 +138,106 @@ def run_trajectories(make_ours, make_ref, **kw):
 
 # ---- DDIM ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("beta_schedule", BETAS)
 def test_ddim_schedules(beta_schedule, prediction_type, spacing):
-    cfg = dict(beta_schedule=beta_schedule, prediction_type=prediction_type,
-               timestep_spacing=spacing, steps_offset=1, clip_sample=False)
+    cfg = dict(
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        timestep_spacing=spacing,
+        steps_offset=1,
+        clip_sample=False,
+    )
     run_trajectories(lambda: DDIMScheduler(**cfg), lambda: diffusers.DDIMScheduler(**cfg))
 
 
 def _ddim_option_params():
     for pred, x0_mode, zsnr, one, eta in itertools.product(
-            PREDICTIONS, X0_MODES, (False, True), (True, False), (0.0, 1.0)):
-        yield pytest.param(pred, x0_mode, zsnr, one, eta,
-                           id=f"{pred}-{x0_mode}-zsnr{int(zsnr)}-one{int(one)}-eta{eta:g}")
+        PREDICTIONS, X0_MODES, (False, True), (True, False), (0.0, 1.0)
+    ):
+        yield pytest.param(
+            pred,
+            x0_mode,
+            zsnr,
+            one,
+            eta,
+            id=f"{pred}-{x0_mode}-zsnr{int(zsnr)}-one{int(one)}-eta{eta:g}",
+        )
 
 
-@pytest.mark.parametrize("prediction_type,x0_mode,zero_snr,set_alpha_to_one,eta",
-                         list(_ddim_option_params()))
+@pytest.mark.parametrize(
+    "prediction_type,x0_mode,zero_snr,set_alpha_to_one,eta", list(_ddim_option_params())
+)
 def test_ddim_options(prediction_type, x0_mode, zero_snr, set_alpha_to_one, eta):
-    cfg = dict(prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr,
-               set_alpha_to_one=set_alpha_to_one, **X0_MODES[x0_mode])
-    run_trajectories(lambda: DDIMScheduler(**cfg), lambda: diffusers.DDIMScheduler(**cfg),
-                     step_kw=dict(eta=eta), generator="one" if eta else None)
+    cfg = dict(
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_snr,
+        set_alpha_to_one=set_alpha_to_one,
+        **X0_MODES[x0_mode],
+    )
+    run_trajectories(
+        lambda: DDIMScheduler(**cfg),
+        lambda: diffusers.DDIMScheduler(**cfg),
+        step_kw=dict(eta=eta),
+        generator="one" if eta else None,
+    )
 
 
 DDIM_EXTRAS = {
     # Stable Diffusion 1.x's scheduler config
-    "sd15": (dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  clip_sample=False, set_alpha_to_one=False, steps_offset=1), {}),
+    "sd15": (
+        dict(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        {},
+    ),
     # zero terminal SNR as meant: v-prediction, trailing spacing (the last step sees acp = 0)
-    "zero_snr_trailing_v": (dict(rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                                 prediction_type="v_prediction", clip_sample=False), {}),
-    "clipped_model_output": (dict(clip_sample=True, clip_sample_range=0.8),
-                             dict(step_kw=dict(eta=0.5, use_clipped_model_output=True),
-                                  generator="one")),
-    "sample_clipped_model_output": (dict(prediction_type="sample", thresholding=True,
-                                         sample_max_value=1.5),
-                                    dict(step_kw=dict(use_clipped_model_output=True))),
+    "zero_snr_trailing_v": (
+        dict(
+            rescale_betas_zero_snr=True,
+            timestep_spacing="trailing",
+            prediction_type="v_prediction",
+            clip_sample=False,
+        ),
+        {},
+    ),
+    "clipped_model_output": (
+        dict(clip_sample=True, clip_sample_range=0.8),
+        dict(step_kw=dict(eta=0.5, use_clipped_model_output=True), generator="one"),
+    ),
+    "sample_clipped_model_output": (
+        dict(prediction_type="sample", thresholding=True, sample_max_value=1.5),
+        dict(step_kw=dict(use_clipped_model_output=True)),
+    ),
     "variance_noise": (dict(), dict(step_kw=dict(eta=1.0), variance_noise=True)),
-    "generator_list": (dict(prediction_type="v_prediction"),
-                       dict(step_kw=dict(eta=0.7), generator="list")),
+    "generator_list": (
+        dict(prediction_type="v_prediction"),
+        dict(step_kw=dict(eta=0.7), generator="list"),
+    ),
     "guidance": (dict(clip_sample=False), dict(guidance=7.5)),
-    "guidance_eta_threshold": (dict(thresholding=True, sample_max_value=1.5,
-                                    prediction_type="v_prediction"),
-                               dict(guidance=3.0, step_kw=dict(eta=1.0), generator="one")),
-    "trained_betas": (dict(trained_betas=np.linspace(1e-4, 0.03, 1000) ** 1.1, clip_sample=False,
-                           timestep_spacing="linspace"), {}),
-    "short_train_T": (dict(num_train_timesteps=97, timestep_spacing="trailing",
-                           steps_offset=3), {}),
+    "guidance_eta_threshold": (
+        dict(thresholding=True, sample_max_value=1.5, prediction_type="v_prediction"),
+        dict(guidance=3.0, step_kw=dict(eta=1.0), generator="one"),
+    ),
+    "trained_betas": (
+        dict(
+            trained_betas=np.linspace(1e-4, 0.03, 1000) ** 1.1,
+            clip_sample=False,
+            timestep_spacing="linspace",
+        ),
+        {},
+    ),
+    "short_train_T": (
+        dict(num_train_timesteps=97, timestep_spacing="trailing", steps_offset=3),
+        {},
+    ),
 }
 
 
@@ -179,14 +249,20 @@ def test_ddim_extras(case):
 
 # ---- DDPM ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("variance_type", ("fixed_small", "fixed_small_log", "fixed_large"))
 def test_ddpm_variances(variance_type, prediction_type, spacing):
-    cfg = dict(variance_type=variance_type, prediction_type=prediction_type,
-               timestep_spacing=spacing, steps_offset=1)
-    run_trajectories(lambda: DDPMScheduler(**cfg), lambda: diffusers.DDPMScheduler(**cfg),
-                     generator="one")
+    cfg = dict(
+        variance_type=variance_type,
+        prediction_type=prediction_type,
+        timestep_spacing=spacing,
+        steps_offset=1,
+    )
+    run_trajectories(
+        lambda: DDPMScheduler(**cfg), lambda: diffusers.DDPMScheduler(**cfg), generator="one"
+    )
 
 
 @pytest.mark.parametrize("zero_snr", (False, True))
@@ -194,10 +270,15 @@ def test_ddpm_variances(variance_type, prediction_type, spacing):
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("beta_schedule", BETAS + ("sigmoid",))
 def test_ddpm_options(beta_schedule, prediction_type, x0_mode, zero_snr):
-    cfg = dict(beta_schedule=beta_schedule, prediction_type=prediction_type,
-               rescale_betas_zero_snr=zero_snr, **X0_MODES[x0_mode])
-    run_trajectories(lambda: DDPMScheduler(**cfg), lambda: diffusers.DDPMScheduler(**cfg),
-                     generator="one")
+    cfg = dict(
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_snr,
+        **X0_MODES[x0_mode],
+    )
+    run_trajectories(
+        lambda: DDPMScheduler(**cfg), lambda: diffusers.DDPMScheduler(**cfg), generator="one"
+    )
 
 
 def test_ddpm_fixed_large_log():
@@ -208,14 +289,18 @@ def test_ddpm_fixed_large_log():
     x = torch.randn(SHAPE)
     ref_out = ref.step(0.1 * x, ref.timesteps[0], x, generator=torch.Generator().manual_seed(0))
     if torch.isfinite(ref_out.prev_sample).all():  # diffusers fixed it: compare directly
-        run_trajectories(lambda: DDPMScheduler(variance_type="fixed_large_log"),
-                         lambda: diffusers.DDPMScheduler(variance_type="fixed_large_log"),
-                         generator="one")
+        run_trajectories(
+            lambda: DDPMScheduler(variance_type="fixed_large_log"),
+            lambda: diffusers.DDPMScheduler(variance_type="fixed_large_log"),
+            generator="one",
+        )
         return
     assert torch.isnan(ref_out.prev_sample).all()
-    run_trajectories(lambda: DDPMScheduler(variance_type="fixed_large_log"),
-                     lambda: diffusers.DDPMScheduler(variance_type="fixed_large"),
-                     generator="one")
+    run_trajectories(
+        lambda: DDPMScheduler(variance_type="fixed_large_log"),
+        lambda: diffusers.DDPMScheduler(variance_type="fixed_large"),
+        generator="one",
+    )
 
 
 def learned_variance_model(x, t, base):
@@ -230,15 +315,24 @@ def learned_variance_model(x, t, base):
 @pytest.mark.parametrize("variance_type", ("learned", "learned_range"))
 def test_ddpm_learned_variance(variance_type, guidance):
     cfg = dict(variance_type=variance_type, clip_sample=False)
-    run_trajectories(lambda: DDPMScheduler(**cfg), lambda: diffusers.DDPMScheduler(**cfg),
-                     generator="one", learned=True, guidance=guidance,
-                     model=learned_variance_model)
+    run_trajectories(
+        lambda: DDPMScheduler(**cfg),
+        lambda: diffusers.DDPMScheduler(**cfg),
+        generator="one",
+        learned=True,
+        guidance=guidance,
+        model=learned_variance_model,
+    )
 
 
 def test_ddpm_guidance_threshold():
     cfg = dict(thresholding=True, sample_max_value=1.5, prediction_type="v_prediction")
-    run_trajectories(lambda: DDPMScheduler(**cfg), lambda: diffusers.DDPMScheduler(**cfg),
-                     guidance=5.0, generator="list")
+    run_trajectories(
+        lambda: DDPMScheduler(**cfg),
+        lambda: diffusers.DDPMScheduler(**cfg),
+        guidance=5.0,
+        generator="list",
+    )
 
 
 def test_ddpm_custom_timesteps_and_full_chain():
@@ -269,8 +363,12 @@ def test_ddpm_custom_timesteps_and_full_chain():
 
 # ---- schedules, add_noise, config ---------------------------------------------------------------
 
-@pytest.mark.parametrize("cls_pair", [(DDIMScheduler, "DDIMScheduler"),
-                                      (DDPMScheduler, "DDPMScheduler")], ids=["ddim", "ddpm"])
+
+@pytest.mark.parametrize(
+    "cls_pair",
+    [(DDIMScheduler, "DDIMScheduler"), (DDPMScheduler, "DDPMScheduler")],
+    ids=["ddim", "ddpm"],
+)
 def test_set_timesteps_matches(cls_pair):
     ours_cls, ref_cls = cls_pair[0], getattr(diffusers, cls_pair[1])
     for T, spacing, offset in itertools.product((1000, 999, 37), SPACINGS, (0, 1, 3)):
@@ -291,8 +389,10 @@ def test_set_timesteps_matches(cls_pair):
 @pytest.mark.parametrize("beta_schedule", BETAS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.float64))
 def test_add_noise_and_velocity(beta_schedule, dtype):
-    for ours_cls, ref_cls in ((DDIMScheduler, diffusers.DDIMScheduler),
-                              (DDPMScheduler, diffusers.DDPMScheduler)):
+    for ours_cls, ref_cls in (
+        (DDIMScheduler, diffusers.DDIMScheduler),
+        (DDPMScheduler, diffusers.DDPMScheduler),
+    ):
         for zsnr in (False, True):
             ours = ours_cls(beta_schedule=beta_schedule, rescale_betas_zero_snr=zsnr)
             ref = ref_cls(beta_schedule=beta_schedule, rescale_betas_zero_snr=zsnr)
@@ -302,18 +402,26 @@ def test_add_noise_and_velocity(beta_schedule, dtype):
             noise = torch.randn(SHAPE).to(dtype)
             for ts in (torch.tensor([0, 999]), torch.tensor([500, 3]), torch.tensor(250)):
                 assert torch.equal(ours.add_noise(x, noise, ts), ref.add_noise(x, noise, ts))
-                assert torch.equal(ours.get_velocity(x, noise, ts),
-                                   ref.get_velocity(x, noise, ts))
+                assert torch.equal(ours.get_velocity(x, noise, ts), ref.get_velocity(x, noise, ts))
 
 
-@pytest.mark.parametrize("ours_cls,ref_name", [(DDIMScheduler, "DDIMScheduler"),
-                                               (DDPMScheduler, "DDPMScheduler")],
-                         ids=["ddim", "ddpm"])
+@pytest.mark.parametrize(
+    "ours_cls,ref_name",
+    [(DDIMScheduler, "DDIMScheduler"), (DDPMScheduler, "DDPMScheduler")],
+    ids=["ddim", "ddpm"],
+)
 def test_from_config_round_trip(ours_cls, ref_name):
     ref_cls = getattr(diffusers, ref_name)
-    ref = ref_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1,
-                  rescale_betas_zero_snr=True, clip_sample=False)
+    ref = ref_cls(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        steps_offset=1,
+        rescale_betas_zero_snr=True,
+        clip_sample=False,
+    )
     ours = ours_cls.from_config(ref.config)
     assert set(ours.config) == set(k for k in ref.config if not k.startswith("_"))
     for k, v in ours.config.items():
@@ -332,6 +440,7 @@ def test_from_config_round_trip(ours_cls, ref_name):
 
 # ---- API details --------------------------------------------------------------------------------
 
+
 def test_step_is_one_fused_call(monkeypatch):
     calls = []
 
@@ -348,8 +457,10 @@ def test_step_is_one_fused_call(monkeypatch):
     counting_in(ddpm_mod)
     monkeypatch.setattr(genext.reference, "sampler_step", None)  # the schedulers must not need it
     x, base, _ = _inputs()
-    for sched, mode in ((DDIMScheduler(thresholding=True), StepKind.DDIM),
-                        (DDPMScheduler(thresholding=True), StepKind.DDPM)):
+    for sched, mode in (
+        (DDIMScheduler(thresholding=True), StepKind.DDIM),
+        (DDPMScheduler(thresholding=True), StepKind.DDPM),
+    ):
         sched.set_timesteps(10)
         calls.clear()
         for t in sched.timesteps:
@@ -362,8 +473,9 @@ def test_return_tuple_and_step_index():
     for sched in (DDIMScheduler(), DDPMScheduler()):
         sched.set_timesteps(5)
         assert sched.step_index is None
-        out = sched.step(fake_model(x, sched.timesteps[0], base), sched.timesteps[0], x,
-                         return_dict=False)
+        out = sched.step(
+            fake_model(x, sched.timesteps[0], base), sched.timesteps[0], x, return_dict=False
+        )
         assert isinstance(out, tuple) and len(out) == 2
         assert sched.step_index == 1
         sched.set_begin_index(2)
@@ -412,10 +524,14 @@ def test_16bit_samples(dtype):
     x, base, _ = _inputs()
     x = x.to(dtype)
     eps = torch.finfo(dtype).eps
-    for ours, ref, t in ((DDIMScheduler(thresholding=True),
-                          diffusers.DDIMScheduler(thresholding=True), 700),
-                         (DDPMScheduler(prediction_type="v_prediction"),
-                          diffusers.DDPMScheduler(prediction_type="v_prediction"), 0)):
+    for ours, ref, t in (
+        (DDIMScheduler(thresholding=True), diffusers.DDIMScheduler(thresholding=True), 700),
+        (
+            DDPMScheduler(prediction_type="v_prediction"),
+            diffusers.DDPMScheduler(prediction_type="v_prediction"),
+            0,
+        ),
+    ):
         ours.set_timesteps(10)
         ref.set_timesteps(10)
         m = fake_model(x.float(), 800, base).to(dtype)
@@ -427,6 +543,7 @@ def test_16bit_samples(dtype):
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("which", ("ddim", "ddpm"))
@@ -441,8 +558,9 @@ def test_cuda_matches_diffusers(which):
         cfg = dict(clip_sample=True, variance_type="fixed_small_log")
         pair = (lambda: DDPMScheduler(**cfg), lambda: diffusers.DDPMScheduler(**cfg))
         kw = dict(generator="one")
-    worst = run_trajectories(*pair, device="cuda", tol=CUDA_TOL, ours_timesteps_on_device=True,
-                             **kw)
+    worst = run_trajectories(
+        *pair, device="cuda", tol=CUDA_TOL, ours_timesteps_on_device=True, **kw
+    )
     assert worst <= CUDA_TOL
 
     ours = pair[0]()
@@ -450,14 +568,24 @@ def test_cuda_matches_diffusers(which):
     x, base, base2 = _inputs("cuda")
     gen = torch.Generator("cuda").manual_seed(0)
     outs = [fake_model(x, t, base) for t in ours.timesteps.tolist()]
-    ours.step(outs[0] if which == "ddpm" else torch.cat([outs[0], outs[0]]), ours.timesteps[0], x,
-              generator=gen, **({} if which == "ddpm" else dict(eta=1.0, guidance_scale=3.0)))
+    ours.step(
+        outs[0] if which == "ddpm" else torch.cat([outs[0], outs[0]]),
+        ours.timesteps[0],
+        x,
+        generator=gen,
+        **({} if which == "ddpm" else dict(eta=1.0, guidance_scale=3.0)),
+    )
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i in range(1, 10):
             m = outs[i] if which == "ddpm" else torch.cat([outs[i], outs[i]])
-            ours.step(m, ours.timesteps[i], x, generator=gen,
-                      **({} if which == "ddpm" else dict(eta=1.0, guidance_scale=3.0)))
+            ours.step(
+                m,
+                ours.timesteps[i],
+                x,
+                generator=gen,
+                **({} if which == "ddpm" else dict(eta=1.0, guidance_scale=3.0)),
+            )
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -1,6 +1,7 @@
 """genext's DPMSolverMultistepScheduler against diffusers' (method: tests/samplers/trajectories.py):
 the solver grid, options, schedules, fused guidance, noise, config round trips, API, and one
 fused op call per step."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,7 +9,9 @@ import itertools
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference (pip install diffusers)")
+diffusers = pytest.importorskip(
+    "diffusers", reason="diffusers is the reference (pip install diffusers)"
+)
 from genext.samplers import dpm_solver as dpm_mod  # noqa: E402
 from genext.samplers.dpm_solver import DPMSolverMultistepScheduler  # noqa: E402
 
@@ -30,45 +33,69 @@ from trajectories import (  # noqa: E402
 
 # diffusers warns that the original "dpmsolver" algorithms are deprecated; that is its business
 # and numpy 2 warns about how diffusers converts a tensor (np.array(tensor)); not ours either
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
 
 
 # ---- DPM-Solver++: the solver grid ---------------------------------------------------------------
 
-SOLVER_GRID = list(itertools.product(
-    ["dpmsolver++", "sde-dpmsolver++"], [1, 2, 3], ["midpoint", "heun"],
-    ["epsilon", "v_prediction", "sample"]))
+SOLVER_GRID = list(
+    itertools.product(
+        ["dpmsolver++", "sde-dpmsolver++"],
+        [1, 2, 3],
+        ["midpoint", "heun"],
+        ["epsilon", "v_prediction", "sample"],
+    )
+)
 
 
 @pytest.mark.parametrize("algorithm_type,solver_order,solver_type,prediction_type", SOLVER_GRID)
-def test_dpm_solver_grid_matches_diffusers(algorithm_type, solver_order, solver_type,
-                                           prediction_type):
+def test_dpm_solver_grid_matches_diffusers(
+    algorithm_type, solver_order, solver_type, prediction_type
+):
     for n in STEPS:
-        ours, ref = both(DPMSolverMultistepScheduler, RefDPM, algorithm_type=algorithm_type,
-                         solver_order=solver_order, solver_type=solver_type,
-                         prediction_type=prediction_type)
+        ours, ref = both(
+            DPMSolverMultistepScheduler,
+            RefDPM,
+            algorithm_type=algorithm_type,
+            solver_order=solver_order,
+            solver_type=solver_type,
+            prediction_type=prediction_type,
+        )
         compare_trajectories(ours, ref, n, kind=prediction_type)
 
 
 # The step-size and final-step options, all 32 combinations, each on order 2 and 3 of both
 # algorithms (the lower-order rules differ between orders; 10 steps is where lower_order_final
 # acts, 25 and 50 where it does not)
-OPTION_GRID = list(itertools.product([False, True], ["zero", "sigma_min"], [True, False],
-                                     [False, True], [False, True]))
+OPTION_GRID = list(
+    itertools.product(
+        [False, True], ["zero", "sigma_min"], [True, False], [False, True], [False, True]
+    )
+)
 
 
-@pytest.mark.parametrize("use_karras_sigmas,final_sigmas_type,lower_order_final,euler_at_final,"
-                         "thresholding", OPTION_GRID)
-def test_dpm_solver_options_match_diffusers(use_karras_sigmas, final_sigmas_type,
-                                            lower_order_final, euler_at_final, thresholding):
+@pytest.mark.parametrize(
+    "use_karras_sigmas,final_sigmas_type,lower_order_final,euler_at_final,thresholding", OPTION_GRID
+)
+def test_dpm_solver_options_match_diffusers(
+    use_karras_sigmas, final_sigmas_type, lower_order_final, euler_at_final, thresholding
+):
     cases = [("dpmsolver++", 3, "epsilon"), ("sde-dpmsolver++", 2, "v_prediction")]
     for (algorithm_type, solver_order, kind), n in itertools.product(cases, STEPS):
-        config = dict(algorithm_type=algorithm_type, solver_order=solver_order,
-                      prediction_type=kind, use_karras_sigmas=use_karras_sigmas,
-                      final_sigmas_type=final_sigmas_type, lower_order_final=lower_order_final,
-                      euler_at_final=euler_at_final, thresholding=thresholding,
-                      sample_max_value=1.5)
+        config = dict(
+            algorithm_type=algorithm_type,
+            solver_order=solver_order,
+            prediction_type=kind,
+            use_karras_sigmas=use_karras_sigmas,
+            final_sigmas_type=final_sigmas_type,
+            lower_order_final=lower_order_final,
+            euler_at_final=euler_at_final,
+            thresholding=thresholding,
+            sample_max_value=1.5,
+        )
         ours, ref = both(DPMSolverMultistepScheduler, RefDPM, **config)
         compare_trajectories(ours, ref, n, kind=kind)
 
@@ -91,40 +118,92 @@ def test_dpm_thresholding_is_active():
 
 SCHEDULE_CONFIGS = [
     pytest.param(dict(beta_schedule="linear"), id="linear"),
-    pytest.param(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-                 id="scaled_linear"),
+    pytest.param(
+        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), id="scaled_linear"
+    ),
     pytest.param(dict(beta_schedule="squaredcos_cap_v2"), id="cosine"),
-    pytest.param(dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1,
-                      use_karras_sigmas=True), id="cosine-clipped-karras"),
+    pytest.param(
+        dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, use_karras_sigmas=True),
+        id="cosine-clipped-karras",
+    ),
     pytest.param(dict(trained_betas=torch.linspace(1e-4, 0.03, 1000).tolist()), id="trained"),
     pytest.param(dict(num_train_timesteps=500, beta_end=0.03), id="T500"),
-    pytest.param(dict(timestep_spacing="leading", steps_offset=1, beta_schedule="scaled_linear",
-                      beta_start=0.00085, beta_end=0.012), id="leading-offset"),
+    pytest.param(
+        dict(
+            timestep_spacing="leading",
+            steps_offset=1,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+        ),
+        id="leading-offset",
+    ),
     pytest.param(dict(timestep_spacing="trailing", steps_offset=1), id="trailing"),
-    pytest.param(dict(rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                      prediction_type="v_prediction"), id="zero-snr-v"),
-    pytest.param(dict(rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                      prediction_type="v_prediction", thresholding=True, sample_max_value=2.0,
-                      dynamic_thresholding_ratio=0.9), id="zero-snr-v-threshold"),
+    pytest.param(
+        dict(
+            rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"
+        ),
+        id="zero-snr-v",
+    ),
+    pytest.param(
+        dict(
+            rescale_betas_zero_snr=True,
+            timestep_spacing="trailing",
+            prediction_type="v_prediction",
+            thresholding=True,
+            sample_max_value=2.0,
+            dynamic_thresholding_ratio=0.9,
+        ),
+        id="zero-snr-v-threshold",
+    ),
     pytest.param(dict(use_exponential_sigmas=True, solver_order=3), id="exponential"),
     pytest.param(dict(use_lu_lambdas=True), id="lu-lambdas"),
-    pytest.param(dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"),
-                 id="flow-sigmas"),
+    pytest.param(
+        dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"),
+        id="flow-sigmas",
+    ),
     pytest.param(dict(variance_type="learned_range"), id="learned-variance"),
     # diffusers maps "deis" to dpmsolver++ but checks final_sigmas_type against the given name
-    pytest.param(dict(algorithm_type="deis", final_sigmas_type="sigma_min"),
-                 id="deis-maps-to-dpmsolver++"),
+    pytest.param(
+        dict(algorithm_type="deis", final_sigmas_type="sigma_min"), id="deis-maps-to-dpmsolver++"
+    ),
     # the original (noise-prediction) DPM-Solver, optional in the issue but supported
-    pytest.param(dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=3,
-                      prediction_type="v_prediction"), id="dpmsolver-3-v"),
-    pytest.param(dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=2,
-                      solver_type="heun", prediction_type="sample", thresholding=True,
-                      sample_max_value=1.5), id="dpmsolver-2-heun-sample-threshold"),
-    pytest.param(dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min",
-                      solver_order=2), id="sde-dpmsolver-2"),
-    pytest.param(dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min",
-                      solver_order=2, solver_type="heun", thresholding=True,
-                      sample_max_value=1.5), id="sde-dpmsolver-2-heun-threshold"),
+    pytest.param(
+        dict(
+            algorithm_type="dpmsolver",
+            final_sigmas_type="sigma_min",
+            solver_order=3,
+            prediction_type="v_prediction",
+        ),
+        id="dpmsolver-3-v",
+    ),
+    pytest.param(
+        dict(
+            algorithm_type="dpmsolver",
+            final_sigmas_type="sigma_min",
+            solver_order=2,
+            solver_type="heun",
+            prediction_type="sample",
+            thresholding=True,
+            sample_max_value=1.5,
+        ),
+        id="dpmsolver-2-heun-sample-threshold",
+    ),
+    pytest.param(
+        dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min", solver_order=2),
+        id="sde-dpmsolver-2",
+    ),
+    pytest.param(
+        dict(
+            algorithm_type="sde-dpmsolver",
+            final_sigmas_type="sigma_min",
+            solver_order=2,
+            solver_type="heun",
+            thresholding=True,
+            sample_max_value=1.5,
+        ),
+        id="sde-dpmsolver-2-heun-threshold",
+    ),
 ]
 
 
@@ -136,19 +215,39 @@ def test_dpm_solver_schedules_match_diffusers(config):
         ours, ref = both(DPMSolverMultistepScheduler, RefDPM, **config)
         # Karras spacing of the cosine schedule repeats its first timesteps, and diffusers would
         # then start at the second occurrence and run off the end; pipelines set the begin index
-        compare_trajectories(ours, ref, n, kind=kind, begin_index=0,
-                             shape=(2, 3, 9, 13) if learned else SHAPE,
-                             channels_out=6 if learned else None)
+        compare_trajectories(
+            ours,
+            ref,
+            n,
+            kind=kind,
+            begin_index=0,
+            shape=(2, 3, 9, 13) if learned else SHAPE,
+            channels_out=6 if learned else None,
+        )
 
 
-@pytest.mark.parametrize("config", [
-    dict(), dict(algorithm_type="sde-dpmsolver++", solver_order=3),
-    dict(thresholding=True, sample_max_value=1.5, solver_order=3),
-    dict(algorithm_type="sde-dpmsolver++", thresholding=True, sample_max_value=1.5,
-         solver_type="heun", prediction_type="v_prediction"),
-    dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", thresholding=True,
-         sample_max_value=1.5)], ids=["2M", "sde-3", "threshold-3", "sde-heun-v-threshold",
-                                      "dpmsolver-threshold"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(),
+        dict(algorithm_type="sde-dpmsolver++", solver_order=3),
+        dict(thresholding=True, sample_max_value=1.5, solver_order=3),
+        dict(
+            algorithm_type="sde-dpmsolver++",
+            thresholding=True,
+            sample_max_value=1.5,
+            solver_type="heun",
+            prediction_type="v_prediction",
+        ),
+        dict(
+            algorithm_type="dpmsolver",
+            final_sigmas_type="sigma_min",
+            thresholding=True,
+            sample_max_value=1.5,
+        ),
+    ],
+    ids=["2M", "sde-3", "threshold-3", "sde-heun-v-threshold", "dpmsolver-threshold"],
+)
 def test_dpm_solver_fused_guidance_matches_diffusers(config):
     kind = config.get("prediction_type", "epsilon")
     for n in STEPS:
@@ -198,8 +297,7 @@ def test_dpm_solver_noise_seed_matters():
 TIMESTEP_CONFIGS = [dict(c.values[0]) for c in SCHEDULE_CONFIGS] + [
     dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"),
     dict(timestep_spacing="leading", steps_offset=0),
-    dict(timestep_spacing="trailing", beta_schedule="squaredcos_cap_v2",
-         lambda_min_clipped=-5.1),
+    dict(timestep_spacing="trailing", beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1),
     dict(timestep_spacing="leading", beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-3.0),
 ]
 
@@ -231,8 +329,9 @@ def test_dpm_solver_custom_timesteps_and_mu():
         x_o = ours.step(fake_model(x_o, t), t, x_o).prev_sample
         x_r = ref.step(fake_model(x_r, t), t, x_r).prev_sample
         assert rel_err(x_o, x_r) <= TOL_CPU
-    config = dict(use_flow_sigmas=True, prediction_type="flow_prediction",
-                  use_dynamic_shifting=True)
+    config = dict(
+        use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True
+    )
     ours, ref = both(DPMSolverMultistepScheduler, RefDPM, **config)
     ours.set_timesteps(20, mu=0.9)
     ref.set_timesteps(20, mu=0.9)
@@ -241,10 +340,19 @@ def test_dpm_solver_custom_timesteps_and_mu():
 
 
 def test_dpm_solver_config_round_trip():
-    ref = RefDPM(solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True,
-                 beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                 timestep_spacing="trailing", steps_offset=1, prediction_type="v_prediction",
-                 final_sigmas_type="sigma_min", thresholding=True)
+    ref = RefDPM(
+        solver_order=3,
+        algorithm_type="sde-dpmsolver++",
+        use_karras_sigmas=True,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        timestep_spacing="trailing",
+        steps_offset=1,
+        prediction_type="v_prediction",
+        final_sigmas_type="sigma_min",
+        thresholding=True,
+    )
     ours = DPMSolverMultistepScheduler.from_config(ref.config)
     public = {k: v for k, v in ref.config.items() if not k.startswith("_")}
     assert dict(ours.config) == public
@@ -255,7 +363,8 @@ def test_dpm_solver_config_round_trip():
     assert again.config.solver_order == 2 and again.config.use_karras_sigmas
     # defaults are diffusers' defaults
     assert dict(DPMSolverMultistepScheduler().config) == {
-        k: v for k, v in RefDPM().config.items() if not k.startswith("_")}
+        k: v for k, v in RefDPM().config.items() if not k.startswith("_")
+    }
     # and the schedule built from the round-tripped config is diffusers'
     ours.set_timesteps(25)
     ref.set_timesteps(25)
@@ -290,8 +399,9 @@ def test_dpm_solver_api():
     ref.set_timesteps(10)
     s.set_begin_index(4)
     ref.set_begin_index(4)
-    assert torch.equal(s.add_noise(x, noise, ts[:1].repeat(2)),
-                       ref.add_noise(x, noise, ts[:1].repeat(2)))
+    assert torch.equal(
+        s.add_noise(x, noise, ts[:1].repeat(2)), ref.add_noise(x, noise, ts[:1].repeat(2))
+    )
     x_o = x_r = ref.add_noise(x, noise, ref.timesteps[4:5].repeat(2))
     for t in ref.timesteps[4:]:
         x_o = s.step(fake_model(x_o, t), t, x_o).prev_sample
@@ -303,8 +413,9 @@ def test_dpm_solver_rejects_what_it_cannot_do():
     with pytest.raises(ValueError, match="final_sigmas_type"):
         DPMSolverMultistepScheduler(algorithm_type="dpmsolver")
     with pytest.raises(NotImplementedError, match="sde-dpmsolver"):
-        DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3,
-                                    final_sigmas_type="sigma_min")
+        DPMSolverMultistepScheduler(
+            algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"
+        )
     with pytest.raises(NotImplementedError, match="use_beta_sigmas"):
         DPMSolverMultistepScheduler(use_beta_sigmas=True)
     with pytest.raises(ValueError, match="algorithm_type"):
@@ -319,8 +430,9 @@ def test_dpm_solver_rejects_what_it_cannot_do():
         DPMSolverMultistepScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[500, 10])
 
 
-@pytest.mark.parametrize("config", [dict(solver_order=3, thresholding=True),
-                                    dict(algorithm_type="sde-dpmsolver++")])
+@pytest.mark.parametrize(
+    "config", [dict(solver_order=3, thresholding=True), dict(algorithm_type="sde-dpmsolver++")]
+)
 def test_dpm_solver_one_fused_call_per_step(monkeypatch, config):
     calls = count_op_calls(monkeypatch, dpm_mod)
     s = DPMSolverMultistepScheduler(**config)

@@ -1,6 +1,7 @@
 """genext's FlowMatchEulerDiscreteScheduler against diffusers' (method:
 tests/samplers/trajectories.py): configs, dynamic shifting, fused guidance, schedules, config
 round trips, API, noise, per-token timesteps, one fused op call per step."""
+
 from __future__ import annotations
 
 import warnings
@@ -8,7 +9,9 @@ import warnings
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference (pip install diffusers)")
+diffusers = pytest.importorskip(
+    "diffusers", reason="diffusers is the reference (pip install diffusers)"
+)
 from genext.samplers import flow_match as flow_mod  # noqa: E402
 from genext.samplers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
@@ -29,8 +32,10 @@ from trajectories import (  # noqa: E402
 
 # diffusers warns that the original "dpmsolver" algorithms are deprecated; that is its business
 # and numpy 2 warns about how diffusers converts a tensor (np.array(tensor)); not ours either
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
 
 
 def test_flow_one_fused_call_per_step(monkeypatch):
@@ -70,22 +75,31 @@ def test_flow_matches_diffusers(config):
 @pytest.mark.parametrize("time_shift_type", ["exponential", "linear"])
 def test_flow_dynamic_shift_matches_diffusers(time_shift_type):
     for n in STEPS:
-        ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, use_dynamic_shifting=True,
-                         time_shift_type=time_shift_type, base_shift=0.5, max_shift=1.15)
+        ours, ref = both(
+            FlowMatchEulerDiscreteScheduler,
+            RefFlow,
+            use_dynamic_shifting=True,
+            time_shift_type=time_shift_type,
+            base_shift=0.5,
+            max_shift=1.15,
+        )
         compare_trajectories(ours, ref, n, kind="v", set_kwargs=dict(mu=0.8))
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_flow_fused_guidance_matches_diffusers(stochastic):
     for n in STEPS:
-        ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, shift=3.0,
-                         stochastic_sampling=stochastic)
+        ours, ref = both(
+            FlowMatchEulerDiscreteScheduler, RefFlow, shift=3.0, stochastic_sampling=stochastic
+        )
         compare_trajectories(ours, ref, n, kind="v", guidance=4.5)
 
 
 FLOW_TIMESTEP_CONFIGS = [dict(c.values[0]) for c in FLOW_CONFIGS] + [
-    dict(use_dynamic_shifting=True), dict(use_dynamic_shifting=True, time_shift_type="linear"),
-    dict(use_dynamic_shifting=True, shift_terminal=0.1)]
+    dict(use_dynamic_shifting=True),
+    dict(use_dynamic_shifting=True, time_shift_type="linear"),
+    dict(use_dynamic_shifting=True, shift_terminal=0.1),
+]
 
 
 @pytest.mark.parametrize("config", FLOW_TIMESTEP_CONFIGS)
@@ -117,15 +131,23 @@ def test_flow_set_timesteps_identical(config):
 
 
 def test_flow_config_round_trip_and_api():
-    ref = RefFlow(shift=3.0, use_dynamic_shifting=True, base_shift=0.4, max_shift=1.2,
-                  shift_terminal=0.02, stochastic_sampling=True)
+    ref = RefFlow(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.4,
+        max_shift=1.2,
+        shift_terminal=0.02,
+        stochastic_sampling=True,
+    )
     ours = FlowMatchEulerDiscreteScheduler.from_config(ref.config)
     public = {k: v for k, v in ref.config.items() if not k.startswith("_")}
     assert dict(ours.config) == public
-    assert {k: v for k, v in RefFlow.from_config(ours.config).config.items()
-            if not k.startswith("_")} == public
+    assert {
+        k: v for k, v in RefFlow.from_config(ours.config).config.items() if not k.startswith("_")
+    } == public
     assert dict(FlowMatchEulerDiscreteScheduler().config) == {
-        k: v for k, v in RefFlow().config.items() if not k.startswith("_")}
+        k: v for k, v in RefFlow().config.items() if not k.startswith("_")
+    }
 
     s, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, shift=3.0)
     assert s.shift == ref.shift == 3.0 and s.order == ref.order and len(s) == len(ref)
@@ -168,8 +190,9 @@ def test_flow_variance_noise_and_seed_matters():
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(k))
         x_o = ours.step(fake_model(x_o, t, "v"), t, x_o, variance_noise=noise).prev_sample
         # diffusers' flow step has no variance_noise: the same noise through a generator
-        x_r = ref.step(fake_model(x_r, t, "v"), t, x_r,
-                       generator=torch.Generator().manual_seed(k)).prev_sample
+        x_r = ref.step(
+            fake_model(x_r, t, "v"), t, x_r, generator=torch.Generator().manual_seed(k)
+        ).prev_sample
         assert rel_err(x_o, x_r) <= TOL_CPU
     finals = []
     for seed in (1, 2):
@@ -186,16 +209,19 @@ def test_flow_variance_noise_and_seed_matters():
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_flow_per_token_timesteps_fallback_matches_diffusers(stochastic):
     """Per-token timesteps (a sigma per token) run as a plain-PyTorch fallback; still diffusers'."""
-    ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, shift=3.0,
-                     stochastic_sampling=stochastic)
+    ours, ref = both(
+        FlowMatchEulerDiscreteScheduler, RefFlow, shift=3.0, stochastic_sampling=stochastic
+    )
     ours.set_timesteps(10)
     ref.set_timesteps(10)
     x_o = x_r = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
     g_o, g_r = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     for k, t in enumerate(ref.timesteps):
         per_token = (t - 60.0 * torch.linspace(0, 1, 16)).clamp(min=1.0).expand(2, 16)
-        x_o = ours.step(fake_model(x_o, t, "v"), t, x_o, per_token_timesteps=per_token,
-                        generator=g_o).prev_sample
-        x_r = ref.step(fake_model(x_r, t, "v"), t, x_r, per_token_timesteps=per_token,
-                       generator=g_r).prev_sample
+        x_o = ours.step(
+            fake_model(x_o, t, "v"), t, x_o, per_token_timesteps=per_token, generator=g_o
+        ).prev_sample
+        x_r = ref.step(
+            fake_model(x_r, t, "v"), t, x_r, per_token_timesteps=per_token, generator=g_r
+        ).prev_sample
         assert rel_err(x_o, x_r) <= TOL_CPU, k

@@ -8,6 +8,7 @@ and every intermediate sample must stay within 1e-6 relative error (fp32, CPU) o
 Stochastic variants draw their noise from identically seeded generators. Schedules
 (`timesteps`, `sigmas`) must be identical, and configs must round-trip between the libraries.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,9 +49,21 @@ def initial_noise(device="cpu", shape=SHAPE) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(1234)).to(device)
 
 
-def compare_trajectories(ours, ref, n, *, kind="epsilon", guidance=None, device="cpu", tol=TOL_CPU,
-                         set_kwargs=None, begin_index=None, channels_out=None, shape=SHAPE,
-                         gen_device="cpu") -> float:
+def compare_trajectories(
+    ours,
+    ref,
+    n,
+    *,
+    kind="epsilon",
+    guidance=None,
+    device="cpu",
+    tol=TOL_CPU,
+    set_kwargs=None,
+    begin_index=None,
+    channels_out=None,
+    shape=SHAPE,
+    gen_device="cpu",
+) -> float:
     """Runs both schedulers for n steps and returns the largest relative error of any
     intermediate sample (asserting each is within tol)."""
     set_kwargs = set_kwargs or {}
@@ -74,8 +87,9 @@ def compare_trajectories(ours, ref, n, *, kind="epsilon", guidance=None, device=
             m_ours = guided_pair(x_ours, t, kind)
             u, c = guided_pair(x_ref, t, kind).chunk(2)
             m_ref = u + guidance * (c - u)  # diffusers users combine outside the scheduler
-            x_ours = ours.step(m_ours, t, x_ours, generator=g_ours,
-                               guidance_scale=guidance).prev_sample
+            x_ours = ours.step(
+                m_ours, t, x_ours, generator=g_ours, guidance_scale=guidance
+            ).prev_sample
         x_ref = ref.step(m_ref, t, x_ref, generator=g_ref).prev_sample
         broken = ~torch.isfinite(x_ref)
         if broken.any():
@@ -96,8 +110,11 @@ def compare_trajectories(ours, ref, n, *, kind="epsilon", guidance=None, device=
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-identical values and dtype, NaN equal to NaN (diffusers makes NaN schedules for some
     degenerate inputs, e.g. one step with shift_terminal; they must match too)."""
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and bool(((a == b) | (a.isnan() & b.isnan())).all()))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    )
 
 
 def both(ours_cls, ref_cls, **config):
