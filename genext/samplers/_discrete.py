@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..ops._sampler_step import PredictionType, StepKind, sampler_step
 from ._base import SchedulerBase, SchedulerOutput
 from ._schedule import (
     PREDICTION_TYPES,
@@ -156,8 +157,33 @@ class DiscreteScheduler(SchedulerBase):
             sample.shape, generator, model_output.device, model_output.dtype
         )
 
-    @staticmethod
-    def _output(prev: Tensor, x0: Tensor, return_dict: bool):
+    def _fused_step(
+        self,
+        kind: StepKind,
+        sample: Tensor,
+        model_output: Tensor,
+        coef: list[float],
+        noise: Tensor | None,
+        guidance_scale: float | None,
+        out: Tensor | None,
+        return_dict: bool,
+    ):
+        """The step's one kernel call (thresholding scale, clipping and guidance included), then
+        the step index advanced and the output in diffusers' form."""
+        scale = self._threshold_scale(sample, model_output, coef[0], coef[1], guidance_scale)
+        prev, x0 = sampler_step(
+            kind,
+            sample,
+            model_output,
+            coef,
+            prediction_type=PredictionType[self.config.prediction_type.upper()],
+            noise=noise,
+            threshold_scale=scale,
+            clip=self._clip(),
+            guidance_scale=guidance_scale,
+            out=out,
+        )
+        self._advance()
         if not return_dict:
             return prev, x0
         return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)

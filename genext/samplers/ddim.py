@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops._sampler_step import NUM_COEF, PredictionType, StepKind, sampler_step
+from ..ops._sampler_step import NUM_COEF, StepKind
 from ._discrete import DiscreteScheduler, Generator
 from ._schedule import spaced_timesteps
 
@@ -138,18 +138,6 @@ class DDIMScheduler(DiscreteScheduler):
                 if variance_noise is not None
                 else self._draw_noise(sample, model_output, generator)
             )
-        scale = self._threshold_scale(sample, model_output, coef[0], coef[1], guidance_scale)
-        prev, x0 = sampler_step(
-            StepKind.DDIM,
-            sample,
-            model_output,
-            coef,
-            prediction_type=PredictionType[self.config.prediction_type.upper()],
-            noise=noise,
-            threshold_scale=scale,
-            clip=self._clip(),
-            guidance_scale=guidance_scale,
-            out=out,
+        return self._fused_step(
+            StepKind.DDIM, sample, model_output, coef, noise, guidance_scale, out, return_dict
         )
-        self._advance()
-        return self._output(prev, x0, return_dict)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..ops._sampler_step import NUM_COEF, PredictionType, StepKind, sampler_step
+from ..ops._sampler_step import NUM_COEF, StepKind
 from ._discrete import DiscreteScheduler, Generator
 from ._schedule import check_choice, spaced_timesteps
 
@@ -203,18 +203,6 @@ class DDPMScheduler(DiscreteScheduler):
                 frac = (predicted_variance + 1) / 2
                 log_var = frac * torch.log(cur_beta) + (1 - frac) * torch.log(posterior)
                 noise = torch.exp(0.5 * log_var) * noise
-        thr = self._threshold_scale(sample, model_output, coef[0], coef[1], guidance_scale)
-        prev, x0 = sampler_step(
-            StepKind.DDPM,
-            sample,
-            model_output,
-            coef,
-            prediction_type=PredictionType[self.config.prediction_type.upper()],
-            noise=noise,
-            threshold_scale=thr,
-            clip=self._clip(),
-            guidance_scale=guidance_scale,
-            out=out,
+        return self._fused_step(
+            StepKind.DDPM, sample, model_output, coef, noise, guidance_scale, out, return_dict
         )
-        self._advance()
-        return self._output(prev, x0, return_dict)
