@@ -273,59 +273,19 @@ def _backward(ctx, grad_out, grad_lse):
         return (None, None, None) + nones
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.genext.flash_attention_backward(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_q,
-        cu_k,
-        seqused_k,
-        max_q,
-        max_k,
-        scale,
-        causal,
-        bottom_right,
-    )
+    # the arguments after the tensors, shared by every kernel call of this backward
+    rest = (cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right)
+    dq, dk, dv = torch.ops.genext.flash_attention_backward(grad_out, q, k, v, out, lse, *rest)
     if grad_lse is not None:
         # lse_i = log sum_j exp(scale q_i.k_j): d lse_i / d q_i = scale sum_j P_ij k_j, the output
         # of attention with v := k, and d lse_i / d k_j = scale P_ij q_i, which is the dv of the
         # backward op for grad_out_i = grad_lse_i q_i. Both reuse the kernels (no (L, L) tensor).
-        g = grad_lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        g = grad_lse.to(acc_dtype(q))
         g = g.transpose(1, 2).unsqueeze(-1)  # (B, Lq, Hq, 1)
         g = torch.where(torch.isinf(lse).transpose(1, 2).unsqueeze(-1), torch.zeros_like(g), g)
-        pk, _ = torch.ops.genext.flash_attention_forward(
-            q,
-            k,
-            k,
-            cu_q,
-            cu_k,
-            seqused_k,
-            max_q,
-            max_k,
-            scale,
-            causal,
-            bottom_right,
-        )
+        pk, _ = torch.ops.genext.flash_attention_forward(q, k, k, *rest)
         gq = (g * q).to(q.dtype)
-        _, _, pq = torch.ops.genext.flash_attention_backward(
-            gq,
-            q,
-            k,
-            k,
-            pk,
-            lse,
-            cu_q,
-            cu_k,
-            seqused_k,
-            max_q,
-            max_k,
-            scale,
-            causal,
-            bottom_right,
-        )
+        _, _, pq = torch.ops.genext.flash_attention_backward(gq, q, k, k, pk, lse, *rest)
         dq = (dq + scale * g * pk).to(q.dtype)
         dk = (dk + scale * pq).to(k.dtype)
     return (dq, dk, dv) + nones
