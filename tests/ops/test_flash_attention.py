@@ -13,29 +13,16 @@ import genext.nn.functional as gF
 from genext import reference
 from genext.ops import flash_attention, flash_attention_varlen
 
+from attention_helpers import ATOL, ATOL_GRAD, make_qkv
 from conftest import max_err, poison_allocator
 
 FWD = torch.ops.genext.flash_attention_forward
 BWD = torch.ops.genext.flash_attention_backward
 
-# float32 and float64: absolute error bounds against float64 (values and gradients are O(1) here)
-ATOL = {torch.float32: 2e-5, torch.float64: 1e-12}
-ATOL_GRAD = {torch.float32: 1e-4, torch.float64: 1e-11}
-
 
 def dtypes_for(device):
     base = [torch.float32, torch.float16, torch.bfloat16]
     return base + [torch.float64] if device == "cpu" else base
-
-
-def make_qkv(b, hq, hk, lq, lk, d, dtype, device, requires_grad=False):
-    """Random (B, H, L, D) q, k, v (never zeros), drawn in float64 then rounded to dtype."""
-
-    def rand(h, length):
-        t = torch.randn(b, h, length, d, dtype=torch.float64).to(device=device, dtype=dtype)
-        return t.requires_grad_(requires_grad)
-
-    return rand(hq, lq), rand(hk, lk), rand(hk, lk)
 
 
 def grads(fn, q, k, v, go):
@@ -383,110 +370,6 @@ def test_double_backward_is_a_clear_error():
     (g,) = torch.autograd.grad(flash_attention(q, k, v).sum(), q, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         g.sum().backward()
-
-
-# ---- the SDPA drop-in -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def torch_sdpa_calls(monkeypatch):
-    """Counts the drop-in's fallbacks to torch.nn.functional.scaled_dot_product_attention."""
-    calls = []
-    original = F.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
-    return calls
-
-
-@pytest.mark.parametrize("lq,lk", [(33, 33), (50, 20), (20, 50)], ids=["square", "Lq>Lk", "Lq<Lk"])
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_sdpa_drop_in_matches_torch(device, lq, lk, is_causal, torch_sdpa_calls):
-    # is_causal is PyTorch's top-left mask, also when Lq != Lk
-    q, k, v = make_qkv(2, 4, 4, lq, lk, 64, torch.float32, device, requires_grad=True)
-    out = gF.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-    assert not torch_sdpa_calls, "the genext kernel should have run"
-    want = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-    assert max_err(out, want) <= ATOL[torch.float32]
-    go = torch.randn_like(out)
-    for a, b in zip(
-        torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(want, (q, k, v), go)
-    ):
-        assert max_err(a, b) <= ATOL_GRAD[torch.float32]
-
-
-def test_sdpa_drop_in_gqa(device, torch_sdpa_calls):
-    q, k, v = make_qkv(2, 8, 2, 30, 30, 64, torch.float16, device)
-    out = gF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.2)
-    assert not torch_sdpa_calls
-    ref = reference.attention_reference(q.double(), k.double(), v.double(), True, 0.2, False)
-    pt = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.2)
-    assert max_err(out, ref) <= 2 * max_err(pt, ref) + 1e-6
-    # without enable_gqa PyTorch raises for Hq != Hk; the drop-in defers to it
-    with pytest.raises(RuntimeError):
-        gF.scaled_dot_product_attention(q, k, v)
-
-
-@pytest.mark.parametrize("mask_shape", ["B11L", "11L"])
-def test_sdpa_drop_in_key_padding_mask(device, mask_shape, torch_sdpa_calls):
-    b, h, lq, lk, d = 3, 2, 21, 37, 40
-    q, k, v = make_qkv(b, h, h, lq, lk, d, torch.float32, device, requires_grad=True)
-    lens = torch.tensor([37, 0, 12]) if mask_shape == "B11L" else torch.tensor([30])
-    mask = (torch.arange(lk) < lens[:, None]).to(device)  # True = attend, a prefix per batch
-    mask = mask[:, None, None, :] if mask_shape == "B11L" else mask[:, None, :]
-    out = gF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert not torch_sdpa_calls, "a prefix key-padding mask runs on the genext kernel"
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    live = [i for i in range(b) if mask_shape != "B11L" or lens[i] > 0]
-    assert max_err(out[live], want[live]) <= ATOL[torch.float32]
-    if mask_shape == "B11L":  # fully padded entry: zeros (PyTorch: NaN), finite gradients
-        assert torch.equal(out[1], torch.zeros_like(out[1]))
-    grads_ = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-    assert all(torch.isfinite(g).all() for g in grads_)
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "float-mask",
-        "bool-arbitrary",
-        "bool-not-prefix",
-        "bool-2d-LqLk",
-        "dropout",
-        "3d-inputs",
-        "value-dim",
-    ],
-)
-def test_sdpa_drop_in_falls_back(device, kind, torch_sdpa_calls):
-    b, h, lq, lk, d = 2, 2, 9, 13, 32
-    q, k, v = make_qkv(b, h, h, lq, lk, d, torch.float32, device)
-    kwargs = {}
-    if kind == "float-mask":
-        kwargs["attn_mask"] = torch.randn(b, 1, lq, lk, device=device)
-    elif kind == "bool-arbitrary":
-        kwargs["attn_mask"] = torch.rand(b, h, lq, lk, device=device) > 0.3
-    elif kind == "bool-not-prefix":
-        m = torch.ones(b, 1, 1, lk, dtype=torch.bool, device=device)
-        m[:, :, :, 3] = False  # a hole: not a key-padding prefix
-        kwargs["attn_mask"] = m
-    elif kind == "bool-2d-LqLk":  # PyTorch reads a 2-D mask as (Lq, Lk)
-        kwargs["attn_mask"] = torch.rand(lq, lk, device=device) > 0.3
-    elif kind == "dropout":
-        kwargs["dropout_p"] = 0.5
-    elif kind == "3d-inputs":
-        q, k, v = q[0], k[0], v[0]
-    elif kind == "value-dim":
-        v = torch.randn(b, h, lk, 24, device=device)
-    out = gF.scaled_dot_product_attention(q, k, v, **kwargs)
-    assert torch_sdpa_calls, "expected the PyTorch fallback"
-    if kind == "dropout":
-        assert out.shape == q.shape
-        return
-    want = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    assert torch.allclose(out, want, atol=1e-6, rtol=0, equal_nan=True)
 
 
 # ---- bad inputs -------------------------------------------------------------------------------
