@@ -65,9 +65,9 @@ TORCH_LIBRARY(genext, m) {
   // like sample). noise: like sample, or None. threshold_scale: (N,) float32 per-sample dynamic
   // thresholds s (x0 -> clamp(x0, -s, s) / s), or None. prediction_type: 0 epsilon, 1 sample,
   // 2 v_prediction. clip: clamp x0 to [-coef[2], coef[2]]. coef: the step's scalars, laid out per
-  // kind (see genext/samplers/_step.py; "mode" there). The argument is not called "mode": torch's
-  // functionalization wrappers take a keyword of that name. Returns (prev_sample, x0), both like
-  // sample; x0 is the predicted original sample (for flow matching, the model output).
+  // kind (see genext/ops/_sampler_step.py; "mode" there). The argument is not called "mode":
+  // torch's functionalization wrappers take a keyword of that name. Returns (prev_sample, x0), both
+  // like sample; x0 is the predicted original sample (for flow matching, the model output).
   m.def(
       "sampler_step(int kind, Tensor sample, Tensor model_output, Tensor[] history, Tensor? noise,"
       " Tensor? threshold_scale, float[] coef, int prediction_type, bool clip, bool guidance,"

@@ -12,10 +12,14 @@
 // Haswell, Zen and later) and x86-64-v4 (AVX-512 F/BW/CD/DQ/VL; Skylake-SP, Zen 4 and later).
 // Levels rather than single features because GCC's "avx2" target does not enable FMA and its
 // "fma" target does not enable AVX2. Inline helpers called from such a function are compiled into
-// each version. Other compilers and architectures build the baseline only.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// each version. GCC 11 knows no "arch=x86-64-vN" clones: there the single features closest to
+// those levels ("avx2" lacks FMA there, so that version rounds each multiply-add twice). Other
+// compilers and architectures build the baseline only.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define GENEXT_CPU_CLONES                                                                          \
   __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GENEXT_CPU_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
 #else
 #define GENEXT_CPU_CLONES
 #endif

@@ -3,9 +3,10 @@
 // lengths. No torch header.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
-//   A (16x16, row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8,
-//   2t+8..) B (16x8, "col"):      b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g) C (16x8, fp32):
-//   c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+//   A (16x16, row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..),
+//                         a3 = (g+8, 2t+8..)
+//   B (16x8, "col"):      b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g)
+//   C (16x8, fp32):       c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
 // Shared-memory tiles are row-major with a row pitch of kD + 8 elements, so the eight 16-byte rows
 // one ldmatrix phase reads fall in distinct bank groups (pitch = 16 mod 128 bytes, or 80 for
 // odd multiples of 32 elements: both conflict-free).

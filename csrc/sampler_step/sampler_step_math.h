@@ -1,5 +1,5 @@
 // The per-element expression of genext::sampler_step, shared by the CPU and CUDA kernels
-// (genext/samplers/_step.py documents the modes and coefficients). It repeats diffusers'
+// (genext/ops/_sampler_step.py documents the kinds and coefficients). It repeats diffusers'
 // operation order in IEEE fp32: every multiply, add, subtract and divide is rounded on its own,
 // never contracted into an FMA and never replaced by an approximate division (the CUDA build uses
 // --use_fast_math, so the device path spells each operation with a round-to-nearest intrinsic;
@@ -14,6 +14,8 @@
 
 namespace genext::sampler {
 
+// The same numbers as StepKind, PredictionType and NUM_COEF in genext/ops/_sampler_step.py: change
+// both together.
 enum Mode : int { kDDIM = 0, kDDPM = 1, kDPM = 2, kFlow = 3 };
 enum Pred : int { kEpsilon = 0, kSample = 1, kVPred = 2 };
 constexpr int kNumCoef = 12;
