@@ -34,6 +34,9 @@ RANKS = {
     "_info": 4,
 }
 LEAVES = {"reference": 5, "bench": 6, "__main__": 7}  # never imported by library code
+# private modules that other parts may import: the sampler step's kernel contract (the schedulers,
+# its reference and its bench use it; users should not)
+SHARED_PRIVATE = {"genext.ops._sampler_step"}
 TOP = {"", "_info"}  # genext/__init__.py and its build report: one layer, above all subpackages
 
 
@@ -101,6 +104,9 @@ def violations(source: str, module: str, is_package: bool, root: Path = ROOT) ->
             found.append(f"{where}: {kind} import of genext.{them} from genext.{me or '(top)'}")
         elif me in LEAVES and them in LEAVES and _rank(them) >= _rank(me):
             found.append(f"{where}: the leaf genext.{me} imports genext.{them}")
+        private = [p for p in full.split(".")[1:] if p.startswith("_") and p not in BASE]
+        if private and them != me and not {me, them} <= TOP and full not in SHARED_PRIVATE:
+            found.append(f"{where}: imports the private module {full} of another part")
         if (
             name.startswith("_")
             and not name.startswith("__")
@@ -144,6 +150,12 @@ def test_imports_point_down_and_leaves_stay_leaves():
             "from ..ops.attention_with_kvcache import _call",
             "private name _call",
         ),
+        (
+            "genext.nn.functional",
+            "from ..ops._common import softmax_scale",
+            "private module genext.ops._common",
+        ),
+        ("genext.models.vae", "from ..samplers import _discrete", "private module"),
     ],
 )
 def test_the_checker_catches_each_kind_of_violation(module, source, expected):

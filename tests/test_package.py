@@ -105,3 +105,16 @@ def test_cli_bench_quick_runs_and_checks(tmp_path):
     for r in rows:
         if timings[r["op"], r["case"], r["impl"], r["direction"]].flops:
             assert r["extra"]["tflops"] > 0, r
+    # what each op's CPU bench must compare, whatever its module declares
+    impls = {op: {r["impl"] for r in rows if r["op"] == op} for op in {r["op"] for r in rows}}
+    baselines = {
+        "group_norm_silu": {"genext", "eager"},
+        "attention": {"genext", "sdpa"},
+        "kvcache": {"genext", "sdpa"},
+        "sampler": {"genext", "diffusers", "kernel", "eager"},
+        "vq": {"genext", "cdist"},
+        "contrastive": {"genext", "eager"},
+    }
+    for op, want in baselines.items():
+        assert impls.get(op) == want, (op, impls.get(op))
+    assert all(r["extra"]["tflops"] > 0 for r in rows if r["op"] == "attention")

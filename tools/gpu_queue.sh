@@ -41,7 +41,7 @@ run t_kvcache.log 100 $PT -k "$NOERR" tests/ops/test_attention_with_kvcache.py t
 run t_sampler.log 100 $PT -k "$NOERR" tests/ops/test_sampler_step.py tests/samplers
 run t_vq.log 80 $PT -k "$NOERR" tests/ops/test_vq.py tests/nn/test_vector_quantizer.py
 run t_contrastive.log 80 $PT -k "$NOERR" tests/ops/test_contrastive.py tests/losses
-run t_gn_fa.log 150 $PT -k "$NOERR" tests/ops/test_group_norm_silu.py tests/ops/test_flash_attention.py tests/test_package.py
+run t_gn_fa.log 150 $PT -k "$NOERR" tests/ops/test_group_norm_silu.py tests/ops/test_flash_attention.py tests/nn/test_sdpa_drop_in.py tests/test_package.py
 run t_errors.log 60 $PT -k "bad or error or raise or mismatch or head_dim_limit" tests
 run extra.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/cuda_smoke.py
 run extra.log 120 python3 -W ignore -m genext bench --quick --no-compile

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _C
-from ..ops import served_dtypes
-from ..ops._common import softmax_scale
+from .. import _C, _build_config
+from ..ops import served_dtypes, softmax_scale
 from ..ops.group_norm_silu import group_norm_silu
 
 __all__ = ["group_norm_silu", "scaled_dot_product_attention"]
@@ -16,7 +15,12 @@ __all__ = ["group_norm_silu", "scaled_dot_product_attention"]
 
 # looked up once, at import, so that the per-call decision is plain Python torch.compile can trace
 _FA_SERVED = served_dtypes("flash_attention_forward")
-_CUDA_MAX_HEAD_DIM = _C.cuda_max_head_dim
+_CUDA_MAX_HEAD_DIM = _C.cuda_max_head_dim  # the fp32 kernel's limit
+# fp16/bf16 are served up to the largest head-dim tile this build compiled
+_CUDA_MAX_HEAD_DIM_16BIT = max(
+    (int(d) for d in getattr(_build_config, "flash_attention_head_dim_tiles", "").split()),
+    default=0,
+)
 
 
 def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mask) -> bool:
@@ -41,8 +45,10 @@ def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mas
         return False
     if query.numel() == 0 or key.numel() == 0:
         return False
-    if dev.type == "cuda" and (d % 8 != 0 or d > _CUDA_MAX_HEAD_DIM):
-        return False
+    if dev.type == "cuda":
+        limit = _CUDA_MAX_HEAD_DIM if dt == torch.float32 else _CUDA_MAX_HEAD_DIM_16BIT
+        if d % 8 != 0 or d > limit:
+            return False
     return True
 
 

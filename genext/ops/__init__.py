@@ -8,7 +8,7 @@ scheduler of :mod:`genext.samplers`.
 from __future__ import annotations
 
 from . import _sampler_step  # noqa: F401  (registers the sampler step's fake kernels)
-from ._common import KERNELS, served_dtypes
+from ._common import KERNELS, served_dtypes, softmax_scale
 from .attention_with_kvcache import attention_with_kvcache
 from .contrastive import clip_loss, siglip_loss
 from .flash_attention import flash_attention, flash_attention_varlen
@@ -24,6 +24,7 @@ __all__ = [
     "group_norm_silu",
     "served_dtypes",
     "siglip_loss",
+    "softmax_scale",
     "vq_ema_update",
     "vq_nearest",
 ]
