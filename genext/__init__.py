@@ -8,7 +8,10 @@ reachable as an attribute. The layers, imports pointing down only:
   (contrastive losses) and :mod:`genext.samplers` (diffusion schedulers) on top of the ops;
 - :mod:`genext.models`: whole models on top of those;
 - :mod:`genext.reference` (plain-PyTorch references) and :mod:`genext.bench` (the benchmarks of
-  ``genext bench``): leaves that library code never imports, loaded on first access.
+  ``genext bench``): leaves that library code never imports.
+
+``samplers``, ``reference`` and ``bench`` are loaded on first access: the schedulers need numpy,
+which ``import genext`` itself does not.
 
 Ops without a kernel for a device raise a clear error per call; importing never fails because a
 GPU is missing.
@@ -46,13 +49,13 @@ from . import (  # noqa: E402
     models,
     nn,
     ops,
-    samplers,
 )
 from ._info import build_info  # noqa: E402
 from .nn import KVCache  # noqa: E402
 
 __version__ = _build_config.version
-_LAZY = ("bench", "reference")  # leaves: imported on first access, never by library code
+# imported on first access: the leaves (never imported by library code) and the schedulers (numpy)
+_LAZY = ("bench", "reference", "samplers")
 __all__ = [
     "KVCache",
     "__version__",

@@ -118,3 +118,16 @@ def test_cli_bench_quick_runs_and_checks(tmp_path):
     for op, want in baselines.items():
         assert impls.get(op) == want, (op, impls.get(op))
     assert all(r["extra"]["tflops"] > 0 for r in rows if r["op"] == "attention")
+
+
+def test_import_genext_needs_no_numpy():
+    # numpy is a dependency of the schedulers only: `import genext` and the ops must work without
+    # it (a wheel installed with --no-deps beside a torch that has no numpy)
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "import torch, genext\n"
+        "genext.ops.group_norm_silu(torch.randn(2, 8, 5, 5), 4)\n"
+        "genext.reference.group_norm_silu(torch.randn(2, 8, 5, 5), 4)\n"
+        "genext.build_info()\n"
+    )
+    subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)
