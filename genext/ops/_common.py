@@ -15,6 +15,7 @@ from .. import _C
 __all__ = [
     "KERNELS",
     "acc_dtype",
+    "check_same_device",
     "declare_kernels",
     "forbid_double_backward",
     "has_kernel",
@@ -57,6 +58,20 @@ def acc_dtype(t: Tensor) -> torch.dtype:
 def softmax_scale(q: Tensor, scale: float | None) -> float:
     """The attention softmax scale: ``scale``, or ``1 / sqrt(D)`` for q's head dim D."""
     return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def check_same_device(op: str, anchor: str, tensors: dict[str, Tensor | None]) -> None:
+    """Raise RuntimeError unless every tensor in ``tensors`` (None entries skipped) is on the device
+    of ``tensors[anchor]``, as the C++ bindings do.
+
+    The fake kernels must call it: a ``meta`` tensor beside real ones sends the dispatcher to the
+    fake kernel, which would otherwise return an uninitialised result instead of raising. The
+    message names the op, the argument and both devices.
+    """
+    want = tensors[anchor].device
+    for name, t in tensors.items():
+        if t is not None and t.device != want:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {anchor} is on {want}")
 
 
 def forbid_double_backward(backward_op: str, public_name: str) -> None:
