@@ -20,11 +20,13 @@ from fuzz_harness import (
     assert_matches,
     call,
     check_meta,
+    floats,
     make,
+    mutations,
     non_finite,
 )
 
-FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FLOATS = floats("tiled_lse")
 SPECIAL = (float("nan"), float("inf"), float("-inf"), 0.0)
 
 
@@ -60,9 +62,7 @@ def cases(draw, loss: str):
         extra = draw(st.integers(0, max(nt - ni, 0))) if nt != ni or draw(st.booleans()) else 0
     else:
         extra = draw(st.booleans()) or nt != ni  # negative_only, required for unequal counts
-    mutation = draw(
-        st.sampled_from(("none",) * 6 + ("d", "dtype", "no_text", "scale_shape", "offset", "int"))
-    )
+    mutation = draw(mutations("d", "dtype", "no_text", "scale_shape", "offset", "int"))
     if mutation == "d":
         txt = make((nt, d + 1), dtype)
         verdict, why = STRUCTURAL, "D mismatch"

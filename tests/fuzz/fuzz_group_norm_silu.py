@@ -16,13 +16,15 @@ from fuzz_harness import (
     assert_matches,
     call,
     check_meta,
+    floats,
     make,
+    mutations,
     non_finite,
     sizes,
 )
 
 NAME = "group_norm_silu"
-FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FLOATS = floats("group_norm_silu")
 
 
 @st.composite
@@ -54,10 +56,7 @@ def cases(draw):
     bias = make((c,), wdtype) if affine else None
     eps = draw(st.sampled_from((1e-5, 1e-6, 0.1)))
     mutation = draw(
-        st.sampled_from(
-            ("none",) * 6
-            + ("groups", "only_weight", "weight_shape", "int_x", "weight_dtype", "rank")
-        )
+        mutations("groups", "only_weight", "weight_shape", "int_x", "weight_dtype", "rank")
     )
     if mutation == "groups" and c > 0:
         groups = draw(st.sampled_from((0, -1, c + 1)))

@@ -25,6 +25,16 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from torch.utils._pytree import tree_map
 
+from genext.ops import served_dtypes
+
+# GENEXT_FUZZ_DEVICE=cuda: every tensor of every case on the GPU (the default device), compared
+# against the float64 reference there. GENEXT_FUZZ_VALID_ONLY=1: no invalid cases (for a torch
+# build whose C++ ValueError kills the process, as the GPU machine's did).
+DEVICE = os.environ.get("GENEXT_FUZZ_DEVICE", "cpu")
+VALID_ONLY = os.environ.get("GENEXT_FUZZ_VALID_ONLY") == "1"
+if DEVICE != "cpu":
+    torch.set_default_device(DEVICE)
+
 # GENEXT_FUZZ_EXAMPLES: examples per property (the CI profile draws a fixed, derandomised set;
 # a larger count draws fresh random examples each run, for the long profile).
 _CI_EXAMPLES = 25
@@ -51,6 +61,19 @@ EITHER = "either"
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 NON_FINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+def floats(op: str) -> tuple[torch.dtype, ...]:
+    """The floating dtypes ``genext::op`` serves on the fuzzed device."""
+    return served_dtypes(op)[torch.device(DEVICE).type]
+
+
+def mutations(*names: str, weight: int = 6):
+    """Which invalid variant of a case to draw: "none" (a valid case) weight times as often as
+    each of ``names``; always "none" with GENEXT_FUZZ_VALID_ONLY=1."""
+    if VALID_ONLY:
+        return st.just("none")
+    return st.sampled_from(("none",) * weight + names)
 
 
 def record(desc: str) -> None:

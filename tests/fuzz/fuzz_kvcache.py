@@ -19,12 +19,14 @@ from fuzz_harness import (
     assert_matches,
     call,
     check_meta,
+    floats,
     make,
+    mutations,
     non_finite,
 )
 
 NAME = "attention_with_kvcache"
-FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FLOATS = floats("attention_with_kvcache")
 
 
 @st.composite
@@ -75,18 +77,15 @@ def cases(draw):
     seqlens = torch.tensor(lens, dtype=torch.int32)
     causal = draw(st.booleans())
     mutation = draw(
-        st.sampled_from(
-            ("none",) * 6
-            + (
-                "past",
-                "negative",
-                "block_oob",
-                "block_size0",
-                "heads",
-                "last_dim",
-                "seqlens_dtype",
-                "one_new",
-            )
+        mutations(
+            "past",
+            "negative",
+            "block_oob",
+            "block_size0",
+            "heads",
+            "last_dim",
+            "seqlens_dtype",
+            "one_new",
         )
     )
     if mutation == "past" and b:

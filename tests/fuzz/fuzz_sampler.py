@@ -19,13 +19,15 @@ from fuzz_harness import (
     assert_matches,
     call,
     check_meta,
+    floats,
     make,
+    mutations,
     non_finite,
     sizes,
 )
 
 NAME = "sampler_step"
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FLOATS = floats("sampler_step")
 COEF = st.one_of(
     st.floats(-2, 2, width=32), st.sampled_from((0.0, 1.0, float("nan"), float("inf")))
 )
@@ -64,9 +66,7 @@ def cases(draw):
         guidance_scale=draw(st.floats(0, 9, width=32)) if guided else None,
     )
     verdict, why = VALID, ""
-    mutation = draw(
-        st.sampled_from(("none",) * 6 + ("mode", "pred", "history", "noise_shape", "int", "coef"))
-    )
+    mutation = draw(mutations("mode", "pred", "history", "noise_shape", "int", "coef"))
     if mutation == "mode":
         mode = draw(st.sampled_from((-1, 4)))
         verdict, why = STRUCTURAL, f"mode {mode}"

@@ -19,12 +19,14 @@ from fuzz_harness import (
     assert_matches,
     call,
     check_meta,
+    floats,
     make,
+    mutations,
     non_finite,
     sizes,
 )
 
-FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+FLOATS = floats("vq_nearest")
 
 
 @st.composite
@@ -37,7 +39,7 @@ def nearest_cases(draw):
     codebook = draw(non_finite(make((k, d), dtype, draw(st.sampled_from(LAYOUTS))), p=0.1))
     metric = draw(st.sampled_from(("l2", "cosine")))
     verdict, why = VALID, ""
-    mutation = draw(st.sampled_from(("none",) * 6 + ("empty_codebook", "d", "dtype", "d0", "int")))
+    mutation = draw(mutations("empty_codebook", "d", "dtype", "d0", "int"))
     if mutation == "empty_codebook":
         codebook = make((0, d), dtype)
         verdict, why = STRUCTURAL, "K = 0"
@@ -104,9 +106,7 @@ def ema_cases(draw):
     idx_dtype = draw(st.sampled_from((torch.int64, torch.int32)))
     indices = torch.randint(0, k, lead).to(idx_dtype)
     verdict, why = VALID, ""
-    mutation = draw(
-        st.sampled_from(("none",) * 5 + ("past", "negative", "k0", "float_idx", "shape"))
-    )
+    mutation = draw(mutations("past", "negative", "k0", "float_idx", "shape"))
     n = indices.numel()
     if mutation == "past" and n:
         indices.view(-1)[draw(st.integers(0, n - 1))] = k

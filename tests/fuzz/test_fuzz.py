@@ -8,6 +8,11 @@ examples on every run, e.g. the long profile::
 
     GENEXT_FUZZ_EXAMPLES=2000 pytest tests/fuzz -x
 
+On a GPU (every case's tensors on CUDA; the valid cases only where a C++ ValueError would kill
+the process)::
+
+    GENEXT_FUZZ_DEVICE=cuda GENEXT_FUZZ_VALID_ONLY=1 pytest tests/fuzz
+
 One family alone, in this process (hypothesis' own report, no crash protection)::
 
     pytest tests/fuzz/fuzz_vq.py
@@ -23,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import HAS_CUDA
+
 HERE = Path(__file__).parent
 FAMILIES = sorted(
     p.stem.removeprefix("fuzz_") for p in HERE.glob("fuzz_*.py") if p.stem != "fuzz_harness"
@@ -33,6 +40,8 @@ TIMEOUT = int(os.environ.get("GENEXT_FUZZ_TIMEOUT", "900"))
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family(family, tmp_path):
+    if os.environ.get("GENEXT_FUZZ_DEVICE", "cpu") != "cpu" and not HAS_CUDA:
+        pytest.skip("GENEXT_FUZZ_DEVICE asks for a GPU")
     last = tmp_path / "last_case.txt"
     env = dict(os.environ, GENEXT_FUZZ_LAST=str(last), PYTHONFAULTHANDLER="1")
     cmd = [
