@@ -240,14 +240,68 @@ def vq_cases() -> int:
     return bad
 
 
+def vq_contrastive_nonfinite_cases() -> int:
+    """The non-finite rules on CUDA: NaN query rows get index 0 and distance NaN, NaN codebook
+    rows are never picked (l2 and cosine, 16-bit and fp32); siglip_loss with logit_bias = +inf is
+    +inf with the float64 loss's finite gradients."""
+    bad = 0
+    nan = float("nan")
+    for n, k, d, dtype, metric in [
+        (300, 70, 40, torch.float32, "l2"),
+        (129, 33, 13, torch.bfloat16, "l2"),
+        (200, 64, 64, torch.float16, "cosine"),
+    ]:
+        z = torch.randn(n, d, device="cuda").to(dtype)
+        cb = torch.randn(k, d, device="cuda").to(dtype)
+        z[[0, n // 2, n - 1], [1, 0, d - 1]] = nan
+        cb[[0, k - 1], [2, 0]] = nan
+        idx, dist = genext.ops.vq_nearest(z, cb, metric)
+        nan_rows = torch.zeros(n, dtype=torch.bool, device="cuda")
+        nan_rows[[0, n // 2, n - 1]] = True
+        keep = torch.arange(1, k - 1, device="cuda")
+        zd, cd = z.double(), cb[keep].double()
+        if metric == "cosine":
+            score = -(
+                torch.nn.functional.normalize(zd, dim=1)
+                @ torch.nn.functional.normalize(cd, dim=1).T
+            )
+        else:
+            score = ((zd[:, None] - cd[None]) ** 2).sum(-1)
+        good = ~nan_rows
+        ok = bool((idx[nan_rows] == 0).all()) and bool(torch.isnan(dist[nan_rows]).all())
+        ok &= bool(((idx[good] >= 1) & (idx[good] <= k - 2)).all())
+        chosen = score[good].gather(1, (idx[good] - 1).view(-1, 1)).squeeze(1)
+        ok &= bool((chosen <= score[good].min(1).values + 1e-3).all())
+        ok &= bool(torch.isfinite(dist[good]).all())
+        bad += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} vq NaN rows N{n} K{k} D{d} {str(dtype):<15} {metric}")
+    i = torch.nn.functional.normalize(torch.randn(9, 16, device="cuda"), dim=1).requires_grad_()
+    t = torch.nn.functional.normalize(torch.randn(9, 16, device="cuda"), dim=1).requires_grad_()
+    s = torch.tensor(10.0, device="cuda", requires_grad=True)
+    b = torch.tensor(float("inf"), device="cuda", requires_grad=True)
+    loss = genext.ops.siglip_loss(i, t, s, b)
+    grads = torch.autograd.grad(loss, (i, t, s, b))
+    leaves = [x.detach().double().requires_grad_() for x in (i, t, s, b)]
+    ref = reference.siglip_loss(*leaves)
+    rgrads = torch.autograd.grad(ref, leaves)
+    ok = loss.item() == ref.item() == float("inf")
+    ok &= all(torch.allclose(g.double(), r, atol=1e-5) for g, r in zip(grads, rgrads))
+    bad += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} siglip_loss logit_bias=inf: loss {loss.item()}")
+    torch.cuda.synchronize()
+    return bad
+
+
 def main(argv: list[str]) -> int:
-    """Runs every op's cases, or those named: group_norm_silu, attention, kvcache, sampler, vq."""
+    """Runs every op's cases, or those named: group_norm_silu, attention, kvcache, sampler, vq,
+    vq_nonfinite."""
     ops = {
         "group_norm_silu": gn_cases,
         "attention": fa_cases,
         "kvcache": kv_cases,
         "sampler": sampler_cases,
         "vq": vq_cases,
+        "vq_nonfinite": vq_contrastive_nonfinite_cases,
     }
     wanted = argv or list(ops)
     bad = sum(ops[name]() for name in wanted)

@@ -59,9 +59,20 @@ inline Args prepare(const char* op, const at::Tensor& a, const at::Tensor& b,
                       ": logit_bias must be a scalar (one element), got shape ", bias->sizes());
     TORCH_CHECK(bias->device() == a.device(), op, ": logit_bias is on ", genext::device_name(*bias),
                 " but the features are on ", genext::device_name(a));
+    TORCH_CHECK_TYPE(at::isFloatingType(bias->scalar_type()), op,
+                     ": logit_bias must be a float tensor");
     r.bias = bias->to(r.acc).reshape({});
   }
   return r;
+}
+
+// A per-row tensor of a backward (a gradient or a saved log-sum-exp): (n,) on a's device.
+inline void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n,
+                         const at::Tensor& a) {
+  TORCH_CHECK(t.device() == a.device(), op, ": ", name, " is on ", genext::device_name(t),
+              " but a is on ", genext::device_name(a));
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must have shape (", n,
+                    ",), got ", t.sizes());
 }
 
 }  // namespace genext::contrastive

@@ -92,11 +92,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_lse_backward(
     const at::Tensor& grad_row, const std::optional<at::Tensor>& grad_col, const at::Tensor& a,
     const at::Tensor& b, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
     const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse) {
-  const Args g = prepare("tiled_lse_backward", a, b, scale, bias);
+  const char* op = "tiled_lse_backward";
+  const Args g = prepare(op, a, b, scale, bias);
   const int64_t row_step = row_tile(a), col_step = col_tile(a);
   const int64_t n = g.a.size(0), m = g.b.size(0);
+  check_vector(op, "grad_row", grad_row, n, a);
+  check_vector(op, "row_lse", row_lse, n, a);
+  TORCH_CHECK_VALUE(grad_col.has_value() == col_lse.has_value(), op,
+                    ": grad_col and col_lse must be given together");
+  const bool use_cols = grad_col.has_value();
+  if (use_cols) {
+    check_vector(op, "grad_col", *grad_col, m, a);
+    check_vector(op, "col_lse", *col_lse, m, a);
+  }
   const at::Tensor gr = grad_row.to(g.acc), rl = row_lse.to(g.acc);
-  const bool use_cols = grad_col.has_value() && col_lse.has_value() && col_lse->numel() == m;
   const at::Tensor gc = use_cols ? grad_col->to(g.acc) : at::Tensor();
   const at::Tensor cl = use_cols ? col_lse->to(g.acc) : at::Tensor();
   at::Tensor da = at::zeros_like(g.a), db = at::zeros_like(g.b);

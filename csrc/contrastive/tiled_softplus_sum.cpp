@@ -44,7 +44,11 @@ at::Tensor tiled_softplus_sum(const at::Tensor& a, const at::Tensor& b, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_softplus_sum_backward(
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
     const std::optional<at::Tensor>& bias) {
-  const Args g = prepare("tiled_softplus_sum_backward", a, b, scale, bias);
+  const char* op = "tiled_softplus_sum_backward";
+  const Args g = prepare(op, a, b, scale, bias);
+  TORCH_CHECK(grad.device() == a.device(), op, ": grad is on ", genext::device_name(grad),
+              " but a is on ", genext::device_name(a));
+  TORCH_CHECK_VALUE(grad.numel() == 1, op, ": grad must have one element, got ", grad.sizes());
   const int64_t row_step = row_tile(a), col_step = col_tile(a);
   const int64_t n = g.a.size(0), m = g.b.size(0);
   const at::Tensor gs = grad.to(g.acc).reshape({});

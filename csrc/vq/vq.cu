@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kRowsPerBlock) nearest_kernel(const NearestPar
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   const int64_t row = row0 + tid;
   float best = p.cosine ? -INFINITY : INFINITY;
-  int64_t arg = 0;
+  int64_t arg = -1;  // no code accepted yet
   for (int64_t c0 = 0; c0 < p.K; c0 += kTileCodes) {
     float acc[kTileCodes];
 #pragma unroll
@@ -74,14 +74,16 @@ __global__ void __launch_bounds__(kRowsPerBlock) nearest_kernel(const NearestPar
 #pragma unroll
       for (int c = 0; c < kTileCodes; ++c) {
         const int64_t k = c0 + c;
-        if (k < p.K) {  // strict comparisons in increasing k: ties keep the smallest index
+        // strict comparisons in increasing k: ties keep the smallest index; a NaN score never
+        // wins, an infinite one only while no code has been accepted (as the CPU kernel)
+        if (k < p.K) {
           if (p.cosine) {
             const float v = acc[c] * zn * p.cb_inv_norm[k];
-            if (v > best) {
+            if (v > best || (arg < 0 && v == best)) {
               best = v;
               arg = k;
             }
-          } else if (acc[c] < best) {
+          } else if (acc[c] < best || (arg < 0 && acc[c] == best)) {
             best = acc[c];
             arg = k;
           }
@@ -89,9 +91,9 @@ __global__ void __launch_bounds__(kRowsPerBlock) nearest_kernel(const NearestPar
       }
     }
   }
-  if (row < p.N) {
-    p.indices[row] = arg;
-    p.distances[row] = p.cosine ? 1.f - best : sqrtf(best);
+  if (row < p.N) {  // every score NaN: index 0, distance NaN
+    p.indices[row] = arg < 0 ? 0 : arg;
+    p.distances[row] = arg < 0 ? NAN : (p.cosine ? 1.f - best : sqrtf(best));
   }
 }
 

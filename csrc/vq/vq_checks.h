@@ -7,6 +7,8 @@
 
 namespace genext::vq {
 
+inline constexpr int64_t kMaxCodes = (int64_t{1} << 31) - 1;
+
 inline void check_nearest(const char* op, const at::Tensor& z, const at::Tensor& codebook,
                           bool allow_double) {
   const auto dt = z.scalar_type();
@@ -23,6 +25,7 @@ inline void check_nearest(const char* op, const at::Tensor& z, const at::Tensor&
                     codebook.sizes());
   TORCH_CHECK_VALUE(z.size(1) == codebook.size(1), op, ": z and codebook must share D, got ",
                     z.size(1), " and ", codebook.size(1));
+  TORCH_CHECK_VALUE(z.size(1) > 0, op, ": D must be positive, got D = 0");
   TORCH_CHECK_VALUE(codebook.size(0) > 0, op, ": the codebook is empty (K = 0)");
 }
 
@@ -39,7 +42,11 @@ inline void check_ema(const char* op, const at::Tensor& indices, const at::Tenso
   TORCH_CHECK_VALUE(z.dim() == 2 && indices.dim() == 1 && indices.size(0) == z.size(0), op,
                     ": indices must be (N,) and z (N, D), got ", indices.sizes(), " and ",
                     z.sizes());
+  TORCH_CHECK_VALUE(z.size(1) > 0, op, ": D must be positive, got D = 0");
   TORCH_CHECK_VALUE(num_codes > 0, op, ": num_codes must be positive, got ", num_codes);
+  // a (num_codes, D) table beyond this is no codebook: a clear error, not an allocator message
+  TORCH_CHECK_VALUE(num_codes <= kMaxCodes, op, ": num_codes must be at most 2**31 - 1, got ",
+                    num_codes);
 }
 
 }  // namespace genext::vq

@@ -84,7 +84,8 @@ void normalise_rows(A* x, int64_t rows, int64_t D) {
     A s = 0;
     for (int64_t d = 0; d < D; ++d) s += xr[d] * xr[d];
     const A n = std::sqrt(s);
-    const A inv = n > 0 ? A(1) / n : A(0);
+    // a zero row stays zero; a NaN norm stays NaN (the row's scores are NaN, it matches nothing)
+    const A inv = n > 0 ? A(1) / n : (n == 0 ? A(0) : n);
     for (int64_t d = 0; d < D; ++d) xr[d] *= inv;
   }
 }
@@ -125,24 +126,28 @@ void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor&
         int64_t arg[kRows];
         for (int64_t r = 0; r < kRows; ++r) {
           best[r] = worst;
-          arg[r] = 0;
+          arg[r] = -1;  // no code accepted yet
         }
         for (int64_t t = 0; t < tiles; ++t) {
           block(zb.data(), et.data() + t * D * kCodes, D, cosine, scores);
           const int64_t codes = std::min(kCodes, K - t * kCodes);
           for (int64_t r = 0; r < rows; ++r) {
-            for (int64_t c = 0; c < codes; ++c) {  // strict: ties keep the smallest index
+            // strict: ties keep the smallest index; a NaN score never wins; an infinite one
+            // only while no code has been accepted
+            for (int64_t c = 0; c < codes; ++c) {
               const A v = scores[r * kCodes + c];
-              if (cosine ? v > best[r] : v < best[r]) {
+              if ((cosine ? v > best[r] : v < best[r]) || (arg[r] < 0 && v == best[r])) {
                 best[r] = v;
                 arg[r] = t * kCodes + c;
               }
             }
           }
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          ip[r0 + r] = arg[r];
-          dp[r0 + r] = cosine ? A(1) - best[r] : std::sqrt(best[r]);
+        for (int64_t r = 0; r < rows; ++r) {  // every score NaN: index 0, distance NaN
+          ip[r0 + r] = arg[r] < 0 ? 0 : arg[r];
+          dp[r0 + r] = arg[r] < 0 ? std::numeric_limits<A>::quiet_NaN()
+                       : cosine   ? A(1) - best[r]
+                                  : std::sqrt(best[r]);
         }
       }
     }

@@ -6,6 +6,8 @@ the EMA codebook update are ``genext.ops.vq_ema_update``.
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Any
 
 import torch
@@ -70,8 +72,19 @@ class VectorQuantizer(nn.Module):
     Buffers: ``embed`` (K, D) the codebook (a Parameter without EMA), ``cluster_size`` (K,) the
     EMA count of vectors per code (initially 1), ``embed_avg`` (K, D) the EMA of their sums
     (initially ``embed``; only with EMA). ``last_counts`` (K,) holds the last training batch's
-    counts (not saved). :meth:`load_state_dict` also takes the state of vector-quantize-pytorch's
+    counts (not saved). ``nonfinite_rows`` (0-dim int64, not saved) counts the input rows that
+    training forwards left out of the statistics (see below). :meth:`load_state_dict` also takes the state of vector-quantize-pytorch's
     ``VectorQuantize`` for the matching configuration (see :meth:`from_vector_quantize_pytorch`).
+
+    Non-finite input: a row of z with a NaN or inf is quantised by ``vq_nearest``'s rule (index
+    0 for a row with NaN; its loss is NaN, as any torch loss of a NaN), but in training it is
+    left out of the codebook statistics (counts, sums, ``last_counts``) and of the vectors that
+    restart dead codes, and counted in ``nonfinite_rows``: one bad row cannot corrupt the
+    codebook. Nothing is raised, to keep the forward free of host synchronisation; check
+    ``nonfinite_rows`` (or the loss) to notice them. Constructor arguments are validated: ``dim``
+    and ``codebook_size`` positive ints, ``decay`` in [0, 1], ``epsilon`` finite and > 0,
+    ``commitment_weight``, ``dead_code_threshold`` and ``reset_cluster_size`` finite and >= 0,
+    ``dtype`` floating point.
     """
 
     def __init__(
@@ -92,20 +105,21 @@ class VectorQuantizer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"VectorQuantizer: dim must be positive, got {dim}")
-        if codebook_size < 1:
-            raise ValueError(
-                f"VectorQuantizer: codebook_size must be positive, got {codebook_size}"
-            )
+        dim = _positive_int("dim", dim)
+        codebook_size = _positive_int("codebook_size", codebook_size)
         if metric not in _METRICS:
             raise ValueError(f"VectorQuantizer: metric must be 'l2' or 'cosine', got {metric!r}")
-        if not 0.0 <= decay <= 1.0:
+        if not 0.0 <= decay <= 1.0:  # also rejects NaN
             raise ValueError(f"VectorQuantizer: decay must be in [0, 1], got {decay}")
-        if dead_code_threshold < 0:
-            raise ValueError(
-                f"VectorQuantizer: dead_code_threshold must be >= 0, got {dead_code_threshold}"
-            )
+        _finite("commitment_weight", commitment_weight, positive=False)
+        _finite("dead_code_threshold", dead_code_threshold, positive=False)
+        # epsilon > 0: with epsilon 0 an unused code's smoothed size can reach 0 and its update
+        # divides by it
+        _finite("epsilon", epsilon, positive=True)
+        if reset_cluster_size is not None:
+            _finite("reset_cluster_size", reset_cluster_size, positive=False)
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"VectorQuantizer: dtype must be a floating-point dtype, got {dtype}")
         self.dim = dim
         self.codebook_size = codebook_size
         self.decay = float(decay)
@@ -132,6 +146,9 @@ class VectorQuantizer(nn.Module):
             self.embed = nn.Parameter(embed)
         self.register_buffer("cluster_size", torch.ones(codebook_size, **factory))
         self.register_buffer("last_counts", torch.zeros(codebook_size, **factory), persistent=False)
+        self.register_buffer(
+            "nonfinite_rows", torch.zeros((), dtype=torch.int64, device=device), persistent=False
+        )
         self.register_load_state_dict_pre_hook(_translate_peer_state)
 
     # ------------------------------------------------------------------------------------------
@@ -232,10 +249,15 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update(self, indices: Tensor, flat: Tensor) -> None:
         sync = self._sync()
+        k = self.codebook_size
+        # Rows with a NaN or inf go to an extra code K whose statistics are dropped: they never
+        # reach the codebook, and no host synchronisation is needed to find them.
+        finite = torch.isfinite(flat).all(dim=1)
         counts, sums = vq_ema_update(
-            indices, flat, self.codebook_size, deterministic=self.deterministic
+            torch.where(finite, indices, k), flat, k + 1, deterministic=self.deterministic
         )
-        counts = counts.to(self.cluster_size.dtype)
+        self.nonfinite_rows.add_(counts[k].to(torch.int64))
+        counts, sums = counts[:k].to(self.cluster_size.dtype), sums[:k]
         if sync:
             if self.use_ema:
                 # one all-reduce: counts as an extra column of the sums
@@ -257,7 +279,7 @@ class VectorQuantizer(nn.Module):
                 new = F.normalize(new, dim=-1)
             self.embed.copy_(new)
         if self.dead_code_threshold > 0:
-            self._restart_dead_codes(flat, sync)
+            self._restart_dead_codes(flat[finite], sync)  # restart only with finite rows
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: Tensor, sync: bool) -> None:
@@ -341,6 +363,29 @@ class VectorQuantizer(nn.Module):
         out.load_state_dict(module.state_dict())
         out.train(module.training)
         return out
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as an int (an integer type: not a bool, not a float), checked positive."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"VectorQuantizer: {name} must be an int, got {value!r}") from None
+    if v < 1:
+        raise ValueError(f"VectorQuantizer: {name} must be positive, got {v}")
+    return v
+
+
+def _finite(name: str, value: float, positive: bool) -> None:
+    """Raise ValueError unless ``value`` is a finite number >= 0 (> 0 when ``positive``)."""
+    v = float(value)
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(
+            f"VectorQuantizer: {name} must be a finite number {'>' if positive else '>='} 0, "
+            f"got {value}"
+        )
 
 
 def _peer_unsupported(module: nn.Module) -> list[str]:

@@ -5,10 +5,13 @@ logit_scale and logit_bias."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, declare_kernels
+from .. import _C
+from ._common import acc_dtype, check_same_device, declare_kernels
 
 __all__ = ["clip_loss", "siglip_loss"]
 
@@ -20,8 +23,109 @@ declare_kernels(
 )
 
 
+_PUBLIC_NAMES = ("image_features", "text_features")
+
+
 def _scalar(t, like: Tensor) -> Tensor:
-    return t if isinstance(t, Tensor) else torch.tensor(float(t), device=like.device)
+    """A Python number as a 0-dim tensor on ``like``'s device, in the accumulation dtype (so a
+    float64 loss keeps a float64 scale)."""
+    if isinstance(t, Tensor):
+        return t
+    return torch.tensor(float(t), dtype=acc_dtype(like), device=like.device)
+
+
+_FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_args(
+    op: str,
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    bias: Tensor | None,
+    names: tuple[str, str] = ("a", "b"),
+) -> None:
+    """The argument checks of the contrastive primitives (csrc/contrastive/contrastive_checks.h,
+    prepare), with the same exception types and messages. The fake kernels call it with the op's
+    name, so a meta tensor beside real ones raises as the C++ code would; clip_loss and
+    siglip_loss call it first with their own name and the features' public names."""
+    dt = a.dtype
+    torch._check_type(
+        dt in _FEATURE_DTYPES,
+        lambda: f"{op}: features must be float16, bfloat16, float32 or float64, got {dt}",
+    )
+    torch._check_type(
+        b.dtype == dt,
+        lambda: f"{op}: the two feature tensors must share a dtype, got {dt} and {b.dtype}",
+    )
+    check_same_device(
+        op, names[0], {names[0]: a, names[1]: b, "logit_scale": scale, "logit_bias": bias}
+    )
+    dev = a.device.type
+    if not (dev in ("cpu", "meta") or (dev == "cuda" and _C.cuda)):
+        raise NotImplementedError(
+            f"{op}: no kernel for {dev} tensors in this genext build "
+            f"({'CPU and CUDA' if _C.cuda else 'CPU only: built without CUDA'})"
+        )
+    torch._check_value(
+        a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1],
+        lambda: (
+            f"{op}: features must be (Na, D) and (Nb, D) with one D, got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        ),
+    )
+    torch._check_value(b.shape[0] > 0, lambda: f"{op}: the second feature set is empty")
+    torch._check_value(
+        scale.numel() == 1,
+        lambda: f"{op}: logit_scale must be a scalar (one element), got shape {tuple(scale.shape)}",
+    )
+    torch._check_type(
+        scale.is_floating_point(), lambda: f"{op}: logit_scale must be a float tensor"
+    )
+    if bias is not None:
+        torch._check_value(
+            bias.numel() == 1,
+            lambda: (
+                f"{op}: logit_bias must be a scalar (one element), got shape {tuple(bias.shape)}"
+            ),
+        )
+        torch._check_type(
+            bias.is_floating_point(), lambda: f"{op}: logit_bias must be a float tensor"
+        )
+
+
+def _check_grad_vector(op: str, name: str, g: Tensor, n, a: Tensor) -> None:
+    """A per-row tensor of a backward: (n,) on a's device (contrastive_checks.h, check_vector)."""
+    check_same_device(op, "a", {"a": a, name: g})
+    torch._check_value(
+        g.dim() == 1 and g.shape[0] == n,
+        lambda: f"{op}: {name} must have shape ({n},), got {tuple(g.shape)}",
+    )
+
+
+def check_lse_backward(op, grad_row, grad_col, a, b, scale, bias, row_lse, col_lse) -> None:
+    """The checks of tiled_lse_backward (tiled_lse.cpp): the forward's, then grad_row and row_lse
+    (Na,), grad_col and col_lse both given or both None, each (Nb,)."""
+    check_args(op, a, b, scale, bias)
+    _check_grad_vector(op, "grad_row", grad_row, a.shape[0], a)
+    _check_grad_vector(op, "row_lse", row_lse, a.shape[0], a)
+    torch._check_value(
+        (grad_col is None) == (col_lse is None),
+        lambda: f"{op}: grad_col and col_lse must be given together",
+    )
+    if grad_col is not None:
+        _check_grad_vector(op, "grad_col", grad_col, b.shape[0], a)
+        _check_grad_vector(op, "col_lse", col_lse, b.shape[0], a)
+
+
+def check_softplus_backward(op, grad, a, b, scale, bias) -> None:
+    """The checks of tiled_softplus_sum_backward: the forward's, then grad one element on a's
+    device."""
+    check_args(op, a, b, scale, bias)
+    check_same_device(op, "a", {"a": a, "grad": grad})
+    torch._check_value(
+        grad.numel() == 1, lambda: f"{op}: grad must have one element, got {tuple(grad.shape)}"
+    )
 
 
 def _positives(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor | None, offset: int) -> Tensor:
@@ -50,29 +154,50 @@ def clip_loss(
 
     Features (N, D) in fp16/bf16/fp32 (fp64 on the CPU) are multiplied in tiles by the device's
     BLAS and everything after the products is fp32 (fp64), so large logit scales do not overflow.
-    Returns a 0-dim fp32 (fp64) loss.
+    logit_scale and logit_bias: one-element float tensors on the features' device, or Python
+    numbers. Returns a 0-dim fp32 (fp64) loss.
+
+    Non-finite inputs give what the float64 eager loss gives: NaN for a NaN anywhere, an
+    infinite logit_scale or logit_bias, or an infinite feature (its log-softmax subtracts
+    infinities), with NaN gradients where that loss's are NaN.
     """
     i, t = image_features, text_features
     if i.dim() != 2 or t.dim() != 2:
         raise ValueError(
             f"clip_loss: features must be (N, D), got {tuple(i.shape)} and {tuple(t.shape)}"
         )
+    labels_offset = operator.index(labels_offset)
     scale = _scalar(logit_scale, i)
     bias = _scalar(logit_bias, i) if logit_bias is not None else None
-    n = i.shape[0]
+    n, m = i.shape[0], t.shape[0]
     if n == 0:
         raise ValueError("clip_loss: no image features")
-    square = i.shape[0] == t.shape[0] and labels_offset == 0
-    if not square and not (0 <= labels_offset and labels_offset + n <= t.shape[0]):
+    if m == 0:
+        raise ValueError("clip_loss: no text features")
+    if not torch.compiler.is_compiling():  # traced, the fake kernel checks (naming the op)
+        check_args("clip_loss", i, t, scale, bias, _PUBLIC_NAMES)
+    square = n == m and labels_offset == 0
+    if not square and not (0 <= labels_offset and labels_offset + n <= m):
         raise ValueError(
-            f"clip_loss: labels_offset {labels_offset} + {n} rows exceed the "
-            f"{t.shape[0]} text features"
+            f"clip_loss: labels_offset {labels_offset} + {n} rows exceed the {m} text features"
         )
     row_lse, col_lse = torch.ops.genext.tiled_lse(i, t, scale, bias, square)
     pos = _positives(i, t, scale, bias, labels_offset)
     if square:
         return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
     return (row_lse - pos).mean()
+
+
+class _ValueWithGradOf(torch.autograd.Function):
+    """``value`` in the forward, the gradient of ``surrogate`` in the backward."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, surrogate: Tensor) -> Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, grad
 
 
 def siglip_loss(
@@ -85,7 +210,17 @@ def siglip_loss(
     """open_clip's SigLipLoss for one block of features: -sum_ij log sigmoid(z_ij * L_ij) / Ni with
     L = logit_scale * I T^T + logit_bias, z = +1 on the positives (i == j) and -1 elsewhere, or
     all -1 when negative_only (the blocks of other ranks). Computed as
-    (sum_ij softplus(L_ij) - sum_i L_ii) / Ni without the Ni x Nt matrix."""
+    (sum_ij softplus(L_ij) - sum_i L_ii) / Ni without the Ni x Nt matrix. logit_scale and
+    logit_bias: one-element float tensors on the features' device, Python numbers, or None for
+    no bias.
+
+    Non-finite inputs: a NaN anywhere gives NaN; logit_bias = +inf gives +inf (0 for a single
+    positive pair) and -inf gives +inf (0 with negative_only), as the float64 eager loss, with its
+    finite gradients; a non-finite logit_scale gives NaN (loss and gradients; the eager loss's
+    products mix +inf and -inf and give NaN for any real features). An infinite feature gives
+    +inf or NaN: NaN where the eager loss can still be finite or +inf (the positives' term is
+    subtracted from the sum over all pairs, and inf - inf is NaN).
+    """
     i, t = image_features, text_features
     if i.dim() != 2 or t.dim() != 2:
         raise ValueError(
@@ -93,17 +228,32 @@ def siglip_loss(
         )
     scale = _scalar(logit_scale, i)
     bias = _scalar(logit_bias, i) if logit_bias is not None else None
-    n = i.shape[0]
+    n, m = i.shape[0], t.shape[0]
     if n == 0:
         raise ValueError("siglip_loss: no image features")
+    if m == 0:
+        raise ValueError("siglip_loss: no text features")
+    if not torch.compiler.is_compiling():  # traced, the fake kernel checks (naming the op)
+        check_args("siglip_loss", i, t, scale, bias, _PUBLIC_NAMES)
+    if not negative_only and m != n:
+        raise ValueError(
+            "siglip_loss: positives need as many text as image features "
+            f"({n} vs {m}); pass negative_only=True for other ranks' blocks"
+        )
+    # An infinite scale makes every score +-inf or NaN (inf * 0): NaN throughout, as the eager
+    # loss; adding NaN (not replacing the scale) keeps the gradient path to logit_scale.
+    scale = scale + torch.where(torch.isfinite(scale), 0.0, float("nan"))
     total = torch.ops.genext.tiled_softplus_sum(i, t, scale, bias)
     if not negative_only:
-        if t.shape[0] != n:
-            raise ValueError(
-                "siglip_loss: positives need as many text as image features "
-                f"({n} vs {t.shape[0]}); pass negative_only=True for other ranks' blocks"
-            )
-        total = total - _positives(i, t, scale, bias, 0).sum()
+        value = total - _positives(i, t, scale, bias, 0).sum()
+        if bias is not None:
+            # bias = +inf: every score is +inf (or NaN, which propagates through the sum), so the
+            # difference is inf - inf. The loss is the negatives' +inf (0 for one pair), and the
+            # difference's gradient is finite and right (sigmoid(+inf) = 1 on the negatives).
+            all_inf = torch.isposinf(bias.reshape(())) & ~torch.isnan(total)
+            exact = torch.where(all_inf, float("inf") if n > 1 else 0.0, value)
+            value = _ValueWithGradOf.apply(exact, value)
+        total = value
     return total / n
 
 
@@ -112,10 +262,9 @@ def siglip_loss(
 
 @torch.library.register_fake("genext::tiled_lse")
 def _fake_lse(a, b, scale, bias, cols):
-    torch._check(
-        a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1],
-        lambda: "tiled_lse: features must be (Na, D) and (Nb, D)",
-    )
+    check_args("tiled_lse", a, b, scale, bias)
+    if cols:
+        torch._check_value(a.shape[0] > 0, lambda: "tiled_lse: column log-sum-exp needs rows")
     return (
         a.new_empty((a.shape[0],), dtype=acc_dtype(a)),
         a.new_empty((b.shape[0] if cols else 0,), dtype=acc_dtype(a)),
@@ -124,6 +273,9 @@ def _fake_lse(a, b, scale, bias, cols):
 
 @torch.library.register_fake("genext::tiled_lse_backward")
 def _fake_lse_bwd(grad_row, grad_col, a, b, scale, bias, row_lse, col_lse):
+    check_lse_backward(
+        "tiled_lse_backward", grad_row, grad_col, a, b, scale, bias, row_lse, col_lse
+    )
     return (
         torch.empty_like(a),
         torch.empty_like(b),
@@ -134,11 +286,13 @@ def _fake_lse_bwd(grad_row, grad_col, a, b, scale, bias, row_lse, col_lse):
 
 @torch.library.register_fake("genext::tiled_softplus_sum")
 def _fake_sp(a, b, scale, bias):
+    check_args("tiled_softplus_sum", a, b, scale, bias)
     return a.new_empty((), dtype=acc_dtype(a))
 
 
 @torch.library.register_fake("genext::tiled_softplus_sum_backward")
 def _fake_sp_bwd(grad, a, b, scale, bias):
+    check_softplus_backward("tiled_softplus_sum_backward", grad, a, b, scale, bias)
     return (
         torch.empty_like(a),
         torch.empty_like(b),

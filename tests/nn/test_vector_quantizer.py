@@ -549,3 +549,62 @@ def test_torch_compile_train_ema_fullgraph():
         torch.testing.assert_close(loss, loss_e, rtol=1e-5, atol=1e-7)
         for k, v in eager.state_dict().items():
             torch.testing.assert_close(vq.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+# ---- hostile arguments and non-finite input ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"epsilon": -1.0}, ValueError, "epsilon"),
+        ({"epsilon": 0.0}, ValueError, "epsilon"),
+        ({"epsilon": float("nan")}, ValueError, "epsilon"),
+        ({"decay": float("nan")}, ValueError, "decay"),
+        ({"decay": 1.5}, ValueError, "decay"),
+        ({"commitment_weight": -0.5}, ValueError, "commitment_weight"),
+        ({"commitment_weight": float("inf")}, ValueError, "commitment_weight"),
+        ({"dead_code_threshold": float("nan")}, ValueError, "dead_code_threshold"),
+        ({"reset_cluster_size": -1.0}, ValueError, "reset_cluster_size"),
+        ({"dim": 0}, ValueError, "dim must be positive"),
+        ({"dim": 2.5}, TypeError, "dim must be an int"),
+        ({"codebook_size": True}, TypeError, "codebook_size must be an int"),
+        ({"dtype": torch.int64}, TypeError, "dtype must be a floating-point"),
+    ],
+)
+def test_constructor_validates_arguments(kwargs, exc, match):
+    args = {"dim": 8, "codebook_size": 4, **kwargs}
+    with pytest.raises(exc, match=f"VectorQuantizer: {match}"):
+        VectorQuantizer(**args)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nonfinite_rows_left_out_of_ema(device, metric):
+    # one NaN and one inf row in a training batch: the codebook update is that of the finite
+    # rows alone, and the module counts the two rows it left out
+    vq = make_vq(6, 9, metric=metric, device=device)
+    z = torch.randn(50, 6, dtype=torch.float64)
+    finite = z.clone()
+    z[7, 2] = float("nan")
+    z[30, 0] = float("inf")
+    keep = torch.ones(50, dtype=torch.bool)
+    keep[[7, 30]] = False
+    want = manual_ema(vq.cpu(), finite[keep])
+    vq.to(device)(z.to(device, torch.float32))
+    _, counts, cs, avg, embed = want
+    assert vq.nonfinite_rows.item() == 2
+    assert torch.isfinite(vq.embed).all() and torch.isfinite(vq.embed_avg).all()
+    torch.testing.assert_close(vq.last_counts.double().cpu(), counts)
+    torch.testing.assert_close(vq.cluster_size.double().cpu(), cs)
+    torch.testing.assert_close(vq.embed.double().cpu(), embed, rtol=1e-5, atol=1e-6)
+    vq(torch.full((3, 6), float("nan"), device=device))
+    assert vq.nonfinite_rows.item() == 5 and torch.isfinite(vq.embed).all()
+
+
+def test_nonfinite_rows_never_restart_dead_codes():
+    vq = make_vq(4, 16, dead_code_threshold=2.0, decay=0.0)  # nearly every code dies at once
+    z = torch.full((20, 4), float("nan"))
+    z[:2] = torch.randn(2, 4)
+    vq(z)
+    assert torch.isfinite(vq.embed).all() and torch.isfinite(vq.embed_avg).all()
+    assert vq.nonfinite_rows.item() == 18

@@ -126,3 +126,175 @@ def test_bad_inputs(device):
         clip_loss(i, torch.randn(5, 8, device=device), s, labels_offset=3)
     with pytest.raises(ValueError, match="negative_only"):
         siglip_loss(i, torch.randn(5, 8, device=device), s, 0.0)
+
+
+# ---- devices, fake kernels, errors in the public names --------------------------------------
+
+
+def _cpu_args():
+    return torch.randn(4, 8), torch.randn(4, 8), torch.tensor(2.0), torch.tensor(-1.0)
+
+
+@pytest.mark.parametrize("loss", [clip_loss, siglip_loss])
+@pytest.mark.parametrize("meta_arg", [0, 1, 2, 3])
+def test_meta_beside_cpu_raises(loss, meta_arg):
+    args = list(_cpu_args())
+    args[meta_arg] = args[meta_arg].to("meta")
+    with pytest.raises(RuntimeError, match=f"{loss.__name__}: .* is on meta"):
+        loss(*args)
+
+
+@pytest.mark.parametrize("meta_arg", [0, 1, 2, 3])
+def test_forward_ops_meta_beside_cpu_raise(meta_arg):
+    args = list(_cpu_args())
+    args[meta_arg] = args[meta_arg].to("meta")
+    with pytest.raises(RuntimeError, match="tiled_lse: .* is on meta"):
+        torch.ops.genext.tiled_lse(*args, True)
+    with pytest.raises(RuntimeError, match="tiled_softplus_sum: .* is on meta"):
+        torch.ops.genext.tiled_softplus_sum(*args)
+
+
+@pytest.mark.parametrize("meta_arg", range(8))
+def test_lse_backward_meta_beside_cpu_raises(meta_arg):
+    a, b, s, bias = _cpu_args()
+    args = [torch.randn(4), torch.randn(4), a, b, s, bias, torch.randn(4), torch.randn(4)]
+    args[meta_arg] = args[meta_arg].to("meta")
+    with pytest.raises(RuntimeError, match="tiled_lse_backward: .* is on meta"):
+        torch.ops.genext.tiled_lse_backward(*args)
+
+
+@pytest.mark.parametrize("meta_arg", range(5))
+def test_softplus_backward_meta_beside_cpu_raises(meta_arg):
+    args = [torch.tensor(1.0), *_cpu_args()]
+    args[meta_arg] = args[meta_arg].to("meta")
+    with pytest.raises(RuntimeError, match="tiled_softplus_sum_backward: .* is on meta"):
+        torch.ops.genext.tiled_softplus_sum_backward(*args)
+
+
+def test_all_meta_works():
+    i, t, s, b = (x.to("meta") for x in _cpu_args())
+    assert clip_loss(i, t, s, b).shape == () and siglip_loss(i, t, s, b).device.type == "meta"
+    row, col = torch.ops.genext.tiled_lse(i, t, s, b, True)
+    assert row.shape == (4,) and col.shape == (4,)
+    grads = torch.ops.genext.tiled_lse_backward(row, col, i, t, s, b, row, col)
+    assert [g.shape for g in grads] == [(4, 8), (4, 8), (), ()]
+    grads = torch.ops.genext.tiled_softplus_sum_backward(s, i, t, s, None)
+    assert [g.shape for g in grads] == [(4, 8), (4, 8), (), (0,)]
+    # the fake kernels raise the C++ kernels' exception types
+    with pytest.raises(ValueError, match="one D"):
+        torch.ops.genext.tiled_lse(i, t[:, :3], s, b, True)
+    with pytest.raises(TypeError, match="must share a dtype"):
+        torch.ops.genext.tiled_softplus_sum(i, t.double(), s, b)
+    with pytest.raises(ValueError, match="grad_row must have shape"):
+        torch.ops.genext.tiled_lse_backward(row[:3], col, i, t, s, b, row, col)
+
+
+def test_backward_ops_check_like_the_fakes():
+    # the C++ backwards check the per-row tensors as the fake kernels do
+    a, b, s, bias = _cpu_args()
+    row = torch.randn(4)
+    with pytest.raises(ValueError, match="grad_row must have shape"):
+        torch.ops.genext.tiled_lse_backward(row[:3], None, a, b, s, bias, row, None)
+    with pytest.raises(ValueError, match="given together"):
+        torch.ops.genext.tiled_lse_backward(row, row, a, b, s, bias, row, None)
+    with pytest.raises(ValueError, match="grad must have one element"):
+        torch.ops.genext.tiled_softplus_sum_backward(row, a, b, s, bias)
+
+
+def test_compile_dynamic_shapes():
+    f = torch.compile(
+        lambda i, t, s, b: clip_loss(i, t, s, b) + siglip_loss(i, t, s, b),
+        fullgraph=True,
+        dynamic=True,
+    )
+    for n in (5, 9):
+        i, t, s, b = torch.randn(n, 8), torch.randn(n, 8), torch.tensor(2.0), torch.tensor(-1.0)
+        want = clip_loss(i, t, s, b) + siglip_loss(i, t, s, b)
+        assert torch.allclose(f(i, t, s, b), want, atol=1e-6)
+
+
+def test_errors_name_the_public_function(device):
+    i = torch.randn(4, 8, device=device)
+    s = torch.tensor(1.0, device=device)
+    for loss in (clip_loss, siglip_loss):
+        name = loss.__name__
+        with pytest.raises(ValueError, match=f"{name}: .*one D"):
+            loss(i, torch.randn(4, 9, device=device), s, 0.0)
+        with pytest.raises(TypeError, match=f"{name}: features must be float16"):
+            loss(i.long(), i.long(), s, 0.0)
+        with pytest.raises(TypeError, match=f"{name}: the two feature tensors"):
+            loss(i, i.double(), s, 0.0)
+        with pytest.raises(ValueError, match=f"{name}: logit_scale must be a scalar"):
+            loss(i, i, torch.ones(2, device=device), 0.0)
+        with pytest.raises(TypeError, match=f"{name}: logit_bias must be a float tensor"):
+            loss(i, i, s, torch.tensor(1, device=device))
+        with pytest.raises(ValueError, match=f"{name}: no text features"):
+            loss(i, i[:0], s, 0.0)
+
+
+def test_python_scale_keeps_float64():
+    i, t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    s = 1 / 0.07  # not a float32 number
+    s64 = torch.tensor(s, dtype=torch.float64)
+    assert clip_loss(i, t, s).item() == clip_loss(i, t, s64).item()
+    assert siglip_loss(i, t, s, -0.3).item() == siglip_loss(i, t, s64, -0.3).item()
+
+
+# ---- non-finite values against the float64 eager losses -----------------------------------------
+
+
+def _values_and_grads(loss_fn, leaves):
+    out = loss_fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, allow_unused=True)
+    return out, grads
+
+
+def _same_nonfinite(a, b, rtol=1e-5):
+    """Equal NaN pattern, equal infinities, finite parts close."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    assert torch.equal(torch.isposinf(a), torch.isposinf(b))
+    assert torch.equal(torch.isneginf(a), torch.isneginf(b))
+    fin = torch.isfinite(b)
+    assert torch.allclose(a[fin], b[fin], rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,negative_only", [(5, False), (1, False), (5, True)])
+@pytest.mark.parametrize("bias", [float("inf"), float("-inf")])
+def test_siglip_infinite_bias(n, negative_only, bias, device):
+    m = n + 2 if negative_only else n
+    i, t, s, _ = _leaves(n, m, 7, device)
+    b = torch.tensor(bias, device=device, requires_grad=True)
+    ours, g = _values_and_grads(
+        lambda *x: siglip_loss(*x, negative_only=negative_only), (i, t, s, b)
+    )
+    ref, rg = _values_and_grads(lambda *x: _ref_siglip(*x, negative_only), (i, t, s, b))
+    _same_nonfinite(ours, ref)
+    for a, r in zip(g, rg):
+        _same_nonfinite(a, r)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize(
+    "place,value",
+    [
+        ("scale", float("inf")),
+        ("scale", float("-inf")),
+        ("scale", float("nan")),
+        ("bias", float("nan")),
+        ("image", float("nan")),
+        ("text", float("nan")),
+        ("bias", float("inf")),
+    ],
+)
+def test_nonfinite_inputs_match_float64(loss, place, value, device):
+    i, t, s, b = _leaves(5, 5, 7, device)
+    with torch.no_grad():
+        {"scale": s, "bias": b, "image": i[2:3, 1:2], "text": t[4:5, 3:4]}[place].fill_(value)
+    fn = clip_loss if loss == "clip" else siglip_loss
+    ref_fn = _ref_clip if loss == "clip" else _ref_siglip
+    ours, g = _values_and_grads(fn, (i, t, s, b))
+    ref, rg = _values_and_grads(ref_fn, (i, t, s, b))
+    _same_nonfinite(ours, ref)
+    for a, r in zip(g, rg):
+        _same_nonfinite(a, r)

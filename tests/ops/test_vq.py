@@ -131,3 +131,131 @@ def test_float64_cpu():
     assert dist.dtype == torch.float64
     ri, rd, _ = _ref(z, cb, "l2")
     assert torch.equal(idx, ri) and torch.allclose(dist, rd, atol=1e-12)
+
+
+# ---- devices, fake kernels, hostile inputs -------------------------------------------------------
+
+
+@pytest.mark.parametrize("meta_arg", ["z", "codebook"])
+def test_nearest_meta_beside_cpu_raises(meta_arg):
+    # a meta tensor sends the dispatcher to the fake kernel, which must raise as the C++ does
+    args = {"z": torch.randn(6, 4), "codebook": torch.randn(3, 4)}
+    args[meta_arg] = args[meta_arg].to("meta")
+    with pytest.raises(RuntimeError, match=f"vq_nearest: .*{meta_arg}.* is on meta"):
+        vq_nearest(args["z"], args["codebook"])
+    with pytest.raises(RuntimeError, match="is on meta"):
+        torch.ops.genext.vq_nearest(args["z"], args["codebook"], False)
+
+
+@pytest.mark.parametrize("meta_arg", ["indices", "z"])
+def test_ema_meta_beside_cpu_raises(meta_arg):
+    args = {"indices": torch.randint(0, 3, (6,)), "z": torch.randn(6, 4)}
+    args[meta_arg] = args[meta_arg].to("meta")
+    with pytest.raises(RuntimeError, match=f"vq_ema_update: .*{meta_arg}.* is on meta"):
+        vq_ema_update(args["indices"], args["z"], 3)
+
+
+def test_all_meta_and_fake_checks():
+    z, cb = torch.empty(5, 7, 4, device="meta"), torch.empty(3, 4, device="meta")
+    idx, dist = vq_nearest(z, cb)
+    assert idx.shape == (5, 7) and idx.dtype == torch.int64 and dist.dtype == torch.float32
+    counts, sums = vq_ema_update(torch.empty(5, 7, dtype=torch.int32, device="meta"), z, 9)
+    assert counts.shape == (9,) and sums.shape == (9, 4) and sums.device.type == "meta"
+    # the fake kernels raise what the C++ raises: types and messages
+    with pytest.raises(ValueError, match="share D"):
+        vq_nearest(z, torch.empty(3, 5, device="meta"))
+    with pytest.raises(TypeError, match="codebook must have z's dtype"):
+        vq_nearest(z, cb.half())
+    with pytest.raises(TypeError, match="z must be float16"):
+        vq_nearest(z.long(), cb.long())
+    with pytest.raises(ValueError, match="K = 0"):
+        vq_nearest(z, torch.empty(0, 4, device="meta"))
+    with pytest.raises(TypeError, match="indices must be int64 or int32"):
+        vq_ema_update(torch.empty(5, 7, device="meta"), z, 3)
+
+
+def test_compile_dynamic_shapes():
+    # the fake kernels' checks work on symbolic sizes
+    f = torch.compile(
+        lambda a, b: vq_nearest(a, b)[0] + vq_ema_update(vq_nearest(a, b)[0], a, 5)[0].sum(),
+        fullgraph=True,
+        dynamic=True,
+    )
+    for n in (7, 13):
+        z, cb = torch.randn(n, 6), torch.randn(5, 6)
+        want = vq_nearest(z, cb)[0] + n
+        assert torch.equal(f(z, cb), want)
+
+
+def test_hostile_sizes_and_types(device):
+    z = torch.randn(4, 8, device=device)
+    cb = torch.randn(3, 8, device=device)
+    with pytest.raises(ValueError, match="vq_nearest: D must be positive"):
+        vq_nearest(torch.empty(0, 0, device=device), torch.empty(3, 0, device=device))
+    with pytest.raises(ValueError, match="vq_nearest: D must be positive"):
+        vq_nearest(torch.empty(2, 0, device=device), torch.empty(3, 0, device=device))
+    with pytest.raises(ValueError, match="vq_ema_update: D must be positive"):
+        vq_ema_update(torch.zeros(0, dtype=torch.long, device=device), z[:0, :0], 3)
+    with pytest.raises(ValueError, match=r"num_codes must be at most 2\*\*31 - 1"):
+        vq_ema_update(torch.zeros(4, dtype=torch.long, device=device), z, 2**40)
+    with pytest.raises(TypeError):
+        vq_ema_update(torch.zeros(4, dtype=torch.long, device=device), z, 3.5)
+    with pytest.raises(ValueError, match="leading shape"):  # same numel, other shape
+        vq_ema_update(torch.zeros(2, 2, dtype=torch.long, device=device), z, 3)
+    # non-contiguous, transposed and stride-0 inputs give the contiguous answer
+    zt = torch.randn(8, 40, device=device).t()
+    assert torch.equal(vq_nearest(zt, cb)[0], vq_nearest(zt.contiguous(), cb)[0])
+    ze = z[:1].expand(5, 8)
+    assert torch.equal(vq_nearest(ze, cb[:, ::1])[0], vq_nearest(ze.contiguous(), cb)[0])
+    idx = torch.zeros(5, dtype=torch.long, device=device)
+    counts, sums = vq_ema_update(idx, ze, 3, deterministic=True)
+    assert counts.tolist() == [5, 0, 0] and torch.allclose(sums[0], 5 * z[0])
+
+
+# ---- non-finite values ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nan_query_rows(metric, device):
+    # a row with a NaN has only NaN scores: index 0 (torch.argmin of the float64 reference row)
+    # and distance NaN; the other rows are untouched
+    z = torch.randn(70, 9, device=device)
+    cb = torch.randn(40, 9, device=device)
+    z[[3, 41, 69], [0, 8, 4]] = float("nan")
+    idx, dist = vq_nearest(z, cb, metric)
+    ri, rd, _ = _ref(z, cb, metric)
+    bad = torch.zeros(70, dtype=torch.bool)
+    bad[[3, 41, 69]] = True
+    assert idx.cpu()[bad].tolist() == ri.cpu()[bad].tolist() == [0, 0, 0]
+    assert torch.isnan(dist.cpu()[bad]).all() and torch.isnan(rd.cpu()[bad]).all()
+    assert torch.equal(idx.cpu()[~bad], ri.cpu()[~bad])
+    assert torch.isfinite(dist[~bad.to(device)]).all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nan_codebook_rows_never_picked(metric, device):
+    z = torch.randn(200, 6, device=device)
+    cb = torch.randn(37, 6, device=device)
+    nan_rows = [0, 5, 36]
+    cb[nan_rows, 2] = float("nan")
+    idx, dist = vq_nearest(z, cb, metric)
+    keep = torch.tensor([k for k in range(37) if k not in nan_rows])
+    ri, rd, _ = _ref(z, cb[keep.to(device)], metric)
+    assert torch.equal(idx.cpu(), keep[ri.cpu()])  # the nearest among the finite rows
+    assert torch.allclose(dist.double().cpu(), rd.cpu(), atol=1e-4)
+    # every code NaN: index 0, distance NaN
+    idx, dist = vq_nearest(z[:3], torch.full((4, 6), float("nan"), device=device), metric)
+    assert idx.tolist() == [0, 0, 0] and torch.isnan(dist).all()
+
+
+def test_inf_rows_l2(device):
+    # an infinite query row is infinitely far from every code: index 0, distance inf (as the
+    # float64 reference); an infinite code is picked only when nothing finite exists
+    z = torch.randn(4, 5, device=device)
+    z[1, 3] = float("inf")
+    cb = torch.randn(6, 5, device=device)
+    cb[0, 0] = float("-inf")
+    idx, dist = vq_nearest(z, cb)
+    ri, rd, _ = _ref(z, cb, "l2")
+    assert torch.equal(idx.cpu(), ri.cpu()) and dist[1].item() == float("inf")
+    assert idx[1].item() == 0 and torch.isfinite(dist[[0, 2, 3]]).all()
