@@ -23,11 +23,18 @@ def vq_scores(z: Tensor, codebook: Tensor, metric: str = "l2") -> Tensor:
 def vq_nearest(z: Tensor, codebook: Tensor, metric: str = "l2") -> tuple[Tensor, Tensor]:
     """What ``genext.ops.vq_nearest`` returns, for z (N, D): (indices (N,) int64, the smallest
     score's index with ties to the smallest index; distances (N,): the Euclidean distance for
-    ``"l2"``, ``1 - cosine similarity`` for ``"cosine"``)."""
+    ``"l2"``, ``1 - cosine similarity`` for ``"cosine"``). A NaN score never wins: the smallest
+    of the other scores does (an infinite one only when nothing finite is left), and a row whose
+    every score is NaN gets index 0 and distance NaN."""
     s = vq_scores(z, codebook, metric)
-    best = s.min(-1).values
-    dist = best.sqrt() if metric == "l2" else 1 + best
-    return s.argmin(-1), dist
+    nan = s.isnan()
+    key = s.masked_fill(nan, float("inf"))
+    best = key.min(-1, keepdim=True).values
+    winners = (key == best) & ~nan
+    idx = torch.where(winners.any(-1), winners.to(torch.int8).argmax(-1), 0)
+    picked = s.gather(-1, idx[:, None])[:, 0]
+    dist = picked.sqrt() if metric == "l2" else 1 + picked
+    return idx, dist
 
 
 def vq_ema_update(indices: Tensor, z: Tensor, num_codes: int) -> tuple[Tensor, Tensor]:
