@@ -26,6 +26,7 @@ from fuzz_harness import (
     make,
     mutations,
     non_finite,
+    reseed,
     sizes,
 )
 
@@ -35,6 +36,7 @@ SCALES = (None, 0.0, 0.3, -1.0, 1e3, float("nan"), float("inf"))
 
 @st.composite
 def dense_cases(draw):
+    reseed(draw)
     dtype = draw(st.sampled_from(FLOATS))
     b, hk, group, lq, lk = draw(sizes(5, hi=6))
     hk, group = max(hk, 1), max(group, 1)
@@ -140,6 +142,7 @@ def test_flash_attention_backward(case):
 
 @st.composite
 def varlen_cases(draw):
+    reseed(draw)
     dtype = draw(st.sampled_from(FLOATS))
     n_seq = draw(st.integers(0, 4))
     lens_q = [draw(st.integers(0, 5)) for _ in range(n_seq)]
@@ -228,6 +231,7 @@ def test_flash_attention_varlen(case):
 
 @st.composite
 def sdpa_cases(draw):
+    reseed(draw)
     dtype = draw(st.sampled_from((torch.float32, torch.float64)))
     b, hk, group, lq, lk = draw(sizes(5, hi=5))
     hk, group, b = max(hk, 1), max(group, 1), max(b, 1)

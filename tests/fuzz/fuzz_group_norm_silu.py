@@ -20,6 +20,7 @@ from fuzz_harness import (
     make,
     mutations,
     non_finite,
+    reseed,
     sizes,
 )
 
@@ -29,6 +30,7 @@ FLOATS = floats("group_norm_silu")
 
 @st.composite
 def cases(draw):
+    reseed(draw)
     dtype = draw(st.sampled_from(FLOATS))
     rank = draw(st.integers(3, 5))
     n, groups, per_group = draw(sizes(3, hi=4))

@@ -89,6 +89,12 @@ def record(desc: str) -> None:
 LAYOUTS = ("contiguous", "strided", "transposed", "expanded")
 
 
+def reseed(draw) -> None:
+    """Seed torch's generator from a drawn integer: the tensors of a case then follow from the
+    drawn data alone, so hypothesis can replay and shrink it (and the values vary case to case)."""
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+
 @st.composite
 def sizes(draw, n: int, lo: int = 0, hi: int = 5) -> tuple[int, ...]:
     """n sizes, 0 and 1 drawn often."""

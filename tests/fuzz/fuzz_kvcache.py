@@ -23,6 +23,7 @@ from fuzz_harness import (
     make,
     mutations,
     non_finite,
+    reseed,
 )
 
 NAME = "attention_with_kvcache"
@@ -31,6 +32,7 @@ FLOATS = floats("attention_with_kvcache")
 
 @st.composite
 def cases(draw):
+    reseed(draw)
     dtype = draw(st.sampled_from(FLOATS))
     b = draw(st.integers(0, 3))
     lq = draw(st.integers(0, 3))

@@ -23,6 +23,7 @@ from fuzz_harness import (
     make,
     mutations,
     non_finite,
+    reseed,
     sizes,
 )
 
@@ -35,6 +36,7 @@ COEF = st.one_of(
 
 @st.composite
 def cases(draw):
+    reseed(draw)
     dtype = draw(st.sampled_from(FLOATS))
     shape = (draw(st.integers(0, 3)), *draw(sizes(draw(st.integers(0, 3)), hi=4)))
     mode = draw(st.sampled_from(list(StepKind)))
