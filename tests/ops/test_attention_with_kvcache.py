@@ -14,6 +14,7 @@ from genext.ops import attention_with_kvcache
 
 from attention_helpers import (
     all_on_meta,
+    assert_nan_where_reference,
     same_error,
     with_one_on_meta,
 )
@@ -745,3 +746,72 @@ def test_degenerate_sizes(device, case):
         assert torch.equal(kc[:, :lq], kn) and torch.equal(vc[:, :lq], vn)
     if out.numel():  # no key cached and none new: zeros, lse = -inf
         assert torch.equal(out, torch.zeros_like(out)) and lse.isneginf().all()
+
+
+# ---- NaN and inf --------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _poke(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+# (name, change of (q, k_cache, scale)); the caches are contiguous (B 2, 40 rows, Hk 2, D 16),
+# lengths (30, 37) before an append of Lq 3
+KV_NONFINITE = {
+    "nan-q": lambda q, k, s: (_poke(q, (1, 2, 3, 0), NAN), k, s),
+    "nan-k": lambda q, k, s: (q, _poke(k, (0, 7, 1, 4), NAN), s),
+    # sequence 0 holds 30 + 3 keys: its row 35 is never written nor read
+    "nan-k-past-the-length": lambda q, k, s: (q, _poke(k, (0, 35, 1, 4), NAN), s),
+    "inf-q": lambda q, k, s: (_poke(q, (0, 1, 2, 5), INF), k, s),
+    "all-scores-minus-inf": lambda q, k, s: (_poke(q, (0, 1, 2), -INF), k.abs(), s),
+    "nan-scale": lambda q, k, s: (q, k, NAN),
+}
+
+
+@pytest.mark.parametrize("case", list(KV_NONFINITE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_give_nan_where_the_reference_does(device, case, dtype):
+    if dtype == torch.float16 and device == "cpu":
+        pytest.skip("float32 covers the CPU kernel; float16 runs the CUDA 16-bit kernel")
+    # drawn in dtype, so that the float64 reference sees the same inputs as the kernel
+    shapes = ((2, 3, 4, 16), (2, 40, 2, 16), (2, 40, 2, 16))
+    q, kc, vc = (rand(*s, dtype=dtype).double() for s in shapes)
+    kn, vn = (rand(2, 3, 2, 16, dtype=dtype).double() for _ in range(2))
+    kn = kn.abs() if case == "all-scores-minus-inf" else kn
+    lens = torch.tensor([30, 37], dtype=torch.int32)
+    q, kc, scale = KV_NONFINITE[case](q, kc, 0.25)
+    ref, ref_lse = reference.attention_with_kvcache(
+        q, kc, vc, lens, kn, vn, True, scale, None, True
+    )
+    assert bool(ref.isnan().any()) == (
+        case not in ("nan-k-past-the-length", "all-scores-minus-inf")
+    )
+    on = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    out, lse = attention_with_kvcache(
+        on(q), on(kc), on(vc), lens.to(device), on(kn), on(vn), scale=scale, return_lse=True
+    )
+    assert_nan_where_reference(out.cpu(), ref, 2e-5 if dtype == torch.float32 else 2e-3)
+    assert torch.equal(lse.isnan().cpu(), ref.isnan().any(-1).transpose(1, 2))
+    assert torch.equal(lse.isneginf().cpu(), ref_lse.isneginf())
+
+
+@pytest.mark.parametrize("where", [100, 600], ids=["first-split", "second-split"])
+def test_nan_key_in_one_split_makes_the_row_nan(device, where):
+    # one sequence and one kv head with 700 keys: the CPU cuts the keys into splits when it has
+    # more threads than (sequence, kv head) pairs, and the CUDA kernel always does
+    q, kc, vc = rand(1, 1, 2, 16), rand(1, 700, 1, 16), rand(1, 700, 1, 16)
+    kc = _poke(kc, (0, where, 0, 3), NAN)
+    lens = torch.tensor([700], dtype=torch.int32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        out, lse = attention_with_kvcache(
+            q.to(device), kc.to(device), vc.to(device), lens.to(device), return_lse=True
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert out.isnan().all() and lse.isnan().all()

@@ -17,6 +17,7 @@ from attention_helpers import (
     ATOL,
     ATOL_GRAD,
     all_on_meta,
+    assert_nan_where_reference,
     make_qkv,
     same_error,
     with_one_on_meta,
@@ -508,6 +509,76 @@ def test_cuda_memory_is_linear_in_length():
     out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 64 * 2**20
+
+
+# ---- NaN and inf --------------------------------------------------------------------------------
+
+
+def _poke(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+NAN, INF = float("nan"), float("inf")
+# (name, change of (q, k, v, scale)); q, k, v are (1, 2, 67, 16), (1, 2, 70, 16): two key tiles
+NONFINITE = {
+    "nan-q": lambda q, k, v, s: (_poke(q, (0, 0, 3, 1), NAN), k, v, s),
+    # key 68 is in the second tile; with causal only the last two queries see it
+    "nan-k": lambda q, k, v, s: (q, _poke(k, (0, 1, 68, 2), NAN), v, s),
+    "inf-q": lambda q, k, v, s: (_poke(q, (0, 1, 10, 5), INF), k, v, s),
+    # every score of row 10 is -inf (k >= 0): no NaN, a row of zeros as for no visible key
+    "all-scores-minus-inf": lambda q, k, v, s: (_poke(q, (0, 1, 10), -INF), k.abs(), v, s),
+    "nan-scale": lambda q, k, v, s: (q, k, v, NAN),
+    "inf-scale": lambda q, k, v, s: (q, k, v, INF),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", list(NONFINITE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_give_nan_where_the_reference_does(device, case, causal, dtype):
+    if dtype == torch.float16 and device == "cpu":
+        pytest.skip("float32 covers the CPU kernel; float16 runs the CUDA tensor-core kernel")
+    q, k, v = (t.double() for t in make_qkv(1, 2, 2, 67, 70, 16, dtype, "cpu"))
+    q, k, v, scale = NONFINITE[case](q, k, v, 0.25)
+    ref, ref_lse = reference.attention_reference(q, k, v, causal, scale, return_lse=True)
+    if not causal:  # PyTorch's SDPA agrees where no mask is involved
+        pt = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        assert torch.equal(pt.isnan(), ref.isnan())
+    qd, kd, vd = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+    out, lse = flash_attention(qd, kd, vd, causal=causal, scale=scale, return_lse=True)
+    assert ref.isnan().any() or case == "all-scores-minus-inf"
+    assert_nan_where_reference(out.cpu(), ref, 2e-5 if dtype == torch.float32 else 2e-3)
+    assert torch.equal(lse.isnan().cpu(), ref.isnan().any(-1))  # lse NaN with its row
+    assert torch.equal(lse.isneginf().cpu(), ref_lse.isneginf())
+
+
+@pytest.mark.parametrize("case", ["nan-q", "nan-k", "inf-q", "nan-scale"])
+def test_nan_gradients_where_the_reference_has_them(device, case):
+    # without a mask: with one, the reference's dense products multiply masked zeros by NaN
+    q, k, v = make_qkv(1, 2, 2, 67, 70, 16, torch.float64, "cpu")
+    q, k, v, scale = NONFINITE[case](q, k, v, 0.25)
+    go = torch.randn(1, 2, 67, 16, dtype=torch.float64)
+    ref = grads(lambda q, k, v: reference.attention_reference(q, k, v, scale=scale), q, k, v, go)
+    pt = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale), q, k, v, go)
+    assert all(torch.equal(a.isnan(), b.isnan()) for a, b in zip(ref[2:], pt[2:]))
+    dev = [t.to(device=device, dtype=torch.float32) for t in (q, k, v, go)]
+    ours = grads(lambda q, k, v: flash_attention(q, k, v, scale=scale), *dev)
+    for name, o, r in zip(("out", "dq", "dk", "dv"), ours[:1] + ours[2:], ref[:1] + ref[2:]):
+        assert r.isnan().any(), name
+        assert torch.equal(o.isnan().cpu(), r.isnan()), name
+
+
+def test_inf_in_v_propagates_like_the_reference(device):
+    # without a mask every weight is positive: column 3 of every output row is +inf
+    q, k, v = make_qkv(1, 2, 2, 67, 70, 16, torch.float64, "cpu")
+    v = _poke(v, (0, 0, 5, 3), INF)
+    ref, ref_lse = reference.attention_reference(q, k, v, return_lse=True)
+    out, lse = flash_attention(*(t.to(device, torch.float32) for t in (q, k, v)), return_lse=True)
+    assert ref[0, 0, :, 3].isposinf().all() and not ref.isnan().any()
+    assert_nan_where_reference(out.cpu(), ref, 2e-5)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=2e-5, rtol=0)
 
 
 # ---- meta tensors, the fake kernels' checks, degenerate sizes ---------------------------------
