@@ -815,3 +815,14 @@ def test_nan_key_in_one_split_makes_the_row_nan(device, where):
     finally:
         torch.set_num_threads(threads)
     assert out.isnan().all() and lse.isnan().all()
+
+
+def test_torch_compile_dynamic_shapes():
+    # the fake kernel's checks run on symbolic sizes: guards, no specialisation errors
+    f = torch.compile(attention_with_kvcache, fullgraph=True, dynamic=True)
+    for b, cap in ((2, 20), (3, 31)):
+        q, kn, vn = rand(b, 1, 4, 16), rand(b, 1, 2, 16), rand(b, 1, 2, 16)
+        kc, vc = rand(b, cap, 2, 16), rand(b, cap, 2, 16)
+        lens = torch.full((b,), 5, dtype=torch.int32)
+        out = f(q, kc.clone(), vc.clone(), lens, kn, vn)
+        assert torch.equal(out, attention_with_kvcache(q, kc, vc, lens, kn, vn))

@@ -731,3 +731,17 @@ def test_empty_sizes_give_empty_or_zero_results(device, sizes):
     dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
     for g, t in zip((dq, dk, dv), (q, k, v)):
         assert g.shape == t.shape and torch.equal(g, torch.zeros_like(g))
+
+
+def test_torch_compile_dynamic_shapes():
+    # the fake kernels' checks run on symbolic sizes: guards, no specialisation errors
+    f = torch.compile(
+        lambda q, k, v: flash_attention(q, k, v, causal=True, return_lse=True),
+        fullgraph=True,
+        dynamic=True,
+    )
+    for length in (17, 40):
+        q, k, v = make_qkv(2, 4, 2, length, length + 3, 16, torch.float32, "cpu")
+        out, lse = f(q, k, v)
+        want, want_lse = flash_attention(q, k, v, causal=True, return_lse=True)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
