@@ -167,6 +167,58 @@ def kv_cases() -> int:
     return bad
 
 
+def attention_edge_cases() -> int:
+    """Rejections before any launch and NaN propagation: a paged cache with block size 0 raises a
+    ValueError (no kernel may divide by it); a NaN in one query row or one key gives NaN exactly in
+    the rows that see it, for flash_attention (16-bit and fp32 kernels) and attention_with_kvcache
+    (its splits merged), as the float64 reference does."""
+    bad = 0
+    c = torch.zeros(4, 0, 2, 16, device="cuda", dtype=torch.float16)
+    q = torch.randn(2, 1, 4, 16, device="cuda", dtype=torch.float16)
+    lens = torch.zeros(2, dtype=torch.int32, device="cuda")
+    table = torch.zeros(2, 3, dtype=torch.int32, device="cuda")
+    for check in (True, False):
+        try:
+            genext.ops.attention_with_kvcache(q, c, c, lens, block_table=table, check_values=check)
+            ok = False
+        except ValueError as e:
+            ok = "block size" in str(e)
+        bad += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} kvcache block size 0 rejected (check_values={check})")
+    torch.cuda.synchronize()
+
+    nan = float("nan")
+    for dtype in (torch.float16, torch.float32):
+        for causal in (False, True):
+            q, k, v = (torch.randn(1, 2, 130, 64, dtype=torch.float64) for _ in range(3))
+            q[0, 0, 5, 3] = nan  # one query row
+            k[0, 1, 100, 7] = nan  # one key: with causal, rows 100 and later of head 1
+            q, k, v = (t.to(dtype).double() for t in (q, k, v))
+            ref = reference.attention_reference(q, k, v, causal)
+            out = genext.ops.flash_attention(
+                *(t.cuda().to(dtype) for t in (q, k, v)), causal=causal
+            )
+            ok = torch.equal(out.isnan().cpu(), ref.isnan())
+            bad += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} attention NaN rows {str(dtype):<15} causal={causal}")
+        # kvcache: B 2, 700 cached keys (several splits), a NaN key in sequence 1 only
+        q = torch.randn(2, 1, 8, 64, dtype=torch.float64)
+        kc, vc = (torch.randn(2, 700, 2, 64, dtype=torch.float64) for _ in range(2))
+        kc[1, 650, 1, 5] = nan  # sequence 1, kv head 1: query heads 4..7
+        q[0, 0, 2, 0] = nan  # sequence 0, query head 2
+        q, kc, vc = (t.to(dtype).double() for t in (q, kc, vc))
+        lens = torch.tensor([700, 690], dtype=torch.int32)
+        ref = reference.attention_with_kvcache(q, kc, vc, lens)
+        out = genext.ops.attention_with_kvcache(
+            *(t.cuda().to(dtype) for t in (q, kc, vc)), lens.cuda()
+        )
+        ok = torch.equal(out.isnan().cpu(), ref.isnan())
+        bad += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} kvcache NaN rows {str(dtype):<15}")
+    torch.cuda.synchronize()
+    return bad
+
+
 def sampler_cases() -> int:
     """sampler_step on CUDA against its eager specification: bit-identical in fp32."""
     from genext.ops._sampler_step import StepKind, sampler_step
@@ -293,12 +345,13 @@ def vq_contrastive_nonfinite_cases() -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Runs every op's cases, or those named: group_norm_silu, attention, kvcache, sampler, vq,
-    vq_nonfinite."""
+    """Runs every op's cases, or those named: group_norm_silu, attention, kvcache,
+    attention_edges, sampler, vq, vq_nonfinite."""
     ops = {
         "group_norm_silu": gn_cases,
         "attention": fa_cases,
         "kvcache": kv_cases,
+        "attention_edges": attention_edge_cases,
         "sampler": sampler_cases,
         "vq": vq_cases,
         "vq_nonfinite": vq_contrastive_nonfinite_cases,

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+#include <limits>
 #include <optional>
 
 #include "common/device_name.h"
@@ -86,8 +88,12 @@ inline Problem check_problem(const char* op, const at::Tensor& q, const at::Tens
                       cu_seqlens_q->sizes());
     check_index_tensor(op, "cu_seqlens_q", *cu_seqlens_q, q, n);
     check_index_tensor(op, "cu_seqlens_k", *cu_seqlens_k, q, n);
-    TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, op,
-                      ": max_seqlen_q and max_seqlen_k must be non-negative");
+    // the lengths are int32, and the CUDA launch grid is sized by these bounds
+    constexpr int64_t kMaxLen = std::numeric_limits<int32_t>::max();
+    TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= kMaxLen &&
+                          max_seqlen_k <= kMaxLen,
+                      op, ": max_seqlen_q and max_seqlen_k must be in [0, 2^31 - 1], got ",
+                      max_seqlen_q, " and ", max_seqlen_k);
     p.batch = n - 1;
     p.Lq = max_seqlen_q;
     p.Lk = max_seqlen_k;

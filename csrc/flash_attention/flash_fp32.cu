@@ -66,9 +66,11 @@ __global__ void fp32_fwd_kernel(const FwdParams p) {
   float m = -INFINITY, l = 0.f;
   for (int j = 0; j < n_end; ++j) {
     const float x = dot(q, kb + j * p.sk.row, p.D, lane) * p.scale;
-    const float m_new = fmaxf(m, x);
-    const float alpha = expf(m - m_new);  // m = -inf -> 0
-    const float pj = expf(x - m_new);
+    const float m_new = fmaxf(m, x);  // skips a NaN x, whose pj then makes l NaN
+    // exponents from 0 while every score so far is -inf: alpha and pj are 0, not NaN
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = expf(m - m_use);  // m = -inf -> 0
+    const float pj = expf(x - m_use);
     l = l * alpha + pj;
     const float* vr = vb + j * p.sv.row;
 #pragma unroll
@@ -79,10 +81,11 @@ __global__ void fp32_fwd_kernel(const FwdParams p) {
     m = m_new;
   }
   float* o = const_cast<float*>(row_ptr<float>(p.out, p.so, seq, seq.q_row0 + i, h));
-  store_row(o, p.D, lane, acc, l > 0.f ? 1.f / l : 0.f);
+  // l == 0: no key, or every score -inf (out 0, lse -inf); a NaN l makes out and lse NaN
+  store_row(o, p.D, lane, acc, l == 0.f ? 0.f : 1.f / l);
   if (lane == 0) {
     p.lse[seq.b * p.lse_batch + static_cast<int64_t>(h) * p.lse_head + seq.q_row0 + i] =
-        l > 0.f ? m + logf(l) : -INFINITY;
+        l == 0.f ? -INFINITY : m + logf(l);
   }
 }
 

@@ -223,10 +223,12 @@ __global__ void __launch_bounds__(FwdConfig<kD>::kWarps * 32) flash_fwd_kernel(c
       float l = l_run[mt][r];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      inv[r] = l > 0.f ? 1.f / l : 0.f;
+      // l == 0: no visible key, or every visible score -inf. A NaN score (fmaxf skipped it in
+      // the maximum) left l NaN, which makes the row's output and lse NaN here.
+      inv[r] = l == 0.f ? 0.f : 1.f / l;
       const int lrow = wrow + 16 * mt + g + 8 * r;  // row within the tile
       if (t == 0 && m0 + lrow < seq.len_q) {
-        lse[lrow] = l > 0.f ? (m_run[mt][r] + __log2f(l)) * kLn2 : -INFINITY;
+        lse[lrow] = l == 0.f ? -INFINITY : (m_run[mt][r] + __log2f(l)) * kLn2;
       }
     }
     T* sO = sQ + (wrow + 16 * mt) * kPitch;

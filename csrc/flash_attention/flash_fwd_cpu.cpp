@@ -51,11 +51,13 @@ void forward_tiles(const Problem& p, const std::vector<Seq>& seqs, T scale, S* o
         const int64_t row = sq.q0 + r0 + r;
         S* o = out + ((sq.b * rows_q + row) * Hq + h) * D;
         T* ls = lse + (sq.b * Hq + h) * rows_q + row;
-        if (l.p[r] > T(0)) {
+        // l is NaN when a visible score was NaN (NaN or inf in q or k, or in the scale): then
+        // inv and lse are NaN too, as the reference gives
+        if (l.p[r] != T(0)) {
           const T inv = T(1) / l.p[r];
           for (int64_t c = 0; c < D; ++c) o[c] = static_cast<S>(O.p[r * Dp + c] * inv);
           *ls = m.p[r] + std::log(l.p[r]);
-        } else {  // no visible key
+        } else {  // no visible key, or every visible score -inf
           std::fill(o, o + D, static_cast<S>(0));
           *ls = -std::numeric_limits<T>::infinity();
         }

@@ -123,7 +123,9 @@ GENEXT_INLINE void accum_tile_impl(T* Out, int64_t ldo, const T* C, int64_t cr, 
 
 // Online-softmax step on a score tile S [nr][kBc] whose row r sees its first nvis[r] columns:
 // S becomes P = exp(S - m_new) (0 where masked); m, l are updated and alpha[r] = exp(m_old - m_new)
-// is the factor the row's output accumulator must be rescaled by.
+// is the factor the row's output accumulator must be rescaled by. The maximum skips NaN scores,
+// which then make P and l NaN (the row's output and lse end NaN); when every visible score is
+// -inf the exponent is taken from 0, so P = 0 and l stays 0 (out 0, lse -inf) instead of NaN.
 template <class T>
 GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, const int32_t* nvis, T* m, T* l, T* alpha) {
   using V = typename Vec<T>::V;
@@ -141,10 +143,11 @@ GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, const int32_t* nvis, T* m,
     T mx = kNegInf;
     for (int32_t j = 0; j < nv; ++j) mx = s[j] > mx ? s[j] : mx;
     const T m_new = std::max(m[r], mx);
+    const T m_use = m_new == kNegInf ? T(0) : m_new;
     alpha[r] = m[r] == kNegInf ? T(0) : std::exp(m[r] - m_new);
     V sum{};
     for (int w = 0; w < kBc / kLanes; ++w) {
-      V e = exp_v(load<V>(s + w * kLanes) - m_new);
+      V e = exp_v(load<V>(s + w * kLanes) - m_use);
       e = (lanes + w * kLanes) < splat<I>(nv) ? e : V{};
       store(s + w * kLanes, e);
       sum += e;

@@ -304,7 +304,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
     const int col = 2 * pair;
     for (int r = 0; r < R; ++r) {
       const float l = sL[r];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      // l == 0: no visible key, or every score -inf; a NaN score left l NaN: out and lse NaN
+      const float inv = l == 0.f ? 0.f : 1.f / l;
       float* o = p.part_o + part_index(r) * D;
       if (col < D) {
         o[col] = acc[r][0] * inv;
@@ -314,7 +315,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
   }
   for (int r = tid; r < R; r += kThreads) {
     const float l = sL[r];
-    p.part_lse[part_index(r)] = l > 0.f ? sM[r] + __log2f(l) : -INFINITY;
+    p.part_lse[part_index(r)] = l == 0.f ? -INFINITY : sM[r] + __log2f(l);
   }
 }
 
@@ -325,15 +326,21 @@ __global__ void merge_kernel(const Params p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
+  // fmaxf skips a NaN split lse; that split then makes total, out and lse NaN below
   float mx = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.part_lse[s * rows + row]);
+  bool seen = false;  // some split saw a key (finite or NaN lse)
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float l = p.part_lse[s * rows + row];
+    mx = fmaxf(mx, l);
+    seen |= l != -INFINITY;
+  }
   // row = (b * Hq + h) * Lq + i; out is (B, Lq, Hq, D)
   const int i = static_cast<int>(row % p.Lq);
   const int64_t bh = row / p.Lq;
   const int h = static_cast<int>(bh % p.Hq);
   const int64_t b = bh / p.Hq;
   T* out = static_cast<T*>(p.out) + ((b * p.Lq + i) * p.Hq + h) * p.D;
-  if (mx == -INFINITY) {
+  if (!seen) {
     for (int d = lane; d < p.D; d += 32) out[d] = genext::cuda::from_float<T>(0.f);
     if (lane == 0) p.lse[row] = -INFINITY;
     return;

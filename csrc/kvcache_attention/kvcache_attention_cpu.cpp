@@ -126,6 +126,8 @@ GENEXT_INLINE void scores_impl(const T* Q, int64_t ldq, int64_t nr, const T* con
 
 // Online-softmax step for rows r < nr of S, row r seeing its first nvis[r] columns: S becomes
 // P = exp(S - m_new) (0 where masked), m and l are updated and alpha[r] = exp(m_old - m_new).
+// The maximum skips NaN scores, which then make P and l NaN (out and lse end NaN); when every
+// visible score is -inf the exponent is taken from 0, so P = 0 and l stays 0 (out 0, lse -inf).
 template <class T>
 GENEXT_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __restrict__ nvis,
                                 T* __restrict__ m, T* __restrict__ l, T* __restrict__ alpha) {
@@ -141,7 +143,8 @@ GENEXT_INLINE void softmax_impl(T* __restrict__ S, int64_t nr, const int32_t* __
     T mx = m[r];
     for (int32_t j = 0; j < nv; ++j) mx = s[j] > mx ? s[j] : mx;
     alpha[r] = m[r] == kNegInf ? T(0) : std::exp(m[r] - mx);
-    for (int64_t j = 0; j < kTile; ++j) s[j] -= mx;
+    const T m_use = mx == kNegInf ? T(0) : mx;
+    for (int64_t j = 0; j < kTile; ++j) s[j] -= m_use;
     exp_tile_impl(s);
     T sum = 0;
     for (int64_t j = 0; j < kTile; ++j) {
@@ -397,11 +400,11 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
         const int64_t i = r % Lq, h = hk * group + r / Lq;
         S* o = out + ((b * Lq + i) * Hq + h) * D;
         T* ls = lse + (b * Hq + h) * Lq + i;
-        if (l.get()[r] > T(0)) {
+        if (l.get()[r] != T(0)) {  // a NaN l (a NaN score) makes out and lse NaN
           const T inv = T(1) / l.get()[r];
           for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(O.get()[r * Dp + d] * inv);
           *ls = m.get()[r] + std::log(l.get()[r]);
-        } else {  // no visible key
+        } else {  // no visible key, or every visible score -inf
           std::fill(o, o + D, static_cast<S>(0));
           *ls = kNegInf;
         }
@@ -417,12 +420,19 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
       const int64_t r = t % nrows, unit = t / nrows, hk = unit % Hk, b = unit / Hk;
       const int64_t i = r % Lq, h = hk * group + r / Lq;
       T mx = kNegInf;
+      bool nan = false;  // a split saw a NaN score: the row is NaN
       for (int64_t s = 0; s < nsplit; ++s) {
         const T* ml = part_ml->get() + (unit * nsplit + s) * nrows * 2;
         if (ml[nrows + r] > T(0)) mx = std::max(mx, ml[r]);
+        nan |= std::isnan(ml[nrows + r]);
       }
       S* o = out + ((b * Lq + i) * Hq + h) * D;
       T* ls = lse + (b * Hq + h) * Lq + i;
+      if (nan) {
+        std::fill(o, o + D, static_cast<S>(std::numeric_limits<T>::quiet_NaN()));
+        *ls = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
       if (mx == kNegInf) {  // no split saw a key
         std::fill(o, o + D, static_cast<S>(0));
         *ls = kNegInf;

@@ -61,6 +61,7 @@ inline Problem check_problem(const char* op, const at::Tensor& q, const at::Tens
                     p.D, " and ", k_cache.size(3));
   TORCH_CHECK_VALUE(p.Hk > 0 && p.Hq % p.Hk == 0, op, ": the number of query heads (", p.Hq,
                     ") must be a multiple of the number of key/value heads (", p.Hk, ")");
+  TORCH_CHECK_VALUE(p.D > 0, op, ": head dim must be positive");
   if (max_head_dim > 0) {
     TORCH_CHECK_VALUE(p.D % 8 == 0 && p.D <= max_head_dim, op, ": on ", genext::device_type_name(q),
                       " the head dim must be a multiple of 8 and at most ", max_head_dim, ", got ",
@@ -86,6 +87,10 @@ inline Problem check_problem(const char* op, const at::Tensor& q, const at::Tens
                       bt.sizes());
     p.num_blocks = k_cache.size(0);
     p.block_size = k_cache.size(1);
+    // key j lives in block j / block_size: the kernels divide by it
+    TORCH_CHECK_VALUE(p.block_size > 0, op,
+                      ": a paged cache needs a positive block size (k_cache.size(1)), got shape ",
+                      k_cache.sizes());
     p.max_blocks = bt.size(1);
     p.capacity = p.max_blocks * p.block_size;
   } else {

@@ -55,9 +55,27 @@ def acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def softmax_scale(q: Tensor, scale: float | None) -> float:
-    """The attention softmax scale: ``scale``, or ``1 / sqrt(D)`` for q's head dim D."""
-    return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+def softmax_scale(q: Tensor, scale: float | None, op: str = "attention") -> float:
+    """The attention softmax scale: ``scale``, or ``1 / sqrt(D)`` for q's head dim D.
+
+    Errors name ``op``: a ValueError for D = 0 (no default scale; the kernels reject D = 0 too)
+    and for a number out of float range, a TypeError for what float() does not take. NaN
+    and infinite scales are accepted (they give NaN outputs, as PyTorch's SDPA does).
+    """
+    if scale is None:
+        d = q.shape[-1]
+        if d == 0:
+            raise ValueError(
+                f"{op}: head dim must be positive (the default scale is 1 / sqrt(D)), "
+                f"got q of shape {tuple(q.shape)}"
+            )
+        return 1.0 / math.sqrt(d)
+    try:
+        return float(scale)
+    except OverflowError:
+        raise ValueError(f"{op}: scale {scale} is out of the range of a float") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: scale must be a float or None, got {scale!r}") from None
 
 
 def check_same_device(op: str, anchor: str, tensors: dict[str, Tensor | None]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, declare_kernels, softmax_scale
+from ._common import acc_dtype, check_same_device, declare_kernels, softmax_scale
 
 __all__ = ["attention_with_kvcache"]
 
@@ -145,7 +145,12 @@ def attention_with_kvcache(
             raise ValueError(f"{_OP}: {name} must be 4-D ({want}), got shape {tuple(t.shape)}")
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{_OP}: k_new and v_new come together (got only one of them)")
-    if isinstance(cache_seqlens, int):
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= 2**31 - 1:
+            raise ValueError(
+                f"{_OP}: cache_seqlens must be in [0, 2**31 - 1] (lengths are int32), "
+                f"got {cache_seqlens}"
+            )
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32:
         got = (
@@ -167,16 +172,24 @@ def attention_with_kvcache(
                 f"{_OP}: block_table must have shape (B, max_blocks) with B = "
                 f"{q.shape[0]}, got {tuple(block_table.shape)}"
             )
+        if k_cache.shape[1] == 0:
+            raise ValueError(
+                f"{_OP}: a paged cache needs a positive block size (k_cache.size(1)), got shape "
+                f"{list(k_cache.shape)}"
+            )
     added = q.shape[1] if k_new is not None else 0
-    if check_values and not _must_not_sync(q) and cache_seqlens.device == q.device:
+    if (
+        check_values
+        and not _must_not_sync(q)
+        and cache_seqlens.device == q.device
+        and q.device.type != "meta"  # no values to read: the fake kernel checks shapes only
+    ):
         if block_table is not None:
             capacity = block_table.shape[1] * k_cache.shape[1]
             num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
         else:
             capacity, num_blocks, block_size = k_cache.shape[1], 0, 1
-        _validate_values(
-            cache_seqlens, block_table, added, capacity, num_blocks, max(block_size, 1)
-        )
+        _validate_values(cache_seqlens, block_table, added, capacity, num_blocks, block_size)
     return attention_with_kvcache_unchecked(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table, return_lse
     )
@@ -187,7 +200,7 @@ def attention_with_kvcache_unchecked(
 ):
     """The op alone, without the Python-side argument and value checks above, for callers that own
     their tensors and lengths (:class:`genext.nn.KVCache`); the C++ checks still run."""
-    scale = softmax_scale(q, scale)
+    scale = softmax_scale(q, scale, _OP)
     with torch.no_grad():
         out, lse = torch.ops.genext.attention_with_kvcache(
             q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, bool(causal)
@@ -198,26 +211,148 @@ def attention_with_kvcache_unchecked(
 # ---- torch.library registrations ------------------------------------------------------------------
 
 
-@torch.library.register_fake("genext::attention_with_kvcache")
-def _fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, causal):
-    torch._check(q.dim() == 4, lambda: f"{_OP}: q must be (B, Lq, Hq, D)")
-    torch._check(
-        k_cache.dim() == 4 and k_cache.shape == v_cache.shape,
-        lambda: f"{_OP}: k_cache and v_cache must have one 4-D shape",
+_CUDA_MAX_HEAD_DIM = 256  # csrc/common/head_dim.h
+
+
+def _check_last_dim(name: str, t: Tensor) -> None:
+    torch._check_value(
+        t.shape[-1] <= 1 or t.stride(-1) == 1,
+        lambda: f"{_OP}: {name} must have a contiguous last dim, got strides {list(t.stride())}",
     )
-    torch._check(
-        q.dtype == k_cache.dtype and q.dtype == v_cache.dtype,
-        lambda: f"{_OP}: q, k_cache and v_cache must share a dtype",
-    )
-    torch._check(
-        k_cache.shape[2] > 0 and q.shape[2] % k_cache.shape[2] == 0,
+
+
+def _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table) -> None:
+    """The checks of csrc/kvcache_attention/kvcache_checks.h (check_problem) and of the CUDA
+    binding, with the same exception types and messages, for the fake kernel: it runs for meta and
+    fake tensors, and for a meta tensor beside real ones (which must raise, as the real kernel
+    would, not return an uninitialised result)."""
+    dev = q.device.type
+    on_cuda = dev == "cuda"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) + (() if on_cuda else (torch.float64,))
+    torch._check_type(
+        q.dtype in dtypes,
         lambda: (
-            f"{_OP}: the number of query heads must be a multiple of the number of key/value heads"
+            f"{_OP}: q must be float16, bfloat16, float32{'' if on_cuda else ' or float64'} "
+            f"on {dev}, got {q.dtype}"
         ),
     )
-    torch._check(
-        k_cache.shape[3] == q.shape[3], lambda: f"{_OP}: q and the caches must share the head dim"
+    torch._check_type(
+        k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
+        lambda: (
+            f"{_OP}: q, k_cache and v_cache must share a dtype, got {q.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
+        ),
     )
+    check_same_device(
+        _OP,
+        "q",
+        {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens},
+    )
+    torch._check_value(
+        q.dim() == 4, lambda: f"{_OP}: q must be (B, Lq, Hq, D), got shape {list(q.shape)}"
+    )
+    torch._check_value(
+        k_cache.dim() == 4 and v_cache.shape == k_cache.shape,
+        lambda: (
+            f"{_OP}: k_cache and v_cache must have one 4-D shape, got {list(k_cache.shape)} "
+            f"and {list(v_cache.shape)}"
+        ),
+    )
+    b, lq, hq, d = q.shape
+    hk = k_cache.shape[2]
+    torch._check_value(
+        k_cache.shape[3] == d,
+        lambda: f"{_OP}: q and the caches must share the head dim, got {d} and {k_cache.shape[3]}",
+    )
+    torch._check_value(
+        hk > 0 and hq % hk == 0,
+        lambda: (
+            f"{_OP}: the number of query heads ({hq}) must be a multiple of the number of "
+            f"key/value heads ({hk})"
+        ),
+    )
+    torch._check_value(d > 0, lambda: f"{_OP}: head dim must be positive")
+    if on_cuda:
+        torch._check_value(
+            d % 8 == 0 and d <= _CUDA_MAX_HEAD_DIM,
+            lambda: (
+                f"{_OP}: on cuda the head dim must be a multiple of 8 and at most "
+                f"{_CUDA_MAX_HEAD_DIM}, got {d}"
+            ),
+        )
+    _check_last_dim("q", q)
+    _check_last_dim("k_cache", k_cache)
+    _check_last_dim("v_cache", v_cache)
+    torch._check_type(
+        cache_seqlens.dtype == torch.int32,
+        lambda: f"{_OP}: cache_seqlens must be int32, got {cache_seqlens.dtype}",
+    )
+    torch._check_value(
+        cache_seqlens.dim() == 1 and cache_seqlens.shape[0] == b,
+        lambda: (
+            f"{_OP}: cache_seqlens must have shape (B,) = ({b},), got {list(cache_seqlens.shape)}"
+        ),
+    )
+    if block_table is not None:
+        torch._check_type(
+            block_table.dtype == torch.int32,
+            lambda: f"{_OP}: block_table must be int32, got {block_table.dtype}",
+        )
+        check_same_device(_OP, "q", {"q": q, "block_table": block_table})
+        torch._check_value(
+            block_table.dim() == 2 and block_table.shape[0] == b,
+            lambda: (
+                f"{_OP}: block_table must have shape (B, max_blocks) with B = {b}, got "
+                f"{list(block_table.shape)}"
+            ),
+        )
+        torch._check_value(
+            k_cache.shape[1] > 0,
+            lambda: (
+                f"{_OP}: a paged cache needs a positive block size (k_cache.size(1)), got "
+                f"shape {list(k_cache.shape)}"
+            ),
+        )
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        torch._check_value(
+            k_cache.shape[0] == b,
+            lambda: (
+                f"{_OP}: a contiguous cache must have shape (B, Lmax, Hk, D) with B = {b}, "
+                f"got {list(k_cache.shape)} (pass block_table for a paged cache)"
+            ),
+        )
+        capacity = k_cache.shape[1]
+    torch._check_value(
+        (k_new is None) == (v_new is None), lambda: f"{_OP}: k_new and v_new come together"
+    )
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            torch._check_type(
+                t.dtype == q.dtype,
+                lambda name=name, t=t: (
+                    f"{_OP}: {name} must have q's dtype {q.dtype}, got {t.dtype}"
+                ),
+            )
+            check_same_device(_OP, "q", {"q": q, name: t})
+            torch._check_value(
+                t.dim() == 4 and t.shape == (b, lq, hk, d),
+                lambda name=name, t=t: (
+                    f"{_OP}: {name} must have shape (B, Lq, Hk, D) = ({b}, {lq}, {hk}, {d}), "
+                    f"got {list(t.shape)}"
+                ),
+            )
+            _check_last_dim(name, t)
+    if on_cuda:
+        torch._check_value(
+            capacity < 2**31 and b < 65536,
+            lambda: f"{_OP}: cache capacity must be below 2^31 keys and the batch below 65536",
+        )
+
+
+@torch.library.register_fake("genext::attention_with_kvcache")
+def _fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, causal):
+    _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
     b, lq, hq, d = q.shape
     out = q.new_empty((b, lq, hq, d))
     lse = q.new_empty((b, hq, lq), dtype=acc_dtype(q))

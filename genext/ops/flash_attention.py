@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, declare_kernels, forbid_double_backward, softmax_scale
+from ._common import (
+    acc_dtype,
+    check_same_device,
+    declare_kernels,
+    forbid_double_backward,
+    softmax_scale,
+)
 
 __all__ = ["flash_attention", "flash_attention_varlen"]
 
@@ -89,7 +95,7 @@ def flash_attention(
         None,
         0,
         0,
-        softmax_scale(q, scale),
+        softmax_scale(q, scale, "flash_attention"),
         bool(causal),
         True,
     )
@@ -110,6 +116,22 @@ def _check_cu_format(name: str, cu: Tensor, q: Tensor) -> None:
         )
     if cu.device != q.device:
         raise ValueError(f"flash_attention_varlen: {name} is on {cu.device} but q is on {q.device}")
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _check_max_seqlen(name: str, n) -> None:
+    """A bound on int32 sequence lengths: an int in [0, 2**31 - 1] (a SymInt passes while
+    tracing; the kernels check it again)."""
+    if isinstance(n, torch.SymInt):
+        return
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"flash_attention_varlen: {name} must be an int, got {type(n).__name__}")
+    if not 0 <= n <= _INT32_MAX:
+        raise ValueError(
+            f"flash_attention_varlen: {name} must be in [0, 2**31 - 1] (lengths are int32), got {n}"
+        )
 
 
 def _check_cu_values(name: str, cu: Tensor, rows: int, max_seqlen: int, max_name: str) -> None:
@@ -171,6 +193,8 @@ def flash_attention_varlen(
             raise ValueError(
                 f"flash_attention_varlen: {name} must be 3-D (total, H, D), got shape {tuple(t.shape)}"
             )
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        _check_max_seqlen(name, n)
     _check_cu_format("cu_seqlens_q", cu_seqlens_q, q)
     _check_cu_format("cu_seqlens_k", cu_seqlens_k, q)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -178,7 +202,8 @@ def flash_attention_varlen(
             f"flash_attention_varlen: cu_seqlens_q and cu_seqlens_k must have the same length "
             f"(num_sequences + 1), got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
         )
-    if not torch.compiler.is_compiling():  # data-dependent; the kernels check again
+    # data-dependent (no values while tracing or on meta); the kernels check again
+    if not torch.compiler.is_compiling() and q.device.type != "meta":
         _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     out, lse = torch.ops.genext.flash_attention_forward(
@@ -188,9 +213,9 @@ def flash_attention_varlen(
         cu_seqlens_q,
         cu_seqlens_k,
         None,
-        int(max_seqlen_q),
-        int(max_seqlen_k),
-        softmax_scale(q, scale),
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale(q, scale, "flash_attention_varlen"),
         bool(causal),
         True,
     )
@@ -199,6 +224,111 @@ def flash_attention_varlen(
 
 
 # ---- torch.library registrations ------------------------------------------------------------------
+
+
+_CUDA_MAX_HEAD_DIM = 256  # csrc/common/head_dim.h
+
+
+def _check_index(op: str, name: str, t: Tensor, q: Tensor, n) -> None:
+    torch._check_type(t.dtype == torch.int32, lambda: f"{op}: {name} must be int32, got {t.dtype}")
+    check_same_device(op, "q", {"q": q, name: t})
+    torch._check_value(
+        t.dim() == 1 and t.shape[0] == n,
+        lambda: f"{op}: {name} must have shape ({n},), got {list(t.shape)}",
+    )
+
+
+def _check_problem(op, q, k, v, cu_q, cu_k, seqused_k, max_q, max_k):
+    """The checks of csrc/flash_attention/flash_attention_checks.h (check_problem) and of the CUDA
+    binding, with the same exception types and messages, for the fake kernels: they run for meta
+    and fake tensors, and for a meta tensor beside real ones (which must raise, as the real kernel
+    would, not return an uninitialised result). Returns the number of sequences."""
+    dev = q.device.type
+    on_cuda = dev == "cuda"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) + (() if on_cuda else (torch.float64,))
+    torch._check_type(
+        q.dtype in dtypes,
+        lambda: (
+            f"{op}: q must be float16, bfloat16, float32{'' if on_cuda else ' or float64'} "
+            f"on {dev}, got {q.dtype}"
+        ),
+    )
+    torch._check_type(
+        k.dtype == q.dtype and v.dtype == q.dtype,
+        lambda: f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
+    )
+    check_same_device(op, "q", {"q": q, "k": k, "v": v})
+    torch._check_value(
+        q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+        lambda: (
+            f"{op}: q, k, v must be (B, L, H, D) views, got ranks {q.dim()}, {k.dim()}, {v.dim()}"
+        ),
+    )
+    d, hq, hk = q.shape[3], q.shape[2], k.shape[2]
+    torch._check_value(
+        k.shape[3] == d and v.shape[3] == d,
+        lambda: f"{op}: q, k and v must share the head dim, got {d}, {k.shape[3]}, {v.shape[3]}",
+    )
+    torch._check_value(
+        v.shape[:3] == k.shape[:3],
+        lambda: f"{op}: k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}",
+    )
+    torch._check_value(
+        k.shape[0] == q.shape[0],
+        lambda: f"{op}: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}",
+    )
+    torch._check_value(
+        hk > 0 and hq % hk == 0,
+        lambda: (
+            f"{op}: the number of query heads ({hq}) must be a multiple of the number of "
+            f"key/value heads ({hk})"
+        ),
+    )
+    torch._check_value(d > 0, lambda: f"{op}: head dim must be positive")
+    if on_cuda:
+        torch._check_value(
+            d % 8 == 0 and d <= _CUDA_MAX_HEAD_DIM,
+            lambda: (
+                f"{op}: on cuda the head dim must be a multiple of 8 and at most "
+                f"{_CUDA_MAX_HEAD_DIM}, got {d}"
+            ),
+        )
+    varlen = cu_q is not None or cu_k is not None
+    if varlen:
+        torch._check_value(
+            cu_q is not None and cu_k is not None,
+            lambda: f"{op}: cu_seqlens_q and cu_seqlens_k come together",
+        )
+        torch._check_value(
+            q.shape[0] == 1, lambda: f"{op}: with cu_seqlens, q, k, v are packed (1, total, H, D)"
+        )
+        n = cu_q.numel()
+        torch._check_value(
+            cu_q.dim() == 1 and n >= 1,
+            lambda: (
+                f"{op}: cu_seqlens_q must have shape (num_sequences + 1,), got {list(cu_q.shape)}"
+            ),
+        )
+        _check_index(op, "cu_seqlens_q", cu_q, q, n)
+        _check_index(op, "cu_seqlens_k", cu_k, q, n)
+        torch._check_value(
+            0 <= max_q <= _INT32_MAX and 0 <= max_k <= _INT32_MAX,
+            lambda: (
+                f"{op}: max_seqlen_q and max_seqlen_k must be in [0, 2^31 - 1], got {max_q} and "
+                f"{max_k}"
+            ),
+        )
+        batch, lq, lk = n - 1, max_q, max_k
+    else:
+        batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    if seqused_k is not None:
+        _check_index(op, "seqused_k", seqused_k, q, batch)
+    if on_cuda:
+        torch._check_value(
+            lq < 2**31 and lk < 2**31 and batch < 65536 and hq < 65536,
+            lambda: f"{op}: sizes out of range (lengths < 2^31, batch and heads < 65536)",
+        )
+    return batch
 
 
 @torch.library.register_fake("genext::flash_attention_forward")
@@ -215,20 +345,16 @@ def _fake(
     causal,
     causal_bottom_right,
 ):
-    torch._check(
-        q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
-        lambda: "flash_attention_forward: q, k, v must be (B, L, H, D) views",
-    )
-    torch._check(
-        k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0,
-        lambda: (
-            "flash_attention_forward: the number of query heads must be a multiple of "
-            "the number of key/value heads"
-        ),
-    )
-    torch._check(
-        q.dtype == k.dtype and q.dtype == v.dtype,
-        lambda: "flash_attention_forward: q, k and v must share a dtype",
+    _check_problem(
+        "flash_attention_forward",
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        max_seqlen_q,
+        max_seqlen_k,
     )
     b, lq, hq, _ = q.shape
     out = q.new_empty(q.shape)
@@ -253,6 +379,38 @@ def _fake_backward(
     causal,
     causal_bottom_right,
 ):
+    op = "flash_attention_backward"
+    _check_problem(op, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        torch._check_value(
+            t.shape == q.shape,
+            lambda name=name, t=t: (
+                f"{op}: {name} must have q's shape {list(q.shape)}, got {list(t.shape)}"
+            ),
+        )
+        torch._check_type(
+            t.dtype == q.dtype,
+            lambda name=name, t=t: f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}",
+        )
+        check_same_device(op, "q", {"q": q, name: t})
+    b, lq, hq = q.shape[0], q.shape[1], q.shape[2]
+    torch._check_value(
+        lse.dim() == 3 and lse.shape == (b, hq, lq),
+        lambda: f"{op}: lse must have shape (B, Hq, Lq) = ({b}, {hq}, {lq}), got {list(lse.shape)}",
+    )
+    if q.device.type == "cuda":  # the CUDA binding checks lse's dtype with its shape
+        torch._check_value(
+            lse.dtype == torch.float32,
+            lambda: (
+                f"{op}: lse must be float32 (B, Hq, Lq) as the forward returns it, got {lse.dtype}"
+            ),
+        )
+    else:
+        torch._check_type(
+            lse.dtype in (torch.float32, torch.float64),
+            lambda: f"{op}: lse must be float32 or float64, got {lse.dtype}",
+        )
+    check_same_device(op, "q", {"q": q, "lse": lse})
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -26,7 +26,8 @@ def attention_reference(
     ``h // (Hq // Hk)``). Query i of batch b sees key j iff ``j < seqused_k[b]`` (all keys when
     seqused_k is None) and, when causal, ``j <= i + off`` with ``off = len_k - Lq`` for
     ``bottom_right`` (flash-attn's convention) or 0 (PyTorch's ``is_causal``). A query that sees
-    no key gets out = 0 and lse = -inf (PyTorch's SDPA would give NaN there). The (Lq, Lk) score
+    no key gets out = 0 and lse = -inf (PyTorch's SDPA would give NaN there); NaN scores give NaN
+    rows (masked keys do not count, as in the kernels). The (Lq, Lk) score
     matrix is materialised: this is for tests and small benchmarks.
     """
     b, hq, lq, d = q.shape
@@ -48,12 +49,15 @@ def attention_reference(
         visible = visible & (j.view(1, 1, lk) <= i.view(1, lq, 1) + off.view(b, 1, 1))
     visible = visible.unsqueeze(1)  # (B, 1, Lq, Lk)
     s = s.masked_fill(~visible, float("-inf"))
-    # shift by the row maximum (detached: the result does not depend on it), 0 for empty rows
+    # shift by the row maximum (detached: the result does not depend on it), 0 for empty rows; a
+    # NaN or +inf maximum stays, so that NaN reaches every weight of the row, as in PyTorch's SDPA
     m = s.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     e = torch.exp(s - m)  # 0 where masked
     denom = e.sum(dim=-1, keepdim=True)
-    out = (e @ v) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    # a NaN score leaves denom NaN: dividing by it keeps out and the gradients NaN, as PyTorch's
+    # SDPA gives (only a row with no visible key divides by 1)
+    out = (e @ v) / torch.where(denom == 0, torch.ones_like(denom), denom)
     if not return_lse:
         return out
     return out, (torch.log(denom) + m).squeeze(-1)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import genext.nn.functional as gF
 from genext import reference
 
-from attention_helpers import ATOL, ATOL_GRAD, make_qkv
+from attention_helpers import ATOL, ATOL_GRAD, assert_nan_where_reference, make_qkv
 from conftest import max_err
 
 
@@ -114,3 +114,25 @@ def test_sdpa_drop_in_falls_back(device, kind, torch_sdpa_calls):
         return
     want = F.scaled_dot_product_attention(q, k, v, **kwargs)
     assert torch.allclose(out, want, atol=1e-6, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("where", ["q", "k", "scale"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sdpa_drop_in_gives_nan_where_torch_does(device, where, is_causal, dtype, torch_sdpa_calls):
+    # one NaN in query row 30 or key 30 of head 1, or a NaN scale; PyTorch's SDPA gives NaN rows
+    # there (with is_causal only the rows that see key 30: a masked key does not count)
+    q, k, v = (t.double() for t in make_qkv(1, 2, 2, 40, 40, 64, dtype, "cpu"))
+    scale = float("nan") if where == "scale" else None
+    if where != "scale":
+        (q if where == "q" else k)[0, 1, 30, 7] = float("nan")
+    ref = reference.attention_reference(q, k, v, is_causal, scale, bottom_right=False)
+    out = gF.scaled_dot_product_attention(
+        *(t.to(device, dtype) for t in (q, k, v)), is_causal=is_causal, scale=scale
+    )
+    assert not torch_sdpa_calls, "the genext kernel should have run"
+    assert_nan_where_reference(out.cpu(), ref, 2e-5 if dtype == torch.float32 else 2e-3)
+    if not is_causal:  # with a mask PyTorch's math backend adds -inf to NaN scores of hidden keys
+        assert torch.equal(
+            F.scaled_dot_product_attention(q, k, v, scale=scale).isnan(), ref.isnan()
+        )

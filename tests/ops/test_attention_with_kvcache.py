@@ -12,6 +12,12 @@ import torch
 from genext import reference
 from genext.ops import attention_with_kvcache
 
+from attention_helpers import (
+    all_on_meta,
+    assert_nan_where_reference,
+    same_error,
+    with_one_on_meta,
+)
 from conftest import max_err, poison_allocator
 
 OP = torch.ops.genext.attention_with_kvcache
@@ -601,3 +607,222 @@ def test_all_lengths_combinations_quick():
             None,
             lens=torch.tensor([0, 1, 9 - (2 if append else 0), 4, 2], dtype=torch.int32),
         )
+
+
+# ---- degenerate sizes, meta tensors, the fake kernel's checks --------------------------------
+
+
+def _paged_args():
+    """A paged call of the op with every optional tensor given."""
+    q, kn, vn = rand(2, 3, 4, 16), rand(2, 3, 2, 16), rand(2, 3, 2, 16)
+    pool_k, pool_v = rand(6, 4, 2, 16), rand(6, 4, 2, 16)
+    table = torch.tensor([[5, 0, 2], [1, 4, 3]], dtype=torch.int32)
+    lens = torch.tensor([2, 7], dtype=torch.int32)
+    return (q, pool_k, pool_v, lens, kn, vn, table, 0.25, True)
+
+
+KV_TENSORS = ["q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "block_table"]
+
+
+@pytest.mark.parametrize("i", range(7), ids=KV_TENSORS)
+def test_meta_tensor_beside_cpu_ones_raises(i):
+    args = with_one_on_meta(_paged_args(), i)
+    with pytest.raises(RuntimeError, match="attention_with_kvcache: .*is on (meta|cpu) but"):
+        OP(*args)
+
+
+def test_all_meta_inputs_give_shapes():
+    args = all_on_meta(_paged_args())
+    out, lse = OP(*args)
+    assert out.device.type == "meta" and out.shape == (2, 3, 4, 16) and lse.shape == (2, 4, 3)
+    out = attention_with_kvcache(*args[:6], block_table=args[6])
+    assert out.device.type == "meta" and out.shape == (2, 3, 4, 16)
+
+
+def _bad_args():
+    """(name, arguments of the op) that the C++ checks reject."""
+    q, kc, vc, lens, kn, vn, table, *rest = _paged_args()
+    flat_k, flat_v = rand(2, 9, 2, 16), rand(2, 9, 2, 16)
+
+    def paged(**kw):
+        given = (q, kc, vc, lens, kn, vn, table)
+        return tuple(kw.get(n, a) for n, a in zip(KV_TENSORS, given)) + tuple(rest)
+
+    return {
+        "int64 q": paged(q=q.long(), k_cache=kc.long(), v_cache=vc.long()),
+        "dtypes differ": paged(k_cache=kc.double()),
+        "rank 3 q": paged(q=q[0]),
+        "caches differ": paged(v_cache=vc[:5]),
+        "head dims differ": paged(q=q[..., :8]),
+        "heads not a multiple": paged(q=rand(2, 3, 3, 16)),
+        "no kv heads": paged(k_cache=kc[:, :, :0], v_cache=vc[:, :, :0]),
+        "head dim 0": paged(q=q[..., :0], k_cache=kc[..., :0], v_cache=vc[..., :0]),
+        "strided q": paged(q=rand(2, 3, 4, 32)[..., ::2]),
+        "int64 lengths": paged(cache_seqlens=lens.long()),
+        "lengths shape": paged(cache_seqlens=lens[:1]),
+        "int64 table": paged(block_table=table.long()),
+        "table batch": paged(block_table=table[:1]),
+        "block size 0": paged(k_cache=kc[:, :0], v_cache=vc[:, :0]),
+        "contiguous batch": paged(k_cache=flat_k[:1], v_cache=flat_v[:1], block_table=None),
+        "k_new alone": paged(v_new=None),
+        "k_new dtype": paged(k_new=kn.double()),
+        "k_new shape": paged(k_new=kn[:, :2], v_new=vn[:, :2]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_args()))
+def test_fake_raises_as_the_kernel_does(case):
+    args = _bad_args()[case]
+    same_error(lambda: OP(*args), lambda: OP(*all_on_meta(args)))
+
+
+@pytest.mark.parametrize("path", ["checked", "unchecked", "op", "meta"])
+def test_paged_block_size_zero_is_a_value_error(path):
+    c = torch.zeros(4, 0, 2, 16)
+    q = torch.randn(2, 1, 4, 16)
+    lens, table = torch.zeros(2, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int32)
+    call = {
+        "checked": lambda: attention_with_kvcache(q, c, c, lens, block_table=table),
+        "unchecked": lambda: attention_with_kvcache(
+            q, c, c, lens, block_table=table, check_values=False
+        ),
+        "op": lambda: OP(q, c, c, lens, None, None, table, 0.25, True),
+        "meta": lambda: OP(*all_on_meta((q, c, c, lens, None, None, table, 0.25, True))),
+    }[path]
+    with pytest.raises(ValueError, match="attention_with_kvcache: a paged cache needs a positive"):
+        call()
+
+
+def test_head_dim_zero_is_a_value_error():
+    q, c = torch.randn(2, 1, 4, 0), torch.randn(2, 5, 2, 0)
+    lens = torch.zeros(2, dtype=torch.int32)
+    for t in ("cpu", "meta"):
+        args = (q.to(t), c.to(t), c.to(t), lens.to(t))
+        with pytest.raises(ValueError, match="attention_with_kvcache: head dim must be positive"):
+            attention_with_kvcache(*args)
+        with pytest.raises(ValueError, match="attention_with_kvcache: head dim must be positive"):
+            OP(*args, None, None, None, 0.5, True)
+
+
+@pytest.mark.parametrize("bad", [2**31, 2**63, -1])
+def test_int_lengths_out_of_range_are_a_clear_error(bad):
+    q, c = rand(2, 1, 4, 16), rand(2, 5, 2, 16)
+    with pytest.raises(ValueError, match=r"attention_with_kvcache: cache_seqlens must be in \[0"):
+        attention_with_kvcache(q, c, c, bad)
+
+
+@pytest.mark.parametrize(
+    "case", ["B0", "Lq0-append", "Hq0-append", "max_blocks0", "num_blocks0", "num_blocks0-append"]
+)
+def test_degenerate_sizes(device, case):
+    """Empty dims give empty results; a pool without blocks serves sequences of length 0."""
+    b, lq, hq, hk, d = 2, 3, 4, 2, 16
+    if case == "Hq0-append" and device != "cpu":
+        pytest.skip("the CUDA op returns before the append when there is no query head")
+    q = rand(0 if case == "B0" else b, 0 if case == "Lq0-append" else lq, hq, hk * 0 + d)
+    if case == "Hq0-append":
+        q = q[:, :, :0]
+    q = q.to(device)
+    bsz = q.shape[0]
+    lens = torch.zeros(bsz, dtype=torch.int32, device=device)
+    kn = vn = table = None
+    if "append" in case:
+        kn, vn = (rand(bsz, q.shape[1], hk, d).to(device) for _ in range(2))
+    if case.startswith("max_blocks0"):
+        kc, table = rand(3, 4, hk, d), torch.zeros(bsz, 0, dtype=torch.int32)
+    elif case.startswith("num_blocks0"):
+        kc, table = rand(0, 4, hk, d), torch.zeros(bsz, 2, dtype=torch.int32)
+    else:
+        kc = rand(bsz, 8, hk, d)
+    kc, vc = kc.to(device), kc.clone().to(device)
+    table = None if table is None else table.to(device)
+    if case == "num_blocks0-append":
+        with pytest.raises(ValueError, match="outside the pool of 0 blocks"):
+            attention_with_kvcache(q, kc, vc, lens, kn, vn, block_table=table)
+        return
+    out, lse = attention_with_kvcache(q, kc, vc, lens, kn, vn, block_table=table, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    if case == "Hq0-append":  # nothing to attend, but the rows were appended
+        assert torch.equal(kc[:, :lq], kn) and torch.equal(vc[:, :lq], vn)
+    if out.numel():  # no key cached and none new: zeros, lse = -inf
+        assert torch.equal(out, torch.zeros_like(out)) and lse.isneginf().all()
+
+
+# ---- NaN and inf --------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _poke(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+# (name, change of (q, k_cache, scale)); the caches are contiguous (B 2, 40 rows, Hk 2, D 16),
+# lengths (30, 37) before an append of Lq 3
+KV_NONFINITE = {
+    "nan-q": lambda q, k, s: (_poke(q, (1, 2, 3, 0), NAN), k, s),
+    "nan-k": lambda q, k, s: (q, _poke(k, (0, 7, 1, 4), NAN), s),
+    # sequence 0 holds 30 + 3 keys: its row 35 is never written nor read
+    "nan-k-past-the-length": lambda q, k, s: (q, _poke(k, (0, 35, 1, 4), NAN), s),
+    "inf-q": lambda q, k, s: (_poke(q, (0, 1, 2, 5), INF), k, s),
+    "all-scores-minus-inf": lambda q, k, s: (_poke(q, (0, 1, 2), -INF), k.abs(), s),
+    "nan-scale": lambda q, k, s: (q, k, NAN),
+}
+
+
+@pytest.mark.parametrize("case", list(KV_NONFINITE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_give_nan_where_the_reference_does(device, case, dtype):
+    if dtype == torch.float16 and device == "cpu":
+        pytest.skip("float32 covers the CPU kernel; float16 runs the CUDA 16-bit kernel")
+    # drawn in dtype, so that the float64 reference sees the same inputs as the kernel
+    shapes = ((2, 3, 4, 16), (2, 40, 2, 16), (2, 40, 2, 16))
+    q, kc, vc = (rand(*s, dtype=dtype).double() for s in shapes)
+    kn, vn = (rand(2, 3, 2, 16, dtype=dtype).double() for _ in range(2))
+    kn = kn.abs() if case == "all-scores-minus-inf" else kn
+    lens = torch.tensor([30, 37], dtype=torch.int32)
+    q, kc, scale = KV_NONFINITE[case](q, kc, 0.25)
+    ref, ref_lse = reference.attention_with_kvcache(
+        q, kc, vc, lens, kn, vn, True, scale, None, True
+    )
+    assert bool(ref.isnan().any()) == (
+        case not in ("nan-k-past-the-length", "all-scores-minus-inf")
+    )
+    on = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    out, lse = attention_with_kvcache(
+        on(q), on(kc), on(vc), lens.to(device), on(kn), on(vn), scale=scale, return_lse=True
+    )
+    assert_nan_where_reference(out.cpu(), ref, 2e-5 if dtype == torch.float32 else 2e-3)
+    assert torch.equal(lse.isnan().cpu(), ref.isnan().any(-1).transpose(1, 2))
+    assert torch.equal(lse.isneginf().cpu(), ref_lse.isneginf())
+
+
+@pytest.mark.parametrize("where", [100, 600], ids=["first-split", "second-split"])
+def test_nan_key_in_one_split_makes_the_row_nan(device, where):
+    # one sequence and one kv head with 700 keys: the CPU cuts the keys into splits when it has
+    # more threads than (sequence, kv head) pairs, and the CUDA kernel always does
+    q, kc, vc = rand(1, 1, 2, 16), rand(1, 700, 1, 16), rand(1, 700, 1, 16)
+    kc = _poke(kc, (0, where, 0, 3), NAN)
+    lens = torch.tensor([700], dtype=torch.int32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        out, lse = attention_with_kvcache(
+            q.to(device), kc.to(device), vc.to(device), lens.to(device), return_lse=True
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert out.isnan().all() and lse.isnan().all()
+
+
+def test_torch_compile_dynamic_shapes():
+    # the fake kernel's checks run on symbolic sizes: guards, no specialisation errors
+    f = torch.compile(attention_with_kvcache, fullgraph=True, dynamic=True)
+    for b, cap in ((2, 20), (3, 31)):
+        q, kn, vn = rand(b, 1, 4, 16), rand(b, 1, 2, 16), rand(b, 1, 2, 16)
+        kc, vc = rand(b, cap, 2, 16), rand(b, cap, 2, 16)
+        lens = torch.full((b,), 5, dtype=torch.int32)
+        out = f(q, kc.clone(), vc.clone(), lens, kn, vn)
+        assert torch.equal(out, attention_with_kvcache(q, kc, vc, lens, kn, vn))

@@ -13,7 +13,15 @@ import genext.nn.functional as gF
 from genext import reference
 from genext.ops import flash_attention, flash_attention_varlen
 
-from attention_helpers import ATOL, ATOL_GRAD, make_qkv
+from attention_helpers import (
+    ATOL,
+    ATOL_GRAD,
+    all_on_meta,
+    assert_nan_where_reference,
+    make_qkv,
+    same_error,
+    with_one_on_meta,
+)
 from conftest import max_err, poison_allocator
 
 FWD = torch.ops.genext.flash_attention_forward
@@ -501,3 +509,239 @@ def test_cuda_memory_is_linear_in_length():
     out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 64 * 2**20
+
+
+# ---- NaN and inf --------------------------------------------------------------------------------
+
+
+def _poke(t, index, value):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+NAN, INF = float("nan"), float("inf")
+# (name, change of (q, k, v, scale)); q, k, v are (1, 2, 67, 16), (1, 2, 70, 16): two key tiles
+NONFINITE = {
+    "nan-q": lambda q, k, v, s: (_poke(q, (0, 0, 3, 1), NAN), k, v, s),
+    # key 68 is in the second tile; with causal only the last two queries see it
+    "nan-k": lambda q, k, v, s: (q, _poke(k, (0, 1, 68, 2), NAN), v, s),
+    "inf-q": lambda q, k, v, s: (_poke(q, (0, 1, 10, 5), INF), k, v, s),
+    # every score of row 10 is -inf (k >= 0): no NaN, a row of zeros as for no visible key
+    "all-scores-minus-inf": lambda q, k, v, s: (_poke(q, (0, 1, 10), -INF), k.abs(), v, s),
+    "nan-scale": lambda q, k, v, s: (q, k, v, NAN),
+    "inf-scale": lambda q, k, v, s: (q, k, v, INF),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", list(NONFINITE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_and_inf_give_nan_where_the_reference_does(device, case, causal, dtype):
+    if dtype == torch.float16 and device == "cpu":
+        pytest.skip("float32 covers the CPU kernel; float16 runs the CUDA tensor-core kernel")
+    q, k, v = (t.double() for t in make_qkv(1, 2, 2, 67, 70, 16, dtype, "cpu"))
+    q, k, v, scale = NONFINITE[case](q, k, v, 0.25)
+    ref, ref_lse = reference.attention_reference(q, k, v, causal, scale, return_lse=True)
+    if not causal:  # PyTorch's SDPA agrees where no mask is involved
+        pt = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        assert torch.equal(pt.isnan(), ref.isnan())
+    qd, kd, vd = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+    out, lse = flash_attention(qd, kd, vd, causal=causal, scale=scale, return_lse=True)
+    assert ref.isnan().any() or case == "all-scores-minus-inf"
+    assert_nan_where_reference(out.cpu(), ref, 2e-5 if dtype == torch.float32 else 2e-3)
+    assert torch.equal(lse.isnan().cpu(), ref.isnan().any(-1))  # lse NaN with its row
+    assert torch.equal(lse.isneginf().cpu(), ref_lse.isneginf())
+
+
+@pytest.mark.parametrize("case", ["nan-q", "nan-k", "inf-q", "nan-scale"])
+def test_nan_gradients_where_the_reference_has_them(device, case):
+    # without a mask: with one, the reference's dense products multiply masked zeros by NaN
+    q, k, v = make_qkv(1, 2, 2, 67, 70, 16, torch.float64, "cpu")
+    q, k, v, scale = NONFINITE[case](q, k, v, 0.25)
+    go = torch.randn(1, 2, 67, 16, dtype=torch.float64)
+    ref = grads(lambda q, k, v: reference.attention_reference(q, k, v, scale=scale), q, k, v, go)
+    pt = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale), q, k, v, go)
+    assert all(torch.equal(a.isnan(), b.isnan()) for a, b in zip(ref[2:], pt[2:]))
+    dev = [t.to(device=device, dtype=torch.float32) for t in (q, k, v, go)]
+    ours = grads(lambda q, k, v: flash_attention(q, k, v, scale=scale), *dev)
+    for name, o, r in zip(("out", "dq", "dk", "dv"), ours[:1] + ours[2:], ref[:1] + ref[2:]):
+        assert r.isnan().any(), name
+        assert torch.equal(o.isnan().cpu(), r.isnan()), name
+
+
+def test_inf_in_v_propagates_like_the_reference(device):
+    # without a mask every weight is positive: column 3 of every output row is +inf
+    q, k, v = make_qkv(1, 2, 2, 67, 70, 16, torch.float64, "cpu")
+    v = _poke(v, (0, 0, 5, 3), INF)
+    ref, ref_lse = reference.attention_reference(q, k, v, return_lse=True)
+    out, lse = flash_attention(*(t.to(device, torch.float32) for t in (q, k, v)), return_lse=True)
+    assert ref[0, 0, :, 3].isposinf().all() and not ref.isnan().any()
+    assert_nan_where_reference(out.cpu(), ref, 2e-5)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=2e-5, rtol=0)
+
+
+# ---- meta tensors, the fake kernels' checks, degenerate sizes ---------------------------------
+
+
+def _varlen_args():
+    """A varlen call of the forward op with every optional tensor given: (1, L, H, D) views."""
+    q, k, v = (t.transpose(1, 2) for t in make_qkv(1, 4, 2, 10, 12, 16, torch.float32, "cpu"))
+    cu_q = torch.tensor([0, 4, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 12], dtype=torch.int32)
+    used = torch.tensor([5, 6], dtype=torch.int32)
+    return (q, k, v, cu_q, cu_k, used, 6, 7, 0.25, True, True)
+
+
+FWD_TENSORS = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k"]
+BWD_TENSORS = ["grad_out", "q", "k", "v", "out", "lse"] + FWD_TENSORS[3:]
+
+
+def _backward_args():
+    args = _varlen_args()
+    out, lse = FWD(*args)
+    return (torch.randn_like(out), *args[:3], out, lse, *args[3:])
+
+
+@pytest.mark.parametrize("i", range(6), ids=FWD_TENSORS)
+def test_forward_meta_tensor_beside_cpu_ones_raises(i):
+    args = with_one_on_meta(_varlen_args(), i)
+    with pytest.raises(RuntimeError, match="flash_attention_forward: .*is on (meta|cpu) but"):
+        FWD(*args)
+
+
+@pytest.mark.parametrize("i", range(9), ids=BWD_TENSORS)
+def test_backward_meta_tensor_beside_cpu_ones_raises(i):
+    args = with_one_on_meta(_backward_args(), i)
+    with pytest.raises(RuntimeError, match="flash_attention_backward: .*is on (meta|cpu) but"):
+        BWD(*args)
+
+
+def test_all_meta_inputs_give_shapes():
+    args = _varlen_args()
+    out, lse = FWD(*all_on_meta(args))
+    assert out.device.type == "meta" and out.shape == args[0].shape and lse.shape == (1, 4, 10)
+    bargs = _backward_args()
+    dq, dk, dv = BWD(*all_on_meta(bargs))
+    assert (dq.shape, dk.shape, dv.shape) == (bargs[1].shape, bargs[2].shape, bargs[3].shape)
+    q, k, v = make_qkv(2, 4, 2, 5, 7, 8, torch.float64, "meta")
+    assert flash_attention(q, k, v, causal=True).shape == (2, 4, 5, 8)
+
+
+def _bad_forward_args():
+    """(name, arguments of the forward op) that the C++ checks reject."""
+    q, k, v, cu_q, cu_k, used, *rest = _varlen_args()
+    dense = (q, k, v, None, None, None, 0, 0, 0.25, False, True)
+    three = torch.randn(1, 12, 3, 16)
+    return {
+        "int64 q": (q.long(), k.long(), v.long(), *dense[3:]),
+        "dtypes differ": (q, k.double(), v, *dense[3:]),
+        "rank 3": (q[0], k[0], v[0], *dense[3:]),
+        "head dims differ": (q, k[..., :8], v[..., :8], *dense[3:]),
+        "k and v differ": (q, k, v[:, :5], *dense[3:]),
+        "batch differs": (q, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), *dense[3:]),
+        "heads not a multiple": (q, three, three, *dense[3:]),
+        "no kv heads": (q, k[:, :, :0], v[:, :, :0], *dense[3:]),
+        "head dim 0": (q[..., :0], k[..., :0], v[..., :0], *dense[3:]),
+        "cu_seqlens_q alone": (q, k, v, cu_q, None, None, *rest),
+        "varlen batch 2": (
+            q.expand(2, -1, -1, -1),
+            k.expand(2, -1, -1, -1),
+            v,
+            cu_q,
+            cu_k,
+            None,
+            *rest,
+        ),
+        "cu_seqlens_q int64": (q, k, v, cu_q.long(), cu_k, None, *rest),
+        "cu_seqlens_k too short": (q, k, v, cu_q, cu_k[:2], None, *rest),
+        "cu_seqlens_q 2-D": (q, k, v, cu_q[None], cu_k, None, *rest),
+        "max_seqlen negative": (q, k, v, cu_q, cu_k, None, -1, 7, *rest[2:]),
+        "max_seqlen past int32": (q, k, v, cu_q, cu_k, None, 6, 2**31, *rest[2:]),
+        "seqused_k too long": (q, k, v, cu_q, cu_k, torch.zeros(3, dtype=torch.int32), *rest),
+        "seqused_k float": (q, k, v, cu_q, cu_k, used.float(), *rest),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_forward_args()))
+def test_fake_forward_raises_as_the_kernel_does(case):
+    args = _bad_forward_args()[case]
+    same_error(lambda: FWD(*args), lambda: FWD(*all_on_meta(args)))
+
+
+@pytest.mark.parametrize("case", ["grad_out shape", "out dtype", "lse shape", "lse dtype"])
+def test_fake_backward_raises_as_the_kernel_does(case):
+    go, q, k, v, out, lse, *rest = _backward_args()
+    change = {
+        "grad_out shape": lambda: (go[:, :5], q, k, v, out, lse),
+        "out dtype": lambda: (go, q, k, v, out.double(), lse),
+        "lse shape": lambda: (go, q, k, v, out, lse[:, :2]),
+        "lse dtype": lambda: (go, q, k, v, out, lse.half()),
+    }[case]
+    args = (*change(), *rest)
+    same_error(lambda: BWD(*args), lambda: BWD(*all_on_meta(args)))
+
+
+def test_head_dim_zero_is_a_value_error():
+    q, k, v = make_qkv(1, 2, 2, 3, 3, 0, torch.float32, "cpu")
+    for t in ("cpu", "meta"):
+        with pytest.raises(ValueError, match="flash_attention: head dim must be positive"):
+            flash_attention(q.to(t), k.to(t), v.to(t))
+        with pytest.raises(ValueError, match="flash_attention_forward: head dim must be positive"):
+            flash_attention(q.to(t), k.to(t), v.to(t), scale=0.5)  # the op's own check
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="flash_attention_varlen: head dim must be positive"):
+        x = torch.randn(3, 2, 0)  # (total, H, D)
+        flash_attention_varlen(x, x, x, cu, cu, 3, 3)
+
+
+@pytest.mark.parametrize("bad", [2**63, 2**31, -1])
+@pytest.mark.parametrize("which", ["max_seqlen_q", "max_seqlen_k"])
+def test_max_seqlen_out_of_range_is_a_clear_error(which, bad):
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    kw = {"max_seqlen_q": 6, "max_seqlen_k": 6, which: bad}
+    with pytest.raises(
+        ValueError, match=rf"flash_attention_varlen: {which} must be in \[0, 2\*\*31 - 1\]"
+    ):
+        flash_attention_varlen(q, q, q, cu, cu, **kw)
+
+
+def test_scale_errors_name_the_op():
+    q, k, v = make_qkv(1, 2, 2, 3, 3, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="flash_attention: scale .* out of the range of a float"):
+        flash_attention(q, k, v, scale=10**400)
+    with pytest.raises(TypeError, match="flash_attention: scale must be a float or None"):
+        flash_attention(q, k, v, scale="big")
+    assert torch.isfinite(flash_attention(q, k, v, scale=-(2**63))).all()  # huge but a float
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [(0, 2, 2, 5, 7), (1, 2, 2, 0, 7), (1, 2, 2, 5, 0), (1, 0, 2, 5, 7), (1, 0, 2, 0, 0)],
+    ids=["B0", "Lq0", "Lk0", "Hq0", "all0"],
+)
+def test_empty_sizes_give_empty_or_zero_results(device, sizes):
+    b, hq, hk, lq, lk = sizes
+    q, k, v = make_qkv(b, hq, hk, lq, lk, 8, torch.float32, device, requires_grad=True)
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (b, hq, lq)
+    assert torch.equal(out, torch.zeros_like(out))  # Lk = 0: no key, zeros
+    assert lse.isneginf().all()
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    for g, t in zip((dq, dk, dv), (q, k, v)):
+        assert g.shape == t.shape and torch.equal(g, torch.zeros_like(g))
+
+
+def test_torch_compile_dynamic_shapes():
+    # the fake kernels' checks run on symbolic sizes: guards, no specialisation errors
+    f = torch.compile(
+        lambda q, k, v: flash_attention(q, k, v, causal=True, return_lse=True),
+        fullgraph=True,
+        dynamic=True,
+    )
+    for length in (17, 40):
+        q, k, v = make_qkv(2, 4, 2, length, length + 3, 16, torch.float32, "cpu")
+        out, lse = f(q, k, v)
+        want, want_lse = flash_attention(q, k, v, causal=True, return_lse=True)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
