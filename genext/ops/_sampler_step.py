@@ -107,7 +107,11 @@ def sampler_step(
     the sample itself: an in-place step; x0_out must not alias an input), for loops that keep
     static buffers, e.g. under CUDA-graph capture. Any other sharing of memory between an output
     and an input or the other output (a partial overlap included) raises RuntimeError. Modes and
-    coefficients: see the module docstring. Not differentiable (sampling only)."""
+    coefficients: see the module docstring.
+
+    Not differentiable (sampling only): it runs under ``torch.no_grad()``, so its outputs never
+    require grad, even for inputs that do; differentiating through the raw
+    ``torch.ops.genext.sampler_step`` raises NotImplementedError."""
     if type(coef) is list and len(coef) == NUM_COEF:
         c = coef  # schedulers pass full lists of floats: no copy on this per-step path
     else:
@@ -127,13 +131,14 @@ def sampler_step(
         guidance_scale is not None,
         float(guidance_scale) if guidance_scale is not None else 1.0,
     )
-    if out is None and x0_out is None:
-        return _OP(*args)
-    if out is None:
-        out = torch.empty_like(sample, memory_format=torch.contiguous_format)
-    if x0_out is None:
-        x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format)
-    _OP_OUT(*args, out, x0_out)
+    with torch.no_grad():
+        if out is None and x0_out is None:
+            return _OP(*args)
+        if out is None:
+            out = torch.empty_like(sample, memory_format=torch.contiguous_format)
+        if x0_out is None:
+            x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format)
+        _OP_OUT(*args, out, x0_out)
     return out, x0_out
 
 
@@ -341,3 +346,19 @@ def _fake_out(
     _check_out("x0", x0, sample)
     _check_no_overlap(read, prev, x0)
     return None
+
+
+def _no_backward(ctx, *grads):
+    raise NotImplementedError(
+        f"{_OPNAME}: not differentiable (an inference-only sampler step); call it under "
+        "torch.no_grad() or detach its inputs"
+    )
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+# Without an autograd formula the raw op's outputs would require grad and silently give no
+# gradient; this makes a backward through it a clear error instead.
+torch.library.register_autograd("genext::sampler_step", _no_backward, setup_context=_no_context)

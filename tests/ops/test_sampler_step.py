@@ -506,3 +506,18 @@ def test_compile_dynamic_shapes_out():
         want = sampler_step(StepKind.DPM, x, m, [0.5] * 12, history=[h])
         got = fn(x, m, h, torch.empty_like(x))
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+
+def test_not_differentiable():
+    # outputs required grad and their backward gave None gradients silently
+    x, m, _, _, _ = _inputs((2, 4, 8, 8), torch.float32, "cpu", False, 0, False, False)
+    x.requires_grad_()
+    m.requires_grad_()
+    prev, x0 = sampler_step(StepKind.DDIM, x, m, [0.5] * 12)
+    assert not prev.requires_grad and not x0.requires_grad
+    prev, x0 = FWD(0, x, m, [], None, None, [0.5] * 12, 0, False, False, 1.0)
+    with pytest.raises(NotImplementedError, match="sampler_step: not differentiable"):
+        prev.sum().backward()
