@@ -521,3 +521,20 @@ def test_not_differentiable():
     prev, x0 = FWD(0, x, m, [], None, None, [0.5] * 12, 0, False, False, 1.0)
     with pytest.raises(NotImplementedError, match="sampler_step: not differentiable"):
         prev.sum().backward()
+
+
+def test_compile_rejects_sharing_and_keeps_in_place():
+    # compiled code raises as eager does (the fake kernel while tracing), and in place still works
+    def shared(x, m):
+        return sampler_step(StepKind.DDIM, x, m, [0.5] * 12, x0_out=x)
+
+    def in_place(x, m):
+        return sampler_step(StepKind.DDIM, x, m, [0.5] * 12, out=x)
+
+    x, m = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    with pytest.raises(Exception, match="x0_out \\(x0\\) and sample share memory"):
+        torch.compile(shared, fullgraph=True)(x.clone(), m)
+    want = eager_step(StepKind.DDIM, x, m, [0.5] * 12)
+    y = x.clone()
+    torch.compile(in_place, fullgraph=True)(y, m)
+    assert torch.equal(y, want[0])
