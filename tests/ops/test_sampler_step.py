@@ -538,3 +538,25 @@ def test_compile_rejects_sharing_and_keeps_in_place():
     y = x.clone()
     torch.compile(in_place, fullgraph=True)(y, m)
     assert torch.equal(y, want[0])
+
+
+@pytest.mark.parametrize("case", [c for c in _cases() if c[2] and c[4]])  # guided, with noise
+def test_nonfinite_inputs_propagate_as_in_the_reference(case, device):
+    # NaN and inf in any input give NaN / inf exactly where the eager specification does (clamp
+    # and thresholding included: a NaN is never clamped to a finite value), the rest bit-identical
+    mode, pt, guided, n_hist, noise, thr, clip = case
+    x, m, hist, nz, s = _inputs((2, 3, 5, 7), torch.float32, device, guided, n_hist, noise, thr)
+    x[0, 0, 0, :2] = torch.tensor([float("nan"), float("inf")])
+    m[1, 1, 1, 2:4] = torch.tensor([float("nan"), -float("inf")])  # the uncond half
+    m[3, 2, 2, 4] = float("inf")  # the cond half
+    nz[1, 2, 3, 5] = float("nan")
+    for h in hist:
+        h[0, 1, 4, 6] = float("inf")
+    coef = _coef(mode, random.Random(hash(case) & 0xFFFF))
+    kw = dict(prediction_type=pt, history=hist, noise=nz, threshold_scale=s, clip=clip)
+    kw["guidance_scale"] = 3.0
+    got = sampler_step(mode, x, m, coef, **kw)
+    want = eager_step(mode, x, m, coef, **kw)
+    for a, b in zip(got, want):
+        assert not torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
