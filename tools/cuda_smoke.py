@@ -261,6 +261,84 @@ def sampler_cases() -> int:
     return bad
 
 
+def sampler_gn_limit_cases() -> int:
+    """The sampler step's and group_norm_silu's limits on CUDA: outputs sharing memory with inputs
+    are rejected before any launch (the buffers stay untouched), the in-place step still matches
+    the eager specification, and a NaN or inf in group_norm_silu's input gives NaN exactly where
+    the float64 reference does (its own group) and correct values elsewhere."""
+    from genext.ops._sampler_step import StepKind, sampler_step
+    from genext.reference import sampler_step as eager_step
+
+    bad = 0
+    g = torch.Generator().manual_seed(1)
+    shape = (2, 4, 16, 16)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to("cuda")
+
+    x, m, h1, nz = r(*shape), r(*shape), r(*shape), r(*shape)
+    buf = r(2 * x.numel() + 1)
+    n = x.numel()
+    coef = [0.9, 0.4, 1.0, 0.95, 0.3, 0.2, 0.0, 0.1, 1.7, 0.8, 0.4, 0.6]
+    fresh = torch.empty_like(x)
+    for name, sample, out, x0 in [
+        ("x0_out=sample", x, None, x),
+        ("out=noise", x, nz, None),
+        ("out=history[0]", x, h1, None),
+        ("out=x0_out", x, fresh, fresh),
+        ("out shifted over sample", buf[:n].view(shape), buf[1 : n + 1].view(shape), None),
+    ]:
+        keep = [t.clone() for t in (sample, m, h1, nz, buf)]
+        torch.cuda.synchronize()
+        try:
+            sampler_step(StepKind.DPM, sample, m, coef, history=[h1], noise=nz, out=out, x0_out=x0)
+            torch.cuda.synchronize()
+            ok, why = False, "no error"
+        except RuntimeError as e:
+            torch.cuda.synchronize()
+            untouched = all(torch.equal(a, b) for a, b in zip(keep, (sample, m, h1, nz, buf)))
+            ok = "share memory" in str(e) and untouched
+            why = f"raised, buffers untouched: {untouched}"
+        bad += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} sampler sharing {name:<24} {why}")
+    want = eager_step(StepKind.DPM, x, m, coef, history=[h1], noise=nz)
+    y = x.clone()
+    sampler_step(StepKind.DPM, y, m, coef, history=[h1], noise=nz, out=y)
+    ok = torch.equal(y, want[0])
+    bad += not ok
+    print(
+        f"{'ok  ' if ok else 'FAIL'} sampler in place (out = sample) bit-identical to eager: {ok}"
+    )
+
+    for shape, groups, cl, dtype in [
+        ((2, 64, 24, 24), 32, False, torch.float16),
+        ((1, 64, 96, 96), 32, True, torch.bfloat16),  # split-group path
+        ((3, 40, 33), 5, False, torch.float32),
+    ]:
+        x = (torch.randn(shape, device="cuda", dtype=torch.float64) * 2 + 1).to(dtype)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        x[0, 1, 2] = float("nan")  # group 0 of sample 0
+        x[-1, -1, -1] = float("inf")  # the last group of the last sample
+        w = (torch.rand(shape[1], device="cuda") + 0.5).to(dtype)
+        b = (torch.rand(shape[1], device="cuda") - 0.5).to(dtype)
+        y = genext.ops.group_norm_silu(x, groups, w, b)
+        ref = reference.group_norm_silu(x.double(), groups, w.double(), b.double())
+        same_nan = torch.equal(torch.isnan(y), torch.isnan(ref))
+        fin = torch.isfinite(ref)
+        err = ((y[fin].double() - ref[fin]).norm() / ref[fin].norm()).item()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        ok = same_nan and bool(torch.isfinite(y[fin]).all()) and err < tol
+        bad += not ok
+        print(
+            f"{'ok  ' if ok else 'FAIL'} group_norm_silu NaN/inf input {str(shape):<16} "
+            f"cl={cl!s:<5} {str(dtype):<15} NaN where the reference has NaN: {same_nan}, "
+            f"rel err elsewhere {err:.2e}"
+        )
+    torch.cuda.synchronize()
+    return bad
+
+
 def vq_cases() -> int:
     """vq_nearest against the float64 argmin (near ties excepted) and vq_ema_update's sums."""
     bad = 0
@@ -346,13 +424,14 @@ def vq_contrastive_nonfinite_cases() -> int:
 
 def main(argv: list[str]) -> int:
     """Runs every op's cases, or those named: group_norm_silu, attention, kvcache,
-    attention_edges, sampler, vq, vq_nonfinite."""
+    attention_edges, sampler, sampler_gn_limits, vq, vq_nonfinite."""
     ops = {
         "group_norm_silu": gn_cases,
         "attention": fa_cases,
         "kvcache": kv_cases,
         "attention_edges": attention_edge_cases,
         "sampler": sampler_cases,
+        "sampler_gn_limits": sampler_gn_limit_cases,
         "vq": vq_cases,
         "vq_nonfinite": vq_contrastive_nonfinite_cases,
     }

@@ -73,6 +73,12 @@ inline Problem check_input(const char* op, const at::Tensor& x, int64_t num_grou
   return p;
 }
 
+// eps is added to the variance: a negative or NaN eps gives NaN or infinite outputs instead of an
+// error, so both bindings reject it. `op` prefixes the message.
+inline void check_eps(const char* op, double eps) {
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be non-negative, got ", eps);
+}
+
 // Returns t in the layout the kernels read (contiguous, or channels-last when channels_last).
 inline at::Tensor to_layout(const at::Tensor& t, bool channels_last) {
   if (!channels_last) return t.contiguous();

@@ -332,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool silu) {
   const Problem p = check_input(kFwd, x_in, num_groups, weight, bias, /*allow_double=*/true);
-  TORCH_CHECK_VALUE(eps >= 0, kFwd, ": eps must be non-negative, got ", eps);
+  check_eps(kFwd, eps);
   const auto acc = acc_type(x_in.scalar_type());
   at::Tensor y = at::empty_like(p.x);
   at::Tensor mean = at::empty({p.N, p.G}, x_in.options().dtype(acc));

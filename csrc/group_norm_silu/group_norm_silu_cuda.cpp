@@ -71,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, int64_t 
                                                    const std::optional<at::Tensor>& bias,
                                                    double eps, bool silu) {
   const Problem pr = check_input(kFwdOp, x, num_groups, weight, bias, /*allow_double=*/false);
+  check_eps(kFwdOp, eps);
   TORCH_CHECK(pr.x.is_cuda(), kFwdOp, ": x must be a CUDA tensor, got ", genext::device_name(pr.x));
   const c10::cuda::CUDAGuard guard(pr.x.device());
 

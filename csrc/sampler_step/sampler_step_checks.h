@@ -1,10 +1,12 @@
 // Argument checks and input preparation shared by the CPU and CUDA bindings of sampler_step.
 #pragma once
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common/device_name.h"
@@ -103,6 +105,33 @@ inline void check_out(const char* name, const at::Tensor& out, const at::Tensor&
   TORCH_CHECK(out.device() == sample.device(), kOp, "_out: ", name, " is on ",
               genext::device_name(out), " but sample is on ", genext::device_name(sample));
   TORCH_CHECK_VALUE(out.is_contiguous(), kOp, "_out: ", name, " must be contiguous");
+}
+
+// Checks that the outputs of sampler_step_out share no memory with each other or with the inputs
+// as the kernels read them (after prepare, so an input that prepare copied cannot clash). The one
+// exception is prev being exactly the sample, an in-place step: each element of the sample is read
+// before its prev is written. Any other sharing gives wrong values: x0 is written before the
+// inputs are read again, prev before the history and noise are read, and a partial overlap shifts
+// elements. Every tensor compared is contiguous (prepare, check_out), so get_overlap_status
+// answers exactly (never TooHard).
+inline void check_no_overlap(const Inputs& in, const at::Tensor& prev, const at::Tensor& x0) {
+  const std::pair<const char*, const at::Tensor*> inputs[] = {
+      {"sample", &in.x},      {"model_output", &in.m}, {"history[0]", &in.h1},
+      {"history[1]", &in.h2}, {"noise", &in.noise},    {"threshold_scale", &in.s}};
+  const std::pair<const char*, const at::Tensor*> outputs[] = {{"out (prev)", &prev},
+                                                               {"x0_out (x0)", &x0}};
+  for (const auto& [out_name, out] : outputs) {
+    for (const auto& [name, t] : inputs) {
+      if (!t->defined()) continue;
+      const at::MemOverlapStatus st = at::get_overlap_status(*out, *t);
+      const bool in_place = out == &prev && t == &in.x && st == at::MemOverlapStatus::Full;
+      TORCH_CHECK(st == at::MemOverlapStatus::No || in_place, kOp, ": ", out_name, " and ", name,
+                  " share memory; an output may share memory with no input and no other output, "
+                  "except out = sample exactly (an in-place step)");
+    }
+  }
+  TORCH_CHECK(at::get_overlap_status(prev, x0) == at::MemOverlapStatus::No, kOp,
+              ": out (prev) and x0_out (x0) share memory; they must be separate tensors");
 }
 
 }  // namespace genext::sampler

@@ -234,7 +234,8 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(
   return {prev, x0};
 }
 
-// Elementwise with each element read before it is written, so prev may be the sample itself.
+// Elementwise with each element read before it is written, so prev may be the sample itself (the
+// only sharing of memory check_no_overlap lets through).
 void sampler_step_out_cpu(int64_t mode, const at::Tensor& sample, const at::Tensor& model_output,
                           at::TensorList history, const std::optional<at::Tensor>& noise,
                           const std::optional<at::Tensor>& threshold_scale,
@@ -244,6 +245,7 @@ void sampler_step_out_cpu(int64_t mode, const at::Tensor& sample, const at::Tens
                             prediction_type, clip, guidance, guidance_scale);
   check_out("prev", prev, sample);
   check_out("x0", x0, sample);
+  check_no_overlap(in, prev, x0);
   compute(in, prev, x0);
 }
 

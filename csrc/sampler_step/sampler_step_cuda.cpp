@@ -79,6 +79,7 @@ void sampler_step_out_cuda_op(int64_t mode, const at::Tensor& sample,
                             prediction_type, clip, guidance, guidance_scale);
   check_out("prev", prev, sample);
   check_out("x0", x0, sample);
+  check_no_overlap(in, prev, x0);
   launch(in, prev, x0);
 }
 

@@ -30,6 +30,16 @@ class GroupNormSiLU(nn.GroupNorm):
             raise ValueError(
                 f"GroupNormSiLU: activation must be 'silu' or None, got {activation!r}"
             )
+        # checked here, not left to nn.GroupNorm: it divides by zero for 0 groups and accepts a
+        # negative count or eps, which would fail only at the first forward
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+            raise TypeError(
+                f"GroupNormSiLU: num_groups must be an int, got {type(num_groups).__name__}"
+            )
+        if num_groups < 1:
+            raise ValueError(f"GroupNormSiLU: num_groups must be positive, got {num_groups}")
+        if not eps >= 0:
+            raise ValueError(f"GroupNormSiLU: eps must be non-negative, got {eps}")
         super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
         self.activation = activation
 

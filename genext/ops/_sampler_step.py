@@ -48,8 +48,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import sym_eq
+from torch.multiprocessing.reductions import StorageWeakRef
 
-from ._common import declare_kernels
+from ._common import check_same_device, declare_kernels
 
 __all__ = ["NUM_COEF", "PredictionType", "StepKind", "sampler_step"]
 
@@ -103,8 +105,13 @@ def sampler_step(
     model_output holds [uncond, cond] along dim 0, combined as u + w * (c - u) in the kernel.
     `out` / `x0_out`: contiguous tensors shaped and typed like sample to write into (out may be
     the sample itself: an in-place step; x0_out must not alias an input), for loops that keep
-    static buffers, e.g. under CUDA-graph capture. Modes and coefficients: see the
-    module docstring. Not differentiable (sampling only)."""
+    static buffers, e.g. under CUDA-graph capture. Any other sharing of memory between an output
+    and an input or the other output (a partial overlap included) raises RuntimeError. Modes and
+    coefficients: see the module docstring.
+
+    Not differentiable (sampling only): it runs under ``torch.no_grad()``, so its outputs never
+    require grad, even for inputs that do; differentiating through the raw
+    ``torch.ops.genext.sampler_step`` raises NotImplementedError."""
     if type(coef) is list and len(coef) == NUM_COEF:
         c = coef  # schedulers pass full lists of floats: no copy on this per-step path
     else:
@@ -124,18 +131,176 @@ def sampler_step(
         guidance_scale is not None,
         float(guidance_scale) if guidance_scale is not None else 1.0,
     )
-    if out is None and x0_out is None:
-        return _OP(*args)
-    if out is None:
-        out = torch.empty_like(sample, memory_format=torch.contiguous_format)
-    if x0_out is None:
-        x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format)
-    _OP_OUT(*args, out, x0_out)
+    with torch.no_grad():
+        if out is None and x0_out is None:
+            return _OP(*args)
+        if out is None:
+            out = torch.empty_like(sample, memory_format=torch.contiguous_format)
+        if x0_out is None:
+            x0_out = torch.empty_like(sample, memory_format=torch.contiguous_format)
+        _OP_OUT(*args, out, x0_out)
     return out, x0_out
 
 
 _OP = torch.ops.genext.sampler_step.default
 _OP_OUT = torch.ops.genext.sampler_step_out.default
+
+_OPNAME = "sampler_step"
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_input(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """``t`` when the kernels read it as it is (contiguous, in ``dtype`` when given), None when the
+    binding reads a copy of it (``.to(dtype).contiguous()``), which no output can clash with."""
+    if t is None or not t.is_contiguous() or (dtype is not None and t.dtype != dtype):
+        return None
+    return t
+
+
+def _check(
+    kind, sample, model_output, history, noise, threshold_scale, coef, prediction_type, guidance
+) -> dict[str, Tensor | None]:
+    """The checks of ``prepare`` in csrc/sampler_step/sampler_step_checks.h, in its order, with its
+    exception types and messages. Returns the inputs the kernels read without a copy, by name."""
+    op = _OPNAME
+    torch._check_value(
+        0 <= kind <= 3,
+        lambda: (
+            f"{op}: mode must be 0 (DDIM), 1 (DDPM), 2 (DPM-Solver++) or 3 (flow Euler), got {kind}"
+        ),
+    )
+    torch._check_value(
+        0 <= prediction_type <= 2,
+        lambda: (
+            f"{op}: prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction), "
+            f"got {prediction_type}"
+        ),
+    )
+    torch._check_value(
+        len(coef) == NUM_COEF,
+        lambda: f"{op}: coef must hold {NUM_COEF} values, got {len(coef)}",
+    )
+    torch._check_type(
+        sample.dtype in _FLOATS and model_output.dtype in _FLOATS,
+        lambda: (
+            f"{op}: sample and model_output must be float32, float16 or bfloat16, got "
+            f"{sample.dtype} and {model_output.dtype}"
+        ),
+    )
+    torch._check_value(sample.dim() >= 1, lambda: f"{op}: sample must have a batch dim")
+    check_same_device(op, "sample", {"sample": sample, "model_output": model_output})
+    want = list(sample.shape)
+    if guidance:
+        want[0] = want[0] * 2
+    torch._check_value(
+        sym_eq(tuple(model_output.shape), tuple(want)),
+        lambda: (
+            f"{op}: model_output must have shape {tuple(want)}"
+            + (" ([uncond; cond] along dim 0)" if guidance else "")
+            + f", got {tuple(model_output.shape)}"
+        ),
+    )
+    torch._check_value(
+        len(history) <= 2, lambda: f"{op}: at most 2 history tensors, got {len(history)}"
+    )
+    torch._check_value(
+        len(history) == 0 or kind == StepKind.DPM,
+        lambda: f"{op}: history is used by mode 2 only",
+    )
+    read = {
+        "sample": _kernel_input(sample, None),
+        "model_output": _kernel_input(model_output, None),
+    }
+    likes = [(f"history[{i}]", h) for i, h in enumerate(history)] + [("noise", noise)]
+    for name, t in likes:
+        if t is None:
+            continue
+        torch._check_value(
+            sym_eq(tuple(t.shape), tuple(sample.shape)),
+            lambda name=name, t=t: (
+                f"{op}: {name} must have the sample's shape "
+                f"{tuple(sample.shape)}, got {tuple(t.shape)}"
+            ),
+        )
+        check_same_device(op, "sample", {"sample": sample, name: t})
+        torch._check_type(
+            t.dtype in _FLOATS,
+            lambda name=name, t=t: (
+                f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}"
+            ),
+        )
+        read[name] = _kernel_input(t, sample.dtype)
+    if threshold_scale is not None:
+        s = threshold_scale
+        torch._check_value(
+            s.dim() == 1 and s.shape[0] == sample.shape[0],
+            lambda: (
+                f"{op}: threshold_scale must have shape ({sample.shape[0]},), got {tuple(s.shape)}"
+            ),
+        )
+        check_same_device(op, "sample", {"sample": sample, "threshold_scale": s})
+        read["threshold_scale"] = _kernel_input(s, torch.float32)
+    return read
+
+
+def _check_out(name: str, out: Tensor, sample: Tensor) -> None:
+    """``check_out`` of sampler_step_checks.h."""
+    op = _OPNAME + "_out"
+    torch._check_value(
+        sym_eq(tuple(out.shape), tuple(sample.shape)),
+        lambda: (
+            f"{op}: {name} must have the sample's shape {tuple(sample.shape)}, got "
+            f"{tuple(out.shape)}"
+        ),
+    )
+    torch._check_type(
+        out.dtype == sample.dtype,
+        lambda: f"{op}: {name} must have the sample's dtype {sample.dtype}, got {out.dtype}",
+    )
+    check_same_device(op, "sample", {"sample": sample, name: out})
+    torch._check_value(out.is_contiguous(), lambda: f"{op}: {name} must be contiguous")
+
+
+def _overlap(a: Tensor, b: Tensor) -> str:
+    """ATen's get_overlap_status for two contiguous tensors: "full", "partial" or "no"."""
+    if a is b:
+        return "full"
+    if a.numel() == 0 or b.numel() == 0:
+        return "no"
+    if StorageWeakRef(a.untyped_storage()) != StorageWeakRef(b.untyped_storage()):
+        return "no"
+    a_begin = a.storage_offset() * a.element_size()
+    b_begin = b.storage_offset() * b.element_size()
+    a_end = a_begin + a.numel() * a.element_size()
+    b_end = b_begin + b.numel() * b.element_size()
+    if a_begin == b_begin and a_end == b_end:
+        return "full" if a.stride() == b.stride() else "partial"
+    return "partial" if a_begin < b_end and b_begin < a_end else "no"
+
+
+def _check_no_overlap(read: dict[str, Tensor | None], prev: Tensor, x0: Tensor) -> None:
+    """``check_no_overlap`` of sampler_step_checks.h: the outputs share memory with no input the
+    kernels read and with each other, except prev being exactly the sample (an in-place step)."""
+    for out_name, out in (("out (prev)", prev), ("x0_out (x0)", x0)):
+        for name, t in read.items():
+            if t is None:
+                continue
+            st = _overlap(out, t)
+            in_place = out is prev and name == "sample" and st == "full"
+            torch._check(
+                st == "no" or in_place,
+                lambda out_name=out_name, name=name: (
+                    f"{_OPNAME}: {out_name} and {name} share "
+                    "memory; an output may share memory with no input and no other output, except "
+                    "out = sample exactly (an in-place step)"
+                ),
+            )
+    torch._check(
+        _overlap(prev, x0) == "no",
+        lambda: (
+            f"{_OPNAME}: out (prev) and x0_out (x0) share memory; they must be separate tensors"
+        ),
+    )
 
 
 @torch.library.register_fake("genext::sampler_step")
@@ -152,7 +317,9 @@ def _fake(
     guidance,
     guidance_scale,
 ):
-    torch._check(len(coef) == NUM_COEF, lambda: f"sampler_step: coef must hold {NUM_COEF} values")
+    _check(
+        kind, sample, model_output, history, noise, threshold_scale, coef, prediction_type, guidance
+    )
     return sample.new_empty(sample.shape), sample.new_empty(sample.shape)
 
 
@@ -172,5 +339,26 @@ def _fake_out(
     prev,
     x0,
 ):
-    torch._check(len(coef) == NUM_COEF, lambda: f"sampler_step: coef must hold {NUM_COEF} values")
+    read = _check(
+        kind, sample, model_output, history, noise, threshold_scale, coef, prediction_type, guidance
+    )
+    _check_out("prev", prev, sample)
+    _check_out("x0", x0, sample)
+    _check_no_overlap(read, prev, x0)
     return None
+
+
+def _no_backward(ctx, *grads):
+    raise NotImplementedError(
+        f"{_OPNAME}: not differentiable (an inference-only sampler step); call it under "
+        "torch.no_grad() or detach its inputs"
+    )
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+# Without an autograd formula the raw op's outputs would require grad and silently give no
+# gradient; this makes a backward through it a clear error instead.
+torch.library.register_autograd("genext::sampler_step", _no_backward, setup_context=_no_context)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import sym_eq
 
-from ._common import acc_dtype, declare_kernels, forbid_double_backward
+from ._common import acc_dtype, check_same_device, declare_kernels, forbid_double_backward
 
 __all__ = ["group_norm_silu"]
 
@@ -34,18 +37,26 @@ def group_norm_silu(
         num_groups: G, dividing C. Statistics are taken over each sample's C/G channels and all
             spatial positions, in float32 (float64 for float64 input), biased variance.
         weight, bias: ``(C,)`` affine parameters, both or neither; float32 or x's dtype.
-        eps: added to the variance.
+        eps: added to the variance; non-negative (ValueError otherwise, NaN included).
         activation: ``"silu"`` (``z * sigmoid(z)``) or ``None`` for plain GroupNorm.
 
     Returns:
-        y with x's shape, dtype and memory format. Differentiable in x, weight and bias
-        (the backward is the ``genext::group_norm_silu_backward`` op).
+        y with x's shape, dtype and memory format. A NaN or infinite value in x makes its whole
+        group NaN (its mean or variance is NaN), as in the float64 reference; other groups are
+        unaffected. Differentiable in x, weight and bias (the backward is the
+        ``genext::group_norm_silu_backward`` op).
 
     Fast paths: CUDA fp16/bf16/fp32 (one read and one write of x per pass, groups split over the
     whole GPU when N * G is small); CPU float32 (vectorised, parallel over groups).
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"group_norm_silu: activation must be 'silu' or None, got {activation!r}")
+    if not isinstance(num_groups, torch.SymInt):
+        if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__"):
+            raise TypeError(
+                f"group_norm_silu: num_groups must be an int, got {type(num_groups).__name__}"
+            )
+        num_groups = operator.index(num_groups)  # numpy integers too
     y, _, _ = torch.ops.genext.group_norm_silu(
         x, num_groups, weight, bias, float(eps), _ACTIVATIONS[activation]
     )
@@ -66,17 +77,108 @@ def _kernel_layout_empty(x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@torch.library.register_fake("genext::group_norm_silu")
-def _fake(x, num_groups, weight, bias, eps, silu):
-    torch._check(
-        x.dim() in (3, 4, 5), lambda: f"group_norm_silu: x must have rank 3 to 5, got {x.dim()}"
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(op: str, x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> None:
+    """``check_input`` of csrc/group_norm_silu/group_norm_silu_checks.h, in its order, with its
+    exception types and messages; float64 is served everywhere but on CUDA, as the bindings do."""
+    allow_double = x.device.type != "cuda"
+    dtypes = _FLOATS + ((torch.float64,) if allow_double else ())
+    names = (
+        "float32, float64, float16 or bfloat16" if allow_double else "float32, float16 or bfloat16"
     )
-    torch._check(
-        num_groups > 0 and x.shape[1] % num_groups == 0,
+    torch._check_type(
+        x.dtype in dtypes,
+        lambda: f"{op}: x must be {names} on {x.device.type}, got {x.dtype}",
+    )
+    torch._check_value(
+        3 <= x.dim() <= 5,
         lambda: (
-            f"group_norm_silu: channels ({x.shape[1]}) must be divisible by num_groups ({num_groups})"
+            f"{op}: x must have shape (N, C, *) with 1 to 3 spatial dims (rank 3 to 5), got "
+            f"rank {x.dim()} {tuple(x.shape)}"
         ),
     )
+    torch._check_value(
+        num_groups > 0, lambda: f"{op}: num_groups must be positive, got {num_groups}"
+    )
+    c = x.shape[1]
+    torch._check_value(
+        c % num_groups == 0,
+        lambda: f"{op}: channels ({c}) must be divisible by num_groups ({num_groups})",
+    )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        torch._check_value(
+            t.dim() == 1 and t.shape[0] == c,
+            lambda name=name, t=t: (
+                f"{op}: {name} must have shape (C,) = ({c},), got {tuple(t.shape)}"
+            ),
+        )
+        check_same_device(op, "x", {"x": x, name: t})
+        torch._check_type(
+            t.dtype == x.dtype or t.dtype == torch.float32,
+            lambda name=name, t=t: (
+                f"{op}: {name} must be float32 or x's dtype ({x.dtype}), got {t.dtype}"
+            ),
+        )
+    torch._check_value(
+        (weight is None) == (bias is None),
+        lambda: f"{op}: weight and bias must be given together (affine) or both be None",
+    )
+
+
+def _check_eps(op: str, eps: float) -> None:
+    """``check_eps`` of group_norm_silu_checks.h."""
+    torch._check_value(eps >= 0, lambda: f"{op}: eps must be non-negative, got {eps}")
+
+
+def _check_backward(
+    op: str,
+    grad_y: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_groups: int,
+) -> None:
+    """The backward bindings' checks: ``check_input``, ``check_like_x`` for grad_y,
+    ``check_stats``, and on CUDA float32 statistics."""
+    _check(op, x, num_groups, weight, bias)
+    torch._check_value(
+        sym_eq(tuple(grad_y.shape), tuple(x.shape)),
+        lambda: f"{op}: grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}",
+    )
+    torch._check_type(
+        grad_y.dtype == x.dtype,
+        lambda: f"{op}: grad_y must have x's dtype {x.dtype}, got {grad_y.dtype}",
+    )
+    check_same_device(op, "x", {"x": x, "grad_y": grad_y})
+    groups = x.shape[0] * num_groups
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        torch._check_value(
+            t.numel() == groups,
+            lambda name=name, t=t: (
+                f"{op}: {name} must hold N*num_groups = {groups} values, got shape {tuple(t.shape)}"
+            ),
+        )
+        check_same_device(op, "x", {"x": x, name: t})
+    if x.device.type == "cuda":
+        torch._check_type(
+            mean.dtype == torch.float32 and rstd.dtype == torch.float32,
+            lambda: (
+                f"{op}: mean and rstd must be float32 (as group_norm_silu returns them for "
+                f"this x), got {mean.dtype} and {rstd.dtype}"
+            ),
+        )
+
+
+@torch.library.register_fake("genext::group_norm_silu")
+def _fake(x, num_groups, weight, bias, eps, silu):
+    _check("group_norm_silu", x, num_groups, weight, bias)
+    _check_eps("group_norm_silu", eps)
     n = x.shape[0]
     y = _kernel_layout_empty(x)
     stats = x.new_empty((n, num_groups), dtype=acc_dtype(x))
@@ -85,6 +187,7 @@ def _fake(x, num_groups, weight, bias, eps, silu):
 
 @torch.library.register_fake("genext::group_norm_silu_backward")
 def _fake_backward(grad_y, x, mean, rstd, weight, bias, num_groups, silu):
+    _check_backward("group_norm_silu_backward", grad_y, x, mean, rstd, weight, bias, num_groups)
     dx = _kernel_layout_empty(x)
     if weight is None:
         none = x.new_empty((0,))

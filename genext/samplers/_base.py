@@ -118,5 +118,27 @@ class SchedulerBase:
             self._step_index = self._begin_index
 
 
+# the dtypes the fused step op serves (it computes in float32 for all of them)
+STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(where: str, name: str, value: Any, step: bool = True) -> None:
+    """Raise TypeError naming ``where`` (e.g. "DDIMScheduler.step") and the argument unless
+    ``value`` is a tensor of a dtype the fused step serves (``step``) or of any floating dtype.
+    Integer tensors would otherwise fail deep inside torch (noise drawing) or, in the
+    forward-process helpers, give silently truncated results."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if step and value.dtype not in STEP_DTYPES:
+        raise TypeError(
+            f"{where}: {name} must be float32, float16 or bfloat16 (the dtypes of the fused step), "
+            f"got {value.dtype}"
+        )
+    if not value.is_floating_point():
+        raise TypeError(f"{where}: {name} must be a floating-point tensor, got {value.dtype}")
+    if step and value.dim() == 0:
+        raise ValueError(f"{where}: {name} must have a batch dim, got a 0-dim tensor")
+
+
 def as_float_tensor(values: Any) -> Tensor:
     return torch.as_tensor(values, dtype=torch.float32)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..ops._sampler_step import PredictionType, StepKind, sampler_step
-from ._base import SchedulerBase, SchedulerOutput
+from ._base import SchedulerBase, SchedulerOutput, check_tensor
 from ._schedule import (
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
@@ -105,9 +105,13 @@ class DiscreteScheduler(SchedulerBase):
 
     # ---- pieces of a step ------------------------------------------------------------------------
 
-    def _check_guidance(
+    def _check_step_inputs(
         self, model_output: Tensor, sample: Tensor, guidance_scale: float | None
     ) -> None:
+        """The step's input checks: tensors of the fused step's dtypes, and the [uncond, cond]
+        batch with guidance."""
+        check_tensor(f"{self._name}.step", "model_output", model_output)
+        check_tensor(f"{self._name}.step", "sample", sample)
         if guidance_scale is not None and model_output.shape[0] != 2 * sample.shape[0]:
             raise ValueError(
                 f"{self._name}.step: with guidance_scale, model_output must stack "
@@ -205,11 +209,15 @@ class DiscreteScheduler(SchedulerBase):
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """Forward diffusion q(x_t | x_0): sqrt(acp[t]) * x0 + sqrt(1 - acp[t]) * noise, with acp in
         the samples' dtype and one timestep per batch row (or one for all), as diffusers."""
+        check_tensor(f"{self._name}.add_noise", "original_samples", original_samples, step=False)
+        check_tensor(f"{self._name}.add_noise", "noise", noise, step=False)
         sa, sb = self._sqrt_alphas(original_samples, timesteps)
         return sa * original_samples + sb * noise
 
     def get_velocity(self, sample: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The v-prediction target sqrt(acp[t]) * noise - sqrt(1 - acp[t]) * sample."""
+        check_tensor(f"{self._name}.get_velocity", "sample", sample, step=False)
+        check_tensor(f"{self._name}.get_velocity", "noise", noise, step=False)
         sa, sb = self._sqrt_alphas(sample, timesteps)
         return sa * noise - sb * sample
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..ops._sampler_step import NUM_COEF, StepKind
+from ._base import check_tensor
 from ._discrete import DiscreteScheduler, Generator
 from ._schedule import spaced_timesteps
 
@@ -124,7 +125,7 @@ class DDIMScheduler(DiscreteScheduler):
         Returns SchedulerOutput(prev_sample, pred_original_sample) or that tuple."""
         if self.num_inference_steps is None:
             raise ValueError("DDIMScheduler.step: call set_timesteps before step")
-        self._check_guidance(model_output, sample, guidance_scale)
+        self._check_step_inputs(model_output, sample, guidance_scale)
         t = self._host_timestep(timestep)
         coef, _ = self._coefficients(t, eta, use_clipped_model_output)
         noise = None
@@ -133,6 +134,8 @@ class DDIMScheduler(DiscreteScheduler):
                 raise ValueError(
                     "DDIMScheduler.step: pass either generator or variance_noise, not both"
                 )
+            if variance_noise is not None:
+                check_tensor("DDIMScheduler.step", "variance_noise", variance_noise)
             noise = (
                 variance_noise
                 if variance_noise is not None

@@ -178,7 +178,7 @@ class DDPMScheduler(DiscreteScheduler):
         variance, or the two stacked as [uncond, cond] along dim 0 with guidance_scale (the
         guidance combines the C prediction channels; a learned variance is the cond half's).
         Returns SchedulerOutput(prev_sample, pred_original_sample) or that tuple."""
-        self._check_guidance(model_output, sample, guidance_scale)
+        self._check_step_inputs(model_output, sample, guidance_scale)
         t = self._host_timestep(timestep)
         prev_t = self._prev_at(t, self._step_index)
         predicted_variance = None

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..ops._sampler_step import PredictionType, StepKind, sampler_step
-from ._base import SchedulerBase, SchedulerOutput
+from ._base import SchedulerBase, SchedulerOutput, check_tensor
 from ._schedule import (
     check_choice,
     make_alphas_cumprod,
@@ -203,6 +203,11 @@ class DPMSolverMultistepScheduler(SchedulerBase):
             self.config["flow_shift"] = np.exp(mu)
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError(f"{_OWNER}: pass exactly one of num_inference_steps and timesteps")
+        steps = num_inference_steps if timesteps is None else len(timesteps)
+        if steps < 1:
+            raise ValueError(
+                f"{_OWNER}.set_timesteps: num_inference_steps must be at least 1, got {steps}"
+            )
         if timesteps is not None:
             for flag in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas"):
                 if cfg[flag]:
@@ -441,6 +446,10 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         has no pred_original_sample), or `(prev_sample,)` with return_dict=False."""
         if self.num_inference_steps is None:
             raise ValueError(f"{_OWNER}.step: call set_timesteps before stepping")
+        check_tensor(f"{_OWNER}.step", "model_output", model_output)
+        check_tensor(f"{_OWNER}.step", "sample", sample)
+        if variance_noise is not None:
+            check_tensor(f"{_OWNER}.step", "variance_noise", variance_noise, step=False)
         if self._step_index is None:
             self._init_step_index(timestep)
         cfg = self.config
@@ -561,6 +570,8 @@ class DPMSolverMultistepScheduler(SchedulerBase):
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """alpha_t * x + sigma_t * noise at each row's timestep (looked up like diffusers: by
         value, or the step/begin index once a pipeline set one)."""
+        check_tensor(f"{_OWNER}.add_noise", "original_samples", original_samples, step=False)
+        check_tensor(f"{_OWNER}.add_noise", "noise", noise, step=False)
         sigma = self._row_sigmas(timesteps, original_samples)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * original_samples + sigma_t * noise

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..ops._sampler_step import StepKind, sampler_step
-from ._base import SchedulerBase, SchedulerOutput
+from ._base import SchedulerBase, SchedulerOutput, check_tensor
 from ._schedule import randn_like_diffusers
 
 _OWNER = "FlowMatchEulerDiscreteScheduler"
@@ -161,6 +161,11 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
             raise ValueError(f"{_OWNER}: pass num_inference_steps, sigmas or timesteps")
         else:
             num_inference_steps = len(sigmas) if sigmas is not None else len(timesteps)
+        if num_inference_steps < 1:
+            raise ValueError(
+                f"{_OWNER}.set_timesteps: num_inference_steps must be at least 1, got "
+                f"{num_inference_steps}"
+            )
         self.num_inference_steps = num_inference_steps
 
         given_timesteps = timesteps is not None
@@ -276,6 +281,13 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
                 f"{_OWNER}.step: pass a value of scheduler.timesteps as timestep, "
                 "not an integer index (e.g. from enumerate(timesteps))"
             )
+        where = f"{_OWNER}.step"
+        # the per-token fallback computes in float32 from any floating dtype; the fused step
+        # serves float32, float16 and bfloat16
+        check_tensor(where, "model_output", model_output, step=per_token_timesteps is None)
+        check_tensor(where, "sample", sample, step=per_token_timesteps is None)
+        if variance_noise is not None:
+            check_tensor(where, "variance_noise", variance_noise, step=False)
         if self._step_index is None:
             self._init_step_index(timestep)
         if per_token_timesteps is not None:
@@ -378,6 +390,8 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         """The forward process at `timestep` (one per batch row): sigma * noise + (1 - sigma) *
         sample, with sigma looked up like diffusers (by timestep value, or the begin/step index
         once a pipeline set one)."""
+        check_tensor(f"{_OWNER}.scale_noise", "sample", sample, step=False)
+        check_tensor(f"{_OWNER}.scale_noise", "noise", noise, step=False)
         sigma = self._row_sigmas(timestep, sample)
         return sigma * noise + (1.0 - sigma) * sample
 

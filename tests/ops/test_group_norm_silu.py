@@ -436,3 +436,182 @@ def test_double_backward_is_a_clear_error():
     (g,) = torch.autograd.grad(group_norm_silu(x, 4).sum(), x, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         g.sum().backward()
+
+
+# ---- hostile inputs, meta tensors and the fake kernels ---------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_nonfinite_input_gives_nan_where_the_reference_does(device, bad, channels_last):
+    # one non-finite value poisons its own group (NaN mean or variance) and no other group
+    for dtype in dtypes_for(device):
+        x = make_input((2, 8, 5, 6), dtype, device, channels_last)
+        x[0, 2, 3, 4] = bad  # group 1 of sample 0 (channels 2, 3)
+        w, b = make_affine(8, torch.float32, device)
+        poison_allocator(x)
+        y = group_norm_silu(x, 4, w, b)
+        ref = reference.group_norm_silu(x.double(), 4, w.double(), b.double())
+        assert torch.isnan(ref[0, 2:4]).all() and torch.isfinite(ref[:, 4:]).all()
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+        assert torch.equal(torch.isinf(y), torch.isinf(ref))
+        finite = torch.isfinite(ref)
+        tol = FP32_TOL if dtype in (torch.float32, torch.float64) else 2e-2
+        assert rel_err(y[finite], ref[finite]) < tol
+
+
+def test_negative_or_nan_eps_raises(device):
+    # the CUDA binding took any eps: a negative one gave NaN for groups of small variance
+    x = make_input((2, 8, 4, 4), torch.float32, device)
+    for eps in (-1e-3, float("nan")):
+        for dev in (device, "meta"):
+            with pytest.raises(ValueError, match="group_norm_silu: eps must be non-negative"):
+                group_norm_silu(x.to(dev), 4, eps=eps)
+
+
+def test_num_groups_must_be_an_int():
+    x = make_input((2, 8, 4, 4), torch.float32, "cpu")
+    with pytest.raises(TypeError, match="group_norm_silu: num_groups must be an int, got float"):
+        group_norm_silu(x, 4.0)
+    with pytest.raises(TypeError, match="group_norm_silu: num_groups must be an int, got bool"):
+        group_norm_silu(x, True)
+
+
+@pytest.mark.parametrize(
+    "groups,exc,pattern",
+    [
+        (0, ValueError, "GroupNormSiLU: num_groups must be positive"),
+        (-2, ValueError, "GroupNormSiLU: num_groups must be positive"),
+        (4, ValueError, "divisible"),
+        (2.0, TypeError, "GroupNormSiLU: num_groups must be an int"),
+    ],
+)
+def test_module_rejects_bad_groups_at_construction(groups, exc, pattern):
+    # nn.GroupNorm divided by zero for 0 groups and accepted -2 (failing at the first forward)
+    with pytest.raises(exc, match=pattern):
+        GroupNormSiLU(groups, 6)
+
+
+def test_module_rejects_negative_eps_at_construction():
+    with pytest.raises(ValueError, match="GroupNormSiLU: eps must be non-negative"):
+        GroupNormSiLU(2, 8, eps=-1e-5)
+
+
+def test_expanded_and_one_sized_inputs(device):
+    # stride-0 (expanded) x and weight, and groups of one value (S = 1, C/G = 1)
+    x = make_input((1, 8, 1, 5), torch.float32, device).expand(3, 8, 4, 5)
+    w = make_affine(1, torch.float32, device)[0].expand(8)
+    b = make_affine(8, torch.float32, device)[1]
+    want = reference.group_norm_silu(x.double(), 4, w.double(), b.double())
+    assert rel_err(group_norm_silu(x, 4, w, b), want) < FP32_TOL
+    x1 = make_input((2, 8, 1), torch.float32, device)
+    want = reference.group_norm_silu(x1.double(), 8, eps=1e-3)
+    assert rel_err(group_norm_silu(x1, 8, eps=1e-3), want) < FP32_TOL
+
+
+def _gn_args(device, dtype=torch.float32):
+    x = make_input((2, 8, 4, 4), dtype, device)
+    w, b = make_affine(8, dtype, device)
+    with torch.no_grad():
+        _, mean, rstd = torch.ops.genext.group_norm_silu(x, 4, w, b, 1e-5, True)
+    return dict(grad_y=torch.randn_like(x), x=x, mean=mean, rstd=rstd, weight=w, bias=b)
+
+
+@pytest.mark.parametrize("arg", ["x", "weight", "bias"])
+def test_meta_argument_beside_cpu_raises_forward(arg):
+    # the dispatcher sends a call with any meta tensor to the fake kernel, which returned
+    # uninitialised outputs without checking devices
+    a = _gn_args("cpu")
+    a[arg] = a[arg].to("meta")
+    other = "weight" if arg == "x" else arg
+    want = f"{other} is on {'cpu' if arg == 'x' else 'meta'} but x is on {a['x'].device}"
+    with pytest.raises(RuntimeError, match=f"group_norm_silu: {want}"):
+        torch.ops.genext.group_norm_silu(a["x"], 4, a["weight"], a["bias"], 1e-5, True)
+
+
+@pytest.mark.parametrize("arg", ["grad_y", "x", "mean", "rstd", "weight", "bias"])
+def test_meta_argument_beside_cpu_raises_backward(arg):
+    a = _gn_args("cpu")
+    a[arg] = a[arg].to("meta")
+    with pytest.raises(RuntimeError, match="group_norm_silu_backward: .* is on .* but x is on"):
+        torch.ops.genext.group_norm_silu_backward(*a.values(), 4, True)
+
+
+def test_meta_through_autograd_raises():
+    # a meta weight beside a CPU x in a training step: forward must raise, not return garbage
+    x = make_input((2, 8, 4, 4), torch.float32, "cpu").requires_grad_()
+    w = torch.ones(8, device="meta", requires_grad=True)
+    with pytest.raises(RuntimeError, match="group_norm_silu: weight is on meta but x is on cpu"):
+        group_norm_silu(x, 4, w, torch.zeros(8, device="meta"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_all_meta_works(channels_last):
+    a = _gn_args("cpu")
+    if channels_last:
+        a["x"] = a["x"].to(memory_format=torch.channels_last)
+        a["grad_y"] = a["grad_y"].to(memory_format=torch.channels_last)
+    m = {k: v.to("meta") for k, v in a.items()}
+    y, mean, rstd = torch.ops.genext.group_norm_silu(m["x"], 4, m["weight"], m["bias"], 1e-5, True)
+    y_cpu = torch.ops.genext.group_norm_silu(a["x"], 4, a["weight"], a["bias"], 1e-5, True)[0]
+    assert y.device.type == "meta" and y.shape == y_cpu.shape and y.stride() == y_cpu.stride()
+    assert mean.shape == (2, 4) and rstd.dtype == torch.float32
+    dx, dw, db = torch.ops.genext.group_norm_silu_backward(*m.values(), 4, True)
+    assert dx.shape == a["x"].shape and dw.shape == (8,) and db.shape == (8,)
+
+
+def _gn_bad_calls(device):
+    """(callable, exception type, message pattern) for each check of the bindings."""
+    a = _gn_args(device)
+    x, w, b, mean, rstd, gy = a["x"], a["weight"], a["bias"], a["mean"], a["rstd"], a["grad_y"]
+    F_ = torch.ops.genext.group_norm_silu
+    B_ = torch.ops.genext.group_norm_silu_backward
+
+    def fwd(x=x, g=4, w=w, b=b, eps=1e-5):
+        return lambda: F_(x, g, w, b, eps, True)
+
+    def bwd(gy=gy, x=x, mean=mean, rstd=rstd, w=w, b=b, g=4):
+        return lambda: B_(gy, x, mean, rstd, w, b, g, True)
+
+    op, bop = "group_norm_silu", "group_norm_silu_backward"
+    return [
+        (fwd(x=x.long()), TypeError, f"{op}: x must be float32"),
+        (fwd(x=x[:, :, 0, 0]), ValueError, f"{op}: x must have shape \\(N, C, \\*\\)"),
+        (fwd(g=0), ValueError, f"{op}: num_groups must be positive"),
+        (fwd(g=-4), ValueError, f"{op}: num_groups must be positive"),
+        (fwd(g=3), ValueError, f"{op}: channels \\(8\\) must be divisible by num_groups \\(3\\)"),
+        (fwd(w=w[:4]), ValueError, f"{op}: weight must have shape \\(C,\\)"),
+        (fwd(b=b[None]), ValueError, f"{op}: bias must have shape \\(C,\\)"),
+        (fwd(w=w.int()), TypeError, f"{op}: weight must be float32 or x's dtype"),
+        (fwd(b=None), ValueError, f"{op}: weight and bias must be given together"),
+        (fwd(eps=-1.0), ValueError, f"{op}: eps must be non-negative"),
+        (bwd(gy=gy[:1]), ValueError, f"{bop}: grad_y must have x's shape"),
+        (bwd(gy=gy.half()), TypeError, f"{bop}: grad_y must have x's dtype"),
+        (bwd(mean=mean[:1]), ValueError, f"{bop}: mean must hold N\\*num_groups"),
+        (bwd(rstd=rstd[:, :1]), ValueError, f"{bop}: rstd must hold N\\*num_groups"),
+        (bwd(g=3), ValueError, f"{bop}: channels \\(8\\) must be divisible"),
+        (bwd(w=None), ValueError, f"{bop}: weight and bias must be given together"),
+        (bwd(x=x.int()), TypeError, f"{bop}: x must be float32"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_gn_bad_calls("cpu"))))
+def test_fake_kernel_checks_like_the_bindings(i, device):
+    # the same bad call on the device and on meta raises the same exception type and message
+    # (the fake kernel raised RuntimeError for ValueErrors of the bindings, or nothing)
+    for dev in (device, "meta"):
+        call, exc, pattern = _gn_bad_calls(dev)[i]
+        with pytest.raises(exc, match=pattern):
+            call()
+
+
+def test_compile_dynamic_shapes():
+    # the fake kernels' checks work on symbolic shapes, forward and backward
+    norm = GroupNormSiLU(4, 8)
+    f = torch.compile(lambda t: norm(t), fullgraph=True, dynamic=True)
+    for shape in [(2, 8, 5, 6), (3, 8, 7, 3)]:
+        x = make_input(shape, torch.float32, "cpu").requires_grad_()
+        y = f(x)
+        assert rel_err(y, reference.group_norm_silu(x.double(), 4, norm.weight, norm.bias)) < 1e-5
+        y.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
