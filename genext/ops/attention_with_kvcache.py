@@ -182,6 +182,7 @@ def attention_with_kvcache(
         check_values
         and not _must_not_sync(q)
         and cache_seqlens.device == q.device
+        and (block_table is None or block_table.device == q.device)  # else the op's device error
         and q.device.type != "meta"  # no values to read: the fake kernel checks shapes only
     ):
         if block_table is not None:

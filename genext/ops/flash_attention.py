@@ -195,6 +195,7 @@ def flash_attention_varlen(
             )
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         _check_max_seqlen(name, n)
+    check_same_device("flash_attention_varlen", "q", {"q": q, "k": k, "v": v})
     _check_cu_format("cu_seqlens_q", cu_seqlens_q, q)
     _check_cu_format("cu_seqlens_k", cu_seqlens_k, q)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():

@@ -27,8 +27,8 @@ def attention_reference(
     seqused_k is None) and, when causal, ``j <= i + off`` with ``off = len_k - Lq`` for
     ``bottom_right`` (flash-attn's convention) or 0 (PyTorch's ``is_causal``). A query that sees
     no key gets out = 0 and lse = -inf (PyTorch's SDPA would give NaN there); NaN scores give NaN
-    rows (masked keys do not count, as in the kernels). The (Lq, Lk) score
-    matrix is materialised: this is for tests and small benchmarks.
+    rows (masked keys do not count, as in the kernels), and so does an infinite or NaN scale. The
+    (Lq, Lk) score matrix is materialised: this is for tests and small benchmarks.
     """
     b, hq, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -48,6 +48,8 @@ def attention_reference(
         off = lens - lq if bottom_right else torch.zeros_like(lens)
         visible = visible & (j.view(1, 1, lk) <= i.view(1, lq, 1) + off.view(b, 1, 1))
     visible = visible.unsqueeze(1)  # (B, 1, Lq, Lk)
+    if not math.isfinite(scale):  # an infinite or NaN scale: NaN for every row that sees a key
+        s = torch.full_like(s, float("nan"))
     s = s.masked_fill(~visible, float("-inf"))
     # shift by the row maximum (detached: the result does not depend on it), 0 for empty rows; a
     # NaN or +inf maximum stays, so that NaN reaches every weight of the row, as in PyTorch's SDPA
