@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU queue in one device call (about 3 minutes on an H200, 16 cores): build with CUDA, then
 # each op's CUDA tests in its own pytest process (a crash loses one group, not the run), the
-# error-path CUDA tests apart, compute-sanitizer memcheck on the smoke cases, and a quick bench.
+# error-path CUDA tests apart, compute-sanitizer memcheck on the smoke cases, the fuzz suite on
+# CUDA tensors, and a quick bench.
 # Every step is capped so that its log comes back before the call's limit (GENEXT_DEADLINE s).
 #
 # Logs (at most 8 files) go to $GENEXT_OUT, else $OUT, else ./gpu-queue-out. Peers the tests
@@ -44,5 +45,9 @@ run t_contrastive.log 80 $PT -k "$NOERR" tests/ops/test_contrastive.py tests/los
 run t_gn_fa.log 150 $PT -k "$NOERR" tests/ops/test_group_norm_silu.py tests/ops/test_flash_attention.py tests/nn/test_sdpa_drop_in.py tests/test_package.py
 run t_errors.log 60 $PT -k "bad or error or raise or mismatch or head_dim_limit" tests
 run extra.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/cuda_smoke.py
+# every op's fuzz cases with CUDA tensors against the float64 reference (valid cases only while
+# a C++ ValueError kills the process there)
+run extra.log 150 env GENEXT_FUZZ_DEVICE=cuda GENEXT_FUZZ_VALID_ONLY=1 \
+  python3 -m pytest -q -p no:cacheprovider -rfE tests/fuzz
 run extra.log 120 python3 -W ignore -m genext bench --quick --no-compile
 for f in "$O"/t_*.log; do echo "$f: $(grep -E 'passed|failed' "$f" | tail -1) $(tail -1 "$f")"; done

@@ -99,8 +99,12 @@ def scaled_dot_product_attention(
     dims) goes to PyTorch with no error; the choice is made from shapes, dtypes and flags before
     autograd records anything.
 
-    One difference: a batch entry whose mask hides every key gets a zero output (and zero
-    gradients) from genext, where PyTorch returns NaN.
+    A batch entry whose mask hides every key gets a zero output and zero gradients (as PyTorch's
+    SDPA gives on torch 2.14, CPU). NaN: a NaN or inf in query or key, or a non-finite scale,
+    gives NaN rows wherever a query sees the affected key, as PyTorch's math backend does; two
+    differences: a NaN at a key hidden by the mask or by ``is_causal`` reaches no row (PyTorch's
+    math backend gives NaN rows there), and a row whose only visible score is NaN is NaN (PyTorch's
+    default CPU kernel gives zeros there).
     """
     if _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, attn_mask is not None):
         lengths = None

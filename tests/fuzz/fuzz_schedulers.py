@@ -14,8 +14,10 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from fuzz_harness import ACCEPTED, record
+from fuzz_harness import ACCEPTED, DEVICE, record
 
+if DEVICE != "cpu":  # tests/samplers/test_cuda_trajectories.py covers CUDA
+    pytest.skip("the scheduler fuzz runs on the CPU", allow_module_level=True)
 diffusers = pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).parents[1] / "samplers"))
 import genext.samplers as ours  # noqa: E402
