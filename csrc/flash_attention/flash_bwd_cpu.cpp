@@ -134,7 +134,9 @@ void backward_dq(const Problem& p, const std::vector<Seq>& seqs, T scale,
       }
       for (int64_t r = 0; r < nr; ++r) {
         S* o = dq + ((sq.b * rows_q + row0 + r) * Hq + h) * D;
-        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<S>(dQ.p[r * Dp + c] * scale);
+        // a row that sees no key (lse -inf) has a zero gradient, whatever the scale (NaN too)
+        const T f = L.p[r] == -std::numeric_limits<T>::infinity() ? T(0) : scale;
+        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<S>(dQ.p[r * Dp + c] * f);
       }
     }
   });

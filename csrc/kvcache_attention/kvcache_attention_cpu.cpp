@@ -319,9 +319,9 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, lens[b] + added);
   const int64_t units = B * Hk, threads = at::get_num_threads();
   int64_t nsplit = 1;
+  // at most one split per kMinSplit keys (and never fewer than one: max_len may be short)
   if (units < threads)
-    nsplit = std::clamp<int64_t>(ceil_div(threads, units), 1, max_len / kMinSplit);
-  nsplit = std::max<int64_t>(nsplit, 1);
+    nsplit = std::min<int64_t>(ceil_div(threads, units), std::max<int64_t>(1, max_len / kMinSplit));
   const int64_t split_len = nsplit > 1 ? round_up(ceil_div(max_len, nsplit), kTile) : max_len;
   nsplit = nsplit > 1 ? ceil_div(max_len, split_len) : 1;
   // Partial results of the splits: O (unnormalised) [task][nrows][Dp], m and l [task][nrows].

@@ -35,8 +35,9 @@ GENEXT_HD float add(float a, float b) { return a + b; }
 GENEXT_HD float sub(float a, float b) { return a - b; }
 GENEXT_HD float divide(float a, float b) { return a / b; }
 #endif
-// torch.clamp(v, lo, hi) = min(max(v, lo), hi)
+// torch.clamp(v, lo, hi) = min(max(v, lo), hi), NaN when v or a bound is NaN (as torch.clamp)
 GENEXT_HD float clampf(float v, float lo, float hi) {
+  if (lo != lo || hi != hi) return lo + hi;
   const float a = v < lo ? lo : v;
   return a > hi ? hi : a;
 }

@@ -49,7 +49,7 @@ def attention_reference(
         visible = visible & (j.view(1, 1, lk) <= i.view(1, lq, 1) + off.view(b, 1, 1))
     visible = visible.unsqueeze(1)  # (B, 1, Lq, Lk)
     if not math.isfinite(scale):  # an infinite or NaN scale: NaN for every row that sees a key
-        s = torch.full_like(s, float("nan"))
+        s = s + float("nan")  # (an addition keeps the graph: the gradients are NaN too)
     s = s.masked_fill(~visible, float("-inf"))
     # shift by the row maximum (detached: the result does not depend on it), 0 for empty rows; a
     # NaN or +inf maximum stays, so that NaN reaches every weight of the row, as in PyTorch's SDPA

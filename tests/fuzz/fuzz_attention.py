@@ -95,7 +95,7 @@ def _bhld(t, layout):
 def _reference(q, k, v, causal, scale, layout):
     if _bhld(k, layout).shape[2] == 0:  # no key at all: zero output, lse -inf
         b, h, lq, _ = _bhld(q, layout).shape
-        out = _bhld(q, layout).double() * 0  # connected to q, for the gradient test
+        out = _bhld(q, layout).double().nan_to_num(0.0, 0.0, 0.0) * 0  # keeps q's graph
         return _bhld(out, layout), torch.full((b, h, lq), float("-inf"), dtype=torch.float64)
     out, lse = reference.attention_reference(
         _bhld(q, layout).double(),
@@ -272,12 +272,9 @@ def test_sdpa_drop_in(case):
         if k.shape[2] == 0 and q.shape[2] > 0:
             return  # PyTorch's kernels disagree among themselves on zero keys
     else:
-        # PyTorch's math backend: its default CPU kernel turns a row whose only score is NaN
-        # into zeros, the math backend gives NaN
+        # PyTorch's math backend (its default CPU kernel turns a row whose only score is NaN
+        # into zeros, the math backend gives NaN)
         kd, vd = k.double(), v.double()
-        if mask is not None:  # hidden keys never count in genext: make them finite for PyTorch
-            hidden = ~mask.view(mask.shape[0], 1, -1, 1)
-            kd, vd = kd.masked_fill(hidden, 0.0), vd.masked_fill(hidden, 0.0)
         if is_causal:  # a NaN key hidden by the causal mask poisons PyTorch's rows, not genext's
             ref = reference.attention_reference(
                 q.double(),
@@ -287,9 +284,18 @@ def test_sdpa_drop_in(case):
                 scale=scale,
                 bottom_right=False,
             )
-        else:
+        else:  # hidden keys never count in genext: PyTorch sees each entry's visible keys only
+            kw = dict(scale=scale, enable_gqa=gqa)
+            lens = [k.shape[2]] * q.shape[0] if mask is None else mask.view(q.shape[0], -1).sum(1)
             with sdpa_kernel(SDPBackend.MATH):
-                ref = F.scaled_dot_product_attention(q.double(), kd, vd, **kw)
+                ref = torch.cat(
+                    [
+                        F.scaled_dot_product_attention(
+                            q[i : i + 1].double(), kd[i : i + 1, :, :n], vd[i : i + 1, :, :n], **kw
+                        )
+                        for i, n in enumerate(lens)
+                    ]
+                )
         if scale is not None and not math.isfinite(scale):
             ref = torch.full_like(ref, float("nan"))  # genext: NaN for any non-finite scale
     assert_matches(out, ref, q.dtype, desc)

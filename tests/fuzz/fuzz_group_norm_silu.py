@@ -127,7 +127,7 @@ def test_backward(case):
             continue
         assert a is not None, f"{NAME}: no gradient for {name} ({desc})"
         if torch.isfinite(x).all():
-            assert_matches(a, b, x.dtype, f"{NAME} grad {name} {desc}")
+            assert_matches(a, b, a.dtype, f"{NAME} grad {name} {desc}")
 
 
 @given(cases())

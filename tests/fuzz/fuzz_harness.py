@@ -145,8 +145,11 @@ def make(
 
 
 @st.composite
-def non_finite(draw, t: torch.Tensor, p: float = 0.15) -> torch.Tensor:
-    """t, or (with probability p) a copy with a few NaN/inf entries at drawn positions."""
+def non_finite(
+    draw, t: torch.Tensor, p: float = 0.15, values: tuple[float, ...] = NON_FINITE
+) -> torch.Tensor:
+    """t, or (with probability p) a copy with a few NaN/inf entries at drawn positions (drawn
+    from ``values``)."""
     if t.numel() == 0 or not t.dtype.is_floating_point or not draw(st.floats(0, 1)) < p:
         return t
     out = t.clone()
@@ -155,7 +158,7 @@ def non_finite(draw, t: torch.Tensor, p: float = 0.15) -> torch.Tensor:
         out = out.contiguous()
         flat = out.view(-1)
     for _ in range(draw(st.integers(1, 3))):
-        flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from(NON_FINITE))
+        flat[draw(st.integers(0, flat.numel() - 1))] = draw(st.sampled_from(values))
     return out
 
 

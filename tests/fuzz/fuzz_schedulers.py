@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -91,6 +92,19 @@ def flow(draw):
     )
 
 
+def _fails_while_stepping(sched, n, shape, reraise=False) -> bool:
+    sched.set_timesteps(n)
+    x = torch.ones(shape)
+    try:
+        for t in sched.timesteps:
+            x = sched.step(torch.sin(x), t, x).prev_sample
+    except Exception:
+        if reraise:
+            raise
+        return True
+    return False
+
+
 @given(
     st.one_of(ddim(), ddpm(), dpm(), flow()),
     st.integers(1, 40),
@@ -118,6 +132,13 @@ def test_trajectory_matches_diffusers(sched, n, shape, guidance):
         return
     assert ref_error is None, f"{desc}: diffusers rejects ({ref_error!r}) but genext accepts"
     ref = ref_cls(**config)
+    if _fails_while_stepping(ref_cls(**config), n, shape):
+        # diffusers' own schedule breaks (e.g. repeated timesteps that run its step index past
+        # the end); genext, which follows its schedule, must fail loudly too
+        with pytest.raises(ACCEPTED):
+            _fails_while_stepping(mine, n, shape, reraise=True)
+        event("diffusers and genext both fail while stepping")
+        return
     kind = (
         config.get("prediction_type", "epsilon")
         if name != "FlowMatchEulerDiscreteScheduler"
