@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor, nn
 
@@ -32,10 +34,14 @@ class GroupNormSiLU(nn.GroupNorm):
             )
         # checked here, not left to nn.GroupNorm: it divides by zero for 0 groups and accepts a
         # negative count or eps, which would fail only at the first forward
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        try:
+            if isinstance(num_groups, bool):
+                raise TypeError
+            num_groups = operator.index(num_groups)  # ints and numpy integers, as nn.GroupNorm
+        except TypeError:
             raise TypeError(
                 f"GroupNormSiLU: num_groups must be an int, got {type(num_groups).__name__}"
-            )
+            ) from None
         if num_groups < 1:
             raise ValueError(f"GroupNormSiLU: num_groups must be positive, got {num_groups}")
         if not eps >= 0:

@@ -79,8 +79,8 @@ class VectorQuantizer(nn.Module):
     Non-finite input: a row of z with a NaN or inf is quantised by ``vq_nearest``'s rule (index
     0 for a row with NaN; its loss is NaN, as any torch loss of a NaN), but in training it is
     left out of the codebook statistics (counts, sums, ``last_counts``) and of the vectors that
-    restart dead codes, and counted in ``nonfinite_rows``: one bad row cannot corrupt the
-    codebook. Nothing is raised, to keep the forward free of host synchronisation; check
+    restart dead codes (without EMA, out of the codebook loss's gradient), and counted in
+    ``nonfinite_rows``: one bad row cannot corrupt the codebook. Nothing is raised, to keep the forward free of host synchronisation; check
     ``nonfinite_rows`` (or the loss) to notice them. Constructor arguments are validated: ``dim``
     and ``codebook_size`` positive ints, ``decay`` in [0, 1], ``epsilon`` finite and > 0,
     ``commitment_weight``, ``dead_code_threshold`` and ``reset_cluster_size`` finite and >= 0,
@@ -192,7 +192,9 @@ class VectorQuantizer(nn.Module):
             if self.commitment_weight != 0:
                 loss = loss + self.commitment_weight * F.mse_loss(flat, q.detach())
             if not self.use_ema:
-                loss = loss + F.mse_loss(q, flat.detach())
+                # a non-finite row pulls no code: its target is the code itself (zero gradient)
+                ok = torch.isfinite(flat).all(dim=-1, keepdim=True)
+                loss = loss + F.mse_loss(q, torch.where(ok, flat, q).detach())
 
         if self.training:
             self._update(indices, flat.detach())

@@ -9,6 +9,8 @@ the last so that ``torch.autograd.gradcheck`` can run.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -115,7 +117,9 @@ def _check_cu_format(name: str, cu: Tensor, q: Tensor) -> None:
             f"flash_attention_varlen: {name} must be a 1-D int32 tensor (num_sequences + 1,), got {got}"
         )
     if cu.device != q.device:
-        raise ValueError(f"flash_attention_varlen: {name} is on {cu.device} but q is on {q.device}")
+        raise RuntimeError(
+            f"flash_attention_varlen: {name} is on {cu.device} but q is on {q.device}"
+        )
 
 
 _INT32_MAX = 2**31 - 1
@@ -126,8 +130,14 @@ def _check_max_seqlen(name: str, n) -> None:
     tracing; the kernels check it again)."""
     if isinstance(n, torch.SymInt):
         return
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"flash_attention_varlen: {name} must be an int, got {type(n).__name__}")
+    try:
+        if isinstance(n, bool):
+            raise TypeError
+        n = operator.index(n)  # ints, numpy integers, 0-dim integer tensors
+    except TypeError:
+        raise TypeError(
+            f"flash_attention_varlen: {name} must be an int, got {type(n).__name__}"
+        ) from None
     if not 0 <= n <= _INT32_MAX:
         raise ValueError(
             f"flash_attention_varlen: {name} must be in [0, 2**31 - 1] (lengths are int32), got {n}"

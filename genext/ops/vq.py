@@ -137,7 +137,12 @@ def vq_ema_update(
     sort-based reduction instead of atomics; the CPU is always deterministic). Rows of z are
     summed as they are: a NaN or inf in a row reaches its code's sum (genext.nn.VectorQuantizer
     leaves such rows out of its statistics)."""
-    num_codes = operator.index(num_codes)
+    try:
+        num_codes = operator.index(num_codes)
+    except TypeError:
+        raise TypeError(
+            f"vq_ema_update: num_codes must be an int, got {type(num_codes).__name__}"
+        ) from None
     lead, n, d = _lead_rows("vq_ema_update", z)
     if indices.shape != lead:
         raise ValueError(

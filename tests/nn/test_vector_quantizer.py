@@ -579,6 +579,24 @@ def test_constructor_validates_arguments(kwargs, exc, match):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nonfinite_rows_give_a_learned_codebook_no_gradient(device, metric):
+    # without EMA the codebook learns from its loss: a NaN or inf row must not reach its gradient
+    # (the next optimiser step would write NaN into the code), and the finite rows' gradient is
+    # the one they give alone
+    vq = VectorQuantizer(6, 9, metric=metric, use_ema=False, commitment_weight=0.0).to(device)
+    z = torch.randn(40, 6, device=device)
+    vq(z[:38])[2].backward()
+    alone = vq.embed.grad.clone()
+    vq.embed.grad = None
+    bad = z.clone()
+    bad[38, 1], bad[39, 0] = float("nan"), float("inf")
+    loss = vq(bad)[2]
+    loss.backward()
+    assert torch.isfinite(vq.embed.grad).all()
+    torch.testing.assert_close(vq.embed.grad * 40 / 38, alone, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_nonfinite_rows_left_out_of_ema(device, metric):
     # one NaN and one inf row in a training batch: the codebook update is that of the finite
     # rows alone, and the module counts the two rows it left out

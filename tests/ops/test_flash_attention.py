@@ -707,6 +707,27 @@ def test_max_seqlen_out_of_range_is_a_clear_error(which, bad):
         flash_attention_varlen(q, q, q, cu, cu, **kw)
 
 
+def test_max_seqlen_takes_integers_of_any_kind():
+    # numpy integers and 0-dim integer tensors are ints (operator.index), as before the range check
+    np = pytest.importorskip("numpy")
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    want = flash_attention_varlen(q, q, q, cu, cu, 6, 6)
+    for n in (np.int64(6), np.int32(6), torch.tensor(6)):
+        torch.testing.assert_close(flash_attention_varlen(q, q, q, cu, cu, n, n), want)
+    for bad in (6.0, True, "6"):
+        with pytest.raises(TypeError, match="flash_attention_varlen: max_seqlen_q must be an int"):
+            flash_attention_varlen(q, q, q, cu, cu, bad, 6)
+
+
+def test_cu_seqlens_on_another_device_is_a_runtime_error():
+    # a device mismatch is a RuntimeError everywhere (the C++ checks, the fake kernels)
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="flash_attention_varlen: cu_seqlens_k is on meta"):
+        flash_attention_varlen(q, q, q, cu, cu.to("meta"), 6, 6)
+
+
 def test_scale_errors_name_the_op():
     q, k, v = make_qkv(1, 2, 2, 3, 3, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="flash_attention: scale .* out of the range of a float"):

@@ -492,6 +492,13 @@ def test_module_rejects_bad_groups_at_construction(groups, exc, pattern):
         GroupNormSiLU(groups, 6)
 
 
+def test_module_takes_numpy_integer_groups():
+    # as nn.GroupNorm does
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 4, 3)
+    torch.testing.assert_close(GroupNormSiLU(np.int64(2), 4)(x), GroupNormSiLU(2, 4)(x))
+
+
 def test_module_rejects_negative_eps_at_construction():
     with pytest.raises(ValueError, match="GroupNormSiLU: eps must be non-negative"):
         GroupNormSiLU(2, 8, eps=-1e-5)

@@ -259,3 +259,8 @@ def test_inf_rows_l2(device):
     ri, rd, _ = _ref(z, cb, "l2")
     assert torch.equal(idx.cpu(), ri.cpu()) and dist[1].item() == float("inf")
     assert idx[1].item() == 0 and torch.isfinite(dist[[0, 2, 3]]).all()
+
+
+def test_ema_update_num_codes_type_error_names_the_op():
+    with pytest.raises(TypeError, match="vq_ema_update: num_codes must be an int, got float"):
+        vq_ema_update(torch.zeros(3, dtype=torch.long), torch.randn(3, 2), 2.5)
