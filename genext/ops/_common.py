@@ -60,7 +60,8 @@ def softmax_scale(q: Tensor, scale: float | None, op: str = "attention") -> floa
 
     Errors name ``op``: a ValueError for D = 0 (no default scale; the kernels reject D = 0 too)
     and for a number out of float range, a TypeError for what float() does not take. NaN
-    and infinite scales are accepted (they give NaN outputs, as PyTorch's SDPA does).
+    and infinite scales are accepted; an infinite one is passed on as NaN, so that both give NaN
+    in every row that sees a key.
     """
     if scale is None:
         d = q.shape[-1]
@@ -71,11 +72,14 @@ def softmax_scale(q: Tensor, scale: float | None, op: str = "attention") -> floa
             )
         return 1.0 / math.sqrt(d)
     try:
-        return float(scale)
+        scale = float(scale)
     except OverflowError:
         raise ValueError(f"{op}: scale {scale} is out of the range of a float") from None
     except (TypeError, ValueError):
         raise TypeError(f"{op}: scale must be a float or None, got {scale!r}") from None
+    # an infinite scale makes every score +-inf or NaN (0 * inf) by chance; NaN makes the rule
+    # simple: every row that sees a key is NaN
+    return scale if not math.isinf(scale) else math.nan
 
 
 def check_same_device(op: str, anchor: str, tensors: dict[str, Tensor | None]) -> None:

@@ -55,7 +55,7 @@ def attention_reference(
     # NaN or +inf maximum stays, so that NaN reaches every weight of the row, as in PyTorch's SDPA
     m = s.amax(dim=-1, keepdim=True).detach()
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    e = torch.exp(s - m)  # 0 where masked
+    e = torch.exp(s - m).masked_fill(~visible, 0.0)  # 0 where masked, even when m is NaN
     denom = e.sum(dim=-1, keepdim=True)
     # a NaN score leaves denom NaN: dividing by it keeps out and the gradients NaN, as PyTorch's
     # SDPA gives (only a row with no visible key divides by 1)
