@@ -73,8 +73,8 @@ TORCH_LIBRARY(genext, m) {
       " Tensor? threshold_scale, float[] coef, int prediction_type, bool clip, bool guidance,"
       " float guidance_scale) -> (Tensor, Tensor)");
   // sampler_step writing into given outputs (contiguous, the sample's shape and dtype; prev may be
-  // the sample itself, for an in-place step; x0 must not alias any input), for loops that keep
-  // static buffers (CUDA graphs).
+  // the sample itself, for an in-place step; any other memory shared between an output and an
+  // input or the other output is rejected), for loops that keep static buffers (CUDA graphs).
   m.def(
       "sampler_step_out(int kind, Tensor sample, Tensor model_output, Tensor[] history, Tensor? "
       "noise,"
