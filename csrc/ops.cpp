@@ -105,8 +105,11 @@ TORCH_LIBRARY(genext, m) {
       "tiled_lse_backward(Tensor grad_row, Tensor? grad_col, Tensor a, Tensor b, Tensor scale,"
       " Tensor? bias, Tensor row_lse, Tensor? col_lse) -> (Tensor, Tensor, Tensor, Tensor)");
   // sum_ij softplus(L_ij) (a 0-dim tensor) and its gradients.
-  m.def("tiled_softplus_sum(Tensor a, Tensor b, Tensor scale, Tensor? bias) -> Tensor");
+  // positives: the diagonal (i == j) enters as softplus(-L_ii), SigLIP's positive pairs
   m.def(
-      "tiled_softplus_sum_backward(Tensor grad, Tensor a, Tensor b, Tensor scale, Tensor? bias)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
+      "tiled_softplus_sum(Tensor a, Tensor b, Tensor scale, Tensor? bias, bool positives=False) "
+      "-> Tensor");
+  m.def(
+      "tiled_softplus_sum_backward(Tensor grad, Tensor a, Tensor b, Tensor scale, Tensor? bias,"
+      " bool positives=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }

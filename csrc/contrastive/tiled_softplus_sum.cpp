@@ -1,5 +1,8 @@
-// tiled_softplus_sum and its backward (contrastive.h): sum_ij softplus(L_ij) over
-// L = scale * A B^T (+ bias) one score tile at a time, and its gradients.
+// tiled_softplus_sum and its backward (contrastive.h): sum_ij softplus(z_ij L_ij) over
+// L = scale * A B^T (+ bias) one score tile at a time, and its gradients; z_ij = -1 on the
+// diagonal with `positives` (SigLIP's -log sigmoid(L_ii) = softplus(-L_ii)), else 1. Summing the
+// positives' own terms (not subtracting L_ii from softplus(L_ii)) keeps the loss exact when a
+// score is infinite.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/abs.h>
@@ -22,8 +25,14 @@
 namespace genext::contrastive {
 namespace {
 
+// Negates the entries of tile (rows from i0, columns from j0) that lie on the diagonal i == j.
+void negate_diagonal(at::Tensor& tile, int64_t i0, int64_t j0) {
+  const int64_t off = i0 - j0;  // local column - local row on the diagonal
+  if (off < tile.size(1) && -off < tile.size(0)) tile.diagonal(off).neg_();
+}
+
 at::Tensor tiled_softplus_sum(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias, bool positives) {
   const Args g = prepare("tiled_softplus_sum", a, b, scale, bias);
   const int64_t row_step = row_tile(a), col_step = col_tile(a);
   const int64_t n = g.a.size(0), m = g.b.size(0);
@@ -34,7 +43,8 @@ at::Tensor tiled_softplus_sum(const at::Tensor& a, const at::Tensor& b, const at
       const at::Tensor bj = g.b.narrow(0, j0, std::min(col_step, m - j0));
       // softplus(x) = max(x, 0) + log1p(exp(-|x|)), exact for large x (at::softplus returns x
       // itself above 20 and drops the exp(-x) term)
-      const at::Tensor l = scores(g, ai, bj, nullptr);
+      at::Tensor l = scores(g, ai, bj, nullptr);
+      if (positives) negate_diagonal(l, i0, j0);
       total = total + (at::clamp_min(l, 0) + at::log1p(at::exp(-at::abs(l)))).sum().to(at::kDouble);
     }
   }
@@ -43,7 +53,7 @@ at::Tensor tiled_softplus_sum(const at::Tensor& a, const at::Tensor& b, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_softplus_sum_backward(
     const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-    const std::optional<at::Tensor>& bias) {
+    const std::optional<at::Tensor>& bias, bool positives) {
   const char* op = "tiled_softplus_sum_backward";
   const Args g = prepare(op, a, b, scale, bias);
   TORCH_CHECK(grad.device() == a.device(), op, ": grad is on ", genext::device_name(grad),
@@ -61,7 +71,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_softplus_sum_ba
       const int64_t nj = std::min(col_step, m - j0);
       const at::Tensor bj = g.b.narrow(0, j0, nj);
       at::Tensor raw;
-      const at::Tensor w = at::sigmoid(scores(g, ai, bj, &raw)) * gs;  // d softplus(L) / dL
+      at::Tensor l = scores(g, ai, bj, &raw);
+      if (positives) negate_diagonal(l, i0, j0);
+      at::Tensor w = at::sigmoid(l);  // d softplus(z L) / dL = z sigmoid(z L)
+      if (positives) negate_diagonal(w, i0, j0);
+      w = w * gs;
       da.narrow(0, i0, ni).add_(at::mm(w, bj));
       db.narrow(0, j0, nj).add_(at::mm(w.t(), ai));
       dscale = dscale + (w * raw).sum();

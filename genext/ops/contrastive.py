@@ -188,18 +188,6 @@ def clip_loss(
     return (row_lse - pos).mean()
 
 
-class _ValueWithGradOf(torch.autograd.Function):
-    """``value`` in the forward, the gradient of ``surrogate`` in the backward."""
-
-    @staticmethod
-    def forward(ctx, value: Tensor, surrogate: Tensor) -> Tensor:
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return None, grad
-
-
 def siglip_loss(
     image_features: Tensor,
     text_features: Tensor,
@@ -210,16 +198,15 @@ def siglip_loss(
     """open_clip's SigLipLoss for one block of features: -sum_ij log sigmoid(z_ij * L_ij) / Ni with
     L = logit_scale * I T^T + logit_bias, z = +1 on the positives (i == j) and -1 elsewhere, or
     all -1 when negative_only (the blocks of other ranks). Computed as
-    (sum_ij softplus(L_ij) - sum_i L_ii) / Ni without the Ni x Nt matrix. logit_scale and
-    logit_bias: one-element float tensors on the features' device, Python numbers, or None for
+    sum_ij softplus(-z_ij L_ij) / Ni one tile of scores at a time, without the Ni x Nt matrix.
+    logit_scale and logit_bias: one-element float tensors on the features' device, Python numbers, or None for
     no bias.
 
     Non-finite inputs: a NaN anywhere gives NaN; logit_bias = +inf gives +inf (0 for a single
     positive pair) and -inf gives +inf (0 with negative_only), as the float64 eager loss, with its
     finite gradients; a non-finite logit_scale gives NaN (loss and gradients; the eager loss's
     products mix +inf and -inf and give NaN for any real features). An infinite feature gives
-    +inf or NaN: NaN where the eager loss can still be finite or +inf (the positives' term is
-    subtracted from the sum over all pairs, and inf - inf is NaN).
+    what the eager loss gives (each pair's term is computed on its own, so no inf - inf).
     """
     i, t = image_features, text_features
     if i.dim() != 2 or t.dim() != 2:
@@ -243,17 +230,8 @@ def siglip_loss(
     # An infinite scale makes every score +-inf or NaN (inf * 0): NaN throughout, as the eager
     # loss; adding NaN (not replacing the scale) keeps the gradient path to logit_scale.
     scale = scale + torch.where(torch.isfinite(scale), 0.0, float("nan"))
-    total = torch.ops.genext.tiled_softplus_sum(i, t, scale, bias)
-    if not negative_only:
-        value = total - _positives(i, t, scale, bias, 0).sum()
-        if bias is not None:
-            # bias = +inf: every score is +inf (or NaN, which propagates through the sum), so the
-            # difference is inf - inf. The loss is the negatives' +inf (0 for one pair), and the
-            # difference's gradient is finite and right (sigmoid(+inf) = 1 on the negatives).
-            all_inf = torch.isposinf(bias.reshape(())) & ~torch.isnan(total)
-            exact = torch.where(all_inf, float("inf") if n > 1 else 0.0, value)
-            value = _ValueWithGradOf.apply(exact, value)
-        total = value
+    # the positives (i == j) enter as softplus(-L_ii) inside the op: exact for infinite scores
+    total = torch.ops.genext.tiled_softplus_sum(i, t, scale, bias, not negative_only)
     return total / n
 
 
@@ -285,13 +263,13 @@ def _fake_lse_bwd(grad_row, grad_col, a, b, scale, bias, row_lse, col_lse):
 
 
 @torch.library.register_fake("genext::tiled_softplus_sum")
-def _fake_sp(a, b, scale, bias):
+def _fake_sp(a, b, scale, bias, positives=False):
     check_args("tiled_softplus_sum", a, b, scale, bias)
     return a.new_empty((), dtype=acc_dtype(a))
 
 
 @torch.library.register_fake("genext::tiled_softplus_sum_backward")
-def _fake_sp_bwd(grad, a, b, scale, bias):
+def _fake_sp_bwd(grad, a, b, scale, bias, positives=False):
     check_softplus_backward("tiled_softplus_sum_backward", grad, a, b, scale, bias)
     return (
         torch.empty_like(a),
@@ -331,17 +309,18 @@ torch.library.register_autograd("genext::tiled_lse", _lse_backward, setup_contex
 
 
 def _sp_setup(ctx, inputs, output):
-    a, b, scale, bias = inputs
+    a, b, scale, bias, positives = inputs
     ctx.save_for_backward(a, b, scale, bias)
     ctx.has_bias = bias is not None
+    ctx.positives = positives
 
 
 def _sp_backward(ctx, grad):
     a, b, scale, bias = ctx.saved_tensors
     da, db, ds, dbias = torch.ops.genext.tiled_softplus_sum_backward(
-        grad, a, b, scale, bias if ctx.has_bias else None
+        grad, a, b, scale, bias if ctx.has_bias else None, ctx.positives
     )
-    return da, db, ds, (dbias if ctx.has_bias else None)
+    return da, db, ds, (dbias if ctx.has_bias else None), None
 
 
 torch.library.register_autograd("genext::tiled_softplus_sum", _sp_backward, setup_context=_sp_setup)

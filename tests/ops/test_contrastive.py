@@ -274,6 +274,22 @@ def test_siglip_infinite_bias(n, negative_only, bias, device):
         _same_nonfinite(a, r)
 
 
+def test_siglip_infinite_feature_as_eager(device):
+    # an infinite coordinate in image 0 and text 0, of one sign: L_00 = +inf (a positive pair,
+    # whose term -log sigmoid(+inf) is 0) and every other score of row 0 and column 0 is finite
+    # or -inf (negatives, whose terms are 0 too). The eager loss is finite; subtracting L_00 from
+    # a sum that holds softplus(L_00) = inf would give inf - inf = NaN.
+    i, t, s, b = _leaves(4, 4, 5, device)
+    with torch.no_grad():
+        i[0].zero_()
+        i[0, 0] = float("inf")
+        t[:, 0] = torch.tensor([1.0, -0.5, -0.25, -1.0])
+    ours = siglip_loss(i, t, s, b)
+    ref = _ref_siglip(i, t, s, b)
+    assert torch.isfinite(ref)
+    _same_nonfinite(ours, ref)
+
+
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 @pytest.mark.parametrize(
     "place,value",
