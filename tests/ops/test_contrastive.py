@@ -106,6 +106,7 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.genext.tiled_lse, (i, t, s, b, True))
     torch.library.opcheck(torch.ops.genext.tiled_lse, (i, t, s, None, False))
     torch.library.opcheck(torch.ops.genext.tiled_softplus_sum, (i, t, s, b))
+    torch.library.opcheck(torch.ops.genext.tiled_softplus_sum, (i, t, s, b, True))
     f = torch.compile(
         lambda i, t, s, b: clip_loss(i, t, s, b) + siglip_loss(i, t, s, b), fullgraph=True
     )
