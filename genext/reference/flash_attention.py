@@ -35,7 +35,8 @@ def attention_reference(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     k = k.repeat_interleave(hq // hk, dim=1)
     v = v.repeat_interleave(hq // hk, dim=1)
-    s = (q @ k.transpose(-1, -2)) * scale
+    finite_scale = math.isfinite(scale)
+    s = (q @ k.transpose(-1, -2)) * (scale if finite_scale else 1.0)
     lens = (
         torch.full((b,), lk, device=q.device)
         if seqused_k is None
@@ -48,8 +49,8 @@ def attention_reference(
         off = lens - lq if bottom_right else torch.zeros_like(lens)
         visible = visible & (j.view(1, 1, lk) <= i.view(1, lq, 1) + off.view(b, 1, 1))
     visible = visible.unsqueeze(1)  # (B, 1, Lq, Lk)
-    if not math.isfinite(scale):  # an infinite or NaN scale: NaN for every row that sees a key
-        s = s + float("nan")  # (an addition keeps the graph: the gradients are NaN too)
+    if not finite_scale:  # an infinite or NaN scale: NaN for every row that sees a key
+        s = s + float("nan")  # (added, not multiplied: rows that see no key keep a 0 gradient)
     s = s.masked_fill(~visible, float("-inf"))
     # shift by the row maximum (detached: the result does not depend on it), 0 for empty rows; a
     # NaN or +inf maximum stays, so that NaN reaches every weight of the row, as in PyTorch's SDPA
@@ -57,9 +58,16 @@ def attention_reference(
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     e = torch.exp(s - m).masked_fill(~visible, 0.0)  # 0 where masked, even when m is NaN
     denom = e.sum(dim=-1, keepdim=True)
-    # a NaN score leaves denom NaN: dividing by it keeps out and the gradients NaN, as PyTorch's
-    # SDPA gives (only a row with no visible key divides by 1)
-    out = (e @ v) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    # weights exactly 0 where masked, also in a NaN row (whose denom is NaN), so that a masked
+    # key gets no NaN gradient through them; a NaN score leaves the row's weights, output and
+    # gradients NaN, as PyTorch's SDPA gives
+    p = (e / torch.where(denom == 0, torch.ones_like(denom), denom)).masked_fill(~visible, 0.0)
+    # a row that sees no key (or only -inf scores) is 0, with zero gradients, even where v holds
+    # NaN or inf: its weights are detached (else 0 * NaN in p @ v's backward) and its output
+    # replaced (else 0 * NaN in the product)
+    empty = denom == 0
+    p = torch.where(empty, p.detach(), p)
+    out = torch.where(empty, 0.0, p @ v)
     if not return_lse:
         return out
     return out, (torch.log(denom) + m).squeeze(-1)

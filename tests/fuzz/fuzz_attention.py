@@ -88,6 +88,13 @@ def dense_cases(draw):
     return q, k, v, causal, scale, layout, verdict, desc
 
 
+def _hidden_value_leak(v, causal: bool) -> bool:
+    """The kernels' documented limit (README): a NaN or inf in the value row of a key that the
+    causal mask hides from some rows still reaches those rows when they share a tile with rows
+    that see it (0 x NaN), in the output and the gradients: more NaN, never a finite wrong one."""
+    return causal and not torch.isfinite(v).all()
+
+
 def _bhld(t, layout):
     return t if layout == "bhld" else t.transpose(1, 2)
 
@@ -120,7 +127,8 @@ def test_flash_attention(case):
         out, lse = res
         assert out.dtype == q.dtype, desc
         ref_out, ref_lse = _reference(q, k, v, causal, scale, layout)
-        assert_matches(out, ref_out, q.dtype, f"out {desc}")
+        leak = _hidden_value_leak(v, causal)
+        assert_matches(out, ref_out, q.dtype, f"out {desc}", leak)
         assert_matches(lse, ref_lse, q.dtype, f"lse {desc}")
     check_meta("flash_attention", op, (q, k, v), verdict, res, desc)
 
@@ -139,8 +147,14 @@ def test_flash_attention_backward(case):
     ref_grads = torch.autograd.grad(
         ref, ref_leaves, g.double(), allow_unused=True, materialize_grads=True
     )
+    # with a non-finite input the gradients must be NaN wherever the reference's are and equal
+    # elsewhere, but may hold more NaN (the kernels' tiles mix rows; a NaN gradient is loud)
+    nonfinite = not all(torch.isfinite(t).all() for t in (q, k, v))
+    nonfinite |= scale is not None and not math.isfinite(scale)
+    # the gradients' rounding error grows with the scale (dS = P (dP - D) scaled)
+    loosen = max(1.0, abs(scale)) if scale is not None and math.isfinite(scale) else 1.0
     for name, a, r in zip("qkv", grads, ref_grads):
-        assert_matches(a, r, q.dtype, f"d{name} {desc}")
+        assert_matches(a, r, q.dtype, f"d{name} {desc}", nonfinite, loosen)
 
 
 @st.composite

@@ -182,12 +182,26 @@ def call(name: str, fn: Callable[[], Any], verdict: str | None, desc: str = "") 
     return out
 
 
-def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_matches(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+    extra_nan: bool = False,
+    loosen: float = 1.0,
+) -> None:
     """out equals the float64 reference ref: same shape, NaN exactly where ref is NaN, the same
-    infinities, and finite values within TOL[dtype] of ref's largest finite magnitude."""
+    infinities, and finite values within TOL[dtype] of ref's largest finite magnitude.
+    ``extra_nan``: out may also be NaN where ref is not (a documented limit; never finite where
+    ref is NaN); those entries are not compared. ``loosen``: a factor on the tolerance, for a
+    computation whose rounding error the inputs amplify (a large softmax scale)."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     o, r = out.detach().double().cpu(), ref.detach().double().cpu()
     on, rn = o.isnan(), r.isnan()
+    if extra_nan:
+        assert on[rn].all(), f"{what}: finite where the reference is NaN"
+        o, r = o[~on], r[~on]
+        on, rn = o.isnan(), r.isnan()
     assert torch.equal(on, rn), (
         f"{what}: NaN at {on.nonzero()[:4].tolist()} vs reference {rn.nonzero()[:4].tolist()}"
     )
@@ -200,7 +214,8 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, wha
     if fin.any():
         big = max(r[fin].abs().max().item(), 1.0)
         err = (o[fin] - r[fin]).abs().max().item()
-        assert err <= TOL[dtype] * big, f"{what}: max error {err:.3g} > {TOL[dtype]} * {big:.3g}"
+        tol = TOL[dtype] * loosen
+        assert err <= tol * big, f"{what}: max error {err:.3g} > {tol:.3g} * {big:.3g}"
 
 
 def _to_meta(x):
