@@ -88,11 +88,13 @@ def dense_cases(draw):
     return q, k, v, causal, scale, layout, verdict, desc
 
 
-def _hidden_value_leak(v, causal: bool) -> bool:
-    """The kernels' documented limit (README): a NaN or inf in the value row of a key that the
-    causal mask hides from some rows still reaches those rows when they share a tile with rows
-    that see it (0 x NaN), in the output and the gradients: more NaN, never a finite wrong one."""
-    return causal and not torch.isfinite(v).all()
+def _value_nan_ok(v) -> bool:
+    """Extra NaN rows are allowed when v holds NaN or inf (README's limits): a weight that the
+    kernel rounds to 0 in fp32 (exp of a very negative score) meets an inf value as 0 x inf =
+    NaN where the float64 reference's tiny weight gives inf; and a non-finite value row of a key
+    the causal mask hides still reaches rows that share its tile. More NaN, never a finite wrong
+    number."""
+    return not torch.isfinite(v).all()
 
 
 def _bhld(t, layout):
@@ -127,7 +129,7 @@ def test_flash_attention(case):
         out, lse = res
         assert out.dtype == q.dtype, desc
         ref_out, ref_lse = _reference(q, k, v, causal, scale, layout)
-        leak = _hidden_value_leak(v, causal)
+        leak = _value_nan_ok(v)
         assert_matches(out, ref_out, q.dtype, f"out {desc}", leak)
         assert_matches(lse, ref_lse, q.dtype, f"lse {desc}")
     check_meta("flash_attention", op, (q, k, v), verdict, res, desc)
