@@ -15,6 +15,7 @@ from .. import _C
 __all__ = [
     "KERNELS",
     "acc_dtype",
+    "check_heads",
     "check_same_device",
     "declare_kernels",
     "forbid_double_backward",
@@ -80,6 +81,27 @@ def softmax_scale(q: Tensor, scale: float | None, op: str = "attention") -> floa
     # an infinite scale makes every score +-inf or NaN (0 * inf) by chance; NaN makes the rule
     # simple: every row that sees a key is NaN
     return scale if not math.isinf(scale) else math.nan
+
+
+def check_heads(op: str, hq, hk, d, on_cuda: bool) -> None:
+    """The attention kernels' head checks, as the C++ bindings make them (ValueError): Hk > 0
+    dividing Hq, D > 0, and on CUDA D a multiple of 8 up to the largest compiled head dim."""
+    torch._check_value(
+        hk > 0 and hq % hk == 0,
+        lambda: (
+            f"{op}: the number of query heads ({hq}) must be a multiple of the number of "
+            f"key/value heads ({hk})"
+        ),
+    )
+    torch._check_value(d > 0, lambda: f"{op}: head dim must be positive")
+    if on_cuda:
+        limit = _C.cuda_max_head_dim
+        torch._check_value(
+            d % 8 == 0 and d <= limit,
+            lambda: (
+                f"{op}: on cuda the head dim must be a multiple of 8 and at most {limit}, got {d}"
+            ),
+        )
 
 
 def check_same_device(op: str, anchor: str, tensors: dict[str, Tensor | None]) -> None:

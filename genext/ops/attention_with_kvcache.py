@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, check_same_device, declare_kernels, softmax_scale
+from ._common import acc_dtype, check_heads, check_same_device, declare_kernels, softmax_scale
 
 __all__ = ["attention_with_kvcache"]
 
@@ -212,9 +212,6 @@ def attention_with_kvcache_unchecked(
 # ---- torch.library registrations ------------------------------------------------------------------
 
 
-_CUDA_MAX_HEAD_DIM = 256  # csrc/common/head_dim.h
-
-
 def _check_last_dim(name: str, t: Tensor) -> None:
     torch._check_value(
         t.shape[-1] <= 1 or t.stride(-1) == 1,
@@ -265,22 +262,7 @@ def _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table
         k_cache.shape[3] == d,
         lambda: f"{_OP}: q and the caches must share the head dim, got {d} and {k_cache.shape[3]}",
     )
-    torch._check_value(
-        hk > 0 and hq % hk == 0,
-        lambda: (
-            f"{_OP}: the number of query heads ({hq}) must be a multiple of the number of "
-            f"key/value heads ({hk})"
-        ),
-    )
-    torch._check_value(d > 0, lambda: f"{_OP}: head dim must be positive")
-    if on_cuda:
-        torch._check_value(
-            d % 8 == 0 and d <= _CUDA_MAX_HEAD_DIM,
-            lambda: (
-                f"{_OP}: on cuda the head dim must be a multiple of 8 and at most "
-                f"{_CUDA_MAX_HEAD_DIM}, got {d}"
-            ),
-        )
+    check_heads(_OP, hq, hk, d, on_cuda)
     _check_last_dim("q", q)
     _check_last_dim("k_cache", k_cache)
     _check_last_dim("v_cache", v_cache)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._common import (
     acc_dtype,
+    check_heads,
     check_same_device,
     declare_kernels,
     forbid_double_backward,
@@ -237,9 +238,6 @@ def flash_attention_varlen(
 # ---- torch.library registrations ------------------------------------------------------------------
 
 
-_CUDA_MAX_HEAD_DIM = 256  # csrc/common/head_dim.h
-
-
 def _check_index(op: str, name: str, t: Tensor, q: Tensor, n) -> None:
     torch._check_type(t.dtype == torch.int32, lambda: f"{op}: {name} must be int32, got {t.dtype}")
     check_same_device(op, "q", {"q": q, name: t})
@@ -288,22 +286,7 @@ def _check_problem(op, q, k, v, cu_q, cu_k, seqused_k, max_q, max_k):
         k.shape[0] == q.shape[0],
         lambda: f"{op}: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}",
     )
-    torch._check_value(
-        hk > 0 and hq % hk == 0,
-        lambda: (
-            f"{op}: the number of query heads ({hq}) must be a multiple of the number of "
-            f"key/value heads ({hk})"
-        ),
-    )
-    torch._check_value(d > 0, lambda: f"{op}: head dim must be positive")
-    if on_cuda:
-        torch._check_value(
-            d % 8 == 0 and d <= _CUDA_MAX_HEAD_DIM,
-            lambda: (
-                f"{op}: on cuda the head dim must be a multiple of 8 and at most "
-                f"{_CUDA_MAX_HEAD_DIM}, got {d}"
-            ),
-        )
+    check_heads(op, hq, hk, d, on_cuda)
     varlen = cu_q is not None or cu_k is not None
     if varlen:
         torch._check_value(
