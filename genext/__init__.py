@@ -10,8 +10,10 @@ reachable as an attribute. The layers, imports pointing down only:
 - :mod:`genext.reference` (plain-PyTorch references) and :mod:`genext.bench` (the benchmarks of
   ``genext bench``): leaves that library code never imports.
 
-``samplers``, ``reference`` and ``bench`` are loaded on first access: the schedulers need numpy,
-which ``import genext`` itself does not.
+``samplers``, ``reference``, ``bench`` and ``train`` are loaded on first access: the schedulers
+need numpy, which ``import genext`` itself does not, and :mod:`genext.train` (the ``genext train``
+command, the top layer: nothing in the library imports it) needs the optional extra
+``genext[train]``.
 
 Ops without a kernel for a device raise a clear error per call; importing never fails because a
 GPU is missing.
@@ -55,7 +57,7 @@ from .nn import KVCache  # noqa: E402
 
 __version__ = _build_config.version
 # imported on first access: the leaves (never imported by library code) and the schedulers (numpy)
-_LAZY = ("bench", "reference", "samplers")
+_LAZY = ("bench", "reference", "samplers", "train")
 __all__ = [
     "KVCache",
     "__version__",
@@ -67,6 +69,7 @@ __all__ = [
     "ops",
     "reference",
     "samplers",
+    "train",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Command line: `genext info` (or `python -m genext info`) and `genext bench`."""
+"""Command line: `genext info` (or `python -m genext info`), `genext bench` and `genext train`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,21 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        # its own parser, in genext.train (optional dependencies, imported only here)
+        from .train.cli import main as train_main
+
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="genext", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser(
         "info", help="print build facts (versions, CUDA architectures, op kernels) as JSON"
+    )
+    sub.add_parser(
+        "train",
+        help="train a model (VAE, VQ-VAE) on bundled data; `genext train --help` for options",
+        add_help=False,
     )
     b = sub.add_parser("bench", help="time genext against eager PyTorch and torch.compile")
     b.add_argument("--list", action="store_true", help="list the registered benches and exit")

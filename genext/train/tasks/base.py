@@ -1,0 +1,92 @@
+"""What a task is, and the registry that maps names to tasks."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Split
+
+__all__ = ["Task", "TaskDefaults", "get_task", "register", "task_names"]
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    """A task's default run for one dataset: what ``genext train <task>`` does without options."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    size: int | None = None  # image side (digits) or patch side (photos); None: the data's own
+
+
+class Task(ABC):
+    """A trainable model on a dataset.
+
+    Subclasses set ``name``, ``datasets`` (the names :func:`genext.train.data.load_data` knows
+    that the task supports, the first being the default) and ``defaults`` (one
+    :class:`TaskDefaults` per dataset), and implement the methods below.
+    """
+
+    name: str = ""
+    datasets: tuple[str, ...] = ()
+    defaults: dict[str, TaskDefaults] = {}
+
+    @abstractmethod
+    def model_config(self, data: Split) -> dict[str, Any]:
+        """The model's constructor arguments for ``data`` (saved in the checkpoint)."""
+
+    def configure(self, data: Split, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """:meth:`model_config` with ``overrides`` (the command line's ``--model-config``)
+        applied on top."""
+        return self.model_config(data) | (overrides or {})
+
+    @abstractmethod
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        """A fresh model from :meth:`model_config`'s arguments."""
+
+    @abstractmethod
+    def objective(self, model: nn.Module) -> nn.Module:
+        """A module holding ``model`` whose ``forward(x, generator)`` returns
+        ``(loss, logs)``: the scalar to minimise and a dict of detached scalar tensors. It may
+        define ``after_step(generator)``, called after every optimizer step (e.g. to restart dead
+        codebook entries)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, data: Split) -> dict[str, float]:
+        """Held-out figures of the trained ``model`` (eval mode, no gradients)."""
+
+    @abstractmethod
+    def pictures(self, model: nn.Module, data: Split, generator: torch.Generator) -> list[Tensor]:
+        """Rows of images ``(n, C, H, W)`` in [-1, 1] for the picture grid (e.g. held-out
+        originals, their reconstructions, samples)."""
+
+    def row_titles(self) -> list[str]:
+        """Labels for the rows :meth:`pictures` returns."""
+        return []
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: make ``cls`` available as ``genext train <cls.name>``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"task name {cls.name!r} is empty or already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def task_names() -> list[str]:
+    """The registered task names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str) -> Task:
+    """A fresh instance of the task registered as ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(task_names())}")
+    return _REGISTRY[name]()
