@@ -13,4 +13,7 @@ Imports point down only: a model may use :mod:`genext.nn`, :mod:`genext.losses`,
 :mod:`genext.reference` and :mod:`genext.bench` are never imported by library code.
 """
 
-__all__: list[str] = []
+from .vae import AutoencoderKL, DiagonalGaussianDistribution
+from .vqvae import VQModel
+
+__all__ = ["AutoencoderKL", "DiagonalGaussianDistribution", "VQModel"]
