@@ -14,3 +14,20 @@ Imports point down only: a model may use :mod:`genext.nn`, :mod:`genext.losses`,
 """
 
 __all__: list[str] = []
+
+# GANs (gan.py: DCGAN, class-conditional ResNet GAN)
+from .gan import (  # noqa: E402
+    ConditionalGenerator,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    ProjectionDiscriminator,
+    weights_init,
+)
+
+__all__ += [
+    "ConditionalGenerator",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "ProjectionDiscriminator",
+    "weights_init",
+]
