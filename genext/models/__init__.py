@@ -15,7 +15,7 @@ Imports point down only: a model may use :mod:`genext.nn`, :mod:`genext.losses`,
 
 __all__: list[str] = []
 
-# GANs (gan.py: DCGAN, class-conditional ResNet GAN)
+# GANs (gan.py: DCGAN, class-conditional ResNet GAN; stylegan.py: a small StyleGAN2)
 from .gan import (  # noqa: E402
     ConditionalGenerator,
     DCGANDiscriminator,
@@ -23,11 +23,14 @@ from .gan import (  # noqa: E402
     ProjectionDiscriminator,
     weights_init,
 )
+from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator  # noqa: E402
 
 __all__ += [
     "ConditionalGenerator",
     "DCGANDiscriminator",
     "DCGANGenerator",
     "ProjectionDiscriminator",
+    "StyleGAN2Discriminator",
+    "StyleGAN2Generator",
     "weights_init",
 ]
