@@ -192,8 +192,9 @@ class ConditionalGenerator(nn.Module):
     Conditioning: the class embedding ``(B, embed_dim)`` is concatenated to z before the first
     linear layer (which maps to a 4x4 grid). Class-conditional norms were left out on purpose: they
     would split GroupNorm's affine from the SiLU and lose the fused kernel; the concatenation is
-    enough for small data such as digits. Then ``log2(image_size / 4)`` :class:`UpBlock` s (channels
-    ``base_channels * min(2^(stages - i), 4)`` down to ``base_channels``), optional
+    enough for small data such as digits. Then ``log2(image_size / 4)`` up-blocks
+    (:class:`UpBlock`; channels ``base_channels * min(2^(stages - i), 4)`` down to
+    ``base_channels``), optional
     :class:`SelfAttention2d` after the stage whose output has ``attention_resolution`` (4 to
     ``image_size``), GroupNorm+SiLU, a 3x3 conv and tanh.
 
@@ -274,8 +275,8 @@ class DownBlock(nn.Module):
 class ProjectionDiscriminator(nn.Module):
     """Projection discriminator (Miyato & Koyama 2018): ``(x (B, in_channels, S, S), y (B,)) ->
     logits (B,)`` with ``D(x, y) = linear(phi(x)) + <embed(y), phi(x)>``, where ``phi(x)`` is the
-    spatial sum of ReLU'd features ``(B, C)`` of ResNet :class:`DownBlock` s (down to 4x4, then one
-    block at 4x4; channels ``base_channels * min(2^i, 4)``).
+    spatial sum of ReLU'd features ``(B, C)`` of ResNet down-blocks (:class:`DownBlock`, down to
+    4x4, then one block at 4x4; channels ``base_channels * min(2^i, 4)``).
 
     With ``spectral_norm`` (default) every conv, the linear layer and the embedding are wrapped in
     ``torch.nn.utils.parametrizations.spectral_norm``. Optional :class:`SelfAttention2d` (no norm)

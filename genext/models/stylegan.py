@@ -363,7 +363,8 @@ class MappingNetwork(nn.Module):
             onehot = F.one_hot(c, self.num_classes).to(z.dtype)
             x = torch.cat([x, _pixel_norm(self.embed(onehot))], dim=1)
         w = self.layers(x)
-        if self.training if update_w_avg is None else update_w_avg:
+        track = self.training if update_w_avg is None else update_w_avg
+        if track:
             with torch.no_grad():
                 self.w_avg.copy_(w.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
         ws = w.unsqueeze(1).expand(-1, self.num_ws, -1)
@@ -481,8 +482,9 @@ class StyleGAN2Discriminator(nn.Module):
     """StyleGAN2's ResNet discriminator: ``(img (B, img_channels, S, S), c (B,) or None) ->
     logits (B,)``.
 
-    fromRGB (1x1 conv), :class:`DiscriminatorBlock` s down to 4x4, then :func:`minibatch_stddev`,
-    a 3x3 conv, a linear layer on the flattened 4x4 features and the output layer. Conditional
+    fromRGB (1x1 conv), down-blocks (:class:`DiscriminatorBlock`) to 4x4, then
+    :func:`minibatch_stddev`, a 3x3 conv, a linear layer on the flattened 4x4 features and the
+    output layer. Conditional
     (``num_classes > 0``): the output layer gives ``cmap_dim`` features that are projected on the
     label's embedding, ``<out, embed(c)> / sqrt(cmap_dim)``.
 
