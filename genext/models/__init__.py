@@ -13,4 +13,26 @@ Imports point down only: a model may use :mod:`genext.nn`, :mod:`genext.losses`,
 :mod:`genext.reference` and :mod:`genext.bench` are never imported by library code.
 """
 
-__all__: list[str] = []
+from .gan import (
+    ConditionalGenerator,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    ProjectionDiscriminator,
+    weights_init,
+)
+from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
+from .vae import AutoencoderKL, DiagonalGaussianDistribution
+from .vqvae import VQModel
+
+__all__ = [
+    "AutoencoderKL",
+    "ConditionalGenerator",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "DiagonalGaussianDistribution",
+    "ProjectionDiscriminator",
+    "StyleGAN2Discriminator",
+    "StyleGAN2Generator",
+    "VQModel",
+    "weights_init",
+]

@@ -1,0 +1,220 @@
+"""The VAE as a whole model: genext.models.AutoencoderKL against diffusers' AutoencoderKL with the
+same weights, eager and under torch.compile (both models), forward (encode + decode) and forward +
+backward on the CPU; decoding SD latents to 512x512 and 1024x1024 on CUDA, with peak memory.
+
+Without diffusers installed only genext's rows run. The check compares genext's output with
+diffusers' (float32: 1e-5 relative; 16-bit: no worse than twice diffusers' own error against
+the float64 model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models import AutoencoderKL
+from .registry import (
+    DIRECTION,
+    DTYPE,
+    IMPL,
+    MS,
+    PEAK_MIB,
+    Bench,
+    Case,
+    Column,
+    Config,
+    Timing,
+    device_cases,
+)
+
+# the Stable Diffusion 1.x/2.x VAE
+SD_VAE = dict(
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+# the digits training demo's autoencoder (genext train vae): 1x16x16 images, 4x4x4 latents
+DEMO_VAE = dict(
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=[32, 64, 64],
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=16,
+)
+# the SD VAE's shape at a quarter of its widths
+SD_QUARTER = dict(SD_VAE, block_out_channels=[32, 64, 128, 128])
+
+
+@dataclass(frozen=True)
+class VAECase:
+    label: str
+    config: dict = field(hash=False)
+    batch: int
+    size: int  # image side; the latent side is size / 2^(blocks - 1)
+    directions: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} {self.batch}x{self.size}x{self.size}"
+
+    @property
+    def latent_size(self) -> int:
+        return self.size // 2 ** (len(self.config["block_out_channels"]) - 1)
+
+
+CPU_CASES = [
+    VAECase("demo", DEMO_VAE, 64, 16, ("fwd", "f+b")),
+    VAECase("sd-quarter", SD_QUARTER, 1, 128, ("fwd", "f+b")),
+]
+CUDA_CASES = [
+    VAECase("sd-decode", SD_VAE, 1, 512, ("decode",)),
+    VAECase("sd-decode", SD_VAE, 1, 1024, ("decode",)),
+]
+
+
+def _diffusers_vae(config: dict, device: str, dtype: torch.dtype):
+    """diffusers' model on device in dtype (None without diffusers), with its warning about
+    casting a model by ``.to(dtype)`` silenced: the bench casts both models the same way."""
+    try:
+        import diffusers
+        from diffusers.utils import logging as diffusers_logging
+    except ImportError:
+        return None
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return diffusers.AutoencoderKL(**config).to(device=device, dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def vae_inputs(case: VAECase, dtype: torch.dtype, device: str) -> dict:
+    """Both models with the same random weights (perturbed off the 0/1 initial norms), an image
+    batch and a latent batch, never zeros."""
+    torch.manual_seed(0)
+    ours = AutoencoderKL(**case.config)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = ours.to(device=device, dtype=dtype).eval()
+    peer = _diffusers_vae(case.config, device, dtype)
+    if peer is not None:
+        peer.load_state_dict(ours.state_dict())
+        peer.eval()
+    c = case.config.get("in_channels", 3)
+    x = torch.rand(case.batch, c, case.size, case.size, device=device, dtype=dtype) * 2 - 1
+    lat = case.latent_size
+    z = torch.randn(
+        case.batch, case.config["latent_channels"], lat, lat, device=device, dtype=dtype
+    )
+    return {"genext": ours, "diffusers": peer, "x": x, "z": z}
+
+
+def _call(model, direction: str, inputs: dict):
+    if direction == "decode":
+        return lambda: model.decode(inputs["z"]).sample
+    return lambda: model(inputs["x"]).sample
+
+
+def vae_check(case: VAECase, dtype: torch.dtype, inputs: dict) -> tuple[bool | None, str]:
+    peer = inputs["diffusers"]
+    if peer is None:
+        return None, "diffusers not installed"
+    direction = case.directions[0]
+    # a smaller batch for the check: the float64 model runs it too
+    small = {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        ours = _call(inputs["genext"], direction, small)().double()
+        theirs = _call(peer, direction, small)().double()
+    if not torch.isfinite(ours).all():
+        return False, "non-finite output"
+    if dtype == torch.float32:
+        err = ((ours - theirs).norm() / theirs.norm()).item()
+        return err < 1e-5, f"rel {err:.1e} vs diffusers"
+    ref_model = AutoencoderKL(**case.config).to(device=ours.device, dtype=torch.float64).eval()
+    ref_model.load_state_dict(inputs["genext"].state_dict())
+    r64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in small.items()}
+    with torch.no_grad():
+        ref = _call(ref_model, direction, r64)()
+    ours_err = ((ours - ref).norm() / ref.norm()).item()
+    peer_err = ((theirs - ref).norm() / ref.norm()).item()
+    return ours_err <= 2 * peer_err + 1e-6, f"rel {ours_err:.1e} (diffusers {peer_err:.1e})"
+
+
+def _setup(impl: str, direction: str, compiled: bool):
+    def setup(inputs: dict):
+        model = inputs[impl]
+        if model is None:
+            return None
+        run = _call(model, "decode" if direction == "decode" else "fwd", inputs)
+        if compiled:
+            run = torch.compile(run)
+        if direction in ("fwd", "decode"):
+
+            def call(i):
+                with torch.no_grad():
+                    return run()
+
+            return call
+        params = [p for p in model.parameters() if p.requires_grad]
+        gy = torch.randn_like(inputs["x"])
+
+        def step(i):  # as a training step runs them: forward, then gradients of the weights
+            return torch.autograd.grad(run(), params, gy)
+
+        return step
+
+    return setup
+
+
+def make_case(case: VAECase, config: Config) -> Case:
+    cuda = config.device == "cuda"
+    dtype = config.dtype_or(torch.float16 if cuda else torch.float32)
+    warmup, reps = (3, 10) if cuda else (1, 3)
+    if config.quick:
+        warmup, reps = 1, 2
+    impls = [("genext", "genext", False), ("diffusers", "diffusers", False)]
+    if config.compile:
+        impls += [("genext+compile", "genext", True), ("diffusers+compile", "diffusers", True)]
+    timings = tuple(
+        Timing(
+            label,
+            direction,
+            _setup(model, direction, compiled),
+            warmup,
+            reps,
+            peak_memory=cuda,
+            shows_check=label == "genext" and direction == case.directions[0],
+        )
+        for direction in case.directions
+        for label, model, compiled in impls
+    )
+    return Case(
+        case.name,
+        dtype,
+        timings,
+        lambda inputs: vae_check(case, dtype, inputs),
+        inputs=lambda: vae_inputs(case, dtype, config.device),
+    )
+
+
+def cases(config: Config) -> list[Case]:
+    chosen = device_cases(config, CUDA_CASES, CPU_CASES, quick=lambda c: c[:1])
+    return [make_case(c, config) for c in chosen]
+
+
+BENCH = Bench(
+    "vae",
+    "AutoencoderKL: genext vs diffusers (same weights), eager and compiled (ms, peak MiB on CUDA)",
+    cases,
+    (Column("vae case", "case"), DTYPE, DIRECTION, IMPL, MS, PEAK_MIB),
+)
