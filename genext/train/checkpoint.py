@@ -1,7 +1,8 @@
 """Training checkpoints as one safetensors file.
 
-Tensors are stored under prefixes: ``model.<key>`` (the model's state_dict), ``optim.<id>.<key>``
-(the optimizer's per-parameter state, flattened), ``rng.<name>`` (random generator states as uint8
+Tensors are stored under prefixes: ``model.<key>`` (the model's state_dict),
+``optim.<optimizer>.<id>.<key>`` (each named optimizer's per-parameter state, flattened),
+``rng.<name>`` (random generator states as uint8
 tensors), and any extra tensors the caller passes (e.g. the loss history). Everything that is not a
 tensor (the step, the optimizer's param_groups and non-tensor state, data-stream positions, the run
 configuration) is JSON in the file's metadata under the key ``"genext"``.
@@ -43,7 +44,7 @@ class Checkpoint:
     """What a checkpoint file holds, split back into its parts."""
 
     model: dict[str, Tensor]
-    optimizer: dict[str, Any]
+    optimizers: dict[str, dict[str, Any]]  # name -> the optimizer's state_dict()
     rng: dict[str, Tensor]
     extra: dict[str, Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -119,7 +120,13 @@ def restore_rng(states: dict[str, Tensor], generators: dict[str, torch.Generator
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     """Write ``ckpt`` to ``path`` (atomically: a temporary file, then a rename)."""
     st = require("safetensors.torch")
-    opt_tensors, opt_rest = flatten_optimizer(ckpt.optimizer)
+    opt_tensors: dict[str, Tensor] = {}
+    opt_rest: dict[str, Any] = {}
+    for name, state in ckpt.optimizers.items():
+        if "." in name:
+            raise ValueError(f"optimizer names may not contain '.', got {name!r}")
+        flat, opt_rest[name] = flatten_optimizer(state)
+        opt_tensors.update({f"{name}.{k}": v for k, v in flat.items()})
     tensors: dict[str, Tensor] = {}
     for prefix, part in (
         ("model.", ckpt.model),
@@ -145,9 +152,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         for name in f.keys():
             prefix, key = name.split(".", 1)
             parts[prefix][key] = f.get_tensor(name)
+    optimizers = {}
+    for name, rest in meta["optimizer"].items():
+        own = {k[len(name) + 1 :]: v for k, v in parts["optim"].items() if k.startswith(name + ".")}
+        optimizers[name] = unflatten_optimizer(own, rest)
     return Checkpoint(
         model=parts["model"],
-        optimizer=unflatten_optimizer(parts["optim"], meta["optimizer"]),
+        optimizers=optimizers,
         rng=parts["rng"],
         extra=parts["extra"],
         meta=meta["meta"],

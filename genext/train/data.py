@@ -146,7 +146,8 @@ def load_data(name: str, size: int | None = None) -> Split:
 
 
 class BatchStream:
-    """Endless shuffled batches of one rank's shard of ``data``.
+    """Endless shuffled batches of one rank's shard of ``data`` (and of ``labels``, the same
+    rows, when given).
 
     Each epoch's order is a :class:`DistributedSampler` permutation (seeded with ``seed`` and the
     epoch; rank ``rank`` of ``world_size`` takes every ``world_size``-th index, all ranks an equal
@@ -155,11 +156,20 @@ class BatchStream:
     """
 
     def __init__(
-        self, data: Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        data: Tensor,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        labels: Tensor | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if labels is not None and len(labels) != len(data):
+            raise ValueError(f"labels: {len(labels)} rows for {len(data)} examples")
         self.data = data
+        self.labels = labels
         self.batch_size = batch_size
         self.sampler = DistributedSampler(
             range(len(data)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
@@ -179,15 +189,26 @@ class BatchStream:
             self._order = list(self.sampler)
         return self._order
 
-    def next(self) -> Tensor:
-        """The next batch ``(batch_size, ...)``."""
+    def next_indices(self) -> list[int]:
+        """The rows of the next batch (advances the stream)."""
         order = self._indices()
         start = self.position * self.batch_size
-        batch = self.data[order[start : start + self.batch_size]]
+        rows = order[start : start + self.batch_size]
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        return batch
+        return rows
+
+    def next(self) -> Tensor:
+        """The next batch ``(batch_size, ...)`` of ``data``."""
+        return self.data[self.next_indices()]
+
+    def next_labelled(self) -> tuple[Tensor, Tensor]:
+        """The next batch of ``data`` and its ``labels``."""
+        if self.labels is None:
+            raise ValueError("this BatchStream was made without labels")
+        rows = self.next_indices()
+        return self.data[rows], self.labels[rows]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.sampler.seed}

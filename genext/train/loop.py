@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
@@ -83,8 +82,9 @@ class TrainConfig:
 _MUST_MATCH = ("task", "data", "batch_size", "lr", "size", "seed", "model_config")
 
 
-def _learning_rate(cfg: TrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / WARMUP_STEPS)
+def _warmup(step: int) -> float:
+    """The learning rate's factor at ``step``: linear warm-up over WARMUP_STEPS, then 1."""
+    return min(1.0, (step + 1) / WARMUP_STEPS)
 
 
 class _Dist:
@@ -127,15 +127,6 @@ class _Dist:
             dist.destroy_process_group()
 
 
-def _ddp(objective: nn.Module) -> nn.Module:
-    """``objective`` in DDP, without DDP's per-forward copy of rank 0's buffers over the others'
-    (the objective syncs its own buffers; they are equal on all ranks at the start)."""
-    ddp = nn.parallel.DistributedDataParallel
-    if "forward_sync_buffers" in inspect.signature(ddp).parameters:  # newer torch's name
-        return ddp(objective, forward_sync_buffers=False)
-    return ddp(objective, broadcast_buffers=False)
-
-
 def _objective_state(objective: nn.Module) -> dict[str, torch.Tensor]:
     """The objective's own tensors (e.g. codebook usage counts), without the model's."""
     return {k: v for k, v in objective.state_dict().items() if not k.startswith("model.")}
@@ -148,7 +139,7 @@ def _save(
     model_config: dict[str, Any],
     model: nn.Module,
     objective: nn.Module,
-    opt: torch.optim.Optimizer,
+    opts: dict[str, torch.optim.Optimizer],
     stream: BatchStream,
     noise: torch.Generator,
     step: int,
@@ -168,7 +159,8 @@ def _save(
         "world_size": ctx.world,
         "streams": [s for _, s in per_rank],
     }
-    state = Checkpoint(model.state_dict(), opt.state_dict(), rng, extra, meta)
+    optimizers = {name: opt.state_dict() for name, opt in opts.items()}
+    state = Checkpoint(model.state_dict(), optimizers, rng, extra, meta)
     save_checkpoint(path, state)
 
 
@@ -178,7 +170,7 @@ def _resume(
     cfg: TrainConfig,
     model: nn.Module,
     objective: nn.Module,
-    opt: torch.optim.Optimizer,
+    opts: dict[str, torch.optim.Optimizer],
     stream: BatchStream,
     noise: torch.Generator,
 ) -> tuple[int, dict[str, list[float]]]:
@@ -198,7 +190,8 @@ def _resume(
     model.load_state_dict(ckpt.model)
     own = {k[len("objective.") :]: v for k, v in ckpt.extra.items() if k.startswith("objective.")}
     objective.load_state_dict({f"model.{k}": v for k, v in ckpt.model.items()} | own)
-    opt.load_state_dict(ckpt.optimizer)
+    for name, opt in opts.items():
+        opt.load_state_dict(ckpt.optimizers[name])
     stream.load_state_dict(ckpt.meta["streams"][ctx.rank])
     prefix = f"rank{ctx.rank}."
     restore_rng(
@@ -258,20 +251,22 @@ def _train(cfg: TrainConfig, ctx: _Dist, tqdm: Any) -> dict[str, Any]:
     model_config = task.configure(data, cfg.model_config)
     model = task.build(model_config).to(ctx.device)
     objective = task.objective(model).to(ctx.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    stream = BatchStream(data.x_train, cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
+    opts = task.optimizers(model, cfg.lr)
+    for opt in opts.values():
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])  # the warm-up scales each group's own
+    stream = BatchStream(
+        data.x_train, cfg.batch_size, cfg.seed, ctx.rank, ctx.world, labels=data.y_train
+    )
     noise = torch.Generator().manual_seed(cfg.seed * 1000 + ctx.rank)  # latents, code restarts
 
     step, history = 0, {}
     if cfg.resume and ckpt_path.exists():
-        step, history = _resume(ckpt_path, ctx, cfg, model, objective, opt, stream, noise)
+        step, history = _resume(ckpt_path, ctx, cfg, model, objective, opts, stream, noise)
     elif cfg.resume and ctx.main:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from step 0")
 
-    # DDP: gradients averaged over ranks; the objective's own buffers (codebook usage) are synced
-    # by the objective itself, so DDP must not overwrite them with rank 0's
-    wrapped = _ddp(objective) if ctx.distributed else objective
-    after_step = getattr(objective, "after_step", None)
+    wrapped = task.wrap(objective) if ctx.distributed else objective  # DDP: gradients averaged
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
     bar = tqdm(
         total=cfg.steps, initial=step, disable=not (cfg.progress and ctx.main), desc=cfg.task
@@ -279,17 +274,13 @@ def _train(cfg: TrainConfig, ctx: _Dist, tqdm: Any) -> dict[str, Any]:
     start = time.perf_counter()
     model.train()
     while step < end:
-        for group in opt.param_groups:
-            group["lr"] = _learning_rate(cfg, step)
-        x = stream.next().to(ctx.device, non_blocking=True)
-        loss, logs = wrapped(x, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if after_step is not None:
-            after_step(noise)
+        for opt in opts.values():
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * _warmup(step)
+        x, y = (t.to(ctx.device, non_blocking=True) for t in stream.next_labelled())
+        logs = task.train_step(objective, wrapped, x, y, noise, opts)
         step += 1
-        values = {"loss": float(loss.detach())} | {k: float(v) for k, v in logs.items()}
+        values = {k: float(v) for k, v in logs.items()}
         for k, v in values.items():
             history.setdefault(k, []).append(v)
         bar.update(1)
@@ -302,7 +293,7 @@ def _train(cfg: TrainConfig, ctx: _Dist, tqdm: Any) -> dict[str, Any]:
                 model_config,
                 model,
                 objective,
-                opt,
+                opts,
                 stream,
                 noise,
                 step,

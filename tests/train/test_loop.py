@@ -61,9 +61,10 @@ def test_resume_is_bit_identical(task, tmp_path, monkeypatch, tiny):
     cb = checkpoint.load_checkpoint(split / loop.CHECKPOINT)
     assert torch.equal(ca.extra["history.loss"], cb.extra["history.loss"])
     assert len(ca.extra["history.loss"]) == 6
-    for pid, state in ca.optimizer["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, cb.optimizer["state"][pid][key]), (pid, key)
+    for name, opt in ca.optimizers.items():
+        for pid, state in opt["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, cb.optimizers[name]["state"][pid][key]), (pid, key)
 
 
 def test_resume_without_interrupt_differs_with_another_seed(tmp_path, tiny):
@@ -89,7 +90,9 @@ def test_checkpoint_round_trip(tmp_path):
     rng = checkpoint.capture_rng({"noise": gen})
     expected = (torch.rand(3), torch.rand(3, generator=gen))
     extra = {"history.loss": torch.tensor([1.0, 0.5], dtype=torch.float64)}
-    ckpt = checkpoint.Checkpoint(model.state_dict(), opt.state_dict(), rng, extra, {"step": 7})
+    ckpt = checkpoint.Checkpoint(
+        model.state_dict(), {"g": opt.state_dict()}, rng, extra, {"step": 7}
+    )
     checkpoint.save_checkpoint(tmp_path / "c.safetensors", ckpt)
     back = checkpoint.load_checkpoint(tmp_path / "c.safetensors")
     assert back.meta == {"step": 7}
@@ -98,7 +101,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(back.extra["history.loss"], extra["history.loss"])
     # the optimizer takes its state back, betas a tuple again, step and moments exact
     opt2 = torch.optim.AdamW(model.parameters(), lr=0.5)
-    opt2.load_state_dict(back.optimizer)
+    opt2.load_state_dict(back.optimizers["g"])
     assert opt2.param_groups[0]["betas"] == (0.8, 0.95) and opt2.param_groups[0]["lr"] == 1e-3
     for p in model.parameters():
         for key in ("step", "exp_avg", "exp_avg_sq"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -53,10 +54,44 @@ class Task(ABC):
 
     @abstractmethod
     def objective(self, model: nn.Module) -> nn.Module:
-        """A module holding ``model`` whose ``forward(x, generator)`` returns
-        ``(loss, logs)``: the scalar to minimise and a dict of detached scalar tensors. It may
-        define ``after_step(generator)``, called after every optimizer step (e.g. to restart dead
-        codebook entries)."""
+        """A module holding ``model`` whose ``forward(x, y, generator)`` returns
+        ``(loss, logs)`` for images ``x`` and labels ``y``: the scalar to minimise and a dict of
+        detached scalar tensors. It may define ``after_step(generator)``, called after every
+        optimizer step (e.g. to restart dead codebook entries). Its buffers are saved with the
+        checkpoint."""
+
+    def optimizers(self, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers by name (names without dots); one AdamW over the model by default."""
+        return {"model": torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)}
+
+    def wrap(self, objective: nn.Module) -> nn.Module:
+        """``objective`` for a distributed run: DDP, without DDP's per-forward copy of rank 0's
+        buffers over the others' (objectives sync their own buffers, equal at the start)."""
+        ddp = nn.parallel.DistributedDataParallel
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters:  # newer torch's name
+            return ddp(objective, forward_sync_buffers=False)
+        return ddp(objective, broadcast_buffers=False)
+
+    def train_step(
+        self,
+        objective: nn.Module,
+        wrapped: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator,
+        optimizers: dict[str, torch.optim.Optimizer],
+    ) -> dict[str, Tensor]:
+        """One optimisation step on batch ``(x, y)``; returns the logged scalars (``"loss"``
+        first). ``wrapped`` is ``objective`` or its DDP wrapper: call it, not ``objective``, for
+        the forward. The default: one loss, one optimizer, then ``objective.after_step``."""
+        loss, logs = wrapped(x, y, generator)
+        opt = optimizers["model"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if hasattr(objective, "after_step"):
+            objective.after_step(generator)
+        return {"loss": loss.detach()} | logs
 
     @abstractmethod
     def evaluate(self, model: nn.Module, data: Split) -> dict[str, float]:

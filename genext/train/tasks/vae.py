@@ -32,14 +32,16 @@ KL_WEIGHT = 0.05
 
 
 class VAEObjective(nn.Module):
-    """``forward(x, generator)``: the VAE loss of batch ``x`` with latents drawn by ``generator``."""
+    """``forward(x, y, generator)``: the VAE loss of batch ``x`` with latents drawn by ``generator``."""
 
     def __init__(self, model: nn.Module, kl_weight: float = KL_WEIGHT) -> None:
         super().__init__()
         self.model = model
         self.kl_weight = kl_weight
 
-    def forward(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         posterior = self.model.encode(x).latent_dist
         recon = self.model.decode(posterior.sample(generator=generator)).sample
         rec = (recon - x).pow(2).flatten(1).sum(1).mean()

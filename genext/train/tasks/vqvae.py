@@ -36,7 +36,7 @@ RESTART_EVERY = 25
 
 
 class VQObjective(nn.Module):
-    """``forward(x, generator)``: the VQ-VAE loss of batch ``x``; ``after_step(generator)``
+    """``forward(x, y, generator)``: the VQ-VAE loss of batch ``x``; ``after_step(generator)``
     restarts unused codes every ``restart_every`` steps (``counts`` holds the usage since the
     last restart and is saved with the checkpoint)."""
 
@@ -54,7 +54,9 @@ class VQObjective(nn.Module):
         """The codebook ``(K, D)`` (``quantize.embedding.weight``, diffusers' layout)."""
         return self.model.quantize.embedding.weight
 
-    def forward(self, x: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, x: Tensor, y: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         h = self.model.encode(x).latents
         z_q, q_loss, (_, _, indices) = self.model.quantize(h)
         recon = self.model.decode(z_q, force_not_quantize=True).sample
