@@ -210,13 +210,14 @@ def _write_outputs(
     model: nn.Module,
     data: Split,
     history: dict[str, list[float]],
+    steps: int,
     train_seconds: float,
 ) -> dict[str, Any]:
     save_loss_curve(out / "loss.png", history, f"{cfg.task} on {cfg.data}")
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     save_image_grid(out / "samples.png", task.pictures(model, data, gen), task.row_titles())
-    metrics: dict[str, Any] = {"steps": len(history["loss"]), "train_seconds": train_seconds}
+    metrics: dict[str, Any] = {"steps": steps, "train_seconds": train_seconds}
     if cfg.evaluate:
         metrics |= task.evaluate(model, data)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -305,5 +306,5 @@ def _train(cfg: TrainConfig, ctx: _Dist, tqdm: Any) -> dict[str, Any]:
         dist.barrier()
     if not ctx.main or step < cfg.steps:
         return {"steps": step, "train_seconds": seconds} if ctx.main else {}
-    metrics = _write_outputs(out, task, cfg, model, data, history, seconds)
+    metrics = _write_outputs(out, task, cfg, model, data, history, step, seconds)
     return metrics

@@ -16,10 +16,20 @@ _TINY = {
         "vq_embed_dim": 2,
         "num_vq_embeddings": 16,
     },
+    "gan": {"nz": 8, "ngf": 4, "ndf": 4},  # DCGAN: 64x64 (its layers are fixed)
+    "cgan": {"z_dim": 8, "base_channels": 8, "image_size": 8},
+    "stylegan": {
+        "z_dim": 8,
+        "w_dim": 8,
+        "image_size": 8,
+        "mapping_layers": 1,
+        "channel_base": 32,
+        "channel_max": 8,
+    },
 }
 
 
 @pytest.fixture
 def tiny() -> dict[str, dict]:
-    """Model arguments per task, over the task's own, that make the model tiny."""
+    """Per task, the model arguments (over the task's own) that make the model tiny."""
     return {k: dict(v) for k, v in _TINY.items()}

@@ -17,6 +17,8 @@ from genext.train import checkpoint, loop
 from genext.train.cli import main
 from genext.train.tasks import vqvae
 
+_SIZE = {"cgan": 8, "stylegan": 8}  # the tiny GANs' image side (conftest's tiny_size)
+
 
 def _config(task: str, out: Path, tiny: dict, **kw) -> loop.TrainConfig:
     base = dict(
@@ -25,6 +27,7 @@ def _config(task: str, out: Path, tiny: dict, **kw) -> loop.TrainConfig:
         steps=6,
         batch_size=16,
         model_config=tiny[task],
+        size=_SIZE.get(task),
         progress=False,
         evaluate=False,
         threads=1,
@@ -36,10 +39,12 @@ def _params(out: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load_checkpoint(out / loop.CHECKPOINT).model
 
 
-@pytest.mark.parametrize("task", ["vae", "vqvae"])
+@pytest.mark.parametrize("task", ["vae", "vqvae", "gan", "cgan", "stylegan"])
 def test_resume_is_bit_identical(task, tmp_path, monkeypatch, tiny):
     # restart dead codes every 3 steps: the resume at step 4 falls between two restarts, so the
-    # codebook usage counted since the last one must come back from the checkpoint too
+    # codebook usage counted since the last one must come back from the checkpoint too; the GANs
+    # add a second optimizer, the EMA generator, StyleGAN's style mixing and noise (torch's global
+    # generator) and its lazy R1 (steps 0 and 4)
     monkeypatch.setattr(vqvae, "RESTART_EVERY", 3)
     straight, split = tmp_path / "straight", tmp_path / "split"
     loop.train(_config(task, straight, tiny))
@@ -53,14 +58,18 @@ def test_resume_is_bit_identical(task, tmp_path, monkeypatch, tiny):
     # the run did train: the parameters moved from their initial values
     torch.manual_seed(0)
     t = loop.get_task(task)
-    fresh = t.build(t.configure(loop.load_data("digits"), tiny[task]))
-    assert type(fresh).__module__.startswith("genext.models.")  # genext's models are trained
+    size = _config(task, straight, tiny).resolved().size
+    fresh = t.build(t.configure(loop.load_data("digits", size), tiny[task]))
+    for m in (fresh.generator, fresh.discriminator) if task.endswith("gan") else (fresh,):
+        assert type(m).__module__.startswith("genext.models."), m  # genext's models are trained
     assert any(not torch.equal(v, a[k]) for k, v in fresh.state_dict().items())
     # the optimizer state and the loss history came back as well
     ca = checkpoint.load_checkpoint(straight / loop.CHECKPOINT)
     cb = checkpoint.load_checkpoint(split / loop.CHECKPOINT)
-    assert torch.equal(ca.extra["history.loss"], cb.extra["history.loss"])
-    assert len(ca.extra["history.loss"]) == 6
+    history = [k for k in ca.extra if k.startswith("history.")]
+    assert history and history == [k for k in cb.extra if k.startswith("history.")]
+    for k in history:
+        assert torch.equal(ca.extra[k], cb.extra[k]) and len(ca.extra[k]) == 6, k
     for name, opt in ca.optimizers.items():
         for pid, state in opt["state"].items():
             for key, value in state.items():

@@ -1,15 +1,17 @@
 """The registry of trainable tasks: ``genext train <name>`` looks the name up here.
 
 A task (:class:`~genext.train.tasks.base.Task`) builds its model for a dataset, wraps it in an
-objective module (the forward that returns the loss, so DDP sees it), evaluates the trained model
-and draws its pictures. Adding one is a new module with a ``@register``-ed subclass, imported
-below: the GAN tasks (``gan``, ``cgan``, ``stylegan``) go here once ``genext.models.gan`` exists.
+objective module (the forward that returns the loss, so DDP sees it), names its optimizers and its
+training step, evaluates the trained model and draws its pictures. Adding one is a new module with
+a ``@register``-ed subclass, imported below. Registered: ``vae``, ``vqvae`` (autoencoders on digits
+or photos) and ``gan`` (DCGAN), ``cgan`` (conditional ResNet GAN), ``stylegan`` (StyleGAN2) on
+digits.
 """
 
 from __future__ import annotations
 
 # importing a task module registers its tasks
-from . import vae, vqvae  # noqa: E402, F401, I001
+from . import gan, vae, vqvae  # noqa: E402, F401, I001
 from .base import Task, TaskDefaults, get_task, register, task_names
 
 __all__ = ["Task", "TaskDefaults", "get_task", "register", "task_names"]

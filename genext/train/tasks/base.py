@@ -54,7 +54,7 @@ class Task(ABC):
 
     @abstractmethod
     def objective(self, model: nn.Module) -> nn.Module:
-        """A module holding ``model`` whose ``forward(x, y, generator)`` returns
+        """A module holding ``model`` (as its attribute ``model``) whose ``forward(x, y, generator)`` returns
         ``(loss, logs)`` for images ``x`` and labels ``y``: the scalar to minimise and a dict of
         detached scalar tensors. It may define ``after_step(generator)``, called after every
         optimizer step (e.g. to restart dead codebook entries). Its buffers are saved with the
