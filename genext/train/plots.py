@@ -47,11 +47,16 @@ def save_loss_curve(
 
 
 def save_image_grid(
-    path: str | os.PathLike, rows: list[Tensor], titles: list[str] | None = None, scale: int = 4
+    path: str | os.PathLike,
+    rows: list[Tensor],
+    titles: list[str] | None = None,
+    scale: int | None = None,
 ) -> None:
     """Save rows of images ``(n, C, H, W)`` in [-1, 1] (clipped) as one PNG, each pixel
-    ``scale`` x ``scale`` (nearest), one labelled row per tensor."""
+    ``scale`` x ``scale`` (nearest; default: images about 32 pixels high), one labelled row per
+    tensor."""
     plt = _pyplot()
+    scale = scale or max(1, 32 // rows[0].shape[-2])
     titles = titles or [""] * len(rows)
     strips = []
     for row in rows:

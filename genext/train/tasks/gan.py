@@ -113,11 +113,10 @@ class GANObjective(nn.Module):
         if phase == "d":
             with torch.no_grad():
                 fake = pair.generate(pair.generator, z, y_fake)
-            # one discriminator pass over real and fake together (BatchNorm sees both, DDP one
-            # forward per backward)
-            logits = pair.discriminate(torch.cat([x, fake]), torch.cat([y, y_fake]))
-            real_logits, fake_logits = logits[: len(x)], logits[len(x) :]
-            loss = self.d_loss_fn(real_logits, fake_logits)
+            # real and fake in separate passes: DCGAN's BatchNorm must see a fake-only batch here
+            # as in the generator's step, or the discriminator learns from mixed-batch statistics
+            # what the generator's step never shows it
+            loss = self.d_loss_fn(pair.discriminate(x, y), pair.discriminate(fake, y_fake))
             logs = {"d_loss": loss.detach()}
             if self.r1 is not None:
                 penalty = self.r1(int(self.steps), pair.discriminate, x, y)
@@ -245,7 +244,7 @@ class CGANTask(_GANTask):
     kind = "cgan"
     loss = "hinge"
     betas = (0.0, 0.999)
-    defaults = {"digits": TaskDefaults(steps=400, batch_size=64, lr=2e-4, size=16)}
+    defaults = {"digits": TaskDefaults(steps=800, batch_size=64, lr=2e-4, size=16)}
 
     def model_config(self, data: Split) -> dict[str, Any]:
         c, s, _ = data.image_shape
@@ -264,7 +263,7 @@ class StyleGANTask(_GANTask):
     kind = "stylegan"
     r1_gamma = 0.1  # small images: a light R1
     betas = (0.0, 0.99)
-    defaults = {"digits": TaskDefaults(steps=300, batch_size=32, lr=2e-3, size=16)}
+    defaults = {"digits": TaskDefaults(steps=800, batch_size=32, lr=2e-3, size=16)}
 
     def model_config(self, data: Split) -> dict[str, Any]:
         c, s, _ = data.image_shape
