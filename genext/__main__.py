@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser(
         "train",
-        help="train a model (VAE, VQ-VAE) on bundled data; `genext train --help` for options",
+        help="train a model (VAE, VQ-VAE, GANs) on bundled data; `genext train --help` for options",
         add_help=False,
     )
     b = sub.add_parser("bench", help="time genext against eager PyTorch and torch.compile")
