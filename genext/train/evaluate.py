@@ -35,6 +35,7 @@ __all__ = [
     "gaussian_stats",
     "mse",
     "pca_mse",
+    "pca_reconstruct",
 ]
 
 # RBF width for pixels in [-1, 1]: the usual gamma=0.001 for the 0..16 scale, times 8^2
@@ -126,17 +127,22 @@ def mse(a: Tensor, b: Tensor) -> float:
     return float(torch.mean((a.double() - b.double()) ** 2))
 
 
-def pca_mse(x_train: Tensor, x_test: Tensor, k: int) -> float:
-    """Held-out MSE (mean over all elements) of a ``k``-component PCA fitted on ``x_train``:
-    project the centred test rows on the top-k principal directions and back."""
+def pca_reconstruct(x_train: Tensor, x_test: Tensor, k: int) -> Tensor:
+    """``x_test`` through a ``k``-component PCA fitted on ``x_train``: the centred test rows
+    projected on the top-k principal directions and back; same shape as ``x_test``, float64."""
     decomposition = require("sklearn.decomposition")
     a = x_train.reshape(len(x_train), -1).double().cpu().numpy()
     b = x_test.reshape(len(x_test), -1).double().cpu().numpy()
     if not 0 < k <= min(a.shape):
-        raise ValueError(f"pca_mse: k must be in 1..{min(a.shape)}, got {k}")
+        raise ValueError(f"pca: k must be in 1..{min(a.shape)}, got {k}")
     pca = decomposition.PCA(n_components=k, svd_solver="full").fit(a)
-    rec = pca.inverse_transform(pca.transform(b))
-    return float(np.mean((rec - b) ** 2))
+    return torch.from_numpy(pca.inverse_transform(pca.transform(b))).reshape(x_test.shape)
+
+
+def pca_mse(x_train: Tensor, x_test: Tensor, k: int) -> float:
+    """Held-out MSE (mean over all elements) of :func:`pca_reconstruct`: the linear baseline of
+    an autoencoder with ``k`` latent dimensions."""
+    return mse(pca_reconstruct(x_train, x_test, k), x_test)
 
 
 def codebook_stats(indices: Tensor, num_codes: int) -> dict[str, float]:

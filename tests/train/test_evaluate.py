@@ -52,6 +52,8 @@ def test_pca_mse_matches_numpy_svd():
         got = evaluate.pca_mse(torch.from_numpy(a), torch.from_numpy(b), k)
         assert got == pytest.approx(expected, rel=1e-9)
     assert evaluate.pca_mse(torch.from_numpy(a), torch.from_numpy(b), 12) < 1e-20  # full rank
+    rec = evaluate.pca_reconstruct(torch.from_numpy(a), torch.from_numpy(b[:7]), 5)
+    assert rec.shape == (7, 12) and torch.mean((rec - torch.from_numpy(b[:7])) ** 2) < 0.02
     with pytest.raises(ValueError, match="k must be"):
         evaluate.pca_mse(torch.from_numpy(a), torch.from_numpy(b), 0)
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import Split
-from ..evaluate import digit_classifier, digit_fid, mse, pca_mse
+from ..evaluate import digit_classifier, digit_fid, mse, pca_mse, pca_reconstruct
 from ..factory import autoencoder_kl
 from ._autoencoder import (
     AutoencoderTask,
@@ -86,6 +86,8 @@ class VAETask(AutoencoderTask):
         }
         if data.name == "digits":
             out |= digit_figures(recon, data)
+            pca = pca_reconstruct(data.x_train, data.x_test, k).float()
+            out["classifier_acc_pca"] = digit_classifier().accuracy(pca, data.y_test)
             gen = torch.Generator().manual_seed(0)
             z = torch.randn(len(data.x_test), *latents.shape[1:], generator=gen)
             samples = batched(lambda z: model.decode(z).sample, z, device)
