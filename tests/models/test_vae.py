@@ -12,6 +12,7 @@ import torch
 
 import genext
 from genext.models import AutoencoderKL
+from genext.models import vae as vae_module
 
 from peer_parity import assert_grads_match, grads_after, op_names, perturb_, rel
 
@@ -360,3 +361,46 @@ def test_cuda_sd_vae_head_dim_512_runs():
         a, b = ours.decode(zc).sample.double().cpu(), peer.decode(zc).sample.double().cpu()
     assert torch.isfinite(a).all()
     assert rel(a, ref) <= 2 * rel(b, ref) + 1e-6, (rel(a, ref), rel(b, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("extent", [3, 6, 16])
+def test_blend_is_bitwise_diffusers(dtype, extent):
+    """Tile blending gives diffusers' bits in every dtype, for blend widths that are not powers
+    of two too (SD 2.x's 768-pixel tiles blend over 192 and 24 pixels)."""
+    peer = diffusers.AutoencoderKL(**TINY)
+    a = torch.randn(1, 3, 20, 20).to(dtype)
+    b = torch.randn(1, 3, 20, 20).to(dtype)
+    for dim, blend in ((2, peer.blend_v), (3, peer.blend_h)):
+        ours = vae_module._blend(a, b.clone(), extent, dim)
+        theirs = blend(a, b.clone(), extent)
+        assert torch.equal(ours, theirs)
+
+
+def test_sample_with_a_list_of_generators_as_diffusers():
+    ours, peer = _pair(TINY)
+    x = _image(TINY, torch.float32, batch=2)
+    with torch.no_grad():
+        po, pp = ours.encode(x).latent_dist, peer.encode(x).latent_dist
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        a = po.sample([torch.Generator().manual_seed(s) for s in (1, 2)])
+        b = pp.sample(gens)
+    assert rel(a, b) < 1e-6
+    with pytest.raises(ValueError, match="one per entry"):
+        po.sample([torch.Generator()] * 3)
+
+
+def test_output_records_behave_like_diffusers():
+    ours, peer = _pair(TINY)
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        a, b = ours.decode(z), peer.decode(z)
+    assert list(a.keys()) == list(b.keys()) == ["sample"]
+    assert list(a) == list(b)  # iteration gives the field names, as an OrderedDict
+    assert torch.equal(a[0], a.sample) and torch.equal(a["sample"], a.sample)
+    assert a.commit_loss is None
+    assert isinstance(dict(a), dict) and len(a.to_tuple()) == 1
+    cfg = ours.config
+    with pytest.raises(TypeError):
+        cfg |= {"latent_channels": 9}
+    assert ours.config.latent_channels == 4
