@@ -62,6 +62,7 @@ class VAECase:
     batch: int
     size: int  # image side; the latent side is size / 2^(blocks - 1)
     directions: tuple[str, ...]
+    tiled: bool = False  # both models with enable_tiling()
 
     @property
     def name(self) -> str:
@@ -79,6 +80,8 @@ CPU_CASES = [
 CUDA_CASES = [
     VAECase("sd-decode", SD_VAE, 1, 512, ("decode",)),
     VAECase("sd-decode", SD_VAE, 1, 1024, ("decode",)),
+    # a 2048x2048 image decoded in 512-pixel tiles: peak memory bounded by a tile's
+    VAECase("sd-decode-tiled", SD_VAE, 1, 2048, ("decode",), tiled=True),
 ]
 
 
@@ -117,6 +120,10 @@ def vae_inputs(case: VAECase, dtype: torch.dtype, device: str) -> dict:
     if peer is not None:
         peer.load_state_dict(ours.state_dict())
         peer.eval()
+    if case.tiled:
+        for model in (ours, peer):
+            if model is not None:
+                model.enable_tiling()
     c = case.config.get("in_channels", 3)
     x = torch.rand(case.batch, c, case.size, case.size, device=device, dtype=dtype) * 2 - 1
     lat = case.latent_size
