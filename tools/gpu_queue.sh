@@ -50,4 +50,10 @@ run extra.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 python3 to
 run extra.log 150 env GENEXT_FUZZ_DEVICE=cuda GENEXT_FUZZ_VALID_ONLY=1 \
   python3 -m pytest -q -p no:cacheprovider -rfE tests/fuzz
 run extra.log 120 python3 -W ignore -m genext bench --quick --no-compile
+# the models on the GPU: parity with diffusers (needs the diffusers wheel in .gpu/), then the SD
+# VAE decode against diffusers eager and compiled, fp16 and bf16, with peak memory
+run extra.log 90 $PT tests/models
+run extra.log 100 python3 -W ignore -m genext bench --op vae --dtype float16 --no-compile
+run extra.log 100 python3 -W ignore -m genext bench --op vae --dtype bfloat16 --no-compile
+run extra.log 150 python3 -W ignore -m genext bench --op vae --dtype float16
 for f in "$O"/t_*.log; do echo "$f: $(grep -E 'passed|failed' "$f" | tail -1) $(tail -1 "$f")"; done

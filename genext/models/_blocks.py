@@ -77,8 +77,11 @@ class ResnetBlock2D(nn.Module):
         use_in_shortcut: bool | None = None,
         conv_shortcut_bias: bool = True,
         skip_time_act: bool = False,
+        pre_norm: bool = True,
+        conv_2d_out_channels: int | None = None,
     ) -> None:
         super().__init__()
+        del pre_norm  # diffusers accepts it and always normalises first
         if time_embedding_norm not in ("default", "scale_shift"):
             raise ValueError(
                 "ResnetBlock2D: time_embedding_norm must be 'default' or 'scale_shift', got "
@@ -104,13 +107,12 @@ class ResnetBlock2D(nn.Module):
         )
         self.act2 = nn.Identity() if fuse2 else activation(non_linearity)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        final = conv_2d_out_channels or out_channels
+        self.conv2 = nn.Conv2d(out_channels, final, 3, padding=1)
         if use_in_shortcut is None:
-            use_in_shortcut = in_channels != out_channels
+            use_in_shortcut = in_channels != final
         self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1, bias=conv_shortcut_bias)
-            if use_in_shortcut
-            else None
+            nn.Conv2d(in_channels, final, 1, bias=conv_shortcut_bias) if use_in_shortcut else None
         )
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
@@ -193,32 +195,37 @@ class Upsample2D(nn.Module):
         padding: int = 1,
         bias: bool = True,
         interpolate: bool = True,
+        name: str = "conv",
     ) -> None:
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv, self.use_conv_transpose = use_conv, use_conv_transpose
+        self.name = name
         self.interpolate = interpolate
-        self.conv: nn.Module | None = None
+        conv: nn.Module | None = None
         if use_conv_transpose:
-            self.conv = nn.ConvTranspose2d(
+            conv = nn.ConvTranspose2d(
                 channels, self.out_channels, kernel_size or 4, 2, padding, bias=bias
             )
         elif use_conv:
-            self.conv = nn.Conv2d(
+            conv = nn.Conv2d(
                 channels, self.out_channels, kernel_size or 3, padding=padding, bias=bias
             )
+        # diffusers' key: conv.* by default, Conv2d_0.* for any other name
+        setattr(self, "conv" if name == "conv" else "Conv2d_0", conv)
 
     def forward(self, x: Tensor, output_size: tuple[int, int] | None = None) -> Tensor:
+        conv = self.conv if self.name == "conv" else self.Conv2d_0
         if self.use_conv_transpose:
-            return self.conv(x)
+            return conv(x)
         if self.interpolate:
             if output_size is None:
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")
             else:
                 x = F.interpolate(x, size=output_size, mode="nearest")
         if self.use_conv:
-            x = self.conv(x)
+            x = conv(x)
         return x
 
 
@@ -229,7 +236,10 @@ class Attention(nn.Module):
 
     ``x`` is ``(B, L, query_dim)`` or an image ``(B, query_dim, H, W)`` (attended over its
     ``H * W`` positions and returned in the same layout); ``context (B, Lk, cross_attention_dim)``
-    gives cross-attention. Scores use scale ``dim_head ** -0.5``.
+    gives cross-attention. Scores use scale ``dim_head ** -0.5``. With ``out_dim`` the inner
+    width is ``out_dim`` and the head count ``out_dim // dim_head``, as in diffusers.
+    ``attention_mask`` is passed to scaled_dot_product_attention (boolean, True = attend, or
+    additive), broadcast from ``(B, Lk)`` or ``(B, Lq, Lk)`` over the heads.
     """
 
     def __init__(
@@ -248,8 +258,10 @@ class Attention(nn.Module):
         out_dim: int | None = None,
     ) -> None:
         super().__init__()
+        inner = out_dim if out_dim is not None else heads * dim_head
+        if out_dim is not None:
+            heads = out_dim // dim_head
         self.heads, self.dim_head = heads, dim_head
-        inner = heads * dim_head
         context_dim = cross_attention_dim or query_dim
         self.out_dim = out_dim or query_dim
         self.residual_connection = residual_connection
@@ -266,7 +278,9 @@ class Attention(nn.Module):
             [nn.Linear(inner, self.out_dim, bias=out_bias), nn.Dropout(dropout)]
         )
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         residual = x
         image = x.dim() == 4
         if self.group_norm is not None:
@@ -283,7 +297,10 @@ class Attention(nn.Module):
         q = self.to_q(x).view(bsz, -1, self.heads, self.dim_head).transpose(1, 2)
         k = self.to_k(ctx).view(bsz, -1, self.heads, self.dim_head).transpose(1, 2)
         v = self.to_v(ctx).view(bsz, -1, self.heads, self.dim_head).transpose(1, 2)
-        h = scaled_dot_product_attention(q, k, v)
+        if attention_mask is not None and attention_mask.dim() in (2, 3):
+            mask = attention_mask
+            attention_mask = mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]
+        h = scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         h = h.transpose(1, 2).reshape(bsz, -1, self.heads * self.dim_head)
         h = self.to_out[1](self.to_out[0](h))
         if image:
@@ -297,7 +314,8 @@ class Attention(nn.Module):
 
 class UNetMidBlock2D(nn.Module):
     """diffusers' ``UNetMidBlock2D``: a ResNet block, then ``num_layers`` x (attention, ResNet
-    block). The attention has ``in_channels // attention_head_dim`` heads (one, in the VAEs)."""
+    block). The attention has ``in_channels // attention_head_dim`` heads (the VAEs pass
+    ``attention_head_dim=in_channels``: one head)."""
 
     def __init__(
         self,
@@ -311,7 +329,7 @@ class UNetMidBlock2D(nn.Module):
         resnet_groups: int | None = 32,
         attn_groups: int | None = None,
         add_attention: bool = True,
-        attention_head_dim: int | None = None,
+        attention_head_dim: int | None = 1,
         output_scale_factor: float = 1.0,
     ) -> None:
         super().__init__()
@@ -319,7 +337,8 @@ class UNetMidBlock2D(nn.Module):
             resnet_groups = min(in_channels // 4, 32)
         if attn_groups is None and resnet_time_scale_shift == "default":
             attn_groups = resnet_groups
-        head_dim = attention_head_dim or in_channels
+        # diffusers' default is heads of dim 1; None means one head over all channels
+        head_dim = in_channels if attention_head_dim is None else attention_head_dim
         self.add_attention = add_attention
 
         def resnet() -> ResnetBlock2D:

@@ -8,12 +8,15 @@ import inspect
 import json
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ._blocks import rename_legacy_attention_keys
 
 __all__ = ["FrozenConfig", "ModelOutput", "PeerConfigMixin"]
 
@@ -31,21 +34,22 @@ class FrozenConfig(dict):
     def _readonly(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("the config is read-only; build a new model with from_config(...)")
 
-    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _readonly  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = setdefault = clear = _readonly  # type: ignore[assignment]
     __setattr__ = _readonly  # type: ignore[assignment]
 
     def __reduce__(self):  # copy and pickle through the constructor, not item assignment
         return (type(self), (dict(self),))
 
 
-class ModelOutput:
-    """A record of named outputs, read as attributes (``out.sample``), by name (``out["sample"]``)
-    or by position over the fields that are not None (``out[0]``, ``out.to_tuple()``), as the
-    peers' output classes are."""
+class ModelOutput(OrderedDict):
+    """A record of named outputs, as diffusers' ``BaseOutput``: an ordered dict of the fields that
+    are not None, whose fields are also attributes (``out.sample``, None when unset) and whose
+    integer index counts over the set fields (``out[0]``, ``out.to_tuple()``)."""
 
     _fields: tuple[str, ...] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
         if len(args) > len(self._fields):
             raise TypeError(f"{type(self).__name__} takes at most {len(self._fields)} values")
         values = dict(zip(self._fields, args))
@@ -54,18 +58,25 @@ class ModelOutput:
                 raise TypeError(f"{type(self).__name__}: unexpected or repeated field {k!r}")
             values[k] = v
         for f in self._fields:
-            object.__setattr__(self, f, values.get(f))
+            v = values.get(f)
+            object.__setattr__(self, f, v)
+            if v is not None:
+                super().__setitem__(f, v)
 
     def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f) for f in self._fields if getattr(self, f) is not None)
+        return tuple(self.values())
 
     def __getitem__(self, key: int | str) -> Any:
         if isinstance(key, str):
-            return getattr(self, key)
+            return super().__getitem__(key)
         return self.to_tuple()[key]
 
-    def __iter__(self):
-        return iter(self.to_tuple())
+    def __reduce__(self):
+        return (type(self), (), None, None, iter(self.items()))
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        object.__setattr__(self, key, value)
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
@@ -158,11 +169,20 @@ class PeerConfigMixin:
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         variant: str | None = None,
+        **ignored: Any,
     ):
         """The model saved in ``folder`` in diffusers' layout: ``config.json`` beside
         ``diffusion_pytorch_model.safetensors`` (or ``.bin``); ``subfolder`` for a pipeline's
         component (``"vae"``). A local path only: nothing is downloaded. The weights load
-        strictly; ``torch_dtype`` and ``device`` move the model after loading."""
+        strictly; ``torch_dtype`` and ``device`` move the model after loading. diffusers' other
+        loading options (``use_safetensors``, ``low_cpu_mem_usage``, ...) are accepted with a
+        warning and have no effect. Checkpoints with the old attention names (``query``,
+        ``key``, ``value``, ``proj_attn``) are renamed on load, as diffusers does."""
+        if ignored:
+            warnings.warn(
+                f"{cls.__name__}.from_pretrained: ignoring {sorted(ignored)} (local folders only)",
+                stacklevel=2,
+            )
         root = Path(folder)
         if subfolder:
             root = root / subfolder
@@ -200,5 +220,5 @@ class PeerConfigMixin:
 
     @classmethod
     def _convert_legacy_state(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Hook for renaming keys of older checkpoints; identity by default."""
-        return state
+        """Renames keys of older checkpoints: the attention blocks' old names."""
+        return rename_legacy_attention_keys(state)

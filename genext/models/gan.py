@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from ..nn import GroupNormSiLU
@@ -32,12 +33,18 @@ __all__ = [
 
 
 def weights_init(m: nn.Module) -> None:
-    """DCGAN's initialisation, for ``model.apply(weights_init)``: conv and transposed-conv weights
-    from N(0, 0.02), BatchNorm weights from N(1, 0.02) and BatchNorm biases 0."""
-    name = type(m).__name__
-    if "Conv" in name:
-        nn.init.normal_(m.weight, 0.0, 0.02)
-    elif "BatchNorm" in name:
+    """DCGAN's initialisation, for ``dcgan_model.apply(weights_init)``: conv and transposed-conv
+    weights from N(0, 0.02), BatchNorm weights from N(1, 0.02) and BatchNorm biases 0.
+
+    Meant for the DCGAN models. It touches PyTorch's conv and BatchNorm layers only (so not the
+    StyleGAN models' equalised-lr layers, which keep unit-variance weights), and a spectrally
+    normalised conv gets its stored (original) weight initialised."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if parametrize.is_parametrized(m, "weight"):
+            nn.init.normal_(m.parametrizations.weight.original, 0.0, 0.02)
+        else:
+            nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
 
@@ -87,11 +94,13 @@ class DCGANDiscriminator(nn.Module):
     Four stride-2 convolutions (nc -> ndf -> ndf*2 -> ndf*4 -> ndf*8) with LeakyReLU(0.2) and
     BatchNorm (none after the first), then a 4x4 convolution to one channel and a sigmoid, in
     ``self.main`` with the examples' indices (their ``netD.pth`` loads with ``strict=True``).
-    Train it with ``BCELoss`` as the examples do, or drop the sigmoid (``main[:-1]``) for logits.
+    Train it with ``BCELoss`` as the examples do; ``logits=True`` returns the score before the
+    sigmoid instead, which genext's GAN losses (on logits) expect. Same weights either way.
     """
 
-    def __init__(self, nc: int = 3, ndf: int = 64) -> None:
+    def __init__(self, nc: int = 3, ndf: int = 64, logits: bool = False) -> None:
         super().__init__()
+        self.logits = logits
 
         def down(cin: int, cout: int) -> nn.Conv2d:
             return nn.Conv2d(cin, cout, 4, 2, 1, bias=False)
@@ -113,7 +122,8 @@ class DCGANDiscriminator(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.main(x).view(-1, 1).squeeze(1)
+        out = self.main[:-1](x) if self.logits else self.main(x)
+        return out.view(-1, 1).squeeze(1)
 
 
 # ---- class-conditional ResNet GAN ---------------------------------------------------------------

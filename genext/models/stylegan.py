@@ -348,6 +348,16 @@ class MappingNetwork(nn.Module):
         )
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        # w_avg keeps at least float32 when the model is cast to 16 bits: there its EMA steps
+        # (0.005 x the distance to the batch mean) would round away and the average stall
+        kept = self.w_avg
+        super()._apply(fn, recurse)
+        new = self._buffers["w_avg"]
+        if new.dtype in (torch.float16, torch.bfloat16):
+            self._buffers["w_avg"] = kept.to(device=new.device, dtype=torch.float32)
+        return self
+
     def forward(
         self,
         z: Tensor,
@@ -366,7 +376,9 @@ class MappingNetwork(nn.Module):
         track = self.training if update_w_avg is None else update_w_avg
         if track:
             with torch.no_grad():
-                self.w_avg.copy_(w.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+                # in w_avg's dtype: under autocast or in a 16-bit model w is 16-bit, w_avg is not
+                mean = w.detach().to(self.w_avg.dtype).mean(dim=0)
+                self.w_avg.lerp_(mean, 1.0 - self.w_avg_beta)
         ws = w.unsqueeze(1).expand(-1, self.num_ws, -1)
         if truncation_psi != 1:
             cut = self.num_ws if truncation_cutoff is None else truncation_cutoff

@@ -20,7 +20,6 @@ from ._blocks import (
     DownEncoderBlock2D,
     UNetMidBlock2D,
     UpDecoderBlock2D,
-    rename_legacy_attention_keys,
 )
 from ._config import ModelOutput, PeerConfigMixin
 
@@ -186,14 +185,36 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_norm_out(x))
 
 
-def _randn(shape: torch.Size, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """Standard normal draws as diffusers' ``randn_tensor`` makes them: on the generator's device,
-    then moved, so a CPU generator gives the same latents on every device."""
-    if generator is not None and generator.device.type != like.device.type:
-        return torch.randn(
-            shape, generator=generator, device=generator.device, dtype=like.dtype
-        ).to(like.device)
-    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+def _randn(
+    shape: torch.Size,
+    generator: torch.Generator | list[torch.Generator] | None,
+    like: Tensor,
+) -> Tensor:
+    """Standard normal draws as diffusers' ``randn_tensor`` makes them, so that a seed gives the
+    same latents here and there: on the CPU when the generator is a CPU one (then moved), one
+    draw per batch entry from a list of generators, and an error for a CUDA generator with a
+    tensor elsewhere."""
+    device, dtype = like.device, like.dtype
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    first = generator[0] if isinstance(generator, (list, tuple)) else generator
+    draw_on = device
+    if first is not None and first.device.type != device.type:
+        if first.device.type == "cuda":
+            raise ValueError(
+                f"cannot draw {device.type} noise from a cuda generator: pass a generator on "
+                f"{device.type} (or on the CPU)"
+            )
+        draw_on = first.device
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(
+                f"{len(generator)} generators for a batch of {shape[0]}: pass one per entry"
+            )
+        one = (1, *shape[1:])
+        parts = [torch.randn(one, generator=g, device=draw_on, dtype=dtype) for g in generator]
+        return torch.cat(parts).to(device)
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
 
 
 class DiagonalGaussianDistribution:
@@ -211,8 +232,9 @@ class DiagonalGaussianDistribution:
             self.std = torch.exp(0.5 * self.logvar)
             self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """``mean + std * eps`` with ``eps`` drawn from ``generator``."""
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """``mean + std * eps`` with ``eps`` drawn from ``generator`` (or one generator per batch
+        entry), as diffusers draws it."""
         return self.mean + self.std * _randn(self.mean.shape, generator, self.parameters)
 
     def mode(self) -> Tensor:
@@ -250,13 +272,17 @@ def _blend(a: Tensor, b: Tensor, extent: int, dim: int) -> Tensor:
     extent = min(a.shape[dim], b.shape[dim], extent)
     if extent <= 0:
         return b
-    # the weights in float64 then cast, as diffusers' Python-float scalars are
+    # diffusers multiplies by Python floats: PyTorch computes such a product in the op's math
+    # type (float32 for 16-bit and float32 tensors, float64 for float64) and rounds it to the
+    # tensor's dtype, then rounds the sum; the same steps here give the same bits
+    math_t = torch.float64 if b.dtype == torch.float64 else torch.float32
     w = torch.arange(extent, dtype=torch.float64, device=b.device) / extent
     shape = [1, 1, 1, 1]
     shape[dim] = extent
-    wb, wa = w.view(shape).to(b.dtype), (1 - w).view(shape).to(b.dtype)
+    wb, wa = w.view(shape).to(math_t), (1 - w).view(shape).to(math_t)
     head = b.narrow(dim, 0, extent)
-    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * wa + head * wb)
+    tail = a.narrow(dim, a.shape[dim] - extent, extent)
+    head.copy_((tail.to(math_t) * wa).to(b.dtype) + (head.to(math_t) * wb).to(b.dtype))
     return b
 
 
@@ -359,6 +385,7 @@ class AutoencoderKL(PeerConfigMixin, nn.Module):
         )
         self.use_slicing = False
         self.use_tiling = False
+        # a (height, width) sample size tiles by its first entry (square tiles)
         size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
         self.tile_sample_min_size = int(size)
         self.tile_latent_min_size = int(size / 2 ** (len(block_out_channels) - 1))
@@ -480,7 +507,3 @@ class AutoencoderKL(PeerConfigMixin, nn.Module):
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, return_dict=return_dict)
-
-    @classmethod
-    def _convert_legacy_state(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        return rename_legacy_attention_keys(state)

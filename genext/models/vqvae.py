@@ -165,7 +165,8 @@ class VQModel(PeerConfigMixin, nn.Module):
                 quant = self.quantize.get_codebook_entry(h, shape)
             else:
                 quant = h
-            commit_loss = torch.zeros(h.shape[0], device=h.device, dtype=quant.dtype)
+            # h's dtype, as diffusers has it (int64 when h holds code indices)
+            commit_loss = torch.zeros(h.shape[0], device=h.device, dtype=h.dtype)
         dec = self.decoder(self.post_quant_conv(quant))
         return (
             DecoderOutput(sample=dec, commit_loss=commit_loss)

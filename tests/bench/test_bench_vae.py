@@ -20,14 +20,20 @@ TINY = dict(
 )
 
 
-def test_check_passes_on_equal_weights_and_fails_on_different_ones():
+@pytest.mark.parametrize(
+    "dtype, which, delta",
+    # float32 compares with diffusers; 16-bit with diffusers' float64 model, so a genext model that
+    # computes something else must fail there too
+    [(torch.float32, "diffusers", 1e-3), (torch.bfloat16, "genext", 0.5)],
+)
+def test_check_passes_on_equal_weights_and_fails_on_different_ones(dtype, which, delta):
     case = VAECase("tiny", TINY, 2, 8, ("fwd", "f+b"))
-    inputs = vae_inputs(case, torch.float32, "cpu")
-    ok, note = vae_check(case, torch.float32, inputs)
+    inputs = vae_inputs(case, dtype, "cpu")
+    ok, note = vae_check(case, dtype, inputs)
     assert ok is True, note
     with torch.no_grad():
-        inputs["diffusers"].decoder.conv_out.bias.add_(1e-3)
-    ok, note = vae_check(case, torch.float32, inputs)
+        inputs[which].decoder.conv_out.bias.add_(delta)
+    ok, note = vae_check(case, dtype, inputs)
     assert ok is False, note
 
 

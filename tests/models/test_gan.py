@@ -159,6 +159,31 @@ def test_weights_init_statistics():
     assert torch.equal(bn_b, torch.zeros_like(bn_b))
 
 
+def test_weights_init_leaves_other_families_alone_and_reaches_spectral_norm():
+    """It inits PyTorch's conv layers only: the StyleGAN layers keep their unit-variance stored
+    weights, and a spectrally normalised conv gets its stored weight initialised."""
+    from genext.models.stylegan import EqualConv2d
+
+    eq = EqualConv2d(8, 8, 3)
+    before = eq.weight.detach().clone()
+    eq.apply(weights_init)
+    assert torch.equal(eq.weight, before)
+    sn = torch.nn.utils.parametrizations.spectral_norm(nn.Conv2d(64, 64, 3))
+    sn.apply(weights_init)
+    std = sn.parametrizations.weight.original.std().item()
+    assert abs(std / 0.02 - 1) < 0.05
+
+
+def test_dcgan_discriminator_logits_are_the_probability_before_the_sigmoid():
+    d = DCGANDiscriminator(nc=1, ndf=8)
+    d_logits = DCGANDiscriminator(nc=1, ndf=8, logits=True)
+    d_logits.load_state_dict(d.state_dict(), strict=True)
+    x = torch.randn(3, 1, 64, 64)
+    logits = d_logits(x)
+    assert logits.shape == (3,) and (logits.abs() > 0).all()
+    torch.testing.assert_close(torch.sigmoid(logits), d(x), rtol=1e-6, atol=0)
+
+
 # ---- conditional ResNet GAN -------------------------------------------------------------------
 
 SIZES = [(1, 8), (1, 16), (3, 32)]  # (channels, size): digits 8x8, digits upsampled, RGB

@@ -8,6 +8,7 @@ conditional G and D, gradcheck, R1 through the discriminator."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -410,9 +411,44 @@ def test_a_training_step_with_lazy_r1():
     z, c = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
     real = torch.randn(4, 1, 16, 16)
     fake = g(z, c)
-    loss_d = nonsaturating_d_loss(d(real, c), d(fake.detach(), c))
     r1 = LazyR1(gamma=1.0, interval=4)(0, d, real, c)
-    (loss_d + r1).backward()
+    r1.backward()  # R1 alone: its own backward must reach D's weights
     assert r1.item() > 0 and d.fromrgb.weight.grad.abs().sum() > 0
+    # and against a finite difference of the penalty in one weight, in float64
+    d64 = copy.deepcopy(d).double()
+    real64 = real.double()
+
+    def penalty():
+        return LazyR1(gamma=1.0, interval=4)(0, d64, real64, c)
+
+    d64.zero_grad()
+    penalty().backward()
+    w = d64.fromrgb.weight
+    analytic = w.grad.flatten()[0].item()
+    h = 1e-6
+    values = []
+    for step in (h, -2 * h, h):
+        with torch.no_grad():
+            w.view(-1)[0] += step
+        values.append(penalty().item())
+    up, down = values[0], values[1]
+    assert abs(analytic - (up - down) / (2 * h)) <= 1e-5 * max(1.0, abs(analytic))
+    d.zero_grad()
+    loss_d = nonsaturating_d_loss(d(real, c), d(fake.detach(), c))
+    loss_d.backward()
     nonsaturating_g_loss(d(fake, c)).backward()
     assert all(p.grad is not None for p in g.synthesis.parameters())
+
+
+def test_w_avg_stays_float32_and_tracks_under_autocast_and_in_bfloat16():
+    g = _gen().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g(torch.randn(4, 8))
+    assert g.mapping.w_avg.dtype == torch.float32 and g.mapping.w_avg.abs().sum() > 0
+    g = g.to(torch.bfloat16)
+    assert g.mapping.w_avg.dtype == torch.float32
+    # the average moves by 0.005 x the distance per step: in bf16 those steps would round away
+    before = g.mapping.w_avg.clone()
+    for _ in range(20):
+        g.mapping(torch.randn(16, 8, dtype=torch.bfloat16) + 3)
+    assert not torch.equal(g.mapping.w_avg, before)

@@ -12,6 +12,7 @@ import torch
 
 import genext
 from genext.models import AutoencoderKL
+from genext.models import vae as vae_module
 
 from peer_parity import assert_grads_match, grads_after, op_names, perturb_, rel
 
@@ -307,3 +308,99 @@ def test_compile_fullgraph_matches_eager():
 
 def test_is_reachable_from_package():
     assert genext.models.AutoencoderKL is AutoencoderKL
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_diffusers_and_the_float64_model(dtype, monkeypatch):
+    """On the GPU: float32 equal to diffusers' (TF32 off for both); 16-bit no worse than twice
+    diffusers' own error against the float64 model on the CPU. SD_SMALL's mid-block attention
+    has one head of dim 64, served by genext's kernel."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ours64, peer64 = _pair(SD_SMALL, torch.float64)
+    x = _image(SD_SMALL, torch.float64, batch=2, size=64)
+    with torch.no_grad():
+        ref = peer64(x).sample
+        ours = copy.deepcopy(ours64).to("cuda", dtype)
+        peer = copy.deepcopy(peer64).to("cuda", dtype)
+        xc = x.to("cuda", dtype)
+        a, b = ours(xc).sample.double().cpu(), peer(xc).sample.double().cpu()
+    assert torch.isfinite(a).all()
+    if dtype == torch.float32:
+        assert rel(a, b) < 1e-5
+    else:
+        assert rel(a, ref) <= 2 * rel(b, ref) + 1e-6, (rel(a, ref), rel(b, ref))
+    # and the gradients of a training step, in float32 on the GPU against the CPU float64 model
+    if dtype == torch.float32:
+        w = torch.randn(x.shape, dtype=torch.float64)
+
+        def loss_of(x, w):
+            return lambda model: (model(x).sample * w).sum()
+
+        ref_g = grads_after(peer64, loss_of(x, w))
+        go = grads_after(ours, loss_of(xc, w.to("cuda", dtype)))
+        gp = grads_after(peer, loss_of(xc, w.to("cuda", dtype)))
+        go = {k: v.cpu() for k, v in go.items()}
+        gp = {k: v.cpu() for k, v in gp.items()}
+        assert_grads_match(go, gp, 1e-4, ref_g)
+
+
+@pytest.mark.cuda
+def test_cuda_sd_vae_head_dim_512_runs():
+    """The SD VAE's mid-block attention is one head of dim 512, above genext's CUDA kernels'
+    limit: it goes to PyTorch's SDPA, and the result still equals diffusers'."""
+    config = dict(SD_SMALL, block_out_channels=[32, 64, 64, 512])
+    ours64, peer64 = _pair(config, torch.float64)
+    z = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ref = peer64.decode(z).sample
+        ours = copy.deepcopy(ours64).to("cuda", torch.float16)
+        peer = copy.deepcopy(peer64).to("cuda", torch.float16)
+        zc = z.to("cuda", torch.float16)
+        a, b = ours.decode(zc).sample.double().cpu(), peer.decode(zc).sample.double().cpu()
+    assert torch.isfinite(a).all()
+    assert rel(a, ref) <= 2 * rel(b, ref) + 1e-6, (rel(a, ref), rel(b, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("extent", [3, 6, 16])
+def test_blend_is_bitwise_diffusers(dtype, extent):
+    """Tile blending gives diffusers' bits in every dtype, for blend widths that are not powers
+    of two too (SD 2.x's 768-pixel tiles blend over 192 and 24 pixels)."""
+    peer = diffusers.AutoencoderKL(**TINY)
+    a = torch.randn(1, 3, 20, 20).to(dtype)
+    b = torch.randn(1, 3, 20, 20).to(dtype)
+    for dim, blend in ((2, peer.blend_v), (3, peer.blend_h)):
+        ours = vae_module._blend(a, b.clone(), extent, dim)
+        theirs = blend(a, b.clone(), extent)
+        assert torch.equal(ours, theirs)
+
+
+def test_sample_with_a_list_of_generators_as_diffusers():
+    ours, peer = _pair(TINY)
+    x = _image(TINY, torch.float32, batch=2)
+    with torch.no_grad():
+        po, pp = ours.encode(x).latent_dist, peer.encode(x).latent_dist
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        a = po.sample([torch.Generator().manual_seed(s) for s in (1, 2)])
+        b = pp.sample(gens)
+    assert rel(a, b) < 1e-6
+    with pytest.raises(ValueError, match="one per entry"):
+        po.sample([torch.Generator()] * 3)
+
+
+def test_output_records_behave_like_diffusers():
+    ours, peer = _pair(TINY)
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        a, b = ours.decode(z), peer.decode(z)
+    assert list(a.keys()) == list(b.keys()) == ["sample"]
+    assert list(a) == list(b)  # iteration gives the field names, as an OrderedDict
+    assert torch.equal(a[0], a.sample) and torch.equal(a["sample"], a.sample)
+    assert a.commit_loss is None
+    assert isinstance(dict(a), dict) and len(a.to_tuple()) == 1
+    cfg = ours.config
+    with pytest.raises(TypeError):
+        cfg |= {"latent_channels": 9}
+    assert ours.config.latent_channels == 4

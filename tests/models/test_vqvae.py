@@ -4,6 +4,7 @@ codes, losses, outputs and gradients (codebook included), token ids, loading, ke
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -136,3 +137,34 @@ def test_save_and_load_round_trip(tmp_path, monkeypatch):
 def test_spatial_norm_is_refused():
     with pytest.raises(ValueError, match="spatial"):
         VQModel(**dict(TINY, norm_type="spatial"))
+
+
+def test_legacy_attention_key_names_load(tmp_path):
+    _, peer = _pair(TINY)
+    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for k, v in peer.state_dict().items():
+        for new, old in renames.items():
+            k = k.replace(f".{new}.", f".{old}.")
+        state[k] = v
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(peer.config)))
+    torch.save(state, folder / "diffusion_pytorch_model.bin")
+    loaded = VQModel.from_pretrained(folder)
+    x = _image(torch.float32)
+    with torch.no_grad():
+        assert rel(loaded(x).sample, peer(x).sample) < 1e-5
+
+
+def test_decode_from_codebook_indices_as_diffusers():
+    config = dict(TINY, lookup_from_codebook=True)
+    ours, peer = _pair(config)
+    ids = torch.randint(0, 256, (2 * 16 * 16,))
+    with torch.no_grad():
+        a = ours.decode(ids, force_not_quantize=True, shape=(2, 16, 16, 3))
+        b = peer.decode(ids, force_not_quantize=True, shape=(2, 16, 16, 3))
+    assert rel(a.sample, b.sample) < 1e-5
+    assert a.commit_loss.dtype == b.commit_loss.dtype and torch.equal(a.commit_loss, b.commit_loss)
+    with torch.no_grad():
+        assert rel(ours.decode_indices(ids.view(2, 16, 16)), a.sample) < 1e-5
