@@ -73,10 +73,10 @@ class GANPair(nn.Module):
         return g(z, y if self.conditional else None)
 
     def discriminate(self, x: Tensor, y: Tensor) -> Tensor:
-        """Logits ``(B,)`` (DCGAN's discriminator without its final sigmoid)."""
+        """Logits ``(B,)`` (DCGAN's discriminator is built with ``logits=True``)."""
         d = self.discriminator
         if self.kind == "dcgan":
-            return d.main[:-1](x).reshape(-1)
+            return d(x)
         if self.kind == "cgan":
             return d(x, y)
         return d(x, y if self.conditional else None)
@@ -234,7 +234,7 @@ class DCGANTask(_GANTask):
 
     def make_pair(self, config: dict[str, Any]) -> GANPair:
         g = DCGANGenerator(config["nz"], config["ngf"], config["nc"])
-        d = DCGANDiscriminator(config["nc"], config["ndf"])
+        d = DCGANDiscriminator(config["nc"], config["ndf"], logits=True)
         g.apply(weights_init)
         d.apply(weights_init)
         return GANPair("dcgan", g, d, config["nz"])
