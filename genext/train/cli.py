@@ -41,7 +41,8 @@ def build_parser(prog: str = "genext train") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "genext train") -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), train, print the metrics as JSON."""
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     config = TrainConfig(
         task=args.task,
         data=args.data,
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None, prog: str = "genext train") -> int:
         evaluate=not args.no_eval,
         model_config=args.model_config,
     )
+    try:
+        config.resolved()  # a dataset the task does not train on: a usage error, not a traceback
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2
     metrics = train(config)
     if metrics:
         print(json.dumps(metrics, indent=2))

@@ -149,6 +149,9 @@ def test_genext_train_subcommand(tmp_path, tiny, capsys):
     with pytest.raises(SystemExit) as e:
         genext_main(["train", "nosuchtask"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        genext_main(["train", "cgan", "--data", "photos"])
+    assert e.value.code == 2 and "trains on ('digits',)" in capsys.readouterr().err
 
 
 def test_single_rank_process_group_wraps_ddp(tmp_path, tiny):
