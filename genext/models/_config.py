@@ -132,6 +132,29 @@ class PeerConfigMixin:
 
     config: FrozenConfig
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first parameter (diffusers' ``model.dtype``)."""
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter (diffusers' ``model.device``)."""
+        return next(self.parameters()).device
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the blocks' activations in the backward instead of storing them, in every
+        submodule that supports it (those with a ``gradient_checkpointing`` flag)."""
+        self._set_checkpointing(True)
+
+    def disable_gradient_checkpointing(self) -> None:
+        self._set_checkpointing(False)
+
+    def _set_checkpointing(self, on: bool) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = on
+
     def _record_config(self, values: Mapping[str, Any]) -> None:
         sig = inspect.signature(type(self).__init__)
         full = {name: p.default for name, p in sig.parameters.items() if name != "self"}

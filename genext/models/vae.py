@@ -407,20 +407,6 @@ class AutoencoderKL(PeerConfigMixin, nn.Module):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = False
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
     # -- encoding
     def _moments(self, x: Tensor) -> Tensor:
         h = self.encoder(x)

@@ -128,20 +128,6 @@ class VQModel(PeerConfigMixin, nn.Module):
             mid_block_add_attention=mid_block_add_attention,
         )
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = False
-
     def encode(self, x: Tensor, return_dict: bool = True):
         """``VQEncoderOutput(latents=...)`` (or ``(latents,)``): the pre-quantisation latents."""
         h = self.quant_conv(self.encoder(x))

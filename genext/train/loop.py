@@ -231,6 +231,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ranks."""
     tqdm = require("tqdm").tqdm
     cfg = config.resolved()
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = _Dist(cfg.device)
@@ -238,6 +239,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         return _train(cfg, ctx, tqdm)
     finally:
         ctx.close()
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
 def _train(cfg: TrainConfig, ctx: _Dist, tqdm: Any) -> dict[str, Any]:

@@ -12,12 +12,44 @@ import pytest
 import torch
 import torch.distributed as dist
 
+pytest.importorskip("sklearn")
+pytest.importorskip("safetensors")
+
 from genext.__main__ import main as genext_main
 from genext.train import checkpoint, loop
 from genext.train.cli import main
 from genext.train.tasks import vqvae
 
-_SIZE = {"cgan": 8, "stylegan": 8}  # the tiny GANs' image side (conftest's tiny_size)
+_SIZE = {"cgan": 8, "stylegan": 8}  # the tiny GANs' image side
+
+# Tiny model configs (here, not in a tests/train/conftest.py: a second module named conftest on
+# sys.path shadows tests/conftest.py in processes that other tests spawn)
+_TINY = {
+    "vae": {"block_out_channels": [8, 8], "norm_num_groups": 4, "latent_channels": 2},
+    "vqvae": {
+        "block_out_channels": [8, 8],
+        "norm_num_groups": 4,
+        "latent_channels": 2,
+        "vq_embed_dim": 2,
+        "num_vq_embeddings": 16,
+    },
+    "gan": {"nz": 8, "ngf": 4, "ndf": 4},  # DCGAN: 64x64 (its layers are fixed)
+    "cgan": {"z_dim": 8, "base_channels": 8, "image_size": 8},
+    "stylegan": {
+        "z_dim": 8,
+        "w_dim": 8,
+        "image_size": 8,
+        "mapping_layers": 1,
+        "channel_base": 32,
+        "channel_max": 8,
+    },
+}
+
+
+@pytest.fixture
+def tiny() -> dict[str, dict]:
+    """Per task, the model arguments (over the task's own) that make the model tiny."""
+    return {k: dict(v) for k, v in _TINY.items()}
 
 
 def _config(task: str, out: Path, tiny: dict, **kw) -> loop.TrainConfig:
