@@ -412,15 +412,18 @@ class AutoencoderKL(PeerConfigMixin, nn.Module):
         h = self.encoder(x)
         return self.quant_conv(h) if self.quant_conv is not None else h
 
+    def _tiled_moments(self, x: Tensor) -> Tensor:
+        return tiled_apply(
+            x,
+            self._moments,
+            self.tile_sample_min_size,
+            self.tile_latent_min_size,
+            self.tile_overlap_factor,
+        )
+
     def _encode(self, x: Tensor) -> Tensor:
         if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
-            return tiled_apply(
-                x,
-                self._moments,
-                self.tile_sample_min_size,
-                self.tile_latent_min_size,
-                self.tile_overlap_factor,
-            )
+            return self._tiled_moments(x)
         return self._moments(x)
 
     def encode(self, x: Tensor, return_dict: bool = True):
@@ -439,15 +442,18 @@ class AutoencoderKL(PeerConfigMixin, nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
+    def _tiled_image(self, z: Tensor) -> Tensor:
+        return tiled_apply(
+            z,
+            self._image,
+            self.tile_latent_min_size,
+            self.tile_sample_min_size,
+            self.tile_overlap_factor,
+        )
+
     def _decode(self, z: Tensor) -> Tensor:
         if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
-            return tiled_apply(
-                z,
-                self._image,
-                self.tile_latent_min_size,
-                self.tile_sample_min_size,
-                self.tile_overlap_factor,
-            )
+            return self._tiled_image(z)
         return self._image(z)
 
     def decode(self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None):
@@ -461,25 +467,13 @@ class AutoencoderKL(PeerConfigMixin, nn.Module):
 
     def tiled_encode(self, x: Tensor, return_dict: bool = True):
         """``encode`` in tiles whatever the switches say."""
-        moments = tiled_apply(
-            x,
-            self._moments,
-            self.tile_sample_min_size,
-            self.tile_latent_min_size,
-            self.tile_overlap_factor,
-        )
+        moments = self._tiled_moments(x)
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
     def tiled_decode(self, z: Tensor, return_dict: bool = True):
         """``decode`` in tiles whatever the switches say."""
-        x = tiled_apply(
-            z,
-            self._image,
-            self.tile_latent_min_size,
-            self.tile_sample_min_size,
-            self.tile_overlap_factor,
-        )
+        x = self._tiled_image(z)
         return DecoderOutput(sample=x) if return_dict else (x,)
 
     def forward(
