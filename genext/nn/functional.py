@@ -10,7 +10,7 @@ from .. import _C, _build_config
 from ..ops import served_dtypes, softmax_scale
 from ..ops.group_norm_silu import group_norm_silu
 
-__all__ = ["group_norm_silu", "scaled_dot_product_attention"]
+__all__ = ["group_norm_silu", "scaled_dot_product_attention", "sdpa_backend"]
 
 
 # looked up once, at import, so that the per-call decision is plain Python torch.compile can trace
@@ -75,6 +75,36 @@ def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Tensor | None:
     return n.to(torch.int32).expand(b).contiguous()
 
 
+def _route(
+    query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
+) -> tuple[bool, Tensor | None]:
+    """(whether genext's kernel runs, the key lengths it gets from a key-padding mask)."""
+    if not _genext_can_run(
+        query, key, value, dropout_p, is_causal, enable_gqa, attn_mask is not None
+    ):
+        return False, None
+    if attn_mask is None:
+        return True, None
+    lengths = _key_lengths(attn_mask, query, key.shape[2])
+    return lengths is not None, lengths
+
+
+def sdpa_backend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> str:
+    """Which implementation :func:`scaled_dot_product_attention` runs for these arguments:
+    ``"genext"`` (genext's flash-attention kernel) or ``"torch"`` (PyTorch's SDPA). Models and
+    tests use it to know which attention op a profile must show."""
+    runs, _ = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    return "genext" if runs else "torch"
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -106,26 +136,23 @@ def scaled_dot_product_attention(
     math backend gives NaN rows there), and a row whose only visible score is NaN is NaN (PyTorch's
     default CPU kernel gives zeros there).
     """
-    if _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, attn_mask is not None):
-        lengths = None
-        if attn_mask is not None:
-            lengths = _key_lengths(attn_mask, query, key.shape[2])
-        if attn_mask is None or lengths is not None:
-            sc = softmax_scale(query, scale)
-            out, _ = torch.ops.genext.flash_attention_forward(
-                query.transpose(1, 2),
-                key.transpose(1, 2),
-                value.transpose(1, 2),
-                None,
-                None,
-                lengths,
-                0,
-                0,
-                sc,
-                bool(is_causal),
-                False,
-            )
-            return out.transpose(1, 2)
+    runs, lengths = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if runs:
+        sc = softmax_scale(query, scale)
+        out, _ = torch.ops.genext.flash_attention_forward(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            None,
+            None,
+            lengths,
+            0,
+            0,
+            sc,
+            bool(is_causal),
+            False,
+        )
+        return out.transpose(1, 2)
     return F.scaled_dot_product_attention(
         query,
         key,

@@ -34,6 +34,7 @@ def torch_sdpa_calls(monkeypatch):
 def test_sdpa_drop_in_matches_torch(device, lq, lk, is_causal, torch_sdpa_calls):
     # is_causal is PyTorch's top-left mask, also when Lq != Lk
     q, k, v = make_qkv(2, 4, 4, lq, lk, 64, torch.float32, device, requires_grad=True)
+    assert gF.sdpa_backend(q, k, v, is_causal=is_causal) == "genext"
     out = gF.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
     assert not torch_sdpa_calls, "the genext kernel should have run"
     want = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
@@ -64,6 +65,7 @@ def test_sdpa_drop_in_key_padding_mask(device, mask_shape, torch_sdpa_calls):
     lens = torch.tensor([37, 0, 12]) if mask_shape == "B11L" else torch.tensor([30])
     mask = (torch.arange(lk) < lens[:, None]).to(device)  # True = attend, a prefix per batch
     mask = mask[:, None, None, :] if mask_shape == "B11L" else mask[:, None, :]
+    assert gF.sdpa_backend(q, k, v, attn_mask=mask) == "genext"
     out = gF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert not torch_sdpa_calls, "a prefix key-padding mask runs on the genext kernel"
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -107,6 +109,8 @@ def test_sdpa_drop_in_falls_back(device, kind, torch_sdpa_calls):
         q, k, v = q[0], k[0], v[0]
     elif kind == "value-dim":
         v = torch.randn(b, h, lk, 24, device=device)
+    backend_kwargs = {k: a for k, a in kwargs.items() if k != "scale"}
+    assert gF.sdpa_backend(q, k, v, **backend_kwargs) == "torch"
     out = gF.scaled_dot_product_attention(q, k, v, **kwargs)
     assert torch_sdpa_calls, "expected the PyTorch fallback"
     if kind == "dropout":
