@@ -9,12 +9,12 @@ the float64 model).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 
 from ..models import AutoencoderKL
+from .peer_models import check_against_peer, model_timings, perturbed_, quiet_cast
 from .registry import (
     DIRECTION,
     DTYPE,
@@ -25,7 +25,6 @@ from .registry import (
     Case,
     Column,
     Config,
-    Timing,
     device_cases,
 )
 
@@ -85,37 +84,20 @@ CUDA_CASES = [
 ]
 
 
-def _cast(model, **to):
-    """``model.to(**to)`` with diffusers' warning about casting a model by ``.to(dtype)``
-    silenced: the bench casts both models the same way."""
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        return model.to(**to)
-    finally:
-        diffusers_logging.set_verbosity(level)
-
-
 def _diffusers_vae(config: dict, device: str, dtype: torch.dtype):
     """diffusers' model on device in dtype; None without diffusers."""
     try:
         import diffusers
     except ImportError:
         return None
-    return _cast(diffusers.AutoencoderKL(**config), device=device, dtype=dtype)
+    return quiet_cast(diffusers.AutoencoderKL(**config), device=device, dtype=dtype)
 
 
 def vae_inputs(case: VAECase, dtype: torch.dtype, device: str) -> dict:
     """Both models with the same random weights (perturbed off the 0/1 initial norms), an image
     batch and a latent batch, never zeros."""
     torch.manual_seed(0)
-    ours = AutoencoderKL(**case.config)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    ours = ours.to(device=device, dtype=dtype).eval()
+    ours = perturbed_(AutoencoderKL(**case.config)).to(device=device, dtype=dtype).eval()
     peer = _diffusers_vae(case.config, device, dtype)
     if peer is not None:
         peer.load_state_dict(ours.state_dict())
@@ -133,64 +115,17 @@ def vae_inputs(case: VAECase, dtype: torch.dtype, device: str) -> dict:
     return {"genext": ours, "diffusers": peer, "x": x, "z": z}
 
 
-def _call(model, direction: str, inputs: dict):
-    if direction == "decode":
-        return lambda: model.decode(inputs["z"]).sample
-    return lambda: model(inputs["x"]).sample
+def _call_for(case: VAECase):
+    """The model call a case times: decoding latents, or the whole autoencoder on images."""
+    if "decode" in case.directions:
+        return lambda model, inputs: model.decode(inputs["z"]).sample
+    return lambda model, inputs: model(inputs["x"]).sample
 
 
 def vae_check(case: VAECase, dtype: torch.dtype, inputs: dict) -> tuple[bool | None, str]:
-    peer = inputs["diffusers"]
-    if peer is None:
-        return None, "diffusers not installed"
-    direction = case.directions[0]
-    # a smaller batch for the check: the float64 model runs it too
+    # a batch of one for the check: the float64 model runs it too
     small = {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    with torch.no_grad():
-        ours = _call(inputs["genext"], direction, small)().double()
-        theirs = _call(peer, direction, small)().double()
-    if not torch.isfinite(ours).all():
-        return False, "non-finite output"
-    if dtype == torch.float32:
-        err = ((ours - theirs).norm() / theirs.norm()).item()
-        return err < 1e-5, f"rel {err:.1e} vs diffusers"
-    # the reference is diffusers' model in float64 with the weights both were given: a genext
-    # model that computes something else is then measured as wrong, not as the yardstick
-    ref_model = _cast(copy.deepcopy(peer), dtype=torch.float64)
-    r64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in small.items()}
-    with torch.no_grad():
-        ref = _call(ref_model, direction, r64)()
-    ours_err = ((ours - ref).norm() / ref.norm()).item()
-    peer_err = ((theirs - ref).norm() / ref.norm()).item()
-    return ours_err <= 2 * peer_err + 1e-6, f"rel {ours_err:.1e} (diffusers {peer_err:.1e})"
-
-
-def _setup(impl: str, direction: str, compiled: bool):
-    def setup(inputs: dict):
-        model = inputs[impl]
-        if model is None:
-            return None
-        run = _call(model, "decode" if direction == "decode" else "fwd", inputs)
-        if compiled:
-            # static shapes: the cases share this function's code, and a recompile with dynamic
-            # shapes failed in inductor on torch 2.14 (CPU) for the quarter-width SD case
-            run = torch.compile(run, dynamic=False)
-        if direction in ("fwd", "decode"):
-
-            def call(i):
-                with torch.no_grad():
-                    return run()
-
-            return call
-        params = [p for p in model.parameters() if p.requires_grad]
-        gy = torch.randn_like(inputs["x"])
-
-        def step(i):  # as a training step runs them: forward, then gradients of the weights
-            return torch.autograd.grad(run(), params, gy)
-
-        return step
-
-    return setup
+    return check_against_peer(dtype, inputs["genext"], inputs["diffusers"], _call_for(case), small)
 
 
 def make_case(case: VAECase, config: Config) -> Case:
@@ -199,22 +134,14 @@ def make_case(case: VAECase, config: Config) -> Case:
     warmup, reps = (3, 10) if cuda else (1, 3)
     if config.quick:
         warmup, reps = 1, 2
-    impls = [("genext", "genext", False), ("diffusers", "diffusers", False)]
-    if config.compile:
-        impls += [("genext+compile", "genext", True), ("diffusers+compile", "diffusers", True)]
-    timings = tuple(
-        Timing(
-            label,
-            direction,
-            _setup(model, direction, compiled),
-            warmup,
-            reps,
-            peak_memory=cuda,
-            shows_check=label == "genext" and direction == case.directions[0],
-            on_error="failed" if compiled else None,  # a compiler failure is a row, not the end
-        )
-        for direction in case.directions
-        for label, model, compiled in impls
+    timings = model_timings(
+        [("genext", "genext"), ("diffusers", "diffusers")],
+        case.directions,
+        _call_for(case),
+        warmup,
+        reps,
+        cuda,
+        config.compile,
     )
     return Case(
         case.name,
