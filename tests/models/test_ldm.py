@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from genext.models import AutoencoderKL, LatentDiffusionPipeline
-from genext.samplers import DDIMScheduler, DPMSolverMultistepScheduler
+from genext.samplers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 
 from peer_parity import perturb_
 
@@ -70,9 +75,13 @@ def _scheduler(kind: str):
     ddim = diffusers.DDIMScheduler(**SCHEDULER)
     if kind == "ddim":
         return ddim
-    return diffusers.DPMSolverMultistepScheduler.from_config(
-        ddim.config, algorithm_type="dpmsolver++"
-    )
+    if kind == "dpm":
+        return diffusers.DPMSolverMultistepScheduler.from_config(
+            ddim.config, algorithm_type="dpmsolver++"
+        )
+    if kind == "ddpm":
+        return diffusers.DDPMScheduler.from_config(ddim.config)
+    return diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
 def _peer(kind: str = "ddim", text_encoder=None, tokenizer=None):
@@ -113,24 +122,57 @@ def _run(pipe, **kwargs):
     return pipe(**args).images
 
 
-@pytest.mark.parametrize("guidance", [1.0, 7.5])
-@pytest.mark.parametrize("kind", ["ddim", "dpm"])
+@pytest.mark.parametrize(
+    "kind, guidance",
+    [("ddim", 1.0), ("ddim", 7.5), ("dpm", 1.0), ("dpm", 7.5), ("ddpm", 7.5)],
+)
 def test_images_match_diffusers(kind, guidance):
     peer = _peer(kind)
     ours = LatentDiffusionPipeline.from_diffusers(peer)
-    want_kind = DDIMScheduler if kind == "ddim" else DPMSolverMultistepScheduler
-    assert isinstance(ours.scheduler, want_kind) and isinstance(ours.vae, AutoencoderKL)
+    want_kind = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}[
+        kind
+    ]
+    assert type(ours.scheduler) is want_kind and isinstance(ours.vae, AutoencoderKL)
     pos, neg = _embeds()
-    args = dict(
-        prompt_embeds=pos, negative_prompt_embeds=neg, guidance_scale=guidance, latents=_latents(1)
-    )
-    want = _run(peer, **args)
-    got = _run(ours, **args)
+
+    def args(**kwargs):
+        # a fresh generator per run: DDPM draws its step noise from it
+        base = dict(
+            prompt_embeds=pos,
+            negative_prompt_embeds=neg,
+            guidance_scale=guidance,
+            latents=_latents(1),
+            generator=torch.Generator().manual_seed(11),
+        )
+        return dict(base, **kwargs)
+
+    want = _run(peer, **args())
+    got = _run(ours, **args())
     assert got.shape == want.shape == (1, 3, SIZE, SIZE)
     assert _max_abs(got, want) < TOL
     if guidance > 1:
         # the comparison can fail: guidance moves the images far more than the tolerance
-        assert _max_abs(got, _run(ours, **dict(args, guidance_scale=1.0))) > 100 * TOL
+        assert _max_abs(got, _run(ours, **args(guidance_scale=1.0))) > 100 * TOL
+
+
+@torch.no_grad()
+def test_flow_scheduler_matches_a_diffusers_loop():
+    """diffusers' StableDiffusionPipeline cannot run its flow-matching scheduler (which has no
+    init_noise_sigma), so the reference is the loop written out with diffusers' components."""
+    peer = _peer("flow")
+    ours = LatentDiffusionPipeline.from_diffusers(peer)
+    assert type(ours.scheduler) is FlowMatchEulerDiscreteScheduler
+    pos, neg = _embeds()
+    got = _run(ours, prompt_embeds=pos, negative_prompt_embeds=neg, latents=_latents(1))
+
+    sched, x, embeds = peer.scheduler, _latents(1), torch.cat([neg, pos])
+    sched.set_timesteps(STEPS)
+    for t in sched.timesteps:
+        uncond, cond = peer.unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample.chunk(2)
+        x = sched.step(uncond + 7.5 * (cond - uncond), t, x).prev_sample
+    image = peer.vae.decode(x / peer.vae.config.scaling_factor).sample
+    want = (image / 2 + 0.5).clamp(0, 1)
+    assert _max_abs(got, want) < TOL
 
 
 def test_output_types_images_per_prompt_and_generator():
