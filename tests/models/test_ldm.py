@@ -389,3 +389,7 @@ def test_from_diffusers_convert_false_keeps_the_modules():
     pos, _ = _embeds()
     args = dict(prompt_embeds=pos, guidance_scale=1.0, latents=_latents(1))
     assert _max_abs(_run(ours, **args), _run(peer, **args)) < TOL
+    # with guidance and no text encoder, the negative embeddings default to zeros
+    args = dict(prompt_embeds=pos, guidance_scale=5.0, latents=_latents(1))
+    want = _run(peer, **args, negative_prompt_embeds=torch.zeros_like(pos))
+    assert _max_abs(_run(ours, **args), want) < TOL
