@@ -155,6 +155,24 @@ def test_images_match_diffusers(kind, guidance):
         assert _max_abs(got, _run(ours, **args(guidance_scale=1.0))) > 100 * TOL
 
 
+def test_custom_timesteps_match_diffusers():
+    peer = _peer("dpm")
+    ours = LatentDiffusionPipeline.from_diffusers(peer)
+    pos, neg = _embeds()
+    args = dict(
+        prompt_embeds=pos,
+        negative_prompt_embeds=neg,
+        timesteps=[999, 850, 601, 400, 233, 90, 11],
+        latents=_latents(1),
+    )
+    want, got = _run(peer, **args), _run(ours, **args)
+    assert len(ours.scheduler.timesteps) == 7
+    assert _max_abs(got, want) < TOL
+    ddim = LatentDiffusionPipeline.from_diffusers(_peer("ddim"))
+    with pytest.raises(ValueError, match="timesteps"):
+        _run(ddim, **args)
+
+
 @torch.no_grad()
 def test_flow_scheduler_matches_a_diffusers_loop():
     """diffusers' StableDiffusionPipeline cannot run its flow-matching scheduler (which has no
