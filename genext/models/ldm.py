@@ -284,6 +284,7 @@ class LatentDiffusionPipeline:
             out = self.text_encoder(ids.to(device))
         return _first_output(out)
 
+    @torch.no_grad()
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
@@ -392,6 +393,7 @@ class LatentDiffusionPipeline:
             latents = latents.to(device)
         return latents * self.scheduler.init_noise_sigma
 
+    @torch.no_grad()
     def denoise(
         self,
         latents: Tensor,
@@ -447,6 +449,7 @@ class LatentDiffusionPipeline:
                 latents = scheduler.step(noise_pred, t_host, latents, return_dict=False, **extra)[0]
         return latents
 
+    @torch.no_grad()
     def decode_latents(
         self, latents: Tensor, output_type: str = "pil", generator: Generator = None
     ) -> Any:
