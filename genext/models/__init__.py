@@ -13,6 +13,7 @@ Imports point down only: a model may use :mod:`genext.nn`, :mod:`genext.losses`,
 :mod:`genext.reference` and :mod:`genext.bench` are never imported by library code.
 """
 
+from .dit import DiT, DiTTransformer2DModel, VideoDiT
 from .gan import (
     ConditionalGenerator,
     DCGANDiscriminator,
@@ -29,10 +30,13 @@ __all__ = [
     "ConditionalGenerator",
     "DCGANDiscriminator",
     "DCGANGenerator",
+    "DiT",
+    "DiTTransformer2DModel",
     "DiagonalGaussianDistribution",
     "ProjectionDiscriminator",
     "StyleGAN2Discriminator",
     "StyleGAN2Generator",
     "VQModel",
+    "VideoDiT",
     "weights_init",
 ]
