@@ -13,6 +13,7 @@ Imports point down only: a model may use :mod:`genext.nn`, :mod:`genext.losses`,
 :mod:`genext.reference` and :mod:`genext.bench` are never imported by library code.
 """
 
+from .dit import DiT, DiTTransformer2DModel, VideoDiT
 from .gan import (
     ConditionalGenerator,
     DCGANDiscriminator,
@@ -30,6 +31,8 @@ __all__ = [
     "ConditionalGenerator",
     "DCGANDiscriminator",
     "DCGANGenerator",
+    "DiT",
+    "DiTTransformer2DModel",
     "DiagonalGaussianDistribution",
     "LatentDiffusionPipeline",
     "LatentDiffusionPipelineOutput",
@@ -37,5 +40,6 @@ __all__ = [
     "StyleGAN2Discriminator",
     "StyleGAN2Generator",
     "VQModel",
+    "VideoDiT",
     "weights_init",
 ]
