@@ -21,6 +21,7 @@ from .gan import (
     weights_init,
 )
 from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
+from .unet import UNet2DConditionModel, UNet2DModel
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
 from .vqvae import VQModel
 
@@ -33,6 +34,8 @@ __all__ = [
     "ProjectionDiscriminator",
     "StyleGAN2Discriminator",
     "StyleGAN2Generator",
+    "UNet2DConditionModel",
+    "UNet2DModel",
     "VQModel",
     "weights_init",
 ]
