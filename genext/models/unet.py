@@ -64,6 +64,11 @@ class _UNetBase(PeerConfigMixin, nn.Module):
 
     gradient_checkpointing: bool
 
+    def _set_checkpointing(self, on: bool) -> None:
+        # whole blocks are checkpointed here; flagging the transformers inside them as well
+        # would recompute their forward a second time in the backward
+        self.gradient_checkpointing = on
+
     def _run(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
