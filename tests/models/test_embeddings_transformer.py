@@ -22,6 +22,16 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 DTYPES = [torch.float32, torch.float64]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the modules are tiny, and on a shared machine idle OpenMP workers
+    spinning for a core slow every call down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _pair(ours, peer, dtype, seed=0):
     perturb_(peer, seed=seed)
     peer = peer.to(dtype)
