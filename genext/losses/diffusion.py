@@ -111,13 +111,15 @@ def _snr(acp: Tensor, timesteps: Tensor, dtype: torch.dtype) -> Tensor:
 def min_snr_weights(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     """Per-sample loss weights of min-SNR-gamma (arXiv 2303.09556) for a model trained on
     ``prediction_type``, as diffusers' ``train_text_to_image.py`` computes them: min(snr, gamma)
-    divided by snr for epsilon, by snr + 1 for v_prediction, undivided for sample. snr: (B,)."""
+    divided by snr for epsilon, by snr + 1 for v_prediction, undivided for sample. snr: (B,).
+    At snr = 0 (the last step of a zero-terminal-SNR schedule) the epsilon weight is its limit,
+    1, where diffusers' script divides 0 by 0 and makes the whole batch's loss NaN."""
     _check_prediction_type(prediction_type, "min_snr_weights")
     if gamma <= 0:
         raise ValueError(f"min_snr_weights: gamma must be positive, got {gamma}")
     weights = torch.clamp(snr, max=gamma)
     if prediction_type == "epsilon":
-        return weights / snr
+        return torch.where(snr > 0, weights / snr, torch.ones_like(snr))
     if prediction_type == "v_prediction":
         return weights / (snr + 1)
     return weights
@@ -179,7 +181,9 @@ class DiffusionLoss(nn.Module):
             raise ValueError(f"DiffusionLoss: snr_gamma must be positive, got {snr_gamma}")
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
-        self.register_buffer("alphas_cumprod", acp.detach().clone(), persistent=False)
+        # a plain attribute, not a buffer: casting the module (``.half()``, ``.to(bfloat16)``)
+        # must not round the schedule; it moves to the batch's device where it is used
+        self.alphas_cumprod = acp.detach().clone()
 
     @property
     def num_train_timesteps(self) -> int:
@@ -290,6 +294,9 @@ class FlowMatchingLoss(nn.Module):
     shift * s / (1 + (shift - 1) * s); timestep = sigma * T), and trains on
     x_t = (1 - sigma) x0 + sigma noise with target noise - x0, the MSE per sample (optionally
     weighted by ``weighting``: "sigma_sqrt" sigma^-2 or "cosmap"), averaged over the batch.
+    This is the objective of diffusers' SD3 LoRA and Flux scripts; its SD3 DreamBooth script
+    defaults to preconditioned outputs (the prediction turned into an x0 estimate, target x0),
+    which equals this loss weighted by an extra sigma^2.
 
     Args:
         num_train_timesteps, shift: the scheduler's config fields of the same names.
@@ -329,15 +336,19 @@ class FlowMatchingLoss(nn.Module):
         t = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy())
         sigmas = t / n
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-        self.register_buffer("sigmas", sigmas, persistent=False)
-        self.register_buffer("timesteps", sigmas * n, persistent=False)
+        # plain attributes, not buffers: casting the module must not round the schedule
+        self.sigmas = sigmas
+        self.timesteps = sigmas * n
 
     @classmethod
     def from_scheduler(cls, scheduler: Any, **kwargs: Any) -> FlowMatchingLoss:
         """The loss for a flow-matching scheduler's training schedule (its config's
-        num_train_timesteps and shift; dynamic shifting is an inference-time option)."""
+        num_train_timesteps and shift). With ``use_dynamic_shifting`` the scheduler trains on
+        the unshifted schedule and shifts per resolution at inference only, so the loss takes
+        shift 1 then, as the scheduler's own training sigmas do."""
         config = scheduler.config
-        return cls(config["num_train_timesteps"], config["shift"], **kwargs)
+        shift = 1.0 if config.get("use_dynamic_shifting", False) else config["shift"]
+        return cls(config["num_train_timesteps"], shift, **kwargs)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -298,8 +298,11 @@ class LatentDiffusionPipeline:
         """(prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, L, D), the
         second None without guidance. Prompts go through the tokenizer (padded to its
         ``model_max_length``, 77 if it has none) and the text encoder; the negative embeddings
-        default to those of the empty prompt (diffusers), or to zeros when there is no text
-        encoder and only ``prompt_embeds`` were given."""
+        default to those of the empty prompt (diffusers); without a text encoder they must be
+        given when guidance is on. ``negative_prompt`` and ``negative_prompt_embeds`` together
+        are an error, as in diffusers."""
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError(f"{_OWNER}: pass negative_prompt or negative_prompt_embeds, not both")
         if prompt_embeds is None:
             if self.tokenizer is None or self.text_encoder is None:
                 raise ValueError(
@@ -339,7 +342,13 @@ class LatentDiffusionPipeline:
                     "pass negative_prompt_embeds instead"
                 )
             else:
-                negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+                # diffusers would encode the empty prompt here; without a text encoder there is
+                # nothing to encode, and zeros are not any model's empty-prompt embedding
+                raise ValueError(
+                    f"{_OWNER}: classifier-free guidance without a tokenizer and text_encoder "
+                    "needs negative_prompt_embeds (the embeddings of the empty prompt, or "
+                    "whatever the model was trained with as its null condition)"
+                )
 
         def repeat(e: Tensor) -> Tensor:
             return e.repeat_interleave(num_images_per_prompt, dim=0)

@@ -199,11 +199,35 @@ def test_drop_conditions_on_embeddings(null_shape):
 
 
 def test_flow_schedule_matches_genext_scheduler():
-    for shift in (1.0, 3.0):
-        sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    # with dynamic shifting (Flux) the training schedule is the unshifted one
+    for shift, dynamic in ((1.0, False), (3.0, False), (3.0, True)):
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=dynamic)
         loss_fn = FlowMatchingLoss.from_scheduler(sched)
         assert torch.equal(loss_fn.sigmas, sched.sigmas)
         assert torch.equal(loss_fn.timesteps, sched.timesteps)
+
+
+def test_schedules_keep_float32_when_the_module_is_cast():
+    flow = FlowMatchingLoss(shift=3.0)
+    want = flow.timesteps.clone()
+    flow.to(torch.bfloat16)
+    assert torch.equal(flow.timesteps, want)
+    loss_fn = DiffusionLoss(_acp(torch.float32), "epsilon").half()
+    assert loss_fn.alphas_cumprod.dtype == torch.float32
+
+
+def test_min_snr_epsilon_weight_at_zero_terminal_snr():
+    # the last step of a zero-terminal-SNR schedule: snr 0, the epsilon weight's limit 1 (the
+    # training script's 0/0 would make the batch's loss NaN)
+    sched = DDPMScheduler(rescale_betas_zero_snr=True)
+    assert sched.alphas_cumprod[-1] == 0
+    loss_fn = DiffusionLoss(sched, "epsilon", snr_gamma=5.0)
+    x0, noise, _ = _batch(torch.float32)
+    t = torch.tensor([10, 999, 500, 999, 3])
+    loss = loss_fn(x0 + 0.1, x0, noise, t)
+    assert torch.isfinite(loss)
+    w = min_snr_weights(compute_snr(sched, t), 5.0, "epsilon")
+    assert torch.equal(w[t == 999], torch.ones(2))
 
 
 @pytest.mark.parametrize("density", ["uniform", "logit_normal", "mode"])

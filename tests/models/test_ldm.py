@@ -407,7 +407,11 @@ def test_from_diffusers_convert_false_keeps_the_modules():
     pos, _ = _embeds()
     args = dict(prompt_embeds=pos, guidance_scale=1.0, latents=_latents(1))
     assert _max_abs(_run(ours, **args), _run(peer, **args)) < TOL
-    # with guidance and no text encoder, the negative embeddings default to zeros
+    # with guidance and no text encoder the negative embeddings must be given (diffusers would
+    # need a tokenizer to encode the empty prompt)
     args = dict(prompt_embeds=pos, guidance_scale=5.0, latents=_latents(1))
-    want = _run(peer, **args, negative_prompt_embeds=torch.zeros_like(pos))
-    assert _max_abs(_run(ours, **args), want) < TOL
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        ours(**args)
+    # and a negative prompt together with negative embeddings is an error, as in diffusers
+    with pytest.raises(ValueError, match="not both"):
+        ours(**args, negative_prompt="blurry", negative_prompt_embeds=pos)
