@@ -135,8 +135,13 @@ class GaussianFourierProjection(nn.Module):
         flip_sin_to_cos: bool = False,
     ) -> None:
         super().__init__()
-        del set_W_to_weight  # diffusers' key is "weight" either way
-        self.weight = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
+        # diffusers' key is "weight" either way; with set_W_to_weight diffusers draws the
+        # frequencies twice and keeps the second draw: the same here, so a seeded model starts
+        # with diffusers' weights and leaves the generator where diffusers does
+        weight = torch.randn(embedding_size) * scale
+        if set_W_to_weight:
+            weight = torch.randn(embedding_size) * scale
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.log = log
         self.flip_sin_to_cos = flip_sin_to_cos
 
@@ -282,7 +287,9 @@ class PatchEmbed(nn.Module):
         if pos_embed_type is None:
             self.pos_embed = None
         else:
-            grid = pos_embed_max_size or int((self.height * self.width) ** 0.5)
+            # diffusers builds a square grid of sqrt(h * w) here, which fails on a non-square
+            # configured size; (h, w) gives the same buffer for square ones
+            grid = pos_embed_max_size or (self.height, self.width)
             pos = get_2d_sincos_pos_embed(
                 embed_dim, grid, base_size=self.base_size, interpolation_scale=interpolation_scale
             )

@@ -248,6 +248,7 @@ class DiTTransformer2DModel(_AdaLNZeroDiT):
         hidden_states: Tensor,
         timestep: int | float | Tensor,
         class_labels: int | Tensor,
+        cross_attention_kwargs: dict | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[Tensor]:
         """``hidden_states (B, in_channels, H, W)`` with ``H`` and ``W`` multiples of
@@ -256,7 +257,14 @@ class DiTTransformer2DModel(_AdaLNZeroDiT):
         their own grid, where diffusers assumes a square one); ``timestep``: a number, a 0-d or
         a ``(B,)`` tensor (integer or fractional); ``class_labels``: a ``(B,)`` integer tensor
         (or one label for all) in ``0..num_embeds_ada_norm``, the last being "no class" ->
-        ``.sample (B, out_channels, H, W)`` (a 1-tuple with ``return_dict=False``)."""
+        ``.sample (B, out_channels, H, W)`` (a 1-tuple with ``return_dict=False``).
+        ``cross_attention_kwargs`` stands where diffusers has it; only None or empty is
+        accepted (the DiT has no attention processor options)."""
+        if cross_attention_kwargs:
+            raise NotImplementedError(
+                "DiT: cross_attention_kwargs are not supported, got "
+                f"{sorted(cross_attention_kwargs)}"
+            )
         if hidden_states.dim() != 4 or hidden_states.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"hidden_states must be (B, {self.config.in_channels}, H, W), got shape "
@@ -422,6 +430,7 @@ class VideoDiT(_AdaLNZeroDiT):
         hidden_states: Tensor,
         timestep: int | float | Tensor,
         class_labels: int | Tensor,
+        cross_attention_kwargs: dict | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[Tensor]:
         """``hidden_states (B, in_channels, T, H, W)`` with ``T`` a multiple of

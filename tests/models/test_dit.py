@@ -148,7 +148,7 @@ def test_training_label_dropout_matches_diffusers():
         assert rel(a, ours(x, t, y).sample) > 1e-3  # some labels were dropped
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     ours, peer = _pair(TWO_LAYERS, torch.float64)
     x, t, y = _inputs(TWO_LAYERS, torch.float64)
 
@@ -158,7 +158,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = grads_after(ours, loss)
     ours.enable_gradient_checkpointing()
     assert ours.gradient_checkpointing
+    calls = []
+    original = dit_module.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dit_module, "checkpoint", counting)
     assert_grads_match(grads_after(ours, loss), plain, 1e-12)
+    assert len(calls) == TWO_LAYERS["num_layers"]  # every block was checkpointed
     assert_grads_match(plain, grads_after(peer, loss), 1e-10)
 
 

@@ -219,6 +219,29 @@ def test_patch_embed(kw, size, dtype):
     _check(ours, peer, lambda m, x: m(x), [x], dtype)
 
 
+def test_patch_embed_non_square_configured_size():
+    # diffusers builds a square sqrt(h * w) grid for a 16x8 configuration and fails on a 16x8
+    # input; genext embeds the configured 8x4 patch grid, the embedding computed for that grid
+    ours = emb.PatchEmbed(height=16, width=8, patch_size=2, in_channels=2, embed_dim=8)
+    want = emb.get_2d_sincos_pos_embed(8, (8, 4), base_size=8).float().unsqueeze(0)
+    assert torch.equal(ours.pos_embed, want)
+    x = torch.randn(2, 2, 16, 8)
+    with torch.no_grad():
+        tokens = ours.proj(x).flatten(2).transpose(1, 2) + want
+        assert torch.equal(ours(x), tokens)
+
+
+def test_gaussian_fourier_projection_seeded_init_equals_diffusers():
+    for set_w in (True, False):
+        torch.manual_seed(3)
+        peer = peer_emb.GaussianFourierProjection(16, set_W_to_weight=set_w)
+        after_peer = torch.randn(4)
+        torch.manual_seed(3)
+        ours = emb.GaussianFourierProjection(16, set_W_to_weight=set_w)
+        assert torch.equal(ours.weight, peer.weight)
+        assert torch.equal(torch.randn(4), after_peer)  # the generator left where diffusers does
+
+
 # ---- transformer blocks ----------------------------------------------------------------------
 
 
