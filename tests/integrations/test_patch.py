@@ -13,7 +13,7 @@ import torch
 import genext
 from genext.nn.functional import sdpa_backend
 
-from peer_parity import assert_grads_match, grads_after, op_names, perturb_, rel
+from peer_parity import assert_grads_match, op_names, perturb_, rel
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -68,21 +68,28 @@ def _model(cls: str, config: dict, dtype: torch.dtype, seed: int = 0) -> torch.n
     return perturb_(getattr(diffusers, cls)(**config), seed=seed).to(dtype)
 
 
+def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 normal values (in the given dtype): the same numbers in float32 and float64."""
+    return torch.randn(shape).to(dtype)
+
+
 def _unet_inputs(config, dtype, batch=2):
-    x = torch.randn(batch, config["in_channels"], 8, 8, dtype=dtype)
+    x = _randn(batch, config["in_channels"], 8, 8, dtype=dtype)
     return x, torch.tensor([3, 700])
 
 
 def _cond_inputs(config, dtype, batch=2, lengths=(TEXT_LEN, 4)):
     x, t = _unet_inputs(config, dtype, batch)
-    text = torch.randn(batch, TEXT_LEN, config["cross_attention_dim"], dtype=dtype)
+    text = _randn(batch, TEXT_LEN, config["cross_attention_dim"], dtype=dtype)
     # padded prompts: 1 for the tokens of each prompt, 0 for its padding
     mask = (torch.arange(TEXT_LEN) < torch.tensor(lengths)[:, None]).to(dtype)
     return x, t, text, mask
 
 
 def _run(kind: str, config: dict, dtype: torch.dtype, mask=None):
-    """(model class, forward as a function of the model) for each model kind."""
+    """(model class, forward as a function of the model) for each model kind; the same inputs
+    at every call."""
+    torch.manual_seed(123)
     if kind == "unet":
         x, t = _unet_inputs(config, dtype)
         return "UNet2DModel", lambda m: m(x, t).sample
@@ -90,7 +97,7 @@ def _run(kind: str, config: dict, dtype: torch.dtype, mask=None):
         x, t, text, pad = _cond_inputs(config, dtype)
         pad = pad if mask is None else mask
         return "UNet2DConditionModel", lambda m: m(x, t, text, encoder_attention_mask=pad).sample
-    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    x = _randn(2, 3, 16, 16, dtype=dtype)
     if kind == "vae":
 
         def vae(m):
@@ -111,6 +118,16 @@ CASES = {
 }
 
 
+def _output_and_grads(model, fwd):
+    """The output of ``fwd(model)`` and the gradient of ``(output * w).sum()`` (w random, the
+    same for every model) in one pass."""
+    model.zero_grad(set_to_none=True)
+    out = fwd(model)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * w).sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_patched_outputs_and_gradients_match(case, dtype):
@@ -118,16 +135,17 @@ def test_patched_outputs_and_gradients_match(case, dtype):
     cls, fwd = _run(kind, config, dtype)
     peer = _model(cls, config, dtype)
     ours = genext.patch(copy.deepcopy(peer))
+    ref, ref_grads = _output_and_grads(peer, fwd)
+    out, grads = _output_and_grads(ours, fwd)
     tol = TOL[dtype]
-    with torch.no_grad():
-        out, ref = fwd(ours), fwd(peer)
     assert rel(out, ref) < tol
-    w = torch.randn(ref.shape, dtype=dtype)
-
-    def loss(m):
-        return (fwd(m) * w).sum()
-
-    assert_grads_match(grads_after(ours, loss), grads_after(peer, loss), tol)
+    exact = None
+    if dtype == torch.float32:
+        # the unpatched model in float64: the yardstick for gradients formed by cancellation,
+        # whose float32 rounding is no smaller in the unpatched model than in the patched one
+        _, fwd64 = _run(kind, config, torch.float64)
+        _, exact = _output_and_grads(copy.deepcopy(peer).double(), fwd64)
+    assert_grads_match(grads, ref_grads, tol, ref=exact)
     report = genext.patch_report(ours)
     assert report.routed["group_norm_silu"] > 0 and report.routed["attention"] > 0
     assert report.calls["attention genext"] > 0
@@ -320,8 +338,13 @@ def test_profile_shows_genext_kernels_instead_of_torch_ops():
 def test_patched_model_compiles_fullgraph():
     model = genext.patch(_model("UNet2DConditionModel", COND, torch.float32))
     x, t, text, _ = _cond_inputs(COND, torch.float32)
-    compiled = torch.compile(model, fullgraph=True)
+    # the whole model in one graph; aot_eager traces it with genext's fake kernels and autograd
+    # as inductor does, without inductor's code generation (minutes on two cores)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         out = compiled(x, t, text).sample
         ref = model(x, t, text).sample
+        ran = op_names(lambda: compiled(x, t, text))
     assert rel(out, ref) < 1e-5
+    assert {"genext::group_norm_silu", "genext::flash_attention_forward"} <= ran
+    assert not _native_ops(ran), _native_ops(ran)
