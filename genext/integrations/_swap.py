@@ -4,6 +4,7 @@ stay exactly as they were, and unpatching sets the original class back."""
 
 from __future__ import annotations
 
+import copyreg
 from collections import Counter
 from weakref import WeakKeyDictionary
 
@@ -15,27 +16,46 @@ CALL_FALLBACKS: WeakKeyDictionary[nn.Module, Counter] = WeakKeyDictionary()
 
 
 class Patched:
-    """Mixin of every swapped-in class; ``_genext_base`` is the class it was swapped from."""
+    """Mixin of every swapped-in class; ``_genext_base`` is the class it was swapped from,
+    ``_genext_mixin`` the mixin over it."""
 
     _genext_base: type
+    _genext_mixin: type
     _genext_kind: str = ""  # what the report counts the module as
+
+    def __reduce_ex__(self, protocol):
+        # the swapped-in class is made at run time, so pickle (torch.save, deepcopy) names it by
+        # its mixin and base, which are importable
+        rv = super().__reduce_ex__(protocol)
+        if rv[0] is copyreg.__newobj__ and rv[1][0] is type(self):
+            cls = type(self)
+            return (new_patched, (cls._genext_mixin, cls._genext_base, *rv[1][1:]), *rv[2:])
+        return rv
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-def swap(module: nn.Module, mixin: type) -> None:
-    """Makes ``module`` an instance of ``mixin`` over its own class (no-op when it already is)."""
-    if isinstance(module, Patched):
-        return
-    base = type(module)
+def subclass(mixin: type, base: type) -> type:
+    """The class ``mixin`` over ``base`` (made once per pair)."""
     key = (mixin, base)
     if key not in _SUBCLASSES:
-        name = mixin.__name__.lstrip("_").removesuffix("Forward")
-        _SUBCLASSES[key] = type(
-            f"Genext{name}", (mixin, base), {"_genext_base": base, "__module__": mixin.__module__}
-        )
-    module.__class__ = _SUBCLASSES[key]
+        name = mixin.__name__.removesuffix("Forward")
+        attrs = {"_genext_base": base, "_genext_mixin": mixin, "__module__": mixin.__module__}
+        _SUBCLASSES[key] = type(f"Genext{name}", (mixin, base), attrs)
+    return _SUBCLASSES[key]
+
+
+def new_patched(mixin: type, base: type, *args):
+    """An empty instance of ``subclass(mixin, base)``, for unpickling."""
+    cls = subclass(mixin, base)
+    return cls.__new__(cls, *args)
+
+
+def swap(module: nn.Module, mixin: type) -> None:
+    """Makes ``module`` an instance of ``mixin`` over its own class (no-op when it already is)."""
+    if not isinstance(module, Patched):
+        module.__class__ = subclass(mixin, type(module))
 
 
 def unswap(module: nn.Module) -> bool:

@@ -32,7 +32,7 @@ from ._norms import (
     norm_out_pair,
 )
 from ._resnet import ResnetBlock2DForward, resnet_block
-from ._swap import CALL_FALLBACKS, Patched, swap, unswap
+from ._swap import CALL_FALLBACKS, Patched, original_class, swap, unswap
 
 __all__ = ["GenextAttnProcessor", "PatchReport", "patch", "patch_report", "unpatch"]
 
@@ -63,7 +63,7 @@ def _modules(model: object, fn: str):
         for name, m in root.named_modules():
             if id(m) not in seen:
                 seen.add(id(m))
-                yield (prefix + name).rstrip(".") or type(root).__name__, m
+                yield (prefix + name).rstrip(".") or original_class(root).__name__, m
 
 
 def patch(model: T) -> T:

@@ -6,6 +6,7 @@ report counts what the configs say."""
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -267,13 +268,22 @@ def test_state_is_untouched_and_unpatch_restores_everything():
     assert [type(m) for m in model.modules()] == patched_classes
     assert all(model.attn_processors[k] is p for k, p in patched_procs.items())
     assert str(genext.patch_report(model)) == report
+    # a patched model pickles (torch.save) and loads patched
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == patched_classes
+    x, t, text, mask = _cond_inputs(COND, torch.float32)
+    with torch.no_grad():
+        a = model(x, t, text, encoder_attention_mask=mask).sample
+        assert torch.equal(loaded(x, t, text, encoder_attention_mask=mask).sample, a)
 
     assert genext.unpatch(model) is model
     assert [type(m) for m in model.modules()] == classes
     assert all(model.attn_processors[k] is p for k, p in procs.items())
     assert list(model.state_dict()) == list(before)
     assert [id(p) for p in model.parameters()] == params
-    x, t, text, mask = _cond_inputs(COND, torch.float32)
     with torch.no_grad():
         a = model(x, t, text, encoder_attention_mask=mask).sample
         b = never(x, t, text, encoder_attention_mask=mask).sample
@@ -348,3 +358,23 @@ def test_patched_model_compiles_fullgraph():
     assert rel(out, ref) < 1e-5
     assert {"genext::group_norm_silu", "genext::flash_attention_forward"} <= ran
     assert not _native_ops(ran), _native_ops(ran)
+
+
+def test_group_norm_calls_genext_cannot_serve_run_in_torch_and_are_counted():
+    gn = perturb_(torch.nn.GroupNorm(2, 6))
+    plain = copy.deepcopy(gn)
+    assert genext.patch(gn) is gn and type(gn).__name__ == "GenextGroupNorm"
+    x = torch.randn(3, 6, 5)
+    assert rel(gn(x), plain(x)) < 1e-5
+    flat = torch.randn(3, 6)  # (N, C): genext's kernel needs a spatial dim
+    assert torch.equal(gn(flat), plain(flat))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs group_norm in float32
+        assert torch.equal(gn(x), plain(x))
+    rep = genext.patch_report(gn)
+    assert rep.routed["group_norm"] == 1
+    assert rep.calls["group_norm torch: rank 2 input"] == 1
+    assert rep.calls["group_norm torch: autocast (runs group_norm in float32)"] == 1
+    assert [f.name for f in rep.call_fallbacks] == ["GroupNorm", "GroupNorm"]
+    assert "rank 2 input x1" in str(rep)
+    genext.unpatch(gn)
+    assert type(gn) is torch.nn.GroupNorm and not genext.patch_report(gn).calls
