@@ -95,6 +95,7 @@ def unpatch(model: T) -> T:
     A model that was never patched is returned unchanged."""
     for _, m in _modules(model, "unpatch"):
         unswap(m)
+        CALL_FALLBACKS.pop(m, None)  # the counts of norms a patched ResNet block called
         proc = getattr(m, "processor", None)
         if isinstance(proc, GenextAttnProcessor):
             m.set_processor(proc.original)

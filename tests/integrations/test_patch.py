@@ -140,13 +140,16 @@ def test_patched_outputs_and_gradients_match(case, dtype):
     out, grads = _output_and_grads(ours, fwd)
     tol = TOL[dtype]
     assert rel(out, ref) < tol
-    exact = None
-    if dtype == torch.float32:
+    try:
+        assert_grads_match(grads, ref_grads, tol)
+    except AssertionError:
+        if dtype != torch.float32:
+            raise
         # the unpatched model in float64: the yardstick for gradients formed by cancellation,
         # whose float32 rounding is no smaller in the unpatched model than in the patched one
         _, fwd64 = _run(kind, config, torch.float64)
         _, exact = _output_and_grads(copy.deepcopy(peer).double(), fwd64)
-    assert_grads_match(grads, ref_grads, tol, ref=exact)
+        assert_grads_match(grads, ref_grads, tol, ref=exact)
     report = genext.patch_report(ours)
     assert report.routed["group_norm_silu"] > 0 and report.routed["attention"] > 0
     assert report.calls["attention genext"] > 0
