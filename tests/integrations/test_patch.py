@@ -33,6 +33,14 @@ UNET = dict(
     norm_num_groups=4,
     attention_head_dim=4,
 )
+# ResNet blocks that down- and upsample inside (down=True / up=True), and mid-block ResNets whose
+# output is divided by sqrt(2)
+UNET_RESAMPLE = dict(
+    UNET,
+    down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+    up_block_types=("ResnetUpsampleBlock2D", "AttnUpBlock2D"),
+    mid_block_scale_factor=2**0.5,
+)
 # diffusers' own tiny test config of UNet2DConditionModel, with 4 groups and two heads
 COND = dict(
     sample_size=8,
@@ -111,6 +119,7 @@ def _run(kind: str, config: dict, dtype: torch.dtype, mask=None):
 
 CASES = {
     "unet": ("unet", UNET),
+    "unet_resample": ("unet", UNET_RESAMPLE),
     "cond": ("cond", COND),
     "cond_scale_shift": ("cond", COND_SCALE_SHIFT),
     "vae": ("vae", VAE),
