@@ -7,6 +7,8 @@ reachable as an attribute. The layers, imports pointing down only:
 - :mod:`genext.nn` (drop-in modules, ``KVCache``, functional forms), :mod:`genext.losses`
   (contrastive losses) and :mod:`genext.samplers` (diffusion schedulers) on top of the ops;
 - :mod:`genext.models`: whole models on top of those;
+- :mod:`genext.integrations`: :func:`patch` / :func:`unpatch` / :func:`patch_report`, genext's
+  kernels inside the diffusers models and pipelines users already have;
 - :mod:`genext.reference` (plain-PyTorch references) and :mod:`genext.bench` (the benchmarks of
   ``genext bench``): leaves that library code never imports.
 
@@ -47,12 +49,14 @@ _check_torch()
 
 from . import (  # noqa: E402
     _C,  # noqa: E402, F401  (registers torch.ops.genext.*)
+    integrations,
     losses,
     models,
     nn,
     ops,
 )
 from ._info import build_info  # noqa: E402
+from .integrations import patch, patch_report, unpatch  # noqa: E402
 from .nn import KVCache  # noqa: E402
 
 __version__ = _build_config.version
@@ -63,13 +67,17 @@ __all__ = [
     "__version__",
     "bench",
     "build_info",
+    "integrations",
     "losses",
     "models",
     "nn",
     "ops",
+    "patch",
+    "patch_report",
     "reference",
     "samplers",
     "train",
+    "unpatch",
 ]
 
 

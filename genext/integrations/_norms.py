@@ -1,0 +1,100 @@
+"""GroupNorm targets of ``genext.patch``: plain ``nn.GroupNorm``, a model's ``conv_norm_out`` +
+``conv_act`` pair, and diffusers' ``ResnetBlock2D`` (both of its norms feed its SiLU)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import group_norm_silu, served_dtypes
+from ._swap import Patched, count_fallback, runs_diffusers
+
+_SERVED = served_dtypes("group_norm_silu")
+
+
+def _why_not_served(norm: nn.GroupNorm, x: Tensor) -> str:
+    """Why genext's kernel cannot compute this call exactly as ``nn.GroupNorm`` would ('' if it
+    can). Decided from shapes, dtypes and devices only, so torch.compile traces it."""
+    if x.dtype not in _SERVED.get(x.device.type, ()):
+        return f"{x.dtype} on {x.device.type} not served"
+    if not 3 <= x.dim() <= 5:
+        return f"rank {x.dim()} input"
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast (runs group_norm in float32)"
+    w = norm.weight
+    if w is not None and (w.device != x.device or w.dtype not in (x.dtype, torch.float32)):
+        return f"weight {w.dtype} on {w.device.type} with {x.dtype} input"
+    return ""
+
+
+def norm_act(norm: nn.GroupNorm, x: Tensor, silu: bool) -> Tensor:
+    """``norm(x)``, followed by SiLU when ``silu``, in genext's fused kernel when it serves ``x``
+    and in PyTorch's ops otherwise (counted as a per-call fallback of ``norm``)."""
+    why = _why_not_served(norm, x)
+    if not why:
+        act = "silu" if silu else None
+        return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act)
+    count_fallback(norm, why)
+    y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return F.silu(y) if silu else y
+
+
+class GroupNormForward(Patched):
+    """``nn.GroupNorm`` on genext's kernel (activation=None)."""
+
+    _genext_kind = "group_norm"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return norm_act(self, x, silu=False)
+
+
+class GroupNormSiLUForward(Patched):
+    """``nn.GroupNorm`` whose output only ever feeds a SiLU: the SiLU runs here, fused."""
+
+    _genext_kind = "group_norm_silu"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return norm_act(self, x, silu=True)
+
+
+class SiLUFusedAwayForward(Patched):
+    """``nn.SiLU`` whose work the preceding norm does: passes its input through."""
+
+    _genext_kind = "silu_fused_away"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def is_plain_group_norm(m: nn.Module) -> bool:
+    """An ``nn.GroupNorm`` itself (a subclass may compute something else)."""
+    return type(m) is nn.GroupNorm
+
+
+# models whose forward calls ``conv_norm_out`` then ``conv_act`` on its result, and uses
+# ``conv_act`` nowhere else (diffusers 0.42's source): (file under diffusers.models, class)
+NORM_OUT_OWNERS = (
+    ("unets.unet_2d", "UNet2DModel"),
+    ("unets.unet_2d_condition", "UNet2DConditionModel"),
+    ("autoencoders.vae", "Encoder"),
+    ("autoencoders.vae", "Decoder"),
+    ("autoencoders.vae", "MaskConditionDecoder"),
+)
+
+
+def norm_out_pair(m: nn.Module) -> str | None:
+    """For a model of NORM_OUT_OWNERS: '' when its ``conv_norm_out`` + ``conv_act`` can be fused,
+    else the reason; None for other modules."""
+    if not any(runs_diffusers(m, w, q) for w, q in NORM_OUT_OWNERS):
+        return None
+    norm, act = getattr(m, "conv_norm_out", None), getattr(m, "conv_act", None)
+    if norm is None:
+        return None
+    if isinstance(norm, GroupNormSiLUForward) and isinstance(act, SiLUFusedAwayForward):
+        return ""
+    if not is_plain_group_norm(norm):
+        return f"conv_norm_out is {type(norm).__name__}, not nn.GroupNorm"
+    if type(act) is not nn.SiLU:
+        return f"conv_act is {type(act).__name__}, not nn.SiLU"
+    return ""

@@ -1,0 +1,392 @@
+"""genext.patch / unpatch / patch_report on diffusers' own models (perturbed random weights): the
+patched model computes what the unpatched one does (outputs and gradients, fp32 and fp64), its
+state is untouched, unpatch restores it exactly, genext's kernels are the ones that ran, and the
+report counts what the configs say."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import genext
+from genext.nn.functional import sdpa_backend
+
+from peer_parity import assert_grads_match, op_names, perturb_, rel
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+DTYPES = [torch.float32, torch.float64]
+
+# two levels, attention in the second (a group_norm inside each Attention), 4 groups
+UNET = dict(
+    sample_size=8,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
+    attention_head_dim=4,
+)
+# ResNet blocks that down- and upsample inside (down=True / up=True), and mid-block ResNets whose
+# output is divided by sqrt(2)
+UNET_RESAMPLE = dict(
+    UNET,
+    down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+    up_block_types=("ResnetUpsampleBlock2D", "AttnUpBlock2D"),
+    mid_block_scale_factor=2**0.5,
+)
+# diffusers' own tiny test config of UNet2DConditionModel, with 4 groups and two heads
+COND = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=8,
+    attention_head_dim=2,
+    norm_num_groups=4,
+)
+# the time embedding as a scale and shift between norm2 and the SiLU
+COND_SCALE_SHIFT = dict(COND, resnet_time_scale_shift="scale_shift")
+VAE = dict(
+    block_out_channels=[4, 8],
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    latent_channels=4,
+    norm_num_groups=2,
+)
+VQ = dict(VAE, num_vq_embeddings=16, vq_embed_dim=4)
+# the MoVQ decoder: SpatialNorm (a GroupNorm of 32 groups inside) in the ResNet blocks,
+# conv_norm_out and the attention's spatial_norm
+VQ_SPATIAL = dict(VQ, block_out_channels=[32, 32], norm_num_groups=8, norm_type="spatial")
+TEXT_LEN = 7
+
+
+def _model(cls: str, config: dict, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return perturb_(getattr(diffusers, cls)(**config), seed=seed).to(dtype)
+
+
+def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 normal values (in the given dtype): the same numbers in float32 and float64."""
+    return torch.randn(shape).to(dtype)
+
+
+def _unet_inputs(config, dtype, batch=2):
+    x = _randn(batch, config["in_channels"], 8, 8, dtype=dtype)
+    return x, torch.tensor([3, 700])
+
+
+def _cond_inputs(config, dtype, batch=2, lengths=(TEXT_LEN, 4)):
+    x, t = _unet_inputs(config, dtype, batch)
+    text = _randn(batch, TEXT_LEN, config["cross_attention_dim"], dtype=dtype)
+    # padded prompts: 1 for the tokens of each prompt, 0 for its padding
+    mask = (torch.arange(TEXT_LEN) < torch.tensor(lengths)[:, None]).to(dtype)
+    return x, t, text, mask
+
+
+def _run(kind: str, config: dict, dtype: torch.dtype, mask=None):
+    """(model class, forward as a function of the model) for each model kind; the same inputs
+    at every call."""
+    torch.manual_seed(123)
+    if kind == "unet":
+        x, t = _unet_inputs(config, dtype)
+        return "UNet2DModel", lambda m: m(x, t).sample
+    if kind == "cond":
+        x, t, text, pad = _cond_inputs(config, dtype)
+        pad = pad if mask is None else mask
+        return "UNet2DConditionModel", lambda m: m(x, t, text, encoder_attention_mask=pad).sample
+    x = _randn(2, 3, 16, 16, dtype=dtype)
+    if kind == "vae":
+
+        def vae(m):
+            post = m.encode(x).latent_dist
+            return torch.cat([post.mean.flatten(), m.decode(post.mean).sample.flatten()])
+
+        return "AutoencoderKL", vae
+    return "VQModel", lambda m: m(x).sample
+
+
+CASES = {
+    "unet": ("unet", UNET),
+    "unet_resample": ("unet", UNET_RESAMPLE),
+    "cond": ("cond", COND),
+    "cond_scale_shift": ("cond", COND_SCALE_SHIFT),
+    "vae": ("vae", VAE),
+    "vq": ("vq", VQ),
+    "vq_spatial": ("vq", VQ_SPATIAL),
+}
+
+
+def _output_and_grads(model, fwd):
+    """The output of ``fwd(model)`` and the gradient of ``(output * w).sum()`` (w random, the
+    same for every model) in one pass."""
+    model.zero_grad(set_to_none=True)
+    out = fwd(model)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * w).sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_patched_outputs_and_gradients_match(case, dtype):
+    kind, config = CASES[case]
+    cls, fwd = _run(kind, config, dtype)
+    peer = _model(cls, config, dtype)
+    ours = genext.patch(copy.deepcopy(peer))
+    ref, ref_grads = _output_and_grads(peer, fwd)
+    out, grads = _output_and_grads(ours, fwd)
+    tol = TOL[dtype]
+    assert rel(out, ref) < tol
+    try:
+        assert_grads_match(grads, ref_grads, tol)
+    except AssertionError:
+        if dtype != torch.float32:
+            raise
+        # the unpatched model in float64: the yardstick for gradients formed by cancellation,
+        # whose float32 rounding is no smaller in the unpatched model than in the patched one
+        _, fwd64 = _run(kind, config, torch.float64)
+        _, exact = _output_and_grads(copy.deepcopy(peer).double(), fwd64)
+        assert_grads_match(grads, ref_grads, tol, ref=exact)
+    report = genext.patch_report(ours)
+    assert report.routed["group_norm_silu"] > 0 and report.routed["attention"] > 0
+    assert report.calls["attention genext"] > 0
+    assert not report.call_fallbacks, str(report)
+
+
+def _count(model, name: str) -> int:
+    return sum(type(m).__name__ == name for m in model.modules())
+
+
+def test_report_counts_what_the_configs_give():
+    # UNET: ResNet blocks: 1 per down block, 2 in the mid block, 2 per up block
+    unet = genext.patch(_model("UNet2DModel", UNET, torch.float32))
+    rep = genext.patch_report(unet)
+    resnets = 2 * 1 + 2 + 2 * 2
+    attentions = 1 + 1 + 2  # AttnDownBlock2D, mid block, AttnUpBlock2D
+    assert _count(unet, "GenextResnetBlock2D") == resnets
+    # two fused pairs per ResNet block, plus conv_norm_out + conv_act
+    assert rep.routed["group_norm_silu"] == 2 * resnets + 1
+    assert rep.routed["group_norm"] == attentions  # each Attention's group_norm
+    assert rep.routed["attention"] == attentions
+    assert rep.fallbacks == []
+
+    # scale_shift: norm2 runs as a plain GroupNorm; the Transformer2DModels' norms are plain too
+    cond = genext.patch(_model("UNet2DConditionModel", COND_SCALE_SHIFT, torch.float32))
+    rep = genext.patch_report(cond)
+    resnets = 2 * 1 + 2 + 2 * 2
+    transformers = 1 + 1 + 2  # CrossAttnDownBlock2D, mid block, CrossAttnUpBlock2D
+    assert rep.routed["group_norm_silu"] == resnets + 1
+    assert rep.routed["group_norm"] == resnets + transformers
+    assert rep.routed["attention"] == 2 * transformers  # self- and cross-attention each
+    assert rep.fallbacks == []
+
+    # VAE encoder: 1 ResNet block per level and 2 in the mid block; decoder: 2 per level, 2 mid
+    vae = genext.patch(_model("AutoencoderKL", VAE, torch.float32))
+    rep = genext.patch_report(vae)
+    resnets = (2 + 2) + (2 * 2 + 2)
+    assert rep.routed["group_norm_silu"] == 2 * resnets + 2
+    assert rep.routed["group_norm"] == 2 and rep.routed["attention"] == 2
+    assert rep.fallbacks == []
+    text = str(rep)
+    assert "group_norm_silu: 22" in text and "attention: 2" in text and "fallbacks: 0" in text
+
+
+def test_report_names_fallbacks_and_unpatched_modules():
+    # GELU ResNet blocks stay (their norms become plain genext GroupNorms); the encoder's and
+    # decoder's conv_act is an nn.SiLU whatever act_fn says, so conv_norm_out still fuses with
+    # it; an attention on another processor stays on it
+    vae = _model("AutoencoderKL", dict(VAE, act_fn="gelu"), torch.float32)
+    from diffusers.models.attention_processor import AttnProcessor
+
+    vae.decoder.mid_block.attentions[0].set_processor(AttnProcessor())
+    ref = copy.deepcopy(vae)
+    genext.patch(vae)
+    rep = genext.patch_report(vae)
+    reasons = {(f.name, f.kind): f.reason for f in rep.fallbacks}
+    resnets = [n for n, m in vae.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert len(resnets) == 10
+    for name in resnets:
+        assert reasons[(name, "resnet_block")] == "nonlinearity is GELU, not nn.SiLU"
+    assert "AttnProcessor " in reasons[("decoder.mid_block.attentions.0", "attention")]
+    assert len(rep.fallbacks) == len(resnets) + 1
+    assert rep.routed["attention"] == 1
+    assert rep.routed["group_norm_silu"] == 2  # encoder and decoder conv_norm_out
+    norms = sum(type(m) is torch.nn.GroupNorm for m in ref.modules())
+    assert rep.routed["group_norm"] == norms - 2
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel(vae(x).sample, ref(x).sample) < 1e-5
+    # a model never patched: everything it could route is listed as not patched
+    rep = genext.patch_report(ref)
+    assert sum(rep.routed.values()) == 0
+    assert sum(f.reason == "not patched" for f in rep.fallbacks) == norms + 1
+
+
+def test_masks_genext_cannot_serve_run_in_torch_and_are_counted():
+    peer = _model("UNet2DConditionModel", COND, torch.float32)
+    ours = genext.patch(copy.deepcopy(peer))
+    # a hole in the middle of the first prompt: not a key-padding prefix
+    x, t, text, mask = _cond_inputs(COND, torch.float32)
+    mask[0, 2] = 0
+    with torch.no_grad():
+        out = ours(x, t, text, encoder_attention_mask=mask).sample
+        ref = peer(x, t, text, encoder_attention_mask=mask).sample
+    assert rel(out, ref) < 1e-5
+    rep = genext.patch_report(ours)
+    crosses = 4  # one cross-attention per transformer block
+    assert rep.calls["attention torch: mask is not a key-padding mask"] == crosses
+    assert rep.calls["attention genext"] == crosses  # the self-attentions
+    assert {f.kind for f in rep.call_fallbacks} == {"attention call"}
+    assert "mask is not a key-padding mask x1" in str(rep)
+    # a prompt with no token at all: every key hidden, diffusers' uniform weights over them
+    _, _, _, empty = _cond_inputs(COND, torch.float32, lengths=(TEXT_LEN, 0))
+    with torch.no_grad():
+        out = ours(x, t, text, encoder_attention_mask=empty).sample
+        ref = peer(x, t, text, encoder_attention_mask=empty).sample
+    assert rel(out, ref) < 1e-5
+
+
+def test_state_is_untouched_and_unpatch_restores_everything():
+    model = _model("UNet2DConditionModel", COND, torch.float32)
+    never = copy.deepcopy(model)
+    before = model.state_dict()
+    params = [id(p) for p in model.parameters()]
+    classes = [type(m) for m in model.modules()]
+    procs = {n: p for n, p in model.attn_processors.items()}
+
+    assert genext.patch(model) is model
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(after[k] is before[k] or torch.equal(after[k], before[k]) for k in before)
+    assert [id(p) for p in model.parameters()] == params
+    assert [type(m) for m in model.modules()] != classes
+    # patching twice changes nothing
+    patched_classes = [type(m) for m in model.modules()]
+    patched_procs = dict(model.attn_processors)
+    report = str(genext.patch_report(model))
+    assert genext.patch(model) is model
+    assert [type(m) for m in model.modules()] == patched_classes
+    assert all(model.attn_processors[k] is p for k, p in patched_procs.items())
+    assert str(genext.patch_report(model)) == report
+    # a patched model pickles (torch.save) and loads patched
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == patched_classes
+    x, t, text, mask = _cond_inputs(COND, torch.float32)
+    with torch.no_grad():
+        a = model(x, t, text, encoder_attention_mask=mask).sample
+        assert torch.equal(loaded(x, t, text, encoder_attention_mask=mask).sample, a)
+
+    assert genext.unpatch(model) is model
+    assert [type(m) for m in model.modules()] == classes
+    assert all(model.attn_processors[k] is p for k, p in procs.items())
+    assert list(model.state_dict()) == list(before)
+    assert [id(p) for p in model.parameters()] == params
+    with torch.no_grad():
+        a = model(x, t, text, encoder_attention_mask=mask).sample
+        b = never(x, t, text, encoder_attention_mask=mask).sample
+    assert torch.equal(a, b)
+    assert sum(genext.patch_report(model).routed.values()) == 0
+
+
+def test_pipeline_is_patched_through_its_components():
+    unet = _model("UNet2DModel", UNET, torch.float32)
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(100))
+    ref = diffusers.DDPMPipeline(unet=copy.deepcopy(unet), scheduler=diffusers.DDPMScheduler(100))
+    pipe.set_progress_bar_config(disable=True)
+    ref.set_progress_bar_config(disable=True)
+    assert genext.patch(pipe) is pipe
+    assert _count(pipe.unet, "GenextResnetBlock2D") == 8
+    rep = genext.patch_report(pipe)
+    assert rep.routed == genext.patch_report(pipe.unet).routed
+    assert rep.routed["attention"] == 4
+    assert all(f.name.startswith("unet.") for f in rep.fallbacks)
+
+    def sample(p):
+        g = torch.Generator().manual_seed(1)
+        return p(batch_size=2, generator=g, num_inference_steps=3, output_type="np").images
+
+    a, b = sample(pipe), sample(ref)
+    assert rel(torch.from_numpy(a), torch.from_numpy(b)) < 1e-5
+    genext.unpatch(pipe)
+    assert _count(pipe.unet, "GenextResnetBlock2D") == 0
+    with pytest.raises(TypeError, match="genext.patch: model must be"):
+        genext.patch(object())
+
+
+def _native_ops(names: set[str]) -> set[str]:
+    return {
+        n
+        for n in names
+        if n == "aten::native_group_norm" or (n.startswith("aten::") and "scaled_dot_product" in n)
+    }
+
+
+def test_profile_shows_genext_kernels_instead_of_torch_ops():
+    peer = _model("UNet2DConditionModel", COND, torch.float32)
+    ours = genext.patch(copy.deepcopy(peer))
+    x, t, text, mask = _cond_inputs(COND, torch.float32)
+    # the shapes the attentions run at (self-attention at the first level, cross-attention with
+    # the padding mask as key lengths): genext's kernel serves them
+    q = torch.randn(2, 2, 64, 4)
+    k = torch.randn(2, 2, TEXT_LEN, 4)
+    keys = (torch.arange(TEXT_LEN) < torch.tensor([TEXT_LEN, 4])[:, None])[:, None, None]
+    assert sdpa_backend(q, q, q) == "genext"
+    assert sdpa_backend(q, k, k, attn_mask=keys) == "genext"
+
+    def step(m):
+        return lambda: m(x, t, text, encoder_attention_mask=mask).sample.square().sum().backward()
+
+    ran = op_names(step(ours))
+    assert {"genext::group_norm_silu", "genext::flash_attention_forward"} <= ran
+    assert not _native_ops(ran), _native_ops(ran)
+    assert _native_ops(op_names(step(peer)))  # the unpatched model runs them
+
+
+def test_patched_model_compiles_fullgraph():
+    model = genext.patch(_model("UNet2DConditionModel", COND, torch.float32))
+    x, t, text, _ = _cond_inputs(COND, torch.float32)
+    # the whole model in one graph; aot_eager traces it with genext's fake kernels and autograd
+    # as inductor does, without inductor's code generation (minutes on two cores)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(x, t, text).sample
+        ref = model(x, t, text).sample
+        ran = op_names(lambda: compiled(x, t, text))
+    assert rel(out, ref) < 1e-5
+    assert {"genext::group_norm_silu", "genext::flash_attention_forward"} <= ran
+    assert not _native_ops(ran), _native_ops(ran)
+
+
+def test_group_norm_calls_genext_cannot_serve_run_in_torch_and_are_counted():
+    gn = perturb_(torch.nn.GroupNorm(2, 6))
+    plain = copy.deepcopy(gn)
+    assert genext.patch(gn) is gn and type(gn).__name__ == "GenextGroupNorm"
+    x = torch.randn(3, 6, 5)
+    assert rel(gn(x), plain(x)) < 1e-5
+    flat = torch.randn(3, 6)  # (N, C): genext's kernel needs a spatial dim
+    assert torch.equal(gn(flat), plain(flat))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs group_norm in float32
+        assert torch.equal(gn(x), plain(x))
+    rep = genext.patch_report(gn)
+    assert rep.routed["group_norm"] == 1
+    assert rep.calls["group_norm torch: rank 2 input"] == 1
+    assert rep.calls["group_norm torch: autocast (runs group_norm in float32)"] == 1
+    assert [f.name for f in rep.call_fallbacks] == ["GroupNorm", "GroupNorm"]
+    assert "rank 2 input x1" in str(rep)
+    genext.unpatch(gn)
+    assert type(gn) is torch.nn.GroupNorm and not genext.patch_report(gn).calls
