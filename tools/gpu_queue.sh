@@ -10,7 +10,8 @@
 # the GPU machine's image) can travel as wheels in .gpu/ (see the device tool's README): they are
 # installed into /tmp/site when present.
 #
-#   bash tools/gpu_queue.sh
+#   bash tools/gpu_queue.sh                       # everything, ops first
+#   GENEXT_QUEUE=models bash tools/gpu_queue.sh   # the build, then the models' checks only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -35,25 +36,34 @@ run build.log 240 env GENEXT_CUDA=ON TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST
   GENEXT_FA_HEAD_DIMS="${GENEXT_FA_HEAD_DIMS:-64;128;256}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
   python3 -m pip install -v --no-build-isolation --no-deps -e .
 python3 -m genext info >> "$O/build.log" 2>&1 || { tail -60 "$O/build.log"; exit 1; }
+QUEUE=${GENEXT_QUEUE:-all}
+PT="python3 -m pytest -q -p no:cacheprovider -m cuda -rfE"
+if [ "$QUEUE" != models ]; then
 # error-path tests apart: on the GPU machine's torch 2.11 a C++ ValueError crashes the process
 NOERR='not bad and not error and not raise and not mismatch and not head_dim_limit'
-PT="python3 -m pytest -q -p no:cacheprovider -m cuda -rfE"
 run t_kvcache.log 100 $PT -k "$NOERR" tests/ops/test_attention_with_kvcache.py tests/nn/test_kvcache.py
 run t_sampler.log 100 $PT -k "$NOERR" tests/ops/test_sampler_step.py tests/samplers
 run t_vq.log 80 $PT -k "$NOERR" tests/ops/test_vq.py tests/nn/test_vector_quantizer.py
 run t_contrastive.log 80 $PT -k "$NOERR" tests/ops/test_contrastive.py tests/losses
 run t_gn_fa.log 150 $PT -k "$NOERR" tests/ops/test_group_norm_silu.py tests/ops/test_flash_attention.py tests/nn/test_sdpa_drop_in.py tests/test_package.py
-run t_errors.log 60 $PT -k "bad or error or raise or mismatch or head_dim_limit" tests
+run extra.log 60 $PT -k "bad or error or raise or mismatch or head_dim_limit" tests
 run extra.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/cuda_smoke.py
 # every op's fuzz cases with CUDA tensors against the float64 reference (valid cases only while
 # a C++ ValueError kills the process there)
 run extra.log 150 env GENEXT_FUZZ_DEVICE=cuda GENEXT_FUZZ_VALID_ONLY=1 \
   python3 -m pytest -q -p no:cacheprovider -rfE tests/fuzz
 run extra.log 120 python3 -W ignore -m genext bench --quick --no-compile
-# the models on the GPU: parity with diffusers (needs the diffusers wheel in .gpu/), then the SD
-# VAE decode against diffusers eager and compiled, fp16 and bf16, with peak memory
-run extra.log 90 $PT tests/models
-run extra.log 100 python3 -W ignore -m genext bench --op vae --dtype float16 --no-compile
-run extra.log 100 python3 -W ignore -m genext bench --op vae --dtype bfloat16 --no-compile
-run extra.log 150 python3 -W ignore -m genext bench --op vae --dtype float16
-for f in "$O"/t_*.log; do echo "$f: $(grep -E 'passed|failed' "$f" | tail -1) $(tail -1 "$f")"; done
+fi
+# the models on the GPU: parity with diffusers and genext.patch's equality (needs the diffusers
+# wheel in .gpu/), then SD 1.5's U-Net step and training step, and a whole 30-step sample with
+# guidance, against diffusers eager, patched and compiled; the SD VAE decode; fp16 (and bf16 for
+# the VAE), with peak memory
+run models.log 150 $PT tests/models tests/integrations
+run models.log 120 python3 -W ignore -m genext bench --op unet --dtype float16 --no-compile
+run models.log 150 python3 -W ignore -m genext bench --op ldm --dtype float16 --no-compile
+run models.log 100 python3 -W ignore -m genext bench --op vae --dtype float16 --no-compile
+run models.log 100 python3 -W ignore -m genext bench --op vae --dtype bfloat16 --no-compile
+run models.log 200 python3 -W ignore -m genext bench --op unet --dtype float16
+run models.log 200 python3 -W ignore -m genext bench --op ldm --dtype float16
+run models.log 150 python3 -W ignore -m genext bench --op vae --dtype float16
+for f in "$O"/t_*.log "$O"/models.log; do [ -f "$f" ] || continue; echo "$f: $(grep -E 'passed|failed' "$f" | tail -1) $(tail -1 "$f")"; done
