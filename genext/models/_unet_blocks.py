@@ -35,13 +35,22 @@ __all__ = [
 ]
 
 
-def key_padding_mask(mask: Tensor) -> Tensor:
-    """A boolean key mask (True = attend) equal in effect to diffusers' additive bias
-    ``(1 - mask) * -10000`` of a boolean or 0/1 ``mask (B, Lk)``: keys with ``mask == 1`` are kept.
-    A row that keeps no key attends to all keys, as the uniform bias does in diffusers. A prefix
-    mask (padded text) stays a prefix mask, which genext's attention kernel serves."""
-    keep = mask if mask.dtype == torch.bool else mask == 1
-    return keep | ~keep.any(dim=-1, keepdim=True)
+def key_padding_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """diffusers' text mask ``mask (B, Lk)`` in the form genext's attention serves best, equal in
+    effect to diffusers' additive bias ``(1 - mask) * -10000``: a boolean or 0/1 mask becomes a
+    boolean key mask (True = attend; keys with ``mask == 1`` kept, a row that keeps no key attends
+    to all keys, as the uniform bias does), so padded text (a prefix mask) runs on genext's kernel
+    as key lengths. Any other values (soft weights, an additive mask passed by mistake), and every
+    non-boolean mask under torch.compile (the 0/1 test reads the mask's values), get diffusers'
+    bias itself in ``dtype``, which PyTorch's SDPA applies. Returned as ``(B, 1, Lk)``, the shape
+    diffusers hands its blocks (so a block does not convert it a second time)."""
+    if mask.dtype == torch.bool:
+        keep = mask
+    elif torch.compiler.is_compiling() or not bool(((mask == 0) | (mask == 1)).all()):
+        return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+    else:
+        keep = mask == 1
+    return (keep | ~keep.any(dim=-1, keepdim=True)).unsqueeze(1)
 
 
 def _no_dual(dual_cross_attention: bool, where: str) -> None:
@@ -149,11 +158,20 @@ class Transformer2DModel(nn.Module):
         hidden_states: Tensor,
         encoder_hidden_states: Tensor | None = None,
         timestep: Tensor | None = None,
+        added_cond_kwargs: dict | None = None,
         class_labels: Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
         attention_mask: Tensor | None = None,
         encoder_attention_mask: Tensor | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[Tensor]:
+        """diffusers' argument order; ``timestep``, ``class_labels`` and the two kwargs dicts
+        (which only norm types and processors this model does not have would read) must be
+        None or empty."""
+        if added_cond_kwargs or cross_attention_kwargs:
+            raise NotImplementedError(
+                "Transformer2DModel: added_cond_kwargs and cross_attention_kwargs are not supported"
+            )
         out = self.apply_to(
             hidden_states, encoder_hidden_states, attention_mask, encoder_attention_mask
         )
@@ -168,9 +186,9 @@ class Transformer2DModel(nn.Module):
     ) -> Tensor:
         """The forward as a plain tensor: ``x (B, C, H, W)`` -> ``(B, out_channels, H, W)``."""
         if attention_mask is not None and attention_mask.dim() == 2:
-            attention_mask = key_padding_mask(attention_mask)
+            attention_mask = key_padding_mask(attention_mask, x.dtype)
         if encoder_attention_mask is not None and encoder_attention_mask.dim() == 2:
-            encoder_attention_mask = key_padding_mask(encoder_attention_mask)
+            encoder_attention_mask = key_padding_mask(encoder_attention_mask, x.dtype)
         b, _, hgt, wid = x.shape
         h = self.norm(x)
         if self.use_linear_projection:

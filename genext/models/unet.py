@@ -615,9 +615,6 @@ class UNet2DConditionModel(_UNetBase):
         timestep: Tensor | float | int,
         encoder_hidden_states: Tensor | None = None,
         class_labels: Tensor | None = None,
-        encoder_attention_mask: Tensor | None = None,
-        return_dict: bool = True,
-        *,
         timestep_cond: Tensor | None = None,
         attention_mask: Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -625,6 +622,8 @@ class UNet2DConditionModel(_UNetBase):
         down_block_additional_residuals: tuple[Tensor, ...] | None = None,
         mid_block_additional_residual: Tensor | None = None,
         down_intrablock_additional_residuals: tuple[Tensor, ...] | None = None,
+        encoder_attention_mask: Tensor | None = None,
+        return_dict: bool = True,
     ) -> UNet2DConditionOutput | tuple[Tensor]:
         """The denoiser's prediction for ``sample`` at ``timestep`` (see the class docstring).
         ``down_block_additional_residuals`` / ``mid_block_additional_residual``: ControlNet's
@@ -658,7 +657,9 @@ class UNet2DConditionModel(_UNetBase):
         up_factor = 2**self.num_upsamplers
         forward_upsample_size = any(d % up_factor != 0 for d in sample.shape[-2:])
         mask = (
-            key_padding_mask(encoder_attention_mask) if encoder_attention_mask is not None else None
+            key_padding_mask(encoder_attention_mask, sample.dtype)
+            if encoder_attention_mask is not None
+            else None
         )
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0

@@ -11,6 +11,7 @@ import torch
 
 from genext.models import UNet2DConditionModel, UNet2DModel
 from genext.models import _unet_blocks as blocks
+from genext.models import unet as unet_module
 from genext.nn.functional import sdpa_backend
 
 from peer_parity import assert_grads_match, grads_after, op_names, perturb_, rel
@@ -427,20 +428,74 @@ def test_profile_pixel_unet():
         assert "genext::flash_attention_forward" in names
 
 
-def test_gradient_checkpointing_same_gradients():
-    ours, _ = _cond_pair("tiny")
+def test_gradient_checkpointing_same_gradients(monkeypatch):
+    # with dropout in training mode: the recomputed forward must draw the same dropout masks
+    ours, _ = _pair(
+        UNet2DConditionModel, diffusers.UNet2DConditionModel, dict(COND_TINY, dropout=0.3)
+    )
+    ours.train()
     x, t, ctx, _ = _cond_inputs("tiny", torch.float32)
     mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
 
     def loss(m):
+        torch.manual_seed(11)
         return m(x, t, ctx, encoder_attention_mask=mask).sample.square().sum()
 
     plain = grads_after(ours, loss)
     ours.enable_gradient_checkpointing()
     assert ours.gradient_checkpointing
+    calls = []
+    original = unet_module.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(unet_module, "checkpoint", counting)
     ckpt = grads_after(ours, loss)
     ours.disable_gradient_checkpointing()
     assert_grads_match(ckpt, plain, 1e-6)
+    # every down block, the mid block and every up block ran checkpointed
+    assert len(calls) == len(ours.down_blocks) + 1 + len(ours.up_blocks)
+
+
+def test_positional_arguments_in_diffusers_order():
+    # diffusers' 5th positional argument is timestep_cond (LCM's guidance embedding)
+    config = dict(COND_TINY, time_cond_proj_dim=5)
+    ours, peer = _pair(UNet2DConditionModel, diffusers.UNet2DConditionModel, config)
+    x, t, ctx, _ = _cond_inputs("tiny", torch.float32)
+    w = torch.randn(2, 5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = ours(x, t, ctx, None, w).sample
+        assert rel(got, peer(x, t, ctx, None, w).sample) < 1e-5
+        assert rel(got, ours(x, t, ctx).sample) > 1e-3  # the condition was used
+
+
+@pytest.mark.parametrize(
+    "kind", ["soft", "additive-inf", "additive-1e4", "float-0-1", "fully-masked-float"]
+)
+def test_text_masks_that_are_not_boolean_match_diffusers(kind):
+    # diffusers adds (1 - mask) * -10000 whatever the values: soft weights and additive masks
+    # passed by mistake must give what diffusers gives, not a key-padding reading of them
+    ours, peer = _cond_pair("tiny", torch.float64)
+    x, t, ctx, _ = _cond_inputs("tiny", torch.float64)
+    mask = torch.ones(2, 7, dtype=torch.float64)
+    if kind == "soft":
+        mask[0] = torch.tensor([0.5, 0.5, 0, 0, 0, 0.2, 0])
+    elif kind == "additive-inf":
+        mask[1, 3:] = float("-inf")
+        mask[1, :3] = 0
+    elif kind == "additive-1e4":
+        mask[1, 3:] = -1e4
+        mask[1, :3] = 0
+    elif kind == "float-0-1":
+        mask[1, 4:] = 0
+    else:
+        mask[0] = 0
+    with torch.no_grad():
+        got = ours(x, t, ctx, encoder_attention_mask=mask).sample
+        want = peer(x, t, ctx, encoder_attention_mask=mask).sample
+    assert rel(got, want) < 1e-10
 
 
 def test_dtype_device_and_config():
