@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import group_norm_silu, served_dtypes
-from ._swap import Patched, count_fallback, runs_diffusers
+from ._swap import HOOKED, Patched, count_fallback, forward_replaced, has_hooks, runs_diffusers
 
 _SERVED = served_dtypes("group_norm_silu")
 
@@ -38,6 +38,18 @@ def norm_act(norm: nn.GroupNorm, x: Tensor, silu: bool) -> Tensor:
     count_fallback(norm, why)
     y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     return F.silu(y) if silu else y
+
+
+def block_norm_act(norm: nn.GroupNorm, x: Tensor, act: nn.Module | None) -> Tensor:
+    """``act(norm(x))`` (``norm(x)`` when ``act`` is None) for a norm a patched block calls
+    itself: fused in genext's kernel, except when ``norm`` or ``act`` has hooks (offloading that
+    loads the weights in a pre-hook, a user's hooks), where both run as modules so the hooks
+    fire (counted as a per-call fallback of ``norm``)."""
+    if has_hooks(norm) or (act is not None and has_hooks(act)):
+        count_fallback(norm, "norm or its activation has hooks")
+        y = norm(x)
+        return y if act is None else act(y)
+    return norm_act(norm, x, silu=act is not None)
 
 
 class GroupNormForward(Patched):
@@ -93,6 +105,12 @@ def norm_out_pair(m: nn.Module) -> str | None:
         return None
     if isinstance(norm, GroupNormSiLUForward) and isinstance(act, SiLUFusedAwayForward):
         return ""
+    for name, mod in (("conv_norm_out", norm), ("conv_act", act)):
+        if forward_replaced(mod):
+            return f"{name} {HOOKED}"
+    # hooks there would see the fused output, or a pass-through
+    if norm._forward_hooks or act._forward_pre_hooks or act._forward_hooks:
+        return "forward hooks on conv_norm_out or conv_act"
     if not is_plain_group_norm(norm):
         return f"conv_norm_out is {type(norm).__name__}, not nn.GroupNorm"
     if type(act) is not nn.SiLU:

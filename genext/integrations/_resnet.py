@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._norms import is_plain_group_norm, norm_act
-from ._swap import Patched, runs_diffusers
+from ._norms import block_norm_act, is_plain_group_norm
+from ._swap import HOOKED, Patched, forward_replaced, runs_diffusers
 
 
 def resnet_block(m: nn.Module) -> str | None:
@@ -14,11 +14,15 @@ def resnet_block(m: nn.Module) -> str | None:
     reason; None for other modules."""
     if not runs_diffusers(m, "resnet", "ResnetBlock2D"):
         return None
+    if forward_replaced(m):
+        return HOOKED
     if type(m.nonlinearity) is not nn.SiLU:
         return f"nonlinearity is {type(m.nonlinearity).__name__}, not nn.SiLU"
     for name in ("norm1", "norm2"):
         if not is_plain_group_norm(getattr(m, name)):
             return f"{name} is {type(getattr(m, name)).__name__}, not nn.GroupNorm"
+        if forward_replaced(getattr(m, name)):
+            return f"{name} {HOOKED}"
     return ""
 
 
@@ -27,14 +31,15 @@ class ResnetBlock2DForward(Patched):
     genext's fused kernel, except with time embedding norm "scale_shift", where the scale and
     shift sit between ``norm2`` and the SiLU, so ``norm2`` runs as plain genext GroupNorm (any
     other value, such as the VAE decoder's "group" without a time embedding, adds nothing there).
-    The ``nonlinearity`` module keeps its other job, the SiLU on the time embedding."""
+    The ``nonlinearity`` module keeps its other job, the SiLU on the time embedding. A norm with
+    hooks (or a ``nonlinearity`` with hooks) runs unfused, through the modules, at that call."""
 
     _genext_kind = "resnet_block"
 
     def forward(self, input_tensor: Tensor, temb: Tensor | None, *args, **kwargs) -> Tensor:
         # (extra positional arguments and `scale` are deprecated by diffusers and ignored there)
         x = input_tensor
-        h = norm_act(self.norm1, x, silu=True)
+        h = block_norm_act(self.norm1, x, self.nonlinearity)
         if self.upsample is not None:
             if h.shape[0] >= 64:  # diffusers' guard for nearest upsampling of large batches
                 x, h = x.contiguous(), h.contiguous()
@@ -53,12 +58,12 @@ class ResnetBlock2DForward(Patched):
                     "ResnetBlock2D: temb must be given when time_embedding_norm is 'scale_shift'"
                 )
             scale, shift = torch.chunk(temb, 2, dim=1)
-            h = norm_act(self.norm2, h, silu=False)
+            h = block_norm_act(self.norm2, h, None)
             h = self.nonlinearity(h * (1 + scale) + shift)
         else:
             if self.time_embedding_norm == "default" and temb is not None:
                 h = h + temb
-            h = norm_act(self.norm2, h, silu=True)
+            h = block_norm_act(self.norm2, h, self.nonlinearity)
 
         h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:

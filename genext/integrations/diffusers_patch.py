@@ -32,7 +32,17 @@ from ._norms import (
     norm_out_pair,
 )
 from ._resnet import ResnetBlock2DForward, resnet_block
-from ._swap import CALL_FALLBACKS, Patched, original_class, swap, unswap
+from ._swap import (
+    CALL_FALLBACKS,
+    HOOKED,
+    Patched,
+    drop_own_forward,
+    forward_replaced,
+    holds_patched_forward,
+    original_class,
+    swap,
+    unswap,
+)
 
 __all__ = ["GenextAttnProcessor", "PatchReport", "patch", "patch_report", "unpatch"]
 
@@ -75,6 +85,8 @@ def patch(model: T) -> T:
     mods = list(_modules(model, "patch"))
     claimed: set[int] = set()  # norms a patched forward calls through genext itself
     for _, m in mods:
+        drop_own_forward(m)  # left by removed hooks; the same forward, but it reads as a hook
+    for _, m in mods:
         if resnet_block(m) == "":
             swap(m, ResnetBlock2DForward)
             claimed |= {id(m.norm1), id(m.norm2)}
@@ -85,20 +97,40 @@ def patch(model: T) -> T:
         elif attention(m) == "" and not isinstance(m.processor, GenextAttnProcessor):
             m.set_processor(GenextAttnProcessor(m.processor))
     for _, m in mods:
-        if is_plain_group_norm(m) and id(m) not in claimed:
+        if is_plain_group_norm(m) and id(m) not in claimed and not forward_replaced(m):
             swap(m, GroupNormForward)
     return model
 
 
 def unpatch(model: T) -> T:
     """Sets back the classes and attention processors :func:`patch` replaced; returns ``model``.
-    A model that was never patched is returned unchanged."""
-    for _, m in _modules(model, "unpatch"):
+    A model that was never patched is returned unchanged.
+
+    Raises ``RuntimeError``, changing nothing, when a hook installed after patching (group or
+    sequential offloading enabled later) wraps a patched module's forward: the hook would keep
+    calling genext's forward after the class is set back, and a fused ``conv_norm_out`` would
+    apply the SiLU that the restored ``conv_act`` applies again. Remove the hooks, unpatch, then
+    install them again."""
+    mods = list(_modules(model, "unpatch"))
+    held = [name for name, m in mods if holds_patched_forward(m)]
+    if held:
+        raise RuntimeError(
+            "genext.unpatch: hooks installed after genext.patch (offloading?) wrap the patched "
+            f"forward of {', '.join(held)}; remove the hooks (for diffusers' offloading, reload "
+            "or reset the model's hooks), then unpatch"
+        )
+    for _, m in mods:
         unswap(m)
         CALL_FALLBACKS.pop(m, None)  # the counts of norms a patched ResNet block called
         proc = getattr(m, "processor", None)
         if isinstance(proc, GenextAttnProcessor):
             m.set_processor(proc.original)
+        # the processors diffusers' fuse_qkv_projections saved for unfuse_qkv_projections
+        saved = getattr(m, "original_attn_processors", None)
+        if isinstance(saved, dict):
+            for k, p in saved.items():
+                if isinstance(p, GenextAttnProcessor):
+                    saved[k] = p.original
     return model
 
 
@@ -180,6 +212,7 @@ def patch_report(model: object) -> PatchReport:
             rep.routed[m._genext_kind] += 1
         elif isinstance(m, nn.GroupNorm) and not isinstance(m, Patched):
             reason = "not patched" if is_plain_group_norm(m) else "subclass of nn.GroupNorm"
+            reason = HOOKED if reason == "not patched" and forward_replaced(m) else reason
             if id(m) not in claimed:
                 rep.fallbacks.append(Fallback(name, "group_norm", reason))
         for reason, n in CALL_FALLBACKS.get(m, {}).items():

@@ -261,7 +261,8 @@ def test_masks_genext_cannot_serve_run_in_torch_and_are_counted():
 def test_state_is_untouched_and_unpatch_restores_everything():
     model = _model("UNet2DConditionModel", COND, torch.float32)
     never = copy.deepcopy(model)
-    before = model.state_dict()
+    # copies: state_dict() shares storage with the parameters, which patch must not change
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     params = [id(p) for p in model.parameters()]
     classes = [type(m) for m in model.modules()]
     procs = {n: p for n, p in model.attn_processors.items()}
@@ -269,7 +270,7 @@ def test_state_is_untouched_and_unpatch_restores_everything():
     assert genext.patch(model) is model
     after = model.state_dict()
     assert list(after) == list(before)
-    assert all(after[k] is before[k] or torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
     assert [id(p) for p in model.parameters()] == params
     assert [type(m) for m in model.modules()] != classes
     # patching twice changes nothing
@@ -390,3 +391,133 @@ def test_group_norm_calls_genext_cannot_serve_run_in_torch_and_are_counted():
     assert "rank 2 input x1" in str(rep)
     genext.unpatch(gn)
     assert type(gn) is torch.nn.GroupNorm and not genext.patch_report(gn).calls
+
+
+HOOKED = "forward replaced by a hook (offloading?)"
+
+
+def _hook_group_norms(model: torch.nn.Module) -> list[str]:
+    """A no-op diffusers hook (the mechanism of group offloading: an instance ``forward`` that
+    wraps the module's own) on every GroupNorm of ``model``; their names."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            HookRegistry.check_if_exists_or_initialize(m).register_hook(ModelHook(), "noop")
+            names.append(name)
+    return names
+
+
+def _unhook(model: torch.nn.Module) -> None:
+    from diffusers.hooks import HookRegistry
+
+    for m in model.modules():
+        if hasattr(m, "_diffusers_hook"):
+            HookRegistry.check_if_exists_or_initialize(m).remove_hook("noop", recurse=False)
+
+
+def test_modules_whose_forward_a_hook_replaced_are_left_and_reported():
+    cls, fwd = _run("vae", VAE, torch.float32)
+    model = _model(cls, VAE, torch.float32)
+    with torch.no_grad():
+        ref = fwd(model)
+        hooked = _hook_group_norms(model)
+        genext.patch(model)
+        out = fwd(model)
+    assert rel(out, ref) < 1e-5  # conv_act's SiLU still runs after conv_norm_out
+    rep = genext.patch_report(model)
+    assert rep.routed["group_norm_silu"] == rep.routed["group_norm"] == 0
+    assert {f.name for f in rep.fallbacks if f.kind == "group_norm"} == set(hooked)
+    assert all(f.reason == HOOKED for f in rep.fallbacks if f.kind == "group_norm")
+    pairs = [f for f in rep.fallbacks if f.kind == "conv_norm_out+conv_act"]
+    assert {f.name for f in pairs} == {"encoder", "decoder"}
+    assert all(HOOKED in f.reason for f in pairs)
+    assert all("norm1" in f.reason for f in rep.fallbacks if f.kind == "resnet_block")
+    assert rep.routed["attention"] > 0  # the processor is swapped whatever wraps forward
+
+    # a hooked ResNet block itself, and accelerate's marker, are left too
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model = _model(cls, VAE, torch.float32)
+    block = model.decoder.up_blocks[0].resnets[0]
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(ModelHook(), "noop")
+    model.encoder.conv_act._hf_hook = object()
+    genext.patch(model)
+    rep = genext.patch_report(model)
+    named = {(f.name, f.kind): f.reason for f in rep.fallbacks}
+    assert named[("decoder.up_blocks.0.resnets.0", "resnet_block")] == HOOKED
+    assert HOOKED in named[("encoder", "conv_norm_out+conv_act")]
+    assert type(block).__name__ == "ResnetBlock2D"
+    with torch.no_grad():
+        assert rel(fwd(model), ref) < 1e-5
+
+
+def test_unpatch_refuses_while_hooks_hold_patched_forwards():
+    cls, fwd = _run("vae", VAE, torch.float32)
+    model = _model(cls, VAE, torch.float32)
+    with torch.no_grad():
+        ref = fwd(model)
+        genext.patch(model)
+        _hook_group_norms(model)  # offloading enabled after patching
+        assert rel(fwd(model), ref) < 1e-5
+        with pytest.raises(RuntimeError, match="remove the hooks") as err:
+            genext.unpatch(model)
+        assert "decoder.conv_norm_out" in str(err.value)
+        # nothing was unpatched: the model still computes the same
+        assert rel(fwd(model), ref) < 1e-5
+        assert type(model.decoder.conv_act).__name__ == "GenextSiLUFusedAway"
+        _unhook(model)
+        genext.unpatch(model)
+        assert rel(fwd(model), ref) < 1e-5
+        assert not any(type(m).__name__.startswith("Genext") for m in model.modules())
+        # hooks removed: patching routes everything again, and no call falls back
+        genext.patch(model)
+        assert rel(fwd(model), ref) < 1e-5
+    rep = genext.patch_report(model)
+    assert not rep.fallbacks and not rep.call_fallbacks
+    assert rep.routed["group_norm_silu"] > 0
+
+
+def _offload_(norm: torch.nn.GroupNorm) -> None:
+    """accelerate-style sequential offload: the weights live on 'meta' and a pre-hook puts them
+    in place for the norm's own forward, a hook takes them away again."""
+    store = {n: p.detach().clone() for n, p in norm.named_parameters()}
+
+    def meta():
+        for n, t in store.items():
+            setattr(norm, n, torch.nn.Parameter(torch.empty_like(t, device="meta")))
+
+    def load(mod, args):
+        for n, t in store.items():
+            setattr(mod, n, torch.nn.Parameter(t))
+
+    meta()
+    norm.register_forward_pre_hook(load)
+    norm.register_forward_hook(lambda mod, args, out: meta())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hooks_on_a_resnet_blocks_norms_run_after_patch(dtype):
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = perturb_(ResnetBlock2D(in_channels=8, out_channels=12, temb_channels=6, groups=4))
+    block = block.to(dtype)
+    x, temb = _randn(2, 8, 4, 4, dtype=dtype), _randn(2, 6, dtype=dtype)
+    with torch.no_grad():
+        ref = block(x, temb)
+        fired = []
+        handle = block.norm1.register_forward_pre_hook(lambda m, a: fired.append("norm1"))
+        genext.patch(block)
+        assert type(block).__name__ == "GenextResnetBlock2D"
+        out = block(x, temb)
+        assert fired == ["norm1"]
+        assert rel(out, ref) < TOL[dtype]
+        handle.remove()
+        _offload_(block.norm1)
+        _offload_(block.norm2)
+        assert rel(block(x, temb), ref) < TOL[dtype]
+    rep = genext.patch_report(block)
+    assert rep.calls["group_norm torch: norm or its activation has hooks"] == 3
+    assert {f.name for f in rep.call_fallbacks} == {"norm1", "norm2"}
