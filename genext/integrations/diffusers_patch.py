@@ -10,7 +10,10 @@
 
 Modules change class (to a subclass with a genext ``forward``) or processor, nothing else:
 parameters, buffers and ``state_dict`` keys are untouched. ``unpatch`` sets the original classes
-and processors back; ``patch_report`` says what was routed and what was not, and why.
+and processors back; ``patch_report`` says what was routed and what was not, and why. A module
+whose ``forward`` a hook wrapper replaced (diffusers' or accelerate's offloading) is left as it
+is, since a class swap would not reach it; ``unpatch`` refuses while hooks installed after
+``patch`` wrap a patched forward.
 diffusers is never imported here: its classes are recognised by the module and name of the class
 that defines their ``forward``.
 """

@@ -521,3 +521,18 @@ def test_hooks_on_a_resnet_blocks_norms_run_after_patch(dtype):
     rep = genext.patch_report(block)
     assert rep.calls["group_norm torch: norm or its activation has hooks"] == 3
     assert {f.name for f in rep.call_fallbacks} == {"norm1", "norm2"}
+
+
+def test_unfusing_qkv_after_unpatch_sets_back_the_original_processors():
+    cls, fwd = _run("cond", COND, torch.float32)
+    model = _model(cls, COND, torch.float32)
+    with torch.no_grad():
+        ref = fwd(model)
+        genext.patch(model)
+        model.fuse_qkv_projections()  # saves the (genext) processors to restore on unfuse
+        genext.unpatch(model)
+        model.unfuse_qkv_projections()
+        out = fwd(model)
+    names = {type(p).__name__ for p in model.attn_processors.values()}
+    assert names == {"AttnProcessor2_0"}
+    assert rel(out, ref) < 1e-5
