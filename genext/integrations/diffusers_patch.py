@@ -119,8 +119,8 @@ def unpatch(model: T) -> T:
     if held:
         raise RuntimeError(
             "genext.unpatch: hooks installed after genext.patch (offloading?) wrap the patched "
-            f"forward of {', '.join(held)}; remove the hooks (for diffusers' offloading, reload "
-            "or reset the model's hooks), then unpatch"
+            f"forward of {', '.join(held)}; remove the hooks first (diffusers' "
+            "HookRegistry.remove_hook, accelerate's remove_hook_from_module), then unpatch"
         )
     for _, m in mods:
         unswap(m)

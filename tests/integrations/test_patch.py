@@ -523,6 +523,21 @@ def test_hooks_on_a_resnet_blocks_norms_run_after_patch(dtype):
     assert {f.name for f in rep.call_fallbacks} == {"norm1", "norm2"}
 
 
+def test_hooked_norms_of_a_patched_resnet_block_compile_fullgraph():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = perturb_(ResnetBlock2D(in_channels=8, temb_channels=6, groups=4))
+    x, temb = _randn(2, 8, 4, 4, dtype=torch.float32), _randn(2, 6, dtype=torch.float32)
+    with torch.no_grad():
+        ref = block(x, temb)
+        fired = []
+        block.norm2.register_forward_pre_hook(lambda m, a: fired.append("norm2"))
+        compiled = torch.compile(genext.patch(block), fullgraph=True, backend="aot_eager")
+        out = compiled(x, temb)
+    assert fired and rel(out, ref) < 1e-5
+
+
 def test_unfusing_qkv_after_unpatch_sets_back_the_original_processors():
     cls, fwd = _run("cond", COND, torch.float32)
     model = _model(cls, COND, torch.float32)
