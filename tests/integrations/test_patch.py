@@ -338,19 +338,31 @@ def _native_ops(names: set[str]) -> set[str]:
 
 
 def test_profile_shows_genext_kernels_instead_of_torch_ops():
-    peer = _model("UNet2DConditionModel", COND, torch.float32)
-    ours = genext.patch(copy.deepcopy(peer))
-    x, t, text, mask = _cond_inputs(COND, torch.float32)
-    # the shapes the attentions run at (self-attention at the first level, cross-attention with
-    # the padding mask as key lengths): genext's kernel serves them
+    # the shapes the conditional U-Net's attentions run at (self-attention at the first level,
+    # cross-attention with the padding mask as key lengths): genext's kernel serves them
     q = torch.randn(2, 2, 64, 4)
     k = torch.randn(2, 2, TEXT_LEN, 4)
     keys = (torch.arange(TEXT_LEN) < torch.tensor([TEXT_LEN, 4])[:, None])[:, None, None]
     assert sdpa_backend(q, q, q) == "genext"
     assert sdpa_backend(q, k, k, attn_mask=keys) == "genext"
+    # one head over the mid block's positions, as the autoencoders' attention runs
+    m = torch.randn(2, 1, 64, 8)
+    assert sdpa_backend(m, m, m) == "genext"
 
-    def step(m):
-        return lambda: m(x, t, text, encoder_attention_mask=mask).sample.square().sum().backward()
+
+# one of each model type genext.patch targets (the others are variants of these)
+PROFILED = ["unet", "cond", "vae", "vq"]
+
+
+@pytest.mark.parametrize("case", PROFILED)
+def test_patched_models_run_genext_kernels_and_no_torch_norm_or_sdpa(case):
+    kind, config = CASES[case]
+    cls, fwd = _run(kind, config, torch.float32)
+    peer = _model(cls, config, torch.float32)
+    ours = genext.patch(copy.deepcopy(peer))
+
+    def step(model):
+        return lambda: fwd(model).square().sum().backward()
 
     ran = op_names(step(ours))
     assert {"genext::group_norm_silu", "genext::flash_attention_forward"} <= ran
@@ -358,16 +370,26 @@ def test_profile_shows_genext_kernels_instead_of_torch_ops():
     assert _native_ops(op_names(step(peer)))  # the unpatched model runs them
 
 
-def test_patched_model_compiles_fullgraph():
-    model = genext.patch(_model("UNet2DConditionModel", COND, torch.float32))
-    x, t, text, _ = _cond_inputs(COND, torch.float32)
-    # the whole model in one graph; aot_eager traces it with genext's fake kernels and autograd
-    # as inductor does, without inductor's code generation (minutes on two cores)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+@pytest.mark.parametrize("case", PROFILED)
+def test_patched_model_compiles_fullgraph(case):
+    kind, config = CASES[case]
+    cls, fwd = _run(kind, config, torch.float32)
+    model = genext.patch(_model(cls, config, torch.float32))
+    # the whole forward in one graph; aot_eager traces it with genext's fake kernels and autograd
+    # as inductor does, without inductor's code generation (minutes on two cores). The
+    # conditional U-Net runs without its text mask here: under torch.compile a mask goes to
+    # PyTorch's SDPA (the key-padding test reads its values)
+    if kind == "cond":
+        x, t, text, _ = _cond_inputs(config, torch.float32)
+
+        def fwd(m):
+            return m(x, t, text).sample
+
+    compiled = torch.compile(lambda: fwd(model), fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        out = compiled(x, t, text).sample
-        ref = model(x, t, text).sample
-        ran = op_names(lambda: compiled(x, t, text))
+        out = compiled()
+        ref = fwd(model)
+        ran = op_names(compiled)
     assert rel(out, ref) < 1e-5
     assert {"genext::group_norm_silu", "genext::flash_attention_forward"} <= ran
     assert not _native_ops(ran), _native_ops(ran)
