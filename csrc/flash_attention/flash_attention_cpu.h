@@ -23,9 +23,10 @@
 // Tiles in scratch: row-major [rows][Dp] (Dp = D rounded up to 16, zero padded) for Q, dO, V, K,
 // and transposed [D][kBc] (zero padded beyond the valid keys) for the right-hand side of S = Q K^T
 // and dP = dO V^T. Both products are then sums of scaled contiguous rows: S_i += q_id * Kt_d and
-// O_i += p_ij * V_j, written with 16-lane vectors (GCC vector extensions) over 4 rows at a time.
-// The float versions of these tile routines are compiled per ISA level and chosen when the library
-// loads (GENEXT_CPU_CLONES); exp is a polynomial in those vectors.
+// O_i += p_ij * V_j, written with GCC vector extensions over register blocks of a few rows by a
+// few vectors. The float versions of these tile routines are compiled per ISA level, each product
+// with the register block that fits the level's registers, and chosen at run time; exp is a
+// polynomial in those vectors.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -43,8 +44,7 @@ namespace genext::fa::cpu {
 
 constexpr int64_t kBr = 64;  // query rows per tile
 constexpr int64_t kBc = 64;  // keys per tile
-constexpr int kLanes = 16;   // lanes of the tile vectors (simd::kLanes); kBc is a multiple of it
-constexpr int kRows = 4;     // rows per register block in the tile products
+constexpr int kLanes = 16;   // Dp granularity: whole vectors of every width the tiles use
 
 // ---- problem layout -----------------------------------------------------------------------------
 

@@ -74,9 +74,9 @@ void backward_dkdv(const Problem& p, const std::vector<Seq>& seqs, T scale,
                             ? 0
                             : int32_t(std::clamp<int64_t>(sq.visible_end(i0 + r) - j0, 0, nc_vis));
             }
-            qk_tile(Q.p, Dp, Kt.p, D, P.p, nr);   // scaled scores
-            qk_tile(G.p, Dp, Vt.p, D, dS.p, nr);  // dP = dO V^T
-            softmax_bwd(P.p, dS.p, nr, nvis.data(), L.p, Dl.p);
+            qk_tile(Q.p, Dp, Kt.p, D, P.p, nr, nc_vis);   // scaled scores
+            qk_tile(G.p, Dp, Vt.p, D, dS.p, nr, nc_vis);  // dP = dO V^T
+            softmax_bwd(P.p, dS.p, nr, nc_vis, nvis.data(), L.p, Dl.p);
             // dV_j += sum_i P_ij dO_i ; dK_j += sum_i dS_ij (scale Q_i): coefficients transposed
             accum_tile(dV.p, Dp, P.p, 1, kBc, G.p, Dp, nc_vis, nr, Dp, static_cast<T*>(nullptr));
             accum_tile(dK.p, Dp, dS.p, 1, kBc, Q.p, Dp, nc_vis, nr, Dp, static_cast<T*>(nullptr));
@@ -127,9 +127,9 @@ void backward_dq(const Problem& p, const std::vector<Seq>& seqs, T scale,
           nvis[r] = std::isinf(L.p[r])
                         ? 0
                         : int32_t(std::clamp<int64_t>(sq.visible_end(i0 + r) - j0, 0, nc));
-        qk_tile(Q.p, Dp, Kt.p, D, P.p, nr);
-        qk_tile(G.p, Dp, Vt.p, D, dS.p, nr);
-        softmax_bwd(P.p, dS.p, nr, nvis.data(), L.p, Dl.p);
+        qk_tile(Q.p, Dp, Kt.p, D, P.p, nr, nc);
+        qk_tile(G.p, Dp, Vt.p, D, dS.p, nr, nc);
+        softmax_bwd(P.p, dS.p, nr, nc, nvis.data(), L.p, Dl.p);
         accum_tile(dQ.p, Dp, dS.p, kBc, 1, K.p, Dp, nr, nc, Dp, static_cast<T*>(nullptr));
       }
       for (int64_t r = 0; r < nr; ++r) {

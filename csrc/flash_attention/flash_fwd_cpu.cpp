@@ -41,10 +41,10 @@ void forward_tiles(const Problem& p, const std::vector<Seq>& seqs, T scale, S* o
         const int64_t nc = std::min(kBc, kend - j0);
         load_cols(k, sq.b, sq.k0 + j0, nc, hk, D, Kt.p);
         load_rows(v, sq.b, sq.k0 + j0, nc, hk, D, Dp, T(1), V.p);
-        qk_tile(Q.p, Dp, Kt.p, D, P.p, nr);
+        qk_tile(Q.p, Dp, Kt.p, D, P.p, nr, nc);
         for (int64_t r = 0; r < nr; ++r)
           nvis[r] = int32_t(std::clamp<int64_t>(sq.visible_end(r0 + r) - j0, 0, nc));
-        softmax_fwd(P.p, nr, nvis.data(), m.p, l.p, alpha.p);
+        softmax_fwd(P.p, nr, nc, nvis.data(), m.p, l.p, alpha.p);
         accum_tile(O.p, Dp, P.p, kBc, 1, V.p, Dp, nr, nc, Dp, alpha.p);
       }
       for (int64_t r = 0; r < nr; ++r) {
