@@ -95,10 +95,10 @@ struct Vec<double> {
 };
 
 template <class V>
-inline constexpr bool kIsVector = std::is_same_v<V, f32x16> || std::is_same_v<V, i32x16> ||
-                                  std::is_same_v<V, f64x16> || std::is_same_v<V, i64x16> ||
-                                  std::is_same_v<V, f32x8> || std::is_same_v<V, f32x4> ||
-                                  std::is_same_v<V, i32x8> || std::is_same_v<V, i32x4>;
+inline constexpr bool kIsVector =
+    std::is_same_v<V, f32x16> || std::is_same_v<V, i32x16> || std::is_same_v<V, f64x16> ||
+    std::is_same_v<V, i64x16> || std::is_same_v<V, f32x8> || std::is_same_v<V, f32x4> ||
+    std::is_same_v<V, i32x8> || std::is_same_v<V, i32x4>;
 
 // The integer lanes matching float lanes V (float or f32x16), and the conversion to them
 // (truncating; the arguments here are already whole numbers).

@@ -6,10 +6,11 @@
 // Work is cut into tiles of kBr query rows and kBc keys; no Lq x Lk tensor exists anywhere. Each
 // thread holds a few tiles in float scratch (double for float64 input): O(kBr * D) memory.
 //
-// Forward, one task per (sequence, query head, query tile): the tile's queries (pre-multiplied by
-// the softmax scale) meet the key tiles one after another; a running row maximum m and row sum l
-// rescale the output accumulator whenever m grows (online softmax), and the row ends as O / l with
-// lse = m + log(l). Causal tiles stop at the last key their last row can see.
+// Forward, one task per (sequence, query head, run of up to 4 query tiles, which share each key
+// and value tile loaded): a tile's queries (pre-multiplied by the softmax scale) meet the key
+// tiles one after another; a running row maximum m and row sum l rescale the output accumulator
+// whenever m grows (online softmax), and the row ends as O / l with lse = m + log(l). Causal
+// tiles stop at the last key their last row can see.
 //
 // Backward, from the saved lse (so P = exp(S - lse) is recomputed exactly, tile by tile):
 //   delta_i = sum_d dO_id * O_id

@@ -312,9 +312,8 @@ GENEXT_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, int64_t nc, const i
                                                 T* m, T* l, T* alpha) {                            \
     softmax_fwd_impl<T, V>(S, nr, nc, nvis, m, l, alpha);                                          \
   }                                                                                                \
-  [[maybe_unused]] ATTR void softmax_bwd_##NAME(T* S, T* dP, int64_t nr, int64_t nc,               \
-                                                const int32_t* nvis, const T* lse,                 \
-                                                const T* delta) {                                  \
+  [[maybe_unused]] ATTR void softmax_bwd_##NAME(                                                   \
+      T* S, T* dP, int64_t nr, int64_t nc, const int32_t* nvis, const T* lse, const T* delta) {    \
     softmax_bwd_impl<T, V>(S, dP, nr, nc, nvis, lse, delta);                                       \
   }
 
