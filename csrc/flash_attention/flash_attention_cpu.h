@@ -16,10 +16,12 @@
 //   delta_i = sum_d dO_id * O_id
 //   dV_j = sum_i P_ij dO_i,  dS_ij = P_ij (dO_i . V_j - delta_i),  dK_j = scale sum_i dS_ij Q_i,
 //   dQ_i = scale sum_j dS_ij K_j.
-// dK/dV: one task per (sequence, KV head, key tile), looping over the group's query heads and the
-// query tiles that can see the keys; dQ: one task per (sequence, query head, query tile). S and dP
-// are computed twice (once per pass) in exchange for no atomics and no shared accumulators: every
-// output element has one writer and a fixed summation order, so results are deterministic.
+// dK/dV: one task per (sequence, KV head, run of up to 4 key tiles), looping over the group's
+// query heads and the query tiles that can see the keys, each query tile loaded once for the run;
+// dQ: one task per (sequence, query head, run of up to 4 query tiles), each key/value tile loaded
+// once for the run. S and dP are computed twice (once per pass) in exchange for no atomics and no
+// shared accumulators: every output element has one writer and a fixed summation order, so
+// results are deterministic.
 //
 // Tiles in scratch: row-major [rows][Dp] (Dp = D rounded up to 16, zero padded) for Q, dO, V, K,
 // and transposed [D][kBc] (zero padded beyond the valid keys) for the right-hand side of S = Q K^T
