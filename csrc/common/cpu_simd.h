@@ -25,7 +25,45 @@
 #endif
 #define GENEXT_INLINE __attribute__((always_inline)) inline
 
+// Explicit per-level versions, for routines whose best code shape (register blocking) differs per
+// level and so cannot be one target_clones body: GENEXT_CPU_TARGET_V3/_V4 mark a function compiled
+// for x86-64-v3/v4 (the levels of GENEXT_CPU_CLONES), and genext::simd::cpu_level() says which of
+// them this CPU runs (3 or 4; 0 for the baseline, and always 0 where GENEXT_CPU_LEVELS is 0).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define GENEXT_CPU_LEVELS 1
+#define GENEXT_CPU_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
+#define GENEXT_CPU_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GENEXT_CPU_LEVELS 1
+#define GENEXT_CPU_TARGET_V3 __attribute__((target("avx2,fma")))
+#define GENEXT_CPU_TARGET_V4 __attribute__((target("avx512f,avx2,fma")))
+#else
+#define GENEXT_CPU_LEVELS 0
+#define GENEXT_CPU_TARGET_V3
+#define GENEXT_CPU_TARGET_V4
+#endif
+
 namespace genext::simd {
+
+// The highest of the levels above that this CPU supports: 4 (x86-64-v4), 3 (x86-64-v3) or 0.
+inline int cpu_level() {
+#if GENEXT_CPU_LEVELS && __GNUC__ >= 12
+  static const int level = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+  }();
+  return level;
+#elif GENEXT_CPU_LEVELS
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return 4;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 3 : 0;
+  }();
+  return level;
+#else
+  return 0;
+#endif
+}
 
 // ---- 16-lane vectors ----------------------------------------------------------------------------
 // Each clone lowers them to its ISA (one zmm, two ymm or four xmm registers per float vector).
@@ -35,6 +73,12 @@ typedef float f32x16 __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t i32x16 __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef double f64x16 __attribute__((vector_size(kLanes * sizeof(double))));
 typedef int64_t i64x16 __attribute__((vector_size(kLanes * sizeof(int64_t))));
+// Narrower float vectors: one ymm (x86-64-v3) or one xmm (baseline) register, for register blocks
+// that must fit in 16 such registers.
+typedef float f32x8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float f32x4 __attribute__((vector_size(4 * sizeof(float))));
+typedef int32_t i32x8 __attribute__((vector_size(8 * sizeof(int32_t))));
+typedef int32_t i32x4 __attribute__((vector_size(4 * sizeof(int32_t))));
 
 // The vector of 16 T and the integer vector of the same lane width.
 template <class T>
@@ -51,8 +95,10 @@ struct Vec<double> {
 };
 
 template <class V>
-inline constexpr bool kIsVector = std::is_same_v<V, f32x16> || std::is_same_v<V, i32x16> ||
-                                  std::is_same_v<V, f64x16> || std::is_same_v<V, i64x16>;
+inline constexpr bool kIsVector =
+    std::is_same_v<V, f32x16> || std::is_same_v<V, i32x16> || std::is_same_v<V, f64x16> ||
+    std::is_same_v<V, i64x16> || std::is_same_v<V, f32x8> || std::is_same_v<V, f32x4> ||
+    std::is_same_v<V, i32x8> || std::is_same_v<V, i32x4>;
 
 // The integer lanes matching float lanes V (float or f32x16), and the conversion to them
 // (truncating; the arguments here are already whole numbers).
@@ -65,6 +111,16 @@ template <>
 struct IntLanes<f32x16> {
   using I = i32x16;
   static GENEXT_INLINE I convert(f32x16 v) { return __builtin_convertvector(v, i32x16); }
+};
+template <>
+struct IntLanes<f32x8> {
+  using I = i32x8;
+  static GENEXT_INLINE I convert(f32x8 v) { return __builtin_convertvector(v, i32x8); }
+};
+template <>
+struct IntLanes<f32x4> {
+  using I = i32x4;
+  static GENEXT_INLINE I convert(f32x4 v) { return __builtin_convertvector(v, i32x4); }
 };
 
 // s in every lane of V (V a vector), or s converted to V (V a scalar).

@@ -6,26 +6,30 @@
 // Work is cut into tiles of kBr query rows and kBc keys; no Lq x Lk tensor exists anywhere. Each
 // thread holds a few tiles in float scratch (double for float64 input): O(kBr * D) memory.
 //
-// Forward, one task per (sequence, query head, query tile): the tile's queries (pre-multiplied by
-// the softmax scale) meet the key tiles one after another; a running row maximum m and row sum l
-// rescale the output accumulator whenever m grows (online softmax), and the row ends as O / l with
-// lse = m + log(l). Causal tiles stop at the last key their last row can see.
+// Forward, one task per (sequence, query head, run of up to 4 query tiles, which share each key
+// and value tile loaded): a tile's queries (pre-multiplied by the softmax scale) meet the key
+// tiles one after another; a running row maximum m and row sum l rescale the output accumulator
+// whenever m grows (online softmax), and the row ends as O / l with lse = m + log(l). Causal
+// tiles stop at the last key their last row can see.
 //
 // Backward, from the saved lse (so P = exp(S - lse) is recomputed exactly, tile by tile):
 //   delta_i = sum_d dO_id * O_id
 //   dV_j = sum_i P_ij dO_i,  dS_ij = P_ij (dO_i . V_j - delta_i),  dK_j = scale sum_i dS_ij Q_i,
 //   dQ_i = scale sum_j dS_ij K_j.
-// dK/dV: one task per (sequence, KV head, key tile), looping over the group's query heads and the
-// query tiles that can see the keys; dQ: one task per (sequence, query head, query tile). S and dP
-// are computed twice (once per pass) in exchange for no atomics and no shared accumulators: every
-// output element has one writer and a fixed summation order, so results are deterministic.
+// dK/dV: one task per (sequence, KV head, run of up to 4 key tiles), looping over the group's
+// query heads and the query tiles that can see the keys, each query tile loaded once for the run;
+// dQ: one task per (sequence, query head, run of up to 4 query tiles), each key/value tile loaded
+// once for the run. S and dP are computed twice (once per pass) in exchange for no atomics and no
+// shared accumulators: every output element has one writer and a fixed summation order, so
+// results are deterministic.
 //
 // Tiles in scratch: row-major [rows][Dp] (Dp = D rounded up to 16, zero padded) for Q, dO, V, K,
 // and transposed [D][kBc] (zero padded beyond the valid keys) for the right-hand side of S = Q K^T
 // and dP = dO V^T. Both products are then sums of scaled contiguous rows: S_i += q_id * Kt_d and
-// O_i += p_ij * V_j, written with 16-lane vectors (GCC vector extensions) over 4 rows at a time.
-// The float versions of these tile routines are compiled per ISA level and chosen when the library
-// loads (GENEXT_CPU_CLONES); exp is a polynomial in those vectors.
+// O_i += p_ij * V_j, written with GCC vector extensions over register blocks of a few rows by a
+// few vectors. The float versions of these tile routines are compiled per ISA level, each product
+// with the register block that fits the level's registers, and chosen at run time; exp is a
+// polynomial in those vectors.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -43,8 +47,7 @@ namespace genext::fa::cpu {
 
 constexpr int64_t kBr = 64;  // query rows per tile
 constexpr int64_t kBc = 64;  // keys per tile
-constexpr int kLanes = 16;   // lanes of the tile vectors (simd::kLanes); kBc is a multiple of it
-constexpr int kRows = 4;     // rows per register block in the tile products
+constexpr int kLanes = 16;   // Dp granularity: whole vectors of every width the tiles use
 
 // ---- problem layout -----------------------------------------------------------------------------
 

@@ -1,15 +1,20 @@
 // The tile routines of the flash-attention CPU kernel (flash_attention_cpu.h), included by
 // flash_fwd_cpu.cpp and flash_bwd_cpu.cpp: score tiles S = Q K^T, accumulations O += P V with
-// per-row rescaling, and the online-softmax steps, on 16-lane vectors (common/cpu_simd.h). The
-// float entry points are compiled per ISA level and chosen when the library loads
-// (GENEXT_CPU_CLONES); exp is a polynomial in those vectors. Everything here has internal linkage,
-// so each including file gets its own copy: GCC 12 exports the ifunc symbol of a target_clones
-// function whatever its visibility, and these should not leave the library.
+// per-row rescaling, and the online-softmax steps, on GCC vectors (common/cpu_simd.h). The float
+// routines exist once per x86-64 level (GENEXT_CPU_TARGET_V3/_V4 and the baseline), each on the
+// level's native vector width (8 lanes on AVX2, 16 on AVX-512, 4 on SSE2) with a register block
+// that fits its registers, and are chosen at run time (simd::cpu_level). Not target_clones: a clone
+// shares one body, so one block shape, and 16-lane vectors with 4 x 4 blocks (right for AVX-512)
+// spill every accumulator on AVX2, whose broadcasts of 16-lane vectors GCC also builds on the
+// stack. exp is a polynomial in those vectors. Everything here has internal linkage, so each
+// including file gets its own copy.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/cpu_simd.h"
 #include "flash_attention/flash_attention_cpu.h"
@@ -17,108 +22,198 @@
 namespace genext::fa::cpu {
 namespace {
 
-static_assert(kLanes == simd::kLanes, "the tiles are made of simd vectors");
+// Rows of Q, dO, V, K tiles are padded to Dp, a multiple of kLanes: whole vectors of every width.
+static_assert(kLanes % 8 == 0 && kBc % 16 == 0, "tile rows are whole vectors of every width");
 
 // ---- vectors (common/cpu_simd.h) ----------------------------------------------------------------
 
 using simd::f32x16;
 using simd::f64x16;
-using simd::hsum;
-using simd::i32x16;
-using simd::lane_index;
 using simd::load;
 using simd::splat;
 using simd::store;
-using simd::Vec;
 
-// exp(x) for float lanes (common/cpu_simd.h), x <= 0 in use (scores minus their maximum or their
-// lse); callers zero the masked lanes themselves.
-GENEXT_INLINE f32x16 exp_v(f32x16 x) { return simd::exp_v(x); }
-// float64 (the gradcheck path): libm, lane by lane
-GENEXT_INLINE f64x16 exp_v(f64x16 x) {
-  for (int t = 0; t < kLanes; ++t) x[t] = std::exp(x[t]);
-  return x;
+template <class T, class V>
+inline constexpr int kLanesOf = int(sizeof(V) / sizeof(T));
+
+// {0, 1, ..., L-1} as T lanes
+template <class T, class V>
+GENEXT_INLINE V lane_iota() {
+  V v{};
+  for (int t = 0; t < kLanesOf<T, V>; ++t) v[t] = T(t);
+  return v;
 }
 
-// ---- tile routines ------------------------------------------------------------------------------
+// Sum of the lanes in lane order.
+template <class T, class V>
+GENEXT_INLINE T lane_sum(V v) {
+  T s = 0;
+  for (int t = 0; t < kLanesOf<T, V>; ++t) s += v[t];
+  return s;
+}
 
-// S[i][0:kBc] = sum_{d < D} A[i][d] * Bt[d][0:kBc] for i < nr. A: rows of stride lda; Bt: [D][kBc].
-template <class T, int R>
+// *p in every lane of V. On 8-lane vectors (the AVX2 routines) one vbroadcastss from memory: GCC
+// builds splat's V{} + x there as a scalar add and a register broadcast, two more instructions
+// per broadcast in the innermost loops (about a third of their time).
+template <class T, class V>
+GENEXT_INLINE V bcast(const T* p) {
+#if GENEXT_CPU_LEVELS
+  if constexpr (std::is_same_v<V, simd::f32x8>) {
+    V v;
+    __asm__("vbroadcastss %1, %0" : "=x"(v) : "m"(*p));
+    return v;
+  }
+#endif
+  return splat<V>(*p);
+}
+
+// exp of every lane, x <= 0 in use (scores minus their maximum or their lse); callers zero the
+// masked lanes themselves. Float: the polynomial of common/cpu_simd.h; float64 (the gradcheck
+// path): libm, lane by lane.
+template <class T, class V>
+GENEXT_INLINE V exp_lanes(V x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return simd::exp_v(x);
+  } else {
+    for (int t = 0; t < kLanesOf<T, V>; ++t) x[t] = std::exp(x[t]);
+    return x;
+  }
+}
+
+// ---- tile products ------------------------------------------------------------------------------
+// Register blocks of R rows x W vectors of V (L = lanes of V). The block shape is chosen per ISA
+// level (the entry points below) so that the R*W accumulators, W right-hand vectors and a
+// broadcast fit in the level's vector registers: 4 x 4 x 16 lanes on AVX-512 (16 of 32 zmm),
+// 6 x 2 x 8 lanes on AVX2 (12 + 3 of 16 ymm), 6 x 2 x 4 lanes on the SSE2 baseline (16 xmm). The
+// shape changes neither the products nor their order: every output element is one accumulator
+// summed over d (or j) in increasing order.
+
+// S[i][0 : W*L] = sum_{d < D} A[i][d] * Bt[d][0 : W*L] for i < R. A: rows of stride lda; Bt: rows
+// of stride kBc; S: rows of stride kBc.
+template <class T, class V, int R, int W>
 GENEXT_INLINE void qk_block(const T* __restrict__ A, int64_t lda, const T* __restrict__ Bt,
                             int64_t D, T* __restrict__ S) {
-  using V = typename Vec<T>::V;
-  constexpr int W = kBc / kLanes;
+  constexpr int L = kLanesOf<T, V>;
   V acc[R][W];
   for (int r = 0; r < R; ++r)
     for (int w = 0; w < W; ++w) acc[r][w] = V{};
   for (int64_t d = 0; d < D; ++d) {
     V b[W];
-    for (int w = 0; w < W; ++w) b[w] = load<V>(Bt + d * kBc + w * kLanes);
+    for (int w = 0; w < W; ++w) b[w] = load<V>(Bt + d * kBc + w * L);
     for (int r = 0; r < R; ++r) {
-      const V a = splat<V>(A[r * lda + d]);
+      const V a = bcast<T, V>(A + r * lda + d);
       for (int w = 0; w < W; ++w) acc[r][w] += a * b[w];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int w = 0; w < W; ++w) store(S + r * kBc + w * kLanes, acc[r][w]);
+    for (int w = 0; w < W; ++w) store(S + r * kBc + w * L, acc[r][w]);
 }
 
-template <class T>
-GENEXT_INLINE void qk_tile_impl(const T* A, int64_t lda, const T* Bt, int64_t D, T* S, int64_t nr) {
+// R rows of S, columns [0, nc) rounded up to whole blocks.
+template <class T, class V, int R, int W>
+GENEXT_INLINE void qk_rows(const T* A, int64_t lda, const T* Bt, int64_t D, T* S, int64_t nc) {
+  constexpr int C = W * kLanesOf<T, V>;
+  static_assert(kBc % C == 0, "the column blocks tile kBc");
+  for (int64_t c0 = 0; c0 < nc; c0 += C) qk_block<T, V, R, W>(A, lda, Bt + c0, D, S + c0);
+}
+
+// n rows of S, 0 < n < R, as one block of n rows.
+template <class T, class V, int R, int W>
+GENEXT_INLINE void qk_rest(const T* A, int64_t lda, const T* Bt, int64_t D, T* S, int64_t nc,
+                           int64_t n) {
+  if constexpr (R > 1) {
+    if (n == R - 1)
+      qk_rows<T, V, R - 1, W>(A, lda, Bt, D, S, nc);
+    else
+      qk_rest<T, V, R - 1, W>(A, lda, Bt, D, S, nc, n);
+  }
+}
+
+// S[i][j] = sum_{d < D} A[i][d] * Bt[d][j] for i < nr, j < nc (Bt: [D][kBc]); columns from nc
+// to kBc are written up to the end of their block or left as they are.
+template <class T, class V, int R, int W>
+GENEXT_INLINE void qk_tile_impl(const T* A, int64_t lda, const T* Bt, int64_t D, T* S, int64_t nr,
+                                int64_t nc) {
   int64_t i = 0;
-  for (; i + kRows <= nr; i += kRows) qk_block<T, kRows>(A + i * lda, lda, Bt, D, S + i * kBc);
-  for (; i < nr; ++i) qk_block<T, 1>(A + i * lda, lda, Bt, D, S + i * kBc);
+  for (; i + R <= nr; i += R) qk_rows<T, V, R, W>(A + i * lda, lda, Bt, D, S + i * kBc, nc);
+  if (i < nr) qk_rest<T, V, R, W>(A + i * lda, lda, Bt, D, S + i * kBc, nc, nr - i);
 }
 
-// Out[i][d0 : d0 + W*16] = Out[i][...] * row_scale[i] + sum_{j < nc} C(i, j) * In[j][...], with
+// Out[i][0 : W*L] = Out[i][...] * row_scale[i] + sum_{j < nc} C(i, j) * In[j][...] for i < R, with
 // C(i, j) = C[i * cr + j * cc] (so a transposed coefficient matrix costs nothing).
-template <class T, int R, int W>
+template <class T, class V, int R, int W>
 GENEXT_INLINE void accum_block(T* __restrict__ Out, int64_t ldo, const T* __restrict__ C,
                                int64_t cr, int64_t cc, const T* __restrict__ In, int64_t ldi,
                                int64_t nc, const T* __restrict__ row_scale) {
-  using V = typename Vec<T>::V;
+  constexpr int L = kLanesOf<T, V>;
   V acc[R][W];
   for (int r = 0; r < R; ++r) {
     const V s = splat<V>(row_scale ? row_scale[r] : T(1));
-    for (int w = 0; w < W; ++w) acc[r][w] = load<V>(Out + r * ldo + w * kLanes) * s;
+    for (int w = 0; w < W; ++w) acc[r][w] = load<V>(Out + r * ldo + w * L) * s;
   }
   for (int64_t j = 0; j < nc; ++j) {
     V b[W];
-    for (int w = 0; w < W; ++w) b[w] = load<V>(In + j * ldi + w * kLanes);
+    for (int w = 0; w < W; ++w) b[w] = load<V>(In + j * ldi + w * L);
     for (int r = 0; r < R; ++r) {
-      const V a = splat<V>(C[r * cr + j * cc]);
+      const V a = bcast<T, V>(C + r * cr + j * cc);
       for (int w = 0; w < W; ++w) acc[r][w] += a * b[w];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int w = 0; w < W; ++w) store(Out + r * ldo + w * kLanes, acc[r][w]);
+    for (int w = 0; w < W; ++w) store(Out + r * ldo + w * L, acc[r][w]);
 }
 
-template <class T, int R>
-GENEXT_INLINE void accum_rows(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc, const T* In,
-                              int64_t ldi, int64_t nc, int64_t Dp, const T* row_scale) {
-  int64_t d0 = 0;
-  for (; d0 + 4 * kLanes <= Dp; d0 += 4 * kLanes)
-    accum_block<T, R, 4>(Out + d0, ldo, C, cr, cc, In + d0, ldi, nc, row_scale);
-  switch ((Dp - d0) / kLanes) {
-    case 3: accum_block<T, R, 3>(Out + d0, ldo, C, cr, cc, In + d0, ldi, nc, row_scale); break;
-    case 2: accum_block<T, R, 2>(Out + d0, ldo, C, cr, cc, In + d0, ldi, nc, row_scale); break;
-    case 1: accum_block<T, R, 1>(Out + d0, ldo, C, cr, cc, In + d0, ldi, nc, row_scale); break;
-    default: break;
+// n vectors of columns, 0 < n < W, as one block n vectors wide.
+template <class T, class V, int R, int W>
+GENEXT_INLINE void accum_cols_rest(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc,
+                                   const T* In, int64_t ldi, int64_t nc, const T* row_scale,
+                                   int64_t n) {
+  if constexpr (W > 1) {
+    if (n == W - 1)
+      accum_block<T, V, R, W - 1>(Out, ldo, C, cr, cc, In, ldi, nc, row_scale);
+    else
+      accum_cols_rest<T, V, R, W - 1>(Out, ldo, C, cr, cc, In, ldi, nc, row_scale, n);
   }
 }
 
-template <class T>
+// R rows of Out, columns [0, Dp) (Dp a multiple of 16, hence of L).
+template <class T, class V, int R, int W>
+GENEXT_INLINE void accum_rows(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc, const T* In,
+                              int64_t ldi, int64_t nc, int64_t Dp, const T* row_scale) {
+  constexpr int L = kLanesOf<T, V>;
+  int64_t d0 = 0;
+  for (; d0 + W * L <= Dp; d0 += W * L)
+    accum_block<T, V, R, W>(Out + d0, ldo, C, cr, cc, In + d0, ldi, nc, row_scale);
+  if (d0 < Dp)
+    accum_cols_rest<T, V, R, W>(Out + d0, ldo, C, cr, cc, In + d0, ldi, nc, row_scale,
+                                (Dp - d0) / L);
+}
+
+// n rows of Out, 0 < n < R, as one block of n rows.
+template <class T, class V, int R, int W>
+GENEXT_INLINE void accum_rest(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc, const T* In,
+                              int64_t ldi, int64_t nc, int64_t Dp, const T* row_scale, int64_t n) {
+  if constexpr (R > 1) {
+    if (n == R - 1)
+      accum_rows<T, V, R - 1, W>(Out, ldo, C, cr, cc, In, ldi, nc, Dp, row_scale);
+    else
+      accum_rest<T, V, R - 1, W>(Out, ldo, C, cr, cc, In, ldi, nc, Dp, row_scale, n);
+  }
+}
+
+// Out[i][0:Dp] = Out[i][...] * row_scale[i] + sum_{j < nc} C(i, j) * In[j][...] for i < nr
+// (row_scale null: 1).
+template <class T, class V, int R, int W>
 GENEXT_INLINE void accum_tile_impl(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc,
                                    const T* In, int64_t ldi, int64_t nr, int64_t nc, int64_t Dp,
                                    const T* row_scale) {
   int64_t i = 0;
-  for (; i + kRows <= nr; i += kRows)
-    accum_rows<T, kRows>(Out + i * ldo, ldo, C + i * cr, cr, cc, In, ldi, nc, Dp,
-                         row_scale ? row_scale + i : nullptr);
-  for (; i < nr; ++i)
-    accum_rows<T, 1>(Out + i * ldo, ldo, C + i * cr, cr, cc, In, ldi, nc, Dp,
-                     row_scale ? row_scale + i : nullptr);
+  for (; i + R <= nr; i += R)
+    accum_rows<T, V, R, W>(Out + i * ldo, ldo, C + i * cr, cr, cc, In, ldi, nc, Dp,
+                           row_scale ? row_scale + i : nullptr);
+  if (i < nr)
+    accum_rest<T, V, R, W>(Out + i * ldo, ldo, C + i * cr, cr, cc, In, ldi, nc, Dp,
+                           row_scale ? row_scale + i : nullptr, nr - i);
 }
 
 // Online-softmax step on a score tile S [nr][kBc] whose row r sees its first nvis[r] columns:
@@ -126,12 +221,14 @@ GENEXT_INLINE void accum_tile_impl(T* Out, int64_t ldo, const T* C, int64_t cr, 
 // is the factor the row's output accumulator must be rescaled by. The maximum skips NaN scores,
 // which then make P and l NaN (the row's output and lse end NaN); when every visible score is
 // -inf the exponent is taken from 0, so P = 0 and l stays 0 (out 0, lse -inf) instead of NaN.
-template <class T>
-GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, const int32_t* nvis, T* m, T* l, T* alpha) {
-  using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
+// Only columns below nc (>= every nvis[r]) are read and given a defined P. Lane masks compare T
+// lane indices with T(nvis) (exact: both are at most kBc).
+template <class T, class V>
+GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, int64_t nc, const int32_t* nvis, T* m, T* l,
+                                    T* alpha) {
+  constexpr int L = kLanesOf<T, V>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const I lanes = lane_index<I>();
+  const V lanes = lane_iota<T, V>();
   for (int64_t r = 0; r < nr; ++r) {
     T* s = S + r * kBc;
     const int32_t nv = nvis[r];
@@ -140,31 +237,42 @@ GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, const int32_t* nvis, T* m,
       alpha[r] = T(1);
       continue;
     }
+    const V nvv = splat<V>(T(nv));
+    // maximum of the visible scores, lane-wise then across lanes (NaN is never greater, so skipped)
+    V mv = splat<V>(kNegInf);
+    V idx = lanes;
+    for (int c = 0; c < nc; c += L, idx += T(L)) {
+      V x = load<V>(s + c);
+      x = idx < nvv ? x : splat<V>(kNegInf);
+      mv = x > mv ? x : mv;
+    }
     T mx = kNegInf;
-    for (int32_t j = 0; j < nv; ++j) mx = s[j] > mx ? s[j] : mx;
+    for (int t = 0; t < L; ++t) mx = mv[t] > mx ? mv[t] : mx;
     const T m_new = std::max(m[r], mx);
     const T m_use = m_new == kNegInf ? T(0) : m_new;
     alpha[r] = m[r] == kNegInf ? T(0) : std::exp(m[r] - m_new);
+    const V mu = splat<V>(m_use);
     V sum{};
-    for (int w = 0; w < kBc / kLanes; ++w) {
-      V e = exp_v(load<V>(s + w * kLanes) - m_use);
-      e = (lanes + w * kLanes) < splat<I>(nv) ? e : V{};
-      store(s + w * kLanes, e);
+    idx = lanes;
+    for (int c = 0; c < nc; c += L, idx += T(L)) {
+      V e = exp_lanes<T, V>(load<V>(s + c) - mu);
+      e = idx < nvv ? e : V{};
+      store(s + c, e);
       sum += e;
     }
-    l[r] = l[r] * alpha[r] + hsum<T>(sum);
+    l[r] = l[r] * alpha[r] + lane_sum<T, V>(sum);
     m[r] = m_new;
   }
 }
 
 // Backward step on S [nr][kBc] (scores) and dP [nr][kBc] (dO . V): S becomes P = exp(S - lse)
-// and dP becomes dS = P * (dP - delta), both 0 where masked (columns >= nvis[r]).
-template <class T>
-GENEXT_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, const int32_t* nvis, const T* lse,
-                                    const T* delta) {
-  using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
-  const I lanes = lane_index<I>();
+// and dP becomes dS = P * (dP - delta), both 0 where masked (columns >= nvis[r]); only columns
+// below nc (>= every nvis[r]) are read and given defined values.
+template <class T, class V>
+GENEXT_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, int64_t nc, const int32_t* nvis,
+                                    const T* lse, const T* delta) {
+  constexpr int L = kLanesOf<T, V>;
+  const V lanes = lane_iota<T, V>();
   for (int64_t r = 0; r < nr; ++r) {
     T* s = S + r * kBc;
     T* dp = dP + r * kBc;
@@ -174,39 +282,91 @@ GENEXT_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, const int32_t* nvis
       std::memset(dp, 0, kBc * sizeof(T));
       continue;
     }
-    for (int w = 0; w < kBc / kLanes; ++w) {
-      V p = exp_v(load<V>(s + w * kLanes) - lse[r]);
-      p = (lanes + w * kLanes) < splat<I>(nv) ? p : V{};
-      store(s + w * kLanes, p);
-      store(dp + w * kLanes, p * (load<V>(dp + w * kLanes) - delta[r]));
+    const V nvv = splat<V>(T(nv)), ls = splat<V>(lse[r]), dl = splat<V>(delta[r]);
+    V idx = lanes;
+    for (int c = 0; c < nc; c += L, idx += T(L)) {
+      V p = exp_lanes<T, V>(load<V>(s + c) - ls);
+      p = idx < nvv ? p : V{};
+      store(s + c, p);
+      store(dp + c, p * (load<V>(dp + c) - dl));
     }
   }
 }
 
-// Entry points: float compiled per ISA level (GENEXT_CPU_CLONES), double once. The two passes use
-// three of the four each.
-#define FA_ENTRY_POINTS(T, ATTR)                                                                   \
-  [[maybe_unused]] ATTR void qk_tile(const T* A, int64_t lda, const T* Bt, int64_t D, T* S,        \
-                                     int64_t nr) {                                                 \
-    qk_tile_impl<T>(A, lda, Bt, D, S, nr);                                                         \
+// ---- entry points -------------------------------------------------------------------------------
+// Float: one explicit version per ISA level, each on the level's own vector width and register
+// block, picked at run time (simd::cpu_level). Double (the gradcheck path): once, baseline. The two
+// passes use three of the four routines each.
+
+#define FA_ROUTINES(T, NAME, ATTR, V, R, W)                                                        \
+  [[maybe_unused]] ATTR void qk_tile_##NAME(const T* A, int64_t lda, const T* Bt, int64_t D, T* S, \
+                                            int64_t nr, int64_t nc) {                              \
+    qk_tile_impl<T, V, R, W>(A, lda, Bt, D, S, nr, nc);                                            \
   }                                                                                                \
-  [[maybe_unused]] ATTR void accum_tile(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc,   \
-                                        const T* In, int64_t ldi, int64_t nr, int64_t nc,          \
-                                        int64_t Dp, const T* row_scale) {                          \
-    accum_tile_impl<T>(Out, ldo, C, cr, cc, In, ldi, nr, nc, Dp, row_scale);                       \
+  [[maybe_unused]] ATTR void accum_tile_##NAME(T* Out, int64_t ldo, const T* C, int64_t cr,        \
+                                               int64_t cc, const T* In, int64_t ldi, int64_t nr,   \
+                                               int64_t nc, int64_t Dp, const T* row_scale) {       \
+    accum_tile_impl<T, V, R, W>(Out, ldo, C, cr, cc, In, ldi, nr, nc, Dp, row_scale);              \
   }                                                                                                \
-  [[maybe_unused]] ATTR void softmax_fwd(T* S, int64_t nr, const int32_t* nvis, T* m, T* l,        \
-                                         T* alpha) {                                               \
-    softmax_fwd_impl<T>(S, nr, nvis, m, l, alpha);                                                 \
+  [[maybe_unused]] ATTR void softmax_fwd_##NAME(T* S, int64_t nr, int64_t nc, const int32_t* nvis, \
+                                                T* m, T* l, T* alpha) {                            \
+    softmax_fwd_impl<T, V>(S, nr, nc, nvis, m, l, alpha);                                          \
   }                                                                                                \
-  [[maybe_unused]] ATTR void softmax_bwd(T* S, T* dP, int64_t nr, const int32_t* nvis,             \
-                                         const T* lse, const T* delta) {                           \
-    softmax_bwd_impl<T>(S, dP, nr, nvis, lse, delta);                                              \
+  [[maybe_unused]] ATTR void softmax_bwd_##NAME(                                                   \
+      T* S, T* dP, int64_t nr, int64_t nc, const int32_t* nvis, const T* lse, const T* delta) {    \
+    softmax_bwd_impl<T, V>(S, dP, nr, nc, nvis, lse, delta);                                       \
   }
 
-FA_ENTRY_POINTS(float, GENEXT_CPU_CLONES)
-FA_ENTRY_POINTS(double, )
-#undef FA_ENTRY_POINTS
+FA_ROUTINES(float, v4, GENEXT_CPU_TARGET_V4, f32x16, 4, 4)
+FA_ROUTINES(float, v3, GENEXT_CPU_TARGET_V3, simd::f32x8, 6, 2)
+FA_ROUTINES(float, base, , simd::f32x4, 6, 2)
+FA_ROUTINES(double, base, , f64x16, 4, 4)
+#undef FA_ROUTINES
+
+// The routine for this CPU's level (double: the one version).
+#define FA_DISPATCH(NAME, ...)                                                                     \
+  switch (simd::cpu_level()) {                                                                     \
+    case 4: return NAME##_v4(__VA_ARGS__);                                                         \
+    case 3: return NAME##_v3(__VA_ARGS__);                                                         \
+    default: return NAME##_base(__VA_ARGS__);                                                      \
+  }
+
+[[maybe_unused]] void qk_tile(const float* A, int64_t lda, const float* Bt, int64_t D, float* S,
+                              int64_t nr, int64_t nc) {
+  FA_DISPATCH(qk_tile, A, lda, Bt, D, S, nr, nc)
+}
+[[maybe_unused]] void accum_tile(float* Out, int64_t ldo, const float* C, int64_t cr, int64_t cc,
+                                 const float* In, int64_t ldi, int64_t nr, int64_t nc, int64_t Dp,
+                                 const float* row_scale) {
+  FA_DISPATCH(accum_tile, Out, ldo, C, cr, cc, In, ldi, nr, nc, Dp, row_scale)
+}
+[[maybe_unused]] void softmax_fwd(float* S, int64_t nr, int64_t nc, const int32_t* nvis, float* m,
+                                  float* l, float* alpha) {
+  FA_DISPATCH(softmax_fwd, S, nr, nc, nvis, m, l, alpha)
+}
+[[maybe_unused]] void softmax_bwd(float* S, float* dP, int64_t nr, int64_t nc, const int32_t* nvis,
+                                  const float* lse, const float* delta) {
+  FA_DISPATCH(softmax_bwd, S, dP, nr, nc, nvis, lse, delta)
+}
+#undef FA_DISPATCH
+
+[[maybe_unused]] void qk_tile(const double* A, int64_t lda, const double* Bt, int64_t D, double* S,
+                              int64_t nr, int64_t nc) {
+  qk_tile_base(A, lda, Bt, D, S, nr, nc);
+}
+[[maybe_unused]] void accum_tile(double* Out, int64_t ldo, const double* C, int64_t cr, int64_t cc,
+                                 const double* In, int64_t ldi, int64_t nr, int64_t nc, int64_t Dp,
+                                 const double* row_scale) {
+  accum_tile_base(Out, ldo, C, cr, cc, In, ldi, nr, nc, Dp, row_scale);
+}
+[[maybe_unused]] void softmax_fwd(double* S, int64_t nr, int64_t nc, const int32_t* nvis, double* m,
+                                  double* l, double* alpha) {
+  softmax_fwd_base(S, nr, nc, nvis, m, l, alpha);
+}
+[[maybe_unused]] void softmax_bwd(double* S, double* dP, int64_t nr, int64_t nc,
+                                  const int32_t* nvis, const double* lse, const double* delta) {
+  softmax_bwd_base(S, dP, nr, nc, nvis, lse, delta);
+}
 
 }  // namespace
 }  // namespace genext::fa::cpu
