@@ -1,6 +1,9 @@
 """The one place that decides which model classes the tasks train: genext's own
 (:class:`genext.models.AutoencoderKL`, :class:`genext.models.VQModel`), which take diffusers'
-constructor arguments and have diffusers' API, so the tasks read like diffusers code."""
+constructor arguments and have diffusers' API, so the tasks read like diffusers code.
+
+The diffusion UNets (:func:`unet`) are diffusers' ``UNet2DModel`` / ``UNet2DConditionModel`` until
+genext's own classes of the same names and config land; the tasks only see this function."""
 
 from __future__ import annotations
 
@@ -10,13 +13,26 @@ import torch
 from torch import Tensor, nn
 
 from ..models import AutoencoderKL, VQModel
+from ._deps import require
 
-__all__ = ["autoencoder_kl", "vq_model", "vq_token_ids"]
+__all__ = ["UNET_CLASSES", "autoencoder_kl", "unet", "vq_model", "vq_token_ids"]
+
+# the UNet classes :func:`unet` builds, by diffusers' class name
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
 def autoencoder_kl(**config: Any) -> AutoencoderKL:
     """An ``AutoencoderKL`` from diffusers-style constructor arguments."""
     return AutoencoderKL(**config)
+
+
+def unet(class_name: str, **config: Any) -> nn.Module:
+    """A diffusion UNet from diffusers-style constructor arguments: ``"UNet2DModel"`` (class
+    labels through ``num_class_embeds``) or ``"UNet2DConditionModel"`` (cross-attention on
+    ``encoder_hidden_states``). Either is called as ``model(sample, timestep, ...).sample``."""
+    if class_name not in UNET_CLASSES:
+        raise ValueError(f"unet: class_name must be one of {UNET_CLASSES}, got {class_name!r}")
+    return getattr(require("diffusers"), class_name)(**config)
 
 
 def vq_model(**config: Any) -> VQModel:
