@@ -303,7 +303,7 @@ class DiffusionTask(Task):
     """What ``ddpm`` and ``ldm`` share: the objective, sampling, evaluation and plots."""
 
     datasets = ("digits",)
-    eval_samples: int | None = None  # samples per evaluated setting; None: as many as held out
+    eval_samples: int | None = 300  # samples per evaluated setting; None: as many as held out
 
     def objective(self, model: nn.Module) -> nn.Module:
         return DiffusionObjective(model, self)
