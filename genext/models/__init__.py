@@ -20,6 +20,7 @@ from .gan import (
     ProjectionDiscriminator,
     weights_init,
 )
+from .ldm import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
 from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
 from .vqvae import VQModel
@@ -30,6 +31,8 @@ __all__ = [
     "DCGANDiscriminator",
     "DCGANGenerator",
     "DiagonalGaussianDistribution",
+    "LatentDiffusionPipeline",
+    "LatentDiffusionPipelineOutput",
     "ProjectionDiscriminator",
     "StyleGAN2Discriminator",
     "StyleGAN2Generator",
