@@ -8,9 +8,9 @@ classifier-free guidance by genext's schedulers.
   cross-attending to a caption per digit ("a handwritten seven") read by a small trainable text
   encoder (word-level tokenizer, token and position embeddings, one transformer layer).
 
-Training (both): v-prediction (the UNet predicts ``sqrt(acp) noise - sqrt(1 - acp) x0``) under the
-cosine schedule; the condition is replaced by the null one (null class, empty caption) for 10% of
-the batch so one network gives both branches of classifier-free guidance; an exponential moving
+Training (both): :class:`genext.losses.DiffusionLoss` with v-prediction (the UNet predicts
+``sqrt(acp) noise - sqrt(1 - acp) x0``) under the cosine schedule; the condition is replaced by the
+null one (null class, empty caption; :func:`genext.losses.drop_conditions`) for 10% of the batch so one network gives both branches of classifier-free guidance; an exponential moving
 average of the denoiser's weights (``denoiser_ema``) is what is evaluated and drawn. Every random
 draw (timesteps, noise, dropout, caption templates) comes from the run's saved generator, so runs
 resume exactly.
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ...losses import EMA
+from ...losses import EMA, DiffusionLoss, drop_conditions
 from ...models import AutoencoderKL
 from ...samplers import DDIMScheduler, DPMSolverMultistepScheduler
 from ..data import Split
@@ -53,8 +53,6 @@ __all__ = [
     "LDMTask",
     "caption_ids",
     "captions",
-    "diffusion_target",
-    "drop_condition",
     "sample",
 ]
 
@@ -86,12 +84,16 @@ MAX_TOKENS = 6  # <bos> and at most five words
 
 def captions(labels: Tensor, generator: torch.Generator | None = None) -> list[str]:
     """One caption per label ``(B,)``: a template drawn from ``generator`` (the first template
-    when None) with the digit's word, e.g. ``"a handwritten seven"``."""
+    when None) with the digit's word, e.g. ``"a handwritten seven"``; the null class
+    (``NULL_CLASS``, a dropped condition) gets the empty caption."""
     if generator is None:
         which = [0] * len(labels)
     else:
         which = torch.randint(len(TEMPLATES), (len(labels),), generator=generator).tolist()
-    return [TEMPLATES[k].format(DIGIT_WORDS[int(d)]) for k, d in zip(which, labels.tolist())]
+    return [
+        "" if d == NULL_CLASS else TEMPLATES[k].format(DIGIT_WORDS[d])
+        for k, d in zip(which, labels.tolist())
+    ]
 
 
 def caption_ids(texts: list[str], max_length: int = MAX_TOKENS) -> Tensor:
@@ -135,37 +137,6 @@ class CaptionEncoder(nn.Module):
         pos = torch.arange(ids.shape[1], device=ids.device)
         h = self.token_embedding(ids) + self.position_embedding(pos)
         return self.final_norm(self.layers(h))
-
-
-# ---- the training objective's pieces ---------------------------------------------------------
-
-
-def drop_condition(
-    cond: Tensor, null: Tensor, p: float, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """``cond`` ``(B, ...)`` with each row replaced by ``null`` (one row, broadcast) with
-    probability ``p`` (drawn from ``generator``); also the mask ``(B,)`` of the dropped rows."""
-    drop = (torch.rand(len(cond), generator=generator) < p).to(cond.device)
-    shape = (-1,) + (1,) * (cond.dim() - 1)
-    return torch.where(drop.view(shape), null.to(cond.device), cond), drop
-
-
-def diffusion_target(
-    scheduler: DDIMScheduler, x0: Tensor, generator: torch.Generator
-) -> tuple[Tensor, Tensor, Tensor]:
-    """A noised batch for the denoising loss: uniform timesteps ``t (B,)`` and Gaussian noise from
-    ``generator``, ``x_t = sqrt(acp) x0 + sqrt(1 - acp) noise``, and the regression target of the
-    scheduler's ``prediction_type`` (the noise, or ``v``). Returns ``(x_t, t, target)``."""
-    noise = torch.randn(x0.shape, generator=generator).to(x0)
-    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-    t = t.to(x0.device)
-    x_t = scheduler.add_noise(x0, noise, t)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return x_t, t, noise
-    if kind == "v_prediction":
-        return x_t, t, scheduler.get_velocity(x0, noise, t)
-    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {kind!r}")
 
 
 # ---- the model -------------------------------------------------------------------------------
@@ -216,7 +187,7 @@ class DiffusionModel(nn.Module):
         }
 
     def train_scheduler(self) -> DDIMScheduler:
-        """The scheduler whose ``add_noise`` / ``get_velocity`` make the training targets."""
+        """The scheduler whose noise schedule and prediction type the training loss uses."""
         return DDIMScheduler(**self.scheduler_config)
 
     def scheduler(self, kind: str) -> DDIMScheduler | DPMSolverMultistepScheduler:
@@ -268,7 +239,8 @@ class DiffusionObjective(nn.Module):
         super().__init__()
         self.model = model
         self.task = task
-        self.scheduler = model.train_scheduler()
+        # the MSE against the scheduler's prediction_type target (its config's), unweighted
+        self.loss = DiffusionLoss(model.train_scheduler())
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
     def forward(
@@ -279,11 +251,13 @@ class DiffusionObjective(nn.Module):
             loss, logs = VAEObjective(m.vae, m.vae_kl_weight)(x, y, generator)
             return loss, {"vae_loss": loss.detach()} | {f"vae_{k}": v for k, v in logs.items()}
         x0 = self.task.to_latent(m, x)
-        cond = self.task.condition(y, generator)
-        cond, _ = drop_condition(cond, m.null_cond, COND_DROP, generator)
-        x_t, t, target = diffusion_target(self.scheduler, x0, generator)
-        loss = (m.denoiser(x_t, t, cond).float() - target.float()).pow(2).mean()
-        return loss, {"diffusion_loss": loss.detach()}
+        # the dropped rows get the null class, which latent diffusion captions as ""
+        labels = drop_conditions(y, COND_DROP, NULL_CLASS, generator)
+        cond = self.task.condition(labels, generator)
+        t = self.loss.sample_timesteps(len(x0), generator, x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        pred = m.denoiser(self.loss.noisy_sample(x0, noise, t), t, cond)
+        return self.loss(pred, x0, noise, t), {}
 
     @torch.no_grad()
     def after_step(self, generator: torch.Generator) -> None:
@@ -303,7 +277,7 @@ class DiffusionTask(Task):
     """What ``ddpm`` and ``ldm`` share: the objective, sampling, evaluation and plots."""
 
     datasets = ("digits",)
-    eval_samples: int | None = 300  # samples per evaluated setting; None: as many as held out
+    eval_samples: int | None = 200  # samples per evaluated setting; None: as many as held out
 
     def objective(self, model: nn.Module) -> nn.Module:
         return DiffusionObjective(model, self)
@@ -432,7 +406,7 @@ class DDPMTask(DiffusionTask):
     """``genext train ddpm``: class-conditional pixel diffusion (``UNet2DModel``) at 8x8."""
 
     name = "ddpm"
-    defaults = {"digits": TaskDefaults(steps=1500, batch_size=64, lr=1e-3)}
+    defaults = {"digits": TaskDefaults(steps=1200, batch_size=64, lr=2e-3)}
 
     def model_config(self, data: Split) -> dict[str, Any]:
         c, s, _ = data.image_shape
@@ -475,14 +449,14 @@ class LDMTask(DiffusionTask):
     text encoder on its frozen latents."""
 
     name = "ldm"
-    defaults = {"digits": TaskDefaults(steps=1500, batch_size=64, lr=1e-3)}
+    defaults = {"digits": TaskDefaults(steps=1200, batch_size=64, lr=2e-3)}
 
     def model_config(self, data: Split) -> dict[str, Any]:
         vae = autoencoder_config(data, (32, 64)) | {"latent_channels": 4}
         latent = data.image_shape[1] // 2
         return {
             "vae": vae,
-            "vae_steps": 400,
+            "vae_steps": 300,
             "vae_kl_weight": 0.05,
             "unet": {
                 "sample_size": latent,
@@ -537,13 +511,13 @@ class LDMTask(DiffusionTask):
             return logs
         if step == model.vae_steps:
             self.set_latent_scale(model, x)
-        loss, logs = wrapped(x, y, generator)
+        loss, _ = wrapped(x, y, generator)
         opt = optimizers["model"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         objective.after_step(generator)
-        return logs
+        return {"loss": loss.detach()}
 
     @torch.no_grad()
     def set_latent_scale(self, model: DiffusionModel, x: Tensor) -> None:
