@@ -171,7 +171,6 @@ class DiffusionModel(nn.Module):
         null_cond: Tensor,
         vae: AutoencoderKL | None = None,
         ema_decay: float = 0.999,
-        clip_sample: bool = True,
     ) -> None:
         super().__init__()
         self.denoiser = denoiser
@@ -181,9 +180,12 @@ class DiffusionModel(nn.Module):
         self.vae = vae
         self.register_buffer("null_cond", null_cond)
         self.register_buffer("latent_scale", torch.ones(()))
+        # no clipping of DDIM's x0 estimate: with guidance 3 the clipped x0 and the unclipped
+        # noise estimate disagree step after step; with clipping the classifier read 99.5% of
+        # DDIM's digits at 10 steps but 39.5% at 25 and 9.5% at 50. Images are clamped at the end
         self.scheduler_config = SCHEDULE | {
             "prediction_type": prediction_type,
-            "clip_sample": clip_sample,  # DDIM clips x0 to [-1, 1]: pixels only
+            "clip_sample": False,
         }
 
     def train_scheduler(self) -> DDIMScheduler:
@@ -195,7 +197,7 @@ class DiffusionModel(nn.Module):
         if kind == "ddim":
             return DDIMScheduler(**self.scheduler_config)
         if kind == "dpm":
-            cfg = {k: v for k, v in self.scheduler_config.items() if k != "clip_sample"}
+            cfg = {k: v for k, v in self.scheduler_config.items() if k != "clip_sample"}  # DDIM's
             return DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2)
         raise ValueError(f"sampler kind must be 'ddim' or 'dpm', got {kind!r}")
 
@@ -406,7 +408,8 @@ class DDPMTask(DiffusionTask):
     """``genext train ddpm``: class-conditional pixel diffusion (``UNet2DModel``) at 8x8."""
 
     name = "ddpm"
-    defaults = {"digits": TaskDefaults(steps=1200, batch_size=64, lr=2e-3)}
+    # 8x8 digits are easy: after 200 steps guidance 3 already drew recognisable digits
+    defaults = {"digits": TaskDefaults(steps=500, batch_size=64, lr=2e-3)}
 
     def model_config(self, data: Split) -> dict[str, Any]:
         c, s, _ = data.image_shape
@@ -484,7 +487,6 @@ class LDMTask(DiffusionTask):
             caption_ids([""]),
             vae=autoencoder_kl(**config["vae"]),
             ema_decay=config["ema_decay"],
-            clip_sample=False,
         )
         model.vae_steps = int(config["vae_steps"])
         model.vae_kl_weight = float(config["vae_kl_weight"])
