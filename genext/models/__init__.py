@@ -22,6 +22,7 @@ from .gan import (
 )
 from .ldm import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
 from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
+from .unet import UNet2DConditionModel, UNet2DModel
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
 from .vqvae import VQModel
 
@@ -36,6 +37,8 @@ __all__ = [
     "ProjectionDiscriminator",
     "StyleGAN2Discriminator",
     "StyleGAN2Generator",
+    "UNet2DConditionModel",
+    "UNet2DModel",
     "VQModel",
     "weights_init",
 ]
