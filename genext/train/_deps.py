@@ -13,7 +13,6 @@ _PIP_NAMES = {
     "tqdm": "tqdm",
     "safetensors": "safetensors",
     "scipy": "scipy",
-    "diffusers": "diffusers",
 }
 
 

@@ -1,9 +1,8 @@
 """The one place that decides which model classes the tasks train: genext's own
 (:class:`genext.models.AutoencoderKL`, :class:`genext.models.VQModel`), which take diffusers'
-constructor arguments and have diffusers' API, so the tasks read like diffusers code.
-
-The diffusion UNets (:func:`unet`) are diffusers' ``UNet2DModel`` / ``UNet2DConditionModel`` until
-genext's own classes of the same names and config land; the tasks only see this function."""
+constructor arguments and have diffusers' API, so the tasks read like diffusers code. The same
+for the diffusion U-Nets (:class:`genext.models.UNet2DModel`,
+:class:`genext.models.UNet2DConditionModel`)."""
 
 from __future__ import annotations
 
@@ -12,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import models
 from ..models import AutoencoderKL, VQModel
-from ._deps import require
 
 __all__ = ["UNET_CLASSES", "autoencoder_kl", "unet", "vq_model", "vq_token_ids"]
 
@@ -32,7 +31,7 @@ def unet(class_name: str, **config: Any) -> nn.Module:
     ``encoder_hidden_states``). Either is called as ``model(sample, timestep, ...).sample``."""
     if class_name not in UNET_CLASSES:
         raise ValueError(f"unet: class_name must be one of {UNET_CLASSES}, got {class_name!r}")
-    return getattr(require("diffusers"), class_name)(**config)
+    return getattr(models, class_name)(**config)
 
 
 def vq_model(**config: Any) -> VQModel:
