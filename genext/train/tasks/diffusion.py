@@ -64,6 +64,7 @@ EVAL_GUIDANCE = 3.0
 SWEEP_SAMPLER = ("dpm", 20)  # the sampler of the guidance sweep and of the pictures
 SAMPLER_RUNS = (("ddim", 10), ("ddim", 25), ("ddim", 50), ("dpm", 10), ("dpm", 20))
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm": "DPM-Solver++"}
+SHORT_NAMES = {"ddim": "DDIM", "dpm": "DPM++"}  # the samplers plot's tick labels
 
 # the noise schedule shared by training and both samplers
 SCHEDULE = {
@@ -374,7 +375,7 @@ class DiffusionTask(Task):
         )
         save_metric_plot(
             out / "samplers.png",
-            [f"{SAMPLER_NAMES[k]}\n{s}" for k, s in SAMPLER_RUNS],
+            [f"{SHORT_NAMES[k]} {s}" for k, s in SAMPLER_RUNS],
             {"requested digit recognised": [metrics[f"acc_{k}{s}"] for k, s in SAMPLER_RUNS]},
             {"FID (classifier space)": [metrics[f"fid_{k}{s}"] for k, s in SAMPLER_RUNS]},
             xlabel="sampler, steps",
