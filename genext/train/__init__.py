@@ -10,7 +10,8 @@ them, its modules raise an ImportError naming the extra when one is missing.
 - :mod:`genext.train.loop`: the training loop (checkpoints that resume exactly, DDP, plots);
 - :mod:`genext.train.evaluate`: the digit classifier, PCA baseline, codebook statistics and the
   Frechet distance in the classifier's feature space;
-- :mod:`genext.train.tasks`: the registry of what can be trained (``vae``, ``vqvae``).
+- :mod:`genext.train.tasks`: the registry of what can be trained (``vae``, ``vqvae``, the GANs,
+  ``ddpm``, ``ldm``).
 
 Run ``genext train vae`` or ``python -m genext.train vae``.
 """

@@ -1,6 +1,8 @@
 """The one place that decides which model classes the tasks train: genext's own
 (:class:`genext.models.AutoencoderKL`, :class:`genext.models.VQModel`), which take diffusers'
-constructor arguments and have diffusers' API, so the tasks read like diffusers code."""
+constructor arguments and have diffusers' API, so the tasks read like diffusers code. The same
+for the diffusion U-Nets (:class:`genext.models.UNet2DModel`,
+:class:`genext.models.UNet2DConditionModel`)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import models
 from ..models import AutoencoderKL, VQModel
 
-__all__ = ["autoencoder_kl", "vq_model", "vq_token_ids"]
+__all__ = ["UNET_CLASSES", "autoencoder_kl", "unet", "vq_model", "vq_token_ids"]
+
+# the UNet classes :func:`unet` builds, by diffusers' class name
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
 def autoencoder_kl(**config: Any) -> AutoencoderKL:
     """An ``AutoencoderKL`` from diffusers-style constructor arguments."""
     return AutoencoderKL(**config)
+
+
+def unet(class_name: str, **config: Any) -> nn.Module:
+    """A diffusion UNet from diffusers-style constructor arguments: ``"UNet2DModel"`` (class
+    labels through ``num_class_embeds``) or ``"UNet2DConditionModel"`` (cross-attention on
+    ``encoder_hidden_states``). Either is called as ``model(sample, timestep, ...).sample``."""
+    if class_name not in UNET_CLASSES:
+        raise ValueError(f"unet: class_name must be one of {UNET_CLASSES}, got {class_name!r}")
+    return getattr(models, class_name)(**config)
 
 
 def vq_model(**config: Any) -> VQModel:

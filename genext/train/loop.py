@@ -220,6 +220,7 @@ def _write_outputs(
     metrics: dict[str, Any] = {"steps": steps, "train_seconds": train_seconds}
     if cfg.evaluate:
         metrics |= task.evaluate(model, data)
+        task.figures(out, metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     model.train()
     return metrics

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._deps import require
 
-__all__ = ["save_image_grid", "save_loss_curve"]
+__all__ = ["save_image_grid", "save_loss_curve", "save_metric_plot"]
 
 
 def _pyplot():
@@ -72,5 +72,43 @@ def save_image_grid(
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_metric_plot(
+    path: str | os.PathLike,
+    x: list[float] | list[str],
+    left: dict[str, list[float]],
+    right: dict[str, list[float]] | None = None,
+    xlabel: str = "",
+    left_label: str = "",
+    right_label: str = "",
+    title: str = "",
+) -> None:
+    """Lines (markers at each point) of ``left``'s series against ``x`` on the left axis and of
+    ``right``'s (dashed) on a second axis; ``x`` may be labels (categorical)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    pos = list(range(len(x))) if isinstance(x[0], str) else list(x)
+    for name, y in left.items():
+        ax.plot(pos, y, "o-", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(left_label)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if right:
+        ax2 = ax.twinx()
+        for i, (name, y) in enumerate(right.items()):
+            ax2.plot(pos, y, "s--", color=f"C{len(left) + i}", label=name)
+        ax2.set_ylabel(right_label)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if isinstance(x[0], str):
+        ax.set_xticks(pos, x)
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -5,13 +5,14 @@ objective module (the forward that returns the loss, so DDP sees it), names its 
 training step, evaluates the trained model and draws its pictures. Adding one is a new module with
 a ``@register``-ed subclass, imported below. Registered: ``vae``, ``vqvae`` (autoencoders on digits
 or photos) and ``gan`` (DCGAN), ``cgan`` (conditional ResNet GAN), ``stylegan`` (StyleGAN2) on
-digits.
+digits, ``ddpm`` (class-conditional pixel diffusion) and ``ldm`` (caption-conditional latent
+diffusion) on digits.
 """
 
 from __future__ import annotations
 
 # importing a task module registers its tasks
-from . import gan, vae, vqvae  # noqa: E402, F401, I001
+from . import diffusion, gan, vae, vqvae  # noqa: E402, F401, I001
 from .base import Task, TaskDefaults, get_task, register, task_names
 
 __all__ = ["Task", "TaskDefaults", "get_task", "register", "task_names"]

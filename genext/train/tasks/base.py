@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,6 +106,11 @@ class Task(ABC):
     def row_titles(self) -> list[str]:
         """Labels for the rows :meth:`pictures` returns."""
         return []
+
+    def figures(self, out: Path, metrics: dict[str, Any]) -> None:
+        """Extra PNGs drawn from :meth:`evaluate`'s ``metrics`` into the run folder ``out``
+        (e.g. accuracy against guidance scale); none by default."""
+        return None
 
 
 def register(cls: type[Task]) -> type[Task]:
