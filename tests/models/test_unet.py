@@ -6,6 +6,8 @@ and the options that are refused."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -223,6 +225,16 @@ def _cond_inputs(name, dtype, tokens=7):
     return x, t, ctx, kw
 
 
+def _inputs_to_float64(module, args, kwargs):
+    """A forward pre-hook giving the float64 copy of a model float64 versions of the float
+    tensors a test's call passes it (text embeddings, masks held in the call's closure)."""
+
+    def cast(v):
+        return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
 def _check_pair(ours, peer, call, x, dtype):
     """Outputs, parameter gradients and the input gradient of ``call(model, x)`` agree."""
     tol = TOL[dtype]
@@ -239,7 +251,17 @@ def _check_pair(ours, peer, call, x, dtype):
 
     (go, gxo), (gp, gxp) = grads(ours), grads(peer)
     assert len(go) == len([p for p in peer.parameters() if p.requires_grad])
-    assert_grads_match(go, gp, tol)
+    try:
+        assert_grads_match(go, gp, tol)
+    except AssertionError:
+        if dtype != torch.float32:
+            raise
+        # a float32 gradient outside the bound still passes when its error against the peer's
+        # float64 gradients is at most twice the peer's own (the rule the VAE tests use)
+        peer64 = copy.deepcopy(peer).double()
+        peer64.register_forward_pre_hook(_inputs_to_float64, with_kwargs=True)
+        ref = grads_after(peer64, lambda m: (call(m, x.double()) * w.double()).sum())
+        assert_grads_match(go, gp, tol, ref=ref)
     assert rel(gxo, gxp) < tol
 
 
