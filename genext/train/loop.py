@@ -7,10 +7,11 @@
 - Exact resume: the checkpoint (``<out>/checkpoint.safetensors``) holds the model, the optimizer
   state, the step, every random state of every rank and each rank's data-stream position, so a run
   stopped at step k and resumed gives bit-identical parameters to an uninterrupted run. The
-  learning rate depends on the step only (linear warm-up, then constant), so ``--steps`` can be
-  raised on resume to train longer.
+  learning rate depends on the step only (the task's schedule; by default a linear warm-up, then
+  constant, so ``--steps`` can be raised on resume to train longer).
 - Outputs in ``<out>``: the checkpoint (every ``ckpt_every`` steps and at the end),
-  ``loss.png``, ``samples.png`` (the task's picture rows) and ``metrics.json``.
+  ``loss.png``, ``samples.png`` (the task's picture rows, for image tasks), ``samples.txt`` (for
+  text tasks) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from .tasks import Task, get_task
 __all__ = ["TrainConfig", "train"]
 
 CHECKPOINT = "checkpoint.safetensors"
-WARMUP_STEPS = 50
 
 
 @dataclass
@@ -80,11 +80,6 @@ class TrainConfig:
 
 # the config fields a resumed run must share with the checkpoint for the run to be the same run
 _MUST_MATCH = ("task", "data", "batch_size", "lr", "size", "seed", "model_config")
-
-
-def _warmup(step: int) -> float:
-    """The learning rate's factor at ``step``: linear warm-up over WARMUP_STEPS, then 1."""
-    return min(1.0, (step + 1) / WARMUP_STEPS)
 
 
 class _Dist:
@@ -216,7 +211,12 @@ def _write_outputs(
     save_loss_curve(out / "loss.png", history, f"{cfg.task} on {cfg.data}")
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
-    save_image_grid(out / "samples.png", task.pictures(model, data, gen), task.row_titles())
+    rows = task.pictures(model, data, gen)
+    if rows:
+        save_image_grid(out / "samples.png", rows, task.row_titles())
+    text = task.text_samples(model, data, gen)
+    if text is not None:
+        (out / "samples.txt").write_text(text)
     metrics: dict[str, Any] = {"steps": steps, "train_seconds": train_seconds}
     if cfg.evaluate:
         metrics |= task.evaluate(model, data)
@@ -280,7 +280,7 @@ def _train(cfg: TrainConfig, ctx: _Dist, tqdm: Any) -> dict[str, Any]:
     while step < end:
         for opt in opts.values():
             for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * _warmup(step)
+                group["lr"] = group["initial_lr"] * task.lr_factor(step, cfg.steps)
         x, y = (t.to(ctx.device, non_blocking=True) for t in stream.next_labelled())
         logs = task.train_step(objective, wrapped, x, y, noise, opts)
         step += 1

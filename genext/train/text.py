@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from collections import Counter, defaultdict
@@ -22,12 +23,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .data import Split
+
 __all__ = [
     "HELD_OUT_PLAY",
     "CharVocab",
     "kneser_ney_bpc",
+    "shakespeare_data",
     "shakespeare_plays",
     "shakespeare_split",
+    "shakespeare_vocab",
 ]
 
 HELD_OUT_PLAY = "macbeth"
@@ -163,3 +168,25 @@ def kneser_ney_bpc(train: str, test: str, order: int = 4) -> float:
     for i, char in enumerate(test):
         bits -= math.log2(model.prob(test[max(0, i - order + 1) : i], char))
     return bits / max(len(test), 1)
+
+
+@functools.lru_cache(maxsize=4)
+def shakespeare_vocab(held_out: str = HELD_OUT_PLAY) -> CharVocab:
+    """The characters of the training plays (every play but ``held_out``)."""
+    return CharVocab.from_text(shakespeare_split(held_out)[0])
+
+
+def shakespeare_data(context: int = 128, held_out: str = HELD_OUT_PLAY) -> Split:
+    """The plays as character ids (:func:`shakespeare_vocab`): ``x_train`` ``(N, context + 1)``,
+    the training text cut into windows that start every ``context`` characters (consecutive
+    windows share one character, so every character is a prediction target exactly once), and
+    ``x_test`` ``(1, T)``, the whole held-out play. Labels are -1 (the data has none)."""
+    if context < 1:
+        raise ValueError(f"context must be positive, got {context}")
+    train, test = shakespeare_split(held_out)
+    vocab = shakespeare_vocab(held_out)
+    ids = vocab.encode(train)
+    windows = ids.unfold(0, context + 1, context).contiguous()
+    x_test = vocab.encode(test).unsqueeze(0)
+    none = torch.full((1,), -1, dtype=torch.int64)
+    return Split(windows, none.expand(len(windows)), x_test, none.expand(1), "shakespeare")

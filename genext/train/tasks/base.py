@@ -16,6 +16,7 @@ from ..data import Split
 __all__ = ["Task", "TaskDefaults", "get_task", "register", "task_names"]
 
 _REGISTRY: dict[str, type[Task]] = {}
+WARMUP_STEPS = 50
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,24 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, data: Split) -> dict[str, float]:
         """Held-out figures of the trained ``model`` (eval mode, no gradients)."""
 
-    @abstractmethod
     def pictures(self, model: nn.Module, data: Split, generator: torch.Generator) -> list[Tensor]:
         """Rows of images ``(n, C, H, W)`` in [-1, 1] for the picture grid (e.g. held-out
-        originals, their reconstructions, samples)."""
+        originals, their reconstructions, samples); none (no ``samples.png``) by default."""
+        return []
 
     def row_titles(self) -> list[str]:
         """Labels for the rows :meth:`pictures` returns."""
         return []
+
+    def text_samples(self, model: nn.Module, data: Split, generator: torch.Generator) -> str | None:
+        """Text drawn from the trained ``model`` for ``samples.txt`` (text tasks); None: no file."""
+        return None
+
+    def lr_factor(self, step: int, steps: int) -> float:
+        """The learning rate's factor at ``step`` of ``steps``; a function of the step only, so
+        resumed runs follow the same schedule. Default: linear warm-up over WARMUP_STEPS steps,
+        then 1 (independent of ``steps``, so a run can be resumed with more steps)."""
+        return min(1.0, (step + 1) / WARMUP_STEPS)
 
     def figures(self, out: Path, metrics: dict[str, Any]) -> None:
         """Extra PNGs drawn from :meth:`evaluate`'s ``metrics`` into the run folder ``out``
