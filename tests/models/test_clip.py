@@ -185,43 +185,42 @@ def _loss_of(ids, mask, px, w_text, w_image):
     return loss
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("eos", list(EOS))
-def test_gradients_match_transformers(eos, dtype):
+# each pooling mode in one dtype (both are compared in both dtypes by the outputs test)
+@pytest.mark.parametrize("dtype, eos", [(torch.float32, "argmax"), (torch.float64, "first_eos")])
+def test_gradients_match_transformers(dtype, eos):
     ours, peer = _pair(eos, dtype=dtype)
     ids, mask, _ = _text(eos)
-    px = _pixels(dtype)
     g = torch.Generator().manual_seed(3)
     w_text, w_image = (torch.randn(4, 64, generator=g).to(dtype) for _ in range(2))
-    loss = _loss_of(ids, mask, px, w_text, w_image)
-    ref = None
-    if dtype == torch.float32:  # the peer in float64: the yardstick for cancellation
-        ref = grads_after(
-            copy.deepcopy(peer).double(),
-            _loss_of(ids, mask, px.double(), w_text.double(), w_image.double()),
-        )
-    ours_g, peer_g = grads_after(ours, loss), grads_after(peer, loss)
+    # the pixels' gradient too, each model with its own leaf
+    xo, xp = _pixels(dtype).requires_grad_(), _pixels(dtype).requires_grad_()
+    ours_g = grads_after(ours, _loss_of(ids, mask, xo, w_text, w_image))
+    peer_g = grads_after(peer, _loss_of(ids, mask, xp, w_text, w_image))
     assert "logit_scale" in ours_g and "vision_model.embeddings.class_embedding" in ours_g
-    assert_grads_match(ours_g, peer_g, TOL[dtype], ref)
-    # the image gradient too
-    xo, xp = px.clone().requires_grad_(), px.clone().requires_grad_()
-    ours(ids, xo, mask).logits_per_image.mul(w_text[:, :4]).sum().backward()
-    peer(input_ids=ids, pixel_values=xp, attention_mask=mask).logits_per_image.mul(
-        w_text[:, :4]
-    ).sum().backward()
     assert rel(xo.grad, xp.grad) < TOL[dtype]
+    try:
+        assert_grads_match(ours_g, peer_g, TOL[dtype])
+    except AssertionError:
+        if dtype != torch.float32:
+            raise
+        # the peer in float64, the yardstick for gradients formed by cancellation: computed
+        # only when a float32 gradient is outside the bound
+        loss64 = _loss_of(ids, mask, _pixels(torch.float64), w_text.double(), w_image.double())
+        ref = grads_after(copy.deepcopy(peer).double(), loss64)
+        assert_grads_match(ours_g, peer_g, TOL[dtype], ref)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    ours, _ = _pair(dtype=torch.float64)
+    torch.manual_seed(0)
+    ours = perturb_(CLIPModel(_config())).eval()
     ids, mask, _ = _text("first_eos")
-    px = _pixels(torch.float64)
-    w = torch.randn(4, 64, dtype=torch.float64)
-    loss = _loss_of(ids, mask, px, w, w.flip(0))
+    w = torch.randn(4, 64)
+    loss = _loss_of(ids, mask, _pixels(torch.float32), w, w.flip(0))
     plain = grads_after(ours, loss)
     ours.enable_gradient_checkpointing()
     assert ours.text_model.encoder.gradient_checkpointing
-    assert_grads_match(grads_after(ours, loss), plain, 1e-12)
+    assert ours.vision_model.encoder.gradient_checkpointing
+    assert_grads_match(grads_after(ours, loss), plain, 1e-6)
 
 
 def test_clip_loss_on_the_embeddings_equals_the_models_loss():
@@ -542,3 +541,20 @@ def test_cuda_matches_transformers(dtype, monkeypatch):
         assert rel(a, b) < 1e-5
     else:
         assert rel(a, ref) <= 2 * rel(b, ref)
+
+
+def test_attention_dropout_in_training_runs_pytorchs_sdpa():
+    """transformers' tiny config has attention_dropout 0.1: in training it is applied (PyTorch's
+    SDPA runs, genext's kernel has no dropout); in eval mode genext's kernel runs."""
+    ours, _ = _pair()
+    ids, mask, _ = _text("first_eos")
+    ours.train()
+    names = op_names(lambda: ours.text_model(ids, mask).pooler_output.sum().backward())
+    assert "genext::flash_attention_forward" not in names
+    with torch.no_grad():
+        a, b = ours.text_model(ids, mask).pooler_output, ours.text_model(ids, mask).pooler_output
+        assert not torch.equal(a, b)
+        ours.eval()
+        assert torch.equal(
+            ours.text_model(ids, mask).pooler_output, ours.text_model(ids, mask).pooler_output
+        )
