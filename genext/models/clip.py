@@ -503,7 +503,9 @@ class CLIPVisionModelWithProjection(_CLIPBase):
         nn.Module.__setattr__(self, "config", cfg)
         self.visual_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
-    def forward(self, pixel_values: Tensor, output_hidden_states: bool = False):
+    def forward(
+        self, pixel_values: Tensor, output_hidden_states: bool = False
+    ) -> CLIPVisionModelOutput:
         out = self.vision_model(pixel_values, output_hidden_states)
         return CLIPVisionModelOutput(
             self.visual_projection(out.pooler_output), out.last_hidden_state, out.hidden_states
@@ -601,9 +603,10 @@ class CLIPModel(_CLIPBase):
         with a bias, and ``logit_bias``. The fused ``in_proj_weight`` is split into q/k/v; the
         ``(width, out)`` projections are transposed into ``Linear`` weights."""
         config = _open_clip_config(model)
-        ours = cls(config)
+        # in the source's dtype before loading, so that float64 weights stay float64
+        ours = cls(config).to(model.logit_scale.dtype)
         ours.load_state_dict(_open_clip_state(model), strict=True)
-        return ours.to(model.logit_scale.dtype)
+        return ours
 
 
 # ---- open_clip conversion -------------------------------------------------------------------

@@ -390,11 +390,13 @@ def _open_clip(quick_gelu: bool, dtype=torch.float32, vision=None, text=None, **
     torch.manual_seed(0)
     model = open_clip.CLIP(16, vision or OC_VISION, text or OC_TEXT, quick_gelu=quick_gelu, **kw)
     # perturb the parameters only: the causal mask buffer must keep its zeros and -infs
+    # (in the test's dtype, so that float64 weights are not float32 values)
+    model = model.to(dtype)
     causal = model.attn_mask.clone() if model.attn_mask is not None else None
     perturb_(model)
     if causal is not None:
         model.attn_mask.copy_(causal)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
