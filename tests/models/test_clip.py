@@ -75,7 +75,7 @@ def _config(eos: str = "first_eos", act: str = "quick_gelu"):
 def _pair(eos: str = "first_eos", act: str = "quick_gelu", dtype=torch.float32):
     torch.manual_seed(0)
     config = _config(eos, act)
-    peer = perturb_(transformers.CLIPModel(config)).to(dtype).eval()
+    peer = perturb_(transformers.CLIPModel(config).to(dtype)).eval()
     ours = CLIPModel(config).to(dtype).eval()
     ours.load_state_dict(peer.state_dict(), strict=True)
     return ours, peer
@@ -300,7 +300,7 @@ def test_towers_load_transformers_state_dicts():
     px = _pixels(dtype)
     tol = TOL[dtype]
 
-    peer_t = perturb_(transformers.CLIPTextModel(config.text_config)).to(dtype).eval()
+    peer_t = perturb_(transformers.CLIPTextModel(config.text_config).to(dtype)).eval()
     ours_t = CLIPTextModel(config.text_config).to(dtype).eval()
     ours_t.load_state_dict(peer_t.state_dict(), strict=True)
     old = {f"text_model.{k}": v for k, v in peer_t.state_dict().items()}
@@ -311,7 +311,7 @@ def test_towers_load_transformers_state_dicts():
     assert rel(a.pooler_output, b.pooler_output) < tol
     assert rel(_real(a.last_hidden_state, mask), _real(b.last_hidden_state, mask)) < tol
 
-    peer_v = perturb_(transformers.CLIPVisionModel(config.vision_config)).to(dtype).eval()
+    peer_v = perturb_(transformers.CLIPVisionModel(config.vision_config).to(dtype)).eval()
     ours_v = CLIPVisionModel(config.vision_config).to(dtype).eval()
     ours_v.load_state_dict(peer_v.state_dict(), strict=True)
     old = {f"vision_model.{k}": v for k, v in peer_v.state_dict().items()}
@@ -323,16 +323,16 @@ def test_towers_load_transformers_state_dicts():
     # LLaVA's feature layer
     assert rel(a.hidden_states[-2], b.hidden_states[-2]) < tol
 
-    peer_tp = perturb_(transformers.CLIPTextModelWithProjection(config.text_config))
-    peer_tp = peer_tp.to(dtype).eval()
+    peer_tp = transformers.CLIPTextModelWithProjection(config.text_config)
+    peer_tp = perturb_(peer_tp.to(dtype)).eval()
     ours_tp = CLIPTextModelWithProjection(config.text_config).to(dtype).eval()
     ours_tp.load_state_dict(peer_tp.state_dict(), strict=True)
     with torch.no_grad():
         a, b = ours_tp(ids, mask), peer_tp(input_ids=ids, attention_mask=mask)
     assert rel(a.text_embeds, b.text_embeds) < tol
 
-    peer_vp = perturb_(transformers.CLIPVisionModelWithProjection(config.vision_config))
-    peer_vp = peer_vp.to(dtype).eval()
+    peer_vp = transformers.CLIPVisionModelWithProjection(config.vision_config)
+    peer_vp = perturb_(peer_vp.to(dtype)).eval()
     ours_vp = CLIPVisionModelWithProjection(config.vision_config).to(dtype).eval()
     ours_vp.load_state_dict(peer_vp.state_dict(), strict=True)
     with torch.no_grad():
@@ -341,9 +341,12 @@ def test_towers_load_transformers_state_dicts():
 
 
 def test_from_pretrained_reads_a_transformers_folder(tmp_path):
-    ours, peer = _pair(dtype=torch.float64)
+    """A float32 checkpoint (from_pretrained builds the model in float32, loads, then casts to
+    ``torch_dtype``), compared in float64."""
+    ours, peer = _pair()
     peer.save_pretrained(tmp_path)
     loaded = CLIPModel.from_pretrained(tmp_path, torch_dtype=torch.float64)
+    peer = peer.double()
     ids, mask, _ = _text("first_eos")
     px = _pixels(torch.float64)
     with torch.no_grad():
@@ -352,7 +355,8 @@ def test_from_pretrained_reads_a_transformers_folder(tmp_path):
     assert loaded.config.text_config.eos_token_id == EOS["first_eos"]
     # genext's own folder round-trips
     ours.save_pretrained(tmp_path / "ours")
-    again = CLIPModel.from_pretrained(tmp_path / "ours", torch_dtype=torch.float64)
+    again = CLIPModel.from_pretrained(tmp_path / "ours")
+    assert again.config == ours.config
     assert all(
         torch.equal(x, y) for x, y in zip(again.state_dict().values(), ours.state_dict().values())
     )
