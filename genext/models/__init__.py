@@ -13,6 +13,13 @@ Imports point down only: a model may use :mod:`genext.nn`, :mod:`genext.losses`,
 :mod:`genext.reference` and :mod:`genext.bench` are never imported by library code.
 """
 
+from .clip import (
+    CLIPModel,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
 from .dit import DiT, DiTTransformer2DModel, VideoDiT
 from .gan import (
     ConditionalGenerator,
@@ -29,6 +36,11 @@ from .vqvae import VQModel
 
 __all__ = [
     "AutoencoderKL",
+    "CLIPModel",
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
     "ConditionalGenerator",
     "DCGANDiscriminator",
     "DCGANGenerator",
