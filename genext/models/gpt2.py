@@ -619,8 +619,9 @@ class GPT2LMHeadModel(_GPT2ConfigMixin, nn.Module):
         tokens, in the logits' dtype or float32, whichever is wider (transformers computes it in
         float32 also for float64 logits). A prediction made at a padding position is left out:
         its logits are not computed (transformers computes them from an attention row with no
-        key to see, which carries no meaning); where the labels at those positions' targets are
-        -100 anyway (as data collators set them), the loss is transformers'."""
+        key to see, which carries no meaning). Where every label a padding position would predict
+        is -100 (the pads' labels and, with left padding, each row's first real token), the loss
+        is transformers'."""
         tr = self.transformer
         h, flat, (b, n) = tr._hidden(input_ids, attention_mask, position_ids, inputs_embeds)
         logits = _unpack(self.lm_head(h), flat, b, n)
