@@ -686,6 +686,16 @@ class GPT2LMHeadModel(_GPT2ConfigMixin, nn.Module):
         x = tr.embed(input_ids, position_ids, inputs_embeds)
         return self.lm_head(tr.run_blocks(x, _decode_attention(caches)))
 
+    def _check_generate(self, max_length: int, cuda_graph: bool) -> None:
+        """Called by generation before the prefill with the longest sequence it may build:
+        GPT-2's learned positions end at ``n_positions``. (Decode steps are CUDA-graph safe:
+        embedding lookups and :meth:`genext.KVCache.attend`, no host reads.)"""
+        if max_length > self.config.n_positions:
+            raise ValueError(
+                f"generate: sequences of up to {max_length} tokens need positions past "
+                f"n_positions = {self.config.n_positions} (GPT-2's learned position table)"
+            )
+
     def _check_caches(self, caches: list[KVCache] | None) -> None:
         if caches is None:
             return

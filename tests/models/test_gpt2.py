@@ -202,6 +202,24 @@ def test_training_dropout_matches_transformers_sdpa(dtype):
             assert kernel in names
 
 
+def test_attention_dropout_on_packed_tokens_keeps_sequences_apart():
+    """With padding, attention dropout in training runs SDPA on the packed tokens with a
+    block-diagonal causal mask. At a dropout probability of 1e-12 no element is dropped (the
+    chance is about 1e-8 over the whole test) and the kept ones are scaled by 1 / (1 - 1e-12), so
+    the logits are the evaluation logits to about 1e-12: the mask keeps sequences apart and causal."""
+    cfg = dict(TINY, attn_pdrop=1e-12, resid_pdrop=0.0, embd_pdrop=0.0)
+    ours, _ = _pair(cfg, torch.float64)
+    ids, mask = _ids(), _mask("holes")
+    with torch.no_grad():
+        want = ours(ids, attention_mask=mask).logits
+        ours.train()
+        names = op_names(lambda: ours(ids, attention_mask=mask))
+        got = ours(ids, attention_mask=mask).logits
+    assert "aten::scaled_dot_product_attention" in names
+    assert "genext::flash_attention_forward" not in names
+    assert rel(got, want) < 1e-10
+
+
 def test_kernels_ran():
     ours, _ = _pair(TINY, torch.float32)
     ids = _ids()
@@ -327,6 +345,21 @@ def test_greedy_loop_matches_transformers_generate():
     assert len(set(got.flatten().tolist())) > 3  # not one token repeated
 
 
+def test_generate_matches_transformers():
+    """genext's generate() (genext/models/_generation.py, driving the protocol) against
+    transformers' on a left-padded batch, greedy; runs where GPT2LMHeadModel has it."""
+    if not hasattr(GPT2LMHeadModel, "generate"):
+        pytest.skip("GPT2LMHeadModel gets generate() from genext.models._generation's mixin")
+    ours, peer = _pair(TINY, torch.float64)
+    ids, mask = _ids(seed=3), _mask("left")
+    with torch.no_grad():
+        want = peer.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="n_positions"):
+        ours.generate(ids, attention_mask=mask, max_new_tokens=TINY["n_positions"])
+
+
 # ---- construction and loading ------------------------------------------------------------------
 
 
@@ -360,9 +393,13 @@ def test_from_pretrained_reads_transformers_save(tmp_path):
     ours, peer = _pair(TINY, torch.float32)
     peer.save_pretrained(tmp_path)
     loaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    ours.save_pretrained(tmp_path / "ours")
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "ours")
+    assert again.lm_head.weight is again.transformer.wte.weight
     ids = _ids()
     with torch.no_grad():
         assert rel(loaded(ids).logits, ours(ids).logits) == 0
+        assert rel(again(ids).logits, ours(ids).logits) == 0
     old = {k[len("transformer.") :]: v for k, v in peer.state_dict().items() if "lm_head" not in k}
     old |= {f"h.{i}.attn.bias": torch.ones(1, 1, 512, 512) for i in range(2)}
     old |= {f"h.{i}.attn.masked_bias": torch.tensor(-1e4) for i in range(2)}
