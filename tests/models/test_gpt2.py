@@ -228,6 +228,11 @@ def test_kernels_ran():
         assert "genext::flash_attention_forward" in names
         assert "genext::flash_attention_backward" in names
         assert not any("scaled_dot_product" in n for n in names), sorted(names)
+    # q, k, v reach the kernel as strided views of c_attn's output: nothing copies them
+    with torch.no_grad():
+        for mask in (None, _mask("right")):
+            names = op_names(lambda mask=mask: ours(ids, attention_mask=mask))
+            assert not {"aten::clone", "aten::contiguous"} & names
     caches = _caches(ours, B, torch.float32)
     lens = [4, 7, 2]
     tokens, pos, cu = _packed([ids[b, :n] for b, n in enumerate(lens)])
