@@ -28,6 +28,7 @@ from .gan import (
     ProjectionDiscriminator,
     weights_init,
 )
+from .gpt2 import GPT2LMHeadModel, GPT2Model
 from .ldm import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
 from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 from .unet import UNet2DConditionModel, UNet2DModel
@@ -47,6 +48,8 @@ __all__ = [
     "DiT",
     "DiTTransformer2DModel",
     "DiagonalGaussianDistribution",
+    "GPT2LMHeadModel",
+    "GPT2Model",
     "LatentDiffusionPipeline",
     "LatentDiffusionPipelineOutput",
     "ProjectionDiscriminator",
