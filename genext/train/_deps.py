@@ -13,6 +13,7 @@ _PIP_NAMES = {
     "tqdm": "tqdm",
     "safetensors": "safetensors",
     "scipy": "scipy",
+    "open_clip": "open_clip_torch",
 }
 
 

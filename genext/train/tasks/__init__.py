@@ -6,13 +6,14 @@ training step, evaluates the trained model and draws its pictures. Adding one is
 a ``@register``-ed subclass, imported below. Registered: ``vae``, ``vqvae`` (autoencoders on digits
 or photos) and ``gan`` (DCGAN), ``cgan`` (conditional ResNet GAN), ``stylegan`` (StyleGAN2) on
 digits, ``ddpm`` (class-conditional pixel diffusion) and ``ldm`` (caption-conditional latent
-diffusion) on digits, ``lm`` (a character-level Llama) on Shakespeare.
+diffusion) and ``clip`` (contrastive image-caption pairs) on digits, ``lm`` (a character-level
+Llama) on Shakespeare.
 """
 
 from __future__ import annotations
 
 # importing a task module registers its tasks
-from . import diffusion, gan, lm, vae, vqvae  # noqa: E402, F401, I001
+from . import clip, diffusion, gan, lm, vae, vqvae  # noqa: E402, F401, I001
 from .base import Task, TaskDefaults, get_task, register, task_names
 
 __all__ = ["Task", "TaskDefaults", "get_task", "register", "task_names"]
