@@ -1,0 +1,276 @@
+"""genext's flash attention as an attention implementation of transformers models.
+
+After :func:`register`, ``model.set_attn_implementation("genext")``,
+``from_pretrained(..., attn_implementation="genext")`` or ``config._attn_implementation =
+"genext"`` before ``Model(config)`` runs a model's attention on genext's kernels. It serves the
+models whose attention goes through transformers' ``AttentionInterface`` (Llama, Mistral, Qwen2,
+GPT-2, CLIP, LLaVA, ...).
+
+What runs on genext's kernel (:func:`genext.ops.flash_attention` or
+:func:`genext.ops.flash_attention_varlen`):
+
+- no mask, causal or not (causal is aligned to the bottom-right corner when ``Lq < Lk``, as in
+  decoding with a KV cache and as transformers' flash-attention path assumes);
+- a padding mask (left or right padding, or holes): :func:`attention_mask` hands the model the
+  2-D ``(B, Lk)`` boolean key mask instead of a 4-D one; the attention drops the padded keys (and,
+  for causal attention, the padded queries, whose output is then 0) and runs the packed sequences;
+- grouped-query attention without repeating K/V (Hk divides Hq), any ``scaling``, training with
+  ``dropout == 0``.
+
+What goes to transformers' own ``sdpa`` function, with a mask that means what genext's would
+(:func:`attention_backend` names the reason, :data:`calls` counts them):
+
+- ``dropout > 0`` (training with attention dropout);
+- any 4-D mask: the masks transformers builds for sliding windows, chunked attention, packed
+  sequences (``position_ids`` that restart), image-token overlays, a static cache, a model that
+  passes its own 4-D mask, and float (bias) masks;
+- ``sliding_window`` shorter than the keys, ``softcap`` (which transformers' sdpa rejects),
+  ``position_bias``, ``output_attentions=True`` (sdpa returns no weights, as it would itself);
+- shapes, dtypes or devices genext's kernel does not serve
+  (:func:`genext.nn.functional.sdpa_backend`), and causal attention with more queries than keys.
+
+Attention sinks (``s_aux`` / ``sinks``) raise ``ValueError``: transformers' sdpa ignores them, so
+falling back would compute something else. transformers is imported by :func:`register` and at
+call time, never by ``import genext``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..nn.functional import sdpa_backend
+from ..ops import flash_attention, flash_attention_varlen
+
+__all__ = ["NAME", "attention_backend", "attention_forward", "attention_mask", "calls", "register"]
+
+NAME = "genext"
+
+#: How many attention calls each path took since the last ``calls.clear()``: ``"genext"`` (no
+#: mask), ``"genext varlen"`` (padding), ``"sdpa: <reason>"``. Not counted under torch.compile.
+calls: Counter = Counter()
+
+
+def register() -> str:
+    """Registers :func:`attention_forward` with transformers' ``AttentionInterface`` and
+    :func:`attention_mask` with its ``AttentionMaskInterface`` under the name ``"genext"``
+    (idempotent) and returns the name. Without the mask function transformers would build no
+    padding mask for the name, and padding would be ignored."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, attention_mask)
+    return NAME
+
+
+def attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | Tensor = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: Tensor | None = None,
+    local_size: int | None = None,
+    **kwargs,
+) -> Tensor | None:
+    """transformers' mask function for ``"genext"``: for a plain causal mask whose queries are the
+    last ``q_length`` of the ``kv_length`` keys, or a plain bidirectional mask, None when nothing
+    is padded and else the ``(B, kv_length)`` boolean key mask (True = attend). Every other
+    pattern (sliding windows, packed sequences, overlays, a static cache, tracing with a mask)
+    gets transformers' own 4-D SDPA mask, which :func:`attention_forward` sends to sdpa."""
+    from transformers import masking_utils as mu
+    from transformers.utils.import_utils import is_tracing
+
+    causal = mask_function is mu.causal_mask_function
+    plain = (causal or mask_function is mu.bidirectional_mask_function) and local_size is None
+    if causal:
+        plain = plain and isinstance(q_offset, int) and q_offset + q_length == kv_offset + kv_length
+    if attention_mask is not None:
+        plain = plain and attention_mask.dim() == 2 and not is_tracing(attention_mask)
+    if not plain:
+        return mu.sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            local_size=local_size,
+            **kwargs,
+        )
+    if attention_mask is None:
+        return None
+    keep = attention_mask.to(torch.bool)
+    short = kv_offset + kv_length - keep.shape[1]
+    if short > 0:  # keys past the end of the mask are hidden, as transformers pads the mask
+        keep = F.pad(keep, (0, short), value=False)
+    keep = keep[:, kv_offset : kv_offset + kv_length]
+    if keep.shape[0] != batch_size:
+        keep = keep.expand(batch_size, -1)
+    return None if bool(keep.all()) else keep
+
+
+def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
+    # an explicit is_causal (CLIP's text model passes one) wins over the module's flag
+    return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+
+
+def attention_backend(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> str:
+    """``"genext"`` when :func:`attention_forward` runs genext's kernel for these arguments (the
+    same ones), else ``"sdpa: <reason>"``. Raises ``ValueError`` for what neither serves."""
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"genext attention: {name} (attention sinks) is not supported, and transformers' "
+                "sdpa would ignore it; use attn_implementation='eager' or a flash-attention one"
+            )
+    if dropout and dropout > 0:
+        return "sdpa: dropout > 0"
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
+            return "sdpa: 4-D mask"
+        if attention_mask.is_floating_point():
+            raise ValueError(
+                "genext attention: a 2-D attention_mask must be a boolean or integer key mask "
+                f"(nonzero = attend), got {attention_mask.dtype}"
+            )
+        if tuple(attention_mask.shape) != (query.shape[0], key.shape[2]):
+            raise ValueError(
+                f"genext attention: a 2-D attention_mask must be (batch, keys) = "
+                f"{(query.shape[0], key.shape[2])}, got {tuple(attention_mask.shape)}"
+            )
+    if kwargs.get("output_attentions"):
+        return "sdpa: output_attentions"
+    if kwargs.get("softcap") is not None:
+        return "sdpa: softcap"
+    if kwargs.get("position_bias") is not None:
+        return "sdpa: position_bias"
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:
+        return "sdpa: sliding window"
+    if sdpa_backend(query, key, value, enable_gqa=True) != "genext":
+        return "sdpa: shapes, dtype or device not served"
+    if _is_causal(module, is_causal) and query.shape[2] > key.shape[2]:
+        return "sdpa: causal with more queries than keys"
+    return "genext"
+
+
+def _count(what: str) -> None:
+    if not torch.compiler.is_compiling():
+        calls[what] += 1
+
+
+def _dense_mask(keep: Tensor | None, lq: int, lk: int, causal: bool, device) -> Tensor | None:
+    """The ``(B or 1, 1, Lq, Lk)`` boolean mask meaning what genext computes for a key mask (or
+    None) and causal attention aligned bottom-right; None when sdpa's own handling means it."""
+    if causal and lq > 1:
+        i = torch.arange(lq, device=device).unsqueeze(1)
+        j = torch.arange(lk, device=device).unsqueeze(0)
+        tri = (j <= i + (lk - lq)).view(1, 1, lq, lk)
+        if keep is None:
+            return tri if lq != lk else None
+        return tri & keep[:, None, None, :]
+    return None if keep is None else keep[:, None, None, :]
+
+
+def _pack(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Rows of ``x`` ``(B, L, H, D)`` where ``keep`` ``(B, L)``: (packed ``(total, H, D)``, their
+    flat indices, int32 cu_seqlens ``(B + 1,)``, the longest sequence)."""
+    b, n = keep.shape
+    idx = keep.reshape(-1).nonzero().squeeze(1)
+    lengths = keep.sum(dim=1, dtype=torch.int32)
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    packed = x.reshape(b * n, *x.shape[2:]).index_select(0, idx)
+    return packed, idx, cu, int(lengths.max()) if b else 0
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention function for ``"genext"``.
+
+    Args:
+        module: the model's attention module (its ``is_causal`` is used unless ``is_causal`` is
+            given).
+        query: ``(B, Hq, Lq, D)``; key, value: ``(B, Hk, Lk, D)`` with Hk dividing Hq.
+        attention_mask: None, the ``(B, Lk)`` boolean key mask of :func:`attention_mask`, or a
+            4-D mask (sent to sdpa).
+        dropout, scaling, is_causal, kwargs: as transformers passes them.
+
+    Returns:
+        ``(out (B, Lq, Hq, D), None)``. With a padding mask and causal attention, padded query
+        rows are 0 (sdpa leaves values there that no real position uses).
+    """
+    backend = attention_backend(
+        module, query, key, value, attention_mask, dropout, is_causal, **kwargs
+    )
+    causal = _is_causal(module, is_causal)
+    lq, lk = query.shape[2], key.shape[2]
+    keep = attention_mask
+    if keep is not None and keep.dim() == 2 and keep.dtype != torch.bool:
+        keep = keep != 0
+    if backend != "genext":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _count(backend)
+        if keep is None or keep.dim() == 2:
+            keep = _dense_mask(keep, lq, lk, causal, query.device)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            keep,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if keep is None:
+        _count("genext")
+        out = flash_attention(q, k, v, causal=causal, scale=scaling, layout="blhd")
+        return out, None
+
+    _count("genext varlen")
+    b, hq, d = q.shape[0], q.shape[2], q.shape[3]
+    kp, idx_k, cu_k, max_k = _pack(k, keep)
+    vp = v.reshape(b * lk, *v.shape[2:]).index_select(0, idx_k)
+    if causal:
+        # the queries are the last Lq keys: a padded one is dropped, so that within each packed
+        # sequence the bottom-right alignment still lets a query see exactly the real keys up to
+        # its own position
+        qp, idx_q, cu_q, max_q = _pack(q, keep[:, lk - lq :])
+    else:
+        # every query sees its batch entry's real keys (cross-attention too)
+        qp = q.reshape(b * lq, hq, d)
+        cu_q = torch.arange(0, (b + 1) * lq, lq, dtype=torch.int32, device=q.device)
+        idx_q, max_q = None, lq
+    out = flash_attention_varlen(qp, kp, vp, cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling)
+    if idx_q is not None:
+        out = out.new_zeros(b * lq, hq, d).index_copy(0, idx_q, out)
+    return out.view(b, lq, hq, d), None
