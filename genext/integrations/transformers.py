@@ -87,13 +87,19 @@ def attention_mask(
     from transformers.utils.import_utils import is_tracing
 
     causal = mask_function is mu.causal_mask_function
-    plain = (causal or mask_function is mu.bidirectional_mask_function) and local_size is None
+    # a bidirectional mask on a config that says is_causal=False is transformers' switch of a
+    # causal model to bidirectional attention: its modules still say causal, so sdpa's masks
+    # decide there
+    bidirectional = mask_function is mu.bidirectional_mask_function and getattr(
+        kwargs.get("config"), "is_causal", True
+    )
+    plain = (causal or bidirectional) and local_size is None
     if causal:
         plain = plain and isinstance(q_offset, int) and q_offset + q_length == kv_offset + kv_length
     if attention_mask is not None:
         plain = plain and attention_mask.dim() == 2 and not is_tracing(attention_mask)
     if not plain:
-        return mu.sdpa_mask(
+        args = dict(
             batch_size=batch_size,
             q_length=q_length,
             kv_length=kv_length,
@@ -102,8 +108,14 @@ def attention_mask(
             mask_function=mask_function,
             attention_mask=attention_mask,
             local_size=local_size,
-            **kwargs,
         )
+        mask = mu.sdpa_mask(**args, **kwargs)
+        if mask is None and q_length not in (1, kv_length):
+            # sdpa's None here means its top-left causal mask over the first q_length keys (the
+            # prefill of a static cache); genext reads None as bottom-right, so spell it out
+            kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+            mask = mu.sdpa_mask(**args, **kwargs)
+        return mask
     if attention_mask is None:
         return None
     keep = attention_mask.to(torch.bool)
@@ -121,6 +133,79 @@ def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
     return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
 
 
+def _packed(mask: Tensor, lq: int, lk: int, kwargs: dict) -> tuple[Tensor, int] | None:
+    """For transformers' 4-D boolean mask of sequences packed along each batch row (causal within
+    each run of ``position_ids`` that count up by one, nothing across runs): the int32 cu_seqlens
+    of the runs over the ``B * L`` flattened rows, and the longest run. None for any other mask
+    (checked element by element against the mask itself)."""
+    pos = kwargs.get("position_ids")
+    b = mask.shape[0]
+    if not isinstance(pos, Tensor) or mask.dtype != torch.bool or lq != lk:
+        return None
+    if tuple(mask.shape[1:]) != (1, lq, lk) or pos.dim() != 2 or pos.shape[1] != lq:
+        return None
+    if pos.shape[0] not in (1, b) or torch.compiler.is_compiling():
+        return None
+    pos = pos.to(mask.device).expand(b, lq)
+    start = torch.ones(b, lq, dtype=torch.bool, device=mask.device)
+    start[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    run = start.cumsum(dim=1)
+    tri = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
+    if not torch.equal(mask[:, 0], (run.unsqueeze(2) == run.unsqueeze(1)) & tri):
+        return None
+    first = start.reshape(-1).nonzero().squeeze(1)
+    cu = torch.cat([first, first.new_full((1,), b * lq)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
+    """(route, cu_seqlens and longest run for packed sequences or None); see attention_backend."""
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"genext attention: {name} (attention sinks) is not supported, and transformers' "
+                "sdpa would ignore it; use attn_implementation='eager' or a flash-attention one"
+            )
+    lq, lk = query.shape[2], key.shape[2]
+    if attention_mask is not None and isinstance(attention_mask, Tensor):
+        if attention_mask.dim() == 2 and attention_mask.is_floating_point():
+            raise ValueError(
+                "genext attention: a 2-D attention_mask must be a boolean or integer key mask "
+                f"(nonzero = attend), got {attention_mask.dtype}"
+            )
+        if attention_mask.dim() == 2 and tuple(attention_mask.shape) != (query.shape[0], lk):
+            raise ValueError(
+                f"genext attention: a 2-D attention_mask must be (batch, keys) = "
+                f"{(query.shape[0], lk)}, got {tuple(attention_mask.shape)}"
+            )
+    if dropout and dropout > 0:
+        return "sdpa: dropout > 0", None
+    if kwargs.get("output_attentions"):
+        return "sdpa: output_attentions", None
+    if kwargs.get("softcap") is not None:
+        return "sdpa: softcap", None
+    if kwargs.get("position_bias") is not None:
+        return "sdpa: position_bias", None
+    window = kwargs.get("sliding_window")
+    if window is not None and lk > window:
+        return "sdpa: sliding window", None
+    if sdpa_backend(query, key, value, enable_gqa=True) != "genext":
+        return "sdpa: shapes, dtype or device not served", None
+    causal = _is_causal(module, is_causal)
+    if causal and lq > lk:
+        return "sdpa: causal with more queries than keys", None
+    if attention_mask is None:
+        return "genext", None
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() not in (2, 4):
+        return "sdpa: mask is not a tensor of 2 or 4 dims", None
+    if attention_mask.dim() == 2:
+        return "genext varlen", None
+    packed = _packed(attention_mask, lq, lk, kwargs) if causal else None
+    if packed is None:
+        return "sdpa: 4-D mask", None
+    return "genext packed", packed
+
+
 def attention_backend(
     module: torch.nn.Module,
     query: Tensor,
@@ -131,43 +216,11 @@ def attention_backend(
     is_causal: bool | None = None,
     **kwargs,
 ) -> str:
-    """``"genext"`` when :func:`attention_forward` runs genext's kernel for these arguments (the
-    same ones), else ``"sdpa: <reason>"``. Raises ``ValueError`` for what neither serves."""
-    for name in ("s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            raise ValueError(
-                f"genext attention: {name} (attention sinks) is not supported, and transformers' "
-                "sdpa would ignore it; use attn_implementation='eager' or a flash-attention one"
-            )
-    if dropout and dropout > 0:
-        return "sdpa: dropout > 0"
-    if attention_mask is not None:
-        if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
-            return "sdpa: 4-D mask"
-        if attention_mask.is_floating_point():
-            raise ValueError(
-                "genext attention: a 2-D attention_mask must be a boolean or integer key mask "
-                f"(nonzero = attend), got {attention_mask.dtype}"
-            )
-        if tuple(attention_mask.shape) != (query.shape[0], key.shape[2]):
-            raise ValueError(
-                f"genext attention: a 2-D attention_mask must be (batch, keys) = "
-                f"{(query.shape[0], key.shape[2])}, got {tuple(attention_mask.shape)}"
-            )
-    if kwargs.get("output_attentions"):
-        return "sdpa: output_attentions"
-    if kwargs.get("softcap") is not None:
-        return "sdpa: softcap"
-    if kwargs.get("position_bias") is not None:
-        return "sdpa: position_bias"
-    window = kwargs.get("sliding_window")
-    if window is not None and key.shape[2] > window:
-        return "sdpa: sliding window"
-    if sdpa_backend(query, key, value, enable_gqa=True) != "genext":
-        return "sdpa: shapes, dtype or device not served"
-    if _is_causal(module, is_causal) and query.shape[2] > key.shape[2]:
-        return "sdpa: causal with more queries than keys"
-    return "genext"
+    """Which path :func:`attention_forward` takes for these arguments (the same ones): genext's
+    kernel with no mask (``"genext"``), over unpadded sequences (``"genext varlen"``) or over
+    sequences packed by ``position_ids`` (``"genext packed"``), or transformers' sdpa
+    (``"sdpa: <reason>"``). Raises ``ValueError`` for what neither serves."""
+    return _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs)[0]
 
 
 def _count(what: str) -> None:
@@ -224,18 +277,16 @@ def attention_forward(
         ``(out (B, Lq, Hq, D), None)``. With a padding mask and causal attention, padded query
         rows are 0 (sdpa leaves values there that no real position uses).
     """
-    backend = attention_backend(
-        module, query, key, value, attention_mask, dropout, is_causal, **kwargs
-    )
+    route, packed = _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    _count(route)
     causal = _is_causal(module, is_causal)
     lq, lk = query.shape[2], key.shape[2]
     keep = attention_mask
     if keep is not None and keep.dim() == 2 and keep.dtype != torch.bool:
         keep = keep != 0
-    if backend != "genext":
+    if not route.startswith("genext"):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        _count(backend)
         if keep is None or keep.dim() == 2:
             keep = _dense_mask(keep, lq, lk, causal, query.device)
         return sdpa_attention_forward(
@@ -251,13 +302,24 @@ def attention_forward(
         )
 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if keep is None:
-        _count("genext")
-        out = flash_attention(q, k, v, causal=causal, scale=scaling, layout="blhd")
-        return out, None
-
-    _count("genext varlen")
     b, hq, d = q.shape[0], q.shape[2], q.shape[3]
+    if route == "genext":
+        return flash_attention(q, k, v, causal=causal, scale=scaling, layout="blhd"), None
+    if route == "genext packed":
+        cu, longest = packed
+        out = flash_attention_varlen(
+            q.reshape(b * lq, hq, d),
+            k.reshape(b * lk, *k.shape[2:]),
+            v.reshape(b * lk, *v.shape[2:]),
+            cu,
+            cu,
+            longest,
+            longest,
+            causal=True,
+            scale=scaling,
+        )
+        return out.view(b, lq, hq, d), None
+
     kp, idx_k, cu_k, max_k = _pack(k, keep)
     vp = v.reshape(b * lk, *v.shape[2:]).index_select(0, idx_k)
     if causal:
