@@ -78,11 +78,14 @@ def attention_mask(
     local_size: int | None = None,
     **kwargs,
 ) -> Tensor | None:
-    """transformers' mask function for ``"genext"``: for a plain causal mask whose queries are the
-    last ``q_length`` of the ``kv_length`` keys, or a plain bidirectional mask, None when nothing
-    is padded and else the ``(B, kv_length)`` boolean key mask (True = attend). Every other
-    pattern (sliding windows, packed sequences, overlays, a static cache, tracing with a mask)
-    gets transformers' own 4-D SDPA mask, which :func:`attention_forward` sends to sdpa."""
+    """transformers' mask function for ``"genext"``: None when nothing is masked, else the
+    ``(B, kv_length)`` boolean key mask (True = attend) for a causal mask whose queries are the
+    last ``q_length`` of the ``kv_length`` keys (a dynamic or sliding-window cache) or a
+    bidirectional mask: built from the 2-D mask for transformers' plain causal and bidirectional
+    patterns, and read off transformers' 4-D SDPA mask for the others (a sliding window or chunk
+    that hides nothing at these lengths). Every other mask (a window that hides keys, packed
+    sequences, overlays, a static cache, a mask under tracing) is transformers' own 4-D SDPA
+    mask, which :func:`attention_forward` runs as packed sequences or sends to sdpa."""
     from transformers import masking_utils as mu
     from transformers.utils.import_utils import is_tracing
 
@@ -93,9 +96,9 @@ def attention_mask(
     bidirectional = mask_function is mu.bidirectional_mask_function and getattr(
         kwargs.get("config"), "is_causal", True
     )
-    plain = (causal or bidirectional) and local_size is None
-    if causal:
-        plain = plain and isinstance(q_offset, int) and q_offset + q_length == kv_offset + kv_length
+    # the queries are the last q_length keys (not so in a static cache, whose q_offset is a tensor)
+    aligned = isinstance(q_offset, int) and q_offset + q_length == kv_offset + kv_length
+    plain = (bidirectional or (causal and aligned)) and local_size is None
     if attention_mask is not None:
         plain = plain and attention_mask.dim() == 2 and not is_tracing(attention_mask)
     if not plain:
@@ -115,6 +118,8 @@ def attention_mask(
             # prefill of a static cache); genext reads None as bottom-right, so spell it out
             kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
             mask = mu.sdpa_mask(**args, **kwargs)
+        if aligned:
+            mask = _as_key_mask(mask)
         return mask
     if attention_mask is None:
         return None
@@ -125,6 +130,27 @@ def attention_mask(
     keep = keep[:, kv_offset : kv_offset + kv_length]
     if keep.shape[0] != batch_size:
         keep = keep.expand(batch_size, -1)
+    return None if bool(keep.all()) else keep
+
+
+def _as_key_mask(mask: Tensor | None) -> Tensor | None:
+    """A 4-D boolean mask that is exactly bottom-right causal and a key mask, as made by a sliding
+    window or chunk that hides nothing at these lengths, as the key mask (None if it hides no
+    key); any other mask as it is. The mask's own values decide, so whatever built it, genext
+    then computes what sdpa would at every real position."""
+    from transformers.utils.import_utils import is_tracing
+
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or mask.shape[1] != 1:
+        return mask
+    if is_tracing(mask):
+        return mask
+    lq, lk = mask.shape[2], mask.shape[3]
+    if lq > lk or lq == 0:
+        return mask
+    keep = mask[:, 0, -1, :]  # the last query sees every key the causal triangle leaves
+    tri = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril(lk - lq)
+    if not torch.equal(mask[:, 0], tri & keep.unsqueeze(1)):
+        return mask
     return None if bool(keep.all()) else keep
 
 

@@ -212,6 +212,48 @@ def test_llava_logits(padding, dtype):
     assert rel(out[real], ref[real]) < TOL[dtype]
 
 
+def _qwen2(dtype):
+    return _model(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**LLAMA), dtype)
+
+
+def _mistral(dtype):
+    # a window longer than the sequences: transformers' mask for it hides nothing but padding,
+    # and genext runs
+    config = transformers.MistralConfig(**LLAMA, sliding_window=64)
+    return _model(transformers.MistralForCausalLM, config, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make", [_qwen2, _mistral], ids=["qwen2", "mistral"])
+def test_qwen2_mistral_left_padded(make, dtype):
+    _lm_case(make, "left", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_bert_bidirectional_padding(padding, dtype):
+    """An encoder (BERT): a bidirectional padding mask becomes the key mask, every query row is
+    kept (padded ones too, as in sdpa), so the whole output matches."""
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=16,
+    )
+    model = _model(transformers.BertModel, config, dtype)
+    keep = _keep(padding)
+
+    def fwd(m):
+        return m(_ids(keep), attention_mask=keep).last_hidden_state
+
+    ref = _run(model, "sdpa", fwd)
+    out = _run(model, "genext", fwd)
+    _assert_served(padding)
+    assert rel(out, ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("padding", ["none", "left"])
 @pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
@@ -456,3 +498,32 @@ def test_import_genext_does_not_import_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_routes():
+    """attention_backend names the path for each case genext does not serve."""
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k = torch.randn(B, 4, L, 8), torch.randn(B, 2, L, 8)
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[1, :3] = False
+    route = gt.attention_backend
+    assert route(module, q, k, k, None) == "genext"
+    assert route(module, q, k, k, keep) == "genext varlen"
+    assert route(module, q, k, k, keep.long()) == "genext varlen"
+    assert route(module, q, k, k, None, dropout=0.1) == "sdpa: dropout > 0"
+    assert route(module, q, k, k, None, output_attentions=True) == "sdpa: output_attentions"
+    assert route(module, q, k, k, None, softcap=30.0) == "sdpa: softcap"
+    assert route(module, q, k, k, None, position_bias=torch.zeros(1)) == "sdpa: position_bias"
+    assert route(module, q, k, k, None, sliding_window=4) == "sdpa: sliding window"
+    assert route(module, q, k, k, None, sliding_window=L) == "genext"
+    assert route(module, q, k, k, keep[:, None, None, :]) == "sdpa: 4-D mask"
+    # a value head dim that differs from the query's (as in MLA), K/V heads not dividing Q heads
+    served = "sdpa: shapes, dtype or device not served"
+    assert route(module, q, k, torch.randn(B, 2, L, 4), None) == served
+    assert route(module, q, torch.randn(B, 3, L, 8), torch.randn(B, 3, L, 8), None) == served
+    assert route(module, q, k[:, :, :4], k[:, :, :4], None) == (
+        "sdpa: causal with more queries than keys"
+    )
+    module.is_causal = False
+    assert route(module, q, k[:, :, :4], k[:, :, :4], None) == "genext"
