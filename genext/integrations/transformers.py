@@ -11,23 +11,32 @@ What runs on genext's kernel (:func:`genext.ops.flash_attention` or
 
 - no mask, causal or not (causal is aligned to the bottom-right corner when ``Lq < Lk``, as in
   decoding with a KV cache and as transformers' flash-attention path assumes);
-- a padding mask (left or right padding, or holes): :func:`attention_mask` hands the model the
-  2-D ``(B, Lk)`` boolean key mask instead of a 4-D one; the attention drops the padded keys (and,
-  for causal attention, the padded queries, whose output is then 0) and runs the packed sequences;
+- padding (left or right, or holes, with a dynamic or sliding-window cache or none):
+  :func:`attention_mask` hands the model the 2-D ``(B, Lk)`` boolean key mask instead of a 4-D
+  one; the attention drops the padded keys (and, for causal attention, the padded queries, whose
+  output is then 0: a query whose own key is masked counts as padding) and runs the sequences
+  packed;
+- a sliding window or chunk that hides nothing at these lengths (e.g. decoding once the cache
+  holds just the window), with or without padding;
+- sequences packed along a row by ``position_ids`` that restart (transformers' block-causal
+  mask, checked element by element, run as varlen sequences);
 - grouped-query attention without repeating K/V (Hk divides Hq), any ``scaling``, training with
-  ``dropout == 0``.
+  ``dropout == 0``. The causal flag is ``is_causal`` when given, else ``module.is_causal``, as in
+  transformers' flash-attention path.
 
 What goes to transformers' own ``sdpa`` function, with a mask that means what genext's would
-(:func:`attention_backend` names the reason, :data:`calls` counts them):
+(:func:`attention_backend` names the route, :data:`calls` counts them):
 
 - ``dropout > 0`` (training with attention dropout);
-- any 4-D mask: the masks transformers builds for sliding windows, chunked attention, packed
-  sequences (``position_ids`` that restart), image-token overlays, a static cache, a model that
-  passes its own 4-D mask, and float (bias) masks;
+- any other 4-D mask: a sliding window or chunk that hides keys, image-token overlays, a static
+  cache (its empty slots, and its prefill's top-left causal mask), a 4-D mask the caller passes,
+  float (bias) masks, masks built while tracing, a model switched to bidirectional attention by
+  ``config.is_causal = False``;
 - ``sliding_window`` shorter than the keys, ``softcap`` (which transformers' sdpa rejects),
   ``position_bias``, ``output_attentions=True`` (sdpa returns no weights, as it would itself);
 - shapes, dtypes or devices genext's kernel does not serve
-  (:func:`genext.nn.functional.sdpa_backend`), and causal attention with more queries than keys.
+  (:func:`genext.nn.functional.sdpa_backend`: e.g. a value head dim that differs from the
+  query's, CUDA head dims not a multiple of 8), and causal attention with more queries than keys.
 
 Attention sinks (``s_aux`` / ``sinks``) raise ``ValueError``: transformers' sdpa ignores them, so
 falling back would compute something else. transformers is imported by :func:`register` and at

@@ -426,6 +426,24 @@ def test_fallback_sliding_window():
     assert rel(out, ref) < TOL[torch.float32]
 
 
+def test_sliding_window_generate():
+    """Mistral with a window of 4, a left-padded batch: the prefill (9 tokens) goes to sdpa, every
+    decode step (the cache keeps the last 3 keys, the window then hides nothing) to genext."""
+    config = transformers.MistralConfig(**LLAMA, sliding_window=4)
+    model = _model(transformers.MistralForCausalLM, config, torch.float32)
+    keep = _keep("left")
+
+    def gen(m):
+        return m.generate(
+            _ids(keep), attention_mask=keep, max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+
+    ref = _run(model, "sdpa", gen)
+    out = _run(model, "genext", gen)
+    assert dict(gt.calls) == {"sdpa: sliding window": 2, "genext": 2 * 5}
+    assert torch.equal(out, ref)
+
+
 def test_fallback_static_cache():
     """A static cache holds empty slots past the tokens seen: its masks go to sdpa (the prefill's
     too, whose causal mask sdpa aligns top-left over the first keys)."""
