@@ -265,13 +265,14 @@ def _count(what: str) -> None:
 
 def _dense_mask(keep: Tensor | None, lq: int, lk: int, causal: bool, device) -> Tensor | None:
     """The ``(B or 1, 1, Lq, Lk)`` boolean mask meaning what genext computes for a key mask (or
-    None) and causal attention aligned bottom-right; None when sdpa's own handling means it."""
+    None) and causal attention aligned bottom-right; None where sdpa's own reading of the inputs
+    means the same (no mask and ``Lq >= Lk``: sdpa's top-left ``is_causal``)."""
     if causal and lq > 1:
         i = torch.arange(lq, device=device).unsqueeze(1)
         j = torch.arange(lk, device=device).unsqueeze(0)
         tri = (j <= i + (lk - lq)).view(1, 1, lq, lk)
         if keep is None:
-            return tri if lq != lk else None
+            return tri if lq < lk else None
         return tri & keep[:, None, None, :]
     return None if keep is None else keep[:, None, None, :]
 

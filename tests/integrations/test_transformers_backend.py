@@ -490,6 +490,11 @@ def test_direct_call_gqa_and_causal_alignment():
         ref, _ = sdpa_attention_forward(module, q, k, v, ref_mask, scaling=0.3)
         assert out.shape == (B, 3, 4, 8)
         assert rel(out, ref) < TOL[torch.float64]
+        # a fallback gives sdpa the mask that means the same (bottom-right, padded keys)
+        gt.calls.clear()
+        out, _ = gt.attention_forward(module, q, k, v, mask, scaling=0.3, output_attentions=True)
+        assert dict(gt.calls) == {"sdpa: output_attentions": 1}
+        assert rel(out, ref) < TOL[torch.float64]
 
 
 def test_register_paths(tmp_path):
