@@ -305,8 +305,9 @@ def attention_forward(
         module: the model's attention module (its ``is_causal`` is used unless ``is_causal`` is
             given).
         query: ``(B, Hq, Lq, D)``; key, value: ``(B, Hk, Lk, D)`` with Hk dividing Hq.
-        attention_mask: None, the ``(B, Lk)`` boolean key mask of :func:`attention_mask`, or a
-            4-D mask (sent to sdpa).
+        attention_mask: None, the ``(B, Lk)`` boolean (or integer, nonzero = attend) key mask of
+            :func:`attention_mask`, or a 4-D mask (run as packed sequences when it is
+            transformers' block-causal mask for ``position_ids``, else sent to sdpa).
         dropout, scaling, is_causal, kwargs: as transformers passes them.
 
     Returns:
@@ -318,12 +319,12 @@ def attention_forward(
     causal = _is_causal(module, is_causal)
     lq, lk = query.shape[2], key.shape[2]
     keep = attention_mask
-    if keep is not None and keep.dim() == 2 and keep.dtype != torch.bool:
+    if isinstance(keep, Tensor) and keep.dim() == 2 and keep.dtype != torch.bool:
         keep = keep != 0
     if not route.startswith("genext"):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        if keep is None or keep.dim() == 2:
+        if keep is None or (isinstance(keep, Tensor) and keep.dim() == 2):
             keep = _dense_mask(keep, lq, lk, causal, query.device)
         return sdpa_attention_forward(
             module,
