@@ -550,3 +550,25 @@ def test_routes():
     )
     module.is_causal = False
     assert route(module, q, k[:, :, :4], k[:, :, :4], None) == "genext"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_llama_cuda_16bit(padding, dtype):
+    """On the GPU's tensor-core kernels: logits at real positions no further from the float64
+    logits than twice the distance of sdpa's in the same dtype, and generation."""
+    keep = _keep(padding)
+    ids = _ids(keep)
+    mask = keep if padding != "none" else None
+    real = keep.bool()
+    exact = _llama(torch.float64)(ids, attention_mask=mask).logits[real]
+    model = _llama(dtype).cuda()
+
+    def fwd(m):
+        return m(ids.cuda(), attention_mask=None if mask is None else mask.cuda()).logits
+
+    ref = _run(model, "sdpa", fwd)[real.cuda()].cpu()
+    out = _run(model, "genext", fwd)[real.cuda()].cpu()
+    _assert_served(padding)
+    assert rel(out, exact) <= 2 * rel(ref, exact)
