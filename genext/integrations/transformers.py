@@ -1,0 +1,375 @@
+"""genext's flash attention as an attention implementation of transformers models.
+
+After :func:`register`, ``model.set_attn_implementation("genext")``,
+``from_pretrained(..., attn_implementation="genext")`` or ``config._attn_implementation =
+"genext"`` before ``Model(config)`` runs a model's attention on genext's kernels. It serves the
+models whose attention goes through transformers' ``AttentionInterface`` (Llama, Mistral, Qwen2,
+GPT-2, CLIP, LLaVA, ...).
+
+What runs on genext's kernel (:func:`genext.ops.flash_attention` or
+:func:`genext.ops.flash_attention_varlen`):
+
+- no mask, causal or not (causal is aligned to the bottom-right corner when ``Lq < Lk``, as in
+  decoding with a KV cache and as transformers' flash-attention path assumes);
+- padding (left or right, or holes, with a dynamic or sliding-window cache or none):
+  :func:`attention_mask` hands the model the 2-D ``(B, Lk)`` boolean key mask instead of a 4-D
+  one; the attention drops the padded keys (and, for causal attention, the padded queries, whose
+  output is then 0: a query whose own key is masked counts as padding) and runs the sequences
+  packed;
+- a sliding window or chunk that hides nothing at these lengths (e.g. decoding once the cache
+  holds just the window), with or without padding;
+- sequences packed along a row by ``position_ids`` that restart (transformers' block-causal
+  mask, checked element by element, run as varlen sequences);
+- grouped-query attention without repeating K/V (Hk divides Hq), any ``scaling``, training with
+  ``dropout == 0``. The causal flag is ``is_causal`` when given, else ``module.is_causal``, as in
+  transformers' flash-attention path.
+
+What goes to transformers' own ``sdpa`` function, with a mask that means what genext's would
+(:func:`attention_backend` names the route, :data:`calls` counts them):
+
+- ``dropout > 0`` (training with attention dropout);
+- any other 4-D mask: a sliding window or chunk that hides keys, image-token overlays, a static
+  cache (its empty slots, and its prefill's top-left causal mask), a 4-D mask the caller passes,
+  float (bias) masks, masks built while tracing, a model switched to bidirectional attention by
+  ``config.is_causal = False``;
+- ``sliding_window`` shorter than the keys, ``softcap`` (which transformers' sdpa rejects),
+  ``position_bias``, ``output_attentions=True`` (sdpa returns no weights, as it would itself);
+- shapes, dtypes or devices genext's kernel does not serve
+  (:func:`genext.nn.functional.sdpa_backend`: e.g. a value head dim that differs from the
+  query's, CUDA head dims not a multiple of 8), and causal attention with more queries than keys.
+
+Attention sinks (``s_aux`` / ``sinks``) raise ``ValueError``: transformers' sdpa ignores them, so
+falling back would compute something else. transformers is imported by :func:`register` and at
+call time, never by ``import genext``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..nn.functional import sdpa_backend
+from ..ops import flash_attention, flash_attention_varlen
+
+__all__ = ["NAME", "attention_backend", "attention_forward", "attention_mask", "calls", "register"]
+
+NAME = "genext"
+
+#: How many attention calls each path took since the last ``calls.clear()``: ``"genext"`` (no
+#: mask), ``"genext varlen"`` (padding), ``"sdpa: <reason>"``. Not counted under torch.compile.
+calls: Counter = Counter()
+
+
+def register() -> str:
+    """Registers :func:`attention_forward` with transformers' ``AttentionInterface`` and
+    :func:`attention_mask` with its ``AttentionMaskInterface`` under the name ``"genext"``
+    (idempotent) and returns the name. Without the mask function transformers would build no
+    padding mask for the name, and padding would be ignored."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, attention_mask)
+    return NAME
+
+
+def attention_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | Tensor = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: Tensor | None = None,
+    local_size: int | None = None,
+    **kwargs,
+) -> Tensor | None:
+    """transformers' mask function for ``"genext"``: None when nothing is masked, else the
+    ``(B, kv_length)`` boolean key mask (True = attend) for a causal mask whose queries are the
+    last ``q_length`` of the ``kv_length`` keys (a dynamic or sliding-window cache) or a
+    bidirectional mask: built from the 2-D mask for transformers' plain causal and bidirectional
+    patterns, and read off transformers' 4-D SDPA mask for the others (a sliding window or chunk
+    that hides nothing at these lengths). Every other mask (a window that hides keys, packed
+    sequences, overlays, a static cache, a mask under tracing) is transformers' own 4-D SDPA
+    mask, which :func:`attention_forward` runs as packed sequences or sends to sdpa."""
+    from transformers import masking_utils as mu
+    from transformers.utils.import_utils import is_tracing
+
+    causal = mask_function is mu.causal_mask_function
+    # a bidirectional mask on a config that says is_causal=False is transformers' switch of a
+    # causal model to bidirectional attention: its modules still say causal, so sdpa's masks
+    # decide there
+    bidirectional = mask_function is mu.bidirectional_mask_function and getattr(
+        kwargs.get("config"), "is_causal", True
+    )
+    # the queries are the last q_length keys (not so in a static cache, whose q_offset is a tensor)
+    aligned = isinstance(q_offset, int) and q_offset + q_length == kv_offset + kv_length
+    plain = (bidirectional or (causal and aligned)) and local_size is None
+    if attention_mask is not None:
+        plain = plain and attention_mask.dim() == 2 and not is_tracing(attention_mask)
+    if not plain:
+        args = dict(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            local_size=local_size,
+        )
+        mask = mu.sdpa_mask(**args, **kwargs)
+        if mask is None and q_length not in (1, kv_length):
+            # sdpa's None here means its top-left causal mask over the first q_length keys (the
+            # prefill of a static cache); genext reads None as bottom-right, so spell it out
+            kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+            mask = mu.sdpa_mask(**args, **kwargs)
+        if aligned:
+            mask = _as_key_mask(mask)
+        return mask
+    if attention_mask is None:
+        return None
+    keep = attention_mask.to(torch.bool)
+    short = kv_offset + kv_length - keep.shape[1]
+    if short > 0:  # keys past the end of the mask are hidden, as transformers pads the mask
+        keep = F.pad(keep, (0, short), value=False)
+    keep = keep[:, kv_offset : kv_offset + kv_length]
+    if keep.shape[0] != batch_size:
+        keep = keep.expand(batch_size, -1)
+    return None if bool(keep.all()) else keep
+
+
+def _as_key_mask(mask: Tensor | None) -> Tensor | None:
+    """A 4-D boolean mask that is exactly bottom-right causal and a key mask, as made by a sliding
+    window or chunk that hides nothing at these lengths, as the key mask (None if it hides no
+    key); any other mask as it is. The mask's own values decide, so whatever built it, genext
+    then computes what sdpa would at every real position."""
+    from transformers.utils.import_utils import is_tracing
+
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or mask.shape[1] != 1:
+        return mask
+    if is_tracing(mask):
+        return mask
+    lq, lk = mask.shape[2], mask.shape[3]
+    if lq > lk or lq == 0:
+        return mask
+    keep = mask[:, 0, -1, :]  # the last query sees every key the causal triangle leaves
+    tri = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril(lk - lq)
+    if not torch.equal(mask[:, 0], tri & keep.unsqueeze(1)):
+        return mask
+    return None if bool(keep.all()) else keep
+
+
+def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
+    # an explicit is_causal (CLIP's text model passes one) wins over the module's flag
+    return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+
+
+def _packed(mask: Tensor, lq: int, lk: int, kwargs: dict) -> tuple[Tensor, int] | None:
+    """For transformers' 4-D boolean mask of sequences packed along each batch row (causal within
+    each run of ``position_ids`` that count up by one, nothing across runs): the int32 cu_seqlens
+    of the runs over the ``B * L`` flattened rows, and the longest run. None for any other mask
+    (checked element by element against the mask itself)."""
+    pos = kwargs.get("position_ids")
+    b = mask.shape[0]
+    if not isinstance(pos, Tensor) or mask.dtype != torch.bool or lq != lk:
+        return None
+    if tuple(mask.shape[1:]) != (1, lq, lk) or pos.dim() != 2 or pos.shape[1] != lq:
+        return None
+    if pos.shape[0] not in (1, b) or torch.compiler.is_compiling():
+        return None
+    pos = pos.to(mask.device).expand(b, lq)
+    start = torch.ones(b, lq, dtype=torch.bool, device=mask.device)
+    start[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    run = start.cumsum(dim=1)
+    tri = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril()
+    if not torch.equal(mask[:, 0], (run.unsqueeze(2) == run.unsqueeze(1)) & tri):
+        return None
+    first = start.reshape(-1).nonzero().squeeze(1)
+    cu = torch.cat([first, first.new_full((1,), b * lq)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
+    """(route, cu_seqlens and longest run for packed sequences or None); see attention_backend."""
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"genext attention: {name} (attention sinks) is not supported, and transformers' "
+                "sdpa would ignore it; use attn_implementation='eager' or a flash-attention one"
+            )
+    lq, lk = query.shape[2], key.shape[2]
+    if attention_mask is not None and isinstance(attention_mask, Tensor):
+        if attention_mask.dim() == 2 and attention_mask.is_floating_point():
+            raise ValueError(
+                "genext attention: a 2-D attention_mask must be a boolean or integer key mask "
+                f"(nonzero = attend), got {attention_mask.dtype}"
+            )
+        if attention_mask.dim() == 2 and tuple(attention_mask.shape) != (query.shape[0], lk):
+            raise ValueError(
+                f"genext attention: a 2-D attention_mask must be (batch, keys) = "
+                f"{(query.shape[0], lk)}, got {tuple(attention_mask.shape)}"
+            )
+    if dropout and dropout > 0:
+        return "sdpa: dropout > 0", None
+    if kwargs.get("output_attentions"):
+        return "sdpa: output_attentions", None
+    if kwargs.get("softcap") is not None:
+        return "sdpa: softcap", None
+    if kwargs.get("position_bias") is not None:
+        return "sdpa: position_bias", None
+    window = kwargs.get("sliding_window")
+    if window is not None and lk > window:
+        return "sdpa: sliding window", None
+    if sdpa_backend(query, key, value, enable_gqa=True) != "genext":
+        return "sdpa: shapes, dtype or device not served", None
+    causal = _is_causal(module, is_causal)
+    if causal and lq > lk:
+        return "sdpa: causal with more queries than keys", None
+    if attention_mask is None:
+        return "genext", None
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() not in (2, 4):
+        return "sdpa: mask is not a tensor of 2 or 4 dims", None
+    if attention_mask.dim() == 2:
+        return "genext varlen", None
+    packed = _packed(attention_mask, lq, lk, kwargs) if causal else None
+    if packed is None:
+        return "sdpa: 4-D mask", None
+    return "genext packed", packed
+
+
+def attention_backend(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> str:
+    """Which path :func:`attention_forward` takes for these arguments (the same ones): genext's
+    kernel with no mask (``"genext"``), over unpadded sequences (``"genext varlen"``) or over
+    sequences packed by ``position_ids`` (``"genext packed"``), or transformers' sdpa
+    (``"sdpa: <reason>"``). Raises ``ValueError`` for what neither serves."""
+    return _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs)[0]
+
+
+def _count(what: str) -> None:
+    if not torch.compiler.is_compiling():
+        calls[what] += 1
+
+
+def _dense_mask(keep: Tensor | None, lq: int, lk: int, causal: bool, device) -> Tensor | None:
+    """The ``(B or 1, 1, Lq, Lk)`` boolean mask meaning what genext computes for a key mask (or
+    None) and causal attention aligned bottom-right; None where sdpa's own reading of the inputs
+    means the same (no mask and ``Lq >= Lk``: sdpa's top-left ``is_causal``)."""
+    if causal and lq > 1:
+        i = torch.arange(lq, device=device).unsqueeze(1)
+        j = torch.arange(lk, device=device).unsqueeze(0)
+        tri = (j <= i + (lk - lq)).view(1, 1, lq, lk)
+        if keep is None:
+            return tri if lq < lk else None
+        return tri & keep[:, None, None, :]
+    return None if keep is None else keep[:, None, None, :]
+
+
+def _pack(x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Rows of ``x`` ``(B, L, H, D)`` where ``keep`` ``(B, L)``: (packed ``(total, H, D)``, their
+    flat indices, int32 cu_seqlens ``(B + 1,)``, the longest sequence)."""
+    b, n = keep.shape
+    idx = keep.reshape(-1).nonzero().squeeze(1)
+    lengths = keep.sum(dim=1, dtype=torch.int32)
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    packed = x.reshape(b * n, *x.shape[2:]).index_select(0, idx)
+    return packed, idx, cu, int(lengths.max()) if b else 0
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """transformers' attention function for ``"genext"``.
+
+    Args:
+        module: the model's attention module (its ``is_causal`` is used unless ``is_causal`` is
+            given).
+        query: ``(B, Hq, Lq, D)``; key, value: ``(B, Hk, Lk, D)`` with Hk dividing Hq.
+        attention_mask: None, the ``(B, Lk)`` boolean (or integer, nonzero = attend) key mask of
+            :func:`attention_mask`, or a 4-D mask (run as packed sequences when it is
+            transformers' block-causal mask for ``position_ids``, else sent to sdpa).
+        dropout, scaling, is_causal, kwargs: as transformers passes them.
+
+    Returns:
+        ``(out (B, Lq, Hq, D), None)``. With a padding mask and causal attention, padded query
+        rows are 0 (sdpa leaves values there that no real position uses).
+    """
+    route, packed = _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    _count(route)
+    causal = _is_causal(module, is_causal)
+    lq, lk = query.shape[2], key.shape[2]
+    keep = attention_mask
+    if isinstance(keep, Tensor) and keep.dim() == 2 and keep.dtype != torch.bool:
+        keep = keep != 0
+    if not route.startswith("genext"):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        if keep is None or (isinstance(keep, Tensor) and keep.dim() == 2):
+            keep = _dense_mask(keep, lq, lk, causal, query.device)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            keep,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    b, hq, d = q.shape[0], q.shape[2], q.shape[3]
+    if route == "genext":
+        return flash_attention(q, k, v, causal=causal, scale=scaling, layout="blhd"), None
+    if route == "genext packed":
+        cu, longest = packed
+        out = flash_attention_varlen(
+            q.reshape(b * lq, hq, d),
+            k.reshape(b * lk, *k.shape[2:]),
+            v.reshape(b * lk, *v.shape[2:]),
+            cu,
+            cu,
+            longest,
+            longest,
+            causal=True,
+            scale=scaling,
+        )
+        return out.view(b, lq, hq, d), None
+
+    kp, idx_k, cu_k, max_k = _pack(k, keep)
+    vp = v.reshape(b * lk, *v.shape[2:]).index_select(0, idx_k)
+    if causal:
+        # the queries are the last Lq keys: a padded one is dropped, so that within each packed
+        # sequence the bottom-right alignment still lets a query see exactly the real keys up to
+        # its own position
+        qp, idx_q, cu_q, max_q = _pack(q, keep[:, lk - lq :])
+    else:
+        # every query sees its batch entry's real keys (cross-attention too)
+        qp = q.reshape(b * lq, hq, d)
+        cu_q = torch.arange(0, (b + 1) * lq, lq, dtype=torch.int32, device=q.device)
+        idx_q, max_q = None, lq
+    out = flash_attention_varlen(qp, kp, vp, cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling)
+    if idx_q is not None:
+        out = out.new_zeros(b * lq, hq, d).index_copy(0, idx_q, out)
+    return out.view(b, lq, hq, d), None
