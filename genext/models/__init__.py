@@ -13,6 +13,7 @@ Imports point down only: a model may use :mod:`genext.nn`, :mod:`genext.losses`,
 :mod:`genext.reference` and :mod:`genext.bench` are never imported by library code.
 """
 
+from ._generation import GenerationMixin, TextStreamer
 from .dit import DiT, DiTTransformer2DModel, VideoDiT
 from .gan import (
     ConditionalGenerator,
@@ -22,6 +23,12 @@ from .gan import (
     weights_init,
 )
 from .ldm import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
+from .llama import (
+    CausalLMOutput,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+)
 from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 from .unet import UNet2DConditionModel, UNet2DModel
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
@@ -29,17 +36,23 @@ from .vqvae import VQModel
 
 __all__ = [
     "AutoencoderKL",
+    "CausalLMOutput",
     "ConditionalGenerator",
     "DCGANDiscriminator",
     "DCGANGenerator",
     "DiT",
     "DiTTransformer2DModel",
     "DiagonalGaussianDistribution",
+    "GenerationMixin",
     "LatentDiffusionPipeline",
     "LatentDiffusionPipelineOutput",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
     "ProjectionDiscriminator",
+    "Qwen2ForCausalLM",
     "StyleGAN2Discriminator",
     "StyleGAN2Generator",
+    "TextStreamer",
     "UNet2DConditionModel",
     "UNet2DModel",
     "VQModel",
