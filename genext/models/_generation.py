@@ -247,7 +247,7 @@ class GenerationMixin:
             for _ in range(num_layers)
         ]
         logits = self.forward_packed(
-            input_ids[keep] if input_ids is not None else None,
+            input_ids[keep] if inputs_embeds is None else None,
             positions,
             cu,
             longest,

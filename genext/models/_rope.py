@@ -187,6 +187,15 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = rope_inv_freq(params, head_dim, max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # the frequencies stay float32 when the model moves to another dtype (bfloat16 would
+        # round the angles of every position by up to 2^-8 of their size)
+        if self.inv_freq.dtype != torch.float32:
+            inv_freq, _ = rope_inv_freq(self.params, self.head_dim, self.max_position_embeddings)
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     @property
     def depends_on_length(self) -> bool:
         """True for the types whose frequencies change with the batch's largest position
