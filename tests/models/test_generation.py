@@ -190,6 +190,31 @@ def test_eos_per_sequence_equals_transformers(case):
     assert torch.equal(ours_cfg.generate(ids, attention_mask=mask, max_new_tokens=16), want)
 
 
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "factor": 2.0},
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.1, 1.3, 1.7],
+            "long_factor": [1.5, 2.5, 4.0, 7.0],
+            "original_max_position_embeddings": 8,
+        },
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 6},
+    ],
+    ids=["dynamic", "longrope", "yarn"],
+)
+def test_rope_schedules_generate_like_transformers(rope):
+    """Generation across the lengths where the schedules switch (max_position_embeddings 12,
+    longrope's original 8): dynamic and longrope recompute the frequencies at every step from
+    the longest position, as transformers' decode steps do, while the cache keeps the keys
+    rotated as they were."""
+    ours, peer = _pair("llama", max_position_embeddings=12, rope_parameters=rope)
+    ids, mask = _prompts()
+    want = peer.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=14), want)
+
+
 @pytest.mark.parametrize("block_size", [1, 3, 16])
 def test_paged_cache_equals_contiguous(block_size):
     ours, _ = _pair("llama")

@@ -436,3 +436,10 @@ def test_loads_a_transformers_folder(tmp_path):
     ids = torch.randint(1, 99, (2, 5))
     with torch.no_grad():
         assert rel(ours(ids).logits, peer(ids).logits) < 1e-5
+    # and genext's own save_pretrained round-trips, tied weights still tied
+    ours.save_pretrained(tmp_path / "genext")
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "genext")
+    assert again.config == ours.config
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ours(ids).logits)
