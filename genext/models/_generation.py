@@ -209,13 +209,12 @@ class GenerationMixin:
         config = getattr(self, "config", {})
         if eos_token_id is None:
             eos_token_id = config.get("eos_token_id")
-        eos = (
-            []
-            if eos_token_id is None
-            else [eos_token_id]
-            if isinstance(eos_token_id, int)
-            else list(eos_token_id)
-        )
+        if eos_token_id is None:
+            eos = []
+        elif isinstance(eos_token_id, int):
+            eos = [eos_token_id]
+        else:
+            eos = [int(t) for t in eos_token_id]
         if pad_token_id is None:
             pad_token_id = config.get("pad_token_id")
         if pad_token_id is None and eos:
@@ -243,7 +242,7 @@ class GenerationMixin:
                 dtype=self.dtype,
                 device=device,
                 block_size=cache_block_size,
-            )  # fmt: skip
+            )
             for _ in range(num_layers)
         ]
         logits = self.forward_packed(
@@ -281,9 +280,15 @@ class GenerationMixin:
         new: list[Tensor] = []
         for i in range(max_new_tokens):
             scores = process_logits(
-                last.float(), seen[:, :vocab] if seen is not None else None, do_sample,
-                temperature, top_k, top_p, min_p, repetition_penalty,
-            )  # fmt: skip
+                last.float(),
+                seen[:, :vocab] if seen is not None else None,
+                do_sample,
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty,
+            )
             if do_sample:
                 token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
             else:
@@ -307,9 +312,10 @@ class GenerationMixin:
             if i + 1 == max_new_tokens:
                 break
             ids, pos = token[:, None], next_pos[:, None]
-            last = (step(ids, pos) if step is not None else self.forward_decode(ids, pos, caches))[
-                :, -1
-            ]
+            if step is not None:
+                last = step(ids, pos)[:, -1]
+            else:
+                last = self.forward_decode(ids, pos, caches)[:, -1]
             next_pos += 1
         if step is not None:
             for cache in caches:

@@ -286,9 +286,13 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
         head_dim = head_dim or hidden_size // num_attention_heads
         rope = standardize_rope(rope_parameters, rope_scaling, rope_theta, max_position_embeddings)
         self.sliding_window = self._window(
-            model_type, sliding_window, use_sliding_window, max_window_layers, layer_types,
+            model_type,
+            sliding_window,
+            use_sliding_window,
+            max_window_layers,
+            layer_types,
             num_hidden_layers,
-        )  # fmt: skip
+        )
         qkv_bias = attention_bias if model_type == "llama" else model_type == "qwen2"
         o_bias = attention_bias and model_type == "llama"
         mlp_bias = mlp_bias and model_type == "llama"
@@ -506,9 +510,16 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
             if caches is not None:
                 caches[layer].prefill_packed(k, v, cu_seqlens)
             return flash_attention_varlen(
-                q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True,
+                q,
+                k,
+                v,
+                cu_seqlens,
+                cu_seqlens,
+                max_seqlen,
+                max_seqlen,
+                causal=True,
                 scale=self.scale,
-            )  # fmt: skip
+            )
 
         return self.lm_head(self.model.run(h, position_ids, attend, None))
 
