@@ -42,7 +42,9 @@ def _qwen2_config(**kw):
     return transformers.Qwen2Config(**{**TINY, **kw})
 
 
-# (genext class, transformers class, config factory taking config overrides)
+# (genext class, transformers class, config factory): the factory takes config overrides
+# (eos_token_id=..., max_position_embeddings=...) and builds a tiny config with vocab_size 99,
+# pad_token_id 0 and no EOS token
 CASES = {
     "llama": (LlamaForCausalLM, transformers.LlamaForCausalLM, _llama_config),
     "qwen2": (LlamaForCausalLM, transformers.Qwen2ForCausalLM, _qwen2_config),
@@ -216,8 +218,9 @@ def test_rope_schedules_generate_like_transformers(rope):
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 16])
-def test_paged_cache_equals_contiguous(block_size):
-    ours, _ = _pair("llama")
+@pytest.mark.parametrize("case", list(CASES))
+def test_paged_cache_equals_contiguous(case, block_size):
+    ours, _ = _pair(case)
     ids, mask = _prompts()
     torch.manual_seed(9)
     want = ours.generate(ids, attention_mask=mask, max_new_tokens=10, **SAMPLING)
@@ -228,10 +231,11 @@ def test_paged_cache_equals_contiguous(block_size):
     assert torch.equal(got, want)
 
 
-def test_inputs_embeds_prefill():
+@pytest.mark.parametrize("case", list(CASES))
+def test_inputs_embeds_prefill(case):
     """A prefill from embeddings (as a VLM gives them) continues as from the ids; without ids
     only the new tokens come back, as in transformers."""
-    ours, peer = _pair("llama")
+    ours, peer = _pair(case)
     ids, mask = _prompts()
     emb = ours.get_input_embeddings()(ids)
     want = ours.generate(ids, attention_mask=mask, max_new_tokens=6)
@@ -257,8 +261,9 @@ class _Recorder:
         self.ended += 1
 
 
-def test_streamer_receives_exactly_the_tokens():
-    ours, peer = _pair("llama")
+@pytest.mark.parametrize("case", list(CASES))
+def test_streamer_receives_exactly_the_tokens(case):
+    ours, peer = _pair(case)
     ids, mask = _prompts()
     eos = [5, 17, 33]
     ours_rec, peer_rec = _Recorder(), _Recorder()
@@ -304,9 +309,10 @@ def test_text_streamers_print_the_text(capsys):
     assert skip.text == tok.decode(out[0, 5:])
 
 
-def test_stop_strings():
+@pytest.mark.parametrize("case", list(CASES))
+def test_stop_strings(case):
     """A sequence stops once its decoded text ends with a stop string, the others go on."""
-    ours, _ = _pair("llama")
+    ours, _ = _pair(case)
     tok = CharTokenizer()
     ids, mask = _prompts()
     free = ours.generate(ids, attention_mask=mask, max_new_tokens=12)
@@ -350,10 +356,11 @@ def test_argument_errors():
 @pytest.mark.cuda
 @pytest.mark.parametrize("block_size", [None, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decode_equals_eager(dtype, block_size):
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_graph_decode_equals_eager(case, dtype, block_size):
     """The decode step captured once in a CUDA graph and replayed gives the eager loop's
     tokens exactly (same kernels, same inputs); float32 also equals transformers on the CPU."""
-    ours, peer = _pair("llama")
+    ours, peer = _pair(case)
     ours = ours.to("cuda", dtype)
     ids, mask = _prompts()
     kw = dict(attention_mask=mask.cuda(), max_new_tokens=12, cache_block_size=block_size)
