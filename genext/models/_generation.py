@@ -273,7 +273,8 @@ class GenerationMixin:
         if streamer is not None and input_ids is not None:
             streamer.put(input_ids.cpu())
 
-        step = self._decode_step(caches, b, device) if cuda_graph else None
+        # (one new token needs no decode step, so nothing to capture)
+        step = self._decode_step(caches, b, device) if cuda_graph and max_new_tokens > 1 else None
         eos_t = torch.tensor(eos, dtype=torch.long, device=device)
         unfinished = torch.ones(b, dtype=torch.long, device=device)
         next_pos = lengths.clone()
