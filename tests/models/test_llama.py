@@ -327,8 +327,18 @@ def test_mistral_sliding_window_refused_past_the_window():
     ours(torch.randint(1, 99, (2, 10)), attention_mask=mask)
     with pytest.raises(ValueError, match="sliding_window"):
         ours.generate(ids, max_new_tokens=1)
-    # Qwen2 without use_sliding_window ignores its sliding_window, as transformers does
+    # Qwen2 without use_sliding_window ignores its sliding_window, as transformers does; with
+    # it, the layers from max_window_layers on slide
     assert Qwen2ForCausalLM(**BASE, sliding_window=4).sliding_window is None
+    qwen = transformers.Qwen2Config(
+        **{**BASE, "num_hidden_layers": 3},
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
+    )
+    assert qwen.layer_types[2] == "sliding_attention"
+    assert LlamaForCausalLM.from_config(qwen).sliding_window == 4
+    assert MistralForCausalLM(**BASE).sliding_window is None  # sliding_window None: full
 
 
 def _packed(seqs):
