@@ -13,6 +13,7 @@ Imports point down only: a model may use :mod:`genext.nn`, :mod:`genext.losses`,
 :mod:`genext.reference` and :mod:`genext.bench` are never imported by library code.
 """
 
+from ._generation import GenerationMixin, TextStreamer
 from .clip import (
     CLIPModel,
     CLIPTextModel,
@@ -30,6 +31,12 @@ from .gan import (
 )
 from .gpt2 import GPT2LMHeadModel, GPT2Model
 from .ldm import LatentDiffusionPipeline, LatentDiffusionPipelineOutput
+from .llama import (
+    CausalLMOutput,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+)
 from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 from .unet import UNet2DConditionModel, UNet2DModel
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
@@ -42,6 +49,7 @@ __all__ = [
     "CLIPTextModelWithProjection",
     "CLIPVisionModel",
     "CLIPVisionModelWithProjection",
+    "CausalLMOutput",
     "ConditionalGenerator",
     "DCGANDiscriminator",
     "DCGANGenerator",
@@ -50,11 +58,16 @@ __all__ = [
     "DiagonalGaussianDistribution",
     "GPT2LMHeadModel",
     "GPT2Model",
+    "GenerationMixin",
     "LatentDiffusionPipeline",
     "LatentDiffusionPipelineOutput",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
     "ProjectionDiscriminator",
+    "Qwen2ForCausalLM",
     "StyleGAN2Discriminator",
     "StyleGAN2Generator",
+    "TextStreamer",
     "UNet2DConditionModel",
     "UNet2DModel",
     "VQModel",

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from ..nn import KVCache
 from ..ops import flash_attention, flash_attention_varlen
 from ._config import ModelOutput, PeerConfigMixin
+from ._generation import GenerationMixin
 
 __all__ = [
     "BaseModelOutput",
@@ -556,7 +557,7 @@ def locals_without_self(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in ("self", "__class__")}
 
 
-class GPT2LMHeadModel(_GPT2ConfigMixin, nn.Module):
+class GPT2LMHeadModel(_GPT2ConfigMixin, GenerationMixin, nn.Module):
     """transformers' ``GPT2LMHeadModel``: :class:`GPT2Model` as ``transformer`` and ``lm_head``,
     tied to ``transformer.wte`` (unless ``tie_word_embeddings=False``). The ``state_dict`` holds
     both keys, as transformers'; a checkpoint without ``lm_head.weight`` (transformers saves tied

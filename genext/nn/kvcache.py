@@ -246,6 +246,46 @@ class KVCache:
         self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         self._lengths = lengths
 
+    def prefill_packed(self, k: Tensor, v: Tensor, cu_seqlens: Tensor | Sequence[int]) -> None:
+        """Replace the cache's content from keys/values packed without padding (the layout of
+        :func:`genext.ops.flash_attention_varlen`): sequence b gets rows
+        ``cu_seqlens[b]:cu_seqlens[b + 1]`` of ``k``/``v`` ``(T, Hk, D)``. ``cu_seqlens``: B + 1
+        non-decreasing ints from 0 (a tensor is read on the host once). Stores a detached copy
+        (the cache holds no autograd history)."""
+        cu = [
+            int(c) for c in (cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else cu_seqlens)
+        ]
+        want = (self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 3 or tuple(t.shape[1:]) != want or t.shape[0] != k.shape[0]:
+                raise ValueError(
+                    f"KVCache.prefill_packed: {name} must have shape (T, Hk, D) = "
+                    f"({k.shape[0]}, {want[0]}, {want[1]}), got {tuple(t.shape)}"
+                )
+        if (
+            len(cu) != self.batch_size + 1
+            or cu[0] != 0
+            or any(b < a for a, b in zip(cu, cu[1:]))
+            or cu[-1] > k.shape[0]
+        ):
+            raise ValueError(
+                f"KVCache.prefill_packed: cu_seqlens must be B + 1 = {self.batch_size + 1} "
+                f"non-decreasing values from 0 to at most T = {k.shape[0]}, got {cu}"
+            )
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        self._ensure(lengths)
+        seq = torch.repeat_interleave(torch.arange(self.batch_size), torch.tensor(lengths))
+        row = torch.arange(cu[-1]) - torch.tensor(cu[:-1])[seq]
+        if self.is_paged:
+            seq = self._table_host[seq, row // self.block_size].long()
+            row = row % self.block_size
+        index = (seq.to(self.device), row.to(self.device))
+        with torch.no_grad():
+            self.k[index] = k[: cu[-1]].to(self.dtype)
+            self.v[index] = v[: cu[-1]].to(self.dtype)
+        self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        self._lengths = lengths
+
     def attend(
         self,
         q: Tensor,
