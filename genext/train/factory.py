@@ -37,7 +37,7 @@ def unet(class_name: str, **config: Any) -> nn.Module:
 
 def causal_lm(**config: Any) -> nn.Module:
     """A ``LlamaForCausalLM`` from ``LlamaConfig`` fields."""
-    return models.LlamaForCausalLM(config)
+    return models.LlamaForCausalLM.from_config(config)
 
 
 def vq_model(**config: Any) -> VQModel:
