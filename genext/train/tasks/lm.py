@@ -24,7 +24,7 @@ from ..factory import causal_lm
 from ..text import HELD_OUT_PLAY, kneser_ney_bpc, shakespeare_split, shakespeare_vocab
 from .base import WARMUP_STEPS, Task, TaskDefaults, register
 
-__all__ = ["LMObjective", "LMTask", "heldout_bpc"]
+__all__ = ["LMObjective", "LMTask", "heldout_bpc", "init_weights"]
 
 LN2 = math.log(2.0)
 MIN_LR_FACTOR = 0.1
@@ -46,6 +46,24 @@ class LMObjective(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         loss = self.model(input_ids=x, labels=x).loss
         return loss, {"bits_per_char": loss.detach() / LN2}
+
+
+INIT_STD = 0.02
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, num_layers: int, std: float = INIT_STD) -> None:
+    """GPT-2's initialisation for training from scratch: N(0, std) for every linear and
+    embedding weight, zero biases, and the projections that write into the residual stream
+    (attention ``o_proj``, MLP ``down_proj``) scaled by 1 / sqrt(2 * layers) so the stream's
+    variance does not grow with depth. (PyTorch's defaults give the tied embedding N(0, 1), whose
+    logits start out hugely confident.)"""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            residual = name.endswith(("o_proj", "down_proj"))
+            module.weight.normal_(0.0, std / math.sqrt(2 * num_layers) if residual else std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
 
 
 @torch.no_grad()
@@ -104,7 +122,9 @@ class LMTask(Task):
         }
 
     def build(self, config: dict[str, Any]) -> nn.Module:
-        return causal_lm(**config)
+        model = causal_lm(**config)
+        init_weights(model, config["num_hidden_layers"])
+        return model
 
     def objective(self, model: nn.Module) -> nn.Module:
         return LMObjective(model)
