@@ -37,6 +37,7 @@ from .llama import (
     MistralForCausalLM,
     Qwen2ForCausalLM,
 )
+from .llava import LlavaForConditionalGeneration
 from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 from .unet import UNet2DConditionModel, UNet2DModel
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
@@ -62,6 +63,7 @@ __all__ = [
     "LatentDiffusionPipeline",
     "LatentDiffusionPipelineOutput",
     "LlamaForCausalLM",
+    "LlavaForConditionalGeneration",
     "MistralForCausalLM",
     "ProjectionDiscriminator",
     "Qwen2ForCausalLM",
