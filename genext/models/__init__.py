@@ -22,6 +22,7 @@ from .clip import (
     CLIPVisionModelWithProjection,
 )
 from .dit import DiT, DiTTransformer2DModel, VideoDiT
+from .flamingo import FlamingoForCausalLM
 from .gan import (
     ConditionalGenerator,
     DCGANDiscriminator,
@@ -57,6 +58,7 @@ __all__ = [
     "DiT",
     "DiTTransformer2DModel",
     "DiagonalGaussianDistribution",
+    "FlamingoForCausalLM",
     "GPT2LMHeadModel",
     "GPT2Model",
     "GenerationMixin",
