@@ -267,3 +267,18 @@ def test_genext_attention_ran_in_tower_lm_and_decode():
     ran = op_names(lambda: ours.generate(gen_ids, gen_pixels, attention_mask=gen_mask))
     assert {"genext::flash_attention_forward", "genext::attention_with_kvcache"} <= ran
     assert not any("scaled_dot_product" in n for n in ran), sorted(ran)
+
+
+def test_loads_a_transformers_folder(tmp_path):
+    """transformers' save_pretrained folder (config.json + model.safetensors) through
+    from_pretrained, and genext's own save_pretrained back."""
+    _, peer, n_image = _pair("layers_full")
+    peer.save_pretrained(tmp_path / "peer")
+    ours = LlavaForConditionalGeneration.from_pretrained(tmp_path / "peer")
+    ids, mask, _, pixels = _batch(n_image, "left", torch.float32)
+    want = peer(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+    got = ours(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+    assert rel(got[mask.bool()], want[mask.bool()]) < 1e-5
+    ours.save_pretrained(tmp_path / "ours")
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours")
+    assert torch.equal(again(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits, got)
