@@ -22,6 +22,7 @@ from .clip import (
     CLIPVisionModelWithProjection,
 )
 from .dit import DiT, DiTTransformer2DModel, VideoDiT
+from .flamingo import FlamingoForCausalLM
 from .gan import (
     ConditionalGenerator,
     DCGANDiscriminator,
@@ -37,6 +38,7 @@ from .llama import (
     MistralForCausalLM,
     Qwen2ForCausalLM,
 )
+from .llava import LlavaForConditionalGeneration
 from .stylegan import StyleGAN2Discriminator, StyleGAN2Generator
 from .unet import UNet2DConditionModel, UNet2DModel
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
@@ -56,12 +58,14 @@ __all__ = [
     "DiT",
     "DiTTransformer2DModel",
     "DiagonalGaussianDistribution",
+    "FlamingoForCausalLM",
     "GPT2LMHeadModel",
     "GPT2Model",
     "GenerationMixin",
     "LatentDiffusionPipeline",
     "LatentDiffusionPipelineOutput",
     "LlamaForCausalLM",
+    "LlavaForConditionalGeneration",
     "MistralForCausalLM",
     "ProjectionDiscriminator",
     "Qwen2ForCausalLM",
