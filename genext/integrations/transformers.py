@@ -6,32 +6,42 @@ After :func:`register`, ``model.set_attn_implementation("genext")``,
 models whose attention goes through transformers' ``AttentionInterface`` (Llama, Mistral, Qwen2,
 GPT-2, CLIP, LLaVA, ...).
 
+The masks are sdpa's: :func:`attention_mask` returns what transformers' ``sdpa_mask`` returns
+(None, or a 4-D ``(B, 1, Lq, Lk)`` boolean mask), so models that post-process the mask (add a
+bias, slice rows, concatenate masks) and callers that pass ``allow_is_causal_skip=False`` get
+what they get under ``"sdpa"``. As in sdpa, a given 4-D mask alone decides the pattern, whatever
+``module.is_causal`` says; without a mask the causal flag decides (``is_causal`` when given,
+else ``module.is_causal``).
+
 What runs on genext's kernel (:func:`genext.ops.flash_attention` or
 :func:`genext.ops.flash_attention_varlen`):
 
 - no mask, causal or not (causal is aligned to the bottom-right corner when ``Lq < Lk``, as in
   decoding with a KV cache and as transformers' flash-attention path assumes);
-- padding (left or right, or holes, with a dynamic or sliding-window cache or none):
-  :func:`attention_mask` hands the model the 2-D ``(B, Lk)`` boolean key mask instead of a 4-D
-  one; the attention drops the padded keys (and, for causal attention, the padded queries, whose
-  output is then 0: a query whose own key is masked counts as padding) and runs the sequences
-  packed;
-- a sliding window or chunk that hides nothing at these lengths (e.g. decoding once the cache
-  holds just the window), with or without padding;
+- a 4-D boolean mask whose values are a key mask broadcast over the queries (bidirectional:
+  encoders, vision towers, cross-attention, a one-row mask sdpa broadcasts, a decode step) or a
+  key mask under the bottom-right causal triangle (padding left or right or holes, with a
+  dynamic, sliding-window or no cache, chunked prefill, a sliding window or chunk that hides
+  nothing at these lengths). The mask's values are read once per mask tensor (the layers share
+  it; an in-place change reads them again). The padded keys are dropped and the sequences run
+  packed; under a causal mask the padded queries are dropped too and their output rows are 0
+  (a query whose own key is masked counts as padding);
 - sequences packed along a row by ``position_ids`` that restart (transformers' block-causal
   mask, checked element by element, run as varlen sequences);
+- a ``(B, Lk)`` key mask passed directly (flash attention's convention: the causal flag decides);
 - grouped-query attention without repeating K/V (Hk divides Hq), any ``scaling``, training with
-  ``dropout == 0``. The causal flag is ``is_causal`` when given, else ``module.is_causal``, as in
-  transformers' flash-attention path.
+  ``dropout == 0``.
 
-What goes to transformers' own ``sdpa`` function, with a mask that means what genext's would
-(:func:`attention_backend` names the route, :data:`calls` counts them):
+A padded prefill thus builds sdpa's ``(B, 1, L, L)`` mask, as sdpa does, once per forward.
+
+What goes to transformers' own ``sdpa`` function, with the mask given or, for no mask or a 2-D
+one, a mask that means what genext's would (:func:`attention_backend` names the route,
+:data:`calls` counts them):
 
 - ``dropout > 0`` (training with attention dropout);
-- any other 4-D mask: a sliding window or chunk that hides keys, image-token overlays, a static
-  cache (its empty slots, and its prefill's top-left causal mask), a 4-D mask the caller passes,
-  float (bias) masks, masks built while tracing, a model switched to bidirectional attention by
-  ``config.is_causal = False``;
+- any other 4-D mask: a sliding window or chunk that hides keys, image-token overlays, the
+  prefill of a static cache (its top-left causal mask over the first keys), per-head masks,
+  float (bias) masks, masks under tracing or torch.compile;
 - ``sliding_window`` shorter than the keys, ``softcap`` (which transformers' sdpa rejects),
   ``position_bias``, ``output_attentions=True`` (sdpa returns no weights, as it would itself);
 - shapes, dtypes or devices genext's kernel does not serve
