@@ -659,6 +659,28 @@ def test_padded_query_rows_are_zero(padding):
     assert rel(out[real], ref[real]) < TOL[torch.float32]
 
 
+def test_mask_changed_in_place_is_read_again():
+    """The reading of a mask is kept on the mask for the next layers; changing the mask in place
+    makes the next call read it again."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import create_causal_mask
+
+    config = transformers.LlamaConfig(**LLAMA)
+    config._attn_implementation = "genext"
+    mask = create_causal_mask(config, torch.randn(B, L, 32), _keep("left"), None)
+    module = torch.nn.Module()
+    module.is_causal = True
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(B, 4, L, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    gt.calls.clear()
+    gt.attention_forward(module, q, k, v, mask)
+    mask[0, 0, L - 1, 2] = False  # no longer a key mask under the causal triangle
+    out, _ = gt.attention_forward(module, q, k, v, mask)
+    assert dict(gt.calls) == {"genext varlen": 1, "sdpa: 4-D mask": 1}
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask)
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_doge_dynamic_bias_stays_causal(dtype):
     """Doge asks for the causal mask with allow_is_causal_skip=False and adds its dynamic bias to
