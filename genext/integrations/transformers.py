@@ -6,32 +6,42 @@ After :func:`register`, ``model.set_attn_implementation("genext")``,
 models whose attention goes through transformers' ``AttentionInterface`` (Llama, Mistral, Qwen2,
 GPT-2, CLIP, LLaVA, ...).
 
+The masks are sdpa's: :func:`attention_mask` returns what transformers' ``sdpa_mask`` returns
+(None, or a 4-D ``(B, 1, Lq, Lk)`` boolean mask), so models that post-process the mask (add a
+bias, slice rows, concatenate masks) and callers that pass ``allow_is_causal_skip=False`` get
+what they get under ``"sdpa"``. As in sdpa, a given 4-D mask alone decides the pattern, whatever
+``module.is_causal`` says; without a mask the causal flag decides (``is_causal`` when given,
+else ``module.is_causal``).
+
 What runs on genext's kernel (:func:`genext.ops.flash_attention` or
 :func:`genext.ops.flash_attention_varlen`):
 
 - no mask, causal or not (causal is aligned to the bottom-right corner when ``Lq < Lk``, as in
   decoding with a KV cache and as transformers' flash-attention path assumes);
-- padding (left or right, or holes, with a dynamic or sliding-window cache or none):
-  :func:`attention_mask` hands the model the 2-D ``(B, Lk)`` boolean key mask instead of a 4-D
-  one; the attention drops the padded keys (and, for causal attention, the padded queries, whose
-  output is then 0: a query whose own key is masked counts as padding) and runs the sequences
-  packed;
-- a sliding window or chunk that hides nothing at these lengths (e.g. decoding once the cache
-  holds just the window), with or without padding;
+- a 4-D boolean mask whose values are a key mask broadcast over the queries (bidirectional:
+  encoders, vision towers, cross-attention, a one-row mask sdpa broadcasts, a decode step) or a
+  key mask under the bottom-right causal triangle (padding left or right or holes, with a
+  dynamic, sliding-window or no cache, chunked prefill, a sliding window or chunk that hides
+  nothing at these lengths). The mask's values are read once per mask tensor (the layers share
+  it; an in-place change reads them again). The padded keys are dropped and the sequences run
+  packed; under a causal mask the padded queries are dropped too and their output rows are 0
+  (a query whose own key is masked counts as padding);
 - sequences packed along a row by ``position_ids`` that restart (transformers' block-causal
   mask, checked element by element, run as varlen sequences);
+- a ``(B, Lk)`` key mask passed directly (flash attention's convention: the causal flag decides);
 - grouped-query attention without repeating K/V (Hk divides Hq), any ``scaling``, training with
-  ``dropout == 0``. The causal flag is ``is_causal`` when given, else ``module.is_causal``, as in
-  transformers' flash-attention path.
+  ``dropout == 0``.
 
-What goes to transformers' own ``sdpa`` function, with a mask that means what genext's would
-(:func:`attention_backend` names the route, :data:`calls` counts them):
+A padded prefill thus builds sdpa's ``(B, 1, L, L)`` mask, as sdpa does, once per forward.
+
+What goes to transformers' own ``sdpa`` function, with the mask given or, for no mask or a 2-D
+one, a mask that means what genext's would (:func:`attention_backend` names the route,
+:data:`calls` counts them):
 
 - ``dropout > 0`` (training with attention dropout);
-- any other 4-D mask: a sliding window or chunk that hides keys, image-token overlays, a static
-  cache (its empty slots, and its prefill's top-left causal mask), a 4-D mask the caller passes,
-  float (bias) masks, masks built while tracing, a model switched to bidirectional attention by
-  ``config.is_causal = False``;
+- any other 4-D mask: a sliding window or chunk that hides keys, image-token overlays, the
+  prefill of a static cache (its top-left causal mask over the first keys), per-head masks,
+  float (bias) masks, masks under tracing or torch.compile;
 - ``sliding_window`` shorter than the keys, ``softcap`` (which transformers' sdpa rejects),
   ``position_bias``, ``output_attentions=True`` (sdpa returns no weights, as it would itself);
 - shapes, dtypes or devices genext's kernel does not serve
@@ -87,85 +97,82 @@ def attention_mask(
     local_size: int | None = None,
     **kwargs,
 ) -> Tensor | None:
-    """transformers' mask function for ``"genext"``: None when nothing is masked, else the
-    ``(B, kv_length)`` boolean key mask (True = attend) for a causal mask whose queries are the
-    last ``q_length`` of the ``kv_length`` keys (a dynamic or sliding-window cache) or a
-    bidirectional mask: built from the 2-D mask for transformers' plain causal and bidirectional
-    patterns, and read off transformers' 4-D SDPA mask for the others (a sliding window or chunk
-    that hides nothing at these lengths). Every other mask (a window that hides keys, packed
-    sequences, overlays, a static cache, a mask under tracing) is transformers' own 4-D SDPA
-    mask, which :func:`attention_forward` runs as packed sequences or sends to sdpa."""
+    """transformers' mask function for ``"genext"``: what transformers' ``sdpa_mask`` returns for
+    the same arguments (None, or the 4-D ``(B, 1, q_length, kv_length)`` boolean mask, True =
+    attend), so a model that post-processes the mask (slices it, adds a bias to it, concatenates
+    it) gets what it gets under ``"sdpa"``, and ``allow_is_causal_skip`` /
+    ``allow_is_bidirectional_skip`` mean what they mean there.
+
+    One exception, where sdpa's None would mean something else to genext: sdpa returns None for
+    the prefill of a static cache (more keys than queries), meaning its top-left causal mask over
+    the first ``q_length`` keys; genext reads None as bottom-right causal, so the mask is spelled
+    out there. :func:`attention_forward` reads the pattern off the mask's values."""
     from transformers import masking_utils as mu
-    from transformers.utils.import_utils import is_tracing
 
-    causal = mask_function is mu.causal_mask_function
-    # a bidirectional mask on a config that says is_causal=False is transformers' switch of a
-    # causal model to bidirectional attention: its modules still say causal, so sdpa's masks
-    # decide there
-    bidirectional = mask_function is mu.bidirectional_mask_function and getattr(
-        kwargs.get("config"), "is_causal", True
+    args = dict(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function or mu.causal_mask_function,
+        attention_mask=attention_mask,
+        local_size=local_size,
     )
-    # the queries are the last q_length keys (not so in a static cache, whose q_offset is a tensor)
-    aligned = isinstance(q_offset, int) and q_offset + q_length == kv_offset + kv_length
-    plain = (bidirectional or (causal and aligned)) and local_size is None
-    if attention_mask is not None:
-        plain = plain and attention_mask.dim() == 2 and not is_tracing(attention_mask)
-    if not plain:
-        args = dict(
-            batch_size=batch_size,
-            q_length=q_length,
-            kv_length=kv_length,
-            q_offset=q_offset,
-            kv_offset=kv_offset,
-            mask_function=mask_function,
-            attention_mask=attention_mask,
-            local_size=local_size,
-        )
+    mask = mu.sdpa_mask(**args, **kwargs)
+    if mask is None and q_length not in (1, kv_length):
+        kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
         mask = mu.sdpa_mask(**args, **kwargs)
-        if mask is None and q_length not in (1, kv_length):
-            # sdpa's None here means its top-left causal mask over the first q_length keys (the
-            # prefill of a static cache); genext reads None as bottom-right, so spell it out
-            kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
-            mask = mu.sdpa_mask(**args, **kwargs)
-        if aligned:
-            mask = _as_key_mask(mask)
-        return mask
-    if attention_mask is None:
-        return None
-    keep = attention_mask.to(torch.bool)
-    short = kv_offset + kv_length - keep.shape[1]
-    if short > 0:  # keys past the end of the mask are hidden, as transformers pads the mask
-        keep = F.pad(keep, (0, short), value=False)
-    keep = keep[:, kv_offset : kv_offset + kv_length]
-    if keep.shape[0] != batch_size:
-        keep = keep.expand(batch_size, -1)
-    return None if bool(keep.all()) else keep
-
-
-def _as_key_mask(mask: Tensor | None) -> Tensor | None:
-    """A 4-D boolean mask that is exactly bottom-right causal and a key mask, as made by a sliding
-    window or chunk that hides nothing at these lengths, as the key mask (None if it hides no
-    key); any other mask as it is. The mask's own values decide, so whatever built it, genext
-    then computes what sdpa would at every real position."""
-    from transformers.utils.import_utils import is_tracing
-
-    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or mask.shape[1] != 1:
-        return mask
-    if is_tracing(mask):
-        return mask
-    lq, lk = mask.shape[2], mask.shape[3]
-    if lq > lk or lq == 0:
-        return mask
-    keep = mask[:, 0, -1, :]  # the last query sees every key the causal triangle leaves
-    tri = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril(lk - lq)
-    if not torch.equal(mask[:, 0], tri & keep.unsqueeze(1)):
-        return mask
-    return None if bool(keep.all()) else keep
+    return mask
 
 
 def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
     # an explicit is_causal (CLIP's text model passes one) wins over the module's flag
     return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+
+
+#: The attribute under which _key_pattern keeps its reading of a 4-D mask, with the mask's
+#: version counter: the layers of a model share one mask, so its values are read once, and an
+#: in-place change to the mask makes them read again.
+_MEMO = "_genext_key_pattern"
+
+
+def _key_pattern(mask: Tensor, b: int, lq: int, lk: int) -> tuple[Tensor | None, bool] | None:
+    """For a 4-D boolean mask ``(B or 1, 1, Lq or 1, Lk)`` that is a key mask broadcast over the
+    queries (sdpa then attends bidirectionally to the kept keys) or a key mask under the causal
+    triangle aligned bottom-right (the queries are the last Lq keys): ``(keep, causal)`` with
+    ``keep`` the ``(B, Lk)`` key mask, None when it keeps every key. None for any other mask
+    (the mask's own values decide, element by element), for non-boolean masks and under tracing."""
+    from transformers.utils.import_utils import is_tracing
+
+    if mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[3] != lk:
+        return None
+    if mask.shape[0] not in (1, b) or mask.shape[2] not in (1, lq) or lq == 0 or lk == 0:
+        return None
+    if torch.compiler.is_compiling() or is_tracing(mask):
+        return None
+    # inference tensors keep no version counter: their values are read at every call
+    version = None if mask.is_inference() else mask._version
+    memo = getattr(mask, _MEMO, None)
+    if version is not None and memo is not None and memo[:2] == (version, (b, lq)):
+        return memo[2]
+    rows = mask[:, 0]
+    last = rows[:, -1]  # under the bottom-right causal triangle the last query sees every key
+    if (
+        mask.shape[2] == 1
+        or mask.stride(2) == 0
+        or torch.equal(rows, last.unsqueeze(1).expand_as(rows))
+    ):
+        found = last, False
+    else:
+        tri = torch.ones(lq, lk, dtype=torch.bool, device=mask.device).tril(lk - lq)
+        found = (last, True) if torch.equal(rows, tri & last.unsqueeze(1)) else None
+    if found is not None:
+        keep = found[0].expand(b, lk)
+        found = (None if bool(keep.all()) else keep), found[1]
+    if version is not None:
+        setattr(mask, _MEMO, (version, (b, lq), found))
+    return found
 
 
 def _packed(mask: Tensor, lq: int, lk: int, kwargs: dict) -> tuple[Tensor, int] | None:
@@ -194,51 +201,66 @@ def _packed(mask: Tensor, lq: int, lk: int, kwargs: dict) -> tuple[Tensor, int] 
 
 
 def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
-    """(route, cu_seqlens and longest run for packed sequences or None); see attention_backend."""
+    """(route, key mask or None, causal, cu_seqlens and longest run of packed sequences or None);
+    see attention_backend."""
     for name in ("s_aux", "sinks"):
         if kwargs.get(name) is not None:
             raise ValueError(
                 f"genext attention: {name} (attention sinks) is not supported, and transformers' "
                 "sdpa would ignore it; use attn_implementation='eager' or a flash-attention one"
             )
-    lq, lk = query.shape[2], key.shape[2]
-    if attention_mask is not None and isinstance(attention_mask, Tensor):
-        if attention_mask.dim() == 2 and attention_mask.is_floating_point():
+    b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+    mask = attention_mask
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        if mask.is_floating_point():
             raise ValueError(
                 "genext attention: a 2-D attention_mask must be a boolean or integer key mask "
-                f"(nonzero = attend), got {attention_mask.dtype}"
+                f"(nonzero = attend), got {mask.dtype}"
             )
-        if attention_mask.dim() == 2 and tuple(attention_mask.shape) != (query.shape[0], lk):
+        if tuple(mask.shape) != (b, lk):
             raise ValueError(
                 f"genext attention: a 2-D attention_mask must be (batch, keys) = "
-                f"{(query.shape[0], lk)}, got {tuple(attention_mask.shape)}"
+                f"{(b, lk)}, got {tuple(mask.shape)}"
             )
+    # no mask or a 2-D key mask (flash-attention's convention): the causal flag decides; a 4-D
+    # mask (sdpa's convention): the mask alone decides, as in sdpa, whatever the module says
+    causal = _is_causal(module, is_causal)
+    keep = mask
+    if isinstance(keep, Tensor) and keep.dim() == 2 and keep.dtype != torch.bool:
+        keep = keep != 0
+
+    def sdpa(reason):
+        return f"sdpa: {reason}", keep, causal, None
+
     if dropout and dropout > 0:
-        return "sdpa: dropout > 0", None
+        return sdpa("dropout > 0")
     if kwargs.get("output_attentions"):
-        return "sdpa: output_attentions", None
+        return sdpa("output_attentions")
     if kwargs.get("softcap") is not None:
-        return "sdpa: softcap", None
+        return sdpa("softcap")
     if kwargs.get("position_bias") is not None:
-        return "sdpa: position_bias", None
+        return sdpa("position_bias")
     window = kwargs.get("sliding_window")
     if window is not None and lk > window:
-        return "sdpa: sliding window", None
+        return sdpa("sliding window")
     if sdpa_backend(query, key, value, enable_gqa=True) != "genext":
-        return "sdpa: shapes, dtype or device not served", None
-    causal = _is_causal(module, is_causal)
+        return sdpa("shapes, dtype or device not served")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dim() not in (2, 4)):
+        return sdpa("mask is not a tensor of 2 or 4 dims")
+    packed = None
+    if isinstance(mask, Tensor) and mask.dim() == 4:
+        pattern = _key_pattern(mask, b, lq, lk)
+        if pattern is not None:
+            keep, causal = pattern
+        elif (packed := _packed(mask, lq, lk, kwargs)) is not None:
+            keep, causal = None, True
+        else:
+            return sdpa("4-D mask")
     if causal and lq > lk:
-        return "sdpa: causal with more queries than keys", None
-    if attention_mask is None:
-        return "genext", None
-    if not isinstance(attention_mask, Tensor) or attention_mask.dim() not in (2, 4):
-        return "sdpa: mask is not a tensor of 2 or 4 dims", None
-    if attention_mask.dim() == 2:
-        return "genext varlen", None
-    packed = _packed(attention_mask, lq, lk, kwargs) if causal else None
-    if packed is None:
-        return "sdpa: 4-D mask", None
-    return "genext packed", packed
+        return sdpa("causal with more queries than keys")
+    if packed is not None:
+        return "genext packed", None, True, packed
+    return ("genext" if keep is None else "genext varlen"), keep, causal, None
 
 
 def attention_backend(
@@ -303,35 +325,37 @@ def attention_forward(
 
     Args:
         module: the model's attention module (its ``is_causal`` is used unless ``is_causal`` is
-            given).
+            given, and only when the mask is None or 2-D).
         query: ``(B, Hq, Lq, D)``; key, value: ``(B, Hk, Lk, D)`` with Hk dividing Hq.
-        attention_mask: None, the ``(B, Lk)`` boolean (or integer, nonzero = attend) key mask of
-            :func:`attention_mask`, or a 4-D mask (run as packed sequences when it is
-            transformers' block-causal mask for ``position_ids``, else sent to sdpa).
+        attention_mask: None (causal or not by the flag, bottom-right aligned), a 4-D mask as
+            sdpa takes it (``(B or 1, 1, Lq or 1, Lk)`` boolean, True = attend, or float),
+            whose values alone decide the pattern, as in sdpa; or, as flash attention takes
+            it, a ``(B, Lk)`` boolean or integer (nonzero = attend) key mask with the causal
+            flag deciding.
         dropout, scaling, is_causal, kwargs: as transformers passes them.
 
     Returns:
-        ``(out (B, Lq, Hq, D), None)``. With a padding mask and causal attention, padded query
-        rows are 0 (sdpa leaves values there that no real position uses).
+        ``(out (B, Lq, Hq, D), None)``. With a padding mask and causal attention, a query whose
+        own key is masked is padding and its output row is 0 (sdpa leaves values there that no
+        real position uses).
     """
-    route, packed = _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    route, keep, causal, packed = _plan(
+        module, query, key, value, attention_mask, dropout, is_causal, kwargs
+    )
     _count(route)
-    causal = _is_causal(module, is_causal)
     lq, lk = query.shape[2], key.shape[2]
-    keep = attention_mask
-    if isinstance(keep, Tensor) and keep.dim() == 2 and keep.dtype != torch.bool:
-        keep = keep != 0
     if not route.startswith("genext"):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        if keep is None or (isinstance(keep, Tensor) and keep.dim() == 2):
-            keep = _dense_mask(keep, lq, lk, causal, query.device)
+        mask = attention_mask
+        if mask is None or (isinstance(mask, Tensor) and mask.dim() == 2):
+            mask = _dense_mask(keep, lq, lk, causal, query.device)
         return sdpa_attention_forward(
             module,
             query,
             key,
             value,
-            keep,
+            mask,
             dropout=dropout,
             scaling=scaling,
             is_causal=is_causal,

@@ -2,7 +2,10 @@
 with perturbed random weights: each model computes what it computes with "sdpa" (logits at real
 positions, fp32 and fp64, no padding, left and right padding; gradients for Llama and GPT-2),
 greedy generation of a left-padded batch gives the same tokens, the profiler shows genext's kernel
-and no PyTorch SDPA, and what genext does not serve goes to transformers' sdpa function."""
+and no PyTorch SDPA, and what genext does not serve goes to transformers' sdpa function. The mask
+function returns sdpa's masks, and a given 4-D mask alone decides the pattern (models that
+post-process masks: Doge, Gemma 4; a vision tower that says is_causal=True under a bidirectional
+mask: Phi4 multimodal); chunked prefill, bf16 on the CPU, torch.compile."""
 
 from __future__ import annotations
 
@@ -444,18 +447,23 @@ def test_sliding_window_generate():
     assert torch.equal(out, ref)
 
 
-def test_fallback_static_cache():
-    """A static cache holds empty slots past the tokens seen: its masks go to sdpa (the prefill's
-    too, whose causal mask sdpa aligns top-left over the first keys)."""
+def test_static_cache():
+    """A static cache holds empty slots past the tokens seen: the prefill's mask (causal over the
+    first keys, top-left) goes to sdpa; a decode step's mask is a key mask over the filled slots
+    (one query), which genext runs."""
     model = _llama(torch.float32)
     ids = _ids(_keep("none"))
-    _fallback(
-        model,
-        lambda m: m.generate(
-            ids, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static"
-        ),
-        "4-D mask",
-    )
+
+    def gen(m):
+        return m.generate(
+            ids, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static"
+        )
+
+    ref = _run(model, "sdpa", gen)
+    out = _run(model, "genext", gen)
+    assert gt.calls["sdpa: 4-D mask"] == 2, dict(gt.calls)
+    assert gt.calls["genext varlen"] + gt.calls["genext"] == 2 * 3, dict(gt.calls)
+    assert torch.equal(out, ref)
 
 
 def test_sinks_and_bad_masks_raise():
@@ -540,7 +548,11 @@ def test_routes():
     assert route(module, q, k, k, None, position_bias=torch.zeros(1)) == "sdpa: position_bias"
     assert route(module, q, k, k, None, sliding_window=4) == "sdpa: sliding window"
     assert route(module, q, k, k, None, sliding_window=L) == "genext"
-    assert route(module, q, k, k, keep[:, None, None, :]) == "sdpa: 4-D mask"
+    # a 4-D mask decides the pattern whatever the module says: a key mask broadcast over the
+    # queries is bidirectional, as sdpa reads it
+    assert route(module, q, k, k, keep[:, None, None, :]) == "genext varlen"
+    assert route(module, q, k, k, keep[:, None, None, :].float()) == "sdpa: 4-D mask"
+    assert route(module, q, k, k, keep[:, None, None, :].expand(B, 4, L, L)) == "sdpa: 4-D mask"
     # a value head dim that differs from the query's (as in MLA), K/V heads not dividing Q heads
     served = "sdpa: shapes, dtype or device not served"
     assert route(module, q, k, torch.randn(B, 2, L, 4), None) == served
@@ -550,6 +562,250 @@ def test_routes():
     )
     module.is_causal = False
     assert route(module, q, k[:, :, :4], k[:, :, :4], None) == "genext"
+
+
+def _mask_cases(keep):
+    """Masks built by transformers' own helpers the ways models ask for them."""
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+    x = torch.randn(B, L, 32)
+    # the key mask sizes the keys of a one-query-row mask
+    keys = keep if keep is not None else torch.ones(B, L, dtype=torch.long)
+    return {
+        "causal": lambda c: create_causal_mask(c, x, keep, None),
+        "causal, no skip": lambda c: create_causal_mask(
+            c, x, keep, None, allow_is_causal_skip=False
+        ),
+        "bidirectional": lambda c: create_bidirectional_mask(c, x, keep),
+        "bidirectional, no skip": lambda c: create_bidirectional_mask(
+            c, x, keep, allow_is_bidirectional_skip=False
+        ),
+        # LightGlue's: one query row, which sdpa broadcasts over every query
+        "bidirectional, one query row": lambda c: create_bidirectional_mask(
+            c, x[:, :1], keys, allow_is_bidirectional_skip=False
+        ),
+    }
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_mask_function_is_sdpas(padding):
+    """The "genext" mask function returns what the "sdpa" one does (None or the same 4-D mask),
+    so allow_is_causal_skip=False / allow_is_bidirectional_skip=False give a real 4-D mask."""
+    config = transformers.LlamaConfig(**LLAMA)
+    keep = _keep(padding) if padding != "none" else None
+    for name, make in _mask_cases(keep).items():
+        config._attn_implementation = "sdpa"
+        ref = make(config)
+        config._attn_implementation = "genext"
+        out = make(config)
+        if ref is None:
+            assert out is None, name
+        else:
+            assert out is not None and out.shape == ref.shape, name
+            assert out.dtype == ref.dtype and torch.equal(out, ref), name
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_mask_alone_decides_the_pattern(padding):
+    """Whatever the module's is_causal says, a given 4-D mask decides, as in sdpa: each of
+    transformers' masks, through genext's attention and through sdpa's with the mask the "sdpa"
+    mask function gives, over every query row (rows of padded queries under a causal mask
+    aside, which genext zeroes)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    config = transformers.LlamaConfig(**LLAMA)
+    keep = _keep(padding) if padding != "none" else None
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, 4, L, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    for flag in (True, False):
+        module = torch.nn.Module()
+        module.is_causal = flag
+        for name, make in _mask_cases(keep).items():
+            config._attn_implementation = "sdpa"
+            ref, _ = sdpa_attention_forward(module, q, k, v, make(config))
+            config._attn_implementation = "genext"
+            gt.calls.clear()
+            out, _ = gt.attention_forward(module, q, k, v, make(config))
+            assert all(c.startswith("genext") for c in gt.calls), (name, dict(gt.calls))
+            rows = torch.ones(B, L, dtype=torch.bool)
+            if name.startswith("causal") and keep is not None:
+                rows = keep.bool()
+            assert rel(out[rows], ref[rows]) < TOL[torch.float64], (name, flag)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_padded_query_rows_are_zero(padding):
+    """Under a causal padding mask a query whose own key is padding outputs 0 (sdpa leaves
+    values there); every real row is sdpa's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import create_causal_mask
+
+    config = transformers.LlamaConfig(**LLAMA)
+    config._attn_implementation = "genext"
+    keep = _keep(padding)
+    mask = create_causal_mask(config, torch.randn(B, L, 32), keep, None)
+    module = torch.nn.Module()
+    module.is_causal = True
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(B, 4, L, 8, generator=g) for _ in range(3))
+    gt.calls.clear()
+    out, _ = gt.attention_forward(module, q, k, v, mask)
+    assert dict(gt.calls) == {"genext varlen": 1}
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask)
+    real = keep.bool()
+    assert torch.count_nonzero(out[~real]) == 0
+    if padding == "right":  # these queries see real keys: sdpa's rows are not 0 there
+        assert torch.count_nonzero(ref[~real]) > 0
+    assert rel(out[real], ref[real]) < TOL[torch.float32]
+
+
+def test_mask_changed_in_place_is_read_again():
+    """The reading of a mask is kept on the mask for the next layers; changing the mask in place
+    makes the next call read it again."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import create_causal_mask
+
+    config = transformers.LlamaConfig(**LLAMA)
+    config._attn_implementation = "genext"
+    mask = create_causal_mask(config, torch.randn(B, L, 32), _keep("left"), None)
+    module = torch.nn.Module()
+    module.is_causal = True
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(B, 4, L, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    gt.calls.clear()
+    gt.attention_forward(module, q, k, v, mask)
+    mask[0, 0, L - 1, 2] = False  # no longer a key mask under the causal triangle
+    out, _ = gt.attention_forward(module, q, k, v, mask)
+    assert dict(gt.calls) == {"genext varlen": 1, "sdpa: 4-D mask": 1}
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_doge_dynamic_bias_stays_causal(dtype):
+    """Doge asks for the causal mask with allow_is_causal_skip=False and adds its dynamic bias to
+    it: with a real 4-D mask the float sum goes to sdpa and stays causal."""
+    config = transformers.DogeConfig(**LLAMA, keep_window_size=2048, is_moe=False)
+    model = _model(transformers.DogeForCausalLM, config, dtype)
+    ids = _ids(_keep("none"))
+    ref = _run(model, "sdpa", lambda m: m(ids).logits)
+    out = _run(model, "genext", lambda m: m(ids).logits)
+    assert dict(gt.calls) == {"sdpa: 4-D mask": 2}
+    assert rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_phi4_vision_padded_patches(dtype):
+    """Phi4 multimodal's vision tower says is_causal=True and attends bidirectionally under its
+    patch-padding mask (in sdpa the given mask decides): genext runs it bidirectionally."""
+    from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4
+
+    config = transformers.Phi4MultimodalVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+        crop_size=16,
+    )
+    model = _model(phi4.Phi4MultimodalVisionModel, config, dtype)
+    pixels = torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    patches = torch.ones(B, 4, 4, dtype=torch.bool)
+    patches[1, :, 2:] = False  # half of the second image's patches are padding
+    patches[2, 3:] = False
+
+    def fwd(m):
+        return m(pixels, patch_attention_mask=patches).last_hidden_state
+
+    ref = _run(model, "sdpa", fwd)
+    out = _run(model, "genext", fwd)
+    assert dict(gt.calls) == {"genext varlen": 2}
+    real = patches.view(B, -1)
+    assert rel(out[real], ref[real]) < TOL[dtype]
+
+
+def test_gemma4_kv_shared_generate_left_padded():
+    """Gemma 4 with KV-shared layers slices the query rows of its 4-D masks before the last
+    layers: greedy generation of a left-padded batch gives sdpa's tokens."""
+    config = transformers.Gemma4TextConfig(
+        **{**LLAMA, "num_hidden_layers": 4},
+        head_dim=8,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=8,
+        num_kv_shared_layers=2,
+    )
+    model = _model(transformers.Gemma4ForCausalLM, config, torch.float32)
+    keep = _keep("left")
+
+    def gen(m):
+        return m.generate(
+            _ids(keep), attention_mask=keep, max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
+
+    ref = _run(model, "sdpa", gen)
+    out = _run(model, "genext", gen)
+    _assert_served("left")
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_prefill_left_padded(dtype):
+    """A left-padded prompt fed in two chunks through a DynamicCache: the second chunk's 3
+    queries see the 6 cached keys and themselves (causal bottom-right under padding)."""
+    model = _llama(dtype)
+    keep = _keep("left")
+    ids = _ids(keep)
+
+    def fwd(m):
+        cache = transformers.DynamicCache(config=m.config)
+        first = m(ids[:, :6], attention_mask=keep[:, :6], cache=cache).logits
+        second = m(ids[:, 6:], attention_mask=keep, cache=cache).logits
+        return torch.cat([first, second], dim=1)
+
+    ref = _run(model, "sdpa", fwd)
+    out = _run(model, "genext", fwd)
+    assert dict(gt.calls) == {"genext varlen": 2 * 2}
+    real = keep.bool()
+    assert rel(out[real], ref[real]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_llama_cpu_bf16(padding):
+    """bf16 on the CPU kernel: logits at real positions no further from the float64 logits than
+    twice the distance of sdpa's in bf16."""
+    keep = _keep(padding)
+    ids = _ids(keep)
+    mask = keep if padding != "none" else None
+    real = keep.bool()
+    exact = _llama(torch.float64)(ids, attention_mask=mask).logits[real]
+    model = _llama(torch.bfloat16)
+
+    def fwd(m):
+        return m(ids, attention_mask=mask).logits[real]
+
+    ref = _run(model, "sdpa", fwd)
+    out = _run(model, "genext", fwd)
+    _assert_served(padding)
+    assert rel(out, exact) <= 2 * rel(ref, exact)
+
+
+def test_compile_fullgraph():
+    """The routing traces without a graph break (dynamo only: the op's own compile test runs
+    inductor), and the compiled call computes the eager one."""
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(B, 4, L, 8, generator=g)
+    k, v = (torch.randn(B, 2, L, 8, generator=g) for _ in range(2))
+
+    def fn(q, k, v):
+        return gt.attention_forward(module, q, k, v, None, scaling=0.3)[0]
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(q, k, v), fn(q, k, v))
 
 
 @pytest.mark.cuda
