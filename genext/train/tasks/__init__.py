@@ -7,13 +7,14 @@ a ``@register``-ed subclass, imported below. Registered: ``vae``, ``vqvae`` (aut
 or photos) and ``gan`` (DCGAN), ``cgan`` (conditional ResNet GAN), ``stylegan`` (StyleGAN2) on
 digits, ``ddpm`` (class-conditional pixel diffusion) and ``ldm`` (caption-conditional latent
 diffusion) and ``clip`` (contrastive image-caption pairs) on digits, ``lm`` (a character-level
-Llama) on Shakespeare.
+Llama) on Shakespeare, and ``vlm`` (LLaVA-style: the trained CLIP tower and LM joined by a
+projector that learns to name the digits).
 """
 
 from __future__ import annotations
 
 # importing a task module registers its tasks
-from . import clip, diffusion, gan, lm, vae, vqvae  # noqa: E402, F401, I001
+from . import clip, diffusion, gan, lm, vae, vlm, vqvae  # noqa: E402, F401, I001
 from .base import Task, TaskDefaults, get_task, register, task_names
 
 __all__ = ["Task", "TaskDefaults", "get_task", "register", "task_names"]
