@@ -411,7 +411,10 @@ class _CLIPBase(PeerConfigMixin, nn.Module):
     def _from_saved_config(cls, config: dict[str, Any]):
         sub = f"{cls._tower}_config"
         if cls._tower is not None and isinstance(config.get(sub), Mapping):
-            config = config[sub]  # a CLIPModel's config.json
+            # a CLIPModel's config.json: the tower's part, projected to the model's width (what
+            # its text_projection / visual_projection weights have)
+            width = config.get("projection_dim")
+            config = {**config[sub], **({} if width is None else {"projection_dim": width})}
         return cls.from_config(config)
 
     @classmethod
