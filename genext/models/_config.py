@@ -267,9 +267,10 @@ class PeerConfigMixin:
         """The model saved in ``folder``: ``config.json`` beside the weights in diffusers' layout
         (``diffusion_pytorch_model.safetensors`` or ``.bin``) or transformers' (``model.safetensors``
         or ``pytorch_model.bin``); ``subfolder`` for a pipeline's component (``"vae"``). A local
-        path only: nothing is downloaded. The model is built in ``torch_dtype`` (default: the
-        checkpoint's floating dtype when it has one, else float32) and the weights load strictly
-        into it, so a float64 checkpoint stays exact; ``device`` moves it after loading.
+        path only: nothing is downloaded. The model is built in ``torch_dtype`` and the weights
+        load strictly into it, so a float64 checkpoint loaded as float64 stays exact. Without
+        ``torch_dtype``: float32 for diffusers' models (as diffusers), the checkpoint's dtype for
+        transformers' (as transformers 5's ``dtype="auto"``). ``device`` moves it after loading.
         diffusers' other loading options (``use_safetensors``, ``low_cpu_mem_usage``, ...) are
         accepted with a warning and have no effect. Checkpoints with the old attention names
         (``query``, ``key``, ``value``, ``proj_attn``) are renamed on load, as diffusers does."""
@@ -288,7 +289,9 @@ class PeerConfigMixin:
             )
         config = json.loads(_config_path(root).read_text())
         state = read_state_dict(_weights_path(root, variant))
-        dtype = torch_dtype if torch_dtype is not None else _state_dtype(state)
+        dtype = torch_dtype
+        if dtype is None and cls._weights_name != "diffusion_pytorch_model":
+            dtype = _state_dtype(state)
         model = cls._from_saved_config(config)
         if dtype is not None:
             model.to(dtype)

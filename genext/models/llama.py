@@ -162,13 +162,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
         """x ``(..., L, hidden)``, cos/sin ``(..., L, head_dim)`` -> ``(..., L, hidden)``."""
-        lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, -1, self.head_dim)
-        k = self.k_proj(x).view(*lead, -1, self.head_dim)
-        v = self.v_proj(x).view(*lead, -1, self.head_dim)
+        # unflatten/flatten of the last dims only: also for no tokens at all (T = 0)
+        heads = (-1, self.head_dim)
+        q = self.q_proj(x).unflatten(-1, heads)
+        k = self.k_proj(x).unflatten(-1, heads)
+        v = self.v_proj(x).unflatten(-1, heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attend(self.layer_idx, q, k, v)
-        return self.o_proj(out.reshape(*lead, -1))
+        return self.o_proj(out.flatten(-2))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -451,7 +452,8 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
             input_ids: ``(B, L)`` int64, or ``inputs_embeds`` ``(B, L, hidden)``.
             attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding (either side). With
                 padding the real tokens are packed and attend with the varlen kernel; the
-                logits at padded positions are not computed (they are 0).
+                logits at padded positions are not computed (they are 0); a batch of padding
+                only gives zero logits and a NaN loss (no token counts).
             position_ids: ``(B, L)`` or ``(1, L)``; by default ``arange(L)`` counting padding,
                 as transformers' forward (generation gives each sequence 0, 1, ... instead).
                 Without ``attention_mask``, positions that restart inside a row (``[0, 1, 2, 0,

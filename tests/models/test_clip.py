@@ -342,8 +342,8 @@ def test_towers_load_transformers_state_dicts():
 
 
 def test_from_pretrained_reads_a_transformers_folder(tmp_path):
-    """A float32 checkpoint (from_pretrained builds the model in float32, loads, then casts to
-    ``torch_dtype``), compared in float64."""
+    """A float32 checkpoint loaded into a float64 model (from_pretrained builds the model in
+    ``torch_dtype``, then loads), compared in float64."""
     ours, peer = _pair()
     peer.save_pretrained(tmp_path)
     loaded = CLIPModel.from_pretrained(tmp_path, torch_dtype=torch.float64)

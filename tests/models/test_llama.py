@@ -602,3 +602,19 @@ def test_save_pretrained_is_read_by_transformers(tmp_path):
     assert as_half.dtype == torch.bfloat16
     want = ours.model.embed_tokens.weight.to(torch.bfloat16)
     assert torch.equal(as_half.model.embed_tokens.weight, want)
+
+
+def test_all_padding_batch():
+    """A batch of padding only: zero logits and a NaN loss (the mean over no token), as
+    documented, and the backward runs; a row of padding only in a batch is zeros."""
+    ours, _ = _pair(CONFIGS["gqa"](), torch.float64)
+    ids, _, labels = _batch("none")
+    out = ours(ids, attention_mask=torch.zeros_like(ids), labels=labels)
+    assert torch.count_nonzero(out.logits) == 0 and torch.isnan(out.loss)
+    out.logits.sum().backward()
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with torch.no_grad():
+        one_row = ours(ids, attention_mask=mask).logits
+        assert torch.count_nonzero(one_row[1]) == 0
+        assert rel(one_row[0], ours(ids[:1]).logits[0]) < 1e-12
