@@ -632,3 +632,21 @@ def test_save_pretrained_is_read_by_transformers(tmp_path):
     assert again.wte.weight.dtype == torch.float64
     head = GPT2LMHeadModel.from_pretrained(tmp_path / "GPT2LMHeadModel")
     assert head.lm_head.weight is head.transformer.wte.weight
+
+
+def test_attention_dropout_in_forward_packed_keeps_sequences_apart():
+    """forward_packed in training with attention dropout: SDPA on the sequences padded to the
+    longest, (S, H, M, D) with an (S, 1, M, M) causal + length mask. At a dropout probability of
+    1e-12 nothing is dropped, so the logits are the evaluation logits to about 1e-12."""
+    cfg = dict(TINY, attn_pdrop=1e-12, resid_pdrop=0.0, embd_pdrop=0.0)
+    ours, _ = _pair(cfg, torch.float64)
+    lens = [5, 1, 13, 8]
+    tokens, pos, cu = _packed([_ids(1, n, seed=30 + i)[0] for i, n in enumerate(lens)])
+    with torch.no_grad():
+        want = ours.forward_packed(tokens, pos, cu, max(lens))
+        ours.train()
+        names = op_names(lambda: ours.forward_packed(tokens, pos, cu, max(lens)))
+        got = ours.forward_packed(tokens, pos, cu, max(lens))
+    assert "aten::scaled_dot_product_attention" in names
+    assert "genext::flash_attention_forward" not in names
+    assert rel(got, want) < 1e-10
