@@ -4,12 +4,14 @@ on-disk layout (``config.json`` + weights) from a local folder. Nothing is downl
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+import numbers
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,13 @@ from torch import Tensor, nn
 
 from ._blocks import rename_legacy_attention_keys
 
-__all__ = ["FrozenConfig", "ModelOutput", "PeerConfigMixin"]
+__all__ = [
+    "FrozenConfig",
+    "ModelOutput",
+    "PeerConfigMixin",
+    "accepts_config",
+    "transformers_config",
+]
 
 
 class FrozenConfig(dict):
@@ -91,19 +99,61 @@ def _config_path(folder: Path) -> Path:
 
 
 def _weights_path(folder: Path, variant: str | None) -> Path:
-    stem = "diffusion_pytorch_model"
+    # diffusers' names and transformers' names (model.safetensors, pytorch_model.bin)
     suffix = f".{variant}" if variant else ""
-    for name in (
-        f"{stem}{suffix}.safetensors",
-        f"model{suffix}.safetensors",
-        f"{stem}{suffix}.bin",
-    ):
+    names = [
+        f"{stem}{suffix}.{ext}"
+        for ext in ("safetensors", "bin")
+        for stem in ("diffusion_pytorch_model", "model", "pytorch_model")
+    ]
+    for name in names:
         if (folder / name).is_file():
             return folder / name
     raise FileNotFoundError(
-        f"no weights in {folder} (looked for {stem}{suffix}.safetensors, model{suffix}.safetensors "
-        f"and {stem}{suffix}.bin; sharded checkpoints are not read)"
+        f"no weights in {folder} (looked for {', '.join(names)}; sharded checkpoints are not read)"
     )
+
+
+def _state_dtype(state: Mapping[str, Tensor]) -> torch.dtype | None:
+    """The floating dtype of a checkpoint's tensors when they all share one, else None."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def accepts_config(init: Callable[..., None]) -> Callable[..., None]:
+    """Decorates a keyword-field ``__init__`` so that, as transformers' ``Model(config)``, its
+    first positional argument may also be a whole config: a transformers ``PretrainedConfig``
+    (anything with ``to_dict()``) or a mapping of its fields, filtered as ``from_config`` filters
+    them (``cls._fields_of(config, overrides)``), the keyword arguments replacing single fields.
+    ``config=`` as a keyword works too. An int in that position stays the first field
+    (``vocab_size``); anything else raises a TypeError. The wrapped signature is kept, so
+    ``self.config`` records the fields as before."""
+    first = next(n for n in inspect.signature(init).parameters if n != "self")
+
+    @functools.wraps(init)
+    def wrapper(self, *args: Any, **kwargs: Any) -> None:
+        config = kwargs.pop("config", None)
+        if args and not isinstance(args[0], numbers.Integral):
+            if config is not None:
+                raise TypeError(f"{type(self).__name__}: config given twice")
+            config, args = args[0], args[1:]
+            if args:
+                raise TypeError(
+                    f"{type(self).__name__}(config, ...): fields after a config must be keyword "
+                    f"arguments, got {len(args)} more positional"
+                )
+        if config is None:
+            return init(self, *args, **kwargs)
+        if args:
+            raise TypeError(f"{type(self).__name__}: give a config or positional fields, not both")
+        if not isinstance(config, Mapping) and not callable(getattr(config, "to_dict", None)):
+            raise TypeError(
+                f"{type(self).__name__}: the first argument must be a config (a transformers "
+                f"config or a dict of its fields) or {first} (an int), got {type(config).__name__}"
+            )
+        return init(self, **type(self)._fields_of(config, kwargs))
+
+    return wrapper
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -119,6 +169,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             ) from e
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def transformers_config(
+    fields: Mapping[str, Any], model_type: str, architecture: str | None, dtype: torch.dtype
+) -> dict[str, Any]:
+    """A ``config.json`` as transformers writes one: the fields, ``model_type``,
+    ``architectures`` and ``dtype`` (its name without ``torch.``)."""
+    out = {k: (dict(v) if isinstance(v, FrozenConfig) else v) for k, v in fields.items()}
+    out["model_type"] = model_type
+    if architecture is not None:
+        out["architectures"] = [architecture]
+    out["dtype"] = str(dtype).removeprefix("torch.")
+    return out
 
 
 class PeerConfigMixin:
@@ -179,10 +242,17 @@ class PeerConfigMixin:
         return {k: v for k, v in merged.items() if k in params}
 
     @classmethod
+    def _fields_of(cls, config: Any, overrides: Mapping[str, Any]) -> dict:
+        """The ``__init__`` keyword arguments of ``config`` with ``overrides`` (what
+        :meth:`from_config` and :func:`accepts_config` build from); the transformers peers
+        extend it to config objects and their generic fields."""
+        return cls._config_kwargs(config, overrides)
+
+    @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any):
         """A model with randomly initialised weights built from ``config`` (a dict, diffusers'
         ``FrozenDict`` or ``model.config``), with ``overrides`` replacing single fields."""
-        return cls(**cls._config_kwargs(config, overrides))
+        return cls(**cls._fields_of(config, overrides))
 
     @classmethod
     def from_pretrained(
@@ -194,13 +264,16 @@ class PeerConfigMixin:
         variant: str | None = None,
         **ignored: Any,
     ):
-        """The model saved in ``folder`` in diffusers' layout: ``config.json`` beside
-        ``diffusion_pytorch_model.safetensors`` (or ``.bin``); ``subfolder`` for a pipeline's
-        component (``"vae"``). A local path only: nothing is downloaded. The weights load
-        strictly; ``torch_dtype`` and ``device`` move the model after loading. diffusers' other
-        loading options (``use_safetensors``, ``low_cpu_mem_usage``, ...) are accepted with a
-        warning and have no effect. Checkpoints with the old attention names (``query``,
-        ``key``, ``value``, ``proj_attn``) are renamed on load, as diffusers does."""
+        """The model saved in ``folder``: ``config.json`` beside the weights in diffusers' layout
+        (``diffusion_pytorch_model.safetensors`` or ``.bin``) or transformers' (``model.safetensors``
+        or ``pytorch_model.bin``); ``subfolder`` for a pipeline's component (``"vae"``). A local
+        path only: nothing is downloaded. The model is built in ``torch_dtype`` and the weights
+        load strictly into it, so a float64 checkpoint loaded as float64 stays exact. Without
+        ``torch_dtype``: float32 for diffusers' models (as diffusers), the checkpoint's dtype for
+        transformers' (as transformers 5's ``dtype="auto"``). ``device`` moves it after loading.
+        diffusers' other loading options (``use_safetensors``, ``low_cpu_mem_usage``, ...) are
+        accepted with a warning and have no effect. Checkpoints with the old attention names
+        (``query``, ``key``, ``value``, ``proj_attn``) are renamed on load, as diffusers does."""
         if ignored:
             warnings.warn(
                 f"{cls.__name__}.from_pretrained: ignoring {sorted(ignored)} (local folders only)",
@@ -215,31 +288,62 @@ class PeerConfigMixin:
                 "read; download the weights first, e.g. with huggingface_hub.snapshot_download)"
             )
         config = json.loads(_config_path(root).read_text())
-        model = cls.from_config(config)
         state = read_state_dict(_weights_path(root, variant))
+        dtype = torch_dtype
+        if dtype is None and cls._weights_name != "diffusion_pytorch_model":
+            dtype = _state_dtype(state)
+        model = cls._from_saved_config(config)
+        if dtype is not None:
+            model.to(dtype)
         model.load_state_dict(cls._convert_legacy_state(state), strict=True)
-        if torch_dtype is not None or device is not None:
-            model.to(device=device, dtype=torch_dtype)
+        if device is not None:
+            model.to(device=device)
         return model.eval()
 
+    @classmethod
+    def _from_saved_config(cls, config: dict[str, Any]):
+        """The model a saved ``config.json`` describes (random weights)."""
+        return cls.from_config(config)
+
+    # transformers' peers set these: the weights file's stem, and the config.json that
+    # transformers' from_pretrained reads (model_type, architectures)
+    _weights_name = "diffusion_pytorch_model"
+
+    def _saved_config(self) -> dict[str, Any]:
+        """The content of ``config.json``: diffusers' layout (the fields and ``_class_name``)."""
+        return {"_class_name": type(self).__name__, **self.config}
+
     def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True) -> None:
-        """Writes ``config.json`` and the weights in diffusers' layout, readable by this class's
-        and by the peer's ``from_pretrained``."""
+        """Writes ``config.json`` and the weights in the peer's layout, readable by this class's
+        and by the peer's ``from_pretrained``: diffusers' (``diffusion_pytorch_model.safetensors``)
+        for diffusers' models, transformers' (``model.safetensors``, a ``config.json`` with
+        ``model_type`` and ``architectures``, a tied weight saved once) for transformers'."""
         root = Path(folder)
         root.mkdir(parents=True, exist_ok=True)
-        config = {"_class_name": type(self).__name__, **self.config}
-        (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(self._saved_config(), indent=2, sort_keys=True) + "\n"
+        (root / "config.json").write_text(text)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        transformers_layout = self._weights_name != "diffusion_pytorch_model"
+        if transformers_layout:
+            # a tied weight (lm_head = embedding) is saved once, under its first name, as
+            # transformers saves it; the loaders tie it back
+            seen: set[int] = set()
+            for key, param in list(self.state_dict(keep_vars=True).items()):
+                if id(param) in seen:
+                    del state[key]
+                seen.add(id(param))
         if safe_serialization:
             from safetensors.torch import save_file
 
             # a module registered under two names (Downsample2D's conv) shares storage: clone
             save_file(
                 {k: v.clone() for k, v in state.items()},
-                str(root / "diffusion_pytorch_model.safetensors"),
+                str(root / f"{self._weights_name}.safetensors"),
+                metadata={"format": "pt"} if transformers_layout else None,
             )
         else:
-            torch.save(state, root / "diffusion_pytorch_model.bin")
+            stem = "pytorch_model" if transformers_layout else self._weights_name
+            torch.save(state, root / f"{stem}.bin")
 
     @classmethod
     def _convert_legacy_state(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:

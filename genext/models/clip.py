@@ -7,18 +7,23 @@ or dicts with their fields) and load transformers' ``state_dict`` with ``strict=
 renaming. transformers keeps ``position_ids`` as non-persistent buffers, so they are not in its
 state dict; here positions are plain ``arange``s and older checkpoints' ``position_ids`` entries
 are dropped on load, as are the ``text_model.`` / ``vision_model.`` prefixes that checkpoints of
-the standalone towers carry from transformers 4.
+the standalone towers carry from transformers 4. A standalone tower's ``from_pretrained`` also
+reads a whole ``CLIPModel`` folder (its tower's config and weights), as transformers' does.
+``save_pretrained`` writes transformers' layout (``config.json`` with ``model_type``,
+``model.safetensors``).
 
 Attention: the vision tower runs genext's flash attention (no mask); the text tower runs it
 causal, and with a padding ``attention_mask`` it runs genext's varlen kernel on the real tokens
 only (packed without the pads). A real token then sees exactly the real tokens before it, as in
 transformers; the outputs at padded positions are not transformers' (its pad rows attend to the
-real tokens before them; here their attention output is zero) and mean nothing in either. Where
-genext does not serve a shape or dtype, or attention dropout is active, PyTorch's SDPA runs.
+real tokens before them; here their attention output is zero, as in a row of pads only) and
+mean nothing in either. Where genext does not serve a shape or dtype, or attention dropout is
+active, PyTorch's SDPA runs, with the same zero attention output at the pads.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -30,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..losses import ClipLoss
 from ..nn.functional import scaled_dot_product_attention, sdpa_backend
 from ..ops import flash_attention_varlen
-from ._config import FrozenConfig, ModelOutput, PeerConfigMixin
+from ._config import FrozenConfig, ModelOutput, PeerConfigMixin, transformers_config
 
 __all__ = [
     "CLIPModel",
@@ -101,9 +106,16 @@ def _square(value: Any, field: str) -> int:
     return int(value)
 
 
+def _warn_unknown(overrides: Mapping[str, Any], known: Any, cls_name: str) -> None:
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        warnings.warn(f"{cls_name}: ignoring unknown config fields {unknown}", stacklevel=4)
+
+
 def _tower_config(
     config: Any, overrides: Mapping[str, Any], defaults: Mapping[str, Any], name: str
 ) -> FrozenConfig:
+    _warn_unknown(overrides, defaults, name)
     values = {**_as_dict(config, name), **overrides}
     out = {k: values.get(k, v) for k, v in defaults.items()}
     if out["hidden_act"] not in _ACTIVATIONS:
@@ -224,7 +236,8 @@ class CLIPAttention(nn.Module):
         else:
             mask = None
             if packing is not None:
-                # causal and key padding; a pad row that would see no key sees itself
+                # causal and key padding; a pad row sees itself too (no row without a key: no
+                # NaN), and its output is zeroed below, as the varlen path leaves it
                 tril = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
                 eye = torch.eye(n, dtype=torch.bool, device=x.device)
                 mask = ((tril & packing.keep[:, None, None, :]) | eye).reshape(b, 1, n, n)
@@ -237,6 +250,8 @@ class CLIPAttention(nn.Module):
                 is_causal=causal and mask is None,
                 scale=self.scale,
             ).transpose(1, 2)
+            if packing is not None:
+                out = out * packing.keep.view(b, n, 1, 1).to(out.dtype)
         return self.out_proj(out.reshape(b, n, c))
 
     def _varlen(self, q: Tensor, k: Tensor, v: Tensor, packing: _Packing) -> Tensor:
@@ -376,7 +391,15 @@ def _peer_key_hook(prefix_name: str) -> Callable[..., None]:
 
 class _CLIPBase(PeerConfigMixin, nn.Module):
     """Config handling shared by the CLIP classes: ``Cls(config, **overrides)`` as transformers'
-    ``Cls(config)``, and ``from_config``/``from_pretrained`` through it."""
+    ``Cls(config)``, and ``from_config``/``from_pretrained`` through it; ``save_pretrained``
+    in transformers' layout.
+
+    A standalone tower (``_tower`` "text" or "vision") reads a whole ``CLIPModel`` folder too:
+    the tower's sub-config, and of the weights only its own (``_tower_prefixes``)."""
+
+    _weights_name = "model"  # save_pretrained writes transformers' model.safetensors
+    _tower: str | None = None
+    _tower_prefixes: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any):
@@ -385,8 +408,26 @@ class _CLIPBase(PeerConfigMixin, nn.Module):
         return cls(config, **overrides)
 
     @classmethod
+    def _from_saved_config(cls, config: dict[str, Any]):
+        sub = f"{cls._tower}_config"
+        if cls._tower is not None and isinstance(config.get(sub), Mapping):
+            # a CLIPModel's config.json: the tower's part, projected to the model's width (what
+            # its text_projection / visual_projection weights have)
+            width = config.get("projection_dim")
+            config = {**config[sub], **({} if width is None else {"projection_dim": width})}
+        return cls.from_config(config)
+
+    @classmethod
     def _convert_legacy_state(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        return state  # the load hooks rename what needs renaming
+        # the load hooks rename what needs renaming; a whole CLIPModel's weights (both towers
+        # with their prefixes) are cut to this tower's
+        if cls._tower is not None and any(k.startswith(f"{cls._tower}_model.") for k in state):
+            state = {k: v for k, v in state.items() if k.startswith(cls._tower_prefixes)}
+        return state
+
+    def _saved_config(self) -> dict[str, Any]:
+        model_type = {"text": "clip_text_model", "vision": "clip_vision_model"}[self._tower]
+        return transformers_config(self.config, model_type, type(self).__name__, self.dtype)
 
 
 class CLIPTextModel(_CLIPBase):
@@ -398,6 +439,8 @@ class CLIPTextModel(_CLIPBase):
     ``eos_token_id == 2`` the position of the largest id (CLIP's end token has the largest id),
     otherwise the first position of ``eos_token_id``.
     """
+
+    _tower, _tower_prefixes = "text", ("text_model.",)
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__()
@@ -443,6 +486,8 @@ class CLIPVisionModel(_CLIPBase):
     (a LLaVA projector takes ``hidden_states[-2]``).
     """
 
+    _tower, _tower_prefixes = "vision", ("vision_model.",)
+
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__()
         cfg = _tower_config(config, overrides, _VISION_DEFAULTS, "vision_config")
@@ -472,6 +517,8 @@ class CLIPTextModelWithProjection(_CLIPBase):
     """transformers' ``CLIPTextModelWithProjection``: ``text_model`` and ``text_projection``
     (no bias) to the text config's ``projection_dim``; returns :class:`CLIPTextModelOutput`."""
 
+    _tower, _tower_prefixes = "text", ("text_model.", "text_projection.")
+
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__()
         self.text_model = CLIPTextModel(config, **overrides)
@@ -495,6 +542,8 @@ class CLIPTextModelWithProjection(_CLIPBase):
 class CLIPVisionModelWithProjection(_CLIPBase):
     """transformers' ``CLIPVisionModelWithProjection``: ``vision_model`` and
     ``visual_projection`` (no bias); returns :class:`CLIPVisionModelOutput`."""
+
+    _tower, _tower_prefixes = "vision", ("vision_model.", "visual_projection.")
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__()
@@ -522,8 +571,11 @@ class CLIPModel(_CLIPBase):
     ``model.config`` holds the values used (the towers' configs reduced to the fields they use).
     """
 
+    _FIELDS = ("text_config", "vision_config", "projection_dim", "logit_scale_init_value")
+
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__()
+        _warn_unknown(overrides, self._FIELDS, type(self).__name__)
         values = {**_as_dict(config, "config"), **overrides}
         self.text_model = CLIPTextModel(values.get("text_config"))
         self.vision_model = CLIPVisionModel(values.get("vision_config"))
@@ -539,6 +591,9 @@ class CLIPModel(_CLIPBase):
         self.visual_projection = nn.Linear(vision_dim, cfg.projection_dim, bias=False)
         self.text_projection = nn.Linear(text_dim, cfg.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init_value))
+
+    def _saved_config(self) -> dict[str, Any]:
+        return transformers_config(self.config, "clip", "CLIPModel", self.dtype)
 
     def get_text_features(
         self,

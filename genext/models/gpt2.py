@@ -7,15 +7,26 @@ The classes take transformers' ``GPT2Config`` (or a dict of its fields) and load
   strided views of the fused ``c_attn`` output;
 - a batch with padding (on either side, or holes) is packed to its real tokens once, after the
   embedding, and every layer runs :func:`genext.ops.flash_attention_varlen` on the packed tokens:
-  no compute is spent on padding;
+  no compute is spent on padding (an all-padding batch gives zero logits and a NaN loss: no
+  token counts);
+- a batch without ``attention_mask`` whose ``position_ids`` restart inside a row (``[0, 1, 2, 0,
+  1, 2, 3, 4]``, transformers' ``DataCollatorWithFlattening``) holds several sequences per row:
+  each run of consecutive positions attends only to itself (block-diagonal causal, the varlen
+  kernel), as transformers' masks do without a cache (``use_cache=False``, training);
 - generation uses the causal-LM protocol shared with genext's Llama: :meth:`kv_cache_spec`,
   :meth:`GPT2LMHeadModel.forward_packed` (a prefill that fills one :class:`genext.KVCache` per
   layer) and :meth:`GPT2LMHeadModel.forward_decode` (:meth:`genext.KVCache.attend` per layer).
 
 Attention dropout: genext's kernels have none, so in training with ``attn_pdrop > 0`` attention
-runs PyTorch's ``scaled_dot_product_attention`` with ``dropout_p`` (as transformers' default
-"sdpa" implementation does, so with the same seed the dropout masks are the same); set
-``attn_pdrop=0`` to train on genext's kernel. Evaluation and ``attn_pdrop == 0`` always run genext.
+runs PyTorch's ``scaled_dot_product_attention`` with ``dropout_p`` on the batch's own ``(B, H, L,
+L)`` layout with a causal (and padding or packed-sequence) mask, the call transformers' default
+"sdpa" implementation makes, so with the same seed the attention dropout masks are the same
+(with padding the residual dropouts are drawn over the real tokens only, so those differ unless
+``resid_pdrop=0``); set ``attn_pdrop=0`` to train on genext's kernel. Evaluation and
+``attn_pdrop == 0`` always run genext.
+
+Positions: GPT-2's learned table ends at ``n_positions``; a position outside it raises a
+ValueError naming the limit.
 """
 
 from __future__ import annotations
@@ -30,8 +41,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn import KVCache
 from ..ops import flash_attention, flash_attention_varlen
-from ._config import ModelOutput, PeerConfigMixin
+from ._config import ModelOutput, PeerConfigMixin, accepts_config, transformers_config
 from ._generation import GenerationMixin
+from ._packing import packing_from_positions
 
 __all__ = [
     "BaseModelOutput",
@@ -262,13 +274,18 @@ def _attend_dense(attn: GPT2Attention, q: Tensor, k: Tensor, v: Tensor) -> Tenso
 class _Packing:
     """Where B sequences' tokens lie in a packed ``(T, ...)`` tensor: ``cu_seqlens`` int32
     ``(B + 1,)`` on the device, the lengths on the host, and (for a cache prefill or the dropout
-    fallback) each token's sequence and offset."""
+    fallback) each token's sequence and offset. ``grid``: when the tokens come from a ``(B, L)``
+    batch, their flat indices ``(T,)`` into ``B * L`` and the ``segments (B, L)`` int64 (equal
+    within a sequence of a row, -1 at padding), the layout the dropout fallback attends in."""
 
-    def __init__(self, cu_seqlens: Tensor, max_seqlen: int) -> None:
+    def __init__(
+        self, cu_seqlens: Tensor, max_seqlen: int, grid: tuple[Tensor, Tensor] | None = None
+    ) -> None:
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = int(max_seqlen)
         cu = cu_seqlens.tolist()
         self.lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        self.grid = grid
         self._index: tuple[Tensor, Tensor] | None = None
 
     def index(self) -> tuple[Tensor, Tensor]:
@@ -288,11 +305,55 @@ class _Packing:
         out[seq, off] = x
         return out
 
+    def dropout_attention(self, attn: GPT2Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """PyTorch's SDPA with attention dropout on packed ``(T, H, D)`` tokens, per batch row
+        (never a ``(T, T)`` mask): in the ``(B, L)`` grid they came from, causal within each
+        sequence, as transformers' "sdpa" attention draws its dropout; or, for sequences packed
+        by the caller, each padded to the longest."""
+        if self.grid is not None:
+            flat, segments = self.grid
+            b, n = segments.shape
+            same = segments[:, :, None] == segments[:, None, :]
+            # a pad row sees the pads up to it (segment -1): finite, and thrown away
+            causal = torch.ones(n, n, dtype=torch.bool, device=flat.device).tril()
+            mask = (same & causal)[:, None]
+
+            def spread(t: Tensor) -> Tensor:
+                out = t.new_zeros(b * n, *t.shape[1:]).index_copy(0, flat, t)
+                return out.view(b, n, *t.shape[1:]).transpose(1, 2)
+
+            def gather(o: Tensor) -> Tensor:
+                return o.transpose(1, 2).flatten(0, 1)[flat]
+
+        else:
+            seq, off = self.index()
+            n = max(self.lengths, default=0)
+            lengths = torch.tensor(self.lengths, device=seq.device)
+            keys = torch.arange(n, device=seq.device)
+            causal = torch.ones(n, n, dtype=torch.bool, device=seq.device).tril()
+            mask = (causal & (keys < lengths[:, None, None]))[:, None]
+
+            def spread(t: Tensor) -> Tensor:
+                return self.pad(t).transpose(1, 2)
+
+            def gather(o: Tensor) -> Tensor:
+                return o.transpose(1, 2)[seq, off]
+
+        out = F.scaled_dot_product_attention(
+            spread(q),
+            spread(k),
+            spread(v),
+            attn_mask=mask,
+            dropout_p=attn.dropout_p,
+            scale=attn.scaling,
+        )
+        return gather(out)
+
 
 def _packed_attention(packing: _Packing, caches: list[KVCache] | None) -> AttendFn:
-    """The attention of packed ``(T, H, D)`` tokens: genext's varlen kernel (or SDPA on a
-    block-diagonal causal mask when attention dropout is on); with caches, each layer's keys and
-    values become its cache's content."""
+    """The attention of packed ``(T, H, D)`` tokens: genext's varlen kernel (or PyTorch's SDPA
+    per batch row when attention dropout is on); with caches, each layer's keys and values
+    become its cache's content."""
 
     def attend(attn: GPT2Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if caches is not None:
@@ -301,17 +362,7 @@ def _packed_attention(packing: _Packing, caches: list[KVCache] | None) -> Attend
                     packing.pad(k.detach()), packing.pad(v.detach()), packing.lengths
                 )
         if attn.dropout_p > 0.0:
-            seq, off = packing.index()
-            mask = (seq[:, None] == seq[None, :]) & (off[:, None] >= off[None, :])
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1),
-                k.transpose(0, 1),
-                v.transpose(0, 1),
-                attn_mask=mask,
-                dropout_p=attn.dropout_p,
-                scale=attn.scaling,
-            )
-            return out.transpose(0, 1)
+            return packing.dropout_attention(attn, q, k, v)
         cu, n = packing.cu_seqlens, packing.max_seqlen
         return flash_attention_varlen(q, k, v, cu, cu, n, n, causal=True, scale=attn.scaling)
 
@@ -376,15 +427,26 @@ def _strip_buffers(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class _GPT2ConfigMixin(PeerConfigMixin):
-    """from_config for transformers' config objects as well as mappings."""
+    """Construction from transformers' config objects as well as mappings (``from_config`` and
+    ``Cls(config)``), and transformers' on-disk layout for ``save_pretrained``."""
+
+    _weights_name = "model"  # save_pretrained writes transformers' model.safetensors
+
+    @classmethod
+    def _fields_of(cls, config: Any, overrides: Mapping[str, Any]) -> dict:
+        return cls._config_kwargs(_peer_fields(config), _peer_fields(overrides))
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any):
         """A model with random weights from a transformers ``GPT2Config`` (or any
         ``PretrainedConfig`` of GPT-2's fields) or a dict of them (``config.json``'s content,
         ``model.config``); ``overrides`` replace single fields. Fields that do not change the
-        computation (``initializer_range``, ``summary_*``, ``use_cache``, ...) are ignored."""
-        return cls(**cls._config_kwargs(_peer_fields(config), _peer_fields(overrides)))
+        computation (``initializer_range``, ``summary_*``, ``use_cache``, ...) are ignored. The
+        same as ``cls(config, **overrides)``."""
+        return cls(**cls._fields_of(config, overrides))
+
+    def _saved_config(self) -> dict[str, Any]:
+        return transformers_config(self.config, "gpt2", type(self).__name__, self.dtype)
 
 
 # ---- the models --------------------------------------------------------------------------------
@@ -393,7 +455,8 @@ class _GPT2ConfigMixin(PeerConfigMixin):
 class GPT2Model(_GPT2ConfigMixin, nn.Module):
     """transformers' ``GPT2Model``: token and position embeddings, ``n_layer`` blocks, ``ln_f``.
 
-    Args (GPT2Config's fields; build from a config with :meth:`from_config`):
+    Args (GPT2Config's fields; build from a config as transformers does, ``GPT2Model(config)``
+    with a ``GPT2Config`` or a dict of its fields and keyword overrides, or :meth:`from_config`):
         vocab_size, n_positions, n_embd, n_layer, n_head: sizes.
         n_inner: the MLP's width (``4 * n_embd`` when None).
         activation_function: transformers' name (``gelu_new``, ``gelu``, ``relu``, ``silu``, ...).
@@ -410,6 +473,7 @@ class GPT2Model(_GPT2ConfigMixin, nn.Module):
             :class:`GPT2LMHeadModel` and by generation; recorded here too.
     """
 
+    @accepts_config
     def __init__(
         self,
         vocab_size: int = 50257,
@@ -472,8 +536,25 @@ class GPT2Model(_GPT2ConfigMixin, nn.Module):
         """Token plus position embeddings, then ``drop``: ``(..., n_embd)`` for ids ``(...)``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        self._check_positions(position_ids)
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         return self.drop(x + self.wpe(position_ids))
+
+    def _check_positions(self, position_ids: Tensor) -> None:
+        """A clear error for positions outside the learned table (instead of an index error,
+        or a device assert on CUDA). Skipped while a CUDA graph is captured (no host reads
+        there; generation checks its longest sequence beforehand)."""
+        if position_ids.numel() == 0:
+            return
+        if position_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        lo, hi = torch.aminmax(position_ids)
+        lo, hi, limit = int(lo), int(hi), self.config.n_positions
+        if lo < 0 or hi >= limit:
+            raise ValueError(
+                f"position_ids must lie in [0, n_positions = {limit}) (GPT-2's learned position "
+                f"table), got positions from {lo} to {hi}"
+            )
 
     def run_blocks(self, x: Tensor, attend: AttendFn) -> Tensor:
         """The blocks and ``ln_f`` on ``(..., n_embd)``, each layer's attention by ``attend``."""
@@ -498,10 +579,21 @@ class GPT2Model(_GPT2ConfigMixin, nn.Module):
             name = "input_ids" if input_ids is not None else "inputs_embeds"
             raise ValueError(f"{name} must be batched, (B, L[, C]), got shape {tuple(ref.shape)}")
         b, n = ref.shape[:2]
+        by_positions = None
         if position_ids is None:
             # transformers' forward: arange(L) in every row, pads included
             position_ids = torch.arange(n, device=ref.device).unsqueeze(0)
+        elif attention_mask is None:
+            # several sequences per row, told apart by restarting positions
+            by_positions = packing_from_positions(position_ids.expand(b, n))
         x = self.embed(input_ids, position_ids, inputs_embeds)
+        if by_positions is not None:
+            flat = torch.arange(b * n, device=x.device)
+            packing = _Packing(
+                by_positions.cu_seqlens, by_positions.max_seqlen, (flat, by_positions.segments)
+            )
+            h = self.run_blocks(x.flatten(0, 1), _packed_attention(packing, None))
+            return h.unflatten(0, (b, n)), None, (b, n)
         if attention_mask is not None:
             if attention_mask.shape != (b, n):
                 raise ValueError(
@@ -511,8 +603,9 @@ class GPT2Model(_GPT2ConfigMixin, nn.Module):
             if not bool(mask.all()):
                 lengths = mask.sum(1, dtype=torch.int32)
                 cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-                packing = _Packing(cu, int(lengths.max()))
                 flat = mask.flatten().nonzero().squeeze(1)
+                segments = mask.long() - 1  # 0 for tokens, -1 for padding
+                packing = _Packing(cu, int(lengths.max()), (flat, segments))
                 h = self.run_blocks(x.flatten(0, 1)[flat], _packed_attention(packing, None))
                 return h, flat, (b, n)
         return self.run_blocks(x, _attend_dense), None, (b, n)
@@ -526,7 +619,9 @@ class GPT2Model(_GPT2ConfigMixin, nn.Module):
     ) -> BaseModelOutput:
         """``input_ids (B, L)`` int64 or ``inputs_embeds (B, L, n_embd)``; ``attention_mask
         (B, L)`` (1 = token, 0 = padding, anywhere); ``position_ids (B, L)`` (default
-        ``arange(L)`` in every row, padding included, as transformers' forward). Returns
+        ``arange(L)`` in every row, padding included, as transformers' forward; without a mask,
+        positions that restart inside a row mark packed sequences, each attending only to
+        itself: a position that is not the previous one + 1 starts a sequence). Returns
         ``last_hidden_state (B, L, n_embd)``, zeros at padding positions (which are skipped)."""
         h, flat, (b, n) = self._hidden(input_ids, attention_mask, position_ids, inputs_embeds)
         return BaseModelOutput(last_hidden_state=_unpack(h, flat, b, n))
@@ -567,6 +662,7 @@ class GPT2LMHeadModel(_GPT2ConfigMixin, GenerationMixin, nn.Module):
     :meth:`kv_cache_spec`, :meth:`forward_packed`, :meth:`forward_decode`.
     """
 
+    @accepts_config
     def __init__(
         self,
         vocab_size: int = 50257,

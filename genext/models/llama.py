@@ -7,6 +7,11 @@ and loads transformers' ``state_dict`` with no renaming. Attention runs
 :func:`genext.ops.flash_attention_varlen` on the real tokens of padded ones (no compute on
 padding); generation prefills with the varlen kernel and decodes through
 :class:`genext.nn.KVCache` (see :mod:`genext.models._generation` for ``generate``).
+
+Packed sequences: a forward with ``position_ids`` that restart inside a row (``[0, 1, 2, 0, 1,
+2, 3, 4]``, transformers' ``DataCollatorWithFlattening``) and no ``attention_mask`` treats each run
+of consecutive positions as its own sequence (block-diagonal causal attention, with the varlen
+kernel), as transformers' masks do when there is no cache (``use_cache=False``, training).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn import KVCache
 from ..ops import flash_attention, flash_attention_varlen
-from ._config import ModelOutput, PeerConfigMixin
+from ._config import ModelOutput, PeerConfigMixin, accepts_config, transformers_config
 from ._generation import GenerationMixin
+from ._packing import packing_from_positions
 from ._rope import RotaryEmbedding, apply_rotary, standardize_rope
 
 __all__ = [
@@ -156,13 +162,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
         """x ``(..., L, hidden)``, cos/sin ``(..., L, head_dim)`` -> ``(..., L, hidden)``."""
-        lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, -1, self.head_dim)
-        k = self.k_proj(x).view(*lead, -1, self.head_dim)
-        v = self.v_proj(x).view(*lead, -1, self.head_dim)
+        # unflatten/flatten of the last dims only: also for no tokens at all (T = 0)
+        heads = (-1, self.head_dim)
+        q = self.q_proj(x).unflatten(-1, heads)
+        k = self.k_proj(x).unflatten(-1, heads)
+        v = self.v_proj(x).unflatten(-1, heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attend(self.layer_idx, q, k, v)
-        return self.o_proj(out.reshape(*lead, -1))
+        return self.o_proj(out.flatten(-2))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -215,8 +222,9 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
     """transformers' ``LlamaForCausalLM`` (also ``MistralForCausalLM`` and ``Qwen2ForCausalLM``):
-    the keyword arguments are the transformers config's fields; build from a config with
-    :meth:`from_config` (a ``PretrainedConfig`` object or its dict).
+    the keyword arguments are the transformers config's fields; build from a config as
+    transformers does, ``LlamaForCausalLM(config)`` (a ``PretrainedConfig`` object or its dict,
+    keyword arguments overriding single fields), or with :meth:`from_config`.
 
     ``model_type`` picks the family's biases: ``"llama"`` puts a bias on q/k/v/o when
     ``attention_bias`` and on the MLP when ``mlp_bias``; ``"qwen2"`` on q/k/v only;
@@ -231,7 +239,9 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
     """
 
     default_model_type = "llama"
+    _weights_name = "model"  # save_pretrained writes transformers' model.safetensors
 
+    @accepts_config
     def __init__(
         self,
         vocab_size: int = 32000,
@@ -357,11 +367,7 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
         return int(window) if sliding else None
 
     @classmethod
-    def from_config(cls, config: Any, **overrides: Any) -> LlamaForCausalLM:
-        """A model with random weights from transformers' ``LlamaConfig``/``MistralConfig``/
-        ``Qwen2Config`` (or any object with ``to_dict()``), or a dict of its fields;
-        ``overrides`` replace single fields. transformers' generic fields (``use_cache``,
-        ``initializer_range``, ``id2label``, ...) are ignored."""
+    def _fields_of(cls, config: Any, overrides: Mapping[str, Any]) -> dict:
         if not isinstance(config, Mapping) and hasattr(config, "to_dict"):
             config = config.to_dict()
         if not isinstance(config, Mapping):
@@ -370,7 +376,23 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
                 f"got {type(config).__name__}"
             )
         config = {k: v for k, v in config.items() if k not in _GENERIC_KEYS}
-        return cls(**cls._config_kwargs(config, overrides))
+        return cls._config_kwargs(config, overrides)
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> LlamaForCausalLM:
+        """A model with random weights from transformers' ``LlamaConfig``/``MistralConfig``/
+        ``Qwen2Config`` (or any object with ``to_dict()``), or a dict of its fields;
+        ``overrides`` replace single fields. transformers' generic fields (``use_cache``,
+        ``initializer_range``, ``id2label``, ...) are ignored. The same as ``cls(config,
+        **overrides)``."""
+        return cls(**cls._fields_of(config, overrides))
+
+    def _saved_config(self) -> dict[str, Any]:
+        model_type = self.config.model_type
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+        return transformers_config(
+            self.config, model_type, arch.get(model_type, "Qwen2ForCausalLM"), self.dtype
+        )
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign=False):
         """``nn.Module.load_state_dict``; with tied embeddings a state without ``lm_head.weight``
@@ -430,9 +452,15 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
             input_ids: ``(B, L)`` int64, or ``inputs_embeds`` ``(B, L, hidden)``.
             attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding (either side). With
                 padding the real tokens are packed and attend with the varlen kernel; the
-                logits at padded positions are not computed (they are 0).
+                logits at padded positions are not computed (they are 0); a batch of padding
+                only gives zero logits and a NaN loss (no token counts).
             position_ids: ``(B, L)`` or ``(1, L)``; by default ``arange(L)`` counting padding,
                 as transformers' forward (generation gives each sequence 0, 1, ... instead).
+                Without ``attention_mask``, positions that restart inside a row (``[0, 1, 2, 0,
+                1]``: a position that is not the previous one + 1 starts a sequence) mark
+                sequences packed into the row: each attends only to itself (block-diagonal
+                causal), as transformers without a cache. The loss still runs over the whole row
+                (a collator sets each sequence's first label to -100).
             labels: ``(B, L)``: the loss of :func:`causal_lm_loss` (shifted inside; -100 ignored;
                 predictions made at padding ignored).
             num_items_in_batch: divide the summed loss by it instead of taking the mean.
@@ -442,14 +470,29 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
         """
         h = self._embed(input_ids, inputs_embeds, "forward")
         b, n = h.shape[:2]
+        # sequences packed into rows, told apart by restarting positions (only without a mask)
+        by_positions = None
         if position_ids is None:
             position_ids = torch.arange(n, device=h.device)[None]
+        elif attention_mask is None:
+            by_positions = packing_from_positions(position_ids.expand(b, n))
         position_ids = position_ids.expand(b, n)
         rotary = self.model.rotary_emb
         # the largest position of the whole batch, padding included, as transformers takes it
         seq_len = int(position_ids.max()) + 1 if rotary.depends_on_length and n else None
         padded = attention_mask is not None and not bool(attention_mask.all())
-        if not padded:
+        if by_positions is not None:
+            cu, longest = by_positions.cu_seqlens, by_positions.max_seqlen
+            self._check_window(longest)
+
+            def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return flash_attention_varlen(
+                    q, k, v, cu, cu, longest, longest, causal=True, scale=self.scale
+                )
+
+            hidden = self.model.run(h.flatten(0, 1), position_ids.flatten(), attend, seq_len)
+            logits = self.lm_head(hidden).unflatten(0, (b, n))
+        elif not padded:
             self._check_window(n)
             logits = self.lm_head(self.model.run(h, position_ids, self._dense_attend, seq_len))
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -341,8 +342,8 @@ def test_towers_load_transformers_state_dicts():
 
 
 def test_from_pretrained_reads_a_transformers_folder(tmp_path):
-    """A float32 checkpoint (from_pretrained builds the model in float32, loads, then casts to
-    ``torch_dtype``), compared in float64."""
+    """A float32 checkpoint loaded into a float64 model (from_pretrained builds the model in
+    ``torch_dtype``, then loads), compared in float64."""
     ours, peer = _pair()
     peer.save_pretrained(tmp_path)
     loaded = CLIPModel.from_pretrained(tmp_path, torch_dtype=torch.float64)
@@ -564,3 +565,84 @@ def test_attention_dropout_in_training_runs_pytorchs_sdpa():
         assert torch.equal(
             ours.text_model(ids, mask).pooler_output, ours.text_model(ids, mask).pooler_output
         )
+
+
+# ---- the fallback at the pads, saving in transformers' layout, config overrides ---------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fallback_and_varlen_agree_at_the_pads(dtype, monkeypatch):
+    """At every position, pads included (right pads that see real tokens, left pads and a row
+    of pads only, that see none), PyTorch's SDPA path and the varlen path give the same hidden
+    states: the attention output at a pad is zero in both."""
+    ours, _ = _pair(dtype=dtype)
+    ids, mask, _ = _text("first_eos", batch=5)
+    mask[4] = 0  # a row of pads only
+    with torch.no_grad():
+        varlen = ours.text_model(ids, mask)
+        monkeypatch.setattr(clip_module, "sdpa_backend", lambda *a, **k: "torch")
+        names = op_names(lambda: ours.text_model(ids, mask))
+        fallback = ours.text_model(ids, mask)
+    assert "genext::flash_attention_forward" not in names
+    assert rel(fallback.last_hidden_state, varlen.last_hidden_state) < TOL[dtype]
+    assert rel(fallback.pooler_output, varlen.pooler_output) < TOL[dtype]
+    assert torch.isfinite(fallback.last_hidden_state).all()
+
+
+def test_save_pretrained_is_read_by_transformers(tmp_path):
+    """genext's save_pretrained writes transformers' layout (model.safetensors, a config.json
+    with model_type): transformers' from_pretrained reads CLIPModel's and the towers' folders
+    with the same outputs, a float64 model round-trips exactly through genext's from_pretrained
+    and transformers', and a standalone tower reads a whole CLIPModel folder (its own config and
+    weights), as transformers' does."""
+    pytest.importorskip("safetensors")
+    ours, _ = _pair(dtype=torch.float64)
+    ids, mask, _ = _text("first_eos")
+    px = _pixels(torch.float64)
+    ours.save_pretrained(tmp_path / "clip")
+    assert sorted(p.name for p in (tmp_path / "clip").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    peer = transformers.CLIPModel.from_pretrained(tmp_path / "clip")
+    again = CLIPModel.from_pretrained(tmp_path / "clip")
+    assert peer.dtype == again.dtype == torch.float64 and again.config == ours.config
+    for k, v in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v) and torch.equal(peer.state_dict()[k], v), k
+    with torch.no_grad():
+        a = ours(ids, px, mask).logits_per_text
+        b = peer(input_ids=ids, pixel_values=px, attention_mask=mask).logits_per_text
+        assert torch.equal(again(ids, px, mask).logits_per_text, a) and rel(a, b) < 1e-12
+
+    text = CLIPTextModel.from_pretrained(tmp_path / "clip")
+    vision = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "clip")
+    # the tower's config, projected to the CLIPModel's width (what its projections have)
+    assert text.config == dict(ours.config.text_config, projection_dim=64)
+    with torch.no_grad():
+        want = ours.text_model(ids, mask).pooler_output
+        assert torch.equal(text(ids, mask).pooler_output, want)
+        assert torch.equal(vision(px).image_embeds, ours.get_image_features(px))
+    for tower, peer_cls in (
+        (text, transformers.CLIPTextModel),
+        (vision, transformers.CLIPVisionModelWithProjection),
+    ):
+        folder = tmp_path / type(tower).__name__
+        tower.save_pretrained(folder)
+        peer_tower = peer_cls.from_pretrained(folder)
+        for k, v in tower.state_dict().items():
+            assert torch.equal(peer_tower.state_dict()[k], v), k
+        assert type(tower).from_pretrained(folder).config == tower.config
+
+
+def test_unknown_override_fields_warn():
+    config = _config()
+    with pytest.warns(UserWarning, match="not_a_field"):
+        CLIPModel(config, not_a_field=1)
+    with pytest.warns(UserWarning, match="projection_dimm"):
+        CLIPTextModel(config.text_config, projection_dimm=8)
+    with pytest.warns(UserWarning, match="patch"):
+        CLIPVisionModel(config.vision_config, patch=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CLIPModel(config, projection_dim=16)
+        CLIPTextModel(config.text_config, hidden_size=64)

@@ -434,3 +434,219 @@ def test_gradient_checkpointing_same_gradients():
     for blk in ours.transformer.h:
         blk.attn.resid_dropout.p = blk.mlp.dropout.p = blk.attn.attn_dropout.p = 0.0
     assert_grads_match(grads_after(ours, loss_fn), plain, 1e-12)
+
+
+# ---- construction from a config, packed sequences, dropout layout, positions, saving ----------
+
+
+def test_constructs_from_a_config_as_transformers():
+    """``GPT2LMHeadModel(config)`` / ``GPT2Model(config)`` with a GPT2Config or a dict of its
+    fields (aliases included), keyword fields overriding, is ``from_config``; an int first is
+    still vocab_size; anything else is a TypeError. (The override form comes first: without the
+    config handling a dict lands in vocab_size beside the default 124M-parameter sizes.)"""
+    config = transformers.GPT2Config(**TINY)
+    one_layer = GPT2LMHeadModel(config.to_dict(), n_layer=1)
+    assert len(one_layer.transformer.h) == 1 and one_layer.config.n_embd == 32
+    for cls in (GPT2LMHeadModel, GPT2Model):
+        want = cls.from_config(config).config
+        assert cls(config).config == cls(TINY).config == cls(config=config).config == want
+        assert cls(dict(TINY, n_embd=64)).config.n_embd == 64
+        assert cls(TINY, num_hidden_layers=3).config.n_layer == 3  # GPT2Config's alias
+    assert list(GPT2LMHeadModel(config).state_dict()) == list(
+        transformers.GPT2LMHeadModel(config).state_dict()
+    )
+    assert GPT2Model(99, n_embd=32, n_layer=1, n_head=4).config.vocab_size == 99
+    with pytest.raises(TypeError, match="first argument must be a config .* or vocab_size"):
+        GPT2LMHeadModel([99, 32])
+    with pytest.warns(UserWarning, match="not_a_field"):
+        GPT2Model(TINY, not_a_field=1)
+
+
+def _packed_rows():
+    """Two rows of packed sequences (DataCollatorWithFlattening's layout): position ids that
+    restart, a single-token sequence, a row that starts mid-sequence (one sequence), the first
+    label of every sequence -100."""
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1], [3, 4, 5, 6, 0, 0, 1, 0, 1, 2]])
+    ids = _ids(*pos.shape, seed=5)
+    return ids, pos, ids.masked_fill(pos == 0, -100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_position_ids_match_transformers(dtype):
+    """Without an attention_mask, position ids that restart separate sequences, as transformers'
+    masks without a cache (find_packed_sequence_indices, use_cache=False): logits, loss and
+    gradients; genext's kernel ran."""
+    ours, peer = _pair(VARIANT if dtype == torch.float32 else TINY, dtype)
+    ids, pos, labels = _packed_rows()
+    tol = TOL[dtype]
+    with torch.no_grad():
+        out = ours(ids, position_ids=pos, labels=labels)
+        ref = peer(ids, position_ids=pos, labels=labels, use_cache=False)
+        assert rel(out.logits, ref.logits) < tol
+        target = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        want = F.cross_entropy(ref.logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+        assert rel(out.loss, ref.loss if dtype == torch.float32 else want) < tol
+        # row 0's second sequence is that sequence alone
+        assert rel(out.logits[:1, 3:8], ours(ids[:1, 3:8]).logits) < tol
+        hidden = ours.transformer(ids, position_ids=pos).last_hidden_state
+        peer_hidden = peer.transformer(ids, position_ids=pos, use_cache=False).last_hidden_state
+        assert rel(hidden, peer_hidden) < tol
+        # with a mask the positions are only positions, as in transformers
+        ones = torch.ones_like(ids)
+        masked = ours(ids, attention_mask=ones, position_ids=pos).logits
+        assert rel(masked, peer(ids, attention_mask=ones, position_ids=pos).logits) < tol
+        assert rel(masked, out.logits) > 1e-3
+    w = torch.randn(ids.shape + (99,), dtype=dtype)
+
+    def loss_fn(model):
+        extra = {} if model is ours else {"use_cache": False}
+        o = model(ids, position_ids=pos, labels=labels, **extra)
+        return (o.logits * w).sum() + (o.loss if dtype == torch.float32 else 0.0)
+
+    assert_grads_match(grads_after(ours, loss_fn), grads_after(peer, loss_fn), tol)
+    names = op_names(lambda: ours(ids, position_ids=pos))
+    assert "genext::flash_attention_forward" in names
+    assert not any("scaled_dot_product" in n for n in names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["left", "holes", "packed"])
+def test_dropout_with_padding_or_packing_matches_transformers_sdpa(layout, dtype, monkeypatch):
+    """Attention dropout in training on a padded (or position-packed) batch runs PyTorch's SDPA
+    per batch row, on (B, H, L, D) with a (B, 1, L, L) mask, the call transformers' sdpa
+    attention makes: with one seed the dropout masks, hence the logits at the real tokens and
+    the gradients, are transformers'. (resid_pdrop 0: genext draws the residual dropouts over
+    the real tokens only.)"""
+    cfg = dict(TINY, resid_pdrop=0.0, attn_pdrop=0.3)
+    ours, peer = _pair(cfg, dtype, attn="sdpa")
+    ours.train(), peer.train()
+    if layout == "packed":
+        ids, pos, _ = _packed_rows()
+        kw, real = {"position_ids": pos}, torch.ones(ids.shape, dtype=torch.bool)
+    else:
+        ids, mask = _ids(), _mask(layout)
+        kw, real = {"attention_mask": mask}, mask.bool()
+    w = torch.randn(int(real.sum()), 99, dtype=dtype)
+
+    def run(model):
+        torch.manual_seed(11)
+        extra = {} if model is ours else {"use_cache": False}
+        return model(ids, **kw, **extra).logits[real]
+
+    got, want = run(ours), run(peer)
+    assert rel(got, want) < TOL[dtype]
+    torch.manual_seed(12)
+    assert rel(ours(ids, **kw).logits[real], got) > 1e-3  # dropout is on
+
+    def loss_fn(model):
+        return (run(model) * w).sum()
+
+    assert_grads_match(grads_after(ours, loss_fn), grads_after(peer, loss_fn), TOL[dtype])
+    shapes = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        shapes.append((tuple(q.shape), tuple(attn_mask.shape)))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ours(ids, **kw)
+    b, n = ids.shape
+    assert shapes == [((b, 4, n, 8), (b, 1, n, n))] * TINY["n_layer"]
+
+
+def test_dropout_attention_memory_is_per_row():
+    """The dropout fallback's mask and scores grow as B * L^2, not (B * L)^2: the largest
+    allocation at B = 32 is about 8 times that at B = 4 (it was 64 times with a mask over the
+    whole packed batch)."""
+    ours = GPT2LMHeadModel.from_config(dict(TINY, n_positions=128, attn_pdrop=0.1)).train()
+
+    def peak(batch: int) -> int:
+        ids = _ids(batch, 96)
+        mask = torch.ones_like(ids)
+        mask[:, -1] = 0
+        with torch.profiler.profile(profile_memory=True) as prof:
+            with torch.no_grad():
+                ours(ids, attention_mask=mask)
+        return max(e.cpu_memory_usage for e in prof.key_averages() if "scaled_dot" in e.key)
+
+    small, large = peak(4), peak(32)
+    assert 4 * small < large < 16 * small
+
+
+def test_positions_past_n_positions_raise_value_error():
+    ours, _ = _pair(dict(TINY, n_positions=16), torch.float32)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="n_positions = 16"):
+            ours(_ids(1, 17))
+        with pytest.raises(ValueError, match="from 0 to 16"):
+            ours(_ids(1, 3), position_ids=torch.tensor([[0, 1, 16]]))
+        with pytest.raises(ValueError, match="from -1 to 1"):
+            ours.transformer(_ids(1, 3), position_ids=torch.tensor([[-1, 0, 1]]))
+        caches = _caches(ours, 1, torch.float32)
+        with pytest.raises(ValueError, match="n_positions"):
+            ours.forward_decode(_ids(1, 1), torch.tensor([[16]]), caches)
+        with pytest.raises(ValueError, match="n_positions"):
+            ours.forward_packed(_ids(1, 3)[0], torch.tensor([14, 15, 16]), torch.tensor([0, 3]), 3)
+        ours(_ids(1, 16))  # the whole table is fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_padding_batch(dtype):
+    """A batch of padding only: zero logits and hidden states, and a NaN loss (no token counts,
+    the mean over nothing), as documented; a row of padding only in a batch is zeros."""
+    ours, _ = _pair(TINY, dtype)
+    ids = _ids()
+    with torch.no_grad():
+        out = ours(ids, attention_mask=torch.zeros_like(ids), labels=ids)
+        hidden = ours.transformer(ids, attention_mask=torch.zeros_like(ids)).last_hidden_state
+        mask = torch.ones_like(ids)
+        mask[1] = 0
+        one_row = ours(ids, attention_mask=mask).logits
+    assert out.logits.shape == (B, L, 99) and torch.count_nonzero(out.logits) == 0
+    assert torch.count_nonzero(hidden) == 0 and torch.isnan(out.loss)
+    assert torch.count_nonzero(one_row[1]) == 0
+    assert rel(one_row[0], ours(ids[:1]).logits[0]) < TOL[dtype]
+
+
+def test_save_pretrained_is_read_by_transformers(tmp_path):
+    """genext's save_pretrained writes transformers' layout (model.safetensors, the tied weight
+    once, a config.json with model_type and architectures): transformers' from_pretrained reads
+    it with the same outputs; float64 round-trips exactly through both."""
+    pytest.importorskip("safetensors")
+    ours, _ = _pair(TINY, torch.float64)
+    ids = _ids()
+    for model, peer_cls in ((ours, transformers.GPT2LMHeadModel), (ours.transformer, None)):
+        folder = tmp_path / type(model).__name__
+        model.save_pretrained(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        peer = (peer_cls or transformers.AutoModel).from_pretrained(folder)
+        again = type(model).from_pretrained(folder)
+        assert type(peer).__name__ == type(model).__name__ and peer.dtype == torch.float64
+        assert again.dtype == torch.float64 and again.config == model.config
+        with torch.no_grad():
+            a, b, c = (m(ids)[0] for m in (model, again, peer))
+        assert torch.equal(a, b) and rel(a, c) < 1e-12
+        for k, v in model.state_dict().items():
+            assert torch.equal(again.state_dict()[k], v) and torch.equal(peer.state_dict()[k], v)
+    assert again.wte.weight.dtype == torch.float64
+    head = GPT2LMHeadModel.from_pretrained(tmp_path / "GPT2LMHeadModel")
+    assert head.lm_head.weight is head.transformer.wte.weight
+
+
+def test_attention_dropout_in_forward_packed_keeps_sequences_apart():
+    """forward_packed in training with attention dropout: SDPA on the sequences padded to the
+    longest, (S, H, M, D) with an (S, 1, M, M) causal + length mask. At a dropout probability of
+    1e-12 nothing is dropped, so the logits are the evaluation logits to about 1e-12."""
+    cfg = dict(TINY, attn_pdrop=1e-12, resid_pdrop=0.0, embd_pdrop=0.0)
+    ours, _ = _pair(cfg, torch.float64)
+    lens = [5, 1, 13, 8]
+    tokens, pos, cu = _packed([_ids(1, n, seed=30 + i)[0] for i, n in enumerate(lens)])
+    with torch.no_grad():
+        want = ours.forward_packed(tokens, pos, cu, max(lens))
+        ours.train()
+        names = op_names(lambda: ours.forward_packed(tokens, pos, cu, max(lens)))
+        got = ours.forward_packed(tokens, pos, cu, max(lens))
+    assert "aten::scaled_dot_product_attention" in names
+    assert "genext::flash_attention_forward" not in names
+    assert rel(got, want) < 1e-10

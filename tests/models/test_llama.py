@@ -491,3 +491,130 @@ def test_cuda_against_float64(dtype, padding):
     peer_grads = {k: g.cpu() for k, g in grads_after(peer_c, loss_fn).items()}
     for k, g in exact_grads.items():
         assert rel(ours_grads[k], g) <= 2 * rel(peer_grads[k], g) + 1e-6, k
+
+
+# ---- construction from a config, packed sequences, saving ------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gqa", "mistral", "qwen2"])
+def test_constructs_from_a_config_as_transformers(name):
+    """``LlamaForCausalLM(config)`` with a config object or its dict, keyword fields overriding,
+    is ``from_config``; an int first is still vocab_size; anything else is a TypeError. (The
+    override form comes first: without the config handling a dict lands in vocab_size, and a
+    bare ``LlamaForCausalLM(config_dict)`` builds the 7B default.)"""
+    config = CONFIGS[name]()
+    cls = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
+    one_layer = LlamaForCausalLM(config.to_dict(), num_hidden_layers=1, intermediate_size=40)
+    assert len(one_layer.model.layers) == 1 and one_layer.config.hidden_size == 32
+    want = LlamaForCausalLM.from_config(config).config
+    for model in (
+        LlamaForCausalLM(config),
+        LlamaForCausalLM(config.to_dict()),
+        LlamaForCausalLM(config=config),
+        cls[config.model_type](config),
+    ):
+        assert model.config == want
+    assert list(LlamaForCausalLM(config).state_dict()) == list(
+        PEERS[config.model_type](config).state_dict()
+    )
+    plain = LlamaForCausalLM(99, hidden_size=32, intermediate_size=37, num_hidden_layers=1)
+    assert plain.config.vocab_size == 99
+    with pytest.raises(TypeError, match="first argument must be a config .* or vocab_size"):
+        LlamaForCausalLM("llama")
+    with pytest.raises(TypeError, match="keyword arguments"):
+        LlamaForCausalLM(config, 32)
+
+
+def _packed_rows():
+    """Two rows of packed sequences (DataCollatorWithFlattening's layout): position ids that
+    restart, one sequence of a single token, a row that starts mid-sequence (positions 3, 4,
+    ...: one sequence), the first label of every sequence -100."""
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0], [3, 4, 5, 6, 0, 1, 0, 1, 2]])
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 99, pos.shape, generator=g)
+    labels = ids.masked_fill(pos == 0, -100)
+    return ids, pos, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["gqa", "qwen2"])
+def test_packed_position_ids_match_transformers(name, dtype):
+    """Without an attention_mask, position ids that restart separate sequences, as transformers'
+    masks (find_packed_sequence_indices) without a cache: logits, loss and gradients."""
+    ours, peer = _pair(CONFIGS[name](), dtype)
+    ids, pos, labels = _packed_rows()
+    tol = TOL[dtype]
+    with torch.no_grad():
+        out = ours(ids, position_ids=pos, labels=labels)
+        ref = peer(ids, position_ids=pos, labels=labels, use_cache=False)
+        assert rel(out.logits, ref.logits) < tol
+        if dtype == torch.float32:
+            assert rel(out.loss, ref.loss) < tol
+        else:  # transformers' loss is float32; the float64 reference from its logits
+            assert rel(out.loss, _ref_loss(ref.logits, labels, torch.ones_like(ids))) < tol
+        # the second sequence of row 0 is that sequence alone
+        alone = ours(ids[:1, 3:8]).logits
+        assert rel(out.logits[:1, 3:8], alone) < tol
+        # one row of positions for the whole batch is read per row too
+        same = ours(ids, position_ids=pos[:1]).logits
+        assert rel(same, peer(ids, position_ids=pos[:1], use_cache=False).logits) < tol
+        # with an attention mask the positions are only positions, as in transformers
+        ones = torch.ones_like(ids)
+        masked = ours(ids, attention_mask=ones, position_ids=pos).logits
+        assert rel(masked, peer(ids, attention_mask=ones, position_ids=pos).logits) < tol
+        assert rel(masked, out.logits) > 1e-3
+    w = torch.randn(ids.shape + (99,), dtype=dtype)
+
+    def loss_fn(model):
+        extra = {} if model is ours else {"use_cache": False}
+        o = model(ids, position_ids=pos, labels=labels, **extra)
+        return (o.logits * w).sum() + (o.loss if dtype == torch.float32 else 0.0)
+
+    assert_grads_match(grads_after(ours, loss_fn), grads_after(peer, loss_fn), tol)
+    names = op_names(lambda: ours(ids, position_ids=pos))
+    assert "genext::flash_attention_forward" in names
+    assert not any("scaled_dot_product" in n for n in names)
+
+
+def test_save_pretrained_is_read_by_transformers(tmp_path):
+    """genext's save_pretrained writes transformers' layout (model.safetensors, a config.json
+    with model_type and architectures): transformers' from_pretrained reads it, with the same
+    outputs; a float64 model round-trips exactly through genext's from_pretrained (built in
+    the checkpoint's dtype, not through float32) and transformers'."""
+    pytest.importorskip("safetensors")
+    for name in ("tied", "qwen2"):
+        ours, _ = _pair(CONFIGS[name](), torch.float64)
+        folder = tmp_path / name
+        ours.save_pretrained(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        peer = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        assert type(peer) is PEERS[ours.config.model_type] and peer.dtype == torch.float64
+        again = LlamaForCausalLM.from_pretrained(folder)
+        assert again.dtype == torch.float64 and again.config == ours.config
+        ids = torch.randint(1, 99, (2, 7))
+        with torch.no_grad():
+            assert torch.equal(again(ids).logits, ours(ids).logits)
+            assert rel(peer(ids).logits, ours(ids).logits) < 1e-12
+        for k, v in ours.state_dict().items():
+            assert torch.equal(again.state_dict()[k], v), k
+            assert torch.equal(peer.state_dict()[k], v), k
+    as_half = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    assert as_half.dtype == torch.bfloat16
+    want = ours.model.embed_tokens.weight.to(torch.bfloat16)
+    assert torch.equal(as_half.model.embed_tokens.weight, want)
+
+
+def test_all_padding_batch():
+    """A batch of padding only: zero logits and a NaN loss (the mean over no token), as
+    documented, and the backward runs; a row of padding only in a batch is zeros."""
+    ours, _ = _pair(CONFIGS["gqa"](), torch.float64)
+    ids, _, labels = _batch("none")
+    out = ours(ids, attention_mask=torch.zeros_like(ids), labels=labels)
+    assert torch.count_nonzero(out.logits) == 0 and torch.isnan(out.loss)
+    out.logits.sum().backward()
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with torch.no_grad():
+        one_row = ours(ids, attention_mask=mask).logits
+        assert torch.count_nonzero(one_row[1]) == 0
+        assert rel(one_row[0], ours(ids[:1]).logits[0]) < 1e-12
