@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import KVCache
-from ._config import PeerConfigMixin
+from ._config import PeerConfigMixin, accepts_config, transformers_config
 from ._generation import GenerationMixin
 from .clip import CLIPVisionModel
 from .llama import CausalLMOutput, LlamaForCausalLM, LlamaModel
@@ -123,6 +123,9 @@ class LlavaForConditionalGeneration(PeerConfigMixin, GenerationMixin, nn.Module)
     load-state-dict hook).
     """
 
+    _weights_name = "model"  # save_pretrained writes transformers' model.safetensors
+
+    @accepts_config
     def __init__(
         self,
         vision_config: Any = None,
@@ -217,14 +220,27 @@ class LlavaForConditionalGeneration(PeerConfigMixin, GenerationMixin, nn.Module)
         """A model with random weights from transformers' ``LlavaConfig`` (or any object with
         ``to_dict()``) or a dict of its fields; ``overrides`` replace single fields.
         transformers' generic fields are ignored."""
+        return cls(**cls._fields_of(config, overrides))
+
+    @classmethod
+    def _fields_of(cls, config: Any, overrides: Mapping[str, Any]) -> dict:
         config = _as_dict(config, "config")
         if config.get("model_type", "llava") != "llava":
             raise ValueError(
-                f"{cls.__name__}.from_config: model_type must be 'llava', got "
-                f"{config['model_type']!r}"
+                f"{cls.__name__}: config.model_type must be 'llava', got {config['model_type']!r}"
             )
         config = {k: v for k, v in config.items() if k not in _GENERIC_KEYS}
-        return cls(**cls._config_kwargs(config, overrides))
+        return cls._config_kwargs(config, overrides)
+
+    def _saved_config(self) -> dict[str, Any]:
+        fields = dict(self.config)
+        fields["vision_config"] = {**fields["vision_config"], "model_type": "clip_vision_model"}
+        fields["text_config"] = {
+            **fields["text_config"],
+            "model_type": self.language_model.config.model_type,
+        }
+        fields.pop("image_token_id", None)
+        return transformers_config(fields, "llava", "LlavaForConditionalGeneration", self.dtype)
 
     @classmethod
     def _convert_legacy_state(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -282,6 +282,26 @@ def test_loads_a_transformers_folder(tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours")
     assert torch.equal(again(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits, got)
+    # genext's folder is transformers' layout: transformers reads it back
+    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    back = theirs(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+    assert rel(back[mask.bool()], want[mask.bool()]) < 1e-5
+
+
+def test_built_from_a_config_object():
+    """``LlavaForConditionalGeneration(config)`` as transformers' (the config object or its
+    dict), equal to from_config; keyword fields override."""
+    config = _config("layers_full")
+    for given in (config, config.to_dict()):
+        model = LlavaForConditionalGeneration(given)
+        assert model.config.vision_feature_select_strategy == "full"
+        assert model.config.vision_feature_layer == [-1, 0]
+        assert model.config.text_config["num_key_value_heads"] == 2
+        keys = LlavaForConditionalGeneration.from_config(config).state_dict().keys()
+        assert model.state_dict().keys() == keys
+    assert LlavaForConditionalGeneration(config, image_seq_length=5).config.image_seq_length == 5
+    with pytest.raises(ValueError, match="model_type must be 'llava'"):
+        LlavaForConditionalGeneration({**config.to_dict(), "model_type": "clip"})
 
 
 @pytest.mark.cuda
