@@ -23,7 +23,7 @@ transformers' own 16-bit logits there.
 
 CPU: the character-level demo LM's shape (genext train lm) at batch 1 and 8, and a Llama of about
 38M parameters (SmolLM-135M's layout, narrower and shallower) at batch 1; prompt 128, 128 new
-tokens. CUDA: a Llama of about 1.1B parameters (hidden 2048, 16 layers, 32 heads, 8 KV heads),
+tokens; one thread (see CPU_CASES). CUDA: a Llama of about 1.1B parameters (hidden 2048, 16 layers, 32 heads, 8 KV heads),
 bfloat16, prompt 2048, 128 new tokens, batch 1, 8 and 64.
 """
 
@@ -120,16 +120,17 @@ def _threads(n: int) -> Iterator[None]:
 
 def cpu_threads(threads: int | None, device: str) -> AbstractContextManager:
     """A context holding `threads` intra-op threads on the CPU (nothing when None or on
-    another device): tiny models' cases run on one thread."""
+    another device)."""
     return _threads(threads) if device == "cpu" and threads else nullcontext()
 
 
-# the demo LM's matrices are tiny: a second thread only adds a synchronisation per product (on a
-# busy 2-core machine the prefill took 30x longer with two threads than with one)
+# one thread: the demo LM's matrices are tiny, and on the project's 2-core machine shared with
+# other processes a second thread made every row slower (the demo LM's prefill 30x, the 38M
+# model's decode 2-3x), measuring the threads' waits instead of the model
 CPU_CASES = [
     LMCase("demo-lm", DEMO_LM, 1, 128, 128, threads=1),
     LMCase("demo-lm", DEMO_LM, 8, 128, 128, threads=1),
-    LMCase("llama-38m", SMALL_LLAMA, 1, 128, 128),
+    LMCase("llama-38m", SMALL_LLAMA, 1, 128, 128, threads=1),
 ]
 CUDA_CASES = [
     LMCase("llama-1.1b", LLAMA_1B, 1, 2048, 128, block_size=64, graph=True),
