@@ -4,11 +4,12 @@ open_clip's CLIP with the same weights (``CLIPModel.from_open_clip`` converts op
 weights, perturbed) and open_clip's ClipLoss.
 
 CPU: a tiny ViT (32x32 images, 2 layers) and ViT-B/32's layout at a quarter of its widths and
-half its depth, float32, one thread (see CPU_CASES). CUDA: ViT-B/32 (open_clip's "ViT-B-32" config: 224x224 images in 32x32
-patches, 12 layers of 768 in the image tower, 12 of 512 over 77 tokens in the text tower) at
-batch 4096 and 1024 under bfloat16 autocast, with peak memory; a batch that does not fit is a row
-saying so. The weights stay float32 (as mixed-precision training keeps them); a 16-bit --dtype
-is the autocast dtype. No torch.compile rows: the bench compares the two eager implementations.
+half its depth, float32, one thread (see CPU_CASES). CUDA: ViT-B/32 (open_clip's "ViT-B-32"
+config: 224x224 images in 32x32 patches, 12 layers of 768 in the image tower, 12 of 512 over 77
+tokens in the text tower) at batch 4096 and 1024 under bfloat16 autocast, with peak memory; a
+batch that does not fit is a row saying so. The weights stay float32 (as mixed-precision
+training keeps them); a 16-bit --dtype is the autocast dtype. No torch.compile rows: the bench
+compares the two eager implementations.
 
 The check runs a smaller batch (the loss depends on the batch, so both models see the same one):
 the loss and the gradients of the logit scale, the patch embedding and the token embedding.
@@ -115,7 +116,8 @@ def clip_inputs(case: ClipModelCase, device: str) -> dict:
     if oc is not None:
         peer = perturbed_(oc.CLIP(**case.config)).to(device).train()
         inputs["open_clip"] = peer
-        inputs["genext"] = CLIPModel.from_open_clip(peer).train()
+        # from_open_clip builds its model on the host and copies the weights in
+        inputs["genext"] = CLIPModel.from_open_clip(peer).to(device).train()
     else:
         vision, text = case.config["vision_cfg"], case.config["text_cfg"]
         width = text["width"]

@@ -23,8 +23,8 @@ transformers' own 16-bit logits there.
 
 CPU: the character-level demo LM's shape (genext train lm) at batch 1 and 8, and a Llama of about
 38M parameters (SmolLM-135M's layout, narrower and shallower) at batch 1; prompt 128, 128 new
-tokens; one thread (see CPU_CASES). CUDA: a Llama of about 1.1B parameters (hidden 2048, 16 layers, 32 heads, 8 KV heads),
-bfloat16, prompt 2048, 128 new tokens, batch 1, 8 and 64.
+tokens; one thread (see CPU_CASES). CUDA: a Llama of about 1.1B parameters (hidden 2048, 16
+layers, 32 heads, 8 KV heads), bfloat16, prompt 2048, 128 new tokens, batch 1, 8 and 64.
 """
 
 from __future__ import annotations
@@ -276,7 +276,10 @@ def lm_check(case: LMCase, config: Config, dtype: torch.dtype, inputs: dict):
     "tokens" column; the case is ok when every row that ran passed."""
     if inputs["peer"] is None:
         return None, "transformers not available"
-    want = _generate("transformers", inputs, case.new, case)
+    try:
+        want = _generate("transformers", inputs, case.new, case)
+    except torch.OutOfMemoryError:
+        return None, "transformers' generate ran out of memory: nothing compared"
     expected = (case.batch, case.prompt + case.new)
     all_ok, notes = True, []
     # 16-bit: teacher-forced checks on at most 8 sequences, by a float32 copy of the model
@@ -287,8 +290,10 @@ def lm_check(case: LMCase, config: Config, dtype: torch.dtype, inputs: dict):
         key = _key(case.name, dtype, impl)
         try:
             got = _generate(impl, inputs, case.new, case)
-        except (RuntimeError, ValueError) as e:
-            if impl not in OPTIONAL:
+        except Exception as e:
+            # out of memory at a batch, or an optional row's compiler or option failing: the
+            # row says so; anything else in genext's or transformers' own rows is a bug
+            if impl not in OPTIONAL and not isinstance(e, torch.OutOfMemoryError):
                 raise
             first = (str(e).splitlines() or [type(e).__name__])[0]
             _FIGURES[key] = {"tokens": f"not run: {first[:50]}"}
