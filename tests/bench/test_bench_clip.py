@@ -77,3 +77,14 @@ def test_every_timing_runs_and_without_open_clip_genext_runs(monkeypatch):
     assert [t.setup(inputs) is None for t in built.timings] == [False, True]
     grads = built.timings[0].setup(inputs)(0)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_case_lists():
+    cuda = clip_bench.cases(Config("cuda"))
+    assert [c.name for c in cuda] == ["vit-b-32 b4096", "vit-b-32 b1024"]
+    assert all(c.dtype == torch.bfloat16 for c in cuda)
+    assert [c.name for c in clip_bench.cases(Config("cuda", quick=True))] == ["vit-b-32 b1024"]
+    assert [c.name for c in clip_bench.cases(Config("cpu"))] == [
+        "tiny-vit b64 1thr",
+        "vit-b-32/4 b64 1thr",
+    ]
