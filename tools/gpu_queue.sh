@@ -63,6 +63,11 @@ run models.log 120 python3 -W ignore -m genext bench --op unet --dtype float16 -
 run models.log 150 python3 -W ignore -m genext bench --op ldm --dtype float16 --no-compile
 run models.log 100 python3 -W ignore -m genext bench --op vae --dtype float16 --no-compile
 run models.log 100 python3 -W ignore -m genext bench --op vae --dtype bfloat16 --no-compile
+# the language side: greedy generation with a 1.1B Llama (prompt 2048, 128 new tokens, batch 1/8/64)
+# against transformers (SDPA dynamic, static, static compiled, genext attention; needs transformers),
+# and a ViT-B/32 CLIP training step at batch 4096 and 1024 against open_clip (its wheel in .gpu/)
+run models.log 300 python3 -W ignore -m genext bench --op lm --dtype bfloat16
+run models.log 120 python3 -W ignore -m genext bench --op clip
 run models.log 200 python3 -W ignore -m genext bench --op unet --dtype float16
 run models.log 200 python3 -W ignore -m genext bench --op ldm --dtype float16
 run models.log 150 python3 -W ignore -m genext bench --op vae --dtype float16
