@@ -3,7 +3,9 @@ attention kernels and :class:`genext.KVCache`.
 
 A model gets ``generate`` by inheriting :class:`GenerationMixin` and implementing the causal-LM
 protocol: ``kv_cache_spec() -> (num_layers, num_kv_heads, head_dim)``, ``forward_packed(input_ids,
-position_ids, cu_seqlens, max_seqlen, caches=None, inputs_embeds=None) -> (T, vocab)`` and
+position_ids, cu_seqlens, max_seqlen, caches=None, inputs_embeds=None, last_only=False) -> (T,
+vocab)`` (``(B, vocab)``, each sequence's last token, with ``last_only``: the prefill asks for
+that) and
 ``forward_decode(input_ids, position_ids, caches, inputs_embeds=None) -> (B, Lq, vocab)``, plus
 ``dtype``/``device`` properties and ``config.eos_token_id``/``config.pad_token_id`` (may be
 None). Optionally ``_check_generate(max_length, cuda_graph)`` to refuse what the model cannot do.
@@ -252,8 +254,9 @@ class GenerationMixin:
             longest,
             caches,
             inputs_embeds=inputs_embeds[keep] if inputs_embeds is not None else None,
+            last_only=True,
         )
-        last = logits[cu[1:].long() - 1]
+        last = logits
         vocab = last.shape[-1]
 
         seen = None

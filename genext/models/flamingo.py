@@ -484,6 +484,7 @@ class FlamingoForCausalLM(GenerationMixin, nn.Module):
         max_seqlen: int,
         caches: Sequence[KVCache] | None = None,
         inputs_embeds: Tensor | None = None,
+        last_only: bool = False,
     ) -> Tensor:
         """The prefill of :meth:`generate`: as :meth:`LlamaForCausalLM.forward_packed`, with the
         cross-attention blocks reading the visual keys/values of the current generation."""
@@ -508,7 +509,7 @@ class FlamingoForCausalLM(GenerationMixin, nn.Module):
             )
 
         hidden = self._run(h, position_ids, attend, kvs, prefill_mask, cu_seqlens, max_seqlen, None)
-        return lm.lm_head(hidden)
+        return lm.lm_head(hidden[cu_seqlens[1:].long() - 1] if last_only else hidden)
 
     def forward_decode(
         self,

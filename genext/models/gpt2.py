@@ -743,8 +743,10 @@ class GPT2LMHeadModel(_GPT2ConfigMixin, GenerationMixin, nn.Module):
         max_seqlen: int,
         caches: list[KVCache] | None = None,
         inputs_embeds: Tensor | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """The logits ``(T, vocab_size)`` of B sequences packed without padding.
+        """The logits ``(T, vocab_size)`` of B sequences packed without padding (with
+        ``last_only``, ``(B, vocab_size)``: each sequence's last token only, all a prefill needs).
 
         Args:
             input_ids: ``(T,)`` int64, sequence b's tokens at ``cu_seqlens[b]:cu_seqlens[b + 1]``
@@ -762,7 +764,7 @@ class GPT2LMHeadModel(_GPT2ConfigMixin, GenerationMixin, nn.Module):
         tr = self.transformer
         x = tr.embed(input_ids, position_ids, inputs_embeds)
         h = tr.run_blocks(x, _packed_attention(_Packing(cu_seqlens, max_seqlen), caches))
-        return self.lm_head(h)
+        return self.lm_head(h[cu_seqlens[1:].long() - 1] if last_only else h)
 
     def forward_decode(
         self,

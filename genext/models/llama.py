@@ -538,13 +538,16 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
         max_seqlen: int,
         caches: Sequence[KVCache] | None = None,
         inputs_embeds: Tensor | None = None,
+        last_only: bool = False,
     ) -> Tensor:
         """B sequences packed without padding: ``input_ids (T,)`` (or ``inputs_embeds (T,
         hidden)``), ``position_ids (T,)``, ``cu_seqlens`` int32 ``(B + 1,)`` from 0,
         ``max_seqlen`` their longest length. Every layer attends with
         :func:`genext.ops.flash_attention_varlen` (causal). With ``caches`` (one per layer, B
         sequences each), each layer's post-rotary keys and values of sequence b become that
-        cache's content for b. Returns logits ``(T, vocab)``."""
+        cache's content for b. Returns logits ``(T, vocab)``, or with ``last_only`` those of each
+        sequence's last token only, ``(B, vocab)`` (a prefill needs no more: the head's product
+        over every prompt token is skipped)."""
         self._check_caches(caches, "forward_packed")
         h = self._embed(input_ids, inputs_embeds, "forward_packed")
         self._check_window(int(max_seqlen))
@@ -564,7 +567,8 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
                 scale=self.scale,
             )
 
-        return self.lm_head(self.model.run(h, position_ids, attend, None))
+        h = self.model.run(h, position_ids, attend, None)
+        return self.lm_head(h[cu_seqlens[1:].long() - 1] if last_only else h)
 
     def forward_decode(
         self,

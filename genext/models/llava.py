@@ -402,11 +402,12 @@ class LlavaForConditionalGeneration(PeerConfigMixin, GenerationMixin, nn.Module)
         max_seqlen: int,
         caches: Sequence[KVCache] | None = None,
         inputs_embeds: Tensor | None = None,
+        last_only: bool = False,
     ) -> Tensor:
         """The language model's :meth:`LlamaForCausalLM.forward_packed` (images already merged
         into ``inputs_embeds (T, text_hidden)``)."""
         return self.language_model.forward_packed(
-            input_ids, position_ids, cu_seqlens, max_seqlen, caches, inputs_embeds
+            input_ids, position_ids, cu_seqlens, max_seqlen, caches, inputs_embeds, last_only
         )
 
     def forward_decode(

@@ -275,6 +275,10 @@ def test_forward_packed_equals_forward(dtype):
             assert rel(packed[cu[i] : cu[i + 1]], alone) < TOL[dtype]
         emb = ours.transformer.wte(tokens)
         assert rel(ours.forward_packed(None, pos, cu, max(lens), inputs_embeds=emb), packed) == 0
+        # last_only: each sequence's last token's logits, (B, vocab), as a prefill needs
+        last = ours.forward_packed(tokens, pos, cu, max(lens), last_only=True)
+    assert last.shape == (len(lens), packed.shape[-1])
+    assert rel(last, packed[cu[1:].long() - 1]) < TOL[dtype]  # one GEMM of B rows, not T
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

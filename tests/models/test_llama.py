@@ -358,6 +358,11 @@ def test_forward_packed_equals_forward(name):
         want = torch.cat([ours(s[None]).logits[0] for s in seqs])
     assert packed.shape == (len(ids), 99)
     assert rel(packed, want) < 1e-12
+    # last_only: each sequence's last token's logits, (B, vocab), as a prefill needs
+    with torch.no_grad():
+        last = ours.forward_packed(ids, pos, cu, longest, last_only=True)
+    assert last.shape == (len(seqs), 99)
+    assert rel(last, packed[cu[1:].long() - 1]) < 1e-12  # one GEMM of B rows, not of T
 
 
 @pytest.mark.parametrize("block_size", [None, 3])
