@@ -104,7 +104,7 @@ def heldout_bpc(model: nn.Module, ids: Tensor, context: int, batch_size: int = 3
 class LMTask(Task):
     name = "lm"
     datasets = ("shakespeare",)
-    defaults = {"shakespeare": TaskDefaults(steps=1500, batch_size=32, lr=3e-3, size=128)}
+    defaults = {"shakespeare": TaskDefaults(steps=1200, batch_size=32, lr=3e-3, size=64)}
 
     def model_config(self, data: Split) -> dict[str, Any]:
         context = data.x_train.shape[1] - 1
