@@ -138,7 +138,8 @@ class LMTask(Task):
     def lr_factor(self, step: int, steps: int) -> float:
         if step < WARMUP_STEPS:
             return (step + 1) / WARMUP_STEPS
-        progress = min(1.0, (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS))
+        # 0 at the warm-up's last step (factor 1), 1 at the run's last step (steps - 1)
+        progress = min(1.0, (step - WARMUP_STEPS + 1) / max(1, steps - WARMUP_STEPS))
         return MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def evaluate(self, model: nn.Module, data: Split) -> dict[str, float]:
