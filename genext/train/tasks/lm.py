@@ -72,6 +72,13 @@ def heldout_bpc(model: nn.Module, ids: Tensor, context: int, batch_size: int = 3
     predicted once, inside windows of ``context`` characters that start every ``context // 2``
     characters, from at least ``context // 2`` characters before it (all before it in the first
     window)."""
+    if context < 2:
+        raise ValueError(
+            f"heldout_bpc: context must be at least 2 (a window of one character "
+            f"predicts nothing inside it), got {context}"
+        )
+    if len(ids) < 2:
+        raise ValueError(f"heldout_bpc: ids must hold at least 2 characters, got {len(ids)}")
     device = next(model.parameters()).device
     t = len(ids)
     stride = max(1, context // 2)
