@@ -316,6 +316,23 @@ def test_genext_generate_greedy(lm_run, capsys):
     assert torch.equal(seq, out)
 
 
+@needs_plays
+def test_lm_text_samples_on_the_models_device(device, monkeypatch):
+    # the loop hands text_samples its CPU generator, also for a model on CUDA (multinomial there
+    # needs a generator on CUDA); the samples are a function of that generator's seed
+    monkeypatch.setattr(lm, "SAMPLE_CHARS", 40)
+    torch.manual_seed(0)
+    task = loop.get_task("lm")
+    data = loop.load_data("shakespeare", _CONTEXT)
+    model = task.build(task.configure(data, _LM)).to(device).eval()
+    texts = [
+        task.text_samples(model, data, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)
+    ]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+    for prompt, part in zip(lm.SAMPLE_PROMPTS, texts[0].split("\n----\n")):
+        assert part.startswith(prompt) and len(part) > len(prompt)
+
+
 def test_genext_generate_refuses_a_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="genext train lm"):
         genext_main(["generate", "--run", str(tmp_path / "none")])
