@@ -162,6 +162,10 @@ class LMTask(Task):
     def text_samples(self, model: nn.Module, data: Split, generator: torch.Generator) -> str:
         vocab = shakespeare_vocab()
         device = next(model.parameters()).device
+        # the loop's generator is on the CPU; generate samples (multinomial) on the model's device
+        if generator.device != device:
+            seed = int(torch.randint(2**62, (), generator=generator))
+            generator = torch.Generator(device).manual_seed(seed)
         parts = []
         for prompt in SAMPLE_PROMPTS:
             ids = vocab.encode(prompt).unsqueeze(0).to(device)
