@@ -314,6 +314,14 @@ def test_genext_generate_greedy(lm_run, capsys):
             nxt = model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(seq, out)
+    # sampling: a function of --seed
+    sampled = []
+    for seed in ("3", "3", "4"):
+        sample = ["generate", "--run", str(lm_run), "--prompt", "AB", "--max-new-tokens", "30"]
+        assert genext_main([*sample, "--seed", seed]) == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+    assert all(s.startswith("AB") and len(s) == 2 + 30 + 1 for s in sampled)
 
 
 @needs_plays
@@ -444,3 +452,8 @@ def test_vlm_names_the_missing_run(clip_run, tmp_path):
         task.build({"clip_run": str(tmp_path / "no-clip"), "lm_run": str(tmp_path / "no-lm")})
     with pytest.raises(FileNotFoundError, match="genext train lm"):
         task.build({"clip_run": str(clip_run), "lm_run": str(tmp_path / "no-lm")})
+    # a run of another task in either place, or for genext generate
+    with pytest.raises(ValueError, match="not lm"):
+        task.build({"clip_run": str(clip_run), "lm_run": str(clip_run)})
+    with pytest.raises(ValueError, match="not of `lm`"):
+        genext_main(["generate", "--run", str(clip_run)])
