@@ -400,12 +400,15 @@ def test_vlm_trains_only_the_projector(clip_run, lm_run, tmp_path):
         lambda out, **kw: _vlm_config(out, runs, **kw), tmp_path
     )
     clip, lang = _ckpt(clip_run).model, _ckpt(lm_run).model
+    torch.manual_seed(0)  # the loop's seed: the projector as it was before training
     fresh = loop.get_task("vlm").build(runs)
     projector = 0
     for k, v in vlm_params.items():
         if "multi_modal_projector" in k:
             projector += 1
-            assert not torch.equal(v, fresh.state_dict()[k]), k  # trained
+            before = fresh.state_dict()[k]
+            # trained, by a few small warm-up steps from the same initial values
+            assert not torch.equal(v, before) and (v - before).abs().max() < 1e-2, k
         elif k.startswith("model.vision_tower."):
             assert torch.equal(v, clip["vision_model." + k[len("model.vision_tower.") :]]), k
         elif k.startswith("model.language_model."):
