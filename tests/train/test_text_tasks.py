@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -66,6 +67,15 @@ _CLIP = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread, as the runs use (the machine's cores are shared; more threads only contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(task: str, out: Path, **kw) -> loop.TrainConfig:
     base = dict(task=task, out=str(out), steps=5, batch_size=8, progress=False, threads=1)
     base["evaluate"] = False
@@ -84,11 +94,11 @@ def _ckpt(out: Path) -> checkpoint.Checkpoint:
     return checkpoint.load_checkpoint(out / loop.CHECKPOINT)
 
 
-def _assert_resume_bit_identical(make, tmp_path: Path) -> dict[str, torch.Tensor]:
-    """Train straight, and stopped after 3 steps then resumed: the same parameters, optimizer
-    state and loss history. Returns the straight run's parameters."""
+def _assert_resume_bit_identical(make, tmp_path: Path, **straight) -> dict[str, torch.Tensor]:
+    """Train straight (with ``straight``'s options), and stopped after 3 steps then resumed: the
+    same parameters, optimizer state and loss history. Returns the straight run's parameters."""
+    loop.train(make(tmp_path / "straight", **straight))
     straight, split = tmp_path / "straight", tmp_path / "split"
-    loop.train(make(straight))
     assert loop.train(make(split, stop_after=3))["steps"] == 3
     loop.train(make(split, resume=True))
     a, b = _ckpt(straight), _ckpt(split)
@@ -250,7 +260,8 @@ def lm_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("lm")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(lm, "SAMPLE_CHARS", 40)  # samples.txt: 40 characters per prompt, not 400
-        params = _assert_resume_bit_identical(_lm_config, tmp)
+        # the straight run is evaluated as `genext train lm` does (metrics.json)
+        params = _assert_resume_bit_identical(_lm_config, tmp, evaluate=True)
     # the run did train: the parameters moved from their initial values
     torch.manual_seed(0)
     task = loop.get_task("lm")
@@ -270,26 +281,26 @@ def test_lm_resume_is_bit_identical_and_writes_samples(lm_run):
 
 
 @needs_plays
-def test_lm_evaluate(lm_run, monkeypatch):
-    # the held-out play is 101k characters: the figures are checked on its first 2,000 (the
-    # full-size Kneser-Ney baseline is checked below), the 4-gram fitted on the full training text
-    model, _ = load_run(lm_run)
-    data = loop.load_data("shakespeare", _CONTEXT)
-    short = loop.load_data("shakespeare", _CONTEXT)
-    short.x_test = data.x_test[:, :2000]
-    metrics = loop.get_task("lm").evaluate(model, short)
+def test_lm_evaluate(lm_run):
+    metrics = json.loads((lm_run / "metrics.json").read_text())
+    assert metrics["steps"] == 5
+    # a barely trained model over 85 characters: near log2(85) = 6.4 bits, above the 4-gram
     assert math.isfinite(metrics["heldout_bits_per_char"])
-    # an untrained-ish model over 85 characters: near log2(85) = 6.4 bits, above the 4-gram
-    assert 1 < metrics["heldout_bits_per_char"] < 8
-    assert metrics["heldout_play"] == "macbeth" and metrics["heldout_chars"] == 2000
+    assert 3 < metrics["heldout_bits_per_char"] < 8
     assert math.isclose(metrics["kneser_ney_4gram_bits_per_char"], 2.59, abs_tol=0.02)
-    # the held-out figure is the model's own: position by position from all the text before it
-    # while that fits in the context
+    assert metrics["heldout_play"] == "macbeth"
+    data = loop.load_data("shakespeare", _CONTEXT)
+    assert metrics["heldout_chars"] == data.x_test.shape[1] > 100_000
+    # the figure is the model's own: on a text that fits in the context, position by position
+    # from all the text before it
+    model, _ = load_run(lm_run)
     ids = data.x_test[0, :_CONTEXT]
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), dim=-1)
     direct = -logp[:-1].gather(1, ids[1:, None]).mean().item() / math.log(2.0)
     assert math.isclose(lm.heldout_bpc(model, ids, _CONTEXT), direct, rel_tol=1e-5)
+    full = lm.heldout_bpc(model, data.x_test[0], _CONTEXT)
+    assert math.isclose(full, metrics["heldout_bits_per_char"], rel_tol=1e-12)
 
 
 @needs_plays
