@@ -72,6 +72,13 @@ def heldout_bpc(model: nn.Module, ids: Tensor, context: int, batch_size: int = 3
     predicted once, inside windows of ``context`` characters that start every ``context // 2``
     characters, from at least ``context // 2`` characters before it (all before it in the first
     window)."""
+    if context < 2:
+        raise ValueError(
+            f"heldout_bpc: context must be at least 2 (a window of one character "
+            f"predicts nothing inside it), got {context}"
+        )
+    if len(ids) < 2:
+        raise ValueError(f"heldout_bpc: ids must hold at least 2 characters, got {len(ids)}")
     device = next(model.parameters()).device
     t = len(ids)
     stride = max(1, context // 2)
@@ -138,7 +145,8 @@ class LMTask(Task):
     def lr_factor(self, step: int, steps: int) -> float:
         if step < WARMUP_STEPS:
             return (step + 1) / WARMUP_STEPS
-        progress = min(1.0, (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS))
+        # 0 at the warm-up's last step (factor 1), 1 at the run's last step (steps - 1)
+        progress = min(1.0, (step - WARMUP_STEPS + 1) / max(1, steps - WARMUP_STEPS))
         return MIN_LR_FACTOR + (1 - MIN_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def evaluate(self, model: nn.Module, data: Split) -> dict[str, float]:
@@ -154,6 +162,10 @@ class LMTask(Task):
     def text_samples(self, model: nn.Module, data: Split, generator: torch.Generator) -> str:
         vocab = shakespeare_vocab()
         device = next(model.parameters()).device
+        # the loop's generator is on the CPU; generate samples (multinomial) on the model's device
+        if generator.device != device:
+            seed = int(torch.randint(2**62, (), generator=generator))
+            generator = torch.Generator(device).manual_seed(seed)
         parts = []
         for prompt in SAMPLE_PROMPTS:
             ids = vocab.encode(prompt).unsqueeze(0).to(device)
