@@ -54,11 +54,13 @@ run extra.log 150 env GENEXT_FUZZ_DEVICE=cuda GENEXT_FUZZ_VALID_ONLY=1 \
   python3 -m pytest -q -p no:cacheprovider -rfE tests/fuzz
 run extra.log 120 python3 -W ignore -m genext bench --quick --no-compile
 fi
-# the models on the GPU: parity with diffusers and genext.patch's equality (needs the diffusers
+# the models on the GPU: parity with diffusers and transformers (the U-Nets, DiT, VAE, CLIP,
+# Llama, GPT-2, LLaVA, Flamingo, generation with CUDA graphs), genext.patch and the transformers
+# attention backend (needs the diffusers
 # wheel in .gpu/), then SD 1.5's U-Net step and training step, and a whole 30-step sample with
 # guidance, against diffusers eager, patched and compiled; the SD VAE decode; fp16 (and bf16 for
 # the VAE), with peak memory
-run models.log 150 $PT tests/models tests/integrations
+run models.log 240 $PT tests/models tests/integrations
 run models.log 120 python3 -W ignore -m genext bench --op unet --dtype float16 --no-compile
 run models.log 150 python3 -W ignore -m genext bench --op ldm --dtype float16 --no-compile
 run models.log 100 python3 -W ignore -m genext bench --op vae --dtype float16 --no-compile
