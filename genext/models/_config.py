@@ -171,6 +171,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# fields every transformers config carries that say nothing about a model's architecture
+TRANSFORMERS_GENERIC_KEYS = frozenset(
+    {
+        "transformers_version",
+        "architectures",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+        "dtype",
+        "torch_dtype",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "initializer_range",
+        "use_cache",
+    }
+)
+
+
 def transformers_config(
     fields: Mapping[str, Any], model_type: str, architecture: str | None, dtype: torch.dtype
 ) -> dict[str, Any]:

@@ -26,7 +26,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn import KVCache
 from ..ops import flash_attention, flash_attention_varlen
-from ._config import ModelOutput, PeerConfigMixin, accepts_config, transformers_config
+from ._config import (
+    TRANSFORMERS_GENERIC_KEYS,
+    ModelOutput,
+    PeerConfigMixin,
+    accepts_config,
+    transformers_config,
+)
 from ._generation import GenerationMixin
 from ._packing import packing_from_positions
 from ._rope import RotaryEmbedding, apply_rotary, standardize_rope
@@ -51,25 +57,8 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
 }
 
-# fields every transformers config carries that say nothing about this architecture
-_GENERIC_KEYS = {
-    "transformers_version",
-    "architectures",
-    "output_hidden_states",
-    "output_attentions",
-    "return_dict",
-    "dtype",
-    "torch_dtype",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "initializer_range",
-    "use_cache",
-    "pretraining_tp",
-    "tie_encoder_decoder",
-}
+# transformers' generic fields, and two more a Llama config carries that change nothing here
+_GENERIC_KEYS = TRANSFORMERS_GENERIC_KEYS | {"pretraining_tp", "tie_encoder_decoder"}
 
 
 class CausalLMOutput(ModelOutput):

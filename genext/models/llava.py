@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import KVCache
-from ._config import PeerConfigMixin, accepts_config, transformers_config
+from ._config import (
+    TRANSFORMERS_GENERIC_KEYS,
+    PeerConfigMixin,
+    accepts_config,
+    transformers_config,
+)
 from ._generation import GenerationMixin
 from .clip import CLIPVisionModel
 from .llama import CausalLMOutput, LlamaForCausalLM, LlamaModel
@@ -46,25 +51,8 @@ _OLD_PREFIXES = (
     ("vision_tower.", "model.vision_tower."),
     ("multi_modal_projector.", "model.multi_modal_projector."),
 )
-_GENERIC_KEYS = {
-    "transformers_version",
-    "architectures",
-    "output_hidden_states",
-    "output_attentions",
-    "return_dict",
-    "dtype",
-    "torch_dtype",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "initializer_range",
-    "use_cache",
-    "model_type",
-    "ignore_index",
-    "pad_token_id",
-}
+# transformers' generic fields, and LLaVA's bookkeeping ones (model_type is checked apart)
+_GENERIC_KEYS = TRANSFORMERS_GENERIC_KEYS | {"model_type", "ignore_index", "pad_token_id"}
 
 
 def _as_dict(config: Any, name: str) -> dict[str, Any]:
