@@ -20,6 +20,7 @@ give the same tokens.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -73,7 +74,17 @@ def process_logits(
     return scores
 
 
-def _check_settings(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens) -> None:
+def _check_settings(
+    do_sample, temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens
+) -> None:
+    if not repetition_penalty > 0:
+        raise ValueError(f"generate: repetition_penalty must be > 0, got {repetition_penalty}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(
+            f"generate: max_new_tokens must be a non-negative int, got {max_new_tokens!r}"
+        )
+    if not do_sample:
+        return  # the warpers only act when sampling (transformers only warns about them)
     if not temperature > 0:
         raise ValueError(
             f"generate: temperature must be > 0 (use do_sample=False for greedy), got {temperature}"
@@ -84,17 +95,14 @@ def _check_settings(temperature, top_k, top_p, min_p, repetition_penalty, max_ne
         raise ValueError(f"generate: top_p must be in [0, 1], got {top_p}")
     if min_p is not None and not 0.0 <= min_p <= 1.0:
         raise ValueError(f"generate: min_p must be in [0, 1], got {min_p}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"generate: repetition_penalty must be > 0, got {repetition_penalty}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(
-            f"generate: max_new_tokens must be a non-negative int, got {max_new_tokens!r}"
-        )
 
 
 class _StopStrings:
-    """Whether a sequence's decoded text now ends with one of the stop strings (decoding only a
-    tail of its tokens long enough to hold the longest string)."""
+    """Whether a stop string now ends inside a sequence's last token, as transformers'
+    ``StopStringCriteria`` decides: an occurrence in the decoded text that ends after the text
+    of the tokens before the last one (the last token may run past the string's end: tokens "s",
+    "to", "pped" stop at "stop"). Only a tail of the tokens is decoded, long enough for the
+    longest string even at four tokens per character (byte-level tokens of UTF-8 text)."""
 
     def __init__(self, stop_strings: str | Sequence[str], tokenizer: Any, prompts: list[list[int]]):
         if tokenizer is None:
@@ -106,14 +114,18 @@ class _StopStrings:
             )
         self.tokenizer = tokenizer
         self.tokens = prompts
-        # a token decodes to at least one character in any useful tokenizer; a margin covers
-        # decoders that drop a leading space at the start of a slice
-        self.tail = max(len(s) for s in self.strings) + 4
+        # a character is at most four byte tokens; the margin covers decoders that drop a
+        # leading space at the start of a slice
+        self.tail = 4 * max(len(s) for s in self.strings) + 8
 
     def __call__(self, b: int, token: int) -> bool:
         self.tokens[b].append(token)
-        text = self.tokenizer.decode(self.tokens[b][-self.tail :])
-        return any(text.endswith(s) for s in self.strings)
+        tail = self.tokens[b][-self.tail :]
+        text = self.tokenizer.decode(tail)
+        # the text the earlier tokens fix: the prefix shared with their own decoding (which may
+        # end in a replacement character where the last token completes a multi-byte one)
+        before = len(os.path.commonprefix([text, self.tokenizer.decode(tail[:-1])]))
+        return any(text.find(s, max(0, before - len(s) + 1)) >= 0 for s in self.strings)
 
 
 class GenerationMixin:
@@ -127,11 +139,11 @@ class GenerationMixin:
         max_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
-        top_k: int | None = None,
+        top_k: int | None = 50,
         top_p: float | None = None,
         min_p: float | None = None,
         repetition_penalty: float = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
+        eos_token_id: int | Sequence[int] | Tensor | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
         streamer: Any = None,
@@ -152,19 +164,27 @@ class GenerationMixin:
             do_sample: multinomial sampling (``torch.multinomial``, so the global RNG after
                 ``torch.manual_seed`` or ``generator`` gives transformers' tokens) instead of
                 greedy argmax.
-            temperature, top_k, top_p, min_p: transformers' warpers (sampling only).
+            temperature, top_k, top_p, min_p: transformers' warpers (sampling only; checked only
+                when sampling). ``top_k`` is 50 by default, as in transformers'
+                ``GenerationConfig`` (sampling with no argument truncates to the 50 likeliest
+                tokens there too); 0 or None turns it off. A checkpoint's
+                ``generation_config.json`` is not read: pass its settings.
             repetition_penalty: transformers' penalty on every token of the real prompt and the
                 generated ones (applied in greedy decoding too).
             eos_token_id: int or list; a sequence that produces one is finished. None: the
                 model config's ``eos_token_id``.
-            pad_token_id: appended to finished sequences (None: the config's, else the first
-                EOS id, as transformers; without any, finished sequences keep their tokens).
+            pad_token_id: appended to sequences finished by an EOS token when EOS ids are known
+                (None: the config's, else the first EOS id, as transformers). Without EOS ids a
+                sequence finished by a stop string keeps producing tokens until all are done,
+                as in transformers.
             generator: a ``torch.Generator`` for the sampling.
             streamer: an object with ``put(tensor)`` and ``end()``: ``put`` gets the prompt
-                ``(B, L)`` on the CPU first, then each step's tokens ``(B,)``, as transformers'
-                streamers (its ``TextStreamer`` works, and :class:`TextStreamer`).
-            stop_strings, tokenizer: a sequence is finished once its decoded text ends with one
-                of the strings (``tokenizer.decode(list_of_ids)``).
+                ``(B, L)`` on the CPU first (``(B, 0)`` when only ``inputs_embeds`` is given),
+                then each step's tokens ``(B,)``, as transformers' streamers (its
+                ``TextStreamer`` works, and :class:`TextStreamer`).
+            stop_strings, tokenizer: a sequence is finished once one of the strings ends
+                inside its last token's text (transformers' ``StopStringCriteria`` rule;
+                ``tokenizer.decode(list_of_ids)``).
             cache_block_size: None for contiguous KV caches; an int for paged ones with blocks
                 of that many tokens. The caches hold prompt + max_new_tokens from the start.
             cuda_graph: on CUDA, capture one decode step in a CUDA graph and replay it for
@@ -199,7 +219,9 @@ class GenerationMixin:
         device = prompt.device
         if max_new_tokens is None:
             max_new_tokens = 20 if max_length is None else max_length - n
-        _check_settings(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
+        _check_settings(
+            do_sample, temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens
+        )
         if attention_mask is None:
             attention_mask = torch.ones(b, n, dtype=torch.long, device=device)
         if attention_mask.shape != (b, n):
@@ -211,6 +233,8 @@ class GenerationMixin:
         config = getattr(self, "config", {})
         if eos_token_id is None:
             eos_token_id = config.get("eos_token_id")
+        if isinstance(eos_token_id, Tensor):
+            eos_token_id = eos_token_id.reshape(-1).tolist()
         if eos_token_id is None:
             eos = []
         elif isinstance(eos_token_id, int):
@@ -273,8 +297,10 @@ class GenerationMixin:
                 else [[] for _ in range(b)]
             )
             stops = _StopStrings(stop_strings, tokenizer, prompts)
-        if streamer is not None and input_ids is not None:
-            streamer.put(input_ids.cpu())
+        if streamer is not None:  # the prompt first; an empty one without input_ids
+            streamer.put(
+                input_ids.cpu() if input_ids is not None else torch.zeros(b, 0, dtype=torch.long)
+            )
 
         # (one new token needs no decode step, so nothing to capture)
         step = self._decode_step(caches, b, device) if cuda_graph and max_new_tokens > 1 else None
@@ -297,7 +323,7 @@ class GenerationMixin:
                 token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
             else:
                 token = scores.argmax(dim=-1)
-            if pad_token_id is not None:
+            if eos and pad_token_id is not None:
                 token = token * unfinished + pad_token_id * (1 - unfinished)
             new.append(token)
             if seen is not None:

@@ -332,7 +332,9 @@ def test_text_streamers_print_the_text(capsys):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_stop_strings(case):
-    """A sequence stops once its decoded text ends with a stop string, the others go on."""
+    """A sequence stops once a stop string ends in its last token; with no EOS id (this config
+    has none) the others go on and a stopped sequence keeps its tokens, as in transformers, so
+    the output is the free generation cut where the last sequence stopped."""
     ours, _ = _pair(case)
     tok = CharTokenizer()
     ids, mask = _prompts()
@@ -342,23 +344,95 @@ def test_stop_strings(case):
     got = ours.generate(
         ids, attention_mask=mask, max_new_tokens=12, stop_strings=[stop, "never"], tokenizer=tok
     )
+    ends = []
     for b in range(4):
         text = tok.decode(ids[b][mask[b].bool()])
-        end = None
+        end = 12
         for i, t in enumerate(new[b].tolist()):
             text += tok.decode([t])
             if text.endswith(stop):
-                end = i
+                end = i + 1
                 break
-        row = got[b, 6:]
-        if end is None:
-            assert torch.equal(row, new[b, : row.shape[0]])
-        else:
-            assert torch.equal(row[: end + 1], new[b, : end + 1])
-            assert (row[end + 1 :] == 0).all()  # pad_token_id of the config
-    assert got.shape[1] <= free.shape[1]
+        ends.append(end)
+    assert ends[0] == 5
+    assert got.shape[1] == 6 + max(ends)
+    assert torch.equal(got, free[:, : got.shape[1]])
     with pytest.raises(ValueError, match="tokenizer"):
         ours.generate(ids, max_new_tokens=2, stop_strings="x")
+
+
+class PairTokenizer:
+    """Two characters per token: id i decodes to the i-th pair of 'abcdefghij'."""
+
+    LETTERS = "abcdefghij"
+
+    def decode(self, ids, **kwargs) -> str:
+        return "".join(self.LETTERS[i // 10] + self.LETTERS[i % 10] for i in ids)
+
+
+class ByteTokenizer:
+    """One UTF-8 byte per token (a byte-fallback tokenizer's worst case)."""
+
+    def decode(self, ids, **kwargs) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_stop_string_ending_inside_a_token():
+    """transformers' rule: the string may end inside the last token ("qs", "to" stops at
+    "st"), and a string of many byte tokens (three 3-byte characters) is still seen."""
+    from genext.models._generation import _StopStrings
+
+    stops = _StopStrings(["ce"], PairTokenizer(), [[1]])  # "ab"
+    assert [stops(0, t) for t in (23, 45, 67)] == [False, False, False]  # "cd" "ef" "gh"
+    stops = _StopStrings(["ce"], PairTokenizer(), [[1]])
+    assert [stops(0, t) for t in (32, 45)] == [False, True]  # "dc" "ef": "...dcef" ends in "ef"
+    stops = _StopStrings(["ce"], PairTokenizer(), [[24]])  # "ce" in the prompt alone: no stop
+    assert stops(0, 11) is False
+    text = "abc 你好吗"
+    data = list(text.encode())
+    stops = _StopStrings(["你好吗"], ByteTokenizer(), [data[:4]])
+    hits = [stops(0, t) for t in data[4:]]
+    assert hits == [False] * 8 + [True]
+
+
+def test_default_top_k_is_transformers():
+    """Sampling with no top_k truncates to transformers' default 50 tokens, as its generate
+    does: with flat logits (a scaled-down head) over 99 tokens, the seeded draws are equal only
+    if both sides keep the same 50."""
+    ours, peer = _pair("llama")
+    with torch.no_grad():
+        for model in (ours, peer):
+            model.lm_head.weight.mul_(0.02)
+    ids, mask = _prompts()
+    torch.manual_seed(5)
+    want = peer.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True)
+    torch.manual_seed(5)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True)
+    assert torch.equal(got, want)
+    torch.manual_seed(5)
+    off = ours.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=0)
+    assert not torch.equal(off, want)  # the setting matters here
+
+
+def test_streamer_gets_an_empty_prompt_with_inputs_embeds_only():
+    """As transformers: the first put is the prompt, (B, 0) when there are no input_ids, so a
+    skip_prompt streamer does not swallow the first new token."""
+    ours, _ = _pair("llama")
+    ids, _ = _prompts(lengths=(5,))
+    calls = []
+
+    class Recorder:
+        def put(self, value):
+            calls.append(value.clone())
+
+        def end(self):
+            calls.append(None)
+
+    embeds = ours.get_input_embeddings()(ids)
+    out = ours.generate(inputs_embeds=embeds, max_new_tokens=4, streamer=Recorder())
+    assert calls[0].shape == (1, 0)
+    assert [int(c) for c in calls[1:-1]] == out[0].tolist()
+    assert calls[-1] is None
 
 
 def test_argument_errors():
@@ -366,6 +440,10 @@ def test_argument_errors():
     ids, mask = _prompts()
     with pytest.raises(ValueError, match="temperature"):
         ours.generate(ids, do_sample=True, temperature=0.0)
+    # the warpers are checked only when sampling (transformers only warns about them)
+    ours.generate(ids, attention_mask=mask, max_new_tokens=1, temperature=0.0, top_p=1.5)
+    eos = ours.generate(ids, attention_mask=mask, max_new_tokens=3, eos_token_id=torch.tensor(3))
+    assert eos.shape[0] == 4
     with pytest.raises(ValueError, match="at least one real token"):
         ours.generate(ids, attention_mask=torch.zeros_like(mask))
     with pytest.raises(ValueError, match="cuda_graph"):
