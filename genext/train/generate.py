@@ -3,7 +3,8 @@
 Loads ``<run>/checkpoint.safetensors`` (the model's config and weights), encodes the prompt with
 the run's character vocabulary and prints the continuation as it is generated (genext's
 ``generate``: the prompt prefilled through the varlen attention kernel, then one KV-cache decode
-step per character).
+step per character; past the context the model was trained on, in chunks that re-prefill the
+last half context, :func:`genext.train.tasks.lm.generate_windowed`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 from .checkpoint import load_checkpoint
 from .loop import CHECKPOINT
 from .tasks import get_task
+from .tasks.lm import generate_windowed
 from .text import CharVocab, shakespeare_vocab
 
 __all__ = ["build_parser", "load_run", "main"]
@@ -44,8 +46,9 @@ class _PrintStreamer:
         self.out.flush()
 
 
-def load_run(run: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, CharVocab]:
-    """The trained model (eval mode, on ``device``) and vocabulary of a ``genext train lm`` run."""
+def load_run(run: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, CharVocab, int]:
+    """The trained model (eval mode, on ``device``), vocabulary and training context length of a
+    ``genext train lm`` run."""
     path = Path(run) / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: train one with `genext train lm`")
@@ -55,7 +58,7 @@ def load_run(run: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Cha
         raise ValueError(f"{path} is a checkpoint of `genext train {task_name}`, not of `lm`")
     model = get_task(task_name).build(ckpt.meta["model_config"])
     model.load_state_dict(ckpt.model)
-    return model.to(device).eval(), shakespeare_vocab()
+    return model.to(device).eval(), shakespeare_vocab(), int(ckpt.meta["config"]["size"])
 
 
 def build_parser(prog: str = "genext generate") -> argparse.ArgumentParser:
@@ -76,13 +79,15 @@ def build_parser(prog: str = "genext generate") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "genext generate") -> int:
     args = build_parser(prog).parse_args(argv)
-    model, vocab = load_run(args.run, args.device)
+    model, vocab, context = load_run(args.run, args.device)
     ids = vocab.encode(args.prompt).unsqueeze(0).to(args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
-    model.generate(
+    generate_windowed(
+        model,
         ids,
-        max_new_tokens=args.max_new_tokens,
+        args.max_new_tokens,
+        context,
         do_sample=not args.greedy,
         temperature=args.temperature,
         top_k=args.top_k,

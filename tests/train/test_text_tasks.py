@@ -293,7 +293,7 @@ def test_lm_evaluate(lm_run):
     assert metrics["heldout_chars"] == data.x_test.shape[1] > 100_000
     # the figure is the model's own: on a text that fits in the context, position by position
     # from all the text before it
-    model, _ = load_run(lm_run)
+    model, _, _ = load_run(lm_run)
     ids = data.x_test[0, :_CONTEXT]
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), dim=-1)
@@ -315,7 +315,7 @@ def test_genext_generate_greedy(lm_run, capsys):
     new = first[2:-1]
     assert len(new) == 5, repr(first)
     # the same as the model's greedy generate, and as argmax decoding by full forwards
-    model, vocab = load_run(lm_run)
+    model, vocab, _ = load_run(lm_run)
     ids = vocab.encode("AB")[None]
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert vocab.decode(out[0, 2:]) == new
@@ -471,3 +471,51 @@ def test_vlm_names_the_missing_run(clip_run, tmp_path):
         task.build({"clip_run": str(clip_run), "lm_run": str(clip_run)})
     with pytest.raises(ValueError, match="not of `lm`"):
         genext_main(["generate", "--run", str(clip_run)])
+
+
+class _CountingLM(torch.nn.Module):
+    """A stand-in for generate: records each call's prompt length and appends n tokens that
+    count up, streaming them as transformers' streamers expect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+        self.next = 1000
+
+    def generate(self, ids, max_new_tokens, streamer=None, **kw):
+        self.calls.append((ids.shape[1], max_new_tokens))
+        new = torch.arange(self.next, self.next + max_new_tokens)[None]
+        self.next += max_new_tokens
+        if streamer is not None:
+            streamer.put(ids)
+            for t in new[0]:
+                streamer.put(t[None])
+            streamer.end()
+        return torch.cat([ids, new], dim=1)
+
+
+@pytest.mark.parametrize("context, prompt, total", [(16, 3, 40), (16, 20, 7), (9, 1, 30)])
+def test_generate_windowed_stays_inside_the_context(context, prompt, total):
+    from genext.train.tasks.lm import generate_windowed
+
+    model = _CountingLM()
+    seen = []
+
+    class Recorder:
+        def put(self, value):
+            seen.append(value.reshape(-1).tolist())
+
+        def end(self):
+            seen.append(None)
+
+    ids = torch.arange(prompt)[None]
+    out = generate_windowed(model, ids, total, context, streamer=Recorder())
+    assert out.shape == (1, prompt + total)
+    assert out[0, prompt:].tolist() == list(range(1000, 1000 + total))  # every new token, once
+    for i, (p, n) in enumerate(model.calls):
+        assert p + n <= max(context, p + 1), model.calls  # positions stay inside the context
+        if i:
+            assert p >= context // 2  # at least half a context before each new token
+    # one prompt, then the new tokens in order, then one end
+    assert seen[0] == ids[0].tolist() and seen[-1] is None and seen.count(None) == 1
+    assert sum(seen[1:-1], []) == out[0, prompt:].tolist()

@@ -24,7 +24,7 @@ from ..factory import causal_lm
 from ..text import HELD_OUT_PLAY, kneser_ney_bpc, shakespeare_split, shakespeare_vocab
 from .base import WARMUP_STEPS, Task, TaskDefaults, register
 
-__all__ = ["LMObjective", "LMTask", "heldout_bpc", "init_weights"]
+__all__ = ["LMObjective", "LMTask", "generate_windowed", "heldout_bpc", "init_weights"]
 
 LN2 = math.log(2.0)
 MIN_LR_FACTOR = 0.1
@@ -107,6 +107,53 @@ def heldout_bpc(model: nn.Module, ids: Tensor, context: int, batch_size: int = 3
     return nats / (t - 1) / LN2
 
 
+class _ChunkStreamer:
+    """Hands one streamer the new tokens of several ``generate`` calls (each call's first put,
+    its prompt, is dropped: the caller puts the whole prompt once) and no ``end``."""
+
+    def __init__(self, streamer: Any) -> None:
+        self.streamer = streamer
+        self.prompt_next = True
+
+    def put(self, value: Tensor) -> None:
+        if self.prompt_next:
+            self.prompt_next = False
+            return
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.prompt_next = True
+
+
+def generate_windowed(
+    model: nn.Module, ids: Tensor, max_new_tokens: int, context: int, streamer: Any = None, **kw
+) -> Tensor:
+    """``model.generate`` for text longer than the context the model was trained on (its
+    positions past ``context`` were never seen): in chunks, each re-prefilling the last
+    ``context // 2`` tokens and adding up to ``context - context // 2``, so every token is
+    predicted from at least half a context (nanoGPT crops to the context at every token; this is
+    the same idea at a chunk's granularity, with the KV cache inside a chunk). ``ids`` ``(1,
+    L)``; ``kw`` are ``generate``'s sampling arguments. Returns ``(1, L + max_new_tokens)``."""
+    keep = max(1, context // 2)
+    chunks = None
+    if streamer is not None:
+        streamer.put(ids.cpu())
+        chunks = _ChunkStreamer(streamer)
+    out = ids
+    left = max_new_tokens
+    while left > 0:
+        prompt = out if out.shape[1] < context else out[:, -keep:]
+        n = min(left, context - prompt.shape[1])
+        new = model.generate(prompt, max_new_tokens=n, streamer=chunks, **kw)[:, prompt.shape[1] :]
+        out = torch.cat([out, new], dim=1)
+        left -= new.shape[1]
+        if new.shape[1] < n:  # stopped early (an EOS)
+            break
+    if streamer is not None:
+        streamer.end()
+    return out
+
+
 @register
 class LMTask(Task):
     name = "lm"
@@ -169,9 +216,11 @@ class LMTask(Task):
         parts = []
         for prompt in SAMPLE_PROMPTS:
             ids = vocab.encode(prompt).unsqueeze(0).to(device)
-            out = model.generate(
+            out = generate_windowed(
+                model,
                 ids,
-                max_new_tokens=SAMPLE_CHARS,
+                SAMPLE_CHARS,
+                data.x_train.shape[1] - 1,
                 do_sample=True,
                 temperature=SAMPLE_TEMPERATURE,
                 generator=generator,
