@@ -114,7 +114,7 @@ def answer_accuracy(
 class VLMTask(Task):
     name = "vlm"
     datasets = ("digits",)
-    defaults = {"digits": TaskDefaults(steps=300, batch_size=32, lr=2e-3, size=16)}
+    defaults = {"digits": TaskDefaults(steps=2000, batch_size=32, lr=3e-3, size=16)}
 
     def model_config(self, data: Split) -> dict[str, Any]:
         return {"clip_run": "runs/clip-digits", "lm_run": "runs/lm-shakespeare"}
