@@ -68,7 +68,7 @@ def build_parser(prog: str = "genext generate") -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=50, help="0: no top-k")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
