@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser(
         "train",
-        help="train a model (VAE, VQ-VAE, GANs) on bundled data; `genext train --help` for options",
+        help=(
+            "train a model (autoencoders, GANs, diffusion, CLIP, a character LM, a VLM) on bundled "
+            "data; `genext train --help` for options"
+        ),
         add_help=False,
     )
     sub.add_parser(
