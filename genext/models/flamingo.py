@@ -430,10 +430,7 @@ class FlamingoForCausalLM(GenerationMixin, nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.all())
         if not padded:
             lm._check_window(n)
-
-            def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                return flash_attention(q, k, v, causal=True, scale=lm.scale, layout="blhd")
-
+            attend = lm._dense_attend
             hidden = self._run(h, position_ids, attend, kvs, media_mask, None, None, seq_len)
             logits = lm.lm_head(hidden)
         else:
@@ -442,12 +439,7 @@ class FlamingoForCausalLM(GenerationMixin, nn.Module):
             cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
             longest = int(lengths.max())
             lm._check_window(longest)
-
-            def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                return flash_attention_varlen(
-                    q, k, v, cu, cu, longest, longest, causal=True, scale=lm.scale
-                )
-
+            attend = lm._varlen_attend(cu, longest)
             mask = media_mask[keep] if media_mask is not None else None
             hidden = self._run(h[keep], position_ids[keep], attend, kvs, mask, cu, longest, seq_len)
             packed = lm.lm_head(hidden)
@@ -492,22 +484,7 @@ class FlamingoForCausalLM(GenerationMixin, nn.Module):
         lm = self.language_model
         lm._check_caches(caches, "forward_packed")
         h = lm._embed(input_ids, inputs_embeds, "forward_packed")
-
-        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            if caches is not None:
-                caches[layer].prefill_packed(k, v, cu_seqlens)
-            return flash_attention_varlen(
-                q,
-                k,
-                v,
-                cu_seqlens,
-                cu_seqlens,
-                max_seqlen,
-                max_seqlen,
-                causal=True,
-                scale=lm.scale,
-            )
-
+        attend = lm._varlen_attend(cu_seqlens, max_seqlen, caches)
         hidden = self._run(h, position_ids, attend, kvs, prefill_mask, cu_seqlens, max_seqlen, None)
         return lm.lm_head(hidden[cu_seqlens[1:].long() - 1] if last_only else hidden)
 
@@ -524,10 +501,7 @@ class FlamingoForCausalLM(GenerationMixin, nn.Module):
         lm = self.language_model
         lm._check_caches(caches, "forward_decode")
         h = lm._embed(input_ids, inputs_embeds, "forward_decode")
-
-        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return caches[layer].attend(q, k, v, causal=True, scale=lm.scale)
-
+        attend = lm._cache_attend(caches)
         mask = decode_mask[:, None].expand(h.shape[:2]) if decode_mask is not None else None
         return lm.lm_head(self._run(h, position_ids, attend, kvs, mask, None, None, None))
 

@@ -423,8 +423,43 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
 
+    # the attention of every layer, as ``model.run`` calls it: attend(layer, q, k, v)
+
     def _dense_attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return flash_attention(q, k, v, causal=True, scale=self.scale, layout="blhd")
+
+    def _varlen_attend(
+        self, cu_seqlens: Tensor, max_seqlen: int, caches: Sequence[KVCache] | None = None
+    ) -> Callable[[int, Tensor, Tensor, Tensor], Tensor]:
+        """Causal varlen attention over packed sequences; with ``caches`` each layer's keys and
+        values also become its cache's content (a prefill)."""
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            if caches is not None:
+                caches[layer].prefill_packed(k, v, cu_seqlens)
+            return flash_attention_varlen(
+                q,
+                k,
+                v,
+                cu_seqlens,
+                cu_seqlens,
+                max_seqlen,
+                max_seqlen,
+                causal=True,
+                scale=self.scale,
+            )
+
+        return attend
+
+    def _cache_attend(
+        self, caches: Sequence[KVCache]
+    ) -> Callable[[int, Tensor, Tensor, Tensor], Tensor]:
+        """A decode step's attention: each layer appends to and attends over its cache."""
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return caches[layer].attend(q, k, v, causal=True, scale=self.scale)
+
+        return attend
 
     def forward(
         self,
@@ -473,12 +508,7 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
         if by_positions is not None:
             cu, longest = by_positions.cu_seqlens, by_positions.max_seqlen
             self._check_window(longest)
-
-            def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                return flash_attention_varlen(
-                    q, k, v, cu, cu, longest, longest, causal=True, scale=self.scale
-                )
-
+            attend = self._varlen_attend(cu, longest)
             hidden = self.model.run(h.flatten(0, 1), position_ids.flatten(), attend, seq_len)
             logits = self.lm_head(hidden).unflatten(0, (b, n))
         elif not padded:
@@ -490,12 +520,7 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
             cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
             longest = int(lengths.max())
             self._check_window(longest)
-
-            def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                return flash_attention_varlen(
-                    q, k, v, cu, cu, longest, longest, causal=True, scale=self.scale
-                )
-
+            attend = self._varlen_attend(cu, longest)
             hidden = self.model.run(h[keep], position_ids[keep], attend, seq_len)
             packed = self.lm_head(hidden)
             logits = packed.new_zeros(b, n, packed.shape[-1])
@@ -540,22 +565,7 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
         self._check_caches(caches, "forward_packed")
         h = self._embed(input_ids, inputs_embeds, "forward_packed")
         self._check_window(int(max_seqlen))
-
-        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            if caches is not None:
-                caches[layer].prefill_packed(k, v, cu_seqlens)
-            return flash_attention_varlen(
-                q,
-                k,
-                v,
-                cu_seqlens,
-                cu_seqlens,
-                max_seqlen,
-                max_seqlen,
-                causal=True,
-                scale=self.scale,
-            )
-
+        attend = self._varlen_attend(cu_seqlens, max_seqlen, caches)
         h = self.model.run(h, position_ids, attend, None)
         return self.lm_head(h[cu_seqlens[1:].long() - 1] if last_only else h)
 
@@ -575,11 +585,7 @@ class LlamaForCausalLM(PeerConfigMixin, GenerationMixin, nn.Module):
             raise ValueError("forward_decode: caches are required (one KVCache per layer)")
         h = self._embed(input_ids, inputs_embeds, "forward_decode")
         self._check_window(max(caches[0].lengths, default=0) + h.shape[1])
-
-        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return caches[layer].attend(q, k, v, causal=True, scale=self.scale)
-
-        return self.lm_head(self.model.run(h, position_ids, attend, None))
+        return self.lm_head(self.model.run(h, position_ids, self._cache_attend(caches), None))
 
 
 class MistralForCausalLM(LlamaForCausalLM):
