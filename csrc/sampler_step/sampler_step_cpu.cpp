@@ -2,7 +2,6 @@
 // chunks of elements, with the expression of sampler_step_math.h (compiled with -ffp-contract=off,
 // see CMakeLists.txt, so that every fp32 operation rounds as PyTorch's separate elementwise ops
 // do).
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -13,6 +12,7 @@
 #include <type_traits>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_parallel.h"
 #include "common/cpu_simd.h"
 #include "sampler_step/sampler_step_checks.h"
 #include "sampler_step/sampler_step_math.h"
@@ -20,7 +20,8 @@
 namespace genext::sampler {
 namespace {
 
-constexpr int64_t kGrain = 16384;
+// one core's time per element (fp32, AVX2, guidance and noise: about 1 ns), for the thread count
+constexpr double kNsPerElement = 1.0;
 constexpr int64_t kBlock = 512;  // elements per pass; the passes' buffers stay in L1
 
 // The block loops are compiled per ISA level (GENEXT_CPU_CLONES). The x86-64-v3/v4 levels have
@@ -157,59 +158,62 @@ void run(const Inputs& in, at::Tensor& prev, at::Tensor& x0) {
   const bool guidance = in.guidance;
   const float w = in.w;
   const int64_t per = in.per > 0 ? in.per : 1;
-  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
-    alignas(64) float xb[kBlock], mb[kBlock], cb[kBlock], h1b[kBlock], h2b[kBlock], nb[kBlock],
-        ob[kBlock], pb[kBlock], tb[kBlock];
-    float s_val[kBlock];
-    int64_t s_len[kBlock];
-    for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
-      const int64_t n = std::min(kBlock, end - i0);
-      Block b;
-      b.n = n;
-      b.x = as_float(x + i0, xb, n);
-      // the model output is modified in place by guidance: always its own buffer then
-      float* mbuf = mb;
-      if constexpr (std::is_same_v<M, float>) {
-        if (!guidance) {
-          b.m = m + i0;
-        } else {
-          std::copy(m + i0, m + i0 + n, mbuf);
-          b.m = mbuf;
+  genext::cpu::parallel_for(
+      0, total, kNsPerElement,
+      [&](int64_t begin, int64_t end) {
+        alignas(64) float xb[kBlock], mb[kBlock], cb[kBlock], h1b[kBlock], h2b[kBlock], nb[kBlock],
+            ob[kBlock], pb[kBlock], tb[kBlock];
+        float s_val[kBlock];
+        int64_t s_len[kBlock];
+        for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+          const int64_t n = std::min(kBlock, end - i0);
+          Block b;
+          b.n = n;
+          b.x = as_float(x + i0, xb, n);
+          // the model output is modified in place by guidance: always its own buffer then
+          float* mbuf = mb;
+          if constexpr (std::is_same_v<M, float>) {
+            if (!guidance) {
+              b.m = m + i0;
+            } else {
+              std::copy(m + i0, m + i0 + n, mbuf);
+              b.m = mbuf;
+            }
+          } else {
+            for (int64_t k = 0; k < n; ++k) mbuf[k] = static_cast<float>(m[i0 + k]);
+            b.m = mbuf;
+          }
+          if (guidance) guide_block(mbuf, as_float(m + i0 + cond_off, cb, n), n, w);
+          b.h1 = h1 != nullptr ? as_float(h1 + i0, h1b, n) : nullptr;
+          b.h2 = h2 != nullptr ? as_float(h2 + i0, h2b, n) : nullptr;
+          b.noise = nz != nullptr ? as_float(nz + i0, nb, n) : nullptr;
+          float* out0 = ob;
+          float* outp = pb;
+          if constexpr (std::is_same_v<T, float>) {  // write straight into the outputs
+            out0 = xo + i0;
+            outp = po + i0;
+          }
+          b.x0 = out0;
+          b.prev = outp;
+          b.tmp = tb;
+          int runs = 0;
+          if (s != nullptr) {
+            for (int64_t k = 0; k < n; ++runs) {  // runs of one sample each
+              const int64_t idx = (i0 + k) / per;
+              const int64_t stop = std::min(n, (idx + 1) * per - i0);
+              s_val[runs] = s[idx];
+              s_len[runs] = stop - k;
+              k = stop;
+            }
+          }
+          compute_block(b, coef.c, f, s_val, s_len, runs);
+          if constexpr (!std::is_same_v<T, float>) {
+            for (int64_t k = 0; k < n; ++k) po[i0 + k] = static_cast<T>(pb[k]);
+            for (int64_t k = 0; k < n; ++k) xo[i0 + k] = static_cast<T>(ob[k]);
+          }
         }
-      } else {
-        for (int64_t k = 0; k < n; ++k) mbuf[k] = static_cast<float>(m[i0 + k]);
-        b.m = mbuf;
-      }
-      if (guidance) guide_block(mbuf, as_float(m + i0 + cond_off, cb, n), n, w);
-      b.h1 = h1 != nullptr ? as_float(h1 + i0, h1b, n) : nullptr;
-      b.h2 = h2 != nullptr ? as_float(h2 + i0, h2b, n) : nullptr;
-      b.noise = nz != nullptr ? as_float(nz + i0, nb, n) : nullptr;
-      float* out0 = ob;
-      float* outp = pb;
-      if constexpr (std::is_same_v<T, float>) {  // write straight into the outputs
-        out0 = xo + i0;
-        outp = po + i0;
-      }
-      b.x0 = out0;
-      b.prev = outp;
-      b.tmp = tb;
-      int runs = 0;
-      if (s != nullptr) {
-        for (int64_t k = 0; k < n; ++runs) {  // runs of one sample each
-          const int64_t idx = (i0 + k) / per;
-          const int64_t stop = std::min(n, (idx + 1) * per - i0);
-          s_val[runs] = s[idx];
-          s_len[runs] = stop - k;
-          k = stop;
-        }
-      }
-      compute_block(b, coef.c, f, s_val, s_len, runs);
-      if constexpr (!std::is_same_v<T, float>) {
-        for (int64_t k = 0; k < n; ++k) po[i0 + k] = static_cast<T>(pb[k]);
-        for (int64_t k = 0; k < n; ++k) xo[i0 + k] = static_cast<T>(ob[k]);
-      }
-    }
-  });
+      },
+      kBlock);
 }
 
 // The sample's and the model output's dtypes (no float64 kernel; the arithmetic is float).

@@ -1,0 +1,63 @@
+// Thread teams for the CPU kernels, sized from the amount of work.
+//
+// Waking an intra-op thread team costs microseconds on an idle machine, but when another process
+// holds one of the cores the team's barrier waits for its descheduled thread for a whole scheduler
+// slice (milliseconds). So work one core finishes in tens of microseconds runs on the calling
+// thread, and a team is woken only when each of its threads gets at least kMinThreadNs of work.
+// Threads take chunks of the range from a shared counter rather than one fixed share each, so a
+// thread that runs on a busy core does less of the work instead of making all others wait for it.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+
+namespace genext::cpu {
+
+// The least work, in nanoseconds of one core, worth a thread of its own.
+inline constexpr double kMinThreadNs = 50'000.0;
+
+// How many times a kernel has woken a thread team (for tests: small inputs must not).
+inline std::atomic<int64_t>& team_launches() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
+// The number of threads worth using for n items of ns_per_item nanoseconds each (at least 1).
+inline int64_t threads_for(int64_t n, double ns_per_item) {
+  if (n <= 1 || at::in_parallel_region()) return 1;
+  const double work = double(n) * std::max(ns_per_item, 0.0);
+  const int64_t worth = int64_t(std::min<double>(double(n), std::floor(work / kMinThreadNs)));
+  return std::clamp<int64_t>(worth, 1, at::get_num_threads());
+}
+
+// Calls f(b, e) on disjoint sub-ranges covering [begin, end), each at least min_chunk items long
+// (the last may be shorter). One call on the calling thread when the work (n items of ns_per_item
+// each) is too small for a second thread; otherwise the threads of a team take chunks of about an
+// eighth of a thread's share in turn. f may run several times on one thread and must not rely on
+// which thread runs which sub-range.
+template <class F>
+void parallel_for(int64_t begin, int64_t end, double ns_per_item, const F& f,
+                  int64_t min_chunk = 1) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int64_t threads = threads_for(n, ns_per_item);
+  if (threads < 2) {
+    f(begin, end);
+    return;
+  }
+  team_launches().fetch_add(1, std::memory_order_relaxed);
+  const int64_t chunk = std::max<int64_t>({1, min_chunk, n / (threads * 8)});
+  std::atomic<int64_t> next{begin};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t b = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (b >= end) break;
+      f(b, std::min(end, b + chunk));
+    }
+  });
+}
+
+}  // namespace genext::cpu
