@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="fewer repeats and shapes (smoke run)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     b.add_argument("--json", default=None, help="write the results to this JSON file")
+    b.add_argument(
+        "--busy",
+        action="store_true",
+        help="time while another process keeps one core busy (ops beside other work)",
+    )
     args = parser.parse_args(argv)
 
     import genext
@@ -71,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         bench.select(args.op)
     except ValueError as e:
         b.error(str(e))  # exits with status 2, as argparse does for a bad argument
-    return bench.run(args.op, args.device, args.dtype, args.quick, not args.no_compile, args.json)
+    return bench.run(
+        args.op, args.device, args.dtype, args.quick, not args.no_compile, args.json, args.busy
+    )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,18 @@ eager PyTorch, torch.compile and peer libraries, with a correctness check per ca
 Library code never imports this package.
 """
 
-from .harness import copies_for_l2, copy_bandwidth, host_time_fn, peak_extra_mib, sync, time_fn
+from .harness import (
+    busy_core,
+    copies_for_l2,
+    copy_bandwidth,
+    host_time_fn,
+    peak_extra_mib,
+    sync,
+    time_fn,
+)
 from .registry import Bench, Case, Column, Config, Row, Timing, benches, select
 from .runner import check_text, figures, list_benches, measure, run, run_bench
-from .table import format_table, print_saved, print_table
+from .table import format_table, print_saved, print_table, speedups
 
 __all__ = [
     "Bench",
@@ -24,6 +32,7 @@ __all__ = [
     "Config",
     "Row",
     "Timing",
+    "busy_core",
     "benches",
     "check_text",
     "copies_for_l2",
@@ -39,6 +48,7 @@ __all__ = [
     "run",
     "run_bench",
     "select",
+    "speedups",
     "sync",
     "time_fn",
 ]

@@ -1,13 +1,17 @@
 """The timing harness every bench shares: medians of timed calls after warm-ups (CUDA events, or the
 host clock around a device sync), the device's copy bandwidth (the floor that GB/s is compared
-with), peak extra memory, and how many input copies to rotate so that repeats do not run from L2.
+with), peak extra memory, how many input copies to rotate so that repeats do not run from L2, and
+a process that keeps one core busy (timing under load).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -88,3 +92,22 @@ def copies_for_l2(tensor_bytes: int, device: str) -> int:
         return 1
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     return max(1, min(8, -(-3 * l2 // max(tensor_bytes, 1))))
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[subprocess.Popen]:
+    """Keeps one core busy with another process (a Python loop that never sleeps) while the block
+    runs: how ops behave beside data-loader workers or other jobs, where an intra-op thread team
+    must wait for whichever of its threads the OS has descheduled."""
+    spin = subprocess.Popen(
+        [sys.executable, "-c", "while True: pass"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.2)  # until it spins
+        yield spin
+    finally:
+        spin.kill()
+        spin.wait()

@@ -6,8 +6,10 @@ Exit status 0 when every check passed, 1 when one failed, 2 when the run could n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -15,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .harness import copy_bandwidth, host_time_fn, peak_extra_mib, time_fn
+from .harness import busy_core, copy_bandwidth, host_time_fn, peak_extra_mib, time_fn
 from .registry import Bench, Case, Config, Row, Timing, benches, select
-from .table import print_table
+from .table import print_table, speedups
 
 
 def check_text(ok: bool | None, note: str) -> str:
@@ -97,6 +99,8 @@ def run_bench(bench: Bench, config: Config, copy_bps: float) -> tuple[list[Row],
             if row is not None:
                 rows.append(row)
         del inputs
+    for i, (ratio, baseline) in speedups(rows).items():
+        rows[i].extra.update(speedup_vs_best=ratio, best_baseline=baseline)
     return rows, all_ok
 
 
@@ -115,15 +119,22 @@ def run(
     quick: bool = False,
     compile_baselines: bool = True,
     json_path: str | None = None,
+    busy: bool = False,
 ) -> int:
     """`genext bench`: the benches named in `ops` (all by default) on `device` (CUDA when there is
-    a GPU), in `dtype` (each bench's default when None). Returns the exit status."""
+    a GPU), in `dtype` (each bench's default when None); with `busy`, while another process keeps
+    one core busy. Returns the exit status."""
     selected = select(ops)  # an unknown name fails here, before any timing
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("genext bench: --device cuda but no GPU is visible")
         return 2
     config = Config(device, getattr(torch, dtype) if dtype else None, quick, compile_baselines)
+    with busy_core() if busy else contextlib.nullcontext():
+        return _run(selected, config, device, json_path, busy)
+
+
+def _run(selected: list[Bench], config: Config, device: str, json_path: str | None, busy: bool):
     copy_bps = copy_bandwidth(device)
     env = {
         "device": (
@@ -135,10 +146,14 @@ def run(
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "copy_GBps": copy_bps / 1e9,
+        "busy_core": busy,
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+    load = f", load average {env['load_average']:.1f}" if env["load_average"] is not None else ""
     print(
         f"genext bench on {env['device']} ({device}, {env['threads']} threads), torch {env['torch']}, "
-        f"copy bandwidth {copy_bps / 1e9:.0f} GB/s (read + write)",
+        f"copy bandwidth {copy_bps / 1e9:.0f} GB/s (read + write){load}"
+        + ("; one core kept busy by another process" if busy else ""),
         flush=True,
     )
     rows, ok = [], True

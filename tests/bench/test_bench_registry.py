@@ -92,6 +92,33 @@ def test_op_runs_the_named_benches_only(extra_modules, tmp_path, capsys):
     assert {r["op"] for r in json.loads(path.read_text())["rows"]} == {"dummy", "dummy_two"}
 
 
+def test_busy_runs_beside_a_spinning_process_and_rows_carry_the_speed(
+    extra_modules, tmp_path, capsys, monkeypatch
+):
+    extra_modules("dummy")
+    spins = []
+    real = genext.bench.runner.busy_core
+
+    def watched():
+        cm = real()
+        spins.append(cm)
+        return cm
+
+    monkeypatch.setattr(genext.bench.runner, "busy_core", watched)
+    path = tmp_path / "out.json"
+    assert main(["bench", "--device", "cpu", "--op", "dummy", "--busy", "--json", str(path)]) == 0
+    assert len(spins) == 1
+    saved = json.loads(path.read_text())
+    assert saved["env"]["busy_core"] is True
+    genext_row = next(r for r in saved["rows"] if r["impl"] == "genext")
+    eager_row = next(r for r in saved["rows"] if r["impl"] == "eager")
+    assert genext_row["extra"]["best_baseline"] == "eager"
+    assert math.isclose(genext_row["extra"]["speedup_vs_best"], eager_row["ms"] / genext_row["ms"])
+    assert "one core kept busy" in capsys.readouterr().out
+    assert main(["bench", "--device", "cpu", "--op", "dummy", "--json", str(path)]) == 0
+    assert len(spins) == 1 and json.loads(path.read_text())["env"]["busy_core"] is False
+
+
 def test_a_failed_check_fails_the_run(extra_modules, capsys):
     extra_modules("dummy", ok=False)
     assert main(["bench", "--device", "cpu", "--op", "dummy"]) == 1
