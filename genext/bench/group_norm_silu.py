@@ -56,8 +56,11 @@ CUDA_CASES = [
 CPU_CASES = [
     GNCase((1, 128, 256, 256)),
     GNCase((1, 128, 256, 256), channels_last=True),
-    GNCase((2, 320, 64, 64)),
+    GNCase((1, 512, 64, 64)),  # the SD VAE decoder's mid block
+    GNCase((2, 320, 64, 64)),  # the SD U-Net's levels at a 64x64 latent, batch 2 (guidance)
+    GNCase((2, 640, 32, 32)),
     GNCase((2, 1280, 16, 16)),
+    GNCase((2, 1280, 8, 8)),
 ]
 PASSES = {"fwd": 2, "bwd": 3, "f+b": 5}  # tensor passes at the floor, per direction
 
