@@ -97,9 +97,12 @@ def cases(config: Config) -> list[Case]:
         CPU_CASES,
         quick=lambda s: s[:1] if config.device == "cuda" else [CPU_QUICK_CASE],
     )
-    dtypes = [torch.float32] + (
-        [torch.bfloat16] if config.device == "cuda" and not config.quick else []
-    )
+    if config.dtype is not None:
+        dtypes = [config.dtype]
+    else:
+        dtypes = [torch.float32] + (
+            [torch.bfloat16] if config.device == "cuda" and not config.quick else []
+        )
     return [make_case(c, dt, config) for c in shapes for dt in dtypes]
 
 
