@@ -237,7 +237,8 @@ struct Rows {
 };
 
 // Lengths and block indices are read on the CPU before anything is written; an error names the
-// sequence and the offending value.
+// sequence and the offending value, in the words of the Python wrapper's check (which leaves CPU
+// tensors to this one: it is the same check without the wrapper's tensor ops).
 void check_values(const Problem& p, const int32_t* lens, const int32_t* table) {
   const int64_t added = p.append ? p.Lq : 0;
   for (int64_t b = 0; b < p.B; ++b) {
@@ -247,14 +248,14 @@ void check_values(const Problem& p, const int32_t* lens, const int32_t* table) {
                       " tokens (cache_seqlens[", b, "] = ", L, added ? " plus Lq = " : "",
                       added ? std::to_string(added) : std::string(), added ? " new" : "",
                       "), past the cache capacity of ", p.capacity,
-                      p.paged ? " (max_blocks * block_size)" : " (k_cache.size(1))");
+                      p.paged ? " (max_blocks * block_size)" : " (k_cache.shape[1])");
     if (!p.paged) continue;
     const int64_t used = ceil_div(L + added, p.block_size);
     for (int64_t c = 0; c < used; ++c) {
       const int64_t blk = table[b * p.max_blocks + c];
       TORCH_CHECK_VALUE(blk >= 0 && blk < p.num_blocks, kOp, ": block_table[", b, ", ", c,
-                        "] = ", blk, " is outside the pool of ", p.num_blocks, " blocks; sequence ",
-                        b, " uses its first ", used, " entries");
+                        "] = ", blk, " is outside the pool of ", p.num_blocks, " blocks (sequence ",
+                        b, " uses its first ", used, " entries)");
     }
   }
 }
@@ -330,12 +331,17 @@ inline void prefetch_ptrs(const void* const* rows, int64_t n, int64_t bytes) {
   }
 }
 
-// Estimated nanoseconds of one core for one task of `keys` keys: reading its K/V rows (about
-// 0.1 ns a byte, ~10 GB/s from memory) plus the scores and value sums (about 0.04 ns per query
-// row and head-dim element of a key, 8-lane FMA). Measured on the 2-core AMD EPYC (AVX2) dev
-// machine at B1 Hq8 Hk2 D64 fp32: 2048 keys in about 60 us.
+// Estimated nanoseconds of one core for one task of `keys` keys: the larger of reading its K/V
+// rows (0.08 ns a byte) and the scores and value sums (0.15 ns per query row and head-dim element
+// of a key), plus widening 16-bit rows (0.08 ns a byte) and 1 us for the queries and the output.
+// Measured with one thread on the 2-core AMD EPYC (AVX2) dev machine, best of 200 calls at
+// B8 Hk2 L512 D64: 42 ns a key with one query row (MHA), 46 with four (GQA 4), 58 in bfloat16,
+// 618 with 64 (GQA 4 x Lq 16).
 inline double task_ns(int64_t keys, int64_t nrows, int64_t D, int64_t itemsize) {
-  return double(keys) * (0.1 * double(2 * D * itemsize) + 0.04 * double(nrows * D)) + 500.0;
+  const double bytes = double(2 * D * itemsize);
+  const double per_key =
+      std::max(0.08 * bytes, 0.15 * double(nrows * D)) + (itemsize < 4 ? 0.08 * bytes : 0.0);
+  return double(keys) * per_key + 1000.0;
 }
 
 template <class S, class T>
