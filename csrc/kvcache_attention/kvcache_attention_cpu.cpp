@@ -61,11 +61,8 @@ inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
 // ---- tile routines ------------------------------------------------------------------------------
 
-// exp of kTile floats in place (common/cpu_simd.h), a plain loop that vectorises. The arguments
-// are scores minus a running maximum (<= 0); masked lanes are zeroed by the caller.
-GENEXT_INLINE void exp_tile_impl(float* __restrict__ x) {
-  for (int64_t j = 0; j < kTile; ++j) x[j] = simd::exp_v(x[j]);
-}
+// exp of kTile doubles in place. The arguments are scores minus a running maximum (<= 0);
+// masked lanes are zeroed by the caller.
 GENEXT_INLINE void exp_tile_impl(double* x) {
   for (int64_t j = 0; j < kTile; ++j) x[j] = std::exp(x[j]);
 }
@@ -199,12 +196,7 @@ GENEXT_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T
 
 KV_ENTRY_POINTS(double, )
 
-// float: the online-softmax step per ISA level; the scores and value sums are the 8-lane routines
-// of kvcache_tiles_cpu.h.
-GENEXT_CPU_CLONES void softmax_step(float* S, int64_t nr, const int32_t* nvis, float* m, float* l,
-                                    float* alpha) {
-  softmax_impl<float>(S, nr, nvis, m, l, alpha);
-}
+// float: the 8-lane routines of kvcache_tiles_cpu.h.
 
 // ---- problem layout -----------------------------------------------------------------------------
 
@@ -332,15 +324,15 @@ inline void prefetch_ptrs(const void* const* rows, int64_t n, int64_t bytes) {
 }
 
 // Estimated nanoseconds of one core for one task of `keys` keys: the larger of reading its K/V
-// rows (0.08 ns a byte) and the scores and value sums (0.15 ns per query row and head-dim element
-// of a key), plus widening 16-bit rows (0.08 ns a byte) and 1 us for the queries and the output.
-// Measured with one thread on the 2-core AMD EPYC (AVX2) dev machine, best of 200 calls at
-// B8 Hk2 L512 D64: 42 ns a key with one query row (MHA), 46 with four (GQA 4), 58 in bfloat16,
-// 618 with 64 (GQA 4 x Lq 16).
+// rows (0.045 ns a byte) and the scores and value sums (0.1 ns per query row and head-dim element
+// of a key), plus widening 16-bit rows (0.025 ns a byte) and 1 us for the queries and the output.
+// Measured with one thread on the 2-core AMD EPYC (AVX2) dev machine (load average 3.6), best of
+// 200 calls at B8 Hk2 L512 D64: 22 ns a key with one query row (MHA), 33 with four (GQA 4), 39 in
+// bfloat16, 375 with 64 (GQA 4 x Lq 16).
 inline double task_ns(int64_t keys, int64_t nrows, int64_t D, int64_t itemsize) {
   const double bytes = double(2 * D * itemsize);
   const double per_key =
-      std::max(0.08 * bytes, 0.15 * double(nrows * D)) + (itemsize < 4 ? 0.08 * bytes : 0.0);
+      std::max(0.045 * bytes, 0.1 * double(nrows * D)) + (itemsize < 4 ? 0.025 * bytes : 0.0);
   return double(keys) * per_key + 1000.0;
 }
 
@@ -459,7 +451,10 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
         }
         for (int64_t r = 0; r < nrows; ++r)
           nvis[r] = int32_t(std::clamp<int64_t>(visible_end(len_k, r % Lq) - j0, 0, nc));
-        softmax_step(P, nrows, nvis, m, l, alpha);
+        if constexpr (std::is_same_v<T, float>)
+          softmax_f32(P, nrows, nvis, m, l, alpha);
+        else
+          softmax_step(P, nrows, nvis, m, l, alpha);
         if constexpr (std::is_same_v<T, float>)
           accum_f32(O, Dp, nrows, P, vrows, nc, D, alpha);
         else

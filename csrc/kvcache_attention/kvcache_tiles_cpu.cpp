@@ -18,4 +18,9 @@ GENEXT_CPU_CLONES void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
   tiles::widen_bf16(src, dst, n);
 }
 
+GENEXT_CPU_CLONES void softmax_f32(float* S, int64_t nr, const int32_t* nvis, float* m, float* l,
+                                   float* alpha) {
+  tiles::softmax_f32(S, nr, nvis, m, l, alpha);
+}
+
 }  // namespace genext::kv

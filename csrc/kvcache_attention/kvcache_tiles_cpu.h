@@ -108,6 +108,51 @@ GENEXT_INLINE void accum_f32(float* O, int64_t ldo, int64_t nr, const float* P,
   }
 }
 
+// Online-softmax step over a tile of scores, rows r < nr of S (stride kTile), row r seeing its
+// first nvis[r] columns: S becomes P = exp(S - m_new) (0 where masked), m and l are updated and
+// alpha[r] = exp(m_old - m_new). On 8-lane vectors: the maximum and the sum are lane-wise, then
+// folded (a scalar pass over 64 columns is a chain of 64 dependent compares or adds). The maximum
+// skips NaN scores, which then make P and l NaN (out and lse end NaN); when every visible score
+// is -inf the exponent is taken from 0, so P = 0 and l stays 0 (out 0, lse -inf).
+GENEXT_INLINE void softmax_f32(float* __restrict__ S, int64_t nr, const int32_t* __restrict__ nvis,
+                               float* __restrict__ m, float* __restrict__ l,
+                               float* __restrict__ alpha) {
+  typedef int32_t i32x8 __attribute__((vector_size(8 * sizeof(int32_t))));
+  constexpr float kNegInf = -__builtin_inff();
+  constexpr int kVecs = int(kTile / 8);
+  const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int64_t r = 0; r < nr; ++r) {
+    float* s = S + r * kTile;
+    const int32_t nv = nvis[r];
+    if (nv <= 0) {
+      for (int64_t j = 0; j < kTile; ++j) s[j] = 0.0f;
+      alpha[r] = 1.0f;
+      continue;
+    }
+    f32x8 vmax = f32x8{} + kNegInf;
+    for (int c = 0; c < kVecs; ++c) {
+      const f32x8 x = load<f32x8>(s + 8 * c);
+      const f32x8 xm = (lane + 8 * c) < nv ? x : f32x8{} + kNegInf;
+      vmax = xm > vmax ? xm : vmax;
+    }
+    float mx = m[r];
+    for (int t = 0; t < 8; ++t) mx = vmax[t] > mx ? vmax[t] : mx;
+    alpha[r] = m[r] == kNegInf ? 0.0f : simd::exp_v(m[r] - mx);
+    const float m_use = mx == kNegInf ? 0.0f : mx;
+    f32x8 acc{};
+    for (int c = 0; c < kVecs; ++c) {
+      const f32x8 e = simd::exp_v(load<f32x8>(s + 8 * c) - m_use);
+      const f32x8 p = (lane + 8 * c) < nv ? e : f32x8{};
+      store(s + 8 * c, p);
+      acc += p;
+    }
+    const simd::f32x4 h = __builtin_shufflevector(acc, acc, 0, 1, 2, 3) +
+                          __builtin_shufflevector(acc, acc, 4, 5, 6, 7);
+    l[r] = l[r] * alpha[r] + ((h[0] + h[1]) + (h[2] + h[3]));
+    m[r] = mx;
+  }
+}
+
 // dst[0:n] = the bfloat16 values src[0:n] (bit patterns) as float: the 16 bits become the high
 // half of the float's.
 GENEXT_INLINE void widen_bf16(const uint16_t* __restrict__ src, float* __restrict__ dst,
@@ -131,5 +176,6 @@ void scores_f32(const float* Q, int64_t ldq, int64_t nr, const float* const* kro
 void accum_f32(float* O, int64_t ldo, int64_t nr, const float* P, const float* const* vrows,
                int64_t nc, int64_t D, const float* alpha);
 void widen_bf16(const uint16_t* src, float* dst, int64_t n);
+void softmax_f32(float* S, int64_t nr, const int32_t* nvis, float* m, float* l, float* alpha);
 
 }  // namespace genext::kv
