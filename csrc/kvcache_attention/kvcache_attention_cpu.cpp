@@ -3,24 +3,29 @@
 // The op has two phases.
 //   1. Append (when k_new/v_new are given): row (b, i, hk) of k_new/v_new is copied into the cache
 //      at position cache_seqlens[b] + i of sequence b (contiguous: row L of batch b; paged: block
-//      block_table[b][L / block_size], slot L % block_size). One parallel pass, finished before
-//      any attention task reads the caches.
+//      block_table[b][L / block_size], slot L % block_size). One pass, finished before any
+//      attention task reads the caches.
 //   2. Attention, one task per (sequence b, kv head hk, key split s). The task owns the whole group
 //      of query heads that share hk and all Lq queries: rows r = g * Lq + i (query head
 //      hk * group + g, query i), so each key and value row is read and widened once per task.
-//      Keys go by in tiles of kTile rows. Scores S[r][j] = q_r . k_j take each key row once for
-//      four query rows, in 16-lane vector accumulators summed across lanes at the end; the output
-//      update O[r] = alpha[r] O[r] + sum_j P[r][j] v_j keeps up to 64 elements of O[r] in vector
-//      registers over the tile's keys. float32/float64 rows are read in place in the cache;
-//      float16/bfloat16 rows are first widened into a [kTile][D] float tile. Online softmax: a
-//      running maximum m and sum l per row, O rescaled by alpha = exp(m_old - m_new) when m grows.
-//      The next tile's rows are prefetched into L2 while a tile is computed (rows of one head are
+//      Keys go by in tiles of kTile rows. In float (kvcache_tiles_cpu.h) the scores
+//      S[r][j] = q_r . k_j take eight keys at a time in eight 8-lane accumulators whose lane sums
+//      are folded into one vector; the online softmax (running maximum m and sum l per row, O
+//      rescaled by alpha = exp(m_old - m_new) when m grows) runs on 8-lane vectors; the update
+//      O[r] = alpha[r] O[r] + sum_j P[r][j] v_j keeps up to 64 elements of O[r] in registers over
+//      the tile's keys. float64 uses the 16-lane routines below. float32/float64 rows are read in
+//      place in the cache; float16/bfloat16 rows are first widened into a [kTile][D] float tile.
+//      The next tile's row pointers are computed (paged: stepping block and slot, no division
+//      per row) and its rows prefetched into L2 while a tile is computed (rows of one head are
 //      far apart in memory, a stride the hardware prefetchers do not follow).
 //
-// Splits ("flash-decoding" on the CPU): when batch x kv heads gives fewer tasks than threads (one
-// long sequence, MQA), the keys are cut into ranges of at least kMinSplit keys; each task leaves
-// its unnormalised O, m and l in a scratch buffer and a merge pass combines the splits of each row
-// with the usual rescaling. With one split the task normalises and writes the output itself.
+// Threads (common/cpu_parallel.h): the tasks run on the calling thread unless their estimated
+// work (task_ns) is worth a team. Splits ("flash-decoding" on the CPU): when batch x kv heads
+// gives fewer than about four tasks per thread worth waking (one long sequence, MQA), the keys are
+// cut into ranges of at least kMinSplit keys; each task leaves its unnormalised O, m and l in a
+// scratch buffer and a merge pass combines the splits of each row with the usual rescaling. With
+// one split the task normalises and writes the output itself. Per-task scratch is thread-local
+// and kept between calls.
 //
 // Masking: query i of sequence b sees key j iff j < len_k(b) and, when causal,
 // j <= len_k(b) - Lq + i; a row that sees no key gets out = 0, lse = -inf.
