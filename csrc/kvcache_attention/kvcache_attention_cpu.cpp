@@ -3,24 +3,29 @@
 // The op has two phases.
 //   1. Append (when k_new/v_new are given): row (b, i, hk) of k_new/v_new is copied into the cache
 //      at position cache_seqlens[b] + i of sequence b (contiguous: row L of batch b; paged: block
-//      block_table[b][L / block_size], slot L % block_size). One parallel pass, finished before
-//      any attention task reads the caches.
+//      block_table[b][L / block_size], slot L % block_size). One pass, finished before any
+//      attention task reads the caches.
 //   2. Attention, one task per (sequence b, kv head hk, key split s). The task owns the whole group
 //      of query heads that share hk and all Lq queries: rows r = g * Lq + i (query head
 //      hk * group + g, query i), so each key and value row is read and widened once per task.
-//      Keys go by in tiles of kTile rows. Scores S[r][j] = q_r . k_j take each key row once for
-//      four query rows, in 16-lane vector accumulators summed across lanes at the end; the output
-//      update O[r] = alpha[r] O[r] + sum_j P[r][j] v_j keeps up to 64 elements of O[r] in vector
-//      registers over the tile's keys. float32/float64 rows are read in place in the cache;
-//      float16/bfloat16 rows are first widened into a [kTile][D] float tile. Online softmax: a
-//      running maximum m and sum l per row, O rescaled by alpha = exp(m_old - m_new) when m grows.
-//      The next tile's rows are prefetched into L2 while a tile is computed (rows of one head are
+//      Keys go by in tiles of kTile rows. In float (kvcache_tiles_cpu.h) the scores
+//      S[r][j] = q_r . k_j take eight keys at a time in eight 8-lane accumulators whose lane sums
+//      are folded into one vector; the online softmax (running maximum m and sum l per row, O
+//      rescaled by alpha = exp(m_old - m_new) when m grows) runs on 8-lane vectors; the update
+//      O[r] = alpha[r] O[r] + sum_j P[r][j] v_j keeps up to 64 elements of O[r] in registers over
+//      the tile's keys. float64 uses the 16-lane routines below. float32/float64 rows are read in
+//      place in the cache; float16/bfloat16 rows are first widened into a [kTile][D] float tile.
+//      The next tile's row pointers are computed (paged: stepping block and slot, no division
+//      per row) and its rows prefetched into L2 while a tile is computed (rows of one head are
 //      far apart in memory, a stride the hardware prefetchers do not follow).
 //
-// Splits ("flash-decoding" on the CPU): when batch x kv heads gives fewer tasks than threads (one
-// long sequence, MQA), the keys are cut into ranges of at least kMinSplit keys; each task leaves
-// its unnormalised O, m and l in a scratch buffer and a merge pass combines the splits of each row
-// with the usual rescaling. With one split the task normalises and writes the output itself.
+// Threads (common/cpu_parallel.h): the tasks run on the calling thread unless their estimated
+// work (task_ns) is worth a team. Splits ("flash-decoding" on the CPU): when batch x kv heads
+// gives fewer than about four tasks per thread worth waking (one long sequence, MQA), the keys are
+// cut into ranges of at least kMinSplit keys; each task leaves its unnormalised O, m and l in a
+// scratch buffer and a merge pass combines the splits of each row with the usual rescaling. With
+// one split the task normalises and writes the output itself. Per-task scratch is thread-local
+// and kept between calls.
 //
 // Masking: query i of sequence b sees key j iff j < len_k(b) and, when causal,
 // j <= len_k(b) - Lq + i; a row that sees no key gets out = 0, lse = -inf.
@@ -28,7 +33,6 @@
 // The values of cache_seqlens and block_table are checked here (the kernel reads them anyway)
 // before anything is written: every length within the capacity, every block a sequence uses in the
 // pool.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -46,41 +50,24 @@
 #include <vector>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_parallel.h"
 #include "common/cpu_simd.h"
 #include "kvcache_attention/kvcache_checks.h"
+#include "kvcache_attention/kvcache_tiles_cpu.h"
 
 namespace genext::kv {
 namespace {
 
 constexpr const char* kOp = "attention_with_kvcache";
-constexpr int64_t kTile = 64;       // keys per tile (a multiple of 16)
 constexpr int64_t kMinSplit = 256;  // fewest keys worth a split of their own
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
-// 64-byte aligned scratch of n elements, zero-initialised.
-template <class T>
-struct Buffer {
-  struct Free {
-    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
-  };
-  std::unique_ptr<T[], Free> mem;
-  explicit Buffer(int64_t n) {
-    const size_t count = size_t(std::max<int64_t>(n, 1));
-    mem.reset(static_cast<T*>(::operator new[](count * sizeof(T), std::align_val_t(64))));
-    std::memset(mem.get(), 0, count * sizeof(T));
-  }
-  T* get() const { return mem.get(); }
-};
-
 // ---- tile routines ------------------------------------------------------------------------------
 
-// exp of kTile floats in place (common/cpu_simd.h), a plain loop that vectorises. The arguments
-// are scores minus a running maximum (<= 0); masked lanes are zeroed by the caller.
-GENEXT_INLINE void exp_tile_impl(float* __restrict__ x) {
-  for (int64_t j = 0; j < kTile; ++j) x[j] = simd::exp_v(x[j]);
-}
+// exp of kTile doubles in place. The arguments are scores minus a running maximum (<= 0);
+// masked lanes are zeroed by the caller.
 GENEXT_INLINE void exp_tile_impl(double* x) {
   for (int64_t j = 0; j < kTile; ++j) x[j] = std::exp(x[j]);
 }
@@ -212,8 +199,9 @@ GENEXT_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T
     accum_impl<T>(O, ldo, nr, P, vrows, nc, D, alpha);                                             \
   }
 
-KV_ENTRY_POINTS(float, GENEXT_CPU_CLONES)
 KV_ENTRY_POINTS(double, )
+
+// float: the 8-lane routines of kvcache_tiles_cpu.h.
 
 // ---- problem layout -----------------------------------------------------------------------------
 
@@ -246,7 +234,8 @@ struct Rows {
 };
 
 // Lengths and block indices are read on the CPU before anything is written; an error names the
-// sequence and the offending value.
+// sequence and the offending value, in the words of the Python wrapper's check (which leaves CPU
+// tensors to this one: it is the same check without the wrapper's tensor ops).
 void check_values(const Problem& p, const int32_t* lens, const int32_t* table) {
   const int64_t added = p.append ? p.Lq : 0;
   for (int64_t b = 0; b < p.B; ++b) {
@@ -256,14 +245,14 @@ void check_values(const Problem& p, const int32_t* lens, const int32_t* table) {
                       " tokens (cache_seqlens[", b, "] = ", L, added ? " plus Lq = " : "",
                       added ? std::to_string(added) : std::string(), added ? " new" : "",
                       "), past the cache capacity of ", p.capacity,
-                      p.paged ? " (max_blocks * block_size)" : " (k_cache.size(1))");
+                      p.paged ? " (max_blocks * block_size)" : " (k_cache.shape[1])");
     if (!p.paged) continue;
     const int64_t used = ceil_div(L + added, p.block_size);
     for (int64_t c = 0; c < used; ++c) {
       const int64_t blk = table[b * p.max_blocks + c];
       TORCH_CHECK_VALUE(blk >= 0 && blk < p.num_blocks, kOp, ": block_table[", b, ", ", c,
-                        "] = ", blk, " is outside the pool of ", p.num_blocks, " blocks; sequence ",
-                        b, " uses its first ", used, " entries");
+                        "] = ", blk, " is outside the pool of ", p.num_blocks, " blocks (sequence ",
+                        b, " uses its first ", used, " entries)");
     }
   }
 }
@@ -283,20 +272,13 @@ GENEXT_INLINE void prefetch_l2(const void* p) {
 }
 
 template <class S>
-inline void prefetch_rows(const Rows<S>& c, int64_t b, int64_t j0, int64_t n, int64_t h,
-                          int64_t bytes) {
-  for (int64_t j = j0; j < j0 + n; ++j) {
-    const char* p = reinterpret_cast<const char*>(c.row(b, j, h));
-    for (int64_t off = 0; off < bytes; off += 64) prefetch_l2(p + off);
-  }
-}
-
-template <class S>
 void append(const Problem& p, const int32_t* lens, const at::Tensor& k_new, const at::Tensor& v_new,
             const Rows<S>& kc, const Rows<S>& vc) {
   const Rows<const S> kn(k_new, nullptr, 0, 0), vn(v_new, nullptr, 0, 0);
   const int64_t D = p.D, Lq = p.Lq, Hk = p.Hk;
-  at::parallel_for(0, p.B * Lq * Hk, 256, [&](int64_t begin, int64_t end) {
+  // one row pair: about 0.1 ns a byte read and written (two rows of D elements, in L2 or memory)
+  const double ns_row = 0.1 * double(4 * D * int64_t(sizeof(S))) + 5.0;
+  cpu::parallel_for(0, p.B * Lq * Hk, ns_row, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t % Hk, i = (t / Hk) % Lq, b = t / (Hk * Lq);
       const int64_t j = int64_t(lens[b]) + i;
@@ -304,6 +286,59 @@ void append(const Problem& p, const int32_t* lens, const at::Tensor& k_new, cons
       std::memcpy(vc.row(b, j, h), vn.row(b, i, h), D * sizeof(S));
     }
   });
+}
+
+// Thread-local scratch of at least n elements of T, 64-byte aligned, reused across calls (a decode
+// step must not pay for allocations); its contents are not kept between uses.
+template <class T>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> mem;
+  const size_t need = size_t(n) + 64 / sizeof(T);
+  if (mem.size() < need) mem.resize(need);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(mem.data());
+  return reinterpret_cast<T*>((p + 63) / 64 * 64);
+}
+
+// Pointers to rows [j0, j0 + n) of head h of sequence b; for a paged cache the block and slot are
+// stepped instead of divided per row.
+template <class S>
+inline void tile_rows(const Rows<S>& c, int64_t b, int64_t j0, int64_t n, int64_t h,
+                      const S** out) {
+  if (!c.table) {
+    const S* p = c.p + b * c.s0 + j0 * c.s1 + h * c.s2;
+    for (int64_t j = 0; j < n; ++j) out[j] = p + j * c.s1;
+    return;
+  }
+  const int32_t* tab = c.table + b * c.max_blocks;
+  int64_t blk = j0 / c.block_size, slot = j0 % c.block_size;
+  const S* base = c.p + tab[blk] * c.s0 + h * c.s2;
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = base + slot * c.s1;
+    if (++slot == c.block_size && j + 1 < n) {
+      slot = 0;
+      base = c.p + tab[++blk] * c.s0 + h * c.s2;
+    }
+  }
+}
+
+inline void prefetch_ptrs(const void* const* rows, int64_t n, int64_t bytes) {
+  for (int64_t j = 0; j < n; ++j) {
+    const char* p = static_cast<const char*>(rows[j]);
+    for (int64_t off = 0; off < bytes; off += 64) prefetch_l2(p + off);
+  }
+}
+
+// Estimated nanoseconds of one core for one task of `keys` keys: the larger of reading its K/V
+// rows (0.045 ns a byte) and the scores and value sums (0.1 ns per query row and head-dim element
+// of a key), plus widening 16-bit rows (0.025 ns a byte) and 1 us for the queries and the output.
+// Measured with one thread on the 2-core AMD EPYC (AVX2) dev machine (load average 3.6), best of
+// 200 calls at B8 Hk2 L512 D64: 22 ns a key with one query row (MHA), 33 with four (GQA 4), 39 in
+// bfloat16, 375 with 64 (GQA 4 x Lq 16).
+inline double task_ns(int64_t keys, int64_t nrows, int64_t D, int64_t itemsize) {
+  const double bytes = double(2 * D * itemsize);
+  const double per_key =
+      std::max(0.045 * bytes, 0.1 * double(nrows * D)) + (itemsize < 4 ? 0.025 * bytes : 0.0);
+  return double(keys) * per_key + 1000.0;
 }
 
 template <class S, class T>
@@ -314,96 +349,137 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   const Rows<const S> q(q_t, nullptr, 0, 0);
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-  // Splits of the key range when batch x kv heads leaves threads idle.
+  // Splits of the key range when batch x kv heads gives fewer tasks than about four per thread
+  // worth waking (several per thread, so that a thread on a busy core takes fewer of them).
   int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, lens[b] + added);
-  const int64_t units = B * Hk, threads = at::get_num_threads();
+  const int64_t units = B * Hk;
+  const int64_t itemsize = int64_t(sizeof(S));
+  const int64_t threads = cpu::threads_for(units * std::max<int64_t>(1, max_len / kMinSplit),
+                                           task_ns(kMinSplit, nrows, D, itemsize));
   int64_t nsplit = 1;
-  // at most one split per kMinSplit keys (and never fewer than one: max_len may be short)
-  if (units < threads)
-    nsplit = std::min<int64_t>(ceil_div(threads, units), std::max<int64_t>(1, max_len / kMinSplit));
+  if (threads > 1 && units < 4 * threads)
+    nsplit =
+        std::min<int64_t>(ceil_div(4 * threads, units), std::max<int64_t>(1, max_len / kMinSplit));
   const int64_t split_len = nsplit > 1 ? round_up(ceil_div(max_len, nsplit), kTile) : max_len;
   nsplit = nsplit > 1 ? ceil_div(max_len, split_len) : 1;
   // Partial results of the splits: O (unnormalised) [task][nrows][Dp], m and l [task][nrows].
-  std::unique_ptr<Buffer<T>> part_o, part_ml;
+  T* part_o = nullptr;
+  T* part_ml = nullptr;
+  std::vector<T> part;
   if (nsplit > 1) {
-    part_o = std::make_unique<Buffer<T>>(units * nsplit * nrows * Dp);
-    part_ml = std::make_unique<Buffer<T>>(units * nsplit * nrows * 2);
+    part.resize(size_t(units * nsplit * nrows * (Dp + 2)));
+    part_o = part.data();
+    part_ml = part_o + units * nsplit * nrows * Dp;
   }
 
   auto visible_end = [&](int64_t len_k, int64_t i) -> int64_t {
     return causal ? std::clamp<int64_t>(len_k - Lq + i + 1, 0, len_k) : len_k;
   };
 
-  at::parallel_for(0, units * nsplit, 1, [&](int64_t begin, int64_t end) {
-    const bool widen = !std::is_same_v<S, T>;
-    Buffer<T> Q(nrows * Dp), O(nrows * Dp), P(nrows * kTile);
-    Buffer<T> Kbuf(widen ? kTile * Dp : 0), Vbuf(widen ? kTile * Dp : 0);
-    Buffer<T> m(nrows), l(nrows), alpha(nrows);
-    std::vector<int32_t> nvis(nrows);
-    std::vector<const T*> krows(kTile), vrows(kTile);
+  const double ns_task = task_ns(std::min(split_len, max_len), nrows, D, itemsize);
+  cpu::parallel_for(0, units * nsplit, ns_task, [&](int64_t begin, int64_t end) {
+    constexpr bool widen = !std::is_same_v<S, T>;
+    // scratch: Q, O [nrows][Dp]; P [nrows][kTile]; K, V tiles [kTile][Dp] (16-bit caches);
+    // m, l, alpha [nrows]
+    T* Q = scratch<T>(2 * nrows * Dp + nrows * kTile + (widen ? 2 * kTile * Dp : 0) + 3 * nrows);
+    T* O = Q + nrows * Dp;
+    T* P = O + nrows * Dp;
+    T* Kbuf = P + nrows * kTile;
+    T* Vbuf = Kbuf + (widen ? kTile * Dp : 0);
+    T* m = Vbuf + (widen ? kTile * Dp : 0);
+    T* l = m + nrows;
+    T* alpha = l + nrows;
+    int32_t* nvis = scratch<int32_t>(nrows);
+    const S* ks[2][kTile];
+    const S* vs[2][kTile];
+    const T* krows[kTile];
+    const T* vrows[kTile];
+    const int64_t row_bytes = D * itemsize;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % nsplit, hk = (task / nsplit) % Hk, b = task / (nsplit * Hk);
       const int64_t len_k = int64_t(lens[b]) + added;
       const int64_t k_begin = split * split_len, k_end = std::min(len_k, k_begin + split_len);
       for (int64_t r = 0; r < nrows; ++r) {
         const S* src = q.row(b, r % Lq, hk * group + r / Lq);
-        T* dst = Q.get() + r * Dp;
+        T* dst = Q + r * Dp;
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]) * scale;
       }
-      std::fill(O.get(), O.get() + nrows * Dp, T(0));
-      std::fill(m.get(), m.get() + nrows, kNegInf);
-      std::fill(l.get(), l.get() + nrows, T(0));
-      const int64_t row_bytes = D * int64_t(sizeof(S));
+      std::fill(O, O + nrows * Dp, T(0));
+      std::fill(m, m + nrows, kNegInf);
+      std::fill(l, l + nrows, T(0));
+      int cur = 0;
       if (k_begin < k_end) {
-        prefetch_rows(kc, b, k_begin, std::min(kTile, k_end - k_begin), hk, row_bytes);
-        prefetch_rows(vc, b, k_begin, std::min(kTile, k_end - k_begin), hk, row_bytes);
+        const int64_t n0 = std::min(kTile, k_end - k_begin);
+        tile_rows(kc, b, k_begin, n0, hk, ks[0]);
+        tile_rows(vc, b, k_begin, n0, hk, vs[0]);
+        prefetch_ptrs(reinterpret_cast<const void* const*>(ks[0]), n0, row_bytes);
+        prefetch_ptrs(reinterpret_cast<const void* const*>(vs[0]), n0, row_bytes);
       }
-      for (int64_t j0 = k_begin; j0 < k_end; j0 += kTile) {
+      for (int64_t j0 = k_begin; j0 < k_end; j0 += kTile, cur ^= 1) {
         const int64_t nc = std::min(kTile, k_end - j0);
         if (j0 + kTile < k_end) {  // the next tile, while this one is loaded and computed
           const int64_t nn = std::min(kTile, k_end - j0 - kTile);
-          prefetch_rows(kc, b, j0 + kTile, nn, hk, row_bytes);
-          prefetch_rows(vc, b, j0 + kTile, nn, hk, row_bytes);
+          tile_rows(kc, b, j0 + kTile, nn, hk, ks[cur ^ 1]);
+          tile_rows(vc, b, j0 + kTile, nn, hk, vs[cur ^ 1]);
+          prefetch_ptrs(reinterpret_cast<const void* const*>(ks[cur ^ 1]), nn, row_bytes);
+          prefetch_ptrs(reinterpret_cast<const void* const*>(vs[cur ^ 1]), nn, row_bytes);
         }
         // Row pointers of the tile: into the cache itself when it holds T, else into the tile
         // buffers after widening.
-        for (int64_t j = 0; j < nc; ++j) {
-          const S* ks = kc.row(b, j0 + j, hk);
-          const S* vs = vc.row(b, j0 + j, hk);
-          if constexpr (std::is_same_v<S, T>) {
-            krows[j] = ks;
-            vrows[j] = vs;
-          } else {
-            T* kd = Kbuf.get() + j * Dp;
-            T* vd = Vbuf.get() + j * Dp;
-            for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<T>(ks[d]);
-            for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<T>(vs[d]);
+        if constexpr (!widen) {
+          for (int64_t j = 0; j < nc; ++j) {
+            krows[j] = ks[cur][j];
+            vrows[j] = vs[cur][j];
+          }
+        } else {
+          for (int64_t j = 0; j < nc; ++j) {
+            T* kd = Kbuf + j * Dp;
+            T* vd = Vbuf + j * Dp;
+            if constexpr (std::is_same_v<S, c10::BFloat16>) {
+              widen_bf16(reinterpret_cast<const uint16_t*>(ks[cur][j]), kd, D);
+              widen_bf16(reinterpret_cast<const uint16_t*>(vs[cur][j]), vd, D);
+            } else {
+              for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<T>(ks[cur][j][d]);
+              for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<T>(vs[cur][j][d]);
+            }
             krows[j] = kd;
             vrows[j] = vd;
           }
         }
-        scores(Q.get(), Dp, nrows, krows.data(), nc, D, P.get());
+        if constexpr (std::is_same_v<T, float>) {
+          // the float scores take keys eight at a time: repeat the last row up to a multiple of 8
+          for (int64_t j = nc; j < round_up(nc, 8); ++j) krows[j] = krows[nc - 1];
+          scores_f32(Q, Dp, nrows, krows, nc, D, P);
+        } else {
+          scores(Q, Dp, nrows, krows, nc, D, P);
+        }
         for (int64_t r = 0; r < nrows; ++r)
           nvis[r] = int32_t(std::clamp<int64_t>(visible_end(len_k, r % Lq) - j0, 0, nc));
-        softmax_step(P.get(), nrows, nvis.data(), m.get(), l.get(), alpha.get());
-        accum(O.get(), Dp, nrows, P.get(), vrows.data(), nc, D, alpha.get());
+        if constexpr (std::is_same_v<T, float>)
+          softmax_f32(P, nrows, nvis, m, l, alpha);
+        else
+          softmax_step(P, nrows, nvis, m, l, alpha);
+        if constexpr (std::is_same_v<T, float>)
+          accum_f32(O, Dp, nrows, P, vrows, nc, D, alpha);
+        else
+          accum(O, Dp, nrows, P, vrows, nc, D, alpha);
       }
       if (nsplit > 1) {
-        std::memcpy(part_o->get() + task * nrows * Dp, O.get(), nrows * Dp * sizeof(T));
-        T* ml = part_ml->get() + task * nrows * 2;
-        std::memcpy(ml, m.get(), nrows * sizeof(T));
-        std::memcpy(ml + nrows, l.get(), nrows * sizeof(T));
+        std::memcpy(part_o + task * nrows * Dp, O, nrows * Dp * sizeof(T));
+        T* ml = part_ml + task * nrows * 2;
+        std::memcpy(ml, m, nrows * sizeof(T));
+        std::memcpy(ml + nrows, l, nrows * sizeof(T));
         continue;
       }
       for (int64_t r = 0; r < nrows; ++r) {
         const int64_t i = r % Lq, h = hk * group + r / Lq;
         S* o = out + ((b * Lq + i) * Hq + h) * D;
         T* ls = lse + (b * Hq + h) * Lq + i;
-        if (l.get()[r] != T(0)) {  // a NaN l (a NaN score) makes out and lse NaN
-          const T inv = T(1) / l.get()[r];
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(O.get()[r * Dp + d] * inv);
-          *ls = m.get()[r] + std::log(l.get()[r]);
+        if (l[r] != T(0)) {  // a NaN l (a NaN score) makes out and lse NaN
+          const T inv = T(1) / l[r];
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(O[r * Dp + d] * inv);
+          *ls = m[r] + std::log(l[r]);
         } else {  // no visible key, or every visible score -inf
           std::fill(o, o + D, static_cast<S>(0));
           *ls = kNegInf;
@@ -413,16 +489,17 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   });
   if (nsplit == 1) return;
 
-  // Merge the splits of every (sequence, kv head, row).
-  at::parallel_for(0, units * nrows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(Dp);
+  // Merge the splits of every (sequence, kv head, row): about 1 ns per split and element of a
+  // row (a scaled add of a row held in L2).
+  cpu::parallel_for(0, units * nrows, double(nsplit * Dp) * 1.0, [&](int64_t begin, int64_t end) {
+    T* acc = scratch<T>(Dp);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = t % nrows, unit = t / nrows, hk = unit % Hk, b = unit / Hk;
       const int64_t i = r % Lq, h = hk * group + r / Lq;
       T mx = kNegInf;
       bool nan = false;  // a split saw a NaN score: the row is NaN
       for (int64_t s = 0; s < nsplit; ++s) {
-        const T* ml = part_ml->get() + (unit * nsplit + s) * nrows * 2;
+        const T* ml = part_ml + (unit * nsplit + s) * nrows * 2;
         if (ml[nrows + r] > T(0)) mx = std::max(mx, ml[r]);
         nan |= std::isnan(ml[nrows + r]);
       }
@@ -438,15 +515,15 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
         *ls = kNegInf;
         continue;
       }
-      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(acc, acc + Dp, T(0));
       T sum = 0;
       for (int64_t s = 0; s < nsplit; ++s) {
         const int64_t task = unit * nsplit + s;
-        const T* ml = part_ml->get() + task * nrows * 2;
+        const T* ml = part_ml + task * nrows * 2;
         if (!(ml[nrows + r] > T(0))) continue;
         const T w = std::exp(ml[r] - mx);
         sum += w * ml[nrows + r];
-        const T* po = part_o->get() + (task * nrows + r) * Dp;
+        const T* po = part_o + (task * nrows + r) * Dp;
         for (int64_t d = 0; d < Dp; ++d) acc[d] += w * po[d];
       }
       const T inv = T(1) / sum;

@@ -121,8 +121,9 @@ def attention_with_kvcache(
     otherwise a ValueError names the sequence and the value. These checks read the lengths and
     the block table on the host (a few small reductions and one copy of B rows, so a device sync
     on CUDA); they are skipped while torch.compile traces and while a CUDA graph is captured,
-    where a sync is not allowed, and with ``check_values=False``. The CPU kernel checks again on
-    its own. The CUDA kernels never touch memory past the capacity or outside the pool, but their
+    where a sync is not allowed, and with ``check_values=False``. On the CPU the kernel makes
+    them itself, with the same messages, before it writes anything (always, since reading the
+    values costs it nothing). The CUDA kernels never touch memory past the capacity or outside the pool, but their
     results for invalid lengths or block indices are undefined.
 
     Inference only: no gradient flows through this op (as with flash-attn's
@@ -180,6 +181,7 @@ def attention_with_kvcache(
     added = q.shape[1] if k_new is not None else 0
     if (
         check_values
+        and q.device.type != "cpu"  # the CPU kernel checks the values itself, with these messages
         and not _must_not_sync(q)
         and cache_seqlens.device == q.device
         and (block_table is None or block_table.device == q.device)  # else the op's device error
@@ -202,10 +204,12 @@ def attention_with_kvcache_unchecked(
     """The op alone, without the Python-side argument and value checks above, for callers that own
     their tensors and lengths (:class:`genext.nn.KVCache`); the C++ checks still run."""
     scale = softmax_scale(q, scale, _OP)
-    with torch.no_grad():
-        out, lse = torch.ops.genext.attention_with_kvcache(
-            q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, bool(causal)
-        )
+    args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, bool(causal))
+    if torch.is_grad_enabled():  # entering no_grad costs microseconds a decode step need not pay
+        with torch.no_grad():
+            out, lse = torch.ops.genext.attention_with_kvcache(*args)
+    else:
+        out, lse = torch.ops.genext.attention_with_kvcache(*args)
     return (out, lse) if return_lse else out
 
 

@@ -826,3 +826,95 @@ def test_torch_compile_dynamic_shapes():
         lens = torch.full((b,), 5, dtype=torch.int32)
         out = f(q, kc.clone(), vc.clone(), lens, kn, vn)
         assert torch.equal(out, attention_with_kvcache(q, kc, vc, lens, kn, vn))
+
+
+# ---- CPU kernel paths: head-dim and key tails, dtypes, splits, thread teams -------------------
+
+# (B, Lq, Hq, Hk, D, capacity, block_size): D off the 8-lane vectors (a scalar tail, or all tail),
+# capacities that end tiles and key groups of 8 mid-way, block sizes that are not powers of two
+TAIL_CASES = [
+    (3, 1, 4, 2, 7, 45, None),  # D below one vector
+    (2, 3, 6, 3, 13, 70, 5),  # D = 8 + 5, paged blocks of 5 (tiles cross many blocks)
+    (2, 1, 8, 2, 72, 131, None),  # D = 64 + 8: a full 64-element chunk and one more vector
+    (2, 16, 4, 1, 33, 90, 7),  # D = 32 + 1, a prefill chunk over blocks of 7
+    (1, 2, 3, 1, 129, 67, 64),  # D = 128 + 1, one key past a tile
+]
+
+
+@pytest.mark.parametrize("case", TAIL_CASES, ids=lambda c: f"B{c[0]}-Lq{c[1]}-D{c[4]}-cap{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_head_dim_and_key_tails(case, dtype):
+    b, lq, hq, hk, d, cap, block_size = case
+    for append in (True, False):
+        run_and_check("cpu", dtype, b, lq, hq, hk, d, cap, True, append, block_size)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+def test_cpu_threads_and_splits_match_reference(threads, dtype, block_size):
+    # one sequence, one kv head and 3000 keys: enough work that 2 and 4 threads cut the keys into
+    # splits merged by their lse; 1 thread does not split
+    import genext._C
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        before = genext._C._cpu_team_launches()
+        for lens in (torch.tensor([2990, 1100]), torch.tensor([0, 2999])):
+            run_and_check(
+                "cpu", dtype, 2, 1, 4, 1, 64, 3000, True, True, block_size, lens.to(torch.int32)
+            )
+        assert (genext._C._cpu_team_launches() > before) == (threads > 1)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_cpu_small_decode_step_wakes_no_thread_team():
+    # a decode step of a small model is tens of microseconds of work: it must run on the calling
+    # thread (a team's wake-up costs more than that, and milliseconds when a core is busy)
+    import genext._C
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # B8, 8 query and 2 kv heads of 64, 81 keys: 0.66 MB of K/V
+        q, kn, vn = rand(8, 1, 8, 64), rand(8, 1, 2, 64), rand(8, 1, 2, 64)
+        kc, vc = rand(8, 81, 2, 64), rand(8, 81, 2, 64)
+        lens = torch.full((8,), 80, dtype=torch.int32)
+        before = genext._C._cpu_team_launches()
+        attention_with_kvcache(q, kc, vc, lens, kn, vn)
+        assert genext._C._cpu_team_launches() == before
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_cpu_value_errors_match_the_python_wording():
+    # CPU tensors are checked by the kernel alone: the same messages as the wrapper's own check
+    q, kc, vc = rand(1, 1, 2, 8), rand(1, 4, 1, 8), rand(1, 4, 1, 8)
+    lens = torch.tensor([5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"capacity of 4 \(k_cache.shape\[1\]\)"):
+        attention_with_kvcache(q, kc, vc, lens)
+    pool = rand(2, 4, 1, 8)
+    table = torch.tensor([[0, 2]], dtype=torch.int32)
+    with pytest.raises(
+        ValueError,
+        match=r"block_table\[0, 1\] = 2 is outside the pool of 2 blocks "
+        r"\(sequence 0 uses its first 2 entries\)",
+    ):
+        attention_with_kvcache(q, pool, pool.clone(), lens, block_table=table)
+
+
+@pytest.mark.parametrize("where", [100, 2900], ids=["first-split", "last-split"])
+def test_cpu_nan_key_in_one_split_of_a_long_cache_makes_the_row_nan(where):
+    # 3000 keys of one kv head with 4 threads: enough work for the CPU kernel to split the keys
+    q, kc, vc = rand(1, 1, 4, 64), rand(1, 3000, 1, 64), rand(1, 3000, 1, 64)
+    kc[0, where, 0, 3] = float("nan")
+    lens = torch.tensor([3000], dtype=torch.int32)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        out, lse = attention_with_kvcache(q, kc, vc, lens, return_lse=True)
+    finally:
+        torch.set_num_threads(saved)
+    assert out.isnan().all() and lse.isnan().all()
