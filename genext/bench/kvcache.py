@@ -50,8 +50,10 @@ CUDA_CASES = [
 CPU_CASES = [
     DecodeCase(4, 8, 2, 2048, 64),
     DecodeCase(4, 8, 2, 2048, 64, block_size=16),
+    DecodeCase(4, 8, 2, 2048, 64, block_size=256),
     DecodeCase(1, 8, 2, 512, 64),  # a small Llama's decode step, batch 1 and 8
     DecodeCase(8, 8, 2, 512, 64),
+    DecodeCase(8, 4, 4, 128, 64),
     DecodeCase(1, 8, 2, 128, 64),
 ]
 

@@ -31,6 +31,15 @@ def _vq_ema(n, k, d):
     return lambda: gops.vq_ema_update(idx, z, k)
 
 
+def _decode(b, lk):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, 1, 8, 64, generator=g)
+    k, v = (torch.randn(b, lk + 1, 2, 64, generator=g) for _ in range(2))
+    k_new, v_new = (torch.randn(b, 1, 2, 64, generator=g) for _ in range(2))
+    lens = torch.full((b,), lk, dtype=torch.int32)
+    return lambda: gops.attention_with_kvcache(q, k, v, lens, k_new, v_new)
+
+
 # (name, small case, large case): the small one is work a core finishes in tens of microseconds
 # or less (the SD-latent sampler step is 32k elements, a size PyTorch's own elementwise ops also
 # keep on the calling thread), the large one is milliseconds of work.
@@ -38,6 +47,7 @@ CASES = [
     ("ddim step", _ddim_step((2, 4, 64, 64)), _ddim_step((8, 4, 128, 128))),
     ("vq_nearest", _vq(64, 64, 16), _vq(4096, 1024, 64)),
     ("vq_ema_update", _vq_ema(1024, 64, 16), _vq_ema(65536, 64, 256)),
+    ("decode step", _decode(1, 128), _decode(16, 4096)),
 ]
 
 
