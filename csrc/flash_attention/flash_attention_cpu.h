@@ -72,8 +72,7 @@ struct Seq {
 };
 
 // (sequence, tile) pairs; within a sequence the tiles alternate from both ends (0, n-1, 1, n-2,
-// ...), so the contiguous ranges at::parallel_for hands each thread mix cheap and dear causal
-// tiles.
+// ...), so the consecutive tasks a thread takes mix cheap and dear causal tiles.
 inline std::vector<std::pair<int32_t, int32_t>> make_tiles(const std::vector<Seq>& seqs, bool keys,
                                                            int64_t tile) {
   std::vector<std::pair<int32_t, int32_t>> out;
@@ -84,6 +83,14 @@ inline std::vector<std::pair<int32_t, int32_t>> make_tiles(const std::vector<Seq
       out.emplace_back(int32_t(s), int32_t(t % 2 == 0 ? t / 2 : n - 1 - t / 2));
   }
   return out;
+}
+
+// (query tile, key tile) pairs over all sequences, causal masking ignored: the work estimate the
+// passes give genext::cpu::parallel_for.
+inline int64_t count_pairs(const std::vector<Seq>& seqs) {
+  int64_t n = 0;
+  for (const Seq& s : seqs) n += ((s.lq + kBr - 1) / kBr) * ((s.lk_rows + kBc - 1) / kBc);
+  return n;
 }
 
 // Float (or double) scratch, 64-byte aligned.
