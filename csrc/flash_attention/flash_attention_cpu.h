@@ -23,12 +23,12 @@
 // shared accumulators: every output element has one writer and a fixed summation order, so
 // results are deterministic.
 //
-// Tiles in scratch: row-major [rows][Dp] (Dp = D rounded up to 16, zero padded) for Q, dO, V, K,
-// and transposed [D][kBc] (zero padded beyond the valid keys) for the right-hand side of S = Q K^T
-// and dP = dO V^T. Both products are then sums of scaled contiguous rows: S_i += q_id * Kt_d and
-// O_i += p_ij * V_j, written with GCC vector extensions over register blocks of a few rows by a
-// few vectors. The float versions of these tile routines are compiled per ISA level, each product
-// with the register block that fits the level's registers, and chosen at run time; exp is a
+// Tiles in scratch: row-major [rows][Dp] (Dp = D rounded up to whole vectors, zero padded) for Q,
+// dO, V, K, and transposed [D][kBc] (zero padded beyond the valid keys) for the right-hand side of
+// S = Q K^T and dP = dO V^T. Both products are then sums of scaled contiguous rows: S_i += q_id *
+// Kt_d and O_i += p_ij * V_j, written with GCC vector extensions over register blocks of a few rows
+// by a few vectors. The float versions of these tile routines are compiled per ISA level, each
+// product with the register block that fits the level's registers, and chosen at run time; exp is a
 // polynomial in those vectors.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -47,7 +47,7 @@ namespace genext::fa::cpu {
 
 constexpr int64_t kBr = 64;  // query rows per tile
 constexpr int64_t kBc = 64;  // keys per tile
-constexpr int kLanes = 16;   // Dp granularity: whole vectors of every width the tiles use
+constexpr int kLanes = 16;   // the widest vectors the tiles use (Dp granularity: tile_dp)
 
 // ---- problem layout -----------------------------------------------------------------------------
 
@@ -107,28 +107,6 @@ struct Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };
-
-// Rows [r0, r0 + nr) of one head into a [nr][Dp] tile, times `mul`; the padding stays zero.
-template <class S, class T>
-inline void load_rows(const View<S>& v, int64_t b, int64_t r0, int64_t nr, int64_t h, int64_t D,
-                      int64_t Dp, T mul, T* dst) {
-  for (int64_t r = 0; r < nr; ++r) {
-    const S* src = v.row(b, r0 + r, h);
-    T* d = dst + r * Dp;
-    for (int64_t c = 0; c < D; ++c) d[c] = static_cast<T>(src[c]) * mul;
-  }
-}
-
-// Rows [r0, r0 + n) of one head into a transposed [D][kBc] tile; columns n..kBc-1 are zeroed.
-template <class S, class T>
-inline void load_cols(const View<S>& v, int64_t b, int64_t r0, int64_t n, int64_t h, int64_t D,
-                      T* dst) {
-  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kBc + n, dst + (d + 1) * kBc, T(0));
-  for (int64_t j = 0; j < n; ++j) {
-    const S* src = v.row(b, r0 + j, h);
-    for (int64_t d = 0; d < D; ++d) dst[d * kBc + j] = static_cast<T>(src[d]);
-  }
-}
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 

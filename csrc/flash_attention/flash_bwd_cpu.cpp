@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -69,7 +70,7 @@ inline std::vector<std::pair<int32_t, int32_t>> make_runs(
 template <class S, class T>
 void backward_dkdv(const Problem& p, const std::vector<Seq>& seqs, T scale,
                    const at::Tensor& grad_out, const T* lse, const T* delta, S* dk, S* dv) {
-  const int64_t D = p.D, Dp = round_up(D, kLanes), Hq = p.Hq, Hk = p.Hk, group = Hq / Hk;
+  const int64_t D = p.D, Dp = tile_dp<T>(D), Hq = p.Hq, Hk = p.Hk, group = Hq / Hk;
   const int64_t rows_q = p.q.size(1), rows_k = p.k.size(1);
   const View<S> q(p.q), k(p.k), v(p.v), dO(grad_out);
   const auto tiles = make_tiles(seqs, /*keys=*/true, kBc);
@@ -148,7 +149,7 @@ void backward_dkdv(const Problem& p, const std::vector<Seq>& seqs, T scale,
 template <class S, class T>
 void backward_dq(const Problem& p, const std::vector<Seq>& seqs, T scale,
                  const at::Tensor& grad_out, const T* lse, const T* delta, S* dq) {
-  const int64_t D = p.D, Dp = round_up(D, kLanes), Hq = p.Hq, group = p.Hq / p.Hk;
+  const int64_t D = p.D, Dp = tile_dp<T>(D), Hq = p.Hq, group = p.Hq / p.Hk;
   const int64_t rows_q = p.q.size(1);
   const View<S> q(p.q), k(p.k), v(p.v), dO(grad_out);
   const auto tiles = make_tiles(seqs, /*keys=*/false, kBr);
@@ -279,7 +280,7 @@ template <class S, class T>
 void backward_one_pass(const Problem& p, const std::vector<Seq>& seqs, const OnePassPlan& pl,
                        T scale, const at::Tensor& grad_out, const T* lse, const T* delta, S* dq,
                        S* dk, S* dv) {
-  const int64_t D = p.D, Dp = round_up(D, kLanes), Hq = p.Hq, Hk = p.Hk, group = Hq / Hk;
+  const int64_t D = p.D, Dp = tile_dp<T>(D), Hq = p.Hq, Hk = p.Hk, group = Hq / Hk;
   const int64_t rows_q = p.q.size(1), rows_k = p.k.size(1), M = pl.max_run;
   const View<S> q(p.q), k(p.k), v(p.v), dO(grad_out);
   std::unique_ptr<T[]> part(pl.part_size > 0 ? new T[pl.part_size] : nullptr);
@@ -411,8 +412,11 @@ void backward(const char* op, const Problem& p, const std::vector<Seq>& seqs, do
     const T* ls = lse.const_data_ptr<T>();
     if (p.q.numel() > 0) compute_delta<S, T>(p, grad_out, out, dl);
     const OnePassPlan pl = plan_one_pass(seqs, p.Hq, p.Hk, p.D);
-    const int64_t Dp = round_up(p.D, kLanes);
-    const bool one_pass = pl.max_run * 5 * kBc * Dp * int64_t(sizeof(T)) <= kMaxTaskScratchBytes &&
+    const int64_t Dp = tile_dp<T>(p.D);
+    // GENEXT_FLASH_CPU_TWO_PASS=1 forces the two-pass backward (tests compare the two)
+    const char* two = std::getenv("GENEXT_FLASH_CPU_TWO_PASS");
+    const bool one_pass = !(two && two[0] == '1') &&
+                          pl.max_run * 5 * kBc * Dp * int64_t(sizeof(T)) <= kMaxTaskScratchBytes &&
                           pl.part_size * int64_t(sizeof(T)) <= kMaxPartialBytes;
     if (one_pass) {
       backward_one_pass<S, T>(p, seqs, pl, T(scale), grad_out, ls, dl, dq.mutable_data_ptr<S>(),

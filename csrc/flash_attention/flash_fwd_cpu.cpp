@@ -25,7 +25,7 @@ constexpr int64_t kMaxGroup = 4;
 
 template <class S, class T>
 void forward_tiles(const Problem& p, const std::vector<Seq>& seqs, T scale, S* out, T* lse) {
-  const int64_t D = p.D, Dp = round_up(D, kLanes), Hq = p.Hq, group = p.Hq / p.Hk;
+  const int64_t D = p.D, Dp = tile_dp<T>(D), Hq = p.Hq, group = p.Hq / p.Hk;
   const int64_t rows_q = p.q.size(1);
   const View<S> q(p.q), k(p.k), v(p.v);
   const auto tiles = make_tiles(seqs, /*keys=*/false, kBr);
