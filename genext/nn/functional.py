@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import _C, _build_config
 from ..ops import served_dtypes, softmax_scale
+from ..ops.flash_attention import cpu_forward_prefers_torch
 from ..ops.group_norm_silu import group_norm_silu
 
 __all__ = ["group_norm_silu", "scaled_dot_product_attention", "sdpa_backend"]
@@ -84,7 +85,8 @@ def _route(
     ):
         return False, None
     if attn_mask is None:
-        return True, None
+        # shapes where PyTorch's own CPU forward is the faster one (no gradient needed)
+        return not cpu_forward_prefers_torch(query, key, value), None
     lengths = _key_lengths(attn_mask, query, key.shape[2])
     return lengths is not None, lengths
 

@@ -24,7 +24,7 @@ from ._common import (
     softmax_scale,
 )
 
-__all__ = ["flash_attention", "flash_attention_varlen"]
+__all__ = ["flash_attention", "flash_attention_varlen", "cpu_forward_prefers_torch"]
 
 # CUDA float16/bfloat16 run on tensor cores; CUDA float32 is a plain exact kernel (slow)
 declare_kernels(
@@ -34,6 +34,30 @@ declare_kernels(
 )
 
 _LAYOUTS = ("bhld", "blhd")
+
+
+def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether, for ``(B, H, L, D)`` q and k, v (``"bhld"``), PyTorch's SDPA computes this
+    attention faster than genext's CPU kernel, so that :func:`flash_attention` and
+    ``genext.nn.functional.scaled_dot_product_attention`` hand it over.
+
+    True only for float32 CPU inputs when no gradient is needed (grad mode off, or none of q, k, v
+    requires one) and not while tracing, at head dims of at least 64, or at least 32 with 256 or
+    more keys: there PyTorch's forward (blocked GEMMs) measured 1.05-1.3x faster than genext's on
+    one AVX2 core, while genext's forward+backward and its bfloat16 forward were as fast or faster
+    (benchmarks/RESULTS.md, "Flash attention CPU kernel on AVX2")."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    if any(t.device != q.device or t.dtype != q.dtype or t.dim() != 4 for t in (k, v)):
+        return False
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        return False
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or q.numel() == 0 or k.numel() == 0:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    d, lk = q.shape[-1], k.shape[-2]
+    return d >= 64 or (d >= 32 and lk >= 256)
 
 
 def flash_attention(
@@ -88,6 +112,15 @@ def flash_attention(
                 f"flash_attention: {name} must be 4-D ({'B, H, L, D' if layout == 'bhld' else 'B, L, H, D'}), "
                 f"got shape {tuple(t.shape)}"
             )
+    lq, lk = (q.shape[2], k.shape[2]) if layout == "bhld" else (q.shape[1], k.shape[1])
+    if not return_lse and (not causal or lq == lk):
+        qb, kb, vb = (q, k, v) if layout == "bhld" else (t.transpose(1, 2) for t in (q, k, v))
+        if cpu_forward_prefers_torch(qb, kb, vb):
+            sc = softmax_scale(q, scale, "flash_attention")
+            out = torch.nn.functional.scaled_dot_product_attention(
+                qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True
+            )
+            return out if layout == "bhld" else out.transpose(1, 2)
     if layout == "bhld":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out, lse = _forward(

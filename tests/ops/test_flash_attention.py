@@ -13,6 +13,7 @@ import genext
 import genext.nn.functional as gF
 from genext import reference
 from genext.ops import flash_attention, flash_attention_varlen
+from genext.ops.flash_attention import cpu_forward_prefers_torch
 
 from attention_helpers import (
     ATOL,
@@ -859,3 +860,40 @@ def test_cpu_results_are_bit_identical_across_runs_and_thread_counts(dtype):
     for res in runs:
         for name, a, b_ in zip(("out", "lse", "dq", "dk", "dv"), base, res):
             assert a is None or torch.equal(a, b_), f"{name} differs"
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_float32_forward_without_gradients_runs_torch_sdpa_where_faster(
+    layout, causal, monkeypatch
+):
+    # float32, D 64, no gradient: flash_attention hands the call to PyTorch's SDPA (faster there)
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    q, k, v = make_qkv(2, 4, 2, 70, 70, 64, torch.float32, "cpu")
+    ref = reference.attention_reference(q.double(), k.double(), v.double(), causal, 0.3)
+    assert cpu_forward_prefers_torch(q, k, v)
+    if layout == "blhd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = flash_attention(q, k, v, causal=causal, scale=0.3, layout=layout)
+    assert len(calls) == 1
+    assert out.shape == q.shape
+    if layout == "blhd":
+        out = out.transpose(1, 2)
+    assert max_err(out, ref) <= ATOL[torch.float32]
+    # genext's kernel: with lse, bottom-right causal with Lq != Lk, gradients, bfloat16, D 16
+    flash_attention(q, k, v, causal=causal, scale=0.3, layout=layout, return_lse=True)
+    flash_attention(q[..., :16], k[..., :16], v[..., :16], causal=causal, layout=layout)
+    flash_attention(*(t.bfloat16() for t in (q, k, v)), causal=causal, layout=layout)
+    flash_attention(q.requires_grad_(), k, v, causal=causal, layout=layout)
+    if causal:
+        cut = (slice(None), slice(None), slice(0, 40))
+        qc = q[cut] if layout == "bhld" else q.transpose(1, 2)[cut].transpose(1, 2)
+        flash_attention(qc.detach(), k, v, causal=True, layout=layout)
+    assert len(calls) == 1
