@@ -16,12 +16,16 @@
 //   delta_i = sum_d dO_id * O_id
 //   dV_j = sum_i P_ij dO_i,  dS_ij = P_ij (dO_i . V_j - delta_i),  dK_j = scale sum_i dS_ij Q_i,
 //   dQ_i = scale sum_j dS_ij K_j.
-// dK/dV: one task per (sequence, KV head, run of up to 4 key tiles), looping over the group's
-// query heads and the query tiles that can see the keys, each query tile loaded once for the run;
-// dQ: one task per (sequence, query head, run of up to 4 query tiles), each key/value tile loaded
-// once for the run. S and dP are computed twice (once per pass) in exchange for no atomics and no
-// shared accumulators: every output element has one writer and a fixed summation order, so
-// results are deterministic.
+// One pass (flash_bwd_cpu.cpp): one task per (sequence, KV head, run of key tiles); for each query
+// head of the group and each query tile it computes S and dP against the run's key tiles, adds
+// P^T dO and dS^T Q into the run's dK/dV scratch and dS K into the query tile's dQ: 5 tile
+// products per pair. A sequence's key tiles are cut into runs (at least 16 tasks in all, at most
+// 4 tiles a run where memory allows) by the shapes alone, never by the thread count; with one run
+// dQ is written directly, with several each run writes a partial dQ and the partials are added in
+// run order afterwards. Where that memory would pass a cap, two passes run instead: dK/dV per
+// (sequence, KV head, run of key tiles), then dQ per (sequence, query head, run of query tiles),
+// S and dP computed in both (7 products per pair). Either way every output element is summed in
+// an order fixed by the shapes: results are deterministic, the same on any number of threads.
 //
 // Tiles in scratch: row-major [rows][Dp] (Dp = D rounded up to whole vectors, zero padded) for Q,
 // dO, V, K, and transposed [D][kBc] (zero padded beyond the valid keys) for the right-hand side of

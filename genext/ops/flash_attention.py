@@ -102,7 +102,10 @@ def flash_attention(
     multiple of 8 and at most 256; on an H200 about half the speed of PyTorch's flash backend at
     D128, on par at D40, see benchmarks/RESULTS.md); CUDA float32 runs a plain fp32 kernel, exact
     but slow; the
-    CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32).
+    CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32). A CPU
+    float32 call that needs no gradient, returns no lse and is not causal with ``Lq != Lk``, at a
+    head dim of at least 64 (or at least 32 with 256 or more keys), runs PyTorch's SDPA instead,
+    the faster forward there (:func:`cpu_forward_prefers_torch`).
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")
