@@ -16,19 +16,23 @@
 //   delta_i = sum_d dO_id * O_id
 //   dV_j = sum_i P_ij dO_i,  dS_ij = P_ij (dO_i . V_j - delta_i),  dK_j = scale sum_i dS_ij Q_i,
 //   dQ_i = scale sum_j dS_ij K_j.
-// dK/dV: one task per (sequence, KV head, run of up to 4 key tiles), looping over the group's
-// query heads and the query tiles that can see the keys, each query tile loaded once for the run;
-// dQ: one task per (sequence, query head, run of up to 4 query tiles), each key/value tile loaded
-// once for the run. S and dP are computed twice (once per pass) in exchange for no atomics and no
-// shared accumulators: every output element has one writer and a fixed summation order, so
-// results are deterministic.
+// One pass (flash_bwd_cpu.cpp): one task per (sequence, KV head, run of key tiles); for each query
+// head of the group and each query tile it computes S and dP against the run's key tiles, adds
+// P^T dO and dS^T Q into the run's dK/dV scratch and dS K into the query tile's dQ: 5 tile
+// products per pair. A sequence's key tiles are cut into runs (at least 16 tasks in all, at most
+// 4 tiles a run where memory allows) by the shapes alone, never by the thread count; with one run
+// dQ is written directly, with several each run writes a partial dQ and the partials are added in
+// run order afterwards. Where that memory would pass a cap, two passes run instead: dK/dV per
+// (sequence, KV head, run of key tiles), then dQ per (sequence, query head, run of query tiles),
+// S and dP computed in both (7 products per pair). Either way every output element is summed in
+// an order fixed by the shapes: results are deterministic, the same on any number of threads.
 //
-// Tiles in scratch: row-major [rows][Dp] (Dp = D rounded up to 16, zero padded) for Q, dO, V, K,
-// and transposed [D][kBc] (zero padded beyond the valid keys) for the right-hand side of S = Q K^T
-// and dP = dO V^T. Both products are then sums of scaled contiguous rows: S_i += q_id * Kt_d and
-// O_i += p_ij * V_j, written with GCC vector extensions over register blocks of a few rows by a
-// few vectors. The float versions of these tile routines are compiled per ISA level, each product
-// with the register block that fits the level's registers, and chosen at run time; exp is a
+// Tiles in scratch: row-major [rows][Dp] (Dp = D rounded up to whole vectors, zero padded) for Q,
+// dO, V, K, and transposed [D][kBc] (zero padded beyond the valid keys) for the right-hand side of
+// S = Q K^T and dP = dO V^T. Both products are then sums of scaled contiguous rows: S_i += q_id *
+// Kt_d and O_i += p_ij * V_j, written with GCC vector extensions over register blocks of a few rows
+// by a few vectors. The float versions of these tile routines are compiled per ISA level, each
+// product with the register block that fits the level's registers, and chosen at run time; exp is a
 // polynomial in those vectors.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -47,7 +51,7 @@ namespace genext::fa::cpu {
 
 constexpr int64_t kBr = 64;  // query rows per tile
 constexpr int64_t kBc = 64;  // keys per tile
-constexpr int kLanes = 16;   // Dp granularity: whole vectors of every width the tiles use
+constexpr int kLanes = 16;   // the widest vectors the tiles use (Dp granularity: tile_dp)
 
 // ---- problem layout -----------------------------------------------------------------------------
 
@@ -72,8 +76,7 @@ struct Seq {
 };
 
 // (sequence, tile) pairs; within a sequence the tiles alternate from both ends (0, n-1, 1, n-2,
-// ...), so the contiguous ranges at::parallel_for hands each thread mix cheap and dear causal
-// tiles.
+// ...), so the consecutive tasks a thread takes mix cheap and dear causal tiles.
 inline std::vector<std::pair<int32_t, int32_t>> make_tiles(const std::vector<Seq>& seqs, bool keys,
                                                            int64_t tile) {
   std::vector<std::pair<int32_t, int32_t>> out;
@@ -84,6 +87,14 @@ inline std::vector<std::pair<int32_t, int32_t>> make_tiles(const std::vector<Seq
       out.emplace_back(int32_t(s), int32_t(t % 2 == 0 ? t / 2 : n - 1 - t / 2));
   }
   return out;
+}
+
+// (query tile, key tile) pairs over all sequences, causal masking ignored: the work estimate the
+// passes give genext::cpu::parallel_for.
+inline int64_t count_pairs(const std::vector<Seq>& seqs) {
+  int64_t n = 0;
+  for (const Seq& s : seqs) n += ((s.lq + kBr - 1) / kBr) * ((s.lk_rows + kBc - 1) / kBc);
+  return n;
 }
 
 // Float (or double) scratch, 64-byte aligned.
@@ -100,28 +111,6 @@ struct Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };
-
-// Rows [r0, r0 + nr) of one head into a [nr][Dp] tile, times `mul`; the padding stays zero.
-template <class S, class T>
-inline void load_rows(const View<S>& v, int64_t b, int64_t r0, int64_t nr, int64_t h, int64_t D,
-                      int64_t Dp, T mul, T* dst) {
-  for (int64_t r = 0; r < nr; ++r) {
-    const S* src = v.row(b, r0 + r, h);
-    T* d = dst + r * Dp;
-    for (int64_t c = 0; c < D; ++c) d[c] = static_cast<T>(src[c]) * mul;
-  }
-}
-
-// Rows [r0, r0 + n) of one head into a transposed [D][kBc] tile; columns n..kBc-1 are zeroed.
-template <class S, class T>
-inline void load_cols(const View<S>& v, int64_t b, int64_t r0, int64_t n, int64_t h, int64_t D,
-                      T* dst) {
-  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kBc + n, dst + (d + 1) * kBc, T(0));
-  for (int64_t j = 0; j < n; ++j) {
-    const S* src = v.row(b, r0 + j, h);
-    for (int64_t d = 0; d < D; ++d) dst[d * kBc + j] = static_cast<T>(src[d]);
-  }
-}
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_parallel.h"
 #include "flash_attention/flash_attention_cpu.h"
 #include "flash_attention/flash_tiles_cpu.h"
 
@@ -24,7 +25,7 @@ constexpr int64_t kMaxGroup = 4;
 
 template <class S, class T>
 void forward_tiles(const Problem& p, const std::vector<Seq>& seqs, T scale, S* out, T* lse) {
-  const int64_t D = p.D, Dp = round_up(D, kLanes), Hq = p.Hq, group = p.Hq / p.Hk;
+  const int64_t D = p.D, Dp = tile_dp<T>(D), Hq = p.Hq, group = p.Hq / p.Hk;
   const int64_t rows_q = p.q.size(1);
   const View<S> q(p.q), k(p.k), v(p.v);
   const auto tiles = make_tiles(seqs, /*keys=*/false, kBr);
@@ -40,7 +41,11 @@ void forward_tiles(const Problem& p, const std::vector<Seq>& seqs, T scale, S* o
     t = e;
   }
   const int64_t ntasks = int64_t(runs.size()) * Hq;
-  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+  // about 2 tile products of 160 ns x Dp and 3 us of softmax and loads per pair of tiles, one
+  // core (AVX2)
+  const double task_ns = (320.0 * double(Dp) + 3000.0) * double(count_pairs(seqs)) * double(Hq) /
+                         double(std::max<int64_t>(1, ntasks));
+  genext::cpu::parallel_for(0, ntasks, task_ns, [&](int64_t begin, int64_t end) {
     Scratch<T> Q(G * kBr * Dp), O(G * kBr * Dp), Kt(D * kBc), V(kBc * Dp), P(kBr * kBc);
     Scratch<T> m(G * kBr), l(G * kBr), alpha(kBr);
     std::vector<int32_t> nvis(kBr);

@@ -22,8 +22,16 @@
 namespace genext::fa::cpu {
 namespace {
 
-// Rows of Q, dO, V, K tiles are padded to Dp, a multiple of kLanes: whole vectors of every width.
+// Rows of Q, dO, V, K tiles are padded to Dp (tile_dp): whole vectors of the routines in use.
 static_assert(kLanes % 8 == 0 && kBc % 16 == 0, "tile rows are whole vectors of every width");
+
+// Dp for head dim D: a multiple of 8 floats where the AVX2 or SSE2 routines run (their blocks are
+// 8-float vectors or pairs of 4-float ones), of 16 on AVX-512 and for double (16-lane vectors).
+// At D 40 the products then run over 40 columns instead of 48, at D 4 over 8 instead of 16.
+template <class T>
+inline int64_t tile_dp(int64_t D) {
+  return round_up(D, std::is_same_v<T, float> && simd::cpu_level() != 4 ? 8 : kLanes);
+}
 
 // ---- vectors (common/cpu_simd.h) ----------------------------------------------------------------
 
@@ -290,6 +298,82 @@ GENEXT_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, int64_t nc, const i
       store(s + c, p);
       store(dp + c, p * (load<V>(dp + c) - dl));
     }
+  }
+}
+
+// ---- tile loads ---------------------------------------------------------------------------------
+
+// Rows [r0, r0 + nr) of one head into a [nr][Dp] tile, times `mul`; the padding stays zero.
+template <class S, class T>
+GENEXT_INLINE void load_rows_impl(const View<S>& v, int64_t b, int64_t r0, int64_t nr, int64_t h,
+                                  int64_t D, int64_t Dp, T mul, T* dst) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const S* __restrict__ src = v.row(b, r0 + r, h);
+    T* __restrict__ d = dst + r * Dp;
+    for (int64_t c = 0; c < D; ++c) d[c] = static_cast<T>(src[c]) * mul;
+  }
+}
+
+// Rows [r0, r0 + n) of one head into a transposed [D][kBc] tile; columns n..kBc-1 are zeroed.
+// Eight source rows at a time, so each destination row gets eight contiguous values per step
+// (one vector store) instead of one scattered store per element, which at D 160 (40 KiB of tile)
+// also evicted the L1 lines being written.
+template <class S, class T>
+GENEXT_INLINE void load_cols_impl(const View<S>& v, int64_t b, int64_t r0, int64_t n, int64_t h,
+                                  int64_t D, T* dst) {
+  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kBc + n, dst + (d + 1) * kBc, T(0));
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const S* src[8];
+    for (int t = 0; t < 8; ++t) src[t] = v.row(b, r0 + j + t, h);
+    for (int64_t d = 0; d < D; ++d) {
+      T* __restrict__ o = dst + d * kBc + j;
+      for (int t = 0; t < 8; ++t) o[t] = static_cast<T>(src[t][d]);
+    }
+  }
+  for (; j < n; ++j) {
+    const S* src = v.row(b, r0 + j, h);
+    for (int64_t d = 0; d < D; ++d) dst[d * kBc + j] = static_cast<T>(src[d]);
+  }
+}
+
+// The loads per ISA level, like the products: the conversions (bf16, fp16) and the scaling then
+// run on the level's vectors.
+template <class S, class T>
+GENEXT_CPU_TARGET_V3 void load_rows_v3(const View<S>& v, int64_t b, int64_t r0, int64_t nr,
+                                       int64_t h, int64_t D, int64_t Dp, T mul, T* dst) {
+  load_rows_impl(v, b, r0, nr, h, D, Dp, mul, dst);
+}
+template <class S, class T>
+GENEXT_CPU_TARGET_V3 void load_cols_v3(const View<S>& v, int64_t b, int64_t r0, int64_t n,
+                                       int64_t h, int64_t D, T* dst) {
+  load_cols_impl(v, b, r0, n, h, D, dst);
+}
+template <class S, class T>
+GENEXT_CPU_TARGET_V4 void load_rows_v4(const View<S>& v, int64_t b, int64_t r0, int64_t nr,
+                                       int64_t h, int64_t D, int64_t Dp, T mul, T* dst) {
+  load_rows_impl(v, b, r0, nr, h, D, Dp, mul, dst);
+}
+template <class S, class T>
+GENEXT_CPU_TARGET_V4 void load_cols_v4(const View<S>& v, int64_t b, int64_t r0, int64_t n,
+                                       int64_t h, int64_t D, T* dst) {
+  load_cols_impl(v, b, r0, n, h, D, dst);
+}
+template <class S, class T>
+void load_rows(const View<S>& v, int64_t b, int64_t r0, int64_t nr, int64_t h, int64_t D,
+               int64_t Dp, T mul, T* dst) {
+  switch (simd::cpu_level()) {
+    case 4: return load_rows_v4(v, b, r0, nr, h, D, Dp, mul, dst);
+    case 3: return load_rows_v3(v, b, r0, nr, h, D, Dp, mul, dst);
+    default: return load_rows_impl(v, b, r0, nr, h, D, Dp, mul, dst);
+  }
+}
+template <class S, class T>
+void load_cols(const View<S>& v, int64_t b, int64_t r0, int64_t n, int64_t h, int64_t D, T* dst) {
+  switch (simd::cpu_level()) {
+    case 4: return load_cols_v4(v, b, r0, n, h, D, dst);
+    case 3: return load_cols_v3(v, b, r0, n, h, D, dst);
+    default: return load_cols_impl(v, b, r0, n, h, D, dst);
   }
 }
 

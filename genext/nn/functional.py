@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import _C, _build_config
 from ..ops import served_dtypes, softmax_scale
+from ..ops.flash_attention import cpu_forward_prefers_torch
 from ..ops.group_norm_silu import group_norm_silu
 
 __all__ = ["group_norm_silu", "scaled_dot_product_attention", "sdpa_backend"]
@@ -84,7 +85,8 @@ def _route(
     ):
         return False, None
     if attn_mask is None:
-        return True, None
+        # shapes where PyTorch's own CPU forward is the faster one (no gradient needed)
+        return not cpu_forward_prefers_torch(query, key, value), None
     lengths = _key_lengths(attn_mask, query, key.shape[2])
     return lengths is not None, lengths
 
@@ -124,7 +126,9 @@ def scaled_dot_product_attention(
     counts or ``enable_gqa`` with Hk dividing Hq, and either no ``attn_mask`` or a boolean
     key-padding mask (True = attend) broadcastable as ``(B, 1, 1, Lk)`` that keeps a prefix of the
     keys in each batch entry (checked on the mask's values, one device sync; under torch.compile
-    masks always go to PyTorch). ``is_causal`` is PyTorch's top-left aligned mask.
+    masks always go to PyTorch). ``is_causal`` is PyTorch's top-left aligned mask. Without a mask,
+    CPU float32 calls that need no gradient at head dims where PyTorch's forward is the faster one
+    go to PyTorch (``genext.ops.flash_attention.cpu_forward_prefers_torch``).
     Everything else (float or arbitrary boolean masks, dropout, other ranks, broadcast batch
     dims) goes to PyTorch with no error; the choice is made from shapes, dtypes and flags before
     autograd records anything.

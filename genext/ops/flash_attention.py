@@ -9,6 +9,7 @@ the last so that ``torch.autograd.gradcheck`` can run.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -23,7 +24,7 @@ from ._common import (
     softmax_scale,
 )
 
-__all__ = ["flash_attention", "flash_attention_varlen"]
+__all__ = ["flash_attention", "flash_attention_varlen", "cpu_forward_prefers_torch"]
 
 # CUDA float16/bfloat16 run on tensor cores; CUDA float32 is a plain exact kernel (slow)
 declare_kernels(
@@ -33,6 +34,30 @@ declare_kernels(
 )
 
 _LAYOUTS = ("bhld", "blhd")
+
+
+def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether, for ``(B, H, L, D)`` q and k, v (``"bhld"``), PyTorch's SDPA computes this
+    attention faster than genext's CPU kernel, so that :func:`flash_attention` and
+    ``genext.nn.functional.scaled_dot_product_attention`` hand it over.
+
+    True only for float32 CPU inputs when no gradient is needed (grad mode off, or none of q, k, v
+    requires one) and not while tracing, at head dims of at least 64, or at least 32 with 256 or
+    more keys: there PyTorch's forward (blocked GEMMs) measured 1.05-1.3x faster than genext's on
+    one AVX2 core, while genext's forward+backward and its bfloat16 forward were as fast or faster
+    (benchmarks/RESULTS.md, "Flash attention CPU kernel on AVX2")."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    if any(t.device != q.device or t.dtype != q.dtype or t.dim() != 4 for t in (k, v)):
+        return False
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        return False
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or q.numel() == 0 or k.numel() == 0:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    d, lk = q.shape[-1], k.shape[-2]
+    return d >= 64 or (d >= 32 and lk >= 256)
 
 
 def flash_attention(
@@ -77,7 +102,10 @@ def flash_attention(
     multiple of 8 and at most 256; on an H200 about half the speed of PyTorch's flash backend at
     D128, on par at D40, see benchmarks/RESULTS.md); CUDA float32 runs a plain fp32 kernel, exact
     but slow; the
-    CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32).
+    CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32). A CPU
+    float32 call that needs no gradient, returns no lse and is not causal with ``Lq != Lk``, at a
+    head dim of at least 64 (or at least 32 with 256 or more keys), runs PyTorch's SDPA instead,
+    the faster forward there (:func:`cpu_forward_prefers_torch`).
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")
@@ -87,9 +115,18 @@ def flash_attention(
                 f"flash_attention: {name} must be 4-D ({'B, H, L, D' if layout == 'bhld' else 'B, L, H, D'}), "
                 f"got shape {tuple(t.shape)}"
             )
+    lq, lk = (q.shape[2], k.shape[2]) if layout == "bhld" else (q.shape[1], k.shape[1])
+    if not return_lse and (not causal or lq == lk):
+        qb, kb, vb = (q, k, v) if layout == "bhld" else (t.transpose(1, 2) for t in (q, k, v))
+        if cpu_forward_prefers_torch(qb, kb, vb):
+            sc = softmax_scale(q, scale, "flash_attention")
+            out = torch.nn.functional.scaled_dot_product_attention(
+                qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True
+            )
+            return out if layout == "bhld" else out.transpose(1, 2)
     if layout == "bhld":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out, lse = torch.ops.genext.flash_attention_forward(
+    out, lse = _forward(
         q,
         k,
         v,
@@ -218,7 +255,7 @@ def flash_attention_varlen(
     if not torch.compiler.is_compiling() and q.device.type != "meta":
         _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
-    out, lse = torch.ops.genext.flash_attention_forward(
+    out, lse = _forward(
         q.unsqueeze(0),
         k.unsqueeze(0),
         v.unsqueeze(0),
@@ -233,6 +270,49 @@ def flash_attention_varlen(
     )
     out = out.squeeze(0)
     return (out, lse.squeeze(0)) if return_lse else out
+
+
+# ---- eager calls ----------------------------------------------------------------------------------
+# PyTorch's autograd layer for custom ops (torch.library.register_autograd, needed for tracing and
+# torch.compile) runs in Python on every call: on one CPU core about 20 us for a forward without
+# gradients and about 100 us more per forward+backward than a torch.autograd.Function that calls
+# the kernels below the autograd key, which at small shapes (B2 H2 L64 D4: about 0.1 ms of
+# kernel work) is most of the time. Eager calls therefore take that shorter way; traced ones keep
+# the registered op.
+
+
+def _below_autograd():
+    """A context that dispatches genext's ops straight to their kernels when no gradient can flow
+    through them (grad mode off, not tracing); otherwise a no-op."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+class _EagerFlashAttention(torch.autograd.Function):
+    """genext::flash_attention_forward with the registered op's backward (_backward), for eager
+    calls that need gradients."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = torch.ops.genext.flash_attention_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _backward(ctx, grad_out, grad_lse)
+
+
+def _forward(*inputs) -> tuple[Tensor, Tensor]:
+    """(out, lse) = genext::flash_attention_forward(*inputs), differentiable in q, k, v."""
+    if torch.compiler.is_compiling():
+        return torch.ops.genext.flash_attention_forward(*inputs)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:3]):
+        return _EagerFlashAttention.apply(*inputs)
+    with _below_autograd():
+        return torch.ops.genext.flash_attention_forward(*inputs)
 
 
 # ---- torch.library registrations ------------------------------------------------------------------
@@ -427,7 +507,8 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     # the arguments after the tensors, shared by every kernel call of this backward
     rest = (cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right)
-    dq, dk, dv = torch.ops.genext.flash_attention_backward(grad_out, q, k, v, out, lse, *rest)
+    with _below_autograd():  # create_graph: through the op, whose backward raises
+        dq, dk, dv = torch.ops.genext.flash_attention_backward(grad_out, q, k, v, out, lse, *rest)
     if grad_lse is not None:
         # lse_i = log sum_j exp(scale q_i.k_j): d lse_i / d q_i = scale sum_j P_ij k_j, the output
         # of attention with v := k, and d lse_i / d k_j = scale P_ij q_i, which is the dv of the

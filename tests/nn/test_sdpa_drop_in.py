@@ -125,8 +125,9 @@ def test_sdpa_drop_in_falls_back(device, kind, torch_sdpa_calls):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sdpa_drop_in_gives_nan_where_torch_does(device, where, is_causal, dtype, torch_sdpa_calls):
     # one NaN in query row 30 or key 30 of head 1, or a NaN scale; PyTorch's SDPA gives NaN rows
-    # there (with is_causal only the rows that see key 30: a masked key does not count)
-    q, k, v = (t.double() for t in make_qkv(1, 2, 2, 40, 40, 64, dtype, "cpu"))
+    # there (with is_causal only the rows that see key 30: a masked key does not count). D 16: a
+    # head dim the CPU float32 forward keeps on genext's kernel (cpu_forward_prefers_torch)
+    q, k, v = (t.double() for t in make_qkv(1, 2, 2, 40, 40, 16, dtype, "cpu"))
     scale = float("nan") if where == "scale" else None
     if where != "scale":
         (q if where == "q" else k)[0, 1, 30, 7] = float("nan")
@@ -140,3 +141,24 @@ def test_sdpa_drop_in_gives_nan_where_torch_does(device, where, is_causal, dtype
         assert torch.equal(
             F.scaled_dot_product_attention(q, k, v, scale=scale).isnan(), ref.isnan()
         )
+
+
+def test_cpu_float32_forward_without_gradients_goes_to_torch_where_it_is_faster(torch_sdpa_calls):
+    # D 64 float32 on the CPU with no gradient needed: PyTorch's forward is the faster one
+    q, k, v = make_qkv(1, 4, 2, 40, 70, 64, torch.float32, "cpu")
+    assert gF.sdpa_backend(q, k, v, enable_gqa=True) == "torch"
+    out = gF.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert len(torch_sdpa_calls) == 1
+    want = reference.attention_reference(q.double(), k.double(), v.double(), False, None)
+    assert (out.double() - want).abs().max().item() <= 1e-5
+    # genext where a gradient is needed, at small head dims, in bfloat16
+    qg = q.clone().requires_grad_()
+    assert gF.sdpa_backend(qg, k, v, enable_gqa=True) == "genext"
+    with torch.no_grad():
+        assert gF.sdpa_backend(qg, k, v, enable_gqa=True) == "torch"
+    assert gF.sdpa_backend(*(t[..., :16] for t in (q, k, v)), enable_gqa=True) == "genext"
+    assert gF.sdpa_backend(*(t[..., :40] for t in (q, k, v)), enable_gqa=True) == "genext"
+    assert gF.sdpa_backend(*(t.bfloat16() for t in (q, k, v)), enable_gqa=True) == "genext"
+    # D 40 with 256 keys or more: PyTorch's again
+    q, k, v = make_qkv(1, 2, 2, 20, 256, 40, torch.float32, "cpu")
+    assert gF.sdpa_backend(q, k, v) == "torch"

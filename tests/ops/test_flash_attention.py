@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import genext
 import genext.nn.functional as gF
 from genext import reference
 from genext.ops import flash_attention, flash_attention_varlen
+from genext.ops.flash_attention import cpu_forward_prefers_torch
 
 from attention_helpers import (
     ATOL,
@@ -766,3 +768,132 @@ def test_torch_compile_dynamic_shapes():
         out, lse = f(q, k, v)
         want, want_lse = flash_attention(q, k, v, causal=True, return_lse=True)
         assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+# ---- CPU backward: one pass, two passes, threads ----------------------------------------------
+
+# (B, Hq, Hk, Lq, Lk, D, causal, runs): how the one-pass backward cuts the key tiles of a sequence
+# (at least 16 tasks of sequence x KV head x run): several runs (dQ from partial sums added in run
+# order) or one (dQ written directly, bit-identical to the two passes).
+ONE_PASS_CASES = [
+    (1, 2, 2, 150, 200, 40, True, "runs"),  # 4 key tiles in 4 runs; causal, odd lengths
+    (1, 4, 1, 65, 129, 8, False, "runs"),  # MQA, 3 key tiles in 3 runs; tile tails of one row
+    (4, 4, 4, 70, 129, 24, False, "one run"),  # 16 (sequence, KV head) tasks: one run each
+    (2, 8, 8, 33, 65, 72, True, "one run"),  # causal, Lq < Lk
+]
+
+
+def _backward(q, k, v, go, causal, two_pass, monkeypatch):
+    if two_pass:
+        monkeypatch.setenv("GENEXT_FLASH_CPU_TWO_PASS", "1")
+    else:
+        monkeypatch.delenv("GENEXT_FLASH_CPU_TWO_PASS", raising=False)
+    return grads(lambda q, k, v: flash_attention(q, k, v, causal=causal), q, k, v, go)[2:]
+
+
+@pytest.mark.parametrize(
+    "case", ONE_PASS_CASES, ids=[f"L{c[3]}x{c[4]}-D{c[5]}-{c[7]}" for c in ONE_PASS_CASES]
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cpu_one_pass_backward_matches_two_passes_and_reference(case, dtype, monkeypatch):
+    b, hq, hk, lq, lk, d, causal, runs = case
+    q, k, v = make_qkv(b, hq, hk, lq, lk, d, dtype, "cpu")
+    go = torch.randn(b, hq, lq, d, dtype=torch.float64).to(dtype)
+    one = _backward(q, k, v, go, causal, False, monkeypatch)
+    two = _backward(q, k, v, go, causal, True, monkeypatch)
+    ref_fn = lambda q, k, v: reference.attention_reference(  # noqa: E731
+        q, k, v, causal, None, bottom_right=True
+    )
+    ref = grads(ref_fn, q.double(), k.double(), v.double(), go.double())[2:]
+    pt = grads(ref_fn, q, k, v, go)[2:] if dtype not in ATOL else [None] * 3
+    for name, o, t, p, r in zip(("dq", "dk", "dv"), one, two, pt, ref):
+        check_against_reference(o, p, r, dtype, name)
+        if runs == "one run" or name != "dq":
+            # dK, dV (and dQ from one run) are summed in the same order as by the two passes
+            assert torch.equal(o, t), f"{name}: one pass differs from two passes"
+        else:  # dQ's partial sums: another order, same value
+            tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1.6e-2}[dtype]
+            assert max_err(o, t) <= tol * max(1.0, t.double().abs().max().item())
+
+
+def test_cpu_one_pass_backward_varlen_matches_two_passes(monkeypatch):
+    # packed sequences with a sequence without keys, one without queries, rows of no sequence;
+    # 2 sequences x 2 KV heads: several runs per sequence
+    lq, lk = [70, 0, 5, 130], [150, 9, 0, 66]
+    cq, ck = [0, *itertools.accumulate(lq)], [0, *itertools.accumulate(lk)]
+    cu_q, cu_k = torch.tensor(cq, dtype=torch.int32), torch.tensor(ck, dtype=torch.int32)
+    q = torch.randn(sum(lq) + 2, 4, 40, dtype=torch.float64)
+    k, v = (torch.randn(sum(lk) + 1, 2, 40, dtype=torch.float64) for _ in range(2))
+    go = torch.randn_like(q)
+    fn = lambda q, k, v: flash_attention_varlen(  # noqa: E731
+        q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True
+    )
+    res = []
+    for two_pass in (False, True):
+        monkeypatch.setenv("GENEXT_FLASH_CPU_TWO_PASS", "1" if two_pass else "0")
+        res.append(grads(fn, q, k, v, go)[2:])
+    for o, t in zip(*res):
+        assert torch.isfinite(o).all()
+        assert max_err(o, t) <= 1e-12
+    assert torch.equal(res[0][0][sum(lq) :], torch.zeros(2, 4, 40, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_results_are_bit_identical_across_runs_and_thread_counts(dtype):
+    # large enough (about 90 tile pairs) for genext::cpu::parallel_for to wake a second thread;
+    # causal GQA with several key-tile runs per (sequence, KV head)
+    q, k, v = make_qkv(1, 2, 1, 400, 333, 64, dtype, "cpu")
+    go = torch.randn(1, 2, 400, 64).to(dtype)
+    fn = lambda q, k, v: flash_attention(q, k, v, causal=True)  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        base = grads(fn, q, k, v, go)
+        torch.set_num_threads(2)
+        launches = genext._C._cpu_team_launches()
+        runs = [grads(fn, q, k, v, go) for _ in range(2)]
+        two_threads = torch.get_num_threads() == 2
+        woke = genext._C._cpu_team_launches() > launches
+    finally:
+        torch.set_num_threads(threads)
+    assert woke or not two_threads, "the 2-thread runs never woke a second thread"
+    for res in runs:
+        for name, a, b_ in zip(("out", "lse", "dq", "dk", "dv"), base, res):
+            assert a is None or torch.equal(a, b_), f"{name} differs"
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_float32_forward_without_gradients_runs_torch_sdpa_where_faster(
+    layout, causal, monkeypatch
+):
+    # float32, D 64, no gradient: flash_attention hands the call to PyTorch's SDPA (faster there)
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    q, k, v = make_qkv(2, 4, 2, 70, 70, 64, torch.float32, "cpu")
+    ref = reference.attention_reference(q.double(), k.double(), v.double(), causal, 0.3)
+    assert cpu_forward_prefers_torch(q, k, v)
+    if layout == "blhd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = flash_attention(q, k, v, causal=causal, scale=0.3, layout=layout)
+    assert len(calls) == 1
+    assert out.shape == q.shape
+    if layout == "blhd":
+        out = out.transpose(1, 2)
+    assert max_err(out, ref) <= ATOL[torch.float32]
+    # genext's kernel: with lse, bottom-right causal with Lq != Lk, gradients, bfloat16, D 16
+    flash_attention(q, k, v, causal=causal, scale=0.3, layout=layout, return_lse=True)
+    flash_attention(q[..., :16], k[..., :16], v[..., :16], causal=causal, layout=layout)
+    flash_attention(*(t.bfloat16() for t in (q, k, v)), causal=causal, layout=layout)
+    flash_attention(q.requires_grad_(), k, v, causal=causal, layout=layout)
+    if causal:
+        cut = (slice(None), slice(None), slice(0, 40))
+        qc = q[cut] if layout == "bhld" else q.transpose(1, 2)[cut].transpose(1, 2)
+        flash_attention(qc.detach(), k, v, causal=True, layout=layout)
+    assert len(calls) == 1
