@@ -40,6 +40,12 @@ def _decode(b, lk):
     return lambda: gops.attention_with_kvcache(q, k, v, lens, k_new, v_new)
 
 
+def _attention(h, length, d):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, length, d, generator=g) for _ in range(3))
+    return lambda: gops.flash_attention(q, k, v)
+
+
 # (name, small case, large case): the small one is work a core finishes in tens of microseconds
 # or less (the SD-latent sampler step is 32k elements, a size PyTorch's own elementwise ops also
 # keep on the calling thread), the large one is milliseconds of work.
@@ -48,6 +54,7 @@ CASES = [
     ("vq_nearest", _vq(64, 64, 16), _vq(4096, 1024, 64)),
     ("vq_ema_update", _vq_ema(1024, 64, 16), _vq_ema(65536, 64, 256)),
     ("decode step", _decode(1, 128), _decode(16, 4096)),
+    ("flash attention", _attention(1, 16, 8), _attention(4, 512, 16)),
 ]
 
 
