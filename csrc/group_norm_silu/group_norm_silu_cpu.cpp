@@ -34,14 +34,15 @@
 namespace genext::gn {
 namespace {
 
-// One core's time per value (float32, x86-64-v3 machine of the project, data in cache), for
-// sizing the thread team: measured with torch.set_num_threads(1) as the kernel's thread time over
-// N * C * S at 2x1280x16x16, 2x320x64x64 and 1x512x64x64 (fp32 and bf16 within 20%).
-constexpr double kFwdNs = 0.45;     // statistics + normalise + SiLU
-constexpr double kBwdNs = 0.75;     // both backward passes
-constexpr double kStatsNs = 0.15;   // NSC column sums alone
-constexpr double kRowFwdNs = 0.35;  // NSC normalise + SiLU of one value
-constexpr double kRowBwdNs = 0.6;   // NSC backward dx of one value
+// One core's time per value, for sizing the thread team (genext::cpu::parallel_for): thread CPU
+// time with torch.set_num_threads(1) over N * C * S values, float32 and bfloat16, at 2x1280x8x8,
+// 2x1280x16x16, 2x320x64x64 and 1x512x64x64 on the project's 2-core AVX2 machine (busy with other
+// jobs, so these are on the high side: a team is then woken a little early rather than late).
+constexpr double kFwdNs = 0.9;     // NCS statistics + normalise + SiLU
+constexpr double kBwdNs = 1.4;     // NCS backward, both passes
+constexpr double kStatsNs = 0.3;   // NSC column sums alone
+constexpr double kRowFwdNs = 0.7;  // NSC normalise + SiLU
+constexpr double kRowBwdNs = 1.0;  // NSC backward: column sums, or dx of one value
 
 struct Dims {
   int64_t N, C, S, G, Cg, M;
@@ -92,11 +93,9 @@ void forward_ncs(const Dims& d, const S* x, S* y, T* mean, T* rstd, const T* w, 
         sums_run_k(xg, d.M, shift, &s1, &s2);
       }
       finish_stats(s1, s2, shift, d.M, eps, &mean[ng], &rstd[ng]);
-      const T m = mean[ng], rs = rstd[ng];
-      for (int64_t ci = 0; ci < d.Cg; ++ci) {  // the group is still in cache
-        const int64_t c = g * d.Cg + ci;
-        fwd_run_k(xg + ci * d.S, yg + ci * d.S, d.S, m, w ? rs * w[c] : rs, b ? b[c] : T(0), silu);
-      }
+      // the group is still in cache
+      fwd_group_k(xg, yg, d.Cg, d.S, mean[ng], rstd[ng], w ? w + g * d.Cg : nullptr,
+                  b ? b + g * d.Cg : nullptr, silu);
     }
   });
 }
@@ -112,17 +111,18 @@ void forward_nsc(const Dims& d, const S* x, S* y, T* mean, T* rstd, const T* w, 
   std::vector<double> part(d.N * R * 2 * d.C);
   // Column sums per (sample, chunk of rows) task, for the samples marked in `todo`.
   auto column_sums = [&](const std::vector<char>& todo) {
-    cpu::parallel_for(0, d.N * R, double(rpt * d.C) * kStatsNs, [&](int64_t begin, int64_t end) {
-      std::vector<T> acc(2 * d.C);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / R, r0 = (t % R) * rpt, r1 = std::min(d.S, r0 + rpt);
-        if (!todo[n]) continue;
-        double* s1 = &part[t * 2 * d.C];
-        std::fill(s1, s1 + 2 * d.C, 0.0);
-        sums_cols_k(x + (n * d.S + r0) * d.C, r1 - r0, d.C, &shift[n * d.C], acc.data(),
-                    acc.data() + d.C, s1, s1 + d.C);
-      }
-    });
+    cpu::parallel_for(0, d.N * R, double(std::min(rpt, d.S) * d.C) * kStatsNs,
+                      [&](int64_t begin, int64_t end) {
+                        std::vector<T> acc(2 * d.C);
+                        for (int64_t t = begin; t < end; ++t) {
+                          const int64_t n = t / R, r0 = (t % R) * rpt, r1 = std::min(d.S, r0 + rpt);
+                          if (!todo[n]) continue;
+                          double* s1 = &part[t * 2 * d.C];
+                          std::fill(s1, s1 + 2 * d.C, 0.0);
+                          sums_cols_k(x + (n * d.S + r0) * d.C, r1 - r0, d.C, &shift[n * d.C],
+                                      acc.data(), acc.data() + d.C, s1, s1 + d.C);
+                        }
+                      });
   };
   auto group_sums = [&](int64_t n, int64_t g, double* s1, double* s2) {
     *s1 = *s2 = 0;
@@ -192,21 +192,19 @@ void backward_ncs(const Dims& d, const S* dy, const S* x, const T* mean, const T
       else
         gs = scratch.data();
       const T m = mean[ng], rs = rstd[ng];
+      const T* wg = w ? w + g * d.Cg : nullptr;
+      double* Ag = A + n * d.C + g * d.Cg;
+      double* Dg = D + n * d.C + g * d.Cg;
+      bwd_g_group_k(x + base, dy + base, gs, d.Cg, d.S, m, rs, wg, b ? b + g * d.Cg : nullptr, silu,
+                    Ag, Dg);
       double k1 = 0, k2 = 0;
       for (int64_t ci = 0; ci < d.Cg; ++ci) {
-        const int64_t c = g * d.Cg + ci, nc = n * d.C + c, o = base + ci * d.S;
-        const T wc = w ? w[c] : T(1), bc = b ? b[c] : T(0);
-        A[nc] = D[nc] = 0;
-        bwd_g_run_k(x + o, dy + o, gs + ci * d.S, d.S, m, rs, wc, bc, silu, &A[nc], &D[nc]);
-        k1 += double(wc) * A[nc];
-        k2 += double(wc) * D[nc];
+        const double wc = wg ? double(wg[ci]) : 1.0;
+        k1 += wc * Ag[ci];
+        k2 += wc * Dg[ci];
       }
       const T ck1 = rs * T(k1 / double(d.M)), ck2 = rs * T(k2 / double(d.M));
-      for (int64_t ci = 0; ci < d.Cg; ++ci) {
-        const int64_t c = g * d.Cg + ci, o = base + ci * d.S;
-        const T wc = w ? w[c] : T(1);
-        bwd_dx_run_k(x + o, gs + ci * d.S, dx + o, d.S, m, rs, rs * wc, ck1, ck2);
-      }
+      bwd_dx_group_k(x + base, gs, dx + base, d.Cg, d.S, m, rs, wg, ck1, ck2);
     }
   });
 }
@@ -222,16 +220,17 @@ void backward_nsc(const Dims& d, const S* dy, const S* x, const T* mean, const T
     mc[nc] = mean[ng], rc[nc] = rstd[ng];
   }
   std::vector<double> part(d.N * R * 2 * d.C, 0.0);
-  cpu::parallel_for(0, d.N * R, double(rpt * d.C) * kRowBwdNs, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(2 * d.C);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / R, r0 = (t % R) * rpt, r1 = std::min(d.S, r0 + rpt), o = n * d.C;
-      double* pa = &part[t * 2 * d.C];
-      const int64_t row = (n * d.S + r0) * d.C;
-      bwd_sums_cols_k(x + row, dy + row, r1 - r0, d.C, &mc[o], &rc[o], wc.data(), bc.data(), silu,
-                      acc.data(), acc.data() + d.C, pa, pa + d.C);
-    }
-  });
+  cpu::parallel_for(
+      0, d.N * R, double(std::min(rpt, d.S) * d.C) * kRowBwdNs, [&](int64_t begin, int64_t end) {
+        std::vector<T> acc(2 * d.C);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t n = t / R, r0 = (t % R) * rpt, r1 = std::min(d.S, r0 + rpt), o = n * d.C;
+          double* pa = &part[t * 2 * d.C];
+          const int64_t row = (n * d.S + r0) * d.C;
+          bwd_sums_cols_k(x + row, dy + row, r1 - r0, d.C, &mc[o], &rc[o], wc.data(), bc.data(),
+                          silu, acc.data(), acc.data() + d.C, pa, pa + d.C);
+        }
+      });
   for (int64_t n = 0; n < d.N; ++n) {
     for (int64_t c = 0; c < d.C; ++c) {
       double a = 0, dd = 0;

@@ -35,8 +35,12 @@ using bf16_t = uint16_t;
 // ---- loads and stores of 8 values as floats ----------------------------------------------------
 
 GENEXT_INLINE vf loadv(const float* p) { return simd::load<vf>(p); }
+// bf16 bits to float: each 16-bit value becomes the high half of a 32-bit lane (interleaving
+// with zeros: 3 instructions on x86-64-v3, where a zero-extending conversion took 5).
 GENEXT_INLINE vf loadv(const bf16_t* p) {
-  const vu w = __builtin_convertvector(simd::load<vh>(p), vu) << 16;
+  typedef uint16_t vh2 __attribute__((vector_size(2 * kVec * sizeof(uint16_t))));
+  const vh h = simd::load<vh>(p), z{};
+  const vh2 w = __builtin_shufflevector(z, h, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
   return __builtin_bit_cast(vf, w);
 }
 GENEXT_INLINE void storev(float* p, vf v) { simd::store(p, v); }
@@ -44,7 +48,7 @@ GENEXT_INLINE void storev(float* p, vf v) { simd::store(p, v); }
 GENEXT_INLINE void storev(bf16_t* p, vf v) {
   const vu u = __builtin_bit_cast(vu, v);
   const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const vu o = (u & 0x7fffffffu) > 0x7f800000u ? vu{} + 0x7fc0u : r;
+  const vu o = v != v ? vu{} + 0x7fc0u : r;
   simd::store(p, __builtin_convertvector(o, vh));
 }
 // The first n < 8 values; the other lanes are 0.
@@ -64,33 +68,33 @@ GENEXT_INLINE float to_f(float v) { return v; }
 GENEXT_INLINE float to_f(bf16_t v) { return std::bit_cast<float>(uint32_t(v) << 16); }
 GENEXT_INLINE double to_f(double v) { return v; }
 
+// Sum of the 8 lanes in double: two 4-double halves added, then a short tree (a serial sum of 8
+// converted lanes was a 32-cycle chain per call, as much as the loop itself for S = 64).
 GENEXT_INLINE double hsum(vf v) {
-  double s = 0;
-  for (int t = 0; t < kVec; ++t) s += v[t];
-  return s;
+  typedef double vd4 __attribute__((vector_size(4 * sizeof(double))));
+  const vd4 s = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), vd4) +
+                __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), vd4);
+  return (s[0] + s[2]) + (s[1] + s[3]);
 }
 
 // ---- element math ---------------------------------------------------------------------------
 
-// sigmoid(z) from t = exp(-|z|) in (0, 1]: 1/(1+t) for z >= 0, t/(1+t) below. Only a non-positive
-// exponent is needed, so the range is handled in integer arithmetic before simd::exp_core (which
-// takes [-100, 88]): x = -|z| by setting the sign bit, x clamped at -100 by an integer min on its
-// bits (for negative floats a larger bit pattern is a larger magnitude). (A float clamp written as
-// ternaries made GCC split the vector loop into masked branches that each ran the division: three
-// vdivps per vector instead of one, 5x slower.)
-GENEXT_INLINE vf sigmoid_t(vf z) {
-  constexpr int32_t kMinus100 = 0xC2C80000 - 0x100000000LL;    // bits of -100.0f as int32
-  vi xb = std::bit_cast<vi>(z) | splat<vi>(INT32_MIN);         // -|z|
-  xb = xb < splat<vi>(kMinus100) ? xb : splat<vi>(kMinus100);  // max(-|z|, -100)
-  const vf t = simd::exp_core(std::bit_cast<vf>(xb));
-  return (z >= splat<vf>(0.0f) ? splat<vf>(1.0f) : t) / (1.0f + t);
+// e^-z with -z clamped into exp_core's range [-100, 88]: above 88 (z < -88) sigmoid(z) and
+// silu(z) come out below 1e-38 instead of smaller still; below -87 e^-z flushes to 0 (sigmoid 1).
+// NaN stays NaN. (The clamps are single vmaxps / vminps on 8-lane vectors; on 16-lane vectors GCC
+// lowered selects lane by lane.)
+GENEXT_INLINE vf exp_neg(vf z) {
+  vf t = -z;
+  t = t < splat<vf>(-100.0f) ? splat<vf>(-100.0f) : t;
+  t = t > splat<vf>(88.0f) ? splat<vf>(88.0f) : t;
+  return simd::exp_core(t);
 }
+GENEXT_INLINE vf sigmoid_t(vf z) { return 1.0f / (1.0f + exp_neg(z)); }
 GENEXT_INLINE double sigmoid_t(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
-template <class V>
-GENEXT_INLINE V act(V z, bool silu) {
-  return silu ? z * sigmoid_t(z) : z;
-}
+// silu(z) = z / (1 + e^-z)
+GENEXT_INLINE vf act(vf z, bool silu) { return silu ? z / (1.0f + exp_neg(z)) : z; }
+GENEXT_INLINE double act(double z, bool silu) { return silu ? z * sigmoid_t(z) : z; }
 // d act / d z
 template <class V>
 GENEXT_INLINE V act_grad(V z, bool silu) {
@@ -324,10 +328,53 @@ GENEXT_INLINE void bwd_dx_row(const S* __restrict__ x, const S* __restrict__ dy,
   }
 }
 
+// ---- NCS groups: Cg channels of S values, one call per group ------------------------------------
+// Per-channel parameters w, b (nullptr: 1 and 0) point at the group's first channel. One call per
+// group rather than per channel: at S = 64 the per-call set-up (constants, sums) cost as much as
+// the loop.
+
+template <class S, class T>
+GENEXT_INLINE void fwd_group(const S* x, S* y, int64_t Cg, int64_t n, T m, T rs, const T* w,
+                             const T* b, bool silu) {
+  for (int64_t ci = 0; ci < Cg; ++ci)
+    fwd_run<S, T>(x + ci * n, y + ci * n, n, m, w ? rs * w[ci] : rs, b ? b[ci] : T(0), silu);
+}
+
+// Pass 1 of the backward over a group: g per channel into g (float), A[ci], D[ci] set.
+template <class S, class T>
+GENEXT_INLINE void bwd_g_group(const S* x, const S* dy, T* g, int64_t Cg, int64_t n, T m, T rs,
+                               const T* w, const T* b, bool silu, double* A, double* D) {
+  for (int64_t ci = 0; ci < Cg; ++ci) {
+    A[ci] = D[ci] = 0;
+    bwd_g_run<S, T>(x + ci * n, dy + ci * n, g + ci * n, n, m, rs, w ? w[ci] : T(1),
+                    b ? b[ci] : T(0), silu, &A[ci], &D[ci]);
+  }
+}
+
+// Pass 2 over a group: dx = rs w g - ck1 - xhat ck2.
+template <class S, class T>
+GENEXT_INLINE void bwd_dx_group(const S* x, const T* g, S* dx, int64_t Cg, int64_t n, T m, T rs,
+                                const T* w, T ck1, T ck2) {
+  for (int64_t ci = 0; ci < Cg; ++ci)
+    bwd_dx_run<S, T>(x + ci * n, g + ci * n, dx + ci * n, n, m, rs, w ? rs * w[ci] : rs, ck1, ck2);
+}
+
 // ---- entry points: one per loop and storage type ------------------------------------------------
 // float and bfloat16 storage: compiled once per ISA level (GENEXT_CPU_CLONES); double: once.
 
 #define GN_ENTRY_POINTS(S, T, ATTR)                                                                \
+  ATTR void fwd_group_k(const S* x, S* y, int64_t Cg, int64_t n, T m, T rs, const T* w,            \
+                        const T* b, bool silu) {                                                   \
+    fwd_group<S, T>(x, y, Cg, n, m, rs, w, b, silu);                                               \
+  }                                                                                                \
+  ATTR void bwd_g_group_k(const S* x, const S* dy, T* g, int64_t Cg, int64_t n, T m, T rs,         \
+                          const T* w, const T* b, bool silu, double* A, double* D) {               \
+    bwd_g_group<S, T>(x, dy, g, Cg, n, m, rs, w, b, silu, A, D);                                   \
+  }                                                                                                \
+  ATTR void bwd_dx_group_k(const S* x, const T* g, S* dx, int64_t Cg, int64_t n, T m, T rs,        \
+                           const T* w, T ck1, T ck2) {                                             \
+    bwd_dx_group<S, T>(x, g, dx, Cg, n, m, rs, w, ck1, ck2);                                       \
+  }                                                                                                \
   ATTR void sums_run_k(const S* x, int64_t n, T shift, double* s1, double* s2) {                   \
     sums_run<S, T>(x, n, shift, s1, s2);                                                           \
   }                                                                                                \
