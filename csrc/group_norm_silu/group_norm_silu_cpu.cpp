@@ -165,9 +165,11 @@ void forward_nsc(const Dims& d, const S* x, S* y, T* mean, T* rstd, const T* w, 
   cpu::parallel_for(
       0, d.N * d.S, double(d.C) * kRowFwdNs,
       [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t o = (row / d.S) * d.C;
-          fwd_row_k(x + row * d.C, y + row * d.C, d.C, &mc[o], &ac[o], &bc[o], silu);
+        // one call per run of rows of one sample (they share the per-channel parameters)
+        for (int64_t row = begin; row < end;) {
+          const int64_t n = row / d.S, stop = std::min(end, (n + 1) * d.S), o = n * d.C;
+          fwd_rows_k(x + row * d.C, y + row * d.C, stop - row, d.C, &mc[o], &ac[o], &bc[o], silu);
+          row = stop;
         }
       },
       std::max<int64_t>(1, 4096 / d.C));
@@ -253,10 +255,11 @@ void backward_nsc(const Dims& d, const S* dy, const S* x, const T* mean, const T
   cpu::parallel_for(
       0, d.N * d.S, double(d.C) * kRowBwdNs,
       [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t o = (row / d.S) * d.C;
-          bwd_dx_row_k(x + row * d.C, dy + row * d.C, dx + row * d.C, d.C, &mc[o], &rc[o],
-                       wc.data(), bc.data(), &k1c[o], &k2c[o], silu);
+        for (int64_t row = begin; row < end;) {  // runs of rows of one sample, as forward_nsc
+          const int64_t n = row / d.S, stop = std::min(end, (n + 1) * d.S), o = n * d.C;
+          bwd_dx_rows_k(x + row * d.C, dy + row * d.C, dx + row * d.C, stop - row, d.C, &mc[o],
+                        &rc[o], wc.data(), bc.data(), &k1c[o], &k2c[o], silu);
+          row = stop;
         }
       },
       std::max<int64_t>(1, 4096 / d.C));

@@ -393,18 +393,20 @@ GENEXT_INLINE void bwd_dx_group(const S* x, const T* g, S* dx, int64_t Cg, int64
                         double* s1, double* s2) {                                                  \
     sums_cols<S, T>(x, rows, C, shift, a1, a2, s1, s2);                                            \
   }                                                                                                \
-  ATTR void fwd_row_k(const S* x, S* y, int64_t C, const T* m, const T* a, const T* b,             \
-                      bool silu) {                                                                 \
-    fwd_row<S, T>(x, y, C, m, a, b, silu);                                                         \
+  ATTR void fwd_rows_k(const S* x, S* y, int64_t rows, int64_t C, const T* m, const T* a,          \
+                       const T* b, bool silu) {                                                    \
+    for (int64_t r = 0; r < rows; ++r) fwd_row<S, T>(x + r * C, y + r * C, C, m, a, b, silu);      \
   }                                                                                                \
   ATTR void bwd_sums_cols_k(const S* x, const S* dy, int64_t rows, int64_t C, const T* m,          \
                             const T* rs, const T* w, const T* b, bool silu, T* a1, T* a2,          \
                             double* A, double* D) {                                                \
     bwd_sums_cols<S, T>(x, dy, rows, C, m, rs, w, b, silu, a1, a2, A, D);                          \
   }                                                                                                \
-  ATTR void bwd_dx_row_k(const S* x, const S* dy, S* dx, int64_t C, const T* m, const T* rs,       \
-                         const T* w, const T* b, const T* k1, const T* k2, bool silu) {            \
-    bwd_dx_row<S, T>(x, dy, dx, C, m, rs, w, b, k1, k2, silu);                                     \
+  ATTR void bwd_dx_rows_k(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* m,     \
+                          const T* rs, const T* w, const T* b, const T* k1, const T* k2,           \
+                          bool silu) {                                                             \
+    for (int64_t r = 0; r < rows; ++r)                                                             \
+      bwd_dx_row<S, T>(x + r * C, dy + r * C, dx + r * C, C, m, rs, w, b, k1, k2, silu);           \
   }
 
 GN_ENTRY_POINTS(float, float, GENEXT_CPU_CLONES)
