@@ -6,80 +6,44 @@
 // against eager PyTorch's three reads and two writes (group_norm, then silu).
 // NSC reduces columns (channels) over chunks of rows in parallel, then normalises row by row.
 //
-// Arithmetic: float32 for float32/float16/bfloat16 (16-bit data is widened chunk by chunk),
-// float64 for float64; sums are carried in float lanes over short runs and added into doubles.
-// Variance uses sums shifted by the group's first value, so a large mean does not cancel; when that
-// value is far from the mean (an outlier), the sums are taken again around the estimated mean.
-// The inner loops live in group_norm_silu_cpu_loops.h; this file splits the work over threads,
-// widens 16-bit data, and registers the kernels.
-#include <ATen/Parallel.h>
+// Arithmetic: float32 for float32/float16/bfloat16, float64 for float64; sums are carried in float
+// lanes over short runs and added into doubles. bfloat16 is converted inside the loops; float16
+// (not a fast path) is converted to float32 as a whole tensor and back. Variance uses sums shifted
+// by the group's first value, so a large mean does not cancel; when that value is far from the
+// mean (an outlier), the sums are taken again around the estimated mean.
+// The inner loops live in group_norm_silu_cpu_loops.h; this file splits the work over threads
+// (genext::cpu::parallel_for: small problems stay on the calling thread) and registers the kernels.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_parallel.h"
 #include "group_norm_silu/group_norm_silu_checks.h"
 #include "group_norm_silu/group_norm_silu_cpu_loops.h"
 
 namespace genext::gn {
 namespace {
 
-constexpr int64_t kChunk = 4096;  // 16-bit data is widened to float this many values at a time
-
-template <class S, class T>
-inline void widen(const S* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-template <class S, class T>
-inline void narrow(const T* src, S* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i]);
-}
-
-// Calls f(const T* xs, const T* gs, T* out, int64_t offset, int64_t len) over [0, n): directly on
-// the data when S == T, else on widened chunks whose `out` is narrowed back into dst afterwards.
-template <class S, class T, class F>
-inline void over_chunks(const S* x, const S* g, S* dst, int64_t n, std::vector<T>& buf, F&& f) {
-  if constexpr (std::is_same_v<S, T>) {
-    f(x, g, dst, int64_t(0), n);
-  } else {
-    buf.resize(3 * kChunk);
-    T *xb = buf.data(), *gb = xb + kChunk, *ob = gb + kChunk;
-    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-      const int64_t len = std::min(kChunk, n - i0);
-      widen(x + i0, xb, len);
-      if (g) widen(g + i0, gb, len);
-      f(xb, g ? gb : nullptr, ob, i0, len);
-      if (dst) narrow(ob, dst + i0, len);
-    }
-  }
-}
-
-// Calls f(const T* xs, const T* gs, int64_t nrows) over `rows` rows of C values: once on the data
-// when S == T, else on blocks of rows widened to T.
-template <class S, class T, class F>
-inline void over_rows(const S* x, const S* g, int64_t rows, int64_t C, std::vector<T>& buf, F&& f) {
-  if constexpr (std::is_same_v<S, T>) {
-    f(x, g, rows);
-  } else {
-    const int64_t rb = std::max<int64_t>(1, kChunk / std::max<int64_t>(C, 1));
-    buf.resize(2 * rb * C);
-    for (int64_t r = 0; r < rows; r += rb) {
-      const int64_t nr = std::min(rb, rows - r);
-      widen(x + r * C, buf.data(), nr * C);
-      if (g) widen(g + r * C, buf.data() + rb * C, nr * C);
-      f(buf.data(), g ? buf.data() + rb * C : nullptr, nr);
-    }
-  }
-}
+// One core's time per value, for sizing the thread team (genext::cpu::parallel_for): thread CPU
+// time with torch.set_num_threads(1) over N * C * S values, float32 and bfloat16, at 2x1280x8x8,
+// 2x1280x16x16, 2x320x64x64 and 1x512x64x64 on the project's 2-core AVX2 machine (busy with other
+// jobs, so these are on the high side: a team is then woken a little early rather than late).
+constexpr double kFwdNs = 0.9;     // NCS statistics + normalise + SiLU
+constexpr double kBwdNs = 1.4;     // NCS backward, both passes
+constexpr double kStatsNs = 0.3;   // NSC column sums alone
+constexpr double kRowFwdNs = 0.7;  // NSC normalise + SiLU
+constexpr double kRowBwdNs = 1.0;  // NSC backward: column sums, or dx of one value
 
 struct Dims {
   int64_t N, C, S, G, Cg, M;
@@ -87,7 +51,8 @@ struct Dims {
       : N(p.N), C(p.C), S(p.S), G(p.G), Cg(p.C / p.G), M(p.C / p.G * p.S) {}
 };
 
-// NSC column reductions run over chunks of rows: (n, chunk) pairs are the parallel tasks.
+// NSC column reductions run over chunks of rows: (n, chunk) pairs are the parallel tasks. The
+// chunking depends on the shape only, so results do not depend on the number of threads.
 inline int64_t rows_per_task(const Dims& d) {
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(d.C, 1));
 }
@@ -110,40 +75,28 @@ inline bool needs_recentring(double s1, double s2, int64_t count) {
 }
 
 // ---- forward -----------------------------------------------------------------------------------
+// S: the storage type the loops take (float, bf16_t or double); T: the compute type.
 
 template <class S, class T>
 void forward_ncs(const Dims& d, const S* x, S* y, T* mean, T* rstd, const T* w, const T* b,
                  double eps, bool silu) {
-  at::parallel_for(0, d.N * d.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf;
+  cpu::parallel_for(0, d.N * d.G, double(d.M) * kFwdNs, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / d.G, g = ng % d.G;
       const S* xg = x + (n * d.C + g * d.Cg) * d.S;
       S* yg = y + (n * d.C + g * d.Cg) * d.S;
-      T shift = T(xg[0]);
+      T shift = T(to_f(xg[0]));
       double s1 = 0, s2 = 0;
-      auto sums = [&] {
-        s1 = s2 = 0;
-        over_chunks<S, T>(xg, nullptr, nullptr, d.M, buf,
-                          [&](const T* xs, const T*, T*, int64_t, int64_t len) {
-                            sums_run_k(xs, len, shift, &s1, &s2);
-                          });
-      };
-      sums();
+      sums_run_k(xg, d.M, shift, &s1, &s2);
       if (needs_recentring(s1, s2, d.M)) {
         shift = T(double(shift) + s1 / double(d.M));
-        sums();
+        s1 = s2 = 0;
+        sums_run_k(xg, d.M, shift, &s1, &s2);
       }
       finish_stats(s1, s2, shift, d.M, eps, &mean[ng], &rstd[ng]);
-      const T m = mean[ng], rs = rstd[ng];
-      for (int64_t ci = 0; ci < d.Cg; ++ci) {  // the group is still in cache
-        const int64_t c = g * d.Cg + ci;
-        const T a = w ? rs * w[c] : rs, bb = b ? b[c] : T(0);
-        over_chunks<S, T>(xg + ci * d.S, nullptr, yg + ci * d.S, d.S, buf,
-                          [&](const T* xs, const T*, T* out, int64_t, int64_t len) {
-                            fwd_run_k(xs, out, len, m, a, bb, silu);
-                          });
-      }
+      // the group is still in cache
+      fwd_group_k(xg, yg, d.Cg, d.S, mean[ng], rstd[ng], w ? w + g * d.Cg : nullptr,
+                  b ? b + g * d.Cg : nullptr, silu);
     }
   });
 }
@@ -154,24 +107,23 @@ void forward_nsc(const Dims& d, const S* x, S* y, T* mean, T* rstd, const T* w, 
   const int64_t rpt = rows_per_task(d), R = (d.S + rpt - 1) / rpt;
   std::vector<T> shift(d.N * d.C);  // per channel: its group's shift
   for (int64_t n = 0; n < d.N; ++n)
-    for (int64_t c = 0; c < d.C; ++c) shift[n * d.C + c] = T(x[n * d.S * d.C + c / d.Cg * d.Cg]);
+    for (int64_t c = 0; c < d.C; ++c)
+      shift[n * d.C + c] = T(to_f(x[n * d.S * d.C + c / d.Cg * d.Cg]));
   std::vector<double> part(d.N * R * 2 * d.C);
   // Column sums per (sample, chunk of rows) task, for the samples marked in `todo`.
   auto column_sums = [&](const std::vector<char>& todo) {
-    at::parallel_for(0, d.N * R, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> acc(2 * d.C), buf;
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / R, r0 = (t % R) * rpt, r1 = std::min(d.S, r0 + rpt);
-        if (!todo[n]) continue;
-        double* s1 = &part[t * 2 * d.C];
-        std::fill(s1, s1 + 2 * d.C, 0.0);
-        over_rows<S, T>(x + (n * d.S + r0) * d.C, nullptr, r1 - r0, d.C, buf,
-                        [&](const T* xs, const T*, int64_t nr) {
-                          sums_cols_k(xs, nr, d.C, &shift[n * d.C], acc.data(), acc.data() + d.C,
-                                      s1, s1 + d.C);
-                        });
-      }
-    });
+    cpu::parallel_for(0, d.N * R, double(std::min(rpt, d.S) * d.C) * kStatsNs,
+                      [&](int64_t begin, int64_t end) {
+                        std::vector<T> acc(2 * d.C);
+                        for (int64_t t = begin; t < end; ++t) {
+                          const int64_t n = t / R, r0 = (t % R) * rpt, r1 = std::min(d.S, r0 + rpt);
+                          if (!todo[n]) continue;
+                          double* s1 = &part[t * 2 * d.C];
+                          std::fill(s1, s1 + 2 * d.C, 0.0);
+                          sums_cols_k(x + (n * d.S + r0) * d.C, r1 - r0, d.C, &shift[n * d.C],
+                                      acc.data(), acc.data() + d.C, s1, s1 + d.C);
+                        }
+                      });
   };
   auto group_sums = [&](int64_t n, int64_t g, double* s1, double* s2) {
     *s1 = *s2 = 0;
@@ -210,52 +162,53 @@ void forward_nsc(const Dims& d, const S* x, S* y, T* mean, T* rstd, const T* w, 
         bc[n * d.C + c] = b ? b[c] : T(0);
       }
     }
-  at::parallel_for(
-      0, d.N * d.S, std::max<int64_t>(1, 16384 / d.C), [&](int64_t begin, int64_t end) {
-        std::vector<T> buf;
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t o = (row / d.S) * d.C;
-          over_chunks<S, T>(x + row * d.C, nullptr, y + row * d.C, d.C, buf,
-                            [&](const T* xs, const T*, T* out, int64_t off, int64_t len) {
-                              fwd_row_k(xs, out, len, &mc[o + off], &ac[o + off], &bc[o + off],
-                                        silu);
-                            });
+  cpu::parallel_for(
+      0, d.N * d.S, double(d.C) * kRowFwdNs,
+      [&](int64_t begin, int64_t end) {
+        // one call per run of rows of one sample (they share the per-channel parameters)
+        for (int64_t row = begin; row < end;) {
+          const int64_t n = row / d.S, stop = std::min(end, (n + 1) * d.S), o = n * d.C;
+          fwd_rows_k(x + row * d.C, y + row * d.C, stop - row, d.C, &mc[o], &ac[o], &bc[o], silu);
+          row = stop;
         }
-      });
+      },
+      std::max<int64_t>(1, 4096 / d.C));
 }
 
 // ---- backward ----------------------------------------------------------------------------------
-// A[n,c] = sum g, D[n,c] = sum g*xhat (doubles, N*C); dx from the per-group k1, k2.
+// A[n,c] = sum g, D[n,c] = sum g*xhat (doubles, N*C), g = dy * act'(z); dx from the per-group
+// k1 = sum_c w A / M, k2 = sum_c w D / M.
 
+// Group by group: pass 1 computes g once (the sigmoid's only evaluation), keeps it as float (in dx
+// itself for float data, in a per-thread scratch group for bfloat16) and sums A, D; pass 2 reads
+// x and g back from cache and writes dx.
 template <class S, class T>
 void backward_ncs(const Dims& d, const S* dy, const S* x, const T* mean, const T* rstd, const T* w,
                   const T* b, bool silu, S* dx, double* A, double* D) {
-  at::parallel_for(0, d.N * d.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf;
+  cpu::parallel_for(0, d.N * d.G, double(d.M) * kBwdNs, [&](int64_t begin, int64_t end) {
+    // uninitialised (a zeroed std::vector of a 1 MB group cost a memset per chunk)
+    std::unique_ptr<T[]> scratch(std::is_same_v<S, T> ? nullptr : new T[d.M]);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / d.G, g = ng % d.G, base = (n * d.C + g * d.Cg) * d.S;
+      T* gs;
+      if constexpr (std::is_same_v<S, T>)
+        gs = dx + base;
+      else
+        gs = scratch.get();
       const T m = mean[ng], rs = rstd[ng];
+      const T* wg = w ? w + g * d.Cg : nullptr;
+      double* Ag = A + n * d.C + g * d.Cg;
+      double* Dg = D + n * d.C + g * d.Cg;
+      bwd_g_group_k(x + base, dy + base, gs, d.Cg, d.S, m, rs, wg, b ? b + g * d.Cg : nullptr, silu,
+                    Ag, Dg);
       double k1 = 0, k2 = 0;
       for (int64_t ci = 0; ci < d.Cg; ++ci) {
-        const int64_t c = g * d.Cg + ci, nc = n * d.C + c;
-        const T wc = w ? w[c] : T(1), bc = b ? b[c] : T(0);
-        A[nc] = D[nc] = 0;
-        over_chunks<S, T>(x + base + ci * d.S, dy + base + ci * d.S, nullptr, d.S, buf,
-                          [&](const T* xs, const T* gs, T*, int64_t, int64_t len) {
-                            bwd_sums_run_k(xs, gs, len, m, rs, wc, bc, silu, &A[nc], &D[nc]);
-                          });
-        k1 += double(wc) * A[nc];
-        k2 += double(wc) * D[nc];
+        const double wc = wg ? double(wg[ci]) : 1.0;
+        k1 += wc * Ag[ci];
+        k2 += wc * Dg[ci];
       }
-      const T tk1 = T(k1 / double(d.M)), tk2 = T(k2 / double(d.M));
-      for (int64_t ci = 0; ci < d.Cg; ++ci) {
-        const int64_t c = g * d.Cg + ci, o = base + ci * d.S;
-        const T wc = w ? w[c] : T(1), bc = b ? b[c] : T(0);
-        over_chunks<S, T>(x + o, dy + o, dx + o, d.S, buf,
-                          [&](const T* xs, const T* gs, T* out, int64_t, int64_t len) {
-                            bwd_dx_run_k(xs, gs, out, len, m, rs, wc, bc, tk1, tk2, silu);
-                          });
-      }
+      const T ck1 = rs * T(k1 / double(d.M)), ck2 = rs * T(k2 / double(d.M));
+      bwd_dx_group_k(x + base, gs, dx + base, d.Cg, d.S, m, rs, wg, ck1, ck2);
     }
   });
 }
@@ -271,19 +224,17 @@ void backward_nsc(const Dims& d, const S* dy, const S* x, const T* mean, const T
     mc[nc] = mean[ng], rc[nc] = rstd[ng];
   }
   std::vector<double> part(d.N * R * 2 * d.C, 0.0);
-  at::parallel_for(0, d.N * R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(2 * d.C), buf;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / R, r0 = (t % R) * rpt, r1 = std::min(d.S, r0 + rpt), o = n * d.C;
-      double* pa = &part[t * 2 * d.C];
-      const int64_t row = (n * d.S + r0) * d.C;
-      over_rows<S, T>(x + row, dy + row, r1 - r0, d.C, buf,
-                      [&](const T* xs, const T* gs, int64_t nr) {
-                        bwd_sums_cols_k(xs, gs, nr, d.C, &mc[o], &rc[o], wc.data(), bc.data(), silu,
-                                        acc.data(), acc.data() + d.C, pa, pa + d.C);
-                      });
-    }
-  });
+  cpu::parallel_for(
+      0, d.N * R, double(std::min(rpt, d.S) * d.C) * kRowBwdNs, [&](int64_t begin, int64_t end) {
+        std::vector<T> acc(2 * d.C);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t n = t / R, r0 = (t % R) * rpt, r1 = std::min(d.S, r0 + rpt), o = n * d.C;
+          double* pa = &part[t * 2 * d.C];
+          const int64_t row = (n * d.S + r0) * d.C;
+          bwd_sums_cols_k(x + row, dy + row, r1 - r0, d.C, &mc[o], &rc[o], wc.data(), bc.data(),
+                          silu, acc.data(), acc.data() + d.C, pa, pa + d.C);
+        }
+      });
   for (int64_t n = 0; n < d.N; ++n) {
     for (int64_t c = 0; c < d.C; ++c) {
       double a = 0, dd = 0;
@@ -301,18 +252,17 @@ void backward_nsc(const Dims& d, const S* dy, const S* x, const T* mean, const T
         k1c[n * d.C + c] = T(k1 / double(d.M)), k2c[n * d.C + c] = T(k2 / double(d.M));
     }
   }
-  at::parallel_for(
-      0, d.N * d.S, std::max<int64_t>(1, 16384 / d.C), [&](int64_t begin, int64_t end) {
-        std::vector<T> buf;
-        for (int64_t row = begin; row < end; ++row) {
-          const int64_t o = (row / d.S) * d.C;
-          over_chunks<S, T>(x + row * d.C, dy + row * d.C, dx + row * d.C, d.C, buf,
-                            [&](const T* xs, const T* gs, T* out, int64_t off, int64_t len) {
-                              bwd_dx_row_k(xs, gs, out, len, &mc[o + off], &rc[o + off], &wc[off],
-                                           &bc[off], &k1c[o + off], &k2c[o + off], silu);
-                            });
+  cpu::parallel_for(
+      0, d.N * d.S, double(d.C) * kRowBwdNs,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end;) {  // runs of rows of one sample, as forward_nsc
+          const int64_t n = row / d.S, stop = std::min(end, (n + 1) * d.S), o = n * d.C;
+          bwd_dx_rows_k(x + row * d.C, dy + row * d.C, dx + row * d.C, stop - row, d.C, &mc[o],
+                        &rc[o], wc.data(), bc.data(), &k1c[o], &k2c[o], silu);
+          row = stop;
         }
-      });
+      },
+      std::max<int64_t>(1, 4096 / d.C));
 }
 
 // ---- bindings ----------------------------------------------------------------------------------
@@ -328,11 +278,32 @@ inline at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc)
   return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
 }
 
+// The pointer type the loops take for S: bfloat16 as its bits.
+template <class S>
+using Raw = std::conditional_t<std::is_same_v<S, c10::BFloat16>, bf16_t, S>;
+template <class S>
+const Raw<S>* raw(const at::Tensor& t) {
+  return reinterpret_cast<const Raw<S>*>(t.const_data_ptr<S>());
+}
+template <class S>
+Raw<S>* raw_mut(at::Tensor& t) {
+  return reinterpret_cast<Raw<S>*>(t.mutable_data_ptr<S>());
+}
+
+inline std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool silu) {
   const Problem p = check_input(kFwd, x_in, num_groups, weight, bias, /*allow_double=*/true);
   check_eps(kFwd, eps);
+  if (x_in.scalar_type() == at::kHalf) {  // through float32, in the kernel's layout
+    auto [y, mean, rstd] = group_norm_silu_cpu(p.x.to(at::kFloat), num_groups, to_float(weight),
+                                               to_float(bias), eps, silu);
+    return {y.to(at::kHalf), mean, rstd};
+  }
   const auto acc = acc_type(x_in.scalar_type());
   at::Tensor y = at::empty_like(p.x);
   at::Tensor mean = at::empty({p.N, p.G}, x_in.options().dtype(acc));
@@ -345,16 +316,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
   const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
   const Dims d(p);
   dispatch_cpu_dtype(kFwd, x_in.scalar_type(), [&]<class S, class T>() {
-    const S* xp = p.x.const_data_ptr<S>();
-    S* yp = y.mutable_data_ptr<S>();
-    const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
-    const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
-    if (p.channels_last)
-      forward_nsc<S, T>(d, xp, yp, mean.mutable_data_ptr<T>(), rstd.mutable_data_ptr<T>(), wp, bp,
-                        eps, silu);
-    else
-      forward_ncs<S, T>(d, xp, yp, mean.mutable_data_ptr<T>(), rstd.mutable_data_ptr<T>(), wp, bp,
-                        eps, silu);
+    if constexpr (!std::is_same_v<S, c10::Half>) {
+      const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
+      const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+      auto* run = p.channels_last ? &forward_nsc<Raw<S>, T> : &forward_ncs<Raw<S>, T>;
+      run(d, raw<S>(p.x), raw_mut<S>(y), mean.mutable_data_ptr<T>(), rstd.mutable_data_ptr<T>(), wp,
+          bp, eps, silu);
+    }
   });
   return {y, mean, rstd};
 }
@@ -366,29 +334,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
   const Problem p = check_input(kBwd, x_in, num_groups, weight, bias, /*allow_double=*/true);
   const at::Tensor dy = check_like_x(kBwd, "grad_y", grad_y, x_in, p.channels_last);
   check_stats(kBwd, mean_in, rstd_in, p);
+  if (x_in.scalar_type() == at::kHalf) {  // through float32, in the kernel's layout
+    auto [dx, dw, db] =
+        group_norm_silu_backward_cpu(dy.to(at::kFloat), p.x.to(at::kFloat), mean_in, rstd_in,
+                                     to_float(weight), to_float(bias), num_groups, silu);
+    if (!weight.has_value()) return {dx.to(at::kHalf), dw, db};
+    return {dx.to(at::kHalf), dw.to(weight->scalar_type()), db.to(bias->scalar_type())};
+  }
   const auto acc = acc_type(x_in.scalar_type());
   const at::Tensor mean = mean_in.to(acc).contiguous(), rstd = rstd_in.to(acc).contiguous();
   at::Tensor dx = at::empty_like(p.x);
-  at::Tensor A = at::zeros({p.N, p.C}, x_in.options().dtype(at::kDouble));
-  at::Tensor D = at::zeros({p.N, p.C}, x_in.options().dtype(at::kDouble));
+  // A, D: (N, C) per-sample channel sums, plain buffers (0 when there are no values)
+  std::vector<double> A(p.N * p.C, 0.0), D(p.N * p.C, 0.0);
   if (p.N * p.C * p.S > 0) {
     const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
     const Dims d(p);
     dispatch_cpu_dtype(kBwd, x_in.scalar_type(), [&]<class S, class T>() {
-      const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
-      const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
-      auto* run = p.channels_last ? &backward_nsc<S, T> : &backward_ncs<S, T>;
-      run(d, dy.const_data_ptr<S>(), p.x.const_data_ptr<S>(), mean.const_data_ptr<T>(),
-          rstd.const_data_ptr<T>(), wp, bp, silu, dx.mutable_data_ptr<S>(),
-          A.mutable_data_ptr<double>(), D.mutable_data_ptr<double>());
+      if constexpr (!std::is_same_v<S, c10::Half>) {
+        const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
+        const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+        auto* run = p.channels_last ? &backward_nsc<Raw<S>, T> : &backward_ncs<Raw<S>, T>;
+        run(d, raw<S>(dy), raw<S>(p.x), mean.const_data_ptr<T>(), rstd.const_data_ptr<T>(), wp, bp,
+            silu, raw_mut<S>(dx), A.data(), D.data());
+      }
     });
   }
   if (!weight.has_value()) {
     // two distinct empty tensors: op outputs must not alias each other
     return {dx, at::empty({0}, x_in.options()), at::empty({0}, x_in.options())};
   }
-  // grad_weight[c] = sum_n D[n, c], grad_bias[c] = sum_n A[n, c]
-  return {dx, D.sum(0).to(weight->scalar_type()), A.sum(0).to(bias->scalar_type())};
+  // grad_weight[c] = sum_n D[n, c], grad_bias[c] = sum_n A[n, c], summed here: at::sum over a
+  // small (N, C) tensor cost more than the whole backward of a 2x64x2x2 input.
+  at::Tensor dw = at::empty({p.C}, x_in.options().dtype(acc));
+  at::Tensor db = at::empty({p.C}, x_in.options().dtype(acc));
+  dispatch_cpu_dtype(kBwd, acc, [&]<class S, class T>() {
+    T *dwp = dw.mutable_data_ptr<T>(), *dbp = db.mutable_data_ptr<T>();
+    for (int64_t c = 0; c < p.C; ++c) {
+      double sd = 0, sa = 0;
+      for (int64_t n = 0; n < p.N; ++n) sd += D[n * p.C + c], sa += A[n * p.C + c];
+      dwp[c] = T(sd), dbp[c] = T(sa);
+    }
+  });
+  return {dx, dw.to(weight->scalar_type()), db.to(bias->scalar_type())};
 }
 
 }  // namespace

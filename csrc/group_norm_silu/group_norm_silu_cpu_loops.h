@@ -1,11 +1,18 @@
 // Inner loops of the GroupNorm(+SiLU) CPU kernel, included by group_norm_silu_cpu.cpp only.
-// Plain C++ on raw pointers; the float32 entry points are compiled per ISA level and chosen when
-// the library loads (GENEXT_CPU_CLONES); exp is a polynomial the compiler vectorises.
+// Plain C++ on raw pointers. Storage types: float, bfloat16 (as its uint16_t bits, converted to and
+// from float inside the loops, 8 values at a time) and double. The float and bfloat16 entry points
+// are compiled per ISA level and chosen when the library loads (GENEXT_CPU_CLONES); they are
+// written with explicit 8-float vectors (common/cpu_simd.h) because the auto-vectoriser left the
+// sigmoid loops scalar. 8 lanes, one ymm register on x86-64-v3: GCC lowers a select (a ? b : c) on
+// vectors wider than the machine's lane by lane through general registers, which made the 16-lane
+// version of these loops several times slower there. double runs the same formulas one value at a
+// time.
 #pragma once
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/cpu_simd.h"
@@ -13,96 +20,204 @@
 namespace genext::gn {
 namespace {
 
+using vf = simd::f32x8;
+using vi = simd::i32x8;
+using simd::splat;
+constexpr int kVec = 8;
+// Lambdas called from a cloned function must be inlined into it to get its instruction set.
+#define GN_INL __attribute__((always_inline))
+typedef uint32_t vu __attribute__((vector_size(kVec * sizeof(uint32_t))));
+typedef uint16_t vh __attribute__((vector_size(kVec * sizeof(uint16_t))));
+
+// bfloat16 is passed as its bits.
+using bf16_t = uint16_t;
+
+// ---- loads and stores of 8 values as floats ----------------------------------------------------
+
+GENEXT_INLINE vf loadv(const float* p) { return simd::load<vf>(p); }
+// bf16 bits to float: each 16-bit value becomes the high half of a 32-bit lane (interleaving
+// with zeros: 3 instructions on x86-64-v3, where a zero-extending conversion took 5).
+GENEXT_INLINE vf loadv(const bf16_t* p) {
+  typedef uint16_t vh2 __attribute__((vector_size(2 * kVec * sizeof(uint16_t))));
+  const vh h = simd::load<vh>(p), z{};
+  const vh2 w = __builtin_shufflevector(z, h, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  return __builtin_bit_cast(vf, w);
+}
+GENEXT_INLINE void storev(float* p, vf v) { simd::store(p, v); }
+// Round to nearest even, NaN to the quiet NaN 0x7fc0 (as c10::BFloat16 converts).
+GENEXT_INLINE void storev(bf16_t* p, vf v) {
+  const vu u = __builtin_bit_cast(vu, v);
+  const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu o = v != v ? vu{} + 0x7fc0u : r;
+  simd::store(p, __builtin_convertvector(o, vh));
+}
+// The first n < 8 values; the other lanes are 0.
+template <class S>
+GENEXT_INLINE vf loadv_part(const S* p, int64_t n) {
+  S tmp[kVec] = {};
+  std::memcpy(tmp, p, size_t(n) * sizeof(S));
+  return loadv(tmp);
+}
+template <class S>
+GENEXT_INLINE void storev_part(S* p, vf v, int64_t n) {
+  S tmp[kVec];
+  storev(tmp, v);
+  std::memcpy(p, tmp, size_t(n) * sizeof(S));
+}
+GENEXT_INLINE float to_f(float v) { return v; }
+GENEXT_INLINE float to_f(bf16_t v) { return std::bit_cast<float>(uint32_t(v) << 16); }
+GENEXT_INLINE double to_f(double v) { return v; }
+
+// Sum of the 8 lanes in double: two 4-double halves added, then a short tree (a serial sum of 8
+// converted lanes was a 32-cycle chain per call, as much as the loop itself for S = 64).
+GENEXT_INLINE double hsum(vf v) {
+  typedef double vd4 __attribute__((vector_size(4 * sizeof(double))));
+  const vd4 s = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), vd4) +
+                __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), vd4);
+  return (s[0] + s[2]) + (s[1] + s[3]);
+}
+
 // ---- element math ---------------------------------------------------------------------------
 
-// The reductions over runs use 16-float vectors (common/cpu_simd.h) explicitly, because the
-// auto-vectoriser turned the 16-lane accumulator loops into in-order scalar adds.
-using simd::f32x16;
-using simd::i32x16;
-using simd::splat;
-constexpr int kVec = simd::kLanes;
-
-GENEXT_INLINE f32x16 load16(const float* p) { return simd::load<f32x16>(p); }
-GENEXT_INLINE double hsum(f32x16 v) { return simd::hsum<double>(v); }
-
-// sigmoid(z) from t = exp(-|z|) in (0, 1]: 1/(1+t) for z >= 0, t/(1+t) below. Only a non-positive
-// exponent is needed, so the range is handled in integer arithmetic before simd::exp_core (which
-// takes [-100, 88]): x = -|z| by setting the sign bit, x clamped at -100 by an integer min on its
-// bits (for negative floats a larger bit pattern is a larger magnitude). (A float clamp written as
-// ternaries made GCC split the vector loop into masked branches that each ran the division: three
-// vdivps per vector instead of one, 5x slower.) V is float or f32x16.
-template <class V>
-GENEXT_INLINE V sigmoid_v(V z) {
-  using I = typename simd::IntLanes<V>::I;
-  constexpr int32_t kMinus100 = 0xC2C80000 - 0x100000000LL;  // bits of -100.0f as int32
-  I xb = std::bit_cast<I>(z) | splat<I>(INT32_MIN);          // -|z|
-  xb = xb < splat<I>(kMinus100) ? xb : splat<I>(kMinus100);  // max(-|z|, -100)
-  const V t = simd::exp_core(std::bit_cast<V>(xb));
-  return (z >= splat<V>(0.0f) ? splat<V>(1.0f) : t) / (1.0f + t);
+// e^-z with -z clamped into exp_core's range [-100, 88]: above 88 (z < -88) sigmoid(z) and
+// silu(z) come out below 1e-38 instead of smaller still; below -87 e^-z flushes to 0 (sigmoid 1).
+// NaN stays NaN. (The clamps are single vmaxps / vminps on 8-lane vectors; on 16-lane vectors GCC
+// lowered selects lane by lane.)
+GENEXT_INLINE vf exp_neg(vf z) {
+  vf t = -z;
+  t = t < splat<vf>(-100.0f) ? splat<vf>(-100.0f) : t;
+  t = t > splat<vf>(88.0f) ? splat<vf>(88.0f) : t;
+  return simd::exp_core(t);
 }
-GENEXT_INLINE float sigmoid_t(float z) { return sigmoid_v(z); }
-GENEXT_INLINE f32x16 sigmoid_t(f32x16 z) { return sigmoid_v(z); }
+GENEXT_INLINE vf sigmoid_t(vf z) { return 1.0f / (1.0f + exp_neg(z)); }
 GENEXT_INLINE double sigmoid_t(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
-template <bool kSilu, class T>
-GENEXT_INLINE T act(T z) {
-  if constexpr (kSilu) return z * sigmoid_t(z);
-  return z;
-}
+// silu(z) = z / (1 + e^-z)
+GENEXT_INLINE vf act(vf z, bool silu) { return silu ? z / (1.0f + exp_neg(z)) : z; }
+GENEXT_INLINE double act(double z, bool silu) { return silu ? z * sigmoid_t(z) : z; }
 // d act / d z
-template <bool kSilu, class T>
-GENEXT_INLINE T act_grad(T z) {
-  if constexpr (kSilu) {
-    const T s = sigmoid_t(z);
-    return s * (1.0f + z * (1.0f - s));
-  }
-  return splat<T>(1.0f);
+template <class V>
+GENEXT_INLINE V act_grad(V z, bool silu) {
+  if (!silu) return V{} + 1.0f;
+  const V s = sigmoid_t(z);
+  return s * (1.0f + z * (1.0f - s));
 }
 
-// Per-channel parameters: one value for a whole NCS plane, or an array over C for an NSC row.
-template <class T>
-struct Bcast {
-  T v;
-  GENEXT_INLINE T operator[](int64_t) const { return v; }
-};
-template <class T>
-struct Arr {
-  const T* __restrict__ p;
-  GENEXT_INLINE T operator[](int64_t i) const { return p[i]; }
-};
+constexpr int64_t kFlush = 1024;  // values summed in float lanes before adding into double
 
-constexpr int64_t kFlush = 1024;  // values summed in float before adding into double
-
-// ---- loops (templates; the float32 instances below are the cloned entry points) -----------------
+// ---- NCS loops: one contiguous run with scalar parameters ---------------------------------------
 
 // s1 += sum(x - shift), s2 += sum((x - shift)^2) over a contiguous run.
-template <class T>
-GENEXT_INLINE void sums_run(const T* x, int64_t n, T shift, double* s1, double* s2) {
+template <class S, class T>
+GENEXT_INLINE void sums_run(const S* x, int64_t n, T shift, double* s1, double* s2) {
   int64_t i = 0;
-  if constexpr (std::is_same_v<T, float>) {  // 16-wide vectors, added into double every kFlush
-    const f32x16 sh = splat<f32x16>(shift);
-    for (; i + kVec <= n;) {
-      const int64_t end = std::min(n, i + kFlush) - kVec;
-      f32x16 a1{}, a2{};
-      for (; i <= end; i += kVec) {
-        const f32x16 d = load16(x + i) - sh;
+  if constexpr (!std::is_same_v<S, double>) {  // 2 x 8 lanes, added into double every kFlush
+    const vf sh = splat<vf>(float(shift));
+    for (; i + 2 * kVec <= n;) {
+      const int64_t end = std::min(n, i + kFlush) - 2 * kVec;
+      vf a1{}, a2{}, b1{}, b2{};
+      for (; i <= end; i += 2 * kVec) {
+        const vf d = loadv(x + i) - sh, e = loadv(x + i + kVec) - sh;
         a1 += d;
         a2 += d * d;
+        b1 += e;
+        b2 += e * e;
       }
-      *s1 += hsum(a1);
-      *s2 += hsum(a2);
+      *s1 += hsum(a1 + b1);
+      *s2 += hsum(a2 + b2);
     }
   }
   for (; i < n; ++i) {  // the scalar tail; all of it for double
-    const double d = double(x[i]) - double(shift);
+    const double d = double(to_f(x[i])) - double(shift);
     *s1 += d;
     *s2 += d * d;
   }
 }
 
-// Column sums of (x - shift[c]) and its square over `rows` rows of C values; s1/s2 are (C,).
-template <class T>
-GENEXT_INLINE void sums_cols(const T* __restrict__ x, int64_t rows, int64_t C,
+// y = act((x - m) * a + b)
+template <class S, class T>
+GENEXT_INLINE void fwd_run(const S* __restrict__ x, S* __restrict__ y, int64_t n, T m, T a, T b,
+                           bool silu) {
+  if constexpr (std::is_same_v<S, double>) {
+    for (int64_t i = 0; i < n; ++i) y[i] = act((x[i] - m) * a + b, silu);
+  } else {
+    const vf vm = splat<vf>(m), va = splat<vf>(a), vb = splat<vf>(b);
+    auto f = [&](vf v) GN_INL { return act((v - vm) * va + vb, silu); };
+    int64_t i = 0;
+    if (silu)  // the branch outside the loop, so that each loop is straight-line
+      for (; i + kVec <= n; i += kVec) storev(y + i, act((loadv(x + i) - vm) * va + vb, true));
+    else
+      for (; i + kVec <= n; i += kVec) storev(y + i, (loadv(x + i) - vm) * va + vb);
+    if (i < n) storev_part(y + i, f(loadv_part(x + i, n - i)), n - i);
+  }
+}
+
+// Backward pass 1 over a contiguous run: g = dy * act'(z) is stored (as float) for pass 2, and
+// A += sum(g), D += sum(g * xhat), with xhat = (x - m) * rs, z = xhat * w + b.
+template <class S, class T>
+GENEXT_INLINE void bwd_g_run(const S* __restrict__ x, const S* __restrict__ dy, T* __restrict__ g,
+                             int64_t n, T m, T rs, T w, T b, bool silu, double* __restrict__ A,
+                             double* __restrict__ D) {
+  if constexpr (std::is_same_v<S, double>) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T xh = (x[i] - m) * rs;
+      g[i] = dy[i] * act_grad(xh * w + b, silu);
+      *A += g[i];
+      *D += g[i] * xh;
+    }
+  } else {
+    const vf vm = splat<vf>(m), vrs = splat<vf>(rs), vw = splat<vf>(w), vb = splat<vf>(b);
+    int64_t i = 0;
+    auto body = [&](vf xv, vf gy, vf& a1, vf& a2, bool s) GN_INL {
+      const vf xh = (xv - vm) * vrs;
+      const vf gv = gy * act_grad(xh * vw + vb, s);
+      a1 += gv;
+      a2 += gv * xh;
+      return gv;
+    };
+    for (; i + kVec <= n;) {
+      const int64_t end = std::min(n, i + kFlush) - kVec;
+      vf a1{}, a2{};
+      if (silu)
+        for (; i <= end; i += kVec) storev(g + i, body(loadv(x + i), loadv(dy + i), a1, a2, true));
+      else
+        for (; i <= end; i += kVec) storev(g + i, body(loadv(x + i), loadv(dy + i), a1, a2, false));
+      *A += hsum(a1);
+      *D += hsum(a2);
+    }
+    if (i < n) {  // padded lanes have dy = 0, so g = 0 there and they add nothing
+      vf a1{}, a2{};
+      storev_part(g + i, body(loadv_part(x + i, n - i), loadv_part(dy + i, n - i), a1, a2, silu),
+                  n - i);
+      *A += hsum(a1);
+      *D += hsum(a2);
+    }
+  }
+}
+
+// Backward pass 2: dx = cg * g - ck1 - xhat * ck2 (cg = rs * w, ck1 = rs * k1, ck2 = rs * k2).
+// g may be dx itself (float data: pass 1 stores g in dx).
+template <class S, class T>
+GENEXT_INLINE void bwd_dx_run(const S* x, const T* g, S* dx, int64_t n, T m, T rs, T cg, T ck1,
+                              T ck2) {
+  if constexpr (std::is_same_v<S, double>) {
+    for (int64_t i = 0; i < n; ++i) dx[i] = cg * g[i] - ck1 - (x[i] - m) * rs * ck2;
+  } else {
+    const vf vm = splat<vf>(m), vrs = splat<vf>(rs), vg = splat<vf>(cg), v1 = splat<vf>(ck1),
+             v2 = splat<vf>(ck2);
+    auto f = [&](vf xv, vf gv) GN_INL { return vg * gv - v1 - (xv - vm) * vrs * v2; };
+    int64_t i = 0;
+    for (; i + kVec <= n; i += kVec) storev(dx + i, f(loadv(x + i), loadv(g + i)));
+    if (i < n) storev_part(dx + i, f(loadv_part(x + i, n - i), loadv_part(g + i, n - i)), n - i);
+  }
+}
+
+// ---- NSC loops: rows of C channels with per-channel parameters ----------------------------------
+
+// Column sums of (x - shift[c]) and its square over `rows` rows of C values; s1/s2 are (C,),
+// acc1/acc2 (C,) float scratch.
+template <class S, class T>
+GENEXT_INLINE void sums_cols(const S* __restrict__ x, int64_t rows, int64_t C,
                              const T* __restrict__ shift, T* __restrict__ acc1,
                              T* __restrict__ acc2, double* __restrict__ s1,
                              double* __restrict__ s2) {
@@ -111,9 +226,17 @@ GENEXT_INLINE void sums_cols(const T* __restrict__ x, int64_t rows, int64_t C,
     std::fill(acc1, acc1 + C, T(0));
     std::fill(acc2, acc2 + C, T(0));
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const T d = xr[c] - shift[c];
+      const S* xr = x + r * C;
+      int64_t c = 0;
+      if constexpr (!std::is_same_v<S, double>) {
+        for (; c + kVec <= C; c += kVec) {
+          const vf d = loadv(xr + c) - loadv(shift + c);
+          storev(acc1 + c, loadv(acc1 + c) + d);
+          storev(acc2 + c, loadv(acc2 + c) + d * d);
+        }
+      }
+      for (; c < C; ++c) {
+        const T d = to_f(xr[c]) - shift[c];
         acc1[c] += d;
         acc2[c] += d * d;
       }
@@ -122,47 +245,31 @@ GENEXT_INLINE void sums_cols(const T* __restrict__ x, int64_t rows, int64_t C,
   }
 }
 
-// y = act((x - m) * a + b)
-template <bool kSilu, class T, class P>
-GENEXT_INLINE void fwd_loop(const T* __restrict__ x, T* __restrict__ y, int64_t n, P m, P a, P b) {
-  for (int64_t i = 0; i < n; ++i) y[i] = act<kSilu>((x[i] - m[i]) * a[i] + b[i]);
-}
-
-// Backward sums over a contiguous run: A += sum(g), D += sum(g * xhat), with
-// xhat = (x - m) * rs, z = xhat * w + b, g = dy * act'(z).
-template <bool kSilu, class T>
-GENEXT_INLINE void bwd_sums_run(const T* __restrict__ x, const T* __restrict__ dy, int64_t n, T m,
-                                T rs, T w, T b, double* __restrict__ A, double* __restrict__ D) {
-  int64_t i = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    const f32x16 vm = splat<f32x16>(m), vrs = splat<f32x16>(rs), vw = splat<f32x16>(w),
-                 vb = splat<f32x16>(b);
-    for (; i + kVec <= n;) {
-      const int64_t end = std::min(n, i + kFlush) - kVec;
-      f32x16 a1{}, a2{};
-      for (; i <= end; i += kVec) {
-        const f32x16 xh = (load16(x + i) - vm) * vrs;
-        const f32x16 g = load16(dy + i) * act_grad<kSilu>(xh * vw + vb);
-        a1 += g;
-        a2 += g * xh;
-      }
-      *A += hsum(a1);
-      *D += hsum(a2);
+// One row: y = act((x - m[c]) * a[c] + b[c]).
+template <class S, class T>
+GENEXT_INLINE void fwd_row(const S* __restrict__ x, S* __restrict__ y, int64_t C, const T* m,
+                           const T* a, const T* b, bool silu) {
+  if constexpr (std::is_same_v<S, double>) {
+    for (int64_t c = 0; c < C; ++c) y[c] = act((x[c] - m[c]) * a[c] + b[c], silu);
+  } else {
+    int64_t c = 0;
+    for (; c + kVec <= C; c += kVec)
+      storev(y + c, act((loadv(x + c) - loadv(m + c)) * loadv(a + c) + loadv(b + c), silu));
+    if (c < C) {
+      const int64_t r = C - c;
+      const vf z = (loadv_part(x + c, r) - loadv_part(m + c, r)) * loadv_part(a + c, r) +
+                   loadv_part(b + c, r);
+      storev_part(y + c, act(z, silu), r);
     }
   }
-  for (; i < n; ++i) {
-    const T xh = (x[i] - m) * rs;
-    const T g = dy[i] * act_grad<kSilu>(xh * w + b);
-    *A += double(g);
-    *D += double(g * xh);
-  }
 }
 
-// Column version of bwd_sums_run for NSC rows; parameters are (C,) arrays; A/D are (C,).
-template <bool kSilu, class T>
-GENEXT_INLINE void bwd_sums_cols(const T* __restrict__ x, const T* __restrict__ dy, int64_t rows,
+// Column version of bwd_g_run's sums for NSC rows (g is not kept): parameters are (C,) arrays,
+// A/D (C,) doubles, acc1/acc2 (C,) float scratch.
+template <class S, class T>
+GENEXT_INLINE void bwd_sums_cols(const S* __restrict__ x, const S* __restrict__ dy, int64_t rows,
                                  int64_t C, const T* __restrict__ m, const T* __restrict__ rs,
-                                 const T* __restrict__ w, const T* __restrict__ b,
+                                 const T* __restrict__ w, const T* __restrict__ b, bool silu,
                                  T* __restrict__ acc1, T* __restrict__ acc2, double* __restrict__ A,
                                  double* __restrict__ D) {
   for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 8) {
@@ -170,11 +277,20 @@ GENEXT_INLINE void bwd_sums_cols(const T* __restrict__ x, const T* __restrict__ 
     std::fill(acc1, acc1 + C, T(0));
     std::fill(acc2, acc2 + C, T(0));
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * C;
-      const T* gr = dy + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const T xh = (xr[c] - m[c]) * rs[c];
-        const T g = gr[c] * act_grad<kSilu>(xh * w[c] + b[c]);
+      const S* xr = x + r * C;
+      const S* gr = dy + r * C;
+      int64_t c = 0;
+      if constexpr (!std::is_same_v<S, double>) {
+        for (; c + kVec <= C; c += kVec) {
+          const vf xh = (loadv(xr + c) - loadv(m + c)) * loadv(rs + c);
+          const vf g = loadv(gr + c) * act_grad(xh * loadv(w + c) + loadv(b + c), silu);
+          storev(acc1 + c, loadv(acc1 + c) + g);
+          storev(acc2 + c, loadv(acc2 + c) + g * xh);
+        }
+      }
+      for (; c < C; ++c) {
+        const T xh = (to_f(xr[c]) - m[c]) * rs[c];
+        const T g = to_f(gr[c]) * act_grad(xh * w[c] + b[c], silu);
         acc1[c] += g;
         acc2[c] += g * xh;
       }
@@ -183,116 +299,121 @@ GENEXT_INLINE void bwd_sums_cols(const T* __restrict__ x, const T* __restrict__ 
   }
 }
 
-// dx = rs * (w * g - k1 - xhat * k2)
-template <bool kSilu, class T, class P>
-GENEXT_INLINE void bwd_dx_loop(const T* __restrict__ x, const T* __restrict__ dy,
-                               T* __restrict__ dx, int64_t n, P m, P rs, P w, P b, P k1, P k2) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T xh = (x[i] - m[i]) * rs[i];
-    const T g = dy[i] * act_grad<kSilu>(xh * w[i] + b[i]);
-    dx[i] = rs[i] * (w[i] * g - k1[i] - xh * k2[i]);
+// One row: dx = rs (w g - k1 - xhat k2), g = dy * act'(xhat * w + b), per-channel parameters.
+template <class S, class T>
+GENEXT_INLINE void bwd_dx_row(const S* __restrict__ x, const S* __restrict__ dy, S* __restrict__ dx,
+                              int64_t C, const T* m, const T* rs, const T* w, const T* b,
+                              const T* k1, const T* k2, bool silu) {
+  if constexpr (std::is_same_v<S, double>) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T xh = (x[c] - m[c]) * rs[c];
+      const T g = dy[c] * act_grad(xh * w[c] + b[c], silu);
+      dx[c] = rs[c] * (w[c] * g - k1[c] - xh * k2[c]);
+    }
+  } else {
+    auto f = [&](vf xv, vf gy, int64_t c, auto ld) GN_INL {
+      const vf vrs = ld(rs + c), vw = ld(w + c);
+      const vf xh = (xv - ld(m + c)) * vrs;
+      const vf g = gy * act_grad(xh * vw + ld(b + c), silu);
+      return vrs * (vw * g - ld(k1 + c) - xh * ld(k2 + c));
+    };
+    int64_t c = 0;
+    auto full = [](const T* p) GN_INL { return loadv(p); };
+    for (; c + kVec <= C; c += kVec) storev(dx + c, f(loadv(x + c), loadv(dy + c), c, full));
+    if (c < C) {
+      const int64_t r = C - c;
+      auto part = [r](const T* p) GN_INL { return loadv_part(p, r); };
+      storev_part(dx + c, f(loadv_part(x + c, r), loadv_part(dy + c, r), c, part), r);
+    }
   }
 }
 
-// ---- cloned entry points: one per loop and compute type -----------------------------------------
-// float: compiled once per ISA level (GENEXT_CPU_CLONES); double: the same templates, compiled
-// once.
+// ---- NCS groups: Cg channels of S values, one call per group ------------------------------------
+// Per-channel parameters w, b (nullptr: 1 and 0) point at the group's first channel. One call per
+// group rather than per channel: at S = 64 the per-call set-up (constants, sums) cost as much as
+// the loop.
 
-#define GN_ENTRY_POINTS(T, ATTR, SUF)                                                              \
-  ATTR void sums_run_##SUF(const T* x, int64_t n, T shift, double* s1, double* s2) {               \
-    sums_run<T>(x, n, shift, s1, s2);                                                              \
+template <class S, class T>
+GENEXT_INLINE void fwd_group(const S* x, S* y, int64_t Cg, int64_t n, T m, T rs, const T* w,
+                             const T* b, bool silu) {
+  for (int64_t ci = 0; ci < Cg; ++ci)
+    fwd_run<S, T>(x + ci * n, y + ci * n, n, m, w ? rs * w[ci] : rs, b ? b[ci] : T(0), silu);
+}
+
+// Pass 1 of the backward over a group: g per channel into g (float), A[ci], D[ci] set.
+template <class S, class T>
+GENEXT_INLINE void bwd_g_group(const S* x, const S* dy, T* g, int64_t Cg, int64_t n, T m, T rs,
+                               const T* w, const T* b, bool silu, double* A, double* D) {
+  for (int64_t ci = 0; ci < Cg; ++ci) {
+    A[ci] = D[ci] = 0;
+    bwd_g_run<S, T>(x + ci * n, dy + ci * n, g + ci * n, n, m, rs, w ? w[ci] : T(1),
+                    b ? b[ci] : T(0), silu, &A[ci], &D[ci]);
+  }
+}
+
+// Pass 2 over a group: dx = rs w g - ck1 - xhat ck2.
+template <class S, class T>
+GENEXT_INLINE void bwd_dx_group(const S* x, const T* g, S* dx, int64_t Cg, int64_t n, T m, T rs,
+                                const T* w, T ck1, T ck2) {
+  for (int64_t ci = 0; ci < Cg; ++ci)
+    bwd_dx_run<S, T>(x + ci * n, g + ci * n, dx + ci * n, n, m, rs, w ? rs * w[ci] : rs, ck1, ck2);
+}
+
+// ---- entry points: one per loop and storage type ------------------------------------------------
+// float and bfloat16 storage: compiled once per ISA level (GENEXT_CPU_CLONES); double: once.
+
+#define GN_ENTRY_POINTS(S, T, ATTR)                                                                \
+  ATTR void fwd_group_k(const S* x, S* y, int64_t Cg, int64_t n, T m, T rs, const T* w,            \
+                        const T* b, bool silu) {                                                   \
+    fwd_group<S, T>(x, y, Cg, n, m, rs, w, b, silu);                                               \
   }                                                                                                \
-  ATTR void sums_cols_##SUF(const T* x, int64_t rows, int64_t C, const T* shift, T* a1, T* a2,     \
-                            double* s1, double* s2) {                                              \
-    sums_cols<T>(x, rows, C, shift, a1, a2, s1, s2);                                               \
+  ATTR void bwd_g_group_k(const S* x, const S* dy, T* g, int64_t Cg, int64_t n, T m, T rs,         \
+                          const T* w, const T* b, bool silu, double* A, double* D) {               \
+    bwd_g_group<S, T>(x, dy, g, Cg, n, m, rs, w, b, silu, A, D);                                   \
   }                                                                                                \
-  ATTR void fwd_run_##SUF(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {                 \
-    if (silu)                                                                                      \
-      fwd_loop<true>(x, y, n, Bcast<T>{m}, Bcast<T>{a}, Bcast<T>{b});                              \
-    else                                                                                           \
-      fwd_loop<false>(x, y, n, Bcast<T>{m}, Bcast<T>{a}, Bcast<T>{b});                             \
+  ATTR void bwd_dx_group_k(const S* x, const T* g, S* dx, int64_t Cg, int64_t n, T m, T rs,        \
+                           const T* w, T ck1, T ck2) {                                             \
+    bwd_dx_group<S, T>(x, g, dx, Cg, n, m, rs, w, ck1, ck2);                                       \
   }                                                                                                \
-  ATTR void fwd_row_##SUF(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b,         \
+  ATTR void sums_run_k(const S* x, int64_t n, T shift, double* s1, double* s2) {                   \
+    sums_run<S, T>(x, n, shift, s1, s2);                                                           \
+  }                                                                                                \
+  ATTR void fwd_run_k(const S* x, S* y, int64_t n, T m, T a, T b, bool silu) {                     \
+    fwd_run<S, T>(x, y, n, m, a, b, silu);                                                         \
+  }                                                                                                \
+  ATTR void bwd_g_run_k(const S* x, const S* dy, T* g, int64_t n, T m, T rs, T w, T b, bool silu,  \
+                        double* A, double* D) {                                                    \
+    bwd_g_run<S, T>(x, dy, g, n, m, rs, w, b, silu, A, D);                                         \
+  }                                                                                                \
+  ATTR void bwd_dx_run_k(const S* x, const T* g, S* dx, int64_t n, T m, T rs, T cg, T ck1,         \
+                         T ck2) {                                                                  \
+    bwd_dx_run<S, T>(x, g, dx, n, m, rs, cg, ck1, ck2);                                            \
+  }                                                                                                \
+  ATTR void sums_cols_k(const S* x, int64_t rows, int64_t C, const T* shift, T* a1, T* a2,         \
+                        double* s1, double* s2) {                                                  \
+    sums_cols<S, T>(x, rows, C, shift, a1, a2, s1, s2);                                            \
+  }                                                                                                \
+  ATTR void fwd_rows_k(const S* x, S* y, int64_t rows, int64_t C, const T* m, const T* a,          \
+                       const T* b, bool silu) {                                                    \
+    for (int64_t r = 0; r < rows; ++r) fwd_row<S, T>(x + r * C, y + r * C, C, m, a, b, silu);      \
+  }                                                                                                \
+  ATTR void bwd_sums_cols_k(const S* x, const S* dy, int64_t rows, int64_t C, const T* m,          \
+                            const T* rs, const T* w, const T* b, bool silu, T* a1, T* a2,          \
+                            double* A, double* D) {                                                \
+    bwd_sums_cols<S, T>(x, dy, rows, C, m, rs, w, b, silu, a1, a2, A, D);                          \
+  }                                                                                                \
+  ATTR void bwd_dx_rows_k(const S* x, const S* dy, S* dx, int64_t rows, int64_t C, const T* m,     \
+                          const T* rs, const T* w, const T* b, const T* k1, const T* k2,           \
                           bool silu) {                                                             \
-    if (silu)                                                                                      \
-      fwd_loop<true>(x, y, C, Arr<T>{m}, Arr<T>{a}, Arr<T>{b});                                    \
-    else                                                                                           \
-      fwd_loop<false>(x, y, C, Arr<T>{m}, Arr<T>{a}, Arr<T>{b});                                   \
-  }                                                                                                \
-  ATTR void bwd_sums_run_##SUF(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b, bool silu, \
-                               double* A, double* D) {                                             \
-    if (silu)                                                                                      \
-      bwd_sums_run<true>(x, dy, n, m, rs, w, b, A, D);                                             \
-    else                                                                                           \
-      bwd_sums_run<false>(x, dy, n, m, rs, w, b, A, D);                                            \
-  }                                                                                                \
-  ATTR void bwd_sums_cols_##SUF(const T* x, const T* dy, int64_t rows, int64_t C, const T* m,      \
-                                const T* rs, const T* w, const T* b, bool silu, T* a1, T* a2,      \
-                                double* A, double* D) {                                            \
-    if (silu)                                                                                      \
-      bwd_sums_cols<true>(x, dy, rows, C, m, rs, w, b, a1, a2, A, D);                              \
-    else                                                                                           \
-      bwd_sums_cols<false>(x, dy, rows, C, m, rs, w, b, a1, a2, A, D);                             \
-  }                                                                                                \
-  ATTR void bwd_dx_run_##SUF(const T* x, const T* dy, T* dx, int64_t n, T m, T rs, T w, T b, T k1, \
-                             T k2, bool silu) {                                                    \
-    if (silu)                                                                                      \
-      bwd_dx_loop<true>(x, dy, dx, n, Bcast<T>{m}, Bcast<T>{rs}, Bcast<T>{w}, Bcast<T>{b},         \
-                        Bcast<T>{k1}, Bcast<T>{k2});                                               \
-    else                                                                                           \
-      bwd_dx_loop<false>(x, dy, dx, n, Bcast<T>{m}, Bcast<T>{rs}, Bcast<T>{w}, Bcast<T>{b},        \
-                         Bcast<T>{k1}, Bcast<T>{k2});                                              \
-  }                                                                                                \
-  ATTR void bwd_dx_row_##SUF(const T* x, const T* dy, T* dx, int64_t C, const T* m, const T* rs,   \
-                             const T* w, const T* b, const T* k1, const T* k2, bool silu) {        \
-    if (silu)                                                                                      \
-      bwd_dx_loop<true>(x, dy, dx, C, Arr<T>{m}, Arr<T>{rs}, Arr<T>{w}, Arr<T>{b}, Arr<T>{k1},     \
-                        Arr<T>{k2});                                                               \
-    else                                                                                           \
-      bwd_dx_loop<false>(x, dy, dx, C, Arr<T>{m}, Arr<T>{rs}, Arr<T>{w}, Arr<T>{b}, Arr<T>{k1},    \
-                         Arr<T>{k2});                                                              \
+    for (int64_t r = 0; r < rows; ++r)                                                             \
+      bwd_dx_row<S, T>(x + r * C, dy + r * C, dx + r * C, C, m, rs, w, b, k1, k2, silu);           \
   }
 
-GN_ENTRY_POINTS(float, GENEXT_CPU_CLONES, f32)
-GN_ENTRY_POINTS(double, , f64)
+GN_ENTRY_POINTS(float, float, GENEXT_CPU_CLONES)
+GN_ENTRY_POINTS(bf16_t, float, GENEXT_CPU_CLONES)
+GN_ENTRY_POINTS(double, double, )
 #undef GN_ENTRY_POINTS
-
-// Overloads so the drivers below can be written once for float and double.
-#define GN_OVERLOADS(T, SUF)                                                                       \
-  inline void sums_run_k(const T* x, int64_t n, T s, double* s1, double* s2) {                     \
-    sums_run_##SUF(x, n, s, s1, s2);                                                               \
-  }                                                                                                \
-  inline void sums_cols_k(const T* x, int64_t r, int64_t C, const T* s, T* a1, T* a2, double* s1,  \
-                          double* s2) {                                                            \
-    sums_cols_##SUF(x, r, C, s, a1, a2, s1, s2);                                                   \
-  }                                                                                                \
-  inline void fwd_run_k(const T* x, T* y, int64_t n, T m, T a, T b, bool silu) {                   \
-    fwd_run_##SUF(x, y, n, m, a, b, silu);                                                         \
-  }                                                                                                \
-  inline void fwd_row_k(const T* x, T* y, int64_t C, const T* m, const T* a, const T* b,           \
-                        bool silu) {                                                               \
-    fwd_row_##SUF(x, y, C, m, a, b, silu);                                                         \
-  }                                                                                                \
-  inline void bwd_sums_run_k(const T* x, const T* dy, int64_t n, T m, T rs, T w, T b, bool silu,   \
-                             double* A, double* D) {                                               \
-    bwd_sums_run_##SUF(x, dy, n, m, rs, w, b, silu, A, D);                                         \
-  }                                                                                                \
-  inline void bwd_sums_cols_k(const T* x, const T* dy, int64_t r, int64_t C, const T* m,           \
-                              const T* rs, const T* w, const T* b, bool silu, T* a1, T* a2,        \
-                              double* A, double* D) {                                              \
-    bwd_sums_cols_##SUF(x, dy, r, C, m, rs, w, b, silu, a1, a2, A, D);                             \
-  }                                                                                                \
-  inline void bwd_dx_run_k(const T* x, const T* dy, T* dx, int64_t n, T m, T rs, T w, T b, T k1,   \
-                           T k2, bool silu) {                                                      \
-    bwd_dx_run_##SUF(x, dy, dx, n, m, rs, w, b, k1, k2, silu);                                     \
-  }                                                                                                \
-  inline void bwd_dx_row_k(const T* x, const T* dy, T* dx, int64_t C, const T* m, const T* rs,     \
-                           const T* w, const T* b, const T* k1, const T* k2, bool silu) {          \
-    bwd_dx_row_##SUF(x, dy, dx, C, m, rs, w, b, k1, k2, silu);                                     \
-  }
-GN_OVERLOADS(float, f32)
-GN_OVERLOADS(double, f64)
-#undef GN_OVERLOADS
+#undef GN_INL
 
 }  // namespace
 }  // namespace genext::gn

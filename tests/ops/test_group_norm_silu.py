@@ -622,3 +622,67 @@ def test_compile_dynamic_shapes():
         assert rel_err(y, reference.group_norm_silu(x.double(), 4, norm.weight, norm.bias)) < 1e-5
         y.sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---- CPU kernel paths: bfloat16 converted in the loops, thread teams -----------------------------
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 8, 5, 7), 4), ((1, 24, 1, 41), 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_bfloat16_is_float32_rounded_once(shape, groups, channels_last):
+    """bfloat16 data is widened and narrowed inside the float32 loops (tails of 1..7 values here):
+    the result must be the float32 kernel's on the same values, rounded to nearest even once."""
+    x = make_input(shape, torch.bfloat16, "cpu", channels_last)
+    w, b = make_affine(shape[1], torch.float32, "cpu")
+    gy = make_input(shape, torch.bfloat16, "cpu", channels_last, offset=0.5, scale=1.0)
+    y16 = group_norm_silu(x, groups, w, b)
+    y32 = group_norm_silu(x.float(), groups, w, b)
+    assert torch.equal(y16, y32.to(torch.bfloat16))
+    m16, r16 = torch.ops.genext.group_norm_silu(x, groups, w, b, 1e-5, True)[1:]
+    m32, r32 = torch.ops.genext.group_norm_silu(x.float(), groups, w, b, 1e-5, True)[1:]
+    dx16 = torch.ops.genext.group_norm_silu_backward(gy, x, m16, r16, w, b, groups, True)[0]
+    dx32 = torch.ops.genext.group_norm_silu_backward(
+        gy.float(), x.float(), m32, r32, w, b, groups, True
+    )[0]
+    assert torch.equal(dx16, dx32.to(torch.bfloat16))
+
+
+def test_cpu_bfloat16_nan_and_inf_round_like_torch():
+    x = torch.tensor([[[1.0, float("inf"), -2.0, 3.0] * 5]], dtype=torch.bfloat16)
+    y = group_norm_silu(x, 1, activation=None)
+    assert torch.isnan(y).all()  # an infinite value makes its group NaN
+    assert (y.view(torch.int16) == torch.tensor(0x7FC0, dtype=torch.int16)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_threads_give_identical_results_and_small_inputs_use_no_team(dtype, channels_last):
+    """Forward and backward are bit-for-bit the same with 1 and 2 threads; a shape worth a team
+    wakes one with 2 threads, a small one never does."""
+    from genext import _C
+
+    big, small = (2, 64, 48, 48), (2, 64, 4, 4)
+    old = torch.get_num_threads()
+    try:
+        outs = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for shape in (big, small):
+                torch.manual_seed(0)
+                x = make_input(shape, dtype, "cpu", channels_last).requires_grad_()
+                w, b = (p.requires_grad_() for p in make_affine(shape[1], dtype, "cpu"))
+                gy = make_input(shape, dtype, "cpu", channels_last, offset=0.5, scale=1.0)
+                before = _C._cpu_team_launches()
+                y = group_norm_silu(x, 32, w, b)
+                grads = torch.autograd.grad(y, (x, w, b), gy)
+                launched = _C._cpu_team_launches() - before
+                if shape == small or threads == 1:
+                    assert launched == 0
+                elif torch.get_num_threads() == 2:
+                    assert launched > 0
+                outs[threads, shape] = (y, *grads)
+        for shape in (big, small):
+            for a, b_ in zip(outs[1, shape], outs[2, shape]):
+                assert torch.equal(a, b_)
+    finally:
+        torch.set_num_threads(old)
