@@ -9,7 +9,6 @@ the last so that ``torch.autograd.gradcheck`` can run.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from ._common import (
     acc_dtype,
+    below_autograd,
     check_heads,
     check_same_device,
     declare_kernels,
@@ -272,21 +272,7 @@ def flash_attention_varlen(
     return (out, lse.squeeze(0)) if return_lse else out
 
 
-# ---- eager calls ----------------------------------------------------------------------------------
-# PyTorch's autograd layer for custom ops (torch.library.register_autograd, needed for tracing and
-# torch.compile) runs in Python on every call: on one CPU core about 20 us for a forward without
-# gradients and about 100 us more per forward+backward than a torch.autograd.Function that calls
-# the kernels below the autograd key, which at small shapes (B2 H2 L64 D4: about 0.1 ms of
-# kernel work) is most of the time. Eager calls therefore take that shorter way; traced ones keep
-# the registered op.
-
-
-def _below_autograd():
-    """A context that dispatches genext's ops straight to their kernels when no gradient can flow
-    through them (grad mode off, not tracing); otherwise a no-op."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return torch._C._AutoDispatchBelowAutograd()
+# ---- eager calls: an autograd.Function below the registered op's autograd (see _common) ----------
 
 
 class _EagerFlashAttention(torch.autograd.Function):
@@ -311,7 +297,7 @@ def _forward(*inputs) -> tuple[Tensor, Tensor]:
         return torch.ops.genext.flash_attention_forward(*inputs)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:3]):
         return _EagerFlashAttention.apply(*inputs)
-    with _below_autograd():
+    with below_autograd():
         return torch.ops.genext.flash_attention_forward(*inputs)
 
 
@@ -507,7 +493,7 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     # the arguments after the tensors, shared by every kernel call of this backward
     rest = (cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right)
-    with _below_autograd():  # create_graph: through the op, whose backward raises
+    with below_autograd():  # create_graph: through the op, whose backward raises
         dq, dk, dv = torch.ops.genext.flash_attention_backward(grad_out, q, k, v, out, lse, *rest)
     if grad_lse is not None:
         # lse_i = log sum_j exp(scale q_i.k_j): d lse_i / d q_i = scale sum_j P_ij k_j, the output

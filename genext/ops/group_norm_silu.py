@@ -8,7 +8,13 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import sym_eq
 
-from ._common import acc_dtype, check_same_device, declare_kernels, forbid_double_backward
+from ._common import (
+    acc_dtype,
+    below_autograd,
+    check_same_device,
+    declare_kernels,
+    forbid_double_backward,
+)
 
 __all__ = ["group_norm_silu"]
 
@@ -47,7 +53,8 @@ def group_norm_silu(
         ``genext::group_norm_silu_backward`` op).
 
     Fast paths: CUDA fp16/bf16/fp32 (one read and one write of x per pass, groups split over the
-    whole GPU when N * G is small); CPU float32 (vectorised, parallel over groups).
+    whole GPU when N * G is small); CPU float32 and bfloat16 (vectorised, parallel over groups
+    when the work is worth a second thread).
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"group_norm_silu: activation must be 'silu' or None, got {activation!r}")
@@ -57,9 +64,7 @@ def group_norm_silu(
                 f"group_norm_silu: num_groups must be an int, got {type(num_groups).__name__}"
             )
         num_groups = operator.index(num_groups)  # numpy integers too
-    y, _, _ = torch.ops.genext.group_norm_silu(
-        x, num_groups, weight, bias, float(eps), _ACTIVATIONS[activation]
-    )
+    y, _, _ = _forward(x, num_groups, weight, bias, float(eps), _ACTIVATIONS[activation])
     return y
 
 
@@ -207,15 +212,48 @@ def _backward(ctx, grad_y, grad_mean, grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     if grad_y is None:
         return None, None, None, None, None, None
-    dx, dw, db = torch.ops.genext.group_norm_silu_backward(
-        grad_y, x, mean, rstd, weight, bias, ctx.num_groups, ctx.silu
-    )
+    with below_autograd():  # create_graph: through the op, whose backward raises
+        dx, dw, db = torch.ops.genext.group_norm_silu_backward(
+            grad_y, x, mean, rstd, weight, bias, ctx.num_groups, ctx.silu
+        )
     if weight is None:
         dw = db = None
     return dx, None, dw, db, None, None
 
 
 torch.library.register_autograd("genext::group_norm_silu", _backward, setup_context=_setup_context)
+
+
+# ---- eager calls: an autograd.Function below the registered op's autograd (see _common) ----------
+
+
+class _EagerGroupNormSiLU(torch.autograd.Function):
+    """genext::group_norm_silu with the registered op's backward (_backward), for eager calls that
+    need gradients."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = torch.ops.genext.group_norm_silu(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1], output[2])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_rstd):
+        return _backward(ctx, grad_y, grad_mean, grad_rstd)
+
+
+def _forward(x, num_groups, weight, bias, eps, silu) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) = genext::group_norm_silu(...), differentiable in x, weight and bias."""
+    if torch.compiler.is_compiling():
+        return torch.ops.genext.group_norm_silu(x, num_groups, weight, bias, eps, silu)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    ):
+        return _EagerGroupNormSiLU.apply(x, num_groups, weight, bias, eps, silu)
+    with below_autograd():
+        return torch.ops.genext.group_norm_silu(x, num_groups, weight, bias, eps, silu)
 
 
 forbid_double_backward("group_norm_silu_backward", "genext.ops.group_norm_silu")
