@@ -184,7 +184,8 @@ GENEXT_INLINE void accum_cols_rest(T* Out, int64_t ldo, const T* C, int64_t cr, 
   }
 }
 
-// R rows of Out, columns [0, Dp) (Dp a multiple of 16, hence of L).
+// R rows of Out, columns [0, Dp) (Dp a multiple of the level's row padding: 16 on AVX-512 and for
+// float64, 8 on AVX2 and SSE2; column blocks past the last full W * L run in accum_cols_rest).
 template <class T, class V, int R, int W>
 GENEXT_INLINE void accum_rows(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc, const T* In,
                               int64_t ldi, int64_t nc, int64_t Dp, const T* row_scale) {

@@ -9,6 +9,7 @@ the last so that ``torch.autograd.gradcheck`` can run.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -36,7 +37,7 @@ declare_kernels(
 _LAYOUTS = ("bhld", "blhd")
 
 
-def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor) -> bool:
+def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> bool:
     """Whether, for ``(B, H, L, D)`` q and k, v (``"bhld"``), PyTorch's SDPA computes this
     attention faster than genext's CPU kernel, so that :func:`flash_attention` and
     ``genext.nn.functional.scaled_dot_product_attention`` hand it over.
@@ -45,8 +46,14 @@ def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor) -> bool:
     requires one) and not while tracing, at head dims of at least 64, or at least 32 with 256 or
     more keys: there PyTorch's forward (blocked GEMMs) measured 1.05-1.3x faster than genext's on
     one AVX2 core, while genext's forward+backward and its bfloat16 forward were as fast or faster
-    (benchmarks/RESULTS.md, "Flash attention CPU kernel on AVX2")."""
+    (benchmarks/RESULTS.md, "Flash attention CPU kernel on AVX2"). Never for a scale that is not
+    positive and finite (PyTorch's CPU flash kernel gives NaN rows for a negative scale with a
+    causal mask) nor while the user has switched PyTorch's flash backend off (``sdpa_kernel``)."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    if scale is not None and not 0.0 < float(scale) < math.inf:
+        return False
+    if not torch.backends.cuda.flash_sdp_enabled():  # the flag covers the CPU flash kernel too
         return False
     if any(t.device != q.device or t.dtype != q.dtype or t.dim() != 4 for t in (k, v)):
         return False
@@ -118,7 +125,7 @@ def flash_attention(
     lq, lk = (q.shape[2], k.shape[2]) if layout == "bhld" else (q.shape[1], k.shape[1])
     if not return_lse and (not causal or lq == lk):
         qb, kb, vb = (q, k, v) if layout == "bhld" else (t.transpose(1, 2) for t in (q, k, v))
-        if cpu_forward_prefers_torch(qb, kb, vb):
+        if cpu_forward_prefers_torch(qb, kb, vb, scale):
             sc = softmax_scale(q, scale, "flash_attention")
             out = torch.nn.functional.scaled_dot_product_attention(
                 qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True

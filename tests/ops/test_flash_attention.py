@@ -4,6 +4,7 @@ and (marked) on CUDA."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -897,3 +898,26 @@ def test_cpu_float32_forward_without_gradients_runs_torch_sdpa_where_faster(
         qc = q[cut] if layout == "bhld" else q.transpose(1, 2)[cut].transpose(1, 2)
         flash_attention(qc.detach(), k, v, causal=True, layout=layout)
     assert len(calls) == 1
+
+
+def test_cpu_routing_keeps_genext_for_odd_scales_and_user_backend_choices():
+    # PyTorch's CPU flash kernel gives NaN rows for a negative scale under a causal mask, and a
+    # user's sdpa_kernel context may switch its flash backend off: genext's kernel runs then
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = make_qkv(1, 2, 2, 24, 24, 64, torch.float32, "cpu")
+    assert cpu_forward_prefers_torch(q, k, v, 0.125)
+    for scale in (-0.125, 0.0, math.inf):
+        assert not cpu_forward_prefers_torch(q, k, v, scale)
+    out = flash_attention(q, k, v, causal=True, scale=-0.125)
+    ref = reference.attention_reference(q.double(), k.double(), v.double(), True, -0.125)
+    assert max_err(out, ref) <= ATOL[torch.float32]
+    for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(backend):
+            assert not cpu_forward_prefers_torch(q, k, v)
+            out = flash_attention(q, k, v, layout="blhd")
+        assert out.is_contiguous()
+        ref = reference.attention_reference(
+            *(t.transpose(1, 2).double() for t in (q, k, v)), False, None
+        ).transpose(1, 2)
+        assert max_err(out, ref) <= ATOL[torch.float32]
