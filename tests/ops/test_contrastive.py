@@ -318,7 +318,7 @@ def test_nonfinite_inputs_match_float64(loss, place, value, device):
 
 
 # ---- the CPU kernels (csrc/contrastive/*_cpu.cpp) against float64, the composite, threads ------
-# The CPU kernels split the scores into tiles of 64 rows x 512 columns and groups of row tiles
+# The CPU kernels split the scores into tiles of 128 rows x 512 columns and groups of row tiles
 # (contrastive_cpu.h): the sizes below cross those edges (tails in both directions, one tile,
 # several groups). 16-bit features are widened and computed on in fp32, so every dtype is held to
 # the fp32 tolerance against float64 on the same (widened) values.
