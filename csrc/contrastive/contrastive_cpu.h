@@ -31,11 +31,11 @@
 
 namespace genext::contrastive::cpu {
 
-// A score tile of kRowTile x kColTile fp32 is 256 KiB: it stays in L2 (512 KiB on the machines
-// measured) between the product that writes it and the fused passes that read it, and the
-// backward's dB product (K = kRowTile) runs near the speed of the others. Measured one thread,
-// N2048 D128/D512: 64 x 512 tiles cost about 20% more in the backward, 256 x 1024 no less.
-inline constexpr int64_t kRowTile = 128;
+// A score tile of kRowTile x kColTile fp32 is 512 KiB, about one core's L2 on the machines
+// measured. The row tile sets how often BLAS packs each column tile of B (once per row tile and
+// product): with 128 rows the packing cost the N4096 D512 loss about 20% against the composite's
+// 256-row tiles on one thread, and more with another process on the core; 256 rows match it.
+inline constexpr int64_t kRowTile = 256;
 inline constexpr int64_t kColTile = 512;
 // Groups of row tiles that keep their own partial column statistics (forward: 2 x Nb values
 // each) and their own partial dB (backward: Nb x D values each, the first group writes dB itself).
