@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genext import reference
+from genext import _C, reference
 from genext.ops import clip_loss, siglip_loss
 
 
@@ -315,3 +315,181 @@ def test_nonfinite_inputs_match_float64(loss, place, value, device):
     _same_nonfinite(ours, ref)
     for a, r in zip(g, rg):
         _same_nonfinite(a, r)
+
+
+# ---- the CPU kernels (csrc/contrastive/*_cpu.cpp) against float64, the composite, threads ------
+# The CPU kernels split the scores into tiles of 256 rows x 512 columns and groups of row tiles
+# (contrastive_cpu.h): the sizes below cross those edges (tails in both directions, one tile,
+# several groups). 16-bit features are widened and computed on in fp32, so every dtype is held to
+# the fp32 tolerance against float64 on the same (widened) values.
+
+_CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+_TOL = {torch.float64: 1e-10}
+
+
+def _op_inputs(n, m, d, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, generator=g), dim=-1).to(dtype)
+    b = F.normalize(torch.randn(m, d, generator=g), dim=-1).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    s = torch.tensor(12.5, dtype=acc)
+    bi = torch.tensor(-3.0, dtype=acc) if bias else None
+    return a, b, s, bi
+
+
+def _scores64(a, b, s, bi):
+    logits = s.double() * a.double() @ b.double().T
+    return logits + bi.double() if bi is not None else logits
+
+
+def _close(out, ref, tol):
+    out, ref = out.double(), ref.double()
+    assert out.shape == ref.shape
+    err = (out - ref).abs().max().item() if out.numel() else 0.0
+    assert err <= tol * max(1.0, ref.abs().max().item() if ref.numel() else 0.0), err
+
+
+def _leaves64(a, b, s, bi):
+    return [t.detach().double().requires_grad_() for t in (a, b, s)] + (
+        [bi.detach().double().requires_grad_()] if bi is not None else []
+    )
+
+
+@pytest.mark.parametrize("dtype", _CPU_DTYPES)
+@pytest.mark.parametrize("n,m", [(1, 1), (63, 65), (130, 515), (530, 1030)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_lse_against_float64(dtype, n, m, with_bias):
+    a, b, s, bi = _op_inputs(n, m, 19, dtype, with_bias)
+    tol = _TOL.get(dtype, 1e-5)
+    row, col = torch.ops.genext.tiled_lse(a, b, s, bi, True)
+    row_only, empty = torch.ops.genext.tiled_lse(a, b, s, bi, False)
+    assert row.dtype == s.dtype and empty.shape == (0,)
+    leaves = _leaves64(a, b, s, bi)
+    logits = _scores64(*leaves) if with_bias else _scores64(*leaves, None)
+    ref_row, ref_col = logits.logsumexp(1), logits.logsumexp(0)
+    _close(row, ref_row, tol)
+    _close(col, ref_col, tol)
+    assert torch.equal(row, row_only)
+    # gradients of sum g_r row_lse + sum g_c col_lse, with both and with the rows alone
+    g = torch.Generator().manual_seed(5)
+    gr, gc = torch.randn(n, generator=g), torch.randn(m, generator=g)
+    gr, gc = gr.to(s.dtype), gc.to(s.dtype)
+    for use_cols in (True, False):
+        obj = (ref_row * gr.double()).sum() + ((ref_col * gc.double()).sum() if use_cols else 0)
+        want = torch.autograd.grad(obj, leaves, retain_graph=True)
+        got = torch.ops.genext.tiled_lse_backward(
+            gr, gc if use_cols else None, a, b, s, bi, row, col if use_cols else None
+        )
+        assert got[0].dtype == dtype and got[1].dtype == dtype
+        # 16-bit gradients are rounded once to their dtype
+        gtol = tol if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+        for x, y in zip(got[:2], want[:2]):
+            _close(x, y, gtol)
+        _close(got[2], want[2], tol)
+        if with_bias:
+            _close(got[3], want[3], tol)
+        else:
+            assert got[3].shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", _CPU_DTYPES)
+@pytest.mark.parametrize("n,m", [(1, 1), (63, 65), (130, 515), (530, 1030)])
+@pytest.mark.parametrize("positives", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_softplus_against_float64(dtype, n, m, positives, with_bias):
+    a, b, s, bi = _op_inputs(n, m, 19, dtype, with_bias)
+    tol = _TOL.get(dtype, 1e-5)
+    total = torch.ops.genext.tiled_softplus_sum(a, b, s, bi, positives)
+    assert total.dtype == s.dtype
+    leaves = _leaves64(a, b, s, bi)
+    logits = _scores64(*leaves) if with_bias else _scores64(*leaves, None)
+    z = torch.ones_like(logits)
+    if positives:
+        z -= 2 * torch.eye(n, m, dtype=z.dtype)
+    ref = F.softplus(z * logits).sum()
+    _close(total, ref, tol)
+    want = torch.autograd.grad(ref * 0.75, leaves)
+    grad = torch.tensor(0.75, dtype=s.dtype)
+    got = torch.ops.genext.tiled_softplus_sum_backward(grad, a, b, s, bi, positives)
+    gtol = tol if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+    for x, y in zip(got[:2], want[:2]):
+        _close(x, y, gtol)
+    for x, y in zip(got[2:], want[2:]):
+        _close(x, y, tol)
+
+
+def _composite(op, *args):
+    """The composite (ATen) kernel of a genext op, bypassing the CPU kernel."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    return getattr(torch.ops.genext, op).default.redispatch(keys, *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernels_match_the_composite(dtype):
+    a, b, s, bi = _op_inputs(130, 515, 24, dtype)
+    row, col = torch.ops.genext.tiled_lse(a, b, s, bi, True)
+    crow, ccol = _composite("tiled_lse", a, b, s, bi, True)
+    _close(row, crow, 1e-5)
+    _close(col, ccol, 1e-5)
+    gr, gc = torch.randn(130), torch.randn(515)
+    for x, y in zip(
+        torch.ops.genext.tiled_lse_backward(gr, gc, a, b, s, bi, row, col),
+        _composite("tiled_lse_backward", gr, gc, a, b, s, bi, row, col),
+    ):
+        _close(x, y, 1e-5 if x.dtype == torch.float32 else torch.finfo(x.dtype).eps)
+    for positives in (False, True):
+        _close(
+            torch.ops.genext.tiled_softplus_sum(a, b, s, bi, positives),
+            _composite("tiled_softplus_sum", a, b, s, bi, positives),
+            1e-5,
+        )
+        grad = torch.tensor(1.5)
+        for x, y in zip(
+            torch.ops.genext.tiled_softplus_sum_backward(grad, a, b, s, bi, positives),
+            _composite("tiled_softplus_sum_backward", grad, a, b, s, bi, positives),
+        ):
+            _close(x, y, 1e-5 if x.dtype == torch.float32 else torch.finfo(x.dtype).eps)
+
+
+def _all_outputs(a, b, s, bi):
+    row, col = torch.ops.genext.tiled_lse(a, b, s, bi, True)
+    gr, gc = torch.ones_like(row) / row.numel(), torch.ones_like(col) / col.numel()
+    return (
+        row,
+        col,
+        *torch.ops.genext.tiled_lse_backward(gr, gc, a, b, s, bi, row, col),
+        torch.ops.genext.tiled_softplus_sum(a, b, s, bi, True),
+        *torch.ops.genext.tiled_softplus_sum_backward(s, a, b, s, bi, True),
+    )
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    # large enough for a team of two (about 1 ms of work per op), several row-tile groups
+    a, b, s, bi = _op_inputs(700, 600, 64, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        n0 = _C._cpu_team_launches()
+        two = _all_outputs(a, b, s, bi)
+        assert _C._cpu_team_launches() > n0, "no thread team at this size"
+        torch.set_num_threads(1)
+        n0 = _C._cpu_team_launches()
+        one = _all_outputs(a, b, s, bi)
+        assert _C._cpu_team_launches() == n0, "one thread launched a team"
+    finally:
+        torch.set_num_threads(before)
+    for x, y in zip(one, two):
+        assert torch.equal(x, y)
+
+
+def test_cpu_small_inputs_run_on_the_calling_thread():
+    a, b, s, bi = _op_inputs(20, 20, 8, torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _all_outputs(a, b, s, bi)
+        n0 = _C._cpu_team_launches()
+        _all_outputs(a, b, s, bi)
+        assert _C._cpu_team_launches() == n0
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,191 @@
+// tiled_softplus_sum and its backward on the CPU (contrastive.h, contrastive_cpu.h): per task a
+// row tile of A against every column tile of B, each score tile one BLAS product followed by one
+// fused pass (the softplus sum forward; the weights W = grad * z sigmoid(z L) backward, z = -1 on
+// the diagonal with `positives`). Overrides the composite (tiled_softplus_sum.cpp) for CPU
+// tensors.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "contrastive/contrastive.h"
+#include "contrastive/contrastive_checks.h"
+#include "contrastive/contrastive_cpu.h"
+
+namespace genext::contrastive::cpu {
+namespace {
+
+// sum over j in [j0, j1) of softplus(scale * row[j] + bias)
+template <class T>
+GENEXT_INLINE T softplus_run(const T* row, int64_t j0, int64_t j1, T scale, T bias) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::kWidth;
+  const V vs = simd::splat<V>(scale), vb = simd::splat<V>(bias);
+  V acc = simd::splat<V>(0);
+  T tail = 0;
+  int64_t j = j0;
+  for (; j + W <= j1; j += W) acc += vsoftplus(simd::load<V>(row + j) * vs + vb);
+  for (; j < j1; ++j) tail += vsoftplus(row[j] * scale + bias);
+  return lane_sum<T>(acc) + tail;
+}
+
+// The sum of softplus(z_ij L_ij) over one tile s (ni x nj raw scores); row r's diagonal entry
+// (z = -1) is column r + diag when `positives`, else there is none. Its own term softplus(-L) is
+// summed, not derived from softplus(L), so that an infinite positive score gives 0, not inf - inf.
+template <class T>
+GENEXT_INLINE double softplus_tile(const T* s, int64_t ni, int64_t nj, T scale, T bias,
+                                   bool positives, int64_t diag) {
+  double total = 0;
+  for (int64_t r = 0; r < ni; ++r) {
+    const T* row = s + r * nj;
+    const int64_t d = r + diag;
+    if (positives && d >= 0 && d < nj) {
+      total += double(softplus_run<T>(row, 0, d, scale, bias) +
+                      softplus_run<T>(row, d + 1, nj, scale, bias) +
+                      vsoftplus(-(row[d] * scale + bias)));
+    } else {
+      total += double(softplus_run<T>(row, 0, nj, scale, bias));
+    }
+  }
+  return total;
+}
+
+// row[j] <- grad sigmoid(L_j) for j in [j0, j1), adding sum W * raw and sum W to sums
+template <class T>
+GENEXT_INLINE void sigmoid_run(T* row, int64_t j0, int64_t j1, T scale, T bias, T grad,
+                               ScalarSums& sums) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::kWidth;
+  const V vs = simd::splat<V>(scale), vb = simd::splat<V>(bias), vg = simd::splat<V>(grad);
+  V aw = simd::splat<V>(0), awr = simd::splat<V>(0);
+  T tw = 0, twr = 0;
+  int64_t j = j0;
+  for (; j + W <= j1; j += W) {
+    const V raw = simd::load<V>(row + j);
+    const V w = vsigmoid(raw * vs + vb) * vg;
+    simd::store(row + j, w);
+    aw += w;
+    awr += w * raw;
+  }
+  for (; j < j1; ++j) {
+    const T raw = row[j];
+    const T w = vsigmoid(raw * scale + bias) * grad;
+    row[j] = w;
+    tw += w;
+    twr += w * raw;
+  }
+  sums.w += double(lane_sum<T>(aw) + tw);
+  sums.w_raw += double(lane_sum<T>(awr) + twr);
+}
+
+// The backward's weights of one tile: s (ni x nj raw scores) is overwritten with
+// W_ij = grad z_ij sigmoid(z_ij L_ij) = d(grad * softplus(z_ij L_ij)) / dL_ij.
+template <class T>
+GENEXT_INLINE ScalarSums softplus_weights(T* s, int64_t ni, int64_t nj, T scale, T bias, T grad,
+                                          bool positives, int64_t diag) {
+  ScalarSums sums;
+  for (int64_t r = 0; r < ni; ++r) {
+    T* row = s + r * nj;
+    const int64_t d = r + diag;
+    if (positives && d >= 0 && d < nj) {
+      sigmoid_run<T>(row, 0, d, scale, bias, grad, sums);
+      sigmoid_run<T>(row, d + 1, nj, scale, bias, grad, sums);
+      const T raw = row[d];
+      const T w = -(vsigmoid(-(raw * scale + bias)) * grad);
+      row[d] = w;
+      sums.w += double(w);
+      sums.w_raw += double(w * raw);
+    } else {
+      sigmoid_run<T>(row, 0, nj, scale, bias, grad, sums);
+    }
+  }
+  return sums;
+}
+
+// Entry points: float compiled per ISA level (GENEXT_CPU_CLONES), double once.
+#define SOFTPLUS_ENTRY_POINTS(T, ATTR)                                                             \
+  ATTR double softplus_tile_k(const T* s, int64_t ni, int64_t nj, T scale, T bias, bool positives, \
+                              int64_t diag) {                                                      \
+    return softplus_tile<T>(s, ni, nj, scale, bias, positives, diag);                              \
+  }                                                                                                \
+  ATTR ScalarSums softplus_weights_k(T* s, int64_t ni, int64_t nj, T scale, T bias, T grad,        \
+                                     bool positives, int64_t diag) {                               \
+    return softplus_weights<T>(s, ni, nj, scale, bias, grad, positives, diag);                     \
+  }
+SOFTPLUS_ENTRY_POINTS(float, GENEXT_CPU_CLONES)
+SOFTPLUS_ENTRY_POINTS(double, )
+#undef SOFTPLUS_ENTRY_POINTS
+
+template <class T>
+T scalar_of(const at::Tensor& t) {
+  return t.defined() ? t.item<T>() : T(0);
+}
+
+// One task per row tile; the tiles' sums (double) are added in tile order.
+template <class T>
+double softplus_sum(const Args& g, bool positives) {
+  const int64_t n = g.a.size(0), m = g.b.size(0), D = g.a.size(1);
+  const T scale = scalar_of<T>(g.scale), bias = scalar_of<T>(g.bias);
+  const int64_t tiles = ceil_div(n, kRowTile);
+  std::vector<double> partial(static_cast<size_t>(tiles), 0.0);
+  const double tile_ns = double(kRowTile) * double(m) * (double(D) * kNsPerMac + kNsPerScore);
+  genext::cpu::parallel_for(0, tiles, tile_ns, [&](int64_t t0, int64_t t1) {
+    const OneBlasThread one_thread;
+    std::vector<T> buf(static_cast<size_t>(kRowTile * kColTile));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kRowTile, ni = std::min(kRowTile, n - i0);
+      const at::Tensor ai = g.a.narrow(0, i0, ni);
+      double s = 0;
+      for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
+        const int64_t nj = std::min(kColTile, m - j0);
+        tile_product<T>(ai, g.b.narrow(0, j0, nj), buf.data());
+        s += softplus_tile_k(buf.data(), ni, nj, scale, bias, positives, i0 - j0);
+      }
+      partial[t] = s;
+    }
+  });
+  double total = 0;
+  for (const double p : partial) total += p;
+  return total;
+}
+
+at::Tensor tiled_softplus_sum_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                                  const std::optional<at::Tensor>& bias, bool positives) {
+  const Args g = detached(prepare("tiled_softplus_sum", a, b, scale, bias));
+  const double total =
+      g.acc == at::kDouble ? softplus_sum<double>(g, positives) : softplus_sum<float>(g, positives);
+  return at::full({}, total, g.a.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_softplus_sum_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+    const std::optional<at::Tensor>& bias, bool positives) {
+  const char* op = "tiled_softplus_sum_backward";
+  const Args g = detached(prepare(op, a, b, scale, bias));
+  TORCH_CHECK(grad.device() == a.device(), op, ": grad is on ", genext::device_name(grad),
+              " but a is on ", genext::device_name(a));
+  TORCH_CHECK_VALUE(grad.numel() == 1, op, ": grad must have one element, got ", grad.sizes());
+  const auto run = [&]<class T>() {
+    const T sc = scalar_of<T>(g.scale), bi = scalar_of<T>(g.bias);
+    const T gs = grad.to(g.acc).reshape({}).item<T>();
+    return backward_tiles<T>(g, [&](T* s, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
+      return softplus_weights_k(s, ni, nj, sc, bi, gs, positives, i0 - j0);
+    });
+  };
+  auto [da, db, dscale, dbias] =
+      g.acc == at::kDouble ? run.template operator()<double>() : run.template operator()<float>();
+  return finish_grads(g, da, db, dscale, dbias, a, b, scale, bias);
+}
+
+}  // namespace
+}  // namespace genext::contrastive::cpu
+
+TORCH_LIBRARY_IMPL(genext, CPU, m) {
+  m.impl("tiled_softplus_sum", &genext::contrastive::cpu::tiled_softplus_sum_cpu);
+  m.impl("tiled_softplus_sum_backward", &genext::contrastive::cpu::tiled_softplus_sum_backward_cpu);
+}
