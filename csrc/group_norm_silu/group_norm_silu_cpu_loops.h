@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "common/cpu_simd.h"
@@ -79,15 +80,17 @@ GENEXT_INLINE double hsum(vf v) {
 
 // ---- element math ---------------------------------------------------------------------------
 
-// e^-z with -z clamped into exp_core's range [-100, 88]: above 88 (z < -88) sigmoid(z) and
-// silu(z) come out below 1e-38 instead of smaller still; below -87 e^-z flushes to 0 (sigmoid 1).
-// NaN stays NaN. (The clamps are single vmaxps / vminps on 8-lane vectors; on 16-lane vectors GCC
-// lowered selects lane by lane.)
+// e^-z: -z clamped into exp_core's range [-100, 88], then +inf where -z > 88, so that for z < -88
+// sigmoid(z) = 1 / (1 + e^-z) and silu(z) = z / (1 + e^-z) come out as 0 (with z's sign) however
+// large |z| is; below -87 e^-z flushes to 0 (sigmoid 1). NaN stays NaN. (Clamps and the select
+// are single vmaxps / vminps / vblendvps on 8-lane vectors; on 16-lane vectors GCC lowered
+// selects lane by lane.)
 GENEXT_INLINE vf exp_neg(vf z) {
-  vf t = -z;
-  t = t < splat<vf>(-100.0f) ? splat<vf>(-100.0f) : t;
+  const vf neg = -z;
+  vf t = neg < splat<vf>(-100.0f) ? splat<vf>(-100.0f) : neg;
   t = t > splat<vf>(88.0f) ? splat<vf>(88.0f) : t;
-  return simd::exp_core(t);
+  const vf e = simd::exp_core(t);
+  return neg > splat<vf>(88.0f) ? splat<vf>(std::numeric_limits<float>::infinity()) : e;
 }
 GENEXT_INLINE vf sigmoid_t(vf z) { return 1.0f / (1.0f + exp_neg(z)); }
 GENEXT_INLINE double sigmoid_t(double z) { return 1.0 / (1.0 + std::exp(-z)); }
@@ -185,10 +188,13 @@ GENEXT_INLINE void bwd_g_run(const S* __restrict__ x, const S* __restrict__ dy, 
       *A += hsum(a1);
       *D += hsum(a2);
     }
-    if (i < n) {  // padded lanes have dy = 0, so g = 0 there and they add nothing
+    if (i < n) {
+      // padded lanes: x = m (xhat = 0, so z = b stays finite) and dy = 0, so g = 0 there and
+      // they add nothing (with x = 0 there, xhat could overflow and 0 * inf make A and D NaN)
+      vf xt = loadv_part(x + i, n - i);
+      for (int64_t l = n - i; l < kVec; ++l) xt[l] = m;
       vf a1{}, a2{};
-      storev_part(g + i, body(loadv_part(x + i, n - i), loadv_part(dy + i, n - i), a1, a2, silu),
-                  n - i);
+      storev_part(g + i, body(xt, loadv_part(dy + i, n - i), a1, a2, silu), n - i);
       *A += hsum(a1);
       *D += hsum(a2);
     }

@@ -237,6 +237,7 @@ class _EagerGroupNormSiLU(torch.autograd.Function):
             output = torch.ops.genext.group_norm_silu(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)  # no zero tensors for mean and rstd's gradients
         return output
 
     @staticmethod

@@ -686,3 +686,40 @@ def test_cpu_threads_give_identical_results_and_small_inputs_use_no_team(dtype, 
                 assert torch.equal(a, b_)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spatial", [3, 9])
+def test_cpu_backward_tail_lanes_stay_finite_for_a_huge_constant_group(dtype, spatial):
+    # group 0 is one huge constant: its mean * rstd overflows float, which padded tail lanes must
+    # not turn into NaN gradients for the group (they hold no data)
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((1, 2, spatial), 1e37)
+    x[:, 1] = torch.randn(spatial, generator=g)
+    x = x.to(dtype).requires_grad_()
+    w = torch.ones(2, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    gy = torch.randn(1, 2, spatial, generator=g).to(dtype)
+    dx, dw, db = torch.autograd.grad(group_norm_silu(x, 2, w, b), (x, w, b), gy)
+    # GroupNorm and its gradients do not change when a group is shifted by a constant: the float64
+    # reference runs on the constant group moved to 0 (at 1e37 its own sums cancel catastrophically)
+    shifted = x.detach().double()
+    shifted[:, 0] = 0
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (shifted, w, b))
+    ref = torch.autograd.grad(
+        reference.group_norm_silu_eager(xr, 2, wr, br), (xr, wr, br), gy.double()
+    )
+    for ours, theirs in zip((dx, dw, db), ref):
+        assert torch.isfinite(ours).all()
+        assert torch.allclose(ours.double(), theirs, rtol=2e-2, atol=1e-3)
+
+
+def test_cpu_silu_of_very_negative_inputs_is_zero():
+    # z far below -88: silu(z) = z * sigmoid(z) is -0 to float precision, and so is its gradient
+    x = torch.tensor([[[-1.0, 1.0, -1.0, 1.0]]]) * 4
+    w = torch.tensor([1e37], requires_grad=True)
+    y = group_norm_silu(x, 1, w, torch.zeros(1))
+    assert y[0, 0, 0] == 0 and y[0, 0, 2] == 0
+    (dw,) = torch.autograd.grad(y.sum(), w)
+    # d/dw sum silu(w * xhat) with xhat = +-1: 2 * silu'(1e37) * 1 + 2 * silu'(-1e37) * -1 = 2
+    assert torch.allclose(dw, torch.tensor([2.0]), rtol=1e-4)
