@@ -26,8 +26,9 @@ def test_build_info_reports_kernels():
 
 
 def test_build_info_reports_device_generic_ops_truthfully():
-    # the contrastive ops are registered once for every device (CompositeExplicitAutograd), which the
-    # per-key dispatcher query does not see; they serve CUDA tensors only in a CUDA build
+    # the contrastive ops have a CPU kernel and an ATen composite (CompositeExplicitAutograd) for
+    # the other devices, which the per-key dispatcher query does not see; they serve CUDA tensors
+    # only in a CUDA build
     info = genext.build_info()
     for op in (
         "tiled_lse",
