@@ -32,7 +32,10 @@ GENEXT_INLINE void lse_tile(T* s, int64_t ni, int64_t nj, T scale, T bias, T* rm
   using V = typename Lanes<T>::V;
   constexpr int64_t W = Lanes<T>::kWidth;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  const V vs = simd::splat<V>(scale), vb = simd::splat<V>(bias);
+  // a max subtracted from scores is at least the lowest finite value: where every score so far is
+  // -inf, e^(-inf - max) is then 0 instead of e^NaN (later finite scores still count)
+  constexpr T kLow = std::numeric_limits<T>::lowest();
+  const V vs = simd::splat<V>(scale), vb = simd::splat<V>(bias), vlow = simd::splat<V>(kLow);
   if constexpr (kCols) {
     for (int64_t j = 0; j < nj; ++j) {
       cnm[j] = cmax[j];
@@ -57,12 +60,12 @@ GENEXT_INLINE void lse_tile(T* s, int64_t ni, int64_t nj, T scale, T bias, T* rm
       if constexpr (kCols) cnm[j] = vmax(cnm[j], l);
     }
     const T nm = vmax(rmax[r], vmax(tm, lane_max<T>(vm)));
-    rsum[r] *= vexp(rmax[r] - nm);
+    rsum[r] *= vexp(rmax[r] - vmax(nm, kLow));
     rmax[r] = nm;
   }
   for (int64_t r = 0; r < ni; ++r) {
     const T* row = s + r * nj;
-    const V vm = simd::splat<V>(rmax[r]);
+    const V vm = simd::splat<V>(vmax(rmax[r], kLow));
     V acc = simd::splat<V>(0);
     T acc_tail = 0;
     int64_t j = 0;
@@ -70,18 +73,18 @@ GENEXT_INLINE void lse_tile(T* s, int64_t ni, int64_t nj, T scale, T bias, T* rm
       const V l = simd::load<V>(row + j);
       acc += vexp(l - vm);
       if constexpr (kCols) {
-        simd::store(tcs + j, simd::load<V>(tcs + j) + vexp(l - simd::load<V>(cnm + j)));
+        simd::store(tcs + j, simd::load<V>(tcs + j) + vexp(l - vmax(simd::load<V>(cnm + j), vlow)));
       }
     }
     for (; j < nj; ++j) {
-      acc_tail += vexp(row[j] - rmax[r]);
-      if constexpr (kCols) tcs[j] += vexp(row[j] - cnm[j]);
+      acc_tail += vexp(row[j] - vmax(rmax[r], kLow));
+      if constexpr (kCols) tcs[j] += vexp(row[j] - vmax(cnm[j], kLow));
     }
     rsum[r] += lane_sum<T>(acc) + acc_tail;
   }
   if constexpr (kCols) {
     for (int64_t j = 0; j < nj; ++j) {
-      csum[j] = csum[j] * vexp(cmax[j] - cnm[j]) + tcs[j];
+      csum[j] = csum[j] * vexp(cmax[j] - vmax(cnm[j], kLow)) + tcs[j];
       cmax[j] = cnm[j];
     }
   }
@@ -219,7 +222,8 @@ void lse_rows_cols(const Args& g, T* rows, T* cols) {
       T mx = cmax[j];
       for (int64_t k = 1; k < groups; ++k) mx = std::max(mx, cmax[k * m + j]);
       T s = 0;
-      for (int64_t k = 0; k < groups; ++k) s += csum[k * m + j] * std::exp(cmax[k * m + j] - mx);
+      const T shift = std::max(mx, std::numeric_limits<T>::lowest());  // as in lse_tile
+      for (int64_t k = 0; k < groups; ++k) s += csum[k * m + j] * std::exp(cmax[k * m + j] - shift);
       cols[j] = mx + std::log(s);
     }
   });

@@ -493,3 +493,21 @@ def test_cpu_small_inputs_run_on_the_calling_thread():
         assert _C._cpu_team_launches() == n0
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_scores_minus_inf_for_whole_tiles_leave_finite_log_sum_exps():
+    # the first 512 texts score -inf against every image (a whole column tile, and for the texts
+    # as rows a whole row group): the log-sum-exps over the rest stay finite, as in float64
+    g = torch.Generator().manual_seed(0)
+    n, m, d = 4, 600, 8
+    a = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    a[:, 0] = a[:, 0].abs() + 0.1
+    b = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=-1)
+    b[:512, 0] = -float("inf")
+    scale = torch.tensor(10.0)
+    ref = torch.logsumexp(scale.double() * a.double() @ b.double().T, 1)
+    rows, _ = torch.ops.genext.tiled_lse(a, b, scale, None, False)
+    _, cols = torch.ops.genext.tiled_lse(b, a, scale, None, True)
+    for got in (rows, cols):
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got.double(), ref, rtol=1e-5)
