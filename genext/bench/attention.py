@@ -157,7 +157,7 @@ def _setup(case: AttnCase, fn: Callable, dtype, device: str, direction: str):
 def make_case(case: AttnCase, config: Config) -> Case:
     # the targets are set in bf16
     dtype = config.dtype_or(torch.bfloat16 if config.device == "cuda" else torch.float32)
-    warmup, reps = (3, 10) if config.device == "cuda" else (1, 3)
+    warmup, reps = (3, 10) if config.device == "cuda" else (2, 5)
     timings = tuple(
         Timing(
             impl,
