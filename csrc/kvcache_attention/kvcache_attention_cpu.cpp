@@ -289,11 +289,15 @@ void append(const Problem& p, const int32_t* lens, const at::Tensor& k_new, cons
 }
 
 // Thread-local scratch of at least n elements of T, 64-byte aligned, reused across calls (a decode
-// step must not pay for allocations); its contents are not kept between uses.
+// step must not pay for allocations); its contents are not kept between uses. A buffer grown by a
+// large call (a long chunk of queries) is given back when a call needs under a quarter of it and
+// it holds more than kKeepBytes, so one large call does not pin its memory in every thread.
+constexpr size_t kKeepBytes = size_t(1) << 20;
 template <class T>
 T* scratch(int64_t n) {
   thread_local std::vector<T> mem;
   const size_t need = size_t(n) + 64 / sizeof(T);
+  if (mem.size() > 4 * need && mem.size() * sizeof(T) > kKeepBytes) std::vector<T>().swap(mem);
   if (mem.size() < need) mem.resize(need);
   const uintptr_t p = reinterpret_cast<uintptr_t>(mem.data());
   return reinterpret_cast<T*>((p + 63) / 64 * 64);
