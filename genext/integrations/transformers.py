@@ -63,6 +63,7 @@ from torch import Tensor
 
 from ..nn.functional import sdpa_backend
 from ..ops import flash_attention, flash_attention_varlen
+from ..ops.flash_attention import cpu_forward_prefers_torch
 
 __all__ = ["NAME", "attention_backend", "attention_forward", "attention_mask", "calls", "register"]
 
@@ -243,7 +244,10 @@ def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
     window = kwargs.get("sliding_window")
     if window is not None and lk > window:
         return sdpa("sliding window")
-    if sdpa_backend(query, key, value, enable_gqa=True) != "genext":
+    # the drop-in also hands CPU float32 forwards without gradients to PyTorch where PyTorch's is
+    # the faster forward; genext's ops make that choice themselves, so such calls are served here
+    served = sdpa_backend(query, key, value, enable_gqa=True) == "genext"
+    if not served and not cpu_forward_prefers_torch(query, key, value):
         return sdpa("shapes, dtype or device not served")
     if mask is not None and (not isinstance(mask, Tensor) or mask.dim() not in (2, 4)):
         return sdpa("mask is not a tensor of 2 or 4 dims")

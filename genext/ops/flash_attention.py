@@ -51,8 +51,12 @@ def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | No
     causal mask) nor while the user has switched PyTorch's flash backend off (``sdpa_kernel``)."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
-    if scale is not None and not 0.0 < float(scale) < math.inf:
-        return False
+    if scale is not None:
+        try:
+            if not 0.0 < float(scale) < math.inf:
+                return False
+        except (OverflowError, TypeError, ValueError):  # the op's own check names the problem
+            return False
     if not torch.backends.cuda.flash_sdp_enabled():  # the flag covers the CPU flash kernel too
         return False
     if any(t.device != q.device or t.dtype != q.dtype or t.dim() != 4 for t in (k, v)):

@@ -42,6 +42,8 @@ def test_quick_cpu_run_has_both_rows_and_passes():
         "ms",
         "peak",
         "MiB",
+        "vs",
+        "best",
         "check",
     ]
 
