@@ -75,4 +75,34 @@ inline void check_vector(const char* op, const char* name, const at::Tensor& t, 
                     ",), got ", t.sizes());
 }
 
+// The per-row inputs of tiled_lse_backward, checked and widened to the accumulation type
+// (contiguous): the row gradient and log-sum-exps, and the column pair when given (both or none).
+struct LseBackwardVectors {
+  at::Tensor grad_row, row_lse;  // (n,)
+  at::Tensor grad_col, col_lse;  // (m,) or undefined
+};
+
+inline LseBackwardVectors prepare_lse_backward(const char* op, const Args& g,
+                                               const at::Tensor& grad_row,
+                                               const std::optional<at::Tensor>& grad_col,
+                                               const at::Tensor& row_lse,
+                                               const std::optional<at::Tensor>& col_lse,
+                                               const at::Tensor& a) {
+  const int64_t n = g.a.size(0), m = g.b.size(0);
+  check_vector(op, "grad_row", grad_row, n, a);
+  check_vector(op, "row_lse", row_lse, n, a);
+  TORCH_CHECK_VALUE(grad_col.has_value() == col_lse.has_value(), op,
+                    ": grad_col and col_lse must be given together");
+  LseBackwardVectors v;
+  v.grad_row = grad_row.to(g.acc).contiguous();
+  v.row_lse = row_lse.to(g.acc).contiguous();
+  if (grad_col.has_value()) {
+    check_vector(op, "grad_col", *grad_col, m, a);
+    check_vector(op, "col_lse", *col_lse, m, a);
+    v.grad_col = grad_col->to(g.acc).contiguous();
+    v.col_lse = col_lse->to(g.acc).contiguous();
+  }
+  return v;
+}
+
 }  // namespace genext::contrastive

@@ -96,18 +96,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_lse_backward(
   const Args g = prepare(op, a, b, scale, bias);
   const int64_t row_step = row_tile(a), col_step = col_tile(a);
   const int64_t n = g.a.size(0), m = g.b.size(0);
-  check_vector(op, "grad_row", grad_row, n, a);
-  check_vector(op, "row_lse", row_lse, n, a);
-  TORCH_CHECK_VALUE(grad_col.has_value() == col_lse.has_value(), op,
-                    ": grad_col and col_lse must be given together");
-  const bool use_cols = grad_col.has_value();
-  if (use_cols) {
-    check_vector(op, "grad_col", *grad_col, m, a);
-    check_vector(op, "col_lse", *col_lse, m, a);
-  }
-  const at::Tensor gr = grad_row.to(g.acc), rl = row_lse.to(g.acc);
-  const at::Tensor gc = use_cols ? grad_col->to(g.acc) : at::Tensor();
-  const at::Tensor cl = use_cols ? col_lse->to(g.acc) : at::Tensor();
+  const auto [gr, rl, gc, cl] =
+      prepare_lse_backward(op, g, grad_row, grad_col, row_lse, col_lse, a);
+  const bool use_cols = gc.defined();
   at::Tensor da = at::zeros_like(g.a), db = at::zeros_like(g.b);
   at::Tensor dscale = at::zeros({}, g.a.options()), dbias = at::zeros({}, g.a.options());
   for (int64_t i0 = 0; i0 < n; i0 += row_step) {

@@ -155,6 +155,27 @@ T scalar_of(const at::Tensor& t) {
   return t.defined() ? t.item<T>() : T(0);
 }
 
+// One row tile's log-sum-exps over all columns (buf: kRowTile x kColTile scratch). With cm/cs
+// given, the tile's scores also update those running column statistics (cnm, tcs: kColTile
+// scratch each).
+template <class T>
+void lse_row_tile(const Args& g, int64_t t, T scale, T bias, T* buf, T* rows, T* cm, T* cs, T* cnm,
+                  T* tcs) {
+  const int64_t n = g.a.size(0), m = g.b.size(0);
+  const int64_t i0 = t * kRowTile, ni = std::min(kRowTile, n - i0);
+  const at::Tensor ai = g.a.narrow(0, i0, ni);
+  T rmax[kRowTile], rsum[kRowTile];
+  std::fill_n(rmax, ni, -std::numeric_limits<T>::infinity());
+  std::fill_n(rsum, ni, T(0));
+  for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
+    const int64_t nj = std::min(kColTile, m - j0);
+    tile_product<T>(ai, g.b.narrow(0, j0, nj), buf);
+    lse_tile_k(buf, ni, nj, scale, bias, rmax, rsum, cm != nullptr ? cm + j0 : nullptr,
+               cs != nullptr ? cs + j0 : nullptr, cnm, tcs);
+  }
+  for (int64_t r = 0; r < ni; ++r) rows[i0 + r] = rmax[r] + std::log(rsum[r]);
+}
+
 // Row log-sum-exps only: each row tile is independent, one task per row tile.
 template <class T>
 void lse_rows(const Args& g, T* out) {
@@ -164,19 +185,8 @@ void lse_rows(const Args& g, T* out) {
   genext::cpu::parallel_for(0, ceil_div(n, kRowTile), tile_ns, [&](int64_t t0, int64_t t1) {
     const OneBlasThread one_thread;
     std::vector<T> buf(static_cast<size_t>(kRowTile * kColTile));
-    T rmax[kRowTile], rsum[kRowTile];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = t * kRowTile, ni = std::min(kRowTile, n - i0);
-      const at::Tensor ai = g.a.narrow(0, i0, ni);
-      std::fill_n(rmax, ni, -std::numeric_limits<T>::infinity());
-      std::fill_n(rsum, ni, T(0));
-      for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
-        const int64_t nj = std::min(kColTile, m - j0);
-        tile_product<T>(ai, g.b.narrow(0, j0, nj), buf.data());
-        lse_tile_k(buf.data(), ni, nj, scale, bias, rmax, rsum, nullptr, nullptr, nullptr, nullptr);
-      }
-      for (int64_t r = 0; r < ni; ++r) out[i0 + r] = rmax[r] + std::log(rsum[r]);
-    }
+    for (int64_t t = t0; t < t1; ++t)
+      lse_row_tile<T>(g, t, scale, bias, buf.data(), out, nullptr, nullptr, nullptr, nullptr);
   });
 }
 
@@ -196,24 +206,12 @@ void lse_rows_cols(const Args& g, T* rows, T* cols) {
     const OneBlasThread one_thread;
     std::vector<T> buf(static_cast<size_t>(kRowTile * kColTile));
     std::vector<T> cnm(static_cast<size_t>(kColTile)), tcs(static_cast<size_t>(kColTile));
-    T rmax[kRowTile], rsum[kRowTile];
     for (int64_t grp = g0; grp < g1; ++grp) {
       T* cm = cmax.data() + grp * m;
       T* cs = csum.data() + grp * m;
       for (int64_t t = group_begin(grp, tiles, groups); t < group_begin(grp + 1, tiles, groups);
-           ++t) {
-        const int64_t i0 = t * kRowTile, ni = std::min(kRowTile, n - i0);
-        const at::Tensor ai = g.a.narrow(0, i0, ni);
-        std::fill_n(rmax, ni, -std::numeric_limits<T>::infinity());
-        std::fill_n(rsum, ni, T(0));
-        for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
-          const int64_t nj = std::min(kColTile, m - j0);
-          tile_product<T>(ai, g.b.narrow(0, j0, nj), buf.data());
-          lse_tile_k(buf.data(), ni, nj, scale, bias, rmax, rsum, cm + j0, cs + j0, cnm.data(),
-                     tcs.data());
-        }
-        for (int64_t r = 0; r < ni; ++r) rows[i0 + r] = rmax[r] + std::log(rsum[r]);
-      }
+           ++t)
+        lse_row_tile<T>(g, t, scale, bias, buf.data(), rows, cm, cs, cnm.data(), tcs.data());
     }
   });
   // combine the groups' column statistics in group order
@@ -274,19 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_lse_backward_cp
     const at::Tensor& row_lse, const std::optional<at::Tensor>& col_lse) {
   const char* op = "tiled_lse_backward";
   const Args g = detached(prepare(op, a, b, scale, bias));
-  const int64_t n = g.a.size(0), m = g.b.size(0);
-  check_vector(op, "grad_row", grad_row, n, a);
-  check_vector(op, "row_lse", row_lse, n, a);
-  TORCH_CHECK_VALUE(grad_col.has_value() == col_lse.has_value(), op,
-                    ": grad_col and col_lse must be given together");
-  const bool use_cols = grad_col.has_value();
-  if (use_cols) {
-    check_vector(op, "grad_col", *grad_col, m, a);
-    check_vector(op, "col_lse", *col_lse, m, a);
-  }
-  const at::Tensor gr = grad_row.to(g.acc).contiguous(), rl = row_lse.to(g.acc).contiguous();
-  const at::Tensor gc = use_cols ? grad_col->to(g.acc).contiguous() : at::Tensor();
-  const at::Tensor cl = use_cols ? col_lse->to(g.acc).contiguous() : at::Tensor();
+  const auto [gr, rl, gc, cl] =
+      prepare_lse_backward(op, g, grad_row, grad_col, row_lse, col_lse, a);
   auto [da, db, dscale, dbias] = g.acc == at::kDouble ? lse_backward<double>(g, gr, rl, gc, cl)
                                                       : lse_backward<float>(g, gr, rl, gc, cl);
   return finish_grads(g, da, db, dscale, dbias, a, b, scale, bias);
