@@ -58,6 +58,7 @@ from . import (  # noqa: E402
 from ._info import build_info  # noqa: E402
 from .integrations import patch, patch_report, unpatch  # noqa: E402
 from .nn import KVCache  # noqa: E402
+from .nn.functional import sdpa  # noqa: E402
 
 __version__ = _build_config.version
 # imported on first access: the leaves (never imported by library code) and the schedulers (numpy)
@@ -76,6 +77,7 @@ __all__ = [
     "patch_report",
     "reference",
     "samplers",
+    "sdpa",
     "train",
     "unpatch",
 ]

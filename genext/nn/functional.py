@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -11,7 +14,12 @@ from ..ops import served_dtypes, softmax_scale
 from ..ops.flash_attention import cpu_forward_prefers_torch
 from ..ops.group_norm_silu import group_norm_silu
 
-__all__ = ["group_norm_silu", "scaled_dot_product_attention", "sdpa_backend"]
+__all__ = ["group_norm_silu", "scaled_dot_product_attention", "sdpa", "sdpa_backend"]
+
+# PyTorch's own SDPA (the C function behind torch.nn.functional's name). The drop-in hands calls
+# to this object, never to the module attribute, so that the drop-in can take that attribute's
+# place (see :func:`sdpa`) without calling itself.
+_torch_sdpa = torch._C._nn.scaled_dot_product_attention
 
 
 # looked up once, at import, so that the per-call decision is plain Python torch.compile can trace
@@ -157,7 +165,7 @@ def scaled_dot_product_attention(
             False,
         )
         return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(
+    return _torch_sdpa(
         query,
         key,
         value,
@@ -167,3 +175,25 @@ def scaled_dot_product_attention(
         scale=scale,
         enable_gqa=enable_gqa,
     )
+
+
+@contextlib.contextmanager
+def sdpa() -> Iterator[None]:
+    """Within the block, ``torch.nn.functional.scaled_dot_product_attention`` is genext's drop-in
+    :func:`scaled_dot_product_attention`, so code that looks the name up at call time (diffusers'
+    and transformers' attention processors, ``F.scaled_dot_product_attention(...)`` in user code)
+    runs genext's kernel where it can and PyTorch's SDPA everywhere else; on exit (also on an
+    exception) the previous function is put back. Blocks may nest.
+
+    The swap is process-wide, not per thread, and reaches only lookups made inside the block: a
+    module that imported the function by name (``from torch.nn.functional import
+    scaled_dot_product_attention``) keeps PyTorch's. Assigning the drop-in to the attribute
+    yourself, for the whole program, is equally safe: calls it hands back to PyTorch go to
+    PyTorch's own function, not to the attribute.
+    """
+    previous = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = scaled_dot_product_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = previous

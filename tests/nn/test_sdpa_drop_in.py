@@ -17,15 +17,15 @@ from conftest import max_err
 
 @pytest.fixture
 def torch_sdpa_calls(monkeypatch):
-    """Counts the drop-in's fallbacks to torch.nn.functional.scaled_dot_product_attention."""
+    """Counts the drop-in's fallbacks to PyTorch's SDPA (the function it keeps a reference to)."""
     calls = []
-    original = F.scaled_dot_product_attention
+    original = gF._torch_sdpa
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(gF, "_torch_sdpa", counting)
     return calls
 
 
