@@ -15,7 +15,10 @@ class GroupNormSiLU(nn.GroupNorm):
 
     Same constructor arguments and ``state_dict`` keys (``weight``, ``bias``) as ``nn.GroupNorm``,
     so a GroupNorm's state loads into it directly. ``activation=None`` gives plain GroupNorm.
-    Input ``(N, C, *)`` with 1 to 3 spatial dims, contiguous or channels-last.
+    Input ``(N, C, *)`` of any rank from 2, as ``nn.GroupNorm`` takes: the kernel sees 1 to 3
+    spatial dims (contiguous or channels-last); a rank-2 ``(N, C)`` input is one position per
+    channel, and more than 3 spatial dims are flattened into one (statistics are over whole
+    groups, so the result is the same).
     """
 
     def __init__(
@@ -66,6 +69,12 @@ class GroupNormSiLU(nn.GroupNorm):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2 or x.dim() > 5:
+            flat = x.reshape(x.shape[0], x.shape[1], -1) if x.dim() > 2 else x.unsqueeze(-1)
+            return self._fused(flat).reshape(x.shape)
+        return self._fused(x)
+
+    def _fused(self, x: Tensor) -> Tensor:
         return group_norm_silu(
             x, self.num_groups, self.weight, self.bias, self.eps, self.activation
         )
