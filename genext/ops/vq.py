@@ -108,7 +108,9 @@ def vq_nearest(z: Tensor, codebook: Tensor, metric: str = "l2") -> tuple[Tensor,
     fp32 (fp64 for fp64 inputs; fp16/bf16 are widened); "cosine": the largest cosine similarity
     (z and the codebook normalised, zero vectors stay zero), distance 1 - similarity. Ties go to the
     smallest index, as torch.argmin. Returns (indices int64 of shape z.shape[:-1], distances of
-    that shape, float32 or float64). No N x K matrix is formed: extra memory is O(N + K*D).
+    that shape, float32 or float64): for "l2" the Euclidean distance itself, the square root of
+    the sum of squared differences (not the squared distance ``torch.cdist(...) ** 2``); for
+    "cosine" 1 - cosine similarity, in [0, 2]. No N x K matrix is formed: extra memory is O(N + K*D).
     Not differentiable (the layer uses a straight-through estimator around it).
 
     Non-finite values: a score (squared distance or similarity) that is NaN never wins, so a

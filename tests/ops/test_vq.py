@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from genext import reference
 from genext.ops import vq_ema_update, vq_nearest
@@ -264,3 +265,18 @@ def test_inf_rows_l2(device):
 def test_ema_update_num_codes_type_error_names_the_op():
     with pytest.raises(TypeError, match="vq_ema_update: num_codes must be an int, got float"):
         vq_ema_update(torch.zeros(3, dtype=torch.long), torch.randn(3, 2), 2.5)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_vq_nearest_distance_is_what_the_docs_say(metric):
+    """l2: the Euclidean distance of torch.cdist (not its square); cosine: 1 - cosine similarity."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(37, 12, generator=g, dtype=torch.float64) * 2
+    cb = torch.randn(19, 12, generator=g, dtype=torch.float64)
+    idx, dist = vq_nearest(z, cb, metric)
+    if metric == "l2":
+        want = torch.cdist(z, cb).min(dim=1)
+    else:
+        want = (1 - F.normalize(z, dim=-1) @ F.normalize(cb, dim=-1).T).min(dim=1)
+    assert torch.equal(idx, want.indices)
+    torch.testing.assert_close(dist, want.values, rtol=1e-12, atol=1e-12)
