@@ -1,7 +1,9 @@
 # Decide whether to build the CUDA kernels and for which architectures.
 #   GENEXT_CUDA=ON    build them; fail loudly when nvcc or a CUDA torch is missing
 #   GENEXT_CUDA=OFF   CPU kernels only
-#   GENEXT_CUDA=AUTO  build them when nvcc is found and the installed torch is a CUDA build
+#   GENEXT_CUDA=AUTO  build them when nvcc is found, the installed torch is a CUDA build, and a GPU
+#                     is visible or TORCH_CUDA_ARCH_LIST names the targets (on a machine without a
+#                     GPU they could not run, and compiling them takes most of the build's time)
 # Architectures: TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0a" or "8.0 9.0a+PTX"); else the visible GPU's;
 # else GENEXT_DEFAULT_CUDA_ARCHS below.
 set(GENEXT_DEFAULT_CUDA_ARCHS "8.0+PTX;9.0a")  # sm_80 code + PTX for newer GPUs; sm_90a for H100/H200
@@ -27,6 +29,8 @@ if(NOT _mode STREQUAL "OFF")
     set(_why "no nvcc found (set CUDA_HOME or CMAKE_CUDA_COMPILER)")
   elseif(NOT GENEXT_TORCH_CUDA)
     set(_why "the installed torch ${GENEXT_TORCH_VERSION} is not a CUDA build")
+  elseif(_mode STREQUAL "AUTO" AND NOT GENEXT_VISIBLE_GPU_CAP AND "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
+    set(_why "no GPU is visible (GENEXT_CUDA=ON, or TORCH_CUDA_ARCH_LIST, builds them for other machines)")
   endif()
   if(_why)
     if(_mode STREQUAL "ON")
