@@ -283,10 +283,11 @@ def _busy_text(load: float | None, cores: int, when: str) -> str | None:
 
 class _Reporter:
     """Progress on stderr: a tqdm bar on a terminal (when tqdm is installed), else one line per
-    case as it finishes; the total wall time at the end."""
+    case as it finishes; the run's wall time at the end (from `t0`, before the copy bandwidth is
+    measured)."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+    def __init__(self, total: int, t0: float):
+        self.total, self.done, self.t0 = total, 0, t0
         self.bar = None
         if sys.stderr.isatty():
             with contextlib.suppress(ImportError):
@@ -365,6 +366,7 @@ def run(
 def _run(
     selected: list[Bench], config: Config, json_path: str | None, busy: bool, plot_path: str | None
 ) -> int:
+    t0 = time.perf_counter()
     device = config.device
     cores, load_start = cpu_cores(), load_average()
     copy_bps = copy_bandwidth(device)
@@ -380,7 +382,7 @@ def _run(
     if busy_start:
         warn(busy_start)
     total = sum(len(b.cases(config)) for b in selected)
-    reporter = _Reporter(total)
+    reporter = _Reporter(total, t0)
     rows, ok = [], True
     try:
         for bench in selected:
@@ -423,7 +425,13 @@ def _run(
     if plot_path:
         from .table import plot_speedups
 
-        plot_speedups(rows, plot_path)
+        plot_speedups(
+            rows,
+            plot_path,
+            f"genext {env['genext']} on {env['device']} ({device}, {env['threads']} threads), "
+            f"torch {env['torch']}, {env['date']}"
+            + ("; a busy machine" if env["machine_busy"] else ""),
+        )
         print(f"genext bench: speed-up plot written to {plot_path}", flush=True)
     if not ok:
         print("genext bench: a correctness check FAILED")

@@ -120,10 +120,11 @@ def print_saved(path: str) -> None:
         print_table(bench, rows)
 
 
-def plot_speedups(rows: list[Row], path: str) -> None:
+def plot_speedups(rows: list[Row], path: str, title: str | None = None) -> None:
     """A figure of genext's speed against the fastest baseline, one panel per op: a bar per case,
-    dtype, direction (and genext implementation where a case has several), a line at 1.0; above
-    it genext is faster. Needs matplotlib (the ``plot`` extra: ``pip install genext[plot]``)."""
+    dtype, direction (and genext implementation where a case has several), green where genext is
+    faster, red where it is slower, hatched where the genext row or its baseline is noisy, a line
+    at 1.0; `title` above the panels. Needs matplotlib (the ``plot`` extra: ``pip install genext[plot]``)."""
     try:
         import matplotlib
     except ImportError as e:
@@ -134,6 +135,7 @@ def plot_speedups(rows: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fast = speedups(rows)
+    noisy_baseline = {(r.op, r.case, r.dtype, r.direction, r.impl): r.noisy for r in rows}
     ops = list(dict.fromkeys(rows[i].op for i in fast))
     if not ops:
         raise ValueError("genext bench --plot: no genext row has a timed baseline to compare with")
@@ -148,6 +150,11 @@ def plot_speedups(rows: list[Row], path: str) -> None:
     axes = list(axes[:, 0])
     for ax, op in zip(axes, ops):
         picks = [(rows[i], *fast[i]) for i in fast if rows[i].op == op]
+        # a ratio is rough when either of its two rows is noisy
+        rough = [
+            r.noisy or noisy_baseline.get((r.op, r.case, r.dtype, r.direction, b), False)
+            for r, _, b in picks
+        ]
         several = len({(r.case, r.dtype, r.direction) for r, _, _ in picks}) < len(picks)
         labels = [
             f"{r.case} {r.dtype} {r.direction}" + (f" {r.impl}" if several else "")
@@ -156,18 +163,22 @@ def plot_speedups(rows: list[Row], path: str) -> None:
         ratios = [ratio for _, ratio, _ in picks]
         colors = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
         ypos = range(len(picks))
-        ax.barh(ypos, ratios, color=colors, left=0)
+        hatches = ["//" if x else "" for x in rough]
+        ax.barh(ypos, ratios, color=colors, hatch=hatches, edgecolor="white", left=0)
         ax.axvline(1.0, color="black", linewidth=1)
         ax.set_yticks(list(ypos), labels, fontsize=7)
         ax.invert_yaxis()
         for y, (_, ratio, base) in zip(ypos, picks):
-            ax.text(ratio, y, f" {ratio:.2f}x {base}", va="center", fontsize=6)
+            noisy = " (noisy)" if rough[y] else ""
+            ax.text(ratio, y, f" {ratio:.2f}x {base}{noisy}", va="center", fontsize=6)
         ax.set_xlim(0, max(ratios + [1.0]) * 1.35)
         ax.set_title(
             f"{op}: genext speed-up over the fastest baseline (>1: genext faster)", fontsize=8
         )
         ax.tick_params(axis="x", labelsize=7)
     axes[-1].set_xlabel("speed-up (baseline ms / genext ms)", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
