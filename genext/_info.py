@@ -1,5 +1,4 @@
-"""build_info(): what this genext build holds, for bug reports and `python -m genext info`;
-summary(): the same, short, for a person."""
+"""build_info(): what this genext build holds, for bug reports and `python -m genext info`."""
 
 from __future__ import annotations
 
@@ -39,36 +38,3 @@ def build_info() -> dict[str, Any]:
         ],
         "ops": ops,
     }
-
-
-def version_text(info: dict[str, Any] | None = None) -> str:
-    """`genext --version`: "genext 0.1.0", with the build's commit when it has one."""
-    info = info or build_info()
-    return f"genext {info['version']}" + (f" (commit {info['commit']})" if info["commit"] else "")
-
-
-def summary(info: dict[str, Any] | None = None) -> str:
-    """A few lines for a person: version, torch, CUDA on/off and architectures, the CPU ISA when
-    known, then one line per op with its devices and dtypes."""
-    info = info or build_info()
-    if info["cuda"]:
-        cuda = f"CUDA kernels: on, architectures {' '.join(info['cuda_archs']) or '?'}"
-        if info["cuda_compiler"]:
-            cuda += f" (nvcc {info['cuda_compiler']})"
-        cuda += f"; GPU: {info['gpu']}" if info["gpu"] else "; no GPU visible"
-    else:
-        cuda = "CUDA kernels: off (a CPU-only build)"
-    lines = [
-        version_text(info),
-        f"torch {info['torch_running']} (genext built against {info['torch_built']})",
-        cuda,
-    ]
-    if info.get("cpu_isa"):
-        lines.append(f"CPU kernels: {info['cpu_isa']} selected at load")
-    width = max(map(len, info["ops"]), default=0)
-    lines.append("ops (device: dtypes):")
-    for op, devices in info["ops"].items():
-        served = "; ".join(f"{dev}: {', '.join(dts)}" for dev, dts in devices.items())
-        lines.append(f"  {op:<{width}}  {served or 'no kernel'}")
-    lines.append("(`genext info --json` prints the full record)")
-    return "\n".join(lines)

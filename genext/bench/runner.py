@@ -293,7 +293,9 @@ class _Reporter:
             with contextlib.suppress(ImportError):
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, unit="case", file=sys.stderr, leave=False)
+                self.bar = tqdm(
+                    total=total, unit="case", file=sys.stderr, leave=False, mininterval=0
+                )
 
     def __call__(self, bench: Bench, case: Case, rows: list[Row], seconds: float) -> None:
         self.done += 1
@@ -317,7 +319,7 @@ class _Reporter:
             self.bar.close()
         wall = time.perf_counter() - self.t0
         print(
-            f"genext bench: {self.done} cases in {wall:.1f} s wall time",
+            f"genext bench: {self.done} case{'s' * (self.done != 1)} in {wall:.1f} s wall time",
             file=sys.stderr,
             flush=True,
         )

@@ -143,7 +143,7 @@ def plot_speedups(rows: list[Row], path: str, title: str | None = None) -> None:
     fig, axes = plt.subplots(
         len(ops),
         1,
-        figsize=(8, sum(0.7 + 0.2 * n for n in bars)),
+        figsize=(8, max(2.0, sum(0.7 + 0.2 * n for n in bars)) + (0.3 if title else 0)),
         gridspec_kw={"height_ratios": [0.7 + 0.2 * n for n in bars]},
         squeeze=False,
     )

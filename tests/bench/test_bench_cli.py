@@ -5,6 +5,7 @@ info's summary and --json. Timings are faked or tiny: no test here runs a real b
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
@@ -133,7 +134,7 @@ def test_run_reports_progress_on_stderr_and_writes_strict_json(tiny, tmp_path, c
     assert main(["bench", "--device", "cpu", "--op", "tiny", "--json", str(path)]) == 0
     out, err = capsys.readouterr()
     # one line per case as it finishes, then the wall time; none of it on stdout
-    assert "[1/1] tiny tiny float32: ok, 3 rows in" in err and "1 cases in" in err
+    assert "[1/1] tiny tiny float32: ok, 3 rows in" in err and "1 case in" in err
     assert "wall time" in err and "[1/1]" not in out and "WARNING" not in out
     # the table: the meaningless columns (no flops, no peak memory on the CPU) left out
     head = next(line for line in out.splitlines() if line.startswith("tiny case"))
@@ -158,6 +159,21 @@ def test_run_reports_progress_on_stderr_and_writes_strict_json(tiny, tmp_path, c
     assert env["genext"] == genext.__version__ and env["torch"] == torch.__version__
     assert env["build"]["cuda"] == genext.build_info()["cuda"]
     assert env["machine_busy"] is False and env["noisy_rows"] == 0 and env["wall_s"] > 0
+
+
+def test_progress_is_a_bar_on_a_terminal(tiny, monkeypatch):
+    pytest.importorskip("tqdm")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["bench", "--device", "cpu", "--op", "tiny"]) == 0
+    text = err.getvalue()
+    assert "1/1" in text and "[1/1]" not in text  # a bar, not the lines
+    assert text.rstrip().splitlines()[-1].startswith("genext bench: 1 case in")
 
 
 def test_rows_carry_the_case_check_as_ok():
