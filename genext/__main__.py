@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         from .train.generate import main as generate_main
 
         return generate_main(argv[1:])
-    from .bench import runner as bench_args  # the choices of --device and --dtype
+    from .bench import runner as bench_runner  # the choices of --device and --dtype
 
     parser = argparse.ArgumentParser(prog="genext", description=__doc__)
     parser.add_argument(
@@ -100,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--device",
         default=None,
-        choices=bench_args.DEVICES,
+        choices=bench_runner.DEVICES,
         help="cpu or cuda (default: cuda when available)",
     )
     b.add_argument(
         "--dtype",
         default=None,
-        choices=bench_args.DTYPES,
-        help="the benches' dtype (default: each bench's own for the device; the sampler and model "
-        "benches keep theirs)",
+        choices=bench_runner.DTYPES,
+        help="the benches' dtype (default: each bench's own for the device; the sampler's steps "
+        "are always float32)",
     )
     b.add_argument("--quick", action="store_true", help="fewer repeats and shapes (smoke run)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
@@ -143,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from . import bench
 
-    # argument errors exit with status 2 and a message, as argparse does for a bad argument
-    problem = bench_args.check_args(args.device, args.dtype)
-    if problem:
-        b.error(problem)
-    if args.list:
+    if args.list:  # listing builds no tensors: the CUDA cases list without a GPU too
         bench.list_benches(args.device)
         return 0
+    # argument errors exit with status 2 and a message, as argparse does for a bad argument
+    problem = bench_runner.check_args(args.device, args.dtype)
+    if problem:
+        b.error(problem)
     try:
         bench.select(args.op)
     except ValueError as e:
