@@ -48,9 +48,11 @@ def _cell(column: Column, row: Row) -> str:
 
 def spread_text(row: Row) -> str:
     """A row's spread cell: its IQR in % of the median, "noisy" after it when the rule
-    (harness.NOISY_IQR_PCT) flags the row; empty for rows that were not timed."""
+    (harness.NOISY_IQR_PCT) flags the row; "1 call" for a row timed once (a quick run of a slow
+    bench: no spread to measure), empty for rows that were not timed."""
     if row.iqr_pct is None or not math.isfinite(row.iqr_pct):
-        return ""
+        timed = row.min_ms is not None and math.isfinite(row.min_ms)
+        return "1 call" if timed else ""
     return f"{row.iqr_pct:.1f}" + (" noisy" if row.noisy else "")
 
 

@@ -153,10 +153,16 @@ def test_spread_column_flags_noisy_rows():
         Row("attention", "a", "float32", "fwd", "genext", 1.0, 0, 0, iqr_pct=3.25),
         Row("attention", "a", "float32", "fwd", "sdpa", 2.0, 0, 0, iqr_pct=40.0, noisy=True),
     ]
-    lines = format_table(Bench("attention", "", lambda c: [], (IMPL, MS)), rows)
+    bench = Bench("attention", "", lambda c: [], (IMPL, MS))
+    lines = format_table(bench, rows)
     assert lines[0].split() == ["impl", "ms", "iqr%", "vs", "best", "check"]
     assert lines[2].split()[2] == "3.2" and "noisy" not in lines[2]
     assert lines[3].split()[2:4] == ["40.0", "noisy"]
+    # timed once: no spread to measure, and the table says so; not timed: nothing
+    once = Row("attention", "b", "float32", "fwd", "eager", 2.0, 0, 0, min_ms=2.0, max_ms=2.0)
+    never = Row("attention", "b", "float32", "fwd", "sdpa", math.nan, 0, 0, "n/a: no")
+    lines = format_table(bench, [once, never])
+    assert lines[2].split()[2:4] == ["1", "call"] and lines[3].split()[1:3] == ["-", "n/a:"]
 
 
 def test_meaningless_columns_are_left_out_on_the_cpu():
