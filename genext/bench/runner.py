@@ -427,14 +427,17 @@ def _run(
     if plot_path:
         from .table import plot_speedups
 
-        plot_speedups(
-            rows,
-            plot_path,
-            f"genext {env['genext']} on {env['device']} ({device}, {env['threads']} threads), "
-            f"torch {env['torch']}, {env['date']}"
-            + ("; a busy machine" if env["machine_busy"] else ""),
-        )
-        print(f"genext bench: speed-up plot written to {plot_path}", flush=True)
+        try:
+            plot_speedups(
+                rows,
+                plot_path,
+                f"genext {env['genext']} on {env['device']} ({device}, {env['threads']} threads), "
+                f"torch {env['torch']}, {env['date']}"
+                + ("; a busy machine" if env["machine_busy"] else ""),
+            )
+            print(f"genext bench: speed-up plot written to {plot_path}", flush=True)
+        except ValueError as e:  # nothing to plot: say so, the tables and JSON stand
+            print(f"genext bench: no plot written: {e}", file=sys.stderr, flush=True)
     if not ok:
         print("genext bench: a correctness check FAILED")
     return 0 if ok else 1

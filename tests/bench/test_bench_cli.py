@@ -224,6 +224,15 @@ def test_plot_writes_a_png(tiny, tmp_path, capsys):
     assert f"plot written to {path}" in capsys.readouterr().out
 
 
+def test_plot_without_a_baseline_says_so(tiny, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(genext.bench.table, "speedups", lambda rows: {})
+    path = tmp_path / "speed.png"
+    assert main(["bench", "--device", "cpu", "--op", "tiny", "--plot", str(path)]) == 0
+    assert "no plot written: genext bench --plot: no genext row" in capsys.readouterr().err
+    assert not path.exists()
+
+
 def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # its import fails
     assert _exit_code(["bench", "--device", "cpu", "--op", "vq", "--plot", "x.png"]) == 2
