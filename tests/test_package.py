@@ -63,9 +63,16 @@ def test_torch_version_mismatch_is_a_clear_import_error(monkeypatch):
         genext._check_torch()
 
 
-def test_cli_info_prints_json():
+def test_cli_info_prints_a_summary_and_json():
     out = subprocess.run(
         [sys.executable, "-m", "genext", "info"], check=True, capture_output=True, text=True
+    ).stdout
+    assert out.startswith(f"genext {genext.__version__}") and "group_norm_silu" in out
+    out = subprocess.run(
+        [sys.executable, "-m", "genext", "info", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert json.loads(out)["version"] == genext.__version__
 

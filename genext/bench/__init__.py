@@ -13,24 +13,32 @@ Library code never imports this package.
 """
 
 from .harness import (
+    NOISY_IQR_PCT,
+    Spread,
     busy_core,
     copies_for_l2,
     copy_bandwidth,
     host_time_fn,
+    host_time_samples,
+    is_noisy,
     peak_extra_mib,
+    spread,
     sync,
     time_fn,
+    time_samples,
 )
 from .registry import Bench, Case, Column, Config, Row, Timing, benches, select
-from .runner import check_text, figures, list_benches, measure, run, run_bench
-from .table import format_table, print_saved, print_table, speedups
+from .runner import check_text, figures, list_benches, measure, run, run_bench, strict, write_json
+from .table import format_table, plot_speedups, print_saved, print_table, row_from_json, speedups
 
 __all__ = [
+    "NOISY_IQR_PCT",
     "Bench",
     "Case",
     "Column",
     "Config",
     "Row",
+    "Spread",
     "Timing",
     "busy_core",
     "benches",
@@ -40,15 +48,23 @@ __all__ = [
     "figures",
     "format_table",
     "host_time_fn",
+    "host_time_samples",
+    "is_noisy",
     "list_benches",
     "measure",
     "peak_extra_mib",
+    "plot_speedups",
     "print_saved",
     "print_table",
+    "row_from_json",
     "run",
     "run_bench",
     "select",
     "speedups",
+    "spread",
+    "strict",
     "sync",
     "time_fn",
+    "time_samples",
+    "write_json",
 ]

@@ -1,17 +1,19 @@
 """The timing harness every bench shares: medians of timed calls after warm-ups (CUDA events, or the
-host clock around a device sync), the device's copy bandwidth (the floor that GB/s is compared
-with), peak extra memory, how many input copies to rotate so that repeats do not run from L2, and
+host clock around a device sync) and their spread (with the rule that flags a row noisy), the
+device's copy bandwidth (the floor that GB/s is compared with), peak extra memory, how many input copies to rotate so that repeats do not run from L2, and
 a process that keeps one core busy (timing under load).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -22,10 +24,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[int], object], device: str, warmup: int, reps: int) -> float:
-    """Median seconds of fn(i) over `reps` calls after `warmup` calls; i counts the calls, so fn
-    can rotate over its input copies. CUDA events around each call on CUDA (the device time, not
-    the host's launch time), the host clock on the CPU."""
+def time_samples(fn: Callable[[int], object], device: str, warmup: int, reps: int) -> list[float]:
+    """Seconds of each of `reps` calls fn(i) after `warmup` calls; i counts the calls, so fn can
+    rotate over its input copies. CUDA events around each call on CUDA (the device time, not the
+    host's launch time), the host clock on the CPU."""
     for i in range(warmup):
         fn(i)
     sync(device)
@@ -43,13 +45,20 @@ def time_fn(fn: Callable[[int], object], device: str, warmup: int, reps: int) ->
             t0 = time.perf_counter()
             fn(i)
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
-def host_time_fn(fn: Callable[[int], object], device: str, warmup: int, reps: int) -> float:
-    """Seconds of fn(i) on the host clock, each call followed by a device sync: for loops whose
-    host side (a scheduler's Python, launches) is part of what is measured. The upper median of
-    `reps` calls after `warmup` calls."""
+def time_fn(fn: Callable[[int], object], device: str, warmup: int, reps: int) -> float:
+    """Median seconds of fn(i) over `reps` calls after `warmup` calls (see :func:`time_samples`)."""
+    return statistics.median(time_samples(fn, device, warmup, reps))
+
+
+def host_time_samples(
+    fn: Callable[[int], object], device: str, warmup: int, reps: int
+) -> list[float]:
+    """Seconds of each of `reps` calls fn(i) after `warmup` calls on the host clock, each call
+    followed by a device sync: for loops whose host side (a scheduler's Python, launches) is part
+    of what is measured."""
     for i in range(warmup):
         fn(i)
     sync(device)
@@ -59,8 +68,55 @@ def host_time_fn(fn: Callable[[int], object], device: str, warmup: int, reps: in
         fn(i)
         sync(device)
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return times
+
+
+def upper_median(times: list[float]) -> float:
+    """The upper median: a time one of the calls really took (never an average of two)."""
+    return sorted(times)[len(times) // 2]
+
+
+def host_time_fn(fn: Callable[[int], object], device: str, warmup: int, reps: int) -> float:
+    """The upper median of :func:`host_time_samples`."""
+    return upper_median(host_time_samples(fn, device, warmup, reps))
+
+
+# A timed row is "noisy" when the interquartile range of its calls exceeds this share of their
+# median: on a quiet machine repeated calls of one op agree within a few percent, so a wider
+# spread says that something else (another process, frequency changes) took part in the figure.
+NOISY_IQR_PCT = 15.0
+
+
+@dataclass(frozen=True)
+class Spread:
+    """How the timed calls of one row spread: the fastest and slowest call and the interquartile
+    range as a percentage of the median (NaN with fewer than two calls)."""
+
+    min: float
+    max: float
+    iqr_pct: float
+
+    @property
+    def noisy(self) -> bool:
+        return is_noisy(self.iqr_pct)
+
+
+def is_noisy(iqr_pct: float | None) -> bool:
+    """The noisy-row rule: IQR above NOISY_IQR_PCT percent of the median."""
+    return iqr_pct is not None and math.isfinite(iqr_pct) and iqr_pct > NOISY_IQR_PCT
+
+
+def spread(times: list[float], median: float | None = None) -> Spread:
+    """The :class:`Spread` of a row's call times (quartiles interpolated between the calls, as
+    ``statistics.quantiles(..., method="inclusive")``); `median` is the figure the row reports
+    (the median unless given)."""
+    if not times:
+        return Spread(math.nan, math.nan, math.nan)
+    mid = statistics.median(times) if median is None else median
+    if len(times) < 2 or mid <= 0:
+        return Spread(min(times), max(times), math.nan)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Spread(min(times), max(times), 100 * (q3 - q1) / mid)
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:

@@ -18,7 +18,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import reference
 from ..ops import attention_with_kvcache
-from .registry import DTYPE, IMPL, MS, PCT_COPY, Bench, Case, Column, Config, Timing, device_cases
+from .registry import (
+    DTYPE,
+    IMPL,
+    MS,
+    PCT_COPY,
+    Bench,
+    Case,
+    Column,
+    Config,
+    Timing,
+    device_cases,
+    positive,
+)
 
 
 @dataclass(frozen=True)
@@ -192,5 +204,12 @@ BENCH = Bench(
     "kvcache",
     "KV-cache decode: genext vs PyTorch SDPA with enable_gqa (K/V read GB/s, % of copy)",
     cases,
-    (Column("decode case", "case"), DTYPE, IMPL, MS, Column("KV GB/s", "gbps", ".1f"), PCT_COPY),
+    (
+        Column("decode case", "case"),
+        DTYPE,
+        IMPL,
+        MS,
+        Column("KV GB/s", "gbps", ".1f", positive),
+        PCT_COPY,
+    ),
 )

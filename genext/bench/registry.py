@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -110,19 +111,59 @@ class Row:
     pct_copy: float
     check: str = ""
     extra: dict = field(default_factory=dict)
+    # the case's correctness check: True or False, None when nothing was compared (`check` says
+    # why); the same for every row of a case
+    ok: bool | None = None
+    # the spread of the timed calls, per unit like ms: the fastest and slowest call, the
+    # interquartile range in % of the median, and whether that range makes the row noisy
+    # (harness.NOISY_IQR_PCT); NaN / False for rows that were not timed
+    min_ms: float = math.nan
+    max_ms: float = math.nan
+    iqr_pct: float = math.nan
+    noisy: bool = False
+
+
+def finite(value: float) -> bool:
+    """A number that means something: not NaN, not infinite."""
+    return math.isfinite(value)
+
+
+def positive(value: float) -> bool:
+    """A figure that is 0 only when it was not computed (GB/s without a byte count, TFLOP/s
+    without a flop count)."""
+    return math.isfinite(value) and value > 0
+
+
+def of_copy(value: float) -> bool:
+    """A share of the copy bandwidth that means something: above 100% the data was in a cache,
+    not in the memory the copy rate was measured on, and 0 is a row without a byte count."""
+    return math.isfinite(value) and 0 < value <= 100
 
 
 @dataclass(frozen=True)
 class Column:
     """A column of a bench's table: a header and the value of a row (a Row attribute's name or a
-    function of the row). Numbers are right-aligned with the format spec ``fmt``, text left."""
+    function of the row). Numbers are right-aligned with the format spec ``fmt``, text left.
+
+    ``meaningful(value)`` says whether a number means something in a row (by default: finite);
+    a cell that does not is shown as "-", and a column with no such cell in a table is left out
+    of it (TFLOP/s where nothing counts flops, peak MiB on the CPU)."""
 
     header: str
     value: str | Callable[[Row], object]
     fmt: str = ""
+    meaningful: Callable[[float], bool] = finite
 
     def get(self, row: Row) -> object:
-        return getattr(row, self.value) if isinstance(self.value, str) else self.value(row)
+        value = getattr(row, self.value) if isinstance(self.value, str) else self.value(row)
+        return math.nan if value is None and self.fmt else value
+
+    def shows(self, row: Row) -> bool:
+        """Whether this column's cell of `row` means something (text always does)."""
+        if not self.fmt:
+            return True
+        value = self.get(row)
+        return isinstance(value, (int, float)) and self.meaningful(float(value))
 
 
 def extra(key: str) -> Callable[[Row], float]:
@@ -135,9 +176,9 @@ DTYPE = Column("dtype", "dtype")
 DIRECTION = Column("dir", "direction")
 IMPL = Column("impl", "impl")
 MS = Column("ms", "ms", ".3f")
-GBPS = Column("GB/s", "gbps", ".1f")
-PCT_COPY = Column("%copy", "pct_copy", ".1f")
-TFLOPS = Column("TFLOP/s", extra("tflops"), ".1f")
+GBPS = Column("GB/s", "gbps", ".1f", positive)
+PCT_COPY = Column("%copy", "pct_copy", ".1f", of_copy)
+TFLOPS = Column("TFLOP/s", extra("tflops"), ".1f", positive)
 PEAK_MIB = Column("peak MiB", extra("peak_extra_MiB"), ".1f")
 
 

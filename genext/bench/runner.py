@@ -1,5 +1,10 @@
 """`genext bench`: every selected bench's cases, each checked and then timed implementation by
-implementation, printed as one table per bench and optionally written as JSON.
+implementation, printed as one table per bench and optionally written as strict JSON and plotted.
+
+Progress goes to stderr (a line per case as it finishes, or a tqdm bar on a terminal), so the
+tables on stdout and the JSON file stay clean. The run warns when the machine is busy (load
+average above the core count at its start or end, or many noisy rows): its figures are then
+slower and wider than a quiet machine's.
 
 Exit status 0 when every check passed, 1 when one failed, 2 when the run could not start.
 """
@@ -11,15 +16,37 @@ import json
 import math
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .harness import busy_core, copy_bandwidth, host_time_fn, peak_extra_mib, time_fn
+from .harness import (
+    NOISY_IQR_PCT,
+    busy_core,
+    copy_bandwidth,
+    host_time_samples,
+    peak_extra_mib,
+    spread,
+    time_samples,
+    upper_median,
+)
 from .registry import Bench, Case, Config, Row, Timing, benches, select
 from .table import print_table, speedups
+
+DTYPES = ("float32", "float16", "bfloat16")  # what --dtype takes
+DEVICES = ("cpu", "cuda")  # what --device takes
+# a run is busy when at least this share of its timed rows is noisy
+NOISY_SHARE = 0.25
+
+# progress(case, its rows, seconds it took)
+Progress = Callable[[Case, "list[Row]", float], None]
 
 
 def check_text(ok: bool | None, note: str) -> str:
@@ -43,15 +70,19 @@ def measure(
     device: str,
     copy_bps: float,
     check: str = "",
+    ok: bool | None = None,
 ) -> Row | None:
-    """Time one implementation of a case: a Row, or None when it is not available here."""
-    clock = host_time_fn if timing.clock == "host" else time_fn
+    """Time one implementation of a case: a Row, or None when it is not available here. `check`
+    and `ok` are the case's check (its note as rows show it, and its verdict)."""
+    samples = host_time_samples if timing.clock == "host" else time_samples
     try:
         with timing.context():
             fn = timing.setup(inputs)
             if fn is None:
                 return None
-            seconds = clock(fn, device, timing.warmup, timing.reps) / timing.units
+            times = [t / timing.units for t in samples(fn, device, timing.warmup, timing.reps)]
+            # the host clock's loops report the upper median: a time one loop really took
+            seconds = upper_median(times) if timing.clock == "host" else statistics.median(times)
             mib = peak_extra_mib(lambda: fn(0), device) if timing.peak_memory else None
     except RuntimeError as e:
         if timing.on_error is None:
@@ -67,10 +98,12 @@ def measure(
             0.0,
             0.0,
             f"{timing.on_error}: {first[:60]}",
+            ok=ok,
         )
     gbps, pct, extra = figures(timing, seconds, copy_bps)
     if mib is not None:
         extra["peak_extra_MiB"] = mib
+    sp = spread(times, seconds)
     return Row(
         bench.name,
         case.name,
@@ -82,34 +115,229 @@ def measure(
         pct,
         check if timing.shows_check else "",
         extra,
+        ok=ok,
+        min_ms=sp.min * 1e3,
+        max_ms=sp.max * 1e3,
+        iqr_pct=sp.iqr_pct,
+        noisy=sp.noisy,
     )
 
 
-def run_bench(bench: Bench, config: Config, copy_bps: float) -> tuple[list[Row], bool]:
-    """All of a bench's rows for a run, and whether every check passed."""
+def run_bench(
+    bench: Bench, config: Config, copy_bps: float, progress: Progress | None = None
+) -> tuple[list[Row], bool]:
+    """All of a bench's rows for a run, and whether every check passed; `progress` is called as
+    each case finishes."""
     rows, all_ok = [], True
     for case in bench.cases(config):
+        t0 = time.perf_counter()
         inputs = case.inputs()
         ok, note = case.check(inputs)
         all_ok &= ok is not False
+        case_rows = []
         for timing in case.timings:
             row = measure(
-                bench, case, timing, inputs, config.device, copy_bps, check_text(ok, note)
+                bench, case, timing, inputs, config.device, copy_bps, check_text(ok, note), ok
             )
             if row is not None:
-                rows.append(row)
+                case_rows.append(row)
         del inputs
+        rows += case_rows
+        if progress is not None:
+            progress(case, case_rows, time.perf_counter() - t0)
     for i, (ratio, baseline) in speedups(rows).items():
         rows[i].extra.update(speedup_vs_best=ratio, best_baseline=baseline)
     return rows, all_ok
 
 
-def list_benches() -> None:
-    """`genext bench --list`: each registered bench's name and summary."""
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def list_benches(device: str | None = None) -> None:
+    """`genext bench --list`: each registered bench's name and summary, then its cases on
+    `device` (the default device when None), those of a --quick run marked "quick"."""
+    device = device or default_device()
     registered = benches()
     width = max(map(len, registered), default=0)
     for name, bench in registered.items():
         print(f"{name:<{width}}  {bench.summary}")
+        full = [(c.name, str(c.dtype)[6:]) for c in bench.cases(Config(device, compile=False))]
+        quick = [
+            (c.name, str(c.dtype)[6:])
+            for c in bench.cases(Config(device, quick=True, compile=False))
+        ]
+        for name_dtype in dict.fromkeys(full + quick):  # a quick run may add its own case
+            mark = "  quick" if name_dtype in quick else ""
+            print(f"{'':<{width}}    {'  '.join(name_dtype)}{mark}")
+    print(f"(cases on {device}; `--quick` runs those marked quick)")
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """The one-minute load average (None where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo on Linux, else what platform knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    """The commit genext was built from (build_info's, when the build recorded one), else that
+    of the source checkout this genext runs from (an editable install), else None."""
+    import genext
+
+    commit = genext.build_info().get("commit")
+    if commit:
+        return commit
+    root = Path(genext.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(device: str, copy_bps: float, busy_core_flag: bool) -> dict[str, Any]:
+    """The `env` block of the JSON record: what the figures were measured with and on."""
+    import genext
+
+    info = genext.build_info()
+    return {
+        "genext": info["version"],
+        "commit": git_commit(),
+        "build": {
+            "cuda": info["cuda"],
+            "cuda_archs": info["cuda_archs"],
+            "cuda_compiler": info["cuda_compiler"],
+            "torch_built": info["torch_built"],
+            "cpu_isa": info.get("cpu_isa"),
+        },
+        "torch": torch.__version__,
+        "device_kind": device,
+        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
+        "cpu": cpu_model(),
+        "cores": cpu_cores(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "copy_GBps": copy_bps / 1e9,
+        "busy_core": busy_core_flag,
+        "load_average": load_average(),
+        "noisy_iqr_pct": NOISY_IQR_PCT,
+    }
+
+
+def strict(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None, for strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def write_json(path: str, env: dict, rows: list[Row]) -> None:
+    """The run as strict JSON (no NaN or Infinity literals: null)."""
+    record = strict({"env": env, "rows": [asdict(r) for r in rows]})
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+def warn(text: str) -> None:
+    print(f"genext bench: WARNING: {text}", flush=True)
+
+
+def _busy_text(load: float | None, cores: int, when: str) -> str | None:
+    if load is None or load <= cores:
+        return None
+    return (
+        f"the machine is busy {when} (load average {load:.1f} on {cores} cores): other work "
+        "shares the cores, so times are longer and wider than on a quiet machine"
+    )
+
+
+class _Reporter:
+    """Progress on stderr: a tqdm bar on a terminal (when tqdm is installed), else one line per
+    case as it finishes; the run's wall time at the end (from `t0`, before the copy bandwidth is
+    measured)."""
+
+    def __init__(self, total: int, t0: float):
+        self.total, self.done, self.t0 = total, 0, t0
+        self.bar = None
+        if sys.stderr.isatty():
+            with contextlib.suppress(ImportError):
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=total, unit="case", file=sys.stderr, leave=False, mininterval=0
+                )
+
+    def __call__(self, bench: Bench, case: Case, rows: list[Row], seconds: float) -> None:
+        self.done += 1
+        verdict = {True: "ok", False: "FAIL", None: "not compared"}[
+            next((r.ok for r in rows), None)
+        ]
+        noisy = sum(r.noisy for r in rows)
+        text = (
+            f"{bench.name} {case.name} {str(case.dtype)[6:]}: {verdict}, {len(rows)} rows"
+            + (f" ({noisy} noisy)" if noisy else "")
+            + f" in {seconds:.1f} s"
+        )
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update()
+        else:
+            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> float:
+        if self.bar is not None:
+            self.bar.close()
+        wall = time.perf_counter() - self.t0
+        print(
+            f"genext bench: {self.done} case{'s' * (self.done != 1)} in {wall:.1f} s wall time",
+            file=sys.stderr,
+            flush=True,
+        )
+        return wall
+
+
+def check_args(device: str | None, dtype: str | None) -> str | None:
+    """What is wrong with --device / --dtype (None when nothing is), in words naming the option."""
+    if device is not None and device not in DEVICES:
+        return f"--device {device!r}: choose from {', '.join(DEVICES)}"
+    if device == "cuda" and not torch.cuda.is_available():
+        return (
+            "--device cuda: no CUDA GPU is visible to torch "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
+        )
+    if dtype is not None and dtype not in DTYPES:
+        return f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}"
+    return None
 
 
 def run(
@@ -120,53 +348,108 @@ def run(
     compile_baselines: bool = True,
     json_path: str | None = None,
     busy: bool = False,
+    plot_path: str | None = None,
 ) -> int:
     """`genext bench`: the benches named in `ops` (all by default) on `device` (CUDA when there is
     a GPU), in `dtype` (each bench's default when None); with `busy`, while another process keeps
-    one core busy. Returns the exit status."""
+    one core busy; the rows written to `json_path` and plotted to `plot_path` when given.
+    Returns the exit status."""
     selected = select(ops)  # an unknown name fails here, before any timing
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("genext bench: --device cuda but no GPU is visible")
+    problem = check_args(device, dtype)
+    if problem:
+        print(f"genext bench: {problem}", file=sys.stderr)
         return 2
+    device = device or default_device()
     config = Config(device, getattr(torch, dtype) if dtype else None, quick, compile_baselines)
     with busy_core() if busy else contextlib.nullcontext():
-        return _run(selected, config, device, json_path, busy)
+        return _run(selected, config, json_path, busy, plot_path)
 
 
-def _run(selected: list[Bench], config: Config, device: str, json_path: str | None, busy: bool):
+def _run(
+    selected: list[Bench], config: Config, json_path: str | None, busy: bool, plot_path: str | None
+) -> int:
+    t0 = time.perf_counter()
+    device = config.device
+    cores, load_start = cpu_cores(), load_average()
     copy_bps = copy_bandwidth(device)
-    env = {
-        "device": (
-            torch.cuda.get_device_name()
-            if device == "cuda"
-            else platform.processor() or platform.machine()
-        ),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "copy_GBps": copy_bps / 1e9,
-        "busy_core": busy,
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-    load = f", load average {env['load_average']:.1f}" if env["load_average"] is not None else ""
+    env = environment(device, copy_bps, busy)
+    load = f", load average {load_start:.1f}" if load_start is not None else ""
     print(
-        f"genext bench on {env['device']} ({device}, {env['threads']} threads), torch {env['torch']}, "
-        f"copy bandwidth {copy_bps / 1e9:.0f} GB/s (read + write){load}"
+        f"genext bench {env['genext']} on {env['device']} ({device}, {env['threads']} threads), "
+        f"torch {env['torch']}, copy bandwidth {copy_bps / 1e9:.0f} GB/s (read + write){load}"
         + ("; one core kept busy by another process" if busy else ""),
         flush=True,
     )
+    busy_start = _busy_text(load_start, cores, "at the start")
+    if busy_start:
+        warn(busy_start)
+    total = sum(len(b.cases(config)) for b in selected)
+    reporter = _Reporter(total, t0)
     rows, ok = [], True
-    for bench in selected:
-        bench_rows, good = run_bench(bench, config, copy_bps)
-        print_table(
-            bench, bench_rows
-        )  # as each bench ends: a later failure keeps the tables so far
-        rows += bench_rows
-        ok &= good
+    try:
+        for bench in selected:
+            bench_rows, good = run_bench(
+                bench, config, copy_bps, lambda c, r, s, b=bench: reporter(b, c, r, s)
+            )
+            print_table(bench, bench_rows)  # as each bench ends: a later failure keeps these
+            rows += bench_rows
+            ok &= good
+    finally:
+        wall = reporter.close()
+    load_end = load_average()
+    timed = [r for r in rows if math.isfinite(r.iqr_pct)]
+    noisy = sum(r.noisy for r in timed)
+    busy_end = _busy_text(load_end, cores, "at the end")
+    many_noisy = bool(timed) and noisy >= NOISY_SHARE * len(timed)
+    env.update(
+        load_average_end=load_end,
+        wall_s=wall,
+        noisy_rows=noisy,
+        timed_rows=len(timed),
+        machine_busy=bool(busy_start or busy_end or many_noisy),
+    )
+    print()
+    if noisy:
+        print(
+            f"genext bench: {noisy} of {len(timed)} timed rows are noisy (their calls' IQR is above "
+            f"{NOISY_IQR_PCT:.0f}% of the median): read their figures as rough",
+            flush=True,
+        )
+    if busy_end:
+        warn(busy_end)
+    if many_noisy:
+        warn("many rows are noisy: rerun on a quiet machine before trusting close comparisons")
+    skipped = _not_compared(rows)
+    for line in skipped:
+        print(f"genext bench: {line}", flush=True)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+        write_json(json_path, env, rows)
+    if plot_path:
+        from .table import plot_speedups
+
+        try:
+            plot_speedups(
+                rows,
+                plot_path,
+                f"genext {env['genext']} on {env['device']} ({device}, {env['threads']} threads), "
+                f"torch {env['torch']}, {env['date']}"
+                + ("; a busy machine" if env["machine_busy"] else ""),
+            )
+            print(f"genext bench: speed-up plot written to {plot_path}", flush=True)
+        except ValueError as e:  # nothing to plot: say so, the tables and JSON stand
+            print(f"genext bench: no plot written: {e}", file=sys.stderr, flush=True)
     if not ok:
         print("genext bench: a correctness check FAILED")
     return 0 if ok else 1
+
+
+def _not_compared(rows: list[Row]) -> list[str]:
+    """A line per (bench, reason) whose cases ran without a correctness comparison."""
+    cases: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        if r.ok is None and r.check and math.isfinite(r.ms):  # not a row of a failed call
+            cases.setdefault((r.op, r.check), set()).add(r.case)
+    return [
+        f"{op}: not compared on {len(names)} case{'s' * (len(names) > 1)}: {note}"
+        for (op, note), names in sorted(cases.items())
+    ]

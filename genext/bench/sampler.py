@@ -9,7 +9,6 @@ sample and x0 written. On CUDA the genext loop is also timed captured in a CUDA 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +49,15 @@ CUDA_BANDWIDTH_CASES = [
 ]
 
 
+def diffusers_missing() -> str | None:
+    """Why diffusers cannot be imported here (None when it can)."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def schedulers(kind: str):
     """(genext scheduler, diffusers scheduler or None) with the same config."""
     cfg = dict(
@@ -58,10 +66,10 @@ def schedulers(kind: str):
     ours_cls = samplers.DDIMScheduler if kind == "ddim" else samplers.DPMSolverMultistepScheduler
     extra = {} if kind == "ddim" else dict(solver_order=2, algorithm_type="dpmsolver++")
     ours = ours_cls(**cfg, **extra)
-    try:
-        import diffusers
-    except ImportError:
+    if diffusers_missing() is not None:
         return ours, None
+    import diffusers
+
     theirs_cls = (
         diffusers.DDIMScheduler if kind == "ddim" else diffusers.DPMSolverMultistepScheduler
     )
@@ -103,7 +111,10 @@ def sampling_loop(
 def sampler_check(case: SamplerCase, inputs: SamplerInputs, device: str) -> tuple[bool | None, str]:
     """genext's 50-step trajectory against diffusers' on the same inputs (relative norm)."""
     if inputs.theirs is None:
-        return None, "no diffusers"
+        return None, (
+            "comparison against diffusers skipped: diffusers is not importable "
+            f"({diffusers_missing()}); `pip install diffusers` to check genext's steps against it"
+        )
     a = sampling_loop(inputs.ours, inputs.sample, inputs.model_out, case.guidance, True).double()
     b = sampling_loop(inputs.theirs, inputs.sample, inputs.model_out, case.guidance, False).double()
     err = ((a - b).norm() / b.norm()).item()
@@ -180,7 +191,7 @@ def make_case(case: SamplerCase, config: Config) -> Case:
     timings = [
         Timing("genext", "step", _loop_setup(case.guidance, True, "ours"), shows_check=True, **loop)
     ]
-    if importlib.util.find_spec("diffusers") is not None:
+    if diffusers_missing() is None:
         timings.append(
             Timing("diffusers", "step", _loop_setup(case.guidance, False, "theirs"), **loop)
         )
