@@ -47,7 +47,7 @@ if [ -z "${GENEXT_SKIP_BUILD:-}" ]; then
   step build build.log env GENEXT_CUDA=ON $PY -m pip install --no-build-isolation --no-deps --no-index -v -e . \
     || { printf '%s\n' "${SUMMARY[@]}"; exit 1; }
 fi
-step info info.txt $PY -m genext info
+step info info.txt $PY -m genext info --json
 OPS=${GENEXT_CHECK_OPS:-}
 # shellcheck disable=SC2086
 step tests tests.log $PY -m pytest ${GENEXT_CHECK_TESTS:-tests} -q -ra

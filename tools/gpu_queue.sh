@@ -35,7 +35,7 @@ run() {  # run LOG CAP CMD...: CMD under min(CAP, time left), appended to LOG wi
 run build.log 240 env GENEXT_CUDA=ON TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} \
   GENEXT_FA_HEAD_DIMS="${GENEXT_FA_HEAD_DIMS:-64;128;256}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
   python3 -m pip install -v --no-build-isolation --no-deps -e .
-python3 -m genext info >> "$O/build.log" 2>&1 || { tail -60 "$O/build.log"; exit 1; }
+python3 -m genext info --json >> "$O/build.log" 2>&1 || { tail -60 "$O/build.log"; exit 1; }
 QUEUE=${GENEXT_QUEUE:-all}
 PT="python3 -m pytest -q -p no:cacheprovider -m cuda -rfE"
 if [ "$QUEUE" != models ]; then

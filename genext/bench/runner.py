@@ -208,7 +208,17 @@ def git_commit() -> str | None:
         return None
     try:
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            [
+                "git",
+                "-C",
+                str(root),
+                "describe",
+                "--always",
+                "--dirty",
+                "--abbrev=12",
+                "--exclude",
+                "*",
+            ],
             capture_output=True,
             text=True,
             timeout=5,
@@ -272,8 +282,9 @@ def warn(text: str) -> None:
     print(f"genext bench: WARNING: {text}", flush=True)
 
 
-def _busy_text(load: float | None, cores: int, when: str) -> str | None:
-    if load is None or load <= cores:
+def _busy_text(load: float | None, cores: int, when: str, own: int = 0) -> str | None:
+    """A warning when the load average, less `own` (this run's threads), is above the cores."""
+    if load is None or load - own <= cores:
         return None
     return (
         f"the machine is busy {when} (load average {load:.1f} on {cores} cores): other work "
@@ -399,8 +410,11 @@ def _run(
     load_end = load_average()
     timed = [r for r in rows if math.isfinite(r.iqr_pct)]
     noisy = sum(r.noisy for r in timed)
-    busy_end = _busy_text(load_end, cores, "at the end")
-    many_noisy = bool(timed) and noisy >= NOISY_SHARE * len(timed)
+    # the load average at the end counts the bench's own running threads (and the --busy
+    # spinner): only load beyond those is other work
+    own = min(int(env["threads"]), cores) + (1 if busy else 0)
+    busy_end = _busy_text(load_end, cores, "at the end", own)
+    many_noisy = noisy >= max(2, NOISY_SHARE * len(timed))
     env.update(
         load_average_end=load_end,
         wall_s=wall,
@@ -436,7 +450,8 @@ def _run(
                 + ("; a busy machine" if env["machine_busy"] else ""),
             )
             print(f"genext bench: speed-up plot written to {plot_path}", flush=True)
-        except ValueError as e:  # nothing to plot: say so, the tables and JSON stand
+        except (ValueError, OSError) as e:  # nothing to plot, or an unwritable path: the
+            # tables and JSON stand
             print(f"genext bench: no plot written: {e}", file=sys.stderr, flush=True)
     if not ok:
         print("genext bench: a correctness check FAILED")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 
-from .registry import PCT_COPY, Bench, Column, Row, benches
+from .registry import MS, PCT_COPY, Bench, Column, Row, benches
 
 
 def is_genext(impl: str) -> bool:
@@ -60,13 +60,14 @@ def format_table(bench: Bench, rows: list[Row]) -> list[str]:
     """The lines of bench's table of rows (its own rows only; none when it has none).
 
     Columns: the bench's own, less any whose every cell is meaningless here (no flop count, no
-    peak memory on the CPU, %copy above 100); then the spread of each row's timed calls ("iqr%",
+    peak memory on the CPU); then the spread of each row's timed calls ("iqr%",
     flagged "noisy" by the harness's rule), genext's speed against the fastest baseline ("vs
     best"), and the check."""
     rows = [r for r in rows if r.op == bench.name]
     if not rows:
         return []
-    columns = [c for c in bench.columns if any(c.shows(r) for r in rows)]
+    # ms stays even when no row has a time (every call failed): the table says so with "-"
+    columns = [c for c in bench.columns if c is MS or any(c.shows(r) for r in rows)]
     cells = [[_cell(c, r) for c in columns] for r in rows]
     spreads = [spread_text(r) for r in rows]
     if any(spreads):
@@ -91,7 +92,10 @@ def format_table(bench: Bench, rows: list[Row]) -> list[str]:
     if any(c is PCT_COPY for c in columns) and any(
         math.isfinite(r.pct_copy) and r.pct_copy > 100 for r in rows
     ):
-        lines.append("%copy -: above 100% of the copy rate, the data was in a cache")
+        lines.append(
+            "%copy above 100: faster than the measured copy rate (the data sat in a cache, or the "
+            "kernel only reads)"
+        )
     return lines
 
 

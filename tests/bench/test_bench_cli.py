@@ -268,3 +268,10 @@ def test_info_prints_a_summary_and_json(capsys):
     assert all(any(line.split()[:1] == [op] for line in lines) for op in info["ops"])
     assert main(["info", "--json"]) == 0
     assert json.loads(capsys.readouterr().out, parse_constant=_no_constants) == info
+
+
+def test_load_from_the_runs_own_threads_is_not_other_work():
+    # two cores, the run's two threads running at the end: load 2.5 is half a core of other work
+    assert runner._busy_text(2.5, 2, "at the end", own=2) is None
+    assert "load average 4.5" in runner._busy_text(4.5, 2, "at the end", own=2)
+    assert runner._busy_text(2.5, 2, "at the start") is not None

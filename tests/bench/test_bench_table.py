@@ -176,8 +176,14 @@ def test_meaningless_columns_are_left_out_on_the_cpu():
     ]
     lines = format_table(bench, rows)
     assert lines[0].split() == ["impl", "ms", "GB/s", "%copy", "check"]
-    assert lines[2].split()[-1] == "60.0" and lines[3].split()[-1] == "-"
-    assert lines[-1].startswith("%copy -: above 100%")
+    assert lines[2].split()[-1] == "60.0" and lines[3].split()[-1] == "240.0"
+    assert lines[-1].startswith("%copy above 100: faster than the measured copy rate")
+    # every row above the copy rate: the column and its note stay
+    lines = format_table(bench, rows[1:])
+    assert "%copy" in lines[0] and lines[-1].startswith("%copy above 100")
+    # every call failed: the ms column stays, with "-"
+    failed = Row("gn", "x", "float32", "fwd", "genext", math.nan, 0.0, 0.0, "FAILED: boom")
+    assert format_table(bench, [failed])[0].split()[:2] == ["impl", "ms"]
     # rows that move no bytes: no GB/s or %copy either; a flop count brings TFLOP/s back
     rows = [Row("gn", "x", "float32", "fwd", "genext", 2.0, 0.0, 0.0, extra={"tflops": 0.5})]
     assert format_table(bench, rows)[0].split() == ["impl", "ms", "TFLOP/s", "check"]
