@@ -292,6 +292,10 @@ def test_from_config_both_ways():
     assert ours.config.prediction_type == "v_prediction" and ours.config.solver_order == 3
     assert ours.config.beta_schedule == "scaled_linear" and ours.config.steps_offset == 1
     assert not any(k.startswith("_") for k in ours.config)
+    # the fields DDIM left at its defaults take DPM-Solver's (timestep_spacing), as in diffusers
+    assert ours.config.timestep_spacing == "linspace"
+    peer_dpm = diffusers.DPMSolverMultistepScheduler.from_config(peer.config, solver_order=3)
+    assert _public(ours.config) == _public(peer_dpm.config)
     back = diffusers.DPMSolverMultistepScheduler.from_config(ours.config)
     assert _public(back.config) == _public(ours.config)
     ddim = diffusers.DDIMScheduler.from_config(ours.config)
