@@ -181,10 +181,12 @@ class SchedulerBase(SchedulerMixin, ConfigMixin):
     ) -> Any:
         """A scheduler from a config: a dict, a genext or diffusers config, or a scheduler of either
         library (its `.config`); keyword arguments override fields. Fields this class does not know
-        (diffusers' `_class_name`, other schedulers' options) are ignored, and so are the fields a
-        diffusers config lists in `_use_default_values` (defaults of the class that wrote it: this
-        class's own defaults apply instead), as diffusers' `from_config` does. With
-        `return_unused_kwargs`, returns (scheduler, the keyword arguments that are not fields)."""
+        (diffusers' `_class_name`, other schedulers' options) are ignored, as diffusers does.
+        Unlike diffusers, the fields a diffusers config lists in `_use_default_values` are taken
+        too: that list goes stale when a pipeline rewrites the config (StableDiffusionPipeline
+        sets steps_offset to 1 and leaves it listed), and the values the config holds are the ones
+        its scheduler uses. With `return_unused_kwargs`, returns (scheduler, the keyword arguments
+        that are not fields)."""
         if isinstance(config, (str, os.PathLike)):
             raise TypeError(
                 f"{cls.__name__}.from_config: config must be a config dict or a scheduler, got the "
@@ -193,8 +195,6 @@ class SchedulerBase(SchedulerMixin, ConfigMixin):
         if config is not None and not isinstance(config, dict) and hasattr(config, "config"):
             config = config.config
         config = dict(config or {})
-        for name in config.get("_use_default_values", ()):
-            config.pop(name, None)
         params = inspect.signature(cls.__init__).parameters
         fields = {k: v for k, v in config.items() if k in params and k != "self"}
         unused = {k: v for k, v in kwargs.items() if k not in params or k == "self"}
