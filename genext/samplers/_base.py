@@ -1,19 +1,51 @@
 """What genext's schedulers share: diffusers-style config handling, the step output, and the
-step-index bookkeeping (`set_begin_index`, `index_for_timestep`)."""
+step-index bookkeeping (`set_begin_index`, `index_for_timestep`).
+
+When diffusers is installed the schedulers derive from its `SchedulerMixin` and `ConfigMixin`,
+as diffusers' own schedulers do: its pipelines then save them (model_index.json names genext's
+class, the config goes to ``scheduler/scheduler_config.json``), load them back, and accept them
+where they check a component's type. Without diffusers, small stand-ins give the same config
+access and the same file layout."""
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+CONFIG_NAME = "scheduler_config.json"
+
+# the schedulers diffusers lists as compatible with its DDIM, DDPM and DPM-Solver schedulers (they
+# share the alphas_cumprod config); `scheduler.compatibles` resolves the names in diffusers
+KARRAS_COMPATIBLES = [
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DPMSolverSDEScheduler",
+    "EDMEulerScheduler",
+]
+
 
 class SchedulerConfig(dict):
-    """The scheduler's configuration: a dict whose keys also read as attributes, like diffusers'
-    FrozenDict (so `scheduler.config.num_train_timesteps` and `dict(scheduler.config)` both work).
+    """The scheduler's configuration without diffusers: a dict whose keys also read as attributes,
+    like diffusers' FrozenDict (so `scheduler.config.num_train_timesteps` and
+    `dict(scheduler.config)` both work). With diffusers installed the config is its FrozenDict.
     Not meant to be changed after construction: build a new scheduler with `from_config`."""
 
     def __getattr__(self, name: str) -> Any:
@@ -21,6 +53,92 @@ class SchedulerConfig(dict):
             return self[name]
         except KeyError:
             raise AttributeError(f"scheduler config has no field {name!r}") from None
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _config_dir(path: str | os.PathLike, subfolder: str | None) -> str:
+    return os.path.join(os.fspath(path), subfolder) if subfolder else os.fspath(path)
+
+
+class ConfigStandIn:
+    """The part of diffusers' `ConfigMixin` genext's schedulers use, for when diffusers is not
+    installed: the config as a read-only mapping (`register_to_config`, `config`) and
+    `save_config`, which writes `scheduler_config.json` with `_class_name` as diffusers does."""
+
+    config_name: str | None = None
+
+    def register_to_config(self, **fields: Any) -> None:
+        self._internal_dict = SchedulerConfig({**getattr(self, "_internal_dict", {}), **fields})
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self._internal_dict
+
+    def save_config(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the config to `save_directory`/scheduler_config.json (the directory is created)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory must be a directory, got the file {save_directory}")
+        os.makedirs(save_directory, exist_ok=True)
+        fields = {k: _json_value(v) for k, v in self.config.items()}
+        fields["_class_name"] = type(self).__name__
+        with open(os.path.join(save_directory, self.config_name), "w", encoding="utf-8") as f:
+            f.write(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_config(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None
+    ) -> dict:
+        """The config dict saved in a local directory (or its `subfolder`)."""
+        path = os.path.join(_config_dir(pretrained_model_name_or_path, subfolder), cls.config_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{cls.__name__}.from_pretrained: no {cls.config_name} in "
+                f"{_config_dir(pretrained_model_name_or_path, subfolder)} (without diffusers only "
+                "local directories can be read)"
+            )
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+
+class SchedulerStandIn:
+    """The part of diffusers' `SchedulerMixin` genext's schedulers use, for when diffusers is not
+    installed: `save_pretrained` / `from_pretrained` of a local directory, diffusers' layout."""
+
+    config_name = CONFIG_NAME
+    _compatibles: list[str] = []
+    has_compatibles = True
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs: Any,
+    ):
+        """The scheduler saved in a local directory (or its `subfolder`, e.g. "scheduler" of a
+        saved pipeline); keyword arguments override config fields."""
+        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write `save_directory`/scheduler_config.json, which `from_pretrained` reads."""
+        self.save_config(save_directory)
+
+
+try:
+    from diffusers import ConfigMixin, SchedulerMixin
+except ImportError:  # genext's schedulers work alone; the stand-ins keep the file layout
+    ConfigMixin, SchedulerMixin = ConfigStandIn, SchedulerStandIn
 
 
 @dataclass
@@ -41,28 +159,48 @@ class SchedulerOutput:
         )
 
 
-class SchedulerBase:
+class SchedulerBase(SchedulerMixin, ConfigMixin):
     """Config plumbing for subclasses whose __init__ takes the config fields as keyword
-    arguments (with diffusers' names and defaults) and calls `self._register_config(locals())`."""
+    arguments (with diffusers' names and defaults) and calls `self._register_config(locals())`.
 
+    With diffusers installed this is a diffusers scheduler (`SchedulerMixin`, `ConfigMixin`):
+    `save_pretrained` / `from_pretrained` (with `subfolder`), `save_config`, `compatibles`, and
+    the config a diffusers pipeline may rewrite (`register_to_config`) are diffusers' own."""
+
+    config_name = CONFIG_NAME
+    _compatibles: list[str] = []
     order = 1
 
     def _register_config(self, values: dict) -> None:
         params = inspect.signature(type(self).__init__).parameters
-        self.config = SchedulerConfig({k: values[k] for k in params if k != "self"})
+        self.register_to_config(**{k: values[k] for k in params if k != "self"})
 
     @classmethod
-    def from_config(cls, config: Any = None, **kwargs: Any):
+    def from_config(
+        cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> Any:
         """A scheduler from a config: a dict, a genext or diffusers config, or a scheduler of either
         library (its `.config`); keyword arguments override fields. Fields this class does not know
-        (diffusers' `_class_name`, other schedulers' options) are ignored, as diffusers does."""
+        (diffusers' `_class_name`, other schedulers' options) are ignored, as diffusers does.
+        Unlike diffusers, the fields a diffusers config lists in `_use_default_values` are taken
+        too: that list goes stale when a pipeline rewrites the config (StableDiffusionPipeline
+        sets steps_offset to 1 and leaves it listed), and the values the config holds are the ones
+        its scheduler uses. With `return_unused_kwargs`, returns (scheduler, the keyword arguments
+        that are not fields)."""
+        if isinstance(config, (str, os.PathLike)):
+            raise TypeError(
+                f"{cls.__name__}.from_config: config must be a config dict or a scheduler, got the "
+                f"path {config!r}; use {cls.__name__}.from_pretrained(path) to read a saved one"
+            )
         if config is not None and not isinstance(config, dict) and hasattr(config, "config"):
             config = config.config
-        merged = dict(config or {})
-        merged.update(kwargs)
+        config = dict(config or {})
         params = inspect.signature(cls.__init__).parameters
-        known = {k: v for k, v in merged.items() if k in params and k != "self"}
-        return cls(**known)
+        fields = {k: v for k, v in config.items() if k in params and k != "self"}
+        unused = {k: v for k, v in kwargs.items() if k not in params or k == "self"}
+        fields.update({k: v for k, v in kwargs.items() if k not in unused})
+        scheduler = cls(**fields)
+        return (scheduler, unused) if return_unused_kwargs else scheduler
 
     # ---- step index (diffusers' semantics) ------------------------------------------------------
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..ops._sampler_step import PredictionType, StepKind, sampler_step
-from ._base import SchedulerBase, SchedulerOutput, check_tensor
+from ._base import KARRAS_COMPATIBLES, SchedulerBase, SchedulerOutput, check_tensor
 from ._schedule import (
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
@@ -34,6 +34,7 @@ class DiscreteScheduler(SchedulerBase):
     `_build_schedule()` after `_register_config`."""
 
     _name = "scheduler"
+    _compatibles = KARRAS_COMPATIBLES
     _beta_schedules: Sequence[str] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
     def _build_schedule(self) -> None:

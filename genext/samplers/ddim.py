@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from ..ops._sampler_step import NUM_COEF, StepKind
-from ._base import check_tensor
+
+# diffusers' pipeline loader looks a component's base class up by name in the module that
+# model_index.json records (this one): SchedulerMixin must be an attribute here
+from ._base import (
+    SchedulerMixin,  # noqa: F401
+    check_tensor,
+)
 from ._discrete import DiscreteScheduler, Generator
 from ._schedule import spaced_timesteps
 

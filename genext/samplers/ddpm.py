@@ -16,6 +16,10 @@ import torch
 from torch import Tensor
 
 from ..ops._sampler_step import NUM_COEF, StepKind
+
+# diffusers' pipeline loader looks a component's base class up by name in the module that
+# model_index.json records (this one): SchedulerMixin must be an attribute here
+from ._base import SchedulerMixin  # noqa: F401
 from ._discrete import DiscreteScheduler, Generator
 from ._schedule import check_choice, spaced_timesteps
 

@@ -27,7 +27,16 @@ import torch
 from torch import Tensor
 
 from ..ops._sampler_step import PredictionType, StepKind, sampler_step
-from ._base import SchedulerBase, SchedulerOutput, check_tensor
+
+# diffusers' pipeline loader looks a component's base class up by name in the module that
+# model_index.json records (this one): SchedulerMixin must be an attribute here
+from ._base import (
+    KARRAS_COMPATIBLES,
+    SchedulerBase,
+    SchedulerMixin,  # noqa: F401
+    SchedulerOutput,
+    check_tensor,
+)
 from ._schedule import (
     check_choice,
     make_alphas_cumprod,
@@ -54,6 +63,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
 
     order = 1
     init_noise_sigma = 1.0
+    _compatibles = KARRAS_COMPATIBLES
 
     def __init__(
         self,
@@ -106,9 +116,11 @@ class DPMSolverMultistepScheduler(SchedulerBase):
             )
         # diffusers maps the names of its sibling solvers onto these (and records it in the config)
         if algorithm_type == "deis":
-            algorithm_type = self.config["algorithm_type"] = "dpmsolver++"
+            algorithm_type = "dpmsolver++"
+            self.register_to_config(algorithm_type=algorithm_type)
         if solver_type in ("logrho", "bh1", "bh2"):
-            solver_type = self.config["solver_type"] = "midpoint"
+            solver_type = "midpoint"
+            self.register_to_config(solver_type=solver_type)
         check_choice("algorithm_type", algorithm_type, _ALGORITHMS, _OWNER)
         check_choice("solver_type", solver_type, ("midpoint", "heun"), _OWNER)
         check_choice("prediction_type", prediction_type, _PREDICTIONS, _OWNER)
@@ -200,7 +212,8 @@ class DPMSolverMultistepScheduler(SchedulerBase):
                 raise ValueError(
                     f"{_OWNER}: mu needs use_dynamic_shifting and an exponential time_shift_type"
                 )
-            self.config["flow_shift"] = np.exp(mu)
+            self.register_to_config(flow_shift=np.exp(mu))
+            cfg = self.config
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError(f"{_OWNER}: pass exactly one of num_inference_steps and timesteps")
         steps = num_inference_steps if timesteps is None else len(timesteps)

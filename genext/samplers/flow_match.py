@@ -24,7 +24,15 @@ import torch
 from torch import Tensor
 
 from ..ops._sampler_step import StepKind, sampler_step
-from ._base import SchedulerBase, SchedulerOutput, check_tensor
+
+# diffusers' pipeline loader looks a component's base class up by name in the module that
+# model_index.json records (this one): SchedulerMixin must be an attribute here
+from ._base import (
+    SchedulerBase,
+    SchedulerMixin,  # noqa: F401
+    SchedulerOutput,
+    check_tensor,
+)
 from ._schedule import randn_like_diffusers
 
 _OWNER = "FlowMatchEulerDiscreteScheduler"
