@@ -274,8 +274,30 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc) {
-  return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
+// The affine parameter t (C values of float32 or x's dtype) as T values: t's own data when it
+// holds contiguous T, else a copy converted into buf (no tensor is allocated: at small shapes two
+// .to() calls and their outputs cost about a third of a bfloat16 backward's fixed time).
+template <class T>
+const T* params_as(const std::optional<at::Tensor>& t, std::vector<T>& buf) {
+  if (!t.has_value()) return nullptr;
+  const at::Tensor& v = *t;
+  if (v.scalar_type() == c10::CppTypeToScalarType<T>::value && v.is_contiguous())
+    return v.const_data_ptr<T>();
+  buf.resize(v.numel());
+  const int64_t st = v.stride(0);
+  auto copy = [&](const auto* p) {
+    for (int64_t c = 0; c < v.numel(); ++c) buf[c] = T(float(p[c * st]));
+  };
+  switch (v.scalar_type()) {
+    case at::kFloat: copy(v.const_data_ptr<float>()); break;
+    case at::kDouble:
+      for (int64_t c = 0; c < v.numel(); ++c) buf[c] = T(v.const_data_ptr<double>()[c * st]);
+      break;
+    case at::kBFloat16: copy(v.const_data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: copy(v.const_data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "group_norm_silu: unexpected parameter dtype ", v.scalar_type());
+  }
+  return buf.data();
 }
 
 // The pointer type the loops take for S: bfloat16 as its bits.
@@ -313,12 +335,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     rstd.fill_(1.0 / std::sqrt(eps));
     return {y, mean, rstd};
   }
-  const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
   const Dims d(p);
   dispatch_cpu_dtype(kFwd, x_in.scalar_type(), [&]<class S, class T>() {
     if constexpr (!std::is_same_v<S, c10::Half>) {
-      const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
-      const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+      std::vector<T> wbuf, bbuf;
+      const T* wp = params_as<T>(weight, wbuf);
+      const T* bp = params_as<T>(bias, bbuf);
       auto* run = p.channels_last ? &forward_nsc<Raw<S>, T> : &forward_ncs<Raw<S>, T>;
       run(d, raw<S>(p.x), raw_mut<S>(y), mean.mutable_data_ptr<T>(), rstd.mutable_data_ptr<T>(), wp,
           bp, eps, silu);
@@ -347,12 +369,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
   // A, D: (N, C) per-sample channel sums, plain buffers (0 when there are no values)
   std::vector<double> A(p.N * p.C, 0.0), D(p.N * p.C, 0.0);
   if (p.N * p.C * p.S > 0) {
-    const at::Tensor w = as_acc(weight, acc), b = as_acc(bias, acc);
     const Dims d(p);
     dispatch_cpu_dtype(kBwd, x_in.scalar_type(), [&]<class S, class T>() {
       if constexpr (!std::is_same_v<S, c10::Half>) {
-        const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
-        const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+        std::vector<T> wbuf, bbuf;
+        const T* wp = params_as<T>(weight, wbuf);
+        const T* bp = params_as<T>(bias, bbuf);
         auto* run = p.channels_last ? &backward_nsc<Raw<S>, T> : &backward_ncs<Raw<S>, T>;
         run(d, raw<S>(dy), raw<S>(p.x), mean.const_data_ptr<T>(), rstd.const_data_ptr<T>(), wp, bp,
             silu, raw_mut<S>(dx), A.data(), D.data());
@@ -363,19 +385,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
     // two distinct empty tensors: op outputs must not alias each other
     return {dx, at::empty({0}, x_in.options()), at::empty({0}, x_in.options())};
   }
-  // grad_weight[c] = sum_n D[n, c], grad_bias[c] = sum_n A[n, c], summed here: at::sum over a
-  // small (N, C) tensor cost more than the whole backward of a 2x64x2x2 input.
-  at::Tensor dw = at::empty({p.C}, x_in.options().dtype(acc));
-  at::Tensor db = at::empty({p.C}, x_in.options().dtype(acc));
-  dispatch_cpu_dtype(kBwd, acc, [&]<class S, class T>() {
-    T *dwp = dw.mutable_data_ptr<T>(), *dbp = db.mutable_data_ptr<T>();
-    for (int64_t c = 0; c < p.C; ++c) {
-      double sd = 0, sa = 0;
-      for (int64_t n = 0; n < p.N; ++n) sd += D[n * p.C + c], sa += A[n * p.C + c];
-      dwp[c] = T(sd), dbp[c] = T(sa);
-    }
-  });
-  return {dx, dw.to(weight->scalar_type()), db.to(bias->scalar_type())};
+  // grad_weight[c] = sum_n D[n, c], grad_bias[c] = sum_n A[n, c], summed here (at::sum over a
+  // small (N, C) tensor cost more than the whole backward of a 2x64x2x2 input) and written in the
+  // parameters' dtypes: rounded to the accumulation type, then to that dtype (as .to() would).
+  at::Tensor dw = at::empty({p.C}, weight->options());
+  at::Tensor db = at::empty({p.C}, bias->options());
+  auto write = [&](at::Tensor& out, const std::vector<double>& sums) {
+    dispatch_cpu_dtype(kBwd, out.scalar_type(), [&]<class S, class T>() {
+      S* o = out.mutable_data_ptr<S>();
+      for (int64_t c = 0; c < p.C; ++c) {
+        double s = 0;
+        for (int64_t n = 0; n < p.N; ++n) s += sums[n * p.C + c];
+        o[c] = S(acc == at::kDouble ? s : double(float(s)));
+      }
+    });
+  };
+  write(dw, D);
+  write(db, A);
+  return {dx, dw, db};
 }
 
 }  // namespace

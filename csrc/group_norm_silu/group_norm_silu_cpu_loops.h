@@ -80,16 +80,34 @@ GENEXT_INLINE double hsum(vf v) {
 
 // ---- element math ---------------------------------------------------------------------------
 
-// e^-z: -z clamped into exp_core's range [-100, 88], then +inf where -z > 88, so that for z < -88
+// e^t for t in [-100, 88] (the caller clamps): simd::exp_core's range reduction and Cephes
+// coefficients, with the polynomial evaluated in Estrin's scheme (r^2 and three independent
+// linear terms) rather than Horner's. The sigmoid loops are bound by the latency of one vector's
+// chain of dependent operations (the out-of-order window holds only about three vectors' worth of
+// them), and Estrin shortens the exp's part of that chain from about 30 to about 16 cycles on the
+// project's Zen 3 machine. Max relative error over every float in [-87, 88] with a normal result,
+// against double exp on that machine: 1.2e-7 (Horner's form: 8.3e-8), about 1 ulp.
+GENEXT_INLINE vf exp_est(vf t) {
+  const vf k = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const vf r = (t - k * 0.693359375f) + k * 2.12194440e-4f;             // t - k ln2, two parts
+  const vf r2 = r * r;
+  const vf p01 = 5.0000001201e-1f + r * 1.6666665459e-1f;
+  const vf p23 = 4.1665795894e-2f + r * 8.3334519073e-3f;
+  const vf p45 = 1.3981999507e-3f + r * 1.9875691500e-4f;
+  const vf er = (r + 1.0f) + r2 * (p01 + r2 * (p23 + r2 * p45));
+  vi e = __builtin_convertvector(k, vi) + 127;
+  e = e > splat<vi>(0) ? e : splat<vi>(0);  // 2^k below the normal range -> 0
+  return er * __builtin_bit_cast(vf, e << 23);
+}
+
+// e^-z: -z clamped into exp_est's range [-100, 88], then +inf where -z > 88, so that for z < -88
 // sigmoid(z) = 1 / (1 + e^-z) and silu(z) = z / (1 + e^-z) come out as 0 (with z's sign) however
-// large |z| is; below -87 e^-z flushes to 0 (sigmoid 1). NaN stays NaN. (Clamps and the select
-// are single vmaxps / vminps / vblendvps on 8-lane vectors; on 16-lane vectors GCC lowered
-// selects lane by lane.)
+// large |z| is; below -87 e^-z flushes to 0 (sigmoid 1). NaN stays NaN.
 GENEXT_INLINE vf exp_neg(vf z) {
   const vf neg = -z;
   vf t = neg < splat<vf>(-100.0f) ? splat<vf>(-100.0f) : neg;
   t = t > splat<vf>(88.0f) ? splat<vf>(88.0f) : t;
-  const vf e = simd::exp_core(t);
+  const vf e = exp_est(t);
   return neg > splat<vf>(88.0f) ? splat<vf>(std::numeric_limits<float>::infinity()) : e;
 }
 GENEXT_INLINE vf sigmoid_t(vf z) { return 1.0f / (1.0f + exp_neg(z)); }
@@ -107,6 +125,13 @@ GENEXT_INLINE V act_grad(V z, bool silu) {
 }
 
 constexpr int64_t kFlush = 1024;  // values summed in float lanes before adding into double
+
+// The SiLU loops (forward and the backward's first pass) take kBlock values at a time in two
+// loops: e^-z into a buffer on the stack, then the rest from it. One loop doing both was bound by
+// the latency of each vector's chain of dependent operations (load, exp, divide, products: about
+// 100 cycles) rather than by the arithmetic units; two shorter loops let more vectors' chains
+// overlap.
+constexpr int64_t kBlock = 256;
 
 // ---- NCS loops: one contiguous run with scalar parameters ---------------------------------------
 
@@ -147,16 +172,48 @@ GENEXT_INLINE void fwd_run(const S* __restrict__ x, S* __restrict__ y, int64_t n
     const vf vm = splat<vf>(m), va = splat<vf>(a), vb = splat<vf>(b);
     auto f = [&](vf v) GN_INL { return act((v - vm) * va + vb, silu); };
     int64_t i = 0;
-    if (silu)  // the branch outside the loop, so that each loop is straight-line
-      for (; i + kVec <= n; i += kVec) storev(y + i, act((loadv(x + i) - vm) * va + vb, true));
-    else
+    if (silu) {  // the branch outside the loop, so that each loop is straight-line
+      // blocks of kBlock values in two loops: e^-z into a buffer on the stack, then y
+      while (i + kVec <= n) {
+        const int64_t len = std::min(kBlock, (n - i) / kVec * kVec);  // whole vectors
+        alignas(32) float e[kBlock];
+        for (int64_t j = 0; j < len; j += kVec)
+          storev(e + j, exp_neg((loadv(x + i + j) - vm) * va + vb));
+        for (int64_t j = 0; j < len; j += kVec) {
+          const vf z = (loadv(x + i + j) - vm) * va + vb;
+          storev(y + i + j, z / (1.0f + loadv(e + j)));
+        }
+        i += len;
+      }
+    } else {
       for (; i + kVec <= n; i += kVec) storev(y + i, (loadv(x + i) - vm) * va + vb);
+    }
     if (i < n) storev_part(y + i, f(loadv_part(x + i, n - i)), n - i);
   }
 }
 
+// sigmoid'(z) * z + sigmoid(z) from e = e^-z, times dy: s (1 + z (1 - s)) dy, s = 1 / (1 + e)
+GENEXT_INLINE vf silu_grad(vf z, vf e, vf dy) {
+  const vf s = 1.0f / (1.0f + e);
+  return dy * (s * (1.0f + z * (1.0f - s)));
+}
+
+// Sums of the lanes of a and b in double (as hsum, both at once): *A += sum(a), *D += sum(b).
+GENEXT_INLINE void hsum2(vf a, vf b, double* A, double* D) {
+  typedef double vd4 __attribute__((vector_size(4 * sizeof(double))));
+  const vd4 sa = __builtin_convertvector(__builtin_shufflevector(a, a, 0, 1, 2, 3), vd4) +
+                 __builtin_convertvector(__builtin_shufflevector(a, a, 4, 5, 6, 7), vd4);
+  const vd4 sb = __builtin_convertvector(__builtin_shufflevector(b, b, 0, 1, 2, 3), vd4) +
+                 __builtin_convertvector(__builtin_shufflevector(b, b, 4, 5, 6, 7), vd4);
+  const vd4 t =
+      __builtin_shufflevector(sa, sb, 0, 1, 4, 5) + __builtin_shufflevector(sa, sb, 2, 3, 6, 7);
+  *A += t[0] + t[1];
+  *D += t[2] + t[3];
+}
+
 // Backward pass 1 over a contiguous run: g = dy * act'(z) is stored (as float) for pass 2, and
-// A += sum(g), D += sum(g * xhat), with xhat = (x - m) * rs, z = xhat * w + b.
+// A += sum(g), D += sum(g * xhat), with xhat = (x - m) * rs, z = xhat * w + b. With SiLU, blocks
+// of kBlock values in two loops: xhat and e^-z into buffers on the stack, then g from them.
 template <class S, class T>
 GENEXT_INLINE void bwd_g_run(const S* __restrict__ x, const S* __restrict__ dy, T* __restrict__ g,
                              int64_t n, T m, T rs, T w, T b, bool silu, double* __restrict__ A,
@@ -170,33 +227,48 @@ GENEXT_INLINE void bwd_g_run(const S* __restrict__ x, const S* __restrict__ dy, 
     }
   } else {
     const vf vm = splat<vf>(m), vrs = splat<vf>(rs), vw = splat<vf>(w), vb = splat<vf>(b);
+    auto xhat = [&](vf xv) GN_INL { return (xv - vm) * vrs; };
     int64_t i = 0;
-    auto body = [&](vf xv, vf gy, vf& a1, vf& a2, bool s) GN_INL {
-      const vf xh = (xv - vm) * vrs;
-      const vf gv = gy * act_grad(xh * vw + vb, s);
-      a1 += gv;
-      a2 += gv * xh;
-      return gv;
-    };
     for (; i + kVec <= n;) {
       const int64_t end = std::min(n, i + kFlush) - kVec;
       vf a1{}, a2{};
-      if (silu)
-        for (; i <= end; i += kVec) storev(g + i, body(loadv(x + i), loadv(dy + i), a1, a2, true));
-      else
-        for (; i <= end; i += kVec) storev(g + i, body(loadv(x + i), loadv(dy + i), a1, a2, false));
-      *A += hsum(a1);
-      *D += hsum(a2);
+      if (silu) {
+        while (i <= end) {
+          const int64_t len = std::min(kBlock, (end - i) / kVec * kVec + kVec);  // whole vectors
+          alignas(32) float e[kBlock], xb[kBlock];
+          for (int64_t j = 0; j < len; j += kVec) {
+            const vf xh = xhat(loadv(x + i + j));
+            storev(xb + j, xh);
+            storev(e + j, exp_neg(xh * vw + vb));
+          }
+          for (int64_t j = 0; j < len; j += kVec) {
+            const vf xh = loadv(xb + j);
+            const vf gv = silu_grad(xh * vw + vb, loadv(e + j), loadv(dy + i + j));
+            a1 += gv;
+            a2 += gv * xh;
+            storev(g + i + j, gv);
+          }
+          i += len;
+        }
+      } else {
+        for (; i <= end; i += kVec) {
+          const vf xh = xhat(loadv(x + i)), gv = loadv(dy + i);
+          a1 += gv;
+          a2 += gv * xh;
+          storev(g + i, gv);
+        }
+      }
+      hsum2(a1, a2, A, D);
     }
     if (i < n) {
       // padded lanes: x = m (xhat = 0, so z = b stays finite) and dy = 0, so g = 0 there and
       // they add nothing (with x = 0 there, xhat could overflow and 0 * inf make A and D NaN)
       vf xt = loadv_part(x + i, n - i);
       for (int64_t l = n - i; l < kVec; ++l) xt[l] = m;
-      vf a1{}, a2{};
-      storev_part(g + i, body(xt, loadv_part(dy + i, n - i), a1, a2, silu), n - i);
-      *A += hsum(a1);
-      *D += hsum(a2);
+      const vf xh = xhat(xt), z = xh * vw + vb, gy = loadv_part(dy + i, n - i);
+      const vf gv = silu ? silu_grad(z, exp_neg(z), gy) : gy;
+      storev_part(g + i, gv, n - i);
+      hsum2(gv, gv * xh, A, D);
     }
   }
 }

@@ -627,11 +627,14 @@ def test_compile_dynamic_shapes():
 # ---- CPU kernel paths: bfloat16 converted in the loops, thread teams -----------------------------
 
 
-@pytest.mark.parametrize("shape,groups", [((2, 8, 5, 7), 4), ((1, 24, 1, 41), 3)])
+@pytest.mark.parametrize(
+    "shape,groups", [((2, 8, 5, 7), 4), ((1, 24, 1, 41), 3), ((1, 4, 1, 1031), 2)]
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cpu_bfloat16_is_float32_rounded_once(shape, groups, channels_last):
-    """bfloat16 data is widened and narrowed inside the float32 loops (tails of 1..7 values here):
-    the result must be the float32 kernel's on the same values, rounded to nearest even once."""
+    """bfloat16 data is widened and narrowed inside the float32 loops (tails of 1..7 values here;
+    1031 values per channel cross the backward's 256-value blocks and 1024-value float sums): the
+    result must be the float32 kernel's on the same values, rounded to nearest even once."""
     x = make_input(shape, torch.bfloat16, "cpu", channels_last)
     w, b = make_affine(shape[1], torch.float32, "cpu")
     gy = make_input(shape, torch.bfloat16, "cpu", channels_last, offset=0.5, scale=1.0)
@@ -645,6 +648,35 @@ def test_cpu_bfloat16_is_float32_rounded_once(shape, groups, channels_last):
         gy.float(), x.float(), m32, r32, w, b, groups, True
     )[0]
     assert torch.equal(dx16, dx32.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_parameters_strided_or_float32_beside_bfloat16(channels_last):
+    """The kernels read the affine parameters in place or through a converted copy: strided
+    bfloat16 parameters give the contiguous ones' results bit for bit, and float32 parameters beside
+    bfloat16 data get the float32 kernel's weight and bias gradients on the same values (the
+    bfloat16 data widens exactly), in float32."""
+    shape, groups = (2, 8, 5, 7), 4
+    x = make_input(shape, torch.bfloat16, "cpu", channels_last)
+    gy = make_input(shape, torch.bfloat16, "cpu", channels_last, offset=0.5, scale=1.0)
+    w32, b32 = make_affine(shape[1], torch.float32, "cpu")
+    w16, b16 = w32.to(torch.bfloat16), b32.to(torch.bfloat16)
+    ws, bs = (torch.stack([p, torch.zeros_like(p)], 1)[:, 0] for p in (w16, b16))
+    assert ws.stride(0) == 2 and torch.equal(ws, w16)
+
+    def run(x, gy, w, b):
+        # detach keeps the strides (a clone of a strided vector would be contiguous)
+        x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+        y = group_norm_silu(x, groups, w, b)
+        return (y, *torch.autograd.grad(y, (x, w, b), gy))
+
+    assert ws.detach().stride(0) == 2
+    for a, b_ in zip(run(x, gy, w16, b16), run(x, gy, ws, bs)):
+        assert torch.equal(a, b_)
+    ours = run(x, gy, w32, b32)
+    f32 = run(x.float(), gy.float(), w32, b32)
+    assert ours[2].dtype == ours[3].dtype == torch.float32
+    assert torch.equal(ours[2], f32[2]) and torch.equal(ours[3], f32[3])
 
 
 def test_cpu_bfloat16_nan_and_inf_round_like_torch():
