@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +140,31 @@ try:
     from diffusers import ConfigMixin, SchedulerMixin
 except ImportError:  # genext's schedulers work alone; the stand-ins keep the file layout
     ConfigMixin, SchedulerMixin = ConfigStandIn, SchedulerStandIn
+except Exception as e:  # an installed diffusers that fails to import (e.g. a torch it predates)
+    warnings.warn(
+        f"genext.samplers: diffusers is installed but failed to import ({type(e).__name__}: {e}); "
+        "genext's schedulers work without it, but are not diffusers schedulers in this process",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    ConfigMixin, SchedulerMixin = ConfigStandIn, SchedulerStandIn
+
+
+def _init_defaults(class_name: Any) -> dict[str, Any]:
+    """The keyword defaults of diffusers' scheduler class `class_name` ({} when diffusers or the
+    class is not there)."""
+    if not isinstance(class_name, str) or SchedulerMixin is SchedulerStandIn:
+        return {}
+    import diffusers
+
+    source = getattr(diffusers, class_name, None)
+    if source is None:
+        return {}
+    return {
+        k: p.default
+        for k, p in inspect.signature(source.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 @dataclass
@@ -182,11 +208,13 @@ class SchedulerBase(SchedulerMixin, ConfigMixin):
         """A scheduler from a config: a dict, a genext or diffusers config, or a scheduler of either
         library (its `.config`); keyword arguments override fields. Fields this class does not know
         (diffusers' `_class_name`, other schedulers' options) are ignored, as diffusers does.
-        Unlike diffusers, the fields a diffusers config lists in `_use_default_values` are taken
-        too: that list goes stale when a pipeline rewrites the config (StableDiffusionPipeline
-        sets steps_offset to 1 and leaves it listed), and the values the config holds are the ones
-        its scheduler uses. With `return_unused_kwargs`, returns (scheduler, the keyword arguments
-        that are not fields)."""
+        Fields a diffusers config lists in `_use_default_values` (never set, so holding the
+        source class's defaults) are dropped when the config is of another class, as diffusers
+        does, so that this class's own defaults apply; they are kept when the config is of this
+        class, and when their value is not the source class's default (a pipeline rewrote it
+        after construction: StableDiffusionPipeline sets steps_offset to 1 and leaves it listed).
+        With `return_unused_kwargs`, returns (scheduler, the keyword arguments that are not
+        fields)."""
         if isinstance(config, (str, os.PathLike)):
             raise TypeError(
                 f"{cls.__name__}.from_config: config must be a config dict or a scheduler, got the "
@@ -195,6 +223,13 @@ class SchedulerBase(SchedulerMixin, ConfigMixin):
         if config is not None and not isinstance(config, dict) and hasattr(config, "config"):
             config = config.config
         config = dict(config or {})
+        listed = set(config.pop("_use_default_values", None) or ())
+        source = config.get("_class_name")
+        if listed and source != cls.__name__:
+            defaults = _init_defaults(source)
+            for key in listed:
+                if key not in defaults or config.get(key) == defaults[key]:
+                    config.pop(key, None)
         params = inspect.signature(cls.__init__).parameters
         fields = {k: v for k, v in config.items() if k in params and k != "self"}
         unused = {k: v for k, v in kwargs.items() if k not in params or k == "self"}

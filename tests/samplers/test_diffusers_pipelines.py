@@ -87,6 +87,11 @@ def _images(pipe, seed: int = 5) -> np.ndarray:
     return pipe(batch_size=2, generator=g, num_inference_steps=STEPS, output_type="np").images
 
 
+def _timesteps(scheduler, steps: int):
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps.clone()
+
+
 def _public(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
@@ -213,9 +218,11 @@ def _sd_images(pipe) -> torch.Tensor:
 
 
 def test_stable_diffusion_pipeline_with_genext_scheduler(tmp_path):
-    # steps_offset 0 and clip_sample True: the constructor rewrites both in the scheduler's
-    # config (diffusers' fix-up of old configs), which genext's scheduler must follow
-    peer_sched = diffusers.DDIMScheduler(**TRAIN, steps_offset=0, clip_sample=True)
+    # steps_offset 0 and clip_sample True (DDIM's defaults, so listed in the config's
+    # _use_default_values): the constructor rewrites both in the scheduler's config (diffusers'
+    # fix-up of old configs), which genext's scheduler must follow
+    peer_sched = diffusers.DDIMScheduler(**TRAIN)
+    assert {"steps_offset", "clip_sample"} <= set(peer_sched.config["_use_default_values"])
     ours = samplers.DDIMScheduler.from_config(peer_sched.config)
     with pytest.warns(FutureWarning):
         pipe = _tiny_sd(ours)
@@ -224,8 +231,12 @@ def test_stable_diffusion_pipeline_with_genext_scheduler(tmp_path):
     with pytest.warns(FutureWarning):
         peer_pipe = _tiny_sd(peer_sched)
     assert _public(peer_sched.config) == _public(ours.config)
-    # the rewritten fields stay listed in diffusers' _use_default_values: from_config keeps them
+    # the rewritten fields stay listed in _use_default_values: from_config keeps their values
+    # (diffusers' own from_config would go back to steps_offset 0 here)
     assert samplers.DDIMScheduler.from_config(peer_sched.config).config.steps_offset == 1
+    assert (
+        samplers.DPMSolverMultistepScheduler.from_config(peer_sched.config).config.steps_offset == 1
+    )
     before = _sd_images(pipe)
     torch.testing.assert_close(before, _sd_images(peer_pipe), rtol=0, atol=1e-5)
 
@@ -294,10 +305,14 @@ def test_from_config_both_ways():
     assert ours.config.prediction_type == "v_prediction" and ours.config.solver_order == 3
     assert ours.config.beta_schedule == "scaled_linear" and ours.config.steps_offset == 1
     assert not any(k.startswith("_") for k in ours.config)
-    # every field the config holds is taken, also those the diffusers class left at its defaults
-    # (diffusers' from_config would give DPM-Solver's own "linspace" here): a pipeline may have
-    # rewritten such a field (see the StableDiffusionPipeline test)
-    assert ours.config.timestep_spacing == "leading"
+    # fields DDIM left at its defaults give way to DPM-Solver's ("linspace", not DDIM's
+    # "leading"), as in diffusers' own from_config
+    peer_dpm = diffusers.DPMSolverMultistepScheduler.from_config(peer.config, solver_order=3)
+    assert ours.config.timestep_spacing == "linspace"
+    assert _public(ours.config) == _public(peer_dpm.config)
+    torch.testing.assert_close(
+        _timesteps(ours, 10), torch.as_tensor(_timesteps(peer_dpm, 10)), rtol=0, atol=0
+    )
     back = diffusers.DPMSolverMultistepScheduler.from_config(ours.config)
     assert _public(back.config) == _public(ours.config)
     ddim = diffusers.DDIMScheduler.from_config(ours.config)
@@ -384,3 +399,20 @@ def test_schedulers_work_without_diffusers(tmp_path):
     assert alone.keys() == with_diffusers.keys()
     for name, x in alone.items():
         assert torch.equal(x, with_diffusers[name]), name
+
+
+BROKEN = """
+import sys, warnings
+sys.modules["diffusers.schedulers"] = None  # diffusers imports, its schedulers package fails
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from genext import samplers
+assert any("failed to import" in str(w.message) for w in caught), [str(w.message) for w in caught]
+s = samplers.DDIMScheduler(num_train_timesteps=100)
+s.set_timesteps(5)
+assert s.timesteps.tolist() == [80, 60, 40, 20, 0], s.timesteps
+"""
+
+
+def test_a_diffusers_that_fails_to_import_leaves_the_schedulers_working():
+    subprocess.run([sys.executable, "-c", BROKEN], check=True)
