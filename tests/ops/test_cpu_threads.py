@@ -2,8 +2,12 @@
 team to wake, so no wait for a descheduled thread when another process holds a core), large ones
 use the team. genext._C._cpu_team_launches() counts the teams the CPU kernels woke."""
 
+import contextlib
 import multiprocessing
+import os
+import statistics
 import threading
+import time
 
 import pytest
 import torch
@@ -258,3 +262,36 @@ def test_forked_child_runs_ops(two_threads):
     assert launches >= 2, "the child's kernels ran no team"
     assert outs == want, "the child's results differ"
     assert child.exitcode == 0
+
+
+def _pin_all_threads(cpus) -> None:
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux thread affinity")
+def test_caller_never_waits_for_an_unscheduled_worker(two_threads):
+    """Every thread of this process pinned to one CPU: while the caller computes, its worker cannot
+    run, as when another process holds the worker's core. The caller takes every chunk itself and
+    returns; a two-thread job costs what one thread does. (An OpenMP team's closing barrier waits
+    for the descheduled thread: 9-11x the one-thread time measured here with the pool switched
+    off, _C._cpu_set_pool_enabled(False).)"""
+    job = lambda: _C._cpu_parallel_for_check(64, 20_000.0, -1)  # noqa: E731 (1.3 ms on one core)
+    assert job() == (True, 1, 1)  # the worker exists
+    cpus = os.sched_getaffinity(0)
+    _pin_all_threads({min(cpus)})
+    try:
+        times: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(11):  # alternating, so both see the same load
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                job()
+                times[threads].append(time.perf_counter() - t0)
+    finally:
+        _pin_all_threads(cpus)
+    one, two = (statistics.median(times[t]) for t in (1, 2))
+    assert two < 2.0 * one, (
+        f"2 threads on one CPU: {two * 1e3:.2f} ms, 1 thread: {one * 1e3:.2f} ms"
+    )
