@@ -1,6 +1,12 @@
 // genext._C: importing it registers the ops (static initialisers in this library); the Python
 // module itself only reports plain build facts to genext.build_info().
+#include <c10/util/Exception.h>
 #include <pybind11/pybind11.h>
+
+#include <atomic>
+#include <chrono>
+#include <tuple>
+#include <vector>
 
 #include "common/cpu_parallel.h"
 #include "common/head_dim.h"
@@ -23,6 +29,39 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_max_head_dim") = genext::kCudaMaxHeadDim;
   // how many times a CPU kernel has woken an intra-op thread team (tests: small inputs never do)
   m.def("_cpu_team_launches", [] { return genext::cpu::team_launches().load(); });
+  // parallel_for's pool (True, default) or OpenMP team (False): tests and benchmarks compare them
+  m.def("_cpu_pool_enabled", [] { return genext::cpu::pool_enabled(); });
+  m.def("_cpu_set_pool_enabled", [](bool on) { genext::cpu::set_pool_enabled(on); });
+  // Test of the thread pool itself (tests/ops/test_cpu_threads.py): parallel_for over [0, n) whose
+  // items each spin for ns_per_item nanoseconds and then try a nested parallel_for (which must
+  // run inline); item throw_at (if in range) raises. Returns (every item ran exactly once, team
+  // launches during the call, the most threads at::get_num_threads() gave inside a chunk: ATen ops
+  // called there must not start teams of their own).
+  m.def("_cpu_parallel_for_check", [](int64_t n, double ns_per_item, int64_t throw_at) {
+    pybind11::gil_scoped_release no_gil;
+    std::vector<std::atomic<int>> hits(size_t(std::max<int64_t>(n, 0)));
+    std::atomic<int> aten_threads{0};
+    const int64_t launches = genext::cpu::team_launches().load();
+    genext::cpu::parallel_for(0, n, ns_per_item, [&](int64_t b, int64_t e) {
+      const int t = at::get_num_threads();
+      int seen = aten_threads.load();
+      while (t > seen && !aten_threads.compare_exchange_weak(seen, t)) {
+      }
+      for (int64_t i = b; i < e; ++i) {
+        TORCH_CHECK(i != throw_at, "_cpu_parallel_for_check: item ", i, " raised");
+        const auto until =
+            std::chrono::steady_clock::now() + std::chrono::nanoseconds(int64_t(ns_per_item));
+        while (std::chrono::steady_clock::now() < until) {
+        }
+        hits[size_t(i)].fetch_add(1);
+      }
+      genext::cpu::parallel_for(0, 1 << 20, 1e3, [](int64_t, int64_t) {});
+    });
+    bool once = true;
+    for (const auto& h : hits) once = once && h.load() == 1;
+    return std::make_tuple(once, genext::cpu::team_launches().load() - launches,
+                           aten_threads.load());
+  });
 #ifdef __VERSION__
   m.attr("compiler") = __VERSION__;
 #endif

@@ -4,8 +4,10 @@
 // holds one of the cores the team's barrier waits for its descheduled thread for a whole scheduler
 // slice (milliseconds). So work one core finishes in tens of microseconds runs on the calling
 // thread, and a team is woken only when each of its threads gets at least kMinThreadNs of work.
-// Threads take chunks of the range from a shared counter rather than one fixed share each, so a
-// thread that runs on a busy core does less of the work instead of making all others wait for it.
+// The team is genext's own pool (cpu_pool.h), not OpenMP's: the calling thread and the workers
+// that wake in time take chunks of the range from a shared counter, and the caller waits only for
+// workers that joined, so a worker the OS has not scheduled yet costs nothing and a thread that
+// runs on a busy core does less of the work instead of making all others wait for it.
 #pragma once
 #include <ATen/Parallel.h>
 
@@ -14,20 +16,23 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/cpu_pool.h"
+
 namespace genext::cpu {
 
 // The least work, in nanoseconds of one core, worth a thread of its own.
 inline constexpr double kMinThreadNs = 50'000.0;
 
-// How many times a kernel has woken a thread team (for tests: small inputs must not).
+// How many times a kernel has started a job on the thread pool (for tests: small inputs must not).
 inline std::atomic<int64_t>& team_launches() {
   static std::atomic<int64_t> n{0};
   return n;
 }
 
-// The number of threads worth using for n items of ns_per_item nanoseconds each (at least 1).
+// The number of threads worth using for n items of ns_per_item nanoseconds each (at least 1); 1
+// inside a pool task or an OpenMP/ATen parallel region (no nested teams).
 inline int64_t threads_for(int64_t n, double ns_per_item) {
-  if (n <= 1 || at::in_parallel_region()) return 1;
+  if (n <= 1 || in_pool_task() || at::in_parallel_region()) return 1;
   const double work = double(n) * std::max(ns_per_item, 0.0);
   const int64_t worth = int64_t(std::min<double>(double(n), std::floor(work / kMinThreadNs)));
   return std::clamp<int64_t>(worth, 1, at::get_num_threads());
@@ -35,9 +40,10 @@ inline int64_t threads_for(int64_t n, double ns_per_item) {
 
 // Calls f(b, e) on disjoint sub-ranges covering [begin, end), each at least min_chunk items long
 // (the last may be shorter). One call on the calling thread when the work (n items of ns_per_item
-// each) is too small for a second thread; otherwise the threads of a team take chunks of about an
-// eighth of a thread's share in turn. f may run several times on one thread and must not rely on
-// which thread runs which sub-range.
+// each) is too small for a second thread, or when the pool is running another thread's job;
+// otherwise the calling thread and the pool's workers take chunks of about an eighth of a
+// thread's share in turn. f may run several times on one thread and must not rely on which thread
+// runs which sub-range. An exception from f is rethrown here after every other chunk finished.
 template <class F>
 void parallel_for(int64_t begin, int64_t end, double ns_per_item, const F& f,
                   int64_t min_chunk = 1) {
@@ -48,16 +54,23 @@ void parallel_for(int64_t begin, int64_t end, double ns_per_item, const F& f,
     f(begin, end);
     return;
   }
-  team_launches().fetch_add(1, std::memory_order_relaxed);
   const int64_t chunk = std::max<int64_t>({1, min_chunk, n / (threads * 8)});
-  std::atomic<int64_t> next{begin};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (;;) {
-      const int64_t b = next.fetch_add(chunk, std::memory_order_relaxed);
-      if (b >= end) break;
-      f(b, std::min(end, b + chunk));
-    }
-  });
+  if (!pool_enabled()) {  // the OpenMP team, for comparisons
+    team_launches().fetch_add(1, std::memory_order_relaxed);
+    std::atomic<int64_t> next{begin};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      for (;;) {
+        const int64_t b = next.fetch_add(chunk, std::memory_order_relaxed);
+        if (b >= end) break;
+        f(b, std::min(end, b + chunk));
+      }
+    });
+    return;
+  }
+  const ChunkFn call = [](const void* ctx, int64_t b, int64_t e) {
+    (*static_cast<const F*>(ctx))(b, e);
+  };
+  if (!run_in_pool(begin, end, chunk, int(threads - 1), call, &f)) f(begin, end);
 }
 
 }  // namespace genext::cpu

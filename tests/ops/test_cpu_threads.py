@@ -2,6 +2,13 @@
 team to wake, so no wait for a descheduled thread when another process holds a core), large ones
 use the team. genext._C._cpu_team_launches() counts the teams the CPU kernels woke."""
 
+import contextlib
+import multiprocessing
+import os
+import statistics
+import threading
+import time
+
 import pytest
 import torch
 
@@ -96,3 +103,195 @@ def test_results_do_not_depend_on_the_thread_count(two_threads):
     torch.set_num_threads(1)
     idx1, dist1 = gops.vq_nearest(z, codebook)
     assert torch.equal(idx1, idx2) and torch.equal(dist1, dist2)
+
+
+# ---- the thread pool ------------------------------------------------------------------------------
+# parallel_for's team is genext's own pool: the calling thread takes chunks with the workers that
+# wake in time and waits only for those that joined. _C._cpu_parallel_for_check runs it directly:
+# items spin for ns_per_item, each chunk tries a nested parallel_for (which must run inline), and
+# one item may raise; it returns (every item ran once, team launches during the call, the most
+# threads at::get_num_threads() reported inside a chunk: 1, so ATen ops there start no team).
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_pool_covers_every_item_once_and_never_nests(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in [2, 3, 17, 97, 1025]:  # fewer items than threads, odd counts, chunk tails
+            once, launches, aten = _C._cpu_parallel_for_check(n, 4e6 / n, -1)  # 4 ms in all
+            assert once, f"{n} items: an item ran twice or never"
+            assert launches == 1, f"{n} items: {launches} launches (a nested team ran)"
+            assert aten == 1, f"{n} items: ATen would start {aten} threads inside a chunk"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("throw_at", [0, 31, 63])  # first chunk (caller), middle, last item
+def test_pool_propagates_an_exception_and_keeps_working(two_threads, throw_at):
+    with pytest.raises(RuntimeError, match=f"item {throw_at} raised"):
+        _C._cpu_parallel_for_check(64, 100_000.0, throw_at)
+    for _ in range(3):  # the pool is free and whole again
+        assert _C._cpu_parallel_for_check(64, 50_000.0, -1) == (True, 1, 1)
+
+
+def _gn_fwd_bwd(x, w, b, gy):
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    y = gops.group_norm_silu(x, 8, w, b, 1e-5)
+    return (y, *torch.autograd.grad(y, (x, w, b), gy))
+
+
+def _attention_fwd_bwd(q, k, v, go):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    o = gops.flash_attention(q, k, v)
+    return (o, *torch.autograd.grad(o, (q, k, v), go))
+
+
+def _thread_cases():
+    """(name, fn, args): ops large enough for a team at 2 threads, in fp32 and fp64."""
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+
+        def r(*shape, dtype=dtype):
+            return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+        x = r(2, 64, 48, 48) + 1.0  # non-zero mean
+        cases.append((f"group_norm_silu {dtype}", _gn_fwd_bwd, (x, r(64), r(64), r(2, 64, 48, 48))))
+        q, k, v, go = (r(1, 4, 257, 32) for _ in range(4))  # 257: a ragged last tile
+        cases.append((f"flash attention {dtype}", _attention_fwd_bwd, (q, k, v, go)))
+        z, codebook = r(4097, 64), r(1024, 64)  # 4097: a chunk tail
+        cases.append((f"vq_nearest {dtype}", gops.vq_nearest, (z, codebook)))
+    return cases
+
+
+def _assert_same(name, got, want):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(a, b), f"{name}: output {i} differs"
+
+
+def test_results_identical_across_1_2_4_threads():
+    before = torch.get_num_threads()
+    try:
+        for name, fn, args in _thread_cases():
+            results = {}
+            for threads in (1, 2, 4):
+                torch.set_num_threads(threads)
+                results[threads] = fn(*args)
+            _assert_same(f"{name}, 2 threads", results[2], results[1])
+            _assert_same(f"{name}, 4 threads", results[4], results[1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_python_threads_calling_ops_at_once(two_threads):
+    """Several Python threads run kernels (and the pool directly) at once: one owns the pool, the
+    others run their ranges inline; every result equals the one computed alone."""
+    cases = _thread_cases()
+    want = [fn(*args) for _, fn, args in cases]
+    errors: list[str] = []
+
+    def worker(seed):
+        try:
+            for i in range(len(cases) * 2):
+                j = (i + seed) % len(cases)
+                name, fn, args = cases[j]
+                _assert_same(f"thread {seed}: {name}", fn(*args), want[j])
+                once, _, _ = _C._cpu_parallel_for_check(37, 30_000.0, -1)
+                assert once, f"thread {seed}: pool check"
+        except Exception as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a Python thread hung"
+    assert not errors, errors
+
+
+def _forward_cases():
+    """Forward ops that run genext's kernels and no ATen op that starts a team (in a forked child,
+    ATen's OpenMP team from the parent hangs: DataLoader workers set one thread for that reason)."""
+    g = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(2, 64, 48, 48, generator=g) + 1.0, torch.randn(64), torch.randn(64)
+    q, k, v = (torch.randn(1, 4, 257, 32, generator=g) for _ in range(3))
+    return [
+        (lambda: gops.group_norm_silu(x, 8, w, b, 1e-5)[0]),
+        (lambda: gops.flash_attention(q, k, v, return_lse=True)[0]),  # genext's kernel, not SDPA
+    ]
+
+
+def _child_runs_ops(conn, cases):
+    """In a forked child: the pool's jobs and kernels at two threads; results as raw bytes (a
+    comparison in the child would be an ATen op that may start a team)."""
+    try:
+        launches = _C._cpu_team_launches()
+        check = _C._cpu_parallel_for_check(64, 50_000.0, -1)
+        outs = [fn().numpy().tobytes() for fn in cases]
+        conn.send((check, _C._cpu_team_launches() - launches, outs))
+    except Exception as e:  # noqa: BLE001 (reported by the parent)
+        conn.send(repr(e))
+    finally:
+        conn.close()
+
+
+def test_forked_child_runs_ops(two_threads):
+    """A DataLoader-style fork after the parent used the pool: the child's kernels start a fresh
+    pool and give the parent's results (an OpenMP team would hang there: the parent's threads do
+    not exist in the child)."""
+    cases = _forward_cases()
+    want = [fn().numpy().tobytes() for fn in cases]
+    assert _C._cpu_parallel_for_check(64, 50_000.0, -1) == (True, 1, 1)  # the parent's pool runs
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_runs_ops, args=(child_end, cases))
+    child.start()
+    child_end.close()
+    try:
+        assert parent_end.poll(60), "the forked child hung"
+        result = parent_end.recv()
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert not isinstance(result, str), result
+    check, launches, outs = result
+    assert check == (True, 1, 1)
+    assert launches >= 2, "the child's kernels ran no team"
+    assert outs == want, "the child's results differ"
+    assert child.exitcode == 0
+
+
+def _pin_all_threads(cpus) -> None:
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux thread affinity")
+def test_caller_never_waits_for_an_unscheduled_worker(two_threads):
+    """Every thread of this process pinned to one CPU: while the caller computes, its worker cannot
+    run, as when another process holds the worker's core. The caller takes every chunk itself and
+    returns; a two-thread job costs what one thread does. (An OpenMP team's closing barrier waits
+    for the descheduled thread: 9-11x the one-thread time measured here with the pool switched
+    off, _C._cpu_set_pool_enabled(False).)"""
+    job = lambda: _C._cpu_parallel_for_check(64, 20_000.0, -1)  # noqa: E731 (1.3 ms on one core)
+    assert job() == (True, 1, 1)  # the worker exists
+    cpus = os.sched_getaffinity(0)
+    _pin_all_threads({min(cpus)})
+    try:
+        times: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(11):  # alternating, so both see the same load
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                job()
+                times[threads].append(time.perf_counter() - t0)
+    finally:
+        _pin_all_threads(cpus)
+    one, two = (statistics.median(times[t]) for t in (1, 2))
+    assert two < 2.0 * one, (
+        f"2 threads on one CPU: {two * 1e3:.2f} ms, 1 thread: {one * 1e3:.2f} ms"
+    )
