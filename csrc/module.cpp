@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/cpu_parallel.h"
+#include "common/cpu_simd.h"
 #include "common/head_dim.h"
 
 #ifndef GENEXT_CUDA_ARCHS
@@ -25,6 +26,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda") = false;
 #endif
   m.attr("cuda_archs") = GENEXT_CUDA_ARCHS;
+  // which of the CPU kernels' per-ISA versions this machine runs (chosen at load)
+  const int level = genext::simd::cpu_level();
+  m.attr("cpu_isa") = level == 4          ? "x86-64-v4 (AVX-512)"
+                      : level == 3        ? "x86-64-v3 (AVX2, FMA)"
+                      : GENEXT_CPU_LEVELS ? "x86-64 baseline (SSE2)"
+                                          : "generic (no per-ISA versions)";
   // the largest head dim of the CUDA attention kernels, for Python's choice of kernel
   m.attr("cuda_max_head_dim") = genext::kCudaMaxHeadDim;
   // how many times a CPU kernel has woken an intra-op thread team (tests: small inputs never do)

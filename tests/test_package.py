@@ -139,3 +139,19 @@ def test_import_genext_needs_no_numpy():
         "genext.build_info()\n"
     )
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)
+
+
+def test_build_info_names_the_cpu_isa_and_the_commit():
+    import platform
+    from pathlib import Path
+
+    info = genext.build_info()
+    isa = info["cpu_isa"]
+    assert isinstance(isa, str) and isa
+    if platform.machine() == "x86_64" and Path("/proc/cpuinfo").exists():
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+        want = "x86-64-v4" if "avx512f" in flags else "x86-64-v3" if "avx2" in flags else "x86-64"
+        assert isa.startswith(want), (isa, want)
+    if (Path(genext.__file__).resolve().parents[1] / ".git").exists():
+        # built from a checkout: the build recorded its commit
+        assert info["commit"] and len(info["commit"].removesuffix("-dirty")) >= 7
