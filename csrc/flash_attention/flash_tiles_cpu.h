@@ -304,7 +304,8 @@ GENEXT_INLINE void softmax_bwd_impl(T* S, T* dP, int64_t nr, int64_t nc, const i
 
 // ---- tile loads ---------------------------------------------------------------------------------
 
-// Rows [r0, r0 + nr) of one head into a [nr][Dp] tile, times `mul`; the padding stays zero.
+// Rows [r0, r0 + nr) of one head into a [nr][Dp] tile, times `mul`, with zeros in the padding
+// columns [D, Dp) (the products run over whole vectors).
 template <class S, class T>
 GENEXT_INLINE void load_rows_impl(const View<S>& v, int64_t b, int64_t r0, int64_t nr, int64_t h,
                                   int64_t D, int64_t Dp, T mul, T* dst) {
@@ -312,6 +313,7 @@ GENEXT_INLINE void load_rows_impl(const View<S>& v, int64_t b, int64_t r0, int64
     const S* __restrict__ src = v.row(b, r0 + r, h);
     T* __restrict__ d = dst + r * Dp;
     for (int64_t c = 0; c < D; ++c) d[c] = static_cast<T>(src[c]) * mul;
+    for (int64_t c = D; c < Dp; ++c) d[c] = T(0);
   }
 }
 
