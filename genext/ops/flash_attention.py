@@ -49,7 +49,11 @@ def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | No
     (benchmarks/RESULTS.md, "Flash attention CPU kernel on AVX2"). Never for a scale that is not
     positive and finite (PyTorch's CPU flash kernel gives NaN rows for a negative scale with a
     causal mask) nor while the user has switched PyTorch's flash backend off (``sdpa_kernel``)."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or torch.compiler.is_compiling():
+    if q.device.type != "cpu" or q.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if torch.compiler.is_compiling():
         return False
     if scale is not None:
         try:
@@ -64,8 +68,6 @@ def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | No
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         return False
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or q.numel() == 0 or k.numel() == 0:
-        return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     d, lk = q.shape[-1], k.shape[-2]
     return d >= 64 or (d >= 32 and lk >= 256)
@@ -135,6 +137,14 @@ def flash_attention(
                 qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True
             )
             return out if layout == "bhld" else out.transpose(1, 2)
+    if (
+        not return_lse
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and not torch.compiler.is_compiling()
+    ):
+        sc = softmax_scale(q, scale, "flash_attention")
+        return _EagerDense.apply(q, k, v, sc, bool(causal), layout == "bhld")
     if layout == "bhld":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out, lse = _forward(
@@ -300,6 +310,40 @@ class _EagerFlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         return _backward(ctx, grad_out, grad_lse)
+
+
+class _EagerDense(torch.autograd.Function):
+    """flash_attention's eager calls that need gradients and no lse: the layout's transposes and
+    the kernel's fixed arguments stay inside, so autograd records one node for the call (each
+    transpose outside is a node of its own, and apply's cost grows with its argument count: at
+    small shapes these per-call costs, not the kernels, decide the time)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, bhld):
+        qt, kt, vt = (
+            (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bhld else (q, k, v)
+        )
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = torch.ops.genext.flash_attention_forward(
+                qt, kt, vt, None, None, None, 0, 0, scale, causal, True
+            )
+        # the kernel's own (B, L, H, D) views are saved: the backward takes them as they are
+        ctx.save_for_backward(qt, kt, vt, out, lse)
+        ctx.scale, ctx.causal, ctx.bhld = scale, causal, bhld
+        ctx.set_materialize_grads(False)
+        return out.transpose(1, 2) if bhld else out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return (None,) * 6
+        go = grad_out.transpose(1, 2) if ctx.bhld else grad_out
+        rest = (None, None, None, 0, 0, ctx.scale, ctx.causal, True)
+        with below_autograd():  # create_graph: through the op, whose backward raises
+            grads = torch.ops.genext.flash_attention_backward(go, *ctx.saved_tensors, *rest)
+        if ctx.bhld:
+            grads = tuple(t.transpose(1, 2) for t in grads)
+        return (*grads, None, None, None)
 
 
 def _forward(*inputs) -> tuple[Tensor, Tensor]:
