@@ -19,6 +19,10 @@
 #include "common/cpu_simd.h"
 #include "flash_attention/flash_attention_cpu.h"
 
+#if GENEXT_CPU_LEVELS
+#include <immintrin.h>
+#endif
+
 namespace genext::fa::cpu {
 namespace {
 
@@ -340,6 +344,49 @@ GENEXT_INLINE void load_cols_impl(const View<S>& v, int64_t b, int64_t r0, int64
   }
 }
 
+#if GENEXT_CPU_LEVELS
+// load_cols for float32 on AVX2 (x86-64-v3 and v4): blocks of 8 rows x 8 columns read as 8
+// vectors and transposed in registers (unpack, shuffle, lane permute: 24 shuffles per 64 values),
+// then stored as 8 vectors. The scalar transpose above compiles to single-float loads and stores
+// through the stack: with one query tile per key tile (L 64, D 160) it took 11% of a
+// forward+backward, as much as a third of the products.
+GENEXT_CPU_TARGET_V3 void load_cols_f32_avx2(const View<float>& v, int64_t b, int64_t r0, int64_t n,
+                                             int64_t h, int64_t D, float* dst) {
+  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * kBc + n, dst + (d + 1) * kBc, 0.0f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const float* src[8];
+    for (int t = 0; t < 8; ++t) src[t] = v.row(b, r0 + j + t, h);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      __m256 r[8], u[8];
+      for (int t = 0; t < 8; ++t) r[t] = _mm256_loadu_ps(src[t] + d);
+      for (int t = 0; t < 8; t += 2) {  // pairs of rows interleaved
+        u[t] = _mm256_unpacklo_ps(r[t], r[t + 1]);
+        u[t + 1] = _mm256_unpackhi_ps(r[t], r[t + 1]);
+      }
+      for (int t = 0; t < 8; t += 4) {  // quads of rows: 4 consecutive values per 128-bit lane
+        r[t] = _mm256_shuffle_ps(u[t], u[t + 2], 0x44);
+        r[t + 1] = _mm256_shuffle_ps(u[t], u[t + 2], 0xEE);
+        r[t + 2] = _mm256_shuffle_ps(u[t + 1], u[t + 3], 0x44);
+        r[t + 3] = _mm256_shuffle_ps(u[t + 1], u[t + 3], 0xEE);
+      }
+      // column d + c: the low lanes of r[c] and r[4 + c] (c < 4), or their high lanes (c >= 4)
+      for (int c = 0; c < 4; ++c) {
+        _mm256_storeu_ps(dst + (d + c) * kBc + j, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+        _mm256_storeu_ps(dst + (d + 4 + c) * kBc + j, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
+      }
+    }
+    for (; d < D; ++d)
+      for (int t = 0; t < 8; ++t) dst[d * kBc + j + t] = src[t][d];
+  }
+  for (; j < n; ++j) {
+    const float* src = v.row(b, r0 + j, h);
+    for (int64_t d = 0; d < D; ++d) dst[d * kBc + j] = src[d];
+  }
+}
+#endif
+
 // The loads per ISA level, like the products: the conversions (bf16, fp16) and the scaling then
 // run on the level's vectors.
 template <class S, class T>
@@ -350,6 +397,10 @@ GENEXT_CPU_TARGET_V3 void load_rows_v3(const View<S>& v, int64_t b, int64_t r0, 
 template <class S, class T>
 GENEXT_CPU_TARGET_V3 void load_cols_v3(const View<S>& v, int64_t b, int64_t r0, int64_t n,
                                        int64_t h, int64_t D, T* dst) {
+#if GENEXT_CPU_LEVELS
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>)
+    return load_cols_f32_avx2(v, b, r0, n, h, D, dst);
+#endif
   load_cols_impl(v, b, r0, n, h, D, dst);
 }
 template <class S, class T>
@@ -360,6 +411,10 @@ GENEXT_CPU_TARGET_V4 void load_rows_v4(const View<S>& v, int64_t b, int64_t r0, 
 template <class S, class T>
 GENEXT_CPU_TARGET_V4 void load_cols_v4(const View<S>& v, int64_t b, int64_t r0, int64_t n,
                                        int64_t h, int64_t D, T* dst) {
+#if GENEXT_CPU_LEVELS
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>)
+    return load_cols_f32_avx2(v, b, r0, n, h, D, dst);
+#endif
   load_cols_impl(v, b, r0, n, h, D, dst);
 }
 template <class S, class T>
