@@ -142,13 +142,18 @@ GENEXT_INLINE void qk_rest(const T* A, int64_t lda, const T* Bt, int64_t D, T* S
 }
 
 // S[i][j] = sum_{d < D} A[i][d] * Bt[d][j] for i < nr, j < nc (Bt: [D][kBc]); columns from nc
-// to kBc are written up to the end of their block or left as they are.
+// to kBc are written up to the end of their block or left as they are. Column blocks outermost:
+// a block's strip of Bt (D x W vectors, 8 KiB at D 128) stays in L1 while the row blocks pass
+// over it, where rows outermost streamed all of Bt (32 KiB at D 128, L1's size) once per row block.
 template <class T, class V, int R, int W>
 GENEXT_INLINE void qk_tile_impl(const T* A, int64_t lda, const T* Bt, int64_t D, T* S, int64_t nr,
                                 int64_t nc) {
-  int64_t i = 0;
-  for (; i + R <= nr; i += R) qk_rows<T, V, R, W>(A + i * lda, lda, Bt, D, S + i * kBc, nc);
-  if (i < nr) qk_rest<T, V, R, W>(A + i * lda, lda, Bt, D, S + i * kBc, nc, nr - i);
+  constexpr int C = W * kLanesOf<T, V>;
+  const int64_t full = nr / R * R;
+  for (int64_t c0 = 0; c0 < nc; c0 += C)
+    for (int64_t i = 0; i < full; i += R)
+      qk_block<T, V, R, W>(A + i * lda, lda, Bt + c0, D, S + i * kBc + c0);
+  if (full < nr) qk_rest<T, V, R, W>(A + full * lda, lda, Bt, D, S + full * kBc, nc, nr - full);
 }
 
 // Out[i][0 : W*L] = Out[i][...] * row_scale[i] + sum_{j < nc} C(i, j) * In[j][...] for i < R, with
@@ -215,18 +220,27 @@ GENEXT_INLINE void accum_rest(T* Out, int64_t ldo, const T* C, int64_t cr, int64
 }
 
 // Out[i][0:Dp] = Out[i][...] * row_scale[i] + sum_{j < nc} C(i, j) * In[j][...] for i < nr
-// (row_scale null: 1).
+// (row_scale null: 1). Column blocks outermost, as in qk_tile_impl: a block's strip of In (nc x W
+// vectors, 4 KiB) and the coefficients (16 KiB) stay in L1 while the row blocks pass over them,
+// where rows outermost streamed all of In (32 KiB at D 128) once per row block.
 template <class T, class V, int R, int W>
 GENEXT_INLINE void accum_tile_impl(T* Out, int64_t ldo, const T* C, int64_t cr, int64_t cc,
                                    const T* In, int64_t ldi, int64_t nr, int64_t nc, int64_t Dp,
                                    const T* row_scale) {
-  int64_t i = 0;
-  for (; i + R <= nr; i += R)
-    accum_rows<T, V, R, W>(Out + i * ldo, ldo, C + i * cr, cr, cc, In, ldi, nc, Dp,
-                           row_scale ? row_scale + i : nullptr);
-  if (i < nr)
-    accum_rest<T, V, R, W>(Out + i * ldo, ldo, C + i * cr, cr, cc, In, ldi, nc, Dp,
-                           row_scale ? row_scale + i : nullptr, nr - i);
+  constexpr int L = kLanesOf<T, V>;
+  const int64_t full = nr / R * R;
+  int64_t d0 = 0;
+  for (; d0 + W * L <= Dp; d0 += W * L)
+    for (int64_t i = 0; i < full; i += R)
+      accum_block<T, V, R, W>(Out + i * ldo + d0, ldo, C + i * cr, cr, cc, In + d0, ldi, nc,
+                              row_scale ? row_scale + i : nullptr);
+  if (d0 < Dp)
+    for (int64_t i = 0; i < full; i += R)
+      accum_cols_rest<T, V, R, W>(Out + i * ldo + d0, ldo, C + i * cr, cr, cc, In + d0, ldi, nc,
+                                  row_scale ? row_scale + i : nullptr, (Dp - d0) / L);
+  if (full < nr)
+    accum_rest<T, V, R, W>(Out + full * ldo, ldo, C + full * cr, cr, cc, In, ldi, nc, Dp,
+                           row_scale ? row_scale + full : nullptr, nr - full);
 }
 
 // Online-softmax step on a score tile S [nr][kBc] whose row r sees its first nvis[r] columns:
