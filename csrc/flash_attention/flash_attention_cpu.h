@@ -98,8 +98,9 @@ inline int64_t count_pairs(const std::vector<Seq>& seqs) {
 }
 
 // Float (or double) scratch, 64-byte aligned, uninitialised: every routine writes what it later
-// reads (load_rows zeroes the rows' padding itself). Zeroing it all cost a task set-up of ~350 KiB
-// of memset per chunk at D 160, a fifth of a one-tile-pair task's time.
+// reads (load_rows zeroes the rows' padding itself). Zeroing it all was about 350 KiB of memset per
+// chunk of tasks at D 160 (about 2% of a forward+backward's perf samples at L 64, one tile pair per
+// task).
 template <class T>
 struct Scratch {
   T* p = nullptr;

@@ -411,10 +411,6 @@ GENEXT_CPU_TARGET_V3 void load_rows_v3(const View<S>& v, int64_t b, int64_t r0, 
 template <class S, class T>
 GENEXT_CPU_TARGET_V3 void load_cols_v3(const View<S>& v, int64_t b, int64_t r0, int64_t n,
                                        int64_t h, int64_t D, T* dst) {
-#if GENEXT_CPU_LEVELS
-  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>)
-    return load_cols_f32_avx2(v, b, r0, n, h, D, dst);
-#endif
   load_cols_impl(v, b, r0, n, h, D, dst);
 }
 template <class S, class T>
@@ -425,10 +421,6 @@ GENEXT_CPU_TARGET_V4 void load_rows_v4(const View<S>& v, int64_t b, int64_t r0, 
 template <class S, class T>
 GENEXT_CPU_TARGET_V4 void load_cols_v4(const View<S>& v, int64_t b, int64_t r0, int64_t n,
                                        int64_t h, int64_t D, T* dst) {
-#if GENEXT_CPU_LEVELS
-  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>)
-    return load_cols_f32_avx2(v, b, r0, n, h, D, dst);
-#endif
   load_cols_impl(v, b, r0, n, h, D, dst);
 }
 template <class S, class T>
@@ -442,6 +434,11 @@ void load_rows(const View<S>& v, int64_t b, int64_t r0, int64_t nr, int64_t h, i
 }
 template <class S, class T>
 void load_cols(const View<S>& v, int64_t b, int64_t r0, int64_t n, int64_t h, int64_t D, T* dst) {
+#if GENEXT_CPU_LEVELS
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>) {
+    if (simd::cpu_level() >= 3) return load_cols_f32_avx2(v, b, r0, n, h, D, dst);
+  }
+#endif
   switch (simd::cpu_level()) {
     case 4: return load_cols_v4(v, b, r0, n, h, D, dst);
     case 3: return load_cols_v3(v, b, r0, n, h, D, dst);

@@ -37,21 +37,28 @@ declare_kernels(
 _LAYOUTS = ("bhld", "blhd")
 
 
-def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> bool:
+def cpu_forward_prefers_torch(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, causal: bool | None = None
+) -> bool:
     """Whether, for ``(B, H, L, D)`` q and k, v (``"bhld"``), PyTorch's SDPA computes this
     attention faster than genext's CPU kernel, so that :func:`flash_attention` and
     ``genext.nn.functional.scaled_dot_product_attention`` hand it over.
 
-    True only for float32 CPU inputs when no gradient is needed (grad mode off, or none of q, k, v
-    requires one) and not while tracing, at head dims of at least 64, or at least 32 with 256 or
-    more keys: there PyTorch's forward (blocked GEMMs) measured 1.05-1.3x faster than genext's on
-    one AVX2 core, while genext's forward+backward and its bfloat16 forward were as fast or faster
+    Only ever for float32 CPU inputs, not while tracing. When no gradient is needed (grad mode
+    off, or none of q, k, v requires one): at head dims of at least 64, or at least 32 with 256 or
+    more keys, where PyTorch's forward (blocked GEMMs) measured 1.05-1.3x faster than genext's on
+    one AVX2 core (genext's bfloat16 forward is as fast or faster). When a gradient is needed, only
+    for a call known not to be causal (``causal=False``; ``None``, the default, means unknown) with
+    at least 1024 keys at head dims of 128 or more, or 2048 keys at 64 or more: there PyTorch's
+    forward+backward measured 1.02-1.1x faster than genext's on one AVX2 core, while genext's was
+    as fast or faster at the shorter or narrower shapes and for causal attention where measured
     (benchmarks/RESULTS.md, "Flash attention CPU kernel on AVX2"). Never for a scale that is not
     positive and finite (PyTorch's CPU flash kernel gives NaN rows for a negative scale with a
     causal mask) nor while the user has switched PyTorch's flash backend off (``sdpa_kernel``)."""
     if q.device.type != "cpu" or q.dtype != torch.float32:
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad and causal is not False:
         return False
     if torch.compiler.is_compiling():
         return False
@@ -70,6 +77,8 @@ def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | No
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or q.numel() == 0 or k.numel() == 0:
         return False
     d, lk = q.shape[-1], k.shape[-2]
+    if needs_grad:
+        return (d >= 128 and lk >= 1024) or (d >= 64 and lk >= 2048)
     return d >= 64 or (d >= 32 and lk >= 256)
 
 
@@ -116,9 +125,10 @@ def flash_attention(
     D128, on par at D40, see benchmarks/RESULTS.md); CUDA float32 runs a plain fp32 kernel, exact
     but slow; the
     CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32). A CPU
-    float32 call that needs no gradient, returns no lse and is not causal with ``Lq != Lk``, at a
-    head dim of at least 64 (or at least 32 with 256 or more keys), runs PyTorch's SDPA instead,
-    the faster forward there (:func:`cpu_forward_prefers_torch`).
+    float32 call that returns no lse and is not causal with ``Lq != Lk`` runs PyTorch's SDPA
+    instead where that is the faster one (:func:`cpu_forward_prefers_torch`): without gradients at
+    a head dim of at least 64 (or at least 32 with 256 or more keys); with gradients, not causal,
+    at least 1024 keys at a head dim of 128 or more, or 2048 keys at 64 or more.
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")
@@ -131,7 +141,7 @@ def flash_attention(
     lq, lk = (q.shape[2], k.shape[2]) if layout == "bhld" else (q.shape[1], k.shape[1])
     if not return_lse and (not causal or lq == lk):
         qb, kb, vb = (q, k, v) if layout == "bhld" else (t.transpose(1, 2) for t in (q, k, v))
-        if cpu_forward_prefers_torch(qb, kb, vb, scale):
+        if cpu_forward_prefers_torch(qb, kb, vb, scale, causal=bool(causal)):
             sc = softmax_scale(q, scale, "flash_attention")
             out = torch.nn.functional.scaled_dot_product_attention(
                 qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True
