@@ -154,7 +154,10 @@ def flash_attention(
         and not torch.compiler.is_compiling()
     ):
         sc = softmax_scale(q, scale, "flash_attention")
-        return _EagerDense.apply(q, k, v, sc, bool(causal), layout == "bhld")
+        out = _EagerDense.apply(q, k, v, sc, bool(causal), layout == "bhld")
+        # the bhld view is taken outside: a view made inside an autograd.Function cannot be
+        # changed in place afterwards, a view of its output can
+        return out.transpose(1, 2) if layout == "bhld" else out
     if layout == "bhld":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out, lse = _forward(
@@ -323,10 +326,11 @@ class _EagerFlashAttention(torch.autograd.Function):
 
 
 class _EagerDense(torch.autograd.Function):
-    """flash_attention's eager calls that need gradients and no lse: the layout's transposes and
-    the kernel's fixed arguments stay inside, so autograd records one node for the call (each
-    transpose outside is a node of its own, and apply's cost grows with its argument count: at
-    small shapes these per-call costs, not the kernels, decide the time)."""
+    """flash_attention's eager calls that need gradients and no lse: the inputs' layout
+    transposes and the kernel's fixed arguments stay inside, so autograd records the call as one
+    node plus, for ``"bhld"``, the output's transpose (each transpose outside is a node of its own,
+    and apply's cost grows with its argument count: at small shapes these per-call costs, not the
+    kernels, decide the time). Returns the kernel's ``(B, Lq, Hq, D)`` output."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, bhld):
@@ -341,16 +345,15 @@ class _EagerDense(torch.autograd.Function):
         ctx.save_for_backward(qt, kt, vt, out, lse)
         ctx.scale, ctx.causal, ctx.bhld = scale, causal, bhld
         ctx.set_materialize_grads(False)
-        return out.transpose(1, 2) if bhld else out
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         if grad_out is None:
             return (None,) * 6
-        go = grad_out.transpose(1, 2) if ctx.bhld else grad_out
         rest = (None, None, None, 0, 0, ctx.scale, ctx.causal, True)
         with below_autograd():  # create_graph: through the op, whose backward raises
-            grads = torch.ops.genext.flash_attention_backward(go, *ctx.saved_tensors, *rest)
+            grads = torch.ops.genext.flash_attention_backward(grad_out, *ctx.saved_tensors, *rest)
         if ctx.bhld:
             grads = tuple(t.transpose(1, 2) for t in grads)
         return (*grads, None, None, None)

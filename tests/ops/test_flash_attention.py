@@ -925,24 +925,31 @@ def test_cpu_routing_keeps_genext_for_odd_scales_and_user_backend_choices():
 
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
 def test_cpu_eager_gradients_record_one_autograd_node(layout):
-    # an eager call with gradients is one autograd node straight to q, k, v (no transpose nodes
-    # of its own: per-call cost at small shapes); its gradients match the reference
+    # an eager call with gradients is one autograd node straight to q, k, v (for bhld after the
+    # output's transpose; no transposes of the inputs: per-call cost at small shapes); its
+    # gradients match the reference; the output is saved for the backward, so changing it in
+    # place is autograd's usual error
     q, k, v = make_qkv(2, 4, 2, 19, 23, 24, torch.float64, "cpu")
     go = torch.randn(2, 4, 19, 24, dtype=torch.float64)
     if layout == "blhd":
         q, k, v, go = (t.transpose(1, 2) for t in (q, k, v, go))
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = flash_attention(q, k, v, causal=True, scale=0.4, layout=layout)
-    nodes = [fn for fn, _ in out.grad_fn.next_functions if fn is not None]
+    node = out.grad_fn if layout == "blhd" else out.grad_fn.next_functions[0][0]
+    nodes = [fn for fn, _ in node.next_functions if fn is not None]
     assert [type(fn).__name__ for fn in nodes] == ["AccumulateGrad"] * 3
     assert [fn.variable for fn in nodes] == [q, k, v]
-    got = torch.autograd.grad(out, (q, k, v), go)
+    got = torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
     t = (lambda x: x) if layout == "bhld" else (lambda x: x.transpose(1, 2))
     ref_out = reference.attention_reference(t(q), t(k), t(v), True, 0.4, bottom_right=True)
     ref = torch.autograd.grad(ref_out, (q, k, v), t(go))
     assert max_err(out, t(ref_out)) <= 1e-12
     for name, a, r in zip(("dq", "dk", "dv"), got, ref):
         assert max_err(a, r) <= 1e-12, name
+    with torch.no_grad():
+        out.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, (q, k, v), go)
 
 
 def test_cpu_eager_backward_sees_inputs_changed_in_place():
