@@ -73,6 +73,26 @@ inline std::vector<std::pair<int32_t, int32_t>> make_runs(
   return runs;
 }
 
+// One (query tile, key tile) pair's share of dK and dV: S = (scale Q) K^T and dP = dO V^T for the
+// tile's nr rows (local rows i0.. of sequence sq) against the ncv keys from jg (Kt, Vt: the keys
+// transposed, [D][kBc]), then P and dS (softmax_bwd; row r sees keys below visible_end(i0 + r),
+// none when its lse is infinite), dV_j += sum_i P_ij dO_i and dK_j += sum_i dS_ij (scale Q_i)
+// (coefficients transposed). P and dS are left for the caller (the one pass's dQ product).
+template <class T>
+GENEXT_INLINE void pair_dkdv(const Seq& sq, int64_t i0, int64_t nr, int64_t jg, int64_t ncv,
+                             int64_t D, int64_t Dp, const T* Q, const T* G, const T* Kt,
+                             const T* Vt, const T* L, const T* Dl, int32_t* nvis, T* P, T* dS,
+                             T* dK, T* dV) {
+  for (int64_t r = 0; r < nr; ++r)
+    nvis[r] =
+        std::isinf(L[r]) ? 0 : int32_t(std::clamp<int64_t>(sq.visible_end(i0 + r) - jg, 0, ncv));
+  qk_tile(Q, Dp, Kt, D, P, nr, ncv);   // scaled scores
+  qk_tile(G, Dp, Vt, D, dS, nr, ncv);  // dP = dO V^T
+  softmax_bwd(P, dS, nr, ncv, nvis, L, Dl);
+  accum_tile(dV, Dp, P, 1, kBc, G, Dp, ncv, nr, Dp, static_cast<T*>(nullptr));
+  accum_tile(dK, Dp, dS, 1, kBc, Q, Dp, ncv, nr, Dp, static_cast<T*>(nullptr));
+}
+
 template <class S, class T>
 void backward_dkdv(const Problem& p, const std::vector<Seq>& seqs, T scale,
                    const at::Tensor& grad_out, const T* lse, const T* delta, S* dk, S* dv) {
@@ -122,18 +142,8 @@ void backward_dkdv(const Problem& p, const std::vector<Seq>& seqs, T scale,
           for (int64_t g = 0; g < ng; ++g) {
             const int64_t ncv = nc_vis(g), jg = j0(g);
             if (ncv == 0 || i0 < i_tile0(g)) continue;
-            for (int64_t r = 0; r < nr; ++r)
-              nvis[r] = std::isinf(L.p[r])
-                            ? 0
-                            : int32_t(std::clamp<int64_t>(sq.visible_end(i0 + r) - jg, 0, ncv));
-            qk_tile(Q.p, Dp, Kt.p + g * D * kBc, D, P.p, nr, ncv);   // scaled scores
-            qk_tile(G.p, Dp, Vt.p + g * D * kBc, D, dS.p, nr, ncv);  // dP = dO V^T
-            softmax_bwd(P.p, dS.p, nr, ncv, nvis.data(), L.p, Dl.p);
-            // dV_j += sum_i P_ij dO_i ; dK_j += sum_i dS_ij (scale Q_i): coefficients transposed
-            accum_tile(dV.p + g * kBc * Dp, Dp, P.p, 1, kBc, G.p, Dp, ncv, nr, Dp,
-                       static_cast<T*>(nullptr));
-            accum_tile(dK.p + g * kBc * Dp, Dp, dS.p, 1, kBc, Q.p, Dp, ncv, nr, Dp,
-                       static_cast<T*>(nullptr));
+            pair_dkdv(sq, i0, nr, jg, ncv, D, Dp, Q.p, G.p, Kt.p + g * D * kBc, Vt.p + g * D * kBc,
+                      L.p, Dl.p, nvis.data(), P.p, dS.p, dK.p + g * kBc * Dp, dV.p + g * kBc * Dp);
           }
         }
       }
@@ -342,18 +352,8 @@ void backward_one_pass(const Problem& p, const std::vector<Seq>& seqs, const One
               for (int64_t r = 0; r < nr; ++r) L.p[r] = lse_h[r], Dl.p[r] = delta_h[r];
               loaded = true;
             }
-            for (int64_t r = 0; r < nr; ++r)
-              nvis[r] = std::isinf(L.p[r])
-                            ? 0
-                            : int32_t(std::clamp<int64_t>(sq.visible_end(i0 + r) - jg, 0, ncv));
-            qk_tile(Q.p, Dp, Kt.p + g * D * kBc, D, P.p, nr, ncv);   // scaled scores
-            qk_tile(G.p, Dp, Vt.p + g * D * kBc, D, dS.p, nr, ncv);  // dP = dO V^T
-            softmax_bwd(P.p, dS.p, nr, ncv, nvis.data(), L.p, Dl.p);
-            // dV_j += sum_i P_ij dO_i ; dK_j += sum_i dS_ij (scale Q_i): coefficients transposed
-            accum_tile(dV.p + g * kBc * Dp, Dp, P.p, 1, kBc, G.p, Dp, ncv, nr, Dp,
-                       static_cast<T*>(nullptr));
-            accum_tile(dK.p + g * kBc * Dp, Dp, dS.p, 1, kBc, Q.p, Dp, ncv, nr, Dp,
-                       static_cast<T*>(nullptr));
+            pair_dkdv(sq, i0, nr, jg, ncv, D, Dp, Q.p, G.p, Kt.p + g * D * kBc, Vt.p + g * D * kBc,
+                      L.p, Dl.p, nvis.data(), P.p, dS.p, dK.p + g * kBc * Dp, dV.p + g * kBc * Dp);
             // dQ_i += sum_j dS_ij K_j over the keys some row of the tile sees
             accum_tile(dQ.p, Dp, dS.p, kBc, 1, K.p + g * kBc * Dp, Dp, nr, std::min(ncv, kend - jg),
                        Dp, static_cast<T*>(nullptr));

@@ -37,19 +37,30 @@ declare_kernels(
 _LAYOUTS = ("bhld", "blhd")
 
 
-def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> bool:
+def cpu_forward_prefers_torch(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, causal: bool | None = None
+) -> bool:
     """Whether, for ``(B, H, L, D)`` q and k, v (``"bhld"``), PyTorch's SDPA computes this
     attention faster than genext's CPU kernel, so that :func:`flash_attention` and
     ``genext.nn.functional.scaled_dot_product_attention`` hand it over.
 
-    True only for float32 CPU inputs when no gradient is needed (grad mode off, or none of q, k, v
-    requires one) and not while tracing, at head dims of at least 64, or at least 32 with 256 or
-    more keys: there PyTorch's forward (blocked GEMMs) measured 1.05-1.3x faster than genext's on
-    one AVX2 core, while genext's forward+backward and its bfloat16 forward were as fast or faster
+    Only ever for float32 CPU inputs, not while tracing. When no gradient is needed (grad mode
+    off, or none of q, k, v requires one): at head dims of at least 64, or at least 32 with 256 or
+    more keys, where PyTorch's forward (blocked GEMMs) measured 1.05-1.3x faster than genext's on
+    one AVX2 core (genext's bfloat16 forward is as fast or faster). When a gradient is needed, only
+    for a call known not to be causal (``causal=False``; ``None``, the default, means unknown) with
+    at least 1024 keys at head dims of 128 or more, or 2048 keys at 64 or more: there PyTorch's
+    forward+backward measured 1.02-1.1x faster than genext's on one AVX2 core, while genext's was
+    as fast or faster at the shorter or narrower shapes and for causal attention where measured
     (benchmarks/RESULTS.md, "Flash attention CPU kernel on AVX2"). Never for a scale that is not
     positive and finite (PyTorch's CPU flash kernel gives NaN rows for a negative scale with a
     causal mask) nor while the user has switched PyTorch's flash backend off (``sdpa_kernel``)."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or torch.compiler.is_compiling():
+    if q.device.type != "cpu" or q.dtype != torch.float32:
+        return False
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad and causal is not False:
+        return False
+    if torch.compiler.is_compiling():
         return False
     if scale is not None:
         try:
@@ -65,9 +76,9 @@ def cpu_forward_prefers_torch(q: Tensor, k: Tensor, v: Tensor, scale: float | No
         return False
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or q.numel() == 0 or k.numel() == 0:
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return False
     d, lk = q.shape[-1], k.shape[-2]
+    if needs_grad:
+        return (d >= 128 and lk >= 1024) or (d >= 64 and lk >= 2048)
     return d >= 64 or (d >= 32 and lk >= 256)
 
 
@@ -114,9 +125,10 @@ def flash_attention(
     D128, on par at D40, see benchmarks/RESULTS.md); CUDA float32 runs a plain fp32 kernel, exact
     but slow; the
     CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32). A CPU
-    float32 call that needs no gradient, returns no lse and is not causal with ``Lq != Lk``, at a
-    head dim of at least 64 (or at least 32 with 256 or more keys), runs PyTorch's SDPA instead,
-    the faster forward there (:func:`cpu_forward_prefers_torch`).
+    float32 call that returns no lse and is not causal with ``Lq != Lk`` runs PyTorch's SDPA
+    instead where that is the faster one (:func:`cpu_forward_prefers_torch`): without gradients at
+    a head dim of at least 64 (or at least 32 with 256 or more keys); with gradients, not causal,
+    at least 1024 keys at a head dim of 128 or more, or 2048 keys at 64 or more.
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")
@@ -129,12 +141,23 @@ def flash_attention(
     lq, lk = (q.shape[2], k.shape[2]) if layout == "bhld" else (q.shape[1], k.shape[1])
     if not return_lse and (not causal or lq == lk):
         qb, kb, vb = (q, k, v) if layout == "bhld" else (t.transpose(1, 2) for t in (q, k, v))
-        if cpu_forward_prefers_torch(qb, kb, vb, scale):
+        if cpu_forward_prefers_torch(qb, kb, vb, scale, causal=bool(causal)):
             sc = softmax_scale(q, scale, "flash_attention")
             out = torch.nn.functional.scaled_dot_product_attention(
                 qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True
             )
             return out if layout == "bhld" else out.transpose(1, 2)
+    if (
+        not return_lse
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and not torch.compiler.is_compiling()
+    ):
+        sc = softmax_scale(q, scale, "flash_attention")
+        out = _EagerDense.apply(q, k, v, sc, bool(causal), layout == "bhld")
+        # the bhld view is taken outside: a view made inside an autograd.Function cannot be
+        # changed in place afterwards, a view of its output can
+        return out.transpose(1, 2) if layout == "bhld" else out
     if layout == "bhld":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out, lse = _forward(
@@ -300,6 +323,40 @@ class _EagerFlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         return _backward(ctx, grad_out, grad_lse)
+
+
+class _EagerDense(torch.autograd.Function):
+    """flash_attention's eager calls that need gradients and no lse: the inputs' layout
+    transposes and the kernel's fixed arguments stay inside, so autograd records the call as one
+    node plus, for ``"bhld"``, the output's transpose (each transpose outside is a node of its own,
+    and apply's cost grows with its argument count: at small shapes these per-call costs, not the
+    kernels, decide the time). Returns the kernel's ``(B, Lq, Hq, D)`` output."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, bhld):
+        qt, kt, vt = (
+            (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bhld else (q, k, v)
+        )
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = torch.ops.genext.flash_attention_forward(
+                qt, kt, vt, None, None, None, 0, 0, scale, causal, True
+            )
+        # the kernel's own (B, L, H, D) views are saved: the backward takes them as they are
+        ctx.save_for_backward(qt, kt, vt, out, lse)
+        ctx.scale, ctx.causal, ctx.bhld = scale, causal, bhld
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return (None,) * 6
+        rest = (None, None, None, 0, 0, ctx.scale, ctx.causal, True)
+        with below_autograd():  # create_graph: through the op, whose backward raises
+            grads = torch.ops.genext.flash_attention_backward(grad_out, *ctx.saved_tensors, *rest)
+        if ctx.bhld:
+            grads = tuple(t.transpose(1, 2) for t in grads)
+        return (*grads, None, None, None)
 
 
 def _forward(*inputs) -> tuple[Tensor, Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -921,3 +922,101 @@ def test_cpu_routing_keeps_genext_for_odd_scales_and_user_backend_choices():
             *(t.transpose(1, 2).double() for t in (q, k, v)), False, None
         ).transpose(1, 2)
         assert max_err(out, ref) <= ATOL[torch.float32]
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_cpu_eager_gradients_record_one_autograd_node(layout):
+    # an eager call with gradients is one autograd node straight to q, k, v (for bhld after the
+    # output's transpose; no transposes of the inputs: per-call cost at small shapes); its
+    # gradients match the reference; the output is saved for the backward, so changing it in
+    # place is autograd's usual error
+    q, k, v = make_qkv(2, 4, 2, 19, 23, 24, torch.float64, "cpu")
+    go = torch.randn(2, 4, 19, 24, dtype=torch.float64)
+    if layout == "blhd":
+        q, k, v, go = (t.transpose(1, 2) for t in (q, k, v, go))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = flash_attention(q, k, v, causal=True, scale=0.4, layout=layout)
+    node = out.grad_fn if layout == "blhd" else out.grad_fn.next_functions[0][0]
+    nodes = [fn for fn, _ in node.next_functions if fn is not None]
+    assert [type(fn).__name__ for fn in nodes] == ["AccumulateGrad"] * 3
+    assert [fn.variable for fn in nodes] == [q, k, v]
+    got = torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
+    t = (lambda x: x) if layout == "bhld" else (lambda x: x.transpose(1, 2))
+    ref_out = reference.attention_reference(t(q), t(k), t(v), True, 0.4, bottom_right=True)
+    ref = torch.autograd.grad(ref_out, (q, k, v), t(go))
+    assert max_err(out, t(ref_out)) <= 1e-12
+    for name, a, r in zip(("dq", "dk", "dv"), got, ref):
+        assert max_err(a, r) <= 1e-12, name
+    with torch.no_grad():
+        out.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, (q, k, v), go)
+
+
+def test_cpu_eager_backward_sees_inputs_changed_in_place():
+    # the saved views share q's version counter: a q changed after the forward is an error, not
+    # a silently wrong gradient
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, "cpu")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    q2 = q * 1.0
+    out = flash_attention(q2, k, v)
+    with torch.no_grad():
+        q2.add_(1.0)
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [4, 13, 31])
+def test_cpu_padding_columns_are_zero_after_nan_calls(dtype, d):
+    # the kernel's scratch is not zeroed: a call on NaN inputs leaves NaN in freed memory the next
+    # call may get back; head dims off the vector width (padding columns), forward and backward
+    nan = make_qkv(2, 2, 2, 70, 70, 32, dtype, "cpu")
+    for t in nan:
+        t.fill_(float("nan"))
+    grads(lambda q, k, v: flash_attention(q, k, v, causal=True), *nan, torch.ones_like(nan[0]))
+    q, k, v = make_qkv(2, 2, 2, 70, 66, d, dtype, "cpu")
+    go = torch.randn(2, 2, 70, d, dtype=torch.float64).to(dtype)
+    ours = grads(lambda q, k, v: flash_attention(q, k, v, causal=True), q, k, v, go)
+    ref_fn = lambda q, k, v: reference.attention_reference(  # noqa: E731
+        q, k, v, True, None, bottom_right=True
+    )
+    ref = grads(ref_fn, q.double(), k.double(), v.double(), go.double())
+    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), ours, ref):
+        if a is not None:
+            tol = (ATOL_GRAD if name.startswith("d") else ATOL)[dtype]
+            assert max_err(a, r) <= tol, name
+
+
+def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch):
+    # with gradients, non-causal attention over 1024+ keys at D >= 128 (2048+ at D >= 64) goes to
+    # PyTorch's SDPA, faster there; causal, shorter or narrower calls, and calls whose causality
+    # the rule is not told (the drop-in's), stay with genext
+    spy = mock.Mock(wraps=F.scaled_dot_product_attention)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v = make_qkv(1, 2, 1, 8, 1024, 128, torch.float32, "cpu", requires_grad=True)
+    assert cpu_forward_prefers_torch(q, k, v, causal=False)
+    assert not cpu_forward_prefers_torch(q, k, v, causal=True)
+    assert not cpu_forward_prefers_torch(q, k, v)
+    assert not cpu_forward_prefers_torch(q, k[:, :, :1023], v[:, :, :1023], causal=False)
+    assert not cpu_forward_prefers_torch(q[..., :64], k[..., :64], v[..., :64], causal=False)
+    go = torch.randn(1, 2, 8, 128)
+    out = flash_attention(q, k, v, scale=0.1)
+    assert spy.call_count == 1
+    got = torch.autograd.grad(out, (q, k, v), go)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref_out = reference.attention_reference(qd, kd, vd, False, 0.1)
+    ref = torch.autograd.grad(ref_out, (qd, kd, vd), go.double())
+    assert max_err(out, ref_out) <= ATOL[torch.float32]
+    for name, a, r in zip(("dq", "dk", "dv"), got, ref):
+        assert max_err(a, r) <= ATOL_GRAD[torch.float32], name
+    flash_attention(q, k, v, causal=True)
+    flash_attention(q[..., :64], k[..., :64], v[..., :64])
+    assert spy.call_count == 1
+    q2, k2, v2 = make_qkv(1, 1, 1, 8, 2048, 64, torch.float32, "cpu", requires_grad=True)
+    flash_attention(q2, k2, v2)
+    assert spy.call_count == 2
+    # the drop-in does not pass is_causal to the rule: its gradient calls stay with genext
+    assert gF.sdpa_backend(q2, k2, v2) == "genext"
+    gF.scaled_dot_product_attention(q2, k2, v2)
+    assert spy.call_count == 2
