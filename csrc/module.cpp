@@ -1,10 +1,14 @@
 // genext._C: importing it registers the ops (static initialisers in this library); the Python
 // module itself only reports plain build facts to genext.build_info().
 #include <c10/util/Exception.h>
+#include <c10/util/ParallelGuard.h>
 #include <pybind11/pybind11.h>
 
 #include <atomic>
 #include <chrono>
+#include <mutex>
+#include <set>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -41,34 +45,63 @@ PYBIND11_MODULE(_C, m) {
   m.def("_cpu_set_pool_enabled", [](bool on) { genext::cpu::set_pool_enabled(on); });
   // Test of the thread pool itself (tests/ops/test_cpu_threads.py): parallel_for over [0, n) whose
   // items each spin for ns_per_item nanoseconds and then try a nested parallel_for (which must
-  // run inline); item throw_at (if in range) raises. Returns (every item ran exactly once, team
-  // launches during the call, the most threads at::get_num_threads() gave inside a chunk: ATen ops
-  // called there must not start teams of their own).
-  m.def("_cpu_parallel_for_check", [](int64_t n, double ns_per_item, int64_t throw_at) {
-    pybind11::gil_scoped_release no_gil;
-    std::vector<std::atomic<int>> hits(size_t(std::max<int64_t>(n, 0)));
-    std::atomic<int> aten_threads{0};
-    const int64_t launches = genext::cpu::team_launches().load();
-    genext::cpu::parallel_for(0, n, ns_per_item, [&](int64_t b, int64_t e) {
-      const int t = at::get_num_threads();
-      int seen = aten_threads.load();
-      while (t > seen && !aten_threads.compare_exchange_weak(seen, t)) {
-      }
-      for (int64_t i = b; i < e; ++i) {
-        TORCH_CHECK(i != throw_at, "_cpu_parallel_for_check: item ", i, " raised");
-        const auto until =
-            std::chrono::steady_clock::now() + std::chrono::nanoseconds(int64_t(ns_per_item));
-        while (std::chrono::steady_clock::now() < until) {
-        }
-        hits[size_t(i)].fetch_add(1);
-      }
-      genext::cpu::parallel_for(0, 1 << 20, 1e3, [](int64_t, int64_t) {});
-    });
-    bool once = true;
-    for (const auto& h : hits) once = once && h.load() == 1;
-    return std::make_tuple(once, genext::cpu::team_launches().load() - launches,
-                           aten_threads.load());
-  });
+  // run inline); item throw_at (if in range) raises. mode is a sum of flags: 1, item 0 waits (up
+  // to 2 s, then goes on) until a thread other than its own has started a chunk; 2, a chunk that
+  // runs on a thread other than the caller raises ValueError. Returns (every item ran exactly
+  // once, team launches during the call, the most threads at::get_num_threads() gave inside a
+  // chunk: ATen ops called there must not start teams of their own, how many distinct threads
+  // ran chunks, whether every chunk ran inside a parallel region as ATen marks it).
+  m.def(
+      "_cpu_parallel_for_check",
+      [](int64_t n, double ns_per_item, int64_t throw_at, int mode) {
+        constexpr int kWaitForHelper = 1, kThrowOffCaller = 2;
+        pybind11::gil_scoped_release no_gil;
+        std::vector<std::atomic<int>> hits(size_t(std::max<int64_t>(n, 0)));
+        std::atomic<int> aten_threads{0};
+        std::atomic<bool> in_region{true};
+        std::mutex threads_mutex;
+        std::set<std::thread::id> threads;
+        const auto caller = std::this_thread::get_id();
+        const auto thread_count = [&] {
+          const std::lock_guard<std::mutex> lock(threads_mutex);
+          return threads.size();
+        };
+        const int64_t launches = genext::cpu::team_launches().load();
+        genext::cpu::parallel_for(0, n, ns_per_item, [&](int64_t b, int64_t e) {
+          {
+            const std::lock_guard<std::mutex> lock(threads_mutex);
+            threads.insert(std::this_thread::get_id());
+          }
+          if (!c10::ParallelGuard::is_enabled()) in_region.store(false);
+          TORCH_CHECK_VALUE(!(mode & kThrowOffCaller) || std::this_thread::get_id() == caller,
+                            "_cpu_parallel_for_check: a chunk raised on a pool worker");
+          const int t = at::get_num_threads();
+          int seen = aten_threads.load();
+          while (t > seen && !aten_threads.compare_exchange_weak(seen, t)) {
+          }
+          for (int64_t i = b; i < e; ++i) {
+            TORCH_CHECK(i != throw_at, "_cpu_parallel_for_check: item ", i, " raised");
+            if (i == 0 && (mode & kWaitForHelper)) {
+              const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+              while (thread_count() < 2 && std::chrono::steady_clock::now() < give_up) {
+                std::this_thread::yield();
+              }
+            }
+            const auto until =
+                std::chrono::steady_clock::now() + std::chrono::nanoseconds(int64_t(ns_per_item));
+            while (std::chrono::steady_clock::now() < until) {
+            }
+            hits[size_t(i)].fetch_add(1);
+          }
+          genext::cpu::parallel_for(0, 1 << 20, 1e3, [](int64_t, int64_t) {});
+        });
+        bool once = true;
+        for (const auto& h : hits) once = once && h.load() == 1;
+        return std::make_tuple(once, genext::cpu::team_launches().load() - launches,
+                               aten_threads.load(), int64_t(thread_count()), in_region.load());
+      },
+      pybind11::arg("n"), pybind11::arg("ns_per_item"), pybind11::arg("throw_at"),
+      pybind11::arg("mode") = 0);
 #ifdef __VERSION__
   m.attr("compiler") = __VERSION__;
 #endif

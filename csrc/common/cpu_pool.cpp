@@ -26,18 +26,23 @@
 // worker either saw the job or is woken. The owner likewise loads `left` before it re-checks
 // joined, and sleeps on `left`. Every access to these words is sequentially consistent, except
 // the relaxed loads of a poll, which only decide whether to look again.
-// Polling: workers poll briefly after a job (a kernel often starts several jobs in a row) and the
-// owner briefly before sleeping, then both block in the kernel, so neither keeps a core busy on a
-// shared machine or keeps a descheduled helper off the owner's core.
+// Polling: a worker polls briefly after a job it ran (a kernel often starts several jobs in a
+// row) and sleeps at once when it finds no job it can join otherwise (a worker beyond the count a
+// job wants would spin per job for nothing); the owner polls briefly before sleeping. Then both
+// block in the kernel, so neither keeps a core busy on a shared machine or keeps a descheduled
+// helper off the owner's core.
 // Threads: the pool grows to the most helpers any job wanted (at::get_num_threads() - 1, read per
 // call) and a job names how many may join, so a smaller thread count uses fewer of them; workers
-// that are not wanted sleep. Workers are detached and the pool is never freed, so process exit
-// does not wait for them and a late worker never touches freed memory.
-// fork(): the child has only the forking thread, so a child handler drops the pool (leaked) and
-// the child's first job starts a fresh one.
+// that are not wanted sleep. Once a thread cannot be started the pool stays at the size it has.
+// Workers are detached and the pool is never freed, so process exit does not wait for them and a
+// late worker never touches freed memory.
+// fork(): the child has only the forking thread, so a child handler (registered when the library
+// loads, so that no fork can race its registration) drops the pool (leaked) and the child's first
+// job starts a fresh one.
 #include "common/cpu_pool.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
 #include <dlfcn.h>
 #include <omp.h>
 #include <pthread.h>
@@ -46,7 +51,6 @@
 #include <atomic>
 #include <chrono>
 #include <exception>
-#include <system_error>
 #include <thread>
 
 #include "common/cpu_parallel.h"
@@ -110,17 +114,19 @@ struct Pool {
   // Owner-only.
   alignas(64) std::atomic<bool> busy{false};
   int workers = 0;
+  int max_workers = kMaxHelpers;  // lowered to `workers` once a thread cannot be started
 };
 
 std::atomic<Pool*> g_pool{nullptr};
 
 void drop_pool_in_child() { g_pool.store(nullptr, std::memory_order_relaxed); }
 
+[[maybe_unused]] const int g_atfork_registered =
+    pthread_atfork(nullptr, nullptr, drop_pool_in_child);
+
 Pool& pool() {
   Pool* p = g_pool.load(std::memory_order_acquire);
   if (p != nullptr) return *p;
-  static const int registered = pthread_atfork(nullptr, nullptr, drop_pool_in_child);
-  (void)registered;
   auto* fresh = new Pool();
   if (g_pool.compare_exchange_strong(p, fresh, std::memory_order_acq_rel)) return *fresh;
   delete fresh;
@@ -160,7 +166,9 @@ class OneAtenThread {
 };
 
 // Takes chunks until they run out; records the first exception and stops handing out chunks.
+// Chunks run inside a parallel region as ATen's parallel_for marks it (c10::ParallelGuard).
 void run_chunks(Pool& p) {
+  const c10::ParallelGuard region(true);
   const int64_t end = p.end, chunk = p.chunk;
   try {
     for (;;) {
@@ -187,6 +195,7 @@ void worker_main(Pool* p) {
   const OneAtenThread one_thread;
   tl_in_task = true;
   uint64_t last_gen = 0;
+  bool ran = false;  // whether this worker ran the last job: then the next one may follow soon
   for (;;) {
     const uint32_t w = p->wake.load();
     uint64_t s = p->state.load();
@@ -199,27 +208,45 @@ void worker_main(Pool* p) {
         p->left.fetch_add(1);
         p->left.notify_one();
       }
+      ran = true;
       continue;
     }
-    const bool seen = poll_for(kWorkerPollNs, [&] {
-      return p->wake.load(std::memory_order_relaxed) != w ||
-             joinable(p->state.load(std::memory_order_relaxed), last_gen);
-    });
+    // Polls once, after a job it ran; a job it saw but could not join (it had all the helpers it
+    // wanted, or had closed) sends it to sleep at once.
+    const bool seen = ran && poll_for(kWorkerPollNs, [&] {
+                        return p->wake.load(std::memory_order_relaxed) != w ||
+                               joinable(p->state.load(std::memory_order_relaxed), last_gen);
+                      });
+    ran = false;
     if (!seen) p->wake.wait(w);  // sleeps only while wake == w: no job opened since the load
   }
 }
 
-// Starts workers until there are `helpers` (owner only); fewer if threads cannot be started.
+// Starts workers until there are `helpers` (owner only); fewer if threads cannot be started
+// (std::system_error, std::bad_alloc, ...), and then never tries again.
 void grow(Pool& p, int helpers) {
-  while (p.workers < helpers) {
+  while (p.workers < std::min(helpers, p.max_workers)) {
     try {
       std::thread(worker_main, &p).detach();
-    } catch (const std::system_error&) {
+    } catch (...) {
+      p.max_workers = p.workers;
       return;
     }
     ++p.workers;
   }
 }
+
+// Releases the pool's ownership on every way out of run_in_pool.
+class ReleaseBusy {
+ public:
+  explicit ReleaseBusy(Pool& p) : p_(p) {}
+  ~ReleaseBusy() { p_.busy.store(false, std::memory_order_release); }
+  ReleaseBusy(const ReleaseBusy&) = delete;
+  ReleaseBusy& operator=(const ReleaseBusy&) = delete;
+
+ private:
+  Pool& p_;
+};
 
 std::atomic<bool> g_pool_enabled{true};
 
@@ -234,6 +261,7 @@ bool run_in_pool(int64_t begin, int64_t end, int64_t chunk, int helpers, ChunkFn
                  const void* ctx) {
   Pool& p = pool();
   if (p.busy.exchange(true, std::memory_order_acquire)) return false;
+  const ReleaseBusy release(p);
   team_launches().fetch_add(1, std::memory_order_relaxed);
   grow(p, std::min(helpers, kMaxHelpers));
   const uint64_t wanted = uint64_t(std::min({helpers, p.workers, kMaxHelpers}));
@@ -276,7 +304,6 @@ bool run_in_pool(int64_t begin, int64_t end, int64_t chunk, int helpers, ChunkFn
     p.error = nullptr;
     p.failed.store(false, std::memory_order_relaxed);
   }
-  p.busy.store(false, std::memory_order_release);
   if (error) std::rethrow_exception(error);
   return true;
 }

@@ -6,8 +6,11 @@ import contextlib
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,29 +113,83 @@ def test_results_do_not_depend_on_the_thread_count(two_threads):
 # wake in time and waits only for those that joined. _C._cpu_parallel_for_check runs it directly:
 # items spin for ns_per_item, each chunk tries a nested parallel_for (which must run inline), and
 # one item may raise; it returns (every item ran once, team launches during the call, the most
-# threads at::get_num_threads() reported inside a chunk: 1, so ATen ops there start no team).
+# threads at::get_num_threads() reported inside a chunk: 1, so ATen ops there start no team, how
+# many distinct threads ran chunks, whether every chunk ran inside a parallel region as ATen's
+# parallel_for marks it). Its mode flags: item 0 waits (up to 2 s) until a second thread has
+# started a chunk; a chunk on a thread other than the caller raises ValueError.
+#
+# A pool that deadlocks would hang the test run, so the checks that run the pool directly run in a
+# fresh Python process that the test kills after a timeout: a hang fails the test instead.
+WAIT_FOR_HELPER = 1
+THROW_OFF_CALLER = 2
 
 
-@pytest.mark.parametrize("threads", [2, 4])
-def test_pool_covers_every_item_once_and_never_nests(threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+def _isolated(check, timeout: float = 120.0) -> None:
+    """Runs check(), a function of this module, in a fresh Python process; fails on its error or
+    when it has not finished after `timeout` seconds (the process is killed)."""
+    here = Path(__file__).resolve()
+    script = (
+        f"import sys; sys.path.insert(0, {str(here.parent)!r}); "
+        f"import {here.stem} as t; t.{check.__name__}()"
+    )
     try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{check.__name__} hung: no result after {timeout:.0f} s")
+    assert proc.returncode == 0, f"{check.__name__} failed:\n{proc.stdout}{proc.stderr[-6000:]}"
+
+
+def _assert_plain_job(result, what: str) -> None:
+    """A job without a raise: every item once, one launch, no nested team, a parallel region."""
+    once, launches, aten, threads, region = result
+    assert once, f"{what}: an item ran twice or never"
+    assert launches == 1, f"{what}: {launches} launches (a nested team ran)"
+    assert aten == 1, f"{what}: ATen would start {aten} threads inside a chunk"
+    assert 1 <= threads <= torch.get_num_threads(), f"{what}: chunks ran on {threads} threads"
+    assert region, f"{what}: a chunk ran outside a parallel region"
+
+
+def _check_pool_covers_every_item_once_and_never_nests():
+    for threads in (2, 4):
+        torch.set_num_threads(threads)
         for n in [2, 3, 17, 97, 1025]:  # fewer items than threads, odd counts, chunk tails
-            once, launches, aten = _C._cpu_parallel_for_check(n, 4e6 / n, -1)  # 4 ms in all
-            assert once, f"{n} items: an item ran twice or never"
-            assert launches == 1, f"{n} items: {launches} launches (a nested team ran)"
-            assert aten == 1, f"{n} items: ATen would start {aten} threads inside a chunk"
-    finally:
-        torch.set_num_threads(before)
+            result = _C._cpu_parallel_for_check(n, 4e6 / n, -1)  # 4 ms in all
+            _assert_plain_job(result, f"{threads} threads, {n} items")
 
 
-@pytest.mark.parametrize("throw_at", [0, 31, 63])  # first chunk (caller), middle, last item
-def test_pool_propagates_an_exception_and_keeps_working(two_threads, throw_at):
-    with pytest.raises(RuntimeError, match=f"item {throw_at} raised"):
-        _C._cpu_parallel_for_check(64, 100_000.0, throw_at)
+def test_pool_covers_every_item_once_and_never_nests():
+    _isolated(_check_pool_covers_every_item_once_and_never_nests)
+
+
+def _check_workers_run_chunks():
+    torch.set_num_threads(2)
+    result = _C._cpu_parallel_for_check(64, 50_000.0, -1, WAIT_FOR_HELPER)
+    _assert_plain_job(result, "item 0 waiting for a helper")
+    assert result[3] >= 2, "no pool worker ran a chunk in 2 s"
+    # An exception raised on a worker reaches the caller with its type and message.
+    with pytest.raises(ValueError, match="a chunk raised on a pool worker"):
+        _C._cpu_parallel_for_check(64, 50_000.0, -1, WAIT_FOR_HELPER | THROW_OFF_CALLER)
     for _ in range(3):  # the pool is free and whole again
-        assert _C._cpu_parallel_for_check(64, 50_000.0, -1) == (True, 1, 1)
+        _assert_plain_job(_C._cpu_parallel_for_check(64, 50_000.0, -1), "after a worker raised")
+
+
+def test_workers_run_chunks_and_their_exceptions_reach_the_caller():
+    _isolated(_check_workers_run_chunks)
+
+
+def _check_pool_propagates_an_exception_and_keeps_working():
+    torch.set_num_threads(2)
+    for throw_at in [0, 31, 63]:  # first chunk (caller), middle, last item
+        with pytest.raises(RuntimeError, match=f"item {throw_at} raised"):
+            _C._cpu_parallel_for_check(64, 100_000.0, throw_at)
+        for _ in range(3):  # the pool is free and whole again
+            _assert_plain_job(_C._cpu_parallel_for_check(64, 50_000.0, -1), f"after {throw_at}")
+
+
+def test_pool_propagates_an_exception_and_keeps_working():
+    _isolated(_check_pool_propagates_an_exception_and_keeps_working)
 
 
 def _gn_fwd_bwd(x, w, b, gy):
@@ -184,9 +241,8 @@ def test_results_identical_across_1_2_4_threads():
         torch.set_num_threads(before)
 
 
-def test_python_threads_calling_ops_at_once(two_threads):
-    """Several Python threads run kernels (and the pool directly) at once: one owns the pool, the
-    others run their ranges inline; every result equals the one computed alone."""
+def _check_python_threads_calling_ops_at_once():
+    torch.set_num_threads(2)
     cases = _thread_cases()
     want = [fn(*args) for _, fn, args in cases]
     errors: list[str] = []
@@ -197,18 +253,24 @@ def test_python_threads_calling_ops_at_once(two_threads):
                 j = (i + seed) % len(cases)
                 name, fn, args = cases[j]
                 _assert_same(f"thread {seed}: {name}", fn(*args), want[j])
-                once, _, _ = _C._cpu_parallel_for_check(37, 30_000.0, -1)
+                once = _C._cpu_parallel_for_check(37, 30_000.0, -1)[0]
                 assert once, f"thread {seed}: pool check"
         except Exception as e:  # noqa: BLE001 (reported by the main thread)
             errors.append(repr(e))
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=90)
     assert not any(t.is_alive() for t in threads), "a Python thread hung"
     assert not errors, errors
+
+
+def test_python_threads_calling_ops_at_once():
+    """Several Python threads run kernels (and the pool directly) at once: one owns the pool, the
+    others run their ranges inline; every result equals the one computed alone."""
+    _isolated(_check_python_threads_calling_ops_at_once)
 
 
 def _forward_cases():
@@ -228,7 +290,8 @@ def _child_runs_ops(conn, cases):
     comparison in the child would be an ATen op that may start a team)."""
     try:
         launches = _C._cpu_team_launches()
-        check = _C._cpu_parallel_for_check(64, 50_000.0, -1)
+        once, check_launches, aten, _, region = _C._cpu_parallel_for_check(64, 50_000.0, -1)
+        check = (once, check_launches, aten, region)
         outs = [fn().numpy().tobytes() for fn in cases]
         conn.send((check, _C._cpu_team_launches() - launches, outs))
     except Exception as e:  # noqa: BLE001 (reported by the parent)
@@ -237,16 +300,14 @@ def _child_runs_ops(conn, cases):
         conn.close()
 
 
-def test_forked_child_runs_ops(two_threads):
-    """A DataLoader-style fork after the parent used the pool: the child's kernels start a fresh
-    pool and give the parent's results (an OpenMP team would hang there: the parent's threads do
-    not exist in the child)."""
+def _check_forked_child_runs_ops():
+    torch.set_num_threads(2)
     cases = _forward_cases()
     want = [fn().numpy().tobytes() for fn in cases]
-    assert _C._cpu_parallel_for_check(64, 50_000.0, -1) == (True, 1, 1)  # the parent's pool runs
+    _assert_plain_job(_C._cpu_parallel_for_check(64, 50_000.0, -1), "parent")  # its pool runs
     ctx = multiprocessing.get_context("fork")
     parent_end, child_end = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_runs_ops, args=(child_end, cases))
+    child = ctx.Process(target=_child_runs_ops, args=(child_end, cases), daemon=True)
     child.start()
     child_end.close()
     try:
@@ -258,10 +319,17 @@ def test_forked_child_runs_ops(two_threads):
             child.kill()
     assert not isinstance(result, str), result
     check, launches, outs = result
-    assert check == (True, 1, 1)
+    assert check == (True, 1, 1, True)
     assert launches >= 2, "the child's kernels ran no team"
     assert outs == want, "the child's results differ"
     assert child.exitcode == 0
+
+
+def test_forked_child_runs_ops():
+    """A DataLoader-style fork after the parent used the pool: the child's kernels start a fresh
+    pool and give the parent's results (an OpenMP team would hang there: the parent's threads do
+    not exist in the child)."""
+    _isolated(_check_forked_child_runs_ops)
 
 
 def _pin_all_threads(cpus) -> None:
@@ -270,15 +338,10 @@ def _pin_all_threads(cpus) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux thread affinity")
-def test_caller_never_waits_for_an_unscheduled_worker(two_threads):
-    """Every thread of this process pinned to one CPU: while the caller computes, its worker cannot
-    run, as when another process holds the worker's core. The caller takes every chunk itself and
-    returns; a two-thread job costs what one thread does. (An OpenMP team's closing barrier waits
-    for the descheduled thread: 9-11x the one-thread time measured here with the pool switched
-    off, _C._cpu_set_pool_enabled(False).)"""
+def _check_caller_never_waits_for_an_unscheduled_worker():
+    torch.set_num_threads(2)
     job = lambda: _C._cpu_parallel_for_check(64, 20_000.0, -1)  # noqa: E731 (1.3 ms on one core)
-    assert job() == (True, 1, 1)  # the worker exists
+    _assert_plain_job(job(), "before pinning")  # the worker exists
     cpus = os.sched_getaffinity(0)
     _pin_all_threads({min(cpus)})
     try:
@@ -295,3 +358,14 @@ def test_caller_never_waits_for_an_unscheduled_worker(two_threads):
     assert two < 2.0 * one, (
         f"2 threads on one CPU: {two * 1e3:.2f} ms, 1 thread: {one * 1e3:.2f} ms"
     )
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux thread affinity")
+def test_caller_never_waits_for_an_unscheduled_worker():
+    """Every thread of the process pinned to one CPU: while the caller computes, its worker cannot
+    run, as when another process holds the worker's core. The caller takes every chunk itself and
+    returns; a two-thread job costs what one thread does. (An OpenMP team's closing barrier waits
+    for the descheduled thread: the same timing loop on the OpenMP team,
+    _C._cpu_set_pool_enabled(False), took 9-11x the one-thread time here; the check before the loop
+    holds only for the pool and has to be left out for that comparison.)"""
+    _isolated(_check_caller_never_waits_for_an_unscheduled_worker)
