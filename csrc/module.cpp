@@ -8,6 +8,7 @@
 #include <chrono>
 #include <mutex>
 #include <set>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -41,8 +42,23 @@ PYBIND11_MODULE(_C, m) {
   // how many times a CPU kernel has woken an intra-op thread team (tests: small inputs never do)
   m.def("_cpu_team_launches", [] { return genext::cpu::team_launches().load(); });
   // parallel_for's pool (True, default) or OpenMP team (False): tests and benchmarks compare them
-  m.def("_cpu_pool_enabled", [] { return genext::cpu::pool_enabled(); });
-  m.def("_cpu_set_pool_enabled", [](bool on) { genext::cpu::set_pool_enabled(on); });
+  // how parallel_for runs its teams: "auto" (default), "pool" or "openmp" (cpu_pool.h TeamMode)
+  m.def("_cpu_team_mode", [] {
+    const auto mode = genext::cpu::team_mode();
+    return mode == genext::cpu::TeamMode::kAuto   ? "auto"
+           : mode == genext::cpu::TeamMode::kPool ? "pool"
+                                                  : "openmp";
+  });
+  m.def("_cpu_set_team_mode", [](const std::string& mode) {
+    using genext::cpu::TeamMode;
+    TORCH_CHECK_VALUE(mode == "auto" || mode == "pool" || mode == "openmp",
+                      "_cpu_set_team_mode: 'auto', 'pool' or 'openmp', got '", mode, "'");
+    genext::cpu::set_team_mode(mode == "auto"   ? TeamMode::kAuto
+                               : mode == "pool" ? TeamMode::kPool
+                                                : TeamMode::kOpenMP);
+  });
+  // whether the next team is genext's pool (kAuto after a team waited for a descheduled thread)
+  m.def("_cpu_next_team_is_pool", [] { return genext::cpu::use_pool(); });
   // Test of the thread pool itself (tests/ops/test_cpu_threads.py): parallel_for over [0, n) whose
   // items each spin for ns_per_item nanoseconds and then try a nested parallel_for (which must
   // run inline); item throw_at (if in range) raises. mode is a sum of flags: 1, item 0 waits (up

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 
@@ -55,8 +56,11 @@ void parallel_for(int64_t begin, int64_t end, double ns_per_item, const F& f,
     return;
   }
   const int64_t chunk = std::max<int64_t>({1, min_chunk, n / (threads * 8)});
-  if (!pool_enabled()) {  // the OpenMP team, for comparisons
+  if (!use_pool()) {  // an OpenMP team (see TeamMode in cpu_pool.h)
     team_launches().fetch_add(1, std::memory_order_relaxed);
+    using clock = std::chrono::steady_clock;
+    const clock::time_point start = clock::now();
+    clock::time_point caller_done = start;
     std::atomic<int64_t> next{begin};
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       for (;;) {
@@ -64,7 +68,13 @@ void parallel_for(int64_t begin, int64_t end, double ns_per_item, const F& f,
         if (b >= end) break;
         f(b, std::min(end, b + chunk));
       }
+      if (at::get_thread_num() == 0) caller_done = clock::now();  // the calling thread
     });
+    const auto ns = [](clock::duration d) {
+      return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
+    };
+    if (team_mode() == TeamMode::kAuto)
+      note_team_wait(ns(clock::now() - caller_done), ns(caller_done - start));
     return;
   }
   const ChunkFn call = [](const void* ctx, int64_t b, int64_t e) {

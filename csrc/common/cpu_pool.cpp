@@ -119,7 +119,12 @@ struct Pool {
 
 std::atomic<Pool*> g_pool{nullptr};
 
-void drop_pool_in_child() { g_pool.store(nullptr, std::memory_order_relaxed); }
+std::atomic<bool> g_forked_child{false};
+
+void drop_pool_in_child() {
+  g_pool.store(nullptr, std::memory_order_relaxed);
+  g_forked_child.store(true, std::memory_order_relaxed);
+}
 
 [[maybe_unused]] const int g_atfork_registered =
     pthread_atfork(nullptr, nullptr, drop_pool_in_child);
@@ -248,14 +253,40 @@ class ReleaseBusy {
   Pool& p_;
 };
 
-std::atomic<bool> g_pool_enabled{true};
+std::atomic<int> g_team_mode{int(TeamMode::kAuto)};
+// kAuto: the steady-clock time (ns) until which teams are the pool
+std::atomic<int64_t> g_pool_until_ns{0};
+// A closing wait this long is a scheduler slice, not a wake-up or a last chunk finishing
+constexpr int64_t kSliceWaitNs = 1'000'000;
+constexpr int64_t kPoolHoldNs = 250'000'000;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 }  // namespace
 
 bool in_pool_task() noexcept { return tl_in_task; }
 
-bool pool_enabled() noexcept { return g_pool_enabled.load(std::memory_order_relaxed); }
-void set_pool_enabled(bool on) noexcept { g_pool_enabled.store(on, std::memory_order_relaxed); }
+TeamMode team_mode() noexcept { return TeamMode(g_team_mode.load(std::memory_order_relaxed)); }
+void set_team_mode(TeamMode mode) noexcept {
+  g_team_mode.store(int(mode), std::memory_order_relaxed);
+  g_pool_until_ns.store(0, std::memory_order_relaxed);
+}
+
+bool auto_uses_pool() noexcept {
+  return g_forked_child.load(std::memory_order_relaxed) ||
+         now_ns() < g_pool_until_ns.load(std::memory_order_relaxed);
+}
+
+void note_team_wait(int64_t wait_ns, int64_t work_ns) noexcept {
+  // a wait that is both a scheduler slice long and a large share of the call: a team thread sat
+  // descheduled (another process on its core), so the next calls use the pool
+  if (wait_ns > kSliceWaitNs && 4 * wait_ns > work_ns)
+    g_pool_until_ns.store(now_ns() + kPoolHoldNs, std::memory_order_relaxed);
+}
 
 bool run_in_pool(int64_t begin, int64_t end, int64_t chunk, int helpers, ChunkFn fn,
                  const void* ctx) {

@@ -152,6 +152,7 @@ def _assert_plain_job(result, what: str) -> None:
 
 
 def _check_pool_covers_every_item_once_and_never_nests():
+    _C._cpu_set_team_mode("pool")  # the pool itself, not the automatic choice
     for threads in (2, 4):
         torch.set_num_threads(threads)
         for n in [2, 3, 17, 97, 1025]:  # fewer items than threads, odd counts, chunk tails
@@ -164,6 +165,7 @@ def test_pool_covers_every_item_once_and_never_nests():
 
 
 def _check_workers_run_chunks():
+    _C._cpu_set_team_mode("pool")  # the pool itself, not the automatic choice
     torch.set_num_threads(2)
     result = _C._cpu_parallel_for_check(64, 50_000.0, -1, WAIT_FOR_HELPER)
     _assert_plain_job(result, "item 0 waiting for a helper")
@@ -180,6 +182,7 @@ def test_workers_run_chunks_and_their_exceptions_reach_the_caller():
 
 
 def _check_pool_propagates_an_exception_and_keeps_working():
+    _C._cpu_set_team_mode("pool")  # the pool itself, not the automatic choice
     torch.set_num_threads(2)
     for throw_at in [0, 31, 63]:  # first chunk (caller), middle, last item
         with pytest.raises(RuntimeError, match=f"item {throw_at} raised"):
@@ -242,6 +245,7 @@ def test_results_identical_across_1_2_4_threads():
 
 
 def _check_python_threads_calling_ops_at_once():
+    _C._cpu_set_team_mode("pool")  # the pool itself, not the automatic choice
     torch.set_num_threads(2)
     cases = _thread_cases()
     want = [fn(*args) for _, fn, args in cases]
@@ -303,8 +307,10 @@ def _child_runs_ops(conn, cases):
 def _check_forked_child_runs_ops():
     torch.set_num_threads(2)
     cases = _forward_cases()
-    want = [fn().numpy().tobytes() for fn in cases]
+    want = [fn().numpy().tobytes() for fn in cases]  # on OpenMP teams (the automatic choice)
+    _C._cpu_set_team_mode("pool")
     _assert_plain_job(_C._cpu_parallel_for_check(64, 50_000.0, -1), "parent")  # its pool runs
+    _C._cpu_set_team_mode("auto")  # the child's choice: always the pool after a fork
     ctx = multiprocessing.get_context("fork")
     parent_end, child_end = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child_runs_ops, args=(child_end, cases), daemon=True)
@@ -326,9 +332,9 @@ def _check_forked_child_runs_ops():
 
 
 def test_forked_child_runs_ops():
-    """A DataLoader-style fork after the parent used the pool: the child's kernels start a fresh
-    pool and give the parent's results (an OpenMP team would hang there: the parent's threads do
-    not exist in the child)."""
+    """A DataLoader-style fork after the parent used OpenMP teams and the pool: the child's kernels
+    start a fresh pool and give the parent's results (an OpenMP team would hang there: the
+    parent's threads do not exist in the child)."""
     _isolated(_check_forked_child_runs_ops)
 
 
@@ -339,6 +345,7 @@ def _pin_all_threads(cpus) -> None:
 
 
 def _check_caller_never_waits_for_an_unscheduled_worker():
+    _C._cpu_set_team_mode("pool")  # the pool itself, not the automatic choice
     torch.set_num_threads(2)
     job = lambda: _C._cpu_parallel_for_check(64, 20_000.0, -1)  # noqa: E731 (1.3 ms on one core)
     _assert_plain_job(job(), "before pinning")  # the worker exists
@@ -366,6 +373,42 @@ def test_caller_never_waits_for_an_unscheduled_worker():
     run, as when another process holds the worker's core. The caller takes every chunk itself and
     returns; a two-thread job costs what one thread does. (An OpenMP team's closing barrier waits
     for the descheduled thread: the same timing loop on the OpenMP team,
-    _C._cpu_set_pool_enabled(False), took 9-11x the one-thread time here; the check before the loop
-    holds only for the pool and has to be left out for that comparison.)"""
+    _C._cpu_set_team_mode("openmp"), took 9-11x the one-thread time here; the check before the
+    loop holds only for the pool and has to be left out for that comparison.)"""
     _isolated(_check_caller_never_waits_for_an_unscheduled_worker)
+
+
+def _check_auto_mode_leaves_a_waiting_team_for_the_pool():
+    assert _C._cpu_team_mode() == "auto"
+    torch.set_num_threads(2)
+    job = lambda: _C._cpu_parallel_for_check(64, 20_000.0, -1)  # noqa: E731 (1.3 ms on one core)
+    job()
+    assert not _C._cpu_next_team_is_pool()  # a team whose threads all ran: OpenMP stays
+    cpus = os.sched_getaffinity(0)
+    _pin_all_threads({min(cpus)})
+    try:
+        job()  # the team's barrier waits for its descheduled thread: the next teams are the pool
+        assert _C._cpu_next_team_is_pool()
+        times: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(11):
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                job()
+                times[threads].append(time.perf_counter() - t0)
+    finally:
+        _pin_all_threads(cpus)
+    one, two = (statistics.median(times[t]) for t in (1, 2))
+    assert two < 2.0 * one, (
+        f"2 threads on one CPU: {two * 1e3:.2f} ms, 1 thread: {one * 1e3:.2f} ms"
+    )
+    _C._cpu_set_team_mode("auto")  # resetting the mode forgets the choice
+    assert not _C._cpu_next_team_is_pool()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux thread affinity")
+def test_auto_mode_leaves_a_waiting_team_for_the_pool():
+    """By default a job runs on an OpenMP team (the threads PyTorch's own ops keep warm) until a
+    team's closing barrier waits a scheduler slice for a descheduled thread; then the pool takes
+    the next jobs, which cost what one thread does even with every thread pinned to one CPU."""
+    _isolated(_check_auto_mode_leaves_a_waiting_team_for_the_pool)
