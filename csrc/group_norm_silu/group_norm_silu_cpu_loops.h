@@ -456,17 +456,6 @@ GENEXT_INLINE void bwd_dx_group(const S* x, const T* g, S* dx, int64_t Cg, int64
   ATTR void sums_run_k(const S* x, int64_t n, T shift, double* s1, double* s2) {                   \
     sums_run<S, T>(x, n, shift, s1, s2);                                                           \
   }                                                                                                \
-  ATTR void fwd_run_k(const S* x, S* y, int64_t n, T m, T a, T b, bool silu) {                     \
-    fwd_run<S, T>(x, y, n, m, a, b, silu);                                                         \
-  }                                                                                                \
-  ATTR void bwd_g_run_k(const S* x, const S* dy, T* g, int64_t n, T m, T rs, T w, T b, bool silu,  \
-                        double* A, double* D) {                                                    \
-    bwd_g_run<S, T>(x, dy, g, n, m, rs, w, b, silu, A, D);                                         \
-  }                                                                                                \
-  ATTR void bwd_dx_run_k(const S* x, const T* g, S* dx, int64_t n, T m, T rs, T cg, T ck1,         \
-                         T ck2) {                                                                  \
-    bwd_dx_run<S, T>(x, g, dx, n, m, rs, cg, ck1, ck2);                                            \
-  }                                                                                                \
   ATTR void sums_cols_k(const S* x, int64_t rows, int64_t C, const T* shift, T* a1, T* a2,         \
                         double* s1, double* s2) {                                                  \
     sums_cols<S, T>(x, rows, C, shift, a1, a2, s1, s2);                                            \
