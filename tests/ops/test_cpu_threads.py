@@ -344,6 +344,22 @@ def _pin_all_threads(cpus) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
+def _assert_two_threads_cost_what_one_does(job) -> None:
+    """Times job() at 1 and 2 threads, alternating so both see the same load: the 2-thread median
+    must stay under twice the 1-thread one (run with every thread pinned to one CPU)."""
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(11):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            job()
+            times[threads].append(time.perf_counter() - t0)
+    one, two = (statistics.median(times[t]) for t in (1, 2))
+    assert two < 2.0 * one, (
+        f"2 threads on one CPU: {two * 1e3:.2f} ms, 1 thread: {one * 1e3:.2f} ms"
+    )
+
+
 def _check_caller_never_waits_for_an_unscheduled_worker():
     _C._cpu_set_team_mode("pool")  # the pool itself, not the automatic choice
     torch.set_num_threads(2)
@@ -352,19 +368,9 @@ def _check_caller_never_waits_for_an_unscheduled_worker():
     cpus = os.sched_getaffinity(0)
     _pin_all_threads({min(cpus)})
     try:
-        times: dict[int, list[float]] = {1: [], 2: []}
-        for _ in range(11):  # alternating, so both see the same load
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                t0 = time.perf_counter()
-                job()
-                times[threads].append(time.perf_counter() - t0)
+        _assert_two_threads_cost_what_one_does(job)
     finally:
         _pin_all_threads(cpus)
-    one, two = (statistics.median(times[t]) for t in (1, 2))
-    assert two < 2.0 * one, (
-        f"2 threads on one CPU: {two * 1e3:.2f} ms, 1 thread: {one * 1e3:.2f} ms"
-    )
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux thread affinity")
@@ -389,19 +395,9 @@ def _check_auto_mode_leaves_a_waiting_team_for_the_pool():
     try:
         job()  # the team's barrier waits for its descheduled thread: the next teams are the pool
         assert _C._cpu_next_team_is_pool()
-        times: dict[int, list[float]] = {1: [], 2: []}
-        for _ in range(11):
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                t0 = time.perf_counter()
-                job()
-                times[threads].append(time.perf_counter() - t0)
+        _assert_two_threads_cost_what_one_does(job)
     finally:
         _pin_all_threads(cpus)
-    one, two = (statistics.median(times[t]) for t in (1, 2))
-    assert two < 2.0 * one, (
-        f"2 threads on one CPU: {two * 1e3:.2f} ms, 1 thread: {one * 1e3:.2f} ms"
-    )
     _C._cpu_set_team_mode("auto")  # resetting the mode forgets the choice
     assert not _C._cpu_next_team_is_pool()
 
