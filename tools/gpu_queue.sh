@@ -32,7 +32,7 @@ run() {  # run LOG CAP CMD...: CMD under min(CAP, time left), appended to LOG wi
 }
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__)"; c++ --version | head -1; } >> "$O/build.log" 2>&1
-run build.log 240 env GENEXT_CUDA=ON TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} \
+run build.log 240 env GENEXT_CUDA=ON GENEXT_WARN_SPILLS=ON TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} \
   GENEXT_FA_HEAD_DIMS="${GENEXT_FA_HEAD_DIMS:-64;128;256}" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
   python3 -m pip install -v --no-build-isolation --no-deps -e .
 python3 -m genext info --json >> "$O/build.log" 2>&1 || { tail -60 "$O/build.log"; exit 1; }

@@ -106,6 +106,18 @@ def check_heads(op: str, hq, hk, d, on_cuda: bool) -> None:
         )
 
 
+def same_shape(a: Iterable, b: Iterable) -> bool:
+    """Whether two shapes are equal; symbolic sizes (under torch.compile) are compared with
+    ``sym_eq``, which tests without guarding. Its module (and sympy with it) is imported only
+    then: plain integer shapes need neither, and importing them costs ``import genext`` seconds."""
+    a, b = tuple(a), tuple(b)
+    if all(type(s) is int for s in a + b):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import sym_eq
+
+    return sym_eq(a, b)
+
+
 def check_same_device(op: str, anchor: str, tensors: dict[str, Tensor | None]) -> None:
     """Raise RuntimeError unless every tensor in ``tensors`` (None entries skipped) is on the device
     of ``tensors[anchor]``, as the C++ bindings do.

@@ -48,10 +48,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import sym_eq
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ._common import check_same_device, declare_kernels
+from ._common import check_same_device, declare_kernels, same_shape
 
 __all__ = ["NUM_COEF", "PredictionType", "StepKind", "sampler_step"]
 
@@ -193,7 +192,7 @@ def _check(
     if guidance:
         want[0] = want[0] * 2
     torch._check_value(
-        sym_eq(tuple(model_output.shape), tuple(want)),
+        same_shape(model_output.shape, want),
         lambda: (
             f"{op}: model_output must have shape {tuple(want)}"
             + (" ([uncond; cond] along dim 0)" if guidance else "")
@@ -216,7 +215,7 @@ def _check(
         if t is None:
             continue
         torch._check_value(
-            sym_eq(tuple(t.shape), tuple(sample.shape)),
+            same_shape(t.shape, sample.shape),
             lambda name=name, t=t: (
                 f"{op}: {name} must have the sample's shape "
                 f"{tuple(sample.shape)}, got {tuple(t.shape)}"
@@ -247,7 +246,7 @@ def _check_out(name: str, out: Tensor, sample: Tensor) -> None:
     """``check_out`` of sampler_step_checks.h."""
     op = _OPNAME + "_out"
     torch._check_value(
-        sym_eq(tuple(out.shape), tuple(sample.shape)),
+        same_shape(out.shape, sample.shape),
         lambda: (
             f"{op}: {name} must have the sample's shape {tuple(sample.shape)}, got "
             f"{tuple(out.shape)}"

@@ -6,7 +6,6 @@ import operator
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import sym_eq
 
 from ._common import (
     acc_dtype,
@@ -14,6 +13,7 @@ from ._common import (
     check_same_device,
     declare_kernels,
     forbid_double_backward,
+    same_shape,
 )
 
 __all__ = ["group_norm_silu"]
@@ -153,7 +153,7 @@ def _check_backward(
     ``check_stats``, and on CUDA float32 statistics."""
     _check(op, x, num_groups, weight, bias)
     torch._check_value(
-        sym_eq(tuple(grad_y.shape), tuple(x.shape)),
+        same_shape(grad_y.shape, x.shape),
         lambda: f"{op}: grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}",
     )
     torch._check_type(
