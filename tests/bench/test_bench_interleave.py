@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from genext.bench import Bench, Case, Config, Timing, harness, measure, run_bench
+from genext.bench import Bench, Case, Config, Timing, harness, measure, run_bench, runner
 from genext.bench.harness import Contender, interleaved_samples, rounds
 
 
@@ -229,3 +229,21 @@ def test_interleaved_samples_counts_and_errors():
     assert isinstance(caught[0], RuntimeError) and len(caught[1]) == 3
     with pytest.raises(RuntimeError, match="no"):
         interleaved_samples([Contender(boom, 0, 2), fast])
+
+
+def test_cuda_keeps_timing_each_implementation_alone(machine, monkeypatch):
+    # no GPU needed: the runner's choice of path, with the single-timing measure recorded
+    alone = []
+
+    def measure_alone(bench, case, timing, inputs, device, copy_bps, check="", ok=None):
+        alone.append((timing.impl, device))
+        return None if timing.impl == "eager" else "row"
+
+    def no_interleaving(contenders):
+        raise AssertionError("CUDA timings are not interleaved")
+
+    monkeypatch.setattr(runner, "measure", measure_alone)
+    monkeypatch.setattr(runner, "interleaved_samples", no_interleaving)
+    (case,) = _bench(machine).cases(Config("cuda"))
+    assert runner.measure_case(_bench(machine), case, None, "cuda", 1e9) == ["row"]
+    assert alone == [("genext", "cuda"), ("eager", "cuda")]
