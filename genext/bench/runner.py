@@ -190,9 +190,10 @@ def measure_interleaved(
     )
     for (k, fn), samples in zip(ready, results):
         timing = timings[k]
+        if isinstance(samples, RuntimeError):  # a call raised: only timings with on_error catch
+            rows[k] = _error_row(bench, case, timing, samples, ok)
+            continue
         try:
-            if isinstance(samples, RuntimeError):
-                raise samples
             with timing.context():
                 mib = peak_extra_mib(lambda fn=fn: fn(0), "cpu") if timing.peak_memory else None
         except RuntimeError as e:

@@ -5,6 +5,7 @@ info's summary and --json. Timings are faked or tiny: no test here runs a real b
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -244,6 +245,29 @@ def test_busy_machine_and_noisy_rows_are_warned_about(tiny, tmp_path, monkeypatc
     assert "noisy" in next(line for line in out.splitlines() if line.startswith("tiny  "))
     env = json.loads(path.read_text())["env"]
     assert env["machine_busy"] is True and env["noisy_rows"] == 2
+
+
+def test_busy_keeps_its_process_spinning_while_the_cases_are_timed(tiny, monkeypatch, capsys):
+    spinners, alive = [], []
+    real = runner.busy_core
+
+    @contextlib.contextmanager
+    def watched():
+        with real() as spin:
+            spinners.append(spin)
+            yield spin
+
+    fake = fake_interleaved(STEADY)
+
+    def sampler(contenders):
+        alive.append(spinners[0].poll() is None)
+        return fake(contenders)
+
+    monkeypatch.setattr(runner, "busy_core", watched)
+    monkeypatch.setattr(runner, "interleaved_samples", sampler)
+    assert main(["bench", "--device", "cpu", "--op", "tiny", "--busy"]) == 0
+    assert alive == [True] and spinners[0].poll() is not None  # spun while timed, then ended
+    assert "one core kept busy by another process" in capsys.readouterr().out
 
 
 def test_plot_writes_a_png(tiny, tmp_path, capsys):
