@@ -76,15 +76,6 @@ def host_time_samples(
     return times
 
 
-# Seconds to wait before each interleaved timed call (outside its timed span). An OpenMP team
-# (PyTorch's CPU ops) keeps its workers spinning for several milliseconds after each parallel
-# region: called straight after such an op, an implementation with threads of its own (genext's
-# pool) finds a core taken by the spinners and measured 1.3-1.5x slower on a 2-core machine than
-# after one of its own calls. After the pause every call starts with the other implementations'
-# threads asleep, as a call timed after its own kind would.
-SETTLE_S = 0.02
-
-
 @dataclass(frozen=True)
 class Contender:
     """One of the calls :func:`interleaved_samples` times in turn: fn(i) (i counts its warm-up
@@ -119,17 +110,13 @@ def interleaved_samples(contenders: Sequence[Contender]) -> list[list[float] | R
     one after the other would give each a different share of it. Per contender: its `reps`
     times, or the RuntimeError that retired it (only where it `catch`es; otherwise the error
     propagates). Each call runs inside a fresh entry of its own context: contexts of different
-    contenders need not compose (thread counts, grad modes, backend selections); each timed call
-    comes SETTLE_S seconds after the call before it, so that no call starts beside another
-    implementation's threads still spinning."""
+    contenders need not compose (thread counts, grad modes, backend selections)."""
     results: list[list[float] | RuntimeError] = [[] for _ in contenders]
 
     def call(k: int, i: int, timed: bool) -> None:
         c, times = contenders[k], results[k]
         if isinstance(times, RuntimeError):  # retired by an earlier call
             return
-        if timed and SETTLE_S > 0:
-            time.sleep(SETTLE_S)
         try:
             with c.context():
                 t0 = clock()

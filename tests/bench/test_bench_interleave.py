@@ -16,21 +16,16 @@ from genext.bench.harness import Contender, interleaved_samples, rounds
 
 
 class FakeMachine:
-    """A host clock that only moves when a fake call runs or the harness pauses: a call of cost c
-    takes c times the load at its start, and the load grows by 1 every `ramp` seconds of clock
-    (other work arriving on the machine)."""
+    """A host clock that only moves when a fake call runs: a call of cost c takes c times the
+    load at its start, and the load grows by 1 every `ramp` seconds of clock (other work
+    arriving on the machine)."""
 
     def __init__(self, ramp: float):
         self.now, self.ramp = 0.0, ramp
         self.calls: list[str] = []
-        self.pauses: list[float] = []
 
     def clock(self) -> float:
         return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.pauses.append(seconds)
-        self.now += seconds
 
     def load(self) -> float:
         return 1.0 + self.now / self.ramp
@@ -68,12 +63,9 @@ def _bench(machine: FakeMachine, directions=("fwd",), **timing_args) -> Bench:
 @pytest.fixture
 def machine(monkeypatch) -> FakeMachine:
     # the load grows by 1 every 100 ms: over one implementation's eleven calls (a few tens of ms)
-    # it moves by a few tens of percent; the pause before each interleaved call shortened to
-    # 0.1 ms to match (a real machine's load moves over seconds, the real pause is 20 ms)
+    # it moves by a few tens of percent
     fake = FakeMachine(ramp=0.1)
     monkeypatch.setattr(harness, "clock", fake.clock)
-    monkeypatch.setattr(harness.time, "sleep", fake.sleep)
-    monkeypatch.setattr(harness, "SETTLE_S", 1e-4)
     return fake
 
 
@@ -104,16 +96,6 @@ def test_rounds_call_each_once_and_rotate_who_goes_first(machine):
     assert [p[0] for p in pairs] == ["genext", "eager"] * (WARMUP // 2) + [
         ["genext", "eager"][r % 2] for r in range(REPS)
     ]
-
-
-def test_each_timed_call_waits_for_the_others_threads_to_settle(machine, monkeypatch):
-    monkeypatch.setattr(harness, "SETTLE_S", 0.02)
-    machine.ramp = math.inf  # a steady machine: the rows show whether the pauses were timed
-    rows, _ = run_bench(_bench(machine), Config("cpu"), 1e9)
-    # a pause before each timed call, none before a warm-up, none inside a timed span
-    assert machine.pauses == [0.02] * (2 * REPS)
-    assert [r.ms for r in rows] == pytest.approx([1.0, 2.0])
-    assert all(r.max_ms == pytest.approx(r.ms) for r in rows)
 
 
 def test_each_direction_is_interleaved_on_its_own(machine):
