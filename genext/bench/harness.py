@@ -110,7 +110,13 @@ def interleaved_samples(contenders: Sequence[Contender]) -> list[list[float] | R
     one after the other would give each a different share of it. Per contender: its `reps`
     times, or the RuntimeError that retired it (only where it `catch`es; otherwise the error
     propagates). Each call runs inside a fresh entry of its own context: contexts of different
-    contenders need not compose (thread counts, grad modes, backend selections)."""
+    contenders need not compose (thread counts, grad modes, backend selections).
+
+    A call may start while the previous contender's threads still spin (PyTorch's OpenMP workers
+    do for milliseconds after a parallel region): on a 2-core machine genext's pool, called
+    straight after SDPA, measured up to 1.5x slower than after its own call. A pause before each
+    call removed that but made a loaded machine's rows noisier (the sleep hands the core to other
+    processes), so there is none."""
     results: list[list[float] | RuntimeError] = [[] for _ in contenders]
 
     def call(k: int, i: int, timed: bool) -> None:
