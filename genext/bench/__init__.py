@@ -1,7 +1,8 @@
 """`genext bench` and the cases the pytest-benchmark wrappers (benchmarks/) time: genext against
 eager PyTorch, torch.compile and peer libraries, with a correctness check per case.
 
-- :mod:`.harness`: timing (CUDA events or the host clock, warm-ups, medians), copy bandwidth,
+- :mod:`.harness`: timing (CUDA events or the host clock, warm-ups, medians; on the CPU several
+  implementations' calls in turn), copy bandwidth,
   peak memory, input rotation against L2;
 - :mod:`.registry`: what a bench module declares (Bench, Case, Timing, Column) and the registry
   that finds every module's ``BENCH``;
@@ -14,12 +15,14 @@ Library code never imports this package.
 
 from .harness import (
     NOISY_IQR_PCT,
+    Contender,
     Spread,
     busy_core,
     copies_for_l2,
     copy_bandwidth,
     host_time_fn,
     host_time_samples,
+    interleaved_samples,
     is_noisy,
     peak_extra_mib,
     spread,
@@ -28,7 +31,18 @@ from .harness import (
     time_samples,
 )
 from .registry import Bench, Case, Column, Config, Row, Timing, benches, select
-from .runner import check_text, figures, list_benches, measure, run, run_bench, strict, write_json
+from .runner import (
+    check_text,
+    figures,
+    list_benches,
+    measure,
+    measure_case,
+    measure_interleaved,
+    run,
+    run_bench,
+    strict,
+    write_json,
+)
 from .table import format_table, plot_speedups, print_saved, print_table, row_from_json, speedups
 
 __all__ = [
@@ -37,6 +51,7 @@ __all__ = [
     "Case",
     "Column",
     "Config",
+    "Contender",
     "Row",
     "Spread",
     "Timing",
@@ -49,9 +64,12 @@ __all__ = [
     "format_table",
     "host_time_fn",
     "host_time_samples",
+    "interleaved_samples",
     "is_noisy",
     "list_benches",
     "measure",
+    "measure_case",
+    "measure_interleaved",
     "peak_extra_mib",
     "plot_speedups",
     "print_saved",

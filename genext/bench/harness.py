@@ -1,5 +1,6 @@
 """The timing harness every bench shares: medians of timed calls after warm-ups (CUDA events, or the
-host clock around a device sync) and their spread (with the rule that flags a row noisy), the
+host clock around a device sync; on the CPU several implementations' calls taken in turn, so
+that they share the machine's load) and their spread (with the rule that flags a row noisy), the
 device's copy bandwidth (the floor that GB/s is compared with), peak extra memory, how many input copies to rotate so that repeats do not run from L2, and
 a process that keeps one core busy (timing under load).
 """
@@ -12,10 +13,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+
+# The host clock the CPU timings read, in seconds (a module attribute: tests drive a fake one)
+clock: Callable[[], float] = time.perf_counter
 
 
 def sync(device: str) -> None:
@@ -42,9 +47,9 @@ def time_samples(fn: Callable[[int], object], device: str, warmup: int, reps: in
             times.append(start.elapsed_time(end) / 1e3)
     else:
         for i in range(reps):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(i)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return times
 
 
@@ -64,11 +69,78 @@ def host_time_samples(
     sync(device)
     times = []
     for i in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn(i)
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return times
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One of the calls :func:`interleaved_samples` times in turn: fn(i) (i counts its warm-up
+    calls, then its timed calls, from 0 each, as in :func:`time_samples`), how many of each it
+    gets, the context entered around each of its calls (outside the timed span), and whether a
+    RuntimeError from one of its calls retires it (the error is returned in place of its
+    samples) instead of ending the whole timing."""
+
+    fn: Callable[[int], object]
+    warmup: int
+    reps: int
+    context: Callable[[], AbstractContextManager] = contextlib.nullcontext
+    catch: bool = False
+
+
+def rounds(counts: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """(contender, its call index) in the order interleaved calls run: round r calls once each
+    contender that still wants a call (r below its count), starting from contender r mod n, so
+    that none always runs first or always runs right after the same other one."""
+    n = len(counts)
+    for r in range(max(counts, default=0)):
+        for j in range(n):
+            k = (r + j) % n
+            if r < counts[k]:
+                yield k, r
+
+
+def interleaved_samples(contenders: Sequence[Contender]) -> list[list[float] | RuntimeError]:
+    """Seconds of each timed call of each contender on the host clock (the CPU), the
+    contenders' calls taken in turn (:func:`rounds`): warm-up rounds, then timed rounds. Load
+    from other work that changes over seconds then falls on every contender alike, where timing
+    one after the other would give each a different share of it. Per contender: its `reps`
+    times, or the RuntimeError that retired it (only where it `catch`es; otherwise the error
+    propagates). Each call runs inside a fresh entry of its own context: contexts of different
+    contenders need not compose (thread counts, grad modes, backend selections).
+
+    A call may start while the previous contender's threads still spin (PyTorch's OpenMP workers
+    do for milliseconds after a parallel region): on a 2-core machine genext's pool, called
+    straight after SDPA, measured up to 1.5x slower than after its own call. A pause before each
+    call removed that but made a loaded machine's rows noisier (the sleep hands the core to other
+    processes), so there is none."""
+    results: list[list[float] | RuntimeError] = [[] for _ in contenders]
+
+    def call(k: int, i: int, timed: bool) -> None:
+        c, times = contenders[k], results[k]
+        if isinstance(times, RuntimeError):  # retired by an earlier call
+            return
+        try:
+            with c.context():
+                t0 = clock()
+                c.fn(i)
+                t1 = clock()
+        except RuntimeError as e:
+            if not c.catch:
+                raise
+            results[k] = e
+            return
+        if timed:
+            times.append(t1 - t0)
+
+    for k, i in rounds([c.warmup for c in contenders]):
+        call(k, i, timed=False)
+    for k, i in rounds([c.reps for c in contenders]):
+        call(k, i, timed=True)
+    return results
 
 
 def upper_median(times: list[float]) -> float:

@@ -79,8 +79,9 @@ class Timing:
     peak_memory: bool = False  # also report the call's peak extra memory (CUDA)
     shows_check: bool = False  # this row carries the case's check note
     on_error: str | None = None  # a RuntimeError becomes a row "<on_error>: <message>"
-    # entered around the setup and the timed calls: configuration an implementation needs,
-    # held for this timing only and restored after it
+    # entered around the setup and the calls (on the CPU, where a case's implementations take
+    # turns, around each call outside its timed span): configuration an implementation needs,
+    # held for this timing's calls only and restored after each
     context: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
 

@@ -1,5 +1,6 @@
-"""`genext bench`: every selected bench's cases, each checked and then timed implementation by
-implementation, printed as one table per bench and optionally written as strict JSON and plotted.
+"""`genext bench`: every selected bench's cases, each checked and then timed (on the CPU the
+implementations of a case and direction call by call in turn, on CUDA one after another), printed
+as one table per bench and optionally written as strict JSON and plotted.
 
 Progress goes to stderr (a line per case as it finishes, or a tqdm bar on a terminal), so the
 tables on stdout and the JSON file stay clean. The run warns when the machine is busy (load
@@ -29,9 +30,11 @@ import torch
 
 from .harness import (
     NOISY_IQR_PCT,
+    Contender,
     busy_core,
     copy_bandwidth,
     host_time_samples,
+    interleaved_samples,
     peak_extra_mib,
     spread,
     time_samples,
@@ -62,44 +65,40 @@ def figures(timing: Timing, seconds: float, copy_bps: float) -> tuple[float, flo
     return gbps, pct, ({"tflops": timing.flops / seconds / 1e12} if timing.flops else {})
 
 
-def measure(
+def _error_row(
+    bench: Bench, case: Case, timing: Timing, error: RuntimeError, ok: bool | None
+) -> Row:
+    """The row of an implementation that raised: no figures, its `on_error` label and the
+    message's first line."""
+    first = (str(error).splitlines() or [type(error).__name__])[0]
+    return Row(
+        bench.name,
+        case.name,
+        str(case.dtype)[6:],
+        timing.direction,
+        timing.impl,
+        math.nan,
+        0.0,
+        0.0,
+        f"{timing.on_error}: {first[:60]}",
+        ok=ok,
+    )
+
+
+def _timed_row(
     bench: Bench,
     case: Case,
     timing: Timing,
-    inputs: Any,
-    device: str,
+    samples: list[float],
+    mib: float | None,
     copy_bps: float,
-    check: str = "",
-    ok: bool | None = None,
-) -> Row | None:
-    """Time one implementation of a case: a Row, or None when it is not available here. `check`
-    and `ok` are the case's check (its note as rows show it, and its verdict)."""
-    samples = host_time_samples if timing.clock == "host" else time_samples
-    try:
-        with timing.context():
-            fn = timing.setup(inputs)
-            if fn is None:
-                return None
-            times = [t / timing.units for t in samples(fn, device, timing.warmup, timing.reps)]
-            # the host clock's loops report the upper median: a time one loop really took
-            seconds = upper_median(times) if timing.clock == "host" else statistics.median(times)
-            mib = peak_extra_mib(lambda: fn(0), device) if timing.peak_memory else None
-    except RuntimeError as e:
-        if timing.on_error is None:
-            raise
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        return Row(
-            bench.name,
-            case.name,
-            str(case.dtype)[6:],
-            timing.direction,
-            timing.impl,
-            math.nan,
-            0.0,
-            0.0,
-            f"{timing.on_error}: {first[:60]}",
-            ok=ok,
-        )
+    check: str,
+    ok: bool | None,
+) -> Row:
+    """The row of an implementation whose calls took `samples` seconds each."""
+    times = [t / timing.units for t in samples]
+    # the host clock's loops report the upper median: a time one loop really took
+    seconds = upper_median(times) if timing.clock == "host" else statistics.median(times)
     gbps, pct, extra = figures(timing, seconds, copy_bps)
     if mib is not None:
         extra["peak_extra_MiB"] = mib
@@ -123,6 +122,119 @@ def measure(
     )
 
 
+def measure(
+    bench: Bench,
+    case: Case,
+    timing: Timing,
+    inputs: Any,
+    device: str,
+    copy_bps: float,
+    check: str = "",
+    ok: bool | None = None,
+) -> Row | None:
+    """Time one implementation of a case alone: a Row, or None when it is not available here.
+    `check` and `ok` are the case's check (its note as rows show it, and its verdict)."""
+    samples = host_time_samples if timing.clock == "host" else time_samples
+    try:
+        with timing.context():
+            fn = timing.setup(inputs)
+            if fn is None:
+                return None
+            times = samples(fn, device, timing.warmup, timing.reps)
+            mib = peak_extra_mib(lambda: fn(0), device) if timing.peak_memory else None
+    except RuntimeError as e:
+        if timing.on_error is None:
+            raise
+        return _error_row(bench, case, timing, e, ok)
+    return _timed_row(bench, case, timing, times, mib, copy_bps, check, ok)
+
+
+def measure_interleaved(
+    bench: Bench,
+    case: Case,
+    timings: list[Timing],
+    inputs: Any,
+    copy_bps: float,
+    check: str = "",
+    ok: bool | None = None,
+) -> list[Row | None]:
+    """Time several implementations of a case on the CPU together, call by call in turn
+    (harness.interleaved_samples): each timing set up inside its own context, then warm-up and
+    timed rounds that call each once. Per timing, in order: its Row, or None when it is not
+    available here. An implementation that raises (in its setup or any call) gets its error row
+    where it has `on_error`, and the others go on; otherwise the error propagates."""
+    rows: list[Row | None] = [None] * len(timings)
+    ready: list[tuple[int, Callable[[int], object]]] = []
+    for k, timing in enumerate(timings):
+        try:
+            with timing.context():
+                fn = timing.setup(inputs)
+        except RuntimeError as e:
+            if timing.on_error is None:
+                raise
+            rows[k] = _error_row(bench, case, timing, e, ok)
+            continue
+        if fn is not None:
+            ready.append((k, fn))
+    results = interleaved_samples(
+        [
+            Contender(
+                fn,
+                timings[k].warmup,
+                timings[k].reps,
+                timings[k].context,
+                catch=timings[k].on_error is not None,
+            )
+            for k, fn in ready
+        ]
+    )
+    for (k, fn), samples in zip(ready, results):
+        timing = timings[k]
+        if isinstance(samples, RuntimeError):  # a call raised: only timings with on_error catch
+            rows[k] = _error_row(bench, case, timing, samples, ok)
+            continue
+        try:
+            with timing.context():
+                mib = peak_extra_mib(lambda fn=fn: fn(0), "cpu") if timing.peak_memory else None
+        except RuntimeError as e:
+            if timing.on_error is None:
+                raise
+            rows[k] = _error_row(bench, case, timing, e, ok)
+            continue
+        rows[k] = _timed_row(bench, case, timing, samples, mib, copy_bps, check, ok)
+    return rows
+
+
+def measure_case(
+    bench: Bench,
+    case: Case,
+    inputs: Any,
+    device: str,
+    copy_bps: float,
+    check: str = "",
+    ok: bool | None = None,
+) -> list[Row]:
+    """The rows of a case's timings, in the case's order, those not available here left out.
+    On the CPU the implementations of each direction are timed together, call by call in turn
+    (:func:`measure_interleaved`): load from other work, which changes over seconds on a shared
+    machine, then falls on all of them alike instead of on whichever ran when it came. On CUDA
+    each is timed alone with events (device time, which other processes' load barely moves)."""
+    if device != "cpu":
+        found = [measure(bench, case, t, inputs, device, copy_bps, check, ok) for t in case.timings]
+        return [row for row in found if row is not None]
+    groups: dict[str, list[int]] = {}
+    for k, timing in enumerate(case.timings):
+        groups.setdefault(timing.direction, []).append(k)
+    rows: list[Row | None] = [None] * len(case.timings)
+    for ks in groups.values():
+        timings = [case.timings[k] for k in ks]
+        for k, row in zip(
+            ks, measure_interleaved(bench, case, timings, inputs, copy_bps, check, ok)
+        ):
+            rows[k] = row
+    return [row for row in rows if row is not None]
+
+
 def run_bench(
     bench: Bench, config: Config, copy_bps: float, progress: Progress | None = None
 ) -> tuple[list[Row], bool]:
@@ -134,13 +246,9 @@ def run_bench(
         inputs = case.inputs()
         ok, note = case.check(inputs)
         all_ok &= ok is not False
-        case_rows = []
-        for timing in case.timings:
-            row = measure(
-                bench, case, timing, inputs, config.device, copy_bps, check_text(ok, note), ok
-            )
-            if row is not None:
-                case_rows.append(row)
+        case_rows = measure_case(
+            bench, case, inputs, config.device, copy_bps, check_text(ok, note), ok
+        )
         del inputs
         rows += case_rows
         if progress is not None:

@@ -5,6 +5,7 @@ info's summary and --json. Timings are faked or tiny: no test here runs a real b
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -58,7 +59,7 @@ def tiny(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "tiny_bench.py").write_text(TINY)
     monkeypatch.setattr(genext.bench, "__path__", list(genext.bench.__path__) + [str(folder)])
-    monkeypatch.setattr(runner, "time_samples", fake_times(STEADY))
+    fake_timings(monkeypatch, STEADY)
     monkeypatch.setattr(runner, "load_average", lambda: 0.0)
     monkeypatch.setattr(runner, "copy_bandwidth", lambda device: 1e9)
     yield
@@ -77,6 +78,35 @@ def fake_times(times: list[float]):
         return list(times)
 
     return samples
+
+
+def fake_interleaved(times: list[float]):
+    """A stand-in for the harness's interleaved sampler (the CPU's): one call of each contender
+    inside its context (a RuntimeError retires it where it catches), then `times` as each one's
+    timed calls."""
+
+    def samples(contenders):
+        results = []
+        for c in contenders:
+            try:
+                with c.context():
+                    c.fn(0)
+            except RuntimeError as e:
+                if not c.catch:
+                    raise
+                results.append(e)
+                continue
+            results.append(list(times))
+        return results
+
+    return samples
+
+
+def fake_timings(monkeypatch, times: list[float]) -> None:
+    """Every sampler the runner uses faked to return `times`."""
+    monkeypatch.setattr(runner, "time_samples", fake_times(times))
+    monkeypatch.setattr(runner, "host_time_samples", fake_times(times))
+    monkeypatch.setattr(runner, "interleaved_samples", fake_interleaved(times))
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -208,13 +238,36 @@ def test_busy_machine_and_noisy_rows_are_warned_about(tiny, tmp_path, monkeypatc
     assert json.loads(path.read_text())["env"]["machine_busy"] is True
     # a quiet machine, but calls far apart: the rows are noisy and the run says so
     monkeypatch.setattr(runner, "load_average", lambda: 0.0)
-    monkeypatch.setattr(runner, "time_samples", fake_times([1e-3, 1e-3, 2e-3, 3e-3, 3e-3]))
+    fake_timings(monkeypatch, [1e-3, 1e-3, 2e-3, 3e-3, 3e-3])
     assert main(["bench", "--device", "cpu", "--op", "tiny", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "2 of 2 timed rows are noisy" in out and "many rows are noisy" in out
     assert "noisy" in next(line for line in out.splitlines() if line.startswith("tiny  "))
     env = json.loads(path.read_text())["env"]
     assert env["machine_busy"] is True and env["noisy_rows"] == 2
+
+
+def test_busy_keeps_its_process_spinning_while_the_cases_are_timed(tiny, monkeypatch, capsys):
+    spinners, alive = [], []
+    real = runner.busy_core
+
+    @contextlib.contextmanager
+    def watched():
+        with real() as spin:
+            spinners.append(spin)
+            yield spin
+
+    fake = fake_interleaved(STEADY)
+
+    def sampler(contenders):
+        alive.append(spinners[0].poll() is None)
+        return fake(contenders)
+
+    monkeypatch.setattr(runner, "busy_core", watched)
+    monkeypatch.setattr(runner, "interleaved_samples", sampler)
+    assert main(["bench", "--device", "cpu", "--op", "tiny", "--busy"]) == 0
+    assert alive == [True] and spinners[0].poll() is not None  # spun while timed, then ended
+    assert "one core kept busy by another process" in capsys.readouterr().out
 
 
 def test_plot_writes_a_png(tiny, tmp_path, capsys):
@@ -242,8 +295,7 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys):
 
 def test_sampler_without_diffusers_says_what_was_skipped(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if it were not installed
-    monkeypatch.setattr(runner, "time_samples", fake_times(STEADY))
-    monkeypatch.setattr(runner, "host_time_samples", fake_times(STEADY))
+    fake_timings(monkeypatch, STEADY)
     path = tmp_path / "out.json"
     argv = ["bench", "--device", "cpu", "--op", "sampler", "--quick", "--no-compile"]
     assert main([*argv, "--json", str(path)]) == 0  # nothing compared is not a failure
