@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _C, _build_config
 from ..ops import served_dtypes, softmax_scale
-from ..ops.flash_attention import cpu_forward_prefers_torch
+from ..ops.flash_attention import cpu_forward_prefers_torch, differentiable_forward
 from ..ops.group_norm_silu import group_norm_silu
 
 __all__ = ["group_norm_silu", "scaled_dot_product_attention", "sdpa", "sdpa_backend"]
@@ -85,7 +85,7 @@ def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Tensor | None:
 
 
 def _route(
-    query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
+    query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale=None
 ) -> tuple[bool, Tensor | None]:
     """(whether genext's kernel runs, the key lengths it gets from a key-padding mask)."""
     if not _genext_can_run(
@@ -93,8 +93,10 @@ def _route(
     ):
         return False, None
     if attn_mask is None:
-        # shapes where PyTorch's own CPU forward is the faster one (no gradient needed)
-        return not cpu_forward_prefers_torch(query, key, value), None
+        # shapes where PyTorch's own CPU kernel is the faster one; causal or not changes the
+        # answer for calls that need gradients
+        prefers = cpu_forward_prefers_torch(query, key, value, scale, causal=bool(is_causal))
+        return not prefers, None
     lengths = _key_lengths(attn_mask, query, key.shape[2])
     return lengths is not None, lengths
 
@@ -107,11 +109,13 @@ def sdpa_backend(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     enable_gqa: bool = False,
+    scale: float | None = None,
 ) -> str:
     """Which implementation :func:`scaled_dot_product_attention` runs for these arguments:
     ``"genext"`` (genext's flash-attention kernel) or ``"torch"`` (PyTorch's SDPA). Models and
-    tests use it to know which attention op a profile must show."""
-    runs, _ = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    tests use it to know which attention op a profile must show. Pass the arguments the call
+    gets (``is_causal`` and ``scale`` too: both take part in the CPU float32 choice)."""
+    runs, _ = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
     return "genext" if runs else "torch"
 
 
@@ -148,10 +152,9 @@ def scaled_dot_product_attention(
     math backend gives NaN rows there), and a row whose only visible score is NaN is NaN (PyTorch's
     default CPU kernel gives zeros there).
     """
-    runs, lengths = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    runs, lengths = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
     if runs:
-        sc = softmax_scale(query, scale)
-        out, _ = torch.ops.genext.flash_attention_forward(
+        args = (
             query.transpose(1, 2),
             key.transpose(1, 2),
             value.transpose(1, 2),
@@ -160,10 +163,15 @@ def scaled_dot_product_attention(
             lengths,
             0,
             0,
-            sc,
+            softmax_scale(query, scale),
             bool(is_causal),
             False,
         )
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # torch.func transforms: the op's registered autograd does not support them
+            out, _ = differentiable_forward(*args)
+        else:
+            out, _ = torch.ops.genext.flash_attention_forward(*args)
         return out.transpose(1, 2)
     return _torch_sdpa(
         query,

@@ -25,7 +25,12 @@ from ._common import (
     softmax_scale,
 )
 
-__all__ = ["flash_attention", "flash_attention_varlen", "cpu_forward_prefers_torch"]
+__all__ = [
+    "flash_attention",
+    "flash_attention_varlen",
+    "cpu_forward_prefers_torch",
+    "differentiable_forward",
+]
 
 # CUDA float16/bfloat16 run on tensor cores; CUDA float32 is a plain exact kernel (slow)
 declare_kernels(
@@ -152,6 +157,7 @@ def flash_attention(
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
         and not torch.compiler.is_compiling()
+        and not _functorch_active()
     ):
         sc = softmax_scale(q, scale, "flash_attention")
         out = _EagerDense.apply(q, k, v, sc, bool(causal), layout == "bhld")
@@ -359,10 +365,49 @@ class _EagerDense(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+class _FunctorchFlashAttention(torch.autograd.Function):
+    """genext::flash_attention_forward with the registered op's backward, in the form torch.func
+    transforms (grad, vjp, jacrev, vmap) accept: a separate setup_context, and vmap rules
+    generated from the ops' own batching rules (registered below)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return torch.ops.genext.flash_attention_forward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        # no double backward (the backward op raises for one): without grad mode the ops skip
+        # their registered autograd, which torch.func transforms do not accept
+        with torch.no_grad():
+            return _backward(ctx, grad_out, grad_lse)
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running this call."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def differentiable_forward(*inputs) -> tuple[Tensor, Tensor]:
+    """``(out, lse) = genext::flash_attention_forward(*inputs)`` (the op's arguments: q, k, v as
+    ``(B, L, H, D)`` views, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+    scale, causal, causal_bottom_right), differentiable in q, k and v in eager mode, under
+    torch.compile and under torch.func transforms (the registered op's autograd alone does not
+    support the latter)."""
+    return _forward(*inputs)
+
+
 def _forward(*inputs) -> tuple[Tensor, Tensor]:
     """(out, lse) = genext::flash_attention_forward(*inputs), differentiable in q, k, v."""
     if torch.compiler.is_compiling():
         return torch.ops.genext.flash_attention_forward(*inputs)
+    if _functorch_active():
+        return _FunctorchFlashAttention.apply(*inputs)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:3]):
         return _EagerFlashAttention.apply(*inputs)
     with below_autograd():
@@ -584,3 +629,53 @@ torch.library.register_autograd(
 
 
 forbid_double_backward("flash_attention_backward", "genext.ops.flash_attention")
+
+
+# ---- torch.vmap rules: the vmapped dim joins the batch dim (dense calls) -------------------------
+
+
+def _fold(t: Tensor, dim: int | None, n: int) -> Tensor:
+    """``t`` with its vmapped dim ``dim`` (None: not vmapped, so repeated n times) merged into its
+    first (batch) dim, the vmapped index outermost; the last dim stays contiguous."""
+    t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+    t = t.flatten(0, 1)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _vmap_loop(op, n: int, in_dims, args):
+    """``op`` once per vmapped index, results stacked along dim 0 (varlen calls, whose packed
+    rows and cu_seqlens cannot take a batch dim)."""
+    results = []
+    for i in range(n):
+        sliced = [a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]
+        results.append(op(*sliced))
+    stacked = tuple(torch.stack(r) for r in zip(*results))
+    return stacked, (0,) * len(stacked)
+
+
+@torch.library.register_vmap("genext::flash_attention_forward")
+def _vmap_forward(info, in_dims, q, k, v, cu_q, cu_k, seqused_k, *rest):
+    op = torch.ops.genext.flash_attention_forward
+    args = (q, k, v, cu_q, cu_k, seqused_k, *rest)
+    if cu_q is not None or cu_k is not None:
+        return _vmap_loop(op, info.batch_size, in_dims, args)
+    n = info.batch_size
+    q, k, v = (_fold(t, d, n) for t, d in zip((q, k, v), in_dims))
+    if seqused_k is not None:
+        seqused_k = _fold(seqused_k, in_dims[5], n)
+    out, lse = op(q, k, v, None, None, seqused_k, *rest)
+    return (out.unflatten(0, (n, -1)), lse.unflatten(0, (n, -1))), (0, 0)
+
+
+@torch.library.register_vmap("genext::flash_attention_backward")
+def _vmap_backward(info, in_dims, grad_out, q, k, v, out, lse, cu_q, cu_k, seqused_k, *rest):
+    op = torch.ops.genext.flash_attention_backward
+    args = (grad_out, q, k, v, out, lse, cu_q, cu_k, seqused_k, *rest)
+    if cu_q is not None or cu_k is not None:
+        return _vmap_loop(op, info.batch_size, in_dims, args)
+    n = info.batch_size
+    folded = [_fold(t, d, n) for t, d in zip(args[:6], in_dims)]
+    if seqused_k is not None:
+        seqused_k = _fold(seqused_k, in_dims[8], n)
+    grads = op(*folded, None, None, seqused_k, *rest)
+    return tuple(g.unflatten(0, (n, -1)) for g in grads), (0, 0, 0)

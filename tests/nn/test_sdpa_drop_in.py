@@ -162,3 +162,57 @@ def test_cpu_float32_forward_without_gradients_goes_to_torch_where_it_is_faster(
     # D 40 with 256 keys or more: PyTorch's again
     q, k, v = make_qkv(1, 2, 2, 20, 256, 40, torch.float32, "cpu")
     assert gF.sdpa_backend(q, k, v) == "torch"
+
+
+def test_cpu_float32_gradients_routing_sees_is_causal(torch_sdpa_calls):
+    # with gradients, non-causal attention over 1024+ keys at D 128 is PyTorch's (faster there),
+    # causal attention at the same shape genext's: the drop-in passes is_causal to the rule
+    q, k, v = make_qkv(1, 2, 1, 8, 1024, 128, torch.float32, "cpu", requires_grad=True)
+    assert gF.sdpa_backend(q, k, v, enable_gqa=True) == "torch"
+    assert gF.sdpa_backend(q, k, v, is_causal=True, enable_gqa=True) == "genext"
+    assert gF.sdpa_backend(q, k, v, is_causal=True, enable_gqa=True, scale=-0.1) == "genext"
+    for is_causal, calls in ((True, 0), (False, 1)):
+        out = gF.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+        assert len(torch_sdpa_calls) == calls
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+        assert max_err(out, want) <= ATOL[torch.float32]
+
+
+def _weighted_sum(out):
+    w = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).view(out.shape)
+    return (out * w).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["plain", "causal", "key-padding"])
+def test_cpu_drop_in_under_torch_func_matches_torch(dtype, case, torch_sdpa_calls):
+    # torch.func.grad, jacrev, vmap and vmap of grad over the drop-in give what the same
+    # transforms over PyTorch's SDPA give, with genext's kernel running
+    q, k, v = make_qkv(2, 2, 2, 7, 9, 8, dtype, "cpu")
+    kwargs = {"is_causal": case == "causal", "scale": 0.6}
+    if case == "key-padding":
+        mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+        mask[1, ..., 5:] = False
+        kwargs["attn_mask"] = mask
+    assert gF.sdpa_backend(q, k, v, **kwargs) == "genext"
+
+    def ours(q, k, v):
+        return _weighted_sum(gF.scaled_dot_product_attention(q, k, v, **kwargs))
+
+    def theirs(q, k, v):
+        return _weighted_sum(F.scaled_dot_product_attention(q, k, v, **kwargs))
+
+    tol = ATOL_GRAD[dtype]
+    got = torch.func.grad(ours, argnums=(0, 1, 2))(q, k, v)
+    want = torch.func.grad(theirs, argnums=(0, 1, 2))(q, k, v)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= tol, name
+    jac = torch.func.jacrev(lambda k: gF.scaled_dot_product_attention(q, k, v, **kwargs))(k)
+    ref = torch.func.jacrev(lambda k: F.scaled_dot_product_attention(q, k, v, **kwargs))(k)
+    assert max_err(jac, ref) <= tol
+    ks = torch.stack([k, -k, 0.5 * k])
+    got = torch.func.vmap(torch.func.grad(ours, argnums=(0, 1, 2)), (None, 0, None))(q, ks, v)
+    want = torch.func.vmap(torch.func.grad(theirs, argnums=(0, 1, 2)), (None, 0, None))(q, ks, v)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= tol, name
+    assert not torch_sdpa_calls, "the genext kernel should have run"

@@ -991,7 +991,7 @@ def test_cpu_padding_columns_are_zero_after_nan_calls(dtype, d):
 def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch):
     # with gradients, non-causal attention over 1024+ keys at D >= 128 (2048+ at D >= 64) goes to
     # PyTorch's SDPA, faster there; causal, shorter or narrower calls, and calls whose causality
-    # the rule is not told (the drop-in's), stay with genext
+    # the rule is not told, stay with genext
     spy = mock.Mock(wraps=F.scaled_dot_product_attention)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     q, k, v = make_qkv(1, 2, 1, 8, 1024, 128, torch.float32, "cpu", requires_grad=True)
@@ -1016,7 +1016,80 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch):
     q2, k2, v2 = make_qkv(1, 1, 1, 8, 2048, 64, torch.float32, "cpu", requires_grad=True)
     flash_attention(q2, k2, v2)
     assert spy.call_count == 2
-    # the drop-in does not pass is_causal to the rule: its gradient calls stay with genext
-    assert gF.sdpa_backend(q2, k2, v2) == "genext"
-    gF.scaled_dot_product_attention(q2, k2, v2)
-    assert spy.call_count == 2
+    # the drop-in passes is_causal to the rule
+    assert gF.sdpa_backend(q2, k2, v2) == "torch"
+    assert gF.sdpa_backend(q2, k2, v2, is_causal=True) == "genext"
+
+
+# ---- torch.func transforms ------------------------------------------------------------------------
+
+
+def _weighted_sum(out: torch.Tensor) -> torch.Tensor:
+    """A scalar of out whose gradient is not all ones (so dq, dk are not trivially small)."""
+    w = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).view(out.shape)
+    return (out * w).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_torch_func_grad_jacrev_vmap_match_torch_sdpa(dtype, causal):
+    # grad, jacrev, vmap and vmap of grad over flash_attention give what the same transform over
+    # PyTorch's SDPA gives (square, so top-left and bottom-right causal agree; GQA)
+    tol = ATOL_GRAD[dtype]
+    q, k, v = make_qkv(2, 4, 2, 9, 9, 8, dtype, "cpu")
+
+    def ours(q, k, v):
+        return _weighted_sum(flash_attention(q, k, v, causal=causal, scale=0.4))
+
+    def theirs(q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.4, enable_gqa=True)
+        return _weighted_sum(out)
+
+    got = torch.func.grad(ours, argnums=(0, 1, 2))(q, k, v)
+    want = torch.func.grad(theirs, argnums=(0, 1, 2))(q, k, v)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= tol, name
+    small = tuple(t[:1, :2, :3, :4] for t in (q, k, v))
+    jac = torch.func.jacrev(lambda q: flash_attention(q, *small[1:], causal=causal))(small[0])
+    ref = torch.func.jacrev(
+        lambda q: F.scaled_dot_product_attention(q, *small[1:], is_causal=causal)
+    )(small[0])
+    assert jac.shape == ref.shape == (1, 2, 3, 4) * 2
+    assert max_err(jac, ref) <= tol
+    # a vmapped leading dim over q and v (k shared), through the forward and through grad
+    qs, vs = torch.stack([q, 2 * q, -q]), torch.stack([v, v.flip(2), 0.5 * v])
+    out = torch.func.vmap(lambda q, v: flash_attention(q, k, v, causal=causal), (0, 0))(qs, vs)
+    ref = torch.stack(
+        [
+            F.scaled_dot_product_attention(a, k, b, is_causal=causal, enable_gqa=True)
+            for a, b in zip(qs, vs)
+        ]
+    )
+    assert max_err(out, ref) <= ATOL[dtype]
+    got = torch.func.vmap(torch.func.grad(ours, argnums=(0, 1, 2)), (0, None, 0))(qs, k, vs)
+    want = torch.func.vmap(torch.func.grad(theirs, argnums=(0, 1, 2)), (0, None, 0))(qs, k, vs)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= tol, name
+
+
+def test_cpu_torch_func_grad_of_varlen_and_lse_match_eager_autograd():
+    # the varlen op and the lse output under torch.func.grad and vmap (per-entry calls there) give
+    # what eager autograd gives
+    q, k, v = make_qkv(1, 2, 2, 13, 11, 8, torch.float64, "cpu")
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # (total, H, D)
+    cu_q = torch.tensor([0, 6, 13], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 11], dtype=torch.int32)
+
+    def f(q, k, v):
+        out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, 7, 7, causal=True, return_lse=True)
+        return _weighted_sum(out) + lse.sum()
+
+    got = torch.func.grad(f, argnums=(0, 1, 2))(q, k, v)
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(f(*leaves), leaves)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= 1e-12, name
+    qs = torch.stack([q, -q])
+    out = torch.func.vmap(lambda q: flash_attention_varlen(q, k, v, cu_q, cu_k, 7, 7))(qs)
+    ref = torch.stack([flash_attention_varlen(a, k, v, cu_q, cu_k, 7, 7) for a in qs])
+    assert torch.equal(out, ref)
