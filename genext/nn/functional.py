@@ -139,8 +139,10 @@ def scaled_dot_product_attention(
     key-padding mask (True = attend) broadcastable as ``(B, 1, 1, Lk)`` that keeps a prefix of the
     keys in each batch entry (checked on the mask's values, one device sync; under torch.compile
     masks always go to PyTorch). ``is_causal`` is PyTorch's top-left aligned mask. Without a mask,
-    CPU float32 calls that need no gradient at head dims where PyTorch's forward is the faster one
-    go to PyTorch (``genext.ops.flash_attention.cpu_forward_prefers_torch``).
+    CPU float32 calls at shapes where PyTorch's kernel is the faster one go to PyTorch (forwards
+    without gradients at head dims of 64 or more; with gradients, non-causal calls at wide head
+    dims: ``genext.ops.flash_attention.cpu_forward_prefers_torch``, given ``is_causal`` and
+    ``scale``).
     Everything else (float or arbitrary boolean masks, dropout, other ranks, broadcast batch
     dims) goes to PyTorch with no error; the choice is made from shapes, dtypes and flags before
     autograd records anything.

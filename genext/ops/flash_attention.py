@@ -53,10 +53,11 @@ def cpu_forward_prefers_torch(
     off, or none of q, k, v requires one): at head dims of at least 64, or at least 32 with 256 or
     more keys, where PyTorch's forward (blocked GEMMs) measured 1.05-1.3x faster than genext's on
     one AVX2 core (genext's bfloat16 forward is as fast or faster). When a gradient is needed, only
-    for a call known not to be causal (``causal=False``; ``None``, the default, means unknown) with
-    at least 1024 keys at head dims of 128 or more, or 2048 keys at 64 or more: there PyTorch's
-    forward+backward measured 1.02-1.1x faster than genext's on one AVX2 core, while genext's was
-    as fast or faster at the shorter or narrower shapes and for causal attention where measured
+    for a call known not to be causal (``causal=False``; ``None``, the default, means unknown) at
+    head dims of 160 or more, of 128 or more with at least 512 keys, or of 64 or more with at
+    least 2048 keys: there PyTorch's forward+backward measured up to 1.2x faster than genext's on
+    the quiet 2-core AVX2 machine (on par on one core), while genext's was as fast or faster at
+    narrower head dims (D80 on par, D40 1.04-1.8x) and for causal attention where measured
     (benchmarks/RESULTS.md, "Flash attention CPU kernel on AVX2"). Never for a scale that is not
     positive and finite (PyTorch's CPU flash kernel gives NaN rows for a negative scale with a
     causal mask) nor while the user has switched PyTorch's flash backend off (``sdpa_kernel``)."""
@@ -83,7 +84,7 @@ def cpu_forward_prefers_torch(
         return False
     d, lk = q.shape[-1], k.shape[-2]
     if needs_grad:
-        return (d >= 128 and lk >= 1024) or (d >= 64 and lk >= 2048)
+        return d >= 160 or (d >= 128 and lk >= 512) or (d >= 64 and lk >= 2048)
     return d >= 64 or (d >= 32 and lk >= 256)
 
 
@@ -133,7 +134,8 @@ def flash_attention(
     float32 call that returns no lse and is not causal with ``Lq != Lk`` runs PyTorch's SDPA
     instead where that is the faster one (:func:`cpu_forward_prefers_torch`): without gradients at
     a head dim of at least 64 (or at least 32 with 256 or more keys); with gradients, not causal,
-    at least 1024 keys at a head dim of 128 or more, or 2048 keys at 64 or more.
+    at a head dim of 160 or more, of 128 or more with 512 or more keys, or of 64 or more with 2048
+    or more keys.
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")

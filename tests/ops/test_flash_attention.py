@@ -989,17 +989,26 @@ def test_cpu_padding_columns_are_zero_after_nan_calls(dtype, d):
 
 
 def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch):
-    # with gradients, non-causal attention over 1024+ keys at D >= 128 (2048+ at D >= 64) goes to
-    # PyTorch's SDPA, faster there; causal, shorter or narrower calls, and calls whose causality
-    # the rule is not told, stay with genext
+    # with gradients, non-causal attention at D >= 160, at D >= 128 over 512+ keys, or at D >= 64
+    # over 2048+ keys goes to PyTorch's SDPA, faster there; causal, shorter or narrower calls,
+    # and calls whose causality the rule is not told, stay with genext
     spy = mock.Mock(wraps=F.scaled_dot_product_attention)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     q, k, v = make_qkv(1, 2, 1, 8, 1024, 128, torch.float32, "cpu", requires_grad=True)
     assert cpu_forward_prefers_torch(q, k, v, causal=False)
     assert not cpu_forward_prefers_torch(q, k, v, causal=True)
     assert not cpu_forward_prefers_torch(q, k, v)
-    assert not cpu_forward_prefers_torch(q, k[:, :, :1023], v[:, :, :1023], causal=False)
     assert not cpu_forward_prefers_torch(q[..., :64], k[..., :64], v[..., :64], causal=False)
+
+    def prefers(lk, d, causal=False):
+        qp, kp, vp = make_qkv(1, 2, 1, 8, lk, d, torch.float32, "cpu", requires_grad=True)
+        return cpu_forward_prefers_torch(qp, kp, vp, None, causal)
+
+    # the boundaries: D >= 160 at any length, D >= 128 from 512 keys, D >= 64 from 2048 keys
+    assert prefers(512, 128) and prefers(1024, 128) and prefers(8, 160)
+    assert not prefers(511, 128) and not prefers(512, 127) and not prefers(8, 159)
+    assert not prefers(1024, 80) and not prefers(8, 160, causal=True)
+    assert not prefers(512, 128, causal=True)
     go = torch.randn(1, 2, 8, 128)
     out = flash_attention(q, k, v, scale=0.1)
     assert spy.call_count == 1
@@ -1019,6 +1028,20 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch):
     # the drop-in passes is_causal to the rule
     assert gF.sdpa_backend(q2, k2, v2) == "torch"
     assert gF.sdpa_backend(q2, k2, v2, is_causal=True) == "genext"
+    # D 160 with few keys (a U-Net's lowest level): PyTorch's when not causal, with the same
+    # gradients as the reference; causal stays with genext
+    q3, k3, v3 = make_qkv(2, 2, 1, 9, 9, 160, torch.float32, "cpu", requires_grad=True)
+    go3 = torch.randn(2, 2, 9, 160)
+    for causal, calls in ((False, 3), (True, 3)):
+        out = flash_attention(q3, k3, v3, causal=causal)
+        assert spy.call_count == calls
+        got = torch.autograd.grad(out, (q3, k3, v3), go3)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q3, k3, v3))
+        ref_out = reference.attention_reference(qd, kd, vd, causal, None)
+        ref = torch.autograd.grad(ref_out, (qd, kd, vd), go3.double())
+        assert max_err(out, ref_out) <= ATOL[torch.float32]
+        for name, a, r in zip(("dq", "dk", "dv"), got, ref):
+            assert max_err(a, r) <= ATOL_GRAD[torch.float32], name
 
 
 # ---- torch.func transforms ------------------------------------------------------------------------
