@@ -169,7 +169,10 @@ def scaled_dot_product_attention(
             bool(is_causal),
             False,
         )
-        if torch._C._functorch.peek_interpreter_stack() is not None:
+        if (
+            not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None
+        ):
             # torch.func transforms: the op's registered autograd does not support them
             out, _ = differentiable_forward(*args)
         else:
