@@ -11,7 +11,11 @@ from torch import Tensor
 
 from .. import _C, _build_config
 from ..ops import served_dtypes, softmax_scale
-from ..ops.flash_attention import cpu_forward_prefers_torch, differentiable_forward
+from ..ops.flash_attention import (
+    cpu_forward_prefers_torch,
+    differentiable_forward,
+    func_transform_active,
+)
 from ..ops.group_norm_silu import group_norm_silu
 
 __all__ = ["group_norm_silu", "scaled_dot_product_attention", "sdpa", "sdpa_backend"]
@@ -169,10 +173,7 @@ def scaled_dot_product_attention(
             bool(is_causal),
             False,
         )
-        if (
-            not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is not None
-        ):
+        if not torch.compiler.is_compiling() and func_transform_active():
             # torch.func transforms: the op's registered autograd does not support them
             out, _ = differentiable_forward(*args)
         else:

@@ -14,6 +14,7 @@ import operator
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
 
 from ._common import (
     acc_dtype,
@@ -30,6 +31,7 @@ __all__ = [
     "flash_attention_varlen",
     "cpu_forward_prefers_torch",
     "differentiable_forward",
+    "func_transform_active",
 ]
 
 # CUDA float16/bfloat16 run on tensor cores; CUDA float32 is a plain exact kernel (slow)
@@ -159,7 +161,7 @@ def flash_attention(
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
         and not torch.compiler.is_compiling()
-        and not _functorch_active()
+        and torch._C._functorch.peek_interpreter_stack() is None  # no torch.func transform
     ):
         sc = softmax_scale(q, scale, "flash_attention")
         out = _EagerDense.apply(q, k, v, sc, bool(causal), layout == "bhld")
@@ -384,15 +386,54 @@ class _FunctorchFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        # no double backward (the backward op raises for one): without grad mode the ops skip
-        # their registered autograd, which torch.func transforms do not accept
-        with torch.no_grad():
-            return _backward(ctx, grad_out, grad_lse)
+        if grad_out is None and grad_lse is None:
+            return (None,) * 11
+        # a function of its own, so that differentiating the gradients (grad of grad, jacrev of
+        # jacrev, create_graph through vmap) reaches its backward, which raises
+        grads = _FunctorchFlashAttentionBackward.apply(
+            grad_out, grad_lse, *ctx.saved_tensors, *ctx.args
+        )
+        return (*grads, *(None,) * 8)
 
 
-def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running this call."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+class _FunctorchFlashAttentionBackward(torch.autograd.Function):
+    """The backward of :class:`_FunctorchFlashAttention` (dq, dk, dv from grad_out, grad_lse and
+    the forward's saved tensors and arguments), whose own backward raises: genext has no double
+    backward, and a gradient of it must not come out as a silent zero."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, grad_lse, q, k, v, out, lse, *rest):
+        return _backward_kernels(grad_out, grad_lse, q, k, v, out, lse, *rest)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "genext.ops.flash_attention: double backward (gradients of gradients) is not "
+            "implemented"
+        )
+
+
+# the torch.func transforms that take :class:`_FunctorchFlashAttention` (grad, vjp and jacrev are
+# Grad; jvp and jacfwd Jvp, which then raise for the missing jvp rule)
+_FUNC_TRANSFORMS = frozenset({TransformType.Grad, TransformType.Jvp, TransformType.Vmap})
+
+
+def func_transform_active() -> bool:
+    """Whether this call runs under a torch.func transform (grad, vjp, jacrev, vmap; jvp and
+    jacfwd, which raise) that needs :func:`differentiable_forward` rather than the registered op
+    ``genext::flash_attention_forward``, whose autograd those transforms do not accept. Not under
+    functionalize, alone or with others: it has no rule for autograd.Function, and the registered
+    op serves it (as it serves torch.compile)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    keys = {i.key() for i in torch._C._functorch.get_interpreter_stack()}
+    return TransformType.Functionalize not in keys and not keys.isdisjoint(_FUNC_TRANSFORMS)
 
 
 def differentiable_forward(*inputs) -> tuple[Tensor, Tensor]:
@@ -408,8 +449,11 @@ def _forward(*inputs) -> tuple[Tensor, Tensor]:
     """(out, lse) = genext::flash_attention_forward(*inputs), differentiable in q, k, v."""
     if torch.compiler.is_compiling():
         return torch.ops.genext.flash_attention_forward(*inputs)
-    if _functorch_active():
+    if func_transform_active():
         return _FunctorchFlashAttention.apply(*inputs)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # functionalize: no autograd.Function there, the registered op serves it
+        return torch.ops.genext.flash_attention_forward(*inputs)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:3]):
         return _EagerFlashAttention.apply(*inputs)
     with below_autograd():
@@ -599,15 +643,21 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_q, cu_k, seqused_k = ctx.saved_tensors
-    max_q, max_k, scale, causal, bottom_right = ctx.args
     nones = (None,) * 8
     if grad_out is None and grad_lse is None:
         return (None, None, None) + nones
+    return _backward_kernels(grad_out, grad_lse, *ctx.saved_tensors, *ctx.args) + nones
+
+
+def _backward_kernels(
+    grad_out, grad_lse, q, k, v, out, lse, *rest
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of genext::flash_attention_forward for grad_out and grad_lse (either None)."""
+    # rest: the forward's arguments after q, k, v (cu_seqlens_q, cu_seqlens_k, seqused_k,
+    # max_seqlen_q, max_seqlen_k, scale, causal, causal_bottom_right), shared by every kernel call
+    scale = rest[5]
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    # the arguments after the tensors, shared by every kernel call of this backward
-    rest = (cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right)
     with below_autograd():  # create_graph: through the op, whose backward raises
         dq, dk, dv = torch.ops.genext.flash_attention_backward(grad_out, q, k, v, out, lse, *rest)
     if grad_lse is not None:
@@ -622,7 +672,7 @@ def _backward(ctx, grad_out, grad_lse):
         _, _, pq = torch.ops.genext.flash_attention_backward(gq, q, k, k, pk, lse, *rest)
         dq = (dq + scale * g * pk).to(q.dtype)
         dk = (dk + scale * pq).to(k.dtype)
-    return (dq, dk, dv) + nones
+    return dq, dk, dv
 
 
 torch.library.register_autograd(

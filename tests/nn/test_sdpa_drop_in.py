@@ -216,3 +216,40 @@ def test_cpu_drop_in_under_torch_func_matches_torch(dtype, case, torch_sdpa_call
     for name, a, r in zip(("dq", "dk", "dv"), got, want):
         assert max_err(a, r) <= tol, name
     assert not torch_sdpa_calls, "the genext kernel should have run"
+
+
+def test_cpu_drop_in_second_derivatives_under_torch_func_raise(torch_sdpa_calls):
+    # a gradient of genext's gradient is a clear error (PyTorch's CPU kernel raises too), never a
+    # silent zero
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 8, torch.float64, "cpu")
+
+    def f(q):
+        return _weighted_sum(gF.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    with pytest.raises(NotImplementedError, match="flash_attention: double backward"):
+        torch.func.grad(lambda q: torch.func.grad(f)(q).pow(2).sum())(q)
+    with pytest.raises(NotImplementedError, match="flash_attention: double backward"):
+        torch.func.jacrev(torch.func.jacrev(f))(q)
+    assert not torch_sdpa_calls
+
+
+def test_cpu_drop_in_under_functionalize_matches_eager(torch_sdpa_calls):
+    # torch.func.functionalize (with a key-padding mask too) and make_fx over it run genext's
+    # registered op and give eager's results
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 8, torch.float32, "cpu")
+    mask = torch.ones(1, 1, 1, 7, dtype=torch.bool)
+    mask[..., 4:] = False
+    for attn_mask in (None, mask):
+
+        def f(q, k, v, attn_mask=attn_mask):
+            return gF.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+        assert torch.equal(torch.func.functionalize(f)(q, k, v), f(q, k, v))
+    # make_fx cannot read a mask's values (the prefix check): no mask there
+    gm = make_fx(torch.func.functionalize(lambda q, k, v: f(q, k, v, None)))(q, k, v)
+    assert torch.equal(gm(q, k, v), f(q, k, v, None))
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "genext.flash_attention_forward.default" in targets
+    assert not torch_sdpa_calls

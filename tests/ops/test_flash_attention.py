@@ -1116,3 +1116,63 @@ def test_cpu_torch_func_grad_of_varlen_and_lse_match_eager_autograd():
     out = torch.func.vmap(lambda q: flash_attention_varlen(q, k, v, cu_q, cu_k, 7, 7))(qs)
     ref = torch.stack([flash_attention_varlen(a, k, v, cu_q, cu_k, 7, 7) for a in qs])
     assert torch.equal(out, ref)
+
+
+DOUBLE_BACKWARD = "flash_attention: double backward"
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_cpu_torch_func_second_derivatives_raise(return_lse):
+    # a gradient of genext's gradient (grad of grad, jacrev of jacrev, create_graph through vmap,
+    # torch.func.grad over inputs that require grad outside) is a clear error, never a zero
+    q, k, v = make_qkv(1, 2, 2, 5, 6, 8, torch.float64, "cpu")
+
+    def f(q):
+        res = flash_attention(q, k, v, causal=True, return_lse=return_lse)
+        return _weighted_sum(res[1].sin() if return_lse else res)
+
+    # first order: what eager autograd gives
+    leaf = q.detach().requires_grad_()
+    (want,) = torch.autograd.grad(f(leaf), leaf)
+    assert max_err(torch.func.grad(f)(q), want) <= 1e-12
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        torch.func.grad(lambda q: torch.func.grad(f)(q).pow(2).sum())(q)
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        torch.func.jacrev(torch.func.jacrev(f))(q)
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        torch.func.vmap(torch.func.grad(lambda q: torch.func.grad(f)(q).pow(2).sum()))(
+            torch.stack([q, -q])
+        )
+    # eager create_graph through a vmapped call (a gradient penalty)
+    qs = torch.stack([q, 2 * q]).requires_grad_()
+    (g,) = torch.autograd.grad(torch.func.vmap(f)(qs).sum(), qs, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        g.pow(2).sum().backward()
+    # torch.func.grad over a leaf that requires grad: its result carries the eager graph on
+    g = torch.func.grad(f)(leaf)
+    assert max_err(g, want) <= 1e-12 and g.requires_grad
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_cpu_functionalize_and_make_fx_run_the_registered_op(return_lse):
+    # torch.func.functionalize (no autograd.Function there) and make_fx over it give eager's
+    # results through genext::flash_attention_forward
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = make_qkv(1, 2, 1, 5, 7, 8, torch.float32, "cpu")
+
+    def f(q, k, v):
+        return flash_attention(q, k, v, causal=True, return_lse=return_lse)
+
+    want = f(q, k, v)
+    got = torch.func.functionalize(f)(q, k, v)
+    gm = make_fx(torch.func.functionalize(f))(q, k, v)
+    traced = gm(q, k, v)
+    for a in (got, traced):
+        for x, y in zip(a, want) if return_lse else ((a, want),):
+            assert torch.equal(x, y)
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "genext.flash_attention_forward.default" in targets
