@@ -65,6 +65,17 @@ def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mas
     return True
 
 
+def _vmapped(t: Tensor) -> bool:
+    """Whether t has a dim torch.vmap maps over (a BatchedTensor under any of torch.func's
+    wrappers): a mask that differs per vmapped sample has no single prefix to test."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Tensor | None:
     """Keys used per batch entry (int32, (B,)) when mask is a boolean key-padding mask that keeps
     a prefix of the keys in every batch entry; None otherwise (then PyTorch runs)."""
@@ -78,8 +89,9 @@ def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Tensor | None:
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     if shape[1] != 1 or shape[2] != 1 or shape[3] != lk or shape[0] not in (1, b):
         return None
-    if torch.compiler.is_compiling():
-        return None  # the prefix test needs the mask's values
+    if torch.compiler.is_compiling() or _vmapped(mask):
+        # the prefix test needs the mask's values, one mask for the whole call
+        return None
     m = mask.reshape(shape[0], lk)
     n = m.sum(dim=-1)
     prefix = torch.arange(lk, device=m.device).unsqueeze(0) < n.unsqueeze(1)
@@ -141,12 +153,12 @@ def scaled_dot_product_attention(
     of 8 up to 256; CPU: float32, float64, float16, bfloat16), ``dropout_p == 0``, equal head
     counts or ``enable_gqa`` with Hk dividing Hq, and either no ``attn_mask`` or a boolean
     key-padding mask (True = attend) broadcastable as ``(B, 1, 1, Lk)`` that keeps a prefix of the
-    keys in each batch entry (checked on the mask's values, one device sync; under torch.compile
-    masks always go to PyTorch). ``is_causal`` is PyTorch's top-left aligned mask. Without a mask,
-    CPU float32 calls at shapes where PyTorch's kernel is the faster one go to PyTorch (forwards
-    without gradients at head dims of 64 or more; with gradients, non-causal calls at wide head
-    dims: ``genext.ops.flash_attention.cpu_forward_prefers_torch``, given ``is_causal`` and
-    ``scale``).
+    keys in each batch entry (checked on the mask's values, one device sync; under torch.compile,
+    and under torch.vmap for a mask that differs per vmapped sample, masks go to PyTorch).
+    ``is_causal`` is PyTorch's top-left aligned mask. Without a mask, CPU float32 calls at shapes
+    where PyTorch's kernel is the faster one go to PyTorch (forwards without gradients at head
+    dims of 64 or more; with gradients, non-causal calls at wide head dims:
+    ``genext.ops.flash_attention.cpu_forward_prefers_torch``, given ``is_causal`` and ``scale``).
     Everything else (float or arbitrary boolean masks, dropout, other ranks, broadcast batch
     dims) goes to PyTorch with no error; the choice is made from shapes, dtypes and flags before
     autograd records anything.

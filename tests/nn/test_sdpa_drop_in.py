@@ -253,3 +253,47 @@ def test_cpu_drop_in_under_functionalize_matches_eager(torch_sdpa_calls):
     targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert "genext.flash_attention_forward.default" in targets
     assert not torch_sdpa_calls
+
+
+def test_cpu_drop_in_vmap_with_a_per_sample_mask_goes_to_torch(torch_sdpa_calls):
+    # per-sample gradients with a per-sample key-padding mask: the mask is batched under vmap, so
+    # there is no one prefix to check and PyTorch's SDPA runs; a mask shared by the samples keeps
+    # genext's kernel
+    q, k, v = (torch.randn(3, 1, 2, 4, 8, dtype=torch.float64) for _ in range(3))
+    lengths = torch.tensor([4, 2, 3])
+    backends = []
+
+    def loss(sdpa):
+        def f(q, k, v, n):
+            mask = (torch.arange(4) < n).view(1, 1, 1, 4)
+            if sdpa is gF.scaled_dot_product_attention:
+                backends.append(gF.sdpa_backend(q, k, v, attn_mask=mask))
+            return sdpa(q, k, v, attn_mask=mask).sin().sum()
+
+        return f
+
+    per_sample = torch.func.vmap(torch.func.grad(loss(gF.scaled_dot_product_attention)))
+    got = per_sample(q, k, v, lengths)
+    want = torch.func.vmap(torch.func.grad(loss(F.scaled_dot_product_attention)))(q, k, v, lengths)
+    assert backends == ["torch"] and torch_sdpa_calls
+    assert max_err(got, want) <= ATOL_GRAD[torch.float64]
+    # the same lengths as a loop of eager calls (also genext's kernel outside vmap)
+    for i, n in enumerate(lengths.tolist()):
+        qi = q[i].clone().requires_grad_()
+        mask = (torch.arange(4) < n).view(1, 1, 1, 4)
+        assert gF.sdpa_backend(qi, k[i], v[i], attn_mask=mask) == "genext"
+        out = gF.scaled_dot_product_attention(qi, k[i], v[i], attn_mask=mask)
+        (g,) = torch.autograd.grad(out.sin().sum(), qi)
+        assert max_err(got[i], g) <= ATOL_GRAD[torch.float64]
+    # one mask for every sample (not batched): genext's kernel under vmap
+    backends.clear()
+    torch_sdpa_calls.clear()
+    shared = torch.func.vmap(
+        torch.func.grad(loss(gF.scaled_dot_product_attention)), (0, 0, 0, None)
+    )
+    got = shared(q, k, v, torch.tensor(3))
+    want = torch.func.vmap(torch.func.grad(loss(F.scaled_dot_product_attention)), (0, 0, 0, None))(
+        q, k, v, torch.tensor(3)
+    )
+    assert backends == ["genext"] and not torch_sdpa_calls
+    assert max_err(got, want) <= ATOL_GRAD[torch.float64]
