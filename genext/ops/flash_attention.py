@@ -57,12 +57,15 @@ def cpu_forward_prefers_torch(
     one AVX2 core (genext's bfloat16 forward is as fast or faster). When a gradient is needed, only
     for a call known not to be causal (``causal=False``; ``None``, the default, means unknown) at
     head dims of 160 or more, of 128 or more with at least 512 keys, or of 64 or more with at
-    least 2048 keys: there PyTorch's forward+backward measured up to 1.2x faster than genext's on
-    the quiet 2-core AVX2 machine (on par on one core), while genext's was as fast or faster at
-    narrower head dims (D80 on par, D40 1.04-1.8x) and for causal attention where measured
-    (benchmarks/RESULTS.md, "Flash attention CPU kernel on AVX2"). Never for a scale that is not
-    positive and finite (PyTorch's CPU flash kernel gives NaN rows for a negative scale with a
-    causal mask) nor while the user has switched PyTorch's flash backend off (``sdpa_kernel``)."""
+    least 2048 keys. Measured on the 2-core AVX2 machine at D160 L64 and D128 L512 only
+    (forward+backward, genext's speed relative to PyTorch's): 0.84-1.09x in quiet 2-thread runs,
+    on par in one-thread CPU time (1.00-1.09x), but 1.15-3.2x with a core busy. The rule trades
+    that busy-core advantage for never being slower on a quiet machine; the other shapes it covers
+    are extrapolated from those two. genext's was as fast or faster at narrower head dims (D80 on
+    par, D40 1.04-1.8x) and for causal attention where measured (benchmarks/RESULTS.md, "Flash
+    attention CPU kernel on AVX2"). Never for a scale that is not positive and finite (PyTorch's
+    CPU flash kernel gives NaN rows for a negative scale with a causal mask) nor while the user
+    has switched PyTorch's flash backend off (``sdpa_kernel``)."""
     if q.device.type != "cpu" or q.dtype != torch.float32:
         return False
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
