@@ -246,8 +246,8 @@ def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
         return sdpa("sliding window")
     # the drop-in also hands CPU float32 forwards without gradients to PyTorch where PyTorch's is
     # the faster forward; genext's ops make that choice themselves, so such calls are served here
-    served = sdpa_backend(query, key, value, enable_gqa=True) == "genext"
-    if not served and not cpu_forward_prefers_torch(query, key, value):
+    served = sdpa_backend(query, key, value, is_causal=causal, enable_gqa=True) == "genext"
+    if not served and not cpu_forward_prefers_torch(query, key, value, causal=causal):
         return sdpa("shapes, dtype or device not served")
     if mask is not None and (not isinstance(mask, Tensor) or mask.dim() not in (2, 4)):
         return sdpa("mask is not a tensor of 2 or 4 dims")

@@ -11,7 +11,11 @@ from torch import Tensor
 
 from .. import _C, _build_config
 from ..ops import served_dtypes, softmax_scale
-from ..ops.flash_attention import cpu_forward_prefers_torch
+from ..ops.flash_attention import (
+    cpu_forward_prefers_torch,
+    differentiable_forward,
+    func_transform_active,
+)
 from ..ops.group_norm_silu import group_norm_silu
 
 __all__ = ["group_norm_silu", "scaled_dot_product_attention", "sdpa", "sdpa_backend"]
@@ -61,6 +65,17 @@ def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mas
     return True
 
 
+def _vmapped(t: Tensor) -> bool:
+    """Whether t has a dim torch.vmap maps over (a BatchedTensor under any of torch.func's
+    wrappers): a mask that differs per vmapped sample has no single prefix to test."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Tensor | None:
     """Keys used per batch entry (int32, (B,)) when mask is a boolean key-padding mask that keeps
     a prefix of the keys in every batch entry; None otherwise (then PyTorch runs)."""
@@ -74,8 +89,9 @@ def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Tensor | None:
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
     if shape[1] != 1 or shape[2] != 1 or shape[3] != lk or shape[0] not in (1, b):
         return None
-    if torch.compiler.is_compiling():
-        return None  # the prefix test needs the mask's values
+    if torch.compiler.is_compiling() or _vmapped(mask):
+        # the prefix test needs the mask's values, one mask for the whole call
+        return None
     m = mask.reshape(shape[0], lk)
     n = m.sum(dim=-1)
     prefix = torch.arange(lk, device=m.device).unsqueeze(0) < n.unsqueeze(1)
@@ -85,7 +101,7 @@ def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Tensor | None:
 
 
 def _route(
-    query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
+    query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale=None
 ) -> tuple[bool, Tensor | None]:
     """(whether genext's kernel runs, the key lengths it gets from a key-padding mask)."""
     if not _genext_can_run(
@@ -93,8 +109,10 @@ def _route(
     ):
         return False, None
     if attn_mask is None:
-        # shapes where PyTorch's own CPU forward is the faster one (no gradient needed)
-        return not cpu_forward_prefers_torch(query, key, value), None
+        # shapes where PyTorch's own CPU kernel is the faster one; causal or not changes the
+        # answer for calls that need gradients
+        prefers = cpu_forward_prefers_torch(query, key, value, scale, causal=bool(is_causal))
+        return not prefers, None
     lengths = _key_lengths(attn_mask, query, key.shape[2])
     return lengths is not None, lengths
 
@@ -107,11 +125,13 @@ def sdpa_backend(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     enable_gqa: bool = False,
+    scale: float | None = None,
 ) -> str:
     """Which implementation :func:`scaled_dot_product_attention` runs for these arguments:
     ``"genext"`` (genext's flash-attention kernel) or ``"torch"`` (PyTorch's SDPA). Models and
-    tests use it to know which attention op a profile must show."""
-    runs, _ = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    tests use it to know which attention op a profile must show. Pass the arguments the call
+    gets (``is_causal`` and ``scale`` too: both take part in the CPU float32 choice)."""
+    runs, _ = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
     return "genext" if runs else "torch"
 
 
@@ -133,10 +153,12 @@ def scaled_dot_product_attention(
     of 8 up to 256; CPU: float32, float64, float16, bfloat16), ``dropout_p == 0``, equal head
     counts or ``enable_gqa`` with Hk dividing Hq, and either no ``attn_mask`` or a boolean
     key-padding mask (True = attend) broadcastable as ``(B, 1, 1, Lk)`` that keeps a prefix of the
-    keys in each batch entry (checked on the mask's values, one device sync; under torch.compile
-    masks always go to PyTorch). ``is_causal`` is PyTorch's top-left aligned mask. Without a mask,
-    CPU float32 calls that need no gradient at head dims where PyTorch's forward is the faster one
-    go to PyTorch (``genext.ops.flash_attention.cpu_forward_prefers_torch``).
+    keys in each batch entry (checked on the mask's values, one device sync; under torch.compile,
+    and under torch.vmap for a mask that differs per vmapped sample, masks go to PyTorch).
+    ``is_causal`` is PyTorch's top-left aligned mask. Without a mask, CPU float32 calls at shapes
+    where PyTorch's kernel is the faster one go to PyTorch (forwards without gradients at head
+    dims of 64 or more; with gradients, non-causal calls at wide head dims:
+    ``genext.ops.flash_attention.cpu_forward_prefers_torch``, given ``is_causal`` and ``scale``).
     Everything else (float or arbitrary boolean masks, dropout, other ranks, broadcast batch
     dims) goes to PyTorch with no error; the choice is made from shapes, dtypes and flags before
     autograd records anything.
@@ -148,10 +170,9 @@ def scaled_dot_product_attention(
     math backend gives NaN rows there), and a row whose only visible score is NaN is NaN (PyTorch's
     default CPU kernel gives zeros there).
     """
-    runs, lengths = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    runs, lengths = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
     if runs:
-        sc = softmax_scale(query, scale)
-        out, _ = torch.ops.genext.flash_attention_forward(
+        args = (
             query.transpose(1, 2),
             key.transpose(1, 2),
             value.transpose(1, 2),
@@ -160,10 +181,15 @@ def scaled_dot_product_attention(
             lengths,
             0,
             0,
-            sc,
+            softmax_scale(query, scale),
             bool(is_causal),
             False,
         )
+        if not torch.compiler.is_compiling() and func_transform_active():
+            # torch.func transforms: the op's registered autograd does not support them
+            out, _ = differentiable_forward(*args)
+        else:
+            out, _ = torch.ops.genext.flash_attention_forward(*args)
         return out.transpose(1, 2)
     return _torch_sdpa(
         query,

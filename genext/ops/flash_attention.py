@@ -14,6 +14,7 @@ import operator
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
 
 from ._common import (
     acc_dtype,
@@ -25,7 +26,13 @@ from ._common import (
     softmax_scale,
 )
 
-__all__ = ["flash_attention", "flash_attention_varlen", "cpu_forward_prefers_torch"]
+__all__ = [
+    "flash_attention",
+    "flash_attention_varlen",
+    "cpu_forward_prefers_torch",
+    "differentiable_forward",
+    "func_transform_active",
+]
 
 # CUDA float16/bfloat16 run on tensor cores; CUDA float32 is a plain exact kernel (slow)
 declare_kernels(
@@ -48,13 +55,17 @@ def cpu_forward_prefers_torch(
     off, or none of q, k, v requires one): at head dims of at least 64, or at least 32 with 256 or
     more keys, where PyTorch's forward (blocked GEMMs) measured 1.05-1.3x faster than genext's on
     one AVX2 core (genext's bfloat16 forward is as fast or faster). When a gradient is needed, only
-    for a call known not to be causal (``causal=False``; ``None``, the default, means unknown) with
-    at least 1024 keys at head dims of 128 or more, or 2048 keys at 64 or more: there PyTorch's
-    forward+backward measured 1.02-1.1x faster than genext's on one AVX2 core, while genext's was
-    as fast or faster at the shorter or narrower shapes and for causal attention where measured
-    (benchmarks/RESULTS.md, "Flash attention CPU kernel on AVX2"). Never for a scale that is not
-    positive and finite (PyTorch's CPU flash kernel gives NaN rows for a negative scale with a
-    causal mask) nor while the user has switched PyTorch's flash backend off (``sdpa_kernel``)."""
+    for a call known not to be causal (``causal=False``; ``None``, the default, means unknown) at
+    head dims of 160 or more, of 128 or more with at least 512 keys, or of 64 or more with at
+    least 2048 keys. Measured on the 2-core AVX2 machine at D160 L64 and D128 L512 only
+    (forward+backward, genext's speed relative to PyTorch's): 0.84-1.09x in quiet 2-thread runs,
+    on par in one-thread CPU time (1.00-1.09x), but 1.15-3.2x with a core busy. The rule trades
+    that busy-core advantage for never being slower on a quiet machine; the other shapes it covers
+    are extrapolated from those two. genext's was as fast or faster at narrower head dims (D80 on
+    par, D40 1.04-1.8x) and for causal attention where measured (benchmarks/RESULTS.md, "Flash
+    attention CPU kernel on AVX2"). Never for a scale that is not positive and finite (PyTorch's
+    CPU flash kernel gives NaN rows for a negative scale with a causal mask) nor while the user
+    has switched PyTorch's flash backend off (``sdpa_kernel``)."""
     if q.device.type != "cpu" or q.dtype != torch.float32:
         return False
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -78,7 +89,7 @@ def cpu_forward_prefers_torch(
         return False
     d, lk = q.shape[-1], k.shape[-2]
     if needs_grad:
-        return (d >= 128 and lk >= 1024) or (d >= 64 and lk >= 2048)
+        return d >= 160 or (d >= 128 and lk >= 512) or (d >= 64 and lk >= 2048)
     return d >= 64 or (d >= 32 and lk >= 256)
 
 
@@ -128,7 +139,8 @@ def flash_attention(
     float32 call that returns no lse and is not causal with ``Lq != Lk`` runs PyTorch's SDPA
     instead where that is the faster one (:func:`cpu_forward_prefers_torch`): without gradients at
     a head dim of at least 64 (or at least 32 with 256 or more keys); with gradients, not causal,
-    at least 1024 keys at a head dim of 128 or more, or 2048 keys at 64 or more.
+    at a head dim of 160 or more, of 128 or more with 512 or more keys, or of 64 or more with 2048
+    or more keys.
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")
@@ -152,6 +164,7 @@ def flash_attention(
         and torch.is_grad_enabled()
         and (q.requires_grad or k.requires_grad or v.requires_grad)
         and not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is None  # no torch.func transform
     ):
         sc = softmax_scale(q, scale, "flash_attention")
         out = _EagerDense.apply(q, k, v, sc, bool(causal), layout == "bhld")
@@ -359,9 +372,90 @@ class _EagerDense(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+class _FunctorchFlashAttention(torch.autograd.Function):
+    """genext::flash_attention_forward with the registered op's backward, in the form torch.func
+    transforms (grad, vjp, jacrev, vmap) accept: a separate setup_context, and vmap rules
+    generated from the ops' own batching rules (registered below)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return torch.ops.genext.flash_attention_forward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        if grad_out is None and grad_lse is None:
+            return (None,) * 11
+        # a function of its own, so that differentiating the gradients (grad of grad, jacrev of
+        # jacrev, create_graph through vmap) reaches its backward, which raises
+        grads = _FunctorchFlashAttentionBackward.apply(
+            grad_out, grad_lse, *ctx.saved_tensors, *ctx.args
+        )
+        return (*grads, *(None,) * 8)
+
+
+class _FunctorchFlashAttentionBackward(torch.autograd.Function):
+    """The backward of :class:`_FunctorchFlashAttention` (dq, dk, dv from grad_out, grad_lse and
+    the forward's saved tensors and arguments), whose own backward raises: genext has no double
+    backward, and a gradient of it must not come out as a silent zero."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, grad_lse, q, k, v, out, lse, *rest):
+        return _backward_kernels(grad_out, grad_lse, q, k, v, out, lse, *rest)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "genext.ops.flash_attention: double backward (gradients of gradients) is not "
+            "implemented"
+        )
+
+
+# the torch.func transforms that take :class:`_FunctorchFlashAttention` (grad, vjp and jacrev are
+# Grad; jvp and jacfwd Jvp, which then raise for the missing jvp rule)
+_FUNC_TRANSFORMS = frozenset({TransformType.Grad, TransformType.Jvp, TransformType.Vmap})
+
+
+def func_transform_active() -> bool:
+    """Whether this call runs under a torch.func transform (grad, vjp, jacrev, vmap; jvp and
+    jacfwd, which raise) that needs :func:`differentiable_forward` rather than the registered op
+    ``genext::flash_attention_forward``, whose autograd those transforms do not accept. Not under
+    functionalize, alone or with others: it has no rule for autograd.Function, and the registered
+    op serves it (as it serves torch.compile)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    keys = {i.key() for i in torch._C._functorch.get_interpreter_stack()}
+    return TransformType.Functionalize not in keys and not keys.isdisjoint(_FUNC_TRANSFORMS)
+
+
+def differentiable_forward(*inputs) -> tuple[Tensor, Tensor]:
+    """``(out, lse) = genext::flash_attention_forward(*inputs)`` (the op's arguments: q, k, v as
+    ``(B, L, H, D)`` views, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+    scale, causal, causal_bottom_right), differentiable in q, k and v in eager mode, under
+    torch.compile and under torch.func transforms (the registered op's autograd alone does not
+    support the latter)."""
+    return _forward(*inputs)
+
+
 def _forward(*inputs) -> tuple[Tensor, Tensor]:
     """(out, lse) = genext::flash_attention_forward(*inputs), differentiable in q, k, v."""
     if torch.compiler.is_compiling():
+        return torch.ops.genext.flash_attention_forward(*inputs)
+    if func_transform_active():
+        return _FunctorchFlashAttention.apply(*inputs)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # functionalize: no autograd.Function there, the registered op serves it
         return torch.ops.genext.flash_attention_forward(*inputs)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:3]):
         return _EagerFlashAttention.apply(*inputs)
@@ -552,15 +646,21 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_q, cu_k, seqused_k = ctx.saved_tensors
-    max_q, max_k, scale, causal, bottom_right = ctx.args
     nones = (None,) * 8
     if grad_out is None and grad_lse is None:
         return (None, None, None) + nones
+    return _backward_kernels(grad_out, grad_lse, *ctx.saved_tensors, *ctx.args) + nones
+
+
+def _backward_kernels(
+    grad_out, grad_lse, q, k, v, out, lse, *rest
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of genext::flash_attention_forward for grad_out and grad_lse (either None)."""
+    # rest: the forward's arguments after q, k, v (cu_seqlens_q, cu_seqlens_k, seqused_k,
+    # max_seqlen_q, max_seqlen_k, scale, causal, causal_bottom_right), shared by every kernel call
+    scale = rest[5]
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    # the arguments after the tensors, shared by every kernel call of this backward
-    rest = (cu_q, cu_k, seqused_k, max_q, max_k, scale, causal, bottom_right)
     with below_autograd():  # create_graph: through the op, whose backward raises
         dq, dk, dv = torch.ops.genext.flash_attention_backward(grad_out, q, k, v, out, lse, *rest)
     if grad_lse is not None:
@@ -575,7 +675,7 @@ def _backward(ctx, grad_out, grad_lse):
         _, _, pq = torch.ops.genext.flash_attention_backward(gq, q, k, k, pk, lse, *rest)
         dq = (dq + scale * g * pk).to(q.dtype)
         dk = (dk + scale * pq).to(k.dtype)
-    return (dq, dk, dv) + nones
+    return dq, dk, dv
 
 
 torch.library.register_autograd(
@@ -584,3 +684,53 @@ torch.library.register_autograd(
 
 
 forbid_double_backward("flash_attention_backward", "genext.ops.flash_attention")
+
+
+# ---- torch.vmap rules: the vmapped dim joins the batch dim (dense calls) -------------------------
+
+
+def _fold(t: Tensor, dim: int | None, n: int) -> Tensor:
+    """``t`` with its vmapped dim ``dim`` (None: not vmapped, so repeated n times) merged into its
+    first (batch) dim, the vmapped index outermost; the last dim stays contiguous."""
+    t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+    t = t.flatten(0, 1)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _vmap_loop(op, n: int, in_dims, args):
+    """``op`` once per vmapped index, results stacked along dim 0 (varlen calls, whose packed
+    rows and cu_seqlens cannot take a batch dim)."""
+    results = []
+    for i in range(n):
+        sliced = [a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]
+        results.append(op(*sliced))
+    stacked = tuple(torch.stack(r) for r in zip(*results))
+    return stacked, (0,) * len(stacked)
+
+
+@torch.library.register_vmap("genext::flash_attention_forward")
+def _vmap_forward(info, in_dims, q, k, v, cu_q, cu_k, seqused_k, *rest):
+    op = torch.ops.genext.flash_attention_forward
+    args = (q, k, v, cu_q, cu_k, seqused_k, *rest)
+    if cu_q is not None or cu_k is not None:
+        return _vmap_loop(op, info.batch_size, in_dims, args)
+    n = info.batch_size
+    q, k, v = (_fold(t, d, n) for t, d in zip((q, k, v), in_dims))
+    if seqused_k is not None:
+        seqused_k = _fold(seqused_k, in_dims[5], n)
+    out, lse = op(q, k, v, None, None, seqused_k, *rest)
+    return (out.unflatten(0, (n, -1)), lse.unflatten(0, (n, -1))), (0, 0)
+
+
+@torch.library.register_vmap("genext::flash_attention_backward")
+def _vmap_backward(info, in_dims, grad_out, q, k, v, out, lse, cu_q, cu_k, seqused_k, *rest):
+    op = torch.ops.genext.flash_attention_backward
+    args = (grad_out, q, k, v, out, lse, cu_q, cu_k, seqused_k, *rest)
+    if cu_q is not None or cu_k is not None:
+        return _vmap_loop(op, info.batch_size, in_dims, args)
+    n = info.batch_size
+    folded = [_fold(t, d, n) for t, d in zip(args[:6], in_dims)]
+    if seqused_k is not None:
+        seqused_k = _fold(seqused_k, in_dims[8], n)
+    grads = op(*folded, None, None, seqused_k, *rest)
+    return tuple(g.unflatten(0, (n, -1)) for g in grads), (0, 0, 0)

@@ -564,6 +564,38 @@ def test_routes():
     assert route(module, q, k[:, :, :4], k[:, :, :4], None) == "genext"
 
 
+def test_cpu_float32_gradient_routes_see_the_causal_flag(monkeypatch):
+    """With gradients at a shape where PyTorch's CPU float32 kernel is the faster one for
+    non-causal attention only (1024 keys, D 128), both flags are served by genext's ops, and the
+    op hands only the non-causal call to PyTorch's SDPA."""
+    spy = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        spy.append(kwargs.get("is_causal", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 1024, 128, requires_grad=True)
+    k = torch.randn(1, 1, 1024, 128, requires_grad=True)
+    for causal in (True, False):
+        module.is_causal = causal
+        assert gt.attention_backend(module, q[:, :, :8], k, k, None) == "genext"
+        assert gt.attention_backend(module, q, k, k, None) == "genext"
+        assert gt.attention_backend(module, q, k, k, None, is_causal=not causal) == "genext"
+    module.is_causal = True
+    out, _ = gt.attention_forward(module, q, k, k, None)
+    assert spy == []
+    module.is_causal = False
+    out2, _ = gt.attention_forward(module, q, k, k, None)
+    assert spy == [False]
+    want = original(q, k, k, enable_gqa=True).transpose(1, 2)
+    assert (out2 - want).abs().max().item() <= 2e-5
+    want = original(q, k, k, is_causal=True, enable_gqa=True).transpose(1, 2)
+    assert (out - want).abs().max().item() <= 2e-5
+
+
 def _mask_cases(keep):
     """Masks built by transformers' own helpers the ways models ask for them."""
     from transformers.masking_utils import create_bidirectional_mask, create_causal_mask

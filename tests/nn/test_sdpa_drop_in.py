@@ -162,3 +162,138 @@ def test_cpu_float32_forward_without_gradients_goes_to_torch_where_it_is_faster(
     # D 40 with 256 keys or more: PyTorch's again
     q, k, v = make_qkv(1, 2, 2, 20, 256, 40, torch.float32, "cpu")
     assert gF.sdpa_backend(q, k, v) == "torch"
+
+
+def test_cpu_float32_gradients_routing_sees_is_causal(torch_sdpa_calls):
+    # with gradients, non-causal attention over 1024+ keys at D 128 is PyTorch's (faster there),
+    # causal attention at the same shape genext's: the drop-in passes is_causal to the rule
+    q, k, v = make_qkv(1, 2, 1, 8, 1024, 128, torch.float32, "cpu", requires_grad=True)
+    assert gF.sdpa_backend(q, k, v, enable_gqa=True) == "torch"
+    assert gF.sdpa_backend(q, k, v, is_causal=True, enable_gqa=True) == "genext"
+    assert gF.sdpa_backend(q, k, v, is_causal=True, enable_gqa=True, scale=-0.1) == "genext"
+    for is_causal, calls in ((True, 0), (False, 1)):
+        out = gF.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+        assert len(torch_sdpa_calls) == calls
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
+        assert max_err(out, want) <= ATOL[torch.float32]
+
+
+def _weighted_sum(out):
+    w = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).view(out.shape)
+    return (out * w).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["plain", "causal", "key-padding"])
+def test_cpu_drop_in_under_torch_func_matches_torch(dtype, case, torch_sdpa_calls):
+    # torch.func.grad, jacrev, vmap and vmap of grad over the drop-in give what the same
+    # transforms over PyTorch's SDPA give, with genext's kernel running
+    q, k, v = make_qkv(2, 2, 2, 7, 9, 8, dtype, "cpu")
+    kwargs = {"is_causal": case == "causal", "scale": 0.6}
+    if case == "key-padding":
+        mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+        mask[1, ..., 5:] = False
+        kwargs["attn_mask"] = mask
+    assert gF.sdpa_backend(q, k, v, **kwargs) == "genext"
+
+    def ours(q, k, v):
+        return _weighted_sum(gF.scaled_dot_product_attention(q, k, v, **kwargs))
+
+    def theirs(q, k, v):
+        return _weighted_sum(F.scaled_dot_product_attention(q, k, v, **kwargs))
+
+    tol = ATOL_GRAD[dtype]
+    got = torch.func.grad(ours, argnums=(0, 1, 2))(q, k, v)
+    want = torch.func.grad(theirs, argnums=(0, 1, 2))(q, k, v)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= tol, name
+    jac = torch.func.jacrev(lambda k: gF.scaled_dot_product_attention(q, k, v, **kwargs))(k)
+    ref = torch.func.jacrev(lambda k: F.scaled_dot_product_attention(q, k, v, **kwargs))(k)
+    assert max_err(jac, ref) <= tol
+    ks = torch.stack([k, -k, 0.5 * k])
+    got = torch.func.vmap(torch.func.grad(ours, argnums=(0, 1, 2)), (None, 0, None))(q, ks, v)
+    want = torch.func.vmap(torch.func.grad(theirs, argnums=(0, 1, 2)), (None, 0, None))(q, ks, v)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= tol, name
+    assert not torch_sdpa_calls, "the genext kernel should have run"
+
+
+def test_cpu_drop_in_second_derivatives_under_torch_func_raise(torch_sdpa_calls):
+    # a gradient of genext's gradient is a clear error (PyTorch's CPU kernel raises too), never a
+    # silent zero
+    q, k, v = make_qkv(1, 2, 2, 5, 5, 8, torch.float64, "cpu")
+
+    def f(q):
+        return _weighted_sum(gF.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    with pytest.raises(NotImplementedError, match="flash_attention: double backward"):
+        torch.func.grad(lambda q: torch.func.grad(f)(q).pow(2).sum())(q)
+    with pytest.raises(NotImplementedError, match="flash_attention: double backward"):
+        torch.func.jacrev(torch.func.jacrev(f))(q)
+    assert not torch_sdpa_calls
+
+
+def test_cpu_drop_in_under_functionalize_matches_eager(torch_sdpa_calls):
+    # torch.func.functionalize (with a key-padding mask too) and make_fx over it run genext's
+    # registered op and give eager's results
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 8, torch.float32, "cpu")
+    mask = torch.ones(1, 1, 1, 7, dtype=torch.bool)
+    mask[..., 4:] = False
+    for attn_mask in (None, mask):
+
+        def f(q, k, v, attn_mask=attn_mask):
+            return gF.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+        assert torch.equal(torch.func.functionalize(f)(q, k, v), f(q, k, v))
+    # make_fx cannot read a mask's values (the prefix check): no mask there
+    gm = make_fx(torch.func.functionalize(lambda q, k, v: f(q, k, v, None)))(q, k, v)
+    assert torch.equal(gm(q, k, v), f(q, k, v, None))
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "genext.flash_attention_forward.default" in targets
+    assert not torch_sdpa_calls
+
+
+def test_cpu_drop_in_vmap_with_a_per_sample_mask_goes_to_torch(torch_sdpa_calls):
+    # per-sample gradients with a per-sample key-padding mask: the mask is batched under vmap, so
+    # there is no one prefix to check and PyTorch's SDPA runs; a mask shared by the samples keeps
+    # genext's kernel
+    q, k, v = (torch.randn(3, 1, 2, 4, 8, dtype=torch.float64) for _ in range(3))
+    lengths = torch.tensor([4, 2, 3])
+    backends = []
+
+    def loss(sdpa):
+        def f(q, k, v, n):
+            mask = (torch.arange(4) < n).view(1, 1, 1, 4)
+            if sdpa is gF.scaled_dot_product_attention:
+                backends.append(gF.sdpa_backend(q, k, v, attn_mask=mask))
+            return sdpa(q, k, v, attn_mask=mask).sin().sum()
+
+        return f
+
+    per_sample = torch.func.vmap(torch.func.grad(loss(gF.scaled_dot_product_attention)))
+    got = per_sample(q, k, v, lengths)
+    want = torch.func.vmap(torch.func.grad(loss(F.scaled_dot_product_attention)))(q, k, v, lengths)
+    assert backends == ["torch"] and torch_sdpa_calls
+    assert max_err(got, want) <= ATOL_GRAD[torch.float64]
+    # the same lengths as a loop of eager calls (also genext's kernel outside vmap)
+    for i, n in enumerate(lengths.tolist()):
+        qi = q[i].clone().requires_grad_()
+        mask = (torch.arange(4) < n).view(1, 1, 1, 4)
+        assert gF.sdpa_backend(qi, k[i], v[i], attn_mask=mask) == "genext"
+        out = gF.scaled_dot_product_attention(qi, k[i], v[i], attn_mask=mask)
+        (g,) = torch.autograd.grad(out.sin().sum(), qi)
+        assert max_err(got[i], g) <= ATOL_GRAD[torch.float64]
+    # one mask for every sample (not batched): genext's kernel under vmap
+    backends.clear()
+    torch_sdpa_calls.clear()
+    shared = torch.func.vmap(
+        torch.func.grad(loss(gF.scaled_dot_product_attention)), (0, 0, 0, None)
+    )
+    got = shared(q, k, v, torch.tensor(3))
+    want = torch.func.vmap(torch.func.grad(loss(F.scaled_dot_product_attention)), (0, 0, 0, None))(
+        q, k, v, torch.tensor(3)
+    )
+    assert backends == ["genext"] and not torch_sdpa_calls
+    assert max_err(got, want) <= ATOL_GRAD[torch.float64]

@@ -989,17 +989,26 @@ def test_cpu_padding_columns_are_zero_after_nan_calls(dtype, d):
 
 
 def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch):
-    # with gradients, non-causal attention over 1024+ keys at D >= 128 (2048+ at D >= 64) goes to
-    # PyTorch's SDPA, faster there; causal, shorter or narrower calls, and calls whose causality
-    # the rule is not told (the drop-in's), stay with genext
+    # with gradients, non-causal attention at D >= 160, at D >= 128 over 512+ keys, or at D >= 64
+    # over 2048+ keys goes to PyTorch's SDPA, faster there; causal, shorter or narrower calls,
+    # and calls whose causality the rule is not told, stay with genext
     spy = mock.Mock(wraps=F.scaled_dot_product_attention)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     q, k, v = make_qkv(1, 2, 1, 8, 1024, 128, torch.float32, "cpu", requires_grad=True)
     assert cpu_forward_prefers_torch(q, k, v, causal=False)
     assert not cpu_forward_prefers_torch(q, k, v, causal=True)
     assert not cpu_forward_prefers_torch(q, k, v)
-    assert not cpu_forward_prefers_torch(q, k[:, :, :1023], v[:, :, :1023], causal=False)
     assert not cpu_forward_prefers_torch(q[..., :64], k[..., :64], v[..., :64], causal=False)
+
+    def prefers(lk, d, causal=False):
+        qp, kp, vp = make_qkv(1, 2, 1, 8, lk, d, torch.float32, "cpu", requires_grad=True)
+        return cpu_forward_prefers_torch(qp, kp, vp, None, causal)
+
+    # the boundaries: D >= 160 at any length, D >= 128 from 512 keys, D >= 64 from 2048 keys
+    assert prefers(512, 128) and prefers(1024, 128) and prefers(8, 160)
+    assert not prefers(511, 128) and not prefers(512, 127) and not prefers(8, 159)
+    assert not prefers(1024, 80) and not prefers(8, 160, causal=True)
+    assert not prefers(512, 128, causal=True)
     go = torch.randn(1, 2, 8, 128)
     out = flash_attention(q, k, v, scale=0.1)
     assert spy.call_count == 1
@@ -1016,7 +1025,154 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch):
     q2, k2, v2 = make_qkv(1, 1, 1, 8, 2048, 64, torch.float32, "cpu", requires_grad=True)
     flash_attention(q2, k2, v2)
     assert spy.call_count == 2
-    # the drop-in does not pass is_causal to the rule: its gradient calls stay with genext
-    assert gF.sdpa_backend(q2, k2, v2) == "genext"
-    gF.scaled_dot_product_attention(q2, k2, v2)
-    assert spy.call_count == 2
+    # the drop-in passes is_causal to the rule
+    assert gF.sdpa_backend(q2, k2, v2) == "torch"
+    assert gF.sdpa_backend(q2, k2, v2, is_causal=True) == "genext"
+    # D 160 with few keys (a U-Net's lowest level): PyTorch's when not causal, with the same
+    # gradients as the reference; causal stays with genext
+    q3, k3, v3 = make_qkv(2, 2, 1, 9, 9, 160, torch.float32, "cpu", requires_grad=True)
+    go3 = torch.randn(2, 2, 9, 160)
+    for causal, calls in ((False, 3), (True, 3)):
+        out = flash_attention(q3, k3, v3, causal=causal)
+        assert spy.call_count == calls
+        got = torch.autograd.grad(out, (q3, k3, v3), go3)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q3, k3, v3))
+        ref_out = reference.attention_reference(qd, kd, vd, causal, None)
+        ref = torch.autograd.grad(ref_out, (qd, kd, vd), go3.double())
+        assert max_err(out, ref_out) <= ATOL[torch.float32]
+        for name, a, r in zip(("dq", "dk", "dv"), got, ref):
+            assert max_err(a, r) <= ATOL_GRAD[torch.float32], name
+
+
+# ---- torch.func transforms ------------------------------------------------------------------------
+
+
+def _weighted_sum(out: torch.Tensor) -> torch.Tensor:
+    """A scalar of out whose gradient is not all ones (so dq, dk are not trivially small)."""
+    w = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).view(out.shape)
+    return (out * w).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_torch_func_grad_jacrev_vmap_match_torch_sdpa(dtype, causal):
+    # grad, jacrev, vmap and vmap of grad over flash_attention give what the same transform over
+    # PyTorch's SDPA gives (square, so top-left and bottom-right causal agree; GQA)
+    tol = ATOL_GRAD[dtype]
+    q, k, v = make_qkv(2, 4, 2, 9, 9, 8, dtype, "cpu")
+
+    def ours(q, k, v):
+        return _weighted_sum(flash_attention(q, k, v, causal=causal, scale=0.4))
+
+    def theirs(q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.4, enable_gqa=True)
+        return _weighted_sum(out)
+
+    got = torch.func.grad(ours, argnums=(0, 1, 2))(q, k, v)
+    want = torch.func.grad(theirs, argnums=(0, 1, 2))(q, k, v)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= tol, name
+    small = tuple(t[:1, :2, :3, :4] for t in (q, k, v))
+    jac = torch.func.jacrev(lambda q: flash_attention(q, *small[1:], causal=causal))(small[0])
+    ref = torch.func.jacrev(
+        lambda q: F.scaled_dot_product_attention(q, *small[1:], is_causal=causal)
+    )(small[0])
+    assert jac.shape == ref.shape == (1, 2, 3, 4) * 2
+    assert max_err(jac, ref) <= tol
+    # a vmapped leading dim over q and v (k shared), through the forward and through grad
+    qs, vs = torch.stack([q, 2 * q, -q]), torch.stack([v, v.flip(2), 0.5 * v])
+    out = torch.func.vmap(lambda q, v: flash_attention(q, k, v, causal=causal), (0, 0))(qs, vs)
+    ref = torch.stack(
+        [
+            F.scaled_dot_product_attention(a, k, b, is_causal=causal, enable_gqa=True)
+            for a, b in zip(qs, vs)
+        ]
+    )
+    assert max_err(out, ref) <= ATOL[dtype]
+    got = torch.func.vmap(torch.func.grad(ours, argnums=(0, 1, 2)), (0, None, 0))(qs, k, vs)
+    want = torch.func.vmap(torch.func.grad(theirs, argnums=(0, 1, 2)), (0, None, 0))(qs, k, vs)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= tol, name
+
+
+def test_cpu_torch_func_grad_of_varlen_and_lse_match_eager_autograd():
+    # the varlen op and the lse output under torch.func.grad and vmap (per-entry calls there) give
+    # what eager autograd gives
+    q, k, v = make_qkv(1, 2, 2, 13, 11, 8, torch.float64, "cpu")
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # (total, H, D)
+    cu_q = torch.tensor([0, 6, 13], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 11], dtype=torch.int32)
+
+    def f(q, k, v):
+        out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, 7, 7, causal=True, return_lse=True)
+        return _weighted_sum(out) + lse.sum()
+
+    got = torch.func.grad(f, argnums=(0, 1, 2))(q, k, v)
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(f(*leaves), leaves)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= 1e-12, name
+    qs = torch.stack([q, -q])
+    out = torch.func.vmap(lambda q: flash_attention_varlen(q, k, v, cu_q, cu_k, 7, 7))(qs)
+    ref = torch.stack([flash_attention_varlen(a, k, v, cu_q, cu_k, 7, 7) for a in qs])
+    assert torch.equal(out, ref)
+
+
+DOUBLE_BACKWARD = "flash_attention: double backward"
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_cpu_torch_func_second_derivatives_raise(return_lse):
+    # a gradient of genext's gradient (grad of grad, jacrev of jacrev, create_graph through vmap,
+    # torch.func.grad over inputs that require grad outside) is a clear error, never a zero
+    q, k, v = make_qkv(1, 2, 2, 5, 6, 8, torch.float64, "cpu")
+
+    def f(q):
+        res = flash_attention(q, k, v, causal=True, return_lse=return_lse)
+        return _weighted_sum(res[1].sin() if return_lse else res)
+
+    # first order: what eager autograd gives
+    leaf = q.detach().requires_grad_()
+    (want,) = torch.autograd.grad(f(leaf), leaf)
+    assert max_err(torch.func.grad(f)(q), want) <= 1e-12
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        torch.func.grad(lambda q: torch.func.grad(f)(q).pow(2).sum())(q)
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        torch.func.jacrev(torch.func.jacrev(f))(q)
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        torch.func.vmap(torch.func.grad(lambda q: torch.func.grad(f)(q).pow(2).sum()))(
+            torch.stack([q, -q])
+        )
+    # eager create_graph through a vmapped call (a gradient penalty)
+    qs = torch.stack([q, 2 * q]).requires_grad_()
+    (g,) = torch.autograd.grad(torch.func.vmap(f)(qs).sum(), qs, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        g.pow(2).sum().backward()
+    # torch.func.grad over a leaf that requires grad: its result carries the eager graph on
+    g = torch.func.grad(f)(leaf)
+    assert max_err(g, want) <= 1e-12 and g.requires_grad
+    with pytest.raises(NotImplementedError, match=DOUBLE_BACKWARD):
+        g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_cpu_functionalize_and_make_fx_run_the_registered_op(return_lse):
+    # torch.func.functionalize (no autograd.Function there) and make_fx over it give eager's
+    # results through genext::flash_attention_forward
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k, v = make_qkv(1, 2, 1, 5, 7, 8, torch.float32, "cpu")
+
+    def f(q, k, v):
+        return flash_attention(q, k, v, causal=True, return_lse=return_lse)
+
+    want = f(q, k, v)
+    got = torch.func.functionalize(f)(q, k, v)
+    gm = make_fx(torch.func.functionalize(f))(q, k, v)
+    traced = gm(q, k, v)
+    for a in (got, traced):
+        for x, y in zip(a, want) if return_lse else ((a, want),):
+            assert torch.equal(x, y)
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "genext.flash_attention_forward.default" in targets
