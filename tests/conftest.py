@@ -1,6 +1,11 @@
-"""Shared test set-up: seeds, the device fixture, the cuda marker, and helpers."""
+"""Shared test set-up: seeds, the device fixture, the cuda and slow markers, the test profile,
+and helpers."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -9,12 +14,50 @@ import genext  # noqa: F401  (registers the ops)
 
 HAS_CUDA = torch.cuda.is_available() and genext.build_info()["cuda"]
 
+# The test profile. "quick" (the default) runs every test file but skips the tests marked `slow`:
+# long cases whose code the quick ones also reach (bigger shapes, more parameter combinations,
+# subprocess and multi-process runs, more fuzz examples). "full" runs everything; CI and the GPU
+# queue run it. `pytest -m slow` selects the slow tests and runs them.
+PROFILE = os.environ.get("GENEXT_TESTS", "quick")
+if PROFILE not in ("quick", "full"):
+    raise pytest.UsageError(f"GENEXT_TESTS must be 'quick' or 'full', got {PROFILE!r}")
+
+
+def full_profile(config: pytest.Config | None = None) -> bool:
+    """Whether this run includes the slow tests."""
+    return PROFILE == "full" or (config is not None and "slow" in (config.option.markexpr or ""))
+
+
+def pytest_report_header(config):
+    if full_profile(config):
+        return "genext tests: full profile"
+    return "genext tests: quick profile (tests marked slow skipped; GENEXT_TESTS=full runs them)"
+
 
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU and a genext build with CUDA kernels")
+    skip_slow = pytest.mark.skip(reason="slow: the full profile runs it (GENEXT_TESTS=full)")
+    full = full_profile(config)
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+        elif "slow" in item.keywords and not full:
+            item.add_marker(skip_slow)
+
+
+def slow(case: Any, argcount: int = 1) -> Any:
+    """A parametrize case (a value, a tuple of `argcount` values, or a pytest.param) marked slow."""
+    if type(case) is type(pytest.param(None)):  # already a pytest.param
+        return pytest.param(*case.values, marks=(*case.marks, pytest.mark.slow), id=case.id)
+    values = tuple(case) if argcount > 1 else (case,)
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
+def thin(cases: Sequence[Any], keep_every: int, argcount: int = 1) -> list[Any]:
+    """`cases` with all but every `keep_every`-th marked slow: the quick profile runs a sample
+    spread over a parameter grid (a stride coprime with the grid's inner sizes varies every
+    axis), the full profile the whole grid."""
+    return [c if i % keep_every == 0 else slow(c, argcount) for i, c in enumerate(cases)]
 
 
 @pytest.fixture(autouse=True)

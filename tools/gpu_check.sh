@@ -21,6 +21,7 @@ mkdir -p "$OUT_DIR"
 rm -f "$OUT_DIR"/{build.log,info.txt,tests.log,sanitizer.log,bench.txt,bench.json,pytest-bench.log,pytest-bench.json}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export GENEXT_TESTS=full  # the slow tests too
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}' + ('a' if c == (9, 0) else ''))")

@@ -15,6 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+export GENEXT_TESTS=full  # the slow tests too: GPU time is for every check
 DEADLINE=${GENEXT_DEADLINE:-530}
 O=${GENEXT_OUT:-${OUT:-$PWD/gpu-queue-out}}
 mkdir -p "$O"

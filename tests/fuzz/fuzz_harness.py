@@ -35,10 +35,12 @@ VALID_ONLY = os.environ.get("GENEXT_FUZZ_VALID_ONLY") == "1"
 if DEVICE != "cpu":
     torch.set_default_device(DEVICE)
 
-# GENEXT_FUZZ_EXAMPLES: examples per property (the CI profile draws a fixed, derandomised set;
-# a larger count draws fresh random examples each run, for the long profile).
+# GENEXT_FUZZ_EXAMPLES: examples per property. By default a fixed, derandomised set: 25 in the
+# full test profile (GENEXT_TESTS=full, as CI runs), 5 in the quick one; a count above 25 draws
+# fresh random examples each run, for the long profile.
 _CI_EXAMPLES = 25
-EXAMPLES = int(os.environ.get("GENEXT_FUZZ_EXAMPLES", _CI_EXAMPLES))
+_DEFAULT_EXAMPLES = _CI_EXAMPLES if os.environ.get("GENEXT_TESTS") == "full" else 5
+EXAMPLES = int(os.environ.get("GENEXT_FUZZ_EXAMPLES", _DEFAULT_EXAMPLES))
 settings.register_profile(
     "genext-fuzz",
     max_examples=EXAMPLES,

@@ -2,9 +2,10 @@
 subprocess, so that a crash (a signal, an abort) fails one test and names the case that caused it
 instead of ending the test run.
 
-Profiles: by default each property draws a fixed set of GENEXT_FUZZ_EXAMPLES = 25 examples
-(derandomised, the same every run: CI stays deterministic). A larger count draws fresh random
-examples on every run, e.g. the long profile::
+Profiles: by default each property draws a fixed set of examples (derandomised, the same every
+run: CI stays deterministic), 25 in the full test profile (GENEXT_TESTS=full) and 5 in the quick
+one. GENEXT_FUZZ_EXAMPLES above 25 draws fresh random examples on every run, e.g. the long
+profile::
 
     GENEXT_FUZZ_EXAMPLES=2000 pytest tests/fuzz -x
 

@@ -14,6 +14,7 @@ import torch
 import genext
 from genext.nn.functional import sdpa_backend
 
+from conftest import thin
 from peer_parity import assert_grads_match, op_names, perturb_, rel
 
 diffusers = pytest.importorskip("diffusers")
@@ -138,8 +139,8 @@ def _output_and_grads(model, fwd):
     return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", thin(DTYPES, 2))
+@pytest.mark.parametrize("case", thin(list(CASES), 2))
 def test_patched_outputs_and_gradients_match(case, dtype):
     kind, config = CASES[case]
     cls, fwd = _run(kind, config, dtype)
@@ -354,7 +355,7 @@ def test_profile_shows_genext_kernels_instead_of_torch_ops():
 PROFILED = ["unet", "cond", "vae", "vq"]
 
 
-@pytest.mark.parametrize("case", PROFILED)
+@pytest.mark.parametrize("case", thin(PROFILED, 2))
 def test_patched_models_run_genext_kernels_and_no_torch_norm_or_sdpa(case):
     kind, config = CASES[case]
     cls, fwd = _run(kind, config, torch.float32)
@@ -370,7 +371,7 @@ def test_patched_models_run_genext_kernels_and_no_torch_norm_or_sdpa(case):
     assert _native_ops(op_names(step(peer)))  # the unpatched model runs them
 
 
-@pytest.mark.parametrize("case", PROFILED)
+@pytest.mark.parametrize("case", thin(PROFILED, 4))
 def test_patched_model_compiles_fullgraph(case):
     kind, config = CASES[case]
     cls, fwd = _run(kind, config, torch.float32)

@@ -303,7 +303,8 @@ def _dist_worker(rank, world, port, x, out_dir):
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.fixture(scope="module", params=[2, 3])
+# spawned gloo processes take seconds to start: the quick profile leaves the distributed losses out
+@pytest.fixture(scope="module", params=[pytest.param(w, marks=pytest.mark.slow) for w in (2, 3)])
 def dist_run(request):
     """Every mode on `world` gloo processes (float64, so semantic slips cannot hide in rounding):
     (world, the concatenated inputs, per-rank results). 3 ranks reach SigLIP's bidirectional

@@ -325,6 +325,7 @@ def test_text_encoder_path_matches_diffusers():
     assert _max_abs(other[0], got[0]) > 100 * TOL
 
 
+@pytest.mark.slow  # the quick profile compiles the patched U-Net (tests/integrations/test_patch.py)
 def test_compiled_loop_matches_eager():
     peer = _peer("dpm")
     ours = LatentDiffusionPipeline.from_diffusers(peer)

@@ -16,6 +16,7 @@ from genext.models import _unet_blocks as blocks
 from genext.models import unet as unet_module
 from genext.nn.functional import sdpa_backend
 
+from conftest import thin
 from peer_parity import assert_grads_match, grads_after, op_names, perturb_, rel
 
 diffusers = pytest.importorskip("diffusers")
@@ -283,7 +284,7 @@ def test_unet2d_timestep_class_embedding():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(COND))
+@pytest.mark.parametrize("name", thin(list(COND), 2))
 def test_unet2d_condition_matches_diffusers(name, dtype):
     ours, peer = _cond_pair(name, dtype)
     x, t, ctx, kw = _cond_inputs(name, dtype)
@@ -530,6 +531,7 @@ def test_dtype_device_and_config():
         ours.config["in_channels"] = 3
 
 
+@pytest.mark.slow  # the quick profile compiles the patched U-Net (tests/integrations/test_patch.py)
 def test_compile_fullgraph_matches_eager():
     ours, _ = _cond_pair("tiny")
     x, t, ctx, _ = _cond_inputs("tiny", torch.float32)

@@ -14,6 +14,7 @@ import genext
 from genext.models import AutoencoderKL
 from genext.models import vae as vae_module
 
+from conftest import slow, thin
 from peer_parity import assert_grads_match, grads_after, op_names, perturb_, rel
 
 diffusers = pytest.importorskip("diffusers")
@@ -69,7 +70,7 @@ def _image(config: dict, dtype: torch.dtype, batch: int = 2, size: int = 32) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", thin(list(CONFIGS), 3))
 def test_outputs_match_diffusers(name, dtype):
     config = CONFIGS[name]
     ours, peer = _pair(config, dtype)
@@ -98,8 +99,8 @@ def test_outputs_match_diffusers(name, dtype):
         assert torch.equal(t, ours.decode(z).sample)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", ["tiny", "variant"])
+@pytest.mark.parametrize("dtype", [slow(torch.float32), torch.float64])
+@pytest.mark.parametrize("name", thin(["tiny", "variant"], 2))
 def test_gradients_match_diffusers(name, dtype):
     config = CONFIGS[name]
     ours, peer = _pair(config, dtype)
@@ -129,6 +130,7 @@ def test_gradients_match_diffusers(name, dtype):
     assert rel(xo.grad, xp.grad) < TOL[dtype]
 
 
+@pytest.mark.slow  # the quick profile checks the tiny configuration's gradients
 def test_sd_shaped_gradients_match_diffusers():
     ours, peer = _pair(SD_SMALL)
     x = _image(SD_SMALL, torch.float32, batch=1)
@@ -142,7 +144,9 @@ def test_sd_shaped_gradients_match_diffusers():
     assert_grads_match(grads_after(ours, loss), grads_after(peer, loss), 1e-5, ref)
 
 
-@pytest.mark.parametrize("momentum, weight_decay, steps", [(0.0, 0.0, 1), (0.9, 1e-2, 2)])
+@pytest.mark.parametrize(
+    "momentum, weight_decay, steps", thin([(0.0, 0.0, 1), (0.9, 1e-2, 2)], 2, argcount=3)
+)
 def test_training_steps_match_diffusers(momentum, weight_decay, steps):
     """genext's kernels are drop-in in training: the same steps give the same weights (every
     parameter within 1e-5), for plain SGD and for two steps of SGD with momentum and weight decay.
@@ -188,6 +192,7 @@ def test_genext_kernels_run_and_aten_group_norm_does_not():
     assert not any("scaled_dot_product" in n for n in names), sorted(names)
 
 
+@pytest.mark.slow
 def test_tiling_matches_diffusers_and_bounds_tile_size():
     config = dict(TINY, sample_size=16)
     ours, peer = _pair(config)
@@ -221,6 +226,7 @@ def test_slicing_equals_whole_batch():
     assert rel(sliced, whole) < 1e-5  # per-image convolutions round differently
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients():
     ours, _ = _pair(TINY)
     x = _image(TINY, torch.float32)
@@ -294,6 +300,7 @@ def test_config_handling():
         AutoencoderKL(**dict(TINY, down_block_types=["DownEncoderBlock2D"]))
 
 
+@pytest.mark.slow  # the quick profile compiles the patched U-Net (tests/integrations/test_patch.py)
 def test_compile_fullgraph_matches_eager():
     ours, _ = _pair(TINY)
     x = _image(TINY, torch.float32)

@@ -11,6 +11,7 @@ import torch
 
 from genext.models import VQModel
 
+from conftest import slow, thin
 from peer_parity import assert_grads_match, grads_after, op_names, perturb_, rel
 
 diffusers = pytest.importorskip("diffusers")
@@ -46,8 +47,8 @@ def _image(dtype, batch=2, size=32):
     return torch.randn(batch, 3, size, size, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, slow(torch.float64)])
+@pytest.mark.parametrize("name", thin(list(CONFIGS), 2))
 def test_outputs_match_diffusers(name, dtype):
     ours, peer = _pair(CONFIGS[name], dtype)
     x = _image(dtype)
@@ -71,7 +72,7 @@ def test_outputs_match_diffusers(name, dtype):
         assert rel(loss, peer(x).commit_loss) < tol
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [slow(torch.float32), torch.float64])
 def test_gradients_match_diffusers(dtype):
     ours, peer = _pair(TINY, dtype)
     x = _image(dtype)

@@ -380,6 +380,7 @@ def _dist_worker(rank, world, port, state, parts, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_ema_equals_concatenated_batch():
     torch.manual_seed(0)
     single = VectorQuantizer(8, 16, decay=0.8)

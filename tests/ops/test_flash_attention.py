@@ -26,7 +26,7 @@ from attention_helpers import (
     same_error,
     with_one_on_meta,
 )
-from conftest import max_err, poison_allocator
+from conftest import max_err, poison_allocator, slow, thin
 
 FWD = torch.ops.genext.flash_attention_forward
 BWD = torch.ops.genext.flash_attention_backward
@@ -84,7 +84,7 @@ CASES = [
 
 @pytest.mark.parametrize(
     "case",
-    CASES,
+    [slow(c) if c[3] == c[4] == 1025 else c for c in CASES],  # the quick profile skips L = 1025
     ids=[
         f"B{c[0]}-H{c[1]}x{c[2]}-L{c[3]}x{c[4]}-D{c[5]}{'-causal' if c[6] else ''}" for c in CASES
     ],
@@ -329,6 +329,7 @@ def test_gradcheck_float64_cpu_varlen_and_padding():
     )
 
 
+@pytest.mark.slow
 def test_opcheck(device):
     q, k, v = make_qkv(2, 4, 2, 19, 23, 40, torch.float32, device)
     qt, kt, vt = (t.transpose(1, 2).requires_grad_() for t in (q, k, v))  # strided (B, L, H, D)
@@ -794,7 +795,9 @@ def _backward(q, k, v, go, causal, two_pass, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "case", ONE_PASS_CASES, ids=[f"L{c[3]}x{c[4]}-D{c[5]}-{c[7]}" for c in ONE_PASS_CASES]
+    "case",
+    thin(ONE_PASS_CASES, 2),
+    ids=[f"L{c[3]}x{c[4]}-D{c[5]}-{c[7]}" for c in ONE_PASS_CASES],
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cpu_one_pass_backward_matches_two_passes_and_reference(case, dtype, monkeypatch):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import rel_err, thin
 
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is the reference these schedulers must match (test extra)"
@@ -167,7 +167,8 @@ def _ddim_option_params():
 
 
 @pytest.mark.parametrize(
-    "prediction_type,x0_mode,zero_snr,set_alpha_to_one,eta", list(_ddim_option_params())
+    "prediction_type,x0_mode,zero_snr,set_alpha_to_one,eta",
+    thin(list(_ddim_option_params()), 5, argcount=5),
 )
 def test_ddim_options(prediction_type, x0_mode, zero_snr, set_alpha_to_one, eta):
     cfg = dict(
@@ -267,7 +268,7 @@ def test_ddpm_variances(variance_type, prediction_type, spacing):
 @pytest.mark.parametrize("zero_snr", (False, True))
 @pytest.mark.parametrize("x0_mode", list(X0_MODES))
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
-@pytest.mark.parametrize("beta_schedule", BETAS + ("sigmoid",))
+@pytest.mark.parametrize("beta_schedule", thin(BETAS + ("sigmoid",), 3))
 def test_ddpm_options(beta_schedule, prediction_type, x0_mode, zero_snr):
     cfg = dict(
         beta_schedule=beta_schedule,
@@ -311,7 +312,7 @@ def learned_variance_model(x, t, base):
 
 
 @pytest.mark.parametrize("guidance", (None, 4.0))
-@pytest.mark.parametrize("variance_type", ("learned", "learned_range"))
+@pytest.mark.parametrize("variance_type", thin(("learned", "learned_range"), 2))
 def test_ddpm_learned_variance(variance_type, guidance):
     cfg = dict(variance_type=variance_type, clip_sample=False)
     run_trajectories(

@@ -17,7 +17,7 @@ from genext.samplers.dpm_solver import DPMSolverMultistepScheduler  # noqa: E402
 
 RefDPM = diffusers.DPMSolverMultistepScheduler
 
-from conftest import rel_err  # noqa: E402
+from conftest import rel_err, thin  # noqa: E402
 from trajectories import (  # noqa: E402
     SHAPE,
     STEPS,
@@ -51,7 +51,9 @@ SOLVER_GRID = list(
 )
 
 
-@pytest.mark.parametrize("algorithm_type,solver_order,solver_type,prediction_type", SOLVER_GRID)
+@pytest.mark.parametrize(
+    "algorithm_type,solver_order,solver_type,prediction_type", thin(SOLVER_GRID, 7, argcount=4)
+)
 def test_dpm_solver_grid_matches_diffusers(
     algorithm_type, solver_order, solver_type, prediction_type
 ):
@@ -78,7 +80,8 @@ OPTION_GRID = list(
 
 
 @pytest.mark.parametrize(
-    "use_karras_sigmas,final_sigmas_type,lower_order_final,euler_at_final,thresholding", OPTION_GRID
+    "use_karras_sigmas,final_sigmas_type,lower_order_final,euler_at_final,thresholding",
+    thin(OPTION_GRID, 7, argcount=5),
 )
 def test_dpm_solver_options_match_diffusers(
     use_karras_sigmas, final_sigmas_type, lower_order_final, euler_at_final, thresholding
@@ -207,7 +210,7 @@ SCHEDULE_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", SCHEDULE_CONFIGS)
+@pytest.mark.parametrize("config", thin(SCHEDULE_CONFIGS, 5))
 def test_dpm_solver_schedules_match_diffusers(config):
     kind = config.get("prediction_type", "epsilon")
     learned = config.get("variance_type") is not None
@@ -228,24 +231,27 @@ def test_dpm_solver_schedules_match_diffusers(config):
 
 @pytest.mark.parametrize(
     "config",
-    [
-        dict(),
-        dict(algorithm_type="sde-dpmsolver++", solver_order=3),
-        dict(thresholding=True, sample_max_value=1.5, solver_order=3),
-        dict(
-            algorithm_type="sde-dpmsolver++",
-            thresholding=True,
-            sample_max_value=1.5,
-            solver_type="heun",
-            prediction_type="v_prediction",
-        ),
-        dict(
-            algorithm_type="dpmsolver",
-            final_sigmas_type="sigma_min",
-            thresholding=True,
-            sample_max_value=1.5,
-        ),
-    ],
+    thin(
+        [
+            dict(),
+            dict(algorithm_type="sde-dpmsolver++", solver_order=3),
+            dict(thresholding=True, sample_max_value=1.5, solver_order=3),
+            dict(
+                algorithm_type="sde-dpmsolver++",
+                thresholding=True,
+                sample_max_value=1.5,
+                solver_type="heun",
+                prediction_type="v_prediction",
+            ),
+            dict(
+                algorithm_type="dpmsolver",
+                final_sigmas_type="sigma_min",
+                thresholding=True,
+                sample_max_value=1.5,
+            ),
+        ],
+        2,
+    ),
     ids=["2M", "sde-3", "threshold-3", "sde-heun-v-threshold", "dpmsolver-threshold"],
 )
 def test_dpm_solver_fused_guidance_matches_diffusers(config):
@@ -302,7 +308,7 @@ TIMESTEP_CONFIGS = [dict(c.values[0]) for c in SCHEDULE_CONFIGS] + [
 ]
 
 
-@pytest.mark.parametrize("config", TIMESTEP_CONFIGS)
+@pytest.mark.parametrize("config", thin(TIMESTEP_CONFIGS, 3))
 def test_dpm_solver_set_timesteps_identical(config):
     for n in (1, 7, 10, 25, 50, 999):
         ours, ref = both(DPMSolverMultistepScheduler, RefDPM, **config)

@@ -17,7 +17,7 @@ from genext.samplers.flow_match import FlowMatchEulerDiscreteScheduler  # noqa: 
 
 RefFlow = diffusers.FlowMatchEulerDiscreteScheduler
 
-from conftest import rel_err  # noqa: E402
+from conftest import rel_err, thin  # noqa: E402
 from trajectories import (  # noqa: E402
     SHAPE,
     STEPS,
@@ -65,7 +65,7 @@ FLOW_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", FLOW_CONFIGS)
+@pytest.mark.parametrize("config", thin(FLOW_CONFIGS, 3))
 def test_flow_matches_diffusers(config):
     for n in STEPS:
         ours, ref = both(FlowMatchEulerDiscreteScheduler, RefFlow, **config)

@@ -20,6 +20,8 @@ from genext.train import checkpoint, loop
 from genext.train.cli import main
 from genext.train.tasks import vqvae
 
+from conftest import thin
+
 _SIZE = {"cgan": 8, "stylegan": 8}  # the tiny GANs' image side
 
 # Tiny model configs (here, not in a tests/train/conftest.py: a second module named conftest on
@@ -113,7 +115,9 @@ def _params(out: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load_checkpoint(out / loop.CHECKPOINT).model
 
 
-@pytest.mark.parametrize("task", ["vae", "vqvae", "gan", "cgan", "stylegan", "ddpm", "ldm"])
+@pytest.mark.parametrize(
+    "task", thin(["vae", "vqvae", "gan", "cgan", "stylegan", "ddpm", "ldm"], 3)
+)
 def test_resume_is_bit_identical(task, tmp_path, monkeypatch, tiny):
     # restart dead codes every 3 steps: the resume at step 4 falls between two restarts, so the
     # codebook usage counted since the last one must come back from the checkpoint too; the GANs
@@ -256,6 +260,7 @@ def test_single_rank_process_group_wraps_ddp(tmp_path, tiny):
         assert torch.equal(v, plain[k]), k
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_gloo(tmp_path, tiny):
     # two CPU processes under torchrun (gloo): each rank draws its own shard, DDP averages the
     # gradients, rank 0 writes the checkpoint with both ranks' random states and data positions

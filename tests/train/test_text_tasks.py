@@ -270,6 +270,7 @@ def lm_run(tmp_path_factory) -> Path:
     return tmp / "straight"
 
 
+@pytest.mark.slow
 @needs_plays
 def test_lm_resume_is_bit_identical_and_writes_samples(lm_run):
     text = (lm_run / "samples.txt").read_text()
