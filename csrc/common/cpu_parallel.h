@@ -60,21 +60,27 @@ void parallel_for(int64_t begin, int64_t end, double ns_per_item, const F& f,
     team_launches().fetch_add(1, std::memory_order_relaxed);
     using clock = std::chrono::steady_clock;
     const clock::time_point start = clock::now();
-    clock::time_point caller_done = start;
+    clock::time_point caller_in = start, caller_done = start;
     std::atomic<int64_t> next{begin};
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      const bool caller = at::get_thread_num() == 0;  // the calling thread
+      if (caller) caller_in = clock::now();
       for (;;) {
         const int64_t b = next.fetch_add(chunk, std::memory_order_relaxed);
         if (b >= end) break;
         f(b, std::min(end, b + chunk));
       }
-      if (at::get_thread_num() == 0) caller_done = clock::now();  // the calling thread
+      if (caller) caller_done = clock::now();
     });
     const auto ns = [](clock::duration d) {
       return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
     };
+    // The team can keep the caller waiting at both ends: libgomp's team start waits until every
+    // thread of the previous region (often a PyTorch op's) has docked, and the closing barrier
+    // waits for the last thread; either is a scheduler slice when that thread sits descheduled.
     if (team_mode() == TeamMode::kAuto)
-      note_team_wait(ns(clock::now() - caller_done), ns(caller_done - start));
+      note_team_wait(ns(caller_in - start) + ns(clock::now() - caller_done),
+                     ns(caller_done - caller_in));
     return;
   }
   const ChunkFn call = [](const void* ctx, int64_t b, int64_t e) {

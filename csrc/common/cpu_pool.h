@@ -27,17 +27,17 @@ bool run_in_pool(int64_t begin, int64_t end, int64_t chunk, int helpers, ChunkFn
 
 // How parallel_for runs a team. kAuto (the default): an OpenMP team (at::parallel_for, whose
 // threads PyTorch's own ops keep warm: on a quiet machine the pool's workers would compete with
-// them for the cores) until a team's closing barrier is seen waiting a scheduler slice for a
-// descheduled thread; then the pool for kPoolHoldNs before trying a team again. A forked child
-// always uses the pool (an OpenMP team is not fork-safe). kPool and kOpenMP force one (tests and
-// benchmarks that compare the two).
+// them for the cores) until a team is seen keeping its caller waiting a scheduler slice for a
+// descheduled thread (at the team's start or at its closing barrier); then the pool for kPoolHoldNs
+// before trying a team again. A forked child always uses the pool (an OpenMP team is not
+// fork-safe). kPool and kOpenMP force one (tests and benchmarks that compare the two).
 enum class TeamMode : int { kOpenMP = 0, kPool = 1, kAuto = 2 };
 TeamMode team_mode() noexcept;
 void set_team_mode(TeamMode mode) noexcept;
 
-// kAuto's state: whether the next team is the pool, and the report of an OpenMP team's end (how
-// long the calling thread waited at the closing barrier after its last chunk, and how long it
-// worked before that).
+// kAuto's state: whether the next team is the pool, and the report of an OpenMP team (how long
+// the calling thread waited for the team, at its start and at its closing barrier, and how long
+// it ran chunks in between).
 bool auto_uses_pool() noexcept;
 void note_team_wait(int64_t wait_ns, int64_t work_ns) noexcept;
 
