@@ -160,6 +160,7 @@ def _check_pool_covers_every_item_once_and_never_nests():
             _assert_plain_job(result, f"{threads} threads, {n} items")
 
 
+@pytest.mark.slow  # a subprocess of its own; the quick profile keeps one such pool check
 def test_pool_covers_every_item_once_and_never_nests():
     _isolated(_check_pool_covers_every_item_once_and_never_nests)
 
@@ -191,6 +192,7 @@ def _check_pool_propagates_an_exception_and_keeps_working():
             _assert_plain_job(_C._cpu_parallel_for_check(64, 50_000.0, -1), f"after {throw_at}")
 
 
+@pytest.mark.slow  # a subprocess of its own; the quick profile keeps one such pool check
 def test_pool_propagates_an_exception_and_keeps_working():
     _isolated(_check_pool_propagates_an_exception_and_keeps_working)
 
@@ -271,6 +273,7 @@ def _check_python_threads_calling_ops_at_once():
     assert not errors, errors
 
 
+@pytest.mark.slow  # a subprocess of its own; the quick profile keeps one such pool check
 def test_python_threads_calling_ops_at_once():
     """Several Python threads run kernels (and the pool directly) at once: one owns the pool, the
     others run their ranges inline; every result equals the one computed alone."""
@@ -331,6 +334,7 @@ def _check_forked_child_runs_ops():
     assert child.exitcode == 0
 
 
+@pytest.mark.slow  # a subprocess of its own; the quick profile keeps one such pool check
 def test_forked_child_runs_ops():
     """A DataLoader-style fork after the parent used OpenMP teams and the pool: the child's kernels
     start a fresh pool and give the parent's results (an OpenMP team would hang there: the
@@ -374,6 +378,7 @@ def _check_caller_never_waits_for_an_unscheduled_worker():
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux thread affinity")
+@pytest.mark.slow  # seconds of pinned timing runs in a subprocess
 def test_caller_never_waits_for_an_unscheduled_worker():
     """Every thread of the process pinned to one CPU: while the caller computes, its worker cannot
     run, as when another process holds the worker's core. The caller takes every chunk itself and
@@ -414,6 +419,7 @@ def _check_auto_mode_leaves_a_waiting_team_for_the_pool():
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux thread affinity")
+@pytest.mark.slow  # seconds of pinned timing runs in a subprocess
 def test_auto_mode_leaves_a_waiting_team_for_the_pool():
     """By default a job runs on an OpenMP team (the threads PyTorch's own ops keep warm) until a
     team keeps its caller waiting a scheduler slice for a descheduled thread; then the pool takes
@@ -451,6 +457,7 @@ def _check_auto_mode_after_a_pytorch_region():
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux thread affinity")
+@pytest.mark.slow  # seconds of pinned timing runs in a subprocess
 def test_auto_mode_after_a_pytorch_region():
     """Right after a PyTorch op's OpenMP region, with every thread pinned to one CPU: the region's
     thread, descheduled, can keep the next OpenMP team waiting (libgomp's team start waits for it
