@@ -198,7 +198,7 @@ def make_case(case: LDMCase, config: Config) -> Case:
         warmup, reps = 1, 1
     rows = [("genext", "genext", False), ("diffusers+patch", "patched", False)]
     rows += [("diffusers", "diffusers", False)]
-    if config.compile:
+    if config.compile_models:
         rows += [("genext+compile", "genext", True), ("diffusers+compile", "diffusers", True)]
     timings = tuple(
         Timing(

@@ -42,6 +42,12 @@ class Config:
     def dtype_or(self, default: torch.dtype) -> torch.dtype:
         return self.dtype if self.dtype is not None else default
 
+    @property
+    def compile_models(self) -> bool:
+        """Whether to add torch.compile baselines of whole models (U-Net, VAE, a sampling
+        pipeline): not on a quick CPU run, where compiling one takes minutes on a few cores."""
+        return self.compile and not (self.quick and self.device == "cpu")
+
 
 def device_cases(
     config: Config,

@@ -148,7 +148,7 @@ def make_case(case: UNetCase, config: Config) -> Case:
         warmup,
         reps,
         cuda,
-        config.compile,
+        config.compile_models,
     )
     return Case(
         case.name,

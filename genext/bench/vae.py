@@ -141,7 +141,7 @@ def make_case(case: VAECase, config: Config) -> Case:
         warmup,
         reps,
         cuda,
-        config.compile,
+        config.compile_models,
     )
     return Case(
         case.name,
