@@ -280,3 +280,67 @@ def test_vq_nearest_distance_is_what_the_docs_say(metric):
         want = (1 - F.normalize(z, dim=-1) @ F.normalize(cb, dim=-1).T).min(dim=1)
     assert torch.equal(idx, want.indices)
     torch.testing.assert_close(dist, want.values, rtol=1e-12, atol=1e-12)
+
+
+# ---- the CPU's l2 screen (dot-form scores, candidates rescored exactly) ---------------------------
+
+
+def _near_codes(n: int, k: int, d: int, dtype: torch.dtype, g: torch.Generator):
+    """z far from the origin and k codes around it at distinct distances 1e-3 * (1 + j / k) in
+    random directions: the dot form |e|^2 - 2 z.e cannot order them (its rounding, about
+    u * |z|^2, exceeds the gaps between squared distances), the sums of squared differences can."""
+    centre = 100 * torch.randn(d, generator=g, dtype=torch.float64)
+    dirs = F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=-1)
+    radii = 1e-3 * (1 + torch.randperm(k, generator=g).double() / k)
+    cb = centre + radii[:, None] * dirs
+    z = centre + 1e-4 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return z.to(dtype), cb.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,d", [(100, 64), (37, 13)])
+def test_l2_screen_rescores_near_ties_exactly(dtype, k, d):
+    g = torch.Generator().manual_seed(1)
+    z, cb = _near_codes(50, k, d, dtype, g)
+    idx, dist = vq_nearest(z, cb)
+    ri, rd, _ = _ref(z, cb, "l2")
+    assert torch.equal(idx, ri)
+    assert torch.allclose(dist.double(), rd, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l2_threads_bit_identical(dtype):
+    # enough rows for a thread team; odd K and D for the tiles' tails
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(3001, 67, generator=g, dtype=dtype)
+    cb = torch.randn(301, 67, generator=g, dtype=dtype)
+    cb[5] = z[10]  # an exact hit: distance 0
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = vq_nearest(z, cb)
+        torch.set_num_threads(2)
+        two = vq_nearest(z, cb)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert one[0][10].item() == 5 and one[1][10].item() == 0
+    _check(one[0], one[1], z, cb, "l2", tol=1e-4)
+
+
+def test_l2_huge_rows_take_the_exact_scan():
+    # rows whose |z| is near fp32's range are not screened (a dot-form score could overflow)
+    g = torch.Generator().manual_seed(3)
+    cb = torch.randn(40, 8, generator=g)
+    z = torch.randn(13, 8, generator=g)
+    z[[2, 7]] *= 1e18
+    cb[9] = z[7] * 1.0000001
+    big = torch.full((8,), 1e20)  # |e|^2 overflows fp32: never nearer than a normal code
+    cb = torch.cat([cb, big[None]])
+    idx, dist = vq_nearest(z, cb)
+    ri, rd, _ = _ref(z, cb, "l2")
+    assert torch.equal(idx, ri) and idx[7].item() == 9
+    assert torch.allclose(dist.double(), rd, rtol=1e-5)
+    # a row at the overflowing code picks it (the exact scan)
+    idx, _ = vq_nearest(torch.stack([big, z[0]]), cb)
+    assert idx.tolist() == [40, ri[0].item()]
