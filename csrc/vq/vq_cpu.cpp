@@ -6,11 +6,13 @@
 // per (row, code, dimension), the accumulators in registers, no N x K buffer. A code whose score is
 // within a rounding bound of the row's smallest one becomes a candidate, and the candidates alone
 // are rescored exactly as sums of squared differences (no |z|^2 - 2 z.e + |e|^2 cancellation), in
-// fp32 (fp64 for fp64). The bound covers the rounding of both forms, so the pick and its distance
-// are those of the exact scan over every code; rows with a non-finite or huge norm (or a codebook
-// without a finite row) take that exact scan. metric cosine: the same kernel scores the normalised
-// vectors' dot products, exact as they are. 16-bit inputs are widened once (the codebook) or per
-// block (z). Parallel over row blocks; each row's result depends on that row alone.
+// fp32 (fp64 for fp64), one multiply-add per term in order of d. The bound covers the rounding of
+// both forms, so the pick and its distance are those of the exact scan over every code. A block
+// whose candidates are many (data far from the origin widens the bound), or with a row of
+// non-finite or huge norm, takes that exact scan instead, vectorised across codes with the same
+// multiply-add per term in order of d: the same distances bit for bit. metric cosine: the exact
+// kernel's dot products of the normalised vectors. 16-bit inputs are widened once (the codebook)
+// or per block (z). Parallel over row blocks; each row's result depends on that row alone.
 //
 // vq_ema_update: counts and sums per code, parallel over columns, rows in order: deterministic.
 #include <ATen/core/Tensor.h>
@@ -67,12 +69,13 @@ constexpr int64_t kRowsPerTask = 8 * kRows;
 constexpr double kNsPerSearchTerm = 0.03;
 constexpr double kNsPerSumTerm = 0.5;
 
-// out[r][c] = tile[D][c] + sum over d of z[r][d] * tile[d][c], for kRows rows of z (row stride D)
-// against one tile (D + 1 rows of kCodes: the transposed codes, then the starting values); the
-// code loop is the vector loop, the accumulators stay in registers. Returns whether some
-// out[r][c] <= thr[r] (never for a NaN on either side); true when thr is null.
+// out[r][c] = tile[D][c] + sum over d of (-2 z[r][d]) * tile[d][c], for kRows rows of z (row
+// stride D) against one tile (D + 1 rows of kCodes: the transposed codes, then the starting
+// values); the code loop is the vector loop, the accumulators stay in registers. Returns whether
+// some out[r][c] <= thr[r] (never for a NaN on either side). -2 z e is exact, so each term is one
+// FMA.
 template <class A>
-GENEXT_INLINE bool block_body(const A* z, const A* tile, int64_t D, const A* thr, A* out) {
+GENEXT_INLINE bool screen_body(const A* z, const A* tile, int64_t D, const A* thr, A* out) {
   using V = typename Lanes<A>::V;
   using M = typename Lanes<A>::M;
   constexpr int L = kLanes<A>;
@@ -86,13 +89,12 @@ GENEXT_INLINE bool block_body(const A* z, const A* tile, int64_t D, const A* thr
     V e[kVecs];
     for (int v = 0; v < kVecs; ++v) e[v] = simd::load<V>(tile + d * C + v * L);
     for (int r = 0; r < kRows; ++r) {
-      const V zr = z[r * D + d] - V{};  // a broadcast (adding 0 would cost an add: -0 + 0 is +0)
+      const V zr = V{} - A(2) * z[r * D + d];  // a broadcast of -2 z (exact)
       for (int v = 0; v < kVecs; ++v) acc[r][v] += zr * e[v];
     }
   }
   for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < kVecs; ++v) simd::store(out + r * C + v * L, acc[r][v]);
-  if (thr == nullptr) return true;
   M hit{};
   for (int r = 0; r < kRows; ++r) {
     const V t = V{} + thr[r];
@@ -103,7 +105,46 @@ GENEXT_INLINE bool block_body(const A* z, const A* tile, int64_t D, const A* thr
   return false;
 }
 
-// The sum of squared differences of two rows, in order over d: the exact score.
+// out[r][c] = sum over d of (z[r][d] - tile[d][c])^2, one multiply-add per term in order of d (a
+// fused one where the ISA level has FMA, as GCC contracts it): the exact score, bit for bit that
+// of sqdist below. For cosine (dot) the dot products z.e instead, in the same order.
+template <class A>
+GENEXT_INLINE void exact_body(const A* z, const A* tile, int64_t D, bool dot, A* out) {
+  using V = typename Lanes<A>::V;
+  constexpr int L = kLanes<A>;
+  constexpr int64_t C = kCodes<A>;
+  V acc[kRows][kVecs];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = V{};
+  if (dot) {
+    for (int64_t d = 0; d < D; ++d) {
+      V e[kVecs];
+      for (int v = 0; v < kVecs; ++v) e[v] = simd::load<V>(tile + d * C + v * L);
+      for (int r = 0; r < kRows; ++r) {
+        const V zr = z[r * D + d] - V{};  // a broadcast (adding 0 would cost an add: -0 + 0 is +0)
+        for (int v = 0; v < kVecs; ++v) acc[r][v] += zr * e[v];
+      }
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) {
+      V e[kVecs];
+      for (int v = 0; v < kVecs; ++v) e[v] = simd::load<V>(tile + d * C + v * L);
+      for (int r = 0; r < kRows; ++r) {
+        const V zr = z[r * D + d] - V{};
+        for (int v = 0; v < kVecs; ++v) {
+          const V t = zr - e[v];
+          acc[r][v] += t * t;
+        }
+      }
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < kVecs; ++v) simd::store(out + r * C + v * L, acc[r][v]);
+}
+
+// The sum of squared differences of two rows, one multiply-add per term in order of d: the exact
+// score. Not vectorised: GCC would vectorise it over d as an in-order reduction with separate
+// multiplies and adds, which rounds differently from the fused multiply-add of exact_body.
 template <class A>
 GENEXT_INLINE A sqdist_body(const A* z, const A* e, int64_t D) {
   A s = 0;
@@ -115,25 +156,43 @@ GENEXT_INLINE A sqdist_body(const A* z, const A* e, int64_t D) {
 }
 
 // The loops compiled per ISA level (target_clones needs plain functions, not templates).
-GENEXT_CPU_CLONES bool block_f32(const float* z, const float* tile, int64_t D, const float* thr,
+GENEXT_CPU_CLONES bool screen_f32(const float* z, const float* tile, int64_t D, const float* thr,
+                                  float* out) {
+  return screen_body<float>(z, tile, D, thr, out);
+}
+GENEXT_CPU_CLONES bool screen_f64(const double* z, const double* tile, int64_t D, const double* thr,
+                                  double* out) {
+  return screen_body<double>(z, tile, D, thr, out);
+}
+GENEXT_CPU_CLONES void exact_f32(const float* z, const float* tile, int64_t D, bool dot,
                                  float* out) {
-  return block_body<float>(z, tile, D, thr, out);
+  exact_body<float>(z, tile, D, dot, out);
 }
-GENEXT_CPU_CLONES bool block_f64(const double* z, const double* tile, int64_t D, const double* thr,
+GENEXT_CPU_CLONES void exact_f64(const double* z, const double* tile, int64_t D, bool dot,
                                  double* out) {
-  return block_body<double>(z, tile, D, thr, out);
+  exact_body<double>(z, tile, D, dot, out);
 }
-GENEXT_CPU_CLONES float sqdist_f32(const float* z, const float* e, int64_t D) {
+__attribute__((optimize("no-tree-vectorize"))) GENEXT_CPU_CLONES float sqdist_f32(const float* z,
+                                                                                  const float* e,
+                                                                                  int64_t D) {
   return sqdist_body<float>(z, e, D);
 }
-GENEXT_CPU_CLONES double sqdist_f64(const double* z, const double* e, int64_t D) {
+__attribute__((optimize("no-tree-vectorize"))) GENEXT_CPU_CLONES double sqdist_f64(const double* z,
+                                                                                   const double* e,
+                                                                                   int64_t D) {
   return sqdist_body<double>(z, e, D);
 }
-inline bool block(const float* z, const float* tile, int64_t D, const float* thr, float* out) {
-  return block_f32(z, tile, D, thr, out);
+inline bool screen(const float* z, const float* tile, int64_t D, const float* thr, float* out) {
+  return screen_f32(z, tile, D, thr, out);
 }
-inline bool block(const double* z, const double* tile, int64_t D, const double* thr, double* out) {
-  return block_f64(z, tile, D, thr, out);
+inline bool screen(const double* z, const double* tile, int64_t D, const double* thr, double* out) {
+  return screen_f64(z, tile, D, thr, out);
+}
+inline void exact(const float* z, const float* tile, int64_t D, bool dot, float* out) {
+  exact_f32(z, tile, D, dot, out);
+}
+inline void exact(const double* z, const double* tile, int64_t D, bool dot, double* out) {
+  exact_f64(z, tile, D, dot, out);
 }
 inline float sqdist(const float* z, const float* e, int64_t D) { return sqdist_f32(z, e, D); }
 inline double sqdist(const double* z, const double* e, int64_t D) { return sqdist_f64(z, e, D); }
@@ -197,7 +256,7 @@ Codebook<A> prepare(const at::Tensor& cb, bool cosine) {
   for (int64_t k = 0; k < K; ++k) {
     A* tile = c.tiles_t.data() + (k / C) * (D + 1) * C + k % C;
     const A* e = c.rows.data() + k * D;
-    for (int64_t d = 0; d < D; ++d) tile[d * C] = cosine ? e[d] : A(-2) * e[d];
+    for (int64_t d = 0; d < D; ++d) tile[d * C] = e[d];
     const A e2 = sum_squares(e, D);
     tile[D * C] = cosine ? A(0) : e2;
     if (std::isfinite(e2)) {
@@ -209,12 +268,16 @@ Codebook<A> prepare(const at::Tensor& cb, bool cosine) {
 }
 
 // The margin around a row's smallest dot-form score within which a code may still be the exact
-// nearest. With u the unit roundoff and b = (|z| + max |e|)^2, each dot-form score is within
-// (D + 2) u b of its exact value and each exact score within (D + 2) u b of the true squared
-// distance, so two codes whose dot-form scores differ by more than four such bounds (plus the
-// rounding of the threshold itself, and an absolute term for underflow) keep their order in the
-// exact scores. Returns NaN (no screening: the exact scan) when |z| is not finite, no code has a
-// finite norm, or b is so large that a score could overflow.
+// nearest. With u the unit roundoff, b = (|z| + max |e|)^2 and |z|, |e| <= sqrt(b): |e|^2 summed
+// in eight parts is within (D / 8 + 11) u b of its value, and the D FMAs of -2 z.e onto it add at
+// most (D + 1) 2 u b more (each partial sum is within 3b of zero), so a dot-form score is within
+// about (2.2 D + 13) u b of its exact value; each exact score (D FMAs of squares, partial sums
+// within b) is within (D + 1) u b of the true squared distance. Two codes whose dot-form scores
+// differ by more than twice both bounds, about (4.4 D + 28) u b, keep their order in the exact
+// scores; the margin takes 5 D + 32 terms of u b (room for the second-order terms and the rounding
+// of the threshold itself) and an absolute term for underflow. Returns NaN (no screening: the
+// exact scan) when |z| is not finite, no code has a finite norm, or b is so large that a score
+// could overflow.
 template <class A>
 A screen_margin(A z_norm, const Codebook<A>& c) {
   const A nan = std::numeric_limits<A>::quiet_NaN();
@@ -223,8 +286,8 @@ A screen_margin(A z_norm, const Codebook<A>& c) {
   constexpr A kHuge = std::numeric_limits<A>::max() / A(1 << 20);
   if (!(b <= kHuge)) return nan;
   const A u = std::numeric_limits<A>::epsilon() / 2;
-  const A terms = A(4 * c.D + 16);
-  return terms * u * b * A(1.01) + terms * std::numeric_limits<A>::min();
+  const A terms = A(5 * c.D + 32);
+  return terms * u * b + terms * std::numeric_limits<A>::min();
 }
 
 template <class T, class A>
@@ -240,6 +303,9 @@ void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor&
   const A nan = std::numeric_limits<A>::quiet_NaN();
   const A inf = std::numeric_limits<A>::infinity();
   const double task_ns = kNsPerSearchTerm * double(kRowsPerTask) * double(K) * double(D);
+  // Candidates per block of kRows rows beyond which the exact scan is cheaper than rescoring them
+  // one by one (a chain of D dependent FMAs each against about 0.75 K D cycles for the scan).
+  const int64_t cand_limit = std::max<int64_t>(4 * kRows, K / 4);
   genext::cpu::parallel_for(
       0, (N + kRowsPerTask - 1) / kRowsPerTask, task_ns, [&](int64_t b0, int64_t b1) {
         std::vector<A> zb(static_cast<size_t>(kRows * D));
@@ -262,7 +328,7 @@ void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor&
                 arg[r] = -1;  // no code accepted yet
               }
               for (int64_t t = 0; t < tiles; ++t) {
-                block(zb.data(), book.tiles_t.data() + t * (D + 1) * C, D, nullptr, scores);
+                exact(zb.data(), book.tiles_t.data() + t * (D + 1) * C, D, /*dot=*/true, scores);
                 const int64_t codes = std::min(C, K - t * C);
                 for (int64_t r = 0; r < rows; ++r) {
                   // strict: ties keep the smallest index; a NaN score never wins; an infinite
@@ -284,51 +350,91 @@ void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor&
             }
             // l2: screen every code by its dot-form score, keeping as candidates the codes
             // within the margin of the row's smallest score so far (the smallest only falls, so
-            // a code left out stays out), then rescore the candidates exactly.
+            // a code left out stays out), then rescore the candidates exactly. Where the
+            // candidates are many (data far from the origin, where the margin is wide), the
+            // block takes the exact vectorised scan over every code instead: its distances are
+            // those of sqdist bit for bit, so the results do not depend on which path ran.
             A margin[kRows], low[kRows], thr[kRows];
-            bool screened = false;
+            bool screened = true;
             for (int64_t r = 0; r < kRows; ++r) {
               margin[r] = r < rows
                               ? screen_margin(std::sqrt(sum_squares(zb.data() + r * D, D)), book)
-                              : nan;
+                              : A(0);
               low[r] = inf;
-              thr[r] = std::isnan(margin[r]) ? nan : inf;  // NaN: never a candidate
-              screened = screened || !std::isnan(margin[r]);
+              thr[r] = inf;
+              screened = screened && !std::isnan(margin[r]);
               cand[r].clear();
             }
+            int64_t pending = 0;  // candidates kept since the last pruning
             for (int64_t t = 0; screened && t < tiles; ++t) {
-              if (!block(zb.data(), book.tiles_t.data() + t * (D + 1) * C, D, thr, scores))
+              if (!screen(zb.data(), book.tiles_t.data() + t * (D + 1) * C, D, thr, scores))
                 continue;
               for (int64_t r = 0; r < rows; ++r) {
                 for (int64_t c = 0; c < C; ++c) {
                   const A v = scores[r * C + c];
                   if (!(v <= thr[r])) continue;
                   cand[r].emplace_back(t * C + c, v);
+                  ++pending;
                   if (v < low[r]) {
                     low[r] = v;
                     thr[r] = low[r] + margin[r];
                   }
                 }
               }
+              if (pending > cand_limit) {
+                // drop the codes the falling thresholds have left behind; still too many: the
+                // exact scan is the cheaper way
+                pending = 0;
+                for (int64_t r = 0; r < rows; ++r) {
+                  std::erase_if(cand[r], [&](const auto& kv) { return !(kv.second <= thr[r]); });
+                  pending += static_cast<int64_t>(cand[r].size());
+                }
+                screened = 2 * pending <= cand_limit;
+              }
+            }
+            if (!screened) {
+              A best[kRows];
+              int64_t arg[kRows];
+              for (int64_t r = 0; r < kRows; ++r) {
+                best[r] = inf;
+                arg[r] = -1;  // no code accepted yet
+              }
+              for (int64_t t = 0; t < tiles; ++t) {
+                exact(zb.data(), book.tiles_t.data() + t * (D + 1) * C, D, /*dot=*/false, scores);
+                const int64_t codes = std::min(C, K - t * C);
+                for (int64_t r = 0; r < rows; ++r) {
+                  // strict: ties keep the smallest index; a NaN score never wins; an infinite
+                  // one only while no code has been accepted
+                  for (int64_t c = 0; c < codes; ++c) {
+                    const A v = scores[r * C + c];
+                    if (v < best[r] || (arg[r] < 0 && v == best[r])) {
+                      best[r] = v;
+                      arg[r] = t * C + c;
+                    }
+                  }
+                }
+              }
+              for (int64_t r = 0; r < rows; ++r) {  // every score NaN: index 0, distance NaN
+                ip[r0 + r] = arg[r] < 0 ? 0 : arg[r];
+                dp[r0 + r] = arg[r] < 0 ? nan : std::sqrt(best[r]);
+              }
+              continue;
             }
             for (int64_t r = 0; r < rows; ++r) {
               const A* zr = zb.data() + r * D;
               A best = inf;
               int64_t arg = -1;  // no code accepted yet
-              if (!std::isnan(margin[r])) {
-                // the candidates come in code order: strict, so ties keep the smallest index
-                for (const auto& [k, v] : cand[r]) {
-                  if (!(v <= thr[r])) continue;
-                  const A s = sqdist(zr, book.rows.data() + k * D, D);
-                  if (arg < 0 || s < best) {
-                    best = s;
-                    arg = k;
-                  }
+              // the candidates come in code order: strict, so ties keep the smallest index
+              for (const auto& [k, v] : cand[r]) {
+                if (!(v <= thr[r])) continue;
+                const A s = sqdist(zr, book.rows.data() + k * D, D);
+                if (arg < 0 || s < best) {
+                  best = s;
+                  arg = k;
                 }
               }
               if (arg < 0) {
-                // the exact scan: strict, so ties keep the smallest index; a NaN score never
-                // wins; an infinite one only while no code has been accepted
+                // no candidate (every score NaN): the exact scan, with the same rules as above
                 for (int64_t k = 0; k < K; ++k) {
                   const A s = sqdist(zr, book.rows.data() + k * D, D);
                   if (s < best || (arg < 0 && s == best)) {
