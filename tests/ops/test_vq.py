@@ -4,6 +4,8 @@ inputs, bad inputs, opcheck, compile; CUDA runs the same through the device fixt
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -344,3 +346,93 @@ def test_l2_huge_rows_take_the_exact_scan():
     # a row at the overflowing code picks it (the exact scan)
     idx, _ = vq_nearest(torch.stack([big, z[0]]), cb)
     assert idx.tolist() == [40, ri[0].item()]
+
+
+# The l2 kernel's distances are one fused multiply-add per term in order of d, on every path (the
+# screen's rescoring, the exact scan, any thread count). These digests of (indices, distances) were
+# computed once from the exact-scan kernel (every code scored that way, vectorised across codes) for
+# the seeded inputs below; a change of rounding anywhere (an unfused multiply-add, a reordered sum)
+# changes them. They hold where the CPU kernel runs its FMA builds (x86-64-v3 or v4).
+_MAIN_DIGESTS = {
+    (1, torch.float32, 0.0): "8a274b9ab65935ea",
+    (1, torch.float32, 1e3): "09488ca4d26a1772",
+    (1, torch.float64, 0.0): "e836c819db6a540c",
+    (1, torch.float64, 1e3): "9a90208b738164f2",
+    (3, torch.float32, 0.0): "0cdbef8801373390",
+    (3, torch.float32, 1e3): "c420d792a97d5cba",
+    (3, torch.float64, 0.0): "abfd32068a4a96e9",
+    (3, torch.float64, 1e3): "2f4a68008c75afa0",
+    (13, torch.float32, 0.0): "6c9a3eb9a7982ff0",
+    (13, torch.float32, 1e3): "a54e23d1ce28df5a",
+    (13, torch.float64, 0.0): "7bd4e810dbf8057b",
+    (13, torch.float64, 1e3): "4f212b296d9ffc14",
+    (64, torch.float32, 0.0): "766693e2b2802e20",
+    (64, torch.float32, 1e3): "4d9a42abae63c676",
+    (64, torch.float64, 0.0): "8f7d01aa444fbafb",
+    (64, torch.float64, 1e3): "6e4e6501d972a258",
+    (67, torch.float32, 0.0): "ef2c68a2e94e1bcc",
+    (67, torch.float32, 1e3): "f2a001d283201920",
+    (67, torch.float64, 0.0): "9a3fa592684922b4",
+    (67, torch.float64, 1e3): "262f94ec3b5caa34",
+    (257, torch.float32, 0.0): "9decdc27f436f1eb",
+    (257, torch.float32, 1e3): "d1f8f79828ac05a9",
+    (257, torch.float64, 0.0): "ed9b1ca7e282706a",
+    (257, torch.float64, 1e3): "0507c0a318250ae3",
+}
+_fma_build = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="the digests are those of the CPU kernel's FMA builds",
+)
+
+
+def _digest(idx: torch.Tensor, dist: torch.Tensor) -> str:
+    return hashlib.sha256(idx.numpy().tobytes() + dist.numpy().tobytes()).hexdigest()[:16]
+
+
+@_fma_build
+@pytest.mark.parametrize("key", list(_MAIN_DIGESTS), ids=lambda k: f"D{k[0]}-{k[1]}-off{k[2]:g}")
+def test_l2_bits_are_the_exact_scans(key):
+    d, dtype, offset = key
+    g = torch.Generator().manual_seed(d)
+    z = offset + torch.randn(67, d, generator=g, dtype=torch.float64)
+    cb = offset + torch.randn(45, d, generator=g, dtype=torch.float64)
+    assert _digest(*vq_nearest(z.to(dtype), cb.to(dtype))) == _MAIN_DIGESTS[key]
+
+
+@_fma_build
+@pytest.mark.parametrize(
+    "dtype,digest,head",
+    [
+        (torch.float32, "14c671736b9e74cf", [16, 25, 105, 164, 181, 75, 154, 121]),
+        (torch.float64, "e627b2ad96424112", [145, 82, 5, 16, 199, 103, 188, 94]),
+    ],
+)
+def test_l2_near_ties_pick_the_exact_scans_code(dtype, digest, head):
+    # codes on a sphere of radius 1e3 (radii differing by ~1e-7) and z near its centre: every code
+    # is at nearly the same distance, the pick rests on the last bits of the exact distances
+    g = torch.Generator().manual_seed(5)
+    for want in (torch.float32, torch.float64):  # the same draws for both dtypes
+        dirs = F.normalize(torch.randn(200, 64, generator=g, dtype=torch.float64), dim=-1)
+        cb = 1e3 * dirs * (1 + 1e-7 * torch.randn(200, 1, generator=g, dtype=torch.float64))
+        z = 1e-3 * torch.randn(30, 64, generator=g, dtype=torch.float64)
+        if want == dtype:
+            break
+    idx, dist = vq_nearest(z.to(dtype), cb.to(dtype))
+    assert idx.tolist()[:8] == head
+    assert _digest(idx, dist) == digest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [3, 64, 67])
+def test_l2_far_from_origin_scan_matches_rescoring(dtype, d):
+    # far from the origin every code is a screen candidate and the block takes the vectorised exact
+    # scan; one code alone is always rescored by the scalar loop: the two give the same bits
+    g = torch.Generator().manual_seed(4)
+    z = (1e4 + torch.randn(40, d, generator=g, dtype=torch.float64)).to(dtype)
+    cb = (1e4 + torch.randn(70, d, generator=g, dtype=torch.float64)).to(dtype)
+    idx, dist = vq_nearest(z, cb)
+    for r in range(z.shape[0]):
+        _, one = vq_nearest(z[r : r + 1], cb[idx[r] : idx[r] + 1])
+        assert one.item() == dist[r].item()
+    per_code = torch.stack([vq_nearest(z, cb[k : k + 1])[1] for k in range(cb.shape[0])], 1)
+    assert torch.equal(idx, per_code.argmin(1))  # first of equal ones, as the kernel
