@@ -69,8 +69,8 @@ constexpr int64_t kRowsPerTask = 8 * kRows;
 constexpr double kNsPerSearchTerm = 0.03;
 constexpr double kNsPerSumTerm = 0.5;
 
-// out[r][c] = tile[D][c] + sum over d of (-2 z[r][d]) * tile[d][c], for kRows rows of z (row
-// stride D) against one tile (D + 1 rows of kCodes: the transposed codes, then the starting
+// out[r][c] = tile[D][c] + sum over d of z2[r][d] * tile[d][c], for kRows rows of z2 = -2 z (row
+// stride D; exact) against one tile (D + 1 rows of kCodes: the transposed codes, then the starting
 // values); the code loop is the vector loop, the accumulators stay in registers. Returns whether
 // some out[r][c] <= thr[r] (never for a NaN on either side). -2 z e is exact, so each term is one
 // FMA.
@@ -89,7 +89,7 @@ GENEXT_INLINE bool screen_body(const A* z, const A* tile, int64_t D, const A* th
     V e[kVecs];
     for (int v = 0; v < kVecs; ++v) e[v] = simd::load<V>(tile + d * C + v * L);
     for (int r = 0; r < kRows; ++r) {
-      const V zr = V{} - A(2) * z[r * D + d];  // a broadcast of -2 z (exact)
+      const V zr = z[r * D + d] - V{};  // a broadcast (adding 0 would cost an add: -0 + 0 is +0)
       for (int v = 0; v < kVecs; ++v) acc[r][v] += zr * e[v];
     }
   }
@@ -308,7 +308,7 @@ void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor&
   const int64_t cand_limit = std::max<int64_t>(4 * kRows, K / 4);
   genext::cpu::parallel_for(
       0, (N + kRowsPerTask - 1) / kRowsPerTask, task_ns, [&](int64_t b0, int64_t b1) {
-        std::vector<A> zb(static_cast<size_t>(kRows * D));
+        std::vector<A> zb(static_cast<size_t>(kRows * D)), z2(zb.size());
         std::vector<std::pair<int64_t, A>> cand[kRows];
         A scores[kRows * C];
         for (int64_t task = b0; task < b1; ++task) {
@@ -366,8 +366,9 @@ void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor&
               cand[r].clear();
             }
             int64_t pending = 0;  // candidates kept since the last pruning
+            for (size_t i = 0; i < zb.size(); ++i) z2[i] = A(-2) * zb[i];  // exact
             for (int64_t t = 0; screened && t < tiles; ++t) {
-              if (!screen(zb.data(), book.tiles_t.data() + t * (D + 1) * C, D, thr, scores))
+              if (!screen(z2.data(), book.tiles_t.data() + t * (D + 1) * C, D, thr, scores))
                 continue;
               for (int64_t r = 0; r < rows; ++r) {
                 for (int64_t c = 0; c < C; ++c) {
