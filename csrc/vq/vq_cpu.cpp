@@ -383,14 +383,15 @@ void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor&
                 }
               }
               if (pending > cand_limit) {
-                // drop the codes the falling thresholds have left behind; still too many: the
-                // exact scan is the cheaper way
+                // drop the codes the falling thresholds have left behind; if the survivors, at
+                // the rate they came so far, would still be too many by the last tile, the exact
+                // scan is the cheaper way
                 pending = 0;
                 for (int64_t r = 0; r < rows; ++r) {
                   std::erase_if(cand[r], [&](const auto& kv) { return !(kv.second <= thr[r]); });
                   pending += static_cast<int64_t>(cand[r].size());
                 }
-                screened = 2 * pending <= cand_limit;
+                screened = pending * tiles <= cand_limit * (t + 1);
               }
             }
             if (!screened) {
