@@ -4,6 +4,8 @@ inputs, bad inputs, opcheck, compile; CUDA runs the same through the device fixt
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -280,3 +282,157 @@ def test_vq_nearest_distance_is_what_the_docs_say(metric):
         want = (1 - F.normalize(z, dim=-1) @ F.normalize(cb, dim=-1).T).min(dim=1)
     assert torch.equal(idx, want.indices)
     torch.testing.assert_close(dist, want.values, rtol=1e-12, atol=1e-12)
+
+
+# ---- the CPU's l2 screen (dot-form scores, candidates rescored exactly) ---------------------------
+
+
+def _near_codes(n: int, k: int, d: int, dtype: torch.dtype, g: torch.Generator):
+    """z far from the origin and k codes around it at distinct distances 1e-3 * (1 + j / k) in
+    random directions: the dot form |e|^2 - 2 z.e cannot order them (its rounding, about
+    u * |z|^2, exceeds the gaps between squared distances), the sums of squared differences can."""
+    centre = 100 * torch.randn(d, generator=g, dtype=torch.float64)
+    dirs = F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=-1)
+    radii = 1e-3 * (1 + torch.randperm(k, generator=g).double() / k)
+    cb = centre + radii[:, None] * dirs
+    z = centre + 1e-4 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return z.to(dtype), cb.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,d", [(100, 64), (37, 13)])
+def test_l2_screen_rescores_near_ties_exactly(dtype, k, d):
+    g = torch.Generator().manual_seed(1)
+    z, cb = _near_codes(50, k, d, dtype, g)
+    idx, dist = vq_nearest(z, cb)
+    ri, rd, _ = _ref(z, cb, "l2")
+    assert torch.equal(idx, ri)
+    assert torch.allclose(dist.double(), rd, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l2_threads_bit_identical(dtype):
+    # enough rows for a thread team; odd K and D for the tiles' tails
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(3001, 67, generator=g, dtype=dtype)
+    cb = torch.randn(301, 67, generator=g, dtype=dtype)
+    cb[5] = z[10]  # an exact hit: distance 0
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = vq_nearest(z, cb)
+        torch.set_num_threads(2)
+        two = vq_nearest(z, cb)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert one[0][10].item() == 5 and one[1][10].item() == 0
+    _check(one[0], one[1], z, cb, "l2", tol=1e-4)
+
+
+def test_l2_huge_rows_take_the_exact_scan():
+    # rows whose |z| is near fp32's range are not screened (a dot-form score could overflow)
+    g = torch.Generator().manual_seed(3)
+    cb = torch.randn(40, 8, generator=g)
+    z = torch.randn(13, 8, generator=g)
+    z[[2, 7]] *= 1e18
+    cb[9] = z[7] * 1.0000001
+    big = torch.full((8,), 1e20)  # |e|^2 overflows fp32: never nearer than a normal code
+    cb = torch.cat([cb, big[None]])
+    idx, dist = vq_nearest(z, cb)
+    ri, rd, _ = _ref(z, cb, "l2")
+    assert torch.equal(idx, ri) and idx[7].item() == 9
+    assert torch.allclose(dist.double(), rd, rtol=1e-5)
+    # a row at the overflowing code picks it (the exact scan)
+    idx, _ = vq_nearest(torch.stack([big, z[0]]), cb)
+    assert idx.tolist() == [40, ri[0].item()]
+
+
+# The l2 kernel's distances are one fused multiply-add per term in order of d, on every path (the
+# screen's rescoring, the exact scan, any thread count). These digests of (indices, distances) were
+# computed once from the exact-scan kernel (every code scored that way, vectorised across codes) for
+# the seeded inputs below; a change of rounding anywhere (an unfused multiply-add, a reordered sum)
+# changes them. They hold where the CPU kernel runs its FMA builds (x86-64-v3 or v4).
+_MAIN_DIGESTS = {
+    (1, torch.float32, 0.0): "8a274b9ab65935ea",
+    (1, torch.float32, 1e3): "09488ca4d26a1772",
+    (1, torch.float64, 0.0): "e836c819db6a540c",
+    (1, torch.float64, 1e3): "9a90208b738164f2",
+    (3, torch.float32, 0.0): "0cdbef8801373390",
+    (3, torch.float32, 1e3): "c420d792a97d5cba",
+    (3, torch.float64, 0.0): "abfd32068a4a96e9",
+    (3, torch.float64, 1e3): "2f4a68008c75afa0",
+    (13, torch.float32, 0.0): "6c9a3eb9a7982ff0",
+    (13, torch.float32, 1e3): "a54e23d1ce28df5a",
+    (13, torch.float64, 0.0): "7bd4e810dbf8057b",
+    (13, torch.float64, 1e3): "4f212b296d9ffc14",
+    (64, torch.float32, 0.0): "766693e2b2802e20",
+    (64, torch.float32, 1e3): "4d9a42abae63c676",
+    (64, torch.float64, 0.0): "8f7d01aa444fbafb",
+    (64, torch.float64, 1e3): "6e4e6501d972a258",
+    (67, torch.float32, 0.0): "ef2c68a2e94e1bcc",
+    (67, torch.float32, 1e3): "f2a001d283201920",
+    (67, torch.float64, 0.0): "9a3fa592684922b4",
+    (67, torch.float64, 1e3): "262f94ec3b5caa34",
+    (257, torch.float32, 0.0): "9decdc27f436f1eb",
+    (257, torch.float32, 1e3): "d1f8f79828ac05a9",
+    (257, torch.float64, 0.0): "ed9b1ca7e282706a",
+    (257, torch.float64, 1e3): "0507c0a318250ae3",
+}
+_fma_build = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="the digests are those of the CPU kernel's FMA builds",
+)
+
+
+def _digest(idx: torch.Tensor, dist: torch.Tensor) -> str:
+    return hashlib.sha256(idx.numpy().tobytes() + dist.numpy().tobytes()).hexdigest()[:16]
+
+
+@_fma_build
+@pytest.mark.parametrize("key", list(_MAIN_DIGESTS), ids=lambda k: f"D{k[0]}-{k[1]}-off{k[2]:g}")
+def test_l2_bits_are_the_exact_scans(key):
+    d, dtype, offset = key
+    g = torch.Generator().manual_seed(d)
+    z = offset + torch.randn(67, d, generator=g, dtype=torch.float64)
+    cb = offset + torch.randn(45, d, generator=g, dtype=torch.float64)
+    assert _digest(*vq_nearest(z.to(dtype), cb.to(dtype))) == _MAIN_DIGESTS[key]
+
+
+@_fma_build
+@pytest.mark.parametrize(
+    "dtype,digest,head",
+    [
+        (torch.float32, "14c671736b9e74cf", [16, 25, 105, 164, 181, 75, 154, 121]),
+        (torch.float64, "e627b2ad96424112", [145, 82, 5, 16, 199, 103, 188, 94]),
+    ],
+)
+def test_l2_near_ties_pick_the_exact_scans_code(dtype, digest, head):
+    # codes on a sphere of radius 1e3 (radii differing by ~1e-7) and z near its centre: every code
+    # is at nearly the same distance, the pick rests on the last bits of the exact distances
+    g = torch.Generator().manual_seed(5)
+    for want in (torch.float32, torch.float64):  # the same draws for both dtypes
+        dirs = F.normalize(torch.randn(200, 64, generator=g, dtype=torch.float64), dim=-1)
+        cb = 1e3 * dirs * (1 + 1e-7 * torch.randn(200, 1, generator=g, dtype=torch.float64))
+        z = 1e-3 * torch.randn(30, 64, generator=g, dtype=torch.float64)
+        if want == dtype:
+            break
+    idx, dist = vq_nearest(z.to(dtype), cb.to(dtype))
+    assert idx.tolist()[:8] == head
+    assert _digest(idx, dist) == digest
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [3, 64, 67])
+def test_l2_far_from_origin_scan_matches_rescoring(dtype, d):
+    # far from the origin every code is a screen candidate and the block takes the vectorised exact
+    # scan; one code alone is always rescored by the scalar loop: the two give the same bits
+    g = torch.Generator().manual_seed(4)
+    z = (1e4 + torch.randn(40, d, generator=g, dtype=torch.float64)).to(dtype)
+    cb = (1e4 + torch.randn(70, d, generator=g, dtype=torch.float64)).to(dtype)
+    idx, dist = vq_nearest(z, cb)
+    for r in range(z.shape[0]):
+        _, one = vq_nearest(z[r : r + 1], cb[idx[r] : idx[r] + 1])
+        assert one.item() == dist[r].item()
+    per_code = torch.stack([vq_nearest(z, cb[k : k + 1])[1] for k in range(cb.shape[0])], 1)
+    assert torch.equal(idx, per_code.argmin(1))  # first of equal ones, as the kernel
