@@ -41,7 +41,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_max_head_dim") = genext::kCudaMaxHeadDim;
   // how many times a CPU kernel has woken an intra-op thread team (tests: small inputs never do)
   m.def("_cpu_team_launches", [] { return genext::cpu::team_launches().load(); });
-  // parallel_for's pool (True, default) or OpenMP team (False): tests and benchmarks compare them
   // how parallel_for runs its teams: "auto" (default), "pool" or "openmp" (cpu_pool.h TeamMode)
   m.def("_cpu_team_mode", [] {
     const auto mode = genext::cpu::team_mode();
@@ -59,6 +58,18 @@ PYBIND11_MODULE(_C, m) {
   });
   // whether the next team is genext's pool (kAuto after a team waited for a descheduled thread)
   m.def("_cpu_next_team_is_pool", [] { return genext::cpu::use_pool(); });
+  // how many times the automatic choice has moved to the pool
+  m.def("_cpu_pool_spells", [] { return genext::cpu::pool_spells().load(); });
+  // the automatic choice's state: (ms left of the current spell on the pool, the spell's length
+  // in ms), and a report of an OpenMP team's waits as parallel_for makes it (tests drive the
+  // choice with these)
+  m.def("_cpu_auto_pool_state", [] {
+    const auto s = genext::cpu::auto_pool_state();
+    return std::make_tuple(double(s.left_ns) * 1e-6, double(s.hold_ns) * 1e-6);
+  });
+  m.def("_cpu_note_team_wait", [](double wait_ms, double work_ms) {
+    genext::cpu::note_team_wait(int64_t(wait_ms * 1e6), int64_t(work_ms * 1e6));
+  });
   // Test of the thread pool itself (tests/ops/test_cpu_threads.py): parallel_for over [0, n) whose
   // items each spin for ns_per_item nanoseconds and then try a nested parallel_for (which must
   // run inline); item throw_at (if in range) raises. mode is a sum of flags: 1, item 0 waits (up

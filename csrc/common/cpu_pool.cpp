@@ -254,11 +254,22 @@ class ReleaseBusy {
 };
 
 std::atomic<int> g_team_mode{int(TeamMode::kAuto)};
-// kAuto: the steady-clock time (ns) until which teams are the pool
-std::atomic<int64_t> g_pool_until_ns{0};
-// A closing wait this long is a scheduler slice, not a wake-up or a last chunk finishing
+// A wait this long is a scheduler slice, not a wake-up or a last chunk finishing.
 constexpr int64_t kSliceWaitNs = 1'000'000;
-constexpr int64_t kPoolHoldNs = 250'000'000;
+// Two slice waits this close together (or one this soon after a spell on the pool ended) are
+// load that persists, not a single hiccup of the machine.
+constexpr int64_t kConfirmNs = 100'000'000;
+// How long kAuto stays on the pool: kMinHoldNs after fresh evidence of load, doubled (up to
+// kMaxHoldNs) each time load is still there when a spell ends, so that a machine that stays busy
+// pays one slice per kMaxHoldNs while a passing hiccup costs at most kMinHoldNs of the pool.
+constexpr int64_t kMinHoldNs = 32'000'000;
+constexpr int64_t kMaxHoldNs = 1'024'000'000;
+// kAuto's state (steady-clock ns): until when teams are the pool, when the last slice wait was
+// seen on an OpenMP team, and the current spell's length. Relaxed atomics: concurrent callers
+// may race on them, which at worst shifts a spell's start or length.
+std::atomic<int64_t> g_pool_until_ns{0};
+std::atomic<int64_t> g_last_wait_ns{0};
+std::atomic<int64_t> g_hold_ns{kMinHoldNs};
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -274,6 +285,8 @@ TeamMode team_mode() noexcept { return TeamMode(g_team_mode.load(std::memory_ord
 void set_team_mode(TeamMode mode) noexcept {
   g_team_mode.store(int(mode), std::memory_order_relaxed);
   g_pool_until_ns.store(0, std::memory_order_relaxed);
+  g_last_wait_ns.store(0, std::memory_order_relaxed);
+  g_hold_ns.store(kMinHoldNs, std::memory_order_relaxed);
 }
 
 bool auto_uses_pool() noexcept {
@@ -281,11 +294,30 @@ bool auto_uses_pool() noexcept {
          now_ns() < g_pool_until_ns.load(std::memory_order_relaxed);
 }
 
+AutoPoolState auto_pool_state() noexcept {
+  return {std::max<int64_t>(0, g_pool_until_ns.load(std::memory_order_relaxed) - now_ns()),
+          g_hold_ns.load(std::memory_order_relaxed)};
+}
+
 void note_team_wait(int64_t wait_ns, int64_t work_ns) noexcept {
-  // a wait that is both a scheduler slice long and a large share of the call: a team thread sat
-  // descheduled (another process on its core), so the next calls use the pool
-  if (wait_ns > kSliceWaitNs && 4 * wait_ns > work_ns)
-    g_pool_until_ns.store(now_ns() + kPoolHoldNs, std::memory_order_relaxed);
+  // Only a wait that is both a scheduler slice long and a large share of the call counts: a team
+  // thread sat descheduled (another process on its core).
+  if (wait_ns <= kSliceWaitNs || 4 * wait_ns <= work_ns) return;
+  const int64_t now = now_ns();
+  const int64_t last_wait = g_last_wait_ns.exchange(now, std::memory_order_relaxed);
+  const int64_t spell_end = g_pool_until_ns.load(std::memory_order_relaxed);
+  if (spell_end != 0 && now - spell_end < kConfirmNs) {
+    // the first team after a spell waited again: the load outlasted the spell
+    const int64_t hold = std::min(2 * g_hold_ns.load(std::memory_order_relaxed), kMaxHoldNs);
+    g_hold_ns.store(hold, std::memory_order_relaxed);
+    g_pool_until_ns.store(now + hold, std::memory_order_relaxed);
+  } else if (last_wait != 0 && now - last_wait < kConfirmNs) {
+    g_hold_ns.store(kMinHoldNs, std::memory_order_relaxed);
+    g_pool_until_ns.store(now + kMinHoldNs, std::memory_order_relaxed);
+  } else {
+    return;  // a single wait: the machine may have hiccuped once
+  }
+  pool_spells().fetch_add(1, std::memory_order_relaxed);
 }
 
 bool run_in_pool(int64_t begin, int64_t end, int64_t chunk, int helpers, ChunkFn fn,

@@ -6,6 +6,7 @@
 // which costs a scheduler slice per call while another process holds a core). The protocol is
 // described in cpu_pool.cpp.
 #pragma once
+#include <atomic>
 #include <cstdint>
 
 namespace genext::cpu {
@@ -27,10 +28,11 @@ bool run_in_pool(int64_t begin, int64_t end, int64_t chunk, int helpers, ChunkFn
 
 // How parallel_for runs a team. kAuto (the default): an OpenMP team (at::parallel_for, whose
 // threads PyTorch's own ops keep warm: on a quiet machine the pool's workers would compete with
-// them for the cores) until a team is seen keeping its caller waiting a scheduler slice for a
-// descheduled thread (at the team's start or at its closing barrier); then the pool for kPoolHoldNs
-// before trying a team again. A forked child always uses the pool (an OpenMP team is not
-// fork-safe). kPool and kOpenMP force one (tests and benchmarks that compare the two).
+// them for the cores) until teams are seen keeping their caller waiting a scheduler slice for a
+// descheduled thread (at the team's start or at its closing barrier) twice within a short time;
+// then the pool for a spell (longer each time the load is still there when a spell ends) before
+// trying a team again. A forked child always uses the pool (an OpenMP team is not fork-safe).
+// kPool and kOpenMP force one (tests and benchmarks that compare the two).
 enum class TeamMode : int { kOpenMP = 0, kPool = 1, kAuto = 2 };
 TeamMode team_mode() noexcept;
 void set_team_mode(TeamMode mode) noexcept;
@@ -40,6 +42,20 @@ void set_team_mode(TeamMode mode) noexcept;
 // it ran chunks in between).
 bool auto_uses_pool() noexcept;
 void note_team_wait(int64_t wait_ns, int64_t work_ns) noexcept;
+
+// For tests: how long the current spell on the pool has left (0 when none), and the length of
+// the latest spell (the next one's, if the load is still there when this one ends, is twice it).
+struct AutoPoolState {
+  int64_t left_ns;
+  int64_t hold_ns;
+};
+AutoPoolState auto_pool_state() noexcept;
+
+// How many times kAuto has moved to the pool (tests and benchmarks).
+inline std::atomic<int64_t>& pool_spells() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
 
 // The pool when forced or when kAuto chose it.
 inline bool use_pool() noexcept {
