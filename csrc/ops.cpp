@@ -112,4 +112,11 @@ TORCH_LIBRARY(genext, m) {
   m.def(
       "tiled_softplus_sum_backward(Tensor grad, Tensor a, Tensor b, Tensor scale, Tensor? bias,"
       " bool positives=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  // tiled_softplus_sum that also keeps what its backward needs, for a score matrix small enough
+  // to store (CPU only): (the sum, W (Na, Nb) with W_ij = d softplus(z_ij L_ij) / dL_ij, and
+  // (sum_ij W_ij raw_ij, sum_ij W_ij) with raw = A B^T), in the accumulation dtype. The backward is
+  // then two matrix products with W, without recomputing the scores.
+  m.def(
+      "softplus_sum_with_weights(Tensor a, Tensor b, Tensor scale, Tensor? bias, "
+      "bool positives=False) -> (Tensor, Tensor, Tensor)");
 }

@@ -161,15 +161,23 @@ GENEXT_INLINE Acc hsum(V v) {
   return s;
 }
 
-// Sum of the lanes by halving (8 + 8, 4 + 4, 2 + 2, 1 + 1): fewer dependent adds than hsum.
+// Sum of the lanes by halving (8 + 8, 4 + 4, 2 + 2, 1 + 1): fewer dependent adds than hsum. For
+// vectors of 16 or 8 lanes.
 template <class V>
 GENEXT_INLINE auto hsum_tree(V v) {
   using E = std::remove_reference_t<decltype(std::declval<V&>()[0])>;
   typedef E V8 __attribute__((vector_size(8 * sizeof(E))));
   typedef E V4 __attribute__((vector_size(4 * sizeof(E))));
   typedef E V2 __attribute__((vector_size(2 * sizeof(E))));
-  const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  constexpr size_t kN = sizeof(V) / sizeof(E);
+  static_assert(kN == 16 || kN == 8, "hsum_tree: 16 or 8 lanes");
+  V8 a;
+  if constexpr (kN == 16) {
+    a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+        __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  } else {
+    a = v;
+  }
   const V4 b =
       __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   const V2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);

@@ -2,9 +2,12 @@
 // row tile of A against every column tile of B, each score tile one BLAS product followed by one
 // fused pass (the softplus sum forward; the weights W = grad * z sigmoid(z L) backward, z = -1 on
 // the diagonal with `positives`). Overrides the composite (tiled_softplus_sum.cpp) for CPU
-// tensors.
+// tensors. softplus_sum_with_weights (CPU only) is the forward that keeps the weights of every
+// score (per unit grad) for a backward of two matrix products.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -107,6 +110,77 @@ GENEXT_INLINE ScalarSums softplus_weights(T* s, int64_t ni, int64_t nj, T scale,
   return sums;
 }
 
+// For j in [j0, j1): row[j] (a raw score) <- W_j = d softplus(x_j) / dL_j = sigmoid(x_j) with
+// x_j = L_j = raw scale + bias; adds sum W raw and sum W to sums and returns sum softplus(x_j).
+// softplus and sigmoid share t = e^-|x|: softplus(x) = max(x, 0) + log1p(t), sigmoid(x) =
+// 1 / (1 + t) for x >= 0 and t / (1 + t) below (exact in both tails: +-inf give 1 and 0).
+template <class T>
+GENEXT_INLINE T softplus_weights_run(T* row, int64_t j0, int64_t j1, T scale, T bias,
+                                     ScalarSums& sums) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t W = Lanes<T>::kWidth;
+  const V vs = simd::splat<V>(scale), vb = simd::splat<V>(bias), zero = simd::splat<V>(0),
+          one = simd::splat<V>(1);
+  V asp = zero, aw = zero, awr = zero;
+  T tsp = 0, tw = 0, twr = 0;
+  int64_t j = j0;
+  for (; j + W <= j1; j += W) {
+    const V raw = simd::load<V>(row + j);
+    const V x = raw * vs + vb;
+    const V t = vexp(-(x < zero ? -x : x));
+    const V inv = one / (one + t);
+    const V w = x >= zero ? inv : t * inv;
+    simd::store(row + j, w);
+    asp += vmax(x, zero) + vlog1p_unit(t);
+    aw += w;
+    awr += w * raw;
+  }
+  for (; j < j1; ++j) {
+    const T raw = row[j];
+    const T x = raw * scale + bias;
+    const T t = vexp(-(x < T(0) ? -x : x));
+    const T inv = T(1) / (T(1) + t);
+    const T w = x >= T(0) ? inv : t * inv;
+    row[j] = w;
+    tsp += vmax(x, T(0)) + vlog1p_unit(t);
+    tw += w;
+    twr += w * raw;
+  }
+  sums.w += double(lane_sum<T>(aw) + tw);
+  sums.w_raw += double(lane_sum<T>(awr) + twr);
+  return lane_sum<T>(asp) + tsp;
+}
+
+// The softplus sum of one tile and its weights in place: s (ni x nj raw scores, rows ld apart)
+// is overwritten with W_ij = z_ij sigmoid(z_ij L_ij), z = -1 on the diagonal (column r + diag of
+// row r) when `positives`, else 1. Adds the tile's sum W raw and sum W to sums.
+template <class T>
+GENEXT_INLINE double softplus_and_weights(T* s, int64_t ld, int64_t ni, int64_t nj, T scale, T bias,
+                                          bool positives, int64_t diag, ScalarSums& sums) {
+  double total = 0;
+  for (int64_t r = 0; r < ni; ++r) {
+    T* row = s + r * ld;
+    const int64_t d = r + diag;
+    if (positives && d >= 0 && d < nj) {
+      const T raw = row[d];
+      T part = softplus_weights_run<T>(row, 0, d, scale, bias, sums) +
+               softplus_weights_run<T>(row, d + 1, nj, scale, bias, sums);
+      const T x = -(raw * scale + bias);
+      const T t = vexp(-(x < T(0) ? -x : x));
+      const T inv = T(1) / (T(1) + t);
+      const T w = -(x >= T(0) ? inv : t * inv);
+      row[d] = w;
+      part += vmax(x, T(0)) + vlog1p_unit(t);
+      sums.w += double(w);
+      sums.w_raw += double(w * raw);
+      total += double(part);
+    } else {
+      total += double(softplus_weights_run<T>(row, 0, nj, scale, bias, sums));
+    }
+  }
+  return total;
+}
+
 // Entry points: float compiled per ISA level (GENEXT_CPU_CLONES), double once.
 #define SOFTPLUS_ENTRY_POINTS(T, ATTR)                                                             \
   ATTR double softplus_tile_k(const T* s, int64_t ni, int64_t nj, T scale, T bias, bool positives, \
@@ -116,6 +190,10 @@ GENEXT_INLINE ScalarSums softplus_weights(T* s, int64_t ni, int64_t nj, T scale,
   ATTR ScalarSums softplus_weights_k(T* s, int64_t ni, int64_t nj, T scale, T bias, T grad,        \
                                      bool positives, int64_t diag) {                               \
     return softplus_weights<T>(s, ni, nj, scale, bias, grad, positives, diag);                     \
+  }                                                                                                \
+  ATTR double softplus_and_weights_k(T* s, int64_t ld, int64_t ni, int64_t nj, T scale, T bias,    \
+                                     bool positives, int64_t diag, ScalarSums& sums) {             \
+    return softplus_and_weights<T>(s, ld, ni, nj, scale, bias, positives, diag, sums);             \
   }
 SOFTPLUS_ENTRY_POINTS(float, GENEXT_CPU_CLONES)
 SOFTPLUS_ENTRY_POINTS(double, )
@@ -154,6 +232,59 @@ double softplus_sum(const Args& g, bool positives) {
   return total;
 }
 
+// The sum and the weights W (n x m, the scores' buffer): one task per row tile, each score tile
+// computed into its place in W by one BLAS product and turned into weights while in cache. The
+// tiles' sums (double) are added in tile order.
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softplus_sum_with_weights(const Args& g,
+                                                                         bool positives) {
+  const int64_t n = g.a.size(0), m = g.b.size(0), D = g.a.size(1);
+  const T scale = scalar_of<T>(g.scale), bias = scalar_of<T>(g.bias);
+  at::Tensor w = at::empty({n, m}, g.a.options());
+  const int64_t tiles = ceil_div(n, kRowTile);
+  std::vector<double> partial(static_cast<size_t>(tiles), 0.0);
+  std::vector<ScalarSums> sums(static_cast<size_t>(tiles));
+  T* wp = w.data_ptr<T>();
+  const double tile_ns = double(kRowTile) * double(m) * (double(D) * kNsPerMac + kNsPerScore);
+  genext::cpu::parallel_for(0, tiles, tile_ns, [&](int64_t t0, int64_t t1) {
+    const OneBlasThread one_thread;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kRowTile, ni = std::min(kRowTile, n - i0);
+      const at::Tensor ai = g.a.narrow(0, i0, ni);
+      at::Tensor wi = w.narrow(0, i0, ni);
+      double total = 0;
+      ScalarSums ts;
+      for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
+        const int64_t nj = std::min(kColTile, m - j0);
+        at::Tensor out = wi.narrow(1, j0, nj);  // rows m apart: BLAS writes it in place
+        at::mm_out(out, ai, g.b.narrow(0, j0, nj).t());
+        total += softplus_and_weights_k(wp + i0 * m + j0, m, ni, nj, scale, bias, positives,
+                                        i0 - j0, ts);
+      }
+      partial[t] = total;
+      sums[t] = ts;
+    }
+  });
+  double total = 0, w_raw = 0, w_sum = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    total += partial[t];
+    w_raw += sums[t].w_raw;
+    w_sum += sums[t].w;
+  }
+  at::Tensor s = at::empty({2}, g.a.options());
+  s.data_ptr<T>()[0] = T(w_raw);
+  s.data_ptr<T>()[1] = T(w_sum);
+  return {at::full({}, total, g.a.options()), w, s};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softplus_sum_with_weights_cpu(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+    const std::optional<at::Tensor>& bias, bool positives) {
+  const Args g = detached(prepare("softplus_sum_with_weights", a, b, scale, bias));
+  return g.acc == at::kDouble ? softplus_sum_with_weights<double>(g, positives)
+                              : softplus_sum_with_weights<float>(g, positives);
+}
+
 at::Tensor tiled_softplus_sum_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                                   const std::optional<at::Tensor>& bias, bool positives) {
   const Args g = detached(prepare("tiled_softplus_sum", a, b, scale, bias));
@@ -188,4 +319,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_softplus_sum_ba
 TORCH_LIBRARY_IMPL(genext, CPU, m) {
   m.impl("tiled_softplus_sum", &genext::contrastive::cpu::tiled_softplus_sum_cpu);
   m.impl("tiled_softplus_sum_backward", &genext::contrastive::cpu::tiled_softplus_sum_backward_cpu);
+  m.impl("softplus_sum_with_weights", &genext::contrastive::cpu::softplus_sum_with_weights_cpu);
 }

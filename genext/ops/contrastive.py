@@ -21,6 +21,15 @@ declare_kernels(
     cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
     cuda=(torch.float32, torch.float16, torch.bfloat16),
 )
+declare_kernels(
+    ["softplus_sum_with_weights"], cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16)
+)
+
+# The most scores (Ni x Nt) for which siglip_loss on the CPU keeps the backward's weights from
+# its forward (4 bytes each in float32: 64 MiB), making the backward two matrix products instead
+# of three; larger blocks recompute the scores tile by tile and stay linear in memory. At N2048
+# D512 the score matrix is 16 MiB and recomputing it was a quarter of forward + backward.
+SIGLIP_SAVED_WEIGHTS_MAX = 1 << 24
 
 
 _PUBLIC_NAMES = ("image_features", "text_features")
@@ -231,8 +240,22 @@ def siglip_loss(
     # loss; adding NaN (not replacing the scale) keeps the gradient path to logit_scale.
     scale = scale + torch.where(torch.isfinite(scale), 0.0, float("nan"))
     # the positives (i == j) enter as softplus(-L_ii) inside the op: exact for infinite scores
-    total = torch.ops.genext.tiled_softplus_sum(i, t, scale, bias, not negative_only)
+    if _keeps_weights(i, t, scale, bias):
+        total = torch.ops.genext.softplus_sum_with_weights(i, t, scale, bias, not negative_only)[0]
+    else:
+        total = torch.ops.genext.tiled_softplus_sum(i, t, scale, bias, not negative_only)
     return total / n
+
+
+def _keeps_weights(i: Tensor, t: Tensor, scale: Tensor, bias: Tensor | None) -> bool:
+    """Whether siglip_loss takes the forward that keeps its backward's weights: on the CPU, when a
+    gradient will be asked for and the score matrix is small enough to store."""
+    return (
+        i.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any(x is not None and x.requires_grad for x in (i, t, scale, bias))
+        and i.shape[0] * t.shape[0] <= SIGLIP_SAVED_WEIGHTS_MAX
+    )
 
 
 # ---- fake kernels and autograd ------------------------------------------------------------------
@@ -324,3 +347,44 @@ def _sp_backward(ctx, grad):
 
 
 torch.library.register_autograd("genext::tiled_softplus_sum", _sp_backward, setup_context=_sp_setup)
+
+
+@torch.library.register_fake("genext::softplus_sum_with_weights")
+def _fake_spw(a, b, scale, bias, positives=False):
+    check_args("softplus_sum_with_weights", a, b, scale, bias)
+    acc = acc_dtype(a)
+    return (
+        a.new_empty((), dtype=acc),
+        a.new_empty((a.shape[0], b.shape[0]), dtype=acc),
+        a.new_empty((2,), dtype=acc),
+    )
+
+
+def _spw_setup(ctx, inputs, output):
+    a, b, scale, bias, _positives = inputs
+    _total, weights, sums = output
+    ctx.mark_non_differentiable(weights, sums)
+    ctx.save_for_backward(a, b, scale, weights, sums)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.bias_shape = bias.shape if bias is not None else None
+
+
+def _spw_backward(ctx, grad, _grad_weights, _grad_sums):
+    # d total / dL_ij = grad W_ij, so da = grad scale W B, db = grad scale W^T A, and the scalars'
+    # gradients are grad times the sums the forward kept
+    a, b, scale, weights, sums = ctx.saved_tensors
+    acc = weights.dtype
+    g = grad.to(acc)
+    gs = g * scale.to(acc)
+    da = (weights @ b.to(acc)) * gs
+    db = (weights.T @ a.to(acc)) * gs
+    dscale = (g * sums[0]).to(scale.dtype).reshape(scale.shape)
+    dbias = None
+    if ctx.bias_dtype is not None:
+        dbias = (g * sums[1]).to(ctx.bias_dtype).reshape(ctx.bias_shape)
+    return da.to(a.dtype), db.to(b.dtype), dscale, dbias, None
+
+
+torch.library.register_autograd(
+    "genext::softplus_sum_with_weights", _spw_backward, setup_context=_spw_setup
+)

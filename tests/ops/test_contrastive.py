@@ -109,6 +109,9 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.genext.tiled_lse, (i, t, s, None, False))
     torch.library.opcheck(torch.ops.genext.tiled_softplus_sum, (i, t, s, b))
     torch.library.opcheck(torch.ops.genext.tiled_softplus_sum, (i, t, s, b, True))
+    leaves = [x.clone().requires_grad_() for x in (i, t, s, b)]
+    torch.library.opcheck(torch.ops.genext.softplus_sum_with_weights, (*leaves, True))
+    torch.library.opcheck(torch.ops.genext.softplus_sum_with_weights, (*leaves[:3], None, False))
     f = torch.compile(
         lambda i, t, s, b: clip_loss(i, t, s, b) + siglip_loss(i, t, s, b), fullgraph=True
     )
@@ -155,6 +158,8 @@ def test_forward_ops_meta_beside_cpu_raise(meta_arg):
         torch.ops.genext.tiled_lse(*args, True)
     with pytest.raises(RuntimeError, match="tiled_softplus_sum: .* is on meta"):
         torch.ops.genext.tiled_softplus_sum(*args)
+    with pytest.raises(RuntimeError, match="softplus_sum_with_weights: .* is on meta"):
+        torch.ops.genext.softplus_sum_with_weights(*args)
 
 
 @pytest.mark.parametrize("meta_arg", range(8))
@@ -183,6 +188,8 @@ def test_all_meta_works():
     assert [g.shape for g in grads] == [(4, 8), (4, 8), (), ()]
     grads = torch.ops.genext.tiled_softplus_sum_backward(s, i, t, s, None)
     assert [g.shape for g in grads] == [(4, 8), (4, 8), (), (0,)]
+    total, weights, sums = torch.ops.genext.softplus_sum_with_weights(i, t, s, b, True)
+    assert (total.shape, weights.shape, sums.shape) == ((), (4, 4), (2,))
     # the fake kernels raise the C++ kernels' exception types
     with pytest.raises(ValueError, match="one D"):
         torch.ops.genext.tiled_lse(i, t[:, :3], s, b, True)
@@ -202,6 +209,20 @@ def test_backward_ops_check_like_the_fakes():
         torch.ops.genext.tiled_lse_backward(row, row, a, b, s, bias, row, None)
     with pytest.raises(ValueError, match="grad must have one element"):
         torch.ops.genext.tiled_softplus_sum_backward(row, a, b, s, bias)
+
+
+def test_compile_siglip_gradients():
+    """Compiled with gradients, siglip_loss takes the forward that keeps its weights: the loss and
+    the gradients are eager's."""
+    f = torch.compile(siglip_loss, fullgraph=True)
+    i, t, s, b = _leaves(12, 12, 8, "cpu")
+    got = f(i, t, s, b)
+    want = siglip_loss(i, t, s, b)
+    assert torch.allclose(got, want, atol=1e-6)
+    for x, y in zip(
+        torch.autograd.grad(got, (i, t, s, b)), torch.autograd.grad(want, (i, t, s, b))
+    ):
+        assert torch.allclose(x, y, atol=1e-6, rtol=1e-5)
 
 
 def test_compile_dynamic_shapes():
@@ -420,6 +441,62 @@ def test_cpu_softplus_against_float64(dtype, n, m, positives, with_bias):
         _close(x, y, tol)
 
 
+@pytest.mark.parametrize("dtype", _CPU_DTYPES)
+@pytest.mark.parametrize("n,m", [(1, 1), (63, 65), (300, 515), slow((530, 1030), 2)])
+@pytest.mark.parametrize("positives", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_softplus_with_weights_against_float64(dtype, n, m, positives, with_bias):
+    """The forward that keeps its weights: the sum, W = dsum/dL per score, sum W raw and sum W,
+    and the gradients of its autograd rule (two products with W), against float64."""
+    a, b, s, bi = _op_inputs(n, m, 19, dtype, with_bias)
+    tol = _TOL.get(dtype, 1e-5)
+    leaves = [x.detach().requires_grad_() for x in (a, b, s)] + (
+        [bi.detach().requires_grad_()] if with_bias else []
+    )
+    total, weights, sums = torch.ops.genext.softplus_sum_with_weights(
+        *leaves[:3], leaves[3] if with_bias else None, positives
+    )
+    acc = s.dtype
+    assert total.dtype == weights.dtype == sums.dtype == acc and weights.shape == (n, m)
+    assert not weights.requires_grad and not sums.requires_grad
+    leaves64 = _leaves64(a, b, s, bi)
+    logits = _scores64(*leaves64) if with_bias else _scores64(*leaves64, None)
+    z = torch.ones_like(logits)
+    if positives:
+        z -= 2 * torch.eye(n, m, dtype=z.dtype)
+    ref = F.softplus(z * logits).sum()
+    _close(total, ref, tol)
+    w64 = z * torch.sigmoid(z * logits)
+    _close(weights, w64, tol)
+    raw = a.double() @ b.double().T
+    _close(sums, torch.stack([(w64 * raw).sum(), w64.sum()]), tol)
+    got = torch.autograd.grad(total * 0.75, leaves)
+    want = torch.autograd.grad(ref * 0.75, leaves64)
+    gtol = tol if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+    for x, y, leaf in zip(got, want, leaves):
+        assert x.dtype == leaf.dtype and x.shape == leaf.shape
+        _close(x, y, gtol if x.dim() else tol)
+
+
+def test_siglip_keeps_weights_only_for_cpu_gradients_of_small_blocks(monkeypatch):
+    from genext.ops import contrastive
+
+    i, t, s, b = _leaves(40, 40, 16, "cpu")
+    assert contrastive._keeps_weights(i, t, s, b)
+    assert not contrastive._keeps_weights(i.detach(), t.detach(), s.detach(), b.detach())
+    with torch.no_grad():
+        assert not contrastive._keeps_weights(i, t, s, b)
+    kept = siglip_loss(i, t, s, b)
+    g_kept = torch.autograd.grad(kept, (i, t, s, b))
+    monkeypatch.setattr(contrastive, "SIGLIP_SAVED_WEIGHTS_MAX", 40 * 40 - 1)
+    assert not contrastive._keeps_weights(i, t, s, b)
+    tiled = siglip_loss(i, t, s, b)
+    g_tiled = torch.autograd.grad(tiled, (i, t, s, b))
+    _close(kept, tiled, 1e-6)
+    for x, y in zip(g_kept, g_tiled):
+        _close(x, y, 1e-5)
+
+
 def _composite(op, *args):
     """The composite (ATen) kernel of a genext op, bypassing the CPU kernel."""
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
@@ -462,6 +539,7 @@ def _all_outputs(a, b, s, bi):
         *torch.ops.genext.tiled_lse_backward(gr, gc, a, b, s, bi, row, col),
         torch.ops.genext.tiled_softplus_sum(a, b, s, bi, True),
         *torch.ops.genext.tiled_softplus_sum_backward(s, a, b, s, bi, True),
+        *torch.ops.genext.softplus_sum_with_weights(a, b, s, bi, True),
     )
 
 
