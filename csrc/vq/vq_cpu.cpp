@@ -290,6 +290,35 @@ A screen_margin(A z_norm, const Codebook<A>& c) {
   return terms * u * b + terms * std::numeric_limits<A>::min();
 }
 
+// The exact scan of every code for the first `rows` rows of a block zb (kRows x D): dot scores
+// (cosine: the largest wins) or squared distances (l2: the smallest wins). Strict comparisons, so
+// ties keep the smallest index; a NaN score never wins; an infinite one only while no code has
+// been accepted. arg[r] is -1 when every score of row r was NaN.
+template <class A, bool kLargest>
+void scan_block(const A* zb, const Codebook<A>& book, int64_t rows, A* scores, A* best,
+                int64_t* arg) {
+  constexpr int64_t C = kCodes<A>;
+  const A start =
+      kLargest ? -std::numeric_limits<A>::infinity() : std::numeric_limits<A>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    best[r] = start;
+    arg[r] = -1;
+  }
+  for (int64_t t = 0; t < book.tiles; ++t) {
+    exact(zb, book.tiles_t.data() + t * (book.D + 1) * C, book.D, /*dot=*/kLargest, scores);
+    const int64_t codes = std::min(C, book.K - t * C);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < codes; ++c) {
+        const A v = scores[r * C + c];
+        if ((kLargest ? v > best[r] : v < best[r]) || (arg[r] < 0 && v == best[r])) {
+          best[r] = v;
+          arg[r] = t * C + c;
+        }
+      }
+    }
+  }
+}
+
 template <class T, class A>
 void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor& idx,
              at::Tensor& dist) {
@@ -323,25 +352,7 @@ void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor&
               normalise_rows(zb.data(), kRows, D);
               A best[kRows];
               int64_t arg[kRows];
-              for (int64_t r = 0; r < kRows; ++r) {
-                best[r] = -inf;
-                arg[r] = -1;  // no code accepted yet
-              }
-              for (int64_t t = 0; t < tiles; ++t) {
-                exact(zb.data(), book.tiles_t.data() + t * (D + 1) * C, D, /*dot=*/true, scores);
-                const int64_t codes = std::min(C, K - t * C);
-                for (int64_t r = 0; r < rows; ++r) {
-                  // strict: ties keep the smallest index; a NaN score never wins; an infinite
-                  // one only while no code has been accepted
-                  for (int64_t c = 0; c < codes; ++c) {
-                    const A v = scores[r * C + c];
-                    if (v > best[r] || (arg[r] < 0 && v == best[r])) {
-                      best[r] = v;
-                      arg[r] = t * C + c;
-                    }
-                  }
-                }
-              }
+              scan_block<A, true>(zb.data(), book, rows, scores, best, arg);
               for (int64_t r = 0; r < rows; ++r) {  // every score NaN: index 0, distance NaN
                 ip[r0 + r] = arg[r] < 0 ? 0 : arg[r];
                 dp[r0 + r] = arg[r] < 0 ? nan : A(1) - best[r];
@@ -397,25 +408,7 @@ void nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine, at::Tensor&
             if (!screened) {
               A best[kRows];
               int64_t arg[kRows];
-              for (int64_t r = 0; r < kRows; ++r) {
-                best[r] = inf;
-                arg[r] = -1;  // no code accepted yet
-              }
-              for (int64_t t = 0; t < tiles; ++t) {
-                exact(zb.data(), book.tiles_t.data() + t * (D + 1) * C, D, /*dot=*/false, scores);
-                const int64_t codes = std::min(C, K - t * C);
-                for (int64_t r = 0; r < rows; ++r) {
-                  // strict: ties keep the smallest index; a NaN score never wins; an infinite
-                  // one only while no code has been accepted
-                  for (int64_t c = 0; c < codes; ++c) {
-                    const A v = scores[r * C + c];
-                    if (v < best[r] || (arg[r] < 0 && v == best[r])) {
-                      best[r] = v;
-                      arg[r] = t * C + c;
-                    }
-                  }
-                }
-              }
+              scan_block<A, false>(zb.data(), book, rows, scores, best, arg);
               for (int64_t r = 0; r < rows; ++r) {  // every score NaN: index 0, distance NaN
                 ip[r0 + r] = arg[r] < 0 ? 0 : arg[r];
                 dp[r0 + r] = arg[r] < 0 ? nan : std::sqrt(best[r]);
