@@ -65,24 +65,27 @@ def figures(timing: Timing, seconds: float, copy_bps: float) -> tuple[float, flo
     return gbps, pct, ({"tflops": timing.flops / seconds / 1e12} if timing.flops else {})
 
 
-def _error_row(
-    bench: Bench, case: Case, timing: Timing, error: RuntimeError, ok: bool | None
-) -> Row:
-    """The row of an implementation that raised: no figures, its `on_error` label and the
-    message's first line."""
-    first = (str(error).splitlines() or [type(error).__name__])[0]
+def _row(bench: Bench, case: Case, timing: Timing, ms: float, *figures_etc, **kw) -> Row:
+    """A Row of this bench, case and implementation (the fields after ms as Row takes them)."""
     return Row(
         bench.name,
         case.name,
         str(case.dtype)[6:],
         timing.direction,
         timing.impl,
-        math.nan,
-        0.0,
-        0.0,
-        f"{timing.on_error}: {first[:60]}",
-        ok=ok,
+        ms,
+        *figures_etc,
+        **kw,
     )
+
+
+def _error_row(
+    bench: Bench, case: Case, timing: Timing, error: RuntimeError, ok: bool | None
+) -> Row:
+    """The row of an implementation that raised: no figures, its `on_error` label and the
+    message's first line."""
+    first = (str(error).splitlines() or [type(error).__name__])[0]
+    return _row(bench, case, timing, math.nan, 0.0, 0.0, f"{timing.on_error}: {first[:60]}", ok=ok)
 
 
 def _timed_row(
@@ -103,12 +106,10 @@ def _timed_row(
     if mib is not None:
         extra["peak_extra_MiB"] = mib
     sp = spread(times, seconds)
-    return Row(
-        bench.name,
-        case.name,
-        str(case.dtype)[6:],
-        timing.direction,
-        timing.impl,
+    return _row(
+        bench,
+        case,
+        timing,
         seconds * 1e3,
         gbps,
         pct,
