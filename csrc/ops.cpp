@@ -119,4 +119,9 @@ TORCH_LIBRARY(genext, m) {
   m.def(
       "softplus_sum_with_weights(Tensor a, Tensor b, Tensor scale, Tensor? bias, "
       "bool positives=False) -> (Tensor, Tensor, Tensor)");
+  // Its backward: the gradients (da, db, dscale, dbias) of grad * sum from the kept weights and
+  // sums, dbias (0,) without a bias.
+  m.def(
+      "softplus_sum_with_weights_backward(Tensor grad, Tensor weights, Tensor sums, Tensor a, "
+      "Tensor b, Tensor scale, Tensor? bias) -> (Tensor, Tensor, Tensor, Tensor)");
 }

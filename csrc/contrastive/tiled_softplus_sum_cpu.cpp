@@ -285,6 +285,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softplus_sum_with_weights_cpu(
                               : softplus_sum_with_weights<float>(g, positives);
 }
 
+// d(grad * sum)/dL = grad W, so da = grad scale W B, db = grad scale W^T A, dscale = grad sum W raw
+// and dbias = grad sum W: two BLAS products (on torch's thread count) and scalars.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_sum_with_weights_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& weights, const at::Tensor& sums, const at::Tensor& a,
+    const at::Tensor& b, const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
+  const char* op = "softplus_sum_with_weights_backward";
+  const Args g = detached(prepare(op, a, b, scale, bias));
+  TORCH_CHECK_VALUE(grad.numel() == 1, op, ": grad must have one element, got ", grad.sizes());
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == g.a.size(0) &&
+                        weights.size(1) == g.b.size(0) && weights.scalar_type() == g.acc,
+                    op, ": weights must be (", g.a.size(0), ", ", g.b.size(0), ") in ", g.acc,
+                    ", got ", weights.sizes(), " in ", weights.scalar_type());
+  TORCH_CHECK_VALUE(sums.numel() == 2 && sums.scalar_type() == g.acc, op,
+                    ": sums must be two values in ", g.acc, ", got ", sums.sizes(), " in ",
+                    sums.scalar_type());
+  TORCH_CHECK(
+      grad.device() == a.device() && weights.device() == a.device() && sums.device() == a.device(),
+      op, ": grad, weights and sums must be on a's device, got ", genext::device_name(grad), ", ",
+      genext::device_name(weights), ", ", genext::device_name(sums));
+  const at::Tensor gr = grad.to(g.acc).reshape({});
+  const at::Tensor gs = gr * g.scale;
+  const at::Tensor w = weights.detach();
+  at::Tensor da = at::mm(w, g.b).mul_(gs);
+  at::Tensor db = at::mm(w.t(), g.a).mul_(gs);
+  const at::Tensor s = sums.detach().reshape({2});
+  return finish_grads(g, da, db, gr * s[0], gr * s[1], a, b, scale, bias);
+}
+
 at::Tensor tiled_softplus_sum_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                                   const std::optional<at::Tensor>& bias, bool positives) {
   const Args g = detached(prepare("tiled_softplus_sum", a, b, scale, bias));
@@ -320,4 +348,6 @@ TORCH_LIBRARY_IMPL(genext, CPU, m) {
   m.impl("tiled_softplus_sum", &genext::contrastive::cpu::tiled_softplus_sum_cpu);
   m.impl("tiled_softplus_sum_backward", &genext::contrastive::cpu::tiled_softplus_sum_backward_cpu);
   m.impl("softplus_sum_with_weights", &genext::contrastive::cpu::softplus_sum_with_weights_cpu);
+  m.impl("softplus_sum_with_weights_backward",
+         &genext::contrastive::cpu::softplus_sum_with_weights_backward_cpu);
 }

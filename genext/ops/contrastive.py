@@ -22,7 +22,8 @@ declare_kernels(
     cuda=(torch.float32, torch.float16, torch.bfloat16),
 )
 declare_kernels(
-    ["softplus_sum_with_weights"], cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    ["softplus_sum_with_weights", "softplus_sum_with_weights_backward"],
+    cpu=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
 )
 
 # The most scores (Ni x Nt) for which siglip_loss on the CPU keeps the backward's weights from
@@ -360,29 +361,39 @@ def _fake_spw(a, b, scale, bias, positives=False):
     )
 
 
+@torch.library.register_fake("genext::softplus_sum_with_weights_backward")
+def _fake_spw_bwd(grad, weights, sums, a, b, scale, bias):
+    check_softplus_backward("softplus_sum_with_weights_backward", grad, a, b, scale, bias)
+    acc = acc_dtype(a)
+    torch._check_value(
+        weights.shape == (a.shape[0], b.shape[0]) and weights.dtype == acc,
+        lambda: (
+            f"softplus_sum_with_weights_backward: weights must be ({a.shape[0]}, "
+            f"{b.shape[0]}) in {acc}, got {tuple(weights.shape)} in {weights.dtype}"
+        ),
+    )
+    return (
+        torch.empty_like(a),
+        torch.empty_like(b),
+        torch.empty_like(scale),
+        torch.empty_like(bias) if bias is not None else scale.new_empty((0,)),
+    )
+
+
 def _spw_setup(ctx, inputs, output):
     a, b, scale, bias, _positives = inputs
     _total, weights, sums = output
     ctx.mark_non_differentiable(weights, sums)
-    ctx.save_for_backward(a, b, scale, weights, sums)
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.bias_shape = bias.shape if bias is not None else None
+    ctx.save_for_backward(a, b, scale, bias, weights, sums)
+    ctx.has_bias = bias is not None
 
 
 def _spw_backward(ctx, grad, _grad_weights, _grad_sums):
-    # d total / dL_ij = grad W_ij, so da = grad scale W B, db = grad scale W^T A, and the scalars'
-    # gradients are grad times the sums the forward kept
-    a, b, scale, weights, sums = ctx.saved_tensors
-    acc = weights.dtype
-    g = grad.to(acc)
-    gs = g * scale.to(acc)
-    da = (weights @ b.to(acc)) * gs
-    db = (weights.T @ a.to(acc)) * gs
-    dscale = (g * sums[0]).to(scale.dtype).reshape(scale.shape)
-    dbias = None
-    if ctx.bias_dtype is not None:
-        dbias = (g * sums[1]).to(ctx.bias_dtype).reshape(ctx.bias_shape)
-    return da.to(a.dtype), db.to(b.dtype), dscale, dbias, None
+    a, b, scale, bias, weights, sums = ctx.saved_tensors
+    da, db, ds, dbias = torch.ops.genext.softplus_sum_with_weights_backward(
+        grad, weights, sums, a, b, scale, bias if ctx.has_bias else None
+    )
+    return da, db, ds, (dbias if ctx.has_bias else None), None
 
 
 torch.library.register_autograd(

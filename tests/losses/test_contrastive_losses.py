@@ -193,7 +193,7 @@ def test_output_dict_and_python_scalars():
 
 def test_modules_call_the_genext_ops(monkeypatch):
     """Every local computation is one call of the genext op, and the module itself runs no
-    matrix product: no N x N logits anywhere in forward or backward."""
+    matrix product: no N x N logits outside the ops in forward or backward."""
     calls = []
 
     def spy_on(name):

@@ -112,6 +112,14 @@ def test_opcheck_and_compile():
     leaves = [x.clone().requires_grad_() for x in (i, t, s, b)]
     torch.library.opcheck(torch.ops.genext.softplus_sum_with_weights, (*leaves, True))
     torch.library.opcheck(torch.ops.genext.softplus_sum_with_weights, (*leaves[:3], None, False))
+    _, w, sums = torch.ops.genext.softplus_sum_with_weights(i, t, s, b, True)
+    grad = torch.tensor(0.5)
+    torch.library.opcheck(
+        torch.ops.genext.softplus_sum_with_weights_backward, (grad, w, sums, i, t, s, b)
+    )
+    torch.library.opcheck(
+        torch.ops.genext.softplus_sum_with_weights_backward, (grad, w, sums, i, t, s, None)
+    )
     f = torch.compile(
         lambda i, t, s, b: clip_loss(i, t, s, b) + siglip_loss(i, t, s, b), fullgraph=True
     )
@@ -209,6 +217,16 @@ def test_backward_ops_check_like_the_fakes():
         torch.ops.genext.tiled_lse_backward(row, row, a, b, s, bias, row, None)
     with pytest.raises(ValueError, match="grad must have one element"):
         torch.ops.genext.tiled_softplus_sum_backward(row, a, b, s, bias)
+    _, w, sums = torch.ops.genext.softplus_sum_with_weights(a, b, s, bias, True)
+    with pytest.raises(ValueError, match="grad must have one element"):
+        torch.ops.genext.softplus_sum_with_weights_backward(row, w, sums, a, b, s, bias)
+    with pytest.raises(ValueError, match="weights must be"):
+        torch.ops.genext.softplus_sum_with_weights_backward(s, w[:3], sums, a, b, s, bias)
+    with pytest.raises(ValueError, match="weights must be"):
+        torch.ops.genext.softplus_sum_with_weights_backward(s, w.double(), sums, a, b, s, bias)
+    meta = [x.to("meta") for x in (s, w[:3], sums, a, b, s, bias)]
+    with pytest.raises(ValueError, match="weights must be"):  # the fake kernel checks the same
+        torch.ops.genext.softplus_sum_with_weights_backward(*meta)
 
 
 def test_compile_siglip_gradients():
