@@ -306,6 +306,8 @@ void note_team_wait(int64_t wait_ns, int64_t work_ns) noexcept {
   const int64_t now = now_ns();
   const int64_t last_wait = g_last_wait_ns.exchange(now, std::memory_order_relaxed);
   const int64_t spell_end = g_pool_until_ns.load(std::memory_order_relaxed);
+  // a team that began before the spell (another thread's) reports during it: the spell stands
+  if (now < spell_end) return;
   if (spell_end != 0 && now - spell_end < kConfirmNs) {
     // the first team after a spell waited again: the load outlasted the spell
     const int64_t hold = std::min(2 * g_hold_ns.load(std::memory_order_relaxed), kMaxHoldNs);

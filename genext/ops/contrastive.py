@@ -303,6 +303,16 @@ def _fake_sp_bwd(grad, a, b, scale, bias, positives=False):
     )
 
 
+def _refuse_double_backward(op: str, *tensors: Tensor | None) -> None:
+    """The backward ops have no derivatives of their own: asked for a graph of the gradients
+    (create_graph=True) with inputs that need gradients, they raise rather than let a gradient of
+    these gradients come out silently wrong."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise NotImplementedError(
+            f"{op}: gradients of gradients (create_graph=True) are not implemented"
+        )
+
+
 def _lse_setup(ctx, inputs, output):
     a, b, scale, bias, cols = inputs
     row_lse, col_lse = output
@@ -313,6 +323,7 @@ def _lse_setup(ctx, inputs, output):
 
 def _lse_backward(ctx, g_row, g_col):
     a, b, scale, bias, row_lse, col_lse = ctx.saved_tensors
+    _refuse_double_backward("tiled_lse", g_row, g_col, a, b, scale, bias)
     if g_row is None:
         g_row = torch.zeros_like(row_lse)
     use_cols = ctx.cols and g_col is not None
@@ -341,6 +352,7 @@ def _sp_setup(ctx, inputs, output):
 
 def _sp_backward(ctx, grad):
     a, b, scale, bias = ctx.saved_tensors
+    _refuse_double_backward("tiled_softplus_sum", grad, a, b, scale, bias)
     da, db, ds, dbias = torch.ops.genext.tiled_softplus_sum_backward(
         grad, a, b, scale, bias if ctx.has_bias else None, ctx.positives
     )
@@ -390,6 +402,7 @@ def _spw_setup(ctx, inputs, output):
 
 def _spw_backward(ctx, grad, _grad_weights, _grad_sums):
     a, b, scale, bias, weights, sums = ctx.saved_tensors
+    _refuse_double_backward("softplus_sum_with_weights", grad, a, b, scale, bias)
     da, db, ds, dbias = torch.ops.genext.softplus_sum_with_weights_backward(
         grad, weights, sums, a, b, scale, bias if ctx.has_bias else None
     )

@@ -229,6 +229,23 @@ def test_backward_ops_check_like_the_fakes():
         torch.ops.genext.softplus_sum_with_weights_backward(*meta)
 
 
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_double_backward_raises(loss, keep, monkeypatch):
+    """A graph of the gradients (create_graph=True) is refused, not built wrong: the backward ops
+    have no derivatives of their own."""
+    from genext.ops import contrastive
+
+    if not keep:
+        monkeypatch.setattr(contrastive, "SIGLIP_SAVED_WEIGHTS_MAX", 0)
+    i, t, s, b = _leaves(9, 9, 8, "cpu")
+    out = (clip_loss if loss == "clip" else siglip_loss)(i, t, s, b)
+    with pytest.raises(NotImplementedError, match="gradients of gradients"):
+        torch.autograd.grad(out, (i, t, s, b), create_graph=True)
+    # without create_graph the same call works
+    assert all(g is not None for g in torch.autograd.grad(out, (i, t, s, b)))
+
+
 def test_compile_siglip_gradients():
     """Compiled with gradients, siglip_loss takes the forward that keeps its weights: the loss and
     the gradients are eager's."""

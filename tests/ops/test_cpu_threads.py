@@ -496,6 +496,9 @@ def test_auto_mode_confirms_load_and_lengthens_spells_while_it_lasts():
         assert _C._cpu_next_team_is_pool()
         left, hold = _C._cpu_auto_pool_state()
         assert hold == 32.0 and 0.0 < left <= 32.0
+        for _ in range(3):  # waits reported during the spell (teams begun before it) leave it
+            _C._cpu_note_team_wait(2.0, 1.0)
+        assert _C._cpu_auto_pool_state()[1] == 32.0
         for want in (64.0, 128.0):
             _spell_ends()
             _C._cpu_note_team_wait(2.0, 1.0)
