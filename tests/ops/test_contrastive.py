@@ -450,6 +450,17 @@ def test_cpu_lse_against_float64(dtype, n, m, with_bias):
             assert got[3].shape == (0,)
 
 
+def _softplus_sum64(a, b, s, bi, positives):
+    """float64 leaves, the scores L, the signs z (-1 on the diagonal with positives) and the sum
+    of softplus(z L), differentiable in the leaves."""
+    leaves = _leaves64(a, b, s, bi)
+    logits = _scores64(*leaves) if bi is not None else _scores64(*leaves, None)
+    z = torch.ones_like(logits)
+    if positives:
+        z -= 2 * torch.eye(*logits.shape, dtype=z.dtype)
+    return leaves, logits, z, F.softplus(z * logits).sum()
+
+
 @pytest.mark.parametrize("dtype", _CPU_DTYPES)
 @pytest.mark.parametrize("n,m", [(1, 1), (63, 65), (130, 515), slow((530, 1030), 2)])
 @pytest.mark.parametrize("positives", [False, True])
@@ -459,12 +470,7 @@ def test_cpu_softplus_against_float64(dtype, n, m, positives, with_bias):
     tol = _TOL.get(dtype, 1e-5)
     total = torch.ops.genext.tiled_softplus_sum(a, b, s, bi, positives)
     assert total.dtype == s.dtype
-    leaves = _leaves64(a, b, s, bi)
-    logits = _scores64(*leaves) if with_bias else _scores64(*leaves, None)
-    z = torch.ones_like(logits)
-    if positives:
-        z -= 2 * torch.eye(n, m, dtype=z.dtype)
-    ref = F.softplus(z * logits).sum()
+    leaves, logits, z, ref = _softplus_sum64(a, b, s, bi, positives)
     _close(total, ref, tol)
     want = torch.autograd.grad(ref * 0.75, leaves)
     grad = torch.tensor(0.75, dtype=s.dtype)
@@ -494,12 +500,7 @@ def test_cpu_softplus_with_weights_against_float64(dtype, n, m, positives, with_
     acc = s.dtype
     assert total.dtype == weights.dtype == sums.dtype == acc and weights.shape == (n, m)
     assert not weights.requires_grad and not sums.requires_grad
-    leaves64 = _leaves64(a, b, s, bi)
-    logits = _scores64(*leaves64) if with_bias else _scores64(*leaves64, None)
-    z = torch.ones_like(logits)
-    if positives:
-        z -= 2 * torch.eye(n, m, dtype=z.dtype)
-    ref = F.softplus(z * logits).sum()
+    leaves64, logits, z, ref = _softplus_sum64(a, b, s, bi, positives)
     _close(total, ref, tol)
     w64 = z * torch.sigmoid(z * logits)
     _close(weights, w64, tol)
