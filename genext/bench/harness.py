@@ -1,8 +1,9 @@
-"""The timing harness every bench shares: medians of timed calls after warm-ups (CUDA events, or the
-host clock around a device sync; on the CPU several implementations' calls taken in turn, so
-that they share the machine's load) and their spread (with the rule that flags a row noisy), the
-device's copy bandwidth (the floor that GB/s is compared with), peak extra memory, how many input copies to rotate so that repeats do not run from L2, and
-a process that keeps one core busy (timing under load).
+"""The timing harness every bench shares: timed calls after warm-ups (CUDA events, or the host
+clock around a device sync; on the CPU several implementations' calls taken in turn, so that they
+share the machine's load, a fixed count of them or until a time budget is spent) and their spread
+(with the rule that flags a row noisy), the device's copy bandwidth (the floor that GB/s is
+compared with), peak extra memory, how many input copies to rotate so that repeats do not run
+from L2, and a process that keeps one core busy (timing under load).
 """
 
 from __future__ import annotations
@@ -103,7 +104,14 @@ def rounds(counts: Sequence[int]) -> Iterator[tuple[int, int]]:
                 yield k, r
 
 
-def interleaved_samples(contenders: Sequence[Contender]) -> list[list[float] | RuntimeError]:
+# The most timed calls a contender makes when interleaved_samples extends its rounds to a time
+# budget (calls of a few microseconds would otherwise run for tens of thousands of rounds).
+MAX_EXTENDED_REPS = 2000
+
+
+def interleaved_samples(
+    contenders: Sequence[Contender], min_seconds: float = 0.0
+) -> list[list[float] | RuntimeError]:
     """Seconds of each timed call of each contender on the host clock (the CPU), the
     contenders' calls taken in turn (:func:`rounds`): warm-up rounds, then timed rounds. Load
     from other work that changes over seconds then falls on every contender alike, where timing
@@ -111,6 +119,11 @@ def interleaved_samples(contenders: Sequence[Contender]) -> list[list[float] | R
     times, or the RuntimeError that retired it (only where it `catch`es; otherwise the error
     propagates). Each call runs inside a fresh entry of its own context: contexts of different
     contenders need not compose (thread counts, grad modes, backend selections).
+
+    With `min_seconds`, further rounds (every contender still timed takes part, so the
+    interleaving holds) follow until each contender's timed calls add up to that many seconds
+    or it has made MAX_EXTENDED_REPS calls: enough calls for a mean that counts the rare long
+    ones (a scheduler slice spent waiting for a descheduled thread) at their real rate.
 
     A call may start while the previous contender's threads still spin (PyTorch's OpenMP workers
     do for milliseconds after a parallel region): on a 2-core machine genext's pool, called
@@ -140,6 +153,23 @@ def interleaved_samples(contenders: Sequence[Contender]) -> list[list[float] | R
         call(k, i, timed=False)
     for k, i in rounds([c.reps for c in contenders]):
         call(k, i, timed=True)
+
+    def wants_more(k: int) -> bool:
+        times = results[k]
+        return (
+            not isinstance(times, RuntimeError)
+            and len(times) < MAX_EXTENDED_REPS
+            and sum(times) < min_seconds
+        )
+
+    n, r = len(contenders), max((c.reps for c in contenders), default=0)
+    while min_seconds > 0 and any(wants_more(k) for k in range(n)):
+        for j in range(n):
+            k = (r + j) % n
+            times = results[k]
+            if not isinstance(times, RuntimeError) and len(times) < MAX_EXTENDED_REPS:
+                call(k, len(times), timed=True)
+        r += 1
     return results
 
 

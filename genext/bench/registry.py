@@ -32,12 +32,14 @@ Check = Callable[[Any], "tuple[bool | None, str]"]
 @dataclass(frozen=True)
 class Config:
     """What a run asks for: the device, a dtype (None: each bench's own default), the short case
-    lists and repeats of a smoke run, and whether to add torch.compile baselines."""
+    lists and repeats of a smoke run, whether to add torch.compile baselines, and whether the run
+    is under load (--busy: CPU rows report mean calls, see runner.BUSY_MIN_SECONDS)."""
 
     device: str
     dtype: torch.dtype | None = None
     quick: bool = False
     compile: bool = True
+    busy: bool = False
 
     def dtype_or(self, default: torch.dtype) -> torch.dtype:
         return self.dtype if self.dtype is not None else default

@@ -47,6 +47,12 @@ DTYPES = ("float32", "float16", "bfloat16")  # what --dtype takes
 DEVICES = ("cpu", "cuda")  # what --device takes
 # a run is busy when at least this share of its timed rows is noisy
 NOISY_SHARE = 0.25
+# Under --busy a CPU row is the mean of its calls, over at least this many seconds of them (or
+# harness.MAX_EXTENDED_REPS calls): with a core taken by another process, a thread team now and
+# then waits a whole scheduler slice (milliseconds) for a thread the OS has descheduled. Those
+# waits are what load costs, and a median of a few calls leaves them out (eager PyTorch's small
+# GroupNorm, 2 threads beside a busy core: median 0.20 ms, mean 0.63 ms, 11% of calls over 1 ms).
+BUSY_MIN_SECONDS = 0.5
 
 # progress(case, its rows, seconds it took)
 Progress = Callable[[Case, "list[Row]", float], None]
@@ -97,15 +103,18 @@ def _timed_row(
     copy_bps: float,
     check: str,
     ok: bool | None,
+    mean: bool = False,
 ) -> Row:
-    """The row of an implementation whose calls took `samples` seconds each."""
+    """The row of an implementation whose calls took `samples` seconds each: their median (the
+    upper median on the host clock's loops: a time one loop really took), or with `mean` their
+    mean (under load, where the rare calls that wait a scheduler slice are part of the cost)."""
     times = [t / timing.units for t in samples]
-    # the host clock's loops report the upper median: a time one loop really took
-    seconds = upper_median(times) if timing.clock == "host" else statistics.median(times)
+    median = upper_median(times) if timing.clock == "host" else statistics.median(times)
+    seconds = statistics.fmean(times) if mean and times else median
     gbps, pct, extra = figures(timing, seconds, copy_bps)
     if mib is not None:
         extra["peak_extra_MiB"] = mib
-    sp = spread(times, seconds)
+    sp = spread(times, median)
     return _row(
         bench,
         case,
@@ -158,12 +167,15 @@ def measure_interleaved(
     copy_bps: float,
     check: str = "",
     ok: bool | None = None,
+    busy: bool = False,
 ) -> list[Row | None]:
     """Time several implementations of a case on the CPU together, call by call in turn
     (harness.interleaved_samples): each timing set up inside its own context, then warm-up and
     timed rounds that call each once. Per timing, in order: its Row, or None when it is not
     available here. An implementation that raises (in its setup or any call) gets its error row
-    where it has `on_error`, and the others go on; otherwise the error propagates."""
+    where it has `on_error`, and the others go on; otherwise the error propagates. With `busy`
+    (a run under load) the rounds go on for BUSY_MIN_SECONDS of each one's calls and rows report
+    the mean call (see BUSY_MIN_SECONDS)."""
     rows: list[Row | None] = [None] * len(timings)
     ready: list[tuple[int, Callable[[int], object]]] = []
     for k, timing in enumerate(timings):
@@ -187,7 +199,8 @@ def measure_interleaved(
                 catch=timings[k].on_error is not None,
             )
             for k, fn in ready
-        ]
+        ],
+        min_seconds=BUSY_MIN_SECONDS if busy else 0.0,
     )
     for (k, fn), samples in zip(ready, results):
         timing = timings[k]
@@ -202,7 +215,7 @@ def measure_interleaved(
                 raise
             rows[k] = _error_row(bench, case, timing, e, ok)
             continue
-        rows[k] = _timed_row(bench, case, timing, samples, mib, copy_bps, check, ok)
+        rows[k] = _timed_row(bench, case, timing, samples, mib, copy_bps, check, ok, mean=busy)
     return rows
 
 
@@ -214,6 +227,7 @@ def measure_case(
     copy_bps: float,
     check: str = "",
     ok: bool | None = None,
+    busy: bool = False,
 ) -> list[Row]:
     """The rows of a case's timings, in the case's order, those not available here left out.
     On the CPU the implementations of each direction are timed together, call by call in turn
@@ -230,7 +244,7 @@ def measure_case(
     for ks in groups.values():
         timings = [case.timings[k] for k in ks]
         for k, row in zip(
-            ks, measure_interleaved(bench, case, timings, inputs, copy_bps, check, ok)
+            ks, measure_interleaved(bench, case, timings, inputs, copy_bps, check, ok, busy)
         ):
             rows[k] = row
     return [row for row in rows if row is not None]
@@ -248,7 +262,7 @@ def run_bench(
         ok, note = case.check(inputs)
         all_ok &= ok is not False
         case_rows = measure_case(
-            bench, case, inputs, config.device, copy_bps, check_text(ok, note), ok
+            bench, case, inputs, config.device, copy_bps, check_text(ok, note), ok, config.busy
         )
         del inputs
         rows += case_rows
@@ -363,6 +377,7 @@ def environment(device: str, copy_bps: float, busy_core_flag: bool) -> dict[str,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "copy_GBps": copy_bps / 1e9,
         "busy_core": busy_core_flag,
+        "row_statistic": "mean" if busy_core_flag and device == "cpu" else "median",
         "load_average": load_average(),
         "noisy_iqr_pct": NOISY_IQR_PCT,
     }
@@ -480,7 +495,9 @@ def run(
         print(f"genext bench: {problem}", file=sys.stderr)
         return 2
     device = device or default_device()
-    config = Config(device, getattr(torch, dtype) if dtype else None, quick, compile_baselines)
+    config = Config(
+        device, getattr(torch, dtype) if dtype else None, quick, compile_baselines, busy=busy
+    )
     with busy_core() if busy else contextlib.nullcontext():
         return _run(selected, config, json_path, busy, plot_path)
 
@@ -500,6 +517,13 @@ def _run(
         + ("; one core kept busy by another process" if busy else ""),
         flush=True,
     )
+    if busy and device == "cpu":
+        print(
+            f"genext bench: under load each row's ms is the mean of its calls over at least "
+            f"{BUSY_MIN_SECONDS:g} s of them (the calls that wait a scheduler slice included), "
+            "not the median",
+            flush=True,
+        )
     busy_start = _busy_text(load_start, cores, "at the start")
     if busy_start:
         warn(busy_start)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import statistics
 import sys
 
 import pytest
@@ -85,7 +86,7 @@ def fake_interleaved(times: list[float]):
     inside its context (a RuntimeError retires it where it catches), then `times` as each one's
     timed calls."""
 
-    def samples(contenders):
+    def samples(contenders, min_seconds=0.0):
         results = []
         for c in contenders:
             try:
@@ -248,7 +249,7 @@ def test_busy_machine_and_noisy_rows_are_warned_about(tiny, tmp_path, monkeypatc
 
 
 def test_busy_keeps_its_process_spinning_while_the_cases_are_timed(tiny, monkeypatch, capsys):
-    spinners, alive = [], []
+    spinners, alive, budgets = [], [], []
     real = runner.busy_core
 
     @contextlib.contextmanager
@@ -259,15 +260,22 @@ def test_busy_keeps_its_process_spinning_while_the_cases_are_timed(tiny, monkeyp
 
     fake = fake_interleaved(STEADY)
 
-    def sampler(contenders):
+    def sampler(contenders, min_seconds=0.0):
         alive.append(spinners[0].poll() is None)
+        budgets.append(min_seconds)
         return fake(contenders)
 
     monkeypatch.setattr(runner, "busy_core", watched)
     monkeypatch.setattr(runner, "interleaved_samples", sampler)
     assert main(["bench", "--device", "cpu", "--op", "tiny", "--busy"]) == 0
     assert alive == [True] and spinners[0].poll() is not None  # spun while timed, then ended
-    assert "one core kept busy by another process" in capsys.readouterr().out
+    assert budgets == [runner.BUSY_MIN_SECONDS]  # rounds extended for a mean over many calls
+    out = capsys.readouterr().out
+    assert "one core kept busy by another process" in out
+    assert "ms is the mean of its calls" in out
+    # STEADY's mean, where a quiet run reports its median
+    row = next(line for line in out.splitlines() if line.startswith("tiny  "))
+    assert f"{1e3 * statistics.fmean(STEADY):.3f}" in row
 
 
 def test_plot_writes_a_png(tiny, tmp_path, capsys):

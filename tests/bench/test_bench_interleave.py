@@ -231,6 +231,55 @@ def test_interleaved_samples_counts_and_errors():
         interleaved_samples([Contender(boom, 0, 2), fast])
 
 
+def test_a_time_budget_extends_the_rounds_in_turn_until_each_has_its_seconds(machine):
+    machine.ramp = math.inf  # a steady machine
+    fast = Contender(machine.call("fast", 1e-3), warmup=1, reps=2)
+    slow = Contender(machine.call("slow", 3e-3), warmup=1, reps=2)
+    times = interleaved_samples([fast, slow], min_seconds=0.0095)
+    # the fast one needs 10 calls of 1 ms; the slow one keeps its turn in every round meanwhile
+    assert [len(t) for t in times] == [10, 10]
+    assert sum(times[0]) >= 0.0095 > sum(times[0][:-1])
+    # the warm-up round, then ten timed rounds whose first caller alternates
+    rounds_ = [["fast", "slow"] if r % 2 == 0 else ["slow", "fast"] for r in range(10)]
+    assert machine.calls == ["fast", "slow"] + sum(rounds_, [])
+    # without a budget, the fixed counts
+    assert [len(t) for t in interleaved_samples([fast, slow])] == [2, 2]
+
+
+def test_a_time_budget_stops_at_the_call_cap_and_skips_retired_contenders(machine, monkeypatch):
+    machine.ramp = math.inf
+    monkeypatch.setattr(harness, "MAX_EXTENDED_REPS", 6)
+
+    def boom(i):
+        raise RuntimeError("gave up")
+
+    steady = Contender(machine.call("steady", 1e-3), warmup=0, reps=2)
+    times = interleaved_samples([steady, Contender(boom, 0, 2, catch=True)], min_seconds=10.0)
+    assert len(times[0]) == 6 and isinstance(times[1], RuntimeError)
+    assert machine.calls == ["steady"] * 6
+
+
+def test_busy_rows_report_the_mean_call_where_quiet_ones_report_the_median(machine):
+    machine.ramp = math.inf
+
+    def setup(_):
+        def fn(i):  # every fifth call waits 10 ms (a scheduler slice), the others take 1 ms
+            machine.now += 10e-3 if i % 5 == 4 else 1e-3
+
+        return fn
+
+    timings = tuple(Timing(impl, "fwd", setup, 1, 5) for impl in ("genext", "eager"))
+    case = Case("slices", torch.float32, timings, check=lambda _: (True, "fine"))
+    bench = Bench("b", "", lambda c: [case], ())
+    quiet, _ = run_bench(bench, Config("cpu"), 1e9)
+    assert [r.ms for r in quiet] == pytest.approx([1.0, 1.0])
+    busy, _ = run_bench(bench, Config("cpu", busy=True), 1e9)
+    # rounds go on until each has runner.BUSY_MIN_SECONDS (0.5 s) of calls: 180 calls, 36 of
+    # them slow (504 ms), a mean of 2.8 ms
+    assert runner.BUSY_MIN_SECONDS == 0.5
+    assert [r.ms for r in busy] == pytest.approx([2.8, 2.8])
+
+
 def test_cuda_keeps_timing_each_implementation_alone(machine, monkeypatch):
     # no GPU needed: the runner's choice of path, with the single-timing measure recorded
     alone = []
