@@ -45,9 +45,14 @@ def assert_grads_match(
     hundredth of the whole gradient's norm, whichever is larger: a conv bias whose output only
     reaches GroupNorms with one channel per group has a zero gradient, formed by cancelling
     terms of the size of the other gradients, and its rounding noise relative to zero means
-    nothing (its fp32 noise was about 2e-8 of the whole gradient's norm in both models). With `ref` (the peer's float64 gradients), a tensor outside that bound
-    still passes when its error against `ref` is at most twice the peer's own: a gradient formed
-    by cancellation is no more exact in the peer than here."""
+    nothing (its fp32 noise was about 2e-8 of the whole gradient's norm in both models).
+
+    With `ref` (the peer's float64 gradients), a tensor outside that bound still passes when it
+    is within the same bound of `ref` (the peer's float32 rounding may lie on the other side of
+    the exact value: a bias gradient summed over every position measured ours 8.6e-6 and the
+    peer 6.9e-6 from float64, 1.5e-5 apart, on an AVX-512 machine with one thread), or when its
+    error against `ref` is at most twice the peer's own: a gradient formed by cancellation is no
+    more exact in the peer than here."""
     assert ours.keys() == peer.keys()
     total = torch.cat([g.double().flatten() for g in peer.values()]).norm().item()
     worst, where = 0.0, ""
@@ -55,10 +60,12 @@ def assert_grads_match(
         o, g = ours[k].double(), g.double()
         if not torch.isfinite(o).all():
             raise AssertionError(f"gradient of {k} is not finite")
-        err = (o - g).norm().item() / max(g.norm().item(), 1e-2 * total)
+        scale = max(g.norm().item(), 1e-2 * total)
+        err = (o - g).norm().item() / scale
         if err >= tol and ref is not None:
             r = ref[k].double()
-            if (o - r).norm().item() <= 2 * (g - r).norm().item():
+            ours_err = (o - r).norm().item()
+            if ours_err < tol * scale or ours_err <= 2 * (g - r).norm().item():
                 continue
         if err > worst:
             worst, where = err, k
