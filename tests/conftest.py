@@ -65,6 +65,25 @@ def _seed():
     torch.manual_seed(0)
 
 
+def set_attention_routing(monkeypatch, avx512: bool, amx: bool) -> None:
+    """Makes the CPU attention routing rule (genext.ops.flash_attention.CPU_ROUTING) that of
+    another machine for one test: which calls go to PyTorch's SDPA depends on the machine."""
+    import sys
+
+    from genext.ops.flash_attention import CpuRouting
+
+    module = sys.modules["genext.ops.flash_attention"]  # the package attribute is the function
+    monkeypatch.setattr(module, "CPU_ROUTING", CpuRouting(avx512=avx512, amx=amx))
+
+
+@pytest.fixture
+def avx2_routing(monkeypatch):
+    """The attention routing rule of a machine where genext runs its AVX2 kernels and has no
+    AMX, whatever machine the tests run on: for tests that need genext's kernel at shapes an
+    AVX-512 machine hands to PyTorch."""
+    set_attention_routing(monkeypatch, avx512=False, amx=False)
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request) -> str:
     """Runs a test body on the CPU and, where available, on the GPU."""

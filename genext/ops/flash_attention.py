@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch._C._functorch import TransformType
 
+from .. import _C
 from ._common import (
     acc_dtype,
     below_autograd,
@@ -44,6 +46,28 @@ declare_kernels(
 _LAYOUTS = ("bhld", "blhd")
 
 
+@dataclass(frozen=True)
+class CpuRouting:
+    """The machine facts :func:`cpu_forward_prefers_torch` reads (once, at import; tests replace
+    ``CPU_ROUTING``): ``avx512``, genext's CPU kernels run their AVX-512 (x86-64-v4) versions;
+    ``amx``, the CPU has AMX tiles, where PyTorch's bfloat16 SDPA runs its matrix products on
+    them (oneDNN) while genext computes bfloat16 in float32."""
+
+    avx512: bool
+    amx: bool
+
+
+def _cpu_routing() -> CpuRouting:
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return CpuRouting(
+        avx512=str(getattr(_C, "cpu_isa", "")).startswith("x86-64-v4"),
+        amx=bool(amx()) if amx is not None else False,
+    )
+
+
+CPU_ROUTING = _cpu_routing()
+
+
 def cpu_forward_prefers_torch(
     q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, causal: bool | None = None
 ) -> bool:
@@ -51,25 +75,35 @@ def cpu_forward_prefers_torch(
     attention faster than genext's CPU kernel, so that :func:`flash_attention` and
     ``genext.nn.functional.scaled_dot_product_attention`` hand it over.
 
-    Only ever for float32 CPU inputs, not while tracing. When no gradient is needed (grad mode
-    off, or none of q, k, v requires one): at head dims of at least 64, or at least 32 with 256 or
-    more keys, where PyTorch's forward (blocked GEMMs) measured 1.05-1.3x faster than genext's on
-    one AVX2 core (genext's bfloat16 forward is as fast or faster). When a gradient is needed, only
-    for a call known not to be causal (``causal=False``; ``None``, the default, means unknown) at
-    head dims of 160 or more, of 128 or more with at least 512 keys, or of 64 or more with at
-    least 2048 keys. Measured on the 2-core AVX2 machine at D160 L64 and D128 L512 only
-    (forward+backward, genext's speed relative to PyTorch's): 0.84-1.09x in quiet 2-thread runs,
-    on par in one-thread CPU time (1.00-1.09x), but 1.15-3.2x with a core busy. The rule trades
-    that busy-core advantage for never being slower on a quiet machine; the other shapes it covers
-    are extrapolated from those two. genext's was as fast or faster at narrower head dims (D80 on
-    par, D40 1.04-1.8x) and for causal attention where measured (benchmarks/RESULTS.md, "Flash
-    attention CPU kernel on AVX2"). Never for a scale that is not positive and finite (PyTorch's
-    CPU flash kernel gives NaN rows for a negative scale with a causal mask) nor while the user
-    has switched PyTorch's flash backend off (``sdpa_kernel``)."""
+    Only for CPU float32 inputs, and bfloat16 on CPUs with AMX (``CPU_ROUTING``), not while
+    tracing; with gradients only for a call known not to be causal (``causal=False``; ``None``,
+    the default, means unknown: PyTorch's causal backward measured slower than genext's
+    everywhere). The shapes, from measurements (benchmarks/RESULTS.md):
+
+    - float32 where genext runs its AVX2 kernels (the 2-core AMD EPYC): without gradients at head
+      dims of at least 64, or at least 32 with 256 or more keys (PyTorch's blocked GEMMs
+      measured 1.05-1.3x faster on one core); with gradients at head dims of 160 or more, of 128
+      or more with at least 512 keys, or of 64 or more with at least 2048 keys (measured at D160
+      L64 and D128 L512: genext 0.84-1.09x quiet, on par in one-thread CPU time, 1.15-3.2x with a
+      core busy: the rule gives up that busy-core advantage; D80 was on par and D40 1.04-1.8x).
+    - float32 where genext runs its AVX-512 kernels (a 2-core Intel Xeon with AVX-512 and AMX):
+      head dims of 32 or more, any length (not causal, one core: genext's kernel measured
+      0.55-0.82x forward and 0.64-0.75x forward+backward at D40 L1024, D40 with 77 keys, D80
+      L256 and D160 L64; causal D64 L512 1.05x forward, 1.12x forward+backward).
+    - bfloat16 with AMX: head dims of 32 or more; with gradients only from 512 keys (genext's
+      forward 0.29-0.83x at D40-D160; forward+backward 0.59-0.68x from 512 keys, 0.99-1.55x
+      below).
+
+    Never for a scale that is not positive and finite (PyTorch's CPU flash kernel gives NaN rows
+    for a negative scale with a causal mask) nor while the user has switched PyTorch's flash
+    backend off (``sdpa_kernel``)."""
     # cheapest tests first (each attribute read costs a fraction of a microsecond, and the whole
     # test runs before every CPU attention call): the device, the dtype, then the shape rule,
     # which turns most calls away, then the rest
-    if not q.is_cpu or q.dtype != torch.float32:
+    if not q.is_cpu:
+        return False
+    dtype, machine = q.dtype, CPU_ROUTING
+    if dtype != torch.float32 and not (dtype == torch.bfloat16 and machine.amx):
         return False
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if needs_grad and causal is not False:
@@ -78,7 +112,10 @@ def cpu_forward_prefers_torch(
     if len(qs) != 4 or len(ks) != 4:
         return False
     d, lk = qs[3], ks[2]
-    if needs_grad:
+    if dtype == torch.bfloat16 or machine.avx512:
+        if d < 32 or (needs_grad and dtype == torch.bfloat16 and lk < 512):
+            return False
+    elif needs_grad:
         if not (d >= 160 or (d >= 128 and lk >= 512) or (d >= 64 and lk >= 2048)):
             return False
     elif not (d >= 64 or (d >= 32 and lk >= 256)):
@@ -143,11 +180,9 @@ def flash_attention(
     D128, on par at D40, see benchmarks/RESULTS.md); CUDA float32 runs a plain fp32 kernel, exact
     but slow; the
     CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32). A CPU
-    float32 call that returns no lse and is not causal with ``Lq != Lk`` runs PyTorch's SDPA
-    instead where that is the faster one (:func:`cpu_forward_prefers_torch`): without gradients at
-    a head dim of at least 64 (or at least 32 with 256 or more keys); with gradients, not causal,
-    at a head dim of 160 or more, of 128 or more with 512 or more keys, or of 64 or more with 2048
-    or more keys.
+    float32 call (bfloat16 on CPUs with AMX) that returns no lse and is not causal with
+    ``Lq != Lk`` runs PyTorch's SDPA instead where that is the faster one
+    (:func:`cpu_forward_prefers_torch`, which lists the shapes per machine).
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")

@@ -141,7 +141,7 @@ def _output_and_grads(model, fwd):
 
 @pytest.mark.parametrize("dtype", thin(DTYPES, 2))
 @pytest.mark.parametrize("case", thin(list(CASES), 2))
-def test_patched_outputs_and_gradients_match(case, dtype):
+def test_patched_outputs_and_gradients_match(case, dtype, avx2_routing):
     kind, config = CASES[case]
     cls, fwd = _run(kind, config, dtype)
     peer = _model(cls, config, dtype)

@@ -31,7 +31,7 @@ def torch_sdpa_calls(monkeypatch):
 
 @pytest.mark.parametrize("lq,lk", [(33, 33), (50, 20), (20, 50)], ids=["square", "Lq>Lk", "Lq<Lk"])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_sdpa_drop_in_matches_torch(device, lq, lk, is_causal, torch_sdpa_calls):
+def test_sdpa_drop_in_matches_torch(device, lq, lk, is_causal, torch_sdpa_calls, avx2_routing):
     # is_causal is PyTorch's top-left mask, also when Lq != Lk
     q, k, v = make_qkv(2, 4, 4, lq, lk, 64, torch.float32, device, requires_grad=True)
     assert gF.sdpa_backend(q, k, v, is_causal=is_causal) == "genext"
@@ -143,7 +143,9 @@ def test_sdpa_drop_in_gives_nan_where_torch_does(device, where, is_causal, dtype
         )
 
 
-def test_cpu_float32_forward_without_gradients_goes_to_torch_where_it_is_faster(torch_sdpa_calls):
+def test_cpu_float32_forward_without_gradients_goes_to_torch_where_it_is_faster(
+    torch_sdpa_calls, avx2_routing
+):
     # D 64 float32 on the CPU with no gradient needed: PyTorch's forward is the faster one
     q, k, v = make_qkv(1, 4, 2, 40, 70, 64, torch.float32, "cpu")
     assert gF.sdpa_backend(q, k, v, enable_gqa=True) == "torch"

@@ -204,9 +204,11 @@ def _gn_fwd_bwd(x, w, b, gy):
 
 
 def _attention_fwd_bwd(q, k, v, go):
+    # return_lse: genext's kernel on every machine (a call without lse may be handed to
+    # PyTorch's SDPA, whose results depend on the thread count)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    o = gops.flash_attention(q, k, v)
-    return (o, *torch.autograd.grad(o, (q, k, v), go))
+    o, lse = gops.flash_attention(q, k, v, return_lse=True)
+    return (o, lse, *torch.autograd.grad(o, (q, k, v), go))
 
 
 def _thread_cases():

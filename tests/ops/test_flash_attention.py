@@ -26,7 +26,7 @@ from attention_helpers import (
     same_error,
     with_one_on_meta,
 )
-from conftest import max_err, poison_allocator, slow, thin
+from conftest import max_err, poison_allocator, set_attention_routing, slow, thin
 
 FWD = torch.ops.genext.flash_attention_forward
 BWD = torch.ops.genext.flash_attention_backward
@@ -867,10 +867,16 @@ def test_cpu_results_are_bit_identical_across_runs_and_thread_counts(dtype):
             assert a is None or torch.equal(a, b_), f"{name} differs"
 
 
+@pytest.fixture
+def avx512_amx_routing(monkeypatch):
+    """The routing rule of a machine where genext runs its AVX-512 kernels and has AMX."""
+    set_attention_routing(monkeypatch, avx512=True, amx=True)
+
+
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpu_float32_forward_without_gradients_runs_torch_sdpa_where_faster(
-    layout, causal, monkeypatch
+    layout, causal, monkeypatch, avx2_routing
 ):
     # float32, D 64, no gradient: flash_attention hands the call to PyTorch's SDPA (faster there)
     calls = []
@@ -904,7 +910,9 @@ def test_cpu_float32_forward_without_gradients_runs_torch_sdpa_where_faster(
     assert len(calls) == 1
 
 
-def test_cpu_routing_keeps_genext_for_odd_scales_and_user_backend_choices():
+@pytest.mark.parametrize("machine", ["avx2_routing", "avx512_amx_routing"])
+def test_cpu_routing_keeps_genext_for_odd_scales_and_user_backend_choices(machine, request):
+    request.getfixturevalue(machine)
     # PyTorch's CPU flash kernel gives NaN rows for a negative scale under a causal mask, and a
     # user's sdpa_kernel context may switch its flash backend off: genext's kernel runs then
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -991,7 +999,7 @@ def test_cpu_padding_columns_are_zero_after_nan_calls(dtype, d):
             assert max_err(a, r) <= tol, name
 
 
-def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch):
+def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch, avx2_routing):
     # with gradients, non-causal attention at D >= 160, at D >= 128 over 512+ keys, or at D >= 64
     # over 2048+ keys goes to PyTorch's SDPA, faster there; causal, shorter or narrower calls,
     # and calls whose causality the rule is not told, stay with genext
@@ -1045,6 +1053,59 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch):
         assert max_err(out, ref_out) <= ATOL[torch.float32]
         for name, a, r in zip(("dq", "dk", "dv"), got, ref):
             assert max_err(a, r) <= ATOL_GRAD[torch.float32], name
+
+
+def test_cpu_routing_on_avx512_with_amx(monkeypatch, avx512_amx_routing):
+    # genext's AVX-512 float32 kernel and its float32-computed bfloat16 lose to PyTorch's SDPA
+    # (AVX-512 GEMMs, AMX for bfloat16) on such a machine: float32 goes there from D 32 at any
+    # length, with gradients unless causal; bfloat16 from D 32, with gradients from 512 keys
+    def prefers(lk, d, dtype=torch.float32, grad=False, causal=False):
+        q, k, v = make_qkv(1, 2, 1, 8, lk, d, dtype, "cpu", requires_grad=grad)
+        return cpu_forward_prefers_torch(q, k, v, None, causal)
+
+    assert prefers(8, 32) and prefers(77, 40) and prefers(8, 32, grad=True)
+    assert prefers(77, 40, grad=True) and prefers(8, 160, grad=True)
+    assert not prefers(1024, 31) and not prefers(1024, 31, grad=True)
+    assert not prefers(1024, 64, grad=True, causal=True) and prefers(1024, 64, causal=True)
+    bf = torch.bfloat16
+    assert prefers(8, 32, bf) and prefers(77, 40, bf) and not prefers(1024, 31, bf)
+    assert prefers(512, 32, bf, grad=True) and not prefers(511, 128, bf, grad=True)
+    assert not prefers(512, 64, bf, grad=True, causal=True)
+    assert not prefers(1024, 64, torch.float16) and not prefers(1024, 64, torch.float64)
+    # where genext's kernels are AVX-512 but there is no AMX, bfloat16 stays with genext
+    set_attention_routing(monkeypatch, avx512=True, amx=False)
+    assert prefers(77, 40) and not prefers(77, 40, bf) and not prefers(1024, 64, bf, grad=True)
+    # and on the AVX2 rule the shorter float32 shapes and all of bfloat16 stay too
+    set_attention_routing(monkeypatch, avx512=False, amx=False)
+    assert not prefers(77, 40) and not prefers(77, 40, grad=True) and not prefers(8, 64, bf)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_cpu_bfloat16_calls_routed_to_sdpa_match_the_reference(
+    monkeypatch, avx512_amx_routing, grad
+):
+    # a routed bfloat16 call (the op and the drop-in) gives PyTorch's result, within bfloat16's
+    # tolerance of the float64 reference, gradients included
+    spy = mock.Mock(wraps=F.scaled_dot_product_attention)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v = make_qkv(2, 4, 2, 37, 512, 40, torch.bfloat16, "cpu", requires_grad=grad)
+    go = torch.randn(2, 4, 37, 40).bfloat16()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference.attention_reference(qd, kd, vd, False, 0.2)
+    # the drop-in calls PyTorch's kernel directly (no spy sees it): its router says which ran
+    assert gF.sdpa_backend(q, k, v, enable_gqa=True, scale=0.2) == "torch"
+    for fn, calls in (
+        (lambda: flash_attention(q, k, v, scale=0.2), 1),
+        (lambda: gF.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True), 1),
+    ):
+        out = fn()
+        assert spy.call_count == calls and out.dtype == torch.bfloat16
+        assert max_err(out, ref) <= 1.6e-2
+        if grad:
+            got = torch.autograd.grad(out, (q, k, v), go)
+            want = torch.autograd.grad(ref, (qd, kd, vd), go.double(), retain_graph=True)
+            for name, a, r in zip(("dq", "dk", "dv"), got, want):
+                assert max_err(a, r) <= 3e-2 * max(1.0, r.abs().max().item()), name
 
 
 # ---- torch.func transforms ------------------------------------------------------------------------
