@@ -130,13 +130,15 @@ def attn_call(case: AttnCase, fn: Callable, sets: list, direction: str) -> Calla
 
 
 def attn_check(case: AttnCase, dtype, device) -> tuple[bool, str]:
-    """genext's output on one sequence and two heads against the float64 reference: no worse than
-    twice the error of PyTorch's math path in the same dtype (Lq == Lk here or not causal, so the
-    math path's top-left causal mask equals the bottom-right one of genext and the reference)."""
+    """genext's kernel's output on one sequence and two heads against the float64 reference: no
+    worse than twice the error of PyTorch's math path in the same dtype (Lq == Lk here or not
+    causal, so the math path's top-left causal mask equals the bottom-right one of genext and the
+    reference). return_lse keeps the call on genext's kernel where the timed rows may be routed
+    to SDPA."""
     sub = AttnCase(1, min(case.H, 2), case.Lq, case.Lk, case.D, case.causal)
     q, k, v, _ = attn_inputs(sub, dtype, device)[0]
     ref = reference.attention_reference(q.double(), k.double(), v.double(), causal=case.causal)
-    ours = flash_attention(q, k, v, causal=case.causal)
+    ours, _ = flash_attention(q, k, v, causal=case.causal, return_lse=True)
     if not torch.isfinite(ours).all():
         return False, "non-finite output"
     with sdpa_kernel(SDPBackend.MATH):

@@ -123,7 +123,9 @@ def interleaved_samples(
     With `min_seconds`, further rounds (every contender still timed takes part, so the
     interleaving holds) follow until each contender's timed calls add up to that many seconds
     or it has made MAX_EXTENDED_REPS calls: enough calls for a mean that counts the rare long
-    ones (a scheduler slice spent waiting for a descheduled thread) at their real rate.
+    ones (a scheduler slice spent waiting for a descheduled thread) at their real rate. The
+    rounds also stop once all the timed calls together took twice `min_seconds` per contender,
+    so that a fast contender's budget does not keep a much slower one running for long.
 
     A call may start while the previous contender's threads still spin (PyTorch's OpenMP workers
     do for milliseconds after a parallel region): on a 2-core machine genext's pool, called
@@ -162,8 +164,13 @@ def interleaved_samples(
             and sum(times) < min_seconds
         )
 
+    def spent() -> float:
+        return sum(sum(t) for t in results if not isinstance(t, RuntimeError))
+
     n, r = len(contenders), max((c.reps for c in contenders), default=0)
-    while min_seconds > 0 and any(wants_more(k) for k in range(n)):
+    while (
+        min_seconds > 0 and any(wants_more(k) for k in range(n)) and spent() < 2 * n * min_seconds
+    ):
         for j in range(n):
             k = (r + j) % n
             times = results[k]

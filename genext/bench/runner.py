@@ -112,6 +112,8 @@ def _timed_row(
     median = upper_median(times) if timing.clock == "host" else statistics.median(times)
     seconds = statistics.fmean(times) if mean and times else median
     gbps, pct, extra = figures(timing, seconds, copy_bps)
+    if mean:
+        extra.update(median_ms=median * 1e3, calls=len(times))
     if mib is not None:
         extra["peak_extra_MiB"] = mib
     sp = spread(times, median)

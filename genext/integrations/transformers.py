@@ -244,8 +244,9 @@ def _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
     window = kwargs.get("sliding_window")
     if window is not None and lk > window:
         return sdpa("sliding window")
-    # the drop-in also hands CPU float32 forwards without gradients to PyTorch where PyTorch's is
-    # the faster forward; genext's ops make that choice themselves, so such calls are served here
+    # the drop-in also hands some CPU calls to PyTorch where PyTorch's is the faster kernel
+    # (cpu_forward_prefers_torch); genext's ops make that choice themselves, so such calls are
+    # served here
     served = sdpa_backend(query, key, value, is_causal=causal, enable_gqa=True) == "genext"
     if not served and not cpu_forward_prefers_torch(query, key, value, causal=causal):
         return sdpa("shapes, dtype or device not served")

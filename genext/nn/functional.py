@@ -130,7 +130,7 @@ def sdpa_backend(
     """Which implementation :func:`scaled_dot_product_attention` runs for these arguments:
     ``"genext"`` (genext's flash-attention kernel) or ``"torch"`` (PyTorch's SDPA). Models and
     tests use it to know which attention op a profile must show. Pass the arguments the call
-    gets (``is_causal`` and ``scale`` too: both take part in the CPU float32 choice)."""
+    gets (``is_causal`` and ``scale`` too: both take part in the CPU choice)."""
     runs, _ = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
     return "genext" if runs else "torch"
 
@@ -155,10 +155,10 @@ def scaled_dot_product_attention(
     key-padding mask (True = attend) broadcastable as ``(B, 1, 1, Lk)`` that keeps a prefix of the
     keys in each batch entry (checked on the mask's values, one device sync; under torch.compile,
     and under torch.vmap for a mask that differs per vmapped sample, masks go to PyTorch).
-    ``is_causal`` is PyTorch's top-left aligned mask. Without a mask, CPU float32 calls at shapes
-    where PyTorch's kernel is the faster one go to PyTorch (forwards without gradients at head
-    dims of 64 or more; with gradients, non-causal calls at wide head dims:
-    ``genext.ops.flash_attention.cpu_forward_prefers_torch``, given ``is_causal`` and ``scale``).
+    ``is_causal`` is PyTorch's top-left aligned mask. Without a mask, CPU float32 calls (bfloat16
+    on CPUs with AMX) at shapes where PyTorch's kernel is the faster one go to PyTorch (the
+    shapes depend on the machine: ``genext.ops.flash_attention.cpu_forward_prefers_torch``, given
+    ``is_causal`` and ``scale``).
     Everything else (float or arbitrary boolean masks, dropout, other ranks, broadcast batch
     dims) goes to PyTorch with no error; the choice is made from shapes, dtypes and flags before
     autograd records anything.

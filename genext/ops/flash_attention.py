@@ -50,8 +50,8 @@ _LAYOUTS = ("bhld", "blhd")
 class CpuRouting:
     """The machine facts :func:`cpu_forward_prefers_torch` reads (once, at import; tests replace
     ``CPU_ROUTING``): ``avx512``, genext's CPU kernels run their AVX-512 (x86-64-v4) versions;
-    ``amx``, the CPU has AMX tiles, where PyTorch's bfloat16 SDPA runs its matrix products on
-    them (oneDNN) while genext computes bfloat16 in float32."""
+    ``amx``, the CPU has AMX tiles (Intel Xeon from Sapphire Rapids on), where PyTorch's bfloat16
+    SDPA runs its matrix products on them (oneDNN) while genext computes bfloat16 in float32."""
 
     avx512: bool
     amx: bool
@@ -86,10 +86,11 @@ def cpu_forward_prefers_torch(
       or more with at least 512 keys, or of 64 or more with at least 2048 keys (measured at D160
       L64 and D128 L512: genext 0.84-1.09x quiet, on par in one-thread CPU time, 1.15-3.2x with a
       core busy: the rule gives up that busy-core advantage; D80 was on par and D40 1.04-1.8x).
-    - float32 where genext runs its AVX-512 kernels (a 2-core Intel Xeon with AVX-512 and AMX):
-      head dims of 32 or more, any length (not causal, one core: genext's kernel measured
-      0.55-0.82x forward and 0.64-0.75x forward+backward at D40 L1024, D40 with 77 keys, D80
-      L256 and D160 L64; causal D64 L512 1.05x forward, 1.12x forward+backward).
+    - float32 where genext runs its AVX-512 kernels on a CPU with AMX (measured on a 2-core Intel
+      Xeon): head dims of 32 or more, any length, unless causal (not causal, one core: genext's
+      kernel measured 0.55-0.82x forward and 0.64-0.75x forward+backward at D40 L1024, D40 with
+      77 keys, D80 L256 and D160 L64; causal D64 L512 1.05x forward, 1.12x forward+backward).
+      AVX-512 CPUs without AMX (AMD Zen 4) keep the AVX2 rule: not measured there.
     - bfloat16 with AMX: head dims of 32 or more; with gradients only from 512 keys (genext's
       forward 0.29-0.83x at D40-D160; forward+backward 0.59-0.68x from 512 keys, 0.99-1.55x
       below).
@@ -112,8 +113,11 @@ def cpu_forward_prefers_torch(
     if len(qs) != 4 or len(ks) != 4:
         return False
     d, lk = qs[3], ks[2]
-    if dtype == torch.bfloat16 or machine.avx512:
-        if d < 32 or (needs_grad and dtype == torch.bfloat16 and lk < 512):
+    if dtype == torch.bfloat16:
+        if d < 32 or (needs_grad and lk < 512):
+            return False
+    elif machine.avx512 and machine.amx:
+        if d < 32 or causal:
             return False
     elif needs_grad:
         if not (d >= 160 or (d >= 128 and lk >= 512) or (d >= 64 and lk >= 2048)):
@@ -182,7 +186,8 @@ def flash_attention(
     CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32). A CPU
     float32 call (bfloat16 on CPUs with AMX) that returns no lse and is not causal with
     ``Lq != Lk`` runs PyTorch's SDPA instead where that is the faster one
-    (:func:`cpu_forward_prefers_torch`, which lists the shapes per machine).
+    (:func:`cpu_forward_prefers_torch`, which lists the shapes per machine), outside autocast
+    (the output dtype is the inputs', as from genext's kernel).
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")
@@ -197,9 +202,10 @@ def flash_attention(
         qb, kb, vb = (q, k, v) if layout == "bhld" else (t.transpose(1, 2) for t in (q, k, v))
         if cpu_forward_prefers_torch(qb, kb, vb, scale, causal=bool(causal)):
             sc = softmax_scale(q, scale, "flash_attention")
-            out = torch.nn.functional.scaled_dot_product_attention(
-                qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True
-            )
+            with torch.autocast("cpu", enabled=False):  # genext's kernel has no autocast rule
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True
+                )
             return out if layout == "bhld" else out.transpose(1, 2)
     if (
         not return_lse

@@ -248,7 +248,9 @@ def test_busy_machine_and_noisy_rows_are_warned_about(tiny, tmp_path, monkeypatc
     assert env["machine_busy"] is True and env["noisy_rows"] == 2
 
 
-def test_busy_keeps_its_process_spinning_while_the_cases_are_timed(tiny, monkeypatch, capsys):
+def test_busy_keeps_its_process_spinning_while_the_cases_are_timed(
+    tiny, monkeypatch, capsys, tmp_path
+):
     spinners, alive, budgets = [], [], []
     real = runner.busy_core
 
@@ -267,7 +269,9 @@ def test_busy_keeps_its_process_spinning_while_the_cases_are_timed(tiny, monkeyp
 
     monkeypatch.setattr(runner, "busy_core", watched)
     monkeypatch.setattr(runner, "interleaved_samples", sampler)
-    assert main(["bench", "--device", "cpu", "--op", "tiny", "--busy"]) == 0
+    path = tmp_path / "busy.json"
+    assert main(["bench", "--device", "cpu", "--op", "tiny", "--busy", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["env"]["row_statistic"] == "mean"
     assert alive == [True] and spinners[0].poll() is not None  # spun while timed, then ended
     assert budgets == [runner.BUSY_MIN_SECONDS]  # rounds extended for a mean over many calls
     out = capsys.readouterr().out

@@ -259,6 +259,15 @@ def test_a_time_budget_stops_at_the_call_cap_and_skips_retired_contenders(machin
     assert machine.calls == ["steady"] * 6
 
 
+def test_a_time_budget_stops_when_the_calls_together_took_twice_it_each(machine):
+    machine.ramp = math.inf
+    fast = Contender(machine.call("fast", 1e-3), warmup=0, reps=1)
+    slow = Contender(machine.call("slow", 9e-3), warmup=0, reps=1)
+    times = interleaved_samples([fast, slow], min_seconds=0.0095)
+    # 10 ms a round: the rounds stop at 2 x 2 x 9.5 = 38 ms, before the fast one has its 9.5 ms
+    assert [len(t) for t in times] == [4, 4] and sum(times[0]) < 0.0095
+
+
 def test_busy_rows_report_the_mean_call_where_quiet_ones_report_the_median(machine):
     machine.ramp = math.inf
 
@@ -278,6 +287,8 @@ def test_busy_rows_report_the_mean_call_where_quiet_ones_report_the_median(machi
     # them slow (504 ms), a mean of 2.8 ms
     assert runner.BUSY_MIN_SECONDS == 0.5
     assert [r.ms for r in busy] == pytest.approx([2.8, 2.8])
+    assert [r.extra["median_ms"] for r in busy] == pytest.approx([1.0, 1.0])
+    assert [r.extra["calls"] for r in busy] == [180, 180]
 
 
 def test_cuda_keeps_timing_each_implementation_alone(machine, monkeypatch):

@@ -1057,8 +1057,8 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch, avx
 
 def test_cpu_routing_on_avx512_with_amx(monkeypatch, avx512_amx_routing):
     # genext's AVX-512 float32 kernel and its float32-computed bfloat16 lose to PyTorch's SDPA
-    # (AVX-512 GEMMs, AMX for bfloat16) on such a machine: float32 goes there from D 32 at any
-    # length, with gradients unless causal; bfloat16 from D 32, with gradients from 512 keys
+    # (AVX-512 GEMMs, AMX for bfloat16) on such a machine: float32 that is not causal goes there
+    # from D 32 at any length; bfloat16 from D 32, with gradients (not causal) from 512 keys
     def prefers(lk, d, dtype=torch.float32, grad=False, causal=False):
         q, k, v = make_qkv(1, 2, 1, 8, lk, d, dtype, "cpu", requires_grad=grad)
         return cpu_forward_prefers_torch(q, k, v, None, causal)
@@ -1066,16 +1066,21 @@ def test_cpu_routing_on_avx512_with_amx(monkeypatch, avx512_amx_routing):
     assert prefers(8, 32) and prefers(77, 40) and prefers(8, 32, grad=True)
     assert prefers(77, 40, grad=True) and prefers(8, 160, grad=True)
     assert not prefers(1024, 31) and not prefers(1024, 31, grad=True)
-    assert not prefers(1024, 64, grad=True, causal=True) and prefers(1024, 64, causal=True)
+    # causal (genext's kernel measured faster), and with gradients a causality not told
+    assert not prefers(1024, 64, causal=True) and not prefers(1024, 64, grad=True, causal=True)
+    assert not prefers(1024, 64, grad=True, causal=None) and prefers(1024, 64, causal=None)
     bf = torch.bfloat16
     assert prefers(8, 32, bf) and prefers(77, 40, bf) and not prefers(1024, 31, bf)
-    assert prefers(512, 32, bf, grad=True) and not prefers(511, 128, bf, grad=True)
+    assert prefers(512, 32, bf, grad=True) and not prefers(511, 32, bf, grad=True)
     assert not prefers(512, 64, bf, grad=True, causal=True)
+    assert not prefers(512, 64, bf, grad=True, causal=None)
     assert not prefers(1024, 64, torch.float16) and not prefers(1024, 64, torch.float64)
-    # where genext's kernels are AVX-512 but there is no AMX, bfloat16 stays with genext
+    # AVX-512 without AMX (not measured): the AVX2 rule, and bfloat16 stays with genext
     set_attention_routing(monkeypatch, avx512=True, amx=False)
-    assert prefers(77, 40) and not prefers(77, 40, bf) and not prefers(1024, 64, bf, grad=True)
-    # and on the AVX2 rule the shorter float32 shapes and all of bfloat16 stay too
+    assert not prefers(77, 40) and prefers(256, 32) and prefers(8, 64)
+    assert not prefers(77, 40, grad=True) and not prefers(8, 64, bf)
+    assert not prefers(1024, 64, bf, grad=True)
+    # the AVX2 rule likewise
     set_attention_routing(monkeypatch, avx512=False, amx=False)
     assert not prefers(77, 40) and not prefers(77, 40, grad=True) and not prefers(8, 64, bf)
 
@@ -1086,26 +1091,52 @@ def test_cpu_bfloat16_calls_routed_to_sdpa_match_the_reference(
 ):
     # a routed bfloat16 call (the op and the drop-in) gives PyTorch's result, within bfloat16's
     # tolerance of the float64 reference, gradients included
-    spy = mock.Mock(wraps=F.scaled_dot_product_attention)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    op_calls, drop_in_calls = [], []
+    torch_sdpa, kept = F.scaled_dot_product_attention, gF._torch_sdpa
+
+    def op_spy(*args, **kwargs):
+        op_calls.append(1)
+        return torch_sdpa(*args, **kwargs)
+
+    def drop_in_spy(*args, **kwargs):  # the function the drop-in keeps a reference to
+        drop_in_calls.append(1)
+        return kept(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", op_spy)
+    monkeypatch.setattr(gF, "_torch_sdpa", drop_in_spy)
     q, k, v = make_qkv(2, 4, 2, 37, 512, 40, torch.bfloat16, "cpu", requires_grad=grad)
     go = torch.randn(2, 4, 37, 40).bfloat16()
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = reference.attention_reference(qd, kd, vd, False, 0.2)
-    # the drop-in calls PyTorch's kernel directly (no spy sees it): its router says which ran
     assert gF.sdpa_backend(q, k, v, enable_gqa=True, scale=0.2) == "torch"
     for fn, calls in (
-        (lambda: flash_attention(q, k, v, scale=0.2), 1),
-        (lambda: gF.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True), 1),
+        (lambda: flash_attention(q, k, v, scale=0.2), op_calls),
+        (
+            lambda: gF.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True),
+            drop_in_calls,
+        ),
     ):
         out = fn()
-        assert spy.call_count == calls and out.dtype == torch.bfloat16
+        assert len(calls) == 1 and out.dtype == torch.bfloat16
         assert max_err(out, ref) <= 1.6e-2
         if grad:
             got = torch.autograd.grad(out, (q, k, v), go)
             want = torch.autograd.grad(ref, (qd, kd, vd), go.double(), retain_graph=True)
             for name, a, r in zip(("dq", "dk", "dv"), got, want):
                 assert max_err(a, r) <= 3e-2 * max(1.0, r.abs().max().item()), name
+
+
+def test_cpu_routed_call_keeps_the_input_dtype_under_autocast(avx512_amx_routing):
+    # genext's kernel has no autocast rule (float32 in, float32 out); a call routed to SDPA
+    # gives the same dtype rather than autocast's bfloat16
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 64, torch.float32, "cpu")
+    assert cpu_forward_prefers_torch(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = flash_attention(q, k, v)
+        kernel = flash_attention(q[..., :16], k[..., :16], v[..., :16])
+    assert routed.dtype == kernel.dtype == torch.float32
+    ref = reference.attention_reference(q.double(), k.double(), v.double(), False, None)
+    assert max_err(routed, ref) <= ATOL[torch.float32]
 
 
 # ---- torch.func transforms ------------------------------------------------------------------------
