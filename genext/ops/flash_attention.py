@@ -92,8 +92,8 @@ def cpu_forward_prefers_torch(
       77 keys, D80 L256 and D160 L64; causal D64 L512 1.05x forward, 1.12x forward+backward).
       AVX-512 CPUs without AMX (AMD Zen 4) keep the AVX2 rule: not measured there.
     - bfloat16 with AMX: head dims of 32 or more; with gradients only from 512 keys (genext's
-      forward 0.29-0.83x at D40-D160; forward+backward 0.59-0.68x from 512 keys, 0.99-1.55x
-      below).
+      forward 0.29-0.83x at D40-D160; forward+backward 0.59-0.68x from 512 keys, 0.84-1.72x
+      below over two runs).
 
     Never for a scale that is not positive and finite (PyTorch's CPU flash kernel gives NaN rows
     for a negative scale with a causal mask) nor while the user has switched PyTorch's flash
