@@ -167,7 +167,9 @@ def _sdpa_setup(fn: Callable, lk: int) -> Callable:
 
 def make_case(case: DecodeCase, config: Config) -> Case:
     dtype = config.dtype_or(torch.bfloat16 if config.device == "cuda" else torch.float32)
-    warmup, reps = (5, 30) if config.device == "cuda" else (1, 3)
+    # CPU decode calls take 20 us to 1 ms: a median of 3 was one scheduler hiccup away from a
+    # wrong ratio, and 25 calls of each cost at most a few tens of milliseconds
+    warmup, reps = (5, 30) if config.device == "cuda" else (3, 25)
     setups = {"genext": _genext}
     setups.update(
         {name: _sdpa_setup(fn, case.Lk) for name, fn in sdpa_impls(config.device).items()}
