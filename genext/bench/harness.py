@@ -134,6 +134,8 @@ def interleaved_samples(
     processes), so there is none."""
     results: list[list[float] | RuntimeError] = [[] for _ in contenders]
 
+    totals = [0.0] * len(contenders)  # each contender's timed seconds so far
+
     def call(k: int, i: int, timed: bool) -> None:
         c, times = contenders[k], results[k]
         if isinstance(times, RuntimeError):  # retired by an earlier call
@@ -150,6 +152,7 @@ def interleaved_samples(
             return
         if timed:
             times.append(t1 - t0)
+            totals[k] += t1 - t0
 
     for k, i in rounds([c.warmup for c in contenders]):
         call(k, i, timed=False)
@@ -161,11 +164,11 @@ def interleaved_samples(
         return (
             not isinstance(times, RuntimeError)
             and len(times) < MAX_EXTENDED_REPS
-            and sum(times) < min_seconds
+            and totals[k] < min_seconds
         )
 
     def spent() -> float:
-        return sum(sum(t) for t in results if not isinstance(t, RuntimeError))
+        return sum(t for t, r in zip(totals, results) if not isinstance(r, RuntimeError))
 
     n, r = len(contenders), max((c.reps for c in contenders), default=0)
     while (

@@ -80,7 +80,8 @@ def cpu_forward_prefers_torch(
     the default, means unknown: PyTorch's causal backward measured slower than genext's
     everywhere). The shapes, from measurements (benchmarks/RESULTS.md):
 
-    - float32 where genext runs its AVX2 kernels (the 2-core AMD EPYC): without gradients at head
+    - float32 elsewhere (measured where genext runs its AVX2 kernels, the 2-core AMD EPYC; also
+      the rule for AVX-512 CPUs without AMX and for the baseline build): without gradients at head
       dims of at least 64, or at least 32 with 256 or more keys (PyTorch's blocked GEMMs
       measured 1.05-1.3x faster on one core); with gradients at head dims of 160 or more, of 128
       or more with at least 512 keys, or of 64 or more with at least 2048 keys (measured at D160
