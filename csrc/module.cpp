@@ -16,6 +16,7 @@
 #include "common/cpu_parallel.h"
 #include "common/cpu_simd.h"
 #include "common/head_dim.h"
+#include "kvcache_attention/kvcache_bf16_cpu.h"
 
 #ifndef GENEXT_CUDA_ARCHS
 #define GENEXT_CUDA_ARCHS ""
@@ -58,6 +59,16 @@ PYBIND11_MODULE(_C, m) {
   });
   // whether the next team is genext's pool (kAuto after a team waited for a descheduled thread)
   m.def("_cpu_next_team_is_pool", [] { return genext::cpu::use_pool(); });
+  // the CPU decode kernel's bfloat16 path: (this CPU has AVX512-BF16 for the in-place routines,
+  // they are in use); tests switch them off to check the widening path on the same machine
+  m.def("_cpu_kv_bf16_dot", [] {
+    return std::make_tuple(genext::kv::bf16_dot_supported(), genext::kv::bf16_dot_enabled());
+  });
+  m.def("_cpu_set_kv_bf16_dot", [](bool on) {
+    TORCH_CHECK_VALUE(!on || genext::kv::bf16_dot_supported(),
+                      "_cpu_set_kv_bf16_dot: this CPU has no AVX512-BF16");
+    genext::kv::set_bf16_dot_enabled(on);
+  });
   // how many times the automatic choice has moved to the pool
   m.def("_cpu_pool_spells", [] { return genext::cpu::pool_spells().load(); });
   // the automatic choice's state: (ms left of the current spell on the pool, the spell's length

@@ -14,7 +14,9 @@
 //      rescaled by alpha = exp(m_old - m_new) when m grows) runs on 8-lane vectors; the update
 //      O[r] = alpha[r] O[r] + sum_j P[r][j] v_j keeps up to 64 elements of O[r] in registers over
 //      the tile's keys. float64 uses the 16-lane routines below. float32/float64 rows are read in
-//      place in the cache; float16/bfloat16 rows are first widened into a [kTile][D] float tile.
+//      place in the cache; float16/bfloat16 rows are first widened into a [kTile][D] float tile,
+//      except bfloat16 rows on CPUs with AVX512-BF16, read in place by kvcache_bf16_cpu.h's
+//      routines (scores on vdpbf16ps, value rows widened in registers).
 //      The next tile's row pointers are computed (paged: stepping block and slot, no division
 //      per row) and its rows prefetched into L2 while a tile is computed (rows of one head are
 //      far apart in memory, a stride the hardware prefetchers do not follow).
@@ -52,6 +54,7 @@
 #include "common/cpu_dispatch.h"
 #include "common/cpu_parallel.h"
 #include "common/cpu_simd.h"
+#include "kvcache_attention/kvcache_bf16_cpu.h"
 #include "kvcache_attention/kvcache_checks.h"
 #include "kvcache_attention/kvcache_tiles_cpu.h"
 
@@ -325,7 +328,19 @@ inline void tile_rows(const Rows<S>& c, int64_t b, int64_t j0, int64_t n, int64_
   }
 }
 
+// Every 64-byte line of n rows of `bytes` bytes; rows of up to two lines (a head of 64 16-bit or
+// 32 float elements) without an inner loop, whose bookkeeping costs about as much as the
+// prefetches when the rows are in cache already.
 inline void prefetch_ptrs(const void* const* rows, int64_t n, int64_t bytes) {
+  if (bytes <= 128) {
+    const int64_t second = bytes > 64 ? 64 : 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const char* p = static_cast<const char*>(rows[j]);
+      prefetch_l2(p);
+      prefetch_l2(p + second);
+    }
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) {
     const char* p = static_cast<const char*>(rows[j]);
     for (int64_t off = 0; off < bytes; off += 64) prefetch_l2(p + off);
@@ -381,11 +396,15 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
     return causal ? std::clamp<int64_t>(len_k - Lq + i + 1, 0, len_k) : len_k;
   };
 
+  // bfloat16 rows read in place (kvcache_bf16_cpu.h) where the CPU has AVX512-BF16, else widened
+  bool direct = false;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) direct = bf16_dot_enabled();
+  const int64_t Dq = round_up(D, kBf16QAlign);
   const double ns_task = task_ns(std::min(split_len, max_len), nrows, D, itemsize);
   cpu::parallel_for(0, units * nsplit, ns_task, [&](int64_t begin, int64_t end) {
-    constexpr bool widen = !std::is_same_v<S, T>;
-    // scratch: Q, O [nrows][Dp]; P [nrows][kTile]; K, V tiles [kTile][Dp] (16-bit caches);
-    // m, l, alpha [nrows]
+    const bool widen = !std::is_same_v<S, T> && !direct;
+    // scratch: Q, O [nrows][Dp]; P [nrows][kTile]; K, V tiles [kTile][Dp] (16-bit caches widened
+    // here); m, l, alpha [nrows]; and for the direct path the bfloat16 Q [nrows][Dq]
     T* Q = scratch<T>(2 * nrows * Dp + nrows * kTile + (widen ? 2 * kTile * Dp : 0) + 3 * nrows);
     T* O = Q + nrows * Dp;
     T* P = O + nrows * Dp;
@@ -395,31 +414,46 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
     T* l = m + nrows;
     T* alpha = l + nrows;
     int32_t* nvis = scratch<int32_t>(nrows);
+    uint16_t* Qb = direct ? scratch<uint16_t>(nrows * Dq) : nullptr;
     const S* ks[2][kTile];
     const S* vs[2][kTile];
     const T* krows[kTile];
     const T* vrows[kTile];
     const int64_t row_bytes = D * itemsize;
+    // The first tile of task t: its row pointers into buffer `buf`, and its rows asked into L2.
+    // Called for the next task during a task's last tile, so that a task's first keys are on
+    // their way before it starts (tasks of a few short tiles are otherwise mostly waiting).
+    auto first_tile = [&](int64_t t, int buf) {
+      const int64_t sp = t % nsplit, h = (t / nsplit) % Hk, bb = t / (nsplit * Hk);
+      const int64_t kb = sp * split_len;
+      const int64_t n0 = std::min(kTile, std::min(int64_t(lens[bb]) + added, kb + split_len) - kb);
+      if (n0 <= 0) return;
+      tile_rows(kc, bb, kb, n0, h, ks[buf]);
+      tile_rows(vc, bb, kb, n0, h, vs[buf]);
+      prefetch_ptrs(reinterpret_cast<const void* const*>(ks[buf]), n0, row_bytes);
+      prefetch_ptrs(reinterpret_cast<const void* const*>(vs[buf]), n0, row_bytes);
+    };
+    int cur = 0;  // the buffer of the tile computed next
+    first_tile(begin, cur);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % nsplit, hk = (task / nsplit) % Hk, b = task / (nsplit * Hk);
       const int64_t len_k = int64_t(lens[b]) + added;
       const int64_t k_begin = split * split_len, k_end = std::min(len_k, k_begin + split_len);
+      if (k_begin >= k_end && task + 1 < end) first_tile(task + 1, cur);  // no tile of its own
       for (int64_t r = 0; r < nrows; ++r) {
         const S* src = q.row(b, r % Lq, hk * group + r / Lq);
+        if (direct) {  // the bit patterns, unscaled (the scores are scaled), zero-padded to Dq
+          uint16_t* dst = Qb + r * Dq;
+          std::memcpy(dst, src, D * sizeof(uint16_t));
+          std::fill(dst + D, dst + Dq, uint16_t(0));
+          continue;
+        }
         T* dst = Q + r * Dp;
         for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]) * scale;
       }
       std::fill(O, O + nrows * Dp, T(0));
       std::fill(m, m + nrows, kNegInf);
       std::fill(l, l + nrows, T(0));
-      int cur = 0;
-      if (k_begin < k_end) {
-        const int64_t n0 = std::min(kTile, k_end - k_begin);
-        tile_rows(kc, b, k_begin, n0, hk, ks[0]);
-        tile_rows(vc, b, k_begin, n0, hk, vs[0]);
-        prefetch_ptrs(reinterpret_cast<const void* const*>(ks[0]), n0, row_bytes);
-        prefetch_ptrs(reinterpret_cast<const void* const*>(vs[0]), n0, row_bytes);
-      }
       for (int64_t j0 = k_begin; j0 < k_end; j0 += kTile, cur ^= 1) {
         const int64_t nc = std::min(kTile, k_end - j0);
         if (j0 + kTile < k_end) {  // the next tile, while this one is loaded and computed
@@ -428,10 +462,29 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
           tile_rows(vc, b, j0 + kTile, nn, hk, vs[cur ^ 1]);
           prefetch_ptrs(reinterpret_cast<const void* const*>(ks[cur ^ 1]), nn, row_bytes);
           prefetch_ptrs(reinterpret_cast<const void* const*>(vs[cur ^ 1]), nn, row_bytes);
+        } else if (task + 1 < end) {
+          first_tile(task + 1, cur ^ 1);
+        }
+        for (int64_t r = 0; r < nrows; ++r)
+          nvis[r] = int32_t(std::clamp<int64_t>(visible_end(len_k, r % Lq) - j0, 0, nc));
+        if constexpr (std::is_same_v<S, c10::BFloat16>) {
+          if (direct) {
+            const uint16_t* k16[kTile];
+            const uint16_t* v16[kTile];
+            for (int64_t j = 0; j < nc; ++j) {
+              k16[j] = reinterpret_cast<const uint16_t*>(ks[cur][j]);
+              v16[j] = reinterpret_cast<const uint16_t*>(vs[cur][j]);
+            }
+            for (int64_t j = nc; j < round_up(nc, 8); ++j) k16[j] = k16[nc - 1];
+            scores_bf16(Qb, Dq, nrows, k16, nc, D, float(scale), P);
+            softmax_f32(P, nrows, nvis, m, l, alpha);
+            accum_bf16(O, Dp, nrows, P, v16, nc, D, alpha);
+            continue;
+          }
         }
         // Row pointers of the tile: into the cache itself when it holds T, else into the tile
         // buffers after widening.
-        if constexpr (!widen) {
+        if constexpr (std::is_same_v<S, T>) {
           for (int64_t j = 0; j < nc; ++j) {
             krows[j] = ks[cur][j];
             vrows[j] = vs[cur][j];
@@ -458,8 +511,6 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
         } else {
           scores(Q, Dp, nrows, krows, nc, D, P);
         }
-        for (int64_t r = 0; r < nrows; ++r)
-          nvis[r] = int32_t(std::clamp<int64_t>(visible_end(len_k, r % Lq) - j0, 0, nc));
         if constexpr (std::is_same_v<T, float>)
           softmax_f32(P, nrows, nvis, m, l, alpha);
         else

@@ -919,3 +919,147 @@ def test_cpu_nan_key_in_one_split_of_a_long_cache_makes_the_row_nan(where):
     finally:
         torch.set_num_threads(saved)
     assert out.isnan().all() and lse.isnan().all()
+
+
+# ---- the two bfloat16 paths of the CPU kernel ---------------------------------------------------
+
+
+@pytest.fixture(params=["in-place", "widened"])
+def bf16_path(request):
+    """Runs a test with each bfloat16 path of the CPU kernel: rows read in place (vdpbf16ps
+    scores; only on CPUs with AVX512-BF16) and rows widened to float first (every CPU)."""
+    import genext._C
+
+    supported, before = genext._C._cpu_kv_bf16_dot()
+    if request.param == "in-place" and not supported:
+        pytest.skip("this CPU has no AVX512-BF16")
+    genext._C._cpu_set_kv_bf16_dot(request.param == "in-place")
+    try:
+        assert genext._C._cpu_kv_bf16_dot()[1] == (request.param == "in-place")
+        yield request.param
+    finally:
+        genext._C._cpu_set_kv_bf16_dot(before)
+
+
+def test_cpu_bf16_path_is_the_widening_one_only_without_avx512_bf16():
+    import genext._C
+
+    supported, enabled = genext._C._cpu_kv_bf16_dot()
+    assert enabled == supported
+    with open("/proc/cpuinfo") as f:
+        flag = "avx512_bf16" in f.read().split()
+    assert supported == (flag and genext._C.cpu_isa.startswith("x86-64-v4"))
+    if not supported:
+        with pytest.raises(ValueError, match="AVX512-BF16"):
+            genext._C._cpu_set_kv_bf16_dot(True)
+
+
+@pytest.mark.parametrize(
+    "case",
+    CASES + [c[:6] + (True, True, c[6]) for c in TAIL_CASES],
+    ids=lambda c: f"B{c[0]}-Lq{c[1]}-H{c[2]}x{c[3]}-D{c[4]}",
+)
+def test_cpu_bf16_paths_match_reference(bf16_path, case):
+    # head dims off the 32-element pairs of vdpbf16ps and the 16-lane value vectors (7, 13, 33,
+    # 72, 80, 129), groups of 1 to 16 query rows, paged and contiguous caches
+    run_and_check("cpu", torch.bfloat16, *case)
+
+
+@pytest.mark.parametrize("case", list(KV_NONFINITE))
+def test_cpu_bf16_paths_give_nan_where_the_reference_does(bf16_path, case):
+    shapes = ((2, 3, 4, 16), (2, 40, 2, 16), (2, 40, 2, 16))
+    q, kc, vc = (rand(*s, dtype=torch.bfloat16).double() for s in shapes)
+    kn, vn = (rand(2, 3, 2, 16, dtype=torch.bfloat16).double() for _ in range(2))
+    kn = kn.abs() if case == "all-scores-minus-inf" else kn
+    lens = torch.tensor([30, 37], dtype=torch.int32)
+    q, kc, scale = KV_NONFINITE[case](q, kc, 0.25)
+    ref, ref_lse = reference.attention_with_kvcache(
+        q, kc, vc, lens, kn, vn, True, scale, None, True
+    )
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    out, lse = attention_with_kvcache(
+        bf(q), bf(kc), bf(vc), lens, bf(kn), bf(vn), scale=scale, return_lse=True
+    )
+    # the output is rounded to bfloat16: 2^-9 of values up to about 4
+    assert_nan_where_reference(out, ref, 8e-3)
+    assert torch.equal(lse.isnan(), ref.isnan().any(-1).transpose(1, 2))
+    assert torch.equal(lse.isneginf(), ref_lse.isneginf())
+
+
+def test_cpu_bf16_paths_agree_on_a_long_cache():
+    # the two paths compute the same float products (a product of two bfloat16 values is exact
+    # in float) in different orders: their outputs differ by float rounding, not bfloat16's
+    import genext._C
+
+    supported, before = genext._C._cpu_kv_bf16_dot()
+    if not supported:
+        pytest.skip("this CPU has no AVX512-BF16")
+    q, kc, vc = (
+        rand(*s, dtype=torch.bfloat16) for s in ((2, 1, 8, 128), (2, 700, 2, 128), (2, 700, 2, 128))
+    )
+    lens = torch.tensor([700, 333], dtype=torch.int32)
+    outs = []
+    try:
+        for on in (True, False):
+            genext._C._cpu_set_kv_bf16_dot(on)
+            outs.append(attention_with_kvcache(q, kc, vc, lens, return_lse=True))
+    finally:
+        genext._C._cpu_set_kv_bf16_dot(before)
+    (o1, l1), (o2, l2) = outs
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=0)
+    # outputs in bfloat16: at most one unit in the last place apart
+    assert ((o1.float() - o2.float()).abs() <= o1.float().abs() * 2**-7 + 1e-6).all()
+
+
+_GUARD_PAGE_SCRIPT = """
+import ctypes, mmap, sys
+import torch
+import genext._C
+from genext import reference
+from genext.ops import attention_with_kvcache
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+PAGE = mmap.PAGESIZE
+
+
+def before_a_guard_page(shape):
+    # a bfloat16 tensor whose last element is the last one readable: the page after it is PROT_NONE
+    n = 1
+    for s in shape:
+        n *= s
+    mem = mmap.mmap(-1, 3 * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    assert libc.mprotect(base + 2 * PAGE, PAGE, 0) == 0, ctypes.get_errno()
+    t = torch.frombuffer(mem, dtype=torch.bfloat16, count=n, offset=2 * PAGE - 2 * n).view(shape)
+    t.copy_(torch.randn(shape, dtype=torch.float64).to(torch.bfloat16))
+    return t, mem
+
+
+keep = []
+for d, lk in ((7, 45), (13, 20), (33, 30)):
+    (kc, mk), (vc, mv) = before_a_guard_page((1, lk, 1, d)), before_a_guard_page((1, lk, 1, d))
+    keep += [mk, mv]
+    q = torch.randn(1, 1, 4, d, dtype=torch.float64).to(torch.bfloat16)
+    lens = torch.tensor([lk], dtype=torch.int32)
+    ref = reference.attention_with_kvcache(q.double(), kc.double(), vc.double(), lens)
+    for on in sorted({False, genext._C._cpu_kv_bf16_dot()[0]}):
+        genext._C._cpu_set_kv_bf16_dot(on)
+        out = attention_with_kvcache(q, kc, vc, lens)
+        torch.testing.assert_close(out.double(), ref, atol=8e-3, rtol=0)
+        print("ok", d, on)
+"""
+
+
+def test_cpu_bf16_rows_ending_at_a_guard_page_are_not_read_past():
+    # caches whose last row ends where an unreadable page begins, at head dims off the vector
+    # widths: a read past a row's end (a full 32-element key load, a full 16-element value load)
+    # kills the child process
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _GUARD_PAGE_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, f"rc {r.returncode}\n{r.stdout}\n{r.stderr[-2000:]}"
+    assert r.stdout.count("ok") >= 3, r.stdout

@@ -1,0 +1,170 @@
+// The bfloat16 tile routines of kvcache_bf16_cpu.h: AVX-512 intrinsics in functions compiled for
+// x86-64-v4 with AVX512-BF16, called only where the CPU has both (bf16_dot_supported()).
+#include "kvcache_attention/kvcache_bf16_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+
+#include "common/cpu_simd.h"
+#include "kvcache_attention/kvcache_tiles_cpu.h"
+
+#if GENEXT_CPU_LEVELS
+#include <immintrin.h>
+#define KV_BF16 1
+#if __GNUC__ >= 12
+#define KV_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#else
+#define KV_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#endif
+#else
+#define KV_BF16 0
+#endif
+
+namespace genext::kv {
+
+bool bf16_dot_supported() {
+#if KV_BF16
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return simd::cpu_level() == 4 && __builtin_cpu_supports("avx512bf16");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+namespace {
+std::atomic<bool>& enabled_flag() {
+  static std::atomic<bool> on{bf16_dot_supported()};
+  return on;
+}
+}  // namespace
+
+bool bf16_dot_enabled() { return enabled_flag().load(std::memory_order_relaxed); }
+void set_bf16_dot_enabled(bool on) {
+  enabled_flag().store(on && bf16_dot_supported(), std::memory_order_relaxed);
+}
+
+#if KV_BF16
+
+namespace {
+
+// The low and high halves of a 16-lane float vector added: 8 lanes, for tiles::sum8.
+KV_BF16_TARGET inline simd::f32x8 fold16(__m512 a) {
+  const __m256 lo = _mm512_castps512_ps256(a);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+  return __builtin_bit_cast(simd::f32x8, _mm256_add_ps(lo, hi));
+}
+
+// 16 bfloat16 values at p (the first n of them when n < 16; nothing past them is read) as float.
+KV_BF16_TARGET inline __m512 widen16(const uint16_t* p, __mmask16 n_mask) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(n_mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Rows [0, RB) of the block at O (stride ldo), elements [d0, d0 + 16 W): alpha-scaled, then the
+// value rows added with their weights. Each value vector is widened once for the RB rows; `last`
+// masks the elements of the last vector that lie inside the head dim.
+template <int RB, int W>
+KV_BF16_TARGET inline void accum_block(float* O, int64_t ldo, const float* P,
+                                       const uint16_t* const* vrows, int64_t nc, int64_t d0,
+                                       const float* alpha, __mmask16 last) {
+  __m512 acc[RB][W];
+  for (int r = 0; r < RB; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int w = 0; w < W; ++w)
+      acc[r][w] = _mm512_mul_ps(a, _mm512_loadu_ps(O + r * ldo + d0 + 16 * w));
+  }
+  for (int64_t j = 0; j < nc; ++j) {
+    const uint16_t* v = vrows[j] + d0;
+    __m512 vv[W];
+    for (int w = 0; w < W; ++w) vv[w] = widen16(v + 16 * w, w == W - 1 ? last : __mmask16(0xFFFF));
+    for (int r = 0; r < RB; ++r) {
+      const __m512 p = _mm512_set1_ps(P[r * kTile + j]);
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm512_fmadd_ps(p, vv[w], acc[r][w]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int w = 0; w < W; ++w) _mm512_storeu_ps(O + r * ldo + d0 + 16 * w, acc[r][w]);
+}
+
+// Blocks of RB rows over the head dim in chunks of up to 64 elements (4 x 4 accumulators and 4
+// value vectors fit the 32 registers).
+template <int RB>
+KV_BF16_TARGET inline void accum_rows(float* O, int64_t ldo, const float* P,
+                                      const uint16_t* const* vrows, int64_t nc, int64_t D,
+                                      const float* alpha) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int64_t left = D - d0;
+    const int nv = int(std::min<int64_t>(4, (left + 15) / 16));
+    const int64_t in_last = left - 16 * (nv - 1);  // 1..16 elements
+    const __mmask16 last = in_last >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << in_last) - 1);
+    switch (nv) {
+      case 4: accum_block<RB, 4>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      case 3: accum_block<RB, 3>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      case 2: accum_block<RB, 2>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      default: accum_block<RB, 1>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+    }
+  }
+}
+
+}  // namespace
+
+KV_BF16_TARGET void scores_bf16(const uint16_t* Q, int64_t ldq, int64_t nr,
+                                const uint16_t* const* krows, int64_t nc, int64_t D, float scale,
+                                float* S) {
+  const int64_t full = D / 32, rem = D % 32;
+  const __mmask32 tail = rem ? __mmask32((uint32_t(1) << rem) - 1) : __mmask32(0);
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint16_t* q = Q + r * ldq;
+    for (int64_t j0 = 0; j0 < nc; j0 += 8) {
+      const uint16_t* const* k = krows + j0;
+      __m512 acc[8];
+      for (int u = 0; u < 8; ++u) acc[u] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < full; ++c) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+        for (int u = 0; u < 8; ++u)
+          acc[u] = _mm512_dpbf16_ps(acc[u], qv, (__m512bh)_mm512_loadu_si512(k[u] + 32 * c));
+      }
+      if (rem) {  // the query row is zero-padded; the key rows end at D
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + 32 * full);
+        for (int u = 0; u < 8; ++u)
+          acc[u] = _mm512_dpbf16_ps(acc[u], qv,
+                                    (__m512bh)_mm512_maskz_loadu_epi16(tail, k[u] + 32 * full));
+      }
+      simd::f32x8 h[8];
+      for (int u = 0; u < 8; ++u) h[u] = fold16(acc[u]);
+      simd::store(S + r * kTile + j0, tiles::sum8(h) * scale);
+    }
+  }
+}
+
+KV_BF16_TARGET void accum_bf16(float* O, int64_t ldo, int64_t nr, const float* P,
+                               const uint16_t* const* vrows, int64_t nc, int64_t D,
+                               const float* alpha) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4)
+    accum_rows<4>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r);
+  switch (nr - r) {
+    case 3: accum_rows<3>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r); break;
+    case 2: accum_rows<2>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r); break;
+    case 1: accum_rows<1>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r); break;
+    default: break;
+  }
+}
+
+#else  // no per-ISA versions: bf16_dot_supported() is false and these are never called
+
+void scores_bf16(const uint16_t*, int64_t, int64_t, const uint16_t* const*, int64_t, int64_t, float,
+                 float*) {
+  __builtin_trap();
+}
+void accum_bf16(float*, int64_t, int64_t, const float*, const uint16_t* const*, int64_t, int64_t,
+                const float*) {
+  __builtin_trap();
+}
+
+#endif
+
+}  // namespace genext::kv

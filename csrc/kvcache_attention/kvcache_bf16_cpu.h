@@ -1,0 +1,32 @@
+// bfloat16 caches read in place on CPUs with AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and
+// later): the scores q . k on vdpbf16ps (pairs of bfloat16 products added into float lanes; a
+// product of two bfloat16 values is exact in float, so the scores are as exact as widening both to
+// float and multiplying there), and the value sums with each value row widened in registers.
+// Elsewhere, and for float16, the kernel widens each tile of 16-bit rows into a float buffer first
+// (kvcache_tiles_cpu.h). No torch header.
+#pragma once
+#include <cstdint>
+
+namespace genext::kv {
+
+// Whether this CPU runs the routines below (x86-64-v4 and AVX512-BF16).
+bool bf16_dot_supported();
+// Whether the kernel uses them now: bf16_dot_supported() unless switched off (tests compare the
+// two bfloat16 paths on one machine). Switching on where unsupported is an error of the caller.
+bool bf16_dot_enabled();
+void set_bf16_dot_enabled(bool on);
+
+// Query rows, as the kernel holds them for these routines: bfloat16 bit patterns, unscaled, with
+// zeros from D up to the row stride, which is a multiple of kBf16QAlign.
+constexpr int64_t kBf16QAlign = 32;
+
+// S[r * kTile + j] = scale * (Q[r] . K[j]) for r < nr and j < round_up(nc, 8), Q rows of stride
+// ldq, krows[j] the key rows of D bfloat16 (the caller repeats a valid row past nc).
+void scores_bf16(const uint16_t* Q, int64_t ldq, int64_t nr, const uint16_t* const* krows,
+                 int64_t nc, int64_t D, float scale, float* S);
+// O[r][0:D] = alpha[r] * O[r][0:D] + sum_{j < nc} P[r * kTile + j] * V[j][0:D] for r < nr, O rows
+// of stride ldo (a multiple of 16, its padding written too), vrows[j] of D bfloat16.
+void accum_bf16(float* O, int64_t ldo, int64_t nr, const float* P, const uint16_t* const* vrows,
+                int64_t nc, int64_t D, const float* alpha);
+
+}  // namespace genext::kv
