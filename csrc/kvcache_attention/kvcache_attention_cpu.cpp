@@ -328,16 +328,18 @@ inline void tile_rows(const Rows<S>& c, int64_t b, int64_t j0, int64_t n, int64_
   }
 }
 
-// Every 64-byte line of n rows of `bytes` bytes; rows of up to two lines (a head of 64 16-bit or
-// 32 float elements) without an inner loop, whose bookkeeping costs about as much as the
-// prefetches when the rows are in cache already.
+// Every 64-byte line that n rows of `bytes` bytes touch. Rows of up to 128 bytes (a head of 64
+// 16-bit or 32 float elements: at most three lines) go without an inner loop, whose bookkeeping
+// costs about as much as the prefetches when the rows are in cache already.
 inline void prefetch_ptrs(const void* const* rows, int64_t n, int64_t bytes) {
+  if (bytes <= 0) return;
   if (bytes <= 128) {
-    const int64_t second = bytes > 64 ? 64 : 0;
+    const int64_t mid = std::min<int64_t>(64, bytes - 1);
     for (int64_t j = 0; j < n; ++j) {
       const char* p = static_cast<const char*>(rows[j]);
       prefetch_l2(p);
-      prefetch_l2(p + second);
+      prefetch_l2(p + mid);
+      prefetch_l2(p + bytes - 1);
     }
     return;
   }
@@ -349,14 +351,15 @@ inline void prefetch_ptrs(const void* const* rows, int64_t n, int64_t bytes) {
 
 // Estimated nanoseconds of one core for one task of `keys` keys: the larger of reading its K/V
 // rows (0.045 ns a byte) and the scores and value sums (0.1 ns per query row and head-dim element
-// of a key), plus widening 16-bit rows (0.025 ns a byte) and 1 us for the queries and the output.
+// of a key), plus widening 16-bit rows into a float tile (0.025 ns a byte) and 1 us for the
+// queries and the output.
 // Measured with one thread on the 2-core AMD EPYC (AVX2) dev machine (load average 3.6), best of
 // 200 calls at B8 Hk2 L512 D64: 22 ns a key with one query row (MHA), 33 with four (GQA 4), 39 in
 // bfloat16, 375 with 64 (GQA 4 x Lq 16).
-inline double task_ns(int64_t keys, int64_t nrows, int64_t D, int64_t itemsize) {
+inline double task_ns(int64_t keys, int64_t nrows, int64_t D, int64_t itemsize, bool widen) {
   const double bytes = double(2 * D * itemsize);
   const double per_key =
-      std::max(0.045 * bytes, 0.1 * double(nrows * D)) + (itemsize < 4 ? 0.025 * bytes : 0.0);
+      std::max(0.045 * bytes, 0.1 * double(nrows * D)) + (widen ? 0.025 * bytes : 0.0);
   return double(keys) * per_key + 1000.0;
 }
 
@@ -368,6 +371,10 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   const Rows<const S> q(q_t, nullptr, 0, 0);
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
+  // bfloat16 rows read in place (kvcache_bf16_cpu.h) where the CPU has AVX512-BF16, else widened
+  bool direct = false;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) direct = bf16_dot_enabled();
+  const bool widens = !std::is_same_v<S, T> && !direct;
   // Splits of the key range when batch x kv heads gives fewer tasks than about four per thread
   // worth waking (several per thread, so that a thread on a busy core takes fewer of them).
   int64_t max_len = 0;
@@ -375,7 +382,7 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   const int64_t units = B * Hk;
   const int64_t itemsize = int64_t(sizeof(S));
   const int64_t threads = cpu::threads_for(units * std::max<int64_t>(1, max_len / kMinSplit),
-                                           task_ns(kMinSplit, nrows, D, itemsize));
+                                           task_ns(kMinSplit, nrows, D, itemsize, widens));
   int64_t nsplit = 1;
   if (threads > 1 && units < 4 * threads)
     nsplit =
@@ -396,13 +403,10 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
     return causal ? std::clamp<int64_t>(len_k - Lq + i + 1, 0, len_k) : len_k;
   };
 
-  // bfloat16 rows read in place (kvcache_bf16_cpu.h) where the CPU has AVX512-BF16, else widened
-  bool direct = false;
-  if constexpr (std::is_same_v<S, c10::BFloat16>) direct = bf16_dot_enabled();
   const int64_t Dq = round_up(D, kBf16QAlign);
-  const double ns_task = task_ns(std::min(split_len, max_len), nrows, D, itemsize);
+  const double ns_task = task_ns(std::min(split_len, max_len), nrows, D, itemsize, widens);
   cpu::parallel_for(0, units * nsplit, ns_task, [&](int64_t begin, int64_t end) {
-    const bool widen = !std::is_same_v<S, T> && !direct;
+    const bool widen = widens;
     // scratch: Q, O [nrows][Dp]; P [nrows][kTile]; K, V tiles [kTile][Dp] (16-bit caches widened
     // here); m, l, alpha [nrows]; and for the direct path the bfloat16 Q [nrows][Dq]
     T* Q = scratch<T>(2 * nrows * Dp + nrows * kTile + (widen ? 2 * kTile * Dp : 0) + 3 * nrows);

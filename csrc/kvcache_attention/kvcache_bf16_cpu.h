@@ -1,9 +1,12 @@
 // bfloat16 caches read in place on CPUs with AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and
 // later): the scores q . k on vdpbf16ps (pairs of bfloat16 products added into float lanes; a
-// product of two bfloat16 values is exact in float, so the scores are as exact as widening both to
-// float and multiplying there), and the value sums with each value row widened in registers.
-// Elsewhere, and for float16, the kernel widens each tile of 16-bit rows into a float buffer first
-// (kvcache_tiles_cpu.h). No torch header.
+// product of two bfloat16 values is exact in float, so the scores carry float rounding only, as
+// when both are widened to float), and the value sums with each value row widened in registers.
+// Two differences from the widening path, both at the edges of the float range: vdpbf16ps reads
+// bfloat16 denormals (below 1.2e-38) as zero and flushes denormal results, and the scale
+// multiplies the dot product instead of q, so a dot product past 3.4e38 is inf here where the
+// scaled one may be finite. Elsewhere, and for float16, the kernel widens each tile of 16-bit rows
+// into a float buffer first (kvcache_tiles_cpu.h). No torch header.
 #pragma once
 #include <cstdint>
 
@@ -12,7 +15,7 @@ namespace genext::kv {
 // Whether this CPU runs the routines below (x86-64-v4 and AVX512-BF16).
 bool bf16_dot_supported();
 // Whether the kernel uses them now: bf16_dot_supported() unless switched off (tests compare the
-// two bfloat16 paths on one machine). Switching on where unsupported is an error of the caller.
+// two bfloat16 paths on one machine). Switching on where unsupported leaves them off.
 bool bf16_dot_enabled();
 void set_bf16_dot_enabled(bool on);
 

@@ -956,12 +956,15 @@ def test_cpu_bf16_path_is_the_widening_one_only_without_avx512_bf16():
 
 @pytest.mark.parametrize(
     "case",
-    CASES + [c[:6] + (True, True, c[6]) for c in TAIL_CASES],
+    CASES
+    + [c[:6] + (True, True, c[6]) for c in TAIL_CASES]
+    # one and three query rows per kv head (the value sums take rows four at a time)
+    + [(2, 1, 4, 4, 40, 70, True, True, None), (2, 1, 6, 2, 24, 70, False, False, 16)],
     ids=lambda c: f"B{c[0]}-Lq{c[1]}-H{c[2]}x{c[3]}-D{c[4]}",
 )
 def test_cpu_bf16_paths_match_reference(bf16_path, case):
-    # head dims off the 32-element pairs of vdpbf16ps and the 16-lane value vectors (7, 13, 33,
-    # 72, 80, 129), groups of 1 to 16 query rows, paged and contiguous caches
+    # head dims off the 32-element steps of vdpbf16ps and the 16-lane value vectors (7, 13, 24,
+    # 33, 40, 72, 80, 129), 1 to 128 query rows per kv head, paged and contiguous caches
     run_and_check("cpu", torch.bfloat16, *case)
 
 
@@ -987,8 +990,8 @@ def test_cpu_bf16_paths_give_nan_where_the_reference_does(bf16_path, case):
 
 
 def test_cpu_bf16_paths_agree_on_a_long_cache():
-    # the two paths compute the same float products (a product of two bfloat16 values is exact
-    # in float) in different orders: their outputs differ by float rounding, not bfloat16's
+    # the two paths differ by float rounding only (the in-place one multiplies exact products of
+    # bfloat16 values and scales the sums, the widened one scales q first), not bfloat16's
     import genext._C
 
     supported, before = genext._C._cpu_kv_bf16_dot()
