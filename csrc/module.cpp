@@ -16,6 +16,7 @@
 #include "common/cpu_parallel.h"
 #include "common/cpu_simd.h"
 #include "common/head_dim.h"
+#include "contrastive/bf16_gemm_cpu.h"
 #include "kvcache_attention/kvcache_bf16_cpu.h"
 
 #ifndef GENEXT_CUDA_ARCHS
@@ -63,6 +64,18 @@ PYBIND11_MODULE(_C, m) {
   // they are in use); tests switch them off to check the widening path on the same machine
   m.def("_cpu_kv_bf16_dot", [] {
     return std::make_tuple(genext::kv::bf16_dot_supported(), genext::kv::bf16_dot_enabled());
+  });
+  // the CPU contrastive kernels' bfloat16 products (bf16_gemm_cpu.h): (MKL's bfloat16 GEMM and
+  // AMX-BF16 are there, they are in use)
+  m.def("_cpu_contrastive_bf16_gemm", [] {
+    using namespace genext::contrastive::cpu;
+    return std::make_tuple(bf16_gemm_supported(), bf16_gemm_enabled());
+  });
+  m.def("_cpu_set_contrastive_bf16_gemm", [](bool on) {
+    using namespace genext::contrastive::cpu;
+    TORCH_CHECK_VALUE(!on || bf16_gemm_supported(),
+                      "_cpu_set_contrastive_bf16_gemm: no AMX-BF16 or no MKL bfloat16 GEMM here");
+    set_bf16_gemm_enabled(on);
   });
   m.def("_cpu_set_kv_bf16_dot", [](bool on) {
     TORCH_CHECK_VALUE(!on || genext::kv::bf16_dot_supported(),

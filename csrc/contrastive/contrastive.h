@@ -8,7 +8,9 @@
 //                         (both in tiled_lse.cpp)
 //   tiled_softplus_sum:   sum_ij softplus(L_ij)
 //   tiled_softplus_sum_backward (both in tiled_softplus_sum.cpp)
-// Arithmetic in fp32 (fp64 for fp64 inputs): 16-bit features are widened once (O(N D)).
+// Arithmetic in fp32 (fp64 for fp64 inputs): 16-bit features are widened once (O(N D)); the CPU
+// kernels multiply bfloat16 features on MKL's bfloat16 products instead where the CPU has AMX
+// (contrastive/bf16_gemm_cpu.h).
 // This header: the tile sizes and the helpers both files use.
 #pragma once
 #include <ATen/TensorOperators.h>

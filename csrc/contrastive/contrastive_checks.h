@@ -19,10 +19,11 @@ inline constexpr bool kWithCuda = false;
 #endif
 
 struct Args {
-  at::Tensor a, b;     // widened features, contiguous
-  at::Tensor scale;    // 0-dim, widened
-  at::Tensor bias;     // 0-dim or undefined
-  at::ScalarType acc;  // float or double
+  at::Tensor a, b;      // widened features, contiguous
+  at::Tensor a16, b16;  // CPU bfloat16 features as given (contiguous), else undefined
+  at::Tensor scale;     // 0-dim, widened
+  at::Tensor bias;      // 0-dim or undefined
+  at::ScalarType acc;   // float or double
 };
 
 inline Args prepare(const char* op, const at::Tensor& a, const at::Tensor& b,
@@ -53,6 +54,10 @@ inline Args prepare(const char* op, const at::Tensor& a, const at::Tensor& b,
   r.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
   r.a = a.to(r.acc).contiguous();
   r.b = b.to(r.acc).contiguous();
+  if (dt == at::kBFloat16 && a.is_cpu()) {  // for the CPU kernels' bfloat16 products
+    r.a16 = a.contiguous();
+    r.b16 = b.contiguous();
+  }
   r.scale = scale.to(r.acc).reshape({});
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->numel() == 1, op,

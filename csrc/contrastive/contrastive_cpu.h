@@ -27,6 +27,7 @@
 
 #include "common/cpu_parallel.h"
 #include "common/cpu_simd.h"
+#include "contrastive/bf16_gemm_cpu.h"
 #include "contrastive/contrastive_checks.h"
 
 namespace genext::contrastive::cpu {
@@ -56,6 +57,10 @@ inline constexpr double kNsPerScore = 2.0;
 inline Args detached(Args g) {
   g.a = g.a.detach();
   g.b = g.b.detach();
+  if (g.a16.defined()) {
+    g.a16 = g.a16.detach();
+    g.b16 = g.b16.detach();
+  }
   return g;
 }
 
@@ -94,12 +99,23 @@ class OneBlasThread {
   int prev_;
 };
 
-// out (rows x cols, contiguous, in a caller's buffer) = x y^T: x (rows x D) and y (cols x D) are
-// row blocks of contiguous matrices.
+// out (ni x nj, rows ldo apart, in a caller's buffer) = A[i0 : i0 + ni] B[j0 : j0 + nj]^T: MKL's
+// bfloat16 products for bfloat16 features where enabled (bf16_gemm_cpu.h), else BLAS on the
+// widened features.
 template <class T>
-void tile_product(const at::Tensor& x, const at::Tensor& y, T* out) {
-  at::Tensor o = at::from_blob(out, {x.size(0), y.size(0)}, x.options());
-  at::mm_out(o, x, y.t());
+void tile_product(const Args& g, int64_t i0, int64_t ni, int64_t j0, int64_t nj, T* out,
+                  int64_t ldo) {
+  const int64_t D = g.a.size(1);
+  if constexpr (std::is_same_v<T, float>) {
+    if (g.a16.defined() && D > 0 && bf16_gemm_enabled()) {
+      const auto* a = reinterpret_cast<const uint16_t*>(g.a16.const_data_ptr<at::BFloat16>());
+      const auto* b = reinterpret_cast<const uint16_t*>(g.b16.const_data_ptr<at::BFloat16>());
+      gemm_bf16(false, true, ni, nj, D, 1.0f, a + i0 * D, D, b + j0 * D, D, 0.0f, out, ldo);
+      return;
+    }
+  }
+  at::Tensor o = at::from_blob(out, {ni, nj}, {ldo, 1}, g.a.options());
+  at::mm_out(o, g.a.narrow(0, i0, ni), g.b.narrow(0, j0, nj).t());
 }
 
 // ---- lanes ----------------------------------------------------------------------------------
@@ -214,9 +230,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiles(const 
   std::vector<ScalarSums> sums(static_cast<size_t>(groups));
   const double group_ns =
       double(ceil_div(n, groups)) * double(m) * (3.0 * double(D) * kNsPerMac + kNsPerScore);
+  // bfloat16 features on MKL's bfloat16 products: the weights are rounded to bfloat16 for them
+  // (as eager bfloat16's gradient of the logits is), accumulated in float
+  bool use16 = false;
+  if constexpr (std::is_same_v<T, float>) use16 = g.a16.defined() && D > 0 && bf16_gemm_enabled();
   genext::cpu::parallel_for(0, groups, group_ns, [&](int64_t g0, int64_t g1) {
     const OneBlasThread one_thread;
     std::vector<T> buf(static_cast<size_t>(kRowTile * kColTile));
+    std::vector<uint16_t> w16(use16 ? static_cast<size_t>(kRowTile * kColTile) : 0);
     for (int64_t grp = g0; grp < g1; ++grp) {
       at::Tensor dbg = grp == 0 ? db : extra[grp - 1];
       ScalarSums s;
@@ -228,10 +249,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiles(const 
         for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
           const int64_t nj = std::min(kColTile, m - j0);
           const at::Tensor bj = b.narrow(0, j0, nj);
-          tile_product<T>(ai, bj, buf.data());
+          tile_product<T>(g, i0, ni, j0, nj, buf.data(), nj);
           const ScalarSums ts = weights(buf.data(), i0, ni, j0, nj);
           s.w_raw += ts.w_raw;
           s.w += ts.w;
+          if constexpr (std::is_same_v<T, float>) {
+            if (use16) {
+              const auto* a16 =
+                  reinterpret_cast<const uint16_t*>(g.a16.const_data_ptr<at::BFloat16>());
+              const auto* b16 =
+                  reinterpret_cast<const uint16_t*>(g.b16.const_data_ptr<at::BFloat16>());
+              round_to_bf16(buf.data(), w16.data(), ni * nj);
+              gemm_bf16(false, false, ni, D, nj, 1.0f, w16.data(), nj, b16 + j0 * D, D, 1.0f,
+                        dai.data_ptr<float>(), D);
+              gemm_bf16(true, false, nj, D, ni, 1.0f, w16.data(), nj, a16 + i0 * D, D, 1.0f,
+                        dbg.data_ptr<float>() + j0 * D, D);
+              continue;
+            }
+          }
           const at::Tensor w = at::from_blob(buf.data(), {ni, nj}, a.options());
           dai.addmm_(w, bj);
           dbg.narrow(0, j0, nj).addmm_(w.t(), ai);

@@ -163,13 +163,12 @@ void lse_row_tile(const Args& g, int64_t t, T scale, T bias, T* buf, T* rows, T*
                   T* tcs) {
   const int64_t n = g.a.size(0), m = g.b.size(0);
   const int64_t i0 = t * kRowTile, ni = std::min(kRowTile, n - i0);
-  const at::Tensor ai = g.a.narrow(0, i0, ni);
   T rmax[kRowTile], rsum[kRowTile];
   std::fill_n(rmax, ni, -std::numeric_limits<T>::infinity());
   std::fill_n(rsum, ni, T(0));
   for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
     const int64_t nj = std::min(kColTile, m - j0);
-    tile_product<T>(ai, g.b.narrow(0, j0, nj), buf);
+    tile_product<T>(g, i0, ni, j0, nj, buf, nj);
     lse_tile_k(buf, ni, nj, scale, bias, rmax, rsum, cm != nullptr ? cm + j0 : nullptr,
                cs != nullptr ? cs + j0 : nullptr, cnm, tcs);
   }

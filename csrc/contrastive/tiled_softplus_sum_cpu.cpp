@@ -217,11 +217,10 @@ double softplus_sum(const Args& g, bool positives) {
     std::vector<T> buf(static_cast<size_t>(kRowTile * kColTile));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = t * kRowTile, ni = std::min(kRowTile, n - i0);
-      const at::Tensor ai = g.a.narrow(0, i0, ni);
       double s = 0;
       for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
         const int64_t nj = std::min(kColTile, m - j0);
-        tile_product<T>(ai, g.b.narrow(0, j0, nj), buf.data());
+        tile_product<T>(g, i0, ni, j0, nj, buf.data(), nj);
         s += softplus_tile_k(buf.data(), ni, nj, scale, bias, positives, i0 - j0);
       }
       partial[t] = s;
@@ -250,14 +249,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softplus_sum_with_weights(const A
     const OneBlasThread one_thread;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = t * kRowTile, ni = std::min(kRowTile, n - i0);
-      const at::Tensor ai = g.a.narrow(0, i0, ni);
-      at::Tensor wi = w.narrow(0, i0, ni);
       double total = 0;
       ScalarSums ts;
       for (int64_t j0 = 0; j0 < m; j0 += kColTile) {
         const int64_t nj = std::min(kColTile, m - j0);
-        at::Tensor out = wi.narrow(1, j0, nj);  // rows m apart: BLAS writes it in place
-        at::mm_out(out, ai, g.b.narrow(0, j0, nj).t());
+        tile_product<T>(g, i0, ni, j0, nj, wp + i0 * m + j0, m);  // in place in W, rows m apart
         total += softplus_and_weights_k(wp + i0 * m + j0, m, ni, nj, scale, bias, positives,
                                         i0 - j0, ts);
       }
@@ -307,8 +303,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_sum_with_wei
   const at::Tensor gr = grad.to(g.acc).reshape({});
   const at::Tensor gs = gr * g.scale;
   const at::Tensor w = weights.detach();
-  at::Tensor da = at::mm(w, g.b).mul_(gs);
-  at::Tensor db = at::mm(w.t(), g.a).mul_(gs);
+  const int64_t n = g.a.size(0), m = g.b.size(0), D = g.a.size(1);
+  at::Tensor da, db;
+  if (g.a16.defined() && D > 0 && bf16_gemm_enabled()) {
+    // MKL's bfloat16 products, the weights rounded to bfloat16 for them (contrastive_cpu.h's
+    // backward_tiles does the same)
+    const at::Tensor wc = w.contiguous();
+    at::Tensor w16 = at::empty({n, m}, g.a16.options());
+    const float* src = wc.const_data_ptr<float>();
+    auto* dst = reinterpret_cast<uint16_t*>(w16.mutable_data_ptr<at::BFloat16>());
+    genext::cpu::parallel_for(0, n, 0.3 * double(m), [&](int64_t r0, int64_t r1) {
+      round_to_bf16(src + r0 * m, dst + r0 * m, (r1 - r0) * m);
+    });
+    const auto* a16 = reinterpret_cast<const uint16_t*>(g.a16.const_data_ptr<at::BFloat16>());
+    const auto* b16 = reinterpret_cast<const uint16_t*>(g.b16.const_data_ptr<at::BFloat16>());
+    da = at::empty({n, D}, g.a.options());
+    db = at::empty({m, D}, g.a.options());
+    gemm_bf16(false, false, n, D, m, 1.0f, dst, m, b16, D, 0.0f, da.mutable_data_ptr<float>(), D);
+    gemm_bf16(true, false, m, D, n, 1.0f, dst, m, a16, D, 0.0f, db.mutable_data_ptr<float>(), D);
+    da.mul_(gs);
+    db.mul_(gs);
+  } else {
+    da = at::mm(w, g.b).mul_(gs);
+    db = at::mm(w.t(), g.a).mul_(gs);
+  }
   const at::Tensor s = sums.detach().reshape({2});
   return finish_grads(g, da, db, gr * s[0], gr * s[1], a, b, scale, bias);
 }

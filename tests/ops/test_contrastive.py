@@ -378,8 +378,9 @@ def test_nonfinite_inputs_match_float64(loss, place, value, device):
 # ---- the CPU kernels (csrc/contrastive/*_cpu.cpp) against float64, the composite, threads ------
 # The CPU kernels split the scores into tiles of 256 rows x 512 columns and groups of row tiles
 # (contrastive_cpu.h): the sizes below cross those edges (tails in both directions, one tile,
-# several groups). 16-bit features are widened and computed on in fp32, so every dtype is held to
-# the fp32 tolerance against float64 on the same (widened) values.
+# several groups). 16-bit features are computed on in fp32 (widened, or bfloat16 products exact
+# in float on MKL's bfloat16 GEMM), so every dtype is held to the fp32 tolerance against float64
+# on the same values; 16-bit gradients are rounded to their dtype.
 
 _CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 _TOL = {torch.float64: 1e-10}
@@ -627,3 +628,76 @@ def test_cpu_scores_minus_inf_for_whole_tiles_leave_finite_log_sum_exps():
     for got in (rows, cols):
         assert torch.isfinite(got).all()
         assert torch.allclose(got.double(), ref, rtol=1e-5)
+
+
+# ---- bfloat16 features on MKL's bfloat16 products (CPUs with AMX-BF16) and widened -------------
+
+
+@pytest.fixture(params=["bf16-products", "widened"])
+def bf16_products(request):
+    """Runs a test with each path of bfloat16 features: MKL's bfloat16 products (only where the
+    CPU has AMX-BF16) and sgemm on the widened features (every CPU)."""
+    supported, before = _C._cpu_contrastive_bf16_gemm()
+    on = request.param == "bf16-products"
+    if on and not supported:
+        pytest.skip("no AMX-BF16 (or no MKL bfloat16 GEMM in this torch)")
+    _C._cpu_set_contrastive_bf16_gemm(on)
+    try:
+        assert _C._cpu_contrastive_bf16_gemm()[1] == on
+        yield request.param
+    finally:
+        _C._cpu_set_contrastive_bf16_gemm(before)
+
+
+def test_cpu_bf16_products_are_used_where_the_cpu_has_amx_bf16():
+    supported, enabled = _C._cpu_contrastive_bf16_gemm()
+    with open("/proc/cpuinfo") as f:
+        amx = "amx_bf16" in f.read().split()
+    assert supported == enabled == amx
+    if not supported:
+        with pytest.raises(ValueError, match="AMX-BF16"):
+            _C._cpu_set_contrastive_bf16_gemm(True)
+
+
+@pytest.mark.parametrize("n,m,d", [(1, 1, 19), (63, 65, 19), (130, 515, 24), (300, 520, 64)])
+def test_cpu_bf16_paths_against_float64(bf16_products, n, m, d):
+    # row tiles of 256 and column tiles of 512 crossed at (300, 520); head dims off any vector
+    for with_bias in (False, True):
+        a, b, s, bi = _op_inputs(n, m, d, torch.bfloat16, with_bias)
+        leaves = _leaves64(a, b, s, bi)
+        logits = _scores64(*leaves) if with_bias else _scores64(*leaves, None)
+        row, col = torch.ops.genext.tiled_lse(a, b, s, bi, True)
+        # the products of bfloat16 values are exact in float: float32's tolerance
+        _close(row, logits.logsumexp(1), 1e-5)
+        _close(col, logits.logsumexp(0), 1e-5)
+        gr, gc = torch.randn(n).div(n), torch.randn(m).div(m)
+        obj = (logits.logsumexp(1) * gr.double()).sum() + (logits.logsumexp(0) * gc.double()).sum()
+        want = torch.autograd.grad(obj, leaves)
+        got = torch.ops.genext.tiled_lse_backward(gr, gc, a, b, s, bi, row, col)
+        # the feature gradients are rounded once to bfloat16 (the products' weights too, on the
+        # bfloat16 products); the scalar gradients are float sums
+        for x, y in zip(got[:2], want[:2]):
+            _close(x, y, torch.finfo(torch.bfloat16).eps)
+        for x, y in zip(got[2:], want[2:]):
+            _close(x, y, 1e-5)
+        for positives in (False, True):
+            sp_leaves, sp_logits, z, total = _softplus_sum64(a, b, s, bi, positives)
+            want = torch.autograd.grad(total, sp_leaves)
+            _close(torch.ops.genext.tiled_softplus_sum(a, b, s, bi, positives), total, 1e-5)
+            for op in ("tiled", "kept"):
+                if op == "tiled":
+                    got = torch.ops.genext.tiled_softplus_sum_backward(
+                        torch.tensor(1.0), a, b, s, bi, positives
+                    )
+                else:
+                    kept_total, w, sums = torch.ops.genext.softplus_sum_with_weights(
+                        a, b, s, bi, positives
+                    )
+                    _close(kept_total, total, 1e-5)
+                    got = torch.ops.genext.softplus_sum_with_weights_backward(
+                        torch.tensor(1.0), w, sums, a, b, s, bi
+                    )
+                for x, y in zip(got[:2], want[:2]):
+                    _close(x, y, torch.finfo(torch.bfloat16).eps)
+                for x, y in zip(got[2:], want[2:] if with_bias else want[2:3]):
+                    _close(x, y, 1e-5)
