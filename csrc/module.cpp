@@ -34,11 +34,17 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.attr("cuda_archs") = GENEXT_CUDA_ARCHS;
   // which of the CPU kernels' per-ISA versions this machine runs (chosen at load)
-  const int level = genext::simd::cpu_level();
+  const int level = genext::simd::cpu_level_detected();
   m.attr("cpu_isa") = level == 4          ? "x86-64-v4 (AVX-512)"
                       : level == 3        ? "x86-64-v3 (AVX2, FMA)"
                       : GENEXT_CPU_LEVELS ? "x86-64 baseline (SSE2)"
                                           : "generic (no per-ISA versions)";
+  // the level of the explicit per-level CPU routines (cpu_simd.h), and a cap on it for tests
+  m.def("_cpu_level", [] { return genext::simd::cpu_level(); });
+  m.def("_cpu_set_level_cap", [](int cap) {
+    TORCH_CHECK_VALUE(cap == 0 || cap == 3 || cap == 4, "_cpu_set_level_cap: 0, 3 or 4, got ", cap);
+    genext::simd::cpu_level_cap().store(cap);
+  });
   // the largest head dim of the CUDA attention kernels, for Python's choice of kernel
   m.attr("cuda_max_head_dim") = genext::kCudaMaxHeadDim;
   // how many times a CPU kernel has woken an intra-op thread team (tests: small inputs never do)

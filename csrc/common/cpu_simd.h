@@ -2,6 +2,7 @@
 // (GCC vector extensions) with loads, stores, broadcasts and lane sums, and the vectorised exp.
 // Plain C++, no torch header.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -45,24 +46,38 @@
 
 namespace genext::simd {
 
+// The highest level the explicit per-level routines may use (4 unless lowered): tests lower it to
+// run a lower level's routines on a machine of a higher one. GENEXT_CPU_CLONES versions are chosen
+// by the CPU alone and do not follow it.
+inline std::atomic<int>& cpu_level_cap() {
+  static std::atomic<int> cap{4};
+  return cap;
+}
+
 // The highest of the levels above that this CPU supports: 4 (x86-64-v4), 3 (x86-64-v3) or 0.
-inline int cpu_level() {
+inline int cpu_level_detected() {
 #if GENEXT_CPU_LEVELS && __GNUC__ >= 12
   static const int level = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
   }();
-  return level;
 #elif GENEXT_CPU_LEVELS
   static const int level = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) return 4;
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 3 : 0;
   }();
-  return level;
 #else
-  return 0;
+  constexpr int level = 0;
 #endif
+  return level;
+}
+
+// The level the explicit per-level routines run: cpu_level_detected(), at most cpu_level_cap()
+// (which tests change only between calls).
+inline int cpu_level() {
+  const int level = cpu_level_detected(), cap = cpu_level_cap().load(std::memory_order_relaxed);
+  return level < cap ? level : cap;
 }
 
 // ---- 16-lane vectors ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ bool bf16_dot_supported() {
 #if KV_BF16
   static const bool ok = [] {
     __builtin_cpu_init();
-    return simd::cpu_level() == 4 && __builtin_cpu_supports("avx512bf16");
+    return simd::cpu_level_detected() == 4 && __builtin_cpu_supports("avx512bf16");
   }();
   return ok;
 #else

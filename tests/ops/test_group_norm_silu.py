@@ -755,3 +755,38 @@ def test_cpu_silu_of_very_negative_inputs_is_zero():
     (dw,) = torch.autograd.grad(y.sum(), w)
     # d/dw sum silu(w * xhat) with xhat = +-1: 2 * silu'(1e37) * 1 + 2 * silu'(-1e37) * -1 = 2
     assert torch.allclose(dw, torch.tensor([2.0]), rtol=1e-4)
+
+
+# ---- the CPU loops at each vector width ---------------------------------------------------------
+
+
+@pytest.fixture(params=[3, 4], ids=["8-lane", "16-lane"])
+def cpu_loop_level(request):
+    """Runs a test with the CPU loops of one ISA level: x86-64-v3's 8-lane loops (run on any
+    machine of level 3 or more, with the level capped) and x86-64-v4's 16-lane ones."""
+    import genext._C as C
+
+    if C._cpu_level() < request.param:
+        pytest.skip(f"this CPU runs below x86-64-v{request.param}")
+    C._cpu_set_level_cap(request.param)
+    try:
+        assert C._cpu_level() == request.param
+        yield request.param
+    finally:
+        C._cpu_set_level_cap(4)
+
+
+@pytest.mark.parametrize("shape,groups", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_loops_of_each_width_match_reference(cpu_loop_level, shape, groups, dtype):
+    # every shape's tails (lengths 1, 17, 97, 1025; 7 and 36 channels) in both layouts, with and
+    # without the activation and the affine parameters; the backward at the shapes of its own
+    # test (groups of two values, S = 1, leave dx to cancellation)
+    backward = (shape, groups) in (SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[4], SHAPES[7])
+    for channels_last in (False, True):
+        for affine in (True, False):
+            for activation in ("silu", None):
+                args = ("cpu", shape, groups, dtype, channels_last, affine, activation)
+                test_forward_matches_reference(*args)
+                if backward:
+                    test_backward_matches_reference(*args)
