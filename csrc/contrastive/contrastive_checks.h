@@ -19,11 +19,12 @@ inline constexpr bool kWithCuda = false;
 #endif
 
 struct Args {
-  at::Tensor a, b;      // widened features, contiguous
-  at::Tensor a16, b16;  // CPU bfloat16 features as given (contiguous), else undefined
-  at::Tensor scale;     // 0-dim, widened
-  at::Tensor bias;      // 0-dim or undefined
-  at::ScalarType acc;   // float or double
+  at::Tensor a, b;         // widened features, contiguous
+  at::Tensor a16, b16;     // CPU bfloat16 features as given (contiguous), else undefined
+  bool bf16_gemm = false;  // the CPU kernels multiply a16, b16 (contrastive_cpu.h's detached)
+  at::Tensor scale;        // 0-dim, widened
+  at::Tensor bias;         // 0-dim or undefined
+  at::ScalarType acc;      // float or double
 };
 
 inline Args prepare(const char* op, const at::Tensor& a, const at::Tensor& b,

@@ -51,15 +51,19 @@ inline constexpr int64_t kBwdGroups = 4;
 inline constexpr double kNsPerMac = 0.04;
 inline constexpr double kNsPerScore = 2.0;
 
-// The widened inputs without autograd history: the kernels run below the autograd key, where a
-// float32 input is the caller's tensor itself, and the out= products reject tensors that require
-// grad.
+// The inputs without autograd history (the kernels run below the autograd key, where a float32
+// input is the caller's tensor itself, and the out= products reject tensors that require grad),
+// and whether bfloat16 ones go to MKL's bfloat16 products.
 inline Args detached(Args g) {
   g.a = g.a.detach();
   g.b = g.b.detach();
   if (g.a16.defined()) {
     g.a16 = g.a16.detach();
     g.b16 = g.b16.detach();
+    // MKL's bfloat16 products (bf16_gemm_cpu.h), decided once per op; their sizes are ints
+    constexpr int64_t kIntMax = 2147483647;
+    g.bf16_gemm = bf16_gemm_enabled() && g.a.size(1) > 0 && g.a.size(1) <= kIntMax &&
+                  g.a.size(0) <= kIntMax && g.b.size(0) <= kIntMax;
   }
   return g;
 }
@@ -107,7 +111,7 @@ void tile_product(const Args& g, int64_t i0, int64_t ni, int64_t j0, int64_t nj,
                   int64_t ldo) {
   const int64_t D = g.a.size(1);
   if constexpr (std::is_same_v<T, float>) {
-    if (g.a16.defined() && D > 0 && bf16_gemm_enabled()) {
+    if (g.bf16_gemm) {
       const auto* a = reinterpret_cast<const uint16_t*>(g.a16.const_data_ptr<at::BFloat16>());
       const auto* b = reinterpret_cast<const uint16_t*>(g.b16.const_data_ptr<at::BFloat16>());
       gemm_bf16(false, true, ni, nj, D, 1.0f, a + i0 * D, D, b + j0 * D, D, 0.0f, out, ldo);
@@ -232,8 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiles(const 
       double(ceil_div(n, groups)) * double(m) * (3.0 * double(D) * kNsPerMac + kNsPerScore);
   // bfloat16 features on MKL's bfloat16 products: the weights are rounded to bfloat16 for them
   // (as eager bfloat16's gradient of the logits is), accumulated in float
-  bool use16 = false;
-  if constexpr (std::is_same_v<T, float>) use16 = g.a16.defined() && D > 0 && bf16_gemm_enabled();
+  const bool use16 = std::is_same_v<T, float> && g.bf16_gemm;
   genext::cpu::parallel_for(0, groups, group_ns, [&](int64_t g0, int64_t g1) {
     const OneBlasThread one_thread;
     std::vector<T> buf(static_cast<size_t>(kRowTile * kColTile));

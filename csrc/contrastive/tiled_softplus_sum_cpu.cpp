@@ -305,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_sum_with_wei
   const at::Tensor w = weights.detach();
   const int64_t n = g.a.size(0), m = g.b.size(0), D = g.a.size(1);
   at::Tensor da, db;
-  if (g.a16.defined() && D > 0 && bf16_gemm_enabled()) {
+  if (g.bf16_gemm) {
     // MKL's bfloat16 products, the weights rounded to bfloat16 for them (contrastive_cpu.h's
     // backward_tiles does the same)
     const at::Tensor wc = w.contiguous();
