@@ -333,12 +333,11 @@ inline void tile_rows(const Rows<S>& c, int64_t b, int64_t j0, int64_t n, int64_
 // costs about as much as the prefetches when the rows are in cache already.
 inline void prefetch_ptrs(const void* const* rows, int64_t n, int64_t bytes) {
   if (bytes <= 0) return;
-  if (bytes <= 128) {
-    const int64_t mid = std::min<int64_t>(64, bytes - 1);
+  if (bytes <= 128) {  // the lines of p and p + bytes - 1, and of p + 64 if a third lies between
     for (int64_t j = 0; j < n; ++j) {
       const char* p = static_cast<const char*>(rows[j]);
       prefetch_l2(p);
-      prefetch_l2(p + mid);
+      if (int64_t(reinterpret_cast<uintptr_t>(p) & 63) + bytes > 128) prefetch_l2(p + 64);
       prefetch_l2(p + bytes - 1);
     }
     return;
@@ -537,6 +536,13 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
         T* ls = lse + (b * Hq + h) * Lq + i;
         if (l[r] != T(0)) {  // a NaN l (a NaN score) makes out and lse NaN
           const T inv = T(1) / l[r];
+          if constexpr (std::is_same_v<S, c10::BFloat16>) {
+            if (direct) {
+              store_bf16(O + r * Dp, inv, D, reinterpret_cast<uint16_t*>(o));
+              *ls = m[r] + std::log(l[r]);
+              continue;
+            }
+          }
           for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(O[r * Dp + d] * inv);
           *ls = m[r] + std::log(l[r]);
         } else {  // no visible key, or every visible score -inf

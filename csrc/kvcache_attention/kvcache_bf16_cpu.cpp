@@ -154,6 +154,21 @@ KV_BF16_TARGET void accum_bf16(float* O, int64_t ldo, int64_t nr, const float* P
   }
 }
 
+KV_BF16_TARGET void store_bf16(const float* O, float inv, int64_t D, uint16_t* out) {
+  const __m512 vi = _mm512_set1_ps(inv);
+  const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+  const __m512i qnan = _mm512_set1_epi32(0x7fc0);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 k = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, O + d), vi);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), odd), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+    _mm256_mask_storeu_epi16(out + d, k, _mm512_cvtepi32_epi16(r));
+  }
+}
+
 #else  // no per-ISA versions: bf16_dot_supported() is false and these are never called
 
 void scores_bf16(const uint16_t*, int64_t, int64_t, const uint16_t* const*, int64_t, int64_t, float,
@@ -164,6 +179,7 @@ void accum_bf16(float*, int64_t, int64_t, const float*, const uint16_t* const*, 
                 const float*) {
   __builtin_trap();
 }
+void store_bf16(const float*, float, int64_t, uint16_t*) { __builtin_trap(); }
 
 #endif
 

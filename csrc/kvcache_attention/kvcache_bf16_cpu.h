@@ -32,4 +32,8 @@ void scores_bf16(const uint16_t* Q, int64_t ldq, int64_t nr, const uint16_t* con
 void accum_bf16(float* O, int64_t ldo, int64_t nr, const float* P, const uint16_t* const* vrows,
                 int64_t nc, int64_t D, const float* alpha);
 
+// out[0:D] = the bfloat16 values of O[0:D] * inv (to nearest, ties to even; NaN to 0x7fc0, as
+// c10::BFloat16 rounds).
+void store_bf16(const float* O, float inv, int64_t D, uint16_t* out);
+
 }  // namespace genext::kv
