@@ -203,10 +203,12 @@ def flash_attention(
         qb, kb, vb = (q, k, v) if layout == "bhld" else (t.transpose(1, 2) for t in (q, k, v))
         if cpu_forward_prefers_torch(qb, kb, vb, scale, causal=bool(causal)):
             sc = softmax_scale(q, scale, "flash_attention")
-            with torch.autocast("cpu", enabled=False):  # genext's kernel has no autocast rule
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True
-                )
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            if torch.is_autocast_enabled("cpu"):  # genext's kernel has no autocast rule
+                with torch.autocast("cpu", enabled=False):  # (entering costs microseconds)
+                    out = sdpa(qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True)
+            else:
+                out = sdpa(qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True)
             return out if layout == "bhld" else out.transpose(1, 2)
     if (
         not return_lse
