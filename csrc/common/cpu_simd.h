@@ -37,7 +37,7 @@
 #elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define GENEXT_CPU_LEVELS 1
 #define GENEXT_CPU_TARGET_V3 __attribute__((target("avx2,fma")))
-#define GENEXT_CPU_TARGET_V4 __attribute__((target("avx512f,avx2,fma")))
+#define GENEXT_CPU_TARGET_V4 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #else
 #define GENEXT_CPU_LEVELS 0
 #define GENEXT_CPU_TARGET_V3
@@ -46,9 +46,10 @@
 
 namespace genext::simd {
 
-// The highest level the explicit per-level routines may use (4 unless lowered): tests lower it to
-// run a lower level's routines on a machine of a higher one. GENEXT_CPU_CLONES versions are chosen
-// by the CPU alone and do not follow it.
+// The highest level cpu_level() reports (4 unless lowered): tests lower it to run GroupNorm's
+// 8-lane loops on a machine of a higher level. Only routines that may switch level between two
+// calls of one op read cpu_level(); the others (flash attention's, whose row padding is fixed per
+// call) and GENEXT_CPU_CLONES versions follow the machine alone.
 inline std::atomic<int>& cpu_level_cap() {
   static std::atomic<int> cap{4};
   return cap;
@@ -64,7 +65,9 @@ inline int cpu_level_detected() {
 #elif GENEXT_CPU_LEVELS
   static const int level = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return 4;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return 4;
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 3 : 0;
   }();
 #else
@@ -73,8 +76,7 @@ inline int cpu_level_detected() {
   return level;
 }
 
-// The level the explicit per-level routines run: cpu_level_detected(), at most cpu_level_cap()
-// (which tests change only between calls).
+// cpu_level_detected(), at most cpu_level_cap().
 inline int cpu_level() {
   const int level = cpu_level_detected(), cap = cpu_level_cap().load(std::memory_order_relaxed);
   return level < cap ? level : cap;

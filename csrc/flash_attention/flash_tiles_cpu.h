@@ -34,7 +34,7 @@ static_assert(kLanes % 8 == 0 && kBc % 16 == 0, "tile rows are whole vectors of 
 // At D 40 the products then run over 40 columns instead of 48, at D 4 over 8 instead of 16.
 template <class T>
 inline int64_t tile_dp(int64_t D) {
-  return round_up(D, std::is_same_v<T, float> && simd::cpu_level() != 4 ? 8 : kLanes);
+  return round_up(D, std::is_same_v<T, float> && simd::cpu_level_detected() != 4 ? 8 : kLanes);
 }
 
 // ---- vectors (common/cpu_simd.h) ----------------------------------------------------------------
@@ -426,7 +426,7 @@ GENEXT_CPU_TARGET_V4 void load_cols_v4(const View<S>& v, int64_t b, int64_t r0, 
 template <class S, class T>
 void load_rows(const View<S>& v, int64_t b, int64_t r0, int64_t nr, int64_t h, int64_t D,
                int64_t Dp, T mul, T* dst) {
-  switch (simd::cpu_level()) {
+  switch (simd::cpu_level_detected()) {
     case 4: return load_rows_v4(v, b, r0, nr, h, D, Dp, mul, dst);
     case 3: return load_rows_v3(v, b, r0, nr, h, D, Dp, mul, dst);
     default: return load_rows_impl(v, b, r0, nr, h, D, Dp, mul, dst);
@@ -436,10 +436,10 @@ template <class S, class T>
 void load_cols(const View<S>& v, int64_t b, int64_t r0, int64_t n, int64_t h, int64_t D, T* dst) {
 #if GENEXT_CPU_LEVELS
   if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>) {
-    if (simd::cpu_level() >= 3) return load_cols_f32_avx2(v, b, r0, n, h, D, dst);
+    if (simd::cpu_level_detected() >= 3) return load_cols_f32_avx2(v, b, r0, n, h, D, dst);
   }
 #endif
-  switch (simd::cpu_level()) {
+  switch (simd::cpu_level_detected()) {
     case 4: return load_cols_v4(v, b, r0, n, h, D, dst);
     case 3: return load_cols_v3(v, b, r0, n, h, D, dst);
     default: return load_cols_impl(v, b, r0, n, h, D, dst);
@@ -478,7 +478,7 @@ FA_ROUTINES(double, base, , f64x16, 4, 4)
 
 // The routine for this CPU's level (double: the one version).
 #define FA_DISPATCH(NAME, ...)                                                                     \
-  switch (simd::cpu_level()) {                                                                     \
+  switch (simd::cpu_level_detected()) {                                                            \
     case 4: return NAME##_v4(__VA_ARGS__);                                                         \
     case 3: return NAME##_v3(__VA_ARGS__);                                                         \
     default: return NAME##_base(__VA_ARGS__);                                                      \

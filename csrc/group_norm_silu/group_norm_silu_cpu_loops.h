@@ -204,7 +204,7 @@ template <class V, class S, class T>
 GENEXT_INLINE void sums_run(const S* x, int64_t n, T shift, double* s1, double* s2) {
   [[maybe_unused]] constexpr int64_t kN = Lanes<V>::kN;
   int64_t i = 0;
-  if constexpr (!std::is_same_v<S, double>) {  // 2 x 8 lanes, added into double every kFlush
+  if constexpr (!std::is_same_v<S, double>) {  // 2 vectors, added into double every kFlush
     const V sh = splat<V>(float(shift));
     for (; i + 2 * kN <= n;) {
       const int64_t end = std::min(n, i + kFlush) - 2 * kN;

@@ -342,9 +342,10 @@ inline void prefetch_ptrs(const void* const* rows, int64_t n, int64_t bytes) {
     }
     return;
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const char* p = static_cast<const char*>(rows[j]);
-    for (int64_t off = 0; off < bytes; off += 64) prefetch_l2(p + off);
+  for (int64_t j = 0; j < n; ++j) {  // from the line holding the row's first byte to its last's
+    const uintptr_t first = reinterpret_cast<uintptr_t>(rows[j]) & ~uintptr_t(63);
+    const uintptr_t last = reinterpret_cast<uintptr_t>(rows[j]) + uintptr_t(bytes - 1);
+    for (uintptr_t a = first; a <= last; a += 64) prefetch_l2(reinterpret_cast<const char*>(a));
   }
 }
 

@@ -1137,6 +1137,17 @@ def test_cpu_routed_call_keeps_the_input_dtype_under_autocast(avx512_amx_routing
     assert routed.dtype == kernel.dtype == torch.float32
     ref = reference.attention_reference(q.double(), k.double(), v.double(), False, None)
     assert max_err(routed, ref) <= ATOL[torch.float32]
+    # bfloat16 inputs under float16 autocast, and autocast switched off inside an enabled block:
+    # the inputs' dtype and the bits of the call without autocast
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    assert cpu_forward_prefers_torch(qb, kb, vb)
+    plain = flash_attention(qb, kb, vb)
+    with torch.autocast("cpu", dtype=torch.float16):
+        under = flash_attention(qb, kb, vb)
+        with torch.autocast("cpu", enabled=False):
+            inner = flash_attention(qb, kb, vb)
+    assert under.dtype == inner.dtype == torch.bfloat16
+    assert torch.equal(under, plain) and torch.equal(inner, plain)
 
 
 # ---- torch.func transforms ------------------------------------------------------------------------

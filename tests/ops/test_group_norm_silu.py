@@ -762,8 +762,10 @@ def test_cpu_silu_of_very_negative_inputs_is_zero():
 
 @pytest.fixture(params=[3, 4], ids=["8-lane", "16-lane"])
 def cpu_loop_level(request):
-    """Runs a test with the CPU loops of one ISA level: x86-64-v3's 8-lane loops (run on any
-    machine of level 3 or more, with the level capped) and x86-64-v4's 16-lane ones."""
+    """Runs a test with the CPU loops of one width: the 8-lane ones (as compiled for this
+    machine's level: GENEXT_CPU_CLONES picks by the CPU, so on an x86-64-v4 machine this is the
+    v4 build of the 8-lane code, not the v3 one AVX2 machines run) and the 16-lane ones of
+    x86-64-v4 (the level capped to 3 selects the former)."""
     import genext._C as C
 
     if C._cpu_level() < request.param:
