@@ -424,18 +424,22 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
     const T* krows[kTile];
     const T* vrows[kTile];
     const int64_t row_bytes = D * itemsize;
-    // The first tile of task t: its row pointers into buffer `buf`, and its rows asked into L2.
-    // Called for the next task during a task's last tile, so that a task's first keys are on
-    // their way before it starts (tasks of a few short tiles are otherwise mostly waiting).
+    // Rows [j0, j0 + n) of head h of sequence b: their pointers into buffer `buf`, and the rows
+    // asked into L2.
+    auto load_tile = [&](int64_t b, int64_t j0, int64_t n, int64_t h, int buf) {
+      tile_rows(kc, b, j0, n, h, ks[buf]);
+      tile_rows(vc, b, j0, n, h, vs[buf]);
+      prefetch_ptrs(reinterpret_cast<const void* const*>(ks[buf]), n, row_bytes);
+      prefetch_ptrs(reinterpret_cast<const void* const*>(vs[buf]), n, row_bytes);
+    };
+    // The first tile of task t into buffer `buf`. Called for the next task during a task's last
+    // tile, so that a task's first keys are on their way before it starts (tasks of a few short
+    // tiles are otherwise mostly waiting).
     auto first_tile = [&](int64_t t, int buf) {
       const int64_t sp = t % nsplit, h = (t / nsplit) % Hk, bb = t / (nsplit * Hk);
       const int64_t kb = sp * split_len;
       const int64_t n0 = std::min(kTile, std::min(int64_t(lens[bb]) + added, kb + split_len) - kb);
-      if (n0 <= 0) return;
-      tile_rows(kc, bb, kb, n0, h, ks[buf]);
-      tile_rows(vc, bb, kb, n0, h, vs[buf]);
-      prefetch_ptrs(reinterpret_cast<const void* const*>(ks[buf]), n0, row_bytes);
-      prefetch_ptrs(reinterpret_cast<const void* const*>(vs[buf]), n0, row_bytes);
+      if (n0 > 0) load_tile(bb, kb, n0, h, buf);
     };
     int cur = 0;  // the buffer of the tile computed next
     first_tile(begin, cur);
@@ -461,11 +465,7 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
       for (int64_t j0 = k_begin; j0 < k_end; j0 += kTile, cur ^= 1) {
         const int64_t nc = std::min(kTile, k_end - j0);
         if (j0 + kTile < k_end) {  // the next tile, while this one is loaded and computed
-          const int64_t nn = std::min(kTile, k_end - j0 - kTile);
-          tile_rows(kc, b, j0 + kTile, nn, hk, ks[cur ^ 1]);
-          tile_rows(vc, b, j0 + kTile, nn, hk, vs[cur ^ 1]);
-          prefetch_ptrs(reinterpret_cast<const void* const*>(ks[cur ^ 1]), nn, row_bytes);
-          prefetch_ptrs(reinterpret_cast<const void* const*>(vs[cur ^ 1]), nn, row_bytes);
+          load_tile(b, j0 + kTile, std::min(kTile, k_end - j0 - kTile), hk, cur ^ 1);
         } else if (task + 1 < end) {
           first_tile(task + 1, cur ^ 1);
         }
