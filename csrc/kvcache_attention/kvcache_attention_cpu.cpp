@@ -471,28 +471,23 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
         }
         for (int64_t r = 0; r < nrows; ++r)
           nvis[r] = int32_t(std::clamp<int64_t>(visible_end(len_k, r % Lq) - j0, 0, nc));
+        // the scores take keys eight at a time: the last row repeated up to a multiple of 8
         if constexpr (std::is_same_v<S, c10::BFloat16>) {
           if (direct) {
-            const uint16_t* k16[kTile];
-            const uint16_t* v16[kTile];
-            for (int64_t j = 0; j < nc; ++j) {
-              k16[j] = reinterpret_cast<const uint16_t*>(ks[cur][j]);
-              v16[j] = reinterpret_cast<const uint16_t*>(vs[cur][j]);
-            }
-            for (int64_t j = nc; j < round_up(nc, 8); ++j) k16[j] = k16[nc - 1];
-            scores_bf16(Qb, Dq, nrows, k16, nc, D, float(scale), P);
+            for (int64_t j = nc; j < round_up(nc, 8); ++j) ks[cur][j] = ks[cur][nc - 1];
+            scores_bf16(Qb, Dq, nrows, ks[cur], nc, D, float(scale), P);
             softmax_f32(P, nrows, nvis, m, l, alpha);
-            accum_bf16(O, Dp, nrows, P, v16, nc, D, alpha);
+            accum_bf16(O, Dp, nrows, P, vs[cur], nc, D, alpha);
             continue;
           }
         }
         // Row pointers of the tile: into the cache itself when it holds T, else into the tile
         // buffers after widening.
+        const T** kp = krows;
+        const T** vp = vrows;
         if constexpr (std::is_same_v<S, T>) {
-          for (int64_t j = 0; j < nc; ++j) {
-            krows[j] = ks[cur][j];
-            vrows[j] = vs[cur][j];
-          }
+          kp = ks[cur];
+          vp = vs[cur];
         } else {
           for (int64_t j = 0; j < nc; ++j) {
             T* kd = Kbuf + j * Dp;
@@ -509,20 +504,19 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
           }
         }
         if constexpr (std::is_same_v<T, float>) {
-          // the float scores take keys eight at a time: repeat the last row up to a multiple of 8
-          for (int64_t j = nc; j < round_up(nc, 8); ++j) krows[j] = krows[nc - 1];
-          scores_f32(Q, Dp, nrows, krows, nc, D, P);
+          for (int64_t j = nc; j < round_up(nc, 8); ++j) kp[j] = kp[nc - 1];
+          scores_f32(Q, Dp, nrows, kp, nc, D, P);
         } else {
-          scores(Q, Dp, nrows, krows, nc, D, P);
+          scores(Q, Dp, nrows, kp, nc, D, P);
         }
         if constexpr (std::is_same_v<T, float>)
           softmax_f32(P, nrows, nvis, m, l, alpha);
         else
           softmax_step(P, nrows, nvis, m, l, alpha);
         if constexpr (std::is_same_v<T, float>)
-          accum_f32(O, Dp, nrows, P, vrows, nc, D, alpha);
+          accum_f32(O, Dp, nrows, P, vp, nc, D, alpha);
         else
-          accum(O, Dp, nrows, P, vrows, nc, D, alpha);
+          accum(O, Dp, nrows, P, vp, nc, D, alpha);
       }
       if (nsplit > 1) {
         std::memcpy(part_o + task * nrows * Dp, O, nrows * Dp * sizeof(T));

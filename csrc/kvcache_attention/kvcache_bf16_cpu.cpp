@@ -63,37 +63,53 @@ KV_BF16_TARGET inline __m512 widen16(const uint16_t* p, __mmask16 n_mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// sum[r] += P[r][j] * V[j][d0, d0 + 16 W) for the RB rows, the value row widened once.
+template <int RB, int W>
+KV_BF16_TARGET inline void add_key(__m512 (&sum)[RB][W], const float* P,
+                                   const c10::BFloat16* const* vrows, int64_t j, int64_t d0,
+                                   __mmask16 last) {
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(vrows[j]) + d0;
+  __m512 vv[W];
+  for (int w = 0; w < W; ++w) vv[w] = widen16(v + 16 * w, w == W - 1 ? last : __mmask16(0xFFFF));
+  for (int r = 0; r < RB; ++r) {
+    const __m512 p = _mm512_set1_ps(P[r * kTile + j]);
+    for (int w = 0; w < W; ++w) sum[r][w] = _mm512_fmadd_ps(p, vv[w], sum[r][w]);
+  }
+}
+
 // Rows [0, RB) of the block at O (stride ldo), elements [d0, d0 + 16 W): alpha-scaled, then the
 // value rows added with their weights. Each value vector is widened once for the RB rows; `last`
-// masks the elements of the last vector that lie inside the head dim.
+// masks the elements of the last vector that lie inside the head dim. A single row keeps two sums
+// (even and odd keys), added at the end: one sum's chain of 4-cycle FMAs would bound its speed.
 template <int RB, int W>
 KV_BF16_TARGET inline void accum_block(float* O, int64_t ldo, const float* P,
-                                       const uint16_t* const* vrows, int64_t nc, int64_t d0,
+                                       const c10::BFloat16* const* vrows, int64_t nc, int64_t d0,
                                        const float* alpha, __mmask16 last) {
-  __m512 acc[RB][W];
+  constexpr int U = RB == 1 ? 2 : 1;
+  __m512 acc[U][RB][W];
   for (int r = 0; r < RB; ++r) {
     const __m512 a = _mm512_set1_ps(alpha[r]);
-    for (int w = 0; w < W; ++w)
-      acc[r][w] = _mm512_mul_ps(a, _mm512_loadu_ps(O + r * ldo + d0 + 16 * w));
-  }
-  for (int64_t j = 0; j < nc; ++j) {
-    const uint16_t* v = vrows[j] + d0;
-    __m512 vv[W];
-    for (int w = 0; w < W; ++w) vv[w] = widen16(v + 16 * w, w == W - 1 ? last : __mmask16(0xFFFF));
-    for (int r = 0; r < RB; ++r) {
-      const __m512 p = _mm512_set1_ps(P[r * kTile + j]);
-      for (int w = 0; w < W; ++w) acc[r][w] = _mm512_fmadd_ps(p, vv[w], acc[r][w]);
+    for (int w = 0; w < W; ++w) {
+      acc[0][r][w] = _mm512_mul_ps(a, _mm512_loadu_ps(O + r * ldo + d0 + 16 * w));
+      for (int u = 1; u < U; ++u) acc[u][r][w] = _mm512_setzero_ps();
     }
   }
+  int64_t j = 0;
+  for (; j + U <= nc; j += U)
+    for (int u = 0; u < U; ++u) add_key<RB, W>(acc[u], P, vrows, j + u, d0, last);
+  for (; j < nc; ++j) add_key<RB, W>(acc[0], P, vrows, j, d0, last);
   for (int r = 0; r < RB; ++r)
-    for (int w = 0; w < W; ++w) _mm512_storeu_ps(O + r * ldo + d0 + 16 * w, acc[r][w]);
+    for (int w = 0; w < W; ++w) {
+      for (int u = 1; u < U; ++u) acc[0][r][w] = _mm512_add_ps(acc[0][r][w], acc[u][r][w]);
+      _mm512_storeu_ps(O + r * ldo + d0 + 16 * w, acc[0][r][w]);
+    }
 }
 
 // Blocks of RB rows over the head dim in chunks of up to 64 elements (4 x 4 accumulators and 4
 // value vectors fit the 32 registers).
 template <int RB>
 KV_BF16_TARGET inline void accum_rows(float* O, int64_t ldo, const float* P,
-                                      const uint16_t* const* vrows, int64_t nc, int64_t D,
+                                      const c10::BFloat16* const* vrows, int64_t nc, int64_t D,
                                       const float* alpha) {
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     const int64_t left = D - d0;
@@ -112,14 +128,15 @@ KV_BF16_TARGET inline void accum_rows(float* O, int64_t ldo, const float* P,
 }  // namespace
 
 KV_BF16_TARGET void scores_bf16(const uint16_t* Q, int64_t ldq, int64_t nr,
-                                const uint16_t* const* krows, int64_t nc, int64_t D, float scale,
-                                float* S) {
+                                const c10::BFloat16* const* krows, int64_t nc, int64_t D,
+                                float scale, float* S) {
   const int64_t full = D / 32, rem = D % 32;
   const __mmask32 tail = rem ? __mmask32((uint32_t(1) << rem) - 1) : __mmask32(0);
   for (int64_t r = 0; r < nr; ++r) {
     const uint16_t* q = Q + r * ldq;
     for (int64_t j0 = 0; j0 < nc; j0 += 8) {
-      const uint16_t* const* k = krows + j0;
+      const uint16_t* k[8];
+      for (int u = 0; u < 8; ++u) k[u] = reinterpret_cast<const uint16_t*>(krows[j0 + u]);
       __m512 acc[8];
       for (int u = 0; u < 8; ++u) acc[u] = _mm512_setzero_ps();
       for (int64_t c = 0; c < full; ++c) {
@@ -141,7 +158,7 @@ KV_BF16_TARGET void scores_bf16(const uint16_t* Q, int64_t ldq, int64_t nr,
 }
 
 KV_BF16_TARGET void accum_bf16(float* O, int64_t ldo, int64_t nr, const float* P,
-                               const uint16_t* const* vrows, int64_t nc, int64_t D,
+                               const c10::BFloat16* const* vrows, int64_t nc, int64_t D,
                                const float* alpha) {
   int64_t r = 0;
   for (; r + 4 <= nr; r += 4)
@@ -171,12 +188,12 @@ KV_BF16_TARGET void store_bf16(const float* O, float inv, int64_t D, uint16_t* o
 
 #else  // no per-ISA versions: bf16_dot_supported() is false and these are never called
 
-void scores_bf16(const uint16_t*, int64_t, int64_t, const uint16_t* const*, int64_t, int64_t, float,
-                 float*) {
+void scores_bf16(const uint16_t*, int64_t, int64_t, const c10::BFloat16* const*, int64_t, int64_t,
+                 float, float*) {
   __builtin_trap();
 }
-void accum_bf16(float*, int64_t, int64_t, const float*, const uint16_t* const*, int64_t, int64_t,
-                const float*) {
+void accum_bf16(float*, int64_t, int64_t, const float*, const c10::BFloat16* const*, int64_t,
+                int64_t, const float*) {
   __builtin_trap();
 }
 void store_bf16(const float*, float, int64_t, uint16_t*) { __builtin_trap(); }

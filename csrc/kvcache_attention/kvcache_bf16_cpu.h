@@ -6,9 +6,13 @@
 // bfloat16 denormals (below 1.2e-38) as zero and flushes denormal results, and the scale
 // multiplies the dot product instead of q, so a dot product past 3.4e38 is inf here where the
 // scaled one may be finite. Elsewhere, and for float16, the kernel widens each tile of 16-bit rows
-// into a float buffer first (kvcache_tiles_cpu.h). No torch header.
+// into a float buffer first (kvcache_tiles_cpu.h). No torch header (c10::BFloat16 declared only).
 #pragma once
 #include <cstdint>
+
+namespace c10 {
+struct BFloat16;
+}
 
 namespace genext::kv {
 
@@ -25,12 +29,12 @@ constexpr int64_t kBf16QAlign = 32;
 
 // S[r * kTile + j] = scale * (Q[r] . K[j]) for r < nr and j < round_up(nc, 8), Q rows of stride
 // ldq, krows[j] the key rows of D bfloat16 (the caller repeats a valid row past nc).
-void scores_bf16(const uint16_t* Q, int64_t ldq, int64_t nr, const uint16_t* const* krows,
+void scores_bf16(const uint16_t* Q, int64_t ldq, int64_t nr, const c10::BFloat16* const* krows,
                  int64_t nc, int64_t D, float scale, float* S);
 // O[r][0:D] = alpha[r] * O[r][0:D] + sum_{j < nc} P[r * kTile + j] * V[j][0:D] for r < nr, O rows
 // of stride ldo (a multiple of 16, its padding written too), vrows[j] of D bfloat16.
-void accum_bf16(float* O, int64_t ldo, int64_t nr, const float* P, const uint16_t* const* vrows,
-                int64_t nc, int64_t D, const float* alpha);
+void accum_bf16(float* O, int64_t ldo, int64_t nr, const float* P,
+                const c10::BFloat16* const* vrows, int64_t nc, int64_t D, const float* alpha);
 
 // out[0:D] = the bfloat16 values of O[0:D] * inv (to nearest, ties to even; NaN to 0x7fc0, as
 // c10::BFloat16 rounds).

@@ -47,7 +47,7 @@ inline Problem check_problem(const char* op, const at::Tensor& q, const at::Tens
               op, ": q, k_cache, v_cache and cache_seqlens must be on one device, got ",
               genext::device_name(q), ", ", genext::device_name(k_cache), ", ",
               genext::device_name(v_cache), ", ", genext::device_name(cache_seqlens));
-  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be (B, Lq, Hq, D), got shape ", q.sizes());
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D (B, Lq, Hq, D), got shape ", q.sizes());
   TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op,
                     ": k_cache and v_cache must have one 4-D shape, got ", k_cache.sizes(), " and ",
                     v_cache.sizes());

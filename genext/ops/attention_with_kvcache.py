@@ -134,18 +134,6 @@ def attention_with_kvcache(
     Devices and dtypes: CUDA float16/bfloat16 (split-KV kernels), CUDA float32; CPU float32,
     float64, float16 and bfloat16 (the 16-bit types computed in float32).
     """
-    for name, t, shape in (
-        ("q", q, "B, Lq, Hq, D"),
-        ("k_cache", k_cache, None),
-        ("v_cache", v_cache, None),
-    ):
-        if t.dim() != 4:
-            want = shape or (
-                "num_blocks, block_size, Hk, D" if block_table is not None else "B, Lmax, Hk, D"
-            )
-            raise ValueError(f"{_OP}: {name} must be 4-D ({want}), got shape {tuple(t.shape)}")
-    if (k_new is None) != (v_new is None):
-        raise ValueError(f"{_OP}: k_new and v_new come together (got only one of them)")
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         if not 0 <= cache_seqlens <= 2**31 - 1:
             raise ValueError(
@@ -160,6 +148,68 @@ def attention_with_kvcache(
             else type(cache_seqlens).__name__
         )
         raise TypeError(f"{_OP}: cache_seqlens must be an int32 tensor (B,), got {got}")
+    if q.device.type != "cpu":
+        # The CPU op checks the shapes itself (kvcache_checks.h, with these messages) at no cost;
+        # elsewhere they are checked here, before the values are read on the host.
+        _check_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
+        added = q.shape[1] if k_new is not None else 0
+        if (
+            check_values
+            and not _must_not_sync(q)
+            and cache_seqlens.device == q.device
+            and (
+                block_table is None or block_table.device == q.device
+            )  # else the op's device error
+            and q.device.type != "meta"  # no values to read: the fake kernel checks shapes only
+        ):
+            if block_table is not None:
+                capacity = block_table.shape[1] * k_cache.shape[1]
+                num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+            else:
+                capacity, num_blocks, block_size = k_cache.shape[1], 0, 1
+            _validate_values(cache_seqlens, block_table, added, capacity, num_blocks, block_size)
+    return attention_with_kvcache_unchecked(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table, return_lse
+    )
+
+
+def attention_with_kvcache_unchecked(
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table, return_lse
+):
+    """The op alone, without the Python-side argument and value checks above, for callers that own
+    their tensors and lengths (:class:`genext.nn.KVCache`); the C++ checks still run."""
+    scale = softmax_scale(q, scale, _OP)
+    args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, bool(causal))
+    if torch.is_grad_enabled() and _any_requires_grad(q, k_cache, v_cache, k_new, v_new):
+        with torch.no_grad():  # entering it costs microseconds a decode step need not pay
+            out, lse = torch.ops.genext.attention_with_kvcache(*args)
+    else:
+        out, lse = torch.ops.genext.attention_with_kvcache(*args)
+    return (out, lse) if return_lse else out
+
+
+# ---- torch.library registrations ------------------------------------------------------------------
+
+
+def _any_requires_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table) -> None:
+    """The shape checks of the op's C++ binding, in Python, for devices whose values are read here
+    before the op runs."""
+    for name, t, shape in (
+        ("q", q, "B, Lq, Hq, D"),
+        ("k_cache", k_cache, None),
+        ("v_cache", v_cache, None),
+    ):
+        if t.dim() != 4:
+            want = shape or (
+                "num_blocks, block_size, Hk, D" if block_table is not None else "B, Lmax, Hk, D"
+            )
+            raise ValueError(f"{_OP}: {name} must be 4-D ({want}), got shape {tuple(t.shape)}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{_OP}: k_new and v_new come together (got only one of them)")
     if cache_seqlens.shape != (q.shape[0],):
         raise ValueError(
             f"{_OP}: cache_seqlens must have shape (B,) = ({q.shape[0]},), "
@@ -178,42 +228,6 @@ def attention_with_kvcache(
                 f"{_OP}: a paged cache needs a positive block size (k_cache.size(1)), got shape "
                 f"{list(k_cache.shape)}"
             )
-    added = q.shape[1] if k_new is not None else 0
-    if (
-        check_values
-        and q.device.type != "cpu"  # the CPU kernel checks the values itself, with these messages
-        and not _must_not_sync(q)
-        and cache_seqlens.device == q.device
-        and (block_table is None or block_table.device == q.device)  # else the op's device error
-        and q.device.type != "meta"  # no values to read: the fake kernel checks shapes only
-    ):
-        if block_table is not None:
-            capacity = block_table.shape[1] * k_cache.shape[1]
-            num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
-        else:
-            capacity, num_blocks, block_size = k_cache.shape[1], 0, 1
-        _validate_values(cache_seqlens, block_table, added, capacity, num_blocks, block_size)
-    return attention_with_kvcache_unchecked(
-        q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table, return_lse
-    )
-
-
-def attention_with_kvcache_unchecked(
-    q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table, return_lse
-):
-    """The op alone, without the Python-side argument and value checks above, for callers that own
-    their tensors and lengths (:class:`genext.nn.KVCache`); the C++ checks still run."""
-    scale = softmax_scale(q, scale, _OP)
-    args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, bool(causal))
-    if torch.is_grad_enabled():  # entering no_grad costs microseconds a decode step need not pay
-        with torch.no_grad():
-            out, lse = torch.ops.genext.attention_with_kvcache(*args)
-    else:
-        out, lse = torch.ops.genext.attention_with_kvcache(*args)
-    return (out, lse) if return_lse else out
-
-
-# ---- torch.library registrations ------------------------------------------------------------------
 
 
 def _check_last_dim(name: str, t: Tensor) -> None:
@@ -251,7 +265,7 @@ def _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table
         {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens},
     )
     torch._check_value(
-        q.dim() == 4, lambda: f"{_OP}: q must be (B, Lq, Hq, D), got shape {list(q.shape)}"
+        q.dim() == 4, lambda: f"{_OP}: q must be 4-D (B, Lq, Hq, D), got shape {list(q.shape)}"
     )
     torch._check_value(
         k_cache.dim() == 4 and v_cache.shape == k_cache.shape,

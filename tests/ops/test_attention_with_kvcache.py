@@ -5,6 +5,7 @@ the cache contents after an append, bad inputs, opcheck, torch.compile, CUDA gra
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -303,15 +304,27 @@ def test_scale_and_int_lengths(device):
     assert max_err(out, want) < ATOL[torch.float32]
 
 
-def test_inference_only_outputs_do_not_require_grad(device):
+@pytest.mark.parametrize("grad_on", ["q", "k_cache", "v_cache", "k_new", "v_new"])
+def test_inference_only_outputs_do_not_require_grad(device, grad_on):
     # forward-only like flash-attn's flash_attn_with_kvcache: callable on tensors that require grad
-    # (e.g. a decode loop run without torch.no_grad), outputs never require grad
-    q = rand(1, 1, 2, 8, device=device).requires_grad_()
-    kc, vc = rand(1, 4, 2, 8, device=device), rand(1, 4, 2, 8, device=device)
-    kn = rand(1, 1, 2, 8, device=device).requires_grad_()
-    out, lse = attention_with_kvcache(q, kc, vc, 2, kn, kn.detach().clone(), return_lse=True)
+    # (e.g. a decode loop run without torch.no_grad), outputs never require grad, whichever input
+    # requires it
+    t = {
+        "q": rand(1, 1, 2, 8, device=device),
+        "k_cache": rand(1, 4, 2, 8, device=device),
+        "v_cache": rand(1, 4, 2, 8, device=device),
+        "k_new": rand(1, 1, 2, 8, device=device),
+        "v_new": rand(1, 1, 2, 8, device=device),
+    }
+    t[grad_on].requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, lse = attention_with_kvcache(
+            t["q"], t["k_cache"], t["v_cache"], 2, t["k_new"], t["v_new"], return_lse=True
+        )
     assert not out.requires_grad and not lse.requires_grad
-    assert torch.equal(kc[0, 2], kn.detach()[0, 0])
+    assert torch.equal(t["k_cache"].detach()[0, 2], t["k_new"].detach()[0, 0])
+    assert torch.equal(t["v_cache"].detach()[0, 2], t["v_new"].detach()[0, 0])
 
 
 # ---- bad inputs ------------------------------------------------------------------------------
