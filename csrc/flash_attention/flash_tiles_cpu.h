@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "common/cpu_simd.h"
 #include "flash_attention/flash_attention_cpu.h"
@@ -56,12 +57,33 @@ GENEXT_INLINE V lane_iota() {
   return v;
 }
 
-// Sum of the lanes in lane order.
-template <class T, class V>
-GENEXT_INLINE T lane_sum(V v) {
-  T s = 0;
-  for (int t = 0; t < kLanesOf<T, V>; ++t) s += v[t];
-  return s;
+// v with lanes i and i ^ H swapped (H a power of two below the lane count).
+template <int H, class V, int... I>
+GENEXT_INLINE V swap_lanes(V v, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(v, v, (I ^ H)...);
+}
+
+// The lanes of v folded in a tree (lanes H apart added, for H = L/2, L/4, ..., 1): log2(L)
+// dependent steps instead of the L - 1 of a lane-order chain.
+template <class T, class V, int H = kLanesOf<T, V> / 2>
+GENEXT_INLINE T lane_fold_sum(V v) {
+  if constexpr (H == 0) {
+    return v[0];
+  } else {
+    const V w = swap_lanes<H>(v, std::make_integer_sequence<int, kLanesOf<T, V>>{});
+    return lane_fold_sum<T, V, H / 2>(v + w);
+  }
+}
+
+// The largest lane of v (no lane NaN), folded in a tree as lane_fold_sum.
+template <class T, class V, int H = kLanesOf<T, V> / 2>
+GENEXT_INLINE T lane_max(V v) {
+  if constexpr (H == 0) {
+    return v[0];
+  } else {
+    const V w = swap_lanes<H>(v, std::make_integer_sequence<int, kLanesOf<T, V>>{});
+    return lane_max<T, V, H / 2>(w > v ? w : v);
+  }
 }
 
 // *p in every lane of V. On 8-lane vectors (the AVX2 routines) one vbroadcastss from memory: GCC
@@ -256,16 +278,14 @@ GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, int64_t nc, const int32_t*
   constexpr int L = kLanesOf<T, V>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const V lanes = lane_iota<T, V>();
+  // Three passes, so that neither the cross-lane folds nor the rescaling factors are chains of
+  // scalar operations: the rows' new maxima (lane-wise, folded in a tree), alpha for all rows
+  // on vectors, then P and the row sums.
+  T m_new[kBr];
   for (int64_t r = 0; r < nr; ++r) {
-    T* s = S + r * kBc;
-    const int32_t nv = nvis[r];
-    if (nv <= 0) {
-      std::memset(s, 0, kBc * sizeof(T));
-      alpha[r] = T(1);
-      continue;
-    }
-    const V nvv = splat<V>(T(nv));
-    // maximum of the visible scores, lane-wise then across lanes (NaN is never greater, so skipped)
+    const T* s = S + r * kBc;
+    const V nvv = splat<V>(T(nvis[r]));
+    // NaN is never greater, so the lane maxima (and their fold) skip NaN scores
     V mv = splat<V>(kNegInf);
     V idx = lanes;
     for (int c = 0; c < nc; c += L, idx += T(L)) {
@@ -273,22 +293,35 @@ GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, int64_t nc, const int32_t*
       x = idx < nvv ? x : splat<V>(kNegInf);
       mv = x > mv ? x : mv;
     }
-    T mx = kNegInf;
-    for (int t = 0; t < L; ++t) mx = mv[t] > mx ? mv[t] : mx;
-    const T m_new = std::max(m[r], mx);
-    const T m_use = m_new == kNegInf ? T(0) : m_new;
-    alpha[r] = m[r] == kNegInf ? T(0) : std::exp(m[r] - m_new);
-    const V mu = splat<V>(m_use);
+    m_new[r] = std::max(m[r], lane_max<T, V>(mv));
+  }
+  int64_t r = 0;
+  for (; r + L <= nr; r += L) {
+    const V mo = load<V>(m + r);
+    const V e = exp_lanes<T, V>(mo - load<V>(m_new + r));
+    store(alpha + r, mo == splat<V>(kNegInf) ? V{} : e);
+  }
+  for (; r < nr; ++r) alpha[r] = m[r] == kNegInf ? T(0) : std::exp(m[r] - m_new[r]);
+  for (r = 0; r < nr; ++r) {
+    T* s = S + r * kBc;
+    const int32_t nv = nvis[r];
+    if (nv <= 0) {  // nothing visible: P = 0, m and l kept
+      std::memset(s, 0, kBc * sizeof(T));
+      alpha[r] = T(1);
+      continue;
+    }
+    const V nvv = splat<V>(T(nv));
+    const V mu = splat<V>(m_new[r] == kNegInf ? T(0) : m_new[r]);
     V sum{};
-    idx = lanes;
+    V idx = lanes;
     for (int c = 0; c < nc; c += L, idx += T(L)) {
       V e = exp_lanes<T, V>(load<V>(s + c) - mu);
       e = idx < nvv ? e : V{};
       store(s + c, e);
       sum += e;
     }
-    l[r] = l[r] * alpha[r] + lane_sum<T, V>(sum);
-    m[r] = m_new;
+    l[r] = l[r] * alpha[r] + lane_fold_sum<T, V>(sum);
+    m[r] = m_new[r];
   }
 }
 
