@@ -63,28 +63,30 @@ GENEXT_INLINE V swap_lanes(V v, std::integer_sequence<int, I...>) {
   return __builtin_shufflevector(v, v, (I ^ H)...);
 }
 
-// The lanes of v folded in a tree (lanes H apart added, for H = L/2, L/4, ..., 1): log2(L)
-// dependent steps instead of the L - 1 of a lane-order chain.
-template <class T, class V, int H = kLanesOf<T, V> / 2>
-GENEXT_INLINE T lane_fold_sum(V v) {
+// The lanes of v folded in a tree by op (lanes H apart combined, for H = L/2, L/4, ..., 1):
+// log2(L) dependent steps instead of the L - 1 of a lane-order chain.
+template <class T, class V, class Op, int H = kLanesOf<T, V> / 2>
+GENEXT_INLINE T lane_fold(V v, Op op) {
   if constexpr (H == 0) {
     return v[0];
   } else {
     const V w = swap_lanes<H>(v, std::make_integer_sequence<int, kLanesOf<T, V>>{});
-    return lane_fold_sum<T, V, H / 2>(v + w);
+    return lane_fold<T, V, Op, H / 2>(op(v, w), op);
   }
 }
 
-// The largest lane of v (no lane NaN), folded in a tree as lane_fold_sum.
-template <class T, class V, int H = kLanesOf<T, V> / 2>
-GENEXT_INLINE T lane_max(V v) {
-  if constexpr (H == 0) {
-    return v[0];
-  } else {
-    const V w = swap_lanes<H>(v, std::make_integer_sequence<int, kLanesOf<T, V>>{});
-    return lane_max<T, V, H / 2>(w > v ? w : v);
+struct AddLanes {
+  template <class V>
+  GENEXT_INLINE V operator()(V a, V b) const {
+    return a + b;
   }
-}
+};
+struct MaxLanes {  // for lanes that are never NaN
+  template <class V>
+  GENEXT_INLINE V operator()(V a, V b) const {
+    return b > a ? b : a;
+  }
+};
 
 // *p in every lane of V. On 8-lane vectors (the AVX2 routines) one vbroadcastss from memory: GCC
 // builds splat's V{} + x there as a scalar add and a register broadcast, two more instructions
@@ -293,7 +295,7 @@ GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, int64_t nc, const int32_t*
       x = idx < nvv ? x : splat<V>(kNegInf);
       mv = x > mv ? x : mv;
     }
-    m_new[r] = std::max(m[r], lane_max<T, V>(mv));
+    m_new[r] = std::max(m[r], lane_fold<T>(mv, MaxLanes{}));
   }
   int64_t r = 0;
   for (; r + L <= nr; r += L) {
@@ -320,7 +322,7 @@ GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, int64_t nc, const int32_t*
       store(s + c, e);
       sum += e;
     }
-    l[r] = l[r] * alpha[r] + lane_fold_sum<T, V>(sum);
+    l[r] = l[r] * alpha[r] + lane_fold<T>(sum, AddLanes{});
     m[r] = m_new[r];
   }
 }
