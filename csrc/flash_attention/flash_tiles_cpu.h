@@ -88,15 +88,20 @@ struct MaxLanes {  // for lanes that are never NaN
   }
 };
 
-// *p in every lane of V. On 8-lane vectors (the AVX2 routines) one vbroadcastss from memory: GCC
-// builds splat's V{} + x there as a scalar add and a register broadcast, two more instructions
-// per broadcast in the innermost loops (about a third of their time).
+// *p in every lane of V. On 8- and 16-lane vectors (the AVX2 and AVX-512 routines) one
+// vbroadcastss from memory: GCC builds splat's V{} + x there as a scalar add and a register
+// broadcast, two more instructions per broadcast in the innermost loops (about a third of their
+// time).
 template <class T, class V>
 GENEXT_INLINE V bcast(const T* p) {
 #if GENEXT_CPU_LEVELS
   if constexpr (std::is_same_v<V, simd::f32x8>) {
     V v;
     __asm__("vbroadcastss %1, %0" : "=x"(v) : "m"(*p));
+    return v;
+  } else if constexpr (std::is_same_v<V, f32x16>) {  // any of the 32 zmm registers
+    V v;
+    __asm__("vbroadcastss %1, %0" : "=v"(v) : "m"(*p));
     return v;
   }
 #endif

@@ -50,6 +50,8 @@ void set_bf16_dot_enabled(bool on) {
 
 namespace {
 
+using simd::f32x16;
+
 // The low and high halves of a 16-lane float vector added: 8 lanes, for tiles::sum8.
 KV_BF16_TARGET inline simd::f32x8 fold16(__m512 a) {
   const __m256 lo = _mm512_castps512_ps256(a);
@@ -63,46 +65,60 @@ KV_BF16_TARGET inline __m512 widen16(const uint16_t* p, __mmask16 n_mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// sum[r] += P[r][j] * V[j][d0, d0 + 16 W) for the RB rows, the value row widened once.
-template <int RB, int W>
-KV_BF16_TARGET inline void add_key(__m512 (&sum)[RB][W], const float* P,
-                                   const c10::BFloat16* const* vrows, int64_t j, int64_t d0,
-                                   __mmask16 last) {
-  const uint16_t* v = reinterpret_cast<const uint16_t*>(vrows[j]) + d0;
-  __m512 vv[W];
-  for (int w = 0; w < W; ++w) vv[w] = widen16(v + 16 * w, w == W - 1 ? last : __mmask16(0xFFFF));
-  for (int r = 0; r < RB; ++r) {
-    const __m512 p = _mm512_set1_ps(P[r * kTile + j]);
-    for (int w = 0; w < W; ++w) sum[r][w] = _mm512_fmadd_ps(p, vv[w], sum[r][w]);
-  }
-}
-
 // Rows [0, RB) of the block at O (stride ldo), elements [d0, d0 + 16 W): alpha-scaled, then the
 // value rows added with their weights. Each value vector is widened once for the RB rows; `last`
-// masks the elements of the last vector that lie inside the head dim. A single row keeps two sums
-// (even and odd keys), added at the end: one sum's chain of 4-cycle FMAs would bound its speed.
+// masks the elements of the last vector that lie inside the head dim. A single row keeps a second
+// sum for the odd keys, added at the end: one sum's chain of 4-cycle FMAs would bound its speed.
+// The loops over rows and vectors are unrolled before GCC decides where the arrays live: left
+// to later passes, it keeps them in memory besides the registers and stores every accumulator on
+// each key.
 template <int RB, int W>
 KV_BF16_TARGET inline void accum_block(float* O, int64_t ldo, const float* P,
                                        const c10::BFloat16* const* vrows, int64_t nc, int64_t d0,
                                        const float* alpha, __mmask16 last) {
-  constexpr int U = RB == 1 ? 2 : 1;
-  __m512 acc[U][RB][W];
+  f32x16 acc[RB][W];
+  f32x16 odd[W];
+#pragma GCC unroll 16
   for (int r = 0; r < RB; ++r) {
     const __m512 a = _mm512_set1_ps(alpha[r]);
-    for (int w = 0; w < W; ++w) {
-      acc[0][r][w] = _mm512_mul_ps(a, _mm512_loadu_ps(O + r * ldo + d0 + 16 * w));
-      for (int u = 1; u < U; ++u) acc[u][r][w] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int w = 0; w < W; ++w)
+      acc[r][w] = _mm512_mul_ps(a, _mm512_loadu_ps(O + r * ldo + d0 + 16 * w));
+  }
+#pragma GCC unroll 16
+  for (int w = 0; w < W; ++w) odd[w] = _mm512_setzero_ps();
+  int64_t j = 0;
+  if constexpr (RB == 1) {
+    for (; j + 2 <= nc; j += 2) {
+      const uint16_t* v0 = reinterpret_cast<const uint16_t*>(vrows[j]) + d0;
+      const uint16_t* v1 = reinterpret_cast<const uint16_t*>(vrows[j + 1]) + d0;
+      const __m512 p0 = _mm512_set1_ps(P[j]), p1 = _mm512_set1_ps(P[j + 1]);
+#pragma GCC unroll 16
+      for (int w = 0; w < W; ++w) {
+        const __mmask16 m = w == W - 1 ? last : __mmask16(0xFFFF);
+        acc[0][w] = _mm512_fmadd_ps(p0, widen16(v0 + 16 * w, m), acc[0][w]);
+        odd[w] = _mm512_fmadd_ps(p1, widen16(v1 + 16 * w, m), odd[w]);
+      }
     }
   }
-  int64_t j = 0;
-  for (; j + U <= nc; j += U)
-    for (int u = 0; u < U; ++u) add_key<RB, W>(acc[u], P, vrows, j + u, d0, last);
-  for (; j < nc; ++j) add_key<RB, W>(acc[0], P, vrows, j, d0, last);
-  for (int r = 0; r < RB; ++r)
-    for (int w = 0; w < W; ++w) {
-      for (int u = 1; u < U; ++u) acc[0][r][w] = _mm512_add_ps(acc[0][r][w], acc[u][r][w]);
-      _mm512_storeu_ps(O + r * ldo + d0 + 16 * w, acc[0][r][w]);
+  for (; j < nc; ++j) {
+    const uint16_t* v = reinterpret_cast<const uint16_t*>(vrows[j]) + d0;
+    f32x16 vv[W];
+#pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) vv[w] = widen16(v + 16 * w, w == W - 1 ? last : __mmask16(0xFFFF));
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) {
+      const __m512 p = _mm512_set1_ps(P[r * kTile + j]);
+#pragma GCC unroll 16
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm512_fmadd_ps(p, vv[w], acc[r][w]);
     }
+  }
+#pragma GCC unroll 16
+  for (int w = 0; w < W; ++w) acc[0][w] = _mm512_add_ps(acc[0][w], odd[w]);
+#pragma GCC unroll 16
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) _mm512_storeu_ps(O + r * ldo + d0 + 16 * w, acc[r][w]);
 }
 
 // Blocks of RB rows over the head dim in chunks of up to 64 elements (4 x 4 accumulators and 4
@@ -136,21 +152,26 @@ KV_BF16_TARGET void scores_bf16(const uint16_t* Q, int64_t ldq, int64_t nr,
     const uint16_t* q = Q + r * ldq;
     for (int64_t j0 = 0; j0 < nc; j0 += 8) {
       const uint16_t* k[8];
+#pragma GCC unroll 16
       for (int u = 0; u < 8; ++u) k[u] = reinterpret_cast<const uint16_t*>(krows[j0 + u]);
-      __m512 acc[8];
+      f32x16 acc[8];
+#pragma GCC unroll 16
       for (int u = 0; u < 8; ++u) acc[u] = _mm512_setzero_ps();
       for (int64_t c = 0; c < full; ++c) {
         const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + 32 * c);
+#pragma GCC unroll 16
         for (int u = 0; u < 8; ++u)
           acc[u] = _mm512_dpbf16_ps(acc[u], qv, (__m512bh)_mm512_loadu_si512(k[u] + 32 * c));
       }
       if (rem) {  // the query row is zero-padded; the key rows end at D
         const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + 32 * full);
+#pragma GCC unroll 16
         for (int u = 0; u < 8; ++u)
           acc[u] = _mm512_dpbf16_ps(acc[u], qv,
                                     (__m512bh)_mm512_maskz_loadu_epi16(tail, k[u] + 32 * full));
       }
       simd::f32x8 h[8];
+#pragma GCC unroll 16
       for (int u = 0; u < 8; ++u) h[u] = fold16(acc[u]);
       simd::store(S + r * kTile + j0, tiles::sum8(h) * scale);
     }
