@@ -89,8 +89,9 @@ def cpu_forward_prefers_torch(
       core busy: the rule gives up that busy-core advantage; D80 was on par and D40 1.04-1.8x).
     - float32 where genext runs its AVX-512 kernels on a CPU with AMX (measured on a 2-core Intel
       Xeon): head dims of 32 or more, any length, unless causal (not causal, one core: genext's
-      kernel measured 0.55-0.82x forward and 0.64-0.75x forward+backward at D40 L1024, D40 with
-      77 keys, D80 L256 and D160 L64; causal D64 L512 1.05x forward, 1.12x forward+backward).
+      kernel measured 0.89-1.18x forward and 0.85-1.01x forward+backward, 0.91-1.26x and
+      0.91-1.17x with 2 threads, at D40 L1024, D40 with 77 keys, D80 L256, D160 L64, D64 L2048
+      and D128 L512: mostly below; causal D64 L512 1.63x forward, 1.49x forward+backward).
       AVX-512 CPUs without AMX (AMD Zen 4) keep the AVX2 rule: not measured there.
     - bfloat16 with AMX: head dims of 32 or more; with gradients only from 512 keys (genext's
       forward 0.29-0.83x at D40-D160; forward+backward 0.59-0.68x from 512 keys, 0.84-1.72x
