@@ -148,7 +148,7 @@ def attention_with_kvcache(
             else type(cache_seqlens).__name__
         )
         raise TypeError(f"{_OP}: cache_seqlens must be an int32 tensor (B,), got {got}")
-    if q.device.type != "cpu":
+    if not q.is_cpu:
         # The CPU op checks the shapes itself (kvcache_checks.h, with these messages) at no cost;
         # elsewhere they are checked here, before the values are read on the host.
         _check_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
