@@ -286,8 +286,8 @@ GENEXT_INLINE void softmax_fwd_impl(T* S, int64_t nr, int64_t nc, const int32_t*
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const V lanes = lane_iota<T, V>();
   // Three passes, so that neither the cross-lane folds nor the rescaling factors are chains of
-  // scalar operations: the rows' new maxima (lane-wise, folded in a tree), alpha for all rows
-  // on vectors, then P and the row sums.
+  // scalar operations: the rows' new maxima (lane-wise, folded in a tree), alpha on vectors of
+  // rows (the rows past the last whole vector with std::exp), then P and the row sums.
   T m_new[kBr];
   for (int64_t r = 0; r < nr; ++r) {
     const T* s = S + r * kBc;

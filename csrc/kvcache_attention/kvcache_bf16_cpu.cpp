@@ -68,16 +68,15 @@ KV_BF16_TARGET inline __m512 widen16(const uint16_t* p, __mmask16 n_mask) {
 // Rows [0, RB) of the block at O (stride ldo), elements [d0, d0 + 16 W): alpha-scaled, then the
 // value rows added with their weights. Each value vector is widened once for the RB rows; `last`
 // masks the elements of the last vector that lie inside the head dim. A single row keeps a second
-// sum for the odd keys, added at the end: one sum's chain of 4-cycle FMAs would bound its speed.
-// The loops over rows and vectors are unrolled before GCC decides where the arrays live: left
-// to later passes, it keeps them in memory besides the registers and stores every accumulator on
-// each key.
+// sum for the odd keys, added after the pairs of keys: one sum's chain of 4-cycle FMAs would bound
+// its speed. The loops over rows and vectors are unrolled before GCC decides where the arrays
+// live: left to later passes, it keeps them in memory besides the registers and stores every
+// accumulator on each key.
 template <int RB, int W>
 KV_BF16_TARGET inline void accum_block(float* O, int64_t ldo, const float* P,
                                        const c10::BFloat16* const* vrows, int64_t nc, int64_t d0,
                                        const float* alpha, __mmask16 last) {
   f32x16 acc[RB][W];
-  f32x16 odd[W];
 #pragma GCC unroll 16
   for (int r = 0; r < RB; ++r) {
     const __m512 a = _mm512_set1_ps(alpha[r]);
@@ -85,10 +84,11 @@ KV_BF16_TARGET inline void accum_block(float* O, int64_t ldo, const float* P,
     for (int w = 0; w < W; ++w)
       acc[r][w] = _mm512_mul_ps(a, _mm512_loadu_ps(O + r * ldo + d0 + 16 * w));
   }
-#pragma GCC unroll 16
-  for (int w = 0; w < W; ++w) odd[w] = _mm512_setzero_ps();
   int64_t j = 0;
   if constexpr (RB == 1) {
+    f32x16 odd[W];
+#pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) odd[w] = _mm512_setzero_ps();
     for (; j + 2 <= nc; j += 2) {
       const uint16_t* v0 = reinterpret_cast<const uint16_t*>(vrows[j]) + d0;
       const uint16_t* v1 = reinterpret_cast<const uint16_t*>(vrows[j + 1]) + d0;
@@ -100,6 +100,8 @@ KV_BF16_TARGET inline void accum_block(float* O, int64_t ldo, const float* P,
         odd[w] = _mm512_fmadd_ps(p1, widen16(v1 + 16 * w, m), odd[w]);
       }
     }
+#pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) acc[0][w] = _mm512_add_ps(acc[0][w], odd[w]);
   }
   for (; j < nc; ++j) {
     const uint16_t* v = reinterpret_cast<const uint16_t*>(vrows[j]) + d0;
@@ -113,8 +115,6 @@ KV_BF16_TARGET inline void accum_block(float* O, int64_t ldo, const float* P,
       for (int w = 0; w < W; ++w) acc[r][w] = _mm512_fmadd_ps(p, vv[w], acc[r][w]);
     }
   }
-#pragma GCC unroll 16
-  for (int w = 0; w < W; ++w) acc[0][w] = _mm512_add_ps(acc[0][w], odd[w]);
 #pragma GCC unroll 16
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 16

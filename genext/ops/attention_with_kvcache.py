@@ -127,13 +127,15 @@ def attention_with_kvcache(
     results for invalid lengths or block indices are undefined.
 
     Inference only: no gradient flows through this op (as with flash-attn's
-    ``flash_attn_with_kvcache``). It runs under ``torch.no_grad()``, so it may be called on
+    ``flash_attn_with_kvcache``). It runs as under ``torch.no_grad()``, so it may be called on
     tensors that require grad, and its outputs never do. Use :func:`genext.ops.flash_attention`
     for training.
 
     Devices and dtypes: CUDA float16/bfloat16 (split-KV kernels), CUDA float32; CPU float32,
     float64, float16 and bfloat16 (the 16-bit types computed in float32).
     """
+    if q.dim() != 4:  # before q's sizes are read below
+        raise ValueError(f"{_OP}: q must be 4-D (B, Lq, Hq, D), got shape {tuple(q.shape)}")
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         if not 0 <= cache_seqlens <= 2**31 - 1:
             raise ValueError(
@@ -149,8 +151,8 @@ def attention_with_kvcache(
         )
         raise TypeError(f"{_OP}: cache_seqlens must be an int32 tensor (B,), got {got}")
     if not q.is_cpu:
-        # The CPU op checks the shapes itself (kvcache_checks.h, with these messages) at no cost;
-        # elsewhere they are checked here, before the values are read on the host.
+        # The CPU op makes the same checks itself (kvcache_checks.h; worded a little differently)
+        # at no cost; elsewhere they are made here, before the values are read on the host.
         _check_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
         added = q.shape[1] if k_new is not None else 0
         if (
@@ -173,6 +175,10 @@ def attention_with_kvcache(
     )
 
 
+def _any_requires_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def attention_with_kvcache_unchecked(
     q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, block_table, return_lse
 ):
@@ -188,25 +194,12 @@ def attention_with_kvcache_unchecked(
     return (out, lse) if return_lse else out
 
 
-# ---- torch.library registrations ------------------------------------------------------------------
-
-
-def _any_requires_grad(*tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
-
-
 def _check_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table) -> None:
-    """The shape checks of the op's C++ binding, in Python, for devices whose values are read here
-    before the op runs."""
-    for name, t, shape in (
-        ("q", q, "B, Lq, Hq, D"),
-        ("k_cache", k_cache, None),
-        ("v_cache", v_cache, None),
-    ):
+    """The shape checks of the op's C++ binding (q's rank aside, checked first), in Python, for
+    devices whose values are read here before the op runs."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
-            want = shape or (
-                "num_blocks, block_size, Hk, D" if block_table is not None else "B, Lmax, Hk, D"
-            )
+            want = "num_blocks, block_size, Hk, D" if block_table is not None else "B, Lmax, Hk, D"
             raise ValueError(f"{_OP}: {name} must be 4-D ({want}), got shape {tuple(t.shape)}")
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{_OP}: k_new and v_new come together (got only one of them)")
@@ -228,6 +221,9 @@ def _check_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
                 f"{_OP}: a paged cache needs a positive block size (k_cache.size(1)), got shape "
                 f"{list(k_cache.shape)}"
             )
+
+
+# ---- torch.library registrations ------------------------------------------------------------------
 
 
 def _check_last_dim(name: str, t: Tensor) -> None:

@@ -406,6 +406,8 @@ def test_bad_arguments_raise_clear_errors(device):
         attention_with_kvcache(q, k3, k3, lens)
     with pytest.raises(ValueError, match="must be 4-D"):
         attention_with_kvcache(q[0], kc, vc, lens)
+    with pytest.raises(ValueError, match="q must be 4-D"):  # before q's sizes are read
+        attention_with_kvcache(q.sum(), kc, vc, 1)
     with pytest.raises(ValueError, match="share the head dim"):
         attention_with_kvcache(q, kc[..., :8], vc[..., :8], lens)
     with pytest.raises(ValueError, match=r"k_new must have shape \(B, Lq, Hk, D\)"):
