@@ -17,7 +17,7 @@
 #include "common/cpu_simd.h"
 #include "common/head_dim.h"
 #include "contrastive/bf16_gemm_cpu.h"
-#include "kvcache_attention/kvcache_bf16_cpu.h"
+#include "kvcache_attention/kvcache_avx512_cpu.h"
 
 #ifndef GENEXT_CUDA_ARCHS
 #define GENEXT_CUDA_ARCHS ""

@@ -84,6 +84,25 @@ def avx2_routing(monkeypatch):
     set_attention_routing(monkeypatch, avx512=False, amx=False)
 
 
+@pytest.fixture(params=[3, 4], ids=["8-lane", "16-lane"])
+def cpu_loop_level(request):
+    """Runs a test with the CPU loops of one width, where a kernel has both (GroupNorm+SiLU, the
+    decode attention's float tiles): the 8-lane ones (as compiled for this machine's level:
+    GENEXT_CPU_CLONES picks by the CPU, so on an x86-64-v4 machine this is the v4 build of the
+    8-lane code, not the v3 one AVX2 machines run) and the 16-lane ones of x86-64-v4 (the level
+    capped to 3 selects the former)."""
+    import genext._C as C
+
+    if C._cpu_level() < request.param:
+        pytest.skip(f"this CPU runs below x86-64-v{request.param}")
+    C._cpu_set_level_cap(request.param)
+    try:
+        assert C._cpu_level() == request.param
+        yield request.param
+    finally:
+        C._cpu_set_level_cap(4)
+
+
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request) -> str:
     """Runs a test body on the CPU and, where available, on the GPU."""

@@ -8,14 +8,15 @@
 //   2. Attention, one task per (sequence b, kv head hk, key split s). The task owns the whole group
 //      of query heads that share hk and all Lq queries: rows r = g * Lq + i (query head
 //      hk * group + g, query i), so each key and value row is read and widened once per task.
-//      Keys go by in tiles of kTile rows. In float (kvcache_tiles_cpu.h) the scores
-//      S[r][j] = q_r . k_j take eight keys at a time in eight 8-lane accumulators whose lane sums
-//      are folded into one vector; the online softmax (running maximum m and sum l per row, O
-//      rescaled by alpha = exp(m_old - m_new) when m grows) runs on 8-lane vectors; the update
+//      Keys go by in tiles of kTile rows. In float (kvcache_tiles_cpu.h; on AVX-512 CPUs the
+//      16-lane routines of kvcache_avx512_cpu.h) the scores S[r][j] = q_r . k_j take eight keys
+//      at a time in eight accumulators whose lane sums are folded into one vector; the online
+//      softmax (running maximum m and sum l per row, O rescaled by alpha = exp(m_old - m_new) when
+//      m grows) runs on 8-lane vectors; the update
 //      O[r] = alpha[r] O[r] + sum_j P[r][j] v_j keeps up to 64 elements of O[r] in registers over
 //      the tile's keys. float64 uses the 16-lane routines below. float32/float64 rows are read in
 //      place in the cache; float16/bfloat16 rows are first widened into a [kTile][D] float tile,
-//      except bfloat16 rows on CPUs with AVX512-BF16, read in place by kvcache_bf16_cpu.h's
+//      except bfloat16 rows on CPUs with AVX512-BF16, read in place by kvcache_avx512_cpu.h's
 //      routines (scores on vdpbf16ps, value rows widened in registers).
 //      The next tile's row pointers are computed (paged: stepping block and slot, no division
 //      per row) and its rows prefetched into L2 while a tile is computed (rows of one head are
@@ -54,7 +55,7 @@
 #include "common/cpu_dispatch.h"
 #include "common/cpu_parallel.h"
 #include "common/cpu_simd.h"
-#include "kvcache_attention/kvcache_bf16_cpu.h"
+#include "kvcache_attention/kvcache_avx512_cpu.h"
 #include "kvcache_attention/kvcache_checks.h"
 #include "kvcache_attention/kvcache_tiles_cpu.h"
 
@@ -371,10 +372,12 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   const Rows<const S> q(q_t, nullptr, 0, 0);
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-  // bfloat16 rows read in place (kvcache_bf16_cpu.h) where the CPU has AVX512-BF16, else widened
+  // bfloat16 rows read in place (kvcache_avx512_cpu.h) where the CPU has AVX512-BF16, else widened
   bool direct = false;
   if constexpr (std::is_same_v<S, c10::BFloat16>) direct = bf16_dot_enabled();
   const bool widens = !std::is_same_v<S, T> && !direct;
+  // float rows on 16-lane vectors where the CPU has AVX-512 (kvcache_avx512_cpu.h)
+  [[maybe_unused]] const bool wide = std::is_same_v<T, float> && f32x16_enabled();
   // Splits of the key range when batch x kv heads gives fewer tasks than about four per thread
   // worth waking (several per thread, so that a thread on a busy core takes fewer of them).
   int64_t max_len = 0;
@@ -505,7 +508,10 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
         }
         if constexpr (std::is_same_v<T, float>) {
           for (int64_t j = nc; j < round_up(nc, 8); ++j) kp[j] = kp[nc - 1];
-          scores_f32(Q, Dp, nrows, kp, nc, D, P);
+          if (wide)
+            scores_f32x16(Q, Dp, nrows, kp, nc, D, P);
+          else
+            scores_f32(Q, Dp, nrows, kp, nc, D, P);
         } else {
           scores(Q, Dp, nrows, kp, nc, D, P);
         }
@@ -513,10 +519,14 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
           softmax_f32(P, nrows, nvis, m, l, alpha);
         else
           softmax_step(P, nrows, nvis, m, l, alpha);
-        if constexpr (std::is_same_v<T, float>)
-          accum_f32(O, Dp, nrows, P, vp, nc, D, alpha);
-        else
+        if constexpr (std::is_same_v<T, float>) {
+          if (wide)
+            accum_f32x16(O, Dp, nrows, P, vp, nc, D, alpha);
+          else
+            accum_f32(O, Dp, nrows, P, vp, nc, D, alpha);
+        } else {
           accum(O, Dp, nrows, P, vp, nc, D, alpha);
+        }
       }
       if (nsplit > 1) {
         std::memcpy(part_o + task * nrows * Dp, O, nrows * Dp * sizeof(T));

@@ -793,6 +793,16 @@ KV_NONFINITE = {
 def test_nan_and_inf_give_nan_where_the_reference_does(device, case, dtype):
     if dtype == torch.float16 and device == "cpu":
         pytest.skip("float32 covers the CPU kernel; float16 runs the CUDA 16-bit kernel")
+    check_nonfinite(device, case, dtype)
+
+
+@pytest.mark.parametrize("case", list(KV_NONFINITE))
+def test_cpu_float_tiles_of_each_width_give_nan_where_the_reference_does(cpu_loop_level, case):
+    check_nonfinite("cpu", case, torch.float32)
+
+
+def check_nonfinite(device, case, dtype):
+    """A KV_NONFINITE case against the float64 reference: NaN exactly where it has NaN."""
     # drawn in dtype, so that the float64 reference sees the same inputs as the kernel
     shapes = ((2, 3, 4, 16), (2, 40, 2, 16), (2, 40, 2, 16))
     q, kc, vc = (rand(*s, dtype=dtype).double() for s in shapes)
@@ -969,17 +979,30 @@ def test_cpu_bf16_path_is_the_widening_one_only_without_avx512_bf16():
             genext._C._cpu_set_kv_bf16_dot(True)
 
 
-@pytest.mark.parametrize(
-    "case",
+# head dims off the 32-element steps of vdpbf16ps and the 16-lane vectors (7, 13, 24, 33, 40, 72,
+# 80, 129), 1 to 128 query rows per kv head (one and three: the value sums take rows four at a
+# time), paged and contiguous caches
+WIDTH_CASES = (
     CASES
     + [c[:6] + (True, True, c[6]) for c in TAIL_CASES]
-    # one and three query rows per kv head (the value sums take rows four at a time)
-    + [(2, 1, 4, 4, 40, 70, True, True, None), (2, 1, 6, 2, 24, 70, False, False, 16)],
-    ids=lambda c: f"B{c[0]}-Lq{c[1]}-H{c[2]}x{c[3]}-D{c[4]}",
+    + [(2, 1, 4, 4, 40, 70, True, True, None), (2, 1, 6, 2, 24, 70, False, False, 16)]
+)
+
+
+@pytest.mark.parametrize(
+    "case", WIDTH_CASES, ids=lambda c: f"B{c[0]}-Lq{c[1]}-H{c[2]}x{c[3]}-D{c[4]}"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_float_tiles_of_each_width_match_reference(cpu_loop_level, case, dtype):
+    # float32 rows read in place and float16 rows widened into float tiles, on the 8-lane and
+    # the 16-lane routines
+    run_and_check("cpu", dtype, *case)
+
+
+@pytest.mark.parametrize(
+    "case", WIDTH_CASES, ids=lambda c: f"B{c[0]}-Lq{c[1]}-H{c[2]}x{c[3]}-D{c[4]}"
 )
 def test_cpu_bf16_paths_match_reference(bf16_path, case):
-    # head dims off the 32-element steps of vdpbf16ps and the 16-lane value vectors (7, 13, 24,
-    # 33, 40, 72, 80, 129), 1 to 128 query rows per kv head, paged and contiguous caches
     run_and_check("cpu", torch.bfloat16, *case)
 
 

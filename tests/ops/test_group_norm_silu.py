@@ -760,24 +760,6 @@ def test_cpu_silu_of_very_negative_inputs_is_zero():
 # ---- the CPU loops at each vector width ---------------------------------------------------------
 
 
-@pytest.fixture(params=[3, 4], ids=["8-lane", "16-lane"])
-def cpu_loop_level(request):
-    """Runs a test with the CPU loops of one width: the 8-lane ones (as compiled for this
-    machine's level: GENEXT_CPU_CLONES picks by the CPU, so on an x86-64-v4 machine this is the
-    v4 build of the 8-lane code, not the v3 one AVX2 machines run) and the 16-lane ones of
-    x86-64-v4 (the level capped to 3 selects the former)."""
-    import genext._C as C
-
-    if C._cpu_level() < request.param:
-        pytest.skip(f"this CPU runs below x86-64-v{request.param}")
-    C._cpu_set_level_cap(request.param)
-    try:
-        assert C._cpu_level() == request.param
-        yield request.param
-    finally:
-        C._cpu_set_level_cap(4)
-
-
 @pytest.mark.parametrize("shape,groups", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_loops_of_each_width_match_reference(cpu_loop_level, shape, groups, dtype):

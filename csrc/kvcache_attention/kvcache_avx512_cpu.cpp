@@ -1,6 +1,7 @@
-// The bfloat16 tile routines of kvcache_bf16_cpu.h: AVX-512 intrinsics in functions compiled for
-// x86-64-v4 with AVX512-BF16, called only where the CPU has both (bf16_dot_supported()).
-#include "kvcache_attention/kvcache_bf16_cpu.h"
+// The AVX-512 tile routines of kvcache_avx512_cpu.h: intrinsics in functions compiled for
+// x86-64-v4 (with AVX512-BF16 for the bfloat16 scores), called only where the CPU has them
+// (bf16_dot_supported(), f32x16_enabled()).
+#include "kvcache_attention/kvcache_avx512_cpu.h"
 
 #include <algorithm>
 #include <atomic>
@@ -10,20 +11,20 @@
 
 #if GENEXT_CPU_LEVELS
 #include <immintrin.h>
-#define KV_BF16 1
+#define KV_AVX512 1
 #if __GNUC__ >= 12
 #define KV_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #else
 #define KV_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #endif
 #else
-#define KV_BF16 0
+#define KV_AVX512 0
 #endif
 
 namespace genext::kv {
 
 bool bf16_dot_supported() {
-#if KV_BF16
+#if KV_AVX512
   static const bool ok = [] {
     __builtin_cpu_init();
     return simd::cpu_level_detected() == 4 && __builtin_cpu_supports("avx512bf16");
@@ -42,28 +43,37 @@ std::atomic<bool>& enabled_flag() {
 }  // namespace
 
 bool bf16_dot_enabled() { return enabled_flag().load(std::memory_order_relaxed); }
+bool f32x16_enabled() { return KV_AVX512 && simd::cpu_level() == 4; }
 void set_bf16_dot_enabled(bool on) {
   enabled_flag().store(on && bf16_dot_supported(), std::memory_order_relaxed);
 }
 
-#if KV_BF16
+#if KV_AVX512
 
 namespace {
 
 using simd::f32x16;
 
 // The low and high halves of a 16-lane float vector added: 8 lanes, for tiles::sum8.
-KV_BF16_TARGET inline simd::f32x8 fold16(__m512 a) {
+GENEXT_CPU_TARGET_V4 inline simd::f32x8 fold16(__m512 a) {
   const __m256 lo = _mm512_castps512_ps256(a);
   const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
   return __builtin_bit_cast(simd::f32x8, _mm256_add_ps(lo, hi));
 }
 
-// 16 bfloat16 values at p (the first n of them when n < 16; nothing past them is read) as float.
-KV_BF16_TARGET inline __m512 widen16(const uint16_t* p, __mmask16 n_mask) {
+// Sixteen values of a row as float (the lanes of n_mask only; nothing past them is read), and the
+// row's elements as the loads take them.
+GENEXT_CPU_TARGET_V4 inline __m512 load16(const c10::BFloat16* p, __mmask16 n_mask) {
   const __m256i raw = _mm256_maskz_loadu_epi16(n_mask, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+GENEXT_CPU_TARGET_V4 inline __m512 load16(const float* p, __mmask16 n_mask) {
+  return _mm512_maskz_loadu_ps(n_mask, p);
+}
+inline const c10::BFloat16* at(const c10::BFloat16* row, int64_t d) {
+  return reinterpret_cast<const c10::BFloat16*>(reinterpret_cast<const uint16_t*>(row) + d);
+}
+inline const float* at(const float* row, int64_t d) { return row + d; }
 
 // Rows [0, RB) of the block at O (stride ldo), elements [d0, d0 + 16 W): alpha-scaled, then the
 // value rows added with their weights. Each value vector is widened once for the RB rows; `last`
@@ -72,10 +82,10 @@ KV_BF16_TARGET inline __m512 widen16(const uint16_t* p, __mmask16 n_mask) {
 // its speed. The loops over rows and vectors are unrolled before GCC decides where the arrays
 // live: left to later passes, it keeps them in memory besides the registers and stores every
 // accumulator on each key.
-template <int RB, int W>
-KV_BF16_TARGET inline void accum_block(float* O, int64_t ldo, const float* P,
-                                       const c10::BFloat16* const* vrows, int64_t nc, int64_t d0,
-                                       const float* alpha, __mmask16 last) {
+template <int RB, int W, class Row>
+GENEXT_CPU_TARGET_V4 inline void accum_block(float* O, int64_t ldo, const float* P,
+                                             const Row* const* vrows, int64_t nc, int64_t d0,
+                                             const float* alpha, __mmask16 last) {
   f32x16 acc[RB][W];
 #pragma GCC unroll 16
   for (int r = 0; r < RB; ++r) {
@@ -90,24 +100,25 @@ KV_BF16_TARGET inline void accum_block(float* O, int64_t ldo, const float* P,
 #pragma GCC unroll 16
     for (int w = 0; w < W; ++w) odd[w] = _mm512_setzero_ps();
     for (; j + 2 <= nc; j += 2) {
-      const uint16_t* v0 = reinterpret_cast<const uint16_t*>(vrows[j]) + d0;
-      const uint16_t* v1 = reinterpret_cast<const uint16_t*>(vrows[j + 1]) + d0;
+      const Row* v0 = at(vrows[j], d0);
+      const Row* v1 = at(vrows[j + 1], d0);
       const __m512 p0 = _mm512_set1_ps(P[j]), p1 = _mm512_set1_ps(P[j + 1]);
 #pragma GCC unroll 16
       for (int w = 0; w < W; ++w) {
         const __mmask16 m = w == W - 1 ? last : __mmask16(0xFFFF);
-        acc[0][w] = _mm512_fmadd_ps(p0, widen16(v0 + 16 * w, m), acc[0][w]);
-        odd[w] = _mm512_fmadd_ps(p1, widen16(v1 + 16 * w, m), odd[w]);
+        acc[0][w] = _mm512_fmadd_ps(p0, load16(at(v0, 16 * w), m), acc[0][w]);
+        odd[w] = _mm512_fmadd_ps(p1, load16(at(v1, 16 * w), m), odd[w]);
       }
     }
 #pragma GCC unroll 16
     for (int w = 0; w < W; ++w) acc[0][w] = _mm512_add_ps(acc[0][w], odd[w]);
   }
   for (; j < nc; ++j) {
-    const uint16_t* v = reinterpret_cast<const uint16_t*>(vrows[j]) + d0;
+    const Row* v = at(vrows[j], d0);
     f32x16 vv[W];
 #pragma GCC unroll 16
-    for (int w = 0; w < W; ++w) vv[w] = widen16(v + 16 * w, w == W - 1 ? last : __mmask16(0xFFFF));
+    for (int w = 0; w < W; ++w)
+      vv[w] = load16(at(v, 16 * w), w == W - 1 ? last : __mmask16(0xFFFF));
 #pragma GCC unroll 16
     for (int r = 0; r < RB; ++r) {
       const __m512 p = _mm512_set1_ps(P[r * kTile + j]);
@@ -123,21 +134,37 @@ KV_BF16_TARGET inline void accum_block(float* O, int64_t ldo, const float* P,
 
 // Blocks of RB rows over the head dim in chunks of up to 64 elements (4 x 4 accumulators and 4
 // value vectors fit the 32 registers).
-template <int RB>
-KV_BF16_TARGET inline void accum_rows(float* O, int64_t ldo, const float* P,
-                                      const c10::BFloat16* const* vrows, int64_t nc, int64_t D,
-                                      const float* alpha) {
+template <int RB, class Row>
+GENEXT_CPU_TARGET_V4 inline void accum_rows(float* O, int64_t ldo, const float* P,
+                                            const Row* const* vrows, int64_t nc, int64_t D,
+                                            const float* alpha) {
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     const int64_t left = D - d0;
     const int nv = int(std::min<int64_t>(4, (left + 15) / 16));
     const int64_t in_last = left - 16 * (nv - 1);  // 1..16 elements
     const __mmask16 last = in_last >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << in_last) - 1);
     switch (nv) {
-      case 4: accum_block<RB, 4>(O, ldo, P, vrows, nc, d0, alpha, last); break;
-      case 3: accum_block<RB, 3>(O, ldo, P, vrows, nc, d0, alpha, last); break;
-      case 2: accum_block<RB, 2>(O, ldo, P, vrows, nc, d0, alpha, last); break;
-      default: accum_block<RB, 1>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      case 4: accum_block<RB, 4, Row>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      case 3: accum_block<RB, 3, Row>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      case 2: accum_block<RB, 2, Row>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      default: accum_block<RB, 1, Row>(O, ldo, P, vrows, nc, d0, alpha, last); break;
     }
+  }
+}
+
+// All nr rows: blocks of 4, then the 1 to 3 left.
+template <class Row>
+GENEXT_CPU_TARGET_V4 inline void accum_all(float* O, int64_t ldo, int64_t nr, const float* P,
+                                           const Row* const* vrows, int64_t nc, int64_t D,
+                                           const float* alpha) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4)
+    accum_rows<4>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r);
+  switch (nr - r) {
+    case 3: accum_rows<3>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r); break;
+    case 2: accum_rows<2>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r); break;
+    case 1: accum_rows<1>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r); break;
+    default: break;
   }
 }
 
@@ -181,15 +208,45 @@ KV_BF16_TARGET void scores_bf16(const uint16_t* Q, int64_t ldq, int64_t nr,
 KV_BF16_TARGET void accum_bf16(float* O, int64_t ldo, int64_t nr, const float* P,
                                const c10::BFloat16* const* vrows, int64_t nc, int64_t D,
                                const float* alpha) {
-  int64_t r = 0;
-  for (; r + 4 <= nr; r += 4)
-    accum_rows<4>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r);
-  switch (nr - r) {
-    case 3: accum_rows<3>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r); break;
-    case 2: accum_rows<2>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r); break;
-    case 1: accum_rows<1>(O + r * ldo, ldo, P + r * kTile, vrows, nc, D, alpha + r); break;
-    default: break;
+  accum_all(O, ldo, nr, P, vrows, nc, D, alpha);
+}
+
+GENEXT_CPU_TARGET_V4 void scores_f32x16(const float* Q, int64_t ldq, int64_t nr,
+                                        const float* const* krows, int64_t nc, int64_t D,
+                                        float* S) {
+  const int64_t full = D / 16, rem = D % 16;
+  const __mmask16 tail = rem ? __mmask16((1u << rem) - 1) : __mmask16(0);
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* q = Q + r * ldq;
+    for (int64_t j0 = 0; j0 < nc; j0 += 8) {
+      const float* const* k = krows + j0;
+      f32x16 acc[8];
+#pragma GCC unroll 16
+      for (int u = 0; u < 8; ++u) acc[u] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < full; ++c) {
+        const __m512 qv = _mm512_loadu_ps(q + 16 * c);
+#pragma GCC unroll 16
+        for (int u = 0; u < 8; ++u)
+          acc[u] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[u] + 16 * c), acc[u]);
+      }
+      if (rem) {  // both rows end at D (the query's padding is not zeroed)
+        const __m512 qv = _mm512_maskz_loadu_ps(tail, q + 16 * full);
+#pragma GCC unroll 16
+        for (int u = 0; u < 8; ++u)
+          acc[u] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, k[u] + 16 * full), acc[u]);
+      }
+      simd::f32x8 h[8];
+#pragma GCC unroll 16
+      for (int u = 0; u < 8; ++u) h[u] = fold16(acc[u]);
+      simd::store(S + r * kTile + j0, tiles::sum8(h));
+    }
   }
+}
+
+GENEXT_CPU_TARGET_V4 void accum_f32x16(float* O, int64_t ldo, int64_t nr, const float* P,
+                                       const float* const* vrows, int64_t nc, int64_t D,
+                                       const float* alpha) {
+  accum_all(O, ldo, nr, P, vrows, nc, D, alpha);
 }
 
 KV_BF16_TARGET void store_bf16(const float* O, float inv, int64_t D, uint16_t* out) {
@@ -218,6 +275,13 @@ void accum_bf16(float*, int64_t, int64_t, const float*, const c10::BFloat16* con
   __builtin_trap();
 }
 void store_bf16(const float*, float, int64_t, uint16_t*) { __builtin_trap(); }
+void scores_f32x16(const float*, int64_t, int64_t, const float* const*, int64_t, int64_t, float*) {
+  __builtin_trap();
+}
+void accum_f32x16(float*, int64_t, int64_t, const float*, const float* const*, int64_t, int64_t,
+                  const float*) {
+  __builtin_trap();
+}
 
 #endif
 
