@@ -47,9 +47,10 @@
 namespace genext::simd {
 
 // The highest level cpu_level() reports (4 unless lowered): tests lower it to run GroupNorm's
-// 8-lane loops on a machine of a higher level. Only routines that may switch level between two
-// calls of one op read cpu_level(); the others (flash attention's, whose row padding is fixed per
-// call) and GENEXT_CPU_CLONES versions follow the machine alone.
+// 8-lane loops and the decode attention's 8-lane float tiles on a machine of a higher level. Only
+// routines that may switch level between two calls of one op read cpu_level(); the others (flash
+// attention's, whose row padding is fixed per call) and GENEXT_CPU_CLONES versions follow the
+// machine alone.
 inline std::atomic<int>& cpu_level_cap() {
   static std::atomic<int> cap{4};
   return cap;

@@ -14,8 +14,8 @@
 //      softmax (running maximum m and sum l per row, O rescaled by alpha = exp(m_old - m_new) when
 //      m grows) runs on 8-lane vectors; the update
 //      O[r] = alpha[r] O[r] + sum_j P[r][j] v_j keeps up to 64 elements of O[r] in registers over
-//      the tile's keys. float64 uses the 16-lane routines below. float32/float64 rows are read in
-//      place in the cache; float16/bfloat16 rows are first widened into a [kTile][D] float tile,
+//      the tile's keys. float64 uses the generic routines below. float32/float64 rows are read in
+//      place in the cache; float16/bfloat16 rows are first widened into a [kTile][Dp] float tile,
 //      except bfloat16 rows on CPUs with AVX512-BF16, read in place by kvcache_avx512_cpu.h's
 //      routines (scores on vdpbf16ps, value rows widened in registers).
 //      The next tile's row pointers are computed (paged: stepping block and slot, no division
@@ -205,7 +205,8 @@ GENEXT_INLINE void accum_impl(T* O, int64_t ldo, int64_t nr, const T* P, const T
 
 KV_ENTRY_POINTS(double, )
 
-// float: the 8-lane routines of kvcache_tiles_cpu.h.
+// float: the 8-lane routines of kvcache_tiles_cpu.h, or at level 4 the 16-lane ones of
+// kvcache_avx512_cpu.h.
 
 // ---- problem layout -----------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 // The AVX-512 tile routines of kvcache_avx512_cpu.h: intrinsics in functions compiled for
-// x86-64-v4 (with AVX512-BF16 for the bfloat16 scores), called only where the CPU has them
-// (bf16_dot_supported(), f32x16_enabled()).
+// x86-64-v4 (with AVX512-BF16 for the bfloat16 routines), called only where the kernel uses them
+// (bf16_dot_enabled(), f32x16_enabled()).
 #include "kvcache_attention/kvcache_avx512_cpu.h"
 
 #include <algorithm>
@@ -61,8 +61,7 @@ GENEXT_CPU_TARGET_V4 inline simd::f32x8 fold16(__m512 a) {
   return __builtin_bit_cast(simd::f32x8, _mm256_add_ps(lo, hi));
 }
 
-// Sixteen values of a row as float (the lanes of n_mask only; nothing past them is read), and the
-// row's elements as the loads take them.
+// Sixteen values of a row as float (the lanes of n_mask only; nothing past them is read).
 GENEXT_CPU_TARGET_V4 inline __m512 load16(const c10::BFloat16* p, __mmask16 n_mask) {
   const __m256i raw = _mm256_maskz_loadu_epi16(n_mask, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
@@ -70,18 +69,19 @@ GENEXT_CPU_TARGET_V4 inline __m512 load16(const c10::BFloat16* p, __mmask16 n_ma
 GENEXT_CPU_TARGET_V4 inline __m512 load16(const float* p, __mmask16 n_mask) {
   return _mm512_maskz_loadu_ps(n_mask, p);
 }
+// Element d of a row (c10::BFloat16 is incomplete here: stepped as uint16_t).
 inline const c10::BFloat16* at(const c10::BFloat16* row, int64_t d) {
   return reinterpret_cast<const c10::BFloat16*>(reinterpret_cast<const uint16_t*>(row) + d);
 }
 inline const float* at(const float* row, int64_t d) { return row + d; }
 
 // Rows [0, RB) of the block at O (stride ldo), elements [d0, d0 + 16 W): alpha-scaled, then the
-// value rows added with their weights. Each value vector is widened once for the RB rows; `last`
-// masks the elements of the last vector that lie inside the head dim. A single row keeps a second
-// sum for the odd keys, added after the pairs of keys: one sum's chain of 4-cycle FMAs would bound
-// its speed. The loops over rows and vectors are unrolled before GCC decides where the arrays
-// live: left to later passes, it keeps them in memory besides the registers and stores every
-// accumulator on each key.
+// value rows added with their weights. Each value vector is loaded (widened from bfloat16) once
+// for the RB rows; `last` masks the elements of the last vector that lie inside the head dim. A
+// single row keeps a second sum for the odd keys, added after the pairs of keys: one sum's chain
+// of 4-cycle FMAs would bound its speed. The loops over rows and vectors are unrolled before GCC
+// decides where the arrays live: left to later passes, it keeps them in memory besides the
+// registers and stores every accumulator on each key.
 template <int RB, int W, class Row>
 GENEXT_CPU_TARGET_V4 inline void accum_block(float* O, int64_t ldo, const float* P,
                                              const Row* const* vrows, int64_t nc, int64_t d0,
@@ -264,7 +264,7 @@ KV_BF16_TARGET void store_bf16(const float* O, float inv, int64_t D, uint16_t* o
   }
 }
 
-#else  // no per-ISA versions: bf16_dot_supported() is false and these are never called
+#else  // no per-ISA versions: bf16_dot_supported() and f32x16_enabled() are false, these never run
 
 void scores_bf16(const uint16_t*, int64_t, int64_t, const c10::BFloat16* const*, int64_t, int64_t,
                  float, float*) {

@@ -202,7 +202,7 @@ def test_grid_float32(device, lq, heads, causal, append):
 
 
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
-def test_cpu_key_splits_match_one_thread(block_size):
+def test_cpu_key_splits_match_one_thread(cpu_loop_level, block_size):
     # fewer (sequence, kv head) pairs than threads: the CPU kernel splits the keys over threads
     # and merges the partial results by their lse; one sequence is empty, one ends mid-split
     q, kn, vn = rand(2, 4, 4, 64), rand(2, 4, 1, 64), rand(2, 4, 1, 64)
