@@ -155,14 +155,14 @@ def attention_with_kvcache(
         # at no cost; elsewhere they are made here, before the values are read on the host.
         _check_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
         added = q.shape[1] if k_new is not None else 0
+        # values are read only where they are on q's device (else the op raises its device
+        # error) and exist (meta tensors: the fake kernel checks shapes only)
         if (
             check_values
             and not _must_not_sync(q)
             and cache_seqlens.device == q.device
-            and (
-                block_table is None or block_table.device == q.device
-            )  # else the op's device error
-            and q.device.type != "meta"  # no values to read: the fake kernel checks shapes only
+            and (block_table is None or block_table.device == q.device)
+            and q.device.type != "meta"
         ):
             if block_table is not None:
                 capacity = block_table.shape[1] * k_cache.shape[1]
