@@ -61,30 +61,21 @@ GENEXT_CPU_TARGET_V4 inline simd::f32x8 fold16(__m512 a) {
   return __builtin_bit_cast(simd::f32x8, _mm256_add_ps(lo, hi));
 }
 
-// Sixteen values of a row as float (the lanes of n_mask only; nothing past them is read).
-GENEXT_CPU_TARGET_V4 inline __m512 load16(const c10::BFloat16* p, __mmask16 n_mask) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(n_mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-GENEXT_CPU_TARGET_V4 inline __m512 load16(const float* p, __mmask16 n_mask) {
-  return _mm512_maskz_loadu_ps(n_mask, p);
-}
 // Element d of a row (c10::BFloat16 is incomplete here: stepped as uint16_t).
 inline const c10::BFloat16* at(const c10::BFloat16* row, int64_t d) {
   return reinterpret_cast<const c10::BFloat16*>(reinterpret_cast<const uint16_t*>(row) + d);
 }
-inline const float* at(const float* row, int64_t d) { return row + d; }
 
 // Rows [0, RB) of the block at O (stride ldo), elements [d0, d0 + 16 W): alpha-scaled, then the
-// value rows added with their weights. Each value vector is loaded (widened from bfloat16) once
-// for the RB rows; `last` masks the elements of the last vector that lie inside the head dim. A
-// single row keeps a second sum for the odd keys, added after the pairs of keys: one sum's chain
-// of 4-cycle FMAs would bound its speed. The loops over rows and vectors are unrolled before GCC
-// decides where the arrays live: left to later passes, it keeps them in memory besides the
-// registers and stores every accumulator on each key.
-template <int RB, int W, class Row>
+// float value rows added with their weights. Each value vector is loaded once for the RB rows;
+// `last` masks the elements of the last vector that lie inside the head dim. A single row keeps a
+// second sum for the odd keys, added after the pairs of keys: one sum's chain of 4-cycle FMAs would
+// bound its speed. The loops over rows and vectors are unrolled before GCC decides where the arrays
+// live: left to later passes, it keeps them in memory besides the registers and stores every
+// accumulator on each key.
+template <int RB, int W>
 GENEXT_CPU_TARGET_V4 inline void accum_block(float* O, int64_t ldo, const float* P,
-                                             const Row* const* vrows, int64_t nc, int64_t d0,
+                                             const float* const* vrows, int64_t nc, int64_t d0,
                                              const float* alpha, __mmask16 last) {
   f32x16 acc[RB][W];
 #pragma GCC unroll 16
@@ -100,25 +91,25 @@ GENEXT_CPU_TARGET_V4 inline void accum_block(float* O, int64_t ldo, const float*
 #pragma GCC unroll 16
     for (int w = 0; w < W; ++w) odd[w] = _mm512_setzero_ps();
     for (; j + 2 <= nc; j += 2) {
-      const Row* v0 = at(vrows[j], d0);
-      const Row* v1 = at(vrows[j + 1], d0);
+      const float* v0 = vrows[j] + d0;
+      const float* v1 = vrows[j + 1] + d0;
       const __m512 p0 = _mm512_set1_ps(P[j]), p1 = _mm512_set1_ps(P[j + 1]);
 #pragma GCC unroll 16
       for (int w = 0; w < W; ++w) {
         const __mmask16 m = w == W - 1 ? last : __mmask16(0xFFFF);
-        acc[0][w] = _mm512_fmadd_ps(p0, load16(at(v0, 16 * w), m), acc[0][w]);
-        odd[w] = _mm512_fmadd_ps(p1, load16(at(v1, 16 * w), m), odd[w]);
+        acc[0][w] = _mm512_fmadd_ps(p0, _mm512_maskz_loadu_ps(m, v0 + 16 * w), acc[0][w]);
+        odd[w] = _mm512_fmadd_ps(p1, _mm512_maskz_loadu_ps(m, v1 + 16 * w), odd[w]);
       }
     }
 #pragma GCC unroll 16
     for (int w = 0; w < W; ++w) acc[0][w] = _mm512_add_ps(acc[0][w], odd[w]);
   }
   for (; j < nc; ++j) {
-    const Row* v = at(vrows[j], d0);
+    const float* v = vrows[j] + d0;
     f32x16 vv[W];
 #pragma GCC unroll 16
     for (int w = 0; w < W; ++w)
-      vv[w] = load16(at(v, 16 * w), w == W - 1 ? last : __mmask16(0xFFFF));
+      vv[w] = _mm512_maskz_loadu_ps(w == W - 1 ? last : __mmask16(0xFFFF), v + 16 * w);
 #pragma GCC unroll 16
     for (int r = 0; r < RB; ++r) {
       const __m512 p = _mm512_set1_ps(P[r * kTile + j]);
@@ -132,11 +123,123 @@ GENEXT_CPU_TARGET_V4 inline void accum_block(float* O, int64_t ldo, const float*
     for (int w = 0; w < W; ++w) _mm512_storeu_ps(O + r * ldo + d0 + 16 * w, acc[r][w]);
 }
 
+// Elements [0, 32) of a bfloat16 row's chunk as float: the even elements (2i in lane i) and the
+// odd ones (2i + 1 in lane i), one integer op each on a single load (a bfloat16 is the high half
+// of its float; element 2i is the low half of 32-bit lane i and 2i + 1 its high half). Widening
+// sixteen elements in order takes a shuffle and a shift instead, and the shuffles and FMAs of
+// 16-lane vectors share two ports.
+struct EvenOdd {
+  __m512 even, odd;
+};
+GENEXT_CPU_TARGET_V4 inline EvenOdd load32(const c10::BFloat16* p, __mmask32 n_mask) {
+  const __m512i raw = _mm512_maskz_loadu_epi16(n_mask, p);
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)),
+          _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int32_t(0xFFFF0000u))))};
+}
+
+// accum_block for bfloat16 rows, on the even/odd split of load32: rows [0, RB) of the block at O,
+// elements [d0, d0 + 32 C). The accumulators hold each 32-element chunk as its even and odd
+// elements; O is split into them when loaded and interleaved back when stored (four shuffles a
+// chunk per tile of keys, against two per 16 elements for every key). `last` masks the elements
+// of the last chunk inside the head dim; O's rows end at the next multiple of 16 (`hi_last`:
+// whether the last chunk's upper 16 elements are inside it).
+template <int RB, int C>
+GENEXT_CPU_TARGET_V4 inline void accum_block_eo(float* O, int64_t ldo, const float* P,
+                                                const c10::BFloat16* const* vrows, int64_t nc,
+                                                int64_t d0, const float* alpha, __mmask32 last,
+                                                bool hi_last) {
+  const __m512i even_idx =
+      _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd_idx = _mm512_add_epi32(even_idx, _mm512_set1_epi32(1));
+  const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+  f32x16 ev[RB][C], od[RB][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < RB; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      const float* o = O + r * ldo + d0 + 32 * c;
+      const __m512 lo = _mm512_loadu_ps(o);
+      const __m512 hi = c == C - 1 && !hi_last ? _mm512_setzero_ps() : _mm512_loadu_ps(o + 16);
+      ev[r][c] = _mm512_mul_ps(a, _mm512_permutex2var_ps(lo, even_idx, hi));
+      od[r][c] = _mm512_mul_ps(a, _mm512_permutex2var_ps(lo, odd_idx, hi));
+    }
+  }
+  int64_t j = 0;
+  if constexpr (RB == 1) {  // a second pair of sums for the odd keys, as in accum_block
+    f32x16 ev2[C], od2[C];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) ev2[c] = od2[c] = _mm512_setzero_ps();
+    for (; j + 2 <= nc; j += 2) {
+      const c10::BFloat16* v0 = at(vrows[j], d0);
+      const c10::BFloat16* v1 = at(vrows[j + 1], d0);
+      const __m512 p0 = _mm512_set1_ps(P[j]), p1 = _mm512_set1_ps(P[j + 1]);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) {
+        const __mmask32 m = c == C - 1 ? last : __mmask32(0xFFFFFFFFu);
+        const EvenOdd x0 = load32(at(v0, 32 * c), m), x1 = load32(at(v1, 32 * c), m);
+        ev[0][c] = _mm512_fmadd_ps(p0, x0.even, ev[0][c]);
+        od[0][c] = _mm512_fmadd_ps(p0, x0.odd, od[0][c]);
+        ev2[c] = _mm512_fmadd_ps(p1, x1.even, ev2[c]);
+        od2[c] = _mm512_fmadd_ps(p1, x1.odd, od2[c]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      ev[0][c] = _mm512_add_ps(ev[0][c], ev2[c]);
+      od[0][c] = _mm512_add_ps(od[0][c], od2[c]);
+    }
+  }
+  for (; j < nc; ++j) {
+    const c10::BFloat16* v = at(vrows[j], d0);
+    EvenOdd x[C];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c)
+      x[c] = load32(at(v, 32 * c), c == C - 1 ? last : __mmask32(0xFFFFFFFFu));
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) {
+      const __m512 p = _mm512_set1_ps(P[r * kTile + j]);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) {
+        ev[r][c] = _mm512_fmadd_ps(p, x[c].even, ev[r][c]);
+        od[r][c] = _mm512_fmadd_ps(p, x[c].odd, od[r][c]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      float* o = O + r * ldo + d0 + 32 * c;
+      _mm512_storeu_ps(o, _mm512_permutex2var_ps(ev[r][c], lo_idx, od[r][c]));
+      if (c < C - 1 || hi_last)
+        _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(ev[r][c], hi_idx, od[r][c]));
+    }
+}
+
 // Blocks of RB rows over the head dim in chunks of up to 64 elements (4 x 4 accumulators and 4
-// value vectors fit the 32 registers).
-template <int RB, class Row>
+// value vectors fit the 32 registers): float rows in 16-lane vectors, bfloat16 rows in 32-element
+// even/odd chunks.
+template <int RB>
 GENEXT_CPU_TARGET_V4 inline void accum_rows(float* O, int64_t ldo, const float* P,
-                                            const Row* const* vrows, int64_t nc, int64_t D,
+                                            const c10::BFloat16* const* vrows, int64_t nc,
+                                            int64_t D, const float* alpha) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int64_t left = std::min<int64_t>(64, D - d0);
+    const int64_t in_last = left - (left > 32 ? 32 : 0);  // 1..32 elements
+    const __mmask32 last =
+        in_last >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((uint32_t(1) << in_last) - 1);
+    const bool hi_last = in_last > 16;
+    if (left > 32)
+      accum_block_eo<RB, 2>(O, ldo, P, vrows, nc, d0, alpha, last, hi_last);
+    else
+      accum_block_eo<RB, 1>(O, ldo, P, vrows, nc, d0, alpha, last, hi_last);
+  }
+}
+template <int RB>
+GENEXT_CPU_TARGET_V4 inline void accum_rows(float* O, int64_t ldo, const float* P,
+                                            const float* const* vrows, int64_t nc, int64_t D,
                                             const float* alpha) {
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     const int64_t left = D - d0;
@@ -144,10 +247,10 @@ GENEXT_CPU_TARGET_V4 inline void accum_rows(float* O, int64_t ldo, const float* 
     const int64_t in_last = left - 16 * (nv - 1);  // 1..16 elements
     const __mmask16 last = in_last >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << in_last) - 1);
     switch (nv) {
-      case 4: accum_block<RB, 4, Row>(O, ldo, P, vrows, nc, d0, alpha, last); break;
-      case 3: accum_block<RB, 3, Row>(O, ldo, P, vrows, nc, d0, alpha, last); break;
-      case 2: accum_block<RB, 2, Row>(O, ldo, P, vrows, nc, d0, alpha, last); break;
-      default: accum_block<RB, 1, Row>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      case 4: accum_block<RB, 4>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      case 3: accum_block<RB, 3>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      case 2: accum_block<RB, 2>(O, ldo, P, vrows, nc, d0, alpha, last); break;
+      default: accum_block<RB, 1>(O, ldo, P, vrows, nc, d0, alpha, last); break;
     }
   }
 }
