@@ -19,8 +19,8 @@
 //      except bfloat16 rows on CPUs with AVX512-BF16, read in place by kvcache_avx512_cpu.h's
 //      routines (scores on vdpbf16ps, value rows widened in registers).
 //      The next tile's row pointers are computed (paged: stepping block and slot, no division
-//      per row) and its rows prefetched into L2 while a tile is computed (rows of one head are
-//      far apart in memory, a stride the hardware prefetchers do not follow).
+//      per row) and its rows prefetched while a tile is computed (rows of one head are far
+//      apart in memory, a stride the hardware prefetchers do not follow).
 //
 // Threads (common/cpu_parallel.h): the tasks run on the calling thread unless their estimated
 // work (task_ns) is worth a team. Splits ("flash-decoding" on the CPU): when batch x kv heads
@@ -262,17 +262,21 @@ void check_values(const Problem& p, const int32_t* lens, const int32_t* table) {
   }
 }
 
-// Asks for rows [j0, j0 + n) of head h of sequence b to be brought into L2. Consecutive rows of a
-// head are Hk * D elements apart (or in different blocks), often a page or more, which the
-// hardware prefetchers do not follow: without this every row starts with a full memory latency
-// (measured: 2.4x slower on a 67 MB fp32 cache with Hk = 8, D = 128). The prefetch is an asm
-// statement because GCC treats __builtin_prefetch as free of side effects and deleted whole
-// prefetch loops here.
-GENEXT_INLINE void prefetch_l2(const void* p) {
+// Asks for the line holding p to be brought into L1 (and L2). Consecutive rows of a head are
+// Hk * D elements apart (or in different blocks), often a page or more, which the hardware
+// prefetchers do not follow: without this every row starts with a full memory latency (measured:
+// 2.4x slower on a 67 MB fp32 cache with Hk = 8, D = 128). Into L1 rather than L2 only: on caches
+// far larger than L2 (a model's layers in turn) prefetcht0 took 8-18% less time than prefetcht1
+// at bf16 D = 64 and 4-15% at D = 128, float32 and bf16 (a 2-core Xeon, AVX-512, one thread);
+// on one cache that stays in L2 it was 0-5% slower in most cases and up to 12-20% in single runs
+// (the decode step of a model reads each layer's cache once, so the first case is the one that
+// counts). The prefetch is an asm statement because GCC treats __builtin_prefetch as free of side
+// effects and deleted whole prefetch loops here.
+GENEXT_INLINE void prefetch_line(const void* p) {
 #if defined(__x86_64__) || defined(__i386__)
-  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
 #else
-  __builtin_prefetch(p, 0, 2);
+  __builtin_prefetch(p, 0, 3);
 #endif
 }
 
@@ -308,46 +312,62 @@ T* scratch(int64_t n) {
   return reinterpret_cast<T*>((p + 63) / 64 * 64);
 }
 
-// Pointers to rows [j0, j0 + n) of head h of sequence b; for a paged cache the block and slot are
-// stepped instead of divided per row.
+// Prefetches every 64-byte line of n rows of `bytes` bytes, `stride` bytes apart from p on. When
+// the stride is a multiple of 64 every row starts at the same offset in its line, so the lines of
+// a row are counted once and each row costs its prefetches and an add: with the rows in cache
+// already (a cache read again and again) the bookkeeping of a per-row count cost about as much as
+// the prefetches themselves.
+inline void prefetch_run(const char* p, int64_t stride, int64_t n, int64_t bytes) {
+  if (n <= 0 || bytes <= 0) return;
+  const int64_t offset = int64_t(reinterpret_cast<uintptr_t>(p) & 63);
+  if (stride % 64 != 0) {  // each row from the line of its first byte to that of its last
+    for (int64_t j = 0; j < n; ++j, p += stride) {
+      const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+      const uintptr_t last = reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes - 1);
+      for (uintptr_t a = first; a <= last; a += 64) prefetch_line(reinterpret_cast<const char*>(a));
+    }
+    return;
+  }
+  const int64_t lines = (offset + bytes + 63) / 64;
+  const char* a = p - offset;
+  switch (lines) {
+    case 1:
+      for (int64_t j = 0; j < n; ++j, a += stride) prefetch_line(a);
+      return;
+    case 2:
+      for (int64_t j = 0; j < n; ++j, a += stride) {
+        prefetch_line(a);
+        prefetch_line(a + 64);
+      }
+      return;
+    default:
+      for (int64_t j = 0; j < n; ++j, a += stride)
+        for (int64_t l = 0; l < lines; ++l) prefetch_line(a + 64 * l);
+      return;
+  }
+}
+
+// Pointers to rows [j0, j0 + n) of head h of sequence b, and the rows (`bytes` bytes each)
+// prefetched; for a paged cache the block and slot are stepped instead of divided per row, and
+// each block's rows prefetched as one run.
 template <class S>
-inline void tile_rows(const Rows<S>& c, int64_t b, int64_t j0, int64_t n, int64_t h,
+inline void tile_rows(const Rows<S>& c, int64_t b, int64_t j0, int64_t n, int64_t h, int64_t bytes,
                       const S** out) {
+  const int64_t stride = c.s1 * int64_t(sizeof(S));
   if (!c.table) {
     const S* p = c.p + b * c.s0 + j0 * c.s1 + h * c.s2;
+    prefetch_run(reinterpret_cast<const char*>(p), stride, n, bytes);
     for (int64_t j = 0; j < n; ++j) out[j] = p + j * c.s1;
     return;
   }
   const int32_t* tab = c.table + b * c.max_blocks;
   int64_t blk = j0 / c.block_size, slot = j0 % c.block_size;
-  const S* base = c.p + tab[blk] * c.s0 + h * c.s2;
-  for (int64_t j = 0; j < n; ++j) {
-    out[j] = base + slot * c.s1;
-    if (++slot == c.block_size && j + 1 < n) {
-      slot = 0;
-      base = c.p + tab[++blk] * c.s0 + h * c.s2;
-    }
-  }
-}
-
-// Every 64-byte line that n rows of `bytes` bytes touch. Rows of up to 128 bytes (a head of 64
-// 16-bit or 32 float elements: at most three lines) go without an inner loop, whose bookkeeping
-// costs about as much as the prefetches when the rows are in cache already.
-inline void prefetch_ptrs(const void* const* rows, int64_t n, int64_t bytes) {
-  if (bytes <= 0) return;
-  if (bytes <= 128) {  // the lines of p and p + bytes - 1, and of p + 64 if a third lies between
-    for (int64_t j = 0; j < n; ++j) {
-      const char* p = static_cast<const char*>(rows[j]);
-      prefetch_l2(p);
-      if (int64_t(reinterpret_cast<uintptr_t>(p) & 63) + bytes > 128) prefetch_l2(p + 64);
-      prefetch_l2(p + bytes - 1);
-    }
-    return;
-  }
-  for (int64_t j = 0; j < n; ++j) {  // from the line holding the row's first byte to its last's
-    const uintptr_t first = reinterpret_cast<uintptr_t>(rows[j]) & ~uintptr_t(63);
-    const uintptr_t last = reinterpret_cast<uintptr_t>(rows[j]) + uintptr_t(bytes - 1);
-    for (uintptr_t a = first; a <= last; a += 64) prefetch_l2(reinterpret_cast<const char*>(a));
+  for (int64_t j = 0; j < n; ++blk, slot = 0) {  // the rows of one block at a time
+    const S* p = c.p + tab[blk] * c.s0 + slot * c.s1 + h * c.s2;
+    const int64_t m = std::min(n - j, c.block_size - slot);
+    prefetch_run(reinterpret_cast<const char*>(p), stride, m, bytes);
+    for (int64_t k = 0; k < m; ++k) out[j + k] = p + k * c.s1;
+    j += m;
   }
 }
 
@@ -429,12 +449,10 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
     const T* vrows[kTile];
     const int64_t row_bytes = D * itemsize;
     // Rows [j0, j0 + n) of head h of sequence b: their pointers into buffer `buf`, and the rows
-    // asked into L2.
+    // prefetched.
     auto load_tile = [&](int64_t b, int64_t j0, int64_t n, int64_t h, int buf) {
-      tile_rows(kc, b, j0, n, h, ks[buf]);
-      tile_rows(vc, b, j0, n, h, vs[buf]);
-      prefetch_ptrs(reinterpret_cast<const void* const*>(ks[buf]), n, row_bytes);
-      prefetch_ptrs(reinterpret_cast<const void* const*>(vs[buf]), n, row_bytes);
+      tile_rows(kc, b, j0, n, h, row_bytes, ks[buf]);
+      tile_rows(vc, b, j0, n, h, row_bytes, vs[buf]);
     };
     // The first tile of task t into buffer `buf`. Called for the next task during a task's last
     // tile, so that a task's first keys are on their way before it starts (tasks of a few short
