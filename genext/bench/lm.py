@@ -269,6 +269,22 @@ def _near_greedy(
     return ok, f"greedy within 2x peer err ({ties} near ties; worst excess {worst:.1e})"
 
 
+def float_reference(peer: torch.nn.Module) -> torch.nn.Module:
+    """transformers' model in float32 with the weights the run holds (their 16-bit values) and
+    its rotary frequencies computed again in float32. Casting the model to 16 bits rounds those
+    buffers too (``inv_freq`` to 8 bits of mantissa, so the angles drift by up to 2^-9 of
+    position x frequency), and a float32 copy would keep them rounded: a reference carrying an
+    error of the peer's own, which held genext (whose frequencies stay float32) to it."""
+    ref = copy.deepcopy(peer).float()
+    for name, mod in list(ref.named_modules()):
+        if isinstance(getattr(mod, "inv_freq", None), torch.Tensor) and hasattr(mod, "config"):
+            with torch.device(mod.inv_freq.device):
+                fresh = type(mod)(mod.config)
+            parent, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent) if parent else ref, attr, fresh)
+    return ref
+
+
 def lm_check(case: LMCase, config: Config, dtype: torch.dtype, inputs: dict):
     """Runs every implementation once (its warm-up, a compile included) and checks its tokens
     against transformers' (SDPA, dynamic cache): equal in float32, greedy under the float32
@@ -285,7 +301,7 @@ def lm_check(case: LMCase, config: Config, dtype: torch.dtype, inputs: dict):
     # 16-bit: teacher-forced checks on at most 8 sequences, by a float32 copy of the model
     rows = min(case.batch, 8)
     exact = dtype in (torch.float32, torch.float64)
-    ref_model = None if exact else copy.deepcopy(inputs["peer"]).float()
+    ref_model = None if exact else float_reference(inputs["peer"])
     for impl in impls(case, config):
         key = _key(case.name, dtype, impl)
         try:

@@ -4,6 +4,7 @@ figures and passes its check, and the check fails when genext's model computes s
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -65,6 +66,24 @@ def test_check_passes_on_equal_weights_and_fails_on_different_ones(dtype):
     assert ok is False, note
     assert "genext:" in note and "genext paged:" in note
     assert "transformers static:" not in note and "transformers+genext-attn:" not in note
+
+
+def test_float_reference_computes_the_rotary_frequencies_in_float32():
+    # casting transformers' model to bfloat16 rounds its rotary frequencies (buffers), and a float32
+    # copy kept them rounded: at 128 positions its logits were 1.7 off genext's float32 model (whose
+    # frequencies stay float32), an error of the reference that the 16-bit check held genext to
+    inputs = lm_bench.lm_inputs(TINY, torch.bfloat16, "cpu")
+    ref = lm_bench.float_reference(inputs["peer"])
+    assert all(b.dtype == torch.float32 for b in ref.buffers())
+    assert all(p.dtype == torch.float32 for p in ref.parameters())
+    ids = torch.randint(1, TINY.config["vocab_size"], (2, 128), generator=torch.Generator())
+    ours = copy.deepcopy(inputs["genext"]).float()
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = ours(ids).logits
+    assert (got - want).abs().max().item() < 1e-3
+    # the 16-bit model itself is left as it was
+    assert inputs["peer"].model.rotary_emb.inv_freq.dtype == torch.bfloat16
 
 
 def test_case_lists():
