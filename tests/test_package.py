@@ -140,6 +140,29 @@ def test_import_genext_needs_no_numpy():
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)
 
 
+def test_first_op_calls_do_not_import_sympy():
+    # torch._check* import torch's symbolic-shapes module and sympy on first use (0.4-0.7 s on the
+    # first genext call of a process); the ops' argument checks decide plain bools themselves
+    code = (
+        "import sys, torch, genext\n"
+        "from genext import ops\n"
+        "q = torch.randn(1, 2, 8, 16, requires_grad=True)\n"
+        "ops.flash_attention(q, q, q, causal=True).sum().backward()\n"
+        "c = torch.randn(1, 8, 2, 16)\n"
+        "ops.attention_with_kvcache(torch.randn(1, 1, 2, 16), c, c.clone(), 4)\n"
+        "x = torch.randn(2, 8, 5, 5, requires_grad=True)\n"
+        "ops.group_norm_silu(x, 4).sum().backward()\n"
+        "z = torch.randn(10, 8)\n"
+        "idx, _ = ops.vq_nearest(z, torch.randn(16, 8))\n"
+        "ops.vq_ema_update(idx, z, 16)\n"
+        "a = torch.randn(6, 8, requires_grad=True)\n"
+        "ops.clip_loss(a, torch.randn(6, 8), 10.0).backward()\n"
+        "ops.siglip_loss(a, torch.randn(6, 8), 10.0, -10.0).backward()\n"
+        "assert 'sympy' not in sys.modules, 'an op imported sympy'\n"
+    )
+    subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)
+
+
 def test_build_info_names_the_cpu_isa_and_the_commit():
     import platform
     from pathlib import Path

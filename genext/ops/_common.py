@@ -85,20 +85,46 @@ def softmax_scale(q: Tensor, scale: float | None, op: str = "attention") -> floa
     return scale if not math.isinf(scale) else math.nan
 
 
+# torch._check, torch._check_type and torch._check_value import torch's symbolic-shapes module
+# (and sympy with it) on their first call, 0.4-0.7 s that the first call of a genext op paid. A
+# Python bool is decided here; anything else (a SymBool while torch.compile traces, or a wrong
+# type, which torch rejects) goes to torch's check.
+
+
+def check(cond, message) -> None:
+    """torch._check (RuntimeError) without its first-call import when ``cond`` is a Python bool."""
+    if cond is not True:
+        torch._check(cond, message)
+
+
+def check_type(cond, message) -> None:
+    """torch._check_type (TypeError) without its first-call import when ``cond`` is a Python
+    bool."""
+    if cond is not True:
+        torch._check_type(cond, message)
+
+
+def check_value(cond, message) -> None:
+    """torch._check_value (ValueError) without its first-call import when ``cond`` is a Python
+    bool."""
+    if cond is not True:
+        torch._check_value(cond, message)
+
+
 def check_heads(op: str, hq, hk, d, on_cuda: bool) -> None:
     """The attention kernels' head checks, as the C++ bindings make them (ValueError): Hk > 0
     dividing Hq, D > 0, and on CUDA D a multiple of 8 up to the largest compiled head dim."""
-    torch._check_value(
+    check_value(
         hk > 0 and hq % hk == 0,
         lambda: (
             f"{op}: the number of query heads ({hq}) must be a multiple of the number of "
             f"key/value heads ({hk})"
         ),
     )
-    torch._check_value(d > 0, lambda: f"{op}: head dim must be positive")
+    check_value(d > 0, lambda: f"{op}: head dim must be positive")
     if on_cuda:
         limit = _C.cuda_max_head_dim
-        torch._check_value(
+        check_value(
             d % 8 == 0 and d <= limit,
             lambda: (
                 f"{op}: on cuda the head dim must be a multiple of 8 and at most {limit}, got {d}"

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ._common import check_same_device, declare_kernels, same_shape
+from ._common import check, check_same_device, check_type, check_value, declare_kernels, same_shape
 
 __all__ = ["NUM_COEF", "PredictionType", "StepKind", "sampler_step"]
 
@@ -162,36 +162,36 @@ def _check(
     """The checks of ``prepare`` in csrc/sampler_step/sampler_step_checks.h, in its order, with its
     exception types and messages. Returns the inputs the kernels read without a copy, by name."""
     op = _OPNAME
-    torch._check_value(
+    check_value(
         0 <= kind <= 3,
         lambda: (
             f"{op}: mode must be 0 (DDIM), 1 (DDPM), 2 (DPM-Solver++) or 3 (flow Euler), got {kind}"
         ),
     )
-    torch._check_value(
+    check_value(
         0 <= prediction_type <= 2,
         lambda: (
             f"{op}: prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction), "
             f"got {prediction_type}"
         ),
     )
-    torch._check_value(
+    check_value(
         len(coef) == NUM_COEF,
         lambda: f"{op}: coef must hold {NUM_COEF} values, got {len(coef)}",
     )
-    torch._check_type(
+    check_type(
         sample.dtype in _FLOATS and model_output.dtype in _FLOATS,
         lambda: (
             f"{op}: sample and model_output must be float32, float16 or bfloat16, got "
             f"{sample.dtype} and {model_output.dtype}"
         ),
     )
-    torch._check_value(sample.dim() >= 1, lambda: f"{op}: sample must have a batch dim")
+    check_value(sample.dim() >= 1, lambda: f"{op}: sample must have a batch dim")
     check_same_device(op, "sample", {"sample": sample, "model_output": model_output})
     want = list(sample.shape)
     if guidance:
         want[0] = want[0] * 2
-    torch._check_value(
+    check_value(
         same_shape(model_output.shape, want),
         lambda: (
             f"{op}: model_output must have shape {tuple(want)}"
@@ -199,10 +199,8 @@ def _check(
             + f", got {tuple(model_output.shape)}"
         ),
     )
-    torch._check_value(
-        len(history) <= 2, lambda: f"{op}: at most 2 history tensors, got {len(history)}"
-    )
-    torch._check_value(
+    check_value(len(history) <= 2, lambda: f"{op}: at most 2 history tensors, got {len(history)}")
+    check_value(
         len(history) == 0 or kind == StepKind.DPM,
         lambda: f"{op}: history is used by mode 2 only",
     )
@@ -214,7 +212,7 @@ def _check(
     for name, t in likes:
         if t is None:
             continue
-        torch._check_value(
+        check_value(
             same_shape(t.shape, sample.shape),
             lambda name=name, t=t: (
                 f"{op}: {name} must have the sample's shape "
@@ -222,7 +220,7 @@ def _check(
             ),
         )
         check_same_device(op, "sample", {"sample": sample, name: t})
-        torch._check_type(
+        check_type(
             t.dtype in _FLOATS,
             lambda name=name, t=t: (
                 f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}"
@@ -231,7 +229,7 @@ def _check(
         read[name] = _kernel_input(t, sample.dtype)
     if threshold_scale is not None:
         s = threshold_scale
-        torch._check_value(
+        check_value(
             s.dim() == 1 and s.shape[0] == sample.shape[0],
             lambda: (
                 f"{op}: threshold_scale must have shape ({sample.shape[0]},), got {tuple(s.shape)}"
@@ -245,19 +243,19 @@ def _check(
 def _check_out(name: str, out: Tensor, sample: Tensor) -> None:
     """``check_out`` of sampler_step_checks.h."""
     op = _OPNAME + "_out"
-    torch._check_value(
+    check_value(
         same_shape(out.shape, sample.shape),
         lambda: (
             f"{op}: {name} must have the sample's shape {tuple(sample.shape)}, got "
             f"{tuple(out.shape)}"
         ),
     )
-    torch._check_type(
+    check_type(
         out.dtype == sample.dtype,
         lambda: f"{op}: {name} must have the sample's dtype {sample.dtype}, got {out.dtype}",
     )
     check_same_device(op, "sample", {"sample": sample, name: out})
-    torch._check_value(out.is_contiguous(), lambda: f"{op}: {name} must be contiguous")
+    check_value(out.is_contiguous(), lambda: f"{op}: {name} must be contiguous")
 
 
 def _overlap(a: Tensor, b: Tensor) -> str:
@@ -286,7 +284,7 @@ def _check_no_overlap(read: dict[str, Tensor | None], prev: Tensor, x0: Tensor) 
                 continue
             st = _overlap(out, t)
             in_place = out is prev and name == "sample" and st == "full"
-            torch._check(
+            check(
                 st == "no" or in_place,
                 lambda out_name=out_name, name=name: (
                     f"{_OPNAME}: {out_name} and {name} share "
@@ -294,7 +292,7 @@ def _check_no_overlap(read: dict[str, Tensor | None], prev: Tensor, x0: Tensor) 
                     "out = sample exactly (an in-place step)"
                 ),
             )
-    torch._check(
+    check(
         _overlap(prev, x0) == "no",
         lambda: (
             f"{_OPNAME}: out (prev) and x0_out (x0) share memory; they must be separate tensors"

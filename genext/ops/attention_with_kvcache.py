@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, check_heads, check_same_device, declare_kernels, softmax_scale
+from ._common import (
+    acc_dtype,
+    check_heads,
+    check_same_device,
+    check_type,
+    check_value,
+    declare_kernels,
+    softmax_scale,
+)
 
 __all__ = ["attention_with_kvcache"]
 
@@ -227,7 +235,7 @@ def _check_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table)
 
 
 def _check_last_dim(name: str, t: Tensor) -> None:
-    torch._check_value(
+    check_value(
         t.shape[-1] <= 1 or t.stride(-1) == 1,
         lambda: f"{_OP}: {name} must have a contiguous last dim, got strides {list(t.stride())}",
     )
@@ -241,14 +249,14 @@ def _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table
     dev = q.device.type
     on_cuda = dev == "cuda"
     dtypes = (torch.float16, torch.bfloat16, torch.float32) + (() if on_cuda else (torch.float64,))
-    torch._check_type(
+    check_type(
         q.dtype in dtypes,
         lambda: (
             f"{_OP}: q must be float16, bfloat16, float32{'' if on_cuda else ' or float64'} "
             f"on {dev}, got {q.dtype}"
         ),
     )
-    torch._check_type(
+    check_type(
         k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
         lambda: (
             f"{_OP}: q, k_cache and v_cache must share a dtype, got {q.dtype}, "
@@ -260,10 +268,10 @@ def _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table
         "q",
         {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": cache_seqlens},
     )
-    torch._check_value(
+    check_value(
         q.dim() == 4, lambda: f"{_OP}: q must be 4-D (B, Lq, Hq, D), got shape {list(q.shape)}"
     )
-    torch._check_value(
+    check_value(
         k_cache.dim() == 4 and v_cache.shape == k_cache.shape,
         lambda: (
             f"{_OP}: k_cache and v_cache must have one 4-D shape, got {list(k_cache.shape)} "
@@ -272,7 +280,7 @@ def _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table
     )
     b, lq, hq, d = q.shape
     hk = k_cache.shape[2]
-    torch._check_value(
+    check_value(
         k_cache.shape[3] == d,
         lambda: f"{_OP}: q and the caches must share the head dim, got {d} and {k_cache.shape[3]}",
     )
@@ -280,30 +288,30 @@ def _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table
     _check_last_dim("q", q)
     _check_last_dim("k_cache", k_cache)
     _check_last_dim("v_cache", v_cache)
-    torch._check_type(
+    check_type(
         cache_seqlens.dtype == torch.int32,
         lambda: f"{_OP}: cache_seqlens must be int32, got {cache_seqlens.dtype}",
     )
-    torch._check_value(
+    check_value(
         cache_seqlens.dim() == 1 and cache_seqlens.shape[0] == b,
         lambda: (
             f"{_OP}: cache_seqlens must have shape (B,) = ({b},), got {list(cache_seqlens.shape)}"
         ),
     )
     if block_table is not None:
-        torch._check_type(
+        check_type(
             block_table.dtype == torch.int32,
             lambda: f"{_OP}: block_table must be int32, got {block_table.dtype}",
         )
         check_same_device(_OP, "q", {"q": q, "block_table": block_table})
-        torch._check_value(
+        check_value(
             block_table.dim() == 2 and block_table.shape[0] == b,
             lambda: (
                 f"{_OP}: block_table must have shape (B, max_blocks) with B = {b}, got "
                 f"{list(block_table.shape)}"
             ),
         )
-        torch._check_value(
+        check_value(
             k_cache.shape[1] > 0,
             lambda: (
                 f"{_OP}: a paged cache needs a positive block size (k_cache.size(1)), got "
@@ -312,7 +320,7 @@ def _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table
         )
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
-        torch._check_value(
+        check_value(
             k_cache.shape[0] == b,
             lambda: (
                 f"{_OP}: a contiguous cache must have shape (B, Lmax, Hk, D) with B = {b}, "
@@ -320,19 +328,17 @@ def _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table
             ),
         )
         capacity = k_cache.shape[1]
-    torch._check_value(
-        (k_new is None) == (v_new is None), lambda: f"{_OP}: k_new and v_new come together"
-    )
+    check_value((k_new is None) == (v_new is None), lambda: f"{_OP}: k_new and v_new come together")
     if k_new is not None:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
-            torch._check_type(
+            check_type(
                 t.dtype == q.dtype,
                 lambda name=name, t=t: (
                     f"{_OP}: {name} must have q's dtype {q.dtype}, got {t.dtype}"
                 ),
             )
             check_same_device(_OP, "q", {"q": q, name: t})
-            torch._check_value(
+            check_value(
                 t.dim() == 4 and t.shape == (b, lq, hk, d),
                 lambda name=name, t=t: (
                     f"{_OP}: {name} must have shape (B, Lq, Hk, D) = ({b}, {lq}, {hk}, {d}), "
@@ -341,7 +347,7 @@ def _check_problem(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table
             )
             _check_last_dim(name, t)
     if on_cuda:
-        torch._check_value(
+        check_value(
             capacity < 2**31 and b < 65536,
             lambda: f"{_OP}: cache capacity must be below 2^31 keys and the batch below 65536",
         )

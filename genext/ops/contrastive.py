@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from ._common import acc_dtype, check_same_device, declare_kernels
+from ._common import acc_dtype, check_same_device, check_type, check_value, declare_kernels
 
 __all__ = ["clip_loss", "siglip_loss"]
 
@@ -60,11 +60,11 @@ def check_args(
     name, so a meta tensor beside real ones raises as the C++ code would; clip_loss and
     siglip_loss call it first with their own name and the features' public names."""
     dt = a.dtype
-    torch._check_type(
+    check_type(
         dt in _FEATURE_DTYPES,
         lambda: f"{op}: features must be float16, bfloat16, float32 or float64, got {dt}",
     )
-    torch._check_type(
+    check_type(
         b.dtype == dt,
         lambda: f"{op}: the two feature tensors must share a dtype, got {dt} and {b.dtype}",
     )
@@ -77,37 +77,33 @@ def check_args(
             f"{op}: no kernel for {dev} tensors in this genext build "
             f"({'CPU and CUDA' if _C.cuda else 'CPU only: built without CUDA'})"
         )
-    torch._check_value(
+    check_value(
         a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1],
         lambda: (
             f"{op}: features must be (Na, D) and (Nb, D) with one D, got "
             f"{tuple(a.shape)} and {tuple(b.shape)}"
         ),
     )
-    torch._check_value(b.shape[0] > 0, lambda: f"{op}: the second feature set is empty")
-    torch._check_value(
+    check_value(b.shape[0] > 0, lambda: f"{op}: the second feature set is empty")
+    check_value(
         scale.numel() == 1,
         lambda: f"{op}: logit_scale must be a scalar (one element), got shape {tuple(scale.shape)}",
     )
-    torch._check_type(
-        scale.is_floating_point(), lambda: f"{op}: logit_scale must be a float tensor"
-    )
+    check_type(scale.is_floating_point(), lambda: f"{op}: logit_scale must be a float tensor")
     if bias is not None:
-        torch._check_value(
+        check_value(
             bias.numel() == 1,
             lambda: (
                 f"{op}: logit_bias must be a scalar (one element), got shape {tuple(bias.shape)}"
             ),
         )
-        torch._check_type(
-            bias.is_floating_point(), lambda: f"{op}: logit_bias must be a float tensor"
-        )
+        check_type(bias.is_floating_point(), lambda: f"{op}: logit_bias must be a float tensor")
 
 
 def _check_grad_vector(op: str, name: str, g: Tensor, n, a: Tensor) -> None:
     """A per-row tensor of a backward: (n,) on a's device (contrastive_checks.h, check_vector)."""
     check_same_device(op, "a", {"a": a, name: g})
-    torch._check_value(
+    check_value(
         g.dim() == 1 and g.shape[0] == n,
         lambda: f"{op}: {name} must have shape ({n},), got {tuple(g.shape)}",
     )
@@ -119,7 +115,7 @@ def check_lse_backward(op, grad_row, grad_col, a, b, scale, bias, row_lse, col_l
     check_args(op, a, b, scale, bias)
     _check_grad_vector(op, "grad_row", grad_row, a.shape[0], a)
     _check_grad_vector(op, "row_lse", row_lse, a.shape[0], a)
-    torch._check_value(
+    check_value(
         (grad_col is None) == (col_lse is None),
         lambda: f"{op}: grad_col and col_lse must be given together",
     )
@@ -133,7 +129,7 @@ def check_softplus_backward(op, grad, a, b, scale, bias) -> None:
     device."""
     check_args(op, a, b, scale, bias)
     check_same_device(op, "a", {"a": a, "grad": grad})
-    torch._check_value(
+    check_value(
         grad.numel() == 1, lambda: f"{op}: grad must have one element, got {tuple(grad.shape)}"
     )
 
@@ -266,7 +262,7 @@ def _keeps_weights(i: Tensor, t: Tensor, scale: Tensor, bias: Tensor | None) -> 
 def _fake_lse(a, b, scale, bias, cols):
     check_args("tiled_lse", a, b, scale, bias)
     if cols:
-        torch._check_value(a.shape[0] > 0, lambda: "tiled_lse: column log-sum-exp needs rows")
+        check_value(a.shape[0] > 0, lambda: "tiled_lse: column log-sum-exp needs rows")
     return (
         a.new_empty((a.shape[0],), dtype=acc_dtype(a)),
         a.new_empty((b.shape[0] if cols else 0,), dtype=acc_dtype(a)),
@@ -377,7 +373,7 @@ def _fake_spw(a, b, scale, bias, positives=False):
 def _fake_spw_bwd(grad, weights, sums, a, b, scale, bias):
     check_softplus_backward("softplus_sum_with_weights_backward", grad, a, b, scale, bias)
     acc = acc_dtype(a)
-    torch._check_value(
+    check_value(
         weights.shape == (a.shape[0], b.shape[0]) and weights.dtype == acc,
         lambda: (
             f"softplus_sum_with_weights_backward: weights must be ({a.shape[0]}, "

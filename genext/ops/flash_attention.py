@@ -23,6 +23,8 @@ from ._common import (
     below_autograd,
     check_heads,
     check_same_device,
+    check_type,
+    check_value,
     declare_kernels,
     forbid_double_backward,
     softmax_scale,
@@ -519,9 +521,9 @@ def _forward(*inputs) -> tuple[Tensor, Tensor]:
 
 
 def _check_index(op: str, name: str, t: Tensor, q: Tensor, n) -> None:
-    torch._check_type(t.dtype == torch.int32, lambda: f"{op}: {name} must be int32, got {t.dtype}")
+    check_type(t.dtype == torch.int32, lambda: f"{op}: {name} must be int32, got {t.dtype}")
     check_same_device(op, "q", {"q": q, name: t})
-    torch._check_value(
+    check_value(
         t.dim() == 1 and t.shape[0] == n,
         lambda: f"{op}: {name} must have shape ({n},), got {list(t.shape)}",
     )
@@ -535,49 +537,49 @@ def _check_problem(op, q, k, v, cu_q, cu_k, seqused_k, max_q, max_k):
     dev = q.device.type
     on_cuda = dev == "cuda"
     dtypes = (torch.float16, torch.bfloat16, torch.float32) + (() if on_cuda else (torch.float64,))
-    torch._check_type(
+    check_type(
         q.dtype in dtypes,
         lambda: (
             f"{op}: q must be float16, bfloat16, float32{'' if on_cuda else ' or float64'} "
             f"on {dev}, got {q.dtype}"
         ),
     )
-    torch._check_type(
+    check_type(
         k.dtype == q.dtype and v.dtype == q.dtype,
         lambda: f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
     )
     check_same_device(op, "q", {"q": q, "k": k, "v": v})
-    torch._check_value(
+    check_value(
         q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
         lambda: (
             f"{op}: q, k, v must be (B, L, H, D) views, got ranks {q.dim()}, {k.dim()}, {v.dim()}"
         ),
     )
     d, hq, hk = q.shape[3], q.shape[2], k.shape[2]
-    torch._check_value(
+    check_value(
         k.shape[3] == d and v.shape[3] == d,
         lambda: f"{op}: q, k and v must share the head dim, got {d}, {k.shape[3]}, {v.shape[3]}",
     )
-    torch._check_value(
+    check_value(
         v.shape[:3] == k.shape[:3],
         lambda: f"{op}: k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}",
     )
-    torch._check_value(
+    check_value(
         k.shape[0] == q.shape[0],
         lambda: f"{op}: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}",
     )
     check_heads(op, hq, hk, d, on_cuda)
     varlen = cu_q is not None or cu_k is not None
     if varlen:
-        torch._check_value(
+        check_value(
             cu_q is not None and cu_k is not None,
             lambda: f"{op}: cu_seqlens_q and cu_seqlens_k come together",
         )
-        torch._check_value(
+        check_value(
             q.shape[0] == 1, lambda: f"{op}: with cu_seqlens, q, k, v are packed (1, total, H, D)"
         )
         n = cu_q.numel()
-        torch._check_value(
+        check_value(
             cu_q.dim() == 1 and n >= 1,
             lambda: (
                 f"{op}: cu_seqlens_q must have shape (num_sequences + 1,), got {list(cu_q.shape)}"
@@ -585,7 +587,7 @@ def _check_problem(op, q, k, v, cu_q, cu_k, seqused_k, max_q, max_k):
         )
         _check_index(op, "cu_seqlens_q", cu_q, q, n)
         _check_index(op, "cu_seqlens_k", cu_k, q, n)
-        torch._check_value(
+        check_value(
             0 <= max_q <= _INT32_MAX and 0 <= max_k <= _INT32_MAX,
             lambda: (
                 f"{op}: max_seqlen_q and max_seqlen_k must be in [0, 2^31 - 1], got {max_q} and "
@@ -598,7 +600,7 @@ def _check_problem(op, q, k, v, cu_q, cu_k, seqused_k, max_q, max_k):
     if seqused_k is not None:
         _check_index(op, "seqused_k", seqused_k, q, batch)
     if on_cuda:
-        torch._check_value(
+        check_value(
             lq < 2**31 and lk < 2**31 and batch < 65536 and hq < 65536,
             lambda: f"{op}: sizes out of range (lengths < 2^31, batch and heads < 65536)",
         )
@@ -656,31 +658,31 @@ def _fake_backward(
     op = "flash_attention_backward"
     _check_problem(op, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
     for name, t in (("grad_out", grad_out), ("out", out)):
-        torch._check_value(
+        check_value(
             t.shape == q.shape,
             lambda name=name, t=t: (
                 f"{op}: {name} must have q's shape {list(q.shape)}, got {list(t.shape)}"
             ),
         )
-        torch._check_type(
+        check_type(
             t.dtype == q.dtype,
             lambda name=name, t=t: f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}",
         )
         check_same_device(op, "q", {"q": q, name: t})
     b, lq, hq = q.shape[0], q.shape[1], q.shape[2]
-    torch._check_value(
+    check_value(
         lse.dim() == 3 and lse.shape == (b, hq, lq),
         lambda: f"{op}: lse must have shape (B, Hq, Lq) = ({b}, {hq}, {lq}), got {list(lse.shape)}",
     )
     if q.device.type == "cuda":  # the CUDA binding checks lse's dtype with its shape
-        torch._check_value(
+        check_value(
             lse.dtype == torch.float32,
             lambda: (
                 f"{op}: lse must be float32 (B, Hq, Lq) as the forward returns it, got {lse.dtype}"
             ),
         )
     else:
-        torch._check_type(
+        check_type(
             lse.dtype in (torch.float32, torch.float64),
             lambda: f"{op}: lse must be float32 or float64, got {lse.dtype}",
         )

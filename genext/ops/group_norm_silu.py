@@ -11,6 +11,8 @@ from ._common import (
     acc_dtype,
     below_autograd,
     check_same_device,
+    check_type,
+    check_value,
     declare_kernels,
     forbid_double_backward,
     same_shape,
@@ -93,42 +95,40 @@ def _check(op: str, x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     names = (
         "float32, float64, float16 or bfloat16" if allow_double else "float32, float16 or bfloat16"
     )
-    torch._check_type(
+    check_type(
         x.dtype in dtypes,
         lambda: f"{op}: x must be {names} on {x.device.type}, got {x.dtype}",
     )
-    torch._check_value(
+    check_value(
         3 <= x.dim() <= 5,
         lambda: (
             f"{op}: x must have shape (N, C, *) with 1 to 3 spatial dims (rank 3 to 5), got "
             f"rank {x.dim()} {tuple(x.shape)}"
         ),
     )
-    torch._check_value(
-        num_groups > 0, lambda: f"{op}: num_groups must be positive, got {num_groups}"
-    )
+    check_value(num_groups > 0, lambda: f"{op}: num_groups must be positive, got {num_groups}")
     c = x.shape[1]
-    torch._check_value(
+    check_value(
         c % num_groups == 0,
         lambda: f"{op}: channels ({c}) must be divisible by num_groups ({num_groups})",
     )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        torch._check_value(
+        check_value(
             t.dim() == 1 and t.shape[0] == c,
             lambda name=name, t=t: (
                 f"{op}: {name} must have shape (C,) = ({c},), got {tuple(t.shape)}"
             ),
         )
         check_same_device(op, "x", {"x": x, name: t})
-        torch._check_type(
+        check_type(
             t.dtype == x.dtype or t.dtype == torch.float32,
             lambda name=name, t=t: (
                 f"{op}: {name} must be float32 or x's dtype ({x.dtype}), got {t.dtype}"
             ),
         )
-    torch._check_value(
+    check_value(
         (weight is None) == (bias is None),
         lambda: f"{op}: weight and bias must be given together (affine) or both be None",
     )
@@ -136,7 +136,7 @@ def _check(op: str, x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
 
 def _check_eps(op: str, eps: float) -> None:
     """``check_eps`` of group_norm_silu_checks.h."""
-    torch._check_value(eps >= 0, lambda: f"{op}: eps must be non-negative, got {eps}")
+    check_value(eps >= 0, lambda: f"{op}: eps must be non-negative, got {eps}")
 
 
 def _check_backward(
@@ -152,18 +152,18 @@ def _check_backward(
     """The backward bindings' checks: ``check_input``, ``check_like_x`` for grad_y,
     ``check_stats``, and on CUDA float32 statistics."""
     _check(op, x, num_groups, weight, bias)
-    torch._check_value(
+    check_value(
         same_shape(grad_y.shape, x.shape),
         lambda: f"{op}: grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}",
     )
-    torch._check_type(
+    check_type(
         grad_y.dtype == x.dtype,
         lambda: f"{op}: grad_y must have x's dtype {x.dtype}, got {grad_y.dtype}",
     )
     check_same_device(op, "x", {"x": x, "grad_y": grad_y})
     groups = x.shape[0] * num_groups
     for name, t in (("mean", mean), ("rstd", rstd)):
-        torch._check_value(
+        check_value(
             t.numel() == groups,
             lambda name=name, t=t: (
                 f"{op}: {name} must hold N*num_groups = {groups} values, got shape {tuple(t.shape)}"
@@ -171,7 +171,7 @@ def _check_backward(
         )
         check_same_device(op, "x", {"x": x, name: t})
     if x.device.type == "cuda":
-        torch._check_type(
+        check_type(
             mean.dtype == torch.float32 and rstd.dtype == torch.float32,
             lambda: (
                 f"{op}: mean and rstd must be float32 (as group_norm_silu returns them for "

@@ -9,7 +9,7 @@ import operator
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, check_same_device, declare_kernels
+from ._common import acc_dtype, check_same_device, check_type, check_value, declare_kernels
 
 __all__ = ["vq_nearest", "vq_ema_update"]
 
@@ -37,53 +37,53 @@ def check_nearest(op: str, z: Tensor, codebook: Tensor) -> None:
     real one raises as the C++ binding would. z (N, D), codebook (K, D)."""
     dt = z.dtype
     allowed = _FLOATS + ((torch.float64,) if _allow_double(z) else ())
-    torch._check_type(
+    check_type(
         dt in allowed,
         lambda: (
             f"{op}: z must be float16, bfloat16, float32"
             f"{' or float64' if _allow_double(z) else ''} on {z.device.type}, got {dt}"
         ),
     )
-    torch._check_type(
+    check_type(
         codebook.dtype == dt,
         lambda: f"{op}: codebook must have z's dtype {dt}, got {codebook.dtype}",
     )
     check_same_device(op, "z", {"z": z, "codebook": codebook})
-    torch._check_value(
+    check_value(
         z.dim() == 2 and codebook.dim() == 2,
         lambda: (
             f"{op}: z must be (N, D) and codebook (K, D), got {tuple(z.shape)} and "
             f"{tuple(codebook.shape)}"
         ),
     )
-    torch._check_value(
+    check_value(
         z.shape[1] == codebook.shape[1],
         lambda: f"{op}: z and codebook must share D, got {z.shape[1]} and {codebook.shape[1]}",
     )
-    torch._check_value(z.shape[1] > 0, lambda: f"{op}: D must be positive, got D = 0")
-    torch._check_value(codebook.shape[0] > 0, lambda: f"{op}: the codebook is empty (K = 0)")
+    check_value(z.shape[1] > 0, lambda: f"{op}: D must be positive, got D = 0")
+    check_value(codebook.shape[0] > 0, lambda: f"{op}: the codebook is empty (K = 0)")
 
 
 def check_ema(op: str, indices: Tensor, z: Tensor, num_codes: int) -> None:
     """The argument checks of ``genext::vq_ema_update`` (csrc/vq/vq_checks.h, check_ema), with the
     same exception types and messages: indices (N,) int64/int32, z (N, D), 0 < num_codes."""
-    torch._check_type(
+    check_type(
         indices.dtype in (torch.int64, torch.int32),
         lambda: f"{op}: indices must be int64 or int32, got {indices.dtype}",
     )
     allowed = _FLOATS + ((torch.float64,) if _allow_double(z) else ())
-    torch._check_type(z.dtype in allowed, lambda: f"{op}: z must be a float tensor, got {z.dtype}")
+    check_type(z.dtype in allowed, lambda: f"{op}: z must be a float tensor, got {z.dtype}")
     check_same_device(op, "z", {"z": z, "indices": indices})
-    torch._check_value(
+    check_value(
         z.dim() == 2 and indices.dim() == 1 and indices.shape[0] == z.shape[0],
         lambda: (
             f"{op}: indices must be (N,) and z (N, D), got {tuple(indices.shape)} and "
             f"{tuple(z.shape)}"
         ),
     )
-    torch._check_value(z.shape[1] > 0, lambda: f"{op}: D must be positive, got D = 0")
-    torch._check_value(num_codes > 0, lambda: f"{op}: num_codes must be positive, got {num_codes}")
-    torch._check_value(
+    check_value(z.shape[1] > 0, lambda: f"{op}: D must be positive, got D = 0")
+    check_value(num_codes > 0, lambda: f"{op}: num_codes must be positive, got {num_codes}")
+    check_value(
         num_codes <= _MAX_CODES,
         lambda: f"{op}: num_codes must be at most 2**31 - 1, got {num_codes}",
     )
