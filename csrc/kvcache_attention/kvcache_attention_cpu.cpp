@@ -317,32 +317,36 @@ T* scratch(int64_t n) {
 // a row are counted once and each row costs its prefetches and an add: with the rows in cache
 // already (a cache read again and again) the bookkeeping of a per-row count cost about as much as
 // the prefetches themselves.
+// Addresses are stepped as integers: the line of a row's first byte may lie before the tensor,
+// and the step after the last row past its end, where a pointer may not point.
 inline void prefetch_run(const char* p, int64_t stride, int64_t n, int64_t bytes) {
   if (n <= 0 || bytes <= 0) return;
-  const int64_t offset = int64_t(reinterpret_cast<uintptr_t>(p) & 63);
+  const auto at = [](uintptr_t a) { return reinterpret_cast<const char*>(a); };
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p), step = uintptr_t(stride);
+  const uintptr_t offset = start & 63;
   if (stride % 64 != 0) {  // each row from the line of its first byte to that of its last
-    for (int64_t j = 0; j < n; ++j, p += stride) {
-      const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
-      const uintptr_t last = reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes - 1);
-      for (uintptr_t a = first; a <= last; a += 64) prefetch_line(reinterpret_cast<const char*>(a));
+    uintptr_t row = start;
+    for (int64_t j = 0; j < n; ++j, row += step) {
+      const uintptr_t last = row + uintptr_t(bytes - 1);
+      for (uintptr_t a = row & ~uintptr_t(63); a <= last; a += 64) prefetch_line(at(a));
     }
     return;
   }
-  const int64_t lines = (offset + bytes + 63) / 64;
-  const char* a = p - offset;
+  const int64_t lines = (int64_t(offset) + bytes + 63) / 64;
+  uintptr_t a = start - offset;
   switch (lines) {
     case 1:
-      for (int64_t j = 0; j < n; ++j, a += stride) prefetch_line(a);
+      for (int64_t j = 0; j < n; ++j, a += step) prefetch_line(at(a));
       return;
     case 2:
-      for (int64_t j = 0; j < n; ++j, a += stride) {
-        prefetch_line(a);
-        prefetch_line(a + 64);
+      for (int64_t j = 0; j < n; ++j, a += step) {
+        prefetch_line(at(a));
+        prefetch_line(at(a + 64));
       }
       return;
     default:
-      for (int64_t j = 0; j < n; ++j, a += stride)
-        for (int64_t l = 0; l < lines; ++l) prefetch_line(a + 64 * l);
+      for (int64_t j = 0; j < n; ++j, a += step)
+        for (int64_t l = 0; l < lines; ++l) prefetch_line(at(a + 64 * uintptr_t(l)));
       return;
   }
 }

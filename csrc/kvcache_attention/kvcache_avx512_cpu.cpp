@@ -140,7 +140,7 @@ GENEXT_CPU_TARGET_V4 inline EvenOdd load32(const c10::BFloat16* p, __mmask32 n_m
 // accum_block for bfloat16 rows, on the even/odd split of load32: rows [0, RB) of the block at O,
 // elements [d0, d0 + 32 C). The accumulators hold each 32-element chunk as its even and odd
 // elements; O is split into them when loaded and interleaved back when stored (four shuffles a
-// chunk per tile of keys, against two per 16 elements for every key). `last` masks the elements
+// chunk per tile of keys, against two ops per 16 elements for every key). `last` masks the elements
 // of the last chunk inside the head dim; O's rows end at the next multiple of 16 (`hi_last`:
 // whether the last chunk's upper 16 elements are inside it).
 template <int RB, int C>

@@ -272,7 +272,7 @@ def _near_greedy(
 def float_reference(peer: torch.nn.Module) -> torch.nn.Module:
     """transformers' model in float32 with the weights the run holds (their 16-bit values) and
     its rotary frequencies computed again in float32. Casting the model to 16 bits rounds those
-    buffers too (``inv_freq`` to 8 bits of mantissa, so the angles drift by up to 2^-9 of
+    buffers too (``inv_freq`` to 8 bits of mantissa, so the angles drift by up to 2^-8 of
     position x frequency), and a float32 copy would keep them rounded: a reference carrying an
     error of the peer's own, which held genext (whose frequencies stay float32) to it."""
     ref = copy.deepcopy(peer).float()

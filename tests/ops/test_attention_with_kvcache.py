@@ -1078,7 +1078,7 @@ def before_a_guard_page(shape):
 
 
 keep = []
-for d, lk in ((7, 45), (13, 20), (33, 30)):
+for d, lk in ((7, 45), (13, 20), (24, 30), (33, 30), (56, 12)):
     (kc, mk), (vc, mv) = before_a_guard_page((1, lk, 1, d)), before_a_guard_page((1, lk, 1, d))
     keep += [mk, mv]
     q = torch.randn(1, 1, 4, d, dtype=torch.float64).to(torch.bfloat16)
@@ -1103,4 +1103,4 @@ def test_cpu_bf16_rows_ending_at_a_guard_page_are_not_read_past():
         [sys.executable, "-c", _GUARD_PAGE_SCRIPT], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, f"rc {r.returncode}\n{r.stdout}\n{r.stderr[-2000:]}"
-    assert r.stdout.count("ok") >= 3, r.stdout
+    assert r.stdout.count("ok") >= 5, r.stdout

@@ -428,8 +428,8 @@ def _check_auto_mode_leaves_a_waiting_team_for_the_pool():
 @pytest.mark.slow  # seconds of pinned timing runs in a subprocess
 def test_auto_mode_leaves_a_waiting_team_for_the_pool():
     """By default a job runs on an OpenMP team (the threads PyTorch's own ops keep warm) until two
-    teams in a row keep their caller waiting a scheduler slice for a descheduled thread; then the
-    pool takes the next jobs, which cost what one thread does even with every thread pinned to
+    teams within 100 ms keep their caller waiting a scheduler slice for a descheduled thread; then
+    the pool takes the next jobs, which cost what one thread does even with every thread pinned to
     one CPU."""
     _isolated(_check_auto_mode_leaves_a_waiting_team_for_the_pool)
 
