@@ -142,7 +142,7 @@ def test_import_genext_needs_no_numpy():
 
 def test_first_op_calls_do_not_import_sympy():
     # torch._check* import torch's symbolic-shapes module and sympy on first use (0.4-0.7 s on the
-    # first genext call of a process); the ops' argument checks decide plain bools themselves
+    # first genext call of a process); the ops' argument checks return at once on True
     code = (
         "import sys, torch, genext\n"
         "from genext import ops\n"

@@ -17,8 +17,11 @@ __all__ = [
     "KERNELS",
     "acc_dtype",
     "below_autograd",
+    "check",
     "check_heads",
     "check_same_device",
+    "check_type",
+    "check_value",
     "declare_kernels",
     "forbid_double_backward",
     "has_kernel",
@@ -87,26 +90,24 @@ def softmax_scale(q: Tensor, scale: float | None, op: str = "attention") -> floa
 
 # torch._check, torch._check_type and torch._check_value import torch's symbolic-shapes module
 # (and sympy with it) on their first call, 0.4-0.7 s that the first call of a genext op paid. A
-# Python bool is decided here; anything else (a SymBool while torch.compile traces, or a wrong
-# type, which torch rejects) goes to torch's check.
+# condition that is True returns here; anything else (False, whose error torch builds, a SymBool
+# while torch.compile traces, or a wrong type, which torch rejects) goes to torch's check.
 
 
-def check(cond, message) -> None:
-    """torch._check (RuntimeError) without its first-call import when ``cond`` is a Python bool."""
+def check(cond, message=None) -> None:
+    """torch._check (RuntimeError), returning at once when ``cond`` is True."""
     if cond is not True:
         torch._check(cond, message)
 
 
-def check_type(cond, message) -> None:
-    """torch._check_type (TypeError) without its first-call import when ``cond`` is a Python
-    bool."""
+def check_type(cond, message=None) -> None:
+    """torch._check_type (TypeError), returning at once when ``cond`` is True."""
     if cond is not True:
         torch._check_type(cond, message)
 
 
-def check_value(cond, message) -> None:
-    """torch._check_value (ValueError) without its first-call import when ``cond`` is a Python
-    bool."""
+def check_value(cond, message=None) -> None:
+    """torch._check_value (ValueError), returning at once when ``cond`` is True."""
     if cond is not True:
         torch._check_value(cond, message)
 
