@@ -88,6 +88,15 @@ PYBIND11_MODULE(_C, m) {
                       "_cpu_set_kv_bf16_dot: this CPU has no AVX512-BF16");
     genext::kv::set_bf16_dot_enabled(on);
   });
+  // the CPU decode kernel's AMX scores: (this CPU and OS run AMX-BF16 tiles, they are in use);
+  // tests switch them off to check the vdpbf16ps scores on the same machine
+  m.def("_cpu_kv_amx",
+        [] { return std::make_tuple(genext::kv::amx_supported(), genext::kv::amx_enabled()); });
+  m.def("_cpu_set_kv_amx", [](bool on) {
+    TORCH_CHECK_VALUE(!on || genext::kv::amx_supported(),
+                      "_cpu_set_kv_amx: no AMX-BF16 here (CPU or OS)");
+    genext::kv::set_amx_enabled(on);
+  });
   // how many times the automatic choice has moved to the pool
   m.def("_cpu_pool_spells", [] { return genext::cpu::pool_spells().load(); });
   // the automatic choice's state: (ms left of the current spell on the pool, the spell's length

@@ -401,6 +401,8 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   bool direct = false;
   if constexpr (std::is_same_v<S, c10::BFloat16>) direct = bf16_dot_enabled();
   const bool widens = !std::is_same_v<S, T> && !direct;
+  // their scores on AMX tiles where the CPU has them and the task fits (kvcache_avx512_cpu.h)
+  const bool amx = direct && amx_enabled() && amx_fits(nrows, D);
   // float rows on 16-lane vectors where the CPU has AVX-512 (kvcache_avx512_cpu.h)
   [[maybe_unused]] const bool wide = std::is_same_v<T, float> && f32x16_enabled();
   // Splits of the key range when batch x kv heads gives fewer tasks than about four per thread
@@ -436,8 +438,10 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   cpu::parallel_for(0, units * nsplit, ns_task, [&](int64_t begin, int64_t end) {
     const bool widen = widens;
     // scratch: Q, O [nrows][Dp]; P [nrows][kTile]; K, V tiles [kTile][Dp] (16-bit caches widened
-    // here); m, l, alpha [nrows]; and for the direct path the bfloat16 Q [nrows][Dq]
-    T* Q = scratch<T>(2 * nrows * Dp + nrows * kTile + (widen ? 2 * kTile * Dp : 0) + 3 * nrows);
+    // here); m, l, alpha [nrows]; the AMX scores' block [16][kAmxMaxRows]; and for the direct
+    // path the bfloat16 Q [nrows][Dq] (and in the tiles' layout, [D][nrows])
+    T* Q = scratch<T>(2 * nrows * Dp + nrows * kTile + (widen ? 2 * kTile * Dp : 0) + 3 * nrows +
+                      (amx ? 16 * kAmxMaxRows : 0));
     T* O = Q + nrows * Dp;
     T* P = O + nrows * Dp;
     T* Kbuf = P + nrows * kTile;
@@ -446,7 +450,10 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
     T* l = m + nrows;
     T* alpha = l + nrows;
     int32_t* nvis = scratch<int32_t>(nrows);
-    uint16_t* Qb = direct ? scratch<uint16_t>(nrows * Dq) : nullptr;
+    T* amx_buf = alpha + nrows;
+    uint16_t* Qb = direct ? scratch<uint16_t>(nrows * Dq + (amx ? nrows * D : 0)) : nullptr;
+    uint16_t* Qv = amx ? Qb + nrows * Dq : nullptr;
+    if (amx) amx_begin(nrows);  // this thread's tiles, released after its tasks
     const S* ks[2][kTile];
     const S* vs[2][kTile];
     const T* krows[kTile];
@@ -480,6 +487,7 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
           uint16_t* dst = Qb + r * Dq;
           std::memcpy(dst, src, D * sizeof(uint16_t));
           std::fill(dst + D, dst + Dq, uint16_t(0));
+          if (amx && r + 1 == nrows) amx_pack_q(Qb, Dq, nrows, D, Qv);
           continue;
         }
         T* dst = Q + r * Dp;
@@ -501,7 +509,11 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
         if constexpr (std::is_same_v<S, c10::BFloat16>) {
           if (direct) {
             for (int64_t j = nc; j < round_up(nc, 8); ++j) ks[cur][j] = ks[cur][nc - 1];
-            scores_bf16(Qb, Dq, nrows, ks[cur], nc, D, float(scale), P);
+            const int64_t on_tiles =
+                amx ? amx_scores_bf16(Qv, nrows, ks[cur], nc, D, float(scale), P, amx_buf) : 0;
+            if (on_tiles < nc)
+              scores_bf16(Qb, Dq, nrows, ks[cur] + on_tiles, nc - on_tiles, D, float(scale),
+                          P + on_tiles);
             softmax_f32(P, nrows, nvis, m, l, alpha);
             accum_bf16(O, Dp, nrows, P, vs[cur], nc, D, alpha);
             continue;
@@ -579,6 +591,7 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
         }
       }
     }
+    if (amx) amx_end();
   });
   if (nsplit == 1) return;
 

@@ -10,12 +10,20 @@
 #include "kvcache_attention/kvcache_tiles_cpu.h"
 
 #if GENEXT_CPU_LEVELS
+#include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #define KV_AVX512 1
 #if __GNUC__ >= 12
 #define KV_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#define KV_AMX_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16")))
 #else
 #define KV_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define KV_AMX_TARGET                                                                              \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")))
 #endif
 #else
 #define KV_AVX512 0
@@ -41,6 +49,34 @@ std::atomic<bool>& enabled_flag() {
   return on;
 }
 }  // namespace
+
+bool amx_supported() {
+#if KV_AVX512 && defined(__linux__)
+  static const bool ok = [] {
+    if (!bf16_dot_supported()) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;  // AMX-BF16, AMX-TILE
+    // Linux hands out the tile data state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+namespace {
+std::atomic<bool>& amx_flag() {
+  static std::atomic<bool> on{amx_supported()};
+  return on;
+}
+}  // namespace
+
+bool amx_enabled() { return amx_flag().load(std::memory_order_relaxed); }
+void set_amx_enabled(bool on) {
+  amx_flag().store(on && amx_supported(), std::memory_order_relaxed);
+}
 
 bool bf16_dot_enabled() { return enabled_flag().load(std::memory_order_relaxed); }
 bool f32x16_enabled() { return KV_AVX512 && simd::cpu_level() == 4; }
@@ -352,6 +388,138 @@ GENEXT_CPU_TARGET_V4 void accum_f32x16(float* O, int64_t ldo, int64_t nr, const 
   accum_all(O, ldo, nr, P, vrows, nc, D, alpha);
 }
 
+namespace {
+
+// The tiles: C0-C3 the scores of four 16-key blocks (16 rows of nr floats), A4-A5 16 key rows of
+// 32 elements (alternating between blocks), B6-B7 the query pairs of a 32-element chunk (16 rows
+// of nr pairs). The layout of LDTILECFG's 64-byte operand.
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64);
+
+// Whether the 16 rows from krows[0] on are equally spaced; their first row and spacing in bytes.
+inline bool strided16(const c10::BFloat16* const* krows, const char** base, int64_t* stride) {
+  const char* p0 = reinterpret_cast<const char*>(krows[0]);
+  const int64_t s = reinterpret_cast<const char*>(krows[1]) - p0;
+  for (int i = 2; i < 16; ++i)
+    if (reinterpret_cast<const char*>(krows[i]) - p0 != int64_t(i) * s) return false;
+  *base = p0;
+  *stride = s;
+  return true;
+}
+
+// GCC's tile intrinsics paste their tile numbers into the instruction text: literal numbers only.
+// Block i of nb (at most four) adds the products of its rows' chunk at byte `off` with the query
+// pairs in tile B into C0-C3, its key rows loaded into A4 or A5 in turn.
+#define KV_AMX_CHUNK(B, nb, base, stride, off)                                                     \
+  do {                                                                                             \
+    _tile_loadd(4, (base)[0] + (off), (stride)[0]);                                                \
+    _tile_dpbf16ps(0, 4, B);                                                                       \
+    if ((nb) > 1) {                                                                                \
+      _tile_loadd(5, (base)[1] + (off), (stride)[1]);                                              \
+      _tile_dpbf16ps(1, 5, B);                                                                     \
+    }                                                                                              \
+    if ((nb) > 2) {                                                                                \
+      _tile_loadd(4, (base)[2] + (off), (stride)[2]);                                              \
+      _tile_dpbf16ps(2, 4, B);                                                                     \
+    }                                                                                              \
+    if ((nb) > 3) {                                                                                \
+      _tile_loadd(5, (base)[3] + (off), (stride)[3]);                                              \
+      _tile_dpbf16ps(3, 5, B);                                                                     \
+    }                                                                                              \
+  } while (0)
+
+}  // namespace
+
+KV_AMX_TARGET void amx_begin(int64_t nr) {
+  TileConfig cfg;
+  const uint16_t row_bytes = uint16_t(nr * 4);
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = t == 4 || t == 5 ? uint16_t(64) : row_bytes;
+  }
+  // GCC does not see LDTILECFG read its operand and drops the stores above without this
+  asm volatile("" : : "m"(cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+KV_AMX_TARGET void amx_end() { _tile_release(); }
+
+void amx_pack_q(const uint16_t* Q, int64_t ldq, int64_t nr, int64_t D, uint16_t* Qv) {
+  for (int64_t c = 0; c < D / 32; ++c)
+    for (int64_t i = 0; i < 16; ++i)
+      for (int64_t n = 0; n < nr; ++n)
+        for (int64_t e = 0; e < 2; ++e)
+          Qv[(16 * c + i) * 2 * nr + 2 * n + e] = Q[n * ldq + 32 * c + 2 * i + e];
+}
+
+KV_AMX_TARGET int64_t amx_scores_bf16(const uint16_t* Qv, int64_t nr,
+                                      const c10::BFloat16* const* krows, int64_t nc, int64_t D,
+                                      float scale, float* S, float* buf) {
+  const int64_t chunks = D / 32, qbytes = 4 * nr;
+  const auto q_chunk = [&](int64_t c) { return Qv + 32 * nr * c; };
+  if (chunks <= 2) {  // the query pairs stay in B6 (and B7) for every block
+    _tile_loadd(6, q_chunk(0), qbytes);
+    if (chunks == 2) _tile_loadd(7, q_chunk(1), qbytes);
+  }
+  const __m512 vs = _mm512_set1_ps(scale);
+  const __m512i rows_idx =
+      _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                         _mm512_set1_epi32(int32_t(nr)));
+  int64_t done = 0;
+  while (done + 16 <= nc) {
+    // up to four 16-key blocks of equally spaced rows
+    const char* base[4];
+    int64_t stride[4];
+    int nb = 0;
+    while (nb < 4 && done + 16 * (nb + 1) <= nc &&
+           strided16(krows + done + 16 * nb, &base[nb], &stride[nb]))
+      ++nb;
+    if (nb == 0) break;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (chunks <= 2) {
+        if (c == 0)
+          KV_AMX_CHUNK(6, nb, base, stride, 0);
+        else
+          KV_AMX_CHUNK(7, nb, base, stride, 64);
+      } else if (c % 2 == 0) {
+        _tile_loadd(6, q_chunk(c), qbytes);
+        KV_AMX_CHUNK(6, nb, base, stride, 64 * c);
+      } else {
+        _tile_loadd(7, q_chunk(c), qbytes);
+        KV_AMX_CHUNK(7, nb, base, stride, 64 * c);
+      }
+    }
+    for (int i = 0; i < nb; ++i) {
+      // block i's scores: 16 keys x nr rows; S wants each query row's 16 keys in a row
+      float* dst = nr == 1 ? S + done + 16 * i : buf;
+      switch (i) {
+        case 0: _tile_stored(0, dst, qbytes); break;
+        case 1: _tile_stored(1, dst, qbytes); break;
+        case 2: _tile_stored(2, dst, qbytes); break;
+        default: _tile_stored(3, dst, qbytes); break;
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        float* out = S + r * kTile + done + 16 * i;
+        const __m512 v = nr == 1 ? _mm512_loadu_ps(out) : _mm512_i32gather_ps(rows_idx, buf + r, 4);
+        _mm512_storeu_ps(out, _mm512_mul_ps(v, vs));
+      }
+    }
+    done += 16 * nb;
+    if (nb < 4) break;  // the end, or a block whose rows are not equally spaced
+  }
+  return done;
+}
+
 KV_BF16_TARGET void store_bf16(const float* O, float inv, int64_t D, uint16_t* out) {
   const __m512 vi = _mm512_set1_ps(inv);
   const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
@@ -378,6 +546,13 @@ void accum_bf16(float*, int64_t, int64_t, const float*, const c10::BFloat16* con
   __builtin_trap();
 }
 void store_bf16(const float*, float, int64_t, uint16_t*) { __builtin_trap(); }
+void amx_begin(int64_t) { __builtin_trap(); }
+void amx_end() { __builtin_trap(); }
+void amx_pack_q(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*) { __builtin_trap(); }
+int64_t amx_scores_bf16(const uint16_t*, int64_t, const c10::BFloat16* const*, int64_t, int64_t,
+                        float, float*, float*) {
+  __builtin_trap();
+}
 void scores_f32x16(const float*, int64_t, int64_t, const float* const*, int64_t, int64_t, float*) {
   __builtin_trap();
 }

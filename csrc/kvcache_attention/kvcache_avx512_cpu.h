@@ -52,6 +52,32 @@ void scores_f32x16(const float* Q, int64_t ldq, int64_t nr, const float* const* 
 void accum_f32x16(float* O, int64_t ldo, int64_t nr, const float* P, const float* const* vrows,
                   int64_t nc, int64_t D, const float* alpha);
 
+// Scores on AMX tiles (AMX-BF16, with the OS's permission for tile data): 16 key rows read in
+// place as a tile (equally spaced rows: a contiguous head, or 16 slots of one block), the query
+// rows in the tiles' pair layout as the other, TDPBF16PS adding pairs of exact bfloat16 products
+// into float like vdpbf16ps. For tasks of at most kAmxMaxRows query rows and a head dim that is a
+// multiple of 32 (amx_fits). amx_begin configures the calling thread's tiles for nr rows and
+// amx_end releases them; amx_pack_q and amx_scores_bf16 run between the two, on that thread.
+// Fewer than 4 rows stay on vdpbf16ps: against it (whole decode calls, one thread, the Xeon of
+// benchmarks/RESULTS.md) the tiles ran at 0.74-0.85x its speed with one query row and 0.99x with
+// two (each block's scores go through a store and a gather), 1.13x with four, 1.41x with eight
+// and 1.72x with sixteen.
+bool amx_supported();
+bool amx_enabled();
+void set_amx_enabled(bool on);
+constexpr int64_t kAmxMaxRows = 16;
+inline bool amx_fits(int64_t nr, int64_t D) { return nr >= 4 && nr <= kAmxMaxRows && D % 32 == 0; }
+void amx_begin(int64_t nr);
+void amx_end();
+// Qv[(16 c + i) * 2 nr + 2 n + e] = Q[n][32 c + 2 i + e]: the nr rows of Q (bfloat16 bit patterns,
+// rows ldq apart) as the tiles take them, D / 32 chunks of 16 pairs.
+void amx_pack_q(const uint16_t* Q, int64_t ldq, int64_t nr, int64_t D, uint16_t* Qv);
+// S[r * kTile + j] = scale * (Q[r] . K[j]) for r < nr and j below the returned count: the keys of
+// the leading 16-key blocks whose rows are equally spaced (a multiple of 16, at most nc); the
+// caller computes the others. buf: kAmxMaxRows * 16 floats of scratch.
+int64_t amx_scores_bf16(const uint16_t* Qv, int64_t nr, const c10::BFloat16* const* krows,
+                        int64_t nc, int64_t D, float scale, float* S, float* buf);
+
 // out[0:D] = the bfloat16 values of O[0:D] * inv (to nearest, ties to even; NaN to 0x7fc0, as
 // c10::BFloat16 rounds).
 void store_bf16(const float* O, float inv, int64_t D, uint16_t* out);

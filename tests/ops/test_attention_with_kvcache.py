@@ -949,21 +949,31 @@ def test_cpu_nan_key_in_one_split_of_a_long_cache_makes_the_row_nan(where):
 # ---- the two bfloat16 paths of the CPU kernel ---------------------------------------------------
 
 
-@pytest.fixture(params=["in-place", "widened"])
+@pytest.fixture(params=["in-place", "in-place-amx", "widened"])
 def bf16_path(request):
     """Runs a test with each bfloat16 path of the CPU kernel: rows read in place (vdpbf16ps
-    scores; only on CPUs with AVX512-BF16) and rows widened to float first (every CPU)."""
+    scores; only on CPUs with AVX512-BF16), the same with the scores of tasks of 4 to 16 query
+    rows on AMX tiles (CPUs and kernels with AMX-BF16), and rows widened to float first (every
+    CPU)."""
     import genext._C
 
+    in_place = request.param.startswith("in-place")
+    amx = request.param == "in-place-amx"
     supported, before = genext._C._cpu_kv_bf16_dot()
-    if request.param == "in-place" and not supported:
+    amx_supported, amx_before = genext._C._cpu_kv_amx()
+    if in_place and not supported:
         pytest.skip("this CPU has no AVX512-BF16")
-    genext._C._cpu_set_kv_bf16_dot(request.param == "in-place")
+    if amx and not amx_supported:
+        pytest.skip("no AMX-BF16 here (CPU or OS)")
+    genext._C._cpu_set_kv_bf16_dot(in_place)
+    genext._C._cpu_set_kv_amx(amx)
     try:
-        assert genext._C._cpu_kv_bf16_dot()[1] == (request.param == "in-place")
+        assert genext._C._cpu_kv_bf16_dot()[1] == in_place
+        assert genext._C._cpu_kv_amx()[1] == amx
         yield request.param
     finally:
         genext._C._cpu_set_kv_bf16_dot(before)
+        genext._C._cpu_set_kv_amx(amx_before)
 
 
 def test_cpu_bf16_path_is_the_widening_one_only_without_avx512_bf16():
@@ -981,11 +991,15 @@ def test_cpu_bf16_path_is_the_widening_one_only_without_avx512_bf16():
 
 # head dims off the 32-element steps of vdpbf16ps and the 16-lane vectors (7, 13, 24, 33, 40, 72,
 # 80, 129), 1 to 128 query rows per kv head (one and three: the value sums take rows four at a
-# time), paged and contiguous caches
+# time), paged and contiguous caches; and for the AMX scores (4 to 16 query rows, D a multiple
+# of 32) paged blocks of 5 and 40 (16-key blocks whose rows are not equally spaced: the vdpbf16ps
+# scores take over) and D 96 and 256 (query chunks loaded for each block)
 WIDTH_CASES = (
     CASES
     + [c[:6] + (True, True, c[6]) for c in TAIL_CASES]
     + [(2, 1, 4, 4, 40, 70, True, True, None), (2, 1, 6, 2, 24, 70, False, False, 16)]
+    + [(2, 1, 8, 2, 64, 150, True, False, 5), (2, 1, 8, 2, 64, 200, True, True, 40)]
+    + [(2, 2, 8, 1, 96, 200, True, True, 48), (1, 1, 16, 1, 256, 130, True, True, None)]
 )
 
 
