@@ -44,10 +44,16 @@ bool bf16_dot_supported() {
 }
 
 namespace {
-std::atomic<bool>& enabled_flag() {
-  static std::atomic<bool> on{bf16_dot_supported()};
-  return on;
-}
+// A routine family's switch: on where the CPU runs it, and never on where it does not.
+template <bool (*Supported)()>
+struct Switch {
+  static std::atomic<bool>& flag() {
+    static std::atomic<bool> on{Supported()};
+    return on;
+  }
+  static bool get() { return flag().load(std::memory_order_relaxed); }
+  static void set(bool on) { flag().store(on && Supported(), std::memory_order_relaxed); }
+};
 }  // namespace
 
 bool amx_supported() {
@@ -66,23 +72,12 @@ bool amx_supported() {
 #endif
 }
 
-namespace {
-std::atomic<bool>& amx_flag() {
-  static std::atomic<bool> on{amx_supported()};
-  return on;
-}
-}  // namespace
+bool amx_enabled() { return Switch<amx_supported>::get(); }
+void set_amx_enabled(bool on) { Switch<amx_supported>::set(on); }
 
-bool amx_enabled() { return amx_flag().load(std::memory_order_relaxed); }
-void set_amx_enabled(bool on) {
-  amx_flag().store(on && amx_supported(), std::memory_order_relaxed);
-}
-
-bool bf16_dot_enabled() { return enabled_flag().load(std::memory_order_relaxed); }
+bool bf16_dot_enabled() { return Switch<bf16_dot_supported>::get(); }
+void set_bf16_dot_enabled(bool on) { Switch<bf16_dot_supported>::set(on); }
 bool f32x16_enabled() { return KV_AVX512 && simd::cpu_level() == 4; }
-void set_bf16_dot_enabled(bool on) {
-  enabled_flag().store(on && bf16_dot_supported(), std::memory_order_relaxed);
-}
 
 #if KV_AVX512
 
