@@ -453,7 +453,7 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
     T* amx_buf = alpha + nrows;
     uint16_t* Qb = direct ? scratch<uint16_t>(nrows * Dq + (amx ? nrows * D : 0)) : nullptr;
     uint16_t* Qv = amx ? Qb + nrows * Dq : nullptr;
-    if (amx) amx_begin(nrows);  // this thread's tiles, released after its tasks
+    if (amx) amx_begin(nrows);  // the tiles of this thread, for this chunk of tasks
     const S* ks[2][kTile];
     const S* vs[2][kTile];
     const T* krows[kTile];

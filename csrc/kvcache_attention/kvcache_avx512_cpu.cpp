@@ -17,6 +17,11 @@
 #include <unistd.h>
 #endif
 #define KV_AVX512 1
+#if __GNUC__ >= 11 && defined(__linux__)  // GCC 11 brought the AMX intrinsics
+#define KV_AMX 1
+#else
+#define KV_AMX 0
+#endif
 #if __GNUC__ >= 12
 #define KV_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
 #define KV_AMX_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16")))
@@ -27,6 +32,7 @@
 #endif
 #else
 #define KV_AVX512 0
+#define KV_AMX 0
 #endif
 
 namespace genext::kv {
@@ -57,7 +63,7 @@ struct Switch {
 }  // namespace
 
 bool amx_supported() {
-#if KV_AVX512 && defined(__linux__)
+#if KV_AMX
   static const bool ok = [] {
     if (!bf16_dot_supported()) return false;
     unsigned a = 0, b = 0, c = 0, d = 0;
@@ -383,6 +389,8 @@ GENEXT_CPU_TARGET_V4 void accum_f32x16(float* O, int64_t ldo, int64_t nr, const 
   accum_all(O, ldo, nr, P, vrows, nc, D, alpha);
 }
 
+#if KV_AMX
+
 namespace {
 
 // The tiles: C0-C3 the scores of four 16-key blocks (16 rows of nr floats), A4-A5 16 key rows of
@@ -456,6 +464,9 @@ void amx_pack_q(const uint16_t* Q, int64_t ldq, int64_t nr, int64_t D, uint16_t*
 KV_AMX_TARGET int64_t amx_scores_bf16(const uint16_t* Qv, int64_t nr,
                                       const c10::BFloat16* const* krows, int64_t nc, int64_t D,
                                       float scale, float* S, float* buf) {
+  // GCC's tile loads take their addresses in registers and declare no memory read: the query
+  // pairs written before this call (and the key rows) must not look dead to it
+  asm volatile("" : : : "memory");
   const int64_t chunks = D / 32, qbytes = 4 * nr;
   const auto q_chunk = [&](int64_t c) { return Qv + 32 * nr * c; };
   if (chunks <= 2) {  // the query pairs stay in B6 (and B7) for every block
@@ -495,25 +506,24 @@ KV_AMX_TARGET int64_t amx_scores_bf16(const uint16_t* Qv, int64_t nr,
       }
     }
     for (int i = 0; i < nb; ++i) {
-      // block i's scores: 16 keys x nr rows; S wants each query row's 16 keys in a row
-      float* dst = nr == 1 ? S + done + 16 * i : buf;
+      // block i's scores are 16 keys x nr rows; S holds each query row's keys in a row
       switch (i) {
-        case 0: _tile_stored(0, dst, qbytes); break;
-        case 1: _tile_stored(1, dst, qbytes); break;
-        case 2: _tile_stored(2, dst, qbytes); break;
-        default: _tile_stored(3, dst, qbytes); break;
+        case 0: _tile_stored(0, buf, qbytes); break;
+        case 1: _tile_stored(1, buf, qbytes); break;
+        case 2: _tile_stored(2, buf, qbytes); break;
+        default: _tile_stored(3, buf, qbytes); break;
       }
-      for (int64_t r = 0; r < nr; ++r) {
-        float* out = S + r * kTile + done + 16 * i;
-        const __m512 v = nr == 1 ? _mm512_loadu_ps(out) : _mm512_i32gather_ps(rows_idx, buf + r, 4);
-        _mm512_storeu_ps(out, _mm512_mul_ps(v, vs));
-      }
+      for (int64_t r = 0; r < nr; ++r)
+        _mm512_storeu_ps(S + r * kTile + done + 16 * i,
+                         _mm512_mul_ps(_mm512_i32gather_ps(rows_idx, buf + r, 4), vs));
     }
     done += 16 * nb;
     if (nb < 4) break;  // the end, or a block whose rows are not equally spaced
   }
   return done;
 }
+
+#endif  // KV_AMX
 
 KV_BF16_TARGET void store_bf16(const float* O, float inv, int64_t D, uint16_t* out) {
   const __m512 vi = _mm512_set1_ps(inv);
@@ -541,13 +551,6 @@ void accum_bf16(float*, int64_t, int64_t, const float*, const c10::BFloat16* con
   __builtin_trap();
 }
 void store_bf16(const float*, float, int64_t, uint16_t*) { __builtin_trap(); }
-void amx_begin(int64_t) { __builtin_trap(); }
-void amx_end() { __builtin_trap(); }
-void amx_pack_q(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*) { __builtin_trap(); }
-int64_t amx_scores_bf16(const uint16_t*, int64_t, const c10::BFloat16* const*, int64_t, int64_t,
-                        float, float*, float*) {
-  __builtin_trap();
-}
 void scores_f32x16(const float*, int64_t, int64_t, const float* const*, int64_t, int64_t, float*) {
   __builtin_trap();
 }
@@ -556,6 +559,16 @@ void accum_f32x16(float*, int64_t, int64_t, const float*, const float* const*, i
   __builtin_trap();
 }
 
+#endif
+
+#if !KV_AMX  // amx_supported() is false: these never run
+void amx_begin(int64_t) { __builtin_trap(); }
+void amx_end() { __builtin_trap(); }
+void amx_pack_q(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*) { __builtin_trap(); }
+int64_t amx_scores_bf16(const uint16_t*, int64_t, const c10::BFloat16* const*, int64_t, int64_t,
+                        float, float*, float*) {
+  __builtin_trap();
+}
 #endif
 
 }  // namespace genext::kv

@@ -256,7 +256,9 @@ def test_paged_equals_contiguous(device, block_size, dtype):
     out_p, lse_p = attention_with_kvcache(
         q, kp, vp, lens, kn, vn, block_table=table, return_lse=True
     )
-    if device == "cpu":  # same arithmetic in the same order: bit-identical
+    # CPU: the same arithmetic in the same order, bit-identical (the AMX scores take 16-key blocks
+    # of equally spaced rows, which blocks of 16 and 256 keep whole in both layouts)
+    if device == "cpu":
         assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
     else:
         # the CUDA kernels plan their key splits from the capacity, which the block size rounds
@@ -976,6 +978,21 @@ def bf16_path(request):
         genext._C._cpu_set_kv_amx(amx_before)
 
 
+def test_cpu_amx_scores_only_where_the_cpu_has_amx_bf16():
+    import genext._C
+
+    supported, enabled = genext._C._cpu_kv_amx()
+    assert enabled == supported
+    with open("/proc/cpuinfo") as f:
+        flags = f.read().split()
+    if supported:  # the OS may still refuse the tile state: then not supported
+        assert "amx_bf16" in flags and "amx_tile" in flags
+        assert genext._C._cpu_kv_bf16_dot()[0]
+    else:
+        with pytest.raises(ValueError, match="AMX-BF16"):
+            genext._C._cpu_set_kv_amx(True)
+
+
 def test_cpu_bf16_path_is_the_widening_one_only_without_avx512_bf16():
     import genext._C
 
@@ -993,13 +1010,15 @@ def test_cpu_bf16_path_is_the_widening_one_only_without_avx512_bf16():
 # 80, 129), 1 to 128 query rows per kv head (one and three: the value sums take rows four at a
 # time), paged and contiguous caches; and for the AMX scores (4 to 16 query rows, D a multiple
 # of 32) paged blocks of 5 and 40 (16-key blocks whose rows are not equally spaced: the vdpbf16ps
-# scores take over) and D 96 and 256 (query chunks loaded for each block)
+# scores take over), D 96 and 256 (query chunks loaded for each block), D 32 (one chunk), and 6
+# and 12 rows
 WIDTH_CASES = (
     CASES
     + [c[:6] + (True, True, c[6]) for c in TAIL_CASES]
     + [(2, 1, 4, 4, 40, 70, True, True, None), (2, 1, 6, 2, 24, 70, False, False, 16)]
     + [(2, 1, 8, 2, 64, 150, True, False, 5), (2, 1, 8, 2, 64, 200, True, True, 40)]
     + [(2, 2, 8, 1, 96, 200, True, True, 48), (1, 1, 16, 1, 256, 130, True, True, None)]
+    + [(2, 3, 8, 4, 32, 90, True, True, None), (1, 3, 16, 4, 64, 100, True, False, 16)]
 )
 
 
