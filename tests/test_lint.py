@@ -1,8 +1,10 @@
-"""Lint and format: ruff over the Python tree and clang-format over csrc/, both pinned in the test
-extras. A lint error or a file that is not formatted fails the test suite, so it fails CI.
+"""Lint and format: ruff over the Python tree and clang-format over csrc/ and the CUDA emulation's
+C++ (tests/cuda_emu), both pinned in the test extras. A lint error or a file that is not formatted
+fails the test suite, so it fails CI.
 
-Fix with `ruff check --fix . && ruff format .` and
-`clang-format -i $(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')`."""
+Fix with `ruff check --fix . && ruff format .` and `clang-format -i $(git ls-files 'csrc/*.h'
+'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/cuda_emu/*.h' 'tests/cuda_emu/*.cpp'
+'tests/cuda_emu/*.cu')`."""
 
 from __future__ import annotations
 
@@ -42,7 +44,10 @@ def test_ruff_format():
 
 def test_clang_format():
     files = sorted(
-        str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in CPP_SUFFIXES
+        str(p.relative_to(ROOT))
+        for tree in ("csrc", "tests/cuda_emu")
+        for p in (ROOT / tree).rglob("*")
+        if p.suffix in CPP_SUFFIXES
     )
     assert files, "no C++ sources found under csrc/"
     proc = _run(_tool("clang-format"), "--dry-run", "--Werror", *files)

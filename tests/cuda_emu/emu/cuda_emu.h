@@ -1,0 +1,490 @@
+// A CPU functional model of the CUDA execution model, force-included (-include) when genext's .cu
+// sources are compiled as host C++ for the emulation tests (tests/cuda_emu/README.md). It is an
+// emulation: a kernel that passes under it has still not run on a GPU.
+//
+// - Blocks run one after another on the calling thread. The threads of a block are fibers
+//   (ucontext), each with its own stack, switched only where CUDA threads must meet: __syncthreads,
+//   __syncwarp, the warp shuffles and votes. Between those points a thread runs alone, so a
+//   missing barrier shows up as a wrong result when threads read shared memory another thread has
+//   not written yet: the fibers run in order, and a block barrier lets every thread of the block
+//   run up to it before any goes on.
+// - __shared__ variables are function statics (one block at a time, so one copy is the block's);
+//   dynamic shared memory (extern __shared__) is a per-launch buffer, rewritten to a pointer by
+//   build.py. Both keep the last block's contents, so a kernel that reads shared memory it did not
+//   write in the same block reads stale values rather than zeros.
+// - A thread that returns counts as arrived at every later block barrier (as on Volta and later);
+//   a warp operation waits for every lane its mask names, so a mask naming a lane that returned
+//   or never arrives is a deadlock, reported with the kernel's block and the waiting threads.
+// - Device intrinsics are their host equivalents; the 16-bit types and their conversions are the
+//   CUDA toolkit's own host implementations (cuda_fp16.h, cuda_bf16.h).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <signal.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace emu {
+
+constexpr int kWarp = 32;
+
+struct Thread {
+  ucontext_t ctx;
+  uint3 tid;
+  int index = 0;  // linear index in the block
+  int lane = 0, warp = 0;
+  bool done = false;
+  int wait = 0;  // 0: runnable, 1: block barrier, 2: warp barrier
+  unsigned wait_gen = 0;
+};
+
+struct Block {
+  uint3 idx;
+  std::vector<Thread> threads;
+  int live = 0;
+  unsigned bar_gen = 0;
+  int bar_count = 0;
+  std::vector<unsigned> warp_gen, warp_arrived;
+  std::vector<uint64_t> slots;  // one shuffle value per thread
+  std::exception_ptr error;     // the first exception a thread threw
+};
+
+struct Launch {
+  dim3 grid, block;
+  size_t smem = 0;
+};
+
+inline thread_local Launch* g_launch = nullptr;
+inline thread_local Block* g_block = nullptr;
+inline thread_local Thread* g_thread = nullptr;
+inline thread_local ucontext_t g_sched;
+inline thread_local const std::function<void()>* g_entry = nullptr;
+inline thread_local std::vector<unsigned char>* g_dyn_smem = nullptr;
+inline thread_local cudaError_t g_last_error = cudaSuccess;
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+inline void yield_to_scheduler() { swapcontext(&g_thread->ctx, &g_sched); }
+
+// A kernel thread that touches an inaccessible page (past the end of a guarded tensor, see
+// tests/cuda_emu/guard.py) raises SIGSEGV; while a block runs, the handler records the address
+// and resumes the scheduler, which reports it as an error instead of the process dying.
+inline thread_local bool g_in_block = false;
+inline thread_local volatile bool g_faulted = false;
+inline thread_local void* g_fault_addr = nullptr;
+
+inline void on_fault(int sig, siginfo_t* info, void*) {
+  if (!g_in_block || g_thread == nullptr) {  // not a kernel thread's: the default action
+    signal(sig, SIG_DFL);
+    raise(sig);
+    return;
+  }
+  g_faulted = true;
+  g_fault_addr = info->si_addr;
+  setcontext(&g_sched);  // back into run()'s swapcontext, with the signal mask saved there
+}
+
+// Installs on_fault for SIGSEGV and SIGBUS for the life of one launch.
+class FaultHandler {
+ public:
+  FaultHandler() {
+    struct sigaction sa{};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv_);
+    sigaction(SIGBUS, &sa, &old_bus_);
+  }
+  ~FaultHandler() {
+    sigaction(SIGSEGV, &old_segv_, nullptr);
+    sigaction(SIGBUS, &old_bus_, nullptr);
+  }
+  FaultHandler(const FaultHandler&) = delete;
+  FaultHandler& operator=(const FaultHandler&) = delete;
+
+ private:
+  struct sigaction old_segv_{}, old_bus_{};
+};
+
+// The entry of every fiber: the launch's kernel call, then back to the scheduler for good.
+inline void fiber_main() {
+  try {
+    (*g_entry)();
+  } catch (...) {  // a swapcontext boundary: handed to run(), which rethrows it
+    g_block->error = std::current_exception();
+  }
+  Block& b = *g_block;
+  g_thread->done = true;
+  --b.live;
+  if (b.bar_count > 0 && b.bar_count == b.live) {  // the others wait only for this one
+    ++b.bar_gen;
+    b.bar_count = 0;
+  }
+  swapcontext(&g_thread->ctx, &g_sched);
+}
+
+inline void syncthreads() {
+  Block& b = *g_block;
+  const unsigned gen = b.bar_gen;
+  if (++b.bar_count == b.live) {
+    ++b.bar_gen;
+    b.bar_count = 0;
+    return;
+  }
+  g_thread->wait = 1;
+  g_thread->wait_gen = gen;
+  yield_to_scheduler();
+}
+
+inline void warp_sync(unsigned mask) {
+  Block& b = *g_block;
+  Thread& t = *g_thread;
+  const unsigned me = 1u << t.lane;
+  if ((mask & me) == 0) throw Error("warp operation with a mask that leaves out the calling lane");
+  unsigned& arrived = b.warp_arrived[size_t(t.warp)];
+  arrived |= me;
+  if ((arrived & mask) == mask) {
+    arrived &= ~mask;
+    ++b.warp_gen[size_t(t.warp)];
+    return;
+  }
+  t.wait = 2;
+  t.wait_gen = b.warp_gen[size_t(t.warp)];
+  yield_to_scheduler();
+}
+
+inline bool released(const Block& b, const Thread& t) {
+  if (t.wait == 1) return b.bar_gen != t.wait_gen;
+  if (t.wait == 2) return b.warp_gen[size_t(t.warp)] != t.wait_gen;
+  return true;
+}
+
+constexpr size_t kStackBytes = 128 * 1024;
+
+// Fiber stacks, kept for the next launch (not zeroed: a fresh stack's contents are unspecified).
+inline char* stack(size_t i) {
+  thread_local std::vector<std::unique_ptr<char[]>> pool;
+  while (pool.size() <= i) pool.emplace_back(new char[kStackBytes]);
+  return pool[i].get();
+}
+
+// Runs every block of the launch; the kernel body is `entry`.
+inline void run(const Launch& cfg, const std::function<void()>& entry) {
+  const int nthreads = int(cfg.block.x * cfg.block.y * cfg.block.z);
+  if (nthreads <= 0 || nthreads > 1024 || cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0 ||
+      cfg.grid.y > 65535 || cfg.grid.z > 65535) {
+    g_last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  Launch launch = cfg;
+  std::vector<unsigned char> dyn(cfg.smem + 16);
+  Launch* const prev_launch = g_launch;
+  std::vector<unsigned char>* const prev_dyn = g_dyn_smem;
+  g_launch = &launch;
+  g_dyn_smem = &dyn;
+  g_entry = &entry;
+  const FaultHandler fault_handler;
+  const int warps = (nthreads + kWarp - 1) / kWarp;
+  for (unsigned bz = 0; bz < cfg.grid.z; ++bz)
+    for (unsigned by = 0; by < cfg.grid.y; ++by)
+      for (unsigned bx = 0; bx < cfg.grid.x; ++bx) {
+        Block b;
+        b.idx = make_uint3(bx, by, bz);
+        b.threads.resize(size_t(nthreads));
+        b.live = nthreads;
+        b.warp_gen.assign(size_t(warps), 0);
+        b.warp_arrived.assign(size_t(warps), 0);
+        b.slots.assign(size_t(nthreads), 0);
+        g_block = &b;
+        for (int i = 0; i < nthreads; ++i) {
+          Thread& t = b.threads[size_t(i)];
+          t.index = i;
+          t.lane = i % kWarp;
+          t.warp = i / kWarp;
+          t.tid = make_uint3(unsigned(i) % cfg.block.x, (unsigned(i) / cfg.block.x) % cfg.block.y,
+                             unsigned(i) / (cfg.block.x * cfg.block.y));
+          getcontext(&t.ctx);
+          t.ctx.uc_stack.ss_sp = stack(size_t(i));
+          t.ctx.uc_stack.ss_size = kStackBytes;
+          t.ctx.uc_link = nullptr;
+          makecontext(&t.ctx, fiber_main, 0);
+        }
+        while (b.live > 0) {
+          bool progress = false;
+          for (Thread& t : b.threads) {
+            if (t.done || !released(b, t)) continue;
+            t.wait = 0;
+            g_thread = &t;
+            g_in_block = true;
+            g_faulted = false;
+            swapcontext(&g_sched, &t.ctx);
+            g_in_block = false;
+            progress = true;
+            if (g_faulted) {
+              char where[32];
+              std::snprintf(where, sizeof where, "%p", g_fault_addr);
+              b.error = std::make_exception_ptr(
+                  Error("thread " + std::to_string(t.index) + " of block (" + std::to_string(bx) +
+                        ", " + std::to_string(by) + ", " + std::to_string(bz) +
+                        ") touched inaccessible memory at " + where +
+                        " (past the end of a guarded tensor?)"));
+            }
+            if (b.error) {  // the other threads are abandoned where they wait
+              g_launch = prev_launch;
+              g_dyn_smem = prev_dyn;
+              std::rethrow_exception(b.error);
+            }
+          }
+          if (!progress) {
+            std::string who;
+            for (const Thread& t : b.threads)
+              if (!t.done && who.size() < 200)
+                who += " " + std::to_string(t.index) + (t.wait == 1 ? "(block)" : "(warp)");
+            throw Error("deadlock in block (" + std::to_string(bx) + ", " + std::to_string(by) +
+                        ", " + std::to_string(bz) + "): threads waiting:" + who);
+          }
+        }
+      }
+  g_launch = prev_launch;
+  g_dyn_smem = prev_dyn;
+  g_block = nullptr;
+  g_thread = nullptr;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) as build.py rewrites it.
+template <class... P, class... A>
+void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*kernel)(P...), A&&... args) {
+  auto params = std::make_tuple(P(std::forward<A>(args))...);
+  const std::function<void()> entry = [&] { std::apply(kernel, params); };
+  run(Launch{grid, block, smem}, entry);
+}
+template <class... P, class... A>
+void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(P...), A&&... args) {
+  launch(grid, block, smem, cudaStream_t{}, kernel, std::forward<A>(args)...);
+}
+template <class... P, class... A>
+void launch(dim3 grid, dim3 block, void (*kernel)(P...), A&&... args) {
+  launch(grid, block, 0, cudaStream_t{}, kernel, std::forward<A>(args)...);
+}
+
+inline void* dyn_smem() { return g_dyn_smem->data(); }
+
+template <class T>
+T shuffle(unsigned mask, T v, int src) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a type wider than 64 bits");
+  Block& b = *g_block;
+  const Thread& t = *g_thread;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  b.slots[size_t(t.index)] = bits;
+  warp_sync(mask);
+  const int from = t.warp * kWarp + src;
+  if ((mask >> src & 1u) == 0 || from >= int(b.threads.size()))
+    throw Error("shuffle reads a lane outside the mask");
+  T r;
+  std::memcpy(&r, &b.slots[size_t(from)], sizeof(T));
+  warp_sync(mask);
+  return r;
+}
+
+inline unsigned ballot(unsigned mask, bool pred) {
+  Block& b = *g_block;
+  const Thread& t = *g_thread;
+  b.slots[size_t(t.index)] = pred ? 1 : 0;
+  warp_sync(mask);
+  unsigned r = 0;
+  for (int l = 0; l < kWarp; ++l)
+    if ((mask >> l & 1u) && b.slots[size_t(t.warp * kWarp + l)]) r |= 1u << l;
+  warp_sync(mask);
+  return r;
+}
+
+}  // namespace emu
+
+// ---- the CUDA built-ins ----------------------------------------------------------------------
+
+#define threadIdx (::emu::g_thread->tid)
+#define blockIdx (::emu::g_block->idx)
+#define blockDim (::emu::g_launch->block)
+#define gridDim (::emu::g_launch->grid)
+#define warpSize 32
+
+#undef __global__
+#define __global__
+#undef __device__
+#define __device__
+#undef __host__
+#define __host__
+#undef __forceinline__
+#define __forceinline__ inline
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#undef __shared__
+#define __shared__ static
+
+inline void __syncthreads() { ::emu::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::emu::warp_sync(mask); }
+
+template <class T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  const int lane = ::emu::g_thread->lane, seg = lane & ~(width - 1);
+  return ::emu::shuffle(mask, v, seg + (src & (width - 1)));
+}
+template <class T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  const int lane = ::emu::g_thread->lane, seg = lane & ~(width - 1), src = lane ^ lane_mask;
+  return ::emu::shuffle(mask, v, src >= seg + width ? lane : src);
+}
+template <class T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int lane = ::emu::g_thread->lane, seg = lane & ~(width - 1), src = lane + int(delta);
+  return ::emu::shuffle(mask, v, src >= seg + width ? lane : src);
+}
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  const int lane = ::emu::g_thread->lane, seg = lane & ~(width - 1), src = lane - int(delta);
+  return ::emu::shuffle(mask, v, src < seg ? lane : src);
+}
+inline unsigned __ballot_sync(unsigned mask, int pred) { return ::emu::ballot(mask, pred != 0); }
+inline int __any_sync(unsigned mask, int pred) { return ::emu::ballot(mask, pred != 0) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return ::emu::ballot(mask, pred != 0) == mask; }
+
+// Blocks run one at a time on one host thread: an atomic is a plain read-modify-write.
+template <class T>
+T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+template <class T>
+T atomicMax(T* p, T v) {
+  const T old = *p;
+  *p = std::max(old, v);
+  return old;
+}
+template <class T>
+T atomicMin(T* p, T v) {
+  const T old = *p;
+  *p = std::min(old, v);
+  return old;
+}
+template <class T>
+T atomicExch(T* p, T v) {
+  const T old = *p;
+  *p = v;
+  return old;
+}
+template <class T>
+T atomicCAS(T* p, T compare, T v) {
+  const T old = *p;
+  if (old == compare) *p = v;
+  return old;
+}
+
+template <class T>
+T __ldg(const T* p) {
+  return *p;
+}
+template <class T>
+T __ldcs(const T* p) {
+  return *p;
+}
+template <class T>
+T __ldcg(const T* p) {
+  return *p;
+}
+template <class T>
+void __stcs(T* p, const T& v) {
+  *p = v;
+}
+template <class T>
+void __stcg(T* p, const T& v) {
+  *p = v;
+}
+
+inline uint64_t __umul64hi(uint64_t a, uint64_t b) {
+  return uint64_t((static_cast<unsigned __int128>(a) * b) >> 64);
+}
+inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(unsigned(v)); }
+
+// Round-to-nearest arithmetic: host float operations (the build turns FMA contraction off).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __expf(float a) { return std::exp(a); }
+inline float __logf(float a) { return std::log(a); }
+inline float __powf(float a, float b) { return std::pow(a, b); }
+inline float __saturatef(float a) { return std::fmin(std::fmax(a, 0.0f), 1.0f); }
+inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+inline double rsqrt(double a) { return 1.0 / std::sqrt(a); }
+
+// CUDA's integer min/max overloads (device code calls them unqualified).
+template <class A, class B>
+auto min(A a, B b)
+    -> std::enable_if_t<std::is_integral_v<A> && std::is_integral_v<B>, std::common_type_t<A, B>> {
+  return a < b ? a : b;
+}
+template <class A, class B>
+auto max(A a, B b)
+    -> std::enable_if_t<std::is_integral_v<A> && std::is_integral_v<B>, std::common_type_t<A, B>> {
+  return a > b ? a : b;
+}
+
+// The runtime calls the launchers make.
+inline cudaError_t emu_cudaGetLastError() {
+  const cudaError_t e = ::emu::g_last_error;
+  ::emu::g_last_error = cudaSuccess;
+  return e;
+}
+inline cudaError_t emu_cudaPeekAtLastError() { return ::emu::g_last_error; }
+#define cudaGetLastError emu_cudaGetLastError
+#define cudaPeekAtLastError emu_cudaPeekAtLastError

@@ -1,0 +1,106 @@
+"""Builds genext's CUDA kernel sources for the host under the CPU emulation (emu/cuda_emu.h) into a
+test-only Python extension, one per op: the .cu files, rewritten (kernel launches and dynamic
+shared memory, see :func:`rewrite`), are compiled as C++ together with the op's shim
+(shims/<op>.cpp), which runs the CUDA launcher on CPU tensors. Everything genext:: is renamed
+genext_emu:: in them, so nothing can resolve to genext's own extension in the same process.
+
+An emulation: a kernel that passes under it has still not run on a GPU."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+CSRC = REPO / "csrc"
+
+# The .cu sources of each op's CUDA launcher (relative to csrc/; the emulation's own check kernels
+# relative to this folder).
+SOURCES = {
+    "sampler_step": [CSRC / "sampler_step/sampler_step.cu"],
+    "selftest": [HERE / "kernels/selftest.cu"],
+}
+
+_KERNEL_BEFORE_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;(){}]*>)?)\s*$")
+_EXTERN_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<> ]+?)\s+(\w+)\s*\[\s*\]\s*;"
+)
+
+
+def rewrite(src: str) -> str:
+    """CUDA syntax the host compiler does not take, as the emulation's calls:
+    `kernel<<<grid, block, smem, stream>>>(args);` becomes
+    `::emu::launch(grid, block, smem, stream, kernel, args);` and `extern __shared__ T name[];`
+    a pointer to the launch's dynamic shared memory."""
+    out: list[str] = []
+    i = 0
+    while (j := src.find("<<<", i)) >= 0:
+        line_start = src.rfind("\n", 0, j) + 1
+        m = _KERNEL_BEFORE_LAUNCH.search(src, line_start, j)
+        if m is None:
+            raise ValueError(f"no kernel name before <<< at: {src[line_start : j + 3]!r}")
+        k = src.find(">>>", j)
+        if k < 0 or src[k + 3] != "(":
+            raise ValueError(f"unterminated launch at: {src[j : j + 60]!r}")
+        depth, e = 0, k + 3
+        while True:  # the argument list's closing parenthesis
+            c = src[e]
+            depth += c == "("
+            depth -= c == ")"
+            if depth == 0:
+                break
+            e += 1
+        config, args = src[j + 3 : k], src[k + 4 : e]
+        out.append(src[i : m.start()])
+        out.append(f"::emu::launch({config}, {m.group(1)}{', ' + args if args.strip() else ''})")
+        i = e + 1
+    out.append(src[i:])
+    return _EXTERN_SHARED.sub(
+        r"\1* const \2 = reinterpret_cast<\1*>(::emu::dyn_smem());", "".join(out)
+    )
+
+
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's headers (the 16-bit types and the runtime's declarations), or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_fp16.h").is_file():
+            return Path(c) / "include"
+    return None
+
+
+@functools.cache
+def load(op: str):
+    """The emulated extension of `op` (built on first use, cached for the process)."""
+    from torch.utils import cpp_extension
+
+    include = cuda_include()
+    if include is None:
+        raise FileNotFoundError("no CUDA toolkit headers (cuda_fp16.h) found")
+    build = Path(tempfile.gettempdir()) / f"genext_cuda_emu_{os.getuid()}" / op
+    src_dir = build / "src"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(HERE / "shims" / f"{op}.cpp")]
+    for path in SOURCES[op]:
+        text = '#include "emu/cuda_emu.h"\n' + rewrite(path.read_text())
+        dst = src_dir / (path.stem + "_emu.cpp")
+        if not dst.is_file() or dst.read_text() != text:  # keep the build's cache when unchanged
+            dst.write_text(text)
+        sources.append(str(dst))
+    flags = ["-std=c++20", "-O1", "-ffp-contract=off", "-Dgenext=genext_emu", "-w"]
+    return cpp_extension.load(
+        name=f"genext_emu_{op}",
+        sources=sources,
+        extra_cflags=flags,
+        extra_include_paths=[str(CSRC), str(HERE), str(include)],
+        build_directory=str(build),
+        verbose=False,
+    )
