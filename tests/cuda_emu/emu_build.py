@@ -23,6 +23,7 @@ CSRC = REPO / "csrc"
 # relative to this folder).
 SOURCES = {
     "sampler_step": [CSRC / "sampler_step/sampler_step.cu"],
+    "vq": [CSRC / "vq/vq.cu"],
     "selftest": [HERE / "kernels/selftest.cu"],
 }
 
