@@ -24,6 +24,11 @@ CSRC = REPO / "csrc"
 SOURCES = {
     "sampler_step": [CSRC / "sampler_step/sampler_step.cu"],
     "vq": [CSRC / "vq/vq.cu"],
+    "group_norm_silu": [
+        CSRC / "group_norm_silu/group_norm_silu_fwd.cu",
+        CSRC / "group_norm_silu/group_norm_silu_bwd.cu",
+        CSRC / "group_norm_silu/group_norm_silu_plan.cu",
+    ],
     "selftest": [HERE / "kernels/selftest.cu"],
 }
 

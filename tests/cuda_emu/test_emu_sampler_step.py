@@ -27,6 +27,10 @@ from test_sampler_step import _cases, _coef, _inputs  # noqa: E402
 SHAPES = [(2, 4, 8, 8), (3, 5, 7)]
 
 
+# a build of about 40 s: the full profile (CI) runs these, the quick one the emulation's self-test
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def emu():
     if emu_build.cuda_include() is None:

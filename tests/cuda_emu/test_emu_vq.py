@@ -21,6 +21,9 @@ from genext import reference  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
 from test_vq import _check, _ref  # noqa: E402
 
+# a build of about 40 s: the full profile (CI) runs these, the quick one the emulation's self-test
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def emu():

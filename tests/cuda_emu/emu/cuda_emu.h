@@ -23,7 +23,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -179,6 +181,8 @@ inline bool released(const Block& b, const Thread& t) {
 }
 
 constexpr size_t kStackBytes = 128 * 1024;
+// The dynamic shared memory a launch may ask for without opting in to more (48 KB).
+constexpr size_t kMaxDynamicSmem = 48 * 1024;
 
 // Fiber stacks, kept for the next launch (not zeroed: a fresh stack's contents are unspecified).
 inline char* stack(size_t i) {
@@ -193,6 +197,10 @@ inline void run(const Launch& cfg, const std::function<void()>& entry) {
   if (nthreads <= 0 || nthreads > 1024 || cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0 ||
       cfg.grid.y > 65535 || cfg.grid.z > 65535) {
     g_last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  if (cfg.smem > kMaxDynamicSmem) {  // more needs cudaFuncSetAttribute, not emulated
+    g_last_error = cudaErrorInvalidValue;
     return;
   }
   Launch launch = cfg;
@@ -269,6 +277,38 @@ inline void run(const Launch& cfg, const std::function<void()>& entry) {
   g_block = nullptr;
   g_thread = nullptr;
 }
+
+// A buffer whose last byte sits right before an inaccessible page (as tests/cuda_emu/guard.py's
+// tensors): a shim points a launch's outputs and workspace at these, then copies the results out.
+class Guarded {
+ public:
+  explicit Guarded(size_t bytes) : bytes_(bytes) {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    const size_t data = (bytes + page - 1) / page * page;
+    map_bytes_ = data + page;
+    void* m = mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw Error("mmap failed");
+    map_ = static_cast<char*>(m);
+    if (mprotect(map_ + data, page, PROT_NONE) != 0) throw Error("mprotect failed");
+    ptr_ = map_ + data - bytes;
+  }
+  // A guarded copy of `bytes` bytes at src.
+  Guarded(const void* src, size_t bytes) : Guarded(bytes) {
+    if (bytes > 0) std::memcpy(ptr_, src, bytes);
+  }
+  ~Guarded() { munmap(map_, map_bytes_); }
+  Guarded(const Guarded&) = delete;
+  Guarded& operator=(const Guarded&) = delete;
+  void* get() const { return ptr_; }
+  void copy_to(void* dst) const {
+    if (bytes_ > 0) std::memcpy(dst, ptr_, bytes_);
+  }
+
+ private:
+  size_t bytes_, map_bytes_ = 0;
+  char* map_ = nullptr;
+  char* ptr_ = nullptr;
+};
 
 // kernel<<<grid, block, smem, stream>>>(args...) as build.py rewrites it.
 template <class... P, class... A>
