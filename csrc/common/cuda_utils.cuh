@@ -265,19 +265,62 @@ __device__ __forceinline__ void batched_loop(int64_t i, int64_t end, int64_t ste
 }
 
 // ---- asynchronous global -> shared copies (sm_80+; plain copies before) -------------------------
+// On sm_80+ each copy lands some time before a wait that covers it (cp_async_wait_all, or
+// cp_async_wait_group<N>: all but the N most recent committed groups); before sm_80 and on the
+// host they are plain copies. Under the CPU emulation (tests/cuda_emu) they go to its model of
+// asynchronous copies, which lands them only at such a wait.
 
+// 16 bytes from gmem to smem.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#elif defined(GENEXT_CUDA_EMULATION)
+  ::emu::cp_async(smem, gmem, 16);
 #else
   *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
 #endif
 }
 
+// 16 bytes from gmem to smem when `valid`, else 16 zero bytes (gmem is then not read).
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(valid ? 16 : 0)
+               : "memory");
+#elif defined(GENEXT_CUDA_EMULATION)
+  ::emu::cp_async(smem, gmem, valid ? 16 : 0);
+#else
+  *static_cast<uint4*>(smem) = valid ? *static_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
+#endif
+}
+
+// Closes the group of the copies issued since the last commit.
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(GENEXT_CUDA_EMULATION)
+  ::emu::cp_async_commit();
+#endif
+}
+
+// Waits for the calling thread's committed groups but the N most recent.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif defined(GENEXT_CUDA_EMULATION)
+  ::emu::cp_async_wait(N);
+#endif
+}
+
+// Waits for every copy the calling thread issued.
 __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#elif defined(GENEXT_CUDA_EMULATION)
+  ::emu::cp_async_wait(-1);
 #endif
 }
 

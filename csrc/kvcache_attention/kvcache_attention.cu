@@ -21,6 +21,9 @@
 namespace genext::kv {
 namespace {
 
+using genext::cuda::cp_async16_zfill;
+using genext::cuda::cp_async_commit;
+using genext::cuda::cp_async_wait_group;
 using genext::cuda::kVec;
 using genext::cuda::unpack16;
 using genext::cuda::warp_max;
@@ -29,22 +32,6 @@ using genext::cuda::warp_sum;
 constexpr int kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // Element offset of key `pos` of sequence b, kv head hk, in a cache; -1 when the position is past
 // the capacity or its block index lies outside the pool.
@@ -142,10 +129,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
       const int64_t vo = in ? cache_offset(p, p.svc, b, pos, hk) : -1;
       const T* kc = static_cast<const T*>(p.k_cache);
       const T* vc = static_cast<const T*>(p.v_cache);
-      cp_async16(sK + st * Sm::kTileElems + jj * kPitch + ch * kV, ko >= 0 ? kc + ko + ch * kV : kc,
-                 ko >= 0);
-      cp_async16(sV + st * Sm::kTileElems + jj * kPitch + ch * kV, vo >= 0 ? vc + vo + ch * kV : vc,
-                 vo >= 0);
+      cp_async16_zfill(sK + st * Sm::kTileElems + jj * kPitch + ch * kV,
+                       ko >= 0 ? kc + ko + ch * kV : kc, ko >= 0);
+      cp_async16_zfill(sV + st * Sm::kTileElems + jj * kPitch + ch * kV,
+                       vo >= 0 ? vc + vo + ch * kV : vc, vo >= 0);
     }
   };
   issue(0);
@@ -183,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const Params p) {
 
   for (int t = 0; t < n_tiles; ++t) {
     const int st = t % kStages;
-    cp_async_wait<0>();
+    cp_async_wait_group<0>();
     __syncthreads();  // tile t visible; every thread is done with tile t - 1 (its stage and P)
     if (kStages == 2 && t + 1 < n_tiles) {
       issue(t + 1);  // into tile t - 1's stage, overlapping tile t's work

@@ -19,6 +19,9 @@
 //   CUDA toolkit's own host implementations (cuda_fp16.h, cuda_bf16.h).
 #pragma once
 
+// common/cuda_utils.cuh's cp.async wrappers call the model below
+#define GENEXT_CUDA_EMULATION 1
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -54,6 +57,16 @@ struct Thread {
   bool done = false;
   int wait = 0;  // 0: runnable, 1: block barrier, 2: warp barrier
   unsigned wait_gen = 0;
+  // asynchronous copies issued and not yet landed: destination, source, bytes read (the rest of
+  // the 16 zero-filled), the group (committed groups so far when issued)
+  struct Copy {
+    void* dst;
+    const void* src;
+    int bytes;
+    int group;
+  };
+  std::vector<Copy> copies;
+  int committed = 0;
 };
 
 struct Block {
@@ -127,6 +140,30 @@ class FaultHandler {
   struct sigaction old_segv_{}, old_bus_{};
 };
 
+// cp.async (common/cuda_utils.cuh's wrappers): a copy lands only at a wait that covers it, so a
+// kernel that reads shared memory before waiting reads what was there before.
+inline void land(Thread& t, size_t keep_from_group) {
+  std::vector<Thread::Copy> left;
+  for (const Thread::Copy& c : t.copies) {
+    if (size_t(c.group) >= keep_from_group) {
+      left.push_back(c);
+      continue;
+    }
+    std::memset(c.dst, 0, 16);
+    if (c.bytes > 0) std::memcpy(c.dst, c.src, size_t(c.bytes));
+  }
+  t.copies.swap(left);
+}
+inline void cp_async(void* dst, const void* src, int bytes) {
+  g_thread->copies.push_back({dst, src, bytes, g_thread->committed});
+}
+inline void cp_async_commit() { ++g_thread->committed; }
+// All but the n most recent committed groups land (n < 0: every copy, committed or not).
+inline void cp_async_wait(int n) {
+  Thread& t = *g_thread;
+  land(t, n < 0 ? size_t(-1) : size_t(std::max(0, t.committed - n)));
+}
+
 // The entry of every fiber: the launch's kernel call, then back to the scheduler for good.
 inline void fiber_main() {
   try {
@@ -135,6 +172,7 @@ inline void fiber_main() {
     g_block->error = std::current_exception();
   }
   Block& b = *g_block;
+  land(*g_thread, size_t(-1));  // a thread's copies land even if it never waited
   g_thread->done = true;
   --b.live;
   if (b.bar_count > 0 && b.bar_count == b.live) {  // the others wait only for this one
@@ -181,8 +219,20 @@ inline bool released(const Block& b, const Thread& t) {
 }
 
 constexpr size_t kStackBytes = 128 * 1024;
-// The dynamic shared memory a launch may ask for without opting in to more (48 KB).
+// The dynamic shared memory a launch may ask for without opting in to more (48 KB), and the opt-in
+// limit (cudaFuncAttributeMaxDynamicSharedMemorySize; an H100's 227 KB).
 constexpr size_t kMaxDynamicSmem = 48 * 1024;
+constexpr size_t kMaxOptInSmem = 227 * 1024;
+// The kernels given a larger limit with cudaFuncSetAttribute.
+inline std::vector<std::pair<const void*, size_t>>& smem_limits() {
+  static std::vector<std::pair<const void*, size_t>> limits;
+  return limits;
+}
+inline size_t smem_limit(const void* kernel) {
+  for (const auto& [k, bytes] : smem_limits())
+    if (k == kernel) return bytes;
+  return kMaxDynamicSmem;
+}
 
 // Fiber stacks, kept for the next launch (not zeroed: a fresh stack's contents are unspecified).
 inline char* stack(size_t i) {
@@ -192,14 +242,14 @@ inline char* stack(size_t i) {
 }
 
 // Runs every block of the launch; the kernel body is `entry`.
-inline void run(const Launch& cfg, const std::function<void()>& entry) {
+inline void run(const Launch& cfg, const std::function<void()>& entry, const void* kernel) {
   const int nthreads = int(cfg.block.x * cfg.block.y * cfg.block.z);
   if (nthreads <= 0 || nthreads > 1024 || cfg.grid.x == 0 || cfg.grid.y == 0 || cfg.grid.z == 0 ||
       cfg.grid.y > 65535 || cfg.grid.z > 65535) {
     g_last_error = cudaErrorInvalidConfiguration;
     return;
   }
-  if (cfg.smem > kMaxDynamicSmem) {  // more needs cudaFuncSetAttribute, not emulated
+  if (cfg.smem > smem_limit(kernel)) {
     g_last_error = cudaErrorInvalidValue;
     return;
   }
@@ -315,7 +365,7 @@ template <class... P, class... A>
 void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*kernel)(P...), A&&... args) {
   auto params = std::make_tuple(P(std::forward<A>(args))...);
   const std::function<void()> entry = [&] { std::apply(kernel, params); };
-  run(Launch{grid, block, smem}, entry);
+  run(Launch{grid, block, smem}, entry, reinterpret_cast<const void*>(kernel));
 }
 template <class... P, class... A>
 void launch(dim3 grid, dim3 block, size_t smem, void (*kernel)(P...), A&&... args) {
@@ -502,6 +552,8 @@ inline double __dmul_rn(double a, double b) { return a * b; }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __expf(float a) { return std::exp(a); }
 inline float __logf(float a) { return std::log(a); }
+inline float __log2f(float a) { return std::log2(a); }
+inline float __exp2f(float a) { return std::exp2(a); }
 inline float __powf(float a, float b) { return std::pow(a, b); }
 inline float __saturatef(float a) { return std::fmin(std::fmax(a, 0.0f), 1.0f); }
 inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
@@ -526,5 +578,19 @@ inline cudaError_t emu_cudaGetLastError() {
   return e;
 }
 inline cudaError_t emu_cudaPeekAtLastError() { return ::emu::g_last_error; }
+template <class... P>
+cudaError_t emu_cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || size_t(value) > ::emu::kMaxOptInSmem) return cudaErrorInvalidValue;
+  const void* k = reinterpret_cast<const void*>(kernel);
+  for (auto& [kk, bytes] : ::emu::smem_limits())
+    if (kk == k) {
+      bytes = size_t(value);
+      return cudaSuccess;
+    }
+  ::emu::smem_limits().push_back({k, size_t(value)});
+  return cudaSuccess;
+}
+#define cudaFuncSetAttribute emu_cudaFuncSetAttribute
 #define cudaGetLastError emu_cudaGetLastError
 #define cudaPeekAtLastError emu_cudaPeekAtLastError
