@@ -2,6 +2,8 @@
 // output and workspace allocation, the empty-shape results, the launch parameters, and the
 // gradients' dtypes. Shared by group_norm_silu_cuda.cpp and the tests that run the kernels under
 // the CPU emulation (tests/cuda_emu), which pass their own launch and multiprocessor count.
+// num_sms() (the device's multiprocessors, which size the grids) is asked only when a launch
+// follows.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -56,11 +58,11 @@ inline at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 
 // The forward after its checks: (y, mean, rstd). launch(const FwdParams&) runs the kernels and
 // raises on an error.
-template <class Launch>
+template <class NumSms, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_run(const char* op, const Problem& pr,
                                                        const std::optional<at::Tensor>& weight,
                                                        const std::optional<at::Tensor>& bias,
-                                                       double eps, bool silu, int num_sms,
+                                                       double eps, bool silu, const NumSms& num_sms,
                                                        const Launch& launch) {
   at::Tensor y = at::empty_like(pr.x);  // keeps the channels-last strides
   const auto fopts = pr.x.options().dtype(at::kFloat);
@@ -88,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_run(const char* op, const Pro
   p.wdtype = aff.wdtype;
   p.eps = static_cast<float>(eps);
   p.silu = silu;
-  p.num_sms = num_sms;
+  p.num_sms = num_sms();
   const at::Tensor ws = workspace(fwd_workspace_bytes(p), pr.x);
   p.workspace = ws.defined() ? ws.data_ptr() : nullptr;
   launch(p);
@@ -97,11 +99,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_run(const char* op, const Pro
 
 // The backward after its checks (dy: grad_y in x's layout): (grad_x, grad_weight, grad_bias),
 // the last two empty without an affine.
-template <class Launch>
+template <class NumSms, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_run(
     const char* op, const Problem& pr, const at::Tensor& dy, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool silu, int num_sms, const Launch& launch) {
+    const std::optional<at::Tensor>& bias, bool silu, const NumSms& num_sms, const Launch& launch) {
   at::Tensor grad_x = at::empty_like(pr.x);
   const bool affine = weight.has_value();
   const auto fopts = pr.x.options().dtype(at::kFloat);
@@ -131,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_run(
     p.grad_x = grad_x.data_ptr();
     p.grad_weight = affine ? grad_w.data_ptr<float>() : nullptr;
     p.grad_bias = affine ? grad_b.data_ptr<float>() : nullptr;
-    p.num_sms = num_sms;
+    p.num_sms = num_sms();
     const at::Tensor ws = workspace(bwd_workspace_bytes(p), pr.x);
     p.workspace = ws.defined() ? ws.data_ptr() : nullptr;
     launch(p);

@@ -33,10 +33,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, int64_t 
   check_eps(kFwdOp, eps);
   TORCH_CHECK(pr.x.is_cuda(), kFwdOp, ": x must be a CUDA tensor, got ", genext::device_name(pr.x));
   const c10::cuda::CUDAGuard guard(pr.x.device());
-  return fwd_run(kFwdOp, pr, weight, bias, eps, silu, num_sms(pr.x.device().index()),
-                 [](const FwdParams& p) {
-                   check_cuda(kFwdOp, group_norm_silu_fwd(p, c10::cuda::getCurrentCUDAStream()));
-                 });
+  const auto sms = [&] { return num_sms(pr.x.device().index()); };
+  return fwd_run(kFwdOp, pr, weight, bias, eps, silu, sms, [](const FwdParams& p) {
+    check_cuda(kFwdOp, group_norm_silu_fwd(p, c10::cuda::getCurrentCUDAStream()));
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, const at::Tensor& x,
@@ -53,10 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, con
       ": mean and rstd must be float32 (as group_norm_silu returns them for this x), got ",
       mean.scalar_type(), " and ", rstd.scalar_type());
   const c10::cuda::CUDAGuard guard(pr.x.device());
-  return bwd_run(kBwdOp, pr, dy, mean, rstd, weight, bias, silu, num_sms(pr.x.device().index()),
-                 [](const BwdParams& p) {
-                   check_cuda(kBwdOp, group_norm_silu_bwd(p, c10::cuda::getCurrentCUDAStream()));
-                 });
+  const auto sms = [&] { return num_sms(pr.x.device().index()); };
+  return bwd_run(kBwdOp, pr, dy, mean, rstd, weight, bias, silu, sms, [](const BwdParams& p) {
+    check_cuda(kBwdOp, group_norm_silu_bwd(p, c10::cuda::getCurrentCUDAStream()));
+  });
 }
 
 }  // namespace

@@ -36,10 +36,12 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, at::Tensor& k_cache,
   TORCH_CHECK(q.is_cuda(), kOp, ": q must be a CUDA tensor, got ", genext::device_name(q));
   check_cuda_sizes(kOp, pr);
   const c10::cuda::CUDAGuard guard(q.device());
-  return fwd_run(kOp, pr, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale,
-                 causal, num_sms(q.device().index()), [](const Params& p) {
-                   check_cuda(kOp, kvcache_attention(p, c10::cuda::getCurrentCUDAStream()));
-                 });
+  return fwd_run(
+      kOp, pr, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, causal,
+      [&] { return num_sms(q.device().index()); },
+      [](const Params& p) {
+        check_cuda(kOp, kvcache_attention(p, c10::cuda::getCurrentCUDAStream()));
+      });
 }
 
 }  // namespace

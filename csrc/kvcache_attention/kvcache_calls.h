@@ -2,7 +2,8 @@
 // empty-shape result, the launch parameters, the split plan and its workspace (sized from the
 // capacity, never from cache_seqlens, so the call can be captured in a CUDA graph). Shared by
 // kvcache_attention_cuda.cpp and the tests that run the kernels under the CPU emulation
-// (tests/cuda_emu), which pass their own launch and multiprocessor count.
+// (tests/cuda_emu), which pass their own launch and multiprocessor count (num_sms(), asked only
+// when a launch follows).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -32,12 +33,12 @@ inline Strides strides_of(const at::Tensor& t) {
 }
 
 // (out, lse) after the checks; launch(const Params&) runs the kernels and raises on an error.
-template <class Launch>
+template <class NumSms, class Launch>
 std::tuple<at::Tensor, at::Tensor> fwd_run(
     const char* op, const Problem& pr, const at::Tensor& q, at::Tensor& k_cache,
     at::Tensor& v_cache, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
     const std::optional<at::Tensor>& v_new, const std::optional<at::Tensor>& block_table,
-    double scale, bool causal, int num_sms, const Launch& launch) {
+    double scale, bool causal, const NumSms& num_sms, const Launch& launch) {
   const auto opts = q.options();
   at::Tensor out = at::empty({pr.B, pr.Lq, pr.Hq, pr.D}, opts);
   at::Tensor lse = at::empty({pr.B, pr.Hq, pr.Lq}, opts.dtype(at::kFloat));
@@ -79,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_run(
   p.capacity = static_cast<int>(pr.capacity);
   p.scale = static_cast<float>(scale);
   p.causal = causal;
-  plan_splits(p, num_sms);
+  plan_splits(p, num_sms());
   at::Tensor ws_o = at::empty({p.num_splits, pr.B, pr.Hq, pr.Lq, pr.D}, opts.dtype(at::kFloat));
   at::Tensor ws_lse = at::empty({p.num_splits, pr.B, pr.Hq, pr.Lq}, opts.dtype(at::kFloat));
   p.part_o = ws_o.data_ptr<float>();

@@ -9,6 +9,7 @@ An emulation: a kernel that passes under it has still not run on a GPU."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -92,7 +93,9 @@ def load(op: str):
     include = cuda_include()
     if include is None:
         raise FileNotFoundError("no CUDA toolkit headers (cuda_fp16.h) found")
-    build = Path(tempfile.gettempdir()) / f"genext_cuda_emu_{os.getuid()}" / op
+    # one build folder per checkout (two clones must not rebuild each other's)
+    tree = hashlib.sha1(str(REPO).encode()).hexdigest()[:10]
+    build = Path(tempfile.gettempdir()) / f"genext_cuda_emu_{os.getuid()}_{tree}" / op
     src_dir = build / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(HERE / "shims" / f"{op}.cpp")]

@@ -3,7 +3,8 @@
 shuffles (with widths) and ballot, threads that return before a barrier, atomics, dynamic shared
 memory, and what it reports: a missing barrier shows in the results, a warp operation that a lane
 never joins is a deadlock error, a block too large is cudaErrorInvalidConfiguration, and a write
-one element past the end of a guarded tensor (guard.py) stops the process."""
+one element past the end of a guarded tensor (guard.py) is an error of the launch; warp
+operations on partial masks (disjoint and interleaved groups of lanes) meet only their own lanes."""
 
 from __future__ import annotations
 
@@ -125,3 +126,15 @@ def test_guard_pages_catch_a_write_past_the_end(emu, last):
         assert emu.fill_to(out, last) == 0
     assert torch.equal(out, torch.arange(100.0))
     assert emu.fill_to(out, 99) == 0  # the emulation works on after a fault
+
+
+def test_partial_masks_meet_only_their_lanes(emu):
+    # lanes 1 and 2 meet under mask 0x6 first; then lanes 0 and 1 swap values through shared
+    # memory under mask 0x3, and lanes 4-7 sum by shuffles under mask 0xF0
+    out = torch.zeros(32, dtype=torch.int32)
+    assert emu.partial_masks(out) == 0
+    want = [0] * 32
+    want[0], want[1] = 17, 7  # swapped
+    for lane in range(4, 8):
+        want[lane] = sum(10 * i for i in range(4, 8))
+    assert out.tolist() == want

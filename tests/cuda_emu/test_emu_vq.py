@@ -37,8 +37,17 @@ def _nearest(emu, z, cb, metric="l2"):
     idx = guarded(torch.full((n,), -7, dtype=torch.long))
     dist = guarded(torch.full((n,), -7.0))
     out = emu.vq_nearest(guarded(z), guarded(cb), metric == "cosine", idx, dist)
-    assert out[0] is idx or torch.equal(out[0], idx)
+    assert out[0].data_ptr() == idx.data_ptr() and out[1].data_ptr() == dist.data_ptr()
     return idx, dist
+
+
+def test_the_bindings_own_outputs(emu):
+    z, cb = torch.randn(40, 12), torch.randn(9, 12)
+    idx, dist = emu.vq_nearest(guarded(z), guarded(cb), False)
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32 and idx.shape == (40,)
+    _check(idx, dist, z, cb, "l2", tol=1e-4)
+    counts, sums = emu.vq_ema_update(guarded(torch.randint(0, 9, (40,))), guarded(z), 9, True)
+    assert counts.shape == (9,) and sums.shape == (9, 12) and counts.sum() == 40
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])

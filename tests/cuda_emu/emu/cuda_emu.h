@@ -55,8 +55,9 @@ struct Thread {
   int index = 0;  // linear index in the block
   int lane = 0, warp = 0;
   bool done = false;
-  int wait = 0;  // 0: runnable, 1: block barrier, 2: warp barrier
-  unsigned wait_gen = 0;
+  int wait = 0;           // 0: runnable, 1: block barrier, 2: warp barrier
+  unsigned wait_gen = 0;  // the block barrier's generation it waits past
+  uint64_t wait_id = 0;   // the warp barrier it waits on
   // asynchronous copies issued and not yet landed: destination, source, bytes read (the rest of
   // the 16 zero-filled), the group (committed groups so far when issued)
   struct Copy {
@@ -75,7 +76,13 @@ struct Block {
   int live = 0;
   unsigned bar_gen = 0;
   int bar_count = 0;
-  std::vector<unsigned> warp_gen, warp_arrived;
+  // per warp, the warp barriers some lanes have reached: the lanes they wait for and those come
+  struct WarpBarrier {
+    unsigned mask, arrived;
+    uint64_t id;
+  };
+  std::vector<std::vector<WarpBarrier>> warp_barriers;
+  uint64_t next_barrier = 0;
   std::vector<uint64_t> slots;  // one shuffle value per thread
   std::exception_ptr error;     // the first exception a thread threw
 };
@@ -107,10 +114,13 @@ inline thread_local bool g_in_block = false;
 inline thread_local volatile bool g_faulted = false;
 inline thread_local void* g_fault_addr = nullptr;
 
+// The handlers on_fault replaced, for faults that are not a kernel thread's.
+inline struct sigaction g_old_segv{}, g_old_bus{};
+
 inline void on_fault(int sig, siginfo_t* info, void*) {
-  if (!g_in_block || g_thread == nullptr) {  // not a kernel thread's: the default action
-    signal(sig, SIG_DFL);
-    raise(sig);
+  if (!g_in_block || g_thread == nullptr) {
+    // not a kernel thread's: the handler from before, when the faulting instruction runs again
+    sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);
     return;
   }
   g_faulted = true;
@@ -118,26 +128,33 @@ inline void on_fault(int sig, siginfo_t* info, void*) {
   setcontext(&g_sched);  // back into run()'s swapcontext, with the signal mask saved there
 }
 
-// Installs on_fault for SIGSEGV and SIGBUS for the life of one launch.
+// Installs on_fault for SIGSEGV and SIGBUS for the life of one launch, on an alternate signal
+// stack (a fault from a fiber's stack overflowing into its guard page must not need that stack).
 class FaultHandler {
  public:
   FaultHandler() {
+    thread_local std::vector<char> alt(size_t(1) << 16);
+    stack_t ss{};
+    ss.ss_sp = alt.data();
+    ss.ss_size = alt.size();
+    sigaltstack(&ss, &old_stack_);
     struct sigaction sa{};
     sa.sa_sigaction = on_fault;
-    sa.sa_flags = SA_SIGINFO;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGSEGV, &sa, &old_segv_);
-    sigaction(SIGBUS, &sa, &old_bus_);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
   }
   ~FaultHandler() {
-    sigaction(SIGSEGV, &old_segv_, nullptr);
-    sigaction(SIGBUS, &old_bus_, nullptr);
+    sigaction(SIGSEGV, &g_old_segv, nullptr);
+    sigaction(SIGBUS, &g_old_bus, nullptr);
+    sigaltstack(&old_stack_, nullptr);
   }
   FaultHandler(const FaultHandler&) = delete;
   FaultHandler& operator=(const FaultHandler&) = delete;
 
  private:
-  struct sigaction old_segv_{}, old_bus_{};
+  stack_t old_stack_{};
 };
 
 // cp.async (common/cuda_utils.cuh's wrappers): a copy lands only at a wait that covers it, so a
@@ -155,6 +172,9 @@ inline void land(Thread& t, size_t keep_from_group) {
   t.copies.swap(left);
 }
 inline void cp_async(void* dst, const void* src, int bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 ||
+      (bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0))
+    throw Error("cp.async of 16 bytes from or to an address that is not 16-byte aligned");
   g_thread->copies.push_back({dst, src, bytes, g_thread->committed});
 }
 inline void cp_async_commit() { ++g_thread->committed; }
@@ -195,26 +215,34 @@ inline void syncthreads() {
   yield_to_scheduler();
 }
 
+// A barrier of the lanes in `mask` (each names the same mask): the last of them to arrive releases
+// the others. Lanes under different masks meet at different barriers.
 inline void warp_sync(unsigned mask) {
   Block& b = *g_block;
   Thread& t = *g_thread;
   const unsigned me = 1u << t.lane;
   if ((mask & me) == 0) throw Error("warp operation with a mask that leaves out the calling lane");
-  unsigned& arrived = b.warp_arrived[size_t(t.warp)];
-  arrived |= me;
-  if ((arrived & mask) == mask) {
-    arrived &= ~mask;
-    ++b.warp_gen[size_t(t.warp)];
+  std::vector<Block::WarpBarrier>& open = b.warp_barriers[size_t(t.warp)];
+  auto bar = std::find_if(open.begin(), open.end(), [&](const Block::WarpBarrier& w) {
+    return w.mask == mask && (w.arrived & me) == 0;
+  });
+  if (bar == open.end()) bar = open.insert(open.end(), {mask, 0u, ++b.next_barrier});
+  bar->arrived |= me;
+  if (bar->arrived == mask) {
+    const uint64_t id = bar->id;
+    open.erase(bar);
+    for (Thread& o : b.threads)
+      if (o.wait == 2 && o.wait_id == id) o.wait = 0;
     return;
   }
   t.wait = 2;
-  t.wait_gen = b.warp_gen[size_t(t.warp)];
+  t.wait_id = bar->id;
   yield_to_scheduler();
 }
 
 inline bool released(const Block& b, const Thread& t) {
   if (t.wait == 1) return b.bar_gen != t.wait_gen;
-  if (t.wait == 2) return b.warp_gen[size_t(t.warp)] != t.wait_gen;
+  if (t.wait == 2) return false;  // its barrier's last lane sets wait to 0
   return true;
 }
 
@@ -234,12 +262,40 @@ inline size_t smem_limit(const void* kernel) {
   return kMaxDynamicSmem;
 }
 
-// Fiber stacks, kept for the next launch (not zeroed: a fresh stack's contents are unspecified).
+// Fiber stacks, kept for the next launch, each above an inaccessible page: a thread that
+// overflows its stack faults there (reported as a fault of the launch) instead of writing over
+// other memory.
 inline char* stack(size_t i) {
-  thread_local std::vector<std::unique_ptr<char[]>> pool;
-  while (pool.size() <= i) pool.emplace_back(new char[kStackBytes]);
-  return pool[i].get();
+  thread_local std::vector<char*> pool;
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  while (pool.size() <= i) {
+    void* m = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1, 0);
+    if (m == MAP_FAILED) throw Error("mmap failed for a fiber stack");
+    mprotect(m, page, PROT_NONE);
+    pool.push_back(static_cast<char*>(m) + page);
+  }
+  return pool[i];
 }
+
+// Restores the launch's thread-local state on every way out of run().
+class Restore {
+ public:
+  Restore() : launch_(g_launch), dyn_(g_dyn_smem) {}
+  ~Restore() {
+    g_launch = launch_;
+    g_dyn_smem = dyn_;
+    g_block = nullptr;
+    g_thread = nullptr;
+    g_in_block = false;
+  }
+  Restore(const Restore&) = delete;
+  Restore& operator=(const Restore&) = delete;
+
+ private:
+  Launch* launch_;
+  std::vector<unsigned char>* dyn_;
+};
 
 // Runs every block of the launch; the kernel body is `entry`.
 inline void run(const Launch& cfg, const std::function<void()>& entry, const void* kernel) {
@@ -255,8 +311,7 @@ inline void run(const Launch& cfg, const std::function<void()>& entry, const voi
   }
   Launch launch = cfg;
   std::vector<unsigned char> dyn(cfg.smem + 16);
-  Launch* const prev_launch = g_launch;
-  std::vector<unsigned char>* const prev_dyn = g_dyn_smem;
+  const Restore restore;
   g_launch = &launch;
   g_dyn_smem = &dyn;
   g_entry = &entry;
@@ -269,8 +324,7 @@ inline void run(const Launch& cfg, const std::function<void()>& entry, const voi
         b.idx = make_uint3(bx, by, bz);
         b.threads.resize(size_t(nthreads));
         b.live = nthreads;
-        b.warp_gen.assign(size_t(warps), 0);
-        b.warp_arrived.assign(size_t(warps), 0);
+        b.warp_barriers.assign(size_t(warps), {});
         b.slots.assign(size_t(nthreads), 0);
         g_block = &b;
         for (int i = 0; i < nthreads; ++i) {
@@ -304,13 +358,9 @@ inline void run(const Launch& cfg, const std::function<void()>& entry, const voi
                   Error("thread " + std::to_string(t.index) + " of block (" + std::to_string(bx) +
                         ", " + std::to_string(by) + ", " + std::to_string(bz) +
                         ") touched inaccessible memory at " + where +
-                        " (past the end of a guarded tensor?)"));
+                        " (past the end of a guarded buffer, or a stack overflow?)"));
             }
-            if (b.error) {  // the other threads are abandoned where they wait
-              g_launch = prev_launch;
-              g_dyn_smem = prev_dyn;
-              std::rethrow_exception(b.error);
-            }
+            if (b.error) std::rethrow_exception(b.error);  // the others abandoned where they wait
           }
           if (!progress) {
             std::string who;
@@ -322,14 +372,10 @@ inline void run(const Launch& cfg, const std::function<void()>& entry, const voi
           }
         }
       }
-  g_launch = prev_launch;
-  g_dyn_smem = prev_dyn;
-  g_block = nullptr;
-  g_thread = nullptr;
 }
 
-// A buffer whose last byte sits right before an inaccessible page (as tests/cuda_emu/guard.py's
-// tensors): a shim points a launch's outputs and workspace at these, then copies the results out.
+// A buffer that ends at an inaccessible page (as tests/cuda_emu/guard.py's tensors): a shim points
+// a launch's outputs and workspace at these, then copies the results out.
 class Guarded {
  public:
   explicit Guarded(size_t bytes) : bytes_(bytes) {
@@ -340,7 +386,9 @@ class Guarded {
     if (m == MAP_FAILED) throw Error("mmap failed");
     map_ = static_cast<char*>(m);
     if (mprotect(map_ + data, page, PROT_NONE) != 0) throw Error("mprotect failed");
-    ptr_ = map_ + data - bytes;
+    // the start 16-byte aligned (as a CUDA allocation, for vector accesses): up to 15 bytes past
+    // the end stay accessible when bytes is not a multiple of 16
+    ptr_ = map_ + (data - bytes) / 16 * 16;
   }
   // A guarded copy of `bytes` bytes at src.
   Guarded(const void* src, size_t bytes) : Guarded(bytes) {
@@ -350,6 +398,10 @@ class Guarded {
   Guarded(const Guarded&) = delete;
   Guarded& operator=(const Guarded&) = delete;
   void* get() const { return ptr_; }
+  // Fills it with 0xFF bytes (NaN as float, -1 as int): output a kernel leaves unwritten shows.
+  void poison() {
+    if (bytes_ > 0) std::memset(ptr_, 0xFF, bytes_);
+  }
   void copy_to(void* dst) const {
     if (bytes_ > 0) std::memcpy(dst, ptr_, bytes_);
   }
@@ -360,10 +412,17 @@ class Guarded {
   char* ptr_ = nullptr;
 };
 
+// A launch's argument converted to the kernel's parameter type as a call would (implicitly: no
+// const dropped, no pointer reinterpreted).
+template <class P, class A>
+P implicit(A&& a) {
+  return std::forward<A>(a);
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...) as build.py rewrites it.
 template <class... P, class... A>
 void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, void (*kernel)(P...), A&&... args) {
-  auto params = std::make_tuple(P(std::forward<A>(args))...);
+  std::tuple<P...> params{implicit<P>(std::forward<A>(args))...};
   const std::function<void()> entry = [&] { std::apply(kernel, params); };
   run(Launch{grid, block, smem}, entry, reinterpret_cast<const void*>(kernel));
 }

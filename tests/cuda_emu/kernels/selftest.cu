@@ -77,6 +77,34 @@ __global__ void reverse(const float* x, float* out) {
   out[base + t] = buf[n - 1 - t];
 }
 
+// Warp operations on partial masks: lanes 1 and 2 meet under 0x6 (others do not take part); lanes
+// 0 and 1 swap 7 and 17 through shared memory under 0x3; lanes 4-7 sum 10 x lane by shuffles
+// under 0xF0. Other lanes write 0.
+__global__ void partial_masks(int* out) {
+  __shared__ int slot[2];
+  const int lane = threadIdx.x;
+  int r = 0;
+  if (lane == 1 || lane == 2) __syncwarp(0x6u);
+  if (lane < 2) {
+    slot[lane] = lane == 0 ? 7 : 17;
+    __syncwarp(0x3u);
+    r = slot[1 - lane];
+  }
+  if (lane >= 4 && lane < 8) {
+    int v = 10 * lane;
+    v += __shfl_xor_sync(0xF0u, v, 1);
+    v += __shfl_xor_sync(0xF0u, v, 2);
+    r = v;
+  }
+  out[lane] = r;
+}
+
+CudaStatus launch_partial_masks(int* out) {
+  partial_masks<<<1, 32>>>(out);
+  GENEXT_LAUNCH_CHECK();
+  return {};
+}
+
 // out[i] = i for i <= last: one past the end of an n-element out when last = n.
 __global__ void fill_to(float* out, int last) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -13,6 +13,7 @@ CudaStatus launch_lone_shuffle(int* out);
 CudaStatus launch_histogram(const int* x, int n, int* hist, int bins);
 CudaStatus launch_reverse(const float* x, float* out, int blocks, int threads);
 CudaStatus launch_fill_to(float* out, int last);
+CudaStatus launch_partial_masks(int* out);
 }  // namespace genext::emu_selftest
 
 namespace {
@@ -40,6 +41,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return code(st::launch_histogram(x.data_ptr<int>(), int(x.numel()), hist.data_ptr<int>(),
                                      int(hist.numel())));
   });
+  m.def("partial_masks",
+        [](at::Tensor& out) { return code(st::launch_partial_masks(out.data_ptr<int>())); });
   m.def("fill_to", [](at::Tensor& out, int last) {
     return code(st::launch_fill_to(out.data_ptr<float>(), last));
   });
