@@ -114,3 +114,12 @@ def load(op: str):
         build_directory=str(build),
         verbose=False,
     )
+
+
+def load_or_skip(op: str):
+    """:func:`load`, or the calling test skipped where the CUDA headers are missing."""
+    import pytest
+
+    if cuda_include() is None:
+        pytest.skip("needs the CUDA toolkit's headers (cuda_fp16.h) to compile the kernels")
+    return load(op)

@@ -23,9 +23,7 @@ INVALID_CONFIGURATION = 9  # cudaErrorInvalidConfiguration
 
 @pytest.fixture(scope="module")
 def emu():
-    if emu_build.cuda_include() is None:
-        pytest.skip("needs the CUDA toolkit's headers (cuda_fp16.h) to compile the kernels")
-    return emu_build.load("selftest")
+    return emu_build.load_or_skip("selftest")
 
 
 @pytest.mark.parametrize("threads", [32, 96, 256, 1024])
