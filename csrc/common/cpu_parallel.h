@@ -2,8 +2,9 @@
 //
 // Waking an intra-op thread team costs microseconds on an idle machine, but when another process
 // holds one of the cores the team's barrier waits for its descheduled thread for a whole scheduler
-// slice (milliseconds). So work one core finishes in tens of microseconds runs on the calling
-// thread, and a team is woken only when each of its threads gets at least kMinThreadNs of work.
+// slice (milliseconds). So work one core finishes in tens of microseconds (under 50 us while the
+// machine is seen quiet, 100 us once load was seen) runs on the calling thread, and a team is
+// woken only when each of its threads gets at least min_thread_ns() of work.
 // The team is genext's own pool (cpu_pool.h), not OpenMP's: the calling thread and the workers
 // that wake in time take chunks of the range from a shared counter, and the caller waits only for
 // workers that joined, so a worker the OS has not scheduled yet costs nothing and a thread that
@@ -21,8 +22,17 @@
 
 namespace genext::cpu {
 
-// The least work, in nanoseconds of one core, worth a thread of its own.
+// The least work, in nanoseconds of one core, worth a thread of its own: kMinThreadNs, or
+// kMinThreadNsQuiet while the automatic team choice has seen no load (TeamMode::kAuto on OpenMP
+// teams, cpu_pool.h). A quiet machine's OpenMP team, whose threads PyTorch's own ops keep
+// spinning, joins within microseconds, so jobs of a few tens of microseconds already gain from
+// it; once teams are seen waiting for a descheduled thread the larger minimum holds.
 inline constexpr double kMinThreadNs = 50'000.0;
+inline constexpr double kMinThreadNsQuiet = 25'000.0;
+
+inline double min_thread_ns() noexcept {
+  return team_mode() == TeamMode::kAuto && !auto_uses_pool() ? kMinThreadNsQuiet : kMinThreadNs;
+}
 
 // How many times a kernel has started a job on the thread pool (for tests: small inputs must not).
 inline std::atomic<int64_t>& team_launches() {
@@ -35,7 +45,7 @@ inline std::atomic<int64_t>& team_launches() {
 inline int64_t threads_for(int64_t n, double ns_per_item) {
   if (n <= 1 || in_pool_task() || at::in_parallel_region()) return 1;
   const double work = double(n) * std::max(ns_per_item, 0.0);
-  const int64_t worth = int64_t(std::min<double>(double(n), std::floor(work / kMinThreadNs)));
+  const int64_t worth = int64_t(std::min<double>(double(n), std::floor(work / min_thread_ns())));
   return std::clamp<int64_t>(worth, 1, at::get_num_threads());
 }
 
