@@ -183,8 +183,15 @@ def attention_with_kvcache(
     )
 
 
-def _any_requires_grad(*tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
+def _any_requires_grad(q, k_cache, v_cache, k_new, v_new) -> bool:
+    # spelled out: a generator over the five costs a decode step about half a microsecond
+    return (
+        q.requires_grad
+        or k_cache.requires_grad
+        or v_cache.requires_grad
+        or (k_new is not None and k_new.requires_grad)
+        or (v_new is not None and v_new.requires_grad)
+    )
 
 
 def attention_with_kvcache_unchecked(
