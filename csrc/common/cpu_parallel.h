@@ -2,13 +2,14 @@
 //
 // Waking an intra-op thread team costs microseconds on an idle machine, but when another process
 // holds one of the cores the team's barrier waits for its descheduled thread for a whole scheduler
-// slice (milliseconds). So work one core finishes in tens of microseconds (under 50 us while the
-// machine is seen quiet, 100 us once load was seen) runs on the calling thread, and a team is
-// woken only when each of its threads gets at least min_thread_ns() of work.
-// The team is genext's own pool (cpu_pool.h), not OpenMP's: the calling thread and the workers
-// that wake in time take chunks of the range from a shared counter, and the caller waits only for
-// workers that joined, so a worker the OS has not scheduled yet costs nothing and a thread that
-// runs on a busy core does less of the work instead of making all others wait for it.
+// slice (milliseconds). So work one core finishes in tens of microseconds runs on the calling
+// thread: a team is woken only when each of its threads gets at least min_thread_ns() of work
+// (25 us, or 50 us while the automatic team choice is on the pool after seeing such waits).
+// The team is an OpenMP team or genext's own pool (cpu_pool.h, TeamMode). In the pool the calling
+// thread and the workers that wake in time take chunks of the range from a shared counter, and
+// the caller waits only for workers that joined, so a worker the OS has not scheduled yet costs
+// nothing and a thread that runs on a busy core does less of the work instead of making all
+// others wait for it.
 #pragma once
 #include <ATen/Parallel.h>
 
@@ -22,11 +23,11 @@
 
 namespace genext::cpu {
 
-// The least work, in nanoseconds of one core, worth a thread of its own: kMinThreadNs, or
-// kMinThreadNsQuiet while the automatic team choice has seen no load (TeamMode::kAuto on OpenMP
-// teams, cpu_pool.h). A quiet machine's OpenMP team, whose threads PyTorch's own ops keep
-// spinning, joins within microseconds, so jobs of a few tens of microseconds already gain from
-// it; once teams are seen waiting for a descheduled thread the larger minimum holds.
+// The least work, in nanoseconds of one core, worth a thread of its own: kMinThreadNsQuiet while
+// the automatic team choice runs OpenMP teams (TeamMode::kAuto outside a spell on the pool,
+// cpu_pool.h), kMinThreadNs during such a spell, in a forked child and in the forced modes. An
+// OpenMP team on a quiet machine, whose threads PyTorch's own ops keep spinning, joins within
+// microseconds, so jobs of a few tens of microseconds already gain from it.
 inline constexpr double kMinThreadNs = 50'000.0;
 inline constexpr double kMinThreadNsQuiet = 25'000.0;
 
@@ -45,6 +46,7 @@ inline std::atomic<int64_t>& team_launches() {
 inline int64_t threads_for(int64_t n, double ns_per_item) {
   if (n <= 1 || in_pool_task() || at::in_parallel_region()) return 1;
   const double work = double(n) * std::max(ns_per_item, 0.0);
+  if (work < 2 * kMinThreadNsQuiet) return 1;  // one thread whatever the mode (no clock read)
   const int64_t worth = int64_t(std::min<double>(double(n), std::floor(work / min_thread_ns())));
   return std::clamp<int64_t>(worth, 1, at::get_num_threads());
 }
@@ -52,7 +54,7 @@ inline int64_t threads_for(int64_t n, double ns_per_item) {
 // Calls f(b, e) on disjoint sub-ranges covering [begin, end), each at least min_chunk items long
 // (the last may be shorter). One call on the calling thread when the work (n items of ns_per_item
 // each) is too small for a second thread, or when the pool is running another thread's job;
-// otherwise the calling thread and the pool's workers take chunks of about an eighth of a
+// otherwise the calling thread and the team's other threads take chunks of about an eighth of a
 // thread's share in turn. f may run several times on one thread and must not rely on which thread
 // runs which sub-range. An exception from f is rethrown here after every other chunk finished.
 template <class F>

@@ -526,31 +526,36 @@ def test_auto_mode_confirms_load_and_lengthens_spells_while_it_lasts():
     assert _C._cpu_auto_pool_state() == (0.0, 32.0)
 
 
-def test_quiet_machine_gives_a_team_to_smaller_jobs():
-    """While the automatic choice has seen no load, a thread needs only 25 us of work (an OpenMP
-    team that PyTorch's ops keep spinning joins within microseconds); forced modes, and the
-    automatic choice once teams were seen waiting for a descheduled thread, keep 50 us."""
-    before = torch.get_num_threads()
+def _check_team_minimums():
     torch.set_num_threads(2)
-    # (items, ns per item): 64 us of work (two threads of 32 us), and 40 us (one of 25 us at most)
-    mid, small = (64, 1_000.0), (40, 1_000.0)
-    # whether the job ran as a team (its chunks inside a parallel region); the check's launch
-    # count would also count the team its one-thread call starts inside the chunk
+    # whether a job of (items, ns per item) ran as a team: its chunks inside a parallel region
+    # (the check's launch count would also count the team its one-thread run starts in a chunk)
     teamed = lambda job: bool(_C._cpu_parallel_for_check(*job, -1)[4])  # noqa: E731
-    try:
+
+    def load_seen():  # two slice-long waits close together: a spell on the pool
         _C._cpu_set_team_mode("auto")
-        assert not _C._cpu_next_team_is_pool()
-        assert teamed(mid) is True, "a quiet machine ran 64 us of work on one thread"
-        assert teamed(small) is False, "a quiet machine woke a team for 40 us of work"
-        for forced in ("openmp", "pool"):
-            _C._cpu_set_team_mode(forced)
-            assert teamed(mid) is False, f"mode {forced}: a team for 64 us of work"
-        _C._cpu_set_team_mode("auto")
-        for _ in range(2):  # two slice-long waits close together: load, a spell on the pool
+        for _ in range(2):
             _C._cpu_note_team_wait(2.0, 1.0)
         assert _C._cpu_next_team_is_pool()
-        assert teamed(mid) is False, "a team for 64 us of work while load was seen"
-        assert teamed((64, 2_000.0)) is True, "no team for 128 us of work while load was seen"
-    finally:
-        _C._cpu_set_team_mode("auto")
-        torch.set_num_threads(before)
+
+    # 64 us of work in 64 items (two threads of 32 us), and 40 us (one of 25 us at most)
+    mid, small = (64, 1_000.0), (40, 1_000.0)
+    _C._cpu_set_team_mode("auto")
+    assert teamed(mid), "a quiet machine ran 64 us of work on one thread"
+    _C._cpu_set_team_mode("auto")
+    assert not teamed(small), "a quiet machine woke a team for 40 us of work"
+    for forced in ("openmp", "pool"):
+        _C._cpu_set_team_mode(forced)
+        assert not teamed(mid), f"mode {forced}: a team for 64 us of work"
+    load_seen()
+    assert not teamed(mid), "a team for 64 us of work while load was seen"
+    load_seen()
+    assert teamed((64, 2_000.0)), "no team for 128 us of work while load was seen"
+
+
+def test_team_minimums():
+    """A thread needs 25 us of work while the automatic choice runs OpenMP teams (a quiet
+    machine's team, kept spinning by PyTorch's ops, joins within microseconds); the forced modes
+    and the automatic choice during a spell on the pool (teams were seen waiting for a thread
+    another process kept off its core) need 50 us."""
+    _isolated(_check_team_minimums)
