@@ -109,8 +109,19 @@ def rounds(counts: Sequence[int]) -> Iterator[tuple[int, int]]:
 MAX_EXTENDED_REPS = 2000
 
 
+def relative_sem(times: Sequence[float]) -> float:
+    """The standard error of the mean of `times` over their mean (inf below two calls)."""
+    if len(times) < 2:
+        return math.inf
+    mean = statistics.fmean(times)
+    return statistics.stdev(times) / math.sqrt(len(times)) / mean if mean > 0 else math.inf
+
+
 def interleaved_samples(
-    contenders: Sequence[Contender], min_seconds: float = 0.0
+    contenders: Sequence[Contender],
+    min_seconds: float = 0.0,
+    rel_sem: float = 0.0,
+    max_seconds: float = 0.0,
 ) -> list[list[float] | RuntimeError]:
     """Seconds of each timed call of each contender on the host clock (the CPU), the
     contenders' calls taken in turn (:func:`rounds`): warm-up rounds, then timed rounds. Load
@@ -126,6 +137,12 @@ def interleaved_samples(
     ones (a scheduler slice spent waiting for a descheduled thread) at their real rate. The
     rounds also stop once all the timed calls together took twice `min_seconds` per contender,
     so that a fast contender's budget does not keep a much slower one running for long.
+
+    With `rel_sem` as well, a contender whose mean is still less precise than that (standard error
+    over mean, :func:`relative_sem`) after `min_seconds` wants further rounds until it is, or until
+    its calls add up to `max_seconds`; the rounds then stop at twice `max_seconds` per contender
+    in all. Under load a few calls wait tens of milliseconds, and a mean over half a second of
+    calls still moved by a quarter from run to run.
 
     A call may start while the previous contender's threads still spin (PyTorch's OpenMP workers
     do for milliseconds after a parallel region): on a 2-core machine genext's pool, called
@@ -161,19 +178,18 @@ def interleaved_samples(
 
     def wants_more(k: int) -> bool:
         times = results[k]
-        return (
-            not isinstance(times, RuntimeError)
-            and len(times) < MAX_EXTENDED_REPS
-            and totals[k] < min_seconds
-        )
+        if isinstance(times, RuntimeError) or len(times) >= MAX_EXTENDED_REPS:
+            return False
+        if totals[k] < min_seconds:
+            return True
+        return rel_sem > 0 and totals[k] < max_seconds and relative_sem(times) > rel_sem
 
     def spent() -> float:
         return sum(t for t, r in zip(totals, results) if not isinstance(r, RuntimeError))
 
     n, r = len(contenders), max((c.reps for c in contenders), default=0)
-    while (
-        min_seconds > 0 and any(wants_more(k) for k in range(n)) and spent() < 2 * n * min_seconds
-    ):
+    budget = 2 * n * (max(min_seconds, max_seconds) if rel_sem > 0 else min_seconds)
+    while min_seconds > 0 and any(wants_more(k) for k in range(n)) and spent() < budget:
         for j in range(n):
             k = (r + j) % n
             times = results[k]

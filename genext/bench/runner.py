@@ -36,6 +36,7 @@ from .harness import (
     host_time_samples,
     interleaved_samples,
     peak_extra_mib,
+    relative_sem,
     spread,
     time_samples,
     upper_median,
@@ -53,6 +54,12 @@ NOISY_SHARE = 0.25
 # waits are what load costs, and a median of a few calls leaves them out (eager PyTorch's small
 # GroupNorm, 2 threads beside a busy core: median 0.20 ms, mean 0.63 ms, 11% of calls over 1 ms).
 BUSY_MIN_SECONDS = 0.5
+# ... and then, while its mean is less precise than BUSY_REL_SEM (standard error over mean), for
+# up to BUSY_MAX_SECONDS of calls: beside a busy core the CLIP loss at N1024 took 5-16 ms in its
+# fastest calls and 80-185 ms in its slowest, for genext and eager alike, and half a second of
+# them gave ratios from 0.6x to 1.8x in runs minutes apart.
+BUSY_REL_SEM = 0.03
+BUSY_MAX_SECONDS = 3.0
 
 # progress(case, its rows, seconds it took)
 Progress = Callable[[Case, "list[Row]", float], None]
@@ -114,6 +121,9 @@ def _timed_row(
     gbps, pct, extra = figures(timing, seconds, copy_bps)
     if mean:
         extra.update(median_ms=median * 1e3, calls=len(times))
+        rel = relative_sem(times)
+        if math.isfinite(rel):  # the mean's own precision: its standard error over it
+            extra["sem_pct"] = 100 * rel
     if mib is not None:
         extra["peak_extra_MiB"] = mib
     sp = spread(times, median)
@@ -176,8 +186,9 @@ def measure_interleaved(
     timed rounds that call each once. Per timing, in order: its Row, or None when it is not
     available here. An implementation that raises (in its setup or any call) gets its error row
     where it has `on_error`, and the others go on; otherwise the error propagates. With `busy`
-    (a run under load) the rounds go on for BUSY_MIN_SECONDS of each one's calls and rows report
-    the mean call (see BUSY_MIN_SECONDS)."""
+    (a run under load) the rounds go on for BUSY_MIN_SECONDS of each one's calls, then while a
+    mean is less precise than BUSY_REL_SEM for up to BUSY_MAX_SECONDS, and rows report the mean
+    call (see BUSY_MIN_SECONDS)."""
     rows: list[Row | None] = [None] * len(timings)
     ready: list[tuple[int, Callable[[int], object]]] = []
     for k, timing in enumerate(timings):
@@ -203,6 +214,8 @@ def measure_interleaved(
             for k, fn in ready
         ],
         min_seconds=BUSY_MIN_SECONDS if busy else 0.0,
+        rel_sem=BUSY_REL_SEM if busy else 0.0,
+        max_seconds=BUSY_MAX_SECONDS if busy else 0.0,
     )
     for (k, fn), samples in zip(ready, results):
         timing = timings[k]

@@ -86,7 +86,7 @@ def fake_interleaved(times: list[float]):
     inside its context (a RuntimeError retires it where it catches), then `times` as each one's
     timed calls."""
 
-    def samples(contenders, min_seconds=0.0):
+    def samples(contenders, min_seconds=0.0, rel_sem=0.0, max_seconds=0.0):
         results = []
         for c in contenders:
             try:
@@ -262,9 +262,9 @@ def test_busy_keeps_its_process_spinning_while_the_cases_are_timed(
 
     fake = fake_interleaved(STEADY)
 
-    def sampler(contenders, min_seconds=0.0):
+    def sampler(contenders, min_seconds=0.0, rel_sem=0.0, max_seconds=0.0):
         alive.append(spinners[0].poll() is None)
-        budgets.append(min_seconds)
+        budgets.append((min_seconds, rel_sem, max_seconds))
         return fake(contenders)
 
     monkeypatch.setattr(runner, "busy_core", watched)
@@ -273,7 +273,8 @@ def test_busy_keeps_its_process_spinning_while_the_cases_are_timed(
     assert main(["bench", "--device", "cpu", "--op", "tiny", "--busy", "--json", str(path)]) == 0
     assert json.loads(path.read_text())["env"]["row_statistic"] == "mean"
     assert alive == [True] and spinners[0].poll() is not None  # spun while timed, then ended
-    assert budgets == [runner.BUSY_MIN_SECONDS]  # rounds extended for a mean over many calls
+    # rounds extended for a mean over many calls, and further while it is imprecise
+    assert budgets == [(runner.BUSY_MIN_SECONDS, runner.BUSY_REL_SEM, runner.BUSY_MAX_SECONDS)]
     out = capsys.readouterr().out
     assert "one core kept busy by another process" in out
     assert "ms is the mean of its calls" in out

@@ -268,8 +268,9 @@ def test_a_time_budget_stops_when_the_calls_together_took_twice_it_each(machine)
     assert [len(t) for t in times] == [4, 4] and sum(times[0]) < 0.0095
 
 
-def test_busy_rows_report_the_mean_call_where_quiet_ones_report_the_median(machine):
+def test_busy_rows_report_the_mean_call_where_quiet_ones_report_the_median(machine, monkeypatch):
     machine.ramp = math.inf
+    monkeypatch.setattr(runner, "BUSY_REL_SEM", 0.0)  # the time budget alone (the test above)
 
     def setup(_):
         def fn(i):  # every fifth call waits 10 ms (a scheduler slice), the others take 1 ms
@@ -289,6 +290,11 @@ def test_busy_rows_report_the_mean_call_where_quiet_ones_report_the_median(machi
     assert [r.ms for r in busy] == pytest.approx([2.8, 2.8])
     assert [r.extra["median_ms"] for r in busy] == pytest.approx([1.0, 1.0])
     assert [r.extra["calls"] for r in busy] == [180, 180]
+    # and the mean's precision: its standard error over it (about 9.6%)
+    calls = [10e-3 if i % 5 == 4 else 1e-3 for i in range(180)]
+    want = 100 * harness.relative_sem(calls)
+    assert [r.extra["sem_pct"] for r in busy] == pytest.approx([want, want])
+    assert 9 < want < 10
 
 
 def test_cuda_keeps_timing_each_implementation_alone(machine, monkeypatch):
@@ -307,3 +313,49 @@ def test_cuda_keeps_timing_each_implementation_alone(machine, monkeypatch):
     (case,) = _bench(machine).cases(Config("cuda"))
     assert runner.measure_case(_bench(machine), case, None, "cuda", 1e9) == ["row"]
     assert alone == [("genext", "cuda"), ("eager", "cuda")]
+
+
+def test_an_imprecise_mean_extends_the_rounds_up_to_a_cap(machine):
+    machine.ramp = math.inf
+
+    def noisy(name: str, costs: list[float]):
+        # calls that cost each of `costs` in turn (a heavy tail: one call in four is slow)
+        made = [0]
+
+        def fn(i: int) -> None:
+            machine.calls.append(name)
+            machine.now += costs[made[0] % len(costs)]
+            made[0] += 1
+
+        return fn
+
+    steady = Contender(machine.call("steady", 1e-3), warmup=0, reps=2)
+    tail = Contender(noisy("tail", [1e-3, 1e-3, 1e-3, 20e-3]), warmup=0, reps=2)
+    # a steady contender's mean is exact: the time budget alone decides, as before
+    times = interleaved_samples([steady], min_seconds=0.01, rel_sem=0.15, max_seconds=1.0)
+    assert len(times[0]) == 10
+    # a heavy-tailed one goes on past the budget until its mean is within 15% (about 90 calls,
+    # half a second), the steady one keeping its turn in every round
+    machine.calls.clear()
+    times = interleaved_samples([steady, tail], min_seconds=0.01, rel_sem=0.15, max_seconds=1.0)
+    n = len(times[1])
+    assert len(times[0]) == n and 0.3 < sum(times[1]) < 1.0
+    assert harness.relative_sem(times[1]) <= 0.15 < harness.relative_sem(times[1][:-1])
+    # ... or until its calls add up to max_seconds
+    machine.calls.clear()
+    times = interleaved_samples([steady, tail], min_seconds=0.01, rel_sem=0.001, max_seconds=0.2)
+    assert 0.2 <= sum(times[1]) < 0.2 + 20e-3
+    # without rel_sem the time budget alone, as before: rounds until the steady one has its
+    # 10 ms or all calls together took twice the budget per contender (40 ms, 8 rounds here)
+    machine.calls.clear()
+    times = interleaved_samples([steady, tail], min_seconds=0.01)
+    assert len(times[0]) == len(times[1]) == 8 < n
+
+
+def test_relative_sem():
+    assert harness.relative_sem([1.0]) == math.inf
+    assert harness.relative_sem([2.0, 2.0, 2.0]) == 0.0
+    # stdev 1, four calls: standard error 0.5 over a mean of 2.5
+    assert harness.relative_sem([1.0, 2.0, 3.0, 4.0]) == pytest.approx(
+        (1.2909944487358056 / 2) / 2.5
+    )
