@@ -4,7 +4,8 @@
 // holds one of the cores the team's barrier waits for its descheduled thread for a whole scheduler
 // slice (milliseconds). So work one core finishes in tens of microseconds runs on the calling
 // thread: a team is woken only when each of its threads gets at least min_thread_ns() of work
-// (25 us, or 50 us while the automatic team choice is on the pool after seeing such waits).
+// (25 us, or 50 us whenever the team would be genext's pool: in a spell the automatic choice
+// starts after seeing such waits, in a forked child, and when the pool is forced).
 // The team is an OpenMP team or genext's own pool (cpu_pool.h, TeamMode). In the pool the calling
 // thread and the workers that wake in time take chunks of the range from a shared counter, and
 // the caller waits only for workers that joined, so a worker the OS has not scheduled yet costs
@@ -30,6 +31,7 @@ namespace genext::cpu {
 // microseconds, so jobs of a few tens of microseconds already gain from it.
 inline constexpr double kMinThreadNs = 50'000.0;
 inline constexpr double kMinThreadNsQuiet = 25'000.0;
+static_assert(kMinThreadNsQuiet <= kMinThreadNs, "threads_for's early return assumes this");
 
 inline double min_thread_ns() noexcept {
   return team_mode() == TeamMode::kAuto && !auto_uses_pool() ? kMinThreadNsQuiet : kMinThreadNs;

@@ -152,6 +152,7 @@ def interleaved_samples(
     results: list[list[float] | RuntimeError] = [[] for _ in contenders]
 
     totals = [0.0] * len(contenders)  # each contender's timed seconds so far
+    squares = [0.0] * len(contenders)  # and the sum of their squares (the mean's precision)
 
     def call(k: int, i: int, timed: bool) -> None:
         c, times = contenders[k], results[k]
@@ -170,6 +171,7 @@ def interleaved_samples(
         if timed:
             times.append(t1 - t0)
             totals[k] += t1 - t0
+            squares[k] += (t1 - t0) ** 2
 
     for k, i in rounds([c.warmup for c in contenders]):
         call(k, i, timed=False)
@@ -182,7 +184,14 @@ def interleaved_samples(
             return False
         if totals[k] < min_seconds:
             return True
-        return rel_sem > 0 and totals[k] < max_seconds and relative_sem(times) > rel_sem
+        return rel_sem > 0 and totals[k] < max_seconds and running_sem(k) > rel_sem
+
+    def running_sem(k: int) -> float:  # relative_sem from the running sums, without a pass
+        m, s = len(results[k]), totals[k]
+        if m < 2 or s <= 0:
+            return math.inf
+        var = max(0.0, (squares[k] - s * s / m) / (m - 1))
+        return math.sqrt(var / m) / (s / m)
 
     def spent() -> float:
         return sum(t for t, r in zip(totals, results) if not isinstance(r, RuntimeError))

@@ -355,7 +355,7 @@ def test_an_imprecise_mean_extends_the_rounds_up_to_a_cap(machine):
 def test_relative_sem():
     assert harness.relative_sem([1.0]) == math.inf
     assert harness.relative_sem([2.0, 2.0, 2.0]) == 0.0
-    # stdev 1, four calls: standard error 0.5 over a mean of 2.5
+    # stdev 1.29, four calls: standard error 0.645 over a mean of 2.5
     assert harness.relative_sem([1.0, 2.0, 3.0, 4.0]) == pytest.approx(
         (1.2909944487358056 / 2) / 2.5
     )
