@@ -109,12 +109,18 @@ def rounds(counts: Sequence[int]) -> Iterator[tuple[int, int]]:
 MAX_EXTENDED_REPS = 2000
 
 
+def sem_from_sums(n: int, total: float, squares: float) -> float:
+    """The standard error of the mean over the mean, from n values' sum and sum of squares (inf
+    below two values or for a mean that is not positive)."""
+    if n < 2 or total <= 0:
+        return math.inf
+    var = max(0.0, (squares - total * total / n) / (n - 1))
+    return math.sqrt(var / n) / (total / n)
+
+
 def relative_sem(times: Sequence[float]) -> float:
     """The standard error of the mean of `times` over their mean (inf below two calls)."""
-    if len(times) < 2:
-        return math.inf
-    mean = statistics.fmean(times)
-    return statistics.stdev(times) / math.sqrt(len(times)) / mean if mean > 0 else math.inf
+    return sem_from_sums(len(times), math.fsum(times), math.fsum(t * t for t in times))
 
 
 def interleaved_samples(
@@ -184,14 +190,8 @@ def interleaved_samples(
             return False
         if totals[k] < min_seconds:
             return True
-        return rel_sem > 0 and totals[k] < max_seconds and running_sem(k) > rel_sem
-
-    def running_sem(k: int) -> float:  # relative_sem from the running sums, without a pass
-        m, s = len(results[k]), totals[k]
-        if m < 2 or s <= 0:
-            return math.inf
-        var = max(0.0, (squares[k] - s * s / m) / (m - 1))
-        return math.sqrt(var / m) / (s / m)
+        precision = sem_from_sums(len(times), totals[k], squares[k])  # no pass over the calls
+        return rel_sem > 0 and totals[k] < max_seconds and precision > rel_sem
 
     def spent() -> float:
         return sum(t for t, r in zip(totals, results) if not isinstance(r, RuntimeError))
