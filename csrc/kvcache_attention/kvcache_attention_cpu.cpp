@@ -12,7 +12,7 @@
 //      16-lane routines of kvcache_avx512_cpu.h) the scores S[r][j] = q_r . k_j take eight keys
 //      at a time in eight accumulators whose lane sums are folded into one vector; the online
 //      softmax (running maximum m and sum l per row, O rescaled by alpha = exp(m_old - m_new) when
-//      m grows) runs on 8-lane vectors; the update
+//      m grows) runs on 8-lane vectors (16-lane, four rows at a time, on AVX-512); the update
 //      O[r] = alpha[r] O[r] + sum_j P[r][j] v_j keeps up to 64 elements of O[r] in registers over
 //      the tile's keys. float64 uses the generic routines below. float32/float64 rows are read in
 //      place in the cache; float16/bfloat16 rows are first widened into a [kTile][Dp] float tile,
@@ -514,7 +514,10 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
             if (on_tiles < nc)
               scores_bf16(Qb, Dq, nrows, ks[cur] + on_tiles, nc - on_tiles, D, float(scale),
                           P + on_tiles);
-            softmax_f32(P, nrows, nvis, m, l, alpha);
+            if (wide)
+              softmax_f32x16(P, nrows, nvis, m, l, alpha);
+            else
+              softmax_f32(P, nrows, nvis, m, l, alpha);
             accum_bf16(O, Dp, nrows, P, vs[cur], nc, D, alpha);
             continue;
           }
@@ -550,9 +553,12 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
         } else {
           scores(Q, Dp, nrows, kp, nc, D, P);
         }
-        if constexpr (std::is_same_v<T, float>)
-          softmax_f32(P, nrows, nvis, m, l, alpha);
-        else
+        if constexpr (std::is_same_v<T, float>) {
+          if (wide)
+            softmax_f32x16(P, nrows, nvis, m, l, alpha);
+          else
+            softmax_f32(P, nrows, nvis, m, l, alpha);
+        } else
           softmax_step(P, nrows, nvis, m, l, alpha);
         if constexpr (std::is_same_v<T, float>) {
           if (wide)

@@ -308,7 +308,76 @@ GENEXT_CPU_TARGET_V4 inline void accum_all(float* O, int64_t ldo, int64_t nr, co
   }
 }
 
+// softmax_f32x16 on R rows at once: each row's 64 scores in four 16-lane vectors, the rows'
+// chains of maxima, exponentials and sums independent of each other, so that their latencies
+// overlap (one row at a time waits on its own reductions and on the scalar exponential of
+// alpha). The rows' results are those of tiles::softmax_f32 but for the order of the sum.
+template <int R>
+GENEXT_CPU_TARGET_V4 inline void softmax_rows(float* S, const int32_t* nvis, float* m, float* l,
+                                              float* alpha) {
+  static_assert(kTile == 64, "four 16-lane vectors a row");
+  constexpr float kNegInf = -__builtin_inff();
+  __mmask16 k[R][4];
+  __m512 x[R][4];
+  float mx[R], m_use[R];
+  __m512 mrow[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const int32_t nv = std::clamp<int32_t>(nvis[r], 0, int32_t(kTile));
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const int32_t n = std::clamp<int32_t>(nv - 16 * c, 0, 16);
+      k[r][c] = __mmask16((uint32_t(1) << n) - 1);
+      x[r][c] = _mm512_loadu_ps(S + r * kTile + 16 * c);
+    }
+    // the maximum of the visible scores: max_ps(x, v) keeps v where x is NaN, as the 8-lane
+    // routine's compare does
+    __m512 v = _mm512_set1_ps(kNegInf);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) v = _mm512_mask_max_ps(v, k[r][c], x[r][c], v);
+    const float red = _mm512_reduce_max_ps(v);
+    mx[r] = red > m[r] ? red : m[r];
+    m_use[r] = mx[r] == kNegInf ? 0.0f : mx[r];
+    mrow[r] = _mm512_set1_ps(m_use[r]);
+  }
+  float sum[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const f32x16 e = simd::exp_v(f32x16(_mm512_sub_ps(x[r][c], mrow[r])));
+      const __m512 p = _mm512_maskz_mov_ps(k[r][c], e);
+      _mm512_storeu_ps(S + r * kTile + 16 * c, p);
+      acc = _mm512_add_ps(acc, p);
+    }
+    sum[r] = simd::hsum_tree(f32x16(acc));
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (nvis[r] <= 0) {  // P is zero (every lane masked); m and l stay
+      alpha[r] = 1.0f;
+      continue;
+    }
+    alpha[r] = m[r] == kNegInf ? 0.0f : simd::exp_v(m[r] - mx[r]);
+    l[r] = l[r] * alpha[r] + sum[r];
+    m[r] = mx[r];
+  }
+}
+
 }  // namespace
+
+GENEXT_CPU_TARGET_V4 void softmax_f32x16(float* S, int64_t nr, const int32_t* nvis, float* m,
+                                         float* l, float* alpha) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) softmax_rows<4>(S + r * kTile, nvis + r, m + r, l + r, alpha + r);
+  switch (nr - r) {
+    case 3: softmax_rows<3>(S + r * kTile, nvis + r, m + r, l + r, alpha + r); break;
+    case 2: softmax_rows<2>(S + r * kTile, nvis + r, m + r, l + r, alpha + r); break;
+    case 1: softmax_rows<1>(S + r * kTile, nvis + r, m + r, l + r, alpha + r); break;
+    default: break;
+  }
+}
 
 KV_BF16_TARGET void scores_bf16(const uint16_t* Q, int64_t ldq, int64_t nr,
                                 const c10::BFloat16* const* krows, int64_t nc, int64_t D,
@@ -551,6 +620,7 @@ void accum_bf16(float*, int64_t, int64_t, const float*, const c10::BFloat16* con
   __builtin_trap();
 }
 void store_bf16(const float*, float, int64_t, uint16_t*) { __builtin_trap(); }
+void softmax_f32x16(float*, int64_t, const int32_t*, float*, float*, float*) { __builtin_trap(); }
 void scores_f32x16(const float*, int64_t, int64_t, const float* const*, int64_t, int64_t, float*) {
   __builtin_trap();
 }
