@@ -536,6 +536,9 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
             if constexpr (std::is_same_v<S, c10::BFloat16>) {
               widen_bf16(reinterpret_cast<const uint16_t*>(ks[cur][j]), kd, D);
               widen_bf16(reinterpret_cast<const uint16_t*>(vs[cur][j]), vd, D);
+            } else if constexpr (std::is_same_v<S, c10::Half>) {
+              widen_f16(reinterpret_cast<const uint16_t*>(ks[cur][j]), kd, D);
+              widen_f16(reinterpret_cast<const uint16_t*>(vs[cur][j]), vd, D);
             } else {
               for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<T>(ks[cur][j][d]);
               for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<T>(vs[cur][j][d]);

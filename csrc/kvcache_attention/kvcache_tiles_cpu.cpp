@@ -1,6 +1,12 @@
 // The float32 tile routines of kvcache_tiles_cpu.h, compiled once per ISA level.
 #include "kvcache_attention/kvcache_tiles_cpu.h"
 
+#include <c10/util/Half.h>
+
+#if GENEXT_CPU_LEVELS
+#include <immintrin.h>
+#endif
+
 namespace genext::kv {
 
 GENEXT_CPU_CLONES void scores_f32(const float* Q, int64_t ldq, int64_t nr,
@@ -16,6 +22,27 @@ GENEXT_CPU_CLONES void accum_f32(float* O, int64_t ldo, int64_t nr, const float*
 
 GENEXT_CPU_CLONES void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
   tiles::widen_bf16(src, dst, n);
+}
+
+// F16C's conversion (x86-64-v3 and up) eight elements at a time; GCC turns no float16 conversion
+// of generic vector code into it, even in an AVX-512 clone (it calls libgcc per element).
+#if GENEXT_CPU_LEVELS
+__attribute__((target("avx2,f16c"))) static void widen_f16_f16c(const uint16_t* __restrict__ src,
+                                                                float* __restrict__ dst,
+                                                                int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+#endif
+
+void widen_f16(const uint16_t* src, float* dst, int64_t n) {
+#if GENEXT_CPU_LEVELS
+  if (simd::cpu_level() >= 3) return widen_f16_f16c(src, dst, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = float(c10::Half(src[i], c10::Half::from_bits()));
 }
 
 GENEXT_CPU_CLONES void softmax_f32(float* S, int64_t nr, const int32_t* nvis, float* m, float* l,

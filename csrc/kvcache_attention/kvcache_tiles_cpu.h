@@ -176,6 +176,8 @@ void scores_f32(const float* Q, int64_t ldq, int64_t nr, const float* const* kro
 void accum_f32(float* O, int64_t ldo, int64_t nr, const float* P, const float* const* vrows,
                int64_t nc, int64_t D, const float* alpha);
 void widen_bf16(const uint16_t* src, float* dst, int64_t n);
+// dst[0:n] = the float16 values src[0:n] (bit patterns) as float (exact).
+void widen_f16(const uint16_t* src, float* dst, int64_t n);
 void softmax_f32(float* S, int64_t nr, const int32_t* nvis, float* m, float* l, float* alpha);
 
 }  // namespace genext::kv

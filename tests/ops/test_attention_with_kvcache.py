@@ -1137,3 +1137,35 @@ def test_cpu_bf16_rows_ending_at_a_guard_page_are_not_read_past():
     )
     assert r.returncode == 0, f"rc {r.returncode}\n{r.stdout}\n{r.stderr[-2000:]}"
     assert r.stdout.count("ok") >= 5, r.stdout
+
+
+@pytest.mark.parametrize("level", [0, 3, 4], ids=["scalar", "F16C-8-lane", "F16C-16-lane"])
+def test_cpu_float16_caches_compute_exactly_as_float32(level):
+    # float16 rows are widened exactly (F16C from x86-64-v3 on, c10's conversion below it) and
+    # then run the float32 routines: the same results as float32 caches holding the same values,
+    # subnormal, negative-zero and large float16 values included
+    import genext._C as C
+
+    if C._cpu_level() < level:
+        pytest.skip(f"this CPU runs below x86-64-v{level}")
+    g = torch.Generator().manual_seed(5)
+    shapes = ((2, 3, 4, 40), (2, 100, 2, 40), (2, 100, 2, 40))
+    q, kc, vc = (torch.randn(*s, generator=g).to(torch.float16) for s in shapes)
+    kc.view(-1)[::7] = torch.tensor(3e-6, dtype=torch.float16)  # subnormal in float16
+    vc.view(-1)[1::11] = torch.tensor(-0.0, dtype=torch.float16)
+    vc.view(-1)[2::13] = torch.tensor(3000.0, dtype=torch.float16)
+    assert kc.view(-1)[0].item() != 0 and kc.view(-1)[0].abs() < 6.1e-5
+    lens = torch.tensor([100, 57], dtype=torch.int32)
+    C._cpu_set_level_cap(level)
+    try:
+        assert C._cpu_level() == level
+        with torch.no_grad():  # one thread: these calls are under a team's minimum of work
+            out16, lse16 = attention_with_kvcache(q, kc, vc, lens, scale=0.3, return_lse=True)
+            out32, lse32 = attention_with_kvcache(
+                q.float(), kc.float(), vc.float(), lens, scale=0.3, return_lse=True
+            )
+    finally:
+        C._cpu_set_level_cap(4)
+    assert out16.dtype == torch.float16 and torch.isfinite(out32).all()
+    assert torch.equal(lse16, lse32)
+    assert torch.equal(out16, out32.to(torch.float16))
