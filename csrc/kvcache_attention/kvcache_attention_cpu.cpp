@@ -401,6 +401,7 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
   bool direct = false;
   if constexpr (std::is_same_v<S, c10::BFloat16>) direct = bf16_dot_enabled();
   const bool widens = !std::is_same_v<S, T> && !direct;
+  [[maybe_unused]] const bool f16c = std::is_same_v<S, c10::Half> && f16c_enabled();
   // their scores on AMX tiles where the CPU has them and the task fits (kvcache_avx512_cpu.h)
   const bool amx = direct && amx_enabled() && amx_fits(nrows, D);
   // float rows on 16-lane vectors where the CPU has AVX-512 (kvcache_avx512_cpu.h)
@@ -537,8 +538,8 @@ void attend(const Problem& p, const int32_t* lens, bool causal, T scale, const a
               widen_bf16(reinterpret_cast<const uint16_t*>(ks[cur][j]), kd, D);
               widen_bf16(reinterpret_cast<const uint16_t*>(vs[cur][j]), vd, D);
             } else if constexpr (std::is_same_v<S, c10::Half>) {
-              widen_f16(reinterpret_cast<const uint16_t*>(ks[cur][j]), kd, D);
-              widen_f16(reinterpret_cast<const uint16_t*>(vs[cur][j]), vd, D);
+              widen_f16(reinterpret_cast<const uint16_t*>(ks[cur][j]), kd, D, f16c);
+              widen_f16(reinterpret_cast<const uint16_t*>(vs[cur][j]), vd, D, f16c);
             } else {
               for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<T>(ks[cur][j][d]);
               for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<T>(vs[cur][j][d]);

@@ -52,7 +52,7 @@ void scores_f32x16(const float* Q, int64_t ldq, int64_t nr, const float* const* 
 void accum_f32x16(float* O, int64_t ldo, int64_t nr, const float* P, const float* const* vrows,
                   int64_t nc, int64_t D, const float* alpha);
 // tiles::softmax_f32 on 16-lane vectors, four rows at a time (the same results but for the order
-// in which each row's l adds its tile's terms).
+// in which each row's l adds its tile's terms, and the sign of m when the maximum is a zero).
 void softmax_f32x16(float* S, int64_t nr, const int32_t* nvis, float* m, float* l, float* alpha);
 
 // Scores on AMX tiles (AMX-BF16, with the OS's permission for tile data): 16 key rows read in

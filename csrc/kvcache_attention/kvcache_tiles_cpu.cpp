@@ -1,4 +1,5 @@
-// The float32 tile routines of kvcache_tiles_cpu.h, compiled once per ISA level.
+// The float32 tile routines of kvcache_tiles_cpu.h, compiled once per ISA level, and the float16
+// widening (F16C where the CPU has it).
 #include "kvcache_attention/kvcache_tiles_cpu.h"
 
 #include <c10/util/Half.h>
@@ -24,8 +25,8 @@ GENEXT_CPU_CLONES void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
   tiles::widen_bf16(src, dst, n);
 }
 
-// F16C's conversion (x86-64-v3 and up) eight elements at a time; GCC turns no float16 conversion
-// of generic vector code into it, even in an AVX-512 clone (it calls libgcc per element).
+// F16C's conversion eight elements at a time; GCC converts float16 vectors of generic code element
+// by element, even in an AVX-512 clone.
 #if GENEXT_CPU_LEVELS
 __attribute__((target("avx2,f16c"))) static void widen_f16_f16c(const uint16_t* __restrict__ src,
                                                                 float* __restrict__ dst,
@@ -38,9 +39,25 @@ __attribute__((target("avx2,f16c"))) static void widen_f16_f16c(const uint16_t* 
 }
 #endif
 
-void widen_f16(const uint16_t* src, float* dst, int64_t n) {
+bool f16c_enabled() {
 #if GENEXT_CPU_LEVELS
-  if (simd::cpu_level() >= 3) return widen_f16_f16c(src, dst, n);
+  // every x86-64-v3 CPU has F16C, but a virtual machine may hide it; the level cap lets tests run
+  // c10's conversion
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c") != 0;
+  }();
+  return has && simd::cpu_level() >= 3;
+#else
+  return false;
+#endif
+}
+
+void widen_f16(const uint16_t* src, float* dst, int64_t n, bool f16c) {
+#if GENEXT_CPU_LEVELS
+  if (f16c) return widen_f16_f16c(src, dst, n);
+#else
+  (void)f16c;
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = float(c10::Half(src[i], c10::Half::from_bits()));
 }

@@ -170,14 +170,16 @@ GENEXT_INLINE void widen_bf16(const uint16_t* __restrict__ src, float* __restric
 
 }  // namespace tiles
 
-// Entry points (kvcache_tiles_cpu.cpp), one version per ISA level.
+// Entry points (kvcache_tiles_cpu.cpp), one version per ISA level but for widen_f16.
 void scores_f32(const float* Q, int64_t ldq, int64_t nr, const float* const* krows, int64_t nc,
                 int64_t D, float* S);
 void accum_f32(float* O, int64_t ldo, int64_t nr, const float* P, const float* const* vrows,
                int64_t nc, int64_t D, const float* alpha);
 void widen_bf16(const uint16_t* src, float* dst, int64_t n);
-// dst[0:n] = the float16 values src[0:n] (bit patterns) as float (exact).
-void widen_f16(const uint16_t* src, float* dst, int64_t n);
+// dst[0:n] = the float16 values src[0:n] (bit patterns) as float (exact): with F16C when `f16c`
+// (f16c_enabled(): the CPU has it and the level cap is 3 or more), else through c10::Half.
+bool f16c_enabled();
+void widen_f16(const uint16_t* src, float* dst, int64_t n, bool f16c);
 void softmax_f32(float* S, int64_t nr, const int32_t* nvis, float* m, float* l, float* alpha);
 
 }  // namespace genext::kv

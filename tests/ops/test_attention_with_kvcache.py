@@ -1139,33 +1139,67 @@ def test_cpu_bf16_rows_ending_at_a_guard_page_are_not_read_past():
     assert r.stdout.count("ok") >= 5, r.stdout
 
 
-@pytest.mark.parametrize("level", [0, 3, 4], ids=["scalar", "F16C-8-lane", "F16C-16-lane"])
-def test_cpu_float16_caches_compute_exactly_as_float32(level):
-    # float16 rows are widened exactly (F16C from x86-64-v3 on, c10's conversion below it) and
-    # then run the float32 routines: the same results as float32 caches holding the same values,
-    # subnormal, negative-zero and large float16 values included
+F16_LEVELS = pytest.mark.parametrize(
+    "level", [0, 3, 4], ids=["c10-conversion", "F16C-8-lane", "F16C-16-lane"]
+)
+
+
+def at_cpu_level(level, fn):
+    """fn() with the CPU level capped to `level` (skipped where the CPU runs below it)."""
     import genext._C as C
 
     if C._cpu_level() < level:
         pytest.skip(f"this CPU runs below x86-64-v{level}")
+    C._cpu_set_level_cap(level)
+    try:
+        assert C._cpu_level() == level
+        return fn()
+    finally:
+        C._cpu_set_level_cap(4)
+
+
+@F16_LEVELS
+def test_cpu_float16_caches_compute_exactly_as_float32(level):
+    # float16 rows are widened exactly (F16C where the CPU has it and the level is 3 or more, c10's
+    # conversion below) and then run the float32 routines: the same results as float32 caches
+    # holding the same values, subnormal and large float16 values included. 100 keys are one split
+    # at any thread count, so the two calls sum in the same order.
     g = torch.Generator().manual_seed(5)
     shapes = ((2, 3, 4, 40), (2, 100, 2, 40), (2, 100, 2, 40))
     q, kc, vc = (torch.randn(*s, generator=g).to(torch.float16) for s in shapes)
     kc.view(-1)[::7] = torch.tensor(3e-6, dtype=torch.float16)  # subnormal in float16
-    vc.view(-1)[1::11] = torch.tensor(-0.0, dtype=torch.float16)
     vc.view(-1)[2::13] = torch.tensor(3000.0, dtype=torch.float16)
     assert kc.view(-1)[0].item() != 0 and kc.view(-1)[0].abs() < 6.1e-5
     lens = torch.tensor([100, 57], dtype=torch.int32)
-    C._cpu_set_level_cap(level)
-    try:
-        assert C._cpu_level() == level
-        with torch.no_grad():  # one thread: these calls are under a team's minimum of work
-            out16, lse16 = attention_with_kvcache(q, kc, vc, lens, scale=0.3, return_lse=True)
-            out32, lse32 = attention_with_kvcache(
-                q.float(), kc.float(), vc.float(), lens, scale=0.3, return_lse=True
-            )
-    finally:
-        C._cpu_set_level_cap(4)
+
+    def run():
+        out16, lse16 = attention_with_kvcache(q, kc, vc, lens, scale=0.3, return_lse=True)
+        out32, lse32 = attention_with_kvcache(
+            q.float(), kc.float(), vc.float(), lens, scale=0.3, return_lse=True
+        )
+        return out16, lse16, out32, lse32
+
+    out16, lse16, out32, lse32 = at_cpu_level(level, run)
     assert out16.dtype == torch.float16 and torch.isfinite(out32).all()
     assert torch.equal(lse16, lse32)
     assert torch.equal(out16, out32.to(torch.float16))
+
+
+@F16_LEVELS
+def test_cpu_float16_values_pass_through_a_one_key_cache(level):
+    # over one key the weights are exactly 1, so the output is the value row itself: every float16
+    # bit pattern (but -0, which the sum 0 + 1 * -0 turns into +0) comes back unchanged, NaN as
+    # NaN, through rows of 36 elements (the widening's 8-element steps and its tail)
+    b, hk, d = 228, 8, 36
+    bits = torch.arange(65536, dtype=torch.int32)
+    bits = bits[bits != 0x8000]
+    flat = torch.zeros(b * hk * d, dtype=torch.int32)
+    flat[: bits.numel()] = bits
+    vc = flat.to(torch.int16).view(torch.float16).view(b, 1, hk, d)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(b, 1, hk, d, generator=g).to(torch.float16)
+    kc = torch.randn(b, 1, hk, d, generator=g).to(torch.float16)
+    lens = torch.ones(b, dtype=torch.int32)
+    out = at_cpu_level(level, lambda: attention_with_kvcache(q, kc, vc, lens))
+    assert torch.equal(out.isnan(), vc.isnan())
+    assert torch.equal(out[~out.isnan()], vc[~vc.isnan()])
