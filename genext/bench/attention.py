@@ -55,7 +55,8 @@ class AttnCase:
 
 # CUDA: the shapes the H100/H200 targets are set for (bf16). CPU (fp32): a Stable Diffusion
 # U-Net's self- and cross-attention at a 32x32 latent (8 heads of 40, 80, 160), a small Llama's
-# causal prefill, and the larger self-attentions the CPU kernel must keep up with.
+# causal prefill, the larger self-attentions the CPU kernel must keep up with, and the narrow
+# heads of the small test U-Nets (the ldm bench's: 8 heads of 8 at 16x16 with guidance).
 CUDA_CASES = [
     AttnCase(4, 16, 4096, 4096, 128),
     AttnCase(4, 16, 4096, 4096, 128, causal=True),
@@ -72,6 +73,7 @@ CPU_CASES = [
     AttnCase(2, 8, 64, 64, 160),
     AttnCase(4, 8, 512, 512, 128),
     AttnCase(1, 16, 2048, 2048, 64),
+    AttnCase(2, 8, 256, 256, 8),
 ]
 DIRECTIONS = ("fwd", "f+b")
 

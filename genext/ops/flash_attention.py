@@ -78,9 +78,10 @@ def cpu_forward_prefers_torch(
     ``genext.nn.functional.scaled_dot_product_attention`` hand it over.
 
     Only for CPU float32 inputs, and bfloat16 on CPUs with AMX (``CPU_ROUTING``), not while
-    tracing; with gradients only for a call known not to be causal (``causal=False``; ``None``,
-    the default, means unknown: PyTorch's causal backward measured slower than genext's
-    everywhere). The shapes, from measurements (benchmarks/RESULTS.md):
+    tracing; with gradients only for a call whose causality is told (``causal=False``, or on a
+    CPU with AMX ``causal=True`` over few keys; ``None``, the default, means unknown: PyTorch's
+    causal backward measured slower than genext's from 128 keys). The shapes, from measurements
+    (benchmarks/RESULTS.md):
 
     - float32 elsewhere (measured where genext runs its AVX2 kernels, the 2-core AMD EPYC; also
       the rule for AVX-512 CPUs without AMX and for the baseline build): without gradients at head
@@ -90,14 +91,18 @@ def cpu_forward_prefers_torch(
       L64 and D128 L512: genext 0.84-1.09x quiet, on par in one-thread CPU time, 1.15-3.2x with a
       core busy: the rule gives up that busy-core advantage; D80 was on par and D40 1.04-1.8x).
     - float32 where genext runs its AVX-512 kernels on a CPU with AMX (measured on a 2-core Intel
-      Xeon): head dims of 32 or more, any length, unless causal (not causal, one core: genext's
-      kernel measured 0.89-1.18x forward and 0.85-1.01x forward+backward, 0.91-1.26x and
-      0.91-1.17x with 2 threads, at D40 L1024, D40 with 77 keys, D80 L256, D160 L64, D64 L2048
-      and D128 L512: mostly below; causal D64 L512 1.63x forward, 1.49x forward+backward).
-      AVX-512 CPUs without AMX (AMD Zen 4) keep the AVX2 rule: not measured there.
-    - bfloat16 with AMX: head dims of 32 or more; with gradients only from 512 keys (genext's
-      forward 0.29-0.83x at D40-D160; forward+backward 0.59-0.68x from 512 keys, 0.84-1.72x
-      below over two runs).
+      Xeon): every head dim and length when not causal (one core: genext's kernel
+      measured 0.89-1.18x forward and 0.85-1.01x forward+backward, 0.91-1.26x and 0.91-1.17x
+      with 2 threads, at D40 L1024, D40 with 77 keys, D80 L256, D160 L64, D64 L2048 and D128
+      L512: mostly below; at D2-D24 over 64-1024 keys, 2 threads, 0.66-0.92x forward and
+      0.81-1.0x forward+backward); causal attention only over fewer than 128 keys (2 threads:
+      genext's kernel 0.43-0.92x forward and 0.66-0.92x forward+backward at D2-D128 over 32 and
+      64 keys; over 128-1024 keys 0.97-1.48x and 0.97-1.34x, D64 L512 1.63x and 1.49x). AVX-512
+      CPUs without AMX (AMD Zen 4) keep the AVX2 rule: not measured there.
+    - bfloat16 with AMX: forwards without gradients at every head dim (genext's forward 0.29-0.83x
+      at D40-D160, 0.52-0.97x at D2-D16 causal or not); with gradients, not causal, head dims
+      of 32 or more over 512 keys or more (forward+backward 0.59-0.68x there, 0.84-1.72x over
+      fewer keys in two runs, 1.1-3.6x at D2-D16, where SDPA's bfloat16 backward is slow).
 
     Never for a scale that is not positive and finite (PyTorch's CPU flash kernel gives NaN rows
     for a negative scale with a causal mask) nor while the user has switched PyTorch's flash
@@ -111,17 +116,18 @@ def cpu_forward_prefers_torch(
     if dtype != torch.float32 and not (dtype == torch.bfloat16 and machine.amx):
         return False
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if needs_grad and causal is not False:
-        return False
     qs, ks = q.shape, k.shape
     if len(qs) != 4 or len(ks) != 4:
         return False
     d, lk = qs[3], ks[2]
-    if dtype == torch.bfloat16:
-        if d < 32 or (needs_grad and lk < 512):
+    if machine.avx512 and machine.amx and dtype == torch.float32:
+        # causal only over few keys; with gradients a causality not told stays with genext
+        if (causal and lk >= 128) or (needs_grad and causal is None):
             return False
-    elif machine.avx512 and machine.amx:
-        if d < 32 or causal:
+    elif needs_grad and causal is not False:
+        return False
+    elif dtype == torch.bfloat16:
+        if needs_grad and (d < 32 or lk < 512):
             return False
     elif needs_grad:
         if not (d >= 160 or (d >= 128 and lk >= 512) or (d >= 64 and lk >= 2048)):

@@ -235,7 +235,7 @@ def test_report_names_fallbacks_and_unpatched_modules():
     assert sum(f.reason == "not patched" for f in rep.fallbacks) == norms + 1
 
 
-def test_masks_genext_cannot_serve_run_in_torch_and_are_counted():
+def test_masks_genext_cannot_serve_run_in_torch_and_are_counted(avx2_routing):
     peer = _model("UNet2DConditionModel", COND, torch.float32)
     ours = genext.patch(copy.deepcopy(peer))
     # a hole in the middle of the first prompt: not a key-padding prefix
@@ -338,7 +338,7 @@ def _native_ops(names: set[str]) -> set[str]:
     }
 
 
-def test_profile_shows_genext_kernels_instead_of_torch_ops():
+def test_profile_shows_genext_kernels_instead_of_torch_ops(avx2_routing):
     # the shapes the conditional U-Net's attentions run at (self-attention at the first level,
     # cross-attention with the padding mask as key lengths): genext's kernel serves them
     q = torch.randn(2, 2, 64, 4)
@@ -356,7 +356,7 @@ PROFILED = ["unet", "cond", "vae", "vq"]
 
 
 @pytest.mark.parametrize("case", thin(PROFILED, 2))
-def test_patched_models_run_genext_kernels_and_no_torch_norm_or_sdpa(case):
+def test_patched_models_run_genext_kernels_and_no_torch_norm_or_sdpa(case, avx2_routing):
     kind, config = CASES[case]
     cls, fwd = _run(kind, config, torch.float32)
     peer = _model(cls, config, torch.float32)
@@ -476,7 +476,7 @@ def test_modules_whose_forward_a_hook_replaced_are_left_and_reported():
         assert rel(fwd(model), ref) < 1e-5
 
 
-def test_unpatch_refuses_while_hooks_hold_patched_forwards():
+def test_unpatch_refuses_while_hooks_hold_patched_forwards(avx2_routing):
     cls, fwd = _run("vae", VAE, torch.float32)
     model = _model(cls, VAE, torch.float32)
     with torch.no_grad():

@@ -324,7 +324,7 @@ def _ops(fn) -> set[str]:
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_profile_llama_forward_backward(padding):
+def test_profile_llama_forward_backward(padding, avx2_routing):
     model = _llama(torch.float32)
     model.set_attn_implementation("genext")
     keep = _keep(padding)
@@ -335,7 +335,7 @@ def test_profile_llama_forward_backward(padding):
 
 
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_profile_clip_and_llava(padding):
+def test_profile_clip_and_llava(padding, avx2_routing):
     clip, llava = _clip(torch.float32), _llava(torch.float32)
     clip.set_attn_implementation("genext")
     llava.set_attn_implementation("genext")
@@ -824,7 +824,7 @@ def test_llama_cpu_bf16(padding):
     assert rel(out, exact) <= 2 * rel(ref, exact)
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(avx2_routing):
     """The routing traces without a graph break (dynamo only: the op's own compile test runs
     inductor), and the compiled call computes the eager one."""
     module = torch.nn.Module()

@@ -274,7 +274,7 @@ def _expected_backend(model, dtype) -> str:
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_attention_runs_on_genext(with_mask):
+def test_attention_runs_on_genext(with_mask, avx2_routing):
     ours, _ = _pair()
     ids, mask, _ = _text("first_eos")
     px = _pixels(torch.float32)

@@ -195,7 +195,7 @@ def _loss(logits, labels, mask):
 @pytest.mark.parametrize("padding", ["none", "left"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_logits_and_grads_match_reference(variant, dtype, padding, media):
+def test_logits_and_grads_match_reference(variant, dtype, padding, media, avx2_routing):
     model = _model(variant, dtype)
     ids, mask, labels, pixels, media_mask = _batch(padding, dtype, media=media)
     mask_arg = None if padding == "none" else mask
@@ -303,7 +303,7 @@ def test_greedy_generation_equals_repeated_forwards(variant, media):
     assert len(set(got[:, -steps:].flatten().tolist())) > 1
 
 
-def test_genext_attention_ran():
+def test_genext_attention_ran(avx2_routing):
     model = _model("resampler", torch.float32)
     ids, mask, labels, pixels, media_mask = _batch("left", torch.float32, media=True)
     ran = op_names(

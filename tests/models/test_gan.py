@@ -327,7 +327,7 @@ def _ran(fn):
     return {e.name for e in prof.events()}
 
 
-def test_profiler_genext_kernels_run_in_the_conditional_gan():
+def test_profiler_genext_kernels_run_in_the_conditional_gan(avx2_routing):
     g, d = _tiny(1, 16, attention=True)
     z, y = torch.randn(2, 6), torch.tensor([0, 3])
     names = _ran(lambda: d(g(z, y), y).sum().backward())

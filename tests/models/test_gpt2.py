@@ -166,7 +166,7 @@ def test_labels_at_padding_positions_are_left_out(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_training_dropout_matches_transformers_sdpa(dtype):
+def test_training_dropout_matches_transformers_sdpa(dtype, avx2_routing):
     """In train mode every dropout is drawn as transformers draws it (the attention dropout through
     PyTorch's SDPA, genext's kernel having none), so with one seed the outputs agree; with
     attn_pdrop=0 the attention runs genext's kernel and the embedding/residual dropouts still
@@ -220,7 +220,7 @@ def test_attention_dropout_on_packed_tokens_keeps_sequences_apart():
     assert rel(got, want) < 1e-10
 
 
-def test_kernels_ran():
+def test_kernels_ran(avx2_routing):
     ours, _ = _pair(TINY, torch.float32)
     ids = _ids()
     for mask in (None, _mask("left")):

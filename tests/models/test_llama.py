@@ -400,7 +400,7 @@ def test_forward_decode_step_by_step_equals_forward(dtype, block_size):
 
 
 @pytest.mark.parametrize("padding", ["none", "left"])
-def test_genext_attention_ran_not_sdpa(padding):
+def test_genext_attention_ran_not_sdpa(padding, avx2_routing):
     ours, _ = _pair(CONFIGS["gqa"]())
     ids, mask, labels = _batch(padding)
     mask_arg = None if padding == "none" else mask

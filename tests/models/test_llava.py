@@ -249,7 +249,7 @@ def test_greedy_generation_equals_transformers(name):
     assert got.shape == want.shape and torch.equal(got, want), (got, want)
 
 
-def test_genext_attention_ran_in_tower_lm_and_decode():
+def test_genext_attention_ran_in_tower_lm_and_decode(avx2_routing):
     ours, _, n_image = _pair("tester")
     ids, mask, labels, pixels = _batch(n_image, "left", torch.float32)
     ran = op_names(

@@ -180,7 +180,7 @@ def test_training_steps_match_diffusers(momentum, weight_decay, steps):
     assert moved >= len(start) - 2  # the attention key biases have a zero gradient
 
 
-def test_genext_kernels_run_and_aten_group_norm_does_not():
+def test_genext_kernels_run_and_aten_group_norm_does_not(avx2_routing):
     ours, _ = _pair(TINY)
     x = _image(TINY, torch.float32).requires_grad_()
     names = op_names(lambda: ours(x).sample.sum().backward())

@@ -123,10 +123,13 @@ def test_sdpa_drop_in_falls_back(device, kind, torch_sdpa_calls):
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("where", ["q", "k", "scale"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_sdpa_drop_in_gives_nan_where_torch_does(device, where, is_causal, dtype, torch_sdpa_calls):
+def test_sdpa_drop_in_gives_nan_where_torch_does(
+    device, where, is_causal, dtype, torch_sdpa_calls, avx2_routing
+):
     # one NaN in query row 30 or key 30 of head 1, or a NaN scale; PyTorch's SDPA gives NaN rows
     # there (with is_causal only the rows that see key 30: a masked key does not count). D 16: a
-    # head dim the CPU float32 forward keeps on genext's kernel (cpu_forward_prefers_torch)
+    # head dim the CPU float32 forward keeps on genext's kernel under the AVX2 machines' rule
+    # (cpu_forward_prefers_torch; a machine with AMX hands it to PyTorch)
     q, k, v = (t.double() for t in make_qkv(1, 2, 2, 40, 40, 16, dtype, "cpu"))
     scale = float("nan") if where == "scale" else None
     if where != "scale":
@@ -187,7 +190,7 @@ def _weighted_sum(out):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["plain", "causal", "key-padding"])
-def test_cpu_drop_in_under_torch_func_matches_torch(dtype, case, torch_sdpa_calls):
+def test_cpu_drop_in_under_torch_func_matches_torch(dtype, case, torch_sdpa_calls, avx2_routing):
     # torch.func.grad, jacrev, vmap and vmap of grad over the drop-in give what the same
     # transforms over PyTorch's SDPA give, with genext's kernel running
     q, k, v = make_qkv(2, 2, 2, 7, 9, 8, dtype, "cpu")
@@ -235,7 +238,7 @@ def test_cpu_drop_in_second_derivatives_under_torch_func_raise(torch_sdpa_calls)
     assert not torch_sdpa_calls
 
 
-def test_cpu_drop_in_under_functionalize_matches_eager(torch_sdpa_calls):
+def test_cpu_drop_in_under_functionalize_matches_eager(torch_sdpa_calls, avx2_routing):
     # torch.func.functionalize (with a key-padding mask too) and make_fx over it run genext's
     # registered op and give eager's results
     from torch.fx.experimental.proxy_tensor import make_fx

@@ -184,7 +184,8 @@ def test_layouts_give_the_same_result(device):
     ],
     ids=["packed-blhd", "packed-bhld", "strided-last-dim"],
 )
-def test_non_contiguous_inputs(device, make_views):
+def test_non_contiguous_inputs(device, make_views, avx2_routing):
+    # genext's kernel reads the views in place (the AVX2 machines' rule keeps the call there)
     qkv = torch.randn(2, 41, 3, 4, 72, device=device, requires_grad=True)
     q, k, v, layout = make_views(qkv)
     out = flash_attention(q, k, v, causal=True, layout=layout)
@@ -1094,20 +1095,29 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch, avx
 def test_cpu_routing_on_avx512_with_amx(monkeypatch, avx512_amx_routing):
     # genext's AVX-512 float32 kernel and its float32-computed bfloat16 lose to PyTorch's SDPA
     # (AVX-512 GEMMs, AMX for bfloat16) on such a machine: float32 that is not causal goes there
-    # from D 32 at any length; bfloat16 from D 32, with gradients (not causal) from 512 keys
+    # at every head dim and length; bfloat16 forwards at every head dim, bfloat16 with
+    # gradients (not causal) from D 32 over 512 keys
     def prefers(lk, d, dtype=torch.float32, grad=False, causal=False):
         q, k, v = make_qkv(1, 2, 1, 8, lk, d, dtype, "cpu", requires_grad=grad)
         return cpu_forward_prefers_torch(q, k, v, None, causal)
 
     assert prefers(8, 32) and prefers(77, 40) and prefers(8, 32, grad=True)
     assert prefers(77, 40, grad=True) and prefers(8, 160, grad=True)
-    assert not prefers(1024, 31) and not prefers(1024, 31, grad=True)
-    # causal (genext's kernel measured faster), and with gradients a causality not told
+    assert prefers(1024, 31) and prefers(1024, 31, grad=True) and prefers(4, 2)
+    assert prefers(256, 1, grad=True)
+    # causal from 128 keys (genext's kernel measured faster there), and with gradients a
+    # causality not told; causal over fewer keys goes to PyTorch, with gradients too
     assert not prefers(1024, 64, causal=True) and not prefers(1024, 64, grad=True, causal=True)
+    assert not prefers(128, 8, causal=True) and not prefers(128, 8, grad=True, causal=True)
+    assert prefers(127, 8, causal=True) and prefers(127, 64, grad=True, causal=True)
+    assert prefers(1, 160, causal=True)
     assert not prefers(1024, 64, grad=True, causal=None) and prefers(1024, 64, causal=None)
+    assert not prefers(64, 64, grad=True, causal=None)
     bf = torch.bfloat16
-    assert prefers(8, 32, bf) and prefers(77, 40, bf) and not prefers(1024, 31, bf)
+    assert prefers(8, 32, bf) and prefers(77, 40, bf) and prefers(1024, 31, bf)
+    assert prefers(256, 2, bf) and prefers(256, 16, bf, causal=True)
     assert prefers(512, 32, bf, grad=True) and not prefers(511, 32, bf, grad=True)
+    assert not prefers(1024, 31, bf, grad=True) and not prefers(4096, 8, bf, grad=True)
     assert not prefers(512, 64, bf, grad=True, causal=True)
     assert not prefers(512, 64, bf, grad=True, causal=None)
     assert not prefers(1024, 64, torch.float16) and not prefers(1024, 64, torch.float64)
