@@ -77,7 +77,8 @@ def cpu_forward_prefers_torch(
     attention faster than genext's CPU kernel, so that :func:`flash_attention` and
     ``genext.nn.functional.scaled_dot_product_attention`` hand it over.
 
-    Only for CPU float32 inputs, and bfloat16 on CPUs with AMX (``CPU_ROUTING``), not while
+    Only for CPU float32 inputs, and bfloat16 and float16 on CPUs with AMX (``CPU_ROUTING``; the
+    float16 rule measured on the Intel Xeon, which also has AVX512-FP16), not while
     tracing; with gradients only for a call whose causality is told (``causal=False``, or on a
     CPU with AMX ``causal=True`` over few keys; ``None``, the default, means unknown: PyTorch's
     causal backward measured slower than genext's from 128 keys). The shapes, from measurements
@@ -94,15 +95,20 @@ def cpu_forward_prefers_torch(
       Xeon): every head dim and length when not causal (one core: genext's kernel
       measured 0.89-1.18x forward and 0.85-1.01x forward+backward, 0.91-1.26x and 0.91-1.17x
       with 2 threads, at D40 L1024, D40 with 77 keys, D80 L256, D160 L64, D64 L2048 and D128
-      L512: mostly below; at D2-D24 over 64-1024 keys, 2 threads, 0.66-0.92x forward and
-      0.81-1.0x forward+backward); causal attention only over fewer than 128 keys (2 threads:
-      genext's kernel 0.43-0.92x forward and 0.66-0.92x forward+backward at D2-D128 over 32 and
-      64 keys; over 128-1024 keys 0.97-1.48x and 0.97-1.34x, D64 L512 1.63x and 1.49x). AVX-512
-      CPUs without AMX (AMD Zen 4) keep the AVX2 rule: not measured there.
+      L512: mostly below; at D2-D24 over 64-1024 keys, 2 threads, 0.63-0.84x forward and
+      0.78-1.0x forward+backward); causal attention only over fewer than 128 keys (2 threads:
+      genext's kernel 0.42-0.81x forward and 0.70-0.95x forward+backward at D2-D128 over 32 and
+      64 keys; over 128-1024 keys 0.89-1.57x and 0.97-1.46x, the lowest at D8 and D32 over 128
+      and 192 keys; D64 L512 1.63x and 1.49x). AVX-512 CPUs without AMX (AMD Zen 4) keep the AVX2
+      rule: not measured there.
     - bfloat16 with AMX: forwards without gradients at every head dim (genext's forward 0.29-0.83x
-      at D40-D160, 0.52-0.97x at D2-D16 causal or not); with gradients, not causal, head dims
+      at D40-D160, 0.52-0.90x at D2-D24 causal or not); with gradients, not causal, head dims
       of 32 or more over 512 keys or more (forward+backward 0.59-0.68x there, 0.84-1.72x over
-      fewer keys in two runs, 1.1-3.6x at D2-D16, where SDPA's bfloat16 backward is slow).
+      fewer keys in two runs, 1.11-3.78x at D2-D24, where SDPA's bfloat16 backward is slow).
+    - float16 with AMX: forwards without gradients that are not causal, or causal over fewer than
+      128 keys (genext's forward 0.53-0.91x not causal at D8-D160 over 64-1024 keys, 0.62-0.82x
+      causal over 64; causal from 256 keys 1.07-1.23x). With gradients genext's kernel stays
+      (forward+backward 0.96-3.34x, PyTorch's float16 backward is slow).
 
     Never for a scale that is not positive and finite (PyTorch's CPU flash kernel gives NaN rows
     for a negative scale with a causal mask) nor while the user has switched PyTorch's flash
@@ -113,7 +119,9 @@ def cpu_forward_prefers_torch(
     if not q.is_cpu:
         return False
     dtype, machine = q.dtype, CPU_ROUTING
-    if dtype != torch.float32 and not (dtype == torch.bfloat16 and machine.amx):
+    if dtype != torch.float32 and not (
+        machine.amx and (dtype == torch.bfloat16 or dtype == torch.float16)
+    ):
         return False
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     qs, ks = q.shape, k.shape
@@ -128,6 +136,9 @@ def cpu_forward_prefers_torch(
         return False
     elif dtype == torch.bfloat16:
         if needs_grad and (d < 32 or lk < 512):
+            return False
+    elif dtype == torch.float16:
+        if needs_grad or (causal and lk >= 128):
             return False
     elif needs_grad:
         if not (d >= 160 or (d >= 128 and lk >= 512) or (d >= 64 and lk >= 2048)):
@@ -194,7 +205,7 @@ def flash_attention(
     D128, on par at D40, see benchmarks/RESULTS.md); CUDA float32 runs a plain fp32 kernel, exact
     but slow; the
     CPU serves float32, float64 (for gradcheck), float16 and bfloat16 (computed in float32). A CPU
-    float32 call (bfloat16 on CPUs with AMX) that returns no lse and is not causal with
+    float32 call (bfloat16 and float16 on CPUs with AMX) that returns no lse and is not causal with
     ``Lq != Lk`` runs PyTorch's SDPA instead where that is the faster one
     (:func:`cpu_forward_prefers_torch`, which lists the shapes per machine), outside autocast
     (the output dtype is the inputs', as from genext's kernel).

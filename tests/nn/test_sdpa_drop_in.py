@@ -46,7 +46,7 @@ def test_sdpa_drop_in_matches_torch(device, lq, lk, is_causal, torch_sdpa_calls,
         assert max_err(a, b) <= ATOL_GRAD[torch.float32]
 
 
-def test_sdpa_drop_in_gqa(device, torch_sdpa_calls):
+def test_sdpa_drop_in_gqa(device, torch_sdpa_calls, avx2_routing):
     q, k, v = make_qkv(2, 8, 2, 30, 30, 64, torch.float16, device)
     out = gF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.2)
     assert not torch_sdpa_calls

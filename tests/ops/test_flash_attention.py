@@ -905,17 +905,9 @@ def test_cpu_results_are_bit_identical_across_runs_and_thread_counts(dtype):
 
 
 @pytest.fixture
-def avx512_amx_routing(monkeypatch):
-    """The routing rule of a machine where genext runs its AVX-512 kernels and has AMX."""
-    set_attention_routing(monkeypatch, avx512=True, amx=True)
-
-
-@pytest.mark.parametrize("layout", ["bhld", "blhd"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_cpu_float32_forward_without_gradients_runs_torch_sdpa_where_faster(
-    layout, causal, monkeypatch, avx2_routing
-):
-    # float32, D 64, no gradient: flash_attention hands the call to PyTorch's SDPA (faster there)
+def sdpa_calls(monkeypatch):
+    """Counts the calls of torch.nn.functional.scaled_dot_product_attention (where flash_attention
+    hands a call to PyTorch)."""
     calls = []
     original = F.scaled_dot_product_attention
 
@@ -924,6 +916,22 @@ def test_cpu_float32_forward_without_gradients_runs_torch_sdpa_where_faster(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    return calls
+
+
+@pytest.fixture
+def avx512_amx_routing(monkeypatch):
+    """The routing rule of a machine where genext runs its AVX-512 kernels and has AMX."""
+    set_attention_routing(monkeypatch, avx512=True, amx=True)
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_float32_forward_without_gradients_runs_torch_sdpa_where_faster(
+    layout, causal, sdpa_calls, avx2_routing
+):
+    # float32, D 64, no gradient: flash_attention hands the call to PyTorch's SDPA (faster there)
+    calls = sdpa_calls
     q, k, v = make_qkv(2, 4, 2, 70, 70, 64, torch.float32, "cpu")
     ref = reference.attention_reference(q.double(), k.double(), v.double(), causal, 0.3)
     assert cpu_forward_prefers_torch(q, k, v)
@@ -1095,8 +1103,8 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch, avx
 def test_cpu_routing_on_avx512_with_amx(monkeypatch, avx512_amx_routing):
     # genext's AVX-512 float32 kernel and its float32-computed bfloat16 lose to PyTorch's SDPA
     # (AVX-512 GEMMs, AMX for bfloat16) on such a machine: float32 that is not causal goes there
-    # at every head dim and length; bfloat16 forwards at every head dim, bfloat16 with
-    # gradients (not causal) from D 32 over 512 keys
+    # at every head dim and length, and so does causal float32 over fewer than 128 keys; bfloat16
+    # forwards at every head dim, bfloat16 with gradients (not causal) from D 32 over 512 keys
     def prefers(lk, d, dtype=torch.float32, grad=False, causal=False):
         q, k, v = make_qkv(1, 2, 1, 8, lk, d, dtype, "cpu", requires_grad=grad)
         return cpu_forward_prefers_torch(q, k, v, None, causal)
@@ -1120,11 +1128,16 @@ def test_cpu_routing_on_avx512_with_amx(monkeypatch, avx512_amx_routing):
     assert not prefers(1024, 31, bf, grad=True) and not prefers(4096, 8, bf, grad=True)
     assert not prefers(512, 64, bf, grad=True, causal=True)
     assert not prefers(512, 64, bf, grad=True, causal=None)
-    assert not prefers(1024, 64, torch.float16) and not prefers(1024, 64, torch.float64)
-    # AVX-512 without AMX (not measured): the AVX2 rule, and bfloat16 stays with genext
+    # float16: forwards not causal, or causal over few keys; never with gradients
+    hf = torch.float16
+    assert prefers(1024, 64, hf) and prefers(64, 8, hf) and prefers(127, 160, hf, causal=True)
+    assert not prefers(128, 64, hf, causal=True) and not prefers(1024, 64, hf, grad=True)
+    assert not prefers(64, 64, hf, grad=True, causal=True) and not prefers(1024, 64, torch.float64)
+    # AVX-512 without AMX (not measured): the AVX2 rule, and bfloat16 and float16 stay with genext
     set_attention_routing(monkeypatch, avx512=True, amx=False)
     assert not prefers(77, 40) and prefers(256, 32) and prefers(8, 64)
     assert not prefers(77, 40, grad=True) and not prefers(8, 64, bf)
+    assert not prefers(8, 64, torch.float16)
     assert not prefers(1024, 64, bf, grad=True)
     # the AVX2 rule likewise
     set_attention_routing(monkeypatch, avx512=False, amx=False)
@@ -1172,14 +1185,29 @@ def test_cpu_bfloat16_calls_routed_to_sdpa_match_the_reference(
                 assert max_err(a, r) <= 3e-2 * max(1.0, r.abs().max().item()), name
 
 
+def test_cpu_float16_forwards_routed_to_sdpa_match_the_reference(sdpa_calls, avx512_amx_routing):
+    # a float16 forward without gradients goes to PyTorch's SDPA and gives its result within
+    # float16's tolerance of the float64 reference; with gradients genext's kernel runs
+    calls = sdpa_calls
+    q, k, v = make_qkv(2, 4, 2, 37, 300, 40, torch.float16, "cpu")
+    ref = reference.attention_reference(q.double(), k.double(), v.double(), False, 0.2)
+    out = flash_attention(q, k, v, scale=0.2)
+    assert len(calls) == 1 and out.dtype == torch.float16
+    assert max_err(out, ref) <= 1e-3  # outputs below 1: rounding to float16 is under 5e-4
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    out = flash_attention(qg, kg, vg, scale=0.2)
+    assert len(calls) == 1 and max_err(out, ref) <= 1e-3
+
+
 def test_cpu_routed_call_keeps_the_input_dtype_under_autocast(avx512_amx_routing):
     # genext's kernel has no autocast rule (float32 in, float32 out); a call routed to SDPA
     # gives the same dtype rather than autocast's bfloat16
-    q, k, v = make_qkv(1, 2, 2, 16, 16, 64, torch.float32, "cpu")
+    q, k, v = make_qkv(1, 2, 2, 128, 128, 64, torch.float32, "cpu")
     assert cpu_forward_prefers_torch(q, k, v)
+    assert not cpu_forward_prefers_torch(q, k, v, causal=True)  # causal: genext's kernel
     with torch.autocast("cpu", dtype=torch.bfloat16):
         routed = flash_attention(q, k, v)
-        kernel = flash_attention(q[..., :16], k[..., :16], v[..., :16])
+        kernel = flash_attention(q, k, v, causal=True)
     assert routed.dtype == kernel.dtype == torch.float32
     ref = reference.attention_reference(q.double(), k.double(), v.double(), False, None)
     assert max_err(routed, ref) <= ATOL[torch.float32]
