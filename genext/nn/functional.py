@@ -156,7 +156,7 @@ def scaled_dot_product_attention(
     keys in each batch entry (checked on the mask's values, one device sync; under torch.compile,
     and under torch.vmap for a mask that differs per vmapped sample, masks go to PyTorch).
     ``is_causal`` is PyTorch's top-left aligned mask. Without a mask, CPU float32 calls (bfloat16
-    on CPUs with AMX) at shapes where PyTorch's kernel is the faster one go to PyTorch (the
+    and float16 on CPUs with AMX) at shapes where PyTorch's kernel is the faster one go to PyTorch (the
     shapes depend on the machine: ``genext.ops.flash_attention.cpu_forward_prefers_torch``, given
     ``is_causal`` and ``scale``).
     Everything else (float or arbitrary boolean masks, dropout, other ranks, broadcast batch

@@ -53,7 +53,8 @@ class CpuRouting:
     """The machine facts :func:`cpu_forward_prefers_torch` reads (once, at import; tests replace
     ``CPU_ROUTING``): ``avx512``, genext's CPU kernels run their AVX-512 (x86-64-v4) versions;
     ``amx``, the CPU has AMX tiles (Intel Xeon from Sapphire Rapids on), where PyTorch's bfloat16
-    SDPA runs its matrix products on them (oneDNN) while genext computes bfloat16 in float32."""
+    SDPA runs its matrix products on them (oneDNN) while genext computes bfloat16 in float32; it
+    also stands for the AVX512-FP16 that those CPUs have, for the float16 rule."""
 
     avx512: bool
     amx: bool
@@ -79,10 +80,12 @@ def cpu_forward_prefers_torch(
 
     Only for CPU float32 inputs, and bfloat16 and float16 on CPUs with AMX (``CPU_ROUTING``; the
     float16 rule measured on the Intel Xeon, which also has AVX512-FP16), not while
-    tracing; with gradients only for a call whose causality is told (``causal=False``, or on a
-    CPU with AMX ``causal=True`` over few keys; ``None``, the default, means unknown: PyTorch's
-    causal backward measured slower than genext's from 128 keys). The shapes, from measurements
-    (benchmarks/RESULTS.md):
+    tracing; with gradients only for a call whose causality is told (``causal=False``, or for
+    float32 where genext runs AVX-512 kernels on a CPU with AMX ``causal=True`` over few keys;
+    ``None``, the default, means unknown there: PyTorch's causal backward measured slower than
+    genext's from 128 keys). Without gradients ``None`` counts as not causal. The bfloat16 and
+    float16 rules below hold on every CPU with AMX, whatever level genext's kernels run at. The
+    shapes, from measurements (benchmarks/RESULTS.md):
 
     - float32 elsewhere (measured where genext runs its AVX2 kernels, the 2-core AMD EPYC; also
       the rule for AVX-512 CPUs without AMX and for the baseline build): without gradients at head
@@ -107,8 +110,9 @@ def cpu_forward_prefers_torch(
       fewer keys in two runs, 1.11-3.78x at D2-D24, where SDPA's bfloat16 backward is slow).
     - float16 with AMX: forwards without gradients that are not causal, or causal over fewer than
       128 keys (genext's forward 0.53-0.91x not causal at D8-D160 over 64-1024 keys, 0.62-0.82x
-      causal over 64; causal from 256 keys 1.07-1.23x). With gradients genext's kernel stays
-      (forward+backward 0.96-3.34x, PyTorch's float16 backward is slow).
+      causal over 64; causal from 256 keys 1.07-1.23x; the 128-key boundary is float32's, float16
+      was not measured between 64 and 256 keys nor below D8). With gradients genext's kernel
+      stays (forward+backward 0.96-3.34x at D8-D160, PyTorch's float16 backward is slow).
 
     Never for a scale that is not positive and finite (PyTorch's CPU flash kernel gives NaN rows
     for a negative scale with a causal mask) nor while the user has switched PyTorch's flash

@@ -34,7 +34,7 @@ from fuzz_harness import (
     sizes,
 )
 
-# The fuzz checks genext's kernel: the AVX2 machines' routing rule keeps its head dims (1-10) on
+# The fuzz checks genext's kernel: the AVX2 machines' routing rule keeps its head dims (1-12) on
 # it everywhere (a CPU with AMX would hand most calls to PyTorch's SDPA, whose default CPU kernel
 # differs in NaN rows, cpu_forward_prefers_torch)
 _routing = sys.modules["genext.ops.flash_attention"]  # the package attribute is the function

@@ -904,6 +904,13 @@ def test_cpu_results_are_bit_identical_across_runs_and_thread_counts(dtype):
             assert a is None or torch.equal(a, b_), f"{name} differs"
 
 
+@pytest.fixture(autouse=True)
+def _genext_kernel_rule(monkeypatch):
+    """The AVX2 machines' routing rule for every test here: they check genext's own kernel, which
+    a machine with AMX would skip for most of their shapes. Tests of the rule set their own."""
+    set_attention_routing(monkeypatch, avx512=False, amx=False)
+
+
 @pytest.fixture
 def sdpa_calls(monkeypatch):
     """Counts the calls of torch.nn.functional.scaled_dot_product_attention (where flash_attention
@@ -1197,6 +1204,22 @@ def test_cpu_float16_forwards_routed_to_sdpa_match_the_reference(sdpa_calls, avx
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     out = flash_attention(qg, kg, vg, scale=0.2)
     assert len(calls) == 1 and max_err(out, ref) <= 1e-3
+
+
+def test_cpu_routed_causal_float32_gradients_match_the_reference(sdpa_calls, avx512_amx_routing):
+    # causal float32 over few keys goes to PyTorch's SDPA with gradients too, and gives the
+    # reference's output and gradients
+    q, k, v = make_qkv(2, 4, 2, 40, 40, 24, torch.float32, "cpu", requires_grad=True)
+    go = torch.randn(2, 4, 40, 24)
+    out = flash_attention(q, k, v, causal=True, scale=0.3)
+    assert len(sdpa_calls) == 1
+    got = torch.autograd.grad(out, (q, k, v), go)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference.attention_reference(qd, kd, vd, True, 0.3)
+    want = torch.autograd.grad(ref, (qd, kd, vd), go.double())
+    assert max_err(out, ref) <= ATOL[torch.float32]
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= ATOL_GRAD[torch.float32], name
 
 
 def test_cpu_routed_call_keeps_the_input_dtype_under_autocast(avx512_amx_routing):
