@@ -1051,6 +1051,17 @@ def test_cpu_padding_columns_are_zero_after_nan_calls(dtype, d):
             assert max_err(a, r) <= tol, name
 
 
+def _assert_float32_matches_reference(out, q, k, v, go, causal, scale):
+    """out = attention(q, k, v) in float32 and its gradients for go match the float64 reference."""
+    got = torch.autograd.grad(out, (q, k, v), go)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = reference.attention_reference(qd, kd, vd, causal, scale)
+    want = torch.autograd.grad(ref, (qd, kd, vd), go.double())
+    assert max_err(out, ref) <= ATOL[torch.float32]
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(a, r) <= ATOL_GRAD[torch.float32], name
+
+
 def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch, avx2_routing):
     # with gradients, non-causal attention at D >= 160, at D >= 128 over 512+ keys, or at D >= 64
     # over 2048+ keys goes to PyTorch's SDPA, faster there; causal, shorter or narrower calls,
@@ -1075,13 +1086,7 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch, avx
     go = torch.randn(1, 2, 8, 128)
     out = flash_attention(q, k, v, scale=0.1)
     assert spy.call_count == 1
-    got = torch.autograd.grad(out, (q, k, v), go)
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref_out = reference.attention_reference(qd, kd, vd, False, 0.1)
-    ref = torch.autograd.grad(ref_out, (qd, kd, vd), go.double())
-    assert max_err(out, ref_out) <= ATOL[torch.float32]
-    for name, a, r in zip(("dq", "dk", "dv"), got, ref):
-        assert max_err(a, r) <= ATOL_GRAD[torch.float32], name
+    _assert_float32_matches_reference(out, q, k, v, go, False, 0.1)
     flash_attention(q, k, v, causal=True)
     flash_attention(q[..., :64], k[..., :64], v[..., :64])
     assert spy.call_count == 1
@@ -1098,13 +1103,7 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch, avx
     for causal, calls in ((False, 3), (True, 3)):
         out = flash_attention(q3, k3, v3, causal=causal)
         assert spy.call_count == calls
-        got = torch.autograd.grad(out, (q3, k3, v3), go3)
-        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q3, k3, v3))
-        ref_out = reference.attention_reference(qd, kd, vd, causal, None)
-        ref = torch.autograd.grad(ref_out, (qd, kd, vd), go3.double())
-        assert max_err(out, ref_out) <= ATOL[torch.float32]
-        for name, a, r in zip(("dq", "dk", "dv"), got, ref):
-            assert max_err(a, r) <= ATOL_GRAD[torch.float32], name
+        _assert_float32_matches_reference(out, q3, k3, v3, go3, causal, None)
 
 
 def test_cpu_routing_on_avx512_with_amx(monkeypatch, avx512_amx_routing):
@@ -1213,13 +1212,7 @@ def test_cpu_routed_causal_float32_gradients_match_the_reference(sdpa_calls, avx
     go = torch.randn(2, 4, 40, 24)
     out = flash_attention(q, k, v, causal=True, scale=0.3)
     assert len(sdpa_calls) == 1
-    got = torch.autograd.grad(out, (q, k, v), go)
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = reference.attention_reference(qd, kd, vd, True, 0.3)
-    want = torch.autograd.grad(ref, (qd, kd, vd), go.double())
-    assert max_err(out, ref) <= ATOL[torch.float32]
-    for name, a, r in zip(("dq", "dk", "dv"), got, want):
-        assert max_err(a, r) <= ATOL_GRAD[torch.float32], name
+    _assert_float32_matches_reference(out, q, k, v, go, True, 0.3)
 
 
 def test_cpu_routed_call_keeps_the_input_dtype_under_autocast(avx512_amx_routing):
