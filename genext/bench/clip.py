@@ -28,7 +28,7 @@ import torch
 
 from ..models import CLIPModel
 from .lm import cpu_threads
-from .peer_models import perturbed_, rel_err
+from .peer_models import CPU_MODEL_REPS, perturbed_, rel_err
 from .registry import (
     DIRECTION,
     DTYPE,
@@ -252,7 +252,7 @@ def _setup(impl: str, dtype: torch.dtype, device: str):
 def make_case(case: ClipModelCase, config: Config) -> Case:
     cuda = config.device == "cuda"
     dtype = config.dtype_or(torch.bfloat16 if cuda else torch.float32)
-    warmup, reps = (2, 5) if cuda else (1, 3)
+    warmup, reps = (2, 5) if cuda else (1, CPU_MODEL_REPS)
     if config.quick:
         warmup, reps = 1, 1
     timings = tuple(

@@ -19,7 +19,7 @@ import torch
 
 from ..integrations import patch
 from ..models import LatentDiffusionPipeline
-from .peer_models import perturbed_, quiet_cast
+from .peer_models import CPU_MODEL_REPS, perturbed_, quiet_cast
 from .registry import DTYPE, IMPL, MS, PEAK_MIB, Bench, Case, Column, Config, Timing, device_cases
 from .unet import SD15_UNET
 from .vae import SD_VAE
@@ -193,7 +193,7 @@ def _setup(key: str, case: LDMCase, compiled: bool, cuda: bool):
 def make_case(case: LDMCase, config: Config) -> Case:
     cuda = config.device == "cuda"
     dtype = config.dtype_or(torch.float16 if cuda else torch.float32)
-    warmup, reps = (1, 3) if cuda else (1, 2)
+    warmup, reps = (1, 3) if cuda else (1, CPU_MODEL_REPS)
     if config.quick:
         warmup, reps = 1, 1
     rows = [("genext", "genext", False), ("diffusers+patch", "patched", False)]

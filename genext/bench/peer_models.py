@@ -20,6 +20,12 @@ from .registry import Timing
 
 Call = Callable[[Any, dict], Tensor]
 
+# Timed calls per whole-model row on the CPU. The shared 2-core machine's per-call times swing by
+# 10-30% over seconds, and with 2-3 interleaved calls a row's ratio moved between 0.79x and 1.07x
+# from run to run for models whose operator profiles matched within a few percent. More calls cost
+# some 30 s per bench run.
+CPU_MODEL_REPS = 7
+
 
 def quiet_cast(model, **to):
     """``model.to(**to)`` with diffusers' warning about casting a model by ``.to(dtype)``

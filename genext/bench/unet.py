@@ -18,7 +18,7 @@ import torch
 
 from ..integrations import patch
 from ..models import UNet2DConditionModel
-from .peer_models import check_against_peer, model_timings, perturbed_, quiet_cast
+from .peer_models import CPU_MODEL_REPS, check_against_peer, model_timings, perturbed_, quiet_cast
 from .registry import (
     DIRECTION,
     DTYPE,
@@ -138,7 +138,7 @@ def unet_check(case: UNetCase, dtype: torch.dtype, inputs: dict) -> tuple[bool |
 def make_case(case: UNetCase, config: Config) -> Case:
     cuda = config.device == "cuda"
     dtype = config.dtype_or(torch.float16 if cuda else torch.float32)
-    warmup, reps = (3, 10) if cuda else (1, 3)
+    warmup, reps = (3, 10) if cuda else (1, CPU_MODEL_REPS)
     if config.quick:
         warmup, reps = 1, 2
     timings = model_timings(

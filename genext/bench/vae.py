@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import AutoencoderKL
-from .peer_models import check_against_peer, model_timings, perturbed_, quiet_cast
+from .peer_models import CPU_MODEL_REPS, check_against_peer, model_timings, perturbed_, quiet_cast
 from .registry import (
     DIRECTION,
     DTYPE,
@@ -131,7 +131,7 @@ def vae_check(case: VAECase, dtype: torch.dtype, inputs: dict) -> tuple[bool | N
 def make_case(case: VAECase, config: Config) -> Case:
     cuda = config.device == "cuda"
     dtype = config.dtype_or(torch.float16 if cuda else torch.float32)
-    warmup, reps = (3, 10) if cuda else (1, 3)
+    warmup, reps = (3, 10) if cuda else (1, CPU_MODEL_REPS)
     if config.quick:
         warmup, reps = 1, 2
     timings = model_timings(

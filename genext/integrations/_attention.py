@@ -9,12 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn.functional import scaled_dot_product_attention, sdpa_backend
+from ..nn.functional import scaled_dot_product_attention, sdpa_route, sdpa_with_route
 from ._swap import defined_by, runs_diffusers
 
 # an additive-mask entry at or below this hides its key: diffusers writes -10000 (bfloat16 rounds
 # it to -9984), and exp(score - 9000) is 0 in float32 and float64 for any score range below ~8900
 MASKED_AT_MOST = -9000.0
+
+# the count of calls the routing rule gave PyTorch's SDPA: genext's kernel cannot run them, or
+# PyTorch's kernel is the faster one at that shape (see genext.nn.functional.sdpa_backend)
+_TORCH_CHOSEN = "torch: not served, or faster in PyTorch"
 
 _SDPA_PROCESSOR = "diffusers.models.attention_processor.AttnProcessor2_0"
 
@@ -35,9 +39,9 @@ def attention(m: object) -> str | None:
 
 
 def key_padding(mask: Tensor, batch: int, lk: int) -> Tensor | None:
-    """``(B, 1, 1, Lk)`` boolean key mask (True = attend) equivalent to the additive mask ``mask``
-    (``(B, H, Lq or 1, Lk)``), when every row of a batch entry is 0 on a prefix of n >= 1 keys and
-    at most MASKED_AT_MOST after it; None otherwise. Reads the mask's values (one device sync)."""
+    """Keys used per batch entry (int32, ``(B,)``) when the additive mask ``mask`` (``(B, H, Lq or
+    1, Lk)``) is, in every row of a batch entry, 0 on a prefix of n >= 1 keys and at most
+    MASKED_AT_MOST after it; None otherwise. Reads the mask's values (one device sync)."""
     if mask.dim() != 4 or mask.shape[0] != batch or mask.shape[3] != lk:
         return None
     if not mask.is_floating_point():
@@ -51,7 +55,7 @@ def key_padding(mask: Tensor, batch: int, lk: int) -> Tensor | None:
         and torch.equal(keep, prefix)
         and bool(((first <= MASKED_AT_MOST) | prefix).all() & (n > 0).all())
     )
-    return prefix if ok else None
+    return n.reshape(batch).to(torch.int32) if ok else None
 
 
 class GenextAttnProcessor:
@@ -62,7 +66,8 @@ class GenextAttnProcessor:
 
     A mask that hides a tail of keys per batch entry (diffusers' padded-prompt mask, 0 then
     -10000) runs as key lengths in genext's kernel; other masks, a mask that hides every key of
-    an entry, and shapes or dtypes genext does not serve go to PyTorch's SDPA, counted in
+    an entry, shapes or dtypes genext does not serve, and CPU shapes where PyTorch's kernel is the
+    faster one (the drop-in's routing rule, asked once per call) go to PyTorch's SDPA, counted in
     ``calls`` with the reason (not under torch.compile, where masks go to PyTorch uncounted).
     ``original`` is the processor ``genext.unpatch`` sets back.
     """
@@ -76,21 +81,27 @@ class GenextAttnProcessor:
             self.calls[what] += 1
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """SDPA of ``(B, H, L, D)`` q, k, v with diffusers' prepared ``mask``."""
-        if mask is not None and mask.dtype != torch.bool and not torch.compiler.is_compiling():
-            keys = key_padding(mask, q.shape[0], k.shape[2])
-            if keys is None:
+        """SDPA of ``(B, H, L, D)`` q, k, v with diffusers' prepared ``mask``, choosing genext's
+        kernel or PyTorch's once per call."""
+        if torch.compiler.is_compiling():  # masks go to PyTorch, uncounted
+            return scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if mask is not None and mask.dtype != torch.bool:
+            same_device = mask.device == q.device
+            lengths = key_padding(mask, q.shape[0], k.shape[2]) if same_device else None
+            if lengths is None:
                 self._count("torch: mask is not a key-padding mask")
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            if sdpa_backend(q, k, v) == "torch":
-                self._count("torch: shapes or dtype not served")
+            # the unmasked call's choice: a key-padding mask does not change which kernel is
+            # faster (the routing rule's shapes), only whether genext's can run
+            runs, _ = sdpa_route(q, k, v, None, 0.0, False, False)
+            if not runs:
+                self._count(_TORCH_CHOSEN)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             self._count("genext")
-            return scaled_dot_product_attention(q, k, v, attn_mask=keys)
-        if not torch.compiler.is_compiling():
-            backend = sdpa_backend(q, k, v, attn_mask=mask)
-            self._count("genext" if backend == "genext" else "torch: not served")
-        return scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return sdpa_with_route(True, lengths, q, k, v)
+        runs, lengths = sdpa_route(q, k, v, mask, 0.0, False, False)
+        self._count("genext" if runs else _TORCH_CHOSEN)
+        return sdpa_with_route(runs, lengths, q, k, v, mask)
 
     def __call__(
         self,

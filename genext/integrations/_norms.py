@@ -7,36 +7,54 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import group_norm_silu, served_dtypes
+from ..ops import served_dtypes
+from ..ops.group_norm_silu import group_norm_silu_unchecked
 from ._swap import HOOKED, Patched, count_fallback, forward_replaced, has_hooks, runs_diffusers
 
 _SERVED = served_dtypes("group_norm_silu")
 
 
-def _why_not_served(norm: nn.GroupNorm, x: Tensor) -> str:
-    """Why genext's kernel cannot compute this call exactly as ``nn.GroupNorm`` would ('' if it
-    can). Decided from shapes, dtypes and devices only, so torch.compile traces it."""
-    if x.dtype not in _SERVED.get(x.device.type, ()):
-        return f"{x.dtype} on {x.device.type} not served"
+def _device_kind(x: Tensor) -> str:
+    """``x.device.type``, without building a device object for the common kinds."""
+    return "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+
+
+def _why_not_served(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> str:
+    """Why genext's kernel cannot compute this call exactly as ``nn.GroupNorm`` with ``weight``
+    and ``bias`` would ('' if it can). Decided from shapes, dtypes and devices only, so torch.compile traces
+    it; the common case costs a few attribute reads (it runs before every patched norm)."""
+    kind = _device_kind(x)
+    if x.dtype not in _SERVED.get(kind, ()):
+        return f"{x.dtype} on {kind} not served"
     if not 3 <= x.dim() <= 5:
         return f"rank {x.dim()} input"
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(kind):
         return "autocast (runs group_norm in float32)"
-    w = norm.weight
-    if w is not None and (w.device != x.device or w.dtype not in (x.dtype, torch.float32)):
-        return f"weight {w.dtype} on {w.device.type} with {x.dtype} input"
+    for name, w in (("weight", weight), ("bias", bias)):
+        if w is not None and (w.device != x.device or w.dtype not in (x.dtype, torch.float32)):
+            return f"{name} {w.dtype} on {_device_kind(w)} with {x.dtype} input"
+    if (weight is None) != (bias is None):
+        return "a weight without a bias or a bias without a weight"
     return ""
+
+
+def _param(norm: nn.GroupNorm, name: str) -> Tensor | None:
+    """``norm.<name>`` for a registered parameter, read from the module's parameter dict (what
+    ``nn.Module.__getattr__`` would find, without its cost); anything else (a parametrization's
+    property, say) through the attribute."""
+    params = norm._parameters
+    return params[name] if name in params else getattr(norm, name)
 
 
 def norm_act(norm: nn.GroupNorm, x: Tensor, silu: bool) -> Tensor:
     """``norm(x)``, followed by SiLU when ``silu``, in genext's fused kernel when it serves ``x``
     and in PyTorch's ops otherwise (counted as a per-call fallback of ``norm``)."""
-    why = _why_not_served(norm, x)
+    weight, bias = _param(norm, "weight"), _param(norm, "bias")
+    why = _why_not_served(x, weight, bias)
     if not why:
-        act = "silu" if silu else None
-        return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, act)
+        return group_norm_silu_unchecked(x, norm.num_groups, weight, bias, float(norm.eps), silu)
     count_fallback(norm, why)
-    y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    y = F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
     return F.silu(y) if silu else y
 
 

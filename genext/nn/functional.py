@@ -14,7 +14,6 @@ from ..ops import served_dtypes, softmax_scale
 from ..ops.flash_attention import (
     cpu_forward_prefers_torch,
     differentiable_forward,
-    func_transform_active,
 )
 from ..ops.group_norm_silu import group_norm_silu
 
@@ -38,8 +37,9 @@ _CUDA_MAX_HEAD_DIM_16BIT = max(
 
 def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mask) -> bool:
     """Whether the genext kernel computes exactly what PyTorch's SDPA would, from shapes, dtypes
-    and flags only (no data)."""
-    if not all(isinstance(t, Tensor) for t in (query, key, value)):
+    and flags only (no data). It runs before every drop-in call, so it reads each attribute once
+    and tells the device kind from ``is_cpu``/``is_cuda`` (``device.type`` costs about 1 us)."""
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
         return False
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or dropout_p != 0.0:
         return False
@@ -48,17 +48,20 @@ def _genext_can_run(query, key, value, dropout_p, is_causal, enable_gqa, has_mas
     dev, dt = query.device, query.dtype
     if key.device != dev or value.device != dev or key.dtype != dt or value.dtype != dt:
         return False
-    if dt not in _FA_SERVED.get(dev.type, ()):
+    cuda = query.is_cuda
+    kind = "cuda" if cuda else "cpu" if query.is_cpu else dev.type
+    if dt not in _FA_SERVED.get(kind, ()):
         return False
     b, hq, lq, d = query.shape
-    if key.shape != value.shape or key.shape[0] != b or key.shape[3] != d:
+    ks = key.shape
+    if ks != value.shape or ks[0] != b or ks[3] != d:
         return False  # batch broadcasting or a value head dim that differs: PyTorch's
-    hk = key.shape[1]
+    hk = ks[1]
     if hk == 0 or (hq != hk and not (enable_gqa and hq % hk == 0)):
         return False
     if query.numel() == 0 or key.numel() == 0:
         return False
-    if dev.type == "cuda":
+    if cuda:
         limit = _CUDA_MAX_HEAD_DIM if dt == torch.float32 else _CUDA_MAX_HEAD_DIM_16BIT
         if d % 8 != 0 or d > limit:
             return False
@@ -100,10 +103,11 @@ def _key_lengths(mask: Tensor, query: Tensor, lk: int) -> Tensor | None:
     return n.to(torch.int32).expand(b).contiguous()
 
 
-def _route(
+def sdpa_route(
     query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale=None
 ) -> tuple[bool, Tensor | None]:
-    """(whether genext's kernel runs, the key lengths it gets from a key-padding mask)."""
+    """The drop-in's choice for these arguments: (whether genext's kernel runs, the key lengths it
+    gets from a key-padding mask); :func:`sdpa_with_route` then runs the call."""
     if not _genext_can_run(
         query, key, value, dropout_p, is_causal, enable_gqa, attn_mask is not None
     ):
@@ -131,7 +135,7 @@ def sdpa_backend(
     ``"genext"`` (genext's flash-attention kernel) or ``"torch"`` (PyTorch's SDPA). Models and
     tests use it to know which attention op a profile must show. Pass the arguments the call
     gets (``is_causal`` and ``scale`` too: both take part in the CPU choice)."""
-    runs, _ = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
+    runs, _ = sdpa_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
     return "genext" if runs else "torch"
 
 
@@ -170,7 +174,31 @@ def scaled_dot_product_attention(
     math backend gives NaN rows there), and a row whose only visible score is NaN is NaN (PyTorch's
     default CPU kernel gives zeros there).
     """
-    runs, lengths = _route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale)
+    runs, lengths = sdpa_route(
+        query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale
+    )
+    return sdpa_with_route(
+        runs, lengths, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+    )
+
+
+def sdpa_with_route(
+    runs: bool,
+    lengths: Tensor | None,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """:func:`scaled_dot_product_attention` with the choice made by the caller, so that a call
+    decides once: ``runs`` (genext's kernel, else PyTorch's SDPA with these arguments) and
+    ``lengths``, the int32 ``(B,)`` keys used per batch entry for genext's kernel (None: all), as
+    :func:`sdpa_route` returns them or from a mask the caller read itself (then ``attn_mask`` is
+    not passed)."""
     if runs:
         args = (
             query.transpose(1, 2),
@@ -185,11 +213,9 @@ def scaled_dot_product_attention(
             bool(is_causal),
             False,
         )
-        if not torch.compiler.is_compiling() and func_transform_active():
-            # torch.func transforms: the op's registered autograd does not support them
-            out, _ = differentiable_forward(*args)
-        else:
-            out, _ = torch.ops.genext.flash_attention_forward(*args)
+        # the op under torch.compile; eager calls skip its registered (Python) autograd, which
+        # torch.func transforms do not accept either
+        out, _ = differentiable_forward(*args)
         return out.transpose(1, 2)
     return _torch_sdpa(
         query,

@@ -203,9 +203,9 @@ def attention_with_kvcache_unchecked(
     args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, scale, bool(causal))
     if torch.is_grad_enabled() and _any_requires_grad(q, k_cache, v_cache, k_new, v_new):
         with torch.no_grad():  # entering it costs microseconds a decode step need not pay
-            out, lse = torch.ops.genext.attention_with_kvcache(*args)
+            out, lse = torch.ops.genext.attention_with_kvcache.default(*args)
     else:
-        out, lse = torch.ops.genext.attention_with_kvcache(*args)
+        out, lse = torch.ops.genext.attention_with_kvcache.default(*args)
     return (out, lse) if return_lse else out
 
 

@@ -187,7 +187,7 @@ def clip_loss(
         raise ValueError(
             f"clip_loss: labels_offset {labels_offset} + {n} rows exceed the {m} text features"
         )
-    row_lse, col_lse = torch.ops.genext.tiled_lse(i, t, scale, bias, square)
+    row_lse, col_lse = torch.ops.genext.tiled_lse.default(i, t, scale, bias, square)
     pos = _positives(i, t, scale, bias, labels_offset)
     if square:
         return 0.5 * ((row_lse - pos).mean() + (col_lse - pos).mean())
@@ -238,9 +238,11 @@ def siglip_loss(
     scale = scale + torch.where(torch.isfinite(scale), 0.0, float("nan"))
     # the positives (i == j) enter as softplus(-L_ii) inside the op: exact for infinite scores
     if _keeps_weights(i, t, scale, bias):
-        total = torch.ops.genext.softplus_sum_with_weights(i, t, scale, bias, not negative_only)[0]
+        total = torch.ops.genext.softplus_sum_with_weights.default(
+            i, t, scale, bias, not negative_only
+        )[0]
     else:
-        total = torch.ops.genext.tiled_softplus_sum(i, t, scale, bias, not negative_only)
+        total = torch.ops.genext.tiled_softplus_sum.default(i, t, scale, bias, not negative_only)
     return total / n
 
 
@@ -323,7 +325,7 @@ def _lse_backward(ctx, g_row, g_col):
     if g_row is None:
         g_row = torch.zeros_like(row_lse)
     use_cols = ctx.cols and g_col is not None
-    da, db, ds, dbias = torch.ops.genext.tiled_lse_backward(
+    da, db, ds, dbias = torch.ops.genext.tiled_lse_backward.default(
         g_row,
         g_col if use_cols else None,
         a,
@@ -349,7 +351,7 @@ def _sp_setup(ctx, inputs, output):
 def _sp_backward(ctx, grad):
     a, b, scale, bias = ctx.saved_tensors
     _refuse_double_backward("tiled_softplus_sum", grad, a, b, scale, bias)
-    da, db, ds, dbias = torch.ops.genext.tiled_softplus_sum_backward(
+    da, db, ds, dbias = torch.ops.genext.tiled_softplus_sum_backward.default(
         grad, a, b, scale, bias if ctx.has_bias else None, ctx.positives
     )
     return da, db, ds, (dbias if ctx.has_bias else None), None
@@ -399,7 +401,7 @@ def _spw_setup(ctx, inputs, output):
 def _spw_backward(ctx, grad, _grad_weights, _grad_sums):
     a, b, scale, bias, weights, sums = ctx.saved_tensors
     _refuse_double_backward("softplus_sum_with_weights", grad, a, b, scale, bias)
-    da, db, ds, dbias = torch.ops.genext.softplus_sum_with_weights_backward(
+    da, db, ds, dbias = torch.ops.genext.softplus_sum_with_weights_backward.default(
         grad, weights, sums, a, b, scale, bias if ctx.has_bias else None
     )
     return da, db, ds, (dbias if ctx.has_bias else None), None

@@ -404,7 +404,7 @@ class _EagerFlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         with torch._C._AutoDispatchBelowAutograd():
-            output = torch.ops.genext.flash_attention_forward(*inputs)
+            output = torch.ops.genext.flash_attention_forward.default(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
@@ -426,7 +426,7 @@ class _EagerDense(torch.autograd.Function):
             (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bhld else (q, k, v)
         )
         with torch._C._AutoDispatchBelowAutograd():
-            out, lse = torch.ops.genext.flash_attention_forward(
+            out, lse = torch.ops.genext.flash_attention_forward.default(
                 qt, kt, vt, None, None, None, 0, 0, scale, causal, True
             )
         # the kernel's own (B, L, H, D) views are saved: the backward takes them as they are
@@ -441,7 +441,9 @@ class _EagerDense(torch.autograd.Function):
             return (None,) * 6
         rest = (None, None, None, 0, 0, ctx.scale, ctx.causal, True)
         with below_autograd():  # create_graph: through the op, whose backward raises
-            grads = torch.ops.genext.flash_attention_backward(grad_out, *ctx.saved_tensors, *rest)
+            grads = torch.ops.genext.flash_attention_backward.default(
+                grad_out, *ctx.saved_tensors, *rest
+            )
         if ctx.bhld:
             grads = tuple(t.transpose(1, 2) for t in grads)
         return (*grads, None, None, None)
@@ -456,7 +458,7 @@ class _FunctorchFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(*inputs):
-        return torch.ops.genext.flash_attention_forward(*inputs)
+        return torch.ops.genext.flash_attention_forward.default(*inputs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -526,16 +528,16 @@ def differentiable_forward(*inputs) -> tuple[Tensor, Tensor]:
 def _forward(*inputs) -> tuple[Tensor, Tensor]:
     """(out, lse) = genext::flash_attention_forward(*inputs), differentiable in q, k, v."""
     if torch.compiler.is_compiling():
-        return torch.ops.genext.flash_attention_forward(*inputs)
+        return torch.ops.genext.flash_attention_forward.default(*inputs)
     if func_transform_active():
         return _FunctorchFlashAttention.apply(*inputs)
     if torch._C._functorch.peek_interpreter_stack() is not None:
         # functionalize: no autograd.Function there, the registered op serves it
-        return torch.ops.genext.flash_attention_forward(*inputs)
+        return torch.ops.genext.flash_attention_forward.default(*inputs)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs[:3]):
         return _EagerFlashAttention.apply(*inputs)
     with below_autograd():
-        return torch.ops.genext.flash_attention_forward(*inputs)
+        return torch.ops.genext.flash_attention_forward.default(*inputs)
 
 
 # ---- torch.library registrations ------------------------------------------------------------------
@@ -737,7 +739,9 @@ def _backward_kernels(
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     with below_autograd():  # create_graph: through the op, whose backward raises
-        dq, dk, dv = torch.ops.genext.flash_attention_backward(grad_out, q, k, v, out, lse, *rest)
+        dq, dk, dv = torch.ops.genext.flash_attention_backward.default(
+            grad_out, q, k, v, out, lse, *rest
+        )
     if grad_lse is not None:
         # lse_i = log sum_j exp(scale q_i.k_j): d lse_i / d q_i = scale sum_j P_ij k_j, the output
         # of attention with v := k, and d lse_i / d k_j = scale P_ij q_i, which is the dv of the
@@ -745,9 +749,9 @@ def _backward_kernels(
         g = grad_lse.to(acc_dtype(q))
         g = g.transpose(1, 2).unsqueeze(-1)  # (B, Lq, Hq, 1)
         g = torch.where(torch.isinf(lse).transpose(1, 2).unsqueeze(-1), torch.zeros_like(g), g)
-        pk, _ = torch.ops.genext.flash_attention_forward(q, k, k, *rest)
+        pk, _ = torch.ops.genext.flash_attention_forward.default(q, k, k, *rest)
         gq = (g * q).to(q.dtype)
-        _, _, pq = torch.ops.genext.flash_attention_backward(gq, q, k, k, pk, lse, *rest)
+        _, _, pq = torch.ops.genext.flash_attention_backward.default(gq, q, k, k, pk, lse, *rest)
         dq = (dq + scale * g * pk).to(q.dtype)
         dk = (dk + scale * pq).to(k.dtype)
     return dq, dk, dv

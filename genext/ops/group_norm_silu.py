@@ -27,6 +27,7 @@ declare_kernels(
 )
 
 _ACTIVATIONS = {"silu": True, None: False}
+_OP = torch.ops.genext.group_norm_silu.default  # the overload: a call skips overload resolution
 
 
 def group_norm_silu(
@@ -213,7 +214,7 @@ def _backward(ctx, grad_y, grad_mean, grad_rstd):
     if grad_y is None:
         return None, None, None, None, None, None
     with below_autograd():  # create_graph: through the op, whose backward raises
-        dx, dw, db = torch.ops.genext.group_norm_silu_backward(
+        dx, dw, db = torch.ops.genext.group_norm_silu_backward.default(
             grad_y, x, mean, rstd, weight, bias, ctx.num_groups, ctx.silu
         )
     if weight is None:
@@ -234,7 +235,7 @@ class _EagerGroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         with torch._C._AutoDispatchBelowAutograd():
-            output = torch.ops.genext.group_norm_silu(*inputs)
+            output = _OP(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1], output[2])
         ctx.set_materialize_grads(False)  # no zero tensors for mean and rstd's gradients
@@ -248,13 +249,26 @@ class _EagerGroupNormSiLU(torch.autograd.Function):
 def _forward(x, num_groups, weight, bias, eps, silu) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd) = genext::group_norm_silu(...), differentiable in x, weight and bias."""
     if torch.compiler.is_compiling():
-        return torch.ops.genext.group_norm_silu(x, num_groups, weight, bias, eps, silu)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
+        return _OP(x, num_groups, weight, bias, eps, silu)
+    if not torch.is_grad_enabled():
+        with torch._C._AutoDispatchBelowAutograd():  # no graph to record: straight to the kernel
+            return _OP(x, num_groups, weight, bias, eps, silu)
+    if (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
     ):
         return _EagerGroupNormSiLU.apply(x, num_groups, weight, bias, eps, silu)
-    with below_autograd():
-        return torch.ops.genext.group_norm_silu(x, num_groups, weight, bias, eps, silu)
+    return _OP(x, num_groups, weight, bias, eps, silu)
+
+
+def group_norm_silu_unchecked(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float, silu: bool
+) -> Tensor:
+    """:func:`group_norm_silu`'s y for callers whose arguments are already of the right Python
+    types (an int ``num_groups``, a float ``eps``, a bool for the SiLU), such as a patched
+    ``nn.GroupNorm``: no Python-side checks of them (the op checks tensors and values)."""
+    return _forward(x, num_groups, weight, bias, eps, silu)[0]
 
 
 forbid_double_backward("group_norm_silu_backward", "genext.ops.group_norm_silu")

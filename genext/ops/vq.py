@@ -125,7 +125,7 @@ def vq_nearest(z: Tensor, codebook: Tensor, metric: str = "l2") -> tuple[Tensor,
     if metric not in _METRICS:
         raise ValueError(f"vq_nearest: metric must be 'l2' or 'cosine', got {metric!r}")
     lead, n, d = _lead_rows("vq_nearest", z)
-    idx, dist = torch.ops.genext.vq_nearest(z.reshape(n, d), codebook, metric == "cosine")
+    idx, dist = torch.ops.genext.vq_nearest.default(z.reshape(n, d), codebook, metric == "cosine")
     return idx.view(lead), dist.view(lead)
 
 
@@ -156,7 +156,7 @@ def vq_ema_update(
         raise ValueError(f"vq_ema_update: num_codes must be positive, got {num_codes}")
     if num_codes > _MAX_CODES:
         raise ValueError(f"vq_ema_update: num_codes must be at most 2**31 - 1, got {num_codes}")
-    return torch.ops.genext.vq_ema_update(
+    return torch.ops.genext.vq_ema_update.default(
         indices.reshape(n), z.reshape(n, d), num_codes, bool(deterministic)
     )
 

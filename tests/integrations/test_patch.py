@@ -235,6 +235,35 @@ def test_report_names_fallbacks_and_unpatched_modules():
     assert sum(f.reason == "not patched" for f in rep.fallbacks) == norms + 1
 
 
+@pytest.mark.parametrize("prefers_torch", [False, True], ids=["genext-faster", "torch-faster"])
+def test_attention_calls_follow_the_routing_rule_and_are_counted(monkeypatch, prefers_torch):
+    """Each attention call of a patched model asks the routing rule once; the calls it gives
+    PyTorch (with diffusers' additive key-padding mask too) are counted as such and match."""
+    import genext.nn.functional as gF
+
+    asked = []
+
+    def rule(q, k, v, scale=None, causal=None):
+        asked.append(tuple(k.shape))
+        return prefers_torch
+
+    monkeypatch.setattr(gF, "cpu_forward_prefers_torch", rule)
+    peer = _model("UNet2DConditionModel", COND, torch.float32)
+    ours = genext.patch(copy.deepcopy(peer))
+    x, t, text, mask = _cond_inputs(COND, torch.float32)  # the second prompt padded
+    with torch.no_grad():
+        out = ours(x, t, text, encoder_attention_mask=mask).sample
+        ref = peer(x, t, text, encoder_attention_mask=mask).sample
+    assert rel(out, ref) < 1e-5
+    calls = 8  # a self- and a cross-attention in each of four transformer blocks
+    assert len(asked) == calls
+    assert sum(s[2] == TEXT_LEN for s in asked) == calls // 2  # the masked cross-attentions
+    rep = genext.patch_report(ours)
+    label = "attention torch: not served, or faster in PyTorch"
+    assert rep.calls[label] == (calls if prefers_torch else 0)
+    assert rep.calls["attention genext"] == (0 if prefers_torch else calls)
+
+
 def test_masks_genext_cannot_serve_run_in_torch_and_are_counted(avx2_routing):
     peer = _model("UNet2DConditionModel", COND, torch.float32)
     ours = genext.patch(copy.deepcopy(peer))
@@ -396,6 +425,11 @@ def test_patched_model_compiles_fullgraph(case):
     assert not _native_ops(ran), _native_ops(ran)
 
 
+class _Twice(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
 def test_group_norm_calls_genext_cannot_serve_run_in_torch_and_are_counted():
     gn = perturb_(torch.nn.GroupNorm(2, 6))
     plain = copy.deepcopy(gn)
@@ -406,6 +440,24 @@ def test_group_norm_calls_genext_cannot_serve_run_in_torch_and_are_counted():
     assert torch.equal(gn(flat), plain(flat))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs group_norm in float32
         assert torch.equal(gn(x), plain(x))
+    # a weight without a bias (genext's kernel takes both or neither); a parametrized weight
+    # (a property, not in the module's parameter dict) is read as the attribute
+    half = copy.deepcopy(gn)
+    half.bias = None
+    plain_half = copy.deepcopy(plain)
+    plain_half.bias = None
+    assert torch.equal(half(x), plain_half(x))
+    assert (
+        genext.patch_report(half).calls[
+            "group_norm torch: a weight without a bias or a bias without a weight"
+        ]
+        == 1
+    )
+    scaled = copy.deepcopy(gn)
+    torch.nn.utils.parametrize.register_parametrization(scaled, "weight", _Twice())
+    assert "weight" not in scaled._parameters
+    ref = torch.nn.functional.group_norm(x, 2, 2 * plain.weight, plain.bias, plain.eps)
+    assert rel(scaled(x), ref) < 1e-5
     rep = genext.patch_report(gn)
     assert rep.routed["group_norm"] == 1
     assert rep.calls["group_norm torch: rank 2 input"] == 1
