@@ -21,8 +21,9 @@ def _device_kind(x: Tensor) -> str:
 
 def _why_not_served(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> str:
     """Why genext's kernel cannot compute this call exactly as ``nn.GroupNorm`` with ``weight``
-    and ``bias`` would ('' if it can). Decided from shapes, dtypes and devices only, so torch.compile traces
-    it; the common case costs a few attribute reads (it runs before every patched norm)."""
+    and ``bias`` would ('' if it can). Decided from shapes, dtypes and devices only, so
+    torch.compile traces it; the common case costs a few attribute reads (it runs before every
+    patched norm)."""
     kind = _device_kind(x)
     if x.dtype not in _SERVED.get(kind, ()):
         return f"{x.dtype} on {kind} not served"
