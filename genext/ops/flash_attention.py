@@ -71,6 +71,15 @@ def _cpu_routing() -> CpuRouting:
 CPU_ROUTING = _cpu_routing()
 
 
+def _ragged_keys(lk: int, more_than: int) -> bool:
+    """Whether a row of lk float32 scores leaves PyTorch's CPU flash kernel a long tail: it takes
+    the exponentials of a score row 16 lanes at a time (AVX-512) and the last ``lk % 16`` one at a
+    time, which measured slow where that tail is at least 1/16 of the row (over more than
+    ``more_than`` keys)."""
+    tail = lk % 16
+    return lk > more_than and tail != 0 and 16 * tail >= lk
+
+
 def cpu_forward_prefers_torch(
     q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, causal: bool | None = None
 ) -> bool:
@@ -99,11 +108,15 @@ def cpu_forward_prefers_torch(
       measured 0.89-1.18x forward and 0.85-1.01x forward+backward, 0.91-1.26x and 0.91-1.17x
       with 2 threads, at D40 L1024, D40 with 77 keys, D80 L256, D160 L64, D64 L2048 and D128
       L512: mostly below; at D2-D24 over 64-1024 keys, 2 threads, 0.63-0.84x forward and
-      0.78-1.0x forward+backward); causal attention only over fewer than 128 keys (2 threads:
-      genext's kernel 0.42-0.81x forward and 0.70-0.95x forward+backward at D2-D128 over 32 and
-      64 keys; over 128-1024 keys 0.89-1.57x and 0.97-1.46x, the lowest at D8 and D32 over 128
-      and 192 keys; D64 L512 1.63x and 1.49x). AVX-512 CPUs without AMX (AMD Zen 4) keep the AVX2
-      rule: not measured there.
+      0.78-1.0x forward+backward), except at head dims up to 128 over a key count that leaves
+      PyTorch's kernel a long one-at-a-time tail (:func:`_ragged_keys`: more than 16 keys, more
+      than 32 with gradients; a text encoder's 77 tokens, say), where genext's kernel measured
+      1.06-2.5x forward and 1.0-1.48x forward+backward with 2 threads, 1.0-2.5x and 1.0-1.17x
+      on one core (B2 H8, 64-4096 queries over 20-154 keys, D8-D128); causal attention only over
+      fewer than 128 keys (2 threads: genext's kernel 0.42-0.81x forward and 0.70-0.95x
+      forward+backward at D2-D128 over 32 and 64 keys; over 128-1024 keys 0.89-1.57x and
+      0.97-1.46x, the lowest at D8 and D32 over 128 and 192 keys; D64 L512 1.63x and 1.49x).
+      AVX-512 CPUs without AMX (AMD Zen 4) keep the AVX2 rule: not measured there.
     - bfloat16 with AMX: forwards without gradients at every head dim (genext's forward 0.29-0.83x
       at D40-D160, 0.52-0.90x at D2-D24 causal or not); with gradients, not causal, head dims
       of 32 or more over 512 keys or more (forward+backward 0.59-0.68x there, 0.84-1.72x over
@@ -135,6 +148,8 @@ def cpu_forward_prefers_torch(
     if machine.avx512 and machine.amx and dtype == torch.float32:
         # causal only over few keys; with gradients a causality not told stays with genext
         if (causal and lk >= 128) or (needs_grad and causal is None):
+            return False
+        if not causal and d <= 128 and _ragged_keys(lk, 32 if needs_grad else 16):
             return False
     elif needs_grad and causal is not False:
         return False

@@ -969,7 +969,7 @@ def test_cpu_routing_keeps_genext_for_odd_scales_and_user_backend_choices(machin
     # user's sdpa_kernel context may switch its flash backend off: genext's kernel runs then
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = make_qkv(1, 2, 2, 24, 24, 64, torch.float32, "cpu")
+    q, k, v = make_qkv(1, 2, 2, 32, 32, 64, torch.float32, "cpu")
     assert cpu_forward_prefers_torch(q, k, v, 0.125)
     for scale in (-0.125, 0.0, math.inf):
         assert not cpu_forward_prefers_torch(q, k, v, scale)
@@ -1109,16 +1109,26 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch, avx
 def test_cpu_routing_on_avx512_with_amx(monkeypatch, avx512_amx_routing):
     # genext's AVX-512 float32 kernel and its float32-computed bfloat16 lose to PyTorch's SDPA
     # (AVX-512 GEMMs, AMX for bfloat16) on such a machine: float32 that is not causal goes there
-    # at every head dim and length, and so does causal float32 over fewer than 128 keys; bfloat16
-    # forwards at every head dim, bfloat16 with gradients (not causal) from D 32 over 512 keys
+    # at every head dim and length but over key counts that leave PyTorch a long tail, and so
+    # does causal float32 over fewer than 128 keys; bfloat16 forwards at every head dim, bfloat16
+    # with gradients (not causal) from D 32 over 512 keys
     def prefers(lk, d, dtype=torch.float32, grad=False, causal=False):
         q, k, v = make_qkv(1, 2, 1, 8, lk, d, dtype, "cpu", requires_grad=grad)
         return cpu_forward_prefers_torch(q, k, v, None, causal)
 
-    assert prefers(8, 32) and prefers(77, 40) and prefers(8, 32, grad=True)
-    assert prefers(77, 40, grad=True) and prefers(8, 160, grad=True)
+    assert prefers(8, 32) and prefers(80, 40) and prefers(8, 32, grad=True)
+    assert prefers(80, 40, grad=True) and prefers(8, 160, grad=True)
     assert prefers(1024, 31) and prefers(1024, 31, grad=True) and prefers(4, 2)
     assert prefers(256, 1, grad=True)
+    # a ragged key count (lk % 16 at least lk / 16, over more than 16 keys, more than 32 with
+    # gradients) at D <= 128 stays with genext: a text encoder's 77 tokens, say
+    assert not prefers(77, 40) and not prefers(77, 40, grad=True) and not prefers(77, 128)
+    assert not prefers(77, 40, causal=None) and not prefers(18, 8) and not prefers(154, 64)
+    assert not prefers(36, 64, grad=True) and not prefers(63, 40)
+    assert not prefers(120, 2) and not prefers(60, 1, grad=True)
+    assert prefers(77, 129) and prefers(77, 160, grad=True) and prefers(16, 40) and prefers(17, 8)
+    assert prefers(20, 40, grad=True) and prefers(32, 64, grad=True) and prefers(33, 64)
+    assert prefers(100, 40) and prefers(255, 40) and prefers(256, 40) and prefers(1000, 64)
     # causal from 128 keys (genext's kernel measured faster there), and with gradients a
     # causality not told; causal over fewer keys goes to PyTorch, with gradients too
     assert not prefers(1024, 64, causal=True) and not prefers(1024, 64, grad=True, causal=True)
