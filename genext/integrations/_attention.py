@@ -76,31 +76,28 @@ class GenextAttnProcessor:
         self.original = original
         self.calls: Counter = Counter()
 
-    def _count(self, what: str) -> None:
-        if not torch.compiler.is_compiling():
-            self.calls[what] += 1
-
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """SDPA of ``(B, H, L, D)`` q, k, v with diffusers' prepared ``mask``, choosing genext's
-        kernel or PyTorch's once per call."""
+        kernel or PyTorch's once per call (and counting the choice: not compiling here)."""
         if torch.compiler.is_compiling():  # masks go to PyTorch, uncounted
             return scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        calls = self.calls
         if mask is not None and mask.dtype != torch.bool:
             same_device = mask.device == q.device
             lengths = key_padding(mask, q.shape[0], k.shape[2]) if same_device else None
             if lengths is None:
-                self._count("torch: mask is not a key-padding mask")
+                calls["torch: mask is not a key-padding mask"] += 1
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             # the unmasked call's choice: a key-padding mask does not change which kernel is
             # faster (the routing rule's shapes), only whether genext's can run
             runs, _ = sdpa_route(q, k, v, None, 0.0, False, False)
             if not runs:
-                self._count(_TORCH_CHOSEN)
+                calls[_TORCH_CHOSEN] += 1
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            self._count("genext")
+            calls["genext"] += 1
             return sdpa_with_route(True, lengths, q, k, v)
         runs, lengths = sdpa_route(q, k, v, mask, 0.0, False, False)
-        self._count("genext" if runs else _TORCH_CHOSEN)
+        calls["genext" if runs else _TORCH_CHOSEN] += 1
         return sdpa_with_route(runs, lengths, q, k, v, mask)
 
     def __call__(

@@ -12,6 +12,8 @@ from ..ops.group_norm_silu import group_norm_silu_unchecked
 from ._swap import HOOKED, Patched, count_fallback, forward_replaced, has_hooks, runs_diffusers
 
 _SERVED = served_dtypes("group_norm_silu")
+# whether autocast is on for any device (one C call; torch.compile folds it)
+_any_autocast = torch._C._is_any_autocast_enabled
 
 
 def _device_kind(x: Tensor) -> str:
@@ -29,7 +31,7 @@ def _why_not_served(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> st
         return f"{x.dtype} on {kind} not served"
     if not 3 <= x.dim() <= 5:
         return f"rank {x.dim()} input"
-    if torch.is_autocast_enabled(kind):
+    if _any_autocast() and torch.is_autocast_enabled(kind):  # the cheap test first
         return "autocast (runs group_norm in float32)"
     for name, w in (("weight", weight), ("bias", bias)):
         if w is not None and (w.device != x.device or w.dtype not in (x.dtype, torch.float32)):

@@ -70,14 +70,10 @@ def _cpu_routing() -> CpuRouting:
 
 CPU_ROUTING = _cpu_routing()
 
-
-def _ragged_keys(lk: int, more_than: int) -> bool:
-    """Whether a row of lk float32 scores leaves PyTorch's CPU flash kernel a long tail: it takes
-    the exponentials of a score row 16 lanes at a time (AVX-512) and the last ``lk % 16`` one at a
-    time, which measured slow where that tail is at least 1/16 of the row (over more than
-    ``more_than`` keys)."""
-    tail = lk % 16
-    return lk > more_than and tail != 0 and 16 * tail >= lk
+# what torch.backends.cuda.flash_sdp_enabled and the any-device autocast test call, without a
+# Python frame each (torch.compile folds both)
+_flash_sdp_enabled = torch._C._get_flash_sdp_enabled
+_any_autocast = torch._C._is_any_autocast_enabled
 
 
 def cpu_forward_prefers_torch(
@@ -108,12 +104,13 @@ def cpu_forward_prefers_torch(
       measured 0.89-1.18x forward and 0.85-1.01x forward+backward, 0.91-1.26x and 0.91-1.17x
       with 2 threads, at D40 L1024, D40 with 77 keys, D80 L256, D160 L64, D64 L2048 and D128
       L512: mostly below; at D2-D24 over 64-1024 keys, 2 threads, 0.63-0.84x forward and
-      0.78-1.0x forward+backward), except at head dims up to 128 over a key count that leaves
-      PyTorch's kernel a long one-at-a-time tail (:func:`_ragged_keys`: more than 16 keys, more
-      than 32 with gradients; a text encoder's 77 tokens, say), where genext's kernel measured
-      1.06-2.5x forward and 1.0-1.48x forward+backward with 2 threads, 1.0-2.5x and 1.0-1.17x
-      on one core (B2 H8, 64-4096 queries over 20-154 keys, D8-D128); causal attention only over
-      fewer than 128 keys (2 threads: genext's kernel 0.42-0.81x forward and 0.70-0.95x
+      0.78-1.0x forward+backward), except at head dims up to 128 over a ragged key count (its
+      remainder modulo 16 at least a sixteenth of it; more than 16 keys, more than 32 with
+      gradients; a text encoder's 77 tokens, say), whose tail PyTorch's kernel takes one value
+      at a time, where genext's kernel measured 1.06-2.5x forward and 1.0-1.48x forward+backward
+      with 2 threads, 1.0-2.5x and 1.0-1.17x on one core (B2 H8, 64-4096 queries over 20-154
+      keys, D8-D128); causal attention only over fewer than 128 keys (2 threads: genext's kernel
+      0.42-0.81x forward and 0.70-0.95x
       forward+backward at D2-D128 over 32 and 64 keys; over 128-1024 keys 0.89-1.57x and
       0.97-1.46x, the lowest at D8 and D32 over 128 and 192 keys; D64 L512 1.63x and 1.49x).
       AVX-512 CPUs without AMX (AMD Zen 4) keep the AVX2 rule: not measured there.
@@ -149,7 +146,11 @@ def cpu_forward_prefers_torch(
         # causal only over few keys; with gradients a causality not told stays with genext
         if (causal and lk >= 128) or (needs_grad and causal is None):
             return False
-        if not causal and d <= 128 and _ragged_keys(lk, 32 if needs_grad else 16):
+        # a ragged key count: PyTorch's kernel takes the exponentials of a score row 16 lanes at
+        # a time (AVX-512) and the last lk % 16 one at a time, slow where that tail is at least
+        # a sixteenth of the row
+        tail = lk % 16
+        if not causal and d <= 128 and tail and 16 * tail >= lk and lk > (32 if needs_grad else 16):
             return False
     elif needs_grad and causal is not False:
         return False
@@ -172,7 +173,7 @@ def cpu_forward_prefers_torch(
                 return False
         except (OverflowError, TypeError, ValueError):  # the op's own check names the problem
             return False
-    if not torch.backends.cuda.flash_sdp_enabled():  # the flag covers the CPU flash kernel too
+    if not _flash_sdp_enabled():  # the flag covers the CPU flash kernel too
         return False
     if not (k.is_cpu and v.is_cpu) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
@@ -231,19 +232,23 @@ def flash_attention(
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"flash_attention: {name} must be 4-D ({'B, H, L, D' if layout == 'bhld' else 'B, L, H, D'}), "
-                f"got shape {tuple(t.shape)}"
-            )
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4:
+                raise ValueError(
+                    f"flash_attention: {name} must be 4-D ({'B, H, L, D' if layout == 'bhld' else 'B, L, H, D'}), "
+                    f"got shape {tuple(t.shape)}"
+                )
     lq, lk = (q.shape[2], k.shape[2]) if layout == "bhld" else (q.shape[1], k.shape[1])
     if not return_lse and (not causal or lq == lk):
         qb, kb, vb = (q, k, v) if layout == "bhld" else (t.transpose(1, 2) for t in (q, k, v))
         if cpu_forward_prefers_torch(qb, kb, vb, scale, causal=bool(causal)):
-            sc = softmax_scale(q, scale, "flash_attention")
+            # the rule routes only positive, finite scales; None is SDPA's own 1/sqrt(D)
+            sc = None if scale is None else float(scale)
             sdpa = torch.nn.functional.scaled_dot_product_attention
-            if torch.is_autocast_enabled("cpu"):  # genext's kernel has no autocast rule
+            # genext's kernel has no autocast rule (the any-autocast test first: it costs far
+            # less than the per-device one, and this runs before every routed call)
+            if _any_autocast() and torch.is_autocast_enabled("cpu"):
                 with torch.autocast("cpu", enabled=False):  # (entering costs microseconds)
                     out = sdpa(qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True)
             else:
