@@ -71,7 +71,8 @@ def _cpu_routing() -> CpuRouting:
 CPU_ROUTING = _cpu_routing()
 
 # what torch.backends.cuda.flash_sdp_enabled and the any-device autocast test call, without a
-# Python frame each (torch.compile folds both)
+# Python frame each; torch.compile folds the autocast test, and the rule reads the flash flag
+# only outside torch.compile (it returns before that while tracing)
 _flash_sdp_enabled = torch._C._get_flash_sdp_enabled
 _any_autocast = torch._C._is_any_autocast_enabled
 
@@ -100,20 +101,21 @@ def cpu_forward_prefers_torch(
       L64 and D128 L512: genext 0.84-1.09x quiet, on par in one-thread CPU time, 1.15-3.2x with a
       core busy: the rule gives up that busy-core advantage; D80 was on par and D40 1.04-1.8x).
     - float32 where genext runs its AVX-512 kernels on a CPU with AMX (measured on a 2-core Intel
-      Xeon): every head dim and length when not causal (one core: genext's kernel
-      measured 0.89-1.18x forward and 0.85-1.01x forward+backward, 0.91-1.26x and 0.91-1.17x
-      with 2 threads, at D40 L1024, D40 with 77 keys, D80 L256, D160 L64, D64 L2048 and D128
-      L512: mostly below; at D2-D24 over 64-1024 keys, 2 threads, 0.63-0.84x forward and
-      0.78-1.0x forward+backward), except at head dims up to 128 over a ragged key count (its
-      remainder modulo 16 at least a sixteenth of it; more than 16 keys, more than 32 with
-      gradients; a text encoder's 77 tokens, say), whose tail PyTorch's kernel takes one value
-      at a time, where genext's kernel measured 1.06-2.5x forward and 1.0-1.48x forward+backward
-      with 2 threads, 1.0-2.5x and 1.0-1.17x on one core (B2 H8, 64-4096 queries over 20-154
-      keys, D8-D128); causal attention only over fewer than 128 keys (2 threads: genext's kernel
-      0.42-0.81x forward and 0.70-0.95x
-      forward+backward at D2-D128 over 32 and 64 keys; over 128-1024 keys 0.89-1.57x and
-      0.97-1.46x, the lowest at D8 and D32 over 128 and 192 keys; D64 L512 1.63x and 1.49x).
-      AVX-512 CPUs without AMX (AMD Zen 4) keep the AVX2 rule: not measured there.
+      Xeon): every head dim and length when not causal (one core: genext's kernel measured
+      0.89-1.18x forward and 0.85-1.01x forward+backward, 0.91-1.26x and 0.91-1.17x with 2
+      threads, at D40 L1024, D40 with 77 keys (in that run; see the exception below), D80 L256,
+      D160 L64, D64 L2048 and D128 L512: mostly below; at D2-D24 over 64-1024 keys, 2 threads,
+      0.63-0.84x forward and 0.78-1.0x forward+backward), except at head dims up to 128 over a
+      ragged key count (its remainder modulo 16 at least a sixteenth of it; more than 16 keys,
+      more than 32 with gradients; a text encoder's 77 tokens, say), whose tail PyTorch's kernel
+      takes one value at a time: there genext's kernel measured 1.06-2.5x forward and 1.0-1.48x
+      forward+backward with 2 threads, 1.0-2.5x and 1.0-1.17x on one core (B2 H8, 64-4096
+      queries over 20-154 keys, 44-154 with gradients, D8-D128; the ragged counts of 18-19,
+      35-43 with gradients, and 155-239 keys follow the same rule unmeasured); causal attention
+      only over fewer than 128 keys (2 threads: genext's kernel 0.42-0.81x forward and
+      0.70-0.95x forward+backward at D2-D128 over 32 and 64 keys; over 128-1024 keys 0.89-1.57x
+      and 0.97-1.46x, the lowest at D8 and D32 over 128 and 192 keys; D64 L512 1.63x and
+      1.49x). AVX-512 CPUs without AMX (AMD Zen 4) keep the AVX2 rule: not measured there.
     - bfloat16 with AMX: forwards without gradients at every head dim (genext's forward 0.29-0.83x
       at D40-D160, 0.52-0.90x at D2-D24 causal or not); with gradients, not causal, head dims
       of 32 or more over 512 keys or more (forward+backward 0.59-0.68x there, 0.84-1.72x over
@@ -146,12 +148,16 @@ def cpu_forward_prefers_torch(
         # causal only over few keys; with gradients a causality not told stays with genext
         if (causal and lk >= 128) or (needs_grad and causal is None):
             return False
-        # a ragged key count: PyTorch's kernel takes the exponentials of a score row 16 lanes at
-        # a time (AVX-512) and the last lk % 16 one at a time, slow where that tail is at least
-        # a sixteenth of the row
-        tail = lk % 16
-        if not causal and d <= 128 and tail and 16 * tail >= lk and lk > (32 if needs_grad else 16):
-            return False
+        if not causal and d <= 128:
+            # never while tracing, before the key count's test adds guards on it
+            if torch.compiler.is_compiling():
+                return False
+            # a ragged key count: PyTorch's kernel takes the exponentials of a score row 16
+            # lanes at a time (AVX-512) and the last lk % 16 one at a time, slow where that tail
+            # is at least a sixteenth of the row
+            tail = lk % 16
+            if tail and 16 * tail >= lk and lk > (32 if needs_grad else 16):
+                return False
     elif needs_grad and causal is not False:
         return False
     elif dtype == torch.bfloat16:
