@@ -144,20 +144,12 @@ def cpu_forward_prefers_torch(
     if len(qs) != 4 or len(ks) != 4:
         return False
     d, lk = qs[3], ks[2]
+    ragged_test = False  # the key-count test below, made after the tracing test (no guards)
     if machine.avx512 and machine.amx and dtype == torch.float32:
         # causal only over few keys; with gradients a causality not told stays with genext
         if (causal and lk >= 128) or (needs_grad and causal is None):
             return False
-        if not causal and d <= 128:
-            # never while tracing, before the key count's test adds guards on it
-            if torch.compiler.is_compiling():
-                return False
-            # a ragged key count: PyTorch's kernel takes the exponentials of a score row 16
-            # lanes at a time (AVX-512) and the last lk % 16 one at a time, slow where that tail
-            # is at least a sixteenth of the row
-            tail = lk % 16
-            if tail and 16 * tail >= lk and lk > (32 if needs_grad else 16):
-                return False
+        ragged_test = not causal and d <= 128
     elif needs_grad and causal is not False:
         return False
     elif dtype == torch.bfloat16:
@@ -173,6 +165,13 @@ def cpu_forward_prefers_torch(
         return False
     if torch.compiler.is_compiling():
         return False
+    if ragged_test:
+        # a ragged key count: PyTorch's kernel takes the exponentials of a score row 16 lanes at
+        # a time (AVX-512) and the last lk % 16 one at a time, slow where that tail is at least a
+        # sixteenth of the row
+        tail = lk % 16
+        if tail and 16 * tail >= lk and lk > (32 if needs_grad else 16):
+            return False
     if scale is not None:
         try:
             if not 0.0 < float(scale) < math.inf:
