@@ -17,6 +17,7 @@
 #include "common/cpu_simd.h"
 #include "common/head_dim.h"
 #include "contrastive/bf16_gemm_cpu.h"
+#include "flash_attention/cpu_routing.h"
 #include "kvcache_attention/kvcache_avx512_cpu.h"
 
 #ifndef GENEXT_CUDA_ARCHS
@@ -45,6 +46,8 @@ PYBIND11_MODULE(_C, m) {
     TORCH_CHECK_VALUE(cap == 0 || cap == 3 || cap == 4, "_cpu_set_level_cap: 0, 3 or 4, got ", cap);
     genext::simd::cpu_level_cap().store(cap);
   });
+  // the CPU attention routing rule (genext.ops.flash_attention.cpu_forward_prefers_torch)
+  genext::attention::add_cpu_routing(m.ptr());
   // the largest head dim of the CUDA attention kernels, for Python's choice of kernel
   m.attr("cuda_max_head_dim") = genext::kCudaMaxHeadDim;
   // how many times a CPU kernel has woken an intra-op thread team (tests: small inputs never do)

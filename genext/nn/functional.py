@@ -108,15 +108,24 @@ def sdpa_route(
 ) -> tuple[bool, Tensor | None]:
     """The drop-in's choice for these arguments: (whether genext's kernel runs, the key lengths it
     gets from a key-padding mask); :func:`sdpa_with_route` then runs the call."""
+    # without a mask, the shapes where PyTorch's own CPU kernel is the faster one go first: that
+    # test turns them away with the fewest steps (causal or not changes the answer for calls
+    # that need gradients)
+    if attn_mask is None and cpu_forward_prefers_torch(query, key, value, scale, is_causal):
+        return False, None
+    return _genext_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+
+
+def _genext_route(
+    query, key, value, attn_mask, dropout_p, is_causal, enable_gqa
+) -> tuple[bool, Tensor | None]:
+    """:func:`sdpa_route` for a call the routing rule leaves to genext's kernel."""
     if not _genext_can_run(
         query, key, value, dropout_p, is_causal, enable_gqa, attn_mask is not None
     ):
         return False, None
     if attn_mask is None:
-        # shapes where PyTorch's own CPU kernel is the faster one; causal or not changes the
-        # answer for calls that need gradients
-        prefers = cpu_forward_prefers_torch(query, key, value, scale, causal=bool(is_causal))
-        return not prefers, None
+        return True, None
     lengths = _key_lengths(attn_mask, query, key.shape[2])
     return lengths is not None, lengths
 
@@ -174,9 +183,17 @@ def scaled_dot_product_attention(
     math backend gives NaN rows there), and a row whose only visible score is NaN is NaN (PyTorch's
     default CPU kernel gives zeros there).
     """
-    runs, lengths = sdpa_route(
-        query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, scale
-    )
+    if attn_mask is None and cpu_forward_prefers_torch(query, key, value, scale, is_causal):
+        return _torch_sdpa(
+            query,
+            key,
+            value,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    runs, lengths = _genext_route(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     return sdpa_with_route(
         runs, lengths, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     )

@@ -9,7 +9,6 @@ the last so that ``torch.autograd.gradcheck`` can run.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 
@@ -45,8 +44,6 @@ declare_kernels(
     cuda=(torch.float32, torch.float16, torch.bfloat16),
 )
 
-_LAYOUTS = ("bhld", "blhd")
-
 
 @dataclass(frozen=True)
 class CpuRouting:
@@ -70,11 +67,12 @@ def _cpu_routing() -> CpuRouting:
 
 CPU_ROUTING = _cpu_routing()
 
-# what torch.backends.cuda.flash_sdp_enabled and the any-device autocast test call, without a
-# Python frame each; torch.compile folds the autocast test, and the rule reads the flash flag
-# only outside torch.compile (it returns before that while tracing)
-_flash_sdp_enabled = torch._C._get_flash_sdp_enabled
-_any_autocast = torch._C._is_any_autocast_enabled
+# the routing rule in C++ (csrc/flash_attention/cpu_routing.cpp): it runs before every CPU
+# attention call, and its tests cost microseconds each in Python with the caches cold
+_route = _C._cpu_attention_route
+_is_compiling = torch.compiler.is_compiling
+# PyTorch's SDPA itself, not the torch.nn.functional attribute, which genext's drop-in may hold
+_torch_sdpa = torch._C._nn.scaled_dot_product_attention
 
 
 def cpu_forward_prefers_torch(
@@ -129,62 +127,12 @@ def cpu_forward_prefers_torch(
     Never for a scale that is not positive and finite (PyTorch's CPU flash kernel gives NaN rows
     for a negative scale with a causal mask) nor while the user has switched PyTorch's flash
     backend off (``sdpa_kernel``)."""
-    # cheapest tests first (each attribute read costs a fraction of a microsecond, and the whole
-    # test runs before every CPU attention call): the device, the dtype, then the shape rule,
-    # which turns most calls away, then the rest
-    if not q.is_cpu:
+    # the same rule in C++, from the tensors' metadata; never while tracing, where its answer
+    # would add guards on shapes and flags (genext's op, which torch.compile traces, serves then)
+    if _is_compiling():
         return False
-    dtype, machine = q.dtype, CPU_ROUTING
-    if dtype != torch.float32 and not (
-        machine.amx and (dtype == torch.bfloat16 or dtype == torch.float16)
-    ):
-        return False
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    qs, ks = q.shape, k.shape
-    if len(qs) != 4 or len(ks) != 4:
-        return False
-    d, lk = qs[3], ks[2]
-    ragged_test = False  # the key-count test below, made after the tracing test (no guards)
-    if machine.avx512 and machine.amx and dtype == torch.float32:
-        # causal only over few keys; with gradients a causality not told stays with genext
-        if (causal and lk >= 128) or (needs_grad and causal is None):
-            return False
-        ragged_test = not causal and d <= 128
-    elif needs_grad and causal is not False:
-        return False
-    elif dtype == torch.bfloat16:
-        if needs_grad and (d < 32 or lk < 512):
-            return False
-    elif dtype == torch.float16:
-        if needs_grad or (causal and lk >= 128):
-            return False
-    elif needs_grad:
-        if not (d >= 160 or (d >= 128 and lk >= 512) or (d >= 64 and lk >= 2048)):
-            return False
-    elif not (d >= 64 or (d >= 32 and lk >= 256)):
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    if ragged_test:
-        # a ragged key count: PyTorch's kernel takes the exponentials of a score row 16 lanes at
-        # a time (AVX-512) and the last lk % 16 one at a time, slow where that tail is at least a
-        # sixteenth of the row
-        tail = lk % 16
-        if tail and 16 * tail >= lk and lk > (32 if needs_grad else 16):
-            return False
-    if scale is not None:
-        try:
-            if not 0.0 < float(scale) < math.inf:
-                return False
-        except (OverflowError, TypeError, ValueError):  # the op's own check names the problem
-            return False
-    if not _flash_sdp_enabled():  # the flag covers the CPU flash kernel too
-        return False
-    if not (k.is_cpu and v.is_cpu) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return False
-    if v.shape != ks or ks[0] != qs[0] or ks[3] != d:
-        return False
-    return ks[1] != 0 and qs[1] % ks[1] == 0 and q.numel() != 0 and k.numel() != 0
+    machine = CPU_ROUTING
+    return _route(q, k, v, scale, causal, True, False, machine.avx512, machine.amx) != 0
 
 
 def flash_attention(
@@ -235,30 +183,35 @@ def flash_attention(
     (:func:`cpu_forward_prefers_torch`, which lists the shapes per machine), outside autocast
     (the output dtype is the inputs', as from genext's kernel).
     """
-    if layout not in _LAYOUTS:
+    if layout == "bhld":
+        bhld = True
+    elif layout == "blhd":
+        bhld = False
+    else:
         raise ValueError(f"flash_attention: layout must be 'bhld' or 'blhd', got {layout!r}")
+    if not return_lse and not _is_compiling():
+        # cpu_forward_prefers_torch's rule; causal only where genext's bottom-right mask is
+        # SDPA's top-left one (Lq == Lk)
+        machine = CPU_ROUTING
+        route = _route(q, k, v, scale, causal, bhld, True, machine.avx512, machine.amx)
+        if route:
+            # the rule routes only positive, finite scales; None is SDPA's own 1/sqrt(D)
+            sc = None if scale is None else float(scale)
+            if not bhld:
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if route == 2:  # CPU autocast is on; genext's kernel keeps the inputs' dtype
+                with torch.autocast("cpu", enabled=False):
+                    out = _torch_sdpa(q, k, v, is_causal=bool(causal), scale=sc, enable_gqa=True)
+            else:
+                out = _torch_sdpa(q, k, v, is_causal=bool(causal), scale=sc, enable_gqa=True)
+            return out if bhld else out.transpose(1, 2)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.dim() != 4:
                 raise ValueError(
-                    f"flash_attention: {name} must be 4-D ({'B, H, L, D' if layout == 'bhld' else 'B, L, H, D'}), "
+                    f"flash_attention: {name} must be 4-D ({'B, H, L, D' if bhld else 'B, L, H, D'}), "
                     f"got shape {tuple(t.shape)}"
                 )
-    lq, lk = (q.shape[2], k.shape[2]) if layout == "bhld" else (q.shape[1], k.shape[1])
-    if not return_lse and (not causal or lq == lk):
-        qb, kb, vb = (q, k, v) if layout == "bhld" else (t.transpose(1, 2) for t in (q, k, v))
-        if cpu_forward_prefers_torch(qb, kb, vb, scale, causal=bool(causal)):
-            # the rule routes only positive, finite scales; None is SDPA's own 1/sqrt(D)
-            sc = None if scale is None else float(scale)
-            sdpa = torch.nn.functional.scaled_dot_product_attention
-            # genext's kernel has no autocast rule (the any-autocast test first: it costs far
-            # less than the per-device one, and this runs before every routed call)
-            if _any_autocast() and torch.is_autocast_enabled("cpu"):
-                with torch.autocast("cpu", enabled=False):  # (entering costs microseconds)
-                    out = sdpa(qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True)
-            else:
-                out = sdpa(qb, kb, vb, is_causal=bool(causal), scale=sc, enable_gqa=True)
-            return out if layout == "bhld" else out.transpose(1, 2)
     if (
         not return_lse
         and torch.is_grad_enabled()
@@ -267,11 +220,11 @@ def flash_attention(
         and torch._C._functorch.peek_interpreter_stack() is None  # no torch.func transform
     ):
         sc = softmax_scale(q, scale, "flash_attention")
-        out = _EagerDense.apply(q, k, v, sc, bool(causal), layout == "bhld")
+        out = _EagerDense.apply(q, k, v, sc, bool(causal), bhld)
         # the bhld view is taken outside: a view made inside an autograd.Function cannot be
         # changed in place afterwards, a view of its output can
-        return out.transpose(1, 2) if layout == "bhld" else out
-    if layout == "bhld":
+        return out.transpose(1, 2) if bhld else out
+    if bhld:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out, lse = _forward(
         q,
@@ -286,7 +239,7 @@ def flash_attention(
         bool(causal),
         True,
     )
-    if layout == "bhld":
+    if bhld:
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
 

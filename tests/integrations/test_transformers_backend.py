@@ -569,13 +569,14 @@ def test_cpu_float32_gradient_routes_see_the_causal_flag(monkeypatch):
     non-causal attention only (1024 keys, D 128), both flags are served by genext's ops, and the
     op hands only the non-causal call to PyTorch's SDPA."""
     spy = []
-    original = torch.nn.functional.scaled_dot_product_attention
+    ops_module = sys.modules["genext.ops.flash_attention"]  # the package attribute is the function
+    original = ops_module._torch_sdpa  # PyTorch's SDPA, where the op hands calls
 
     def counting(*args, **kwargs):
         spy.append(kwargs.get("is_causal", False))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(ops_module, "_torch_sdpa", counting)
     module = torch.nn.Module()
     q = torch.randn(1, 2, 1024, 128, requires_grad=True)
     k = torch.randn(1, 1, 1024, 128, requires_grad=True)

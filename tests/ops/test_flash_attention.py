@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,10 @@ from attention_helpers import (
     with_one_on_meta,
 )
 from conftest import max_err, poison_allocator, set_attention_routing, slow, thin
+
+# the module behind genext.ops.flash_attention (the package attribute is the function): routed
+# calls go through its reference to PyTorch's SDPA
+OPS_MODULE = sys.modules["genext.ops.flash_attention"]
 
 FWD = torch.ops.genext.flash_attention_forward
 BWD = torch.ops.genext.flash_attention_backward
@@ -913,16 +919,15 @@ def _genext_kernel_rule(monkeypatch):
 
 @pytest.fixture
 def sdpa_calls(monkeypatch):
-    """Counts the calls of torch.nn.functional.scaled_dot_product_attention (where flash_attention
-    hands a call to PyTorch)."""
+    """Counts the calls of PyTorch's SDPA where flash_attention hands a call to it."""
     calls = []
-    original = F.scaled_dot_product_attention
+    original = OPS_MODULE._torch_sdpa
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(OPS_MODULE, "_torch_sdpa", counting)
     return calls
 
 
@@ -985,6 +990,38 @@ def test_cpu_routing_keeps_genext_for_odd_scales_and_user_backend_choices(machin
             *(t.transpose(1, 2).double() for t in (q, k, v)), False, None
         ).transpose(1, 2)
         assert max_err(out, ref) <= ATOL[torch.float32]
+
+
+def test_cpu_routing_rule_takes_any_arguments(avx2_routing):
+    # the rule runs in C++ before the ops check their arguments: anything it cannot read leaves
+    # the call to genext's kernel, whose checks raise the usual errors, and no Python error is
+    # left set behind (a SystemError, or an error surfacing later in unrelated code)
+    q, k, v = make_qkv(1, 2, 2, 32, 32, 64, torch.float32, "cpu")
+
+    class Proxy:  # an object whose isinstance test raises
+        @property
+        def __class__(self):
+            raise RuntimeError("no target")
+
+    class BadFlag:
+        def __bool__(self):
+            raise ValueError("no truth value")
+
+    for args in ((Proxy(), k, v), (q, Proxy(), v), (q, k, "v"), (q[0], k, v)):
+        assert not cpu_forward_prefers_torch(*args)
+        with pytest.raises((AttributeError, RuntimeError, ValueError, TypeError)):
+            flash_attention(*args)
+    assert not cpu_forward_prefers_torch(q, k, v, "0.125")
+    assert not cpu_forward_prefers_torch(q, k, v, torch.ones(2))
+    assert not cpu_forward_prefers_torch(q, k, v, 10**400)
+    assert not cpu_forward_prefers_torch(q, k, v, None, BadFlag())
+    with pytest.raises(ValueError, match="no truth value"):
+        flash_attention(q, k, v, causal=BadFlag())
+    # what float() takes routes as that number: a 0-dim tensor, an int, a numpy float
+    for scale in (torch.tensor(0.125), 1, np.float32(0.125)):
+        assert cpu_forward_prefers_torch(q, k, v, scale)
+    want = flash_attention(q, k, v, scale=0.125, return_lse=True)[0]
+    assert max_err(flash_attention(q, k, v, scale=torch.tensor(0.125)), want) <= 1e-5
 
 
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
@@ -1066,8 +1103,8 @@ def test_cpu_float32_gradients_run_torch_sdpa_only_where_faster(monkeypatch, avx
     # with gradients, non-causal attention at D >= 160, at D >= 128 over 512+ keys, or at D >= 64
     # over 2048+ keys goes to PyTorch's SDPA, faster there; causal, shorter or narrower calls,
     # and calls whose causality the rule is not told, stay with genext
-    spy = mock.Mock(wraps=F.scaled_dot_product_attention)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    spy = mock.Mock(wraps=OPS_MODULE._torch_sdpa)
+    monkeypatch.setattr(OPS_MODULE, "_torch_sdpa", spy)
     q, k, v = make_qkv(1, 2, 1, 8, 1024, 128, torch.float32, "cpu", requires_grad=True)
     assert cpu_forward_prefers_torch(q, k, v, causal=False)
     assert not cpu_forward_prefers_torch(q, k, v, causal=True)
@@ -1168,7 +1205,7 @@ def test_cpu_bfloat16_calls_routed_to_sdpa_match_the_reference(
     # a routed bfloat16 call (the op and the drop-in) gives PyTorch's result, within bfloat16's
     # tolerance of the float64 reference, gradients included
     op_calls, drop_in_calls = [], []
-    torch_sdpa, kept = F.scaled_dot_product_attention, gF._torch_sdpa
+    torch_sdpa, kept = OPS_MODULE._torch_sdpa, gF._torch_sdpa
 
     def op_spy(*args, **kwargs):
         op_calls.append(1)
@@ -1178,7 +1215,7 @@ def test_cpu_bfloat16_calls_routed_to_sdpa_match_the_reference(
         drop_in_calls.append(1)
         return kept(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", op_spy)
+    monkeypatch.setattr(OPS_MODULE, "_torch_sdpa", op_spy)
     monkeypatch.setattr(gF, "_torch_sdpa", drop_in_spy)
     q, k, v = make_qkv(2, 4, 2, 37, 512, 40, torch.bfloat16, "cpu", requires_grad=grad)
     go = torch.randn(2, 4, 37, 40).bfloat16()
