@@ -94,9 +94,10 @@ long decide(PyObject* const* args) {
   if (ragged_test) {
     // a ragged key count: PyTorch's kernel takes the exponentials of a score row 16 lanes at a
     // time (AVX-512) and the last lk % 16 one at a time, slow where that tail is at least a
-    // sixteenth of the row
-    const int64_t tail = lk % 16;
-    if (tail != 0 && 16 * tail >= lk && lk > (needs_grad ? 32 : 16)) return kGenext;
+    // sixteenth of the row; without gradients from 8 keys at head dims up to 64 (where a row
+    // is all tail), else from 17 (and from 33 with gradients)
+    const int64_t tail = lk % 16, fewest = needs_grad ? 33 : d <= 64 ? 8 : 17;
+    if (tail != 0 && 16 * tail >= lk && lk >= fewest) return kGenext;
   }
   if (args[3] != Py_None) {
     // PyTorch's CPU flash kernel gives NaN rows for a negative scale with a causal mask; a

@@ -105,11 +105,14 @@ def cpu_forward_prefers_torch(
       D160 L64, D64 L2048 and D128 L512: mostly below; at D2-D24 over 64-1024 keys, 2 threads,
       0.63-0.84x forward and 0.78-1.0x forward+backward), except at head dims up to 128 over a
       ragged key count (its remainder modulo 16 at least a sixteenth of it; more than 16 keys,
-      more than 32 with gradients; a text encoder's 77 tokens, say), whose tail PyTorch's kernel
-      takes one value at a time: there genext's kernel measured 1.06-2.5x forward and 1.0-1.48x
-      forward+backward with 2 threads, 1.0-2.5x and 1.0-1.17x on one core (B2 H8, 64-4096
-      queries over 20-154 keys, 44-154 with gradients, D8-D128; the ragged counts of 18-19,
-      35-43 with gradients, and 155-239 keys follow the same rule unmeasured); causal attention
+      from 8 at head dims up to 64, more than 32 with gradients; a text encoder's 77 tokens,
+      say), whose tail PyTorch's kernel takes one value at a time: there genext's kernel
+      measured 1.06-2.5x forward and 1.0-1.48x forward+backward with 2 threads, 1.0-2.5x and
+      1.0-1.17x on one core (B2 H8, 64-4096 queries over 20-154 keys, 44-154 with gradients,
+      D8-D128; the ragged counts of 18-19, 35-43 with gradients, and 155-239 keys follow the
+      same rule unmeasured), and forwards over 8-15 keys 1.05-3.25x at D8-D64 with 2 threads
+      (64-1024 queries; 7 keys 1.00-1.57x and 5-6 keys 0.88-1.83x, which stay with PyTorch's);
+      causal attention
       only over fewer than 128 keys (2 threads: genext's kernel 0.42-0.81x forward and
       0.70-0.95x forward+backward at D2-D128 over 32 and 64 keys; over 128-1024 keys 0.89-1.57x
       and 0.97-1.46x, the lowest at D8 and D32 over 128 and 192 keys; D64 L512 1.63x and

@@ -1153,7 +1153,7 @@ def test_cpu_routing_on_avx512_with_amx(monkeypatch, avx512_amx_routing):
         q, k, v = make_qkv(1, 2, 1, 8, lk, d, dtype, "cpu", requires_grad=grad)
         return cpu_forward_prefers_torch(q, k, v, None, causal)
 
-    assert prefers(8, 32) and prefers(80, 40) and prefers(8, 32, grad=True)
+    assert prefers(7, 32) and prefers(80, 40) and prefers(8, 32, grad=True)
     assert prefers(80, 40, grad=True) and prefers(8, 160, grad=True)
     assert prefers(1024, 31) and prefers(1024, 31, grad=True) and prefers(4, 2)
     assert prefers(256, 1, grad=True)
@@ -1165,7 +1165,10 @@ def test_cpu_routing_on_avx512_with_amx(monkeypatch, avx512_amx_routing):
     assert not prefers(120, 2) and not prefers(60, 1, grad=True)
     assert prefers(77, 129) and prefers(77, 160, grad=True) and prefers(16, 40) and prefers(17, 8)
     assert prefers(20, 40, grad=True) and prefers(32, 64, grad=True) and prefers(33, 64)
-    assert prefers(15, 40) and prefers(12, 8)
+    # without gradients, from 8 keys at head dims up to 64 (a row that is all tail)
+    assert not prefers(8, 32) and not prefers(15, 40) and not prefers(12, 8) and not prefers(8, 64)
+    assert prefers(7, 64) and prefers(8, 65) and prefers(15, 80) and prefers(16, 8)
+    assert prefers(12, 8, grad=True) and prefers(15, 64, grad=True)
     assert prefers(100, 40) and prefers(255, 40) and prefers(256, 40) and prefers(1000, 64)
     # causal from 128 keys (genext's kernel measured faster there), and with gradients a
     # causality not told; causal over fewer keys goes to PyTorch, with gradients too
