@@ -45,6 +45,11 @@ struct BwdParams : FwdParams {
   void* dv = nullptr;
   Strides sdq, sdk, sdv;
   float* delta = nullptr;  // workspace laid out like lse: rowsum(dout * out)
+  // fp32 workspace like q, zeroed (16-bit kernels only): when set, the dK/dV kernel adds each
+  // block's dS K into it with atomics and a last pass writes dq from it (order varies run to
+  // run); when null, dQ has its own deterministic kernel.
+  float* dq_accum = nullptr;
+  Strides sdq_accum;
 };
 
 // Smallest compiled head-dim tile >= D for the 16-bit kernels, or 0 when none is compiled.

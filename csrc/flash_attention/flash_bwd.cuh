@@ -7,8 +7,11 @@
 //            query head of its GQA group, all warp-local.
 //   dQ     : one block per (query tile, query head, sequence) (flash_bwd_dq_kernel)
 //            each warp owns 16 queries: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K.
-// Recomputing S and dP in the dQ kernel costs 7 matmuls instead of FlashAttention-2's 5 (which
-// adds dQ with atomics); the price buys determinism without a semaphore.
+// Recomputing S and dP in the dQ kernel costs 7 matmuls instead of FlashAttention-2's 5; the price
+// buys determinism without a semaphore. The other way (BwdParams::dq_accum set): the dK/dV kernel
+// also stages each step's dS^T in shared memory, multiplies it by its K tile and adds the result
+// to an fp32 dQ accumulator with atomics; flash_bwd_dq_convert_kernel then writes dq from it.
+// Five matmuls, but the order of the additions, hence the low bits of dq, varies run to run.
 // For head dims over 128 the dK/dV accumulators of one warp would not fit in registers together,
 // so dV and dK run as two launches of the same kernel.
 #pragma once
@@ -19,15 +22,18 @@ namespace genext::fa {
 // Step sizes measured on an H200 at D128 (benchmarks/RESULTS.md): 64 queries per dK/dV step and
 // 64 keys per dQ step took the backward from 11.8 to 10.5 ms against 32 / 32 (12 bytes of spills
 // in the dK/dV kernel at D128 included).
-template <int kD>
+template <int kD, bool kAtomicDQ = false>
 struct BwdKVConfig {
   static constexpr int kWarps = kD <= 128 ? 8 : 4;
   static constexpr int kBlockN = 16 * kWarps;          // keys per block
   static constexpr int kBlockM = kD <= 128 ? 64 : 32;  // queries per step
   static constexpr int kPitch = kD + 8;
   static constexpr bool kSplit = kD > 128;
-  static constexpr int kSmemBytes =
-      (2 * kBlockN + 4 * kBlockM) * kPitch * 2 + 4 * kBlockM * static_cast<int>(sizeof(float));
+  // dS^T of a step, [kBlockN keys][kBlockM queries], when dQ is accumulated with atomics
+  static constexpr int kPitchS = kBlockM + 8;
+  static constexpr int kSmemDS = kAtomicDQ ? kBlockN * kPitchS * 2 : 0;
+  static constexpr int kSmemBytes = (2 * kBlockN + 4 * kBlockM) * kPitch * 2 +
+                                    4 * kBlockM * static_cast<int>(sizeof(float)) + kSmemDS;
 };
 
 template <int kD>
@@ -60,6 +66,25 @@ __global__ void flash_bwd_delta_kernel(const BwdParams p) {
   p.delta[seq.b * p.lse_batch + static_cast<int64_t>(h) * p.lse_head + seq.q_row0 + i] = acc;
 }
 
+// dq = scale * dq_accum, as T, for the rows of every sequence. One thread per (row, head).
+template <typename T>
+__global__ void flash_bwd_dq_convert_kernel(const BwdParams p) {
+  const int h = blockIdx.y, s_idx = blockIdx.z;
+  const Seq seq = seq_info(p, s_idx);
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= seq.len_q) return;
+  const float* a = p.dq_accum + seq.b * p.sdq_accum.batch + (seq.q_row0 + i) * p.sdq_accum.row +
+                   static_cast<int64_t>(h) * p.sdq_accum.head;
+  T* d = const_cast<T*>(row_ptr<T>(p.dq, p.sdq, seq, seq.q_row0 + i, h));
+  for (int c = 0; c < p.D; c += 8) {
+    uint4 packed;
+    uint32_t* w = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) w[j] = pack2<T>(a[c + 2 * j] * p.scale, a[c + 2 * j + 1] * p.scale);
+    *reinterpret_cast<uint4*>(d + c) = packed;
+  }
+}
+
 // Writes a warp's 16 x D fp32 accumulator (C-fragment layout), times `mul`, as T through the
 // warp's own 16 smem rows, then to global rows [row0, row0 + 16) that are < valid_rows.
 template <typename T, int kDT, int kPitch>
@@ -86,10 +111,59 @@ __device__ __forceinline__ void store_rows(const float (&acc)[kDT][4], float mul
   }
 }
 
-template <typename T, int kD, bool kDoDV, bool kDoDK>
+// dQ[m0 + q] += dS[q] K over one step of the dK/dV kernel, added to the fp32 accumulator `dqa`
+// (row q at dqa + q * row_stride) with atomics. dS^T is in smem as [kBlockN][kPitchS]; the work
+// is split into (16-query, 32-column) units over the block's warps. The sum is unscaled.
+template <typename T, int kD, int kBlockN, int kBlockM, int kPitch, int kPitchS, int kWarps>
+__device__ __forceinline__ void add_dq_tile(const T* sdS, const T* sK, float* dqa,
+                                            int64_t row_stride, int valid_rows, int d_tiles,
+                                            int warp, int lane) {
+  constexpr int kUnitsM = kBlockM / 16, kUnitsD = (kD + 31) / 32;
+  const int g = lane / 4, t = lane % 4;
+  for (int u = warp; u < kUnitsM * kUnitsD; u += kWarps) {
+    const int mt = u % kUnitsM, dc = u / kUnitsM;
+    const int dt0 = dc * 4;  // first 8-column n-tile of this unit
+    if (dt0 >= d_tiles) continue;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+      load_a_trans(sdS, kPitchS, mt * 16, kk * 16, lane, a);
+#pragma unroll
+      for (int dn = 0; dn < 2; ++dn) {
+        if (dt0 + 2 * dn < d_tiles && dc * 32 + dn * 16 < kD) {
+          uint32_t b[4];
+          load_b_kn(sK, kPitch, kk * 16, dc * 32 + dn * 16, lane, b);
+          mma16816<T>(acc[2 * dn], a, b[0], b[1]);
+          mma16816<T>(acc[2 * dn + 1], a, b[2], b[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (dt0 + i < d_tiles) {
+        const int col = (dt0 + i) * 8 + 2 * t;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = mt * 16 + g + 8 * r;
+          if (row < valid_rows) {
+            float* dst = dqa + row * row_stride + col;
+            atomicAdd(dst, acc[i][2 * r]);
+            atomicAdd(dst + 1, acc[i][2 * r + 1]);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kD, bool kDoDV, bool kDoDK, bool kAtomicDQ = false>
 __global__ void __launch_bounds__(BwdKVConfig<kD>::kWarps * 32)
     flash_bwd_dkdv_kernel(const BwdParams p) {
-  using Cfg = BwdKVConfig<kD>;
+  static_assert(!kAtomicDQ || kDoDK, "dQ is accumulated beside dK, where dS is at hand");
+  using Cfg = BwdKVConfig<kD, kAtomicDQ>;
   constexpr int kWarps = Cfg::kWarps, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
   constexpr int kPitch = Cfg::kPitch, kThreads = kWarps * 32;
   constexpr int kMT = kBlockM / 8;  // 8-query n-tiles of S^T
@@ -102,6 +176,7 @@ __global__ void __launch_bounds__(BwdKVConfig<kD>::kWarps * 32)
   T* sdO = sQ + 2 * kBlockM * kPitch;                                  // [2][kBlockM][kPitch]
   float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * kPitch);  // [2][kBlockM], base-2
   float* sDelta = sLse + 2 * kBlockM;                                  // [2][kBlockM]
+  T* sdS = reinterpret_cast<T*>(sDelta + 2 * kBlockM);                 // [kBlockN][kPitchS]
 
   const int n_block = blockIdx.x, hk = blockIdx.y, s_idx = blockIdx.z;
   const Seq seq = seq_info(p, s_idx);
@@ -210,8 +285,10 @@ __global__ void __launch_bounds__(BwdKVConfig<kD>::kWarps * 32)
       }
     }
 
-    // P^T and dS^T, in place.
-    const bool need_mask = p.causal && n0 + wrow + 15 > m0 + offset;
+    // P^T and dS^T, in place. Keys past len_k only need masking when dS feeds dQ (their dK, dV
+    // rows are never stored; their K rows are zeros, but P there can overflow).
+    const bool need_mask =
+        (p.causal && n0 + wrow + 15 > m0 + offset) || (kAtomicDQ && n0 + wrow + 15 >= seq.len_k);
 #pragma unroll
     for (int i = 0; i < kMT; ++i) {
 #pragma unroll
@@ -220,10 +297,21 @@ __global__ void __launch_bounds__(BwdKVConfig<kD>::kWarps * 32)
         float pv = exp2f(sT[i][e] * scale_log2 - lse_s[qc]);
         if (need_mask) {
           const int key = e < 2 ? key_a : key_b;
-          if (key > m0 + qc + offset) pv = 0.f;
+          if ((p.causal && key > m0 + qc + offset) || (kAtomicDQ && key >= seq.len_k)) pv = 0.f;
         }
         sT[i][e] = pv;
         if constexpr (kDoDK) dpT[i][e] = pv * (dpT[i][e] - delta_s[qc]);
+      }
+    }
+
+    if constexpr (kAtomicDQ) {  // this warp's 16 rows of dS^T, for the block's dQ step below
+      constexpr int kPitchS = Cfg::kPitchS;
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+        *reinterpret_cast<uint32_t*>(sdS + (wrow + g) * kPitchS + i * 8 + 2 * t) =
+            pack2<T>(dpT[i][0], dpT[i][1]);
+        *reinterpret_cast<uint32_t*>(sdS + (wrow + g + 8) * kPitchS + i * 8 + 2 * t) =
+            pack2<T>(dpT[i][2], dpT[i][3]);
       }
     }
 
@@ -260,7 +348,15 @@ __global__ void __launch_bounds__(BwdKVConfig<kD>::kWarps * 32)
         }
       }
     }
-    __syncthreads();  // every warp is done with stage st before it is refilled
+    if constexpr (kAtomicDQ) {
+      __syncthreads();  // every warp's rows of dS^T are in smem
+      const int h = hk * group + it / m_count;
+      float* dqa = p.dq_accum + seq.b * p.sdq_accum.batch + (seq.q_row0 + m0) * p.sdq_accum.row +
+                   static_cast<int64_t>(h) * p.sdq_accum.head;
+      add_dq_tile<T, kD, kBlockN, kBlockM, kPitch, Cfg::kPitchS, kWarps>(
+          sdS, sK, dqa, p.sdq_accum.row, min(kBlockM, seq.len_q - m0), d_tiles, warp, lane);
+    }
+    __syncthreads();  // every warp is done with stage st (and dS^T) before it is refilled
   }
 
   cp_async_wait<0>();
@@ -441,38 +537,46 @@ inline cudaError_t set_smem(K* kernel, int bytes) {
 template <typename T, int kD>
 CudaStatus launch_bwd(const BwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.Lq == 0) return {};
-  {
-    const dim3 grid((p.Lq + 127) / 128, p.Hq, p.batch);
-    flash_bwd_delta_kernel<T><<<grid, 128, 0, stream>>>(p);
-    GENEXT_LAUNCH_CHECK();
-  }
+  const dim3 row_grid((p.Lq + 127) / 128, p.Hq, p.batch);  // one thread per (row, head)
+  flash_bwd_delta_kernel<T><<<row_grid, 128, 0, stream>>>(p);
+  GENEXT_LAUNCH_CHECK();
+  const bool atomic_dq = p.dq_accum != nullptr;
   if (p.Lk > 0) {
     using Cfg = BwdKVConfig<kD>;
     const dim3 grid((p.Lk + Cfg::kBlockN - 1) / Cfg::kBlockN, p.Hk, p.batch);
+    // Runs flash_bwd_dkdv_kernel<T, kD, dV, dK, atomic dQ> over the key tiles.
+    auto run = [&]<bool kDV, bool kDK, bool kAtomic>() -> CudaStatus {
+      auto* kern = &flash_bwd_dkdv_kernel<T, kD, kDV, kDK, kAtomic>;
+      constexpr int kSmem = BwdKVConfig<kD, kAtomic>::kSmemBytes;
+      GENEXT_CUDA_TRY(set_smem(kern, kSmem));
+      kern<<<grid, Cfg::kWarps * 32, kSmem, stream>>>(p);
+      GENEXT_LAUNCH_CHECK();
+      return {};
+    };
+    CudaStatus st;
     if constexpr (Cfg::kSplit) {
-      auto* kv = &flash_bwd_dkdv_kernel<T, kD, true, false>;
-      auto* kk = &flash_bwd_dkdv_kernel<T, kD, false, true>;
-      GENEXT_CUDA_TRY(set_smem(kv, Cfg::kSmemBytes));
-      GENEXT_CUDA_TRY(set_smem(kk, Cfg::kSmemBytes));
-      kv<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-      GENEXT_LAUNCH_CHECK();
-      kk<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-      GENEXT_LAUNCH_CHECK();
+      st = run.template operator()<true, false, false>();
+      if (st.ok()) {
+        st = atomic_dq ? run.template operator()<false, true, true>()
+                       : run.template operator()<false, true, false>();
+      }
     } else {
-      auto* kern = &flash_bwd_dkdv_kernel<T, kD, true, true>;
-      GENEXT_CUDA_TRY(set_smem(kern, Cfg::kSmemBytes));
-      kern<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
-      GENEXT_LAUNCH_CHECK();
+      st = atomic_dq ? run.template operator()<true, true, true>()
+                     : run.template operator()<true, true, false>();
     }
+    if (!st.ok()) return st;
   }
-  {
-    using Cfg = BwdQConfig<kD>;
-    const dim3 grid((p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM, p.Hq, p.batch);
-    auto* kern = &flash_bwd_dq_kernel<T, kD>;
-    GENEXT_CUDA_TRY(set_smem(kern, Cfg::kSmemBytes));
-    kern<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
+  if (atomic_dq) {
+    flash_bwd_dq_convert_kernel<T><<<row_grid, 128, 0, stream>>>(p);
     GENEXT_LAUNCH_CHECK();
+    return {};
   }
+  using Cfg = BwdQConfig<kD>;
+  const dim3 grid((p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM, p.Hq, p.batch);
+  auto* kern = &flash_bwd_dq_kernel<T, kD>;
+  GENEXT_CUDA_TRY(set_smem(kern, Cfg::kSmemBytes));
+  kern<<<grid, Cfg::kWarps * 32, Cfg::kSmemBytes, stream>>>(p);
+  GENEXT_LAUNCH_CHECK();
   return {};
 }
 

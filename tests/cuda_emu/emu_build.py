@@ -34,6 +34,37 @@ SOURCES = {
     "selftest": [HERE / "kernels/selftest.cu"],
 }
 
+# Flash attention's head-dim tiles built for the emulation (each tile's forward and backward in
+# both 16-bit types): 64 (64-key forward tiles, two m-tiles per warp), 128 (32-key tiles, the
+# 8-warp backward) and 160 (one m-tile per warp, dV and dK as separate launches of the 4-warp
+# backward). The CMake build's genext_fa_tiles.h, written for these.
+FA_TILES = (64, 128, 160)
+SOURCES["flash_attention"] = [
+    CSRC / "flash_attention/flash_dispatch.cu",
+    CSRC / "flash_attention/flash_fp32.cu",
+    *(
+        CSRC / f"flash_attention/instances/{kind}_hdim{tile}_{dt}.cu"
+        for tile in FA_TILES
+        for kind in ("fwd", "bwd")
+        for dt in ("fp16", "bf16")
+    ),
+]
+# Headers holding kernels and launches, rewritten like the sources into the build's include folder
+# (searched before csrc/, so the sources' includes of them find the rewritten copies).
+HEADERS = {
+    "flash_attention": [
+        CSRC / "flash_attention/flash_fwd.cuh",
+        CSRC / "flash_attention/flash_bwd.cuh",
+    ]
+}
+GENERATED = {
+    "flash_attention": {
+        "genext_fa_tiles.h": "#pragma once\n#define GENEXT_FA_HEAD_DIM_TILES "
+        + ", ".join(map(str, FA_TILES))
+        + "\n"
+    }
+}
+
 _KERNEL_BEFORE_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;(){}]*>)?)\s*$")
 _EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:<> ]+?)\s+(\w+)\s*\[\s*\]\s*;"
@@ -98,10 +129,20 @@ def load(op: str):
     build = Path(tempfile.gettempdir()) / f"genext_cuda_emu_{os.getuid()}_{tree}" / op
     src_dir = build / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
+    generated = build / "generated"
+    generated.mkdir(exist_ok=True)
+    files = dict(GENERATED.get(op, {}))
+    for path in HEADERS.get(op, []):
+        files[str(path.relative_to(CSRC))] = rewrite(path.read_text())
+    for name, text in files.items():
+        dst = generated / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.is_file() or dst.read_text() != text:
+            dst.write_text(text)
     sources = [str(HERE / "shims" / f"{op}.cpp")]
     for path in SOURCES[op]:
         text = '#include "emu/cuda_emu.h"\n' + rewrite(path.read_text())
-        dst = src_dir / (path.stem + "_emu.cpp")
+        dst = src_dir / (path.stem + "_emu.cpp")  # the stems are distinct
         if not dst.is_file() or dst.read_text() != text:  # keep the build's cache when unchanged
             dst.write_text(text)
         sources.append(str(dst))
@@ -110,7 +151,7 @@ def load(op: str):
         name=f"genext_emu_{op}",
         sources=sources,
         extra_cflags=flags,
-        extra_include_paths=[str(CSRC), str(HERE), str(include)],
+        extra_include_paths=[str(generated), str(CSRC), str(HERE), str(include)],
         build_directory=str(build),
         verbose=False,
     )

@@ -46,8 +46,12 @@ def test_a_missing_barrier_shows(emu, threads):
     assert torch.equal(out, want)
     out.zero_()
     assert emu.neighbours(out, 3, threads, False) == 0
-    # every thread but the last reads a slot its neighbour writes after it
-    assert (out[:, :-1] != want[:, :-1]).all()
+    # blocks 0 and 2 run their lowest runnable thread first: every thread but the last reads a
+    # slot its neighbour writes after it; block 1 runs its highest first: only the last thread
+    # (which reads slot 0) reads too early
+    for b in (0, 2):
+        assert (out[b, :-1] != want[b, :-1]).all()
+    assert torch.equal(out[1, :-1], want[1, :-1]) and out[1, -1] != want[1, -1]
 
 
 def test_shuffles(emu):
@@ -120,10 +124,14 @@ def test_guard_pages_catch_a_write_past_the_end(emu, last):
     if last == 100:  # one element past the end
         with pytest.raises(RuntimeError, match="touched inaccessible memory"):
             emu.fill_to(out, last)
+        # the first block (lowest thread first) finished before the second's faulting thread ran
+        assert torch.equal(out[:64], torch.arange(64.0))
     else:
         assert emu.fill_to(out, last) == 0
-    assert torch.equal(out, torch.arange(100.0))
+        assert torch.equal(out, torch.arange(100.0))
+    out.zero_()
     assert emu.fill_to(out, 99) == 0  # the emulation works on after a fault
+    assert torch.equal(out, torch.arange(100.0))
 
 
 def test_partial_masks_meet_only_their_lanes(emu):

@@ -6,8 +6,9 @@
 //   (ucontext), each with its own stack, switched only where CUDA threads must meet: __syncthreads,
 //   __syncwarp, the warp shuffles and votes. Between those points a thread runs alone, so a
 //   missing barrier shows up as a wrong result when threads read shared memory another thread has
-//   not written yet: the fibers run in order, and a block barrier lets every thread of the block
-//   run up to it before any goes on.
+//   not written yet: the runnable thread with the lowest index runs next (the highest in odd
+//   blocks), so one warp runs ahead as far as it can, and a block barrier lets every thread of the
+//   block run up to it before any goes on.
 // - __shared__ variables are function statics (one block at a time, so one copy is the block's);
 //   dynamic shared memory (extern __shared__) is a per-launch buffer, rewritten to a pointer by
 //   build.py. Both keep the last block's contents, so a kernel that reads shared memory it did not
@@ -31,6 +32,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -83,8 +85,9 @@ struct Block {
   };
   std::vector<std::vector<WarpBarrier>> warp_barriers;
   uint64_t next_barrier = 0;
-  std::vector<uint64_t> slots;  // one shuffle value per thread
-  std::exception_ptr error;     // the first exception a thread threw
+  std::vector<uint64_t> slots;                 // one shuffle value per thread
+  std::vector<std::array<uint32_t, 6>> frags;  // one matrix-operation operand set per thread
+  std::exception_ptr error;                    // the first exception a thread threw
 };
 
 struct Launch {
@@ -326,6 +329,7 @@ inline void run(const Launch& cfg, const std::function<void()>& entry, const voi
         b.live = nthreads;
         b.warp_barriers.assign(size_t(warps), {});
         b.slots.assign(size_t(nthreads), 0);
+        b.frags.assign(size_t(nthreads), {});
         g_block = &b;
         for (int i = 0; i < nthreads; ++i) {
           Thread& t = b.threads[size_t(i)];
@@ -340,17 +344,37 @@ inline void run(const Launch& cfg, const std::function<void()>& entry, const voi
           t.ctx.uc_link = nullptr;
           makecontext(&t.ctx, fiber_main, 0);
         }
+        // The next thread to run is the runnable one with the lowest index in even blocks and the
+        // highest in odd ones: between block barriers one warp runs as far ahead of the others as
+        // it can (the first warp in one block, the last in the next), so a missing block barrier
+        // shows whichever way the data flows between warps.
+        // Scan order k visits thread at(k). Threads before the running thread's warp in that order
+        // were all blocked when it was picked, and only a block barrier's release (a new
+        // generation) frees them, so the next scan starts at its warp unless one happened.
+        const bool high_first = ((bz * cfg.grid.y + by) * cfg.grid.x + bx) % 2 == 1;
+        const size_t n = b.threads.size();
+        const auto at = [&](size_t k) -> Thread& { return b.threads[high_first ? n - 1 - k : k]; };
+        size_t from = 0;
+        unsigned seen_gen = b.bar_gen;
         while (b.live > 0) {
-          bool progress = false;
-          for (Thread& t : b.threads) {
-            if (t.done || !released(b, t)) continue;
+          if (b.bar_gen != seen_gen) {
+            from = 0;
+            seen_gen = b.bar_gen;
+          }
+          Thread* next = nullptr;
+          for (size_t k = from; k < n && next == nullptr; ++k)
+            if (!at(k).done && released(b, at(k))) next = &at(k);
+          if (next != nullptr) {
+            Thread& t = *next;
+            const size_t warp_first = size_t(t.warp) * kWarp;  // its warp's first thread
+            const size_t warp_last = std::min(n, warp_first + kWarp) - 1;
+            from = high_first ? n - 1 - warp_last : warp_first;
             t.wait = 0;
             g_thread = &t;
             g_in_block = true;
             g_faulted = false;
             swapcontext(&g_sched, &t.ctx);
             g_in_block = false;
-            progress = true;
             if (g_faulted) {
               char where[32];
               std::snprintf(where, sizeof where, "%p", g_fault_addr);
@@ -361,8 +385,7 @@ inline void run(const Launch& cfg, const std::function<void()>& entry, const voi
                         " (past the end of a guarded buffer, or a stack overflow?)"));
             }
             if (b.error) std::rethrow_exception(b.error);  // the others abandoned where they wait
-          }
-          if (!progress) {
+          } else {
             std::string who;
             for (const Thread& t : b.threads)
               if (!t.done && who.size() < 200)
@@ -465,6 +488,102 @@ inline unsigned ballot(unsigned mask, bool pred) {
     if ((mask >> l & 1u) && b.slots[size_t(t.warp * kWarp + l)]) r |= 1u << l;
   warp_sync(mask);
   return r;
+}
+
+// ---- warp-wide matrix operations (flash_attention/flash_common.cuh's ldmatrix and mma.sync) ----
+// Both need all 32 lanes of the warp: each lane hands in its operands, the lanes meet, and each
+// computes its own part of the result from everyone's operands.
+
+inline std::array<uint32_t, 6>& my_frags() { return g_block->frags[size_t(g_thread->index)]; }
+inline const std::array<uint32_t, 6>& lane_frags(int lane) {
+  return g_block->frags[size_t(g_thread->warp * kWarp + lane)];
+}
+inline void check_full_warp(const char* what) {
+  if ((g_thread->warp + 1) * kWarp > int(g_block->threads.size()))
+    throw Error(std::string(what) + " in a warp with fewer than 32 threads");
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row l % 8 of
+// 8x8 matrix l / 8. Plain, register m of lane l holds elements (l / 4, 2 (l % 4)) and
+// (l / 4, 2 (l % 4) + 1) of matrix m (the first in the low half); .trans, elements
+// (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4).
+inline void ldmatrix_x4(const void* row, bool trans, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                        uint32_t& r3) {
+  check_full_warp("ldmatrix");
+  const uintptr_t a = reinterpret_cast<uintptr_t>(row);
+  if (a % 16 != 0) throw Error("ldmatrix: a row address that is not 16-byte aligned");
+  my_frags()[0] = uint32_t(a);
+  my_frags()[1] = uint32_t(uint64_t(a) >> 32);
+  warp_sync(0xffffffffu);
+  const auto row_of = [](int lane) {
+    const std::array<uint32_t, 6>& f = lane_frags(lane);
+    return reinterpret_cast<const unsigned char*>(uintptr_t(f[0]) |
+                                                  uintptr_t(uint64_t(f[1]) << 32));
+  };
+  const int l = g_thread->lane;
+  uint32_t r[4];
+  for (int m = 0; m < 4; ++m) {
+    if (!trans) {
+      std::memcpy(&r[m], row_of(m * 8 + l / 4) + 4 * (l % 4), 4);
+    } else {
+      uint16_t lo, hi;
+      std::memcpy(&lo, row_of(m * 8 + 2 * (l % 4)) + 2 * (l / 4), 2);
+      std::memcpy(&hi, row_of(m * 8 + 2 * (l % 4) + 1) + 2 * (l / 4), 2);
+      r[m] = uint32_t(lo) | uint32_t(hi) << 16;
+    }
+  }
+  warp_sync(0xffffffffu);  // every lane has read the addresses before they are reused
+  r0 = r[0];
+  r1 = r[1];
+  r2 = r[2];
+  r3 = r[3];
+}
+
+template <bool kBf16>
+float b16_to_float(uint32_t bits) {
+  if constexpr (kBf16) {
+    __nv_bfloat16_raw r;
+    r.x = uint16_t(bits);
+    return __bfloat162float(__nv_bfloat16(r));
+  } else {
+    __half_raw r;
+    r.x = uint16_t(bits);
+    return __half2float(__half(r));
+  }
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D = A B + C with fp32 accumulation, in the
+// fragment layouts of flash_common.cuh (g = lane / 4, t = lane % 4): A's register j of lane
+// (g, t) holds row g + 8 (j & 1), columns 2t + 8 (j >> 1) and the next; B's register j holds
+// rows 2t + 8 j and the next of column g; C's c0, c1 row g, columns 2t, 2t + 1, and c2, c3 the
+// same of row g + 8. Each product is exact in fp32; the sum over k runs in order.
+template <bool kBf16>
+void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  check_full_warp("mma");
+  std::array<uint32_t, 6>& mine = my_frags();
+  for (int j = 0; j < 4; ++j) mine[size_t(j)] = a[j];
+  mine[4] = b0;
+  mine[5] = b1;
+  warp_sync(0xffffffffu);
+  const auto half_of = [](uint32_t w, int k) { return k & 1 ? w >> 16 : w & 0xffffu; };
+  const auto A = [&](int r, int k) {
+    const uint32_t w = lane_frags((r % 8) * 4 + (k % 8) / 2)[size_t((r >= 8) + 2 * (k >= 8))];
+    return b16_to_float<kBf16>(half_of(w, k));
+  };
+  const auto B = [&](int k, int n) {
+    const uint32_t w = lane_frags(n * 4 + (k % 8) / 2)[size_t(4 + (k >= 8))];
+    return b16_to_float<kBf16>(half_of(w, k));
+  };
+  const int g = g_thread->lane / 4, t = g_thread->lane % 4;
+  float d[4];
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + (e >= 2 ? 8 : 0), n = 2 * t + (e & 1);
+    float s = 0.f;
+    for (int k = 0; k < 16; ++k) s += A(r, k) * B(k, n);
+    d[e] = c[e] + s;
+  }
+  warp_sync(0xffffffffu);  // every lane has read the operands before they are reused
+  for (int e = 0; e < 4; ++e) c[e] = d[e];
 }
 
 }  // namespace emu
