@@ -2,7 +2,8 @@
 // dims of the codebook and the block's 128 x 32 slice of z pass through shared memory; each
 // thread keeps 32 partial distances in registers and a running minimum: no N x K matrix. Exact
 // squared differences in fp32 (cosine: dot products scaled by the inverse norms). CUDA cores
-// only for now: a tensor-core path with an fp32 re-check of the best candidates is the next step.
+// only; vq_tc.cu holds a tensor-core path for 16-bit inputs that re-checks its best candidates
+// with this arithmetic.
 // vq_ema_update: atomics, or (deterministic) one block per code summing its rows in sorted order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -150,6 +151,7 @@ CudaStatus ema_run(const EmaParams& p, cudaStream_t stream) {
 
 CudaStatus vq_nearest_cuda(const NearestParams& p, cudaStream_t stream) {
   if (p.N == 0) return {};
+  if (p.tensor_cores && vq_nearest_tc_supported(p)) return vq_nearest_tc(p, stream);
   return dispatch_dtype(p.dtype, [&]<typename T>() { return nearest_run<T>(p, stream); });
 }
 

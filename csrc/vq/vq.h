@@ -16,10 +16,12 @@ struct NearestParams {
   const void* codebook = nullptr;      // (K, D) contiguous
   const float* z_inv_norm = nullptr;   // (N,) for cosine, else null
   const float* cb_inv_norm = nullptr;  // (K,) for cosine, else null
+  const float* cb_sq_norm = nullptr;   // (K,) ||e||^2 for the tensor-core path's L2 ranking
   int64_t* indices = nullptr;          // (N,)
   float* distances = nullptr;          // (N,)
   int64_t N = 0, K = 0, D = 0;
   bool cosine = false;
+  bool tensor_cores = false;  // the tensor-core path (vq_tc.cu) where it applies
 };
 
 struct EmaParams {
@@ -34,7 +36,11 @@ struct EmaParams {
   bool deterministic = false;
 };
 
+// Picks the tensor-core path (vq_tc.cu) when p.tensor_cores and it applies, else the exact kernel.
 CudaStatus vq_nearest_cuda(const NearestParams& p, cudaStream_t stream);
+// The tensor-core path: fp16/bf16, D <= 256, cb_sq_norm set for L2.
+bool vq_nearest_tc_supported(const NearestParams& p);
+CudaStatus vq_nearest_tc(const NearestParams& p, cudaStream_t stream);
 CudaStatus vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream);
 
 }  // namespace genext::vq

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <tuple>
 
 #include "common/cuda_check.h"
@@ -17,13 +18,20 @@
 namespace genext::vq {
 namespace {
 
+// The prepared tensor-core path (vq_tc.cu), chosen with GENEXT_VQ_TENSOR_CORES=1 until it has been
+// verified on a GPU (tools/gpu_queue.toml).
+bool tensor_cores_requested() {
+  const char* e = std::getenv("GENEXT_VQ_TENSOR_CORES");
+  return e != nullptr && e[0] == '1' && e[1] == '\0';
+}
+
 std::tuple<at::Tensor, at::Tensor> vq_nearest_cuda_op(const at::Tensor& z_in,
                                                       const at::Tensor& cb_in, bool cosine) {
   check_nearest("vq_nearest", z_in, cb_in, /*allow_double=*/false);
   TORCH_CHECK(z_in.is_cuda(), "vq_nearest: z must be a CUDA tensor, got ",
               genext::device_name(z_in));
   const c10::cuda::CUDAGuard guard(z_in.device());
-  const NearestLaunch l = nearest_launch(z_in, cb_in, cosine);
+  const NearestLaunch l = nearest_launch(z_in, cb_in, cosine, tensor_cores_requested());
   if (l.p.N > 0) check_cuda("vq_nearest", vq_nearest_cuda(l.p, c10::cuda::getCurrentCUDAStream()));
   return {l.indices, l.distances};
 }

@@ -10,6 +10,8 @@
 #include <ATen/ops/reciprocal.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
+#include <ATen/ops/square.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
 #include <tuple>
@@ -27,12 +29,14 @@ inline at::Tensor inv_norms(const at::Tensor& x) {
 
 // vq_nearest's launch: the parameters, and the tensors they point into (kept alive by this).
 struct NearestLaunch {
-  at::Tensor z, cb, zn, cn;
+  at::Tensor z, cb, zn, cn, cb_sq;
   at::Tensor indices, distances;  // the outputs
   NearestParams p;
 };
 
-inline NearestLaunch nearest_launch(const at::Tensor& z_in, const at::Tensor& cb_in, bool cosine) {
+// tensor_cores: ask for the tensor-core path (vq_tc.cu), which applies to 16-bit inputs.
+inline NearestLaunch nearest_launch(const at::Tensor& z_in, const at::Tensor& cb_in, bool cosine,
+                                    bool tensor_cores = false) {
   NearestLaunch l;
   l.z = z_in.contiguous();
   l.cb = cb_in.contiguous();
@@ -54,6 +58,11 @@ inline NearestLaunch nearest_launch(const at::Tensor& z_in, const at::Tensor& cb
   p.K = l.cb.size(0);
   p.D = l.z.size(1);
   p.cosine = cosine;
+  p.tensor_cores = tensor_cores && l.z.scalar_type() != at::kFloat;
+  if (p.tensor_cores && !cosine && p.N > 0) {
+    l.cb_sq = at::sum(at::square(l.cb.to(at::kFloat)), {1});
+    p.cb_sq_norm = l.cb_sq.data_ptr<float>();
+  }
   return l;
 }
 

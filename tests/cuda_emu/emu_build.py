@@ -24,7 +24,7 @@ CSRC = REPO / "csrc"
 # relative to this folder).
 SOURCES = {
     "sampler_step": [CSRC / "sampler_step/sampler_step.cu"],
-    "vq": [CSRC / "vq/vq.cu"],
+    "vq": [CSRC / "vq/vq.cu", CSRC / "vq/vq_tc.cu"],
     "kvcache_attention": [CSRC / "kvcache_attention/kvcache_attention.cu"],
     "group_norm_silu": [
         CSRC / "group_norm_silu/group_norm_silu_fwd.cu",

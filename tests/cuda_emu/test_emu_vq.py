@@ -125,3 +125,62 @@ def test_ema_update(emu, deterministic, n, k, d):
     if deterministic:  # rows summed in sorted order: bit for bit the same each time
         again = emu.vq_ema_update(idx, z, k, True)
         assert torch.equal(again[0], counts) and torch.equal(again[1], sums)
+
+
+# ---- the tensor-core path (csrc/vq/vq_tc.cu): the exact kernel's indices and distances ---------
+
+
+def _both(emu, z, cb, metric="l2"):
+    """(indices, distances) of the exact kernel and of the tensor-core path, on guarded copies."""
+    exact = _nearest(emu, z, cb, metric)
+    n = z.shape[0]
+    idx = guarded(torch.full((n,), -7, dtype=torch.long))
+    dist = guarded(torch.full((n,), -7.0))
+    emu.vq_nearest(guarded(z), guarded(cb), metric == "cosine", idx, dist, tensor_cores=True)
+    return exact, (idx, dist)
+
+
+def _same(exact, tc):
+    assert torch.equal(tc[0], exact[0]), (tc[0] != exact[0]).nonzero().flatten().tolist()
+    torch.testing.assert_close(tc[1], exact[1], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize(
+    "n,k,d",
+    [(300, 100, 72), (33, 65, 13), (7, 1, 5), (130, 200, 256), (65, 129, 32), (64, 64, 64)],
+)
+def test_tensor_cores_give_the_exact_kernels_result(emu, dtype, metric, n, k, d):
+    # row and code counts around the 64-row blocks and 64-code tiles; D on each tile (32, 64,
+    # 128, 256) and between
+    z, cb = torch.randn(n, d).to(dtype), torch.randn(k, d).to(dtype)
+    _same(*_both(emu, z, cb, metric))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_tensor_cores_on_clustered_codes(emu, metric):
+    # 16 clusters of 24 codes each, near-identical in bf16 (many exact duplicates): more close
+    # codes per row than the candidates one lane keeps, and ties that must go to the smallest index
+    centres = torch.randn(16, 48)
+    cb = (centres.repeat_interleave(24, 0) + 3e-3 * torch.randn(384, 48)).to(torch.bfloat16)
+    z = (centres[torch.randint(0, 16, (200,))] + 0.05 * torch.randn(200, 48)).to(torch.bfloat16)
+    _same(*_both(emu, z, cb, metric))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_tensor_cores_on_nan_and_inf(emu, metric):
+    # rows whose re-checked best is not finite are scanned exactly over every code
+    z, cb = torch.randn(70, 24), torch.randn(90, 24)
+    z[[3, 41, 69], [0, 8, 4]] = float("nan")
+    z[[5, 6], [1, 2]] = float("inf")
+    cb[[0, 5, 89], 2] = float("nan")
+    cb[7, 3] = float("-inf")
+    z, cb = z.to(torch.float16), cb.to(torch.float16)
+    _same(*_both(emu, z, cb, metric))
+    _same(*_both(emu, z[:3], torch.full((4, 24), float("nan"), dtype=torch.float16), metric))
+
+
+def test_tensor_cores_leave_float32_to_the_exact_kernel(emu):
+    z, cb = torch.randn(40, 16), torch.randn(30, 16)
+    _same(*_both(emu, z, cb))

@@ -23,9 +23,9 @@ void check(const genext::CudaStatus& st, const char* what) {
 
 std::tuple<at::Tensor, at::Tensor> nearest(const at::Tensor& z, const at::Tensor& cb, bool cosine,
                                            std::optional<at::Tensor> indices,
-                                           std::optional<at::Tensor> distances) {
+                                           std::optional<at::Tensor> distances, bool tensor_cores) {
   check_nearest("vq_nearest", z, cb, /*allow_double=*/false);
-  NearestLaunch l = nearest_launch(z, cb, cosine);
+  NearestLaunch l = nearest_launch(z, cb, cosine, tensor_cores);
   if (indices) {
     l.indices = *indices;
     l.p.indices = indices->data_ptr<int64_t>();
@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> ema(const at::Tensor& indices, const at::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vq_nearest", &nearest, pybind11::arg("z"), pybind11::arg("codebook"),
         pybind11::arg("cosine"), pybind11::arg("indices") = pybind11::none(),
-        pybind11::arg("distances") = pybind11::none());
+        pybind11::arg("distances") = pybind11::none(), pybind11::arg("tensor_cores") = false);
   m.def("vq_ema_update", &ema, pybind11::arg("indices"), pybind11::arg("z"),
         pybind11::arg("num_codes"), pybind11::arg("deterministic"),
         pybind11::arg("counts") = pybind11::none(), pybind11::arg("sums") = pybind11::none());
