@@ -422,9 +422,34 @@ def vq_contrastive_nonfinite_cases() -> int:
     return bad
 
 
+def contrastive_cases() -> int:
+    """tiled_lse (rows and columns) against the float64 log-sum-exp, 16-bit features, sizes
+    around the fused kernel's 64-row blocks and 64-feature chunks (the fused path when
+    GENEXT_CONTRASTIVE_FUSED=1, else the composite)."""
+    bad = 0
+    for n, m, d, dtype in [(100, 150, 64, torch.bfloat16), (130, 65, 136, torch.float16)]:
+        a = torch.randn(n, d, device="cuda").to(dtype)
+        b = torch.randn(m, d, device="cuda").to(dtype)
+        scale = torch.tensor(3.0, device="cuda")
+        rows, cols = torch.ops.genext.tiled_lse.default(a, b, scale, None, True)
+        logits = 3.0 * (a.double() @ b.double().T)
+        for name, got, ref in (
+            ("rows", rows, torch.logsumexp(logits, 1)),
+            ("cols", cols, torch.logsumexp(logits, 0)),
+        ):
+            err = (got.double() - ref).abs().max().item()
+            ok = err < 1e-3
+            bad += not ok
+            print(
+                f"{'ok  ' if ok else 'FAIL'} tiled_lse N{n} M{m} D{d} {dtype} {name} err {err:.2e}"
+            )
+    torch.cuda.synchronize()
+    return bad
+
+
 def main(argv: list[str]) -> int:
     """Runs every op's cases, or those named: group_norm_silu, attention, kvcache,
-    attention_edges, sampler, sampler_gn_limits, vq, vq_nonfinite."""
+    attention_edges, sampler, sampler_gn_limits, vq, vq_nonfinite, contrastive."""
     ops = {
         "group_norm_silu": gn_cases,
         "attention": fa_cases,
@@ -434,6 +459,7 @@ def main(argv: list[str]) -> int:
         "sampler_gn_limits": sampler_gn_limit_cases,
         "vq": vq_cases,
         "vq_nonfinite": vq_contrastive_nonfinite_cases,
+        "contrastive": contrastive_cases,
     }
     wanted = argv or list(ops)
     bad = sum(ops[name]() for name in wanted)

@@ -50,4 +50,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_grads(
   return {da.to(a.scalar_type()), db.to(b.scalar_type()), ds, dbi};
 }
 
+// The composite tiled_lse (tiled_lse.cpp), which the CUDA binding falls back to.
+std::tuple<at::Tensor, at::Tensor> tiled_lse(const at::Tensor& a, const at::Tensor& b,
+                                             const at::Tensor& scale,
+                                             const std::optional<at::Tensor>& bias, bool cols);
+
 }  // namespace genext::contrastive

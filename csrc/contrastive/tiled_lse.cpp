@@ -48,6 +48,8 @@ at::Tensor lse_rows(const Args& g, const at::Tensor& x, const at::Tensor& y) {
   return out;
 }
 
+}  // namespace
+
 // Row and (optionally) column log-sum-exps in one pass over the tiles: each score tile feeds the
 // running row statistics of its row tile and the running column statistics (vectors of length
 // Nb, O(N) memory), so the products are computed once.
@@ -87,6 +89,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_lse(const at::Tensor& a, const at::Tens
   }
   return {rows, cmax + csum.log()};
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_lse_backward(
     const at::Tensor& grad_row, const std::optional<at::Tensor>& grad_col, const at::Tensor& a,

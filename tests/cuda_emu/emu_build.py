@@ -31,6 +31,7 @@ SOURCES = {
         CSRC / "group_norm_silu/group_norm_silu_bwd.cu",
         CSRC / "group_norm_silu/group_norm_silu_plan.cu",
     ],
+    "contrastive": [CSRC / "contrastive/lse_rows.cu"],
     "selftest": [HERE / "kernels/selftest.cu"],
 }
 
