@@ -12,30 +12,15 @@ CUDA binding reads at each call), timed beside the default path in the same proc
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 
 import torch
 
-from genext.bench import copies_for_l2, time_fn
+from genext.bench import copies_for_l2, env_switch, time_fn
 from genext.bench.attention import CUDA_CASES, attn_call, attn_impls, attn_inputs
 
 ATOMIC = "genext-atomic-dq"
-
-
-@contextlib.contextmanager
-def atomic_dq(on: bool):
-    """GENEXT_FA_ATOMIC_DQ=1 inside when `on` (the binding reads it at each backward call)."""
-    if not on:
-        yield
-        return
-    os.environ["GENEXT_FA_ATOMIC_DQ"] = "1"
-    try:
-        yield
-    finally:
-        del os.environ["GENEXT_FA_ATOMIC_DQ"]
 
 
 def main(argv: list[str]) -> int:
@@ -50,7 +35,7 @@ def main(argv: list[str]) -> int:
         for name in names:
             for direction in ("fwd", "f+b") if name != ATOMIC else ("f+b",):
                 sets = attn_inputs(case, dtype, "cuda", copies=n, grad=direction == "f+b")
-                with atomic_dq(name == ATOMIC):
+                with env_switch("GENEXT_FA_ATOMIC_DQ", name == ATOMIC):
                     t = time_fn(attn_call(case, impls[name], sets, direction), "cuda", 3, 10)
                 print(
                     json.dumps(
@@ -70,7 +55,7 @@ def main(argv: list[str]) -> int:
         q, k, v, g = attn_inputs(case, dtype, "cuda", grad=True)[0]
         fn = impls["genext"]
         for name in ["genext"] + ([ATOMIC] if "--atomic-dq" in argv else []):
-            with atomic_dq(name == ATOMIC):
+            with env_switch("GENEXT_FA_ATOMIC_DQ", name == ATOMIC):
                 for _ in range(2):
                     torch.autograd.grad(fn(q, k, v, False), (q, k, v), g)
                 torch.cuda.synchronize()

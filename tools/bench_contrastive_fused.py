@@ -10,29 +10,15 @@ fused lse's largest difference from the composite's, and the peak memory above t
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 
 import torch
 
-from genext.bench import time_fn
+from genext.bench import env_switch, time_fn
 from genext.ops import clip_loss
 
 SIZES = [(8192, 512), (32768, 768)]
-
-
-@contextlib.contextmanager
-def fused(on: bool):
-    if not on:
-        yield
-        return
-    os.environ["GENEXT_CONTRASTIVE_FUSED"] = "1"
-    try:
-        yield
-    finally:
-        del os.environ["GENEXT_CONTRASTIVE_FUSED"]
 
 
 def peak_mib(fn) -> float:
@@ -55,7 +41,7 @@ def measure(n: int, d: int) -> dict:
     row = {"N": n, "D": d}
     with torch.no_grad():
         ref = lse(img, txt, scale, None, True)
-        with fused(True):
+        with env_switch("GENEXT_CONTRASTIVE_FUSED", True):
             got = lse(img, txt, scale, None, True)
     row["lse_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(got, ref))
 
@@ -72,7 +58,7 @@ def measure(n: int, d: int) -> dict:
 
     for name, fn in (("tiled_lse", fwd), ("clip_fwd", loss_fwd), ("clip_f+b", loss_fb)):
         for path, on in (("composite", False), ("fused", True)):
-            with fused(on):
+            with env_switch("GENEXT_CONTRASTIVE_FUSED", on):
                 row[f"{name}_{path}_ms"] = round(
                     time_fn(lambda i, fn=fn: fn(), "cuda", 2, 10) * 1e3, 3
                 )

@@ -10,34 +10,20 @@ it re-checks its candidates with the exact kernel's arithmetic). One JSON line p
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 
 import torch
 
-from genext.bench import time_fn
+from genext.bench import env_switch, time_fn
 from genext.bench.vq import CUDA_CASES, vq_inputs
 from genext.ops import vq_nearest
-
-
-@contextlib.contextmanager
-def tensor_cores(on: bool):
-    if not on:
-        yield
-        return
-    os.environ["GENEXT_VQ_TENSOR_CORES"] = "1"
-    try:
-        yield
-    finally:
-        del os.environ["GENEXT_VQ_TENSOR_CORES"]
 
 
 def measure(case, dtype) -> dict:
     z, cb = vq_inputs(case, dtype, "cuda")
     exact = vq_nearest(z, cb)
-    with tensor_cores(True):
+    with env_switch("GENEXT_VQ_TENSOR_CORES", True):
         tc = vq_nearest(z, cb)
     row = {"case": case.name, "dtype": str(dtype).split(".")[-1]}
     row["index_agreement_pct"] = round(100 * (tc[0] == exact[0]).float().mean().item(), 4)
@@ -50,7 +36,7 @@ def measure(case, dtype) -> dict:
     }
     for name, (on, fn) in calls.items():
         try:
-            with tensor_cores(on):
+            with env_switch("GENEXT_VQ_TENSOR_CORES", on):
                 row[f"{name}_ms"] = round(time_fn(fn, "cuda", 2, 10) * 1e3, 3)
         except RuntimeError as e:  # cdist: out of memory for the N x K matrix
             row[f"{name}_ms"] = f"failed: {str(e).splitlines()[0][:60]}"

@@ -17,6 +17,7 @@ struct NearestParams {
   const float* z_inv_norm = nullptr;   // (N,) for cosine, else null
   const float* cb_inv_norm = nullptr;  // (K,) for cosine, else null
   const float* cb_sq_norm = nullptr;   // (K,) ||e||^2 for the tensor-core path's L2 ranking
+  const float* cb_sq_max = nullptr;    // max_k ||e_k||^2 (one element), for its rounding bound
   int64_t* indices = nullptr;          // (N,)
   float* distances = nullptr;          // (N,)
   int64_t N = 0, K = 0, D = 0;
@@ -38,7 +39,7 @@ struct EmaParams {
 
 // Picks the tensor-core path (vq_tc.cu) when p.tensor_cores and it applies, else the exact kernel.
 CudaStatus vq_nearest_cuda(const NearestParams& p, cudaStream_t stream);
-// The tensor-core path: fp16/bf16, D <= 256, cb_sq_norm set for L2.
+// The tensor-core path: fp16/bf16, D <= 256, cb_sq_norm and cb_sq_max set for L2.
 bool vq_nearest_tc_supported(const NearestParams& p);
 CudaStatus vq_nearest_tc(const NearestParams& p, cudaStream_t stream);
 CudaStatus vq_ema_update_cuda(const EmaParams& p, cudaStream_t stream);

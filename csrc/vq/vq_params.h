@@ -3,6 +3,7 @@
 // (tests/cuda_emu). The inputs are checked first (vq_checks.h).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/amax.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
@@ -29,7 +30,7 @@ inline at::Tensor inv_norms(const at::Tensor& x) {
 
 // vq_nearest's launch: the parameters, and the tensors they point into (kept alive by this).
 struct NearestLaunch {
-  at::Tensor z, cb, zn, cn, cb_sq;
+  at::Tensor z, cb, zn, cn, cb_sq, cb_sq_max;
   at::Tensor indices, distances;  // the outputs
   NearestParams p;
 };
@@ -61,7 +62,9 @@ inline NearestLaunch nearest_launch(const at::Tensor& z_in, const at::Tensor& cb
   p.tensor_cores = tensor_cores && l.z.scalar_type() != at::kFloat;
   if (p.tensor_cores && !cosine && p.N > 0) {
     l.cb_sq = at::sum(at::square(l.cb.to(at::kFloat)), {1});
+    l.cb_sq_max = at::amax(l.cb_sq);
     p.cb_sq_norm = l.cb_sq.data_ptr<float>();
+    p.cb_sq_max = l.cb_sq_max.data_ptr<float>();
   }
   return l;
 }

@@ -4,8 +4,10 @@
 // thread keeps its kCand best codes for each of its two rows, and those candidates are scored
 // again with the exact kernel's own arithmetic (vq.cu: the same fmaf chain over d in order), so a
 // row's index and distance are the exact kernel's whenever its best code is among the candidates
-// (4 lanes x kCand per row). A row whose best re-checked score is not finite (NaN or inf inputs)
-// is scanned exactly over every code by its four lanes instead.
+// (4 lanes x kCand per row). A row is scanned exactly over every code by its four lanes instead
+// when a ranking score or the best re-checked score is not finite (NaN or inf inputs, or scores
+// past the fp32 range), or when a lane dropped a code whose ranking score lies within the rounding
+// bound of the chosen code's (near-ties finer than fp32 can rank, exact duplicates included).
 //
 // One block per 64 rows (4 warps, 16 rows each, whose A fragments stay in registers); the
 // codebook streams through shared memory one 64-code tile at a time. No N x K matrix.
@@ -117,6 +119,10 @@ __global__ void __launch_bounds__(kWarps * 32) nearest_tc_kernel(const NearestPa
     }
   }
 
+  // a ranking score of this thread's was not finite (overflow, NaN or inf inputs): the row's
+  // candidates may have missed its best code, whatever they re-check to
+  bool unranked[2] = {false, false};
+
   for (int64_t c0 = 0; c0 < p.K; c0 += kCodes) {
     __syncthreads();  // every warp is done with the previous tile
     for (int e = threadIdx.x; e < kCodes * kD; e += kWarps * 32) {
@@ -156,6 +162,7 @@ __global__ void __launch_bounds__(kWarps * 32) nearest_tc_kernel(const NearestPa
         const int64_t k = c0 + col;
         const int r = e >> 1;
         const float v = sBias[col] + sMul[col] * s[i][e];
+        if (k < p.K && !(fabsf(v) < INFINITY)) unranked[r] = true;
         // strict: a later code with an equal score stays behind the earlier one; NaN never enters
         if (k < p.K && v < cv[r][kCand - 1]) {
           cv[r][kCand - 1] = v;
@@ -176,6 +183,18 @@ __global__ void __launch_bounds__(kWarps * 32) nearest_tc_kernel(const NearestPa
     }
   }
 
+  // ||z||^2 of rows g and g + 8 (from the block's copy; the quad splits the features)
+  float zsq[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const T* zr = sZ + (warp * 16 + g + 8 * r) * kPitch;
+    float acc = 0.f;
+    for (int d = t; d < D; d += 4) acc = fmaf(to_float(zr[d]), to_float(zr[d]), acc);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    zsq[r] = acc;
+  }
+
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = row0 + warp * 16 + g + 8 * r;
@@ -189,8 +208,34 @@ __global__ void __launch_bounds__(kWarps * 32) nearest_tc_kernel(const NearestPa
       }
     }
     quad_best(key, best);
-    // not finite: NaN or inf inputs, where the ranking scores say nothing; scan every code
-    if (live && !(best >= 0 && fabsf(key) < INFINITY)) {
+    // a ranking score or the re-checked best not finite (NaN or inf inputs, or scores past the
+    // fp32 range): the ranking says nothing reliable, so scan every code
+    bool scan = unranked[r];
+    scan |= __shfl_xor_sync(0xffffffffu, scan, 1);
+    scan |= __shfl_xor_sync(0xffffffffu, scan, 2);
+    // The chosen code's ranking score (it is in exactly one lane's list), and the lowest score at
+    // or above which a lane may have dropped codes (its last kept one, when its list is full).
+    float rank_b = INFINITY, dropped = ck[r][kCand - 1] >= 0 ? cv[r][kCand - 1] : INFINITY;
+#pragma unroll
+    for (int j = 0; j < kCand; ++j) {
+      if (best >= 0 && ck[r][j] == best) rank_b = cv[r][j];
+    }
+#pragma unroll
+    for (int m = 1; m <= 2; m <<= 1) {
+      rank_b = fminf(rank_b, __shfl_xor_sync(0xffffffffu, rank_b, m));
+      dropped = fminf(dropped, __shfl_xor_sync(0xffffffffu, dropped, m));
+    }
+    // A dropped code can beat the chosen one (in the exact kernel's fp32 values) only if its
+    // ranking score is within the rounding of both computations: with products exact, fp32 sums
+    // of D terms err by at most about D u times the sum of magnitudes (u = 2^-24), which is
+    // below ||z||^2 + max ||e||^2 for L2 and ||z|| for cosine (scores scaled by 1 / ||e||); a
+    // factor 8 covers both scores of both codes. Such rows (near-ties finer than fp32 can rank,
+    // exact duplicates included) are scanned.
+    const float gamma = static_cast<float>(p.D + 4) * 5.9604645e-8f;
+    const float bound = p.cosine ? 8.f * gamma / (live ? p.z_inv_norm[row] : 1.f)
+                                 : 8.f * gamma * (zsq[r] + *p.cb_sq_max);
+    scan |= best >= 0 && dropped - rank_b <= bound;
+    if (live && (scan || !(best >= 0 && fabsf(key) < INFINITY))) {
       key = NAN;
       best = -1;
       for (int64_t k = t; k < p.K; k += 4) take_better(key, best, exact_key<T>(p, row, k), k);
@@ -221,7 +266,7 @@ CudaStatus run(const NearestParams& p, cudaStream_t stream) {
 
 bool vq_nearest_tc_supported(const NearestParams& p) {
   return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && p.D <= 256 &&
-         (p.cosine || p.cb_sq_norm != nullptr);
+         (p.cosine || (p.cb_sq_norm != nullptr && p.cb_sq_max != nullptr));
 }
 
 CudaStatus vq_nearest_tc(const NearestParams& p, cudaStream_t stream) {

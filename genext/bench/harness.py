@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,25 @@ import torch
 
 # The host clock the CPU timings read, in seconds (a module attribute: tests drive a fake one)
 clock: Callable[[], float] = time.perf_counter
+
+
+@contextlib.contextmanager
+def env_switch(name: str, on: bool) -> Iterator[None]:
+    """Environment variable `name` set to "1" inside when `on`, as before after: for the switches
+    genext's C++ bindings read at each call (the prepared CUDA paths the GPU checks time beside
+    the default ones in one process)."""
+    if not on:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def sync(device: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -359,3 +360,22 @@ def test_relative_sem():
     assert harness.relative_sem([1.0, 2.0, 3.0, 4.0]) == pytest.approx(
         (1.2909944487358056 / 2) / 2.5
     )
+
+
+def test_env_switch_sets_and_restores(monkeypatch):
+    from genext.bench import env_switch
+
+    monkeypatch.delenv("GENEXT_TEST_SWITCH", raising=False)
+    with env_switch("GENEXT_TEST_SWITCH", False):
+        assert "GENEXT_TEST_SWITCH" not in os.environ
+    with env_switch("GENEXT_TEST_SWITCH", True):
+        assert os.environ["GENEXT_TEST_SWITCH"] == "1"
+    assert "GENEXT_TEST_SWITCH" not in os.environ
+    monkeypatch.setenv("GENEXT_TEST_SWITCH", "0")
+    try:
+        with env_switch("GENEXT_TEST_SWITCH", True):
+            assert os.environ["GENEXT_TEST_SWITCH"] == "1"
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert os.environ["GENEXT_TEST_SWITCH"] == "0"

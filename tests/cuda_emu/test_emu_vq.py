@@ -184,3 +184,25 @@ def test_tensor_cores_on_nan_and_inf(emu, metric):
 def test_tensor_cores_leave_float32_to_the_exact_kernel(emu):
     z, cb = torch.randn(40, 16), torch.randn(30, 16)
     _same(*_both(emu, z, cb))
+
+
+def test_tensor_cores_scan_rows_whose_ranking_overflows(emu):
+    # bfloat16 codes near 1.5e19: ||e||^2 overflows fp32, so code 0's ranking score is NaN while
+    # code 1's re-checks finite; code 0 (distance 0) must still win
+    big = 1.5e19
+    cb = torch.tensor([[big, big], [big, 0.0], [0.0, 1.0]]).to(torch.bfloat16)
+    z = torch.tensor([[big, big], [0.0, 1.0]]).to(torch.bfloat16)
+    exact, tc = _both(emu, z, cb)
+    assert exact[0].tolist() == [0, 2]
+    _same(exact, tc)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_tensor_cores_where_rounding_decides(emu, metric):
+    # tiny codes against rows of norm 4: the squared distances differ by less than the exact
+    # kernel's own fp32 rounding, so rounding decides its pick (without the rounding-bound scan,
+    # one row's ranking dropped the code the exact kernel picks, in L2)
+    torch.manual_seed(1)
+    z = (4.0 * torch.nn.functional.normalize(torch.randn(256, 32), dim=1)).to(torch.bfloat16)
+    cb = (1e-6 * torch.randn(2048, 32)).to(torch.bfloat16)
+    _same(*_both(emu, z, cb, metric))

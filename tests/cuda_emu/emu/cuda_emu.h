@@ -10,9 +10,10 @@
 //   blocks), so one warp runs ahead as far as it can, and a block barrier lets every thread of the
 //   block run up to it before any goes on.
 // - __shared__ variables are function statics (one block at a time, so one copy is the block's);
-//   dynamic shared memory (extern __shared__) is a per-launch buffer, rewritten to a pointer by
-//   build.py. Both keep the last block's contents, so a kernel that reads shared memory it did not
-//   write in the same block reads stale values rather than zeros.
+//   dynamic shared memory (extern __shared__) is a per-launch buffer (ending at a guard page,
+//   filled with 0xFF first), rewritten to a pointer by build.py. Both keep the last block's
+//   contents, so a kernel that reads shared memory it did not write in the same block reads stale
+//   values rather than zeros.
 // - A thread that returns counts as arrived at every later block barrier (as on Volta and later);
 //   a warp operation waits for every lane its mask names, so a mask naming a lane that returned
 //   or never arrives is a deadlock, reported with the kernel's block and the waiting threads.
@@ -100,7 +101,7 @@ inline thread_local Block* g_block = nullptr;
 inline thread_local Thread* g_thread = nullptr;
 inline thread_local ucontext_t g_sched;
 inline thread_local const std::function<void()>* g_entry = nullptr;
-inline thread_local std::vector<unsigned char>* g_dyn_smem = nullptr;
+inline thread_local void* g_dyn_smem = nullptr;
 inline thread_local cudaError_t g_last_error = cudaSuccess;
 
 class Error : public std::runtime_error {
@@ -249,6 +250,44 @@ inline bool released(const Block& b, const Thread& t) {
   return true;
 }
 
+// A buffer that ends at an inaccessible page (as tests/cuda_emu/guard.py's tensors): a shim points
+// a launch's outputs and workspace at these, then copies the results out.
+class Guarded {
+ public:
+  explicit Guarded(size_t bytes) : bytes_(bytes) {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    const size_t data = (bytes + page - 1) / page * page;
+    map_bytes_ = data + page;
+    void* m = mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw Error("mmap failed");
+    map_ = static_cast<char*>(m);
+    if (mprotect(map_ + data, page, PROT_NONE) != 0) throw Error("mprotect failed");
+    // the start 16-byte aligned (as a CUDA allocation, for vector accesses): up to 15 bytes past
+    // the end stay accessible when bytes is not a multiple of 16
+    ptr_ = map_ + (data - bytes) / 16 * 16;
+  }
+  // A guarded copy of `bytes` bytes at src.
+  Guarded(const void* src, size_t bytes) : Guarded(bytes) {
+    if (bytes > 0) std::memcpy(ptr_, src, bytes);
+  }
+  ~Guarded() { munmap(map_, map_bytes_); }
+  Guarded(const Guarded&) = delete;
+  Guarded& operator=(const Guarded&) = delete;
+  void* get() const { return ptr_; }
+  // Fills it with 0xFF bytes (NaN as float, -1 as int): output a kernel leaves unwritten shows.
+  void poison() {
+    if (bytes_ > 0) std::memset(ptr_, 0xFF, bytes_);
+  }
+  void copy_to(void* dst) const {
+    if (bytes_ > 0) std::memcpy(dst, ptr_, bytes_);
+  }
+
+ private:
+  size_t bytes_, map_bytes_ = 0;
+  char* map_ = nullptr;
+  char* ptr_ = nullptr;
+};
+
 constexpr size_t kStackBytes = 128 * 1024;
 // The dynamic shared memory a launch may ask for without opting in to more (48 KB), and the opt-in
 // limit (cudaFuncAttributeMaxDynamicSharedMemorySize; an H100's 227 KB).
@@ -297,7 +336,7 @@ class Restore {
 
  private:
   Launch* launch_;
-  std::vector<unsigned char>* dyn_;
+  void* dyn_;
 };
 
 // Runs every block of the launch; the kernel body is `entry`.
@@ -313,10 +352,14 @@ inline void run(const Launch& cfg, const std::function<void()>& entry, const voi
     return;
   }
   Launch launch = cfg;
-  std::vector<unsigned char> dyn(cfg.smem + 16);
+  // Dynamic shared memory ends at an inaccessible page (a carve-up past the launch's size faults)
+  // and starts filled with 0xFF bytes (NaN as fp32, fp16 or bf16), so reading a part no thread
+  // wrote shows; blocks then see the previous block's contents, as on a GPU.
+  Guarded dyn(cfg.smem);
+  dyn.poison();
   const Restore restore;
   g_launch = &launch;
-  g_dyn_smem = &dyn;
+  g_dyn_smem = dyn.get();
   g_entry = &entry;
   const FaultHandler fault_handler;
   const int warps = (nthreads + kWarp - 1) / kWarp;
@@ -397,44 +440,6 @@ inline void run(const Launch& cfg, const std::function<void()>& entry, const voi
       }
 }
 
-// A buffer that ends at an inaccessible page (as tests/cuda_emu/guard.py's tensors): a shim points
-// a launch's outputs and workspace at these, then copies the results out.
-class Guarded {
- public:
-  explicit Guarded(size_t bytes) : bytes_(bytes) {
-    const size_t page = size_t(sysconf(_SC_PAGESIZE));
-    const size_t data = (bytes + page - 1) / page * page;
-    map_bytes_ = data + page;
-    void* m = mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED) throw Error("mmap failed");
-    map_ = static_cast<char*>(m);
-    if (mprotect(map_ + data, page, PROT_NONE) != 0) throw Error("mprotect failed");
-    // the start 16-byte aligned (as a CUDA allocation, for vector accesses): up to 15 bytes past
-    // the end stay accessible when bytes is not a multiple of 16
-    ptr_ = map_ + (data - bytes) / 16 * 16;
-  }
-  // A guarded copy of `bytes` bytes at src.
-  Guarded(const void* src, size_t bytes) : Guarded(bytes) {
-    if (bytes > 0) std::memcpy(ptr_, src, bytes);
-  }
-  ~Guarded() { munmap(map_, map_bytes_); }
-  Guarded(const Guarded&) = delete;
-  Guarded& operator=(const Guarded&) = delete;
-  void* get() const { return ptr_; }
-  // Fills it with 0xFF bytes (NaN as float, -1 as int): output a kernel leaves unwritten shows.
-  void poison() {
-    if (bytes_ > 0) std::memset(ptr_, 0xFF, bytes_);
-  }
-  void copy_to(void* dst) const {
-    if (bytes_ > 0) std::memcpy(dst, ptr_, bytes_);
-  }
-
- private:
-  size_t bytes_, map_bytes_ = 0;
-  char* map_ = nullptr;
-  char* ptr_ = nullptr;
-};
-
 // A launch's argument converted to the kernel's parameter type as a call would (implicitly: no
 // const dropped, no pointer reinterpreted).
 template <class P, class A>
@@ -458,7 +463,7 @@ void launch(dim3 grid, dim3 block, void (*kernel)(P...), A&&... args) {
   launch(grid, block, 0, cudaStream_t{}, kernel, std::forward<A>(args)...);
 }
 
-inline void* dyn_smem() { return g_dyn_smem->data(); }
+inline void* dyn_smem() { return g_dyn_smem; }
 
 template <class T>
 T shuffle(unsigned mask, T v, int src) {
