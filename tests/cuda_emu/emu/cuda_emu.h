@@ -161,8 +161,9 @@ class FaultHandler {
   stack_t old_stack_{};
 };
 
-// cp.async (common/cuda_utils.cuh's wrappers): a copy lands only at a wait that covers it, so a
-// kernel that reads shared memory before waiting reads what was there before.
+// cp.async (common/cuda_utils.cuh's wrappers): in even blocks a copy lands only at a wait that
+// covers it, so a kernel that reads shared memory before waiting reads what was there before; in
+// odd blocks it lands at once (below), so one that refills a stage too early shows.
 inline void land(Thread& t, size_t keep_from_group) {
   std::vector<Thread::Copy> left;
   for (const Thread::Copy& c : t.copies) {
@@ -175,10 +176,18 @@ inline void land(Thread& t, size_t keep_from_group) {
   }
   t.copies.swap(left);
 }
+// In the blocks where copies land at once (odd blocks, where the last warp runs ahead), a copy
+// into a stage another warp still reads overwrites it before that warp gets there.
+inline thread_local bool g_copies_land_at_once = false;
 inline void cp_async(void* dst, const void* src, int bytes) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 ||
       (bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0))
     throw Error("cp.async of 16 bytes from or to an address that is not 16-byte aligned");
+  if (g_copies_land_at_once) {
+    std::memset(dst, 0, 16);
+    if (bytes > 0) std::memcpy(dst, src, size_t(bytes));
+    return;
+  }
   g_thread->copies.push_back({dst, src, bytes, g_thread->committed});
 }
 inline void cp_async_commit() { ++g_thread->committed; }
@@ -330,6 +339,7 @@ class Restore {
     g_block = nullptr;
     g_thread = nullptr;
     g_in_block = false;
+    g_copies_land_at_once = false;
   }
   Restore(const Restore&) = delete;
   Restore& operator=(const Restore&) = delete;
@@ -395,6 +405,7 @@ inline void run(const Launch& cfg, const std::function<void()>& entry, const voi
         // were all blocked when it was picked, and only a block barrier's release (a new
         // generation) frees them, so the next scan starts at its warp unless one happened.
         const bool high_first = ((bz * cfg.grid.y + by) * cfg.grid.x + bx) % 2 == 1;
+        g_copies_land_at_once = high_first;
         const size_t n = b.threads.size();
         const auto at = [&](size_t k) -> Thread& { return b.threads[high_first ? n - 1 - k : k]; };
         size_t from = 0;
