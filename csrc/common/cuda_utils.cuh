@@ -268,7 +268,8 @@ __device__ __forceinline__ void batched_loop(int64_t i, int64_t end, int64_t ste
 // On sm_80+ each copy lands some time before a wait that covers it (cp_async_wait_all, or
 // cp_async_wait_group<N>: all but the N most recent committed groups); before sm_80 and on the
 // host they are plain copies. Under the CPU emulation (tests/cuda_emu) they go to its model of
-// asynchronous copies, which lands them only at such a wait.
+// asynchronous copies, which lands them at such a wait in some blocks and at once in others (the
+// two ends of what a GPU may do).
 
 // 16 bytes from gmem to smem.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {

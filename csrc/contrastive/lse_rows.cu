@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(kWarps * 32) lse_rows_kernel(const LseRowsPara
   cuda::cp_async_commit();  // group 0: x and the first chunk
 
   float mx[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};  // rows g, g + 8; base 2
+  bool nan[2] = {false, false};  // a NaN score (fmaxf would skip it): the row's lse is NaN
   float s[kCols / 8][4];
   for (int64_t st = 0; st < steps; ++st) {
     const int chunk = static_cast<int>(st % chunks);
@@ -109,6 +110,7 @@ __global__ void __launch_bounds__(kWarps * 32) lse_rows_kernel(const LseRowsPara
           for (int e = 2 * r; e < 2 * r + 2; ++e) {
             const int64_t col = c0 + i * 8 + 2 * t + (e & 1);
             const float v = col < p.m ? fmaf(s[i][e], mul, add) : -INFINITY;
+            nan[r] |= v != v;
             s[i][e] = v;
             tmax = fmaxf(tmax, v);
           }
@@ -137,8 +139,11 @@ __global__ void __launch_bounds__(kWarps * 32) lse_rows_kernel(const LseRowsPara
     float part = mx[r] == -INFINITY ? 0.f : sum[r] * exp2f(mx[r] - m_all);
     part += __shfl_xor_sync(0xffffffffu, part, 1);
     part += __shfl_xor_sync(0xffffffffu, part, 2);
+    bool any_nan = nan[r];
+    any_nan |= __shfl_xor_sync(0xffffffffu, any_nan, 1);
+    any_nan |= __shfl_xor_sync(0xffffffffu, any_nan, 2);
     const int64_t row = row0 + warp * 16 + g + 8 * r;
-    if (t == 0 && row < p.n) p.out[row] = (m_all + __log2f(part)) * kLn2;
+    if (t == 0 && row < p.n) p.out[row] = any_nan ? NAN : (m_all + __log2f(part)) * kLn2;
   }
 }
 

@@ -227,13 +227,14 @@ __global__ void __launch_bounds__(kWarps * 32) nearest_tc_kernel(const NearestPa
     }
     // A dropped code can beat the chosen one (in the exact kernel's fp32 values) only if its
     // ranking score is within the rounding of both computations: with products exact, fp32 sums
-    // of D terms err by at most about D u times the sum of magnitudes (u = 2^-24), which is
-    // below ||z||^2 + max ||e||^2 for L2 and ||z|| for cosine (scores scaled by 1 / ||e||); a
-    // factor 8 covers both scores of both codes. Such rows (near-ties finer than fp32 can rank,
-    // exact duplicates included) are scanned.
+    // of D terms err by at most about D u times the sum of magnitudes (u = 2^-24), which is at
+    // most 2 (||z||^2 + max ||e||^2) for L2 and ||z|| for cosine (scores scaled by 1 / ||e||).
+    // Both scores of both codes under round-to-nearest need a factor of about 8; the tensor
+    // cores' accumulation may round worse (truncation), hence 16. Rows within it (near-ties
+    // finer than fp32 can rank, exact duplicates included) are scanned.
     const float gamma = static_cast<float>(p.D + 4) * 5.9604645e-8f;
-    const float bound = p.cosine ? 8.f * gamma / (live ? p.z_inv_norm[row] : 1.f)
-                                 : 8.f * gamma * (zsq[r] + *p.cb_sq_max);
+    const float bound = p.cosine ? 16.f * gamma / (live ? p.z_inv_norm[row] : 1.f)
+                                 : 16.f * gamma * (zsq[r] + *p.cb_sq_max);
     scan |= best >= 0 && dropped - rank_b <= bound;
     if (live && (scan || !(best >= 0 && fabsf(key) < INFINITY))) {
       key = NAN;

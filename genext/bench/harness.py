@@ -27,19 +27,19 @@ clock: Callable[[], float] = time.perf_counter
 
 @contextlib.contextmanager
 def env_switch(name: str, on: bool) -> Iterator[None]:
-    """Environment variable `name` set to "1" inside when `on`, as before after: for the switches
-    genext's C++ bindings read at each call (the prepared CUDA paths the GPU checks time beside
-    the default ones in one process)."""
-    if not on:
-        yield
-        return
+    """Environment variable `name` set to "1" inside when `on` and unset when not, as before
+    after: for the switches genext's C++ bindings read at each call (the prepared CUDA paths the
+    GPU checks time beside the default ones in one process)."""
     before = os.environ.get(name)
-    os.environ[name] = "1"
+    if on:
+        os.environ[name] = "1"
+    else:
+        os.environ.pop(name, None)
     try:
         yield
     finally:
         if before is None:
-            del os.environ[name]
+            os.environ.pop(name, None)
         else:
             os.environ[name] = before
 

@@ -379,3 +379,6 @@ def test_env_switch_sets_and_restores(monkeypatch):
     except RuntimeError:
         pass
     assert os.environ["GENEXT_TEST_SWITCH"] == "0"
+    with env_switch("GENEXT_TEST_SWITCH", False):  # off means unset, whatever was there
+        assert "GENEXT_TEST_SWITCH" not in os.environ
+    assert os.environ["GENEXT_TEST_SWITCH"] == "0"

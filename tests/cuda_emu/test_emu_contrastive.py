@@ -70,3 +70,15 @@ def test_infinite_scores_give_what_the_reference_gives(emu):
     got = _lse(emu, x, y, 1.0)
     ref = _ref(x, y, 1.0)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_nan_gives_nan(emu):
+    # a NaN feature makes its row's scores NaN (the running maximum would skip them); a NaN
+    # scale makes every score NaN: the composite's log-sum-exp is NaN there, and so is this one
+    x = torch.randn(130, 72).to(torch.bfloat16)
+    y = torch.randn(70, 72).to(torch.bfloat16)
+    x[[3, 100], [5, 70]] = float("nan")
+    got = _lse(emu, x, y, 2.0)
+    torch.testing.assert_close(got.double(), _ref(x, y, 2.0), rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert got.isnan().tolist() == [i in (3, 100) for i in range(130)]
+    assert _lse(emu, x[:5], y, float("nan")).isnan().all()

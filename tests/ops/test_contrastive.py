@@ -87,6 +87,21 @@ def test_extreme_scale_16bit(dtype, device):
         assert abs(ours.item() - ref.item()) <= 1e-3 * max(1.0, abs(ref.item()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,m,d", [(130, 200, 136), (70, 129, 512), (1, 65, 8)])
+def test_tiled_lse_16bit_against_float64(dtype, n, m, d, device):
+    # rows and columns over several 64-row blocks, 64-column tiles and 64-feature chunks (the
+    # fused CUDA kernel's, with GENEXT_CONTRASTIVE_FUSED=1), with a bias; float64 of the same
+    # rounded features
+    a = F.normalize(torch.randn(n, d), dim=1).to(device, dtype)
+    b = F.normalize(torch.randn(m, d), dim=1).to(device, dtype)
+    scale, bias = torch.tensor(14.3, device=device), torch.tensor(-3.0, device=device)
+    rows, cols = torch.ops.genext.tiled_lse.default(a, b, scale, bias, True)
+    logits = 14.3 * (a.double() @ b.double().T) - 3.0
+    torch.testing.assert_close(rows.double(), torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cols.double(), torch.logsumexp(logits, 0), rtol=1e-5, atol=1e-4)
+
+
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(0)
     i = torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True)
