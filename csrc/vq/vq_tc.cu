@@ -10,7 +10,8 @@
 // bound of the chosen code's (near-ties finer than fp32 can rank, exact duplicates included).
 //
 // One block per 64 rows (4 warps, 16 rows each, whose A fragments stay in registers); the
-// codebook streams through shared memory one 64-code tile at a time. No N x K matrix.
+// codebook streams through shared memory in 64-code tiles, two stages deep (cp.async when the
+// rows are 16-byte aligned). No N x K matrix.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,8 +37,8 @@ constexpr int kCodes = 64;          // codes per tile
 constexpr int kCand = 4;            // candidates a thread keeps per row
 
 template <int kD>
-constexpr int smem_bytes() {
-  return (kRows + kCodes) * (kD + 8) * 2 + 2 * kCodes * static_cast<int>(sizeof(float));
+constexpr int smem_bytes() {  // z rows, two stages of codes, two stages of their bias and weight
+  return (kRows + 2 * kCodes) * (kD + 8) * 2 + 4 * kCodes * static_cast<int>(sizeof(float));
 }
 
 // The exact kernel's score of code k for row `row`, as a key where lower wins (L2: the squared
@@ -82,10 +83,10 @@ __global__ void __launch_bounds__(kWarps * 32) nearest_tc_kernel(const NearestPa
   constexpr int kPitch = kD + 8;
   constexpr int kSteps = kD / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sZ = reinterpret_cast<T*>(smem_raw);                         // [kRows][kPitch]
-  T* sE = sZ + kRows * kPitch;                                    // [kCodes][kPitch]
-  float* sBias = reinterpret_cast<float*>(sE + kCodes * kPitch);  // [kCodes]
-  float* sMul = sBias + kCodes;                                   // [kCodes]
+  T* sZ = reinterpret_cast<T*>(smem_raw);                                // [kRows][kPitch]
+  T* sEs = sZ + kRows * kPitch;                                          // [2][kCodes][kPitch]
+  float* sBiases = reinterpret_cast<float*>(sEs + 2 * kCodes * kPitch);  // [2][kCodes]
+  float* sMuls = sBiases + 2 * kCodes;                                   // [2][kCodes]
   const T* z = static_cast<const T*>(p.z);
   const T* cb = static_cast<const T*>(p.codebook);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -123,20 +124,45 @@ __global__ void __launch_bounds__(kWarps * 32) nearest_tc_kernel(const NearestPa
   // candidates may have missed its best code, whatever they re-check to
   bool unranked[2] = {false, false};
 
-  for (int64_t c0 = 0; c0 < p.K; c0 += kCodes) {
-    __syncthreads();  // every warp is done with the previous tile
-    for (int e = threadIdx.x; e < kCodes * kD; e += kWarps * 32) {
-      const int c = e / kD, d = e % kD;
-      const int64_t gc = c0 + c;
-      sE[c * kPitch + d] = (gc < p.K && d < D) ? cb[gc * p.D + d] : zero;
+  // Code tile i goes to stage i & 1: 16-byte cp.async copies when rows are 16-byte aligned (D a
+  // multiple of 8), else element loads; tile i + 1 is requested before tile i is used.
+  const bool vec = p.D % 8 == 0;
+  auto issue = [&](int64_t c0) {
+    const int st = static_cast<int>((c0 / kCodes) & 1);
+    T* dst = sEs + st * kCodes * kPitch;
+    if (vec) {
+      for (int e = threadIdx.x; e < kCodes * (kD / 8); e += kWarps * 32) {
+        const int c = e / (kD / 8), d = (e % (kD / 8)) * 8;
+        const int64_t gc = c0 + c;
+        const bool ok = gc < p.K && d < D;
+        cuda::cp_async16_zfill(dst + c * kPitch + d, ok ? cb + gc * p.D + d : cb, ok);
+      }
+    } else {
+      for (int e = threadIdx.x; e < kCodes * kD; e += kWarps * 32) {
+        const int c = e / kD, d = e % kD;
+        const int64_t gc = c0 + c;
+        dst[c * kPitch + d] = (gc < p.K && d < D) ? cb[gc * p.D + d] : zero;
+      }
     }
     for (int c = threadIdx.x; c < kCodes; c += kWarps * 32) {
       const int64_t gc = c0 + c;
       const bool in = gc < p.K;
-      sBias[c] = p.cosine || !in ? 0.f : p.cb_sq_norm[gc];
-      sMul[c] = !in ? 0.f : (p.cosine ? -p.cb_inv_norm[gc] : -2.f);
+      sBiases[st * kCodes + c] = p.cosine || !in ? 0.f : p.cb_sq_norm[gc];
+      sMuls[st * kCodes + c] = !in ? 0.f : (p.cosine ? -p.cb_inv_norm[gc] : -2.f);
     }
-    __syncthreads();
+  };
+  issue(0);
+  cuda::cp_async_commit();
+
+  for (int64_t c0 = 0; c0 < p.K; c0 += kCodes) {
+    if (c0 + kCodes < p.K) issue(c0 + kCodes);  // into the stage the previous tile used
+    cuda::cp_async_commit();
+    cuda::cp_async_wait_group<1>();
+    __syncthreads();  // this tile's stage is complete and visible to every warp
+    const int st = static_cast<int>((c0 / kCodes) & 1);
+    const T* sE = sEs + st * kCodes * kPitch;
+    const float* sBias = sBiases + st * kCodes;
+    const float* sMul = sMuls + st * kCodes;
 
     float s[kCodes / 8][4];
 #pragma unroll
@@ -181,7 +207,9 @@ __global__ void __launch_bounds__(kWarps * 32) nearest_tc_kernel(const NearestPa
         }
       }
     }
+    __syncthreads();  // every warp is done with this stage before the next tile but one refills it
   }
+  cuda::cp_async_wait_all();
 
   // ||z||^2 of rows g and g + 8 (from the block's copy; the quad splits the features)
   float zsq[2];
