@@ -27,8 +27,11 @@ struct Args {
   at::ScalarType acc;      // float or double
 };
 
+// prepare(widen = false) checks and converts the scalars but leaves a and b undefined: for the
+// fused CUDA kernel, which reads the 16-bit features as they are.
 inline Args prepare(const char* op, const at::Tensor& a, const at::Tensor& b,
-                    const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
+                    const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+                    bool widen = true) {
   const auto dt = a.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
                    op, ": features must be float16, bfloat16, float32 or float64, got ", dt);
@@ -53,8 +56,10 @@ inline Args prepare(const char* op, const at::Tensor& a, const at::Tensor& b,
                    ": logit_scale must be a float tensor");
   Args r;
   r.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
-  r.a = a.to(r.acc).contiguous();
-  r.b = b.to(r.acc).contiguous();
+  if (widen) {
+    r.a = a.to(r.acc).contiguous();
+    r.b = b.to(r.acc).contiguous();
+  }
   if (dt == at::kBFloat16 && a.is_cpu()) {  // for the CPU kernels' bfloat16 products
     r.a16 = a.contiguous();
     r.b16 = b.contiguous();

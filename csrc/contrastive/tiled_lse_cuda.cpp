@@ -56,9 +56,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_lse_cuda(const at::Tensor& a, const at:
                      b.scalar_type() == a.scalar_type() && b.size(1) == a.size(1) &&
                      b.size(0) > 0 && (!cols || a.size(0) > 0);
   if (!fused) return tiled_lse(a, b, scale, bias, cols);
-  // the checks, and fp32 scale and bias (it also widens the features, which this path does not
-  // use: an O(N D) copy left for now)
-  const Args g = prepare("tiled_lse", a, b, scale, bias);
+  // the op's checks, and fp32 scale and bias; the features stay 16-bit
+  const Args g = prepare("tiled_lse", a, b, scale, bias, /*widen=*/false);
   const c10::cuda::CUDAGuard guard(a.device());
   // rows 16-byte aligned for the kernel's copies: contiguous, from an aligned base
   const auto aligned = [](const at::Tensor& t) {
